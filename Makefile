@@ -1,0 +1,37 @@
+# Two commands a newcomer needs: `make demo` and `make test`. Everything runs from .venv.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: test lint unit demo bench test-slow clean
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -U pip
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test]'
+	touch $@
+
+## test: lint, type-check and run the default test suite (what CI runs)
+test: lint unit
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check smt_watch tests bench scripts
+	$(BIN)/mypy smt_watch
+
+unit: $(BIN)/.installed
+	$(BIN)/pytest
+
+## test-slow: the large-file and long-running tests left out of the default run
+test-slow: $(BIN)/.installed
+	$(BIN)/pytest -m slow
+
+## demo: start a local receiver, deliver generated files in both modes, show the ledger
+demo: $(BIN)/.installed
+	$(BIN)/python scripts/demo.py
+
+## bench: speed and memory figures against curl / sha256sum (see bench/RESULTS.md)
+bench: $(BIN)/.installed
+	$(BIN)/python bench/bench_post.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info

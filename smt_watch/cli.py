@@ -1,0 +1,292 @@
+"""The ``smt-watch`` command line: parse, build settings, call one library function, print.
+
+Our own errors become one line on stderr and an exit code (2 for configuration/usage); anything else is
+reported in one line too, with the traceback only at ``--log-level debug``. Heavy imports (httpx,
+starlette, paramiko) happen inside the commands that need them, so ``--version`` starts fast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from smt_watch import __version__
+from smt_watch.errors import ConfigError, SmtWatchError
+from smt_watch.logs import LEVELS, add_secrets, setup_logging
+
+if TYPE_CHECKING:
+    from smt_watch.config import Settings
+    from smt_watch.delivery import Progress
+    from smt_watch.pipeline import Outcome
+
+log = logging.getLogger("smt_watch.cli")
+
+app = typer.Typer(
+    name="smt-watch",
+    help="Deliver Smart Meter Texas interval files from an inbox to IntelliWatt, each exactly once.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+ledger_app = typer.Typer(
+    help="Show and edit the delivery ledger (SMT_STATE_DIR/ledger.sqlite3).", no_args_is_help=True
+)
+app.add_typer(ledger_app, name="ledger")
+
+EnvFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--env-file",
+        metavar="PATH",
+        help="systemd-style KEY=VALUE file (e.g. /etc/default/intelliwatt-smt), read before the environment.",
+    ),
+]
+StateDir = Annotated[
+    Path | None, typer.Option("--state-dir", metavar="DIR", help="Ledger and state directory [SMT_STATE_DIR].")
+]
+PROGRESS_MIN_BYTES = 4 * 1024 * 1024
+
+
+def _settings(env_file: Path | None, **overrides: object) -> Settings:
+    from smt_watch.config import load_settings
+
+    settings = load_settings(
+        os.environ,
+        env_file=env_file,
+        overrides={k: None if v is None else str(v) for k, v in overrides.items()},
+    )
+    add_secrets(settings.secrets())
+    return settings
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"smt-watch {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    log_level: Annotated[
+        str, typer.Option("--log-level", metavar="LEVEL", help="debug, info, warning or error.")
+    ] = "info",
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Deliver Smart Meter Texas interval files from an inbox to IntelliWatt, each exactly once.
+
+    Settings come from environment variables (see README); --env-file loads a systemd env file first.
+    """
+    if log_level.lower() not in LEVELS:
+        raise ConfigError(f"--log-level must be one of {', '.join(LEVELS)}")
+    setup_logging(log_level)
+
+
+# --- post -------------------------------------------------------------------------------------------
+
+
+@app.command()
+def post(
+    files: Annotated[list[Path], typer.Argument(metavar="FILE...", help="Files to deliver now.")],
+    force: Annotated[bool, typer.Option("--force", help="Send again even if the ledger says sent.")] = False,
+    delivery: Annotated[
+        str | None,
+        typer.Option("--delivery", metavar="MODE", help="auto, multipart or inline [SMT_DELIVERY]."),
+    ] = None,
+    upload_url: Annotated[
+        str | None, typer.Option("--upload-url", metavar="URL", help="Multipart target [SMT_UPLOAD_URL].")
+    ] = None,
+    base_url: Annotated[
+        str | None,
+        typer.Option("--base-url", metavar="URL", help="Web app base URL for inline [INTELLIWATT_BASE_URL]."),
+    ] = None,
+    inline_encoding: Annotated[
+        str | None,
+        typer.Option("--inline-encoding", metavar="ENC", help="base64 or base64+gzip [SMT_INLINE_ENCODING]."),
+    ] = None,
+    esiid: Annotated[str | None, typer.Option("--esiid", help="ESIID sent with the file [ESIID_DEFAULT].")] = None,
+    meter: Annotated[
+        str | None, typer.Option("--meter", help="Meter when the name has no M<digits> [METER_DEFAULT].")
+    ] = None,
+    source: Annotated[str | None, typer.Option("--source", help="Source tag [SOURCE_TAG].")] = None,
+    state_dir: StateDir = None,
+    env_file: EnvFile = None,
+) -> None:
+    """Deliver files now; content already sent is reported as duplicate (exit 0) unless --force.
+
+    Exit 0 when every file was sent or is a duplicate, 1 when any failed or will be retried, 2 on a
+    configuration error. Tokens are read only from the environment, never from flags.
+    """
+    from smt_watch.pipeline import post_files
+
+    settings = _settings(
+        env_file, SMT_DELIVERY=delivery, SMT_UPLOAD_URL=upload_url, INTELLIWATT_BASE_URL=base_url,
+        SMT_INLINE_ENCODING=inline_encoding, ESIID_DEFAULT=esiid, METER_DEFAULT=meter, SOURCE_TAG=source,
+        SMT_STATE_DIR=state_dir,
+    )
+    outcomes = post_files(
+        settings, files, force=force, progress_for=_progress_bar if sys.stderr.isatty() else None,
+        on_outcome=_print_outcome,
+    )
+    bad = [o for o in outcomes if not o.ok]
+    if bad:
+        raise typer.Exit(1)
+
+
+def _print_outcome(o: Outcome) -> None:
+    sha = (o.sha256 or "-")[:12]
+    if o.result in ("sent", "duplicate"):
+        detail = f"HTTP {o.status}, {o.attempts} attempt(s), {o.seconds:.2f}s" if o.result == "sent" else ""
+        typer.echo(f"{o.result:<9} {o.path}  sha256:{sha}  {detail}".rstrip())
+    else:
+        typer.echo(f"{o.result:<9} {o.path}  sha256:{sha}  {o.error}", err=False)
+
+
+def _progress_bar(path: Path) -> AbstractContextManager[Progress | None]:
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return nullcontext()
+    return _bar(path.name, size) if size >= PROGRESS_MIN_BYTES else nullcontext()
+
+
+@contextmanager
+def _bar(name: str, size: int) -> Iterator[Progress]:
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    with Progress(
+        "{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(), transient=True,
+        console=Console(stderr=True),
+    ) as bar:
+        task = bar.add_task(name, total=size)
+        yield lambda n: bar.advance(task, n)
+
+
+# --- ledger -----------------------------------------------------------------------------------------
+
+
+@ledger_app.command("list")
+def ledger_list(
+    state: Annotated[
+        str | None,
+        typer.Option("--state", metavar="STATE", help="pending, sending, sent, retrying or failed."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON array of row objects.")] = False,
+    state_dir: StateDir = None,
+    env_file: EnvFile = None,
+) -> None:
+    """List ledger rows, oldest first."""
+    from smt_watch.ledger import STATES
+    from smt_watch.pipeline import open_ledger
+
+    if state is not None and state not in STATES:
+        raise ConfigError(f"--state must be one of {', '.join(STATES)}")
+    with open_ledger(_settings(env_file, SMT_STATE_DIR=state_dir)) as ledger:
+        rows = ledger.rows(state)
+    if as_json:
+        typer.echo(json.dumps([r.to_json() for r in rows], indent=2))
+        return
+    if not rows:
+        typer.echo("(no rows)")
+        return
+    typer.echo(f"{'STATE':<9} {'SHA256':<12} {'SIZE':>12} {'ATT':>3} {'HTTP':>4}  {'WHEN':<20} FILE / LAST ERROR")
+    for r in rows:
+        when = (r.sent_at or r.updated_at)[:19]
+        line = f"{r.state:<9} {r.sha256[:12]} {r.size if r.size is not None else '-':>12} {r.attempts:>3} "
+        line += f"{r.http_status or '-':>4}  {when:<20} {r.filename}"
+        if r.last_error and r.state != "sent":
+            line += f"  ({r.last_error[:100]})"
+        typer.echo(line)
+
+
+@ledger_app.command("forget")
+def ledger_forget(
+    target: Annotated[str, typer.Argument(metavar="SHA256|PATH", help="A hash, unique hash prefix, or file.")],
+    state_dir: StateDir = None,
+    env_file: EnvFile = None,
+) -> None:
+    """Drop a row so its file is delivered again. Exit 1 when nothing matched."""
+    from smt_watch.pipeline import forget_target, open_ledger
+
+    with open_ledger(_settings(env_file, SMT_STATE_DIR=state_dir)) as ledger:
+        removed = forget_target(ledger, target)
+    if not removed:
+        typer.echo(f"smt-watch: no ledger row for {target}", err=True)
+        raise typer.Exit(1)
+    for sha in removed:
+        typer.echo(f"forgot {sha}")
+
+
+@ledger_app.command("import")
+def ledger_import(
+    path: Annotated[Path, typer.Argument(metavar="PATH", help="The old script's .posted_sha256 file.")],
+    state_dir: StateDir = None,
+    env_file: EnvFile = None,
+) -> None:
+    """Import hashes (bare, or `sha256sum` lines) as sent, so those files are never posted again.
+
+    Idempotent: hashes already in the ledger are left as they are.
+    """
+    from smt_watch.legacy import import_file
+    from smt_watch.pipeline import open_ledger
+
+    with open_ledger(_settings(env_file, SMT_STATE_DIR=state_dir)) as ledger:
+        report = import_file(ledger, path)
+    typer.echo(
+        f"imported {report.added} new of {report.read} hashes from {path}"
+        + (f"; skipped {report.skipped_lines} line(s) that are not hashes" if report.skipped_lines else "")
+    )
+
+
+# --- receive ----------------------------------------------------------------------------------------
+
+
+@app.command()
+def receive(
+    port: Annotated[int, typer.Option("--port", help="TCP port (0 picks a free one).")] = 8081,
+    data: Annotated[Path, typer.Option("--data", metavar="DIR", help="Where received files are stored.")] = Path(
+        "receiver-data"
+    ),
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    env_file: EnvFile = None,
+) -> None:
+    """Run the reference receiver: a local stand-in for the web app and upload server.
+
+    Serves POST /api/admin/smt/pull (inline) and POST /upload (multipart), storing each distinct file
+    once under DIR. It checks x-admin-token / x-smt-upload-token against ADMIN_TOKEN / SMT_UPLOAD_TOKEN
+    when those are set. For demos and tests, not production.
+    """
+    from smt_watch.receiver import serve
+
+    settings = _settings(env_file)
+    serve(
+        data,
+        host=host,
+        port=port,
+        admin_token=settings.admin_token.reveal() if settings.admin_token else None,
+        upload_token=settings.upload_token.reveal() if settings.upload_token else None,
+    )
+
+
+def main() -> None:
+    """Console-script entry point: run the app and turn our errors into one line and an exit code."""
+    try:
+        app()
+    except SmtWatchError as exc:
+        typer.echo(f"smt-watch: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # a bug: still one line, traceback only when asked for
+        log.debug("unexpected error", exc_info=True)
+        typer.echo(f"smt-watch: internal error: {type(exc).__name__}: {exc}", err=True)
+        sys.exit(1)

@@ -1,0 +1,358 @@
+"""All settings, read and validated in one place.
+
+Every other module receives a :class:`Settings`; none reads ``os.environ``. Precedence, lowest first:
+built-in default < ``--env-file`` < process environment < command-line flag. The env file is parsed the
+way systemd's ``EnvironmentFile=`` is, so the seed's ``/etc/default/intelliwatt-smt`` works unchanged.
+
+Secrets are wrapped in :class:`Secret`, whose ``str``/``repr`` is ``***``: a settings object can be logged
+or shown in an error without leaking a token.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Final, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+from smt_watch.errors import ConfigError
+
+log = logging.getLogger("smt_watch.config")
+
+DELIVERY_MODES: Final = ("auto", "multipart", "inline", "raw-upload")
+INLINE_ENCODINGS: Final = ("base64", "base64+gzip")
+AFTER_SEND: Final = ("keep", "move", "delete")
+LEGACY_INLINE_WARNING: Final = "SMT_UPLOAD_URL not configured; will attempt legacy inline POST"
+_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+T = TypeVar("T")
+
+
+class Secret:
+    """A value that must never be printed; ``reveal()`` is the only way to read it."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    def __str__(self) -> str:
+        return "***"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Typed settings; field docs name the environment variable each comes from."""
+
+    local_dir: Path  # SMT_LOCAL_DIR
+    state_dir: Path  # SMT_STATE_DIR
+    state_file: Path | None = None  # STATE_FILE
+    delivery: str = "auto"  # SMT_DELIVERY
+    upload_url: str | None = None  # SMT_UPLOAD_URL
+    upload_token: Secret | None = None  # SMT_UPLOAD_TOKEN
+    base_url: str | None = None  # INTELLIWATT_BASE_URL
+    admin_token: Secret | None = None  # ADMIN_TOKEN
+    inline_encoding: str = "base64"  # SMT_INLINE_ENCODING
+    inline_max_bytes: int = 104_857_600  # SMT_INLINE_MAX_BYTES
+    raw_lines_per_chunk: int = 5000  # SMT_RAW_LINES_PER_CHUNK
+    source_tag: str = "adhocusage"  # SOURCE_TAG
+    meter_default: str = "M1"  # METER_DEFAULT
+    esiid_default: str | None = None  # ESIID_DEFAULT
+    smt_host: str | None = None  # SMT_HOST
+    smt_port: int = 22  # SMT_PORT
+    smt_user: str | None = None  # SMT_USER
+    smt_key: Path | None = None  # SMT_KEY
+    smt_key_passphrase: Secret | None = None  # SMT_KEY_PASSPHRASE
+    smt_remote_dirs: tuple[str, ...] = ("/",)  # SMT_REMOTE_DIR
+    known_hosts: Path = field(default_factory=lambda: Path("~/.ssh/known_hosts").expanduser())
+    gnupghome: Path | None = None  # GNUPGHOME
+    upload_host: str = "127.0.0.1"  # SMT_UPLOAD_HOST
+    upload_port: int = 8080  # SMT_UPLOAD_PORT
+    webhook_port: int | None = None  # SMT_WEBHOOK_PORT
+    upload_max_bytes: int = 1_073_741_824  # SMT_UPLOAD_MAX_BYTES
+    upload_admin_limit: int = 50  # SMT_UPLOAD_ADMIN_LIMIT
+    upload_customer_limit: int = 5  # SMT_UPLOAD_CUSTOMER_LIMIT
+    cors_origins: tuple[str, ...] = ("https://intelliwatt.com",)  # SMT_UPLOAD_CORS_ORIGINS
+    webhook_secret: Secret | None = None  # INTELLIWATT_WEBHOOK_SECRET / DROPLET_WEBHOOK_SECRET
+    settle_seconds: float = 1.0  # SMT_SETTLE_SECONDS
+    rescan_seconds: float = 300.0  # SMT_RESCAN_SECONDS
+    workers: int = 2  # SMT_WORKERS
+    patterns: tuple[str, ...] = ("*.csv", "*.asc", "*.zip")  # SMT_PATTERNS
+    after_send: str = "keep"  # SMT_AFTER_SEND
+    archive_dir: Path | None = None  # SMT_ARCHIVE_DIR (None: state_dir/archive)
+    validate: bool = True  # SMT_VALIDATE
+    max_unpacked_bytes: int = 1_073_741_824  # SMT_MAX_UNPACKED_BYTES
+    # Not in the seed; documented in the README.
+    retry_attempts: int = 5  # SMT_RETRY_ATTEMPTS: HTTP attempts within one delivery call
+    retry_backoff: float = 1.0  # SMT_RETRY_BACKOFF_SECONDS: first backoff step, doubled per attempt
+    http_timeout: float = 60.0  # SMT_HTTP_TIMEOUT: connect/read/write timeout in seconds
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.state_dir / "ledger.sqlite3"
+
+    @property
+    def archive_path(self) -> Path:
+        return self.archive_dir if self.archive_dir is not None else self.state_dir / "archive"
+
+    def secrets(self) -> list[str]:
+        """Every secret value, for the log redaction filter."""
+        out = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Secret) and value.reveal():
+                out.append(value.reveal())
+        return out
+
+
+def redact_url(url: str) -> str:
+    """Drop ``user:password@`` from a URL before it goes into a log line, error or ledger row."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit((parts.scheme, "***@" + host, parts.path, parts.query, parts.fragment))
+
+
+# --- env file --------------------------------------------------------------------------------------
+
+
+def parse_env_file(path: Path) -> dict[str, str]:
+    """Parse a systemd ``EnvironmentFile``: ``KEY=VALUE`` lines, ``#``/``;`` comments, optional quotes.
+
+    Errors name the file and line but never echo a value (it may be a token).
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"--env-file {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--env-file {path}: cannot read: {exc.__class__.__name__}") from None
+    result: dict[str, str] = {}
+    pending = ""
+    start_line = 0
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        if not pending:
+            start_line = lineno
+        line = pending + raw
+        if line.endswith("\\") and not line.endswith("\\\\"):
+            pending = line[:-1]
+            continue
+        pending = ""
+        stripped = line.strip()
+        if not stripped or stripped[0] in "#;":
+            continue
+        if stripped.startswith("export "):
+            stripped = stripped[len("export ") :].lstrip()
+        key, sep, value = stripped.partition("=")
+        key = key.strip()
+        if not sep or not _KEY_RE.match(key):
+            raise ConfigError(f"--env-file {path}:{start_line}: expected KEY=VALUE")
+        result[key] = _unquote(value.strip(), path, start_line)
+    return result
+
+
+def _unquote(value: str, path: Path, lineno: int) -> str:
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+        inner = value[1:-1]
+        if value[0] == '"':
+            inner = re.sub(r"\\(.)", r"\1", inner)
+        return inner
+    if value[:1] in ("'", '"'):
+        raise ConfigError(f"--env-file {path}:{lineno}: unterminated quote")
+    return value
+
+
+# --- typed readers ---------------------------------------------------------------------------------
+
+
+class _Reader:
+    """Reads one merged mapping; each method validates and names the variable on error."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+
+    def raw(self, name: str) -> str | None:
+        value = self.env.get(name)
+        if value is None:
+            return None
+        value = value.strip()
+        return value or None
+
+    def _convert(self, name: str, default: T, conv: Callable[[str], T], what: str, show: bool = True) -> T:
+        value = self.raw(name)
+        if value is None:
+            return default
+        try:
+            return conv(value)
+        except (ValueError, TypeError):
+            shown = f": {value!r}" if show else ""
+            raise ConfigError(f"{name} must be {what}{shown}") from None
+
+    def text(self, name: str, default: str | None = None) -> str | None:
+        value = self.raw(name)
+        return value if value is not None else default
+
+    def secret(self, *names: str) -> Secret | None:
+        for name in names:
+            value = self.raw(name)
+            if value is not None:
+                return Secret(value)
+        return None
+
+    def path(self, name: str, default: Path | None = None) -> Path | None:
+        value = self.raw(name)
+        return Path(value).expanduser() if value is not None else default
+
+    def integer(self, name: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
+        def conv(v: str) -> int:
+            n = int(v)
+            if n < minimum or (maximum is not None and n > maximum):
+                raise ValueError
+            return n
+
+        bounds = f"an integer ≥ {minimum}" + (f" and ≤ {maximum}" if maximum is not None else "")
+        return self._convert(name, default, conv, bounds)
+
+    def number(self, name: str, default: float, minimum: float = 0.0) -> float:
+        def conv(v: str) -> float:
+            n = float(v)
+            if not n >= minimum or n == float("inf"):
+                raise ValueError
+            return n
+
+        return self._convert(name, default, conv, f"a number ≥ {minimum:g}")
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        def conv(v: str) -> str:
+            if v.lower() not in choices:
+                raise ValueError
+            return v.lower()
+
+        return self._convert(name, default, conv, "one of " + ", ".join(choices))
+
+    def boolean(self, name: str, default: bool) -> bool:
+        table = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False}
+        table["off"] = False
+        return self._convert(name, default, lambda v: table[v.lower()], "1 or 0", show=True)
+
+    def url(self, name: str) -> str | None:
+        value = self.raw(name)
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"{name} must be an http:// or https:// URL: {redact_url(value)!r}")
+        return value.rstrip("/") if name == "INTELLIWATT_BASE_URL" else value
+
+    def items(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        value = self.raw(name)
+        if value is None:
+            return default
+        parts = tuple(p.strip() for p in value.split(",") if p.strip())
+        if not parts:
+            raise ConfigError(f"{name} must list at least one item")
+        return parts
+
+
+def load_settings(
+    environ: Mapping[str, str],
+    *,
+    env_file: Path | None = None,
+    overrides: Mapping[str, str | None] | None = None,
+) -> Settings:
+    """Build settings from the env file, then the process environment, then CLI overrides.
+
+    ``overrides`` uses environment-variable names (a flag ``--upload-url`` passes ``SMT_UPLOAD_URL``), so
+    a flag and its variable share one validation path; ``None`` values are ignored.
+    """
+    merged: dict[str, str] = {}
+    if env_file is not None:
+        merged.update(parse_env_file(env_file))
+    merged.update(environ)
+    merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    r = _Reader(merged)
+    home_state = Path("~/.local/state/smt-watch").expanduser()
+    settings = Settings(
+        local_dir=r.path("SMT_LOCAL_DIR", Path("~/smt_inbox").expanduser()) or Path(),
+        state_dir=r.path("SMT_STATE_DIR", home_state) or home_state,
+        state_file=r.path("STATE_FILE"),
+        delivery=r.choice("SMT_DELIVERY", "auto", DELIVERY_MODES),
+        upload_url=r.url("SMT_UPLOAD_URL"),
+        upload_token=r.secret("SMT_UPLOAD_TOKEN"),
+        base_url=r.url("INTELLIWATT_BASE_URL"),
+        admin_token=r.secret("ADMIN_TOKEN"),
+        inline_encoding=r.choice("SMT_INLINE_ENCODING", "base64", INLINE_ENCODINGS),
+        inline_max_bytes=r.integer("SMT_INLINE_MAX_BYTES", 104_857_600, minimum=1),
+        raw_lines_per_chunk=r.integer("SMT_RAW_LINES_PER_CHUNK", 5000, minimum=1),
+        source_tag=r.text("SOURCE_TAG", "adhocusage") or "adhocusage",
+        meter_default=r.text("METER_DEFAULT", "M1") or "M1",
+        esiid_default=r.text("ESIID_DEFAULT"),
+        smt_host=r.text("SMT_HOST"),
+        smt_port=r.integer("SMT_PORT", 22, minimum=1, maximum=65535),
+        smt_user=r.text("SMT_USER"),
+        smt_key=r.path("SMT_KEY"),
+        smt_key_passphrase=r.secret("SMT_KEY_PASSPHRASE"),
+        smt_remote_dirs=r.items("SMT_REMOTE_DIR", ("/",)),
+        known_hosts=r.path("SMT_KNOWN_HOSTS", Path("~/.ssh/known_hosts").expanduser()) or Path(),
+        gnupghome=r.path("GNUPGHOME"),
+        upload_host=r.text("SMT_UPLOAD_HOST", "127.0.0.1") or "127.0.0.1",
+        upload_port=r.integer("SMT_UPLOAD_PORT", 8080, minimum=0, maximum=65535),
+        webhook_port=r.integer("SMT_WEBHOOK_PORT", 0, minimum=0, maximum=65535) or None,
+        upload_max_bytes=r.integer("SMT_UPLOAD_MAX_BYTES", 1_073_741_824, minimum=1),
+        upload_admin_limit=r.integer("SMT_UPLOAD_ADMIN_LIMIT", 50),
+        upload_customer_limit=r.integer("SMT_UPLOAD_CUSTOMER_LIMIT", 5),
+        cors_origins=r.items("SMT_UPLOAD_CORS_ORIGINS", ("https://intelliwatt.com",)),
+        webhook_secret=r.secret("INTELLIWATT_WEBHOOK_SECRET", "DROPLET_WEBHOOK_SECRET"),
+        settle_seconds=r.number("SMT_SETTLE_SECONDS", 1.0),
+        rescan_seconds=r.number("SMT_RESCAN_SECONDS", 300.0, minimum=1.0),
+        workers=r.integer("SMT_WORKERS", 2, minimum=1, maximum=64),
+        patterns=tuple(p.lower() for p in r.items("SMT_PATTERNS", ("*.csv", "*.asc", "*.zip"))),
+        after_send=r.choice("SMT_AFTER_SEND", "keep", AFTER_SEND),
+        archive_dir=r.path("SMT_ARCHIVE_DIR"),
+        validate=r.boolean("SMT_VALIDATE", True),
+        max_unpacked_bytes=r.integer("SMT_MAX_UNPACKED_BYTES", 1_073_741_824, minimum=1),
+        retry_attempts=r.integer("SMT_RETRY_ATTEMPTS", 5, minimum=1, maximum=100),
+        retry_backoff=r.number("SMT_RETRY_BACKOFF_SECONDS", 1.0),
+        http_timeout=r.number("SMT_HTTP_TIMEOUT", 60.0, minimum=0.1),
+    )
+    return settings
+
+
+def delivery_mode(settings: Settings) -> str:
+    """The delivery mode the ``auto`` rule of SPEC §1 picks, checking that its target is configured.
+
+    Only commands that deliver call this, so ``sync`` works without any delivery target.
+    """
+    mode = settings.delivery
+    if mode == "auto":
+        if settings.upload_url:
+            mode = "multipart"
+        elif settings.base_url:
+            log.warning(LEGACY_INLINE_WARNING)
+            mode = "inline"
+        else:
+            raise ConfigError(
+                "no delivery target: set SMT_UPLOAD_URL (multipart) or INTELLIWATT_BASE_URL (inline)"
+            )
+    if mode == "multipart" and not settings.upload_url:
+        raise ConfigError("SMT_DELIVERY=multipart needs SMT_UPLOAD_URL")
+    if mode in ("inline", "raw-upload") and not settings.base_url:
+        raise ConfigError(f"SMT_DELIVERY={mode} needs INTELLIWATT_BASE_URL")
+    if mode == "raw-upload":
+        raise ConfigError("SMT_DELIVERY=raw-upload is not available in this version; use multipart or inline")
+    return mode

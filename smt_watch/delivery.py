@@ -1,0 +1,440 @@
+"""HTTP delivery of one file: the modes (multipart, inline), streaming bodies, retries.
+
+A mode turns a :class:`Payload` into a :class:`Body`: headers, an exact length, and a factory for a fresh
+byte iterator (every retry re-reads the file). The file is read in chunks and hashed as it streams; the
+last chunk is held back until the hash is known, so a file that changed since it was hashed is never
+sent complete (:class:`FileChanged` aborts the request mid-body). Memory stays flat in file size.
+
+``raw-upload`` slots in as a third :class:`Mode` (chunks of lines, each its own request).
+"""
+
+from __future__ import annotations
+
+import base64
+import email.utils
+import gzip
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Final, Protocol
+
+import httpx
+import tenacity
+from tenacity.stop import stop_base
+
+from smt_watch.config import Settings, redact_url
+from smt_watch.errors import DeliveryError, FileChanged, PermanentDelivery, RetryableDelivery
+
+log = logging.getLogger("smt_watch.delivery")
+
+RETRYABLE_STATUSES: Final = frozenset({408, 425, 429, 500, 502, 503, 504})
+IN_CALL_MAX_WAIT: Final = 60.0  # longer Retry-After: give up this call, the row waits as `retrying`
+RETRY_CAP: Final = 15 * 60.0  # SPEC §4: backoff between calls is capped at 15 minutes
+READ_CHUNK: Final = 3 * 256 * 1024  # a multiple of 3, so base64 of each chunk concatenates cleanly
+ERROR_BODY_BYTES: Final = 500
+METER_RE: Final = re.compile(r"M\d+")
+
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class Payload:
+    """One file to deliver, with the identity recorded before sending."""
+
+    path: Path
+    filename: str
+    sha256: str
+    size: int
+    mtime: float
+    esiid: str
+    meter: str
+    source: str
+
+    @property
+    def captured_at(self) -> str:
+        return datetime.fromtimestamp(self.mtime, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class Body:
+    """A request body that can be produced again for each attempt."""
+
+    content_type: str
+    length: int
+    chunks: Callable[[Progress | None], Iterator[bytes]]
+
+
+@dataclass(frozen=True)
+class Result:
+    status: int
+    body: str
+    attempts: int
+    destination: str
+
+
+def meter_for(filename: str, default: str) -> str:
+    """SPEC §4: the first ``M<digits>`` in the file name, else ``METER_DEFAULT``."""
+    match = METER_RE.search(filename)
+    return match.group(0) if match else default
+
+
+# --- verified streaming -----------------------------------------------------------------------------
+
+
+def verified_chunks(
+    path: Path, size: int, sha256: str, progress: Progress | None = None, chunk: int = READ_CHUNK
+) -> Iterator[bytes]:
+    """Yield exactly ``size`` bytes of ``path``, holding the last chunk back until the hash matches."""
+    digest = hashlib.sha256()
+    remaining = size
+    held: bytes | None = None
+    with open(path, "rb", buffering=0) as fh:
+        while remaining > 0:
+            data = fh.read(min(chunk, remaining))
+            if not data:
+                raise FileChanged(f"{path.name}: shrank while being sent")
+            digest.update(data)
+            remaining -= len(data)
+            if held is not None:
+                yield held
+                if progress:
+                    progress(len(held))
+            held = data
+        if fh.read(1):
+            raise FileChanged(f"{path.name}: grew while being sent")
+    if digest.hexdigest() != sha256:
+        raise FileChanged(f"{path.name}: content changed since it was hashed")
+    if held is not None:
+        yield held
+        if progress:
+            progress(len(held))
+
+
+def _b64_stream(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    carry = b""
+    for data in chunks:
+        data = carry + data
+        cut = len(data) - len(data) % 3
+        carry = data[cut:]
+        if cut:
+            yield base64.b64encode(data[:cut])
+    if carry:
+        yield base64.b64encode(carry)
+
+
+def _b64_len(n: int) -> int:
+    return 4 * ((n + 2) // 3)
+
+
+# --- modes ------------------------------------------------------------------------------------------
+
+
+class Mode(Protocol):
+    """A delivery mode: where to send, with which auth header, and how to encode the file."""
+
+    name: str
+    url: str
+
+    def auth_headers(self) -> dict[str, str]: ...
+
+    def prepare(self, payload: Payload) -> AbstractContextManager[Body]:
+        """Build the body; the context owns any temporary file it needs across retries."""
+        ...
+
+
+class MultipartMode:
+    """SPEC §4 multipart: text fields first, then the file, so a receiver sees ``sha256`` before data."""
+
+    name = "multipart"
+
+    def __init__(self, settings: Settings) -> None:
+        assert settings.upload_url is not None
+        self.url = settings.upload_url
+        self._token = settings.upload_token
+
+    def auth_headers(self) -> dict[str, str]:
+        return {"x-smt-upload-token": self._token.reveal()} if self._token else {}
+
+    def prepare(self, payload: Payload) -> AbstractContextManager[Body]:
+        boundary = uuid.uuid4().hex
+        fields = {
+            "esiid": payload.esiid,
+            "meter": payload.meter,
+            "capturedAt": payload.captured_at,
+            "source": payload.source,
+            "sha256": payload.sha256,
+            "accountKey": "smt-watch",
+            "role": "admin",
+        }
+        head = b"".join(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+            for k, v in fields.items()
+        )
+        head += (
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
+            f"filename=\"{_quote_filename(payload.filename)}\"\r\nContent-Type: text/csv\r\n\r\n"
+        ).encode()
+        tail = f"\r\n--{boundary}--\r\n".encode()
+
+        def chunks(progress: Progress | None) -> Iterator[bytes]:
+            yield head
+            yield from verified_chunks(payload.path, payload.size, payload.sha256, progress)
+            yield tail
+
+        return nullcontext(
+            Body(f"multipart/form-data; boundary={boundary}", len(head) + payload.size + len(tail), chunks)
+        )
+
+
+def _quote_filename(name: str) -> str:
+    """Escape a file name for a Content-Disposition parameter the way browsers do."""
+    name = name.replace("\\", "\\\\").replace('"', "%22")
+    return "".join(c if c.isprintable() else f"%{ord(c):02X}" for c in name)
+
+
+class InlineMode:
+    """SPEC §4 inline JSON, with ``content_b64`` produced on the fly (gzip first goes to a temp file)."""
+
+    name = "inline"
+
+    def __init__(self, settings: Settings) -> None:
+        assert settings.base_url is not None
+        self.url = settings.base_url + "/api/admin/smt/pull"
+        self._token = settings.admin_token
+        self._encoding = settings.inline_encoding
+        self._max = settings.inline_max_bytes
+        self._tmp = settings.state_dir / "tmp"
+
+    def auth_headers(self) -> dict[str, str]:
+        return {"x-admin-token": self._token.reveal()} if self._token else {}
+
+    @contextmanager
+    def prepare(self, payload: Payload) -> Iterator[Body]:
+        meta: dict[str, object] = {
+            "mode": "inline",
+            "source": payload.source,
+            "filename": payload.filename,
+            "mime": "text/csv",
+            "encoding": self._encoding,
+            "sizeBytes": payload.size,
+            "esiid": payload.esiid,
+            "meter": payload.meter,
+            "captured_at": payload.captured_at,
+        }
+        gz_path: Path | None = None
+        try:
+            if self._encoding == "base64+gzip":
+                gz_path = self._compress(payload)
+                meta["compressedBytes"] = raw_size = gz_path.stat().st_size
+            else:
+                raw_size = payload.size
+            head = (json.dumps(meta, ensure_ascii=True)[:-1] + ', "content_b64": "').encode()
+            tail = b'"}'
+            length = len(head) + _b64_len(raw_size) + len(tail)
+            if length > self._max:
+                raise PermanentDelivery(
+                    f"{payload.filename}: inline body would be {length} bytes, over SMT_INLINE_MAX_BYTES"
+                    f" ({self._max}); set SMT_UPLOAD_URL to deliver large files by multipart upload"
+                )
+
+            def chunks(progress: Progress | None) -> Iterator[bytes]:
+                yield head
+                if gz_path is not None:
+                    yield from _b64_stream(_plain_chunks(gz_path, progress))
+                else:
+                    yield from _b64_stream(
+                        verified_chunks(payload.path, payload.size, payload.sha256, progress)
+                    )
+                yield tail
+
+            yield Body("application/json", length, chunks)
+        finally:
+            if gz_path is not None:
+                gz_path.unlink(missing_ok=True)
+
+    def _compress(self, payload: Payload) -> Path:
+        """Gzip to a private temp file while hashing, so the exact body length is known up front."""
+        self._tmp.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=".gz-", suffix=".part", dir=self._tmp)
+        path = Path(name)
+        try:
+            with os.fdopen(fd, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
+                for data in verified_chunks(payload.path, payload.size, payload.sha256):
+                    gz.write(data)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return path
+
+
+def _plain_chunks(path: Path, progress: Progress | None) -> Iterator[bytes]:
+    with open(path, "rb") as fh:
+        while data := fh.read(READ_CHUNK):
+            yield data
+            if progress:
+                progress(len(data))
+
+
+def make_mode(settings: Settings, mode: str) -> Mode:
+    if mode == "multipart":
+        return MultipartMode(settings)
+    if mode == "inline":
+        return InlineMode(settings)
+    raise DeliveryError(f"delivery mode {mode!r} is not available")
+
+
+# --- retries ----------------------------------------------------------------------------------------
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """``Retry-After`` as seconds from now: an integer, or an HTTP-date. Garbage is ignored."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def backoff_delay(failures: int, base: float, retry_after: float | None = None, cap: float = RETRY_CAP) -> float:
+    """Exponential backoff with full jitter on the upper half, honouring ``Retry-After`` as a floor."""
+    step = min(cap, base * 2.0 ** max(0, failures - 1))
+    delay = step / 2 + random.uniform(0, step / 2)
+    if retry_after is not None:
+        delay = max(delay, min(retry_after, cap))
+    return delay
+
+
+class _StopOnLongRetryAfter(stop_base):
+    """A ``Retry-After`` longer than we wait in-call ends the call; the row then waits as ``retrying``."""
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        return isinstance(exc, DeliveryError) and (exc.retry_after or 0) > IN_CALL_MAX_WAIT
+
+
+class Deliverer:
+    """Delivers payloads over one shared keep-alive ``httpx.Client`` with in-call retries."""
+
+    def __init__(self, settings: Settings, mode: str, client: httpx.Client | None = None) -> None:
+        self.mode = make_mode(settings, mode)
+        self.destination = redact_url(self.mode.url)
+        self._settings = settings
+        self._secrets = settings.secrets()
+        t = settings.http_timeout
+        self._client = client or httpx.Client(
+            timeout=httpx.Timeout(connect=min(10.0, t), read=t, write=t, pool=t),
+            limits=httpx.Limits(max_connections=16, max_keepalive_connections=8),
+            follow_redirects=False,
+        )
+        if self.mode.name == "multipart":
+            log.info("Using droplet upload server at %s", self.destination)
+        else:
+            log.info("Using %s delivery to %s", self.mode.name, self.destination)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> Deliverer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def deliver(self, payload: Payload, progress: Progress | None = None) -> Result:
+        """Send with retries; raise a :class:`DeliveryError` (``.attempts`` set) when it did not land."""
+        attempts = 0
+        s = self._settings
+
+        def wait(state: tenacity.RetryCallState) -> float:
+            exc = state.outcome.exception() if state.outcome else None
+            retry_after = exc.retry_after if isinstance(exc, DeliveryError) else None
+            return backoff_delay(state.attempt_number, s.retry_backoff, retry_after, cap=IN_CALL_MAX_WAIT)
+
+        def before_sleep(state: tenacity.RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            delay = state.next_action.sleep if state.next_action else 0.0
+            log.warning(
+                "Retrying %s in %.1fs after %s (attempt %d of %d)",
+                payload.filename, delay, exc, state.attempt_number, s.retry_attempts,
+            )
+
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(RetryableDelivery),
+            stop=tenacity.stop_any(tenacity.stop_after_attempt(s.retry_attempts), _StopOnLongRetryAfter()),
+            wait=wait,
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+        try:
+            with self.mode.prepare(payload) as body:
+                for attempt in retrying:
+                    with attempt:
+                        attempts += 1
+                        status, text = self._attempt(payload, body, progress)
+        except DeliveryError as exc:
+            exc.attempts = attempts
+            raise
+        if self.mode.name == "multipart":
+            log.info("Droplet upload success (%d): %s", status, text[:200])
+        else:
+            log.info("Inline POST success (%d): %s", status, text[:200])
+        return Result(status=status, body=text, attempts=attempts, destination=self.destination)
+
+    def _attempt(self, payload: Payload, body: Body, progress: Progress | None) -> tuple[int, str]:
+        headers = {
+            "Content-Type": body.content_type,
+            "Content-Length": str(body.length),
+            "Idempotency-Key": payload.sha256,
+            "User-Agent": "smt-watch",
+            **self.mode.auth_headers(),
+        }
+        try:
+            response = self._client.post(self.mode.url, headers=headers, content=body.chunks(progress))
+        except httpx.TransportError as exc:
+            raise RetryableDelivery(f"{type(exc).__name__} talking to {self.destination}: {exc}") from None
+        text = self._scrub(response.content[:ERROR_BODY_BYTES].decode("utf-8", "replace"))
+        status = response.status_code
+        if status in RETRYABLE_STATUSES:
+            raise RetryableDelivery(
+                f"HTTP {status} from {self.destination}",
+                status=status, body=text, retry_after=parse_retry_after(response.headers.get("retry-after")),
+            )
+        if not 200 <= status < 300:
+            raise PermanentDelivery(f"HTTP {status} from {self.destination}: {text}", status=status, body=text)
+        if _reports_failure(response):
+            raise PermanentDelivery(
+                f"HTTP {status} with ok:false from {self.destination}: {text}", status=status, body=text
+            )
+        return status, text
+
+    def _scrub(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+
+def _reports_failure(response: httpx.Response) -> bool:
+    """A 2xx whose JSON body says ``"ok": false`` is a refusal, not a success."""
+    try:
+        data = response.json()
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(data, dict) and data.get("ok") is False

@@ -1,0 +1,71 @@
+"""One exception tree for smt-watch, so the CLI can turn any failure into one clear line.
+
+    SmtWatchError                 anything smt-watch reports to a person (exit 1 unless a subclass says)
+    ├── ConfigError               bad or missing setting, bad usage (exit 2)
+    ├── LedgerError               the SQLite ledger cannot be opened, read or written
+    ├── InputError                a named file is missing, unreadable, a directory or a symlink
+    └── DeliveryError             one delivery attempt did not end in a 2xx
+        ├── RetryableDelivery     connection error, timeout, 408/425/429/5xx: try again later
+        ├── PermanentDelivery     other 4xx, or 2xx with ``"ok": false``: do not retry
+        └── FileChanged           the bytes read while sending are not the bytes hashed
+
+Library errors (httpx, sqlite3, OSError) are wrapped at the boundary with ``raise ... from exc``.
+Messages never contain tokens: callers build them from status codes, URLs without credentials and
+response bodies (which the remote side chose to send us).
+"""
+
+from __future__ import annotations
+
+
+class SmtWatchError(Exception):
+    """Base class: ``str(exc)`` is the one line printed to the operator."""
+
+    exit_code = 1
+
+
+class ConfigError(SmtWatchError):
+    """A setting or command-line usage is wrong; nothing was done."""
+
+    exit_code = 2
+
+
+class LedgerError(SmtWatchError):
+    """The ledger database could not be used."""
+
+
+class InputError(SmtWatchError):
+    """A file named on the command line cannot be delivered as given."""
+
+
+class DeliveryError(SmtWatchError):
+    """One delivery did not succeed.
+
+    ``status`` is the HTTP status when a response arrived, ``body`` its first 500 bytes, and
+    ``attempts`` how many HTTP requests were made for this delivery.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        body: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = body
+        self.retry_after = retry_after
+        self.attempts = 0
+
+
+class RetryableDelivery(DeliveryError):
+    """The target may accept the file later (network trouble, overload, maintenance)."""
+
+
+class PermanentDelivery(DeliveryError):
+    """The target refused the file; repeating the same request will not help."""
+
+
+class FileChanged(DeliveryError):
+    """The file changed between hashing and sending; the attempt was abandoned mid-body."""

@@ -1,0 +1,323 @@
+"""The SQLite ledger: what was seen, what is being sent, what was delivered. The only module with SQL.
+
+One row per distinct content (SHA-256). A row moves ``pending → sending → sent | retrying | failed``;
+``sending`` carries the claimer (``host:pid``) so two processes (``post`` and ``watch``) never deliver the
+same bytes at once, and a row left in ``sending`` by a process that died is taken over.
+
+WAL mode lets readers (``ledger list``) run beside a writer; ``busy_timeout`` makes writers queue instead
+of failing. ``synchronous=NORMAL``: an application crash loses nothing; a power cut may forget the last
+few ``sent`` marks, which only means a re-delivery that the receiver de-duplicates by ``Idempotency-Key``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from enum import Enum
+from pathlib import Path
+from typing import Any, Final
+
+from smt_watch.errors import LedgerError
+
+STATES: Final = ("pending", "sending", "sent", "retrying", "failed")
+SHA256_RE: Final = re.compile(r"^[0-9a-f]{64}$")
+STALE_FOREIGN_CLAIM_SECONDS: Final = 6 * 3600
+_FILE_COLUMNS: Final = (
+    "sha256, filename, path, size, state, attempts, http_status, last_error, first_seen, updated_at, "
+    "sent_at, destination, mode, next_attempt_at, claimed_by, origin"
+)
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def process_id() -> str:
+    """Who holds a ``sending`` claim: enough to tell, on this host, whether the claimer still lives."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _claimer_alive(claimed_by: str | None, claimed_at: float | None) -> bool:
+    if not claimed_by:
+        return False
+    host, _, pid_text = claimed_by.rpartition(":")
+    if host != socket.gethostname():
+        return (time.time() - (claimed_at or 0.0)) < STALE_FOREIGN_CLAIM_SECONDS
+    try:
+        pid = int(pid_text)
+        os.kill(pid, 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass(frozen=True)
+class Row:
+    """One ledger row as ``ledger list --json`` shows it."""
+
+    sha256: str
+    filename: str
+    path: str | None
+    size: int | None
+    state: str
+    attempts: int
+    http_status: int | None
+    last_error: str | None
+    first_seen: str
+    updated_at: str
+    sent_at: str | None
+    destination: str | None
+    mode: str | None
+    next_attempt_at: float | None
+    claimed_by: str | None
+    origin: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Claim(Enum):
+    """What :meth:`Ledger.claim` decided."""
+
+    CLAIMED = "claimed"  # this process now owns the row (state ``sending``) and must deliver it
+    DUPLICATE = "duplicate"  # already ``sent``; nothing to do
+    BUSY = "busy"  # another live process or thread is sending these bytes right now
+
+
+# --- migrations: numbered, each runs in the transaction that bumps user_version ---------------------
+
+
+def _migration_1(db: sqlite3.Connection) -> None:
+    db.execute(
+        """CREATE TABLE files (
+            sha256 TEXT PRIMARY KEY,
+            filename TEXT NOT NULL,
+            path TEXT,
+            size INTEGER,
+            state TEXT NOT NULL CHECK (state IN ('pending','sending','sent','retrying','failed')),
+            attempts INTEGER NOT NULL DEFAULT 0,
+            http_status INTEGER,
+            last_error TEXT,
+            first_seen TEXT NOT NULL,
+            updated_at TEXT NOT NULL,
+            sent_at TEXT,
+            destination TEXT,
+            mode TEXT,
+            next_attempt_at REAL,
+            claimed_by TEXT,
+            claimed_at REAL,
+            origin TEXT NOT NULL DEFAULT 'smt-watch'
+        )"""
+    )
+    db.execute("CREATE INDEX files_state ON files(state)")
+    db.execute("CREATE INDEX files_path ON files(path)")
+    db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+
+
+MIGRATIONS: Final[tuple[Callable[[sqlite3.Connection], None], ...]] = (_migration_1,)
+SCHEMA_VERSION: Final = len(MIGRATIONS)
+
+
+class Ledger:
+    """The ledger database. Thread-safe: one connection guarded by a lock (writes are short)."""
+
+    def __init__(self, path: Path, *, busy_timeout: float = 30.0) -> None:
+        self.path = path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(
+                path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
+            )
+            self._db.row_factory = sqlite3.Row
+            self._db.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+            self._db.execute("PRAGMA journal_mode = WAL")
+            self._db.execute("PRAGMA synchronous = NORMAL")
+        except (OSError, sqlite3.Error) as exc:
+            raise LedgerError(f"cannot open ledger {path}: {exc}") from exc
+        self._lock = threading.RLock()
+        self._me = process_id()
+        self._migrate()
+
+    # --- plumbing -----------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def atomic(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, taken up front (``BEGIN IMMEDIATE``) so read-then-write is race free."""
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise LedgerError(f"ledger {self.path} is not writable: {exc}") from exc
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            try:
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise LedgerError(f"ledger {self.path}: commit failed: {exc}") from exc
+
+    def _query(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            try:
+                return self._db.execute(sql, tuple(params)).fetchall()
+            except sqlite3.Error as exc:
+                raise LedgerError(f"ledger {self.path}: {exc}") from exc
+
+    def _migrate(self) -> None:
+        version = int(self._query("PRAGMA user_version")[0][0])
+        if version > SCHEMA_VERSION:
+            raise LedgerError(
+                f"ledger {self.path} has schema {version}, newer than this smt-watch ({SCHEMA_VERSION})"
+            )
+        for number in range(version + 1, SCHEMA_VERSION + 1):
+            with self.atomic() as db:
+                # Another process may have migrated while we waited for the write lock.
+                if int(db.execute("PRAGMA user_version").fetchone()[0]) >= number:
+                    continue
+                MIGRATIONS[number - 1](db)
+                db.execute(f"PRAGMA user_version = {number}")
+
+    @property
+    def schema_version(self) -> int:
+        return int(self._query("PRAGMA user_version")[0][0])
+
+    # --- reads --------------------------------------------------------------------------------------
+
+    def get(self, sha256: str) -> Row | None:
+        rows = self._query(f"SELECT {_FILE_COLUMNS} FROM files WHERE sha256 = ?", (sha256,))
+        return Row(**dict(rows[0])) if rows else None
+
+    def rows(self, state: str | None = None) -> list[Row]:
+        if state is None:
+            found = self._query(f"SELECT {_FILE_COLUMNS} FROM files ORDER BY first_seen, sha256")
+        else:
+            found = self._query(
+                f"SELECT {_FILE_COLUMNS} FROM files WHERE state = ? ORDER BY first_seen, sha256", (state,)
+            )
+        return [Row(**dict(r)) for r in found]
+
+    def find(self, *, sha_prefix: str | None = None, path: str | None = None) -> list[Row]:
+        if sha_prefix is not None:
+            found = self._query(
+                f"SELECT {_FILE_COLUMNS} FROM files WHERE sha256 LIKE ? ESCAPE '\\'", (sha_prefix + "%",)
+            )
+        else:
+            found = self._query(f"SELECT {_FILE_COLUMNS} FROM files WHERE path = ?", (path,))
+        return [Row(**dict(r)) for r in found]
+
+    def counts(self) -> dict[str, int]:
+        found = {str(r[0]): int(r[1]) for r in self._query("SELECT state, COUNT(*) FROM files GROUP BY state")}
+        return {state: int(found.get(state, 0)) for state in STATES}
+
+    def meta(self, key: str) -> str | None:
+        rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
+        return str(rows[0][0]) if rows else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.atomic() as db:
+            db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+
+    # --- the delivery state machine ----------------------------------------------------------------
+
+    def claim(
+        self, sha256: str, *, filename: str, path: str | None, size: int, mode: str, force: bool = False
+    ) -> Claim:
+        """Take the row for delivery unless it is already sent (and not forced) or in flight elsewhere."""
+        now = now_iso()
+        with self.atomic() as db:
+            row = db.execute(
+                "SELECT state, claimed_by, claimed_at FROM files WHERE sha256 = ?", (sha256,)
+            ).fetchone()
+            if row is None:
+                db.execute(
+                    "INSERT INTO files (sha256, filename, path, size, state, first_seen, updated_at, mode,"
+                    " claimed_by, claimed_at) VALUES (?, ?, ?, ?, 'sending', ?, ?, ?, ?, ?)",
+                    (sha256, filename, path, size, now, now, mode, self._me, time.time()),
+                )
+                return Claim.CLAIMED
+            if row["state"] == "sent" and not force:
+                return Claim.DUPLICATE
+            if row["state"] == "sending" and (
+                row["claimed_by"] == self._me or _claimer_alive(row["claimed_by"], row["claimed_at"])
+            ):
+                return Claim.BUSY
+            db.execute(
+                "UPDATE files SET state = 'sending', filename = ?, path = ?, size = ?, mode = ?,"
+                " updated_at = ?, claimed_by = ?, claimed_at = ?, next_attempt_at = NULL WHERE sha256 = ?",
+                (filename, path, size, mode, now, self._me, time.time(), sha256),
+            )
+            return Claim.CLAIMED
+
+    def _finish(self, sha256: str, state: str, attempts: int, **values: Any) -> None:
+        values.update(state=state, updated_at=now_iso(), claimed_by=None, claimed_at=None)
+        assignments = ", ".join(f"{k} = ?" for k in values)
+        with self.atomic() as db:
+            db.execute(
+                f"UPDATE files SET {assignments}, attempts = attempts + ? WHERE sha256 = ?",
+                (*values.values(), attempts, sha256),
+            )
+
+    def mark_sent(self, sha256: str, *, status: int, destination: str, attempts: int) -> None:
+        self._finish(
+            sha256, "sent", attempts, http_status=status, destination=destination, sent_at=now_iso(),
+            last_error=None, next_attempt_at=None,
+        )
+
+    def mark_retrying(
+        self, sha256: str, *, status: int | None, error: str, attempts: int, next_attempt_at: float
+    ) -> None:
+        self._finish(
+            sha256, "retrying", attempts, http_status=status, last_error=error,
+            next_attempt_at=next_attempt_at,
+        )
+
+    def mark_failed(self, sha256: str, *, status: int | None, error: str, attempts: int) -> None:
+        self._finish(
+            sha256, "failed", attempts, http_status=status, last_error=error, next_attempt_at=None
+        )
+
+    def release(self, sha256: str, *, error: str, attempts: int) -> None:
+        """Back to ``pending``: the attempt was abandoned for a reason that is not the target's fault."""
+        self._finish(sha256, "pending", attempts, last_error=error)
+
+    # --- operator commands --------------------------------------------------------------------------
+
+    def forget(self, sha256s: Iterable[str]) -> int:
+        with self.atomic() as db:
+            return sum(db.execute("DELETE FROM files WHERE sha256 = ?", (s,)).rowcount for s in sha256s)
+
+    def import_hashes(self, entries: Iterable[tuple[str, str | None]], origin: str) -> int:
+        """Record already-delivered hashes as ``sent``; existing rows are left alone. Returns rows added."""
+        now = now_iso()
+        added = 0
+        with self.atomic() as db:
+            for sha256, name in entries:
+                cur = db.execute(
+                    "INSERT OR IGNORE INTO files (sha256, filename, state, first_seen, updated_at, sent_at,"
+                    " destination, origin) VALUES (?, ?, 'sent', ?, ?, ?, ?, 'import')",
+                    (sha256, name or "(imported)", now, now, now, origin),
+                )
+                added += cur.rowcount
+        return added

@@ -1,0 +1,69 @@
+"""Logging set-up: plain ``[LEVEL] message`` lines for journald and pipes, rich colour on a TTY.
+
+A redaction filter replaces every configured secret with ``***`` in every record, as a last line of
+defence: no code path is supposed to log a token, and this makes sure none does.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterable
+
+LEVELS = ("debug", "info", "warning", "error")
+
+
+class RedactFilter(logging.Filter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.secrets: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.secrets:
+            return True
+        message = record.getMessage()
+        redacted = message
+        for secret in self.secrets:
+            redacted = redacted.replace(secret, "***")
+        if record.exc_info and record.exc_info[1] is not None:
+            # Formatted tracebacks carry exception text; render it here so it is redacted too.
+            text = logging.Formatter().formatException(record.exc_info)
+            for secret in self.secrets:
+                text = text.replace(secret, "***")
+            redacted += "\n" + text
+            record.exc_info = None
+            record.exc_text = None
+        if redacted != message or record.args:
+            record.msg, record.args = redacted, ()
+        return True
+
+
+_redactor = RedactFilter()
+
+
+def setup_logging(level: str = "info", stream: object = None) -> None:
+    """Configure the ``smt_watch`` logger once per process (the CLI calls this; libraries never do)."""
+    out = stream if stream is not None else sys.stderr
+    logger = logging.getLogger("smt_watch")
+    for old in list(logger.handlers):
+        logger.removeHandler(old)
+    handler: logging.Handler
+    if getattr(out, "isatty", lambda: False)():
+        from rich.console import Console
+        from rich.logging import RichHandler
+
+        handler = RichHandler(console=Console(file=out), show_path=False, markup=False)  # type: ignore[arg-type]
+        handler.setFormatter(logging.Formatter("%(message)s", datefmt="[%X]"))
+    else:
+        handler = logging.StreamHandler(out)  # type: ignore[arg-type]
+        handler.setFormatter(logging.Formatter("[%(levelname)s] %(message)s"))
+    handler.addFilter(_redactor)
+    logger.addHandler(handler)
+    logger.setLevel(level.upper())
+    logger.propagate = False
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def add_secrets(secrets: Iterable[str]) -> None:
+    _redactor.secrets.update(s for s in secrets if s)
