@@ -199,7 +199,7 @@ class _Reader:
             return default
         try:
             return conv(value)
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, KeyError):
             shown = f": {value!r}" if show else ""
             raise ConfigError(f"{name} must be {what}{shown}") from None
 

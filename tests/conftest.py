@@ -1,0 +1,99 @@
+"""Shared fixtures: real temp dirs, a real receiver on loopback, the real CLI in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from smt_watch.config import Settings, load_settings
+from smt_watch.receiver import running_receiver
+
+ADMIN_TOKEN = "admin-token-0123456789abcdef-SECRET"
+UPLOAD_TOKEN = "upload-token-fedcba9876543210-SECRET"
+SMT_WATCH = [sys.executable, "-m", "smt_watch"]
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> object:
+    """Poll ``condition`` until truthy or fail after ``timeout``: the only way tests synchronise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def receiver(tmp_path: Path) -> Iterator[object]:
+    with running_receiver(tmp_path / "received", admin_token=ADMIN_TOKEN, upload_token=UPLOAD_TOKEN) as r:
+        yield r
+
+
+@pytest.fixture
+def base_env(tmp_path: Path) -> dict[str, str]:
+    """A clean environment: only what the test sets, plus what a subprocess needs to run."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    return {
+        "SMT_LOCAL_DIR": str(inbox),
+        "SMT_STATE_DIR": str(tmp_path / "state"),
+        "SMT_RETRY_BACKOFF_SECONDS": "0.05",
+        "SMT_HTTP_TIMEOUT": "10",
+    }
+
+
+@pytest.fixture
+def make_settings(base_env: dict[str, str]) -> Callable[..., Settings]:
+    def make(**env: str) -> Settings:
+        return load_settings({**base_env, **env})
+
+    return make
+
+
+@pytest.fixture
+def run_cli(base_env: dict[str, str], tmp_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """Run the real CLI in a subprocess with a controlled environment."""
+
+    def run(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        full_env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path / "home"), **base_env, **(env or {})}
+        return subprocess.run(
+            [*SMT_WATCH, *args], env=full_env, capture_output=True, text=True, timeout=timeout, cwd=tmp_path
+        )
+
+    return run
+
+
+def write_csv(path: Path, rows: int = 10, seed: int = 0) -> Path:
+    """A small SMT-shaped interval CSV; ``seed`` makes distinct content."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [
+        "ESIID,USAGE_DATE,REVISION_DATE,USAGE_START_TIME,USAGE_END_TIME,USAGE_KWH,ESTIMATED_ACTUAL,"
+        "CONSUMPTION_SURPLUSGENERATION"
+    ]
+    for i in range(rows):
+        h, m = divmod(i * 15, 60)
+        h2, m2 = divmod(i * 15 + 15, 60)
+        lines.append(
+            f"'10443720000000001,01/01/2026,01/02/2026,{h % 24:02d}:{m:02d},{h2 % 24:02d}:{m2:02d},"
+            f"{(i * 7 + seed) % 100 / 100:.3f},A,Consumption"
+        )
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def unused_port() -> int:
+    """A loopback port with nothing listening (bound then released)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

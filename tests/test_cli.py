@@ -1,0 +1,144 @@
+"""The real CLI in subprocesses: exit codes, one-line errors, no tracebacks, no secrets, ledger commands."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import ADMIN_TOKEN, SMT_WATCH, UPLOAD_TOKEN, write_csv
+
+from smt_watch.receiver import Fault
+
+Run = Callable[..., subprocess.CompletedProcess[str]]
+
+
+def upload_env(receiver: Any) -> dict[str, str]:
+    return {"SMT_UPLOAD_URL": f"{receiver.url}/upload", "SMT_UPLOAD_TOKEN": UPLOAD_TOKEN}
+
+
+def assert_clean_error(proc: subprocess.CompletedProcess[str], code: int) -> None:
+    assert proc.returncode == code, (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr + proc.stdout
+    for secret in (UPLOAD_TOKEN, ADMIN_TOKEN):
+        assert secret not in proc.stderr + proc.stdout
+
+
+def test_version_and_help(run_cli: Run) -> None:
+    assert run_cli("--version").stdout.startswith("smt-watch ")
+    for cmd in (["--help"], ["post", "--help"], ["ledger", "--help"], ["ledger", "list", "--help"],
+                ["ledger", "forget", "--help"], ["ledger", "import", "--help"], ["receive", "--help"]):
+        proc = run_cli(*cmd)
+        assert proc.returncode == 0 and "Usage:" in proc.stdout, cmd
+
+
+def test_help_never_shows_secret_defaults(run_cli: Run) -> None:
+    env = {"SMT_UPLOAD_TOKEN": UPLOAD_TOKEN, "ADMIN_TOKEN": ADMIN_TOKEN}
+    for cmd in (["--help"], ["post", "--help"], ["receive", "--help"]):
+        assert_clean_error(run_cli(*cmd, env=env), 0)
+
+
+@pytest.mark.parametrize(
+    ("env", "args", "needle"),
+    [
+        ({}, ["post", "x.csv"], "no delivery target"),
+        ({"SMT_UPLOAD_URL": "nope"}, ["post", "x.csv"], "SMT_UPLOAD_URL"),
+        ({"SMT_UPLOAD_URL": "http://h/u", "SMT_INLINE_MAX_BYTES": "-5"}, ["post", "x.csv"], "SMT_INLINE_MAX_BYTES"),
+        ({"SMT_AFTER_SEND": "burn"}, ["ledger", "list"], "SMT_AFTER_SEND"),
+        ({}, ["post", "--env-file", "/nonexistent/env", "x.csv"], "no such file"),
+        ({}, ["ledger", "list", "--state", "bogus"], "--state"),
+        ({}, ["--log-level", "loud", "ledger", "list"], "--log-level"),
+        ({}, ["post"], "Missing argument"),
+    ],
+)
+def test_config_errors_exit_2_in_one_line(run_cli: Run, env: dict[str, str], args: list[str], needle: str) -> None:
+    proc = run_cli(*args, env=env)
+    assert_clean_error(proc, 2)
+    assert needle in proc.stderr
+
+
+def test_unwritable_state_dir_exits_2(run_cli: Run, tmp_path: Path) -> None:
+    blocker = tmp_path / "file-not-dir"
+    blocker.write_text("x")
+    proc = run_cli("ledger", "list", env={"SMT_STATE_DIR": str(blocker / "state")})
+    assert_clean_error(proc, 2)
+    assert "SMT_STATE_DIR" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_post_then_list_json_then_forget(run_cli: Run, receiver: Any, tmp_path: Path) -> None:
+    env = upload_env(receiver)
+    f = write_csv(tmp_path / "inbox" / "a.csv")
+    first = run_cli("post", str(f), env=env)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.startswith("sent")
+    assert "Using droplet upload server at" in first.stderr and "Droplet upload success (200)" in first.stderr
+    second = run_cli("post", str(f), env=env)
+    assert second.returncode == 0 and second.stdout.startswith("duplicate")
+    rows = json.loads(run_cli("ledger", "list", "--json").stdout)
+    assert len(rows) == 1
+    required = {"sha256", "filename", "size", "state", "attempts", "http_status", "last_error", "first_seen",
+                "sent_at", "destination"}
+    assert required <= set(rows[0]) and rows[0]["state"] == "sent"
+    assert "a.csv" in run_cli("ledger", "list").stdout
+    assert run_cli("ledger", "forget", str(f)).returncode == 0
+    assert json.loads(run_cli("ledger", "list", "--json").stdout) == []
+    assert run_cli("ledger", "forget", rows[0]["sha256"]).returncode == 1
+    assert run_cli("post", str(f), env=env).stdout.startswith("sent")
+    assert run_cli("ledger", "forget", rows[0]["sha256"][:10]).returncode == 0
+
+
+def test_post_exit_1_when_any_file_fails(run_cli: Run, receiver: Any, tmp_path: Path) -> None:
+    good = write_csv(tmp_path / "good.csv")
+    proc = run_cli("post", str(tmp_path / "missing.csv"), str(good), env=upload_env(receiver))
+    assert_clean_error(proc, 1)
+    assert "no such file" in proc.stdout and "sent" in proc.stdout
+    receiver.state.faults.append(Fault(status=422, body={"ok": False, "error": "schema"}))
+    proc = run_cli("post", str(write_csv(tmp_path / "b.csv", seed=1)), env=upload_env(receiver))
+    assert_clean_error(proc, 1)
+    assert "HTTP 422" in proc.stdout
+
+
+def test_ledger_import_and_state_file(run_cli: Run, receiver: Any, tmp_path: Path) -> None:
+    import hashlib
+
+    f = write_csv(tmp_path / "old.csv")
+    digest = hashlib.sha256(f.read_bytes()).hexdigest()
+    legacy = tmp_path / ".posted_sha256"
+    legacy.write_text(f"{digest}  old.csv\n{'e' * 64}\ngarbage\n")
+    proc = run_cli("ledger", "import", str(legacy))
+    assert proc.returncode == 0 and "imported 2 new of 2" in proc.stdout and "skipped 1" in proc.stdout
+    assert "imported 0 new of 2" in run_cli("ledger", "import", str(legacy)).stdout
+    # STATE_FILE is picked up automatically by a fresh state dir.
+    env = {**upload_env(receiver), "STATE_FILE": str(legacy), "SMT_STATE_DIR": str(tmp_path / "state2")}
+    proc = run_cli("post", str(f), env=env)
+    assert proc.returncode == 0 and proc.stdout.startswith("duplicate")
+    assert receiver.state.requests == []
+    assert_clean_error(run_cli("ledger", "import", str(tmp_path / "nope")), 1)
+
+
+def test_two_processes_posting_the_same_file_send_once(base_env: dict[str, str], receiver: Any, tmp_path: Path) -> None:
+    receiver.state.faults.append(Fault(delay=1.5))  # keep the first delivery in flight
+    f = write_csv(tmp_path / "same.csv")
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), **base_env, **upload_env(receiver)}
+    procs = [
+        subprocess.Popen([*SMT_WATCH, "post", str(f)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=60) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert sorted(out.split()[0] for out, _ in outs) == ["duplicate", "sent"]
+    assert len(receiver.state.requests) == 1
+    rows = json.loads(subprocess.run([*SMT_WATCH, "ledger", "list", "--json"], env=env, capture_output=True,
+                                     text=True, check=True).stdout)
+    assert [r["state"] for r in rows] == ["sent"]
+
+
+def test_console_script_is_installed() -> None:
+    exe = Path(sys.executable).parent / "smt-watch"
+    assert exe.exists()
+    assert subprocess.run([str(exe), "--version"], capture_output=True, text=True).returncode == 0

@@ -1,0 +1,133 @@
+"""The ledger on real SQLite files: state machine, claims across processes, migrations, legacy import."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from smt_watch.errors import LedgerError
+from smt_watch.ledger import SCHEMA_VERSION, Claim, Ledger
+from smt_watch.legacy import import_file, import_state_file, parse_hash_lines
+
+A = "a" * 64
+B = "b" * 64
+
+
+def claim(ledger: Ledger, sha: str = A, force: bool = False) -> Claim:
+    return ledger.claim(sha, filename="f.csv", path="/in/f.csv", size=3, mode="multipart", force=force)
+
+
+def test_wal_and_schema(tmp_path: Path) -> None:
+    with Ledger(tmp_path / "l.sqlite3") as ledger:
+        assert ledger.schema_version == SCHEMA_VERSION
+    db = sqlite3.connect(tmp_path / "l.sqlite3")
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "l.sqlite3"
+    Ledger(path).close()
+    db = sqlite3.connect(path)
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.close()
+    with pytest.raises(LedgerError, match="newer than this smt-watch"):
+        Ledger(path)
+
+
+def test_state_machine(tmp_path: Path) -> None:
+    with Ledger(tmp_path / "l.sqlite3") as ledger:
+        assert claim(ledger) is Claim.CLAIMED
+        assert ledger.get(A).state == "sending"  # type: ignore[union-attr]
+        assert claim(ledger) is Claim.BUSY  # same process, e.g. another worker thread
+        ledger.mark_retrying(A, status=503, error="HTTP 503", attempts=3, next_attempt_at=1.0)
+        row = ledger.get(A)
+        assert row is not None and (row.state, row.attempts, row.http_status) == ("retrying", 3, 503)
+        assert claim(ledger) is Claim.CLAIMED
+        ledger.mark_sent(A, status=200, destination="http://x/upload", attempts=1)
+        row = ledger.get(A)
+        assert row is not None and (row.state, row.attempts, row.last_error) == ("sent", 4, None)
+        assert row.sent_at and row.destination == "http://x/upload"
+        assert claim(ledger) is Claim.DUPLICATE
+        assert claim(ledger, force=True) is Claim.CLAIMED
+        ledger.mark_failed(A, status=400, error="bad", attempts=1)
+        assert ledger.counts() == {"pending": 0, "sending": 0, "sent": 0, "retrying": 0, "failed": 1}
+        assert [r.sha256 for r in ledger.rows("failed")] == [A]
+        assert ledger.forget([A]) == 1 and ledger.get(A) is None
+
+
+def test_claim_of_a_dead_process_is_taken_over(tmp_path: Path) -> None:
+    path = tmp_path / "l.sqlite3"
+    code = (
+        "import sys; from pathlib import Path; from smt_watch.ledger import Ledger;"
+        f"l = Ledger(Path({str(path)!r})); print(l.claim({A!r}, filename='f', path=None, size=1, mode='m').value)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "claimed"
+    with Ledger(path) as ledger:
+        assert ledger.get(A).state == "sending"  # type: ignore[union-attr]
+        assert claim(ledger) is Claim.CLAIMED  # the claimer exited without finishing
+
+
+def _claim_in_child(path: str, barrier: multiprocessing.synchronize.Barrier, q: multiprocessing.Queue) -> None:
+    ledger = Ledger(Path(path))
+    barrier.wait()
+    q.put(ledger.claim(A, filename="f", path=None, size=1, mode="m").value)
+    barrier.wait()  # keep the process (and its claim) alive until both have claimed
+
+
+def test_two_processes_claim_once(tmp_path: Path) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    barrier, q = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_claim_in_child, args=(str(tmp_path / "l.sqlite3"), barrier, q)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    results = sorted([q.get(timeout=30), q.get(timeout=30)])
+    for p in procs:
+        p.join(30)
+    assert results == ["busy", "claimed"]
+
+
+def test_parse_hash_lines() -> None:
+    entries, bad = parse_hash_lines(
+        [A, f"{B.upper()}  dir/file one.csv", f"{'c' * 64} *bin.csv", "", "# note", "not-a-hash", "abc"]
+    )
+    assert entries == [(A, None), (B, "file one.csv"), ("c" * 64, "bin.csv")]
+    assert bad == 2
+
+
+def test_import_is_idempotent_and_keeps_existing_rows(tmp_path: Path) -> None:
+    legacy = tmp_path / ".posted_sha256"
+    legacy.write_text(f"{A}\n{B}  x.csv\n")
+    with Ledger(tmp_path / "l.sqlite3") as ledger:
+        claim(ledger, B)
+        ledger.mark_failed(B, status=400, error="bad", attempts=1)
+        first = import_file(ledger, legacy)
+        assert (first.read, first.added) == (2, 1)
+        assert ledger.get(B).state == "failed"  # type: ignore[union-attr]
+        assert ledger.get(A).state == "sent"  # type: ignore[union-attr]
+        assert ledger.get(A).origin == "import"  # type: ignore[union-attr]
+        again = import_file(ledger, legacy)
+        assert (again.read, again.added) == (2, 0)
+        assert claim(ledger, A) is Claim.DUPLICATE
+
+
+def test_state_file_is_imported_once_per_change(tmp_path: Path) -> None:
+    legacy = tmp_path / ".posted_sha256"
+    with Ledger(tmp_path / "l.sqlite3") as ledger:
+        assert import_state_file(ledger, legacy) is None  # absent: nothing to do
+        legacy.write_text(A + "\n")
+        report = import_state_file(ledger, legacy)
+        assert report is not None and report.added == 1
+        assert import_state_file(ledger, legacy) is None  # unchanged: not re-read
+        with legacy.open("a") as fh:
+            fh.write(B + "\n")
+        os.utime(legacy, ns=(1, 1))
+        report = import_state_file(ledger, legacy)
+        assert report is not None and report.added == 1
+        assert ledger.meta("state_file_imported") == f"2 hashes from {legacy}"
