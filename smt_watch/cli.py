@@ -97,7 +97,7 @@ def root(
 
 @app.command()
 def post(
-    files: Annotated[list[Path], typer.Argument(metavar="FILE...", help="Files to deliver now.")],
+    files: Annotated[list[Path], typer.Argument(metavar="FILE", help="Files to deliver now.")],
     force: Annotated[bool, typer.Option("--force", help="Send again even if the ledger says sent.")] = False,
     delivery: Annotated[
         str | None,
@@ -114,11 +114,11 @@ def post(
         str | None,
         typer.Option("--inline-encoding", metavar="ENC", help="base64 or base64+gzip [SMT_INLINE_ENCODING]."),
     ] = None,
-    esiid: Annotated[str | None, typer.Option("--esiid", help="ESIID sent with the file [ESIID_DEFAULT].")] = None,
+    esiid: Annotated[str | None, typer.Option("--esiid", metavar="ESIID", help="ESIID sent with the file [ESIID_DEFAULT].")] = None,
     meter: Annotated[
-        str | None, typer.Option("--meter", help="Meter when the name has no M<digits> [METER_DEFAULT].")
+        str | None, typer.Option("--meter", metavar="METER", help="Meter when the name has no M<digits> [METER_DEFAULT].")
     ] = None,
-    source: Annotated[str | None, typer.Option("--source", help="Source tag [SOURCE_TAG].")] = None,
+    source: Annotated[str | None, typer.Option("--source", metavar="TAG", help="Source tag [SOURCE_TAG].")] = None,
     state_dir: StateDir = None,
     env_file: EnvFile = None,
 ) -> None:
@@ -254,11 +254,11 @@ def ledger_import(
 
 @app.command()
 def receive(
-    port: Annotated[int, typer.Option("--port", help="TCP port (0 picks a free one).")] = 8081,
+    port: Annotated[int, typer.Option("--port", metavar="PORT", help="TCP port (0 picks a free one).")] = 8081,
     data: Annotated[Path, typer.Option("--data", metavar="DIR", help="Where received files are stored.")] = Path(
         "receiver-data"
     ),
-    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    host: Annotated[str, typer.Option("--host", metavar="ADDR", help="Address to listen on.")] = "127.0.0.1",
     env_file: EnvFile = None,
 ) -> None:
     """Run the reference receiver: a local stand-in for the web app and upload server.

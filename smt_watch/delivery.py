@@ -269,7 +269,7 @@ class InlineMode:
         fd, name = tempfile.mkstemp(prefix=".gz-", suffix=".part", dir=self._tmp)
         path = Path(name)
         try:
-            with os.fdopen(fd, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
+            with os.fdopen(fd, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0) as gz:
                 for data in verified_chunks(payload.path, payload.size, payload.sha256):
                     gz.write(data)
         except BaseException:
