@@ -114,9 +114,12 @@ def post(
         str | None,
         typer.Option("--inline-encoding", metavar="ENC", help="base64 or base64+gzip [SMT_INLINE_ENCODING]."),
     ] = None,
-    esiid: Annotated[str | None, typer.Option("--esiid", metavar="ESIID", help="ESIID sent with the file [ESIID_DEFAULT].")] = None,
+    esiid: Annotated[
+        str | None, typer.Option("--esiid", metavar="ESIID", help="ESIID sent with the file [ESIID_DEFAULT].")
+    ] = None,
     meter: Annotated[
-        str | None, typer.Option("--meter", metavar="METER", help="Meter when the name has no M<digits> [METER_DEFAULT].")
+        str | None,
+        typer.Option("--meter", metavar="METER", help="Meter when the name has no M<digits> [METER_DEFAULT]."),
     ] = None,
     source: Annotated[str | None, typer.Option("--source", metavar="TAG", help="Source tag [SOURCE_TAG].")] = None,
     state_dir: StateDir = None,
