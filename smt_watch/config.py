@@ -100,6 +100,11 @@ class Settings:
     retry_attempts: int = 5  # SMT_RETRY_ATTEMPTS: HTTP attempts within one delivery call
     retry_backoff: float = 1.0  # SMT_RETRY_BACKOFF_SECONDS: first backoff step, doubled per attempt
     http_timeout: float = 60.0  # SMT_HTTP_TIMEOUT: connect/read/write timeout in seconds
+    metrics_port: int | None = None  # SMT_METRICS_PORT: Prometheus metrics for `watch` on 127.0.0.1
+    grace_seconds: float = 30.0  # SMT_STOP_GRACE_SECONDS: how long in-flight deliveries may finish on stop
+    # Set by systemd for Type=notify units.
+    notify_socket: str | None = None  # NOTIFY_SOCKET
+    watchdog_usec: int | None = None  # WATCHDOG_USEC
 
     @property
     def ledger_path(self) -> Path:
@@ -329,6 +334,10 @@ def load_settings(
         retry_attempts=r.integer("SMT_RETRY_ATTEMPTS", 5, minimum=1, maximum=100),
         retry_backoff=r.number("SMT_RETRY_BACKOFF_SECONDS", 1.0),
         http_timeout=r.number("SMT_HTTP_TIMEOUT", 60.0, minimum=0.1),
+        metrics_port=r.integer("SMT_METRICS_PORT", 0, minimum=0, maximum=65535) or None,
+        grace_seconds=r.number("SMT_STOP_GRACE_SECONDS", 30.0),
+        notify_socket=r.text("NOTIFY_SOCKET"),
+        watchdog_usec=r.integer("WATCHDOG_USEC", 0) or None,
     )
     return settings
 

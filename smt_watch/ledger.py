@@ -92,6 +92,7 @@ class Claim(Enum):
     CLAIMED = "claimed"  # this process now owns the row (state ``sending``) and must deliver it
     DUPLICATE = "duplicate"  # already ``sent``; nothing to do
     BUSY = "busy"  # another live process or thread is sending these bytes right now
+    LATER = "later"  # (watch) ``failed`` until forgotten, or ``retrying`` and its backoff has not expired
 
 
 # --- migrations: numbered, each runs in the transaction that bumps user_version ---------------------
@@ -124,7 +125,22 @@ def _migration_1(db: sqlite3.Connection) -> None:
     db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
 
 
-MIGRATIONS: Final[tuple[Callable[[sqlite3.Connection], None], ...]] = (_migration_1,)
+def _migration_2(db: sqlite3.Connection) -> None:
+    """The stat cache: a rescan over files already handled reads none of them again."""
+    db.execute(
+        """CREATE TABLE seen (
+            path TEXT PRIMARY KEY,
+            device INTEGER NOT NULL,
+            inode INTEGER NOT NULL,
+            size INTEGER NOT NULL,
+            mtime_ns INTEGER NOT NULL,
+            sha256 TEXT NOT NULL
+        )"""
+    )
+    db.execute("CREATE INDEX seen_sha256 ON seen(sha256)")
+
+
+MIGRATIONS: Final[tuple[Callable[[sqlite3.Connection], None], ...]] = (_migration_1, _migration_2)
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 
@@ -242,13 +258,25 @@ class Ledger:
     # --- the delivery state machine ----------------------------------------------------------------
 
     def claim(
-        self, sha256: str, *, filename: str, path: str | None, size: int, mode: str, force: bool = False
+        self,
+        sha256: str,
+        *,
+        filename: str,
+        path: str | None,
+        size: int,
+        mode: str,
+        force: bool = False,
+        respect_backoff: bool = False,
     ) -> Claim:
-        """Take the row for delivery unless it is already sent (and not forced) or in flight elsewhere."""
+        """Take the row for delivery unless it is already sent (and not forced) or in flight elsewhere.
+
+        ``respect_backoff`` (the watcher): leave ``failed`` rows alone until ``ledger forget``, and
+        ``retrying`` rows until their ``next_attempt_at``. ``post`` delivers those on request.
+        """
         now = now_iso()
         with self.atomic() as db:
             row = db.execute(
-                "SELECT state, claimed_by, claimed_at FROM files WHERE sha256 = ?", (sha256,)
+                "SELECT state, claimed_by, claimed_at, next_attempt_at FROM files WHERE sha256 = ?", (sha256,)
             ).fetchone()
             if row is None:
                 db.execute(
@@ -259,6 +287,11 @@ class Ledger:
                 return Claim.CLAIMED
             if row["state"] == "sent" and not force:
                 return Claim.DUPLICATE
+            if respect_backoff and (
+                row["state"] == "failed"
+                or (row["state"] == "retrying" and (row["next_attempt_at"] or 0) > time.time())
+            ):
+                return Claim.LATER
             if row["state"] == "sending" and (
                 row["claimed_by"] == self._me or _claimer_alive(row["claimed_by"], row["claimed_at"])
             ):
@@ -321,3 +354,53 @@ class Ledger:
                 )
                 added += cur.rowcount
         return added
+
+    # --- the watcher's stat cache and schedules ------------------------------------------------------
+
+    def remember(self, path: str, device: int, inode: int, size: int, mtime_ns: int, sha256: str) -> None:
+        with self.atomic() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO seen (path, device, inode, size, mtime_ns, sha256) VALUES (?, ?, ?, ?, ?, ?)",
+                (path, device, inode, size, mtime_ns, sha256),
+            )
+
+    def unremember(self, path: str) -> None:
+        with self.atomic() as db:
+            db.execute("DELETE FROM seen WHERE path = ?", (path,))
+
+    def stat_cache(self) -> dict[str, tuple[int, int, int, int, str, str | None]]:
+        """path -> (device, inode, size, mtime_ns, sha256, ledger state or None), in one query."""
+        found = self._query(
+            "SELECT seen.path, seen.device, seen.inode, seen.size, seen.mtime_ns, seen.sha256, files.state"
+            " FROM seen LEFT JOIN files ON files.sha256 = seen.sha256"
+        )
+        return {str(r[0]): (int(r[1]), int(r[2]), int(r[3]), int(r[4]), str(r[5]), r[6]) for r in found}
+
+    def due(self, now: float) -> list[Row]:
+        """Rows the watcher should deliver again now: expired ``retrying`` rows and ``pending`` rows."""
+        found = self._query(
+            f"SELECT {_FILE_COLUMNS} FROM files WHERE (state = 'retrying' AND next_attempt_at <= ?)"
+            " OR state = 'pending' ORDER BY next_attempt_at",
+            (now,),
+        )
+        return [Row(**dict(r)) for r in found]
+
+    def next_due_time(self) -> float | None:
+        rows = self._query("SELECT MIN(next_attempt_at) FROM files WHERE state = 'retrying'")
+        return float(rows[0][0]) if rows and rows[0][0] is not None else None
+
+    def recover_stale(self) -> list[Row]:
+        """``sending`` rows whose claimer died (a crash) go back to ``pending`` so they are sent again."""
+        stale: list[Row] = []
+        with self.atomic() as db:
+            for r in db.execute(f"SELECT {_FILE_COLUMNS}, claimed_at FROM files WHERE state = 'sending'").fetchall():
+                if r["claimed_by"] != self._me and not _claimer_alive(r["claimed_by"], r["claimed_at"]):
+                    db.execute(
+                        "UPDATE files SET state = 'pending', claimed_by = NULL, claimed_at = NULL, updated_at = ?"
+                        " WHERE sha256 = ?",
+                        (now_iso(), r["sha256"]),
+                    )
+                    values = dict(r)
+                    values.pop("claimed_at")
+                    stale.append(Row(**values))
+        return stale

@@ -36,7 +36,7 @@ class Outcome:
     """What happened to one file. ``result`` is one of the names below."""
 
     path: Path
-    result: str  # sent | duplicate | failed | retrying | changed | busy | error
+    result: str  # sent | duplicate | failed | retrying | changed | busy | later | error
     sha256: str | None = None
     size: int | None = None
     status: int | None = None
@@ -83,19 +83,42 @@ def deliver_file(
         ident = identify(path)
     except (InputError, FileChanged) as exc:
         return Outcome(path, "changed" if isinstance(exc, FileChanged) else "error", error=str(exc))
+    return deliver_identified(
+        settings, ledger, deliverer, ident, force=force, busy_wait=busy_wait, progress=progress, started=started
+    )
+
+
+def deliver_identified(
+    settings: Settings,
+    ledger: Ledger,
+    deliverer: Deliverer,
+    ident: FileIdentity,
+    *,
+    force: bool = False,
+    busy_wait: float = 0.0,
+    respect_backoff: bool = False,
+    progress: Progress | None = None,
+    started: float | None = None,
+) -> Outcome:
+    """Claim and send content whose SHA-256 is already known (the watcher knows it from its stat cache;
+    sending re-hashes the bytes anyway, so a stale cache can never deliver wrong content)."""
+    started = time.monotonic() if started is None else started
+    path = ident.path
     payload = payload_for(settings, ident)
     mode = deliverer.mode.name
     deadline = started + busy_wait
     while True:
         claim = ledger.claim(
             ident.sha256, filename=payload.filename, path=str(path.absolute()), size=ident.size,
-            mode=mode, force=force,
+            mode=mode, force=force, respect_backoff=respect_backoff,
         )
         if claim is not Claim.BUSY or time.monotonic() >= deadline:
             break
         time.sleep(0.1)
         force = False  # what the other sender achieved counts as our forced re-send
     base = Outcome(path, claim.value, sha256=ident.sha256, size=ident.size)
+    if claim is Claim.LATER:
+        return base
     if claim is Claim.DUPLICATE:
         log.info("Skipping %s: already sent (sha256 %s)", payload.filename, ident.sha256[:12])
         return base

@@ -1,0 +1,28 @@
+"""Prometheus metrics for ``watch`` (``--metrics-port``), in a private registry (no globals)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 1.5, 2, 5, 10, 30, 60, 300, 900)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.delivered = Counter("smt_watch_files_delivered", "Files delivered (2xx)", ["mode"], registry=r)
+        self.duplicates = Counter("smt_watch_files_duplicate", "Files skipped as already sent", registry=r)
+        self.failed = Counter("smt_watch_files_failed", "Files refused by the target", ["mode"], registry=r)
+        self.retried = Counter("smt_watch_files_retried", "Deliveries left to retry later", ["mode"], registry=r)
+        self.bytes = Counter("smt_watch_bytes_delivered", "Bytes of files delivered", ["mode"], registry=r)
+        self.latency = Histogram(
+            "smt_watch_delivery_latency_seconds", "From file ready to 2xx", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.queue_depth = Gauge("smt_watch_queue_depth", "Files waiting to be delivered", registry=r)
+        self.last_success = Gauge(
+            "smt_watch_last_success_timestamp_seconds", "Unix time of the last delivery", registry=r
+        )
+
+    def serve(self, port: int, addr: str = "127.0.0.1") -> None:
+        start_http_server(port, addr=addr, registry=self.registry)

@@ -1,0 +1,117 @@
+"""The event source: a watchdog observer on the inbox that reports paths worth a look.
+
+inotify reports ``IN_CLOSE_WRITE`` (``FileClosedEvent``: a writer finished) and renames into place
+(``FileMovedEvent``: no close event follows a rename). New directories are reported so the loop can scan
+them: files may land in a directory before its watch exists. The kernel filters to these events
+(``event_filter``), so a busy inbox costs little.
+
+If inotify cannot start (``ENOSPC``: the ``fs.inotify.max_user_watches`` limit; ``EMFILE``: the
+``max_user_instances`` limit) we log one line saying so and fall back to polling, where there are no close
+events and the settle period alone decides readiness. The periodic rescan catches anything dropped on an
+inotify queue overflow (watchdog drops those silently).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from watchdog.events import (
+    DirCreatedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers.api import BaseObserver
+from watchdog.observers.polling import PollingObserver
+
+log = logging.getLogger("smt_watch.watcher")
+
+INOTIFY_EVENTS: list[type[FileSystemEvent]] = [FileClosedEvent, FileMovedEvent, DirCreatedEvent, DirMovedEvent]
+POLLING_EVENTS: list[type[FileSystemEvent]] = [
+    FileCreatedEvent, FileModifiedEvent, FileMovedEvent, DirCreatedEvent, DirMovedEvent,
+]
+
+
+def _text(path: bytes | str) -> str:
+    return path.decode("utf-8", "surrogateescape") if isinstance(path, bytes) else path
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, on_file: Callable[[Path], None], on_dir: Callable[[Path], None]) -> None:
+        self.on_file = on_file
+        self.on_dir = on_dir
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if isinstance(event, (FileMovedEvent, DirMovedEvent)):
+            target = Path(_text(event.dest_path))
+        else:
+            target = Path(_text(event.src_path))
+        if event.is_directory:
+            if isinstance(event, (DirCreatedEvent, DirMovedEvent)):
+                self.on_dir(target)
+        else:
+            self.on_file(target)
+
+
+class InboxWatcher:
+    """Owns the observer; ``start()`` returns the backend it got: ``inotify`` or ``polling``."""
+
+    def __init__(
+        self,
+        root: Path,
+        on_file: Callable[[Path], None],
+        on_dir: Callable[[Path], None],
+        *,
+        polling: bool = False,
+        poll_interval: float = 1.0,
+    ) -> None:
+        self.root = root
+        self._handler = _Handler(on_file, on_dir)
+        self._polling = polling
+        self._poll_interval = poll_interval
+        self._observer: BaseObserver | None = None
+        self.backend = ""
+
+    def start(self) -> str:
+        if not self._polling:
+            try:
+                from watchdog.observers.inotify import InotifyObserver
+
+                observer: BaseObserver = InotifyObserver()
+                observer.schedule(self._handler, str(self.root), recursive=True, event_filter=INOTIFY_EVENTS)
+                observer.start()
+                self._observer, self.backend = observer, "inotify"
+                return self.backend
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    log.error(
+                        "inotify watch limit reached (raise fs.inotify.max_user_watches, e.g. "
+                        "sysctl fs.inotify.max_user_watches=524288); falling back to polling"
+                    )
+                elif exc.errno == errno.EMFILE:
+                    log.error(
+                        "inotify instance limit reached (raise fs.inotify.max_user_instances; "
+                        "fs.inotify.max_user_watches may also need raising); falling back to polling"
+                    )
+                else:
+                    log.error("inotify unavailable (%s); falling back to polling", exc)
+            except ImportError:
+                log.warning("inotify is not available on this system; polling the inbox")
+        observer = PollingObserver(timeout=self._poll_interval)
+        observer.schedule(self._handler, str(self.root), recursive=True, event_filter=POLLING_EVENTS)
+        observer.start()
+        self._observer, self.backend = observer, "polling"
+        return self.backend
+
+    def stop(self) -> None:
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout=5)
+            self._observer = None
