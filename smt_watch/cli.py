@@ -176,6 +176,59 @@ def _bar(name: str, size: int) -> Iterator[Progress]:
         yield lambda n: bar.advance(task, n)
 
 
+# --- watch ------------------------------------------------------------------------------------------
+
+
+@app.command()
+def watch(
+    polling: Annotated[
+        bool, typer.Option("--polling", help="Poll the inbox instead of using inotify (network filesystems).")
+    ] = False,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option("--metrics-port", metavar="PORT", help="Serve Prometheus metrics on 127.0.0.1:PORT."),
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option("--workers", metavar="N", help="Concurrent deliveries [SMT_WORKERS].")
+    ] = None,
+    settle: Annotated[
+        float | None,
+        typer.Option("--settle", metavar="SECONDS", help="Quiet time before a file is ready [SMT_SETTLE_SECONDS]."),
+    ] = None,
+    delivery: Annotated[
+        str | None,
+        typer.Option("--delivery", metavar="MODE", help="auto, multipart or inline [SMT_DELIVERY]."),
+    ] = None,
+    inbox: Annotated[
+        Path | None, typer.Option("--inbox", metavar="DIR", help="Directory to watch [SMT_LOCAL_DIR].")
+    ] = None,
+    state_dir: StateDir = None,
+    env_file: EnvFile = None,
+) -> None:
+    """Watch the inbox and deliver every ready file until SIGTERM or Ctrl-C.
+
+    A file is ready when it matches SMT_PATTERNS, is not hidden or temporary, no process has it open for
+    writing, and it has not changed for SMT_SETTLE_SECONDS. Files present at start, and anything inotify
+    missed, are found by a full rescan every SMT_RESCAN_SECONDS. On SIGTERM, in-flight deliveries get
+    SMT_STOP_GRACE_SECONDS to finish; the exit status is 0. Under systemd (Type=notify) it reports
+    READY=1, STATUS= and WATCHDOG=1.
+    """
+    import signal
+
+    from smt_watch.watch import WatchService
+
+    settings = _settings(
+        env_file, SMT_METRICS_PORT=metrics_port, SMT_WORKERS=workers, SMT_SETTLE_SECONDS=settle,
+        SMT_DELIVERY=delivery, SMT_LOCAL_DIR=inbox, SMT_STATE_DIR=state_dir,
+    )
+    service = WatchService(settings, polling=polling)
+    signal.signal(signal.SIGTERM, lambda *_: service.request_stop())
+    signal.signal(signal.SIGINT, lambda *_: service.request_stop())
+    # The readiness probe takes a read lease for an instant; a lease break would send SIGIO.
+    signal.signal(signal.SIGIO, signal.SIG_IGN)
+    raise typer.Exit(service.run())
+
+
 # --- ledger -----------------------------------------------------------------------------------------
 
 

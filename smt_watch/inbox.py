@@ -107,9 +107,16 @@ class Found:
     signature: Signature
 
 
-def scan(root: Path, patterns: tuple[str, ...]) -> Iterator[Found]:
-    """Every candidate under ``root`` (hidden directories are not entered, symlinks not followed)."""
-    stack = [root]
+def scan(root: Path, patterns: tuple[str, ...], start: Path | None = None) -> Iterator[Found]:
+    """Every candidate under ``start`` (default: ``root``), with names judged relative to ``root``.
+
+    Hidden directories are not entered and symlinks are not followed.
+    """
+    start = root if start is None else start
+    rel_start = relative(root, start)
+    if rel_start is None or any(part.startswith(".") for part in rel_start.parts):
+        return
+    stack = [start]
     while stack:
         directory = stack.pop()
         try:

@@ -150,8 +150,9 @@ def _send(
                         seconds=_since(started))
     except (RetryableDelivery, DeliveryError) as exc:
         row = ledger.get(sha)
-        failures = (row.attempts if row else 0) + exc.attempts
-        delay = backoff_delay(failures, max(settings.retry_backoff, 1.0), exc.retry_after)
+        # Consecutive failed calls (each made up to SMT_RETRY_ATTEMPTS requests) drive the backoff.
+        calls = ((row.attempts if row else 0) + exc.attempts) // max(1, settings.retry_attempts) + 1
+        delay = backoff_delay(calls, settings.retry_backoff, exc.retry_after)
         ledger.mark_retrying(sha, status=exc.status, error=str(exc), attempts=exc.attempts,
                              next_attempt_at=time.time() + delay)
         log.warning("Delivery of %s will be retried in %.0fs: %s", payload.filename, delay, exc)

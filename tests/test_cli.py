@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ADMIN_TOKEN, SMT_WATCH, UPLOAD_TOKEN, write_csv
 
+from conftest import ADMIN_TOKEN, SMT_WATCH, UPLOAD_TOKEN, write_csv
 from smt_watch.receiver import Fault
 
 Run = Callable[..., subprocess.CompletedProcess[str]]

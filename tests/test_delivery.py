@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ADMIN_TOKEN, UPLOAD_TOKEN, write_csv
 
+from conftest import ADMIN_TOKEN, UPLOAD_TOKEN, write_csv
 from smt_watch.config import Settings
 from smt_watch.delivery import Deliverer, parse_retry_after
 from smt_watch.errors import ConfigError

@@ -1,0 +1,410 @@
+"""``smt-watch watch``: turn files landing in the inbox into deliveries, and keep at it until stopped.
+
+Threads and what they own:
+
+- the watchdog observer thread reports paths (``_intake``) and new directories; nothing else;
+- the main loop owns the :class:`Settler` (the quiet period), the full rescans, the schedule of rows due
+  again (``retrying`` whose backoff expired, ``pending`` after a crash or a change), systemd notification
+  and the stop sequence;
+- ``SMT_WORKERS`` delivery threads take ready files from a bounded queue, hash them (or take the hash
+  from the stat cache), claim them in the ledger, send them and apply ``SMT_AFTER_SEND``.
+
+A path is in the queue or in flight at most once (``_busy``); the same bytes under two names are sent once
+because the ledger claim is by SHA-256. Nothing is lost on a crash: a row is ``sent`` only after a 2xx,
+a row left ``sending`` by a dead process goes back to ``pending`` at start, and the start-up scan finds
+whatever landed while we were down.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import queue
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from smt_watch.config import Settings, delivery_mode
+from smt_watch.delivery import Deliverer
+from smt_watch.errors import ConfigError, FileChanged, InputError, SmtWatchError
+from smt_watch.hashing import FileIdentity, identify
+from smt_watch.inbox import Settler, Signature, is_candidate, regular_stat, relative, scan
+from smt_watch.ledger import Ledger
+from smt_watch.metrics import Metrics
+from smt_watch.notify import Notifier
+from smt_watch.pipeline import Outcome, deliver_identified, open_ledger
+from smt_watch.watcher import InboxWatcher
+
+log = logging.getLogger("smt_watch.watch")
+
+DUE_CHECK_SECONDS = 1.0
+BUSY_RECHECK_SECONDS = 0.5
+HANDLED_STATES = frozenset({"sent", "failed", "retrying"})
+
+
+@dataclass(frozen=True)
+class Job:
+    path: Path
+    signature: Signature
+    ready_at: float  # monotonic time the file became ready, for the latency figure
+
+
+@dataclass
+class Counts:
+    sent: int = 0
+    duplicate: int = 0
+    failed: int = 0
+    retrying: int = 0
+    hashed: int = 0  # files read to hash them: a restart over sent files must keep this at 0
+
+
+class WatchService:
+    """The long-running watcher. ``run()`` blocks until :meth:`request_stop`; tests run it in a thread."""
+
+    def __init__(self, settings: Settings, *, polling: bool = False, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.mode = delivery_mode(settings)
+        self.root = settings.local_dir.absolute()
+        self.counts = Counts()
+        self.metrics = metrics or Metrics()
+        self.ready = threading.Event()  # set once watching (after the start-up scan was queued)
+        self._polling = polling
+        self._stop = threading.Event()
+        self._force = threading.Event()
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._incoming: set[Path] = set()
+        self._new_dirs: set[Path] = set()
+        self._later: list[tuple[float, str]] = []  # heap of (monotonic due, path) to look at again
+        self._busy: set[Path] = set()
+        self._cache: dict[str, tuple[int, int, int, int, str, str | None]] = {}
+        self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max(64, settings.workers * 32))
+        self._settler = Settler(settings.settle_seconds)
+        self._notifier = Notifier(settings.notify_socket, settings.watchdog_usec)
+        self._ledger: Ledger | None = None
+        self._deliverer: Deliverer | None = None
+        self.backend = ""
+
+    # --- control ------------------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Signal-safe: only sets flags. A second request while stopping forces an immediate exit."""
+        if self._stop.is_set():
+            self._force.set()
+        self._stop.set()
+        self._wake.set()
+
+    def _intake(self, path: Path) -> None:
+        with self._lock:
+            self._incoming.add(path)
+        self._wake.set()
+
+    def _intake_dir(self, path: Path) -> None:
+        with self._lock:
+            self._new_dirs.add(path)
+        self._wake.set()
+
+    def _look_again(self, path: Path, after: float) -> None:
+        with self._lock:
+            heapq.heappush(self._later, (time.monotonic() + after, str(path)))
+        self._wake.set()
+
+    # --- the main loop ------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        self._prepare_dirs()
+        self._ledger = ledger = open_ledger(self.settings)
+        self._deliverer = Deliverer(self.settings, self.mode)
+        if self.settings.metrics_port:
+            self.metrics.serve(self.settings.metrics_port)
+            log.info("Serving metrics at http://127.0.0.1:%d/metrics", self.settings.metrics_port)
+        workers = [
+            threading.Thread(target=self._worker, name=f"smt-watch-worker-{i}", daemon=True)
+            for i in range(self.settings.workers)
+        ]
+        for w in workers:
+            w.start()
+        watcher = InboxWatcher(self.root, self._intake, self._intake_dir, polling=self._polling)
+        try:
+            for row in ledger.recover_stale():
+                log.warning("Resuming %s (sha256 %s): it was being sent when smt-watch stopped",
+                            row.filename, row.sha256[:12])
+            self.backend = watcher.start()
+            self._cache = ledger.stat_cache()
+            started = time.monotonic()
+            found = self._scan(self.root)
+            log.info("Watching %s (%s, %d worker(s), mode %s): %d file(s) to look at, %d already handled",
+                     self.root, self.backend, self.settings.workers, self.mode, found, len(self._cache))
+            self._notifier.ready(self._status())
+            self.ready.set()
+            self._loop(started)
+        finally:
+            self._shutdown(watcher, workers)
+        return 0
+
+    def _prepare_dirs(self) -> None:
+        try:
+            self.root.mkdir(mode=0o750, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"SMT_LOCAL_DIR {self.root} cannot be created: {exc.strerror}") from None
+        if not self.root.is_dir():
+            raise ConfigError(f"SMT_LOCAL_DIR {self.root} is not a directory")
+
+    def _loop(self, started: float) -> None:
+        s = self.settings
+        next_rescan = started + s.rescan_seconds
+        next_due = started
+        next_ping = started
+        ping = self._notifier.watchdog_interval
+        while not self._stop.is_set():
+            now = time.monotonic()
+            self._take_intake(now)
+            if now >= next_rescan:
+                self._cache = self._ledger.stat_cache() if self._ledger else {}
+                self._scan(self.root)
+                next_rescan = now + s.rescan_seconds
+            if now >= next_due:
+                self._schedule_due()
+                next_due = now + DUE_CHECK_SECONDS
+            self._feed_queue(now)
+            if ping and now >= next_ping:
+                self._notifier.watchdog()
+                self._notifier.status(self._status())
+                next_ping = now + ping
+            self.metrics.queue_depth.set(self._queue.qsize() + len(self._settler))
+            wake_at = [next_rescan, next_due]
+            if ping:
+                wake_at.append(next_ping)
+            settle_due = self._settler.next_due()
+            if settle_due is not None:
+                wake_at.append(settle_due)
+            with self._lock:
+                if self._later:
+                    wake_at.append(self._later[0][0])
+            timeout = max(0.0, min(wake_at) - time.monotonic())
+            self._wake.wait(timeout)
+            self._wake.clear()
+
+    def _take_intake(self, now: float) -> None:
+        with self._lock:
+            paths, self._incoming = self._incoming, set()
+            dirs, self._new_dirs = self._new_dirs, set()
+            while self._later and self._later[0][0] <= now:
+                paths.add(Path(heapq.heappop(self._later)[1]))
+        for d in dirs:
+            self._scan(d)
+        for path in paths:
+            self._consider(path, now)
+
+    def _consider(self, path: Path, now: float) -> bool:
+        """Put a candidate in the settler unless the stat cache says it was handled already."""
+        rel = relative(self.root, path)
+        if rel is None or not is_candidate(rel, self.settings.patterns):
+            return False
+        st = regular_stat(path)
+        if st is None:
+            return False
+        return self._consider_stat(path, Signature.of(st), now)
+
+    def _consider_stat(self, path: Path, sig: Signature, now: float) -> bool:
+        cached = self._cache.get(str(path))
+        if cached and cached[:4] == (sig.device, sig.inode, sig.size, sig.mtime_ns) and cached[5] in HANDLED_STATES:
+            return False
+        self._settler.add(path, sig, now)
+        return True
+
+    def _scan(self, directory: Path) -> int:
+        now = time.monotonic()
+        patterns = self.settings.patterns
+        return sum(self._consider_stat(f.path, f.signature, now) for f in scan(self.root, patterns, directory))
+
+    def _schedule_due(self) -> None:
+        """Rows to deliver again: their backoff expired, or they were cut off (``pending``)."""
+        assert self._ledger is not None
+        now = time.monotonic()
+        for row in self._ledger.due(time.time()):
+            if not row.path:
+                continue
+            path = Path(row.path)
+            if path in self._busy or path in self._settler:
+                continue
+            st = regular_stat(path)
+            if st is None:
+                self._ledger.mark_failed(row.sha256, status=None, attempts=0,
+                                         error=f"file no longer in the inbox: {row.path}")
+                continue
+            sig = Signature.of(st)
+            cached = self._cache.get(row.path)
+            if cached and cached[:4] == (sig.device, sig.inode, sig.size, sig.mtime_ns) and cached[4] != row.sha256:
+                log.info("Dropping %s row %s: %s now holds other content", row.state, row.sha256[:12], path)
+                self._ledger.forget([row.sha256])
+                continue
+            self._settler.add(path, sig, now)
+
+    def _feed_queue(self, now: float) -> None:
+        for path, sig in self._settler.ready(now):
+            with self._lock:
+                if path in self._busy:
+                    heapq.heappush(self._later, (now + BUSY_RECHECK_SECONDS, str(path)))
+                    continue
+                self._busy.add(path)
+            try:
+                self._queue.put_nowait(Job(path, sig, now))
+            except queue.Full:
+                with self._lock:
+                    self._busy.discard(path)
+                self._settler.add(path, sig, now)
+
+    def _status(self) -> str:
+        c = self.counts
+        return (f"queue {self._queue.qsize() + len(self._settler)}, sent {c.sent}, duplicate {c.duplicate}, "
+                f"retrying {c.retrying}, failed {c.failed}")
+
+    def _shutdown(self, watcher: InboxWatcher, workers: list[threading.Thread]) -> None:
+        self._notifier.stopping()
+        watcher.stop()
+        try:
+            while True:
+                self._queue.get_nowait()  # not started: the next start's scan finds them again
+        except queue.Empty:
+            pass
+        for _ in workers:
+            self._queue.put(None)
+        deadline = time.monotonic() + self.settings.grace_seconds
+        for w in workers:
+            while w.is_alive() and not self._force.is_set() and time.monotonic() < deadline:
+                w.join(0.1)
+        alive = sum(w.is_alive() for w in workers)
+        if alive:
+            log.warning("Stopping with %d delivery(ies) in flight; they will be sent again at next start", alive)
+            return  # daemon threads; their rows stay `sending` and are resumed at the next start
+        if self._deliverer:
+            self._deliverer.close()
+        if self._ledger:
+            self._ledger.close()
+        log.info("Stopped: %s", self._status())
+
+    # --- workers ------------------------------------------------------------------------------------
+
+    def _worker(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            try:
+                self._process(job)
+            except SmtWatchError as exc:
+                log.error("Could not handle %s: %s", job.path, exc)
+                self._look_again(job.path, DUE_CHECK_SECONDS * 5)
+            except Exception:
+                log.exception("Unexpected error handling %s", job.path)
+                self._look_again(job.path, DUE_CHECK_SECONDS * 5)
+            finally:
+                with self._lock:
+                    self._busy.discard(job.path)
+
+    def _process(self, job: Job) -> None:
+        assert self._ledger is not None and self._deliverer is not None
+        st = regular_stat(job.path)
+        if st is None:
+            return
+        sig = Signature.of(st)
+        if sig != job.signature:
+            self._intake(job.path)  # still being written: wait for it to settle again
+            return
+        ident = self._identity(job.path, sig)
+        if ident is None:
+            return
+        outcome = deliver_identified(self.settings, self._ledger, self._deliverer, ident, respect_backoff=True)
+        self._record(job, ident, outcome)
+
+    def _identity(self, path: Path, sig: Signature) -> FileIdentity | None:
+        key = str(path)
+        cached = self._cache.get(key)
+        if cached and cached[:4] == (sig.device, sig.inode, sig.size, sig.mtime_ns):
+            return FileIdentity(path, cached[4], sig.size, sig.mtime_ns, sig.device, sig.inode)
+        try:
+            ident = identify(path)
+        except FileChanged:
+            self._intake(path)
+            return None
+        except InputError as exc:
+            log.warning("Skipping %s: %s", path, exc)
+            return None
+        with self._lock:
+            self.counts.hashed += 1
+        assert self._ledger is not None
+        self._ledger.remember(key, ident.device, ident.inode, ident.size, ident.mtime_ns, ident.sha256)
+        self._cache[key] = (ident.device, ident.inode, ident.size, ident.mtime_ns, ident.sha256, None)
+        return ident
+
+    def _record(self, job: Job, ident: FileIdentity, o: Outcome) -> None:
+        key = str(job.path)
+        m = self.mode
+        if o.result in ("sent", "duplicate", "failed", "retrying", "later") and key in self._cache:
+            state = {"duplicate": "sent", "later": None}.get(o.result, o.result)
+            self._cache[key] = (*self._cache[key][:5], state)
+        if o.result == "sent":
+            latency = time.monotonic() - job.ready_at
+            with self._lock:
+                self.counts.sent += 1
+            self.metrics.delivered.labels(m).inc()
+            self.metrics.bytes.labels(m).inc(ident.size)
+            self.metrics.latency.observe(latency)
+            self.metrics.last_success.set(time.time())
+            log.info("Delivered %s sha256=%s size=%d mode=%s status=%s attempts=%d latency=%.3fs",
+                     job.path.name, ident.sha256[:12], ident.size, m, o.status, o.attempts, latency)
+            self._after_send(job.path, ident)
+        elif o.result == "duplicate":
+            with self._lock:
+                self.counts.duplicate += 1
+            self.metrics.duplicates.inc()
+            self._after_send(job.path, ident)
+        elif o.result == "failed":
+            with self._lock:
+                self.counts.failed += 1
+            self.metrics.failed.labels(m).inc()
+            log.error("Failed %s sha256=%s size=%d mode=%s status=%s attempts=%d: %s",
+                      job.path.name, ident.sha256[:12], ident.size, m, o.status, o.attempts, o.error)
+        elif o.result == "retrying":
+            with self._lock:
+                self.counts.retrying += 1
+            self.metrics.retried.labels(m).inc()
+        elif o.result in ("changed", "busy"):
+            self._look_again(job.path, BUSY_RECHECK_SECONDS)
+
+    def _after_send(self, path: Path, ident: FileIdentity) -> None:
+        """``SMT_AFTER_SEND``: keep, move to the archive (relative path kept, never overwriting), delete."""
+        action = self.settings.after_send
+        if action == "keep":
+            return
+        st = regular_stat(path)
+        if st is None or Signature.of(st) != Signature(ident.size, ident.mtime_ns, ident.device, ident.inode):
+            return  # changed since it was delivered: it is new content, leave it for the next pass
+        try:
+            if action == "delete":
+                path.unlink()
+                log.info("Deleted %s after delivery", path.name)
+            else:
+                rel = path.relative_to(self.root)
+                dest = unique_destination(self.settings.archive_path / rel)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(path, dest)
+                log.info("Moved %s to %s", path.name, dest)
+        except OSError as exc:
+            log.error("Could not %s %s after delivery: %s", action, path, exc.strerror)
+            return
+        self._cache.pop(str(path), None)
+        assert self._ledger is not None
+        self._ledger.unremember(str(path))
+
+
+def unique_destination(dest: Path) -> Path:
+    """``dest`` or ``dest.1``, ``dest.2``, …: the archive never overwrites an earlier file."""
+    candidate, n = dest, 0
+    while candidate.exists() or candidate.is_symlink():
+        n += 1
+        candidate = dest.with_name(f"{dest.name}.{n}")
+    return candidate
