@@ -1,8 +1,10 @@
 """The event source: a watchdog observer on the inbox that reports paths worth a look.
 
 inotify reports ``IN_CLOSE_WRITE`` (``FileClosedEvent``: a writer finished) and renames into place
-(``FileMovedEvent``: no close event follows a rename). New directories are reported so the loop can scan
-them: files may land in a directory before its watch exists. The kernel filters to these events
+(``FileMovedEvent``: no close event follows a rename). A rename from *outside* the inbox has no matching
+source, and watchdog reports it as ``FileCreatedEvent``, so creations are taken too: a file still being
+written is held back by the open-for-writing check and the settle period. New directories are reported so
+the loop can scan them: files may land in a directory before its watch exists. The kernel filters to these events
 (``event_filter``), so a busy inbox costs little.
 
 If inotify cannot start (``ENOSPC``: the ``fs.inotify.max_user_watches`` limit; ``EMFILE``: the
@@ -33,7 +35,9 @@ from watchdog.observers.polling import PollingObserver
 
 log = logging.getLogger("smt_watch.watcher")
 
-INOTIFY_EVENTS: list[type[FileSystemEvent]] = [FileClosedEvent, FileMovedEvent, DirCreatedEvent, DirMovedEvent]
+INOTIFY_EVENTS: list[type[FileSystemEvent]] = [
+    FileClosedEvent, FileMovedEvent, FileCreatedEvent, DirCreatedEvent, DirMovedEvent,
+]
 POLLING_EVENTS: list[type[FileSystemEvent]] = [
     FileCreatedEvent, FileModifiedEvent, FileMovedEvent, DirCreatedEvent, DirMovedEvent,
 ]

@@ -91,6 +91,13 @@ def test_rename_from_hidden_temp_name(settings: Settings, receiver: Any) -> None
     assert len(receiver.state.requests) == 1
 
 
+def test_rename_from_outside_the_inbox(settings: Settings, receiver: Any, tmp_path: Path) -> None:
+    src = write_csv(tmp_path / "elsewhere" / "moved.csv")  # same filesystem, outside the watched tree
+    with watching(settings):
+        os.rename(src, inbox(settings) / "moved.csv")
+        wait_for(lambda: stored_names(receiver) == ["moved.csv"], 10, "moved.csv delivered")
+
+
 def test_ignored_files_are_never_delivered(settings: Settings, receiver: Any, tmp_path: Path) -> None:
     outside = write_csv(tmp_path / "secret" / "outside.csv", seed=99)
     with watching(settings):
@@ -199,7 +206,8 @@ def test_target_down_then_up_drains_without_duplicates(make_settings: Make, tmp_
             time.sleep(0.2)  # the behaviour under test: a 10 s outage of the target
         with running_receiver(tmp_path / "late", port=unused_port) as late:
             wait_for(lambda: len(late.stored()) == 6, 30, "backlog drained after the outage")
-            assert len([r for r in late.state.requests if r.status == 200]) == 6
+            requests = late.state.wait_for_requests(6)
+            assert len([r for r in requests if r.status == 200]) == 6
             assert all(r.duplicate is False for r in late.state.requests)
     with open_ledger(settings) as ledger:
         assert ledger.counts()["sent"] == 6

@@ -1,0 +1,194 @@
+"""A tiny HTTP/1.1 sink for benchmarks: it reads every request body, throws it away and answers ``{"ok":true}``.
+
+Why a hand-written sink and not the reference receiver (``smt-watch receive``)? The benchmark compares the
+client side (curl vs ``smt-watch post``); a receiver that parses multipart, hashes and stores files would
+put its own cost into every figure. This sink does the least a correct server can do: read the headers,
+read and discard exactly ``Content-Length`` bytes (or a chunked body) in 1 MiB reads, answer 200 with a
+``Content-Length``, keep the connection alive. It answers ``Expect: 100-continue`` at once, because curl
+sends that header for large ``-F`` uploads and would otherwise sit out its 1 s expect timeout.
+
+Run it in its own process (:func:`start_sink_process`) so it never shares a GIL with what is measured:
+
+    python bench/sink.py --port 0        # prints the bound port on stdout, then serves until killed
+
+``GET /stats`` returns the body size of the last request and the totals, so a benchmark can check that
+each measured upload really delivered the whole file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+
+READ_SIZE = 1024 * 1024  # large reads: the sink must never be what limits throughput
+STREAM_LIMIT = 4 * READ_SIZE  # StreamReader buffer before it pauses the socket
+MAX_HEADER_BYTES = 64 * 1024
+OK_BODY = b'{"ok":true}'
+
+
+@dataclass
+class Stats:
+    """What the sink has swallowed, for ``GET /stats``."""
+
+    requests: int = 0
+    body_bytes: int = 0
+    last_body_bytes: int = 0
+    last_path: str = ""
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.__dict__).encode()
+
+
+class BadRequest(Exception):
+    """The peer sent something this sink will not parse; the connection is closed."""
+
+
+async def _discard(reader: asyncio.StreamReader, n: int) -> None:
+    """Read and drop exactly ``n`` bytes."""
+    while n > 0:
+        data = await reader.read(min(READ_SIZE, n))
+        if not data:
+            raise BadRequest("connection closed mid-body")
+        n -= len(data)
+
+
+async def _discard_chunked(reader: asyncio.StreamReader) -> int:
+    """Read and drop a ``Transfer-Encoding: chunked`` body, trailers included; return its data size."""
+    total = 0
+    while True:
+        line = await reader.readline()
+        if not line:
+            raise BadRequest("connection closed in chunk header")
+        try:
+            size = int(line.split(b";", 1)[0].strip(), 16)
+        except ValueError:
+            raise BadRequest(f"bad chunk size line {line[:40]!r}") from None
+        if size == 0:
+            break
+        await _discard(reader, size + 2)  # the data and its CRLF
+        total += size
+    while True:  # trailer section ends with an empty line
+        line = await reader.readline()
+        if line in (b"\r\n", b"\n", b""):
+            return total
+
+
+def _response(status: str, body: bytes, keep_alive: bool) -> bytes:
+    head = (
+        f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n"
+    )
+    return head.encode("ascii") + body
+
+
+async def _serve_one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stats: Stats) -> bool:
+    """Handle one request; return whether the connection stays open for another."""
+    try:
+        raw = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError:
+        return False  # peer closed between requests: the normal end of keep-alive
+    except asyncio.LimitOverrunError:
+        raise BadRequest("header section too large") from None
+    if len(raw) > MAX_HEADER_BYTES:
+        raise BadRequest("header section too large")
+    lines = raw.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3:
+        raise BadRequest(f"bad request line {lines[0][:80]!r}")
+    method, path, version = parts
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        if line:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+    keep_alive = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
+    if headers.get("expect", "").lower() == "100-continue":
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        await writer.drain()
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        size = await _discard_chunked(reader)
+    else:
+        size = int(headers.get("content-length", "0") or "0")
+        await _discard(reader, size)
+    if method == "GET" and path == "/stats":
+        body = stats.to_json()
+    else:
+        stats.requests += 1
+        stats.body_bytes += size
+        stats.last_body_bytes = size
+        stats.last_path = path
+        body = OK_BODY
+    writer.write(_response("200 OK", body, keep_alive))
+    await writer.drain()
+    return keep_alive
+
+
+async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stats: Stats) -> None:
+    try:
+        while await _serve_one(reader, writer, stats):
+            pass
+    except (BadRequest, ConnectionError) as exc:
+        if isinstance(exc, BadRequest):
+            print(f"sink: {exc}", file=sys.stderr)
+    finally:
+        writer.close()
+        with suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+async def serve(host: str = "127.0.0.1", port: int = 0, announce: bool = True) -> None:
+    """Serve forever; with ``announce``, print the bound port on stdout once listening."""
+    stats = Stats()
+    server = await asyncio.start_server(
+        lambda r, w: _handle(r, w, stats), host, port, limit=STREAM_LIMIT, reuse_address=True
+    )
+    bound = server.sockets[0].getsockname()[1]
+    if announce:
+        print(bound, flush=True)
+    async with server:
+        await server.serve_forever()
+
+
+@contextmanager
+def start_sink_process(host: str = "127.0.0.1", port: int = 0) -> Iterator[int]:
+    """Run the sink in a child process (its own GIL and core) and yield its port; stop it on exit."""
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--host", host, "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().strip()
+        if not line.isdigit():
+            raise RuntimeError(f"sink did not start (exit {proc.poll()}, said {line!r})")
+        yield int(line)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Discard-everything HTTP/1.1 sink for benchmarks.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port (printed on stdout).")
+    args = parser.parse_args(argv)
+    with suppress(KeyboardInterrupt):
+        asyncio.run(serve(args.host, args.port))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""`smt-watch watch` as a real process: signals, kill -9 mid-delivery, systemd notify, metrics, exit codes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import SMT_WATCH, UPLOAD_TOKEN, wait_for, write_csv
+from smt_watch.receiver import Fault
+
+
+class Watch:
+    """A watch subprocess whose stderr goes to a file we can poll."""
+
+    def __init__(self, env: dict[str, str], log: Path, *args: str) -> None:
+        self.log = log
+        self._fh = log.open("ab")
+        self.proc = subprocess.Popen([*SMT_WATCH, "watch", *args], env=env, stdout=self._fh, stderr=self._fh)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_ready(self) -> None:
+        wait_for(lambda: "Watching " in self.text() or self.proc.poll() is not None, 20, "watch to start")
+        assert self.proc.poll() is None, self.text()
+
+    def stop(self, timeout: float = 40) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._fh.close()
+
+
+@pytest.fixture
+def watch_env(base_env: dict[str, str], receiver: Any, tmp_path: Path) -> dict[str, str]:
+    return {
+        "PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), **base_env,
+        "SMT_UPLOAD_URL": f"{receiver.url}/upload", "SMT_UPLOAD_TOKEN": UPLOAD_TOKEN, "SMT_SETTLE_SECONDS": "0.1",
+    }
+
+
+@contextmanager
+def started(env: dict[str, str], log: Path, *args: str) -> Iterator[Watch]:
+    w = Watch(env, log, *args)
+    try:
+        w.wait_ready()
+        yield w
+    finally:
+        if w.proc.poll() is None:
+            w.proc.kill()
+            w.proc.wait(10)
+
+
+def ledger_rows(env: dict[str, str]) -> list[dict[str, Any]]:
+    out = subprocess.run([*SMT_WATCH, "ledger", "list", "--json"], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    return list(json.loads(out))
+
+
+def test_sigterm_lets_the_in_flight_delivery_finish(watch_env: dict[str, str], receiver: Any,
+                                                     tmp_path: Path) -> None:
+    receiver.state.faults.append(Fault(delay=2.0))
+    with started(watch_env, tmp_path / "w.log") as w:
+        write_csv(Path(watch_env["SMT_LOCAL_DIR"]) / "a.csv")
+        wait_for(lambda: [r["state"] for r in ledger_rows(watch_env)] == ["sending"], 10, "delivery in flight")
+        t0 = time.monotonic()
+        assert w.stop() == 0
+        assert time.monotonic() - t0 < 30
+    assert [r["state"] for r in ledger_rows(watch_env)] == ["sent"]
+    assert len(receiver.stored()) == 1
+    assert "Traceback" not in w.text()
+
+
+def test_grace_expiry_then_restart_resumes(watch_env: dict[str, str], receiver: Any, tmp_path: Path) -> None:
+    receiver.state.faults.append(Fault(delay=15.0))
+    env = {**watch_env, "SMT_STOP_GRACE_SECONDS": "1"}
+    with started(env, tmp_path / "w1.log") as w:
+        f = write_csv(Path(env["SMT_LOCAL_DIR"]) / "stuck.csv")
+        wait_for(lambda: [r["state"] for r in ledger_rows(env)] == ["sending"], 10, "delivery in flight")
+        t0 = time.monotonic()
+        assert w.stop() == 0
+        assert time.monotonic() - t0 < 10
+    assert "will be sent again at next start" in w.text()
+    assert [r["state"] for r in ledger_rows(env)] == ["sending"]
+    with started(env, tmp_path / "w2.log") as w2:
+        wait_for(lambda: [r["state"] for r in ledger_rows(env)] == ["sent"], 20, "resumed delivery")
+        assert w2.stop() == 0
+    assert "Resuming stuck.csv" in w2.text()
+    assert receiver.read(hashlib.sha256(f.read_bytes()).hexdigest()) == f.read_bytes()
+
+
+def test_kill_9_mid_delivery_of_200_mb(watch_env: dict[str, str], receiver: Any, tmp_path: Path) -> None:
+    big = Path(watch_env["SMT_LOCAL_DIR"]) / "big.csv"
+    block = os.urandom(1024 * 1024)
+    staging = tmp_path / "big.staging"
+    with staging.open("wb") as fh:
+        for _ in range(200):
+            fh.write(block)
+    digest = hashlib.sha256(staging.read_bytes()).hexdigest()
+    receiver.state.faults.append(Fault(delay=3.0))  # hold the first attempt open on the wire
+    with started(watch_env, tmp_path / "w1.log") as w:
+        os.rename(staging, big)
+        wait_for(lambda: [r["state"] for r in ledger_rows(watch_env)] == ["sending"], 20, "200 MB in flight")
+        w.proc.kill()
+        w.proc.wait(10)
+    assert receiver.stored() == []
+    with started(watch_env, tmp_path / "w2.log") as w2:
+        wait_for(lambda: [r["state"] for r in ledger_rows(watch_env)] == ["sent"], 60, "delivered after restart")
+        assert w2.stop() == 0
+    [row] = receiver.stored()
+    assert row["sha256"] == digest and row["sizeBytes"] == 200 * len(block)
+    assert hashlib.sha256(receiver.read(digest)).hexdigest() == digest
+
+
+def test_systemd_notify_protocol(watch_env: dict[str, str], tmp_path: Path) -> None:
+    sock_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    sock.settimeout(10)
+    env = {**watch_env, "NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "200000"}
+    messages: list[str] = []
+    with started(env, tmp_path / "w.log") as w:
+        while not any("WATCHDOG=1" in m for m in messages):
+            messages.append(sock.recv(4096).decode())
+        assert w.stop() == 0
+    sock.settimeout(1)
+    try:
+        while True:
+            messages.append(sock.recv(4096).decode())
+    except TimeoutError:
+        pass
+    sock.close()
+    assert messages[0].startswith("READY=1\nSTATUS=queue 0, sent 0")
+    assert any(m.startswith("STATUS=") for m in messages[1:])
+    assert any(m.startswith("STOPPING=1") for m in messages)
+
+
+def test_metrics_endpoint(watch_env: dict[str, str], receiver: Any, tmp_path: Path, unused_port: int) -> None:
+    with started(watch_env, tmp_path / "w.log", "--metrics-port", str(unused_port)) as w:
+        write_csv(Path(watch_env["SMT_LOCAL_DIR"]) / "m.csv")
+        wait_for(lambda: len(receiver.stored()) == 1, 10, "delivery")
+
+        def scrape() -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:{unused_port}/metrics", timeout=5) as resp:
+                return str(resp.read().decode())
+
+        wait_for(lambda: 'smt_watch_files_delivered_total{mode="multipart"} 1.0' in scrape(), 5, "metric")
+        text = scrape()
+        assert "smt_watch_delivery_latency_seconds_count 1.0" in text
+        assert "smt_watch_queue_depth" in text and "smt_watch_last_success_timestamp_seconds" in text
+        assert w.stop() == 0
+
+
+def test_inbox_is_created_0750(watch_env: dict[str, str], tmp_path: Path) -> None:
+    env = {**watch_env, "SMT_LOCAL_DIR": str(tmp_path / "new" / "inbox")}
+    with started(env, tmp_path / "w.log") as w:
+        assert w.stop() == 0
+    assert (tmp_path / "new" / "inbox").stat().st_mode & 0o777 == 0o750
+
+
+def test_unusable_state_dir_exits_2(watch_env: dict[str, str], tmp_path: Path) -> None:
+    (tmp_path / "plain-file").write_text("x")
+    env = {**watch_env, "SMT_STATE_DIR": str(tmp_path / "plain-file" / "state")}
+    proc = subprocess.run([*SMT_WATCH, "watch"], env=env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert "SMT_STATE_DIR" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_no_target_exits_2(watch_env: dict[str, str]) -> None:
+    env = {k: v for k, v in watch_env.items() if k != "SMT_UPLOAD_URL"}
+    proc = subprocess.run([*SMT_WATCH, "watch"], env=env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "no delivery target" in proc.stderr
