@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from smt_watch.config import Settings
     from smt_watch.delivery import Progress
     from smt_watch.pipeline import Outcome
+    from smt_watch.sync import SyncReport
 
 log = logging.getLogger("smt_watch.cli")
 
@@ -227,6 +228,70 @@ def watch(
     # The readiness probe takes a read lease for an instant; a lease break would send SIGIO.
     signal.signal(signal.SIGIO, signal.SIG_IGN)
     raise typer.Exit(service.run())
+
+
+# --- sync -------------------------------------------------------------------------------------------
+
+
+@app.command()
+def sync(
+    workers: Annotated[int, typer.Option("--workers", metavar="N", min=1, max=16, help="Parallel transfers.")] = 4,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be fetched; fetch nothing.")] = False,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="If another sync is running, wait for it instead of exiting 0.")
+    ] = False,
+    accept_new_host_key: Annotated[
+        bool,
+        typer.Option("--accept-new-host-key", help="Trust and record an unknown host key (never a changed one)."),
+    ] = False,
+    inbox: Annotated[
+        Path | None, typer.Option("--inbox", metavar="DIR", help="Where files go [SMT_LOCAL_DIR].")
+    ] = None,
+    state_dir: StateDir = None,
+    env_file: EnvFile = None,
+) -> None:
+    """Fetch files new on the SMT SFTP server into the inbox (one pass).
+
+    Each remote file lands at its remote path under the inbox, written to a hidden .part file and renamed
+    into place when complete. A file fetched once is never fetched again unless its size or mtime on the
+    server changed. Remote files are never modified. Host keys come from SMT_KNOWN_HOSTS; an unknown or
+    changed key exits 2 without fetching. Exit 0 when all went well, 1 when a file failed.
+    """
+    from smt_watch.sync import human_bytes, run_sync
+
+    settings = _settings(env_file, SMT_LOCAL_DIR=inbox, SMT_STATE_DIR=state_dir)
+    with _sync_progress() as (on_plan, on_bytes):
+        report = run_sync(settings, workers=workers, dry_run=dry_run, wait=wait,
+                          accept_new_host_key=accept_new_host_key, on_plan=on_plan, on_bytes=on_bytes)
+    if report is None:
+        typer.echo("sync: another sync is running; not starting a second (use --wait to wait for it)")
+        return
+    if dry_run:
+        for f in report.todo:
+            typer.echo(f"would fetch {f.path}  ({human_bytes(f.size)})")
+    typer.echo(report.summary())
+    if report.failed:
+        raise typer.Exit(1)
+
+
+@contextmanager
+def _sync_progress() -> Iterator[tuple[Callable[[SyncReport], None] | None, Progress | None]]:
+    """A byte progress bar on a TTY; nothing under systemd (plain log lines say what was fetched)."""
+    if not sys.stderr.isatty():
+        yield None, None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    with Progress("{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("sync", total=None)
+
+        def on_plan(report: SyncReport) -> None:
+            bar.update(task, total=sum(f.size for f in report.todo),
+                       description=f"sync: {len(report.todo)} file(s)")
+
+        yield on_plan, lambda n: bar.advance(task, n)
 
 
 # --- ledger -----------------------------------------------------------------------------------------

@@ -17,9 +17,11 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import random
 import re
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -42,6 +44,8 @@ RETRYABLE_STATUSES: Final = frozenset({408, 425, 429, 500, 502, 503, 504})
 IN_CALL_MAX_WAIT: Final = 60.0  # longer Retry-After: give up this call, the row waits as `retrying`
 RETRY_CAP: Final = 15 * 60.0  # SPEC §4: backoff between calls is capped at 15 minutes
 READ_CHUNK: Final = 3 * 256 * 1024  # a multiple of 3, so base64 of each chunk concatenates cleanly
+READ_AHEAD_MIN: Final = 4 * READ_CHUNK  # smaller files are read inline: a thread costs more than it saves
+READ_AHEAD_DEPTH: Final = 4  # chunks buffered ahead of the socket (3 MiB): memory stays flat
 ERROR_BODY_BYTES: Final = 500
 METER_RE: Final = re.compile(r"M\d+")
 
@@ -92,13 +96,10 @@ def meter_for(filename: str, default: str) -> str:
 # --- verified streaming -----------------------------------------------------------------------------
 
 
-def verified_chunks(
-    path: Path, size: int, sha256: str, progress: Progress | None = None, chunk: int = READ_CHUNK
-) -> Iterator[bytes]:
-    """Yield exactly ``size`` bytes of ``path``, holding the last chunk back until the hash matches."""
+def _read_verified(path: Path, size: int, sha256: str, chunk: int) -> Iterator[bytes]:
+    """Exactly ``size`` bytes of ``path``; after the last chunk, raise unless they hash to ``sha256``."""
     digest = hashlib.sha256()
     remaining = size
-    held: bytes | None = None
     with open(path, "rb", buffering=0) as fh:
         while remaining > 0:
             data = fh.read(min(chunk, remaining))
@@ -106,15 +107,66 @@ def verified_chunks(
                 raise FileChanged(f"{path.name}: shrank while being sent")
             digest.update(data)
             remaining -= len(data)
-            if held is not None:
-                yield held
-                if progress:
-                    progress(len(held))
-            held = data
+            yield data
         if fh.read(1):
             raise FileChanged(f"{path.name}: grew while being sent")
     if digest.hexdigest() != sha256:
         raise FileChanged(f"{path.name}: content changed since it was hashed")
+
+
+def _read_ahead(source: Iterator[bytes], depth: int) -> Iterator[bytes]:
+    """Run ``source`` in a helper thread up to ``depth`` chunks ahead of the consumer.
+
+    Reading and hashing then overlap with socket writes (hashlib and socket calls release the GIL), which
+    matters for big files: a second SHA-256 pass would otherwise add its full time to every send.
+    """
+    q: queue.Queue[bytes | BaseException | None] = queue.Queue(depth)
+    stop = threading.Event()
+
+    def put(item: bytes | BaseException | None) -> None:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def run() -> None:
+        try:
+            for data in source:
+                if stop.is_set():
+                    return
+                put(data)
+            put(None)
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            put(exc)
+
+    thread = threading.Thread(target=run, name="smt-watch-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while (item := q.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+def verified_chunks(
+    path: Path, size: int, sha256: str, progress: Progress | None = None, chunk: int = READ_CHUNK
+) -> Iterator[bytes]:
+    """Yield exactly ``size`` bytes of ``path``, holding the last chunk back until the hash matches."""
+    source = _read_verified(path, size, sha256, chunk)
+    if size > READ_AHEAD_MIN:
+        source = _read_ahead(source, READ_AHEAD_DEPTH)
+    held: bytes | None = None
+    for data in source:  # raises FileChanged after the last chunk, before it is released
+        if held is not None:
+            yield held
+            if progress:
+                progress(len(held))
+        held = data
     if held is not None:
         yield held
         if progress:
@@ -343,6 +395,9 @@ class Deliverer:
             timeout=httpx.Timeout(connect=min(10.0, t), read=t, write=t, pool=t),
             limits=httpx.Limits(max_connections=16, max_keepalive_connections=8),
             follow_redirects=False,
+            # Loading the CA bundle costs ~60 ms per start; a plain-http target (the droplet's loopback
+            # upload server) never uses it, and redirects are not followed, so it cannot reach https.
+            verify=self.mode.url.startswith("https://"),
         )
         if self.mode.name == "multipart":
             log.info("Using droplet upload server at %s", self.destination)

@@ -140,7 +140,21 @@ def _migration_2(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX seen_sha256 ON seen(sha256)")
 
 
-MIGRATIONS: Final[tuple[Callable[[sqlite3.Connection], None], ...]] = (_migration_1, _migration_2)
+def _migration_3(db: sqlite3.Connection) -> None:
+    """What ``sync`` fetched: a remote file is fetched again only when its size or mtime changed."""
+    db.execute(
+        """CREATE TABLE remote_files (
+            remote_path TEXT PRIMARY KEY,
+            size INTEGER NOT NULL,
+            mtime INTEGER NOT NULL,
+            sha256 TEXT NOT NULL,
+            local_path TEXT NOT NULL,
+            fetched_at TEXT NOT NULL
+        )"""
+    )
+
+
+MIGRATIONS: Final[tuple[Callable[[sqlite3.Connection], None], ...]] = (_migration_1, _migration_2, _migration_3)
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 
@@ -404,3 +418,18 @@ class Ledger:
                     values.pop("claimed_at")
                     stale.append(Row(**values))
         return stale
+
+    # --- sync's record of remote files ---------------------------------------------------------------
+
+    def remote_files(self) -> dict[str, tuple[int, int]]:
+        """remote path -> (size, mtime) of the version last fetched."""
+        return {str(r[0]): (int(r[1]), int(r[2])) for r in self._query(
+            "SELECT remote_path, size, mtime FROM remote_files")}
+
+    def record_fetch(self, remote_path: str, size: int, mtime: int, sha256: str, local_path: str) -> None:
+        with self.atomic() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO remote_files (remote_path, size, mtime, sha256, local_path, fetched_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (remote_path, size, mtime, sha256, local_path, now_iso()),
+            )
