@@ -294,6 +294,43 @@ def _sync_progress() -> Iterator[tuple[Callable[[SyncReport], None] | None, Prog
         yield on_plan, lambda n: bar.advance(task, n)
 
 
+# --- serve ------------------------------------------------------------------------------------------
+
+
+@app.command()
+def serve(
+    host: Annotated[
+        str | None, typer.Option("--host", metavar="ADDR", help="Address to listen on [SMT_UPLOAD_HOST].")
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option("--port", metavar="PORT", help="Upload port [SMT_UPLOAD_PORT].")
+    ] = None,
+    webhook_port: Annotated[
+        int | None,
+        typer.Option("--webhook-port", metavar="PORT", help="Extra port for trigger and health [SMT_WEBHOOK_PORT]."),
+    ] = None,
+    inbox: Annotated[
+        Path | None, typer.Option("--inbox", metavar="DIR", help="Where uploads land [SMT_LOCAL_DIR].")
+    ] = None,
+    state_dir: StateDir = None,
+    env_file: EnvFile = None,
+) -> None:
+    """Run the upload server (POST /upload) and trigger webhook (POST /trigger/smt-now) until SIGTERM.
+
+    Uploads stream into the inbox (hidden temp file, renamed when complete) for `watch` to deliver;
+    x-smt-upload-token is required when SMT_UPLOAD_TOKEN is set; per-account limits persist in the ledger.
+    The trigger needs INTELLIWATT_WEBHOOK_SECRET and runs one sync pass in the background. GET /health and
+    /healthz report ledger counts.
+    """
+    from smt_watch.pipeline import open_ledger
+    from smt_watch.server import run
+
+    settings = _settings(env_file, SMT_UPLOAD_HOST=host, SMT_UPLOAD_PORT=port, SMT_WEBHOOK_PORT=webhook_port,
+                         SMT_LOCAL_DIR=inbox, SMT_STATE_DIR=state_dir)
+    with open_ledger(settings) as ledger:
+        run(settings, ledger)
+
+
 # --- ledger -----------------------------------------------------------------------------------------
 
 

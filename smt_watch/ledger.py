@@ -154,7 +154,15 @@ def _migration_3(db: sqlite3.Connection) -> None:
     )
 
 
-MIGRATIONS: Final[tuple[Callable[[sqlite3.Connection], None], ...]] = (_migration_1, _migration_2, _migration_3)
+def _migration_4(db: sqlite3.Connection) -> None:
+    """Accepted uploads to ``serve``, for rate limits that survive a restart."""
+    db.execute("CREATE TABLE uploads (role TEXT NOT NULL, account TEXT NOT NULL, at REAL NOT NULL)")
+    db.execute("CREATE INDEX uploads_account ON uploads(role, account, at)")
+
+
+MIGRATIONS: Final[tuple[Callable[[sqlite3.Connection], None], ...]] = (
+    _migration_1, _migration_2, _migration_3, _migration_4,
+)
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 
@@ -433,3 +441,22 @@ class Ledger:
                 " VALUES (?, ?, ?, ?, ?, ?)",
                 (remote_path, size, mtime, sha256, local_path, now_iso()),
             )
+
+    # --- serve's upload rate limits ------------------------------------------------------------------
+
+    def uploads_since(self, role: str, account: str, since: float) -> list[float]:
+        """Times of accepted uploads by this account in the window, oldest first."""
+        return [float(r[0]) for r in self._query(
+            "SELECT at FROM uploads WHERE role = ? AND account = ? AND at > ? ORDER BY at", (role, account, since))]
+
+    def take_upload_slot(self, role: str, account: str, since: float, limit: int, at: float) -> bool:
+        """Record an accepted upload if the account is under ``limit`` in the window (atomically)."""
+        with self.atomic() as db:
+            count = db.execute(
+                "SELECT COUNT(*) FROM uploads WHERE role = ? AND account = ? AND at > ?", (role, account, since)
+            ).fetchone()[0]
+            if count >= limit:
+                return False
+            db.execute("INSERT INTO uploads (role, account, at) VALUES (?, ?, ?)", (role, account, at))
+            db.execute("DELETE FROM uploads WHERE at < ?", (at - 31 * 86400,))  # nothing older matters
+            return True

@@ -129,8 +129,13 @@ def run_sync(
     accept_new_host_key: bool = False,
     on_bytes: Callable[[int], None] | None = None,
     on_plan: Callable[[SyncReport], None] | None = None,
+    force_repost: bool = False,
 ) -> SyncReport | None:
-    """One pass. Returns None when another pass holds the lock (and ``wait`` is off)."""
+    """One pass. Returns None when another pass holds the lock (and ``wait`` is off).
+
+    ``force_repost`` (the webhook's ``forceRepost``): what this pass fetches is delivered even if the same
+    bytes were sent before; their ledger rows are dropped before the file is renamed into the inbox.
+    """
     with sync_lock(settings.state_dir, wait) as locked:
         if not locked:
             return None
@@ -146,13 +151,18 @@ def run_sync(
             if on_plan:
                 on_plan(report)
             if not dry_run and report.todo:
-                _fetch_all(settings, ledger, report, workers, on_bytes)
+                _fetch_all(settings, ledger, report, workers, on_bytes, force_repost)
         report.seconds = time.monotonic() - started
         return report
 
 
 def _fetch_all(
-    settings: Settings, ledger: Ledger, report: SyncReport, workers: int, on_bytes: Callable[[int], None] | None
+    settings: Settings,
+    ledger: Ledger,
+    report: SyncReport,
+    workers: int,
+    on_bytes: Callable[[int], None] | None,
+    force_repost: bool,
 ) -> None:
     jobs: queue.Queue[RemoteFile] = queue.Queue()
     for f in sorted(report.todo, key=lambda f: -f.size):  # biggest first: the pass ends sooner
@@ -169,7 +179,8 @@ def _fetch_all(
                 except queue.Empty:
                     return
                 try:
-                    conn, dest, sha = _fetch_with_retries(settings, conn, remote, on_bytes)
+                    forget = ledger.forget if force_repost else None
+                    conn, dest, sha = _fetch_with_retries(settings, conn, remote, on_bytes, forget)
                 except SftpError as exc:
                     log.error("Failed to fetch %s: %s", remote.path, exc)
                     with lock:
@@ -198,7 +209,11 @@ def _fetch_all(
 
 
 def _fetch_with_retries(
-    settings: Settings, conn: Connection | None, remote: RemoteFile, on_bytes: Callable[[int], None] | None
+    settings: Settings,
+    conn: Connection | None,
+    remote: RemoteFile,
+    on_bytes: Callable[[int], None] | None,
+    forget: Callable[[list[str]], int] | None = None,
 ) -> tuple[Connection, Path, str]:
     """Fetch one file; a dropped connection is re-opened and the transfer resumes from its part."""
     final = settings.local_dir / remote.relative
@@ -216,6 +231,8 @@ def _fetch_with_retries(
             current.close()
             holder[0] = None
             raise
+        if forget is not None:
+            forget([sha])  # before the rename, so the watcher cannot judge it a duplicate first
         return place(part, final, sha), sha
 
     retrying = tenacity.Retrying(

@@ -1,0 +1,289 @@
+"""``smt-watch serve``: the droplet upload server and the trigger webhook (SPEC §5).
+
+Uploads only land in the inbox (a hidden temp file renamed into place when complete); ``watch`` delivers
+them, so there is one delivery path. Every refusal (token, rate limit, size) happens before a byte is
+written where the request already says enough, and nothing is left behind by a refused, broken or
+abandoned upload. Rate-limit counts live in the ledger, so a restart does not reset them.
+
+The trigger starts one ``sync`` pass in a background thread (the same code and lock as ``smt-watch
+sync``); a trigger while one runs joins it. No shell command is ever built from request data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import re
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Generator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from smt_watch.config import Secret, Settings
+from smt_watch.errors import SmtWatchError
+from smt_watch.ledger import Ledger
+from smt_watch.uploads import MalformedUpload, ReceivedFile, UploadTooLarge, read_multipart
+
+log = logging.getLogger("smt_watch.server")
+
+WINDOWS: Final = {"admin": 24 * 3600.0, "customer": 30 * 86400.0}
+SECRET_HEADERS: Final = (
+    "x-intelliwatt-secret", "x-smt-secret", "x-webhook-secret", "x-proxy-secret", "x-droplet-webhook-secret",
+)
+REASONS: Final = frozenset({"smt_authorized", "admin_triggered", "admin_refresh", "user_refresh", "user_orchestrate"})
+MAX_NAME_BYTES: Final = 200
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_name(raw: str) -> str:
+    """The client's base name, made safe: no path parts, control characters or leading dots; ≤ 200 bytes."""
+    base = raw.replace("\\", "/").rsplit("/", 1)[-1]
+    base = "".join(c for c in base if c.isprintable())
+    base = _UNSAFE.sub("_", base).strip("._-")
+    base = base.encode()[:MAX_NAME_BYTES].decode("ascii", "ignore")
+    return base or "upload.csv"
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _matches(sent: str | None, secret: Secret) -> bool:
+    return sent is not None and hmac.compare_digest(sent.encode(), secret.reveal().encode())
+
+
+def _error(status: int, error: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"ok": False, "error": error, **extra}, status_code=status)
+
+
+class SyncRunner:
+    """At most one sync pass per server at a time; a trigger while one runs joins it."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._current: tuple[str, threading.Thread] | None = None
+
+    def trigger(self, force_repost: bool) -> tuple[str, bool]:
+        with self._lock:
+            if self._current is not None and self._current[1].is_alive():
+                return self._current[0], True
+            sync_id = uuid.uuid4().hex
+            thread = threading.Thread(target=self._run, args=(sync_id, force_repost), name="smt-sync", daemon=True)
+            self._current = (sync_id, thread)
+            thread.start()
+            return sync_id, False
+
+    def join(self, timeout: float | None = None) -> None:
+        current = self._current
+        if current is not None:
+            current[1].join(timeout)
+
+    def _run(self, sync_id: str, force_repost: bool) -> None:
+        from smt_watch.sync import run_sync
+
+        log.info("Sync %s started by trigger%s", sync_id[:8], " (forceRepost)" if force_repost else "")
+        try:
+            report = run_sync(self.settings, wait=True, force_repost=force_repost)
+            log.info("Sync %s: %s", sync_id[:8], report.summary() if report else "skipped")
+        except SmtWatchError as exc:
+            log.error("Sync %s failed: %s", sync_id[:8], exc)
+        except Exception:
+            log.exception("Sync %s failed unexpectedly", sync_id[:8])
+
+
+@dataclass
+class Server:
+    """The routes, with the settings, ledger and sync runner they share."""
+
+    settings: Settings
+    ledger: Ledger
+    runner: SyncRunner
+
+    # --- POST /upload -------------------------------------------------------------------------------
+
+    def _limit(self, role: str) -> int:
+        return self.settings.upload_admin_limit if role == "admin" else self.settings.upload_customer_limit
+
+    def _limited(self, role: str, account: str, times: list[float]) -> JSONResponse:
+        reset = times[0] + WINDOWS[role] if times else time.time() + WINDOWS[role]
+        return JSONResponse(
+            {"ok": False, "error": "rate_limited", "role": role, "accountKey": account, "limit": self._limit(role),
+             "remaining": 0, "resetAt": iso(reset)},
+            status_code=429, headers={"Retry-After": str(max(1, int(reset - time.time()) + 1))},
+        )
+
+    async def upload(self, request: Request) -> Response:
+        s = self.settings
+        if s.upload_token is not None and not _matches(request.headers.get("x-smt-upload-token"), s.upload_token):
+            return _error(401, "unauthorized")
+        role = (request.headers.get("x-smt-upload-role") or "customer").strip().lower()
+        account = request.headers.get("x-smt-upload-account-key") or (request.client.host if request.client else "-")
+        if role not in WINDOWS:
+            return _error(400, "invalid role: use admin or customer")
+        # Refuse before reading the body when the headers already identify an account over its limit.
+        times = await run_in_threadpool(self.ledger.uploads_since, role, account, time.time() - WINDOWS[role])
+        if len(times) >= self._limit(role):
+            return self._limited(role, account, times)
+        try:
+            parsed = await read_multipart(request, dest_dir=s.local_dir, max_bytes=s.upload_max_bytes)
+        except UploadTooLarge:
+            return _error(413, "too_large", maxBytes=s.upload_max_bytes)
+        except MalformedUpload as exc:
+            return _error(400, f"malformed upload: {exc}")
+        except ClientDisconnect:
+            log.warning("Upload abandoned by the client; nothing stored")
+            return Response(status_code=400)
+        if parsed.file is None:
+            return _error(400, 'Missing file field "file"')
+        try:
+            role = (parsed.fields.get("role") or role).strip().lower()
+            account = parsed.fields.get("accountKey") or account
+            if role not in WINDOWS:
+                return _error(400, "invalid role: use admin or customer")
+            return await run_in_threadpool(self._accept, parsed.file, role, account)
+        finally:
+            parsed.file.tmp_path.unlink(missing_ok=True)  # accepted files were renamed away already
+
+    def _accept(self, received: ReceivedFile, role: str, account: str) -> JSONResponse:
+        s = self.settings
+        now = time.time()
+        since = now - WINDOWS[role]
+        if not self.ledger.take_upload_slot(role, account, since, self._limit(role), now):
+            return self._limited(role, account, self.ledger.uploads_since(role, account, since))
+        name = f"{datetime.fromtimestamp(now, UTC):%Y%m%dT%H%M%S}_{safe_name(received.filename or '')}"
+        row = self.ledger.get(received.sha256)
+        duplicate = row is not None and row.state == "sent"
+        if duplicate:
+            log.info("Upload %s is a duplicate of sent content (sha256 %s); not stored", name, received.sha256[:12])
+        else:
+            dest = s.local_dir / name
+            n = 0
+            while dest.exists():
+                n += 1
+                dest = s.local_dir / f"{name.split('_', 1)[0]}_{n}_{name.split('_', 1)[1]}"
+            os.chmod(received.tmp_path, 0o640)
+            os.replace(received.tmp_path, dest)
+            name = dest.name
+            log.info("Stored upload %s (%d bytes, sha256 %s, %s %s)", name, received.size, received.sha256[:12],
+                     role, account)
+        times = self.ledger.uploads_since(role, account, since)
+        limit = self._limit(role)
+        return JSONResponse(
+            {"ok": True, "message": "duplicate: already delivered" if duplicate else "stored; delivery queued",
+             "duplicate": duplicate, "file": {"name": name, "size": received.size, "sha256": received.sha256},
+             "meta": {"role": role, "accountKey": account, "limit": limit, "remaining": max(0, limit - len(times)),
+                      "resetAt": iso((times[0] if times else now) + WINDOWS[role])}},
+            status_code=202,
+        )
+
+    # --- POST /trigger/smt-now ----------------------------------------------------------------------
+
+    async def trigger(self, request: Request) -> Response:
+        s = self.settings
+        if s.webhook_secret is None:
+            return _error(503, "webhook disabled: set INTELLIWATT_WEBHOOK_SECRET (or DROPLET_WEBHOOK_SECRET)")
+        secret = s.webhook_secret
+        # A list, not a generator: every header is compared, so timing does not say which one matched.
+        if not any([_matches(request.headers.get(h), secret) for h in SECRET_HEADERS]):
+            return _error(401, "unauthorized")
+        raw = await request.body()
+        try:
+            body = json.loads(raw) if raw.strip() else {}
+        except ValueError:
+            return _error(400, "body must be JSON")
+        if not isinstance(body, dict):
+            return _error(400, "body must be a JSON object")
+        reason = body.get("reason")
+        if reason is not None and reason not in REASONS:
+            return _error(400, f"unknown reason {str(reason)[:64]!r}")
+        if not (s.smt_host and s.smt_user and s.smt_key):
+            return _error(503, "sync is not configured: set SMT_HOST, SMT_USER and SMT_KEY")
+        sync_id, joined = self.runner.trigger(body.get("forceRepost") is True)
+        return JSONResponse({"ok": True, "syncId": sync_id, "joined": joined}, status_code=202)
+
+    # --- GET /health --------------------------------------------------------------------------------
+
+    async def health(self, request: Request) -> Response:
+        counts = await run_in_threadpool(self.ledger.counts)
+        return JSONResponse({"ok": True, "service": "smt-watch", "inbox": str(self.settings.local_dir),
+                             "ledger": counts})
+
+    def app(self, *, uploads: bool = True) -> Starlette:
+        routes = [
+            Route("/trigger/smt-now", self.trigger, methods=["POST"]),
+            Route("/health", self.health, methods=["GET"]),
+            Route("/healthz", self.health, methods=["GET"]),
+        ]
+        if uploads:
+            routes.insert(0, Route("/upload", self.upload, methods=["POST"]))
+        cors = Middleware(
+            CORSMiddleware, allow_origins=list(self.settings.cors_origins), allow_methods=["POST", "GET"],
+            allow_headers=["content-type", "x-smt-upload-token", "x-smt-upload-role", "x-smt-upload-account-key"],
+            max_age=600,
+        )
+        return Starlette(routes=routes, middleware=[cors])
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn without its own signal handling: ``serve`` runs two of them and stops both together."""
+
+    @contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def build(settings: Settings, ledger: Ledger) -> Server:
+    settings.local_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
+    return Server(settings, ledger, SyncRunner(settings))
+
+
+async def serve_forever(server: Server) -> None:
+    """Listen on SMT_UPLOAD_HOST:SMT_UPLOAD_PORT (and SMT_WEBHOOK_PORT: trigger and health only)."""
+    s = server.settings
+    configs = [uvicorn.Config(server.app(), host=s.upload_host, port=s.upload_port, log_config=None,
+                              lifespan="off", timeout_graceful_shutdown=30)]
+    if s.webhook_port:
+        configs.append(uvicorn.Config(server.app(uploads=False), host=s.upload_host, port=s.webhook_port,
+                                      log_config=None, lifespan="off", timeout_graceful_shutdown=30))
+    servers = [_Uvicorn(c) for c in configs]
+    loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        for srv in servers:
+            srv.force_exit = srv.should_exit
+            srv.should_exit = True
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop)
+    log.info("Serving uploads on http://%s:%d/upload%s", s.upload_host, s.upload_port,
+             f" and the webhook on port {s.webhook_port}" if s.webhook_port else "")
+    await asyncio.gather(*(srv.serve() for srv in servers))
+    if any(not srv.started for srv in servers):
+        raise SmtWatchError(f"could not listen on {s.upload_host}:{s.upload_port} (in use?)")
+
+
+def run(settings: Settings, ledger: Ledger) -> None:
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        uv = logging.getLogger(name)
+        uv.handlers = logging.getLogger("smt_watch").handlers
+        uv.setLevel(logging.INFO)
+        uv.propagate = False
+    asyncio.run(serve_forever(build(settings, ledger)))
