@@ -20,7 +20,7 @@ import typer
 
 from smt_watch import __version__
 from smt_watch.errors import ConfigError, SmtWatchError
-from smt_watch.logs import LEVELS, add_secrets, setup_logging
+from smt_watch.logs import FORMATS, LEVELS, add_secrets, setup_logging
 
 if TYPE_CHECKING:
     from smt_watch.config import Settings
@@ -80,6 +80,9 @@ def root(
     log_level: Annotated[
         str, typer.Option("--log-level", metavar="LEVEL", help="debug, info, warning or error.")
     ] = "info",
+    log_format: Annotated[
+        str, typer.Option("--log-format", metavar="FORMAT", help="text (colour on a TTY) or json (one object a line).")
+    ] = "text",
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
@@ -90,7 +93,9 @@ def root(
     """
     if log_level.lower() not in LEVELS:
         raise ConfigError(f"--log-level must be one of {', '.join(LEVELS)}")
-    setup_logging(log_level)
+    if log_format not in FORMATS:
+        raise ConfigError(f"--log-format must be one of {', '.join(FORMATS)}")
+    setup_logging(log_level, log_format)
 
 
 # --- post -------------------------------------------------------------------------------------------
@@ -329,6 +334,35 @@ def serve(
                          SMT_LOCAL_DIR=inbox, SMT_STATE_DIR=state_dir)
     with open_ledger(settings) as ledger:
         run(settings, ledger)
+
+
+# --- doctor -----------------------------------------------------------------------------------------
+
+
+@app.command()
+def doctor(
+    offline: Annotated[bool, typer.Option("--offline", help="Skip the network checks (endpoint, SFTP).")] = False,
+    env_file: EnvFile = None,
+) -> None:
+    """Check configuration, directories, permissions, keys and reachability; one line per check.
+
+    Each line is ok, warn or FAIL, with a hint. Exit 0 when nothing failed, 1 otherwise. Secrets are never
+    printed (only whether they are set).
+    """
+    from smt_watch.config import load_settings
+    from smt_watch.doctor import FAIL, Check, run_checks
+
+    try:
+        settings = load_settings(os.environ, env_file=env_file)
+    except ConfigError as exc:
+        typer.echo(Check(FAIL, "config", str(exc)).line())
+        raise typer.Exit(1) from None
+    add_secrets(settings.secrets())
+    checks = [Check("ok", "config", "settings parse"), *run_checks(settings, env_file=env_file, offline=offline)]
+    for check in checks:
+        typer.echo(check.line())
+    if any(c.status == FAIL for c in checks):
+        raise typer.Exit(1)
 
 
 # --- ledger -----------------------------------------------------------------------------------------

@@ -460,3 +460,7 @@ class Ledger:
             db.execute("INSERT INTO uploads (role, account, at) VALUES (?, ?, ?)", (role, account, at))
             db.execute("DELETE FROM uploads WHERE at < ?", (at - 31 * 86400,))  # nothing older matters
             return True
+
+    def quick_check(self) -> str:
+        """``ok``, or SQLite's description of the first problems found."""
+        return "; ".join(str(r[0]) for r in self._query("PRAGMA quick_check"))

@@ -6,11 +6,29 @@ defence: no code path is supposed to log a token, and this makes sure none does.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from collections.abc import Iterable
+from datetime import UTC, datetime
 
 LEVELS = ("debug", "info", "warning", "error")
+FORMATS = ("text", "json")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line with stable keys: ``ts``, ``level``, ``logger``, ``msg`` (+ ``exc``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        obj = {
+            "ts": datetime.fromtimestamp(record.created, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            obj["exc"] = self.formatException(record.exc_info)
+        return json.dumps(obj, ensure_ascii=False)
 
 
 class RedactFilter(logging.Filter):
@@ -41,14 +59,21 @@ class RedactFilter(logging.Filter):
 _redactor = RedactFilter()
 
 
-def setup_logging(level: str = "info", stream: object = None) -> None:
-    """Configure the ``smt_watch`` logger once per process (the CLI calls this; libraries never do)."""
+def setup_logging(level: str = "info", fmt: str = "text", stream: object = None) -> None:
+    """Configure the ``smt_watch`` logger once per process (the CLI calls this; libraries never do).
+
+    ``text`` is colour on a TTY and plain ``[LEVEL] message`` otherwise (journald adds its own time stamp
+    and unit name); ``json`` is one object per line for log shippers.
+    """
     out = stream if stream is not None else sys.stderr
     logger = logging.getLogger("smt_watch")
     for old in list(logger.handlers):
         logger.removeHandler(old)
     handler: logging.Handler
-    if getattr(out, "isatty", lambda: False)():
+    if fmt == "json":
+        handler = logging.StreamHandler(out)  # type: ignore[arg-type]
+        handler.setFormatter(JsonFormatter())
+    elif getattr(out, "isatty", lambda: False)():
         from rich.console import Console
         from rich.logging import RichHandler
 
