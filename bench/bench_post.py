@@ -355,14 +355,15 @@ def render(
     return "\n".join(lines) + "\n"
 
 
-def update_markdown(path: Path, section: str) -> None:
-    """Replace this script's ``## post (issue 2)`` section in ``path`` (or add it); keep every other section."""
+def update_markdown(path: Path, section: str, title: str = SECTION) -> None:
+    """Replace the section headed ``title`` (default: this script's ``## post (issue 2)``) in ``path``, or add it;
+    keep every other section. Other bench scripts import this with their own ``title``."""
     if path.exists():
         lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
     else:
         lines = ["# Benchmark results\n", "\n", "Each section is written by the script it names; re-running"
                  " a script replaces only its own section.\n"]
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == SECTION), None)
+    start = next((i for i, line in enumerate(lines) if line.rstrip() == title), None)
     if start is None:
         text = "".join(lines).rstrip("\n") + "\n\n" + section
     else:

@@ -13,6 +13,14 @@ Run it in its own process (:func:`start_sink_process`) so it never shares a GIL 
 
 ``GET /stats`` returns the body size of the last request and the totals, so a benchmark can check that
 each measured upload really delivered the whole file.
+
+With ``--log PATH`` the sink also appends one line per request (``/stats`` excluded), written as soon as the
+whole body has been read and before the answer goes out::
+
+    <time.time() when the body was complete, 6 decimals>\t<Idempotency-Key header or ->\t<body bytes>\t<path>
+
+so a benchmark in another process can time "file landed" → "request complete" on the same wall clock
+(``bench_watch.py`` keys its files by their SHA-256, which smt-watch sends as ``Idempotency-Key``).
 """
 
 from __future__ import annotations
@@ -22,9 +30,11 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from typing import TextIO
 
 READ_SIZE = 1024 * 1024  # large reads: the sink must never be what limits throughput
 STREAM_LIMIT = 4 * READ_SIZE  # StreamReader buffer before it pauses the socket
@@ -87,7 +97,9 @@ def _response(status: str, body: bytes, keep_alive: bool) -> bytes:
     return head.encode("ascii") + body
 
 
-async def _serve_one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stats: Stats) -> bool:
+async def _serve_one(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stats: Stats, log: TextIO | None = None
+) -> bool:
     """Handle one request; return whether the connection stays open for another."""
     try:
         raw = await reader.readuntil(b"\r\n\r\n")
@@ -116,6 +128,7 @@ async def _serve_one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
     else:
         size = int(headers.get("content-length", "0") or "0")
         await _discard(reader, size)
+    done = time.time()
     if method == "GET" and path == "/stats":
         body = stats.to_json()
     else:
@@ -124,14 +137,19 @@ async def _serve_one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
         stats.last_body_bytes = size
         stats.last_path = path
         body = OK_BODY
+        if log is not None:
+            log.write(f"{done:.6f}\t{headers.get('idempotency-key') or '-'}\t{size}\t{path}\n")
+            log.flush()
     writer.write(_response("200 OK", body, keep_alive))
     await writer.drain()
     return keep_alive
 
 
-async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stats: Stats) -> None:
+async def _handle(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stats: Stats, log: TextIO | None = None
+) -> None:
     try:
-        while await _serve_one(reader, writer, stats):
+        while await _serve_one(reader, writer, stats, log):
             pass
     except (BadRequest, ConnectionError) as exc:
         if isinstance(exc, BadRequest):
@@ -142,11 +160,16 @@ async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, st
             await writer.wait_closed()
 
 
-async def serve(host: str = "127.0.0.1", port: int = 0, announce: bool = True) -> None:
-    """Serve forever; with ``announce``, print the bound port on stdout once listening."""
+async def serve(host: str = "127.0.0.1", port: int = 0, announce: bool = True, log_path: str | None = None) -> None:
+    """Serve forever; with ``announce``, print the bound port on stdout once listening.
+
+    ``log_path``: append the per-request line described in the module docstring (the file exists, possibly
+    empty, by the time the port is announced).
+    """
     stats = Stats()
+    log = open(log_path, "a", encoding="utf-8") if log_path else None  # noqa: SIM115 (open for the server's life)
     server = await asyncio.start_server(
-        lambda r, w: _handle(r, w, stats), host, port, limit=STREAM_LIMIT, reuse_address=True
+        lambda r, w: _handle(r, w, stats, log), host, port, limit=STREAM_LIMIT, reuse_address=True
     )
     bound = server.sockets[0].getsockname()[1]
     if announce:
@@ -156,10 +179,13 @@ async def serve(host: str = "127.0.0.1", port: int = 0, announce: bool = True) -
 
 
 @contextmanager
-def start_sink_process(host: str = "127.0.0.1", port: int = 0) -> Iterator[int]:
-    """Run the sink in a child process (its own GIL and core) and yield its port; stop it on exit."""
+def start_sink_process(host: str = "127.0.0.1", port: int = 0, log_path: str | None = None) -> Iterator[int]:
+    """Run the sink in a child process (its own GIL and core) and yield its port; stop it on exit.
+
+    ``log_path``: passed as ``--log`` (one line per request, see the module docstring).
+    """
     proc = subprocess.Popen(
-        [sys.executable, __file__, "--host", host, "--port", str(port)],
+        [sys.executable, __file__, "--host", host, "--port", str(port), *(["--log", log_path] if log_path else [])],
         stdout=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
         text=True,
@@ -185,9 +211,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Discard-everything HTTP/1.1 sink for benchmarks.")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port (printed on stdout).")
+    parser.add_argument("--log", metavar="PATH", help="append one line per request: time, Idempotency-Key, size, path")
     args = parser.parse_args(argv)
     with suppress(KeyboardInterrupt):
-        asyncio.run(serve(args.host, args.port))
+        asyncio.run(serve(args.host, args.port, log_path=args.log))
 
 
 if __name__ == "__main__":

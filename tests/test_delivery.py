@@ -134,14 +134,16 @@ def test_connection_refused_leaves_row_retrying(make_settings: Make, tmp_path: P
 def test_file_changed_while_sending_is_not_recorded(make_settings: Make, receiver: Any, tmp_path: Path) -> None:
     settings = multipart(make_settings, receiver)
     f = tmp_path / "big.csv"
-    f.write_bytes(b"x" * (5 * 1024 * 1024))
+    f.write_bytes(b"x" * (8 * 1024 * 1024))
     calls = []
 
-    def tamper(n: int) -> None:  # runs after the first chunk went out: change a byte further on
+    def tamper(n: int) -> None:
+        # Runs after the first chunk went out; the read-ahead is at most a few chunks (~3 MiB) ahead,
+        # so a byte near the end has not been read yet.
         calls.append(n)
         if len(calls) == 1:
             with f.open("r+b") as fh:
-                fh.seek(4 * 1024 * 1024)
+                fh.seek(8 * 1024 * 1024 - 100)
                 fh.write(b"y")
 
     with open_ledger(settings) as ledger, Deliverer(settings, "multipart") as deliverer:
