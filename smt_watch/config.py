@@ -289,7 +289,8 @@ def load_settings(
     merged: dict[str, str] = {}
     if env_file is not None:
         merged.update(parse_env_file(env_file))
-    merged.update(environ)
+    # An empty environment variable counts as unset, so it does not blank a value from the file.
+    merged.update({k: v for k, v in environ.items() if v.strip()})
     merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
     r = _Reader(merged)
     home_state = Path("~/.local/state/smt-watch").expanduser()
