@@ -1,9 +1,9 @@
 """`make demo`: the main job end to end on loopback, with embedded defaults and no network.
 
-Starts the reference receiver, writes a few SMT-shaped interval CSVs into a demo inbox, delivers them
-with `smt-watch post` by multipart and by inline JSON (base64 and base64+gzip), shows that a repeat is a
-duplicate, prints the ledger and what the receiver stored, then stops the receiver. Everything lives in
-./demo-run (recreated each time).
+Starts the reference receiver (a stand-in for IntelliWatt), `smt-watch watch` and `smt-watch serve`;
+drops interval CSVs into the inbox and uploads one through serve, and watch delivers them; shows a
+duplicate skipped, a legacy inline `post`, the ledger and what the receiver stored; then stops everything.
+Everything lives in ./demo-run (recreated each time), logs in ./demo-run/logs.
 """
 
 from __future__ import annotations
@@ -60,13 +60,40 @@ def smt(*args: str, env: dict[str, str]) -> int:
     return subprocess.run([EXE, *args], env=env).returncode
 
 
+def wait_until(condition: object, what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise SystemExit(f"demo: timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def http_json(url: str, data: bytes | None = None, headers: dict[str, str] | None = None) -> object:
+    req = urllib.request.Request(url, data=data, headers=headers or {})  # noqa: S310 (loopback only)
+    with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310 (loopback only)
+        return json.load(resp)
+
+
+def up(url: str) -> bool:
+    try:
+        urllib.request.urlopen(url, timeout=1).close()  # noqa: S310 (loopback only)
+        return True
+    except OSError:
+        return False
+
+
+def multipart_body(name: str, content: bytes, boundary: str = "demo-boundary") -> bytes:
+    return (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+            f"Content-Type: text/csv\r\n\r\n").encode() + content + f"\r\n--{boundary}--\r\n".encode()
+
+
 def main() -> int:
     shutil.rmtree(RUN, ignore_errors=True)
     inbox, state, data = RUN / "inbox", RUN / "state", RUN / "receiver"
     inbox.mkdir(parents=True)
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    # Demo-only tokens: the receiver checks them exactly as the real services do.
+    rport, sport = free_port(), free_port()
+    base, upload_server = f"http://127.0.0.1:{rport}", f"http://127.0.0.1:{sport}"
+    # Demo-only tokens: the receiver and serve check them exactly as the real services do.
     env = {
         **os.environ,
         "SMT_LOCAL_DIR": str(inbox),
@@ -74,53 +101,79 @@ def main() -> int:
         "ADMIN_TOKEN": "demo-admin-token",
         "SMT_UPLOAD_TOKEN": "demo-upload-token",
         "ESIID_DEFAULT": "10443720000000001",
+        "SMT_SETTLE_SECONDS": "0.5",
     }
-    for key in ("SMT_UPLOAD_URL", "INTELLIWATT_BASE_URL", "SMT_DELIVERY", "STATE_FILE"):
+    for key in ("SMT_UPLOAD_URL", "INTELLIWATT_BASE_URL", "SMT_DELIVERY", "STATE_FILE", "NOTIFY_SOCKET"):
         env.pop(key, None)
+    procs: list[subprocess.Popen[bytes]] = []
+    logs = RUN / "logs"
+    logs.mkdir()
 
-    step(f"start the reference receiver on {base}")
-    receiver = subprocess.Popen([EXE, "receive", "--port", str(port), "--data", str(data)], env=env)
+    def start(name: str, *args: str, extra: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        out = (logs / f"{name}.log").open("wb")
+        proc = subprocess.Popen([EXE, *args], env={**env, **(extra or {})}, stdout=out, stderr=out)
+        procs.append(proc)
+        return proc
+
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                urllib.request.urlopen(f"{base}/_receiver/files", timeout=1).close()  # noqa: S310 (loopback)
-                break
-            except OSError:
-                if time.monotonic() > deadline or receiver.poll() is not None:
-                    print("receiver did not start", file=sys.stderr)
-                    return 1
-                time.sleep(0.1)
+        step(f"start the reference receiver (stand-in for IntelliWatt) on {base}")
+        start("receiver", "receive", "--port", str(rport), "--data", str(data))
+        wait_until(lambda: up(f"{base}/_receiver/files"), "the receiver")
 
-        step("write three interval CSVs into the inbox")
-        a = interval_csv(inbox / "IntervalMeterUsage_M1001_jan.csv", "10443720000000001", date(2026, 1, 1), 31)
-        b = interval_csv(inbox / "IntervalMeterUsage_M1001_feb.csv", "10443720000000001", date(2026, 2, 1), 28)
-        c = interval_csv(inbox / "adhoc_apr.csv", "10443720000000002", date(2026, 4, 1), 30)
-        for f in (a, b, c):
-            print(f"  {f.name}  {f.stat().st_size:,} bytes")
+        step("start `smt-watch watch` (multipart to the receiver) and `smt-watch serve` (uploads)")
+        start("watch", "watch", extra={"SMT_UPLOAD_URL": f"{base}/upload"})
+        start("serve", "serve", "--port", str(sport))
+        wait_until(lambda: "Watching " in (logs / "watch.log").read_text(), "watch to start")
+        wait_until(lambda: up(f"{upload_server}/health"), "serve to start")
 
-        step("multipart delivery (SMT_UPLOAD_URL set: the droplet upload server path)")
-        rc = smt("post", str(a), str(b), env={**env, "SMT_UPLOAD_URL": f"{base}/upload"})
+        step("an operator copies two interval CSVs into the inbox (as scp or sync would)")
+        interval_csv(inbox / "IntervalMeterUsage_M1001_jan.csv", "10443720000000001", date(2026, 1, 1), 31)
+        nested = inbox / "adhocusage" / "2026"
+        nested.mkdir(parents=True)
+        interval_csv(nested / "IntervalMeterUsage_M1001_feb.csv", "10443720000000001", date(2026, 2, 1), 28)
 
-        step("inline delivery (only INTELLIWATT_BASE_URL set: the legacy /api/admin/smt/pull path, gzip)")
-        rc |= smt("post", str(c), env={**env, "INTELLIWATT_BASE_URL": base, "SMT_INLINE_ENCODING": "base64+gzip"})
+        step("the admin UI uploads a CSV to serve; it lands in the inbox and watch delivers it")
+        content = (RUN / "march.csv")
+        interval_csv(content, "10443720000000002", date(2026, 3, 1), 31)
+        reply = http_json(f"{upload_server}/upload", multipart_body("IntervalMeterUsage_M2002_mar.csv",
+                                                                   content.read_bytes()),
+                          {"Content-Type": "multipart/form-data; boundary=demo-boundary",
+                           "x-smt-upload-token": "demo-upload-token", "x-smt-upload-role": "admin"})
+        print("  serve answered:", json.dumps(reply)[:160], "…")
 
-        step("post everything again: the ledger knows these bytes, nothing is re-sent")
-        rc |= smt("post", str(a), str(b), str(c), env={**env, "SMT_UPLOAD_URL": f"{base}/upload"})
+        step("the same bytes again under another name: a duplicate, not delivered twice")
+        shutil.copy(inbox / "IntervalMeterUsage_M1001_jan.csv", inbox / "copy_of_jan.csv")
+
+        def delivered() -> int:
+            return len(http_json(f"{base}/_receiver/files"))  # type: ignore[arg-type]
+
+        wait_until(lambda: delivered() == 3 and "copy_of_jan.csv" in (logs / "watch.log").read_text(),
+                   "three deliveries")
+        for line in (logs / "watch.log").read_text().splitlines():
+            if "Delivered" in line or "Skipping" in line or "Droplet upload success" in line:
+                print("  watch:", line[:150])
+
+        step("legacy inline delivery with `smt-watch post` (INTELLIWATT_BASE_URL only, base64+gzip)")
+        c = interval_csv(RUN / "adhoc_apr.csv", "10443720000000002", date(2026, 4, 1), 30)
+        rc = smt("post", str(c), env={**env, "INTELLIWATT_BASE_URL": base, "SMT_INLINE_ENCODING": "base64+gzip"})
 
         step("the ledger")
         smt("ledger", "list", env=env)
 
         step("what the receiver stored (RawSmtFile)")
-        with urllib.request.urlopen(f"{base}/_receiver/files", timeout=5) as resp:  # noqa: S310 (loopback)
-            for row in json.load(resp):
-                print(f"  #{row['id']} {row['filename']:<36} {row['sizeBytes']:>9,} B  route={row['route']}"
-                      f"  esiid={row['esiid']}  meter={row['meter']}")
-        print(f"\ndemo files are in {RUN}")
+        for row in http_json(f"{base}/_receiver/files"):  # type: ignore[attr-defined]
+            print(f"  #{row['id']} {row['filename']:<44} {row['sizeBytes']:>9,} B  route={row['route']:<22}"
+                  f"  esiid={row['esiid']}  meter={row['meter']}")
+        print(f"\ndemo files and logs are in {RUN}")
         return rc
     finally:
-        receiver.send_signal(signal.SIGTERM)
-        receiver.wait(timeout=15)
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 if __name__ == "__main__":
