@@ -80,6 +80,7 @@ class Settings:
     smt_remote_dirs: tuple[str, ...] = ("/",)  # SMT_REMOTE_DIR
     known_hosts: Path = field(default_factory=lambda: Path("~/.ssh/known_hosts").expanduser())
     gnupghome: Path | None = None  # GNUPGHOME
+    gpg_passphrase: Secret | None = None  # SMT_GPG_PASSPHRASE: for a passphrase-protected decryption key
     upload_host: str = "127.0.0.1"  # SMT_UPLOAD_HOST
     upload_port: int = 8080  # SMT_UPLOAD_PORT
     webhook_port: int | None = None  # SMT_WEBHOOK_PORT
@@ -317,6 +318,7 @@ def load_settings(
         smt_remote_dirs=r.items("SMT_REMOTE_DIR", ("/",)),
         known_hosts=r.path("SMT_KNOWN_HOSTS", Path("~/.ssh/known_hosts").expanduser()) or Path(),
         gnupghome=r.path("GNUPGHOME"),
+        gpg_passphrase=r.secret("SMT_GPG_PASSPHRASE"),
         upload_host=r.text("SMT_UPLOAD_HOST", "127.0.0.1") or "127.0.0.1",
         upload_port=r.integer("SMT_UPLOAD_PORT", 8080, minimum=0, maximum=65535),
         webhook_port=r.integer("SMT_WEBHOOK_PORT", 0, minimum=0, maximum=65535) or None,
@@ -365,6 +367,4 @@ def delivery_mode(settings: Settings) -> str:
         raise ConfigError("SMT_DELIVERY=multipart needs SMT_UPLOAD_URL")
     if mode in ("inline", "raw-upload") and not settings.base_url:
         raise ConfigError(f"SMT_DELIVERY={mode} needs INTELLIWATT_BASE_URL")
-    if mode == "raw-upload":
-        raise ConfigError("SMT_DELIVERY=raw-upload is not available in this version; use multipart or inline")
     return mode

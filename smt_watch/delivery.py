@@ -5,7 +5,8 @@ byte iterator (every retry re-reads the file). The file is read in chunks and ha
 last chunk is held back until the hash is known, so a file that changed since it was hashed is never
 sent complete (:class:`FileChanged` aborts the request mid-body). Memory stays flat in file size.
 
-``raw-upload`` slots in as a third :class:`Mode` (chunks of lines, each its own request).
+``raw-upload`` (:mod:`smt_watch.rawupload`) sends chunks of lines, each its own request with its own
+retries, recording acknowledged chunks so a later attempt resumes after them.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from tenacity.stop import stop_base
 
 from smt_watch.config import Settings, redact_url
 from smt_watch.errors import DeliveryError, FileChanged, PermanentDelivery, RetryableDelivery
+from smt_watch.rawupload import ChunkStore, RawUploadMode, iter_chunks, plan_chunks
 
 log = logging.getLogger("smt_watch.delivery")
 
@@ -338,11 +340,13 @@ def _plain_chunks(path: Path, progress: Progress | None) -> Iterator[bytes]:
                 progress(len(data))
 
 
-def make_mode(settings: Settings, mode: str) -> Mode:
+def make_mode(settings: Settings, mode: str) -> Mode | RawUploadMode:
     if mode == "multipart":
         return MultipartMode(settings)
     if mode == "inline":
         return InlineMode(settings)
+    if mode == "raw-upload":
+        return RawUploadMode(settings)
     raise DeliveryError(f"delivery mode {mode!r} is not available")
 
 
@@ -413,8 +417,54 @@ class Deliverer:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def deliver(self, payload: Payload, progress: Progress | None = None) -> Result:
-        """Send with retries; raise a :class:`DeliveryError` (``.attempts`` set) when it did not land."""
+    def deliver(
+        self, payload: Payload, progress: Progress | None = None, chunks: ChunkStore | None = None
+    ) -> Result:
+        """Send with retries; raise a :class:`DeliveryError` (``.attempts`` set) when it did not land.
+
+        ``chunks`` (raw-upload only) remembers acknowledged chunks, so a later call resumes after them.
+        """
+        if isinstance(self.mode, RawUploadMode):
+            return self._deliver_raw(self.mode, payload, progress, chunks)
+        with self.mode.prepare(payload) as body:
+            status, text, attempts = self._send(payload.filename, body, payload.sha256, progress)
+        if self.mode.name == "multipart":
+            log.info("Droplet upload success (%d): %s", status, text[:200])
+        else:
+            log.info("Inline POST success (%d): %s", status, text[:200])
+        return Result(status=status, body=text, attempts=attempts, destination=self.destination)
+
+    def _deliver_raw(
+        self, mode: RawUploadMode, payload: Payload, progress: Progress | None, store: ChunkStore | None
+    ) -> Result:
+        plan = plan_chunks(payload.path, payload.size, payload.sha256, mode.lines_per_chunk)
+        total = len(plan)
+        acked = store.acked_chunks(payload.sha256, total) if store else {}
+        attempts, status, text = 0, 200, ""
+        try:
+            for number, content in enumerate(iter_chunks(payload.path, mode.lines_per_chunk), start=1):
+                chunk_sha, _ = plan[number - 1]
+                if acked.get(number) == chunk_sha:
+                    continue
+                if hashlib.sha256(content).hexdigest() != chunk_sha:
+                    raise FileChanged(f"{payload.filename}: changed while its chunks were being sent")
+                data = mode.chunk_json(payload.filename, payload.esiid, payload.meter, payload.source, number, total,
+                                       content, chunk_sha)
+                body = Body("application/json", len(data), _constant(data))
+                status, text, used = self._send(f"{payload.filename} part {number}/{total}", body, chunk_sha, None)
+                attempts += used
+                if store:
+                    store.ack_chunk(payload.sha256, number, total, chunk_sha)
+                if progress:
+                    progress(len(content))
+        except DeliveryError as exc:
+            exc.attempts += attempts
+            raise
+        log.info("Raw upload success (%d): %s in %d chunk(s): %s", status, payload.filename, total, text[:200])
+        return Result(status=status, body=text, attempts=attempts, destination=self.destination)
+
+    def _send(self, name: str, body: Body, key: str, progress: Progress | None) -> tuple[int, str, int]:
+        """One request with in-call retries; returns status, body text and the number of attempts."""
         attempts = 0
         s = self._settings
 
@@ -426,10 +476,8 @@ class Deliverer:
         def before_sleep(state: tenacity.RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
             delay = state.next_action.sleep if state.next_action else 0.0
-            log.warning(
-                "Retrying %s in %.1fs after %s (attempt %d of %d)",
-                payload.filename, delay, exc, state.attempt_number, s.retry_attempts,
-            )
+            log.warning("Retrying %s in %.1fs after %s (attempt %d of %d)",
+                        name, delay, exc, state.attempt_number, s.retry_attempts)
 
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(RetryableDelivery),
@@ -439,25 +487,20 @@ class Deliverer:
             reraise=True,
         )
         try:
-            with self.mode.prepare(payload) as body:
-                for attempt in retrying:
-                    with attempt:
-                        attempts += 1
-                        status, text = self._attempt(payload, body, progress)
+            for attempt in retrying:
+                with attempt:
+                    attempts += 1
+                    status, text = self._attempt(key, body, progress)
         except DeliveryError as exc:
             exc.attempts = attempts
             raise
-        if self.mode.name == "multipart":
-            log.info("Droplet upload success (%d): %s", status, text[:200])
-        else:
-            log.info("Inline POST success (%d): %s", status, text[:200])
-        return Result(status=status, body=text, attempts=attempts, destination=self.destination)
+        return status, text, attempts
 
-    def _attempt(self, payload: Payload, body: Body, progress: Progress | None) -> tuple[int, str]:
+    def _attempt(self, key: str, body: Body, progress: Progress | None) -> tuple[int, str]:
         headers = {
             "Content-Type": body.content_type,
             "Content-Length": str(body.length),
-            "Idempotency-Key": payload.sha256,
+            "Idempotency-Key": key,
             "User-Agent": "smt-watch",
             **self.mode.auth_headers(),
         }
@@ -484,6 +527,15 @@ class Deliverer:
         for secret in self._secrets:
             text = text.replace(secret, "***")
         return text
+
+
+def _constant(data: bytes) -> Callable[[Progress | None], Iterator[bytes]]:
+    """A body factory for a chunk already in memory (bounded by SMT_RAW_LINES_PER_CHUNK lines)."""
+
+    def chunks(_progress: Progress | None) -> Iterator[bytes]:
+        yield data
+
+    return chunks
 
 
 def _reports_failure(response: httpx.Response) -> bool:

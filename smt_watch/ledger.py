@@ -32,7 +32,7 @@ SHA256_RE: Final = re.compile(r"^[0-9a-f]{64}$")
 STALE_FOREIGN_CLAIM_SECONDS: Final = 6 * 3600
 _FILE_COLUMNS: Final = (
     "sha256, filename, path, size, state, attempts, http_status, last_error, first_seen, updated_at, "
-    "sent_at, destination, mode, next_attempt_at, claimed_by, origin"
+    "sent_at, destination, mode, next_attempt_at, claimed_by, origin, parent"
 )
 
 
@@ -81,6 +81,7 @@ class Row:
     next_attempt_at: float | None
     claimed_by: str | None
     origin: str
+    parent: str | None = None  # SHA-256 of the .asc/.zip this CSV was unpacked from
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -160,8 +161,23 @@ def _migration_4(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX uploads_account ON uploads(role, account, at)")
 
 
+def _migration_5(db: sqlite3.Connection) -> None:
+    """CSVs unpacked from an .asc/.zip name their parent; raw-upload remembers acknowledged chunks."""
+    db.execute("ALTER TABLE files ADD COLUMN parent TEXT")
+    db.execute(
+        """CREATE TABLE chunks (
+            sha256 TEXT NOT NULL,
+            part INTEGER NOT NULL,
+            parts INTEGER NOT NULL,
+            chunk_sha256 TEXT NOT NULL,
+            acked_at TEXT NOT NULL,
+            PRIMARY KEY (sha256, part)
+        )"""
+    )
+
+
 MIGRATIONS: Final[tuple[Callable[[sqlite3.Connection], None], ...]] = (
-    _migration_1, _migration_2, _migration_3, _migration_4,
+    _migration_1, _migration_2, _migration_3, _migration_4, _migration_5,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -289,6 +305,7 @@ class Ledger:
         mode: str,
         force: bool = False,
         respect_backoff: bool = False,
+        parent: str | None = None,
     ) -> Claim:
         """Take the row for delivery unless it is already sent (and not forced) or in flight elsewhere.
 
@@ -303,8 +320,8 @@ class Ledger:
             if row is None:
                 db.execute(
                     "INSERT INTO files (sha256, filename, path, size, state, first_seen, updated_at, mode,"
-                    " claimed_by, claimed_at) VALUES (?, ?, ?, ?, 'sending', ?, ?, ?, ?, ?)",
-                    (sha256, filename, path, size, now, now, mode, self._me, time.time()),
+                    " claimed_by, claimed_at, parent) VALUES (?, ?, ?, ?, 'sending', ?, ?, ?, ?, ?, ?)",
+                    (sha256, filename, path, size, now, now, mode, self._me, time.time(), parent),
                 )
                 return Claim.CLAIMED
             if row["state"] == "sent" and not force:
@@ -320,8 +337,9 @@ class Ledger:
                 return Claim.BUSY
             db.execute(
                 "UPDATE files SET state = 'sending', filename = ?, path = ?, size = ?, mode = ?,"
-                " updated_at = ?, claimed_by = ?, claimed_at = ?, next_attempt_at = NULL WHERE sha256 = ?",
-                (filename, path, size, mode, now, self._me, time.time(), sha256),
+                " updated_at = ?, claimed_by = ?, claimed_at = ?, next_attempt_at = NULL,"
+                " parent = COALESCE(?, parent) WHERE sha256 = ?",
+                (filename, path, size, mode, now, self._me, time.time(), parent, sha256),
             )
             return Claim.CLAIMED
 
@@ -334,7 +352,7 @@ class Ledger:
                 (*values.values(), attempts, sha256),
             )
 
-    def mark_sent(self, sha256: str, *, status: int, destination: str, attempts: int) -> None:
+    def mark_sent(self, sha256: str, *, status: int | None, destination: str, attempts: int) -> None:
         self._finish(
             sha256, "sent", attempts, http_status=status, destination=destination, sent_at=now_iso(),
             last_error=None, next_attempt_at=None,
@@ -361,7 +379,11 @@ class Ledger:
 
     def forget(self, sha256s: Iterable[str]) -> int:
         with self.atomic() as db:
-            return sum(db.execute("DELETE FROM files WHERE sha256 = ?", (s,)).rowcount for s in sha256s)
+            removed = 0
+            for s in sha256s:
+                removed += db.execute("DELETE FROM files WHERE sha256 = ?", (s,)).rowcount
+                db.execute("DELETE FROM chunks WHERE sha256 = ?", (s,))
+            return removed
 
     def import_hashes(self, entries: Iterable[tuple[str, str | None]], origin: str) -> int:
         """Record already-delivered hashes as ``sent``; existing rows are left alone. Returns rows added."""
@@ -464,3 +486,17 @@ class Ledger:
     def quick_check(self) -> str:
         """``ok``, or SQLite's description of the first problems found."""
         return "; ".join(str(r[0]) for r in self._query("PRAGMA quick_check"))
+
+    # --- raw-upload chunk progress --------------------------------------------------------------------
+
+    def acked_chunks(self, sha256: str, parts: int) -> dict[int, str]:
+        """part number -> chunk SHA-256 acknowledged for this file split into ``parts`` chunks."""
+        return {int(r[0]): str(r[1]) for r in self._query(
+            "SELECT part, chunk_sha256 FROM chunks WHERE sha256 = ? AND parts = ?", (sha256, parts))}
+
+    def ack_chunk(self, sha256: str, part: int, parts: int, chunk_sha256: str) -> None:
+        with self.atomic() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO chunks (sha256, part, parts, chunk_sha256, acked_at) VALUES (?, ?, ?, ?, ?)",
+                (sha256, part, parts, chunk_sha256, now_iso()),
+            )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -15,6 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from smt_watch.config import Settings, delivery_mode
+from smt_watch.content import ContentError, csv_part, is_container, unpack, work_dir
 from smt_watch.delivery import IN_CALL_MAX_WAIT, Deliverer, Payload, Progress, backoff_delay, meter_for
 from smt_watch.errors import (
     ConfigError,
@@ -38,26 +40,29 @@ class Outcome:
     path: Path
     result: str  # sent | duplicate | failed | retrying | changed | busy | later | error
     sha256: str | None = None
+    name: str | None = None  # the name delivered (a CSV inside an .asc/.zip has its own)
     size: int | None = None
     status: int | None = None
     attempts: int = 0
     error: str | None = None
     seconds: float = 0.0
+    children: tuple[Outcome, ...] = ()  # the CSVs of an .asc/.zip
 
     @property
     def ok(self) -> bool:
         return self.result in ("sent", "duplicate")
 
 
-def payload_for(settings: Settings, ident: FileIdentity) -> Payload:
-    name = ident.path.name
+def payload_for(settings: Settings, ident: FileIdentity, name: str | None = None, esiid: str | None = None
+                ) -> Payload:
+    name = name or ident.path.name
     return Payload(
         path=ident.path,
         filename=name,
         sha256=ident.sha256,
         size=ident.size,
         mtime=ident.mtime,
-        esiid=settings.esiid_default or "",
+        esiid=esiid or settings.esiid_default or "",
         meter=meter_for(name, settings.meter_default),
         source=settings.source_tag,
     )
@@ -101,30 +106,118 @@ def deliver_identified(
     started: float | None = None,
 ) -> Outcome:
     """Claim and send content whose SHA-256 is already known (the watcher knows it from its stat cache;
-    sending re-hashes the bytes anyway, so a stale cache can never deliver wrong content)."""
-    started = time.monotonic() if started is None else started
-    path = ident.path
-    payload = payload_for(settings, ident)
-    mode = deliverer.mode.name
-    deadline = started + busy_wait
+    sending re-hashes the bytes anyway, so a stale cache can never deliver wrong content).
+
+    An ``.asc``/``.zip`` is unpacked and each CSV inside delivered on its own (see :func:`_container`).
+    """
+    options = _Options(force, busy_wait, respect_backoff, progress,
+                       time.monotonic() if started is None else started)
+    if is_container(ident.path.name):
+        return _container(settings, ledger, deliverer, ident, options)
+    return _one(settings, ledger, deliverer, ident, ident.path.name, None, options)
+
+
+@dataclass(frozen=True)
+class _Options:
+    force: bool
+    busy_wait: float
+    respect_backoff: bool
+    progress: Progress | None
+    started: float
+
+
+def _claim(ledger: Ledger, ident: FileIdentity, name: str, mode: str, parent: str | None, o: _Options) -> Claim:
+    force = o.force
+    deadline = o.started + o.busy_wait
     while True:
         claim = ledger.claim(
-            ident.sha256, filename=payload.filename, path=str(path.absolute()), size=ident.size,
-            mode=mode, force=force, respect_backoff=respect_backoff,
+            ident.sha256, filename=name, path=str(ident.path.absolute()), size=ident.size, mode=mode,
+            force=force, respect_backoff=o.respect_backoff, parent=parent,
         )
         if claim is not Claim.BUSY or time.monotonic() >= deadline:
-            break
+            return claim
         time.sleep(0.1)
         force = False  # what the other sender achieved counts as our forced re-send
-    base = Outcome(path, claim.value, sha256=ident.sha256, size=ident.size)
-    if claim is Claim.LATER:
-        return base
+
+
+def _unclaimed(claim: Claim, base: Outcome, name: str) -> Outcome | None:
+    """The outcome when the claim was not ours to act on, else None."""
+    if claim is Claim.CLAIMED:
+        return None
     if claim is Claim.DUPLICATE:
-        log.info("Skipping %s: already sent (sha256 %s)", payload.filename, ident.sha256[:12])
-        return base
+        log.info("Skipping %s: already sent (sha256 %s)", name, base.sha256[:12] if base.sha256 else "-")
     if claim is Claim.BUSY:
         return replace(base, error="another smt-watch process is sending these bytes now")
-    return _send(settings, ledger, deliverer, payload, base, started, progress)
+    return base
+
+
+def _one(settings: Settings, ledger: Ledger, deliverer: Deliverer, ident: FileIdentity, name: str,
+         parent: str | None, o: _Options) -> Outcome:
+    """One CSV: claim, validate (SMT_VALIDATE) and pick its ESIID, send, record."""
+    claim = _claim(ledger, ident, name, deliverer.mode.name, parent, o)
+    base = Outcome(ident.path, claim.value, sha256=ident.sha256, size=ident.size, name=name)
+    early = _unclaimed(claim, base, name)
+    if early is not None:
+        return early
+    try:
+        part = csv_part(settings, ident, name, parent)
+    except ContentError as exc:
+        ledger.mark_failed(ident.sha256, status=None, error=str(exc), attempts=0)
+        log.error("Delivery failed for %s: %s", name, exc)
+        return replace(base, result="failed", error=str(exc))
+    except BaseException:
+        ledger.release(ident.sha256, error="interrupted", attempts=0)
+        raise
+    payload = payload_for(settings, ident, name, part.esiid)
+    return _send(settings, ledger, deliverer, payload, base, o.started, o.progress)
+
+
+def _container(settings: Settings, ledger: Ledger, deliverer: Deliverer, ident: FileIdentity,
+               o: _Options) -> Outcome:
+    """Unpack an .asc/.zip and deliver every CSV in it; the parent row sums up its children.
+
+    The parent is ``sent`` when every CSV is sent or a duplicate, ``failed`` when one was refused or the
+    container could not be opened, otherwise ``retrying`` (taken again when its CSVs are due; those
+    already sent are then duplicates). The work dir is removed after every pass.
+    """
+    name = ident.path.name
+    claim = _claim(ledger, ident, name, "unpack", None, o)
+    base = Outcome(ident.path, claim.value, sha256=ident.sha256, size=ident.size, name=name)
+    early = _unclaimed(claim, base, name)
+    if early is not None:
+        return early
+    try:
+        parts = unpack(settings, ident)
+    except ContentError as exc:
+        ledger.mark_failed(ident.sha256, status=None, error=str(exc), attempts=0)
+        log.error("Cannot deliver %s: %s", name, exc)
+        return replace(base, result="failed", error=str(exc))
+    except BaseException:
+        ledger.release(ident.sha256, error="interrupted", attempts=0)
+        raise
+    try:
+        children = [_one(settings, ledger, deliverer, p.ident, p.name, ident.sha256, o) for p in parts]
+    except BaseException:
+        ledger.release(ident.sha256, error="interrupted", attempts=0)
+        raise
+    finally:
+        shutil.rmtree(work_dir(settings) / ident.sha256, ignore_errors=True)
+    done = replace(base, children=tuple(children), seconds=_since(o.started))
+    failed = [c for c in children if c.result in ("failed", "error")]
+    if all(c.ok for c in children):
+        ledger.mark_sent(ident.sha256, status=None, destination=f"unpacked into {len(children)} CSV file(s)",
+                         attempts=0)
+        return replace(done, result="sent")
+    if failed:
+        error = f"{len(failed)} of {len(children)} CSV file(s) failed: {failed[0].name}: {failed[0].error}"
+        ledger.mark_failed(ident.sha256, status=failed[0].status, error=error, attempts=0)
+        return replace(done, result="failed", error=error)
+    waits = [r.next_attempt_at for c in children if (r := ledger.get(c.sha256 or "")) and r.next_attempt_at]
+    next_at = min(waits) if waits else time.time() + backoff_delay(1, settings.retry_backoff)
+    pending = [c for c in children if not c.ok]
+    error = f"{len(pending)} of {len(children)} CSV file(s) not delivered yet: {pending[0].error or pending[0].result}"
+    ledger.mark_retrying(ident.sha256, status=None, error=error, attempts=0, next_attempt_at=next_at)
+    return replace(done, result="retrying", error=error)
 
 
 def _send(
@@ -138,7 +231,7 @@ def _send(
 ) -> Outcome:
     sha = payload.sha256
     try:
-        result = deliverer.deliver(payload, progress)
+        result = deliverer.deliver(payload, progress, chunks=ledger)
     except FileChanged as exc:
         ledger.release(sha, error=str(exc), attempts=exc.attempts)
         log.warning("Abandoned %s: %s; it stays pending", payload.filename, exc)

@@ -25,7 +25,7 @@ from pathlib import Path
 import tenacity
 
 from smt_watch.config import Settings
-from smt_watch.errors import ConfigError
+from smt_watch.errors import ConfigError, SmtWatchError
 from smt_watch.hashing import identify
 from smt_watch.ledger import Ledger
 from smt_watch.pipeline import open_ledger
@@ -181,15 +181,17 @@ def _fetch_all(
                 try:
                     forget = ledger.forget if force_repost else None
                     conn, dest, sha = _fetch_with_retries(settings, conn, remote, on_bytes, forget)
-                except SftpError as exc:
-                    log.error("Failed to fetch %s: %s", remote.path, exc)
-                    with lock:
-                        report.failed.append(remote.path)
-                    continue
                 except ConfigError as exc:
                     with lock:
                         fatal.append(exc)
                     return
+                except (SmtWatchError, OSError) as exc:
+                    # A local problem (disk full, a file where a directory should be) fails this file only.
+                    reason = exc if isinstance(exc, SmtWatchError) else f"{type(exc).__name__}: {exc}"
+                    log.error("Failed to fetch %s: %s", remote.path, reason)
+                    with lock:
+                        report.failed.append(remote.path)
+                    continue
                 ledger.record_fetch(remote.path, remote.size, remote.mtime, sha, str(dest))
                 with lock:
                     report.fetched.append(dest)

@@ -341,39 +341,49 @@ class WatchService:
         return ident
 
     def _record(self, job: Job, ident: FileIdentity, o: Outcome) -> None:
+        """Counts, metrics and one log line per delivered CSV; then the file's after-send action."""
         key = str(job.path)
-        m = self.mode
         if o.result in ("sent", "duplicate", "failed", "retrying", "later") and key in self._cache:
             state = {"duplicate": "sent", "later": None}.get(o.result, o.result)
             self._cache[key] = (*self._cache[key][:5], state)
+        latency = time.monotonic() - job.ready_at
+        for item in o.children or (o,):
+            self._count(item, latency, job.path.name if o.children else None)
+        if o.children and o.result == "failed":
+            log.error("Failed %s sha256=%s: %s", job.path.name, ident.sha256[:12], o.error)
+        if o.result in ("sent", "duplicate"):
+            self._after_send(job.path, ident)
+        elif o.result in ("changed", "busy"):
+            self._look_again(job.path, BUSY_RECHECK_SECONDS)
+
+    def _count(self, o: Outcome, latency: float, parent: str | None) -> None:
+        m = self.mode
+        name = o.name or o.path.name
+        origin = f" from={parent}" if parent else ""
+        sha = (o.sha256 or "-")[:12]
         if o.result == "sent":
-            latency = time.monotonic() - job.ready_at
             with self._lock:
                 self.counts.sent += 1
             self.metrics.delivered.labels(m).inc()
-            self.metrics.bytes.labels(m).inc(ident.size)
+            self.metrics.bytes.labels(m).inc(o.size or 0)
             self.metrics.latency.observe(latency)
             self.metrics.last_success.set(time.time())
-            log.info("Delivered %s sha256=%s size=%d mode=%s status=%s attempts=%d latency=%.3fs",
-                     job.path.name, ident.sha256[:12], ident.size, m, o.status, o.attempts, latency)
-            self._after_send(job.path, ident)
+            log.info("Delivered %s sha256=%s size=%d mode=%s status=%s attempts=%d latency=%.3fs%s",
+                     name, sha, o.size or 0, m, o.status, o.attempts, latency, origin)
         elif o.result == "duplicate":
             with self._lock:
                 self.counts.duplicate += 1
             self.metrics.duplicates.inc()
-            self._after_send(job.path, ident)
-        elif o.result == "failed":
+        elif o.result in ("failed", "error"):
             with self._lock:
                 self.counts.failed += 1
             self.metrics.failed.labels(m).inc()
-            log.error("Failed %s sha256=%s size=%d mode=%s status=%s attempts=%d: %s",
-                      job.path.name, ident.sha256[:12], ident.size, m, o.status, o.attempts, o.error)
+            log.error("Failed %s sha256=%s size=%d mode=%s status=%s attempts=%d: %s%s",
+                      name, sha, o.size or 0, m, o.status, o.attempts, o.error, origin)
         elif o.result == "retrying":
             with self._lock:
                 self.counts.retrying += 1
             self.metrics.retried.labels(m).inc()
-        elif o.result in ("changed", "busy"):
-            self._look_again(job.path, BUSY_RECHECK_SECONDS)
 
     def _after_send(self, path: Path, ident: FileIdentity) -> None:
         """``SMT_AFTER_SEND``: keep, move to the archive (relative path kept, never overwriting), delete."""

@@ -1,0 +1,175 @@
+"""What a ready file turns into: one or more CSV deliveries (SPEC §6).
+
+- ``*.csv``: itself.
+- ``*.zip``: every CSV inside, each its own delivery.
+- ``*.asc``: decrypted with gpg (``GNUPGHOME``), then treated as above (SMT sends encrypted ZIPs).
+
+Decrypted and extracted files go to a private work dir under ``SMT_STATE_DIR`` (never the inbox, so the
+watcher never sees them as new files); identity is each CSV's SHA-256, so SMT re-sending the same data
+under new encryption is a duplicate. A ZIP entry with an absolute or ``..`` name, one that would unpack
+past ``SMT_MAX_UNPACKED_BYTES`` or more than 200× its compressed size, a wrong key, bad armour or a ZIP
+with no CSV fails the parent file with one clear reason (:class:`ContentError`) and extracts nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Final
+
+from smt_watch.config import Settings
+from smt_watch.errors import SmtWatchError
+from smt_watch.hashing import FileIdentity, identify
+from smt_watch.smtcsv import sniff
+
+log = logging.getLogger("smt_watch.content")
+
+MAX_RATIO: Final = 200
+ZIP_MAGIC: Final = b"PK\x03\x04"
+
+
+class ContentError(SmtWatchError):
+    """The file cannot become a delivery (undecryptable, unsafe ZIP, not SMT data): the row is ``failed``."""
+
+
+@dataclass(frozen=True)
+class Part:
+    """One CSV to deliver: where its bytes are, under which name, with which ESIID."""
+
+    ident: FileIdentity
+    name: str
+    esiid: str | None
+    kind: str
+    parent: str | None = None  # SHA-256 of the .asc/.zip it came from
+
+
+def work_dir(settings: Settings) -> Path:
+    return settings.state_dir / "work"
+
+
+def is_container(name: str) -> bool:
+    return name.lower().endswith((".asc", ".zip"))
+
+
+def csv_part(settings: Settings, ident: FileIdentity, name: str, parent: str | None = None) -> Part:
+    """Validate a CSV and pick its ESIID: the file's own when it holds exactly one, else ESIID_DEFAULT."""
+    try:
+        found = sniff(ident.path)
+    except OSError as exc:
+        raise ContentError(f"{name}: cannot read: {exc.strerror}") from None
+    if found.kind == "other" and settings.validate:
+        raise ContentError(f"not an SMT file: {name} (no ESIID column; set SMT_VALIDATE=0 to deliver anyway)")
+    esiid: str | None = None
+    if len(found.esiids) == 1:
+        esiid = next(iter(found.esiids))
+    elif len(found.esiids) > 1:
+        log.warning("%s holds %d ESIIDs; sending it with ESIID_DEFAULT", name, len(found.esiids))
+    return Part(ident, name, esiid, found.kind, parent)
+
+
+def unpack(settings: Settings, ident: FileIdentity) -> list[Part]:
+    """Decrypt and/or unzip a container into the work dir; every CSV inside becomes a :class:`Part`."""
+    dest = work_dir(settings) / ident.sha256
+    if dest.exists():
+        shutil.rmtree(dest)  # a crash mid-unpack: start over, nothing in there was delivered from it
+    dest.mkdir(parents=True, mode=0o700)
+    try:
+        source = ident.path
+        if ident.path.name.lower().endswith(".asc"):
+            source = decrypt(settings, ident.path, dest / ".decrypted")
+        with source.open("rb") as fh:
+            is_zip = fh.read(4) == ZIP_MAGIC
+        if is_zip:
+            paths = extract(settings, source, dest)
+        elif source is not ident.path:  # an .asc holding a plain CSV
+            paths = [source.rename(dest / ident.path.name.removesuffix(".asc").removesuffix(".ASC"))]
+        else:
+            raise ContentError(f"{ident.path.name}: not a ZIP file")
+        if source is not ident.path:
+            source.unlink(missing_ok=True)
+        parts = [csv_part(settings, identify(p), p.name, parent=ident.sha256) for p in paths]
+    except BaseException:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
+    log.info("Unpacked %s: %d CSV file(s)", ident.path.name, len(parts))
+    return parts
+
+
+def decrypt(settings: Settings, path: Path, out: Path) -> Path:
+    import gnupg
+
+    try:
+        gpg = gnupg.GPG(gnupghome=str(settings.gnupghome) if settings.gnupghome else None)
+    except (OSError, ValueError) as exc:
+        raise ContentError(f"{path.name}: gpg is not usable: {exc}") from None
+    passphrase = settings.gpg_passphrase.reveal() if settings.gpg_passphrase else None
+    with path.open("rb") as fh:
+        result = gpg.decrypt_file(fh, output=str(out), passphrase=passphrase)
+    if not result.ok:
+        out.unlink(missing_ok=True)
+        status = result.status or "gpg failed"
+        if "no secret key" in (result.stderr or "").lower() or status == "no secret key":
+            status = "no secret key for it in GNUPGHOME"
+        elif "no valid openpgp data" in (result.stderr or "").lower():
+            status = "not PGP data (corrupt armour?)"
+        raise ContentError(f"{path.name}: cannot decrypt: {status}")
+    return out
+
+
+def _safe_entry(name: str) -> PurePosixPath:
+    rel = PurePosixPath(name.replace("\\", "/"))
+    if rel.is_absolute() or ".." in rel.parts or name.startswith(("/", "\\")) or ":" in (rel.parts or ("",))[0]:
+        raise ContentError(f"unsafe ZIP entry name {name!r}")
+    return rel
+
+
+def extract(settings: Settings, archive: Path, dest: Path) -> list[Path]:
+    """Extract the CSVs of a ZIP after checking every entry; refuse the whole archive on any risk."""
+    limit = settings.max_unpacked_bytes
+    try:
+        zf = zipfile.ZipFile(archive)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise ContentError(f"{archive.name}: not a readable ZIP ({exc})") from None
+    with zf:
+        entries = [i for i in zf.infolist() if not i.is_dir()]
+        for info in entries:
+            _safe_entry(info.filename)
+        csvs = [i for i in entries if i.filename.lower().endswith(".csv")]
+        if not csvs:
+            raise ContentError(f"{archive.name}: no CSV inside")
+        total = sum(i.file_size for i in csvs)
+        if total > limit:
+            raise ContentError(f"{archive.name}: would unpack to {total} bytes, over SMT_MAX_UNPACKED_BYTES ({limit})")
+        for info in csvs:
+            if info.file_size > MAX_RATIO * max(info.compress_size, 1):
+                raise ContentError(
+                    f"{archive.name}: entry {info.filename!r} expands more than {MAX_RATIO}x (zip bomb?)"
+                )
+        paths = []
+        for n, info in enumerate(csvs):
+            name = PurePosixPath(info.filename.replace("\\", "/")).name
+            target = dest / (name if not (dest / name).exists() else f"{n}_{name}")
+            _copy_capped(zf, info, target, limit)
+            paths.append(target)
+    return paths
+
+
+def _copy_capped(zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, limit: int) -> None:
+    """Copy one entry; declared sizes can lie, so the bytes actually produced are counted too."""
+    written = 0
+    cap = min(limit, info.file_size)
+    try:
+        with zf.open(info) as src, target.open("wb") as out:
+            while data := src.read(1024 * 1024):
+                written += len(data)
+                if written > cap:
+                    raise ContentError(f"entry {info.filename!r} is larger than declared (zip bomb?)")
+                out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+    except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, NotImplementedError) as exc:
+        raise ContentError(f"entry {info.filename!r} cannot be extracted: {exc}") from None
