@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -24,7 +26,7 @@ from typing import Final
 from smt_watch.config import Settings
 from smt_watch.errors import SmtWatchError
 from smt_watch.hashing import FileIdentity, identify
-from smt_watch.smtcsv import sniff
+from smt_watch.smtcsv import Summary, sniff, summarize_file
 
 log = logging.getLogger("smt_watch.content")
 
@@ -78,25 +80,43 @@ def unpack(settings: Settings, ident: FileIdentity) -> list[Part]:
         shutil.rmtree(dest)  # a crash mid-unpack: start over, nothing in there was delivered from it
     dest.mkdir(parents=True, mode=0o700)
     try:
-        source = ident.path
-        if ident.path.name.lower().endswith(".asc"):
-            source = decrypt(settings, ident.path, dest / ".decrypted")
-        with source.open("rb") as fh:
-            is_zip = fh.read(4) == ZIP_MAGIC
-        if is_zip:
-            paths = extract(settings, source, dest)
-        elif source is not ident.path:  # an .asc holding a plain CSV
-            paths = [source.rename(dest / ident.path.name.removesuffix(".asc").removesuffix(".ASC"))]
-        else:
-            raise ContentError(f"{ident.path.name}: not a ZIP file")
-        if source is not ident.path:
-            source.unlink(missing_ok=True)
+        paths = open_container(settings, ident.path, dest)
         parts = [csv_part(settings, identify(p), p.name, parent=ident.sha256) for p in paths]
     except BaseException:
         shutil.rmtree(dest, ignore_errors=True)
         raise
     log.info("Unpacked %s: %d CSV file(s)", ident.path.name, len(parts))
     return parts
+
+
+def open_container(settings: Settings, path: Path, dest: Path) -> list[Path]:
+    """Decrypt (``.asc``) and unzip into ``dest`` (a private, empty directory); return the CSV paths."""
+    source = path
+    if path.name.lower().endswith(".asc"):
+        source = decrypt(settings, path, dest / ".decrypted")
+    with source.open("rb") as fh:
+        is_zip = fh.read(4) == ZIP_MAGIC
+    if is_zip:
+        paths = extract(settings, source, dest)
+    elif source is not path:  # an .asc holding a plain CSV
+        inner = re.sub(r"\.asc$", "", path.name, flags=re.IGNORECASE)
+        paths = [source.rename(dest / (inner if inner.lower().endswith(".csv") else inner + ".csv"))]
+    else:
+        raise ContentError(f"{path.name}: not a ZIP file")
+    if source is not path:
+        source.unlink(missing_ok=True)
+    return paths
+
+
+def encrypt(settings: Settings, data: bytes, recipient: str) -> bytes:
+    """Armoured PGP encryption to ``recipient`` (for ``sample --encrypt-to``: SMT-shaped test files)."""
+    import gnupg
+
+    gpg = gnupg.GPG(gnupghome=str(settings.gnupghome) if settings.gnupghome else None)
+    result = gpg.encrypt(data, recipient, armor=True, always_trust=True)
+    if not result.ok:
+        raise ContentError(f"cannot encrypt to {recipient}: {result.status or 'gpg failed'}")
+    return bytes(result.data)
 
 
 def decrypt(settings: Settings, path: Path, out: Path) -> Path:
@@ -173,3 +193,16 @@ def _copy_capped(zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, limit
             os.fsync(out.fileno())
     except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, NotImplementedError) as exc:
         raise ContentError(f"entry {info.filename!r} cannot be extracted: {exc}") from None
+
+
+def inspect_path(settings: Settings, path: Path) -> list[Summary]:
+    """``smt-watch inspect``: a summary of every CSV in a .csv, .zip or .asc (unpacked to a private temp dir)."""
+    if not path.is_file():
+        raise ContentError(f"{path}: no such file")
+    if not is_container(path.name):
+        try:
+            return [summarize_file(path)]
+        except OSError as exc:
+            raise ContentError(f"{path}: cannot read: {exc.strerror}") from None
+    with tempfile.TemporaryDirectory(prefix="smt-watch-inspect-") as tmp:
+        return [summarize_file(p) for p in open_container(settings, path, Path(tmp))]

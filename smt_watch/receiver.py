@@ -38,13 +38,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from smt_watch.receiver_raw import PART_RE, RawStore
 from smt_watch.uploads import MalformedUpload, UploadTooLarge, read_multipart
 
 log = logging.getLogger("smt_watch.receiver")
 
 PULL_PATH = "/api/admin/smt/pull"
 UPLOAD_PATH = "/upload"
-RAW_UPLOAD_PATH = "/api/admin/smt/raw-upload"  # reserved: see the slot in create_app
+RAW_UPLOAD_PATH = "/api/admin/smt/raw-upload"
 ENCODINGS = ("base64", "base64+gzip")
 _SCHEMA = """CREATE TABLE IF NOT EXISTS RawSmtFile (
     id INTEGER PRIMARY KEY, filename TEXT NOT NULL, sha256 TEXT NOT NULL UNIQUE, sizeBytes INTEGER NOT NULL,
@@ -185,6 +186,7 @@ class ReceiverState:
         self.faults: collections.deque[Fault] = collections.deque()
         self.requests: list[RequestRecord] = []
         self.store = FileStore(data_dir)
+        self.raw = RawStore(data_dir)
         self._changed = threading.Condition()
 
     def record(self, rec: RequestRecord) -> None:
@@ -407,6 +409,49 @@ async def _pull(request: Request, state: ReceiverState, outcome: _Outcome) -> Re
     return _stored(sha256, id_, len(content), dup, outcome)
 
 
+async def _raw_upload(request: Request, state: ReceiverState, outcome: _Outcome) -> Response:
+    """One chunk of a CSV: validated, stored once, its intervals counted; the whole file once complete."""
+    if not _authorized(request.headers.get("x-admin-token"), state.admin_token):
+        raise _Problem(401, "unauthorized")
+    try:
+        payload = json.loads(await request.body())
+    except ValueError as exc:
+        raise _Problem(400, "INVALID_JSON", str(exc)) from None
+    if not isinstance(payload, dict):
+        raise _Problem(400, "INVALID_JSON", "body must be a JSON object")
+    outcome.fields = {k: v for k, v in payload.items() if k != "contentBase64"}
+    for key in ("filename", "sizeBytes", "sha256", "contentBase64", "contentType"):
+        if key not in payload:
+            raise _Problem(400, "MISSING_FIELD", key)
+    match = PART_RE.match(str(payload["filename"]))
+    if not match or not 1 <= int(match["part"]) <= int(match["parts"]):
+        raise _Problem(400, "INVALID_FIELD", "filename must be <name>.partN-of-M")
+    if payload["contentType"] != "text/csv":
+        raise _Problem(400, "INVALID_FIELD", "contentType must be text/csv")
+    size = _size_field(payload, "sizeBytes")
+    try:
+        content = binascii.a2b_base64(str(payload["contentBase64"]), strict_mode=True)
+    except (binascii.Error, ValueError) as exc:
+        raise _Problem(400, "INVALID_BASE64", str(exc)) from None
+    if len(content) != size:
+        raise _Problem(400, "RAW_SIZE_MISMATCH", f"decoded {len(content)} bytes, sizeBytes={size}")
+    sha256 = hashlib.sha256(content).hexdigest()
+    _check_hashes(sha256, str(payload["sha256"]), request.headers.get("idempotency-key"))
+    meta: dict[str, str | None] = {k: payload.get(k) for k in ("esiid", "meter", "source")}
+    name, part, parts = match["name"], int(match["part"]), int(match["parts"])
+    chunk_id, dup, rows, whole = await run_in_threadpool(state.raw.add_chunk, name, part, parts, sha256, content,
+                                                         meta)
+    if whole is not None:
+        whole_meta: dict[str, str | None] = {**meta, "filename": name, "captured_at": payload.get("receivedAt"),
+                                             "route": RAW_UPLOAD_PATH}
+        await run_in_threadpool(state.store.add_bytes, whole, hashlib.sha256(whole).hexdigest(), whole_meta)
+    log.info("raw-upload %s part %d/%d: %s, %d interval(s)", name, part, parts, "duplicate" if dup else "stored",
+             rows)
+    outcome.sha256, outcome.duplicate = sha256, dup
+    return JSONResponse({"ok": True, "id": chunk_id, "sha256": sha256, "sizeBytes": size, "duplicate": dup,
+                         "part": part, "parts": parts, "intervals": rows, "complete": whole is not None})
+
+
 async def _add_faults(request: Request) -> Response:
     state: ReceiverState = request.app.state.receiver
     try:
@@ -435,8 +480,7 @@ def create_app(data_dir: Path, *, admin_token: str | None = None, upload_token: 
     routes = [
         Route(PULL_PATH, _delivery(_pull), methods=["POST"]),
         Route(UPLOAD_PATH, _delivery(_upload), methods=["POST"]),
-        # Slot for RAW_UPLOAD_PATH: Route(RAW_UPLOAD_PATH, _delivery(_raw_upload), methods=["POST"]), with
-        # _raw_upload(request, state, outcome) -> Response storing each chunk through state.store.add_bytes.
+        Route(RAW_UPLOAD_PATH, _delivery(_raw_upload), methods=["POST"]),
         Route("/_receiver/faults", _add_faults, methods=["POST"]),
         Route("/_receiver/requests", _list_requests, methods=["GET"]),
         Route("/_receiver/files", _list_files, methods=["GET"]),
