@@ -87,6 +87,18 @@ def multipart_body(name: str, content: bytes, boundary: str = "demo-boundary") -
             f"Content-Type: text/csv\r\n\r\n").encode() + content + f"\r\n--{boundary}--\r\n".encode()
 
 
+def make_gpg_key(home: Path) -> None:
+    """A throwaway key pair standing in for IntelliWatt's SMT decryption key."""
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    subprocess.run(["gpg", "--batch", "--homedir", str(home), "--passphrase", "", "--quick-gen-key",
+                    "demo@smt-watch.invalid", "ed25519", "cert,sign", "never"], check=True, capture_output=True)
+    fpr = subprocess.run(["gpg", "--batch", "--homedir", str(home), "--with-colons", "--list-keys"],
+                         check=True, capture_output=True, text=True).stdout
+    fingerprint = next(line.split(":")[9] for line in fpr.splitlines() if line.startswith("fpr"))
+    subprocess.run(["gpg", "--batch", "--homedir", str(home), "--passphrase", "", "--quick-add-key", fingerprint,
+                    "cv25519", "encr", "never"], check=True, capture_output=True)
+
+
 def main() -> int:
     shutil.rmtree(RUN, ignore_errors=True)
     inbox, state, data = RUN / "inbox", RUN / "state", RUN / "receiver"
@@ -102,6 +114,7 @@ def main() -> int:
         "SMT_UPLOAD_TOKEN": "demo-upload-token",
         "ESIID_DEFAULT": "10443720000000001",
         "SMT_SETTLE_SECONDS": "0.5",
+        "GNUPGHOME": str(RUN / "gnupg"),
     }
     for key in ("SMT_UPLOAD_URL", "INTELLIWATT_BASE_URL", "SMT_DELIVERY", "STATE_FILE", "NOTIFY_SOCKET"):
         env.pop(key, None)
@@ -143,12 +156,24 @@ def main() -> int:
 
         step("the same bytes again under another name: a duplicate, not delivered twice")
         shutil.copy(inbox / "IntervalMeterUsage_M1001_jan.csv", inbox / "copy_of_jan.csv")
+        expected = 3
+
+        if shutil.which("gpg"):
+            step("SMT's real format: a PGP-encrypted ZIP (interval + daily CSV) lands as *.CSV.1.asc")
+            make_gpg_key(Path(env["GNUPGHOME"]))
+            asc = RUN / "IntervalMeterUsage.CSV.1.asc"
+            smt("sample", "--days", "14", "--esiid", "10443720000000003", "--encrypt-to", "demo@smt-watch.invalid",
+                "-o", str(asc), env=env)
+            os.replace(asc, inbox / asc.name)
+            expected += 2
+        else:
+            step("gpg is not installed: skipping the encrypted .asc part of the demo")
 
         def delivered() -> int:
             return len(http_json(f"{base}/_receiver/files"))  # type: ignore[arg-type]
 
-        wait_until(lambda: delivered() == 3 and "copy_of_jan.csv" in (logs / "watch.log").read_text(),
-                   "three deliveries")
+        wait_until(lambda: delivered() == expected and "copy_of_jan.csv" in (logs / "watch.log").read_text(),
+                   f"{expected} deliveries")
         for line in (logs / "watch.log").read_text().splitlines():
             if "Delivered" in line or "Skipping" in line or "Droplet upload success" in line:
                 print("  watch:", line[:150])
@@ -157,12 +182,17 @@ def main() -> int:
         c = interval_csv(RUN / "adhoc_apr.csv", "10443720000000002", date(2026, 4, 1), 30)
         rc = smt("post", str(c), env={**env, "INTELLIWATT_BASE_URL": base, "SMT_INLINE_ENCODING": "base64+gzip"})
 
+        step("the web app's production route: raw-upload in chunks of 5,000 lines (a 12-month file)")
+        year = RUN / "IntervalMeterUsage_M3003_2025.csv"
+        smt("sample", "--days", "365", "--esiid", "10443720000000004", "-o", str(year), env=env)
+        rc |= smt("post", "--delivery", "raw-upload", str(year), env={**env, "INTELLIWATT_BASE_URL": base})
+
         step("the ledger")
         smt("ledger", "list", env=env)
 
         step("what the receiver stored (RawSmtFile)")
         for row in http_json(f"{base}/_receiver/files"):  # type: ignore[attr-defined]
-            print(f"  #{row['id']} {row['filename']:<44} {row['sizeBytes']:>9,} B  route={row['route']:<22}"
+            print(f"  #{row['id']} {row['filename']:<50} {row['sizeBytes']:>9,} B  route={row['route']:<26}"
                   f"  esiid={row['esiid']}  meter={row['meter']}")
         print(f"\ndemo files and logs are in {RUN}")
         return rc
