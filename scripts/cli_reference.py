@@ -25,6 +25,9 @@ COMMANDS = (
     ["ledger", "list"],
     ["ledger", "forget"],
     ["ledger", "import"],
+    ["doctor"],
+    ["inspect"],
+    ["sample"],
     ["receive"],
 )
 
