@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import threading
 import time
 import uuid
@@ -25,6 +26,7 @@ from collections.abc import Generator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Final
 
 import uvicorn
@@ -71,6 +73,14 @@ def _matches(sent: str | None, secret: Secret) -> bool:
 
 def _error(status: int, error: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"ok": False, "error": error, **extra}, status_code=status)
+
+
+class _Refused(Exception):
+    """Raised from inside the multipart parser to answer with ``response`` before any byte is stored."""
+
+    def __init__(self, response: Response) -> None:
+        super().__init__("refused")
+        self.response = response
 
 
 class SyncRunner:
@@ -134,16 +144,35 @@ class Server:
         s = self.settings
         if s.upload_token is not None and not _matches(request.headers.get("x-smt-upload-token"), s.upload_token):
             return _error(401, "unauthorized")
-        role = (request.headers.get("x-smt-upload-role") or "customer").strip().lower()
-        account = request.headers.get("x-smt-upload-account-key") or (request.client.host if request.client else "-")
-        if role not in WINDOWS:
+        header_role = (request.headers.get("x-smt-upload-role") or "customer").strip().lower()
+        header_account = request.headers.get("x-smt-upload-account-key") or (
+            request.client.host if request.client else "-")
+        if header_role not in WINDOWS:
             return _error(400, "invalid role: use admin or customer")
-        # Refuse before reading the body when the headers already identify an account over its limit.
-        times = await run_in_threadpool(self.ledger.uploads_since, role, account, time.time() - WINDOWS[role])
-        if len(times) >= self._limit(role):
-            return self._limited(role, account, times)
+
+        def identity(fields: dict[str, str]) -> tuple[str, str]:
+            return (fields.get("role") or header_role).strip().lower(), fields.get("accountKey") or header_account
+
+        def check_limit(fields: dict[str, str]) -> None:
+            """At the start of the file part (form fields before it are known): refuse before writing."""
+            role, account = identity(fields)
+            if role not in WINDOWS:
+                raise _Refused(_error(400, "invalid role: use admin or customer"))
+            times = self.ledger.uploads_since(role, account, time.time() - WINDOWS[role])
+            if len(times) >= self._limit(role):
+                raise _Refused(self._limited(role, account, times))
+
+        if "x-smt-upload-role" in request.headers and "x-smt-upload-account-key" in request.headers:
+            # The headers name the identity outright: refuse before reading the body at all.
+            try:
+                await run_in_threadpool(check_limit, {})
+            except _Refused as refused:
+                return refused.response
         try:
-            parsed = await read_multipart(request, dest_dir=s.local_dir, max_bytes=s.upload_max_bytes)
+            parsed = await read_multipart(request, dest_dir=s.local_dir, max_bytes=s.upload_max_bytes,
+                                          before_file=check_limit)
+        except _Refused as refused:
+            return refused.response
         except UploadTooLarge:
             return _error(413, "too_large", maxBytes=s.upload_max_bytes)
         except MalformedUpload as exc:
@@ -154,8 +183,7 @@ class Server:
         if parsed.file is None:
             return _error(400, 'Missing file field "file"')
         try:
-            role = (parsed.fields.get("role") or role).strip().lower()
-            account = parsed.fields.get("accountKey") or account
+            role, account = identity(parsed.fields)  # fields after the file part count too
             if role not in WINDOWS:
                 return _error(400, "invalid role: use admin or customer")
             return await run_in_threadpool(self._accept, parsed.file, role, account)
@@ -163,7 +191,6 @@ class Server:
             parsed.file.tmp_path.unlink(missing_ok=True)  # accepted files were renamed away already
 
     def _accept(self, received: ReceivedFile, role: str, account: str) -> JSONResponse:
-        s = self.settings
         now = time.time()
         since = now - WINDOWS[role]
         if not self.ledger.take_upload_slot(role, account, since, self._limit(role), now):
@@ -174,14 +201,8 @@ class Server:
         if duplicate:
             log.info("Upload %s is a duplicate of sent content (sha256 %s); not stored", name, received.sha256[:12])
         else:
-            dest = s.local_dir / name
-            n = 0
-            while dest.exists():
-                n += 1
-                dest = s.local_dir / f"{name.split('_', 1)[0]}_{n}_{name.split('_', 1)[1]}"
             os.chmod(received.tmp_path, 0o640)
-            os.replace(received.tmp_path, dest)
-            name = dest.name
+            name = self._publish(received.tmp_path, name)
             log.info("Stored upload %s (%d bytes, sha256 %s, %s %s)", name, received.size, received.sha256[:12],
                      role, account)
         times = self.ledger.uploads_since(role, account, since)
@@ -193,6 +214,22 @@ class Server:
                       "resetAt": iso((times[0] if times else now) + WINDOWS[role])}},
             status_code=202,
         )
+
+    def _publish(self, tmp: Path, name: str) -> str:
+        """Hard-link the finished temp file under its final name, never over another upload, then drop
+        the temp name. ``link`` fails atomically if the name exists, so two same-second uploads of one
+        name cannot overwrite each other (a check-then-rename could)."""
+        stamp, _, base = name.partition("_")
+        n = 0
+        while True:
+            dest = self.settings.local_dir / (name if n == 0 else f"{stamp}_{n}_{base}")
+            try:
+                os.link(tmp, dest)
+            except FileExistsError:
+                n += 1
+                continue
+            tmp.unlink()
+            return dest.name
 
     # --- POST /trigger/smt-now ----------------------------------------------------------------------
 
@@ -212,7 +249,7 @@ class Server:
         if not isinstance(body, dict):
             return _error(400, "body must be a JSON object")
         reason = body.get("reason")
-        if reason is not None and reason not in REASONS:
+        if reason is not None and (not isinstance(reason, str) or reason not in REASONS):
             return _error(400, f"unknown reason {str(reason)[:64]!r}")
         if not (s.smt_host and s.smt_user and s.smt_key):
             return _error(503, "sync is not configured: set SMT_HOST, SMT_USER and SMT_KEY")
@@ -255,15 +292,31 @@ def build(settings: Settings, ledger: Ledger) -> Server:
     return Server(settings, ledger, SyncRunner(settings))
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind before serving, so a port in use is one clear error instead of uvicorn exiting a task."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as exc:
+        raise SmtWatchError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
 async def serve_forever(server: Server) -> None:
     """Listen on SMT_UPLOAD_HOST:SMT_UPLOAD_PORT (and SMT_WEBHOOK_PORT: trigger and health only)."""
     s = server.settings
-    configs = [uvicorn.Config(server.app(), host=s.upload_host, port=s.upload_port, log_config=None,
-                              lifespan="off", timeout_graceful_shutdown=30)]
+    apps = [(server.app(), s.upload_port)]
     if s.webhook_port:
-        configs.append(uvicorn.Config(server.app(uploads=False), host=s.upload_host, port=s.webhook_port,
-                                      log_config=None, lifespan="off", timeout_graceful_shutdown=30))
-    servers = [_Uvicorn(c) for c in configs]
+        apps.append((server.app(uploads=False), s.webhook_port))
+    sockets: list[socket.socket] = []
+    try:
+        for _, port in apps:
+            sockets.append(_listen(s.upload_host, port))
+    except SmtWatchError:
+        for sock in sockets:
+            sock.close()
+        raise
+    servers = [_Uvicorn(uvicorn.Config(app, log_config=None, lifespan="off", timeout_graceful_shutdown=30))
+               for app, _ in apps]
     loop = asyncio.get_running_loop()
 
     def stop() -> None:
@@ -273,11 +326,10 @@ async def serve_forever(server: Server) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop)
-    log.info("Serving uploads on http://%s:%d/upload%s", s.upload_host, s.upload_port,
-             f" and the webhook on port {s.webhook_port}" if s.webhook_port else "")
-    await asyncio.gather(*(srv.serve() for srv in servers))
-    if any(not srv.started for srv in servers):
-        raise SmtWatchError(f"could not listen on {s.upload_host}:{s.upload_port} (in use?)")
+    ports = [sock.getsockname()[1] for sock in sockets]
+    log.info("Serving uploads on http://%s:%d/upload%s", s.upload_host, ports[0],
+             f" and the webhook on port {ports[1]}" if len(ports) > 1 else "")
+    await asyncio.gather(*(srv.serve(sockets=[sock]) for srv, sock in zip(servers, sockets, strict=True)))
 
 
 def run(settings: Settings, ledger: Ledger) -> None:

@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -96,8 +97,10 @@ class _Reader:
     immutable request chunks) and written by ``flush`` in a worker thread, keeping disk I/O off the loop.
     """
 
-    def __init__(self, dest_dir: Path, file_field: str, max_bytes: int | None) -> None:
+    def __init__(self, dest_dir: Path, file_field: str, max_bytes: int | None,
+                 before_file: Callable[[dict[str, str]], None] | None = None) -> None:
         self.dest_dir = dest_dir
+        self.before_file = before_file
         self.file_field = file_field
         self.max_bytes = max_bytes
         self.fields: dict[str, str] = {}
@@ -153,6 +156,8 @@ class _Reader:
                 raise MalformedUpload(f"more than one {self.file_field!r} part")
             self.filename = _decode(options.get(b"filename", b""), "file name")
             self.content_type = self._part_type.decode("latin-1") if self._part_type else None
+            if self.before_file is not None:
+                self.before_file(dict(self.fields))  # may refuse: nothing has been written yet
             self._open_tmp()
             self._kind = _Kind.FILE
         elif b"filename" in options:
@@ -269,6 +274,7 @@ async def read_multipart(
     dest_dir: Path,
     file_field: str = "file",
     max_bytes: int | None = None,
+    before_file: Callable[[dict[str, str]], None] | None = None,
 ) -> ParsedUpload:
     """Stream a multipart body: the ``file_field`` part into a hidden temp file in ``dest_dir``.
 
@@ -276,10 +282,13 @@ async def read_multipart(
     most ``FIELD_MAX_BYTES`` each, a repeated name keeps the last value). Raises ``UploadTooLarge``,
     ``MalformedUpload``, or whatever reading the body raises (``ClientDisconnect``, cancellation); in every
     failure case the temporary file is already gone. On success the caller owns ``file.tmp_path``.
+
+    ``before_file`` is called with the text fields read so far when the file part begins, before a byte of
+    it is written; an exception it raises aborts the upload (a rate limit that depends on form fields).
     """
     _check_declared_length(request, max_bytes)
     boundary = _boundary(request)
-    reader = _Reader(dest_dir, file_field, max_bytes)
+    reader = _Reader(dest_dir, file_field, max_bytes, before_file)
     try:
         parser = MultipartParser(
             boundary,
