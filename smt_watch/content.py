@@ -97,7 +97,7 @@ def open_container(settings: Settings, path: Path, dest: Path) -> list[Path]:
     with source.open("rb") as fh:
         is_zip = fh.read(4) == ZIP_MAGIC
     if is_zip:
-        paths = extract(settings, source, dest)
+        paths = extract(settings, source, dest, path.name)
     elif source is not path:  # an .asc holding a plain CSV
         inner = re.sub(r"\.asc$", "", path.name, flags=re.IGNORECASE)
         paths = [source.rename(dest / (inner if inner.lower().endswith(".csv") else inner + ".csv"))]
@@ -147,27 +147,31 @@ def _safe_entry(name: str) -> PurePosixPath:
     return rel
 
 
-def extract(settings: Settings, archive: Path, dest: Path) -> list[Path]:
-    """Extract the CSVs of a ZIP after checking every entry; refuse the whole archive on any risk."""
+def extract(settings: Settings, archive: Path, dest: Path, label: str | None = None) -> list[Path]:
+    """Extract the CSVs of a ZIP after checking every entry; refuse the whole archive on any risk.
+
+    ``label`` names the file in errors (the .asc the operator knows, not our decrypted temp file).
+    """
     limit = settings.max_unpacked_bytes
+    label = label or archive.name
     try:
         zf = zipfile.ZipFile(archive)
     except (zipfile.BadZipFile, OSError) as exc:
-        raise ContentError(f"{archive.name}: not a readable ZIP ({exc})") from None
+        raise ContentError(f"{label}: not a readable ZIP ({exc})") from None
     with zf:
         entries = [i for i in zf.infolist() if not i.is_dir()]
         for info in entries:
             _safe_entry(info.filename)
         csvs = [i for i in entries if i.filename.lower().endswith(".csv")]
         if not csvs:
-            raise ContentError(f"{archive.name}: no CSV inside")
+            raise ContentError(f"{label}: no CSV inside")
         total = sum(i.file_size for i in csvs)
         if total > limit:
-            raise ContentError(f"{archive.name}: would unpack to {total} bytes, over SMT_MAX_UNPACKED_BYTES ({limit})")
+            raise ContentError(f"{label}: would unpack to {total} bytes, over SMT_MAX_UNPACKED_BYTES ({limit})")
         for info in csvs:
             if info.file_size > MAX_RATIO * max(info.compress_size, 1):
                 raise ContentError(
-                    f"{archive.name}: entry {info.filename!r} expands more than {MAX_RATIO}x (zip bomb?)"
+                    f"{label}: entry {info.filename!r} expands more than {MAX_RATIO}x (zip bomb?)"
                 )
         paths = []
         for n, info in enumerate(csvs):

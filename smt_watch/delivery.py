@@ -441,8 +441,12 @@ class Deliverer:
         total = len(plan)
         acked = store.acked_chunks(payload.sha256, total) if store else {}
         attempts, status, text = 0, 200, ""
+        digest = hashlib.sha256()
+        number = 0
         try:
-            for number, content in enumerate(iter_chunks(payload.path, mode.lines_per_chunk), start=1):
+            for number, content in enumerate(iter_chunks(payload.path, mode.lines_per_chunk, digest), start=1):
+                if number > total:
+                    raise FileChanged(f"{payload.filename}: grew while its chunks were being sent")
                 chunk_sha, _ = plan[number - 1]
                 if acked.get(number) == chunk_sha:
                     continue
@@ -457,6 +461,10 @@ class Deliverer:
                     store.ack_chunk(payload.sha256, number, total, chunk_sha)
                 if progress:
                     progress(len(content))
+            if number != total or digest.hexdigest() != payload.sha256:
+                # Every chunk sent matched the plan, but the file as a whole is no longer the one hashed
+                # (cut short, or changed in a part already acknowledged): do not call it sent.
+                raise FileChanged(f"{payload.filename}: changed while its chunks were being sent")
         except DeliveryError as exc:
             exc.attempts += attempts
             raise

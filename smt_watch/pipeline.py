@@ -195,8 +195,10 @@ def _container(settings: Settings, ledger: Ledger, deliverer: Deliverer, ident: 
     except BaseException:
         ledger.release(ident.sha256, error="interrupted", attempts=0)
         raise
+    # The parent's backoff already decided it is time: its CSVs are taken now, whatever their own rows say.
+    child_options = replace(o, respect_backoff=False)
     try:
-        children = [_one(settings, ledger, deliverer, p.ident, p.name, ident.sha256, o) for p in parts]
+        children = [_one(settings, ledger, deliverer, p.ident, p.name, ident.sha256, child_options) for p in parts]
     except BaseException:
         ledger.release(ident.sha256, error="interrupted", attempts=0)
         raise

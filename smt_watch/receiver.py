@@ -420,9 +420,10 @@ async def _raw_upload(request: Request, state: ReceiverState, outcome: _Outcome)
     if not isinstance(payload, dict):
         raise _Problem(400, "INVALID_JSON", "body must be a JSON object")
     outcome.fields = {k: v for k, v in payload.items() if k != "contentBase64"}
-    for key in ("filename", "sizeBytes", "sha256", "contentBase64", "contentType"):
-        if key not in payload:
-            raise _Problem(400, "MISSING_FIELD", key)
+    missing = [k for k in ("filename", "sizeBytes", "sha256", "contentBase64", "contentType")
+               if payload.get(k) in (None, "")]
+    if missing:  # the real route's validation reply
+        return JSONResponse({"ok": False, "error": "VALIDATION", "missing": missing}, status_code=400)
     match = PART_RE.match(str(payload["filename"]))
     if not match or not 1 <= int(match["part"]) <= int(match["parts"]):
         raise _Problem(400, "INVALID_FIELD", "filename must be <name>.partN-of-M")

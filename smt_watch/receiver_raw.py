@@ -1,9 +1,14 @@
 """The reference receiver's ``raw-upload`` store: chunks in, ``SmtInterval`` rows out, files reassembled.
 
-Stands in for the web app's ``POST /api/admin/smt/raw-upload``: each chunk (``<name>.partN-of-M``, the CSV
-header repeated) is stored once by SHA-256; interval rows with a kWh value become ``SmtInterval`` rows;
-when all M parts of a name are in, the data lines are joined under one header and handed back so the
-receiver can store the whole file like the other routes do.
+Stands in for the web app's ``POST /api/admin/smt/raw-upload``. Each chunk (``<name>.partN-of-M``, the CSV
+header repeated) is stored once by SHA-256. Interval rows with a kWh value become ``SmtInterval`` rows at
+their UTC instant, unique on (esiid, meter, ts, direction), so a re-sent file changes no row counts.
+Instants need the labels that came before on the same day (the repeated hour of a fall-back day may be
+split across chunks), so the previous chunk's rows for that day are read as context.
+
+Chunks of one upload form a *generation*, started by its part 1: a revised file sent under the same name
+starts a new one, and a file is reassembled (header once, then every chunk's data lines) only from the
+parts of one generation, never from a mix of versions.
 """
 
 from __future__ import annotations
@@ -17,18 +22,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
-from smt_watch.smtcsv import INTERVAL_HEADER, clean_esiid, header_fields
+from smt_watch.smtcsv import INTERVAL_HEADER, Placer, clean_esiid, header_fields
 
 PART_RE: Final = re.compile(r"^(?P<name>.+)\.part(?P<part>\d+)-of-(?P<parts>\d+)$")
 _SCHEMA: Final = (
     """CREATE TABLE IF NOT EXISTS RawChunk (
         id INTEGER PRIMARY KEY, name TEXT NOT NULL, part INTEGER NOT NULL, parts INTEGER NOT NULL,
-        sha256 TEXT NOT NULL UNIQUE, sizeBytes INTEGER NOT NULL, esiid TEXT, meter TEXT, source TEXT,
-        content BLOB NOT NULL, received_at TEXT NOT NULL, UNIQUE (name, parts, part))""",
+        generation INTEGER NOT NULL, sha256 TEXT NOT NULL UNIQUE, sizeBytes INTEGER NOT NULL, esiid TEXT,
+        meter TEXT, source TEXT, content BLOB NOT NULL, received_at TEXT NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS SmtInterval (
-        id INTEGER PRIMARY KEY, chunk_id INTEGER NOT NULL, esiid TEXT NOT NULL, usage_date TEXT NOT NULL,
-        start_time TEXT NOT NULL, kwh REAL NOT NULL, estimated TEXT, direction TEXT)""",
+        id INTEGER PRIMARY KEY, esiid TEXT NOT NULL, meter TEXT NOT NULL, ts TEXT NOT NULL, kwh REAL NOT NULL,
+        direction TEXT NOT NULL, estimated TEXT, UNIQUE (esiid, meter, ts, direction))""",
 )
+Row = tuple[str, str, str, str, str, str]  # esiid, date, start time, kwh, estimated, direction
 
 
 def _now() -> str:
@@ -45,30 +51,65 @@ class RawStore:
 
     def add_chunk(self, name: str, part: int, parts: int, sha256: str, content: bytes,
                   meta: dict[str, str | None]) -> tuple[int, bool, int, bytes | None]:
-        """Store a chunk; returns (chunk id, duplicate, interval rows added, whole file when complete)."""
+        """Store a chunk; returns (chunk id, duplicate, interval rows written, whole file when complete)."""
         with self._lock, self._db:
-            row = self._db.execute("SELECT id FROM RawChunk WHERE sha256 = ?", (sha256,)).fetchone()
+            db = self._db
+            row = db.execute("SELECT id FROM RawChunk WHERE sha256 = ?", (sha256,)).fetchone()
             if row is not None:
                 return int(row[0]), True, 0, None
-            cur = self._db.execute(
-                "INSERT OR REPLACE INTO RawChunk (name, part, parts, sha256, sizeBytes, esiid, meter, source,"
-                " content, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (name, part, parts, sha256, len(content), meta.get("esiid"), meta.get("meter"), meta.get("source"),
-                 content, _now()),
+            if part == 1:
+                generation = 0  # set to its own id below
+            else:
+                latest = db.execute("SELECT MAX(generation) FROM RawChunk WHERE name = ? AND parts = ? AND part = 1",
+                                    (name, parts)).fetchone()[0]
+                generation = int(latest or 0)
+            cur = db.execute(
+                "INSERT INTO RawChunk (name, part, parts, generation, sha256, sizeBytes, esiid, meter, source,"
+                " content, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (name, part, parts, generation, sha256, len(content), meta.get("esiid"), meta.get("meter"),
+                 meta.get("source"), content, _now()),
             )
             chunk_id = int(cur.lastrowid or 0)
-            rows = list(_interval_rows(content))
-            self._db.executemany(
-                "INSERT INTO SmtInterval (chunk_id, esiid, usage_date, start_time, kwh, estimated, direction)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(chunk_id, *r) for r in rows],
-            )
-            have = self._db.execute(
-                "SELECT part, content FROM RawChunk WHERE name = ? AND parts = ? ORDER BY part", (name, parts)
-            ).fetchall()
-            whole = _assemble([bytes(c) for _, c in have]) if [p for p, _ in have] == list(range(1, parts + 1)) \
-                else None
-            return chunk_id, False, len(rows), whole
+            if part == 1:
+                generation = chunk_id
+                db.execute("UPDATE RawChunk SET generation = ? WHERE id = ?", (generation, chunk_id))
+            context = b""
+            if part > 1:
+                prev = db.execute("SELECT content FROM RawChunk WHERE name = ? AND parts = ? AND part = ? AND"
+                                  " generation = ?", (name, parts, part - 1, generation)).fetchone()
+                context = bytes(prev[0]) if prev else b""
+            written = self._intervals(content, context, meta.get("meter") or "")
+            have = db.execute("SELECT part, content FROM RawChunk WHERE name = ? AND parts = ? AND generation = ?"
+                              " ORDER BY part", (name, parts, generation)).fetchall()
+            complete = [int(p) for p, _ in have] == list(range(1, parts + 1))
+            whole = _assemble([bytes(c) for _, c in have]) if complete else None
+            return chunk_id, False, written, whole
+
+    def _intervals(self, content: bytes, context: bytes, meter: str) -> int:
+        rows = _rows(content)
+        if rows is None:
+            return 0
+        placer = Placer()
+        first_day = rows[0][1] if rows else None
+        for esiid, day, start, _kwh, _est, direction in _rows(context) or []:
+            if day == first_day:  # earlier labels of the same day decide which hour a repeat is
+                placer.place((esiid, direction), day, start)
+        out = []
+        for esiid, day, start, kwh, est, direction in rows:
+            _, instant = placer.place((esiid, direction), day, start)
+            if instant is None or not kwh:
+                continue
+            try:
+                value = float(kwh)
+            except ValueError:
+                continue
+            ts = datetime.fromtimestamp(instant, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            out.append((esiid, meter, ts, value, direction, est))
+        self._db.executemany(
+            "INSERT INTO SmtInterval (esiid, meter, ts, kwh, direction, estimated) VALUES (?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (esiid, meter, ts, direction) DO UPDATE SET kwh = excluded.kwh,"
+            " estimated = excluded.estimated", out)
+        return len(out)
 
     def interval_count(self) -> int:
         with self._lock:
@@ -80,25 +121,20 @@ class RawStore:
                     self._db.execute("SELECT name, part, parts FROM RawChunk ORDER BY id")]
 
 
-def _interval_rows(content: bytes) -> list[tuple[str, str, str, float, str, str]]:
+def _rows(content: bytes) -> list[Row] | None:
+    """The data rows of an interval chunk, or None when it is another kind of CSV."""
+    if not content:
+        return None
     reader = csv.reader(io.StringIO(content.decode("utf-8-sig", "replace")))
     header = next(reader, [])
     if tuple(header_fields(",".join(header))[: len(INTERVAL_HEADER)]) != INTERVAL_HEADER:
-        return []
-    out = []
-    for row in reader:
-        if len(row) >= 8 and row[5].strip():
-            try:
-                kwh = float(row[5])
-            except ValueError:
-                continue
-            out.append((clean_esiid(row[0]), row[1].strip(), row[3].strip(), kwh, row[6].strip(), row[7].strip()))
-    return out
+        return None
+    direction = {True: "generation", False: "consumption"}
+    return [(clean_esiid(r[0]), r[1].strip(), r[3].strip(), r[5].strip(), r[6].strip(),
+             direction[r[7].strip().lower().startswith("surplus")]) for r in reader if len(r) >= 8]
 
 
 def _assemble(chunks: list[bytes]) -> bytes:
     """One header, then every chunk's data lines in order."""
     header, _, first = chunks[0].partition(b"\n")
-    body = [header + b"\n", first]
-    body += [c.partition(b"\n")[2] for c in chunks[1:]]
-    return b"".join(body)
+    return b"".join([header + b"\n", first, *(c.partition(b"\n")[2] for c in chunks[1:])])

@@ -56,11 +56,10 @@ def meter_in(name: str) -> str | None:
 
 @dataclass
 class _Series:
-    """One (ESIID, direction) stream of rows: enough state to place labels in time and count gaps."""
+    """One (ESIID, direction) stream of rows: the labels seen on its current day."""
 
     day: date | None = None
     seen_labels: dict[tuple[int, int], int] = field(default_factory=dict)
-    last: int | None = None
 
 
 @dataclass
@@ -119,6 +118,31 @@ class _Clock:
         return epoch
 
 
+class Placer:
+    """Places rows, in file order, at UTC instants: a label seen again on the same day of the same series
+    is the repeated (standard-time) hour of a fall-back day."""
+
+    def __init__(self) -> None:
+        self._clock = _Clock()
+        self._series: dict[object, _Series] = {}
+        self._dates: dict[str, date] = {}
+
+    def place(self, series: object, date_text: str, time_text: str) -> tuple[date | None, int | None]:
+        """(the day, the UTC epoch of the interval's start); the epoch is None for a label naming no
+        instant (spring forward) or a row whose date or time cannot be read."""
+        day = _parse_date(date_text, self._dates)
+        t = _TIME_RE.match(time_text.strip())
+        if day is None or t is None:
+            return day, None
+        s = self._series.setdefault(series, _Series())
+        if s.day != day:
+            s.day, s.seen_labels = day, {}
+        label = (int(t.group(1)), int(t.group(2)))
+        fold = s.seen_labels.get(label, 0)
+        s.seen_labels[label] = fold + 1
+        return day, self._clock.instant(day, label[0], label[1], min(fold, 1))
+
+
 def _parse_date(text: str, cache: dict[str, date]) -> date | None:
     d = cache.get(text)
     if d is None:
@@ -150,9 +174,8 @@ def summarize(lines: Iterable[str], name: str) -> Summary:
                         esiids.add(clean_esiid(row[column]))
         summary.esiids = sorted(esiids)
         return summary
-    clock = _Clock()
-    series: dict[tuple[str, bool], _Series] = {}
-    dates: dict[str, date] = {}
+    placer = Placer()
+    last: dict[tuple[str, bool], int] = {}
     first_day: date | None = None
     last_day: date | None = None
     lo: int | None = None
@@ -179,25 +202,19 @@ def summarize(lines: Iterable[str], name: str) -> Summary:
             summary.blanks += 1
         if row[6].strip().upper() == "E":
             summary.estimated += 1
-        day = _parse_date(row[1], dates)
-        t = _TIME_RE.match(row[3].strip())
-        if day is None or t is None:
+        key = (esiid, generation)
+        day, instant = placer.place(key, row[1], row[3])
+        if day is None:
             continue
         first_day = day if first_day is None or day < first_day else first_day
         last_day = day if last_day is None or day > last_day else last_day
-        s = series.setdefault((esiid, generation), _Series())
-        if s.day != day:
-            s.day, s.seen_labels = day, {}
-        label = (int(t.group(1)), int(t.group(2)))
-        fold = s.seen_labels.get(label, 0)
-        s.seen_labels[label] = fold + 1
-        instant = clock.instant(day, label[0], label[1], min(fold, 1))
         if instant is None:
             continue
-        if s.last is not None and instant > s.last + SLOT:
-            summary.gaps += (instant - s.last) // SLOT - 1
-        if s.last is None or instant > s.last:
-            s.last = instant
+        previous = last.get(key)
+        if previous is not None and instant > previous + SLOT:
+            summary.gaps += (instant - previous) // SLOT - 1
+        if previous is None or instant > previous:
+            last[key] = instant
         lo = instant if lo is None or instant < lo else lo
         hi = instant if hi is None or instant > hi else hi
     summary.esiids = sorted(esiids)

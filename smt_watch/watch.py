@@ -225,8 +225,8 @@ class WatchService:
         assert self._ledger is not None
         now = time.monotonic()
         for row in self._ledger.due(time.time()):
-            if not row.path:
-                continue
+            if not row.path or row.parent:
+                continue  # a CSV from an .asc/.zip is retried with its parent, which unpacks it again
             path = Path(row.path)
             if path in self._busy or path in self._settler:
                 continue
