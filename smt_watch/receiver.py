@@ -527,23 +527,35 @@ def running_receiver(data_dir: Path, *, admin_token: str | None = None, upload_t
     """Run the receiver on a real socket in a daemon thread for the duration of the ``with`` block."""
     app = create_app(data_dir, admin_token=admin_token, upload_token=upload_token,
                      max_upload_bytes=max_upload_bytes)
-    # log_config=None: leave the process's logging alone, so pytest captures uvicorn's messages too.
+    state: ReceiverState = app.state.receiver
+    try:
+        with app_in_thread(app, host=host, port=port, start_timeout=start_timeout) as real_port:
+            shown = f"[{host}]" if ":" in host else host
+            yield ReceiverHandle(url=f"http://{shown}:{real_port}", port=real_port, state=state)
+    finally:
+        state.store.close()
+
+
+@contextlib.contextmanager
+def app_in_thread(app: Any, *, host: str = "127.0.0.1", port: int = 0, start_timeout: float = 10.0,
+                  name: str = "smt-watch-asgi") -> Iterator[int]:
+    """Serve an ASGI app with uvicorn on a real socket in a daemon thread; yields the bound port.
+
+    For tests, demos and benches (the receiver, ``serve``'s app): waits on startup, never sleeps.
+    ``log_config=None`` leaves the process's logging alone, so pytest captures uvicorn's messages too.
+    """
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off", log_config=None,
                             timeout_graceful_shutdown=5)
     server = _ThreadedServer(config)
-    thread = threading.Thread(target=server.run, name="smt-watch-receiver", daemon=True)
+    thread = threading.Thread(target=server.run, name=name, daemon=True)
     thread.start()
-    state: ReceiverState = app.state.receiver
     try:
         if not server.ready.wait(start_timeout) or not server.started:
-            raise RuntimeError(f"receiver did not start on {host}:{port}")
-        real_port = int(server.servers[0].sockets[0].getsockname()[1])
-        shown = f"[{host}]" if ":" in host else host
-        yield ReceiverHandle(url=f"http://{shown}:{real_port}", port=real_port, state=state)
+            raise RuntimeError(f"server did not start on {host}:{port}")
+        yield int(server.servers[0].sockets[0].getsockname()[1])
     finally:
         server.should_exit = True
         thread.join(start_timeout)
-        state.store.close()
 
 
 def serve(data_dir: Path, *, host: str, port: int, admin_token: str | None,

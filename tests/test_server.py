@@ -25,7 +25,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from sftp_server import SftpTestServer, running_sftp_server, sftp_env
 from test_watch import watching
 
@@ -33,6 +32,7 @@ from conftest import UPLOAD_TOKEN, wait_for, write_csv
 from smt_watch.config import Settings
 from smt_watch.ledger import STATES, Ledger
 from smt_watch.pipeline import open_ledger
+from smt_watch.receiver import app_in_thread
 from smt_watch.server import MAX_NAME_BYTES, SECRET_HEADERS, Server, build, safe_name
 
 Make = Callable[..., Settings]
@@ -52,20 +52,6 @@ def csv_bytes(tmp_path: Path, seed: int, rows: int = 10) -> bytes:
 
 
 # --- an in-process server on an ephemeral port ---------------------------------------------------------
-
-
-class _ThreadedUvicorn(uvicorn.Server):
-    """Sets ``ready`` once startup finished (or failed): callers wait on an event, never a sleep."""
-
-    def __init__(self, config: uvicorn.Config) -> None:
-        super().__init__(config)
-        self.ready = threading.Event()
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        try:
-            await super().startup(sockets)
-        finally:
-            self.ready.set()
 
 
 @dataclass
@@ -94,21 +80,12 @@ class Running:
 def running(settings: Settings, *, uploads: bool = True) -> Iterator[Running]:
     ledger = open_ledger(settings)
     server = build(settings, ledger)
-    config = uvicorn.Config(server.app(uploads=uploads), host="127.0.0.1", port=0, lifespan="off", log_config=None,
-                            log_level="warning", timeout_graceful_shutdown=5)
-    uv = _ThreadedUvicorn(config)
-    thread = threading.Thread(target=uv.run, name="smt-serve-test", daemon=True)
-    thread.start()
     try:
-        assert uv.ready.wait(15) and uv.started, "serve did not start"
-        port = int(uv.servers[0].sockets[0].getsockname()[1])
-        yield Running(f"http://127.0.0.1:{port}", port, server, ledger, settings.local_dir)
+        with app_in_thread(server.app(uploads=uploads), start_timeout=15, name="smt-serve-test") as port:
+            yield Running(f"http://127.0.0.1:{port}", port, server, ledger, settings.local_dir)
     finally:
-        uv.should_exit = True
-        thread.join(15)
         server.runner.join(30)
         ledger.close()
-    assert not thread.is_alive(), "serve did not stop"
 
 
 # --- request helpers -----------------------------------------------------------------------------------
