@@ -75,27 +75,74 @@ def load_key(settings: Settings) -> paramiko.PKey:
     if mode & 0o077:
         log.warning("SMT_KEY %s is readable by group or others (mode %o); run: chmod 600 %s",
                     path, mode & 0o777, path)
-    passphrase = settings.smt_key_passphrase.reveal() if settings.smt_key_passphrase else None
+    passphrase = settings.smt_key_passphrase.reveal().encode() if settings.smt_key_passphrase else None
     try:
-        return paramiko.PKey.from_path(path, passphrase)
+        return paramiko.PKey.from_path(path, passphrase)  # type: ignore[arg-type]  # cryptography wants bytes
     except paramiko.PasswordRequiredException:
         raise ConfigError(f"SMT_KEY {path} is encrypted: set SMT_KEY_PASSPHRASE") from None
+    except TypeError as exc:
+        # cryptography: "Password was given but private key is not encrypted" / "...is password-protected".
+        if passphrase is None or "not encrypted" not in str(exc):
+            raise ConfigError(f"SMT_KEY {path} is encrypted: set SMT_KEY_PASSPHRASE") from None
+        return load_key_without_passphrase(path)
     except (paramiko.SSHException, ValueError, OSError) as exc:
+        fallback = _ecdsa_fallback(path, passphrase)
+        if fallback is not None:
+            return fallback
         reason = "wrong SMT_KEY_PASSPHRASE?" if passphrase else type(exc).__name__
         raise ConfigError(f"SMT_KEY {path} cannot be loaded ({reason})") from None
+
+
+def load_key_without_passphrase(path: Path) -> paramiko.PKey:
+    try:
+        return paramiko.PKey.from_path(path)
+    except (paramiko.SSHException, ValueError, OSError, TypeError) as exc:
+        raise ConfigError(f"SMT_KEY {path} cannot be loaded ({type(exc).__name__})") from None
+
+
+def _ecdsa_fallback(path: Path, passphrase: bytes | None) -> paramiko.PKey | None:
+    """paramiko 5.1 misreads some OpenSSH-format ECDSA keys (paramiko#2445); cryptography reads them."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+    try:
+        key = load_ssh_private_key(path.read_bytes(), passphrase)
+    except (ValueError, TypeError, OSError):
+        return None
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return paramiko.ECDSAKey(vals=(key, key.public_key()))
+    return None
+
+
+def known_host_keys(path: Path) -> paramiko.HostKeys:
+    """Parse known_hosts line by line; a line paramiko cannot read is skipped with a warning, as OpenSSH
+    does, instead of making the whole file unusable."""
+    keys = paramiko.HostKeys()
+    if not path.exists():
+        return keys
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError as exc:
+        raise ConfigError(f"SMT_KNOWN_HOSTS {path} cannot be read: {exc.strerror}") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            entry = paramiko.hostkeys.HostKeyEntry.from_line(line, number)
+        except Exception as exc:  # InvalidHostKey, binascii errors, unknown key types: skip this line
+            log.warning("Ignoring line %d of %s: %s", number, path, exc)
+            continue
+        if entry is not None:
+            for name in entry.hostnames:
+                keys.add(name, entry.key.get_name(), entry.key)
+    return keys
 
 
 def check_host_key(settings: Settings, offered: paramiko.PKey, accept_new: bool) -> None:
     assert settings.smt_host is not None
     entry = host_entry(settings.smt_host, settings.smt_port)
     known_path = settings.known_hosts
-    known = paramiko.HostKeys()
-    if known_path.exists():
-        try:
-            known.load(str(known_path))
-        except (OSError, paramiko.SSHException) as exc:
-            raise ConfigError(f"SMT_KNOWN_HOSTS {known_path} cannot be read: {exc}") from None
-    keys = known.lookup(entry)
+    keys = known_host_keys(known_path).lookup(entry)
     kind, fp = offered.get_name(), fingerprint(offered)
     if keys is not None and kind in keys:
         if keys[kind] == offered:
@@ -112,8 +159,10 @@ def check_host_key(settings: Settings, offered: paramiko.PKey, accept_new: bool)
         )
     if accept_new:
         known_path.parent.mkdir(parents=True, exist_ok=True)
+        needs_newline = known_path.exists() and known_path.stat().st_size > 0 and \
+            not known_path.read_bytes().endswith(b"\n")
         with known_path.open("a") as fh:
-            fh.write(f"{entry} {kind} {offered.get_base64()}\n")
+            fh.write(("\n" if needs_newline else "") + f"{entry} {kind} {offered.get_base64()}\n")
         log.warning("Added new host key for %s to %s: %s %s", entry, known_path, kind, fp)
         return
     port = f"-p {settings.smt_port} " if settings.smt_port != 22 else ""
@@ -121,6 +170,23 @@ def check_host_key(settings: Settings, offered: paramiko.PKey, accept_new: bool)
         f"host key for {entry} is unknown ({kind} {fp}); verify it with SMT, then trust it: "
         f"ssh-keyscan {port}{settings.smt_host} >> {known_path} (or run sync once with --accept-new-host-key)"
     )
+
+
+def prefer_known_key_types(transport: paramiko.Transport, settings: Settings) -> None:
+    """Ask first for the host-key types known_hosts holds (as OpenSSH and paramiko's SSHClient do), so a
+    server with several host keys is not refused for offering one we have never seen."""
+    assert settings.smt_host is not None
+    known = known_host_keys(settings.known_hosts).lookup(host_entry(settings.smt_host, settings.smt_port))
+    if not known:
+        return
+    wanted: list[str] = []
+    for kind in known:
+        wanted += ["rsa-sha2-512", "rsa-sha2-256", "ssh-rsa"] if kind == "ssh-rsa" else [kind]
+    options = transport.get_security_options()
+    supported = list(options.key_types)
+    first = [k for k in wanted if k in supported]
+    if first:
+        options.key_types = first + [k for k in supported if k not in first]
 
 
 class Connection:
@@ -137,6 +203,7 @@ class Connection:
         except OSError as exc:
             raise SftpError(f"cannot connect to {where}: {exc.strerror or exc}") from None
         self.transport = paramiko.Transport(sock)
+        prefer_known_key_types(self.transport, settings)
         try:
             self.transport.start_client(timeout=settings.sftp_timeout)
             check_host_key(settings, self.transport.get_remote_server_key(), accept_new_host_key)
