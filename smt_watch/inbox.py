@@ -16,8 +16,11 @@ from __future__ import annotations
 import errno
 import fcntl
 import fnmatch
+import functools
+import heapq
 import logging
 import os
+import re
 import stat as stat_mod
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -43,11 +46,35 @@ class Signature:
         return cls(st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino)
 
 
+class Matcher:
+    """``SMT_PATTERNS`` compiled once into two case-insensitive regexes: a pattern with ``/`` matches the
+    whole relative path, any other the file name. Scans call this for every entry, so it stays cheap."""
+
+    def __init__(self, patterns: tuple[str, ...]) -> None:
+        def compile_(pats: list[str]) -> re.Pattern[str] | None:
+            return re.compile("|".join(fnmatch.translate(p) for p in pats), re.IGNORECASE) if pats else None
+
+        self._name = compile_([p for p in patterns if "/" not in p])
+        self._path = compile_([p for p in patterns if "/" in p])
+
+    def name_ok(self, name: str) -> bool:
+        """Not hidden, not a temporary name, and matching by name (path patterns are checked later)."""
+        if name.startswith(".") or is_temporary(name):
+            return False
+        return self._path is not None or (self._name is not None and self._name.match(name) is not None)
+
+    def matches(self, rel: str, name: str) -> bool:
+        return bool((self._name and self._name.match(name)) or (self._path and self._path.match(rel)))
+
+
+@functools.lru_cache(maxsize=8)
+def matcher(patterns: tuple[str, ...]) -> Matcher:
+    return Matcher(patterns)
+
+
 def matches(rel: PurePosixPath, patterns: tuple[str, ...]) -> bool:
     """Case-insensitive glob match: a pattern with ``/`` matches the whole relative path, else the name."""
-    name = rel.name.lower()
-    full = rel.as_posix().lower()
-    return any(fnmatch.fnmatchcase(full if "/" in p else name, p.lower()) for p in patterns)
+    return matcher(patterns).matches(rel.as_posix(), rel.name)
 
 
 def is_temporary(name: str) -> bool:
@@ -110,13 +137,16 @@ class Found:
 def scan(root: Path, patterns: tuple[str, ...], start: Path | None = None) -> Iterator[Found]:
     """Every candidate under ``start`` (default: ``root``), with names judged relative to ``root``.
 
-    Hidden directories are not entered and symlinks are not followed.
+    Hidden directories are not entered and symlinks are not followed. Works on ``DirEntry`` strings and
+    builds a ``Path`` only for candidates: a restart over 100,000 files is dominated by this loop.
     """
     start = root if start is None else start
     rel_start = relative(root, start)
     if rel_start is None or any(part.startswith(".") for part in rel_start.parts):
         return
-    stack = [start]
+    m = matcher(patterns)
+    prefix = len(str(root)) + 1
+    stack = [str(start)]
     while stack:
         directory = stack.pop()
         try:
@@ -125,21 +155,20 @@ def scan(root: Path, patterns: tuple[str, ...], start: Path | None = None) -> It
             log.warning("Cannot scan %s: %s", directory, exc.strerror)
             continue
         for entry in entries:
-            if entry.name.startswith("."):
+            name = entry.name
+            if name.startswith("."):
                 continue
             try:
                 if entry.is_dir(follow_symlinks=False):
-                    stack.append(Path(entry.path))
+                    stack.append(entry.path)
                     continue
-                path = Path(entry.path)
-                rel = relative(root, path)
-                if rel is None or not is_candidate(rel, patterns):
+                if not m.name_ok(name) or not m.matches(entry.path[prefix:], name):
                     continue
                 if entry.is_symlink():
-                    log.warning("Refusing symlink %s: smt-watch never reads outside the inbox", path)
+                    log.warning("Refusing symlink %s: smt-watch never reads outside the inbox", entry.path)
                     continue
                 if entry.is_file(follow_symlinks=False):
-                    yield Found(path, Signature.of(entry.stat(follow_symlinks=False)))
+                    yield Found(Path(entry.path), Signature.of(entry.stat(follow_symlinks=False)))
             except OSError:
                 continue  # vanished while we looked
 
@@ -147,7 +176,9 @@ def scan(root: Path, patterns: tuple[str, ...], start: Path | None = None) -> It
 class Settler:
     """Holds candidates until their signature has been unchanged for ``settle`` seconds.
 
-    Not thread-safe: the watch loop owns it. A file still open for writing is looked at again after
+    Not thread-safe: the watch loop owns it. Due times live in a heap, so the loop only looks at files that
+    are due, and ``ready(limit=…)`` looks at no more of them than the work queue can take: a backlog of
+    100,000 files costs nothing per pass. A file still open for writing is looked at again after
     ``max(settle, OPEN_RECHECK)``, so ``settle = 0`` never turns into a busy loop.
     """
 
@@ -156,6 +187,8 @@ class Settler:
     def __init__(self, settle: float) -> None:
         self.settle = settle
         self._waiting: dict[Path, tuple[Signature, float]] = {}  # path -> (signature, due time)
+        self._heap: list[tuple[float, int, Path]] = []
+        self._seq = 0
 
     def __len__(self) -> int:
         return len(self._waiting)
@@ -163,33 +196,50 @@ class Settler:
     def __contains__(self, path: object) -> bool:
         return path in self._waiting
 
+    def _schedule(self, path: Path, signature: Signature, due: float) -> None:
+        self._waiting[path] = (signature, due)
+        self._seq += 1
+        heapq.heappush(self._heap, (due, self._seq, path))
+
     def add(self, path: Path, signature: Signature, now: float) -> None:
         known = self._waiting.get(path)
         if known is None or known[0] != signature:
-            self._waiting[path] = (signature, now + self.settle)
+            self._schedule(path, signature, now + self.settle)
 
     def discard(self, path: Path) -> None:
-        self._waiting.pop(path, None)
+        self._waiting.pop(path, None)  # its heap entry becomes stale and is skipped
+
+    def _top(self) -> tuple[float, Path] | None:
+        while self._heap:
+            due, _, path = self._heap[0]
+            current = self._waiting.get(path)
+            if current is not None and current[1] == due:
+                return due, path
+            heapq.heappop(self._heap)  # stale: discarded or rescheduled since
+        return None
 
     def next_due(self) -> float | None:
-        return min((due for _, due in self._waiting.values()), default=None)
+        top = self._top()
+        return top[0] if top else None
 
-    def ready(self, now: float) -> list[tuple[Path, Signature]]:
-        """Re-stat every due candidate; unchanged ones are ready, changed ones start their wait again."""
+    def ready(self, now: float, limit: int | None = None) -> list[tuple[Path, Signature]]:
+        """Re-stat due candidates (at most ``limit`` become ready); changed ones start their wait again."""
         out: list[tuple[Path, Signature]] = []
-        for path, (signature, due) in list(self._waiting.items()):
-            if due > now:
-                continue
+        while limit is None or len(out) < limit:
+            top = self._top()
+            if top is None or top[0] > now:
+                break
+            heapq.heappop(self._heap)
+            path = top[1]
+            signature, _ = self._waiting.pop(path)
             st = regular_stat(path)
             if st is None:
-                del self._waiting[path]
                 continue
             current = Signature.of(st)
             if current != signature:
-                self._waiting[path] = (current, now + self.settle)
+                self._schedule(path, current, now + self.settle)
             elif open_for_writing(path):
-                self._waiting[path] = (current, now + max(self.settle, self.OPEN_RECHECK))
+                self._schedule(path, current, now + max(self.settle, self.OPEN_RECHECK))
             else:
-                del self._waiting[path]
                 out.append((path, current))
         return out

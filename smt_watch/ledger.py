@@ -412,14 +412,6 @@ class Ledger:
         with self.atomic() as db:
             db.execute("DELETE FROM seen WHERE path = ?", (path,))
 
-    def stat_cache(self) -> dict[str, tuple[int, int, int, int, str, str | None]]:
-        """path -> (device, inode, size, mtime_ns, sha256, ledger state or None), in one query."""
-        found = self._query(
-            "SELECT seen.path, seen.device, seen.inode, seen.size, seen.mtime_ns, seen.sha256, files.state"
-            " FROM seen LEFT JOIN files ON files.sha256 = seen.sha256"
-        )
-        return {str(r[0]): (int(r[1]), int(r[2]), int(r[3]), int(r[4]), str(r[5]), r[6]) for r in found}
-
     def due(self, now: float) -> list[Row]:
         """Rows the watcher should deliver again now: expired ``retrying`` rows and ``pending`` rows."""
         found = self._query(
@@ -500,3 +492,22 @@ class Ledger:
                 "INSERT OR REPLACE INTO chunks (sha256, part, parts, chunk_sha256, acked_at) VALUES (?, ?, ?, ?, ?)",
                 (sha256, part, parts, chunk_sha256, now_iso()),
             )
+
+    # --- stat-cache look-ups without holding the cache in memory --------------------------------------
+
+    _SEEN_SQL = (
+        "SELECT seen.path, seen.device, seen.inode, seen.size, seen.mtime_ns, seen.sha256, files.state"
+        " FROM seen LEFT JOIN files ON files.sha256 = seen.sha256 WHERE seen.path IN ({})"
+    )
+
+    def seen_many(self, paths: list[str]) -> dict[str, tuple[int, int, int, int, str, str | None]]:
+        """path -> (device, inode, size, mtime_ns, sha256, ledger state or None) for the paths known."""
+        out: dict[str, tuple[int, int, int, int, str, str | None]] = {}
+        for i in range(0, len(paths), 500):
+            batch = paths[i : i + 500]
+            for r in self._query(self._SEEN_SQL.format(",".join("?" * len(batch))), batch):
+                out[str(r[0])] = (int(r[1]), int(r[2]), int(r[3]), int(r[4]), str(r[5]), r[6])
+        return out
+
+    def seen(self, path: str) -> tuple[int, int, int, int, str, str | None] | None:
+        return self.seen_many([path]).get(path)

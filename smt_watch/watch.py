@@ -30,7 +30,7 @@ from smt_watch.config import Settings, delivery_mode
 from smt_watch.delivery import Deliverer
 from smt_watch.errors import ConfigError, FileChanged, InputError, SmtWatchError
 from smt_watch.hashing import FileIdentity, identify
-from smt_watch.inbox import Settler, Signature, is_candidate, regular_stat, relative, scan
+from smt_watch.inbox import Found, Settler, Signature, is_candidate, regular_stat, relative, scan
 from smt_watch.ledger import Ledger
 from smt_watch.metrics import Metrics
 from smt_watch.notify import Notifier
@@ -40,6 +40,8 @@ from smt_watch.watcher import InboxWatcher
 log = logging.getLogger("smt_watch.watch")
 
 DUE_CHECK_SECONDS = 1.0
+SCAN_BATCH = 1000  # stat-cache rows asked for at once during a scan
+Seen = tuple[int, int, int, int, str, str | None]
 BUSY_RECHECK_SECONDS = 0.5
 HANDLED_STATES = frozenset({"sent", "failed", "retrying"})
 
@@ -79,7 +81,7 @@ class WatchService:
         self._new_dirs: set[Path] = set()
         self._later: list[tuple[float, str]] = []  # heap of (monotonic due, path) to look at again
         self._busy: set[Path] = set()
-        self._cache: dict[str, tuple[int, int, int, int, str, str | None]] = {}
+        self._handled = 0  # files the start-up scan found already handled (for the READY log line)
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max(64, settings.workers * 32))
         self._settler = Settler(settings.settle_seconds)
         self._notifier = Notifier(settings.notify_socket, settings.watchdog_usec)
@@ -132,11 +134,10 @@ class WatchService:
                 log.warning("Resuming %s (sha256 %s): it was being sent when smt-watch stopped",
                             row.filename, row.sha256[:12])
             self.backend = watcher.start()
-            self._cache = ledger.stat_cache()
             started = time.monotonic()
             found = self._scan(self.root)
             log.info("Watching %s (%s, %d worker(s), mode %s): %d file(s) to look at, %d already handled",
-                     self.root, self.backend, self.settings.workers, self.mode, found, len(self._cache))
+                     self.root, self.backend, self.settings.workers, self.mode, found, self._handled)
             self._notifier.ready(self._status())
             self.ready.set()
             self._loop(started)
@@ -162,7 +163,6 @@ class WatchService:
             now = time.monotonic()
             self._take_intake(now)
             if now >= next_rescan:
-                self._cache = self._ledger.stat_cache() if self._ledger else {}
                 self._scan(self.root)
                 next_rescan = now + s.rescan_seconds
             if now >= next_due:
@@ -178,8 +178,8 @@ class WatchService:
             if ping:
                 wake_at.append(next_ping)
             settle_due = self._settler.next_due()
-            if settle_due is not None:
-                wake_at.append(settle_due)
+            if settle_due is not None and not self._queue.full():
+                wake_at.append(settle_due)  # with a full queue, a worker finishing a job wakes us
             with self._lock:
                 if self._later:
                     wake_at.append(self._later[0][0])
@@ -191,34 +191,58 @@ class WatchService:
         with self._lock:
             paths, self._incoming = self._incoming, set()
             dirs, self._new_dirs = self._new_dirs, set()
+            again: set[Path] = set()
             while self._later and self._later[0][0] <= now:
-                paths.add(Path(heapq.heappop(self._later)[1]))
+                again.add(Path(heapq.heappop(self._later)[1]))
         for d in dirs:
             self._scan(d)
-        for path in paths:
+        for path in paths - again:
             self._consider(path, now)
+        for path in again:
+            self._consider(path, now, recheck=True)
 
-    def _consider(self, path: Path, now: float) -> bool:
-        """Put a candidate in the settler unless the stat cache says it was handled already."""
+    def _consider(self, path: Path, now: float, recheck: bool = False) -> bool:
+        """Put a candidate in the settler unless the stat cache says it was handled already.
+
+        ``recheck``: a file a worker asked to look at again (the same bytes were in flight under another
+        name): it goes to a worker whatever the cache says, so it is counted as a duplicate and gets its
+        SMT_AFTER_SEND action.
+        """
         rel = relative(self.root, path)
         if rel is None or not is_candidate(rel, self.settings.patterns):
             return False
         st = regular_stat(path)
         if st is None:
             return False
-        return self._consider_stat(path, Signature.of(st), now)
+        assert self._ledger is not None
+        known = None if recheck else self._ledger.seen(str(path))
+        return self._consider_known(path, Signature.of(st), known, now)
 
-    def _consider_stat(self, path: Path, sig: Signature, now: float) -> bool:
-        cached = self._cache.get(str(path))
-        if cached and cached[:4] == (sig.device, sig.inode, sig.size, sig.mtime_ns) and cached[5] in HANDLED_STATES:
+    def _consider_known(self, path: Path, sig: Signature, known: Seen | None, now: float) -> bool:
+        """Into the settler unless the stat cache says these exact bytes were handled already."""
+        if known and known[:4] == (sig.device, sig.inode, sig.size, sig.mtime_ns) and known[5] in HANDLED_STATES:
+            self._handled += 1
             return False
         self._settler.add(path, sig, now)
         return True
 
     def _scan(self, directory: Path) -> int:
+        """A full (or new-directory) scan; the stat cache is asked in batches, never held in memory."""
+        assert self._ledger is not None
         now = time.monotonic()
-        patterns = self.settings.patterns
-        return sum(self._consider_stat(f.path, f.signature, now) for f in scan(self.root, patterns, directory))
+        added = 0
+        batch: list[Found] = []
+        for found in scan(self.root, self.settings.patterns, directory):
+            batch.append(found)
+            if len(batch) >= SCAN_BATCH:
+                added += self._consider_batch(batch, now)
+                batch = []
+        return added + self._consider_batch(batch, now)
+
+    def _consider_batch(self, batch: list[Found], now: float) -> int:
+        assert self._ledger is not None
+        known = self._ledger.seen_many([str(f.path) for f in batch]) if batch else {}
+        return sum(self._consider_known(f.path, f.signature, known.get(str(f.path)), now) for f in batch)
 
     def _schedule_due(self) -> None:
         """Rows to deliver again: their backoff expired, or they were cut off (``pending``)."""
@@ -236,7 +260,7 @@ class WatchService:
                                          error=f"file no longer in the inbox: {row.path}")
                 continue
             sig = Signature.of(st)
-            cached = self._cache.get(row.path)
+            cached = self._ledger.seen(row.path)
             if cached and cached[:4] == (sig.device, sig.inode, sig.size, sig.mtime_ns) and cached[4] != row.sha256:
                 log.info("Dropping %s row %s: %s now holds other content", row.state, row.sha256[:12], path)
                 self._ledger.forget([row.sha256])
@@ -244,7 +268,8 @@ class WatchService:
             self._settler.add(path, sig, now)
 
     def _feed_queue(self, now: float) -> None:
-        for path, sig in self._settler.ready(now):
+        free = self._queue.maxsize - self._queue.qsize()
+        for path, sig in self._settler.ready(now, limit=max(0, free)):
             with self._lock:
                 if path in self._busy:
                     heapq.heappush(self._later, (now + BUSY_RECHECK_SECONDS, str(path)))
@@ -304,6 +329,7 @@ class WatchService:
             finally:
                 with self._lock:
                     self._busy.discard(job.path)
+                self._wake.set()  # a queue slot is free: the main loop may feed the next file
 
     def _process(self, job: Job) -> None:
         assert self._ledger is not None and self._deliverer is not None
@@ -322,7 +348,8 @@ class WatchService:
 
     def _identity(self, path: Path, sig: Signature) -> FileIdentity | None:
         key = str(path)
-        cached = self._cache.get(key)
+        assert self._ledger is not None
+        cached = self._ledger.seen(key)
         if cached and cached[:4] == (sig.device, sig.inode, sig.size, sig.mtime_ns):
             return FileIdentity(path, cached[4], sig.size, sig.mtime_ns, sig.device, sig.inode)
         try:
@@ -335,17 +362,11 @@ class WatchService:
             return None
         with self._lock:
             self.counts.hashed += 1
-        assert self._ledger is not None
         self._ledger.remember(key, ident.device, ident.inode, ident.size, ident.mtime_ns, ident.sha256)
-        self._cache[key] = (ident.device, ident.inode, ident.size, ident.mtime_ns, ident.sha256, None)
         return ident
 
     def _record(self, job: Job, ident: FileIdentity, o: Outcome) -> None:
         """Counts, metrics and one log line per delivered CSV; then the file's after-send action."""
-        key = str(job.path)
-        if o.result in ("sent", "duplicate", "failed", "retrying", "later") and key in self._cache:
-            state = {"duplicate": "sent", "later": None}.get(o.result, o.result)
-            self._cache[key] = (*self._cache[key][:5], state)
         latency = time.monotonic() - job.ready_at
         for item in o.children or (o,):
             self._count(item, latency, job.path.name if o.children else None)
@@ -406,7 +427,6 @@ class WatchService:
         except OSError as exc:
             log.error("Could not %s %s after delivery: %s", action, path, exc.strerror)
             return
-        self._cache.pop(str(path), None)
         assert self._ledger is not None
         self._ledger.unremember(str(path))
 
