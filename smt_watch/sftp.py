@@ -5,15 +5,16 @@ unknown or changed key refuses the connection with one line that shows the offer
 fingerprint and how to trust it. ``accept_new`` appends an unknown key (OpenSSH's ``accept-new``), never a
 changed one.
 
-Downloads use ``SFTPFile.readv`` in bounded batches: the requests of a batch are pipelined (no round trip
-per 32 KiB read), and memory stays at one batch. paramiko's whole-file ``prefetch`` buffers the entire file
-when the network outruns the disk, and its ``max_concurrent_prefetch_requests`` throttle busy-waits
-(see MEASURED.md: 164 s and 1 GB RSS for 1 GiB).
+Downloads keep a sliding window of READ requests in flight (see ``Connection._pipelined_read``): no round
+trip per read, memory bounded by the window. paramiko's whole-file ``prefetch`` buffers the entire file
+when the network outruns the disk, its ``max_concurrent_prefetch_requests`` throttle busy-waits (see
+MEASURED.md: 164 s and 1 GB RSS for 1 GiB), and ``readv`` races its helper thread (paramiko PR #2519).
 """
 
 from __future__ import annotations
 
 import base64
+import collections
 import hashlib
 import logging
 import os
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import paramiko
+from paramiko.sftp import CMD_DATA, CMD_READ, CMD_STATUS, SFTP_EOF, int64
 
 from smt_watch.config import Settings
 from smt_watch.errors import ConfigError, SmtWatchError
@@ -31,8 +33,10 @@ from smt_watch.inbox import is_candidate
 
 log = logging.getLogger("smt_watch.sftp")
 
-READ_BATCH = 8 * 1024 * 1024  # bytes requested per readv batch: the pipeline depth, and the memory bound
-REQUEST = paramiko.SFTPFile.MAX_REQUEST_SIZE
+REQUEST = 64 * 1024  # bytes per READ request (OpenSSH serves up to 255 KiB; short reads are handled)
+WINDOW = 32  # READ requests in flight: 2 MiB, the pipeline depth and the memory bound
+TRANSPORT_WINDOW = 8 * 1024 * 1024
+MAX_PACKET = 128 * 1024  # one 64 KiB READ response fits one SSH packet
 
 
 class SftpError(SmtWatchError):
@@ -202,13 +206,15 @@ class Connection:
             sock = socket.create_connection((settings.smt_host, settings.smt_port), timeout=settings.sftp_timeout)
         except OSError as exc:
             raise SftpError(f"cannot connect to {where}: {exc.strerror or exc}") from None
-        self.transport = paramiko.Transport(sock)
+        self.transport = paramiko.Transport(sock, default_window_size=TRANSPORT_WINDOW,
+                                            default_max_packet_size=MAX_PACKET)
         prefer_known_key_types(self.transport, settings)
         try:
             self.transport.start_client(timeout=settings.sftp_timeout)
             check_host_key(settings, self.transport.get_remote_server_key(), accept_new_host_key)
             self.transport.auth_publickey(settings.smt_user, key)
-            sftp = paramiko.SFTPClient.from_transport(self.transport)
+            sftp = paramiko.SFTPClient.from_transport(self.transport, window_size=TRANSPORT_WINDOW,
+                                                      max_packet_size=MAX_PACKET)
             if sftp is None:
                 raise SftpError(f"{where}: the server refused the SFTP subsystem")
             channel = sftp.get_channel()
@@ -268,17 +274,11 @@ class Connection:
             log.info("Resuming %s at %d of %d bytes", remote.path, offset, remote.size)
         try:
             with self.sftp.open(remote.path, "rb") as rf, part.open("ab") as out:
-                while offset < remote.size:
-                    end = min(remote.size, offset + READ_BATCH)
-                    ranges = [(o, min(REQUEST, end - o)) for o in range(offset, end, REQUEST)]
-                    for data in rf.readv(ranges):
-                        if not data:
-                            raise SftpError(f"{remote.path}: shrank on the server while being fetched")
-                        out.write(data)
-                        digest.update(data)
-                        if progress:
-                            progress(len(data))
-                    offset = end
+                for data in self._pipelined_read(rf, remote, offset):
+                    out.write(data)
+                    digest.update(data)
+                    if progress:
+                        progress(len(data))
                 out.flush()
                 os.fsync(out.fileno())
         except (OSError, EOFError, paramiko.SSHException) as exc:
@@ -287,3 +287,56 @@ class Connection:
         if size != remote.size:
             raise SftpError(f"{remote.path}: got {size} bytes, the server said {remote.size}")
         return digest.hexdigest()
+
+    def _pipelined_read(self, rf: paramiko.SFTPFile, remote: RemoteFile, offset: int) -> Iterator[bytes]:
+        """The file from ``offset`` in order, with up to ``WINDOW`` reads of ``REQUEST`` bytes in flight.
+
+        paramiko's own ``readv``/``prefetch`` race their helper thread (paramiko PR #2519: a batch may be
+        read twice, the late copies held in memory) and its ``max_concurrent_requests`` throttle
+        busy-waits. This sliding window uses the same request/response calls paramiko's prefetch does,
+        from this thread only: memory is bounded by the window, and responses may arrive in any order.
+        """
+        collector = _Responses()
+        pending: collections.deque[tuple[int, int, int]] = collections.deque()
+        size = remote.size
+        while offset < size or pending:
+            while offset < size and len(pending) < WINDOW:
+                length = min(REQUEST, size - offset)
+                num = self.sftp._async_request(  # type: ignore[attr-defined]  # paramiko-internal, pinned <6
+                    collector, CMD_READ, rf.handle, int64(offset), length)
+                pending.append((num, offset, length))
+                offset += length
+            num, at, length = pending.popleft()
+            while num not in collector.data:
+                self.sftp._read_response()  # type: ignore[attr-defined]  # one packet, to its collector
+            data = collector.take(num, remote.path)
+            if not data:
+                raise SftpError(f"{remote.path}: shrank on the server while being fetched")
+            yield data
+            if len(data) < length:  # a short read (a server with a smaller limit): fetch the rest now
+                rf.seek(at + len(data))
+                rest = rf.read(length - len(data))
+                if len(rest) != length - len(data):
+                    raise SftpError(f"{remote.path}: shrank on the server while being fetched")
+                yield rest
+
+
+class _Responses:
+    """Collects asynchronous READ responses by request number (paramiko calls ``_async_response``)."""
+
+    def __init__(self) -> None:
+        self.data: dict[int, bytes | Exception] = {}
+
+    def _async_response(self, t: int, msg: paramiko.Message, num: int) -> None:
+        if t == CMD_DATA:
+            self.data[num] = msg.get_string()
+        elif t == CMD_STATUS and msg.get_int() == SFTP_EOF:
+            self.data[num] = b""
+        else:
+            self.data[num] = OSError(f"SFTP read failed (response type {t})")
+
+    def take(self, num: int, path: str) -> bytes:
+        value = self.data.pop(num)
+        if isinstance(value, Exception):
+            raise SftpError(f"{path}: {value}")
+        return value

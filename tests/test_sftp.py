@@ -302,11 +302,6 @@ def test_host_key_entry_for_port_22_is_bare_host() -> None:
     assert host_entry("127.0.0.1", 2222) == "[127.0.0.1]:2222"
 
 
-@pytest.mark.xfail(strict=True, reason="sftp.Connection.download relies on paramiko's SFTPFile.readv, whose "
-                   "prefetch thread races the reader (paramiko PR #2519): when responses drain the pending "
-                   "requests before the thread queued the rest, readv falls back to one round trip per "
-                   "32 KiB and the server sends the rest of the batch twice (and the late copies pile up "
-                   "unread in memory until the file is closed)")
 def test_download_reads_each_byte_once_when_the_prefetch_thread_lags(
     server: SftpTestServer, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
