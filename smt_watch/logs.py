@@ -88,6 +88,11 @@ def setup_logging(level: str = "info", fmt: str = "text", stream: object = None)
     logger.propagate = False
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # paramiko logs connection resets itself; without a handler Python would print them raw on stderr.
+    ssh = logging.getLogger("paramiko")
+    ssh.handlers = [handler]
+    ssh.setLevel(logging.WARNING)
+    ssh.propagate = False
 
 
 def add_secrets(secrets: Iterable[str]) -> None:
