@@ -5,14 +5,18 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from smt_watch.config import Settings, load_settings
 from smt_watch.receiver import running_receiver
+from smt_watch.watch import WatchService
 
 ADMIN_TOKEN = "admin-token-0123456789abcdef-SECRET"
 UPLOAD_TOKEN = "upload-token-fedcba9876543210-SECRET"
@@ -97,3 +101,30 @@ def unused_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@contextmanager
+def watching(settings: Settings, **kw: Any) -> Iterator[WatchService]:
+    """A WatchService in a thread, ready before the block runs; errors in it fail the test."""
+    service = WatchService(settings, **kw)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            service.run()
+        except BaseException as exc:  # surfaced below, not lost in the thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    wait_for(lambda: service.ready.is_set() or errors, 15, "watch to be ready")
+    if errors:
+        raise errors[0]
+    try:
+        yield service
+    finally:
+        service.request_stop()
+        thread.join(30)
+        assert not thread.is_alive(), "watch did not stop"
+    if errors:
+        raise errors[0]

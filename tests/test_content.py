@@ -407,7 +407,7 @@ def test_single_esiid_plain_csv_uses_it(settings: Settings, receiver: Any) -> No
 
 def test_watch_delivers_an_asc_landing_in_the_inbox(settings: Settings, receiver: Any, ours: GpgHome,
                                                     tmp_path: Path) -> None:
-    from test_watch import watching
+    from conftest import watching
 
     outside = tmp_path / "landing.tmp"
     outside.write_bytes(ours.encrypt(SMT_ZIP))
@@ -425,7 +425,7 @@ def test_watch_delivers_an_asc_landing_in_the_inbox(settings: Settings, receiver
 
 def test_watch_retries_a_child_csv_after_a_5xx(make_settings: Make, receiver: Any, ours: GpgHome,
                                               tmp_path: Path) -> None:
-    from test_watch import watching
+    from conftest import watching
 
     settings = make_settings(**env_for(receiver, ours))
     receiver.state.faults.append(Fault(status=503))  # the first CSV's only attempt

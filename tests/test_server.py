@@ -26,9 +26,8 @@ from typing import Any
 import httpx
 import pytest
 from sftp_server import SftpTestServer, running_sftp_server, sftp_env
-from test_watch import watching
 
-from conftest import UPLOAD_TOKEN, wait_for, write_csv
+from conftest import UPLOAD_TOKEN, wait_for, watching, write_csv
 from smt_watch.config import Settings
 from smt_watch.ledger import STATES, Ledger
 from smt_watch.pipeline import open_ledger

@@ -36,10 +36,9 @@ from sftp_server import (
     write_private_key,
 )
 
-from conftest import UPLOAD_TOKEN, wait_for, write_csv
+from conftest import UPLOAD_TOKEN, wait_for, watching, write_csv
 from smt_watch.config import Settings
 from smt_watch.sync import ATTEMPTS, SyncReport, run_sync
-from smt_watch.watch import WatchService
 
 Make = Callable[..., Settings]
 RunCli = Callable[..., subprocess.CompletedProcess[str]]
@@ -701,33 +700,6 @@ def test_wait_flag_waits_for_the_running_sync(
 
 
 # --- with watch running -----------------------------------------------------------------------------------
-
-
-@contextmanager
-def watching(settings: Settings) -> Iterator[WatchService]:
-    """WatchService in a thread, as in tests/test_watch.py."""
-    service = WatchService(settings)
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            service.run()
-        except BaseException as exc:  # surfaced below
-            errors.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    wait_for(lambda: service.ready.is_set() or errors, 15, "watch to be ready")
-    if errors:
-        raise errors[0]
-    try:
-        yield service
-    finally:
-        service.request_stop()
-        thread.join(30)
-        assert not thread.is_alive(), "watch did not stop"
-    if errors:
-        raise errors[0]
 
 
 def test_synced_file_is_delivered_exactly_once_by_watch(

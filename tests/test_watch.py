@@ -10,52 +10,23 @@ import errno
 import hashlib
 import os
 import shutil
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import UPLOAD_TOKEN, wait_for, write_csv
+from conftest import UPLOAD_TOKEN, wait_for, watching, write_csv
 from smt_watch.config import Settings
 from smt_watch.pipeline import open_ledger
 from smt_watch.receiver import Fault, running_receiver
-from smt_watch.watch import WatchService
 
 Make = Callable[..., Settings]
 
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-@contextmanager
-def watching(settings: Settings, **kw: Any) -> Iterator[WatchService]:
-    service = WatchService(settings, **kw)
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            service.run()
-        except BaseException as exc:  # surfaced below, not lost in the thread
-            errors.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    wait_for(lambda: service.ready.is_set() or errors, 15, "watch to be ready")
-    if errors:
-        raise errors[0]
-    try:
-        yield service
-    finally:
-        service.request_stop()
-        thread.join(30)
-        assert not thread.is_alive(), "watch did not stop"
-    if errors:
-        raise errors[0]
 
 
 @pytest.fixture
