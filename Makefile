@@ -19,7 +19,7 @@ lint: $(BIN)/.installed
 	$(BIN)/mypy smt_watch
 
 unit: $(BIN)/.installed
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2
 
 ## test-slow: the large-file and long-running tests left out of the default run
 test-slow: $(BIN)/.installed
