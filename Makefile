@@ -29,9 +29,10 @@ test-slow: $(BIN)/.installed
 demo: $(BIN)/.installed
 	$(BIN)/python scripts/demo.py
 
-## bench: speed and memory figures against curl / sha256sum (see bench/RESULTS.md)
+## bench: every benchmark (~15 min): bench/RESULTS.md and bench/plot.png, against curl, sftp, sha256sum
 bench: $(BIN)/.installed
-	$(BIN)/python bench/bench_post.py
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[test,bench]"
+	bench/run_all
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import random
 import re
@@ -91,6 +92,7 @@ class Sizes:
     restart_files: int
     deliver_deadline_s: float  # for the first delivery of the restart inbox
     quiet_s: float  # how long to watch for stray requests after a restart
+    synthetic_files: int = 0  # restart over a ledger written directly (0: as many as restart_files)
 
 
 FULL = Sizes(200, 10_000, 10_000, 100_000, 240.0, 5.0)
@@ -623,7 +625,7 @@ def measure_synthetic_restart(b: Bench, maker: CsvMaker, sizes: Sizes) -> Synthe
     ``mark_sent``), through smt_watch's own Ledger API; then the same restarts as above."""
     from smt_watch.ledger import Ledger  # the package is installed in the venv this runs with
 
-    n = sizes.restart_files
+    n = sizes.synthetic_files or sizes.restart_files
     inbox, state = b.fresh_dir("synthetic-inbox"), b.fresh_dir("synthetic-state")
     began = time.monotonic()
     ledger = Ledger(state / "ledger.sqlite3")
@@ -831,6 +833,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="reduced sizes, for a smoke test")
     parser.add_argument("--anchor-files", type=int, help="files for the bash loop (default: all drain files)")
     parser.add_argument("--restart-files", type=int, help="files in the restart inbox (default 100,000)")
+    parser.add_argument("--synthetic-files", type=int,
+                        help="files for the restart over a directly written ledger (default: --restart-files)")
+    parser.add_argument("--samples", type=Path, help="write the latency samples (JSON) here, for bench/plot.py")
     parser.add_argument("--strict", action="store_true", help="exit 1 when any target fails")
     args = parser.parse_args(argv)
     if not SMT_WATCH.exists():
@@ -843,6 +848,8 @@ def main(argv: list[str] | None = None) -> int:
         sizes = replace(sizes, anchor_files=min(args.anchor_files, sizes.drain_files))
     if args.restart_files:
         sizes = replace(sizes, restart_files=args.restart_files)
+    if args.synthetic_files:
+        sizes = replace(sizes, synthetic_files=args.synthetic_files)
     signal.signal(signal.SIGTERM, _terminate)
     rev = revision()
     began = time.monotonic()
@@ -873,6 +880,8 @@ def main(argv: list[str] | None = None) -> int:
         except BenchError as exc:
             print(f"bench_watch: {exc}", file=sys.stderr)
             return 2
+    if args.samples:
+        args.samples.write_text(json.dumps({f"{x.settle:g}": x.seconds for x in lat}))
     checks = verdicts(lat, drains, anchor, restart, synthetic)
     section = render(sizes, args.quick, lat, pool, drains, anchor, restart, synthetic, checks,
                      time.monotonic() - began, b.loads, rev)
