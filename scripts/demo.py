@@ -1,9 +1,12 @@
-"""`make demo`: the main job end to end on loopback, with embedded defaults and no network.
+"""`make demo`: the main job end to end on loopback, with embedded defaults, no network and no root.
 
-Starts the reference receiver (a stand-in for IntelliWatt), `smt-watch watch` and `smt-watch serve`;
-drops interval CSVs into the inbox and uploads one through serve, and watch delivers them; shows a
-duplicate skipped, a legacy inline `post`, the ledger and what the receiver stored; then stops everything.
-Everything lives in ./demo-run (recreated each time), logs in ./demo-run/logs.
+In ./demo-run (recreated each time) it starts the reference receiver (a stand-in for IntelliWatt's web
+app, including its production `raw-upload` route), `smt-watch watch` delivering by raw-upload,
+`smt-watch serve` (the upload server), and an SFTP server in this process standing in for Smart Meter
+Texas. Realistic SMT files made by `smt-watch sample` then arrive by the three paths the droplet has:
+`cp` into the inbox, `curl` to `/upload`, and an encrypted `.asc` fetched by `smt-watch sync`. It prints
+a table (file, path in, sha256, intervals stored, seconds from landing to stored), shows that a copy is a
+duplicate, posts one file the legacy inline way, lists the ledger, and stops everything.
 """
 
 from __future__ import annotations
@@ -17,32 +20,13 @@ import subprocess
 import sys
 import time
 import urllib.request
-from datetime import date, timedelta
+from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = ROOT / "demo-run"
 EXE = str(Path(sys.executable).parent / "smt-watch")
-HEADER = (
-    "ESIID,USAGE_DATE,REVISION_DATE,USAGE_START_TIME,USAGE_END_TIME,USAGE_KWH,ESTIMATED_ACTUAL,"
-    "CONSUMPTION_SURPLUSGENERATION"
-)
-
-
-def interval_csv(path: Path, esiid: str, start: date, days: int) -> Path:
-    """A plain SMT interval CSV: 96 fifteen-minute reads a day (no DST days in the demo range)."""
-    lines = [HEADER]
-    for d in range(days):
-        day = start + timedelta(days=d)
-        for i in range(96):
-            begin, end = i * 15, (i + 1) * 15
-            kwh = 0.2 + ((i * 37 + d * 11) % 50) / 100
-            lines.append(
-                f"'{esiid},{day:%m/%d/%Y},{day + timedelta(days=1):%m/%d/%Y},{begin // 60}:{begin % 60:02d},"
-                f"{end // 60 % 24}:{end % 60:02d},{kwh:.3f},A,Consumption"
-            )
-    path.write_text("\n".join(lines) + "\n")
-    return path
+sys.path.insert(0, str(ROOT / "tests"))  # the in-process SFTP server the test suite uses
 
 
 def free_port() -> int:
@@ -55,22 +39,22 @@ def step(title: str) -> None:
     print(f"\n\033[1m== {title}\033[0m" if sys.stdout.isatty() else f"\n== {title}", flush=True)
 
 
-def smt(*args: str, env: dict[str, str]) -> int:
+def smt(*args: str, env: dict[str, str], quiet: bool = False) -> int:
     print("$ smt-watch " + " ".join(args), flush=True)
-    return subprocess.run([EXE, *args], env=env).returncode
+    out = subprocess.DEVNULL if quiet else None
+    return subprocess.run([EXE, *args], env=env, stdout=out).returncode
 
 
-def wait_until(condition: object, what: str, timeout: float = 20.0) -> None:
+def wait_until(condition: object, what: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():  # type: ignore[operator]
         if time.monotonic() > deadline:
             raise SystemExit(f"demo: timed out waiting for {what}")
-        time.sleep(0.1)
+        time.sleep(0.05)
 
 
-def http_json(url: str, data: bytes | None = None, headers: dict[str, str] | None = None) -> object:
-    req = urllib.request.Request(url, data=data, headers=headers or {})  # noqa: S310 (loopback only)
-    with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310 (loopback only)
+def get_json(url: str) -> object:
+    with urllib.request.urlopen(url, timeout=10) as resp:  # noqa: S310 (loopback only)
         return json.load(resp)
 
 
@@ -82,118 +66,130 @@ def up(url: str) -> bool:
         return False
 
 
-def multipart_body(name: str, content: bytes, boundary: str = "demo-boundary") -> bytes:
-    return (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
-            f"Content-Type: text/csv\r\n\r\n").encode() + content + f"\r\n--{boundary}--\r\n".encode()
+def upload(url: str, path: Path, token: str) -> dict[str, object]:
+    """`curl -F` as the admin UI does; urllib when curl is missing."""
+    headers = {"x-smt-upload-token": token, "x-smt-upload-role": "admin"}
+    if shutil.which("curl"):
+        cmd = ["curl", "-sS", "-F", f"file=@{path}"] + [a for k, v in headers.items() for a in ("-H", f"{k}: {v}")]
+        print("$ " + " ".join(cmd[:4]) + f" -H 'x-smt-upload-token: …' {url}")
+        return dict(json.loads(subprocess.run([*cmd, url], check=True, capture_output=True, text=True).stdout))
+    boundary = "demo-boundary"
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{path.name}"\r\n'
+            f"Content-Type: text/csv\r\n\r\n").encode() + path.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+    req = urllib.request.Request(url, data=body, headers={  # noqa: S310 (loopback only)
+        "Content-Type": f"multipart/form-data; boundary={boundary}", **headers})
+    with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310 (loopback only)
+        return dict(json.load(resp))
 
 
-def make_gpg_key(home: Path) -> None:
-    """A throwaway key pair standing in for IntelliWatt's SMT decryption key."""
+def make_gpg_key(home: Path) -> str:
+    """A throwaway key pair standing in for IntelliWatt's SMT decryption key; returns its user id."""
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
-    subprocess.run(["gpg", "--batch", "--homedir", str(home), "--passphrase", "", "--quick-gen-key",
-                    "demo@smt-watch.invalid", "ed25519", "cert,sign", "never"], check=True, capture_output=True)
-    fpr = subprocess.run(["gpg", "--batch", "--homedir", str(home), "--with-colons", "--list-keys"],
-                         check=True, capture_output=True, text=True).stdout
-    fingerprint = next(line.split(":")[9] for line in fpr.splitlines() if line.startswith("fpr"))
-    subprocess.run(["gpg", "--batch", "--homedir", str(home), "--passphrase", "", "--quick-add-key", fingerprint,
-                    "cv25519", "encr", "never"], check=True, capture_output=True)
+    uid = "demo@smt-watch.invalid"
+    gpg = ["gpg", "--batch", "--homedir", str(home), "--passphrase", ""]
+    subprocess.run([*gpg, "--quick-gen-key", uid, "ed25519", "cert,sign", "never"], check=True, capture_output=True)
+    listing = subprocess.run([*gpg, "--with-colons", "--list-keys"], check=True, capture_output=True, text=True)
+    fpr = next(line.split(":")[9] for line in listing.stdout.splitlines() if line.startswith("fpr"))
+    subprocess.run([*gpg, "--quick-add-key", fpr, "cv25519", "encr", "never"], check=True, capture_output=True)
+    return uid
 
 
 def main() -> int:
+    from sftp_server import running_sftp_server, sftp_env
+
     shutil.rmtree(RUN, ignore_errors=True)
-    inbox, state, data = RUN / "inbox", RUN / "state", RUN / "receiver"
-    inbox.mkdir(parents=True)
+    inbox, state, data, logs, made = (RUN / d for d in ("inbox", "state", "receiver", "logs", "made"))
+    for d in (inbox, logs, made):
+        d.mkdir(parents=True)
     rport, sport = free_port(), free_port()
     base, upload_server = f"http://127.0.0.1:{rport}", f"http://127.0.0.1:{sport}"
     # Demo-only tokens: the receiver and serve check them exactly as the real services do.
-    env = {
-        **os.environ,
-        "SMT_LOCAL_DIR": str(inbox),
-        "SMT_STATE_DIR": str(state),
-        "ADMIN_TOKEN": "demo-admin-token",
-        "SMT_UPLOAD_TOKEN": "demo-upload-token",
-        "ESIID_DEFAULT": "10443720000000001",
-        "SMT_SETTLE_SECONDS": "0.5",
-        "GNUPGHOME": str(RUN / "gnupg"),
-    }
-    for key in ("SMT_UPLOAD_URL", "INTELLIWATT_BASE_URL", "SMT_DELIVERY", "STATE_FILE", "NOTIFY_SOCKET"):
-        env.pop(key, None)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SMT_") and k not in (
+        "INTELLIWATT_BASE_URL", "ADMIN_TOKEN", "STATE_FILE", "NOTIFY_SOCKET", "GNUPGHOME")}
+    env |= {"SMT_LOCAL_DIR": str(inbox), "SMT_STATE_DIR": str(state), "ADMIN_TOKEN": "demo-admin-token",
+            "SMT_UPLOAD_TOKEN": "demo-upload-token", "ESIID_DEFAULT": "10443720000000001",
+            "SMT_SETTLE_SECONDS": "0.5", "GNUPGHOME": str(RUN / "gnupg"), "SMT_PATTERNS": "*.csv,*.asc,*.zip"}
     procs: list[subprocess.Popen[bytes]] = []
-    logs = RUN / "logs"
-    logs.mkdir()
 
-    def start(name: str, *args: str, extra: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def start(name: str, *args: str, extra: dict[str, str] | None = None) -> None:
         out = (logs / f"{name}.log").open("wb")
-        proc = subprocess.Popen([EXE, *args], env={**env, **(extra or {})}, stdout=out, stderr=out)
-        procs.append(proc)
-        return proc
+        procs.append(subprocess.Popen([EXE, *args], env={**env, **(extra or {})}, stdout=out, stderr=out))
 
+    landed: dict[str, tuple[str, float]] = {}  # ESIID -> (path in, when it landed)
     try:
         step(f"start the reference receiver (stand-in for IntelliWatt) on {base}")
         start("receiver", "receive", "--port", str(rport), "--data", str(data))
         wait_until(lambda: up(f"{base}/_receiver/files"), "the receiver")
 
-        step("start `smt-watch watch` (multipart to the receiver) and `smt-watch serve` (uploads)")
-        start("watch", "watch", extra={"SMT_UPLOAD_URL": f"{base}/upload"})
+        step("start `watch` (raw-upload, the web app's production route) and `serve` (uploads)")
+        start("watch", "watch", extra={"SMT_DELIVERY": "raw-upload", "INTELLIWATT_BASE_URL": base})
         start("serve", "serve", "--port", str(sport))
         wait_until(lambda: "Watching " in (logs / "watch.log").read_text(), "watch to start")
         wait_until(lambda: up(f"{upload_server}/health"), "serve to start")
 
-        step("an operator copies two interval CSVs into the inbox (as scp or sync would)")
-        interval_csv(inbox / "IntervalMeterUsage_M1001_jan.csv", "10443720000000001", date(2026, 1, 1), 31)
-        nested = inbox / "adhocusage" / "2026"
-        nested.mkdir(parents=True)
-        interval_csv(nested / "IntervalMeterUsage_M1001_feb.csv", "10443720000000001", date(2026, 2, 1), 28)
+        step("make realistic SMT interval files (15-minute reads, DST days, a few estimated reads)")
+        cp_file, up_file = made / "IntervalMeterUsage_M1001_2025.csv", made / "IntervalMeterUsage_M2002_q1.csv"
+        smt("sample", "--days", "365", "--esiid", "10443720000000001", "-o", str(cp_file), env=env)
+        smt("sample", "--days", "90", "--esiid", "10443720000000002", "--start", "2025-01-01", "-o", str(up_file),
+            env=env)
 
-        step("the admin UI uploads a CSV to serve; it lands in the inbox and watch delivers it")
-        content = (RUN / "march.csv")
-        interval_csv(content, "10443720000000002", date(2026, 3, 1), 31)
-        reply = http_json(f"{upload_server}/upload", multipart_body("IntervalMeterUsage_M2002_mar.csv",
-                                                                   content.read_bytes()),
-                          {"Content-Type": "multipart/form-data; boundary=demo-boundary",
-                           "x-smt-upload-token": "demo-upload-token", "x-smt-upload-role": "admin"})
-        print("  serve answered:", json.dumps(reply)[:160], "…")
+        step("path 1: an operator copies a CSV into the inbox (as scp would)")
+        shutil.copy(cp_file, inbox / ".incoming.part")
+        os.rename(inbox / ".incoming.part", inbox / cp_file.name)
+        landed["10443720000000001"] = ("cp", time.time())
+
+        step("path 2: the admin UI uploads a CSV to serve")
+        reply = upload(f"{upload_server}/upload", up_file, "demo-upload-token")
+        landed["10443720000000002"] = ("curl /upload", time.time())
+        print("  serve answered:", json.dumps(reply)[:150], "…")
+
+        expected = 2
+        if shutil.which("gpg"):
+            step("path 3: SMT publishes an encrypted ZIP (*.CSV.1.asc) on its SFTP server; `sync` fetches it")
+            uid = make_gpg_key(Path(env["GNUPGHOME"]))
+            asc = made / "IntervalMeterUsage.CSV.1.asc"
+            smt("sample", "--days", "30", "--esiid", "10443720000000003", "--start", "2025-10-15",
+                "--encrypt-to", uid, "-o", str(asc), env=env)
+            with running_sftp_server(RUN / "smt-sftp" / "root", RUN / "smt-sftp" / "keys") as sftp:
+                sftp.put("adhocusage/2025/IntervalMeterUsage.CSV.1.asc", asc.read_bytes())
+                sync_env = env | sftp_env(sftp, RUN / "smt-sftp" / "known_hosts")
+                smt("sync", env=sync_env)
+                landed["10443720000000003"] = ("sftp → sync", time.time())
+            expected += 2  # the interval CSV and the daily CSV inside the ZIP
+        else:
+            step("gpg is not installed: skipping path 3 (the encrypted .asc fetched by sync)")
 
         step("the same bytes again under another name: a duplicate, not delivered twice")
-        shutil.copy(inbox / "IntervalMeterUsage_M1001_jan.csv", inbox / "copy_of_jan.csv")
-        expected = 3
+        shutil.copy(cp_file, inbox / "copy_of_2025.csv")
 
-        if shutil.which("gpg"):
-            step("SMT's real format: a PGP-encrypted ZIP (interval + daily CSV) lands as *.CSV.1.asc")
-            make_gpg_key(Path(env["GNUPGHOME"]))
-            asc = RUN / "IntervalMeterUsage.CSV.1.asc"
-            smt("sample", "--days", "14", "--esiid", "10443720000000003", "--encrypt-to", "demo@smt-watch.invalid",
-                "-o", str(asc), env=env)
-            os.replace(asc, inbox / asc.name)
-            expected += 2
-        else:
-            step("gpg is not installed: skipping the encrypted .asc part of the demo")
+        def rows() -> list[dict[str, object]]:
+            return list(get_json(f"{base}/_receiver/files"))  # type: ignore[call-overload]
 
-        def delivered() -> int:
-            return len(http_json(f"{base}/_receiver/files"))  # type: ignore[arg-type]
+        wait_until(lambda: len(rows()) == expected and "copy_of_2025.csv" in (logs / "watch.log").read_text(),
+                   f"{expected} deliveries", timeout=60)
+        intervals: dict[str, int] = dict(get_json(f"{base}/_receiver/intervals"))  # type: ignore[call-overload]
 
-        wait_until(lambda: delivered() == expected and "copy_of_jan.csv" in (logs / "watch.log").read_text(),
-                   f"{expected} deliveries")
+        step("what IntelliWatt received (the reference receiver's RawSmtFile and SmtInterval tables)")
+        print(f"  {'file':<52} {'path in':<13} {'sha256':<14} {'intervals stored':>16} {'landed → stored':>16}")
+        for row in rows():
+            esiid = str(row["esiid"])
+            how, when = landed.get(esiid, ("?", 0.0))
+            stored = datetime.fromisoformat(str(row["received_at"]).replace("Z", "+00:00")).timestamp()
+            count = intervals.get(esiid, 0) if "Interval" in str(row["filename"]) else 0
+            print(f"  {row['filename']!s:<52} {how:<13} {str(row['sha256'])[:12]:<14} {count:>16,}"
+                  f" {stored - when:>15.2f}s")
         for line in (logs / "watch.log").read_text().splitlines():
-            if "Delivered" in line or "Skipping" in line or "Droplet upload success" in line:
-                print("  watch:", line[:150])
+            if "Skipping copy_of_2025.csv" in line:
+                print("  watch:", line)
 
         step("legacy inline delivery with `smt-watch post` (INTELLIWATT_BASE_URL only, base64+gzip)")
-        c = interval_csv(RUN / "adhoc_apr.csv", "10443720000000002", date(2026, 4, 1), 30)
-        rc = smt("post", str(c), env={**env, "INTELLIWATT_BASE_URL": base, "SMT_INLINE_ENCODING": "base64+gzip"})
-
-        step("the web app's production route: raw-upload in chunks of 5,000 lines (a 12-month file)")
-        year = RUN / "IntervalMeterUsage_M3003_2025.csv"
-        smt("sample", "--days", "365", "--esiid", "10443720000000004", "-o", str(year), env=env)
-        rc |= smt("post", "--delivery", "raw-upload", str(year), env={**env, "INTELLIWATT_BASE_URL": base})
+        legacy = made / "adhoc_apr.csv"
+        smt("sample", "--days", "30", "--esiid", "10443720000000004", "--start", "2025-04-01", "-o", str(legacy),
+            env=env, quiet=True)
+        rc = smt("post", str(legacy), env={**env, "INTELLIWATT_BASE_URL": base, "SMT_INLINE_ENCODING": "base64+gzip"})
 
         step("the ledger")
         smt("ledger", "list", env=env)
-
-        step("what the receiver stored (RawSmtFile)")
-        for row in http_json(f"{base}/_receiver/files"):  # type: ignore[attr-defined]
-            print(f"  #{row['id']} {row['filename']:<50} {row['sizeBytes']:>9,} B  route={row['route']:<26}"
-                  f"  esiid={row['esiid']}  meter={row['meter']}")
         print(f"\ndemo files and logs are in {RUN}")
         return rc
     finally:

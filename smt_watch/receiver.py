@@ -469,6 +469,12 @@ async def _list_requests(request: Request) -> Response:
     return JSONResponse([asdict(rec) for rec in list(state.requests)])
 
 
+async def _list_intervals(request: Request) -> Response:
+    """SmtInterval rows per ESIID (the raw-upload route's table), for demos and tests."""
+    state: ReceiverState = request.app.state.receiver
+    return JSONResponse(await run_in_threadpool(state.raw.intervals_by_esiid))
+
+
 async def _list_files(request: Request) -> Response:
     state: ReceiverState = request.app.state.receiver
     return JSONResponse(await run_in_threadpool(state.store.rows))
@@ -485,6 +491,7 @@ def create_app(data_dir: Path, *, admin_token: str | None = None, upload_token: 
         Route("/_receiver/faults", _add_faults, methods=["POST"]),
         Route("/_receiver/requests", _list_requests, methods=["GET"]),
         Route("/_receiver/files", _list_files, methods=["GET"]),
+        Route("/_receiver/intervals", _list_intervals, methods=["GET"]),
     ]
     app = Starlette(routes=routes)
     app.state.receiver = ReceiverState(data_dir, admin_token, upload_token, max_upload_bytes)

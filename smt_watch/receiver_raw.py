@@ -111,6 +111,11 @@ class RawStore:
             " estimated = excluded.estimated", out)
         return len(out)
 
+    def intervals_by_esiid(self) -> dict[str, int]:
+        with self._lock:
+            return {str(e): int(n) for e, n in
+                    self._db.execute("SELECT esiid, COUNT(*) FROM SmtInterval GROUP BY esiid")}
+
     def interval_count(self) -> int:
         with self._lock:
             return int(self._db.execute("SELECT COUNT(*) FROM SmtInterval").fetchone()[0])
