@@ -150,27 +150,34 @@ def scan(root: Path, patterns: tuple[str, ...], start: Path | None = None) -> It
     while stack:
         directory = stack.pop()
         try:
-            entries = list(os.scandir(directory))
+            entries = os.scandir(directory)  # iterated, not listed: 100,000 entries need not sit in memory
         except OSError as exc:
             log.warning("Cannot scan %s: %s", directory, exc.strerror)
             continue
-        for entry in entries:
-            name = entry.name
-            if name.startswith("."):
+        with entries:
+            yield from _candidates(entries, m, prefix, stack)
+
+
+def _candidates(entries: Iterator[os.DirEntry[str]], m: Matcher, prefix: int, stack: list[str]
+                ) -> Iterator[Found]:
+    """The candidates among one directory's entries; subdirectories go onto ``stack``."""
+    for entry in entries:
+        name = entry.name
+        if name.startswith("."):
+            continue
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                stack.append(entry.path)
                 continue
-            try:
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(entry.path)
-                    continue
-                if not m.name_ok(name) or not m.matches(entry.path[prefix:], name):
-                    continue
-                if entry.is_symlink():
-                    log.warning("Refusing symlink %s: smt-watch never reads outside the inbox", entry.path)
-                    continue
-                if entry.is_file(follow_symlinks=False):
-                    yield Found(Path(entry.path), Signature.of(entry.stat(follow_symlinks=False)))
-            except OSError:
-                continue  # vanished while we looked
+            if not m.name_ok(name) or not m.matches(entry.path[prefix:], name):
+                continue
+            if entry.is_symlink():
+                log.warning("Refusing symlink %s: smt-watch never reads outside the inbox", entry.path)
+                continue
+            if entry.is_file(follow_symlinks=False):
+                yield Found(Path(entry.path), Signature.of(entry.stat(follow_symlinks=False)))
+        except OSError:
+            continue  # vanished while we looked
 
 
 class Settler:
