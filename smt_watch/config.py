@@ -143,6 +143,8 @@ def parse_env_file(path: Path) -> dict[str, str]:
 
     Errors name the file and line but never echo a value (it may be a token).
     """
+    if path.exists() and not path.is_file():
+        raise ConfigError(f"--env-file {path}: not a regular file")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:

@@ -25,7 +25,7 @@ from typing import Final
 
 from smt_watch.config import Settings
 from smt_watch.errors import SmtWatchError
-from smt_watch.hashing import FileIdentity, identify
+from smt_watch.hashing import FileIdentity, check_regular, identify
 from smt_watch.smtcsv import Summary, sniff, summarize_file
 
 log = logging.getLogger("smt_watch.content")
@@ -201,8 +201,10 @@ def _copy_capped(zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, limit
 
 def inspect_path(settings: Settings, path: Path) -> list[Summary]:
     """``smt-watch inspect``: a summary of every CSV in a .csv, .zip or .asc (unpacked to a private temp dir)."""
-    if not path.is_file():
-        raise ContentError(f"{path}: no such file")
+    try:
+        check_regular(path)
+    except SmtWatchError as exc:
+        raise ContentError(str(exc)) from None
     if not is_container(path.name):
         try:
             return [summarize_file(path)]

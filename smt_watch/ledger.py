@@ -200,6 +200,9 @@ class Ledger:
             raise LedgerError(f"cannot open ledger {path}: {exc}") from exc
         self._lock = threading.RLock()
         self._me = process_id()
+        # Claims this process is really working on. A row left `sending` under our own name but not in
+        # here (its final write failed, e.g. on a full disk) is taken over instead of waiting forever.
+        self._inflight: set[str] = set()
         self._migrate()
 
     # --- plumbing -----------------------------------------------------------------------------------
@@ -323,6 +326,7 @@ class Ledger:
                     " claimed_by, claimed_at, parent) VALUES (?, ?, ?, ?, 'sending', ?, ?, ?, ?, ?, ?)",
                     (sha256, filename, path, size, now, now, mode, self._me, time.time(), parent),
                 )
+                self._inflight.add(sha256)
                 return Claim.CLAIMED
             if row["state"] == "sent" and not force:
                 return Claim.DUPLICATE
@@ -332,7 +336,8 @@ class Ledger:
             ):
                 return Claim.LATER
             if row["state"] == "sending" and (
-                row["claimed_by"] == self._me or _claimer_alive(row["claimed_by"], row["claimed_at"])
+                sha256 in self._inflight
+                or (row["claimed_by"] != self._me and _claimer_alive(row["claimed_by"], row["claimed_at"]))
             ):
                 return Claim.BUSY
             db.execute(
@@ -341,16 +346,23 @@ class Ledger:
                 " parent = COALESCE(?, parent) WHERE sha256 = ?",
                 (filename, path, size, mode, now, self._me, time.time(), parent, sha256),
             )
+            self._inflight.add(sha256)
             return Claim.CLAIMED
 
     def _finish(self, sha256: str, state: str, attempts: int, **values: Any) -> None:
         values.update(state=state, updated_at=now_iso(), claimed_by=None, claimed_at=None)
         assignments = ", ".join(f"{k} = ?" for k in values)
-        with self.atomic() as db:
-            db.execute(
-                f"UPDATE files SET {assignments}, attempts = attempts + ? WHERE sha256 = ?",
-                (*values.values(), attempts, sha256),
-            )
+        try:
+            with self.atomic() as db:
+                db.execute(
+                    f"UPDATE files SET {assignments}, attempts = attempts + ? WHERE sha256 = ?",
+                    (*values.values(), attempts, sha256),
+                )
+        except sqlite3.Error as exc:
+            raise LedgerError(f"ledger {self.path}: {exc}") from exc
+        finally:
+            with self._lock:
+                self._inflight.discard(sha256)
 
     def mark_sent(self, sha256: str, *, status: int | None, destination: str, attempts: int) -> None:
         self._finish(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import stat as stat_mod
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,8 @@ def parse_hash_lines(lines: Iterable[str]) -> tuple[list[tuple[str, str | None]]
 
 
 def import_file(ledger: Ledger, path: Path) -> ImportReport:
+    if path.exists() and not path.is_file():
+        raise InputError(f"{path}: not a regular file")
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
@@ -63,6 +66,9 @@ def import_state_file(ledger: Ledger, path: Path | None) -> ImportReport | None:
         return None
     except OSError as exc:
         log.warning("STATE_FILE %s cannot be read: %s", path, exc.strerror)
+        return None
+    if not stat_mod.S_ISREG(st.st_mode):
+        log.warning("STATE_FILE %s is not a regular file; not imported", path)
         return None
     signature = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
     if ledger.meta("state_file_signature") == signature:

@@ -12,6 +12,7 @@ sync``); a trigger while one runs joins it. No shell command is ever built from 
 from __future__ import annotations
 
 import asyncio
+import errno
 import hmac
 import json
 import logging
@@ -39,7 +40,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from smt_watch.config import Secret, Settings
-from smt_watch.errors import SmtWatchError
+from smt_watch.errors import ConfigError, SmtWatchError
 from smt_watch.ledger import Ledger
 from smt_watch.uploads import MalformedUpload, ReceivedFile, UploadTooLarge, read_multipart
 
@@ -180,13 +181,20 @@ class Server:
         except ClientDisconnect:
             log.warning("Upload abandoned by the client; nothing stored")
             return Response(status_code=400)
+        except OSError as exc:
+            log.error("Upload not stored: %s", exc.strerror or exc)
+            return _error(507, "insufficient_storage" if exc.errno == errno.ENOSPC else "storage_error")
         if parsed.file is None:
             return _error(400, 'Missing file field "file"')
         try:
             role, account = identity(parsed.fields)  # fields after the file part count too
             if role not in WINDOWS:
                 return _error(400, "invalid role: use admin or customer")
-            return await run_in_threadpool(self._accept, parsed.file, role, account)
+            try:
+                return await run_in_threadpool(self._accept, parsed.file, role, account)
+            except OSError as exc:
+                log.error("Upload not stored: %s", exc.strerror or exc)
+                return _error(507, "insufficient_storage" if exc.errno == errno.ENOSPC else "storage_error")
         finally:
             parsed.file.tmp_path.unlink(missing_ok=True)  # accepted files were renamed away already
 
@@ -288,7 +296,10 @@ class _Uvicorn(uvicorn.Server):
 
 
 def build(settings: Settings, ledger: Ledger) -> Server:
-    settings.local_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
+    try:
+        settings.local_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"SMT_LOCAL_DIR {settings.local_dir} cannot be created: {exc.strerror}") from None
     return Server(settings, ledger, SyncRunner(settings))
 
 

@@ -1,0 +1,133 @@
+"""A flaky receiver, then a full outage: every file is delivered, none ``failed``, and retries back off.
+
+Phase 1: the reference receiver answers a seeded shuffle of 36 faults, one per request: half ``503``
+(some with ``Retry-After: 1``), some held 1.5 s past ``SMT_HTTP_TIMEOUT=1``, some dropped mid-response, the
+rest handled normally, while 12 files are delivered (there are fewer normal answers than files, so every
+fault is used). Phase 2: the receiver is stopped (connection refused) while more files land, and
+restarted on the same port after 8 s (the issue's 30 s outage, scaled down to fit the time budget; the
+duration is the behaviour under test, so it is a fixed wait). Requests made during the outage are counted
+from the ledger's ``attempts`` (a refused connection never reaches a server to be counted there): a hot
+loop would make thousands; exponential backoff allows at most a few calls per file.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from conftest import UPLOAD_TOKEN, wait_for, write_csv
+from faults.support import (
+    assert_clean,
+    ledger_rows_cli,
+    read_ledger,
+    sha,
+    states,
+    subprocess_env,
+    watch_process,
+)
+from smt_watch.receiver import Fault, running_receiver
+
+pytestmark = pytest.mark.faults
+
+SEED = 8_503
+HTTP_TIMEOUT = 1.0
+ATTEMPTS = 3  # SMT_RETRY_ATTEMPTS: HTTP requests per delivery call
+BACKOFF = 0.05  # SMT_RETRY_BACKOFF_SECONDS: first backoff step
+OUTAGE = 8.0  # seconds; the issue's 30 s scaled down
+FLAKY_FILES, OUTAGE_FILES = 12, 10
+
+
+def fault_sequence(rng: random.Random) -> list[Fault]:
+    """36 faults in a seeded random order: 18 x 503 (4 of them with Retry-After: 1), 4 held past the
+    client's timeout, 4 dropped mid-response, 10 handled normally."""
+    out = [Fault(status=503)] * 14 + [Fault(status=503, retry_after="1")] * 4
+    out += [Fault(delay=HTTP_TIMEOUT + 0.5)] * 4  # the client gives up first
+    out += [Fault(drop=True)] * 4 + [Fault()] * 10
+    rng.shuffle(out)
+    return out
+
+
+def attempts_total(state_dir: Path) -> int:
+    rows = read_ledger(state_dir, "SELECT COALESCE(SUM(attempts), 0) FROM files")
+    return int(rows[0][0]) if rows else 0
+
+
+def test_flaky_receiver_then_outage(tmp_path: Path, base_env: dict[str, str], unused_port: int,
+                                    fault_report: Callable[[str], None]) -> None:
+    port = unused_port
+    data_dir = tmp_path / "received"
+    env = subprocess_env(
+        base_env, tmp_path / "home", SMT_UPLOAD_URL=f"http://127.0.0.1:{port}/upload", SMT_UPLOAD_TOKEN=UPLOAD_TOKEN,
+        SMT_SETTLE_SECONDS="0.1", SMT_HTTP_TIMEOUT=str(HTTP_TIMEOUT), SMT_RETRY_ATTEMPTS=str(ATTEMPTS),
+        SMT_RETRY_BACKOFF_SECONDS=str(BACKOFF), SMT_WORKERS="2",
+    )
+    inbox, state_dir = Path(env["SMT_LOCAL_DIR"]), Path(env["SMT_STATE_DIR"])
+    faults = fault_sequence(random.Random(SEED))
+    kinds = {"503": sum(f.status == 503 for f in faults), "hang": sum(f.delay > 0 for f in faults),
+             "drop": sum(f.drop for f in faults)}
+    expected: set[str] = set()
+
+    with watch_process(env, tmp_path / "watch.log") as w:
+        # --- phase 1: a flaky receiver -----------------------------------------------------------------
+        with running_receiver(data_dir, upload_token=UPLOAD_TOKEN, port=port) as flaky:
+            flaky.state.faults.extend(faults)
+            for i in range(FLAKY_FILES):
+                expected.add(_sha_of(write_csv(inbox / "flaky" / f"f{i:02d}.csv", seed=i)))
+            wait_for(lambda: set(states(state_dir)) == expected and set(states(state_dir).values()) == {"sent"},
+                     90, "every file delivered through the flaky receiver")
+            assert not flaky.state.faults, "the receiver did not get to answer every fault"
+            phase1_requests = len(flaky.state.requests)
+            phase1_dups = sum(1 for r in flaky.state.requests if r.duplicate)
+        fault_report(f"phase 1: {FLAKY_FILES} files through {kinds['503']}x503, {kinds['hang']} hangs, "
+                     f"{kinds['drop']} drops: {phase1_requests} requests answered, {phase1_dups} duplicate(s)")
+
+        # --- phase 2: a full outage (connection refused) -----------------------------------------------
+        before = attempts_total(state_dir)
+        started = time.monotonic()
+        outage_files = set()
+        for i in range(OUTAGE_FILES):  # write_csv's content repeats every 100 seeds: 50+ is new content
+            outage_files.add(_sha_of(write_csv(inbox / "outage" / f"o{i:02d}.csv", seed=50 + i)))
+        expected |= outage_files
+        longest_backoff = 0.0
+        while time.monotonic() - started < OUTAGE:  # the outage itself: its length is the behaviour under test
+            rows = read_ledger(state_dir, "SELECT MAX(next_attempt_at - strftime('%s','now')) FROM files"
+                                          " WHERE state = 'retrying'")
+            if rows and rows[0][0] is not None:
+                longest_backoff = max(longest_backoff, float(rows[0][0]))
+            time.sleep(0.2)
+        during = attempts_total(state_dir) - before
+        row_states = states(state_dir)
+        assert all(row_states.get(s) in ("retrying", "sending", "pending") for s in outage_files), row_states
+        assert "failed" not in row_states.values()
+        # Backoff doubles from BACKOFF per call (at least half a step each), so in OUTAGE seconds a file gets at
+        # most ~log2(2 * OUTAGE / BACKOFF) + 2 calls of ATTEMPTS requests each.
+        bound = OUTAGE_FILES * ATTEMPTS * (math.ceil(math.log2(2 * OUTAGE / BACKOFF)) + 2)
+        fault_report(f"phase 2: {during} requests for {OUTAGE_FILES} files in the {OUTAGE:.0f} s outage "
+                     f"(bound {bound}); longest scheduled backoff {longest_backoff:.1f} s")
+        assert 0 < during <= bound, f"{during} requests in a {OUTAGE} s outage: no backoff (hot loop?)"
+        # The delay doubles per failed call; 6 calls (about 5 s of outage) put it past 10 steps.
+        assert longest_backoff > 10 * BACKOFF, "the retry delay did not grow during the outage"
+
+        # --- phase 3: the receiver is back on the same port --------------------------------------------
+        with running_receiver(data_dir, upload_token=UPLOAD_TOKEN, port=port) as back:
+            wait_for(lambda: set(states(state_dir)) == expected and set(states(state_dir).values()) == {"sent"},
+                     60, "the backlog drained after the outage")
+            stored = {r["sha256"] for r in back.stored()}
+            drained = time.monotonic() - started - OUTAGE
+            fault_report(f"phase 3: backlog of {OUTAGE_FILES} drained {drained:.1f} s after the receiver came "
+                         f"back, {len(back.state.requests)} requests")
+        assert w.stop() == 0
+    assert stored == expected  # the same data dir: everything from both receivers
+    rows = ledger_rows_cli(env)
+    assert len(rows) == FLAKY_FILES + OUTAGE_FILES and {r["state"] for r in rows} == {"sent"}
+    assert_clean(w.text(), "watch log")
+    assert "Failed " not in w.text()
+
+
+def _sha_of(path: Path) -> str:
+    return sha(path.read_bytes())
