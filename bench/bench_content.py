@@ -50,9 +50,9 @@ from bench_watch import cpu_seconds, mb, memory_kib
 from benchlib import (
     MB,
     BenchError,
+    CpuRun,
     Figure,
     Procs,
-    Run,
     Start,
     Timed,
     begin,
@@ -180,7 +180,7 @@ def stop_gpg_agent(home: Path) -> None:
 class Case(Timed):
     """One command, run every round; ``run_once`` returns the run and any extra figures for it."""
 
-    run_once: Callable[[], tuple[Run, dict[str, float]]] | None = None
+    run_once: Callable[[], tuple[CpuRun, dict[str, float]]] | None = None
     extra: list[dict[str, float]] = field(default_factory=list)
 
     def median_extra(self, key: str) -> float:
@@ -200,7 +200,7 @@ class ContentBench:
         self.counter += 1
         return self.work / f"{name}-{self.counter}"
 
-    def inspect(self, path: Path, rows: int) -> tuple[Run, dict[str, float]]:
+    def inspect(self, path: Path, rows: int) -> tuple[CpuRun, dict[str, float]]:
         run = timed([str(SMT_WATCH), "inspect", "--json", str(path)], clean_env(), f"inspect {path.name}")
         summary = json.loads(run.stdout)
         if summary.get("rows") != rows or summary.get("gaps") != 0 or len(summary.get("esiids", [])) != 1:
@@ -208,13 +208,13 @@ class ContentBench:
                              f"{ {k: summary.get(k) for k in ('rows', 'gaps', 'esiids')} }")
         return run, {}
 
-    def csv_pass(self) -> tuple[Run, dict[str, float]]:
+    def csv_pass(self) -> tuple[CpuRun, dict[str, float]]:
         run = timed([str(PYTHON), "-c", CSV_PASS, str(self.data.csv)], clean_env(), "csv.reader pass")
         if int(run.stdout.strip()) != self.data.rows + 1:
             raise BenchError(f"csv.reader pass counted {run.stdout.strip()} records, not {self.data.rows + 1}")
         return run, {}
 
-    def decrypt_unzip(self) -> tuple[Run, dict[str, float]]:
+    def decrypt_unzip(self) -> tuple[CpuRun, dict[str, float]]:
         asc = shlex.quote(str(self.data.asc))
         if shutil.which("funzip"):
             script = f"set -o pipefail; gpg --batch -q -d {asc} | funzip > /dev/null"
@@ -224,7 +224,7 @@ class ContentBench:
         env = {**clean_env(), "GNUPGHOME": str(self.data.gnupghome)}
         return timed(["bash", "-c", script], env, "gpg -d | funzip"), {}
 
-    def post(self, path: Path, to_receiver: bool, rows: int, sha256: str) -> tuple[Run, dict[str, float]]:
+    def post(self, path: Path, to_receiver: bool, rows: int, sha256: str) -> tuple[CpuRun, dict[str, float]]:
         """``post --delivery raw-upload`` with a fresh state dir; to a fresh receiver or to the sink."""
         state = self.fresh("state")
         receiver_data = self.fresh("receiver")
@@ -297,7 +297,7 @@ def measure(todo: list[Case], rounds: int, label: str) -> None:
             case.runs.append(run)
             case.extra.append(extra)
             more = ", ".join(f"{k} {v:.1f}" for k, v in extra.items())
-            note(f"  [{label} round {r + 1}/{rounds}] {case.name}: {run.seconds:.2f} s, "
+            note(f"  [{label} round {r + 1}/{rounds}] {case.name}: {run.seconds:.2f} s, CPU {run.cpu_s:.1f} s, "
                  f"{run.maxrss_kib / 1024:.1f} MiB" + (f", {more}" if more else ""))
 
 
@@ -357,10 +357,13 @@ def render(sizes: Sizes, quick: bool, start: Start, d: Data, ins: list[Case], po
         " receiver, a fresh `smt-watch receive --port 0 --data DIR` (ADMIN_TOKEN set on both), started before"
         " and stopped after the timed run; checked: exit 0, `sent`, the chunk count in post's log, and the"
         " receiver's reassembled file has the CSV's SHA-256 (or the sink saw exactly that many requests)",
+        "- CPU: user + system seconds of the command and what it reaped (gpg and funzip under bash; gpg under"
+        " post), median; the receiver's own CPU is read from `/proc/PID/stat` around the timed run",
         f"- context: {NODE}",
         "",
-        "| command | runs (s) | median (s) | MB/s of CSV | peak RSS (MiB) | receiver CPU (s) | receiver VmHWM (MB) |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| command | runs (s) | median (s) | MB/s of CSV | CPU (s) | peak RSS (MiB) | receiver CPU (s) "
+        "| receiver VmHWM (MB) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for c in [*ins, *post]:
         size = (d.small if "1-year" in c.name else d.csv).stat().st_size
@@ -368,7 +371,7 @@ def render(sizes: Sizes, quick: bool, start: Start, d: Data, ins: list[Case], po
         cpu = f"{c.median_extra('receiver_cpu_s'):.1f}" if has_receiver else ""
         hwm = f"{max(e['receiver_hwm_mb'] for e in c.extra):.0f}" if has_receiver else ""
         lines.append(f"| {cell(c.name)} | {c.times()} | {c.median:.2f} | {size / c.median / MB:.1f}"
-                     f" | {c.peak_rss_mib:.1f} | {cpu} | {hwm} |")
+                     f" | {c.median_cpu:.1f} | {c.peak_rss_mib:.1f} | {cpu} | {hwm} |")
     lines += ["", *figures_table(checks)]
     return "\n".join(lines) + "\n"
 

@@ -36,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_post import SMT_WATCH, clean_env, update_markdown
-from bench_watch import CsvMaker, mb, memory_kib, sha256
+from bench_watch import CsvMaker, cpu_seconds, mb, memory_kib, sha256
 from benchlib import (
     MB,
     MIB,
@@ -82,6 +82,7 @@ QUICK = Sizes(64 * MIB, 1, 1, PARALLEL)
 class Batch:
     uploads: int
     seconds: float
+    server_cpu_s: float | None = None  # serve's CPU over the batch (/proc/PID/stat); None for the sink
 
     @property
     def rate(self) -> float:
@@ -96,6 +97,7 @@ class Target:
     url: str
     status: int  # the HTTP status every upload must get
     big: Timed = field(default_factory=lambda: Timed("curl -F 1 GiB"))
+    big_server_cpu: list[float] = field(default_factory=list)  # serve's CPU per big upload
     batches: list[Batch] = field(default_factory=list)
 
     @property
@@ -123,7 +125,10 @@ class ServeBench:
 
     def upload_big(self, t: Target, is_serve: bool) -> None:
         resp = self.work / "resp.json"
+        cpu_before = cpu_seconds(self.serve_pid)
         run = timed(curl_argv(self.big, t.url, resp), clean_env(), f"curl to {t.name}")
+        if is_serve:
+            t.big_server_cpu.append(cpu_seconds(self.serve_pid) - cpu_before)
         size = self.big.stat().st_size
         if run.stdout.strip() != str(t.status):
             raise BenchError(f"{t.name}: HTTP {run.stdout.strip()} for the big upload: {resp.read_text()[:500]}")
@@ -163,7 +168,7 @@ def make_small(work: Path, n: int) -> list[Path]:
     return paths
 
 
-def upload_batch(t: Target, files: list[Path], first_account: int) -> Batch:
+def upload_batch(t: Target, files: list[Path], first_account: int, server_pid: int | None = None) -> Batch:
     """One ``curl --parallel`` process: every file its own transfer, PARALLEL connections in flight at once.
 
     One client process, not one per upload, so the client costs little and the server's rate shows; the
@@ -176,6 +181,7 @@ def upload_batch(t: Target, files: list[Path], first_account: int) -> Batch:
         args += ["-sS", "-o", "/dev/null", "-w", "%{http_code}\\n", "-F", f"file=@{path}",
                  "-H", f"x-smt-upload-token: {TOKEN}", "-H", "x-smt-upload-role: admin",
                  "-H", f"x-smt-upload-account-key: bench-{first_account + i}", t.url]
+    cpu_before = cpu_seconds(server_pid) if server_pid else 0.0
     began = time.perf_counter()
     try:
         proc = subprocess.run(args, env=clean_env(), stdin=subprocess.DEVNULL, capture_output=True, text=True,
@@ -183,6 +189,7 @@ def upload_batch(t: Target, files: list[Path], first_account: int) -> Batch:
     except subprocess.TimeoutExpired:
         raise BenchError(f"{t.name}: {len(files)} parallel uploads did not finish in {CURL_TIMEOUT_S} s") from None
     seconds = time.perf_counter() - began
+    server_cpu = cpu_seconds(server_pid) - cpu_before if server_pid else None
     codes = proc.stdout.split()
     bad = [c for c in codes if c != str(t.status)]
     if proc.returncode != 0 or len(codes) != len(files) or bad:
@@ -190,7 +197,7 @@ def upload_batch(t: Target, files: list[Path], first_account: int) -> Batch:
                          f" {len(files)} files, unexpected statuses {sorted(set(bad))}: {proc.stderr[-1000:]}")
     note(f"  {len(files)} uploads, {PARALLEL} at a time, to {t.name}: {seconds:.2f} s"
          f" = {len(files) / seconds:.0f} req/s")
-    return Batch(len(files), seconds)
+    return Batch(len(files), seconds, server_cpu)
 
 
 def check_inbox(inbox: Path, files: list[Path]) -> None:
@@ -244,14 +251,18 @@ def render(sizes: Sizes, quick: bool, start: Start, serve: Target, sink: Target,
         " `x-smt-upload-account-key: bench-N`); req/s = transfers / (spawn → reap); every status checked, and"
         " every upload found in the inbox by SHA-256 with no temp file left",
         "",
-        "| target | big upload runs (s) | median (s) | MB/s | VmHWM after each (MB) | parallel batches (req/s) |",
-        "|---|---|---:|---:|---|---|",
+        "| target | big upload runs (s) | median (s) | MB/s | server CPU per big upload (s) | VmHWM after each (MB)"
+        " | small-upload batches (req/s) | server CPU per small upload (ms) |",
+        "|---|---|---:|---:|---|---|---|---|",
     ]
     for t in (sink, serve):
         hwm = ", ".join(f"{mb(k):.1f}" for k in hwm_after) if t is serve else ""
         rates = ", ".join(f"{b.rate:.0f}" for b in t.batches)
-        lines.append(f"| {t.name} | {t.big.times()} | {t.big.median:.2f} | {size / t.big.median / MB:.0f} | {hwm} "
-                     f"| {rates} |")
+        big_cpu = ", ".join(f"{c:.1f}" for c in t.big_server_cpu)
+        small_cpu = ", ".join(f"{b.server_cpu_s / b.uploads * 1000:.1f}" for b in t.batches
+                              if b.server_cpu_s is not None)
+        lines.append(f"| {t.name} | {t.big.times()} | {t.big.median:.2f} | {size / t.big.median / MB:.0f} | {big_cpu}"
+                     f" | {hwm} | {rates} | {small_cpu} |")
     lines += [
         "",
         f"serve after start-up: VmRSS {mb(idle[0]):.1f} MB, VmHWM {mb(idle[1]):.1f} MB. MB = 10^6 bytes.",
@@ -309,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
                 for i in range(sizes.batches):
                     chunk = small[i * sizes.batch:(i + 1) * sizes.batch]
                     sink.batches.append(upload_batch(sink, chunk, i * sizes.batch))
-                    serve.batches.append(upload_batch(serve, chunk, i * sizes.batch))
+                    serve.batches.append(upload_batch(serve, chunk, i * sizes.batch, pid))
                 hwm_end = memory_kib(pid)[1]
                 check_inbox(inbox, small)
             serve_proc = procs.live[0]

@@ -41,8 +41,8 @@ from benchlib import (
     MB,
     MIB,
     BenchError,
+    CpuRun,
     Figure,
-    Run,
     Start,
     Timed,
     begin,
@@ -150,7 +150,7 @@ class SyncBench:
             "-o", f"ConnectTimeout={SFTP_TIMEOUT_S}", f"{s.user}@{s.host}",
         ]
 
-    def run(self, case: Case, data: Dataset) -> Run:
+    def run(self, case: Case, data: Dataset) -> CpuRun:
         out, state = self.work / "out", self.work / "state"
         out.mkdir()
         what = f"{case.name} ({data.label})"
@@ -198,7 +198,7 @@ def measure(b: SyncBench, data: Dataset, todo: list[Case], rounds: int) -> None:
             run = b.run(case, data)
             case.runs.append(run)
             note(f"  [{data.label}, round {r + 1}/{rounds}] {case.name}: {run.seconds:.2f} s, "
-                 f"{run.maxrss_kib / 1024:.1f} MiB")
+                 f"CPU {run.cpu_s:.1f} s, {run.maxrss_kib / 1024:.1f} MiB")
 
 
 # --- report -----------------------------------------------------------------------------------------
@@ -220,6 +220,10 @@ def figures(big: Dataset, big_cases: list[Case], many: Dataset, many_cases: list
         ratio = rate / anchor_rate
         out.append(Figure(f"{c.name}, {big.label}", f"{rate:.0f} MB/s", f"sftp get {anchor_rate:.0f} MB/s",
                           f"{ratio:.2f}×", f"≥ {MIN_BIG_VS_OPENSSH}×", ratio >= MIN_BIG_VS_OPENSSH))
+    for c in big_cases:
+        if not c.is_sftp:
+            out.append(Figure(f"client CPU (user + sys) of {c.name}, {big.label}", f"{c.median_cpu:.1f} s",
+                              f"sftp + ssh {ssh_big.median_cpu:.1f} s", f"{c.median_cpu / ssh_big.median_cpu:.1f}×"))
     ssh_many = by_name(many_cases)["OpenSSH sftp -b"]
     anchor_fps = many.files / ssh_many.median
     for c in many_cases:
@@ -248,19 +252,21 @@ def render(sizes: Sizes, quick: bool, start: Start, server: SshdServer,
         f"- {sizes.rounds} round(s), cases round-robin, median kept; each smt-watch run gets a fresh inbox and"
         " `SMT_STATE_DIR`; after every run the output is deleted and `sync(2)` called, untimed. smt-watch fsyncs"
         " every file and its directory and records each in its SQLite ledger; `sftp` does neither",
+        "- client CPU: user + system seconds of the command and what it reaped (`ssh` under `sftp`; not sshd),"
+        " median; unlike wall time it hardly moves when other processes compete for the 2 cores",
         "- verified every run: exactly the expected names and sizes landed, nothing else (no `.part`), and sync"
         " printed `N new …, 0 failed`; the big file's SHA-256 matched the source on the first run of each case",
         "",
-        "| data | command | runs (s) | median (s) | MB/s | files/s | × sftp (throughput) | peak RSS (MiB) |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "| data | command | runs (s) | median (s) | MB/s | files/s | × sftp (throughput) | client CPU (s) "
+        "| peak RSS (MiB) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for data, todo in results:
         for c in todo:
             lines.append(
                 f"| {data.label} ({data.total / MB:,.1f} MB) | {c.name} | {c.times()} | {c.median:.2f} "
                 f"| {data.total / c.median / MB:.1f} | {f'{data.files / c.median:.1f}' if data.files > 1 else ''} "
-                f"| {ssh[data.label] / c.median:.2f} "
-                f"| {c.peak_rss_mib:.1f} |"
+                f"| {ssh[data.label] / c.median:.2f} | {c.median_cpu:.1f} | {c.peak_rss_mib:.1f} |"
             )
     lines += ["", *figures_table(checks)]
     return "\n".join(lines) + "\n"

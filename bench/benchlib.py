@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import resource
 import shlex
 import signal
 import statistics
@@ -37,6 +38,7 @@ __all__ = [
     "MB",
     "MIB",
     "BenchError",
+    "CpuRun",
     "Figure",
     "Procs",
     "Run",
@@ -113,15 +115,30 @@ def header_lines(section: str, start: Start, quick: bool) -> list[str]:
 
 
 @dataclass
+class CpuRun(Run):
+    """A :class:`Run` plus the CPU time (user + system) of the command and every descendant it reaped.
+
+    CPU seconds barely move when other processes compete for the cores, while wall time does: on a busy
+    shared machine they tell whether a slower run did more work or only waited for a core.
+    """
+
+    cpu_s: float = 0.0
+
+
+@dataclass
 class Timed:
     """Every run of one command, for medians and maxima."""
 
     name: str
-    runs: list[Run] = field(default_factory=list)
+    runs: list[CpuRun] = field(default_factory=list)
 
     @property
     def median(self) -> float:
         return statistics.median(r.seconds for r in self.runs)
+
+    @property
+    def median_cpu(self) -> float:
+        return statistics.median(r.cpu_s for r in self.runs)
 
     @property
     def peak_rss_mib(self) -> float:
@@ -131,12 +148,21 @@ class Timed:
         return ", ".join(f"{r.seconds:.2f}" for r in self.runs)
 
 
-def timed(argv: Sequence[str], env: dict[str, str] | None, what: str) -> Run:
-    """``run_child`` that turns a non-zero exit into a :class:`BenchError` with the command's output."""
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(argv: Sequence[str], env: dict[str, str] | None, what: str) -> CpuRun:
+    """``run_child`` that turns a non-zero exit into a :class:`BenchError` with the command's output, and
+    adds the command's CPU time (``RUSAGE_CHILDREN`` before and after: the children reaped meanwhile are
+    this command, its ``/usr/bin/time`` wrapper and what they reaped, e.g. ``ssh`` under ``sftp``)."""
+    before = _children_cpu()
     run = run_child(argv, env)
+    cpu = _children_cpu() - before
     if run.returncode != 0:
         raise BenchError(f"{what} exited {run.returncode}:\n{run.stdout[-2000:]}\n{run.stderr[-3000:]}")
-    return run
+    return CpuRun(run.seconds, run.maxrss_kib, run.returncode, run.stdout, run.stderr, cpu)
 
 
 def spawn_server(
