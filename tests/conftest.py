@@ -117,14 +117,14 @@ def watching(settings: Settings, **kw: Any) -> Iterator[WatchService]:
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    wait_for(lambda: service.ready.is_set() or errors, 15, "watch to be ready")
+    wait_for(lambda: service.ready.is_set() or errors, 30, "watch to be ready")
     if errors:
         raise errors[0]
     try:
         yield service
     finally:
         service.request_stop()
-        thread.join(30)
+        thread.join(40)
         assert not thread.is_alive(), "watch did not stop"
     if errors:
         raise errors[0]

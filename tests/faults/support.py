@@ -18,8 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from conftest import SMT_WATCH, wait_for
-from smt_watch.config import Settings
-from smt_watch.watch import WatchService
 
 # Recognisable secrets: no output of any command may contain one of these.
 SECRETS = {
@@ -118,33 +116,6 @@ def watch_process(env: dict[str, str], log: Path, *args: str) -> Iterator[WatchP
         yield w
     finally:
         w.ensure_dead()
-
-
-@contextmanager
-def watching(settings: Settings, **kw: Any) -> Iterator[WatchService]:
-    """An in-process WatchService in a thread (as in tests/test_watch.py)."""
-    service = WatchService(settings, **kw)
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            service.run()
-        except BaseException as exc:  # surfaced below, not lost in the thread
-            errors.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    wait_for(lambda: service.ready.is_set() or errors, 30, "watch to be ready")
-    if errors:
-        raise errors[0]
-    try:
-        yield service
-    finally:
-        service.request_stop()
-        thread.join(40)
-        assert not thread.is_alive(), "watch did not stop"
-    if errors:
-        raise errors[0]
 
 
 def ledger_rows_cli(env: dict[str, str]) -> list[dict[str, Any]]:

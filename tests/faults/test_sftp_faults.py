@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 from sftp_server import SftpTestServer, running_sftp_server, sftp_env
 
-from conftest import SMT_WATCH, UPLOAD_TOKEN, wait_for
-from faults.support import assert_clean, sha, watching
+from conftest import SMT_WATCH, UPLOAD_TOKEN, wait_for, watching
+from faults.support import assert_clean, sha
 from smt_watch.config import Settings
 from smt_watch.sftp import RemoteFile
 from smt_watch.sync import ATTEMPTS, part_path
