@@ -32,7 +32,7 @@ def wait_for(condition: Callable[[], object], timeout: float = 10.0, what: str =
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
+        time.sleep(0.02)  # the poll interval of this deadline loop, not a synchronisation pause
 
 
 @pytest.fixture

@@ -516,7 +516,7 @@ def running_sshd(base: Path, *, key_kind: str = "ed25519") -> Iterator[SshdServe
                 proc.wait(10)
                 raise AssertionError(f"sshd did not accept on port {port} within {START_TIMEOUT}s:\n"
                                      + log_path.read_text(errors="replace"))
-            time.sleep(0.05)
+            time.sleep(0.05)  # poll interval while waiting (with a deadline) for sshd to accept
         if proc.poll() is None:
             break
     else:

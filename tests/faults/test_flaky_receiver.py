@@ -99,7 +99,7 @@ def test_flaky_receiver_then_outage(tmp_path: Path, base_env: dict[str, str], un
                                           " WHERE state = 'retrying'")
             if rows and rows[0][0] is not None:
                 longest_backoff = max(longest_backoff, float(rows[0][0]))
-            time.sleep(0.2)
+            time.sleep(0.2)  # sampling interval during the fixed outage (the outage is the behaviour under test)
         during = attempts_total(state_dir) - before
         row_states = states(state_dir)
         assert all(row_states.get(s) in ("retrying", "sending", "pending") for s in outage_files), row_states
