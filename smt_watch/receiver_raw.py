@@ -79,10 +79,14 @@ class RawStore:
                                   " generation = ?", (name, parts, part - 1, generation)).fetchone()
                 context = bytes(prev[0]) if prev else b""
             written = self._intervals(content, context, meta.get("meter") or "")
-            have = db.execute("SELECT part, content FROM RawChunk WHERE name = ? AND parts = ? AND generation = ?"
-                              " ORDER BY part", (name, parts, generation)).fetchall()
-            complete = [int(p) for p, _ in have] == list(range(1, parts + 1))
-            whole = _assemble([bytes(c) for _, c in have]) if complete else None
+            have = [int(r[0]) for r in db.execute(
+                "SELECT part FROM RawChunk WHERE name = ? AND parts = ? AND generation = ? ORDER BY part",
+                (name, parts, generation))]
+            whole = None
+            if have == list(range(1, parts + 1)):  # read the contents only once, when the file is complete
+                whole = _assemble([bytes(r[0]) for r in db.execute(
+                    "SELECT content FROM RawChunk WHERE name = ? AND parts = ? AND generation = ? ORDER BY part",
+                    (name, parts, generation))])
             return chunk_id, False, written, whole
 
     def _intervals(self, content: bytes, context: bytes, meter: str) -> int:
