@@ -22,6 +22,8 @@ ADMIN_TOKEN = "admin-token-0123456789abcdef-SECRET"
 UPLOAD_TOKEN = "upload-token-fedcba9876543210-SECRET"
 SMT_WATCH = [sys.executable, "-m", "smt_watch"]
 
+POLL_SECONDS = 0.02  # how often wait_for re-checks its condition
+
 
 def wait_for(condition: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> object:
     """Poll ``condition`` until truthy or fail after ``timeout``: the only way tests synchronise."""
@@ -32,7 +34,7 @@ def wait_for(condition: Callable[[], object], timeout: float = 10.0, what: str =
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)  # the poll interval of this deadline loop, not a synchronisation pause
+        time.sleep(POLL_SECONDS)  # the poll interval of this deadline loop, not a synchronisation pause
 
 
 @pytest.fixture

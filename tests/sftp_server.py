@@ -39,6 +39,8 @@ SSHD = Path("/usr/sbin/sshd")
 KEY_KINDS = ("ed25519", "rsa4096", "ecdsa")
 START_TIMEOUT = 30.0
 
+BANNER_POLL_SECONDS = 0.05
+
 
 def generate_key(kind: str = "ed25519") -> asyncssh.SSHKey:
     """A new private key: ``ed25519``, ``rsa4096``, ``ecdsa`` (nistp256) or an asyncssh algorithm name."""
@@ -516,7 +518,7 @@ def running_sshd(base: Path, *, key_kind: str = "ed25519") -> Iterator[SshdServe
                 proc.wait(10)
                 raise AssertionError(f"sshd did not accept on port {port} within {START_TIMEOUT}s:\n"
                                      + log_path.read_text(errors="replace"))
-            time.sleep(0.05)  # poll interval while waiting (with a deadline) for sshd to accept
+            time.sleep(BANNER_POLL_SECONDS)  # poll interval while waiting (with a deadline) for sshd
         if proc.poll() is None:
             break
     else:

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
+from conftest import wait_for
 from smt_watch.receiver import Fault, ReceiverHandle, running_receiver
 
 CSV = (
@@ -38,11 +39,7 @@ def part_files(handle: ReceiverHandle) -> list[Path]:
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
     """Poll a condition with a deadline (the thing awaited lives in another thread or process)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met before deadline")
-        time.sleep(0.005)
+    wait_for(predicate, timeout, "condition")
 
 
 def post_file(handle: ReceiverHandle, *, content: bytes = CSV, name: str = "M1_a.csv",

@@ -29,7 +29,7 @@ from sftp_server import (
     sftp_env,
 )
 
-from conftest import wait_for
+from conftest import POLL_SECONDS, wait_for
 from smt_watch.config import Settings
 from smt_watch.errors import ConfigError
 from smt_watch.sftp import Connection, RemoteFile, SftpError, load_key
@@ -313,7 +313,7 @@ def test_download_reads_each_byte_once_when_the_prefetch_thread_lags(
         original(self, chunks[:1], max_requests)
         deadline = time.monotonic() + 10
         while not self._prefetch_done and time.monotonic() < deadline:  # type: ignore[attr-defined]
-            time.sleep(0.005)
+            time.sleep(POLL_SECONDS)  # poll interval of this deadline loop
         original(self, chunks[1:], max_requests)
 
     monkeypatch.setattr(paramiko.SFTPFile, "_prefetch_thread", lagging)

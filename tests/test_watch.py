@@ -17,12 +17,14 @@ from typing import Any
 
 import pytest
 
-from conftest import UPLOAD_TOKEN, wait_for, watching, write_csv
+from conftest import POLL_SECONDS, UPLOAD_TOKEN, wait_for, watching, write_csv
 from smt_watch.config import Settings
 from smt_watch.pipeline import open_ledger
 from smt_watch.receiver import Fault, running_receiver
 
 Make = Callable[..., Settings]
+APPEND_GAP_SECONDS = 0.1  # between appends: shorter than the settle time, so the file never looks done
+SAMPLE_SECONDS = 0.2  # how often the outage loop looks at the clock
 
 
 def sha(data: bytes) -> str:
@@ -141,7 +143,7 @@ def test_writer_with_pauses_is_never_sent_partially(polling: bool, make_settings
                     deadline = time.monotonic() + 1.3
                     while time.monotonic() < deadline:
                         assert receiver.stored() == []
-                        time.sleep(0.05)
+                        time.sleep(POLL_SECONDS)  # checking throughout the pause under test
         wait_for(lambda: service.counts.sent == 1, 20, "slow.csv delivered")
     [row] = receiver.stored()
     assert row["sizeBytes"] == 50 * len(block)
@@ -157,7 +159,7 @@ def test_writer_that_closes_and_reopens_to_append(settings: Settings, receiver: 
         for _ in range(10):
             with target.open("ab") as fh:
                 fh.write(block)
-            time.sleep(0.1)  # the behaviour under test: gaps shorter than the settle time between appends
+            time.sleep(APPEND_GAP_SECONDS)  # the behaviour under test: gaps shorter than the settle time
         wait_for(lambda: service.counts.sent >= 1, 30, "appended.csv delivered")
     full = target.read_bytes()
     assert [r["sha256"] for r in receiver.stored()] == [sha(full)]
@@ -174,7 +176,7 @@ def test_target_down_then_up_drains_without_duplicates(make_settings: Make, tmp_
         wait_for(lambda: service.counts.retrying >= 6, 15, "every file to be retrying")
         outage_end = time.monotonic() + 10
         while time.monotonic() < outage_end:
-            time.sleep(0.2)  # the behaviour under test: a 10 s outage of the target
+            time.sleep(SAMPLE_SECONDS)  # the behaviour under test: a 10 s outage of the target
         with running_receiver(tmp_path / "late", port=unused_port) as late:
             wait_for(lambda: len(late.stored()) == 6, 30, "backlog drained after the outage")
             requests = late.state.wait_for_requests(6)

@@ -41,6 +41,8 @@ BACKOFF = 0.05  # SMT_RETRY_BACKOFF_SECONDS: first backoff step
 OUTAGE = 8.0  # seconds; the issue's 30 s scaled down
 FLAKY_FILES, OUTAGE_FILES = 12, 10
 
+SAMPLE_SECONDS = 0.2  # how often the ledger is sampled during the outage
+
 
 def fault_sequence(rng: random.Random) -> list[Fault]:
     """36 faults in a seeded random order: 18 x 503 (4 of them with Retry-After: 1), 4 held past the
@@ -99,7 +101,7 @@ def test_flaky_receiver_then_outage(tmp_path: Path, base_env: dict[str, str], un
                                           " WHERE state = 'retrying'")
             if rows and rows[0][0] is not None:
                 longest_backoff = max(longest_backoff, float(rows[0][0]))
-            time.sleep(0.2)  # sampling interval during the fixed outage (the outage is the behaviour under test)
+            time.sleep(SAMPLE_SECONDS)  # sampling during the fixed outage (the outage is the behaviour under test)
         during = attempts_total(state_dir) - before
         row_states = states(state_dir)
         assert all(row_states.get(s) in ("retrying", "sending", "pending") for s in outage_files), row_states
