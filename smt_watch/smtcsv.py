@@ -265,10 +265,10 @@ def sniff(path: Path) -> Sniff:
                 block = carry + block
                 cut = block.rfind(b"\n") + 1
                 carry, block = block[cut:], block[:cut]
-                raw.update(_FIRST_COLUMN.findall(block))
+                raw.update(_first_column(block))
                 if len(raw) > 1000:  # a pathological file: enough to know there are several
                     break
-            raw.update(_FIRST_COLUMN.findall(carry))
+            raw.update(_first_column(carry))
         else:
             for line in _lines(fh):
                 parts = line.split(b",", column + 1)
@@ -279,6 +279,19 @@ def sniff(path: Path) -> Sniff:
     esiids = {clean_esiid(v.decode("utf-8", "replace")) for v in raw}
     esiids.discard("")
     return Sniff(kind, frozenset(esiids))
+
+
+def _first_column(block: bytes) -> list[bytes]:
+    """The first field of every line in ``block`` (whole lines). Nearly every SMT file has one ESIID, so
+    two ``bytes.count`` calls first check that all lines share the first line's field; only a block with
+    several (or blank lines) is run through the regex, which is several times slower."""
+    comma, newline = block.find(b","), block.find(b"\n")
+    if comma >= 0 and (newline < 0 or comma < newline):
+        prefix = block[: comma + 1]
+        lines = block.count(b"\n") + (0 if block.endswith(b"\n") else 1)
+        if block.count(b"\n" + prefix) + 1 == lines:
+            return _FIRST_COLUMN.findall(prefix)
+    return _FIRST_COLUMN.findall(block)
 
 
 def _lines(fh: Iterable[bytes]) -> Iterator[bytes]:
