@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import collections
 import hashlib
+import itertools
 import logging
 import os
 import socket
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import paramiko
+from paramiko.buffered_pipe import BufferedPipe
 from paramiko.sftp import CMD_DATA, CMD_READ, CMD_STATUS, SFTP_EOF, int64
 
 from smt_watch.config import Settings
@@ -193,6 +195,14 @@ def prefer_known_key_types(transport: paramiko.Transport, settings: Settings) ->
         options.key_types = first + [k for k in supported if k not in first]
 
 
+def prefer_aead_ciphers(transport: paramiko.Transport) -> None:
+    """AES-GCM first (paramiko lists it last): no per-packet HMAC in Python, a quarter less CPU per byte
+    on a fetch. Only the order changes; a server without GCM still gets CTR with HMAC-SHA2."""
+    options = transport.get_security_options()
+    first = [c for c in ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com") if c in options.ciphers]
+    options.ciphers = tuple(first) + tuple(c for c in options.ciphers if c not in first)
+
+
 class Connection:
     """One SSH connection with one SFTP channel; each sync worker owns one."""
 
@@ -209,18 +219,16 @@ class Connection:
         self.transport = paramiko.Transport(sock, default_window_size=TRANSPORT_WINDOW,
                                             default_max_packet_size=MAX_PACKET)
         prefer_known_key_types(self.transport, settings)
+        prefer_aead_ciphers(self.transport)
         try:
             self.transport.start_client(timeout=settings.sftp_timeout)
             check_host_key(settings, self.transport.get_remote_server_key(), accept_new_host_key)
             self.transport.auth_publickey(settings.smt_user, key)
-            sftp = paramiko.SFTPClient.from_transport(self.transport, window_size=TRANSPORT_WINDOW,
-                                                      max_packet_size=MAX_PACKET)
-            if sftp is None:
-                raise SftpError(f"{where}: the server refused the SFTP subsystem")
-            channel = sftp.get_channel()
-            if channel is not None:
-                channel.settimeout(settings.sftp_timeout)  # a stalled server fails the transfer, not hangs it
-            self.sftp: paramiko.SFTPClient = sftp
+            channel = self.transport.open_session(window_size=TRANSPORT_WINDOW, max_packet_size=MAX_PACKET)
+            channel.in_buffer = _ChannelBuffer()  # before any data can arrive
+            channel.invoke_subsystem("sftp")
+            channel.settimeout(settings.sftp_timeout)  # a stalled server fails the transfer, not hangs it
+            self.sftp: paramiko.SFTPClient = paramiko.SFTPClient(channel)
         except paramiko.AuthenticationException:
             self.close()
             raise ConfigError(f"SFTP login to {where} refused: check SMT_USER and SMT_KEY") from None
@@ -319,6 +327,71 @@ class Connection:
                 if len(rest) != length - len(data):
                     raise SftpError(f"{remote.path}: shrank on the server while being fetched")
                 yield rest
+
+
+class _Chunks:
+    """The bytes a channel received, as the chunks they came in: appending and dropping a prefix never
+    move what stays buffered. Supports just what :class:`BufferedPipe` does with its buffer."""
+
+    def __init__(self) -> None:
+        self._parts: collections.deque[bytes] = collections.deque()
+        self._offset = 0  # bytes of _parts[0] already consumed
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def append(self, data: bytes) -> None:
+        if data:
+            self._parts.append(bytes(data))
+            self._size += len(data)
+
+    def peek(self, limit: int | None) -> bytes:
+        """Up to ``limit`` bytes from the front (all with ``None``), left in place."""
+        want = self._size if limit is None else min(limit, self._size)
+        if not want:
+            return b""
+        first = self._parts[0]
+        if len(first) - self._offset >= want:
+            return first[self._offset:self._offset + want]
+        out = [first[self._offset:]]
+        got = len(out[0])
+        for part in itertools.islice(self._parts, 1, None):
+            take = part[: want - got] if got + len(part) > want else part
+            out.append(take)
+            got += len(take)
+            if got >= want:
+                break
+        return b"".join(out)
+
+    def __delitem__(self, key: slice) -> None:
+        n = self._size if key.stop is None else min(key.stop, self._size)
+        self._size -= n
+        n += self._offset
+        while self._parts and n >= len(self._parts[0]):
+            n -= len(self._parts.popleft())
+        self._offset = n if self._parts else 0
+
+
+class _ChannelBuffer(BufferedPipe):  # type: ignore[type-arg]
+    """paramiko's channel buffer holding :class:`_Chunks`: same locking and semantics, without the copying.
+
+    paramiko keeps received channel data in an ``array('B')`` and removes what is read with
+    ``del buf[:n]``, which moves everything still buffered (up to the read window, 2 MiB) on every read;
+    SFTP reads in pieces of 4 bytes, 9 bytes and 64 KiB. That copying was about a third of sync's CPU.
+    The two hooks overridden are the ones paramiko itself uses to convert its buffer; the class is
+    installed on our channel before the SFTP subsystem starts.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._buffer = _Chunks()
+
+    def _buffer_frombytes(self, data: bytes) -> None:
+        self._buffer.append(data)
+
+    def _buffer_tobytes(self, limit: int | None = None) -> bytes:
+        return self._buffer.peek(limit)
 
 
 class _Responses:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -32,7 +33,7 @@ from sftp_server import (
 from conftest import POLL_SECONDS, wait_for
 from smt_watch.config import Settings
 from smt_watch.errors import ConfigError
-from smt_watch.sftp import Connection, RemoteFile, SftpError, load_key
+from smt_watch.sftp import Connection, RemoteFile, SftpError, _Chunks, load_key
 from smt_watch.sftp import fingerprint as smt_fingerprint
 
 Make = Callable[..., Settings]
@@ -324,3 +325,29 @@ def test_download_reads_each_byte_once_when_the_prefetch_thread_lags(
         assert conn.download(remote_file(server, "a.csv"), part) == hashlib.sha256(data).hexdigest()
     assert part.read_bytes() == data  # correct either way
     assert server.served("/a.csv") == len(data)  # but no byte should be asked for twice
+
+
+def test_connection_prefers_aes_gcm(server: SftpTestServer, settings: Settings) -> None:
+    """GCM (no per-packet HMAC in Python) is what a server that offers it gets; paramiko lists it last."""
+    with Connection(settings) as conn:
+        assert conn.transport.remote_cipher == "aes128-gcm@openssh.com"  # type: ignore[attr-defined]
+        assert conn.transport.local_cipher == "aes128-gcm@openssh.com"
+
+
+def test_channel_chunks_behave_like_a_byte_buffer() -> None:
+    """The channel buffer that replaces paramiko's array: every peek/drop agrees with a plain bytearray."""
+    rng = random.Random(7)
+    for _ in range(300):
+        chunks, ref = _Chunks(), bytearray()
+        for _ in range(40):
+            if rng.random() < 0.5:
+                data = rng.randbytes(rng.randrange(0, 20))
+                chunks.append(data)
+                ref += data
+            else:
+                limit = rng.choice([None, rng.randrange(0, 40)])
+                assert chunks.peek(limit) == bytes(ref[:limit])
+                key = rng.choice([slice(None, rng.randrange(0, 40)), slice(None, None)])
+                del chunks[key]
+                del ref[key]
+            assert len(chunks) == len(ref)
