@@ -130,7 +130,7 @@ def open_for_writing(path: Path) -> bool | None:
 
 @dataclass(frozen=True)
 class Found:
-    path: Path
+    path: str  # a string: a restart over 100,000 handled files never needs them as Path objects
     signature: Signature
 
 
@@ -175,7 +175,7 @@ def _candidates(entries: Iterator[os.DirEntry[str]], m: Matcher, prefix: int, st
                 log.warning("Refusing symlink %s: smt-watch never reads outside the inbox", entry.path)
                 continue
             if entry.is_file(follow_symlinks=False):
-                yield Found(Path(entry.path), Signature.of(entry.stat(follow_symlinks=False)))
+                yield Found(entry.path, Signature.of(entry.stat(follow_symlinks=False)))
         except OSError:
             continue  # vanished while we looked
 

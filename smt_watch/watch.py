@@ -218,12 +218,12 @@ class WatchService:
         known = None if recheck else self._ledger.seen(str(path))
         return self._consider_known(path, Signature.of(st), known, now)
 
-    def _consider_known(self, path: Path, sig: Signature, known: Seen | None, now: float) -> bool:
+    def _consider_known(self, path: Path | str, sig: Signature, known: Seen | None, now: float) -> bool:
         """Into the settler unless the stat cache says these exact bytes were handled already."""
         if known and known[:4] == (sig.device, sig.inode, sig.size, sig.mtime_ns) and known[5] in HANDLED_STATES:
             self._handled += 1
             return False
-        self._settler.add(path, sig, now)
+        self._settler.add(Path(path), sig, now)
         return True
 
     def _scan(self, directory: Path) -> int:
@@ -241,8 +241,8 @@ class WatchService:
 
     def _consider_batch(self, batch: list[Found], now: float) -> int:
         assert self._ledger is not None
-        known = self._ledger.seen_many([str(f.path) for f in batch]) if batch else {}
-        return sum(self._consider_known(f.path, f.signature, known.get(str(f.path)), now) for f in batch)
+        known = self._ledger.seen_many([f.path for f in batch]) if batch else {}
+        return sum(self._consider_known(f.path, f.signature, known.get(f.path), now) for f in batch)
 
     def _schedule_due(self) -> None:
         """Rows to deliver again: their backoff expired, or they were cut off (``pending``)."""
