@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -561,11 +561,36 @@ def receive(
 def main() -> None:
     """Console-script entry point: run the app and turn our errors into one line and an exit code."""
     try:
-        app()
+        code = app(standalone_mode=False, prog_name="smt-watch")  # click's own handling prints usage errors on three lines
+    except typer.Abort:  # Ctrl-C outside a long-running command
+        typer.echo("smt-watch: interrupted", err=True)
+        sys.exit(130)
     except SmtWatchError as exc:
         typer.echo(f"smt-watch: {exc}", err=True)
         sys.exit(exc.exit_code)
     except Exception as exc:  # a bug: still one line, traceback only when asked for
+        if _is_click_error(exc):
+            _show_click_error(exc)
         log.debug("unexpected error", exc_info=True)
         typer.echo(f"smt-watch: internal error: {type(exc).__name__}: {exc}", err=True)
         sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)  # typer.Exit(n) comes back as n
+
+
+def _is_click_error(exc: Exception) -> bool:
+    """A click usage/parameter error. Recent typer vendors click (``typer._click``), so these are matched
+    by what they have rather than by a class imported from either place."""
+    return isinstance(getattr(exc, "exit_code", None), int) and callable(getattr(exc, "format_message", None))
+
+
+def _show_click_error(exc: Any) -> None:
+    """One line (``smt-watch watch: No such option: --bogus (see 'smt-watch watch --help')``), exit 2;
+    a bare ``smt-watch`` or ``smt-watch ledger`` still prints its help (and exits 2, as click does)."""
+    if type(exc).__name__ == "NoArgsIsHelpError":
+        exc.show()
+        sys.exit(exc.exit_code)
+    ctx = getattr(exc, "ctx", None)
+    where = ctx.command_path if ctx is not None else "smt-watch"
+    hint = f" (see '{where} --help')" if ctx is not None else ""
+    typer.echo(f"{where}: {exc.format_message()}{hint}", err=True)
+    sys.exit(exc.exit_code)

@@ -43,6 +43,26 @@ def test_help_never_shows_secret_defaults(run_cli: Run) -> None:
 
 
 @pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["watch", "--bogus"], "smt-watch watch: No such option: --bogus (see 'smt-watch watch --help')"),
+        (["nosuch"], "smt-watch: No such command 'nosuch'. (see 'smt-watch --help')"),
+        (["sync", "--workers", "x"], "smt-watch sync: Invalid value for '--workers'"),
+        (["ledger", "forget"], "smt-watch ledger forget: Missing argument"),
+    ],
+)
+def test_usage_errors_are_one_line(run_cli: Run, args: list[str], line: str) -> None:
+    proc = run_cli(*args)
+    assert_clean_error(proc, 2)
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and proc.stderr.startswith(line), proc.stderr
+
+
+def test_bare_group_prints_its_help(run_cli: Run) -> None:
+    proc = run_cli("ledger")
+    assert proc.returncode == 2 and "Commands:" in proc.stdout + proc.stderr and "forget" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize(
     ("env", "args", "needle"),
     [
         ({}, ["post", "x.csv"], "no delivery target"),
