@@ -100,8 +100,10 @@ class WatchService:
 
     def _intake(self, path: Path) -> None:
         with self._lock:
+            first = not self._incoming
             self._incoming.add(path)
-        self._wake.set()
+        if first:  # the loop takes the whole set at once: one wake-up per batch, not per event
+            self._wake.set()
 
     def _intake_dir(self, path: Path) -> None:
         with self._lock:
@@ -329,7 +331,8 @@ class WatchService:
             finally:
                 with self._lock:
                     self._busy.discard(job.path)
-                self._wake.set()  # a queue slot is free: the main loop may feed the next file
+                if self._queue.qsize() <= self._queue.maxsize // 2:
+                    self._wake.set()  # room in the queue: the main loop may feed more files
 
     def _process(self, job: Job) -> None:
         assert self._ledger is not None and self._deliverer is not None
