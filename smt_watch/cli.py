@@ -215,7 +215,8 @@ def watch(
 
     A file is ready when it matches SMT_PATTERNS, is not hidden or temporary, no process has it open for
     writing, and it has not changed for SMT_SETTLE_SECONDS. Files present at start, and anything inotify
-    missed, are found by a full rescan every SMT_RESCAN_SECONDS. On SIGTERM, in-flight deliveries get
+    missed, are found by a full rescan: at start, right after an inotify queue overflow, and every
+    SMT_RESCAN_SECONDS. On SIGTERM, in-flight deliveries get
     SMT_STOP_GRACE_SECONDS to finish; the exit status is 0. Under systemd (Type=notify) it reports
     READY=1, STATUS= and WATCHDOG=1.
     """
@@ -561,7 +562,8 @@ def receive(
 def main() -> None:
     """Console-script entry point: run the app and turn our errors into one line and an exit code."""
     try:
-        code = app(standalone_mode=False, prog_name="smt-watch")  # click's own handling prints usage errors on three lines
+        # not standalone: click would print usage errors on three lines; main() makes them one
+        code = app(standalone_mode=False, prog_name="smt-watch")
     except typer.Abort:  # Ctrl-C outside a long-running command
         typer.echo("smt-watch: interrupted", err=True)
         sys.exit(130)

@@ -75,6 +75,7 @@ class WatchService:
         self._polling = polling
         self._stop = threading.Event()
         self._force = threading.Event()
+        self._rescan_now = threading.Event()  # set from the observer thread after an inotify overflow
         self._wake = threading.Event()
         self._lock = threading.Lock()
         self._incoming: set[Path] = set()
@@ -110,6 +111,11 @@ class WatchService:
             self._new_dirs.add(path)
         self._wake.set()
 
+    def _overflowed(self) -> None:
+        """inotify lost events: rescan the whole inbox now rather than at the next periodic rescan."""
+        self._rescan_now.set()
+        self._wake.set()
+
     def _look_again(self, path: Path, after: float) -> None:
         with self._lock:
             heapq.heappush(self._later, (time.monotonic() + after, str(path)))
@@ -130,7 +136,8 @@ class WatchService:
         ]
         for w in workers:
             w.start()
-        watcher = InboxWatcher(self.root, self._intake, self._intake_dir, polling=self._polling)
+        watcher = InboxWatcher(self.root, self._intake, self._intake_dir, on_overflow=self._overflowed,
+                               polling=self._polling)
         try:
             for row in ledger.recover_stale():
                 log.warning("Resuming %s (sha256 %s): it was being sent when smt-watch stopped",
@@ -164,6 +171,10 @@ class WatchService:
         while not self._stop.is_set():
             now = time.monotonic()
             self._take_intake(now)
+            if self._rescan_now.is_set():
+                self._rescan_now.clear()
+                log.warning("inotify queue overflowed: rescanning %s now", self.root)
+                next_rescan = now
             if now >= next_rescan:
                 self._scan(self.root)
                 next_rescan = now + s.rescan_seconds

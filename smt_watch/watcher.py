@@ -9,8 +9,8 @@ the loop can scan them: files may land in a directory before its watch exists. T
 
 If inotify cannot start (``ENOSPC``: the ``fs.inotify.max_user_watches`` limit; ``EMFILE``: the
 ``max_user_instances`` limit) we log one line saying so and fall back to polling, where there are no close
-events and the settle period alone decides readiness. The periodic rescan catches anything dropped on an
-inotify queue overflow (watchdog drops those silently).
+events and the settle period alone decides readiness. After an inotify queue overflow (events were lost)
+``on_overflow`` is called so the loop rescans at once; the periodic rescan is the backstop.
 """
 
 from __future__ import annotations
@@ -64,6 +64,21 @@ class _Handler(FileSystemEventHandler):
             self.on_file(target)
 
 
+# watchdog (7.x) rebuilds its watches after an IN_Q_OVERFLOW but tells event handlers nothing; it logs a
+# warning on these loggers. That warning is the only signal it gives, so it is what we listen for.
+OVERFLOW_LOGGERS = ("watchdog.observers.inotify_c", "watchdog.observers.inotify")
+
+
+class _OverflowHook(logging.Handler):
+    def __init__(self, callback: Callable[[], None]) -> None:
+        super().__init__(level=logging.WARNING)
+        self._callback = callback
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "overflow" in record.getMessage().lower():
+            self._callback()
+
+
 class InboxWatcher:
     """Owns the observer; ``start()`` returns the backend it got: ``inotify`` or ``polling``."""
 
@@ -73,11 +88,13 @@ class InboxWatcher:
         on_file: Callable[[Path], None],
         on_dir: Callable[[Path], None],
         *,
+        on_overflow: Callable[[], None] | None = None,
         polling: bool = False,
         poll_interval: float = 1.0,
     ) -> None:
         self.root = root
         self._handler = _Handler(on_file, on_dir)
+        self._overflow_hook = _OverflowHook(on_overflow) if on_overflow else None
         self._polling = polling
         self._poll_interval = poll_interval
         self._observer: BaseObserver | None = None
@@ -88,6 +105,7 @@ class InboxWatcher:
             try:
                 from watchdog.observers.inotify import InotifyObserver
 
+                self._hook_overflow()
                 observer: BaseObserver = InotifyObserver()
                 observer.schedule(self._handler, str(self.root), recursive=True, event_filter=INOTIFY_EVENTS)
                 observer.start()
@@ -119,3 +137,14 @@ class InboxWatcher:
             self._observer.stop()
             self._observer.join(timeout=5)
             self._observer = None
+        if self._overflow_hook is not None:
+            for name in OVERFLOW_LOGGERS:
+                logging.getLogger(name).removeHandler(self._overflow_hook)
+
+    def _hook_overflow(self) -> None:
+        if self._overflow_hook is None:
+            return
+        for name in OVERFLOW_LOGGERS:
+            logger = logging.getLogger(name)
+            logger.setLevel(logging.WARNING)  # heard even under --log-level error
+            logger.addHandler(self._overflow_hook)
