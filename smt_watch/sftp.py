@@ -19,6 +19,7 @@ import hashlib
 import itertools
 import logging
 import os
+import re
 import socket
 import stat as stat_mod
 from collections.abc import Callable, Iterator
@@ -78,6 +79,8 @@ def load_key(settings: Settings) -> paramiko.PKey:
         mode = path.stat().st_mode
     except OSError as exc:
         raise ConfigError(f"SMT_KEY {path}: {exc.strerror}") from None
+    if not stat_mod.S_ISREG(mode):
+        raise ConfigError(f"SMT_KEY {path} is not a regular file")
     if mode & 0o077:
         log.warning("SMT_KEY %s is readable by group or others (mode %o); run: chmod 600 %s",
                     path, mode & 0o777, path)
@@ -95,8 +98,30 @@ def load_key(settings: Settings) -> paramiko.PKey:
         fallback = _ecdsa_fallback(path, passphrase)
         if fallback is not None:
             return fallback
-        reason = "wrong SMT_KEY_PASSPHRASE?" if passphrase else type(exc).__name__
+        reason = _not_a_key(path) or ("wrong SMT_KEY_PASSPHRASE?" if passphrase else type(exc).__name__)
         raise ConfigError(f"SMT_KEY {path} cannot be loaded ({reason})") from None
+
+
+_ARMOUR = re.compile(rb"-----BEGIN ([A-Z0-9 ]*)PRIVATE KEY-----(.*?)(?:-----END|\Z)", re.DOTALL)
+
+
+def _not_a_key(path: Path) -> str | None:
+    """Why ``path`` is not a private key at all, if it is not: a wrong file is not blamed on the passphrase."""
+    try:
+        with path.open("rb") as fh:
+            found = _ARMOUR.search(fh.read(64 * 1024))
+    except OSError as exc:
+        return exc.strerror
+    if not found:
+        return "not an OpenSSH or PEM private key"
+    lines = [line.strip() for line in found.group(2).splitlines() if line.strip() and b":" not in line]
+    try:
+        raw = base64.b64decode(b"".join(lines), validate=True)
+    except ValueError:
+        return "not a valid private key: its body is not base64"
+    if found.group(1) == b"OPENSSH " and not raw.startswith(b"openssh-key-v1\0"):
+        return "not a valid OpenSSH private key"
+    return None
 
 
 def load_key_without_passphrase(path: Path) -> paramiko.PKey:

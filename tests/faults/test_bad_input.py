@@ -91,8 +91,14 @@ CASES = [
          timeout=HANG),
     # --- sync ----------------------------------------------------------------------------------------
     Case("sync-not-configured", ("sync",), 2, r"sync needs SMT_HOST, SMT_USER and SMT_KEY"),
-    Case("sync-key-not-a-key", ("sync",), 2, r"SMT_KEY .*cannot be loaded",
+    Case("sync-key-not-a-key", ("sync",), 2, r"SMT_KEY .*cannot be loaded \(not a valid private key",
          {**SFTP, "SMT_KEY": "{w}/not_a_key", "SMT_KEY_PASSPHRASE": ""}),
+    Case("sync-key-not-a-key-with-passphrase", ("sync",), 2, r"SMT_KEY .*cannot be loaded \(not a valid private key",
+         {**SFTP, "SMT_KEY": "{w}/not_a_key", "SMT_KEY_PASSPHRASE": "SEKRET-not-the-passphrase"}),
+    Case("sync-key-is-a-text-file", ("sync",), 2,
+         r"SMT_KEY .*cannot be loaded \(not an OpenSSH or PEM private key\)",
+         {**SFTP, "SMT_KEY": "{w}/text_key", "SMT_KEY_PASSPHRASE": "SEKRET-not-the-passphrase"}),
+    Case("sync-key-is-a-directory", ("sync",), 2, r"SMT_KEY .* is not a regular file", {**SFTP, "SMT_KEY": "{w}"}),
     Case("sync-wrong-passphrase", ("sync",), 2, r"wrong SMT_KEY_PASSPHRASE",
          {**SFTP, "SMT_KEY": "{w}/encrypted_key", "SMT_KEY_PASSPHRASE": "SEKRET-not-the-passphrase"}),
     Case("sync-unknown-host-key", ("sync",), 2, r"host key for .* is unknown",
@@ -144,6 +150,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     write_private_key(w / "stranger_key")
     (w / "not_a_key").write_text("-----BEGIN OPENSSH PRIVATE KEY-----\nnot base64 at all\n")
     (w / "not_a_key").chmod(0o600)
+    (w / "text_key").write_text("just a file\n")
+    (w / "text_key").chmod(0o600)
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
     busy.listen()
