@@ -831,6 +831,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0] if __doc__ else None)
     parser.add_argument("--out", type=Path, help=f"Markdown file whose {SECTION!r} section to write")
     parser.add_argument("--quick", action="store_true", help="reduced sizes, for a smoke test")
+    parser.add_argument("--latency-files", type=int, help="files per settle value for the latency part (default 200)")
     parser.add_argument("--anchor-files", type=int, help="files for the bash loop (default: all drain files)")
     parser.add_argument("--restart-files", type=int, help="files in the restart inbox (default 100,000)")
     parser.add_argument("--synthetic-files", type=int,
@@ -844,6 +845,8 @@ def main(argv: list[str] | None = None) -> int:
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is needed")
     sizes = QUICK if args.quick else FULL
+    if args.latency_files:
+        sizes = replace(sizes, latency_files=args.latency_files)
     if args.anchor_files:
         sizes = replace(sizes, anchor_files=min(args.anchor_files, sizes.drain_files))
     if args.restart_files:
