@@ -215,7 +215,7 @@ def watch(
 
     A file is ready when it matches SMT_PATTERNS, is not hidden or temporary, no process has it open for
     writing, and it has not changed for SMT_SETTLE_SECONDS. Files present at start, and anything inotify
-    missed, are found by a full rescan: at start, right after an inotify queue overflow, and every
+    missed, are found by a full rescan: at start, a second after an inotify queue overflow, and every
     SMT_RESCAN_SECONDS. On SIGTERM, in-flight deliveries get
     SMT_STOP_GRACE_SECONDS to finish; the exit status is 0. Under systemd (Type=notify) it reports
     READY=1, STATUS= and WATCHDOG=1.
@@ -564,9 +564,9 @@ def main() -> None:
     try:
         # not standalone: click would print usage errors on three lines; main() makes them one
         code = app(standalone_mode=False, prog_name="smt-watch")
-    except typer.Abort:  # Ctrl-C outside a long-running command
-        typer.echo("smt-watch: interrupted", err=True)
-        sys.exit(130)
+    except typer.Abort:  # end of input at a prompt (typer turns Ctrl-C into exit 130 itself)
+        typer.echo("smt-watch: aborted", err=True)
+        sys.exit(1)
     except SmtWatchError as exc:
         typer.echo(f"smt-watch: {exc}", err=True)
         sys.exit(exc.exit_code)
@@ -576,7 +576,8 @@ def main() -> None:
         log.debug("unexpected error", exc_info=True)
         typer.echo(f"smt-watch: internal error: {type(exc).__name__}: {exc}", err=True)
         sys.exit(1)
-    sys.exit(code if isinstance(code, int) else 0)  # typer.Exit(n) comes back as n
+    # typer.Exit(n) comes back as n; commands themselves return None (a returned int would be taken as n)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 def _is_click_error(exc: Exception) -> bool:

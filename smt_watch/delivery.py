@@ -24,6 +24,7 @@ import re
 import tempfile
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -395,20 +396,21 @@ class Deliverer:
         self._settings = settings
         self._secrets = settings.secrets()
         t = settings.http_timeout
-        # The client builds requests (URL, headers, timeouts); they go straight to its transport, because
-        # what Client.send adds (cookies, auth flows, redirects, event hooks) is unused here and cost ~10 %
-        # of the watcher's CPU per small file. Redirects are not followed either way.
-        self._transport = httpx.HTTPTransport(
-            limits=httpx.Limits(max_connections=16, max_keepalive_connections=8),
-            # Loading the CA bundle costs ~60 ms per start; a plain-http target (the droplet's loopback
-            # upload server) never uses it, and redirects are not followed, so it cannot reach https.
-            verify=self.mode.url.startswith("https://"),
-        )
-        self._client = httpx.Client(
-            timeout=httpx.Timeout(connect=min(10.0, t), read=t, write=t, pool=t),
-            transport=self._transport,
-            follow_redirects=False,
-        )
+        limits = httpx.Limits(max_connections=16, max_keepalive_connections=8)
+        # Loading the CA bundle costs ~60 ms per start; a plain-http target (the droplet's loopback upload
+        # server) never uses it, and redirects are not followed, so it cannot reach https.
+        verify = self.mode.url.startswith("https://")
+        timeout = httpx.Timeout(connect=min(10.0, t), read=t, write=t, pool=t)
+        # For a plain target the client only builds requests (URL, headers, timeouts) and they go straight to
+        # its transport: what Client.send adds (cookies, auth flows, redirects, hooks) is unused there and
+        # cost ~10 % of the watcher's CPU per small file. Credentials in the URL or a proxy from the
+        # environment need Client.send, so such a target takes that path.
+        self._transport: httpx.HTTPTransport | None = None
+        if direct_transport_is_enough(self.mode.url):
+            self._transport = httpx.HTTPTransport(limits=limits, verify=verify)
+            self._client = httpx.Client(timeout=timeout, transport=self._transport, follow_redirects=False)
+        else:
+            self._client = httpx.Client(timeout=timeout, limits=limits, verify=verify, follow_redirects=False)
         if self.mode.name == "multipart":
             log.info("Using droplet upload server at %s", self.destination)
         else:
@@ -520,7 +522,10 @@ class Deliverer:
         }
         request = self._client.build_request("POST", self.mode.url, headers=headers, content=body.chunks(progress))
         try:
-            response = self._transport.handle_request(request)
+            if self._transport is not None:
+                response = self._transport.handle_request(request)
+            else:
+                response = self._client.send(request, stream=True)
             try:
                 response.read()
             finally:
@@ -546,6 +551,14 @@ class Deliverer:
         for secret in self._secrets:
             text = text.replace(secret, "***")
         return text
+
+
+def direct_transport_is_enough(url: str) -> bool:
+    """No credentials in the URL and no proxy variable for its scheme (``HTTP(S)_PROXY``, ``ALL_PROXY``;
+    ``NO_PROXY`` is not consulted: any proxy setting takes the full path)."""
+    parsed = httpx.URL(url)
+    proxies = urllib.request.getproxies()
+    return not parsed.userinfo and not (proxies.get(parsed.scheme) or proxies.get("all"))
 
 
 def _constant(data: bytes) -> Callable[[Progress | None], Iterator[bytes]]:

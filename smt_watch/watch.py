@@ -43,6 +43,7 @@ DUE_CHECK_SECONDS = 1.0
 SCAN_BATCH = 1000  # stat-cache rows asked for at once during a scan
 Seen = tuple[int, int, int, int, str, str | None]
 BUSY_RECHECK_SECONDS = 0.5
+OVERFLOW_RESCAN_DELAY = 1.0  # seconds from an inotify overflow to the rescan it triggers
 HANDLED_STATES = frozenset({"sent", "failed", "retrying"})
 
 
@@ -173,8 +174,10 @@ class WatchService:
             self._take_intake(now)
             if self._rescan_now.is_set():
                 self._rescan_now.clear()
-                log.warning("inotify queue overflowed: rescanning %s now", self.root)
-                next_rescan = now
+                log.warning("inotify queue overflowed: rescanning %s in %.0f s", self.root, OVERFLOW_RESCAN_DELAY)
+                # after watchdog has rebuilt its watches (it does so right after the warning we heard), so
+                # nothing written meanwhile can fall between the rebuild and our scan
+                next_rescan = min(next_rescan, now + OVERFLOW_RESCAN_DELAY)
             if now >= next_rescan:
                 self._scan(self.root)
                 next_rescan = now + s.rescan_seconds

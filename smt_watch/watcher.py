@@ -65,8 +65,8 @@ class _Handler(FileSystemEventHandler):
 
 
 # watchdog (7.x) rebuilds its watches after an IN_Q_OVERFLOW but tells event handlers nothing; it logs a
-# warning on these loggers. That warning is the only signal it gives, so it is what we listen for.
-OVERFLOW_LOGGERS = ("watchdog.observers.inotify_c", "watchdog.observers.inotify")
+# warning (then rebuilds). That warning is the only signal it gives, so it is what we listen for.
+OVERFLOW_LOGGERS = ("watchdog.observers.inotify_c",)
 
 
 class _OverflowHook(logging.Handler):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import logging
 import time
@@ -13,7 +14,7 @@ import pytest
 
 from conftest import ADMIN_TOKEN, UPLOAD_TOKEN, write_csv
 from smt_watch.config import Settings
-from smt_watch.delivery import Deliverer, parse_retry_after
+from smt_watch.delivery import Deliverer, direct_transport_is_enough, parse_retry_after
 from smt_watch.errors import ConfigError
 from smt_watch.pipeline import deliver_file, open_ledger, post_files
 from smt_watch.receiver import Fault
@@ -202,3 +203,42 @@ def test_parse_retry_after_http_date_in_future() -> None:
 
     now = time.time()
     assert parse_retry_after(formatdate(now + 30, usegmt=True), now=now) == pytest.approx(30, abs=1)
+
+
+def test_credentials_in_the_url_are_sent_as_basic_auth(make_settings: Make, receiver: Any, tmp_path: Path) -> None:
+    f = write_csv(tmp_path / "inbox" / "IntervalMeterUsage_M1.csv")
+    url = receiver.url.replace("http://", "http://smt:pa55@") + "/upload"
+    [outcome] = post_files(make_settings(SMT_UPLOAD_URL=url, SMT_UPLOAD_TOKEN=UPLOAD_TOKEN), [f])
+    assert outcome.result == "sent", outcome
+    [req] = receiver.state.requests
+    assert req.headers["authorization"] == "Basic " + base64.b64encode(b"smt:pa55").decode()
+
+
+def test_proxy_from_the_environment_is_used(make_settings: Make, receiver: Any, tmp_path: Path,
+                                            unused_port: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """HTTP_PROXY at a port nobody listens on: the request must go there (and fail), not straight through."""
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{unused_port}")
+    f = write_csv(tmp_path / "inbox" / "IntervalMeterUsage_M1.csv")
+    settings = multipart(make_settings, receiver, SMT_RETRY_ATTEMPTS="1")
+    [outcome] = post_files(settings, [f])
+    assert outcome.result in ("retrying", "failed") and "ConnectError" in (outcome.error or ""), outcome
+    assert receiver.state.requests == []
+
+
+@pytest.mark.parametrize(
+    ("url", "env", "direct"),
+    [
+        ("http://127.0.0.1:9/upload", {}, True),
+        ("http://u:p@127.0.0.1:9/upload", {}, False),
+        ("https://example.test/upload", {"HTTPS_PROXY": "http://proxy:3128"}, False),
+        ("https://example.test/upload", {"HTTP_PROXY": "http://proxy:3128"}, True),
+        ("http://127.0.0.1:9/upload", {"ALL_PROXY": "http://proxy:3128"}, False),
+    ],
+)
+def test_direct_transport_only_for_plain_targets(url: str, env: dict[str, str], direct: bool,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert direct_transport_is_enough(url) is direct
