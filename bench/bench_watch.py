@@ -66,7 +66,7 @@ MAX_IDLE_RSS_MB = 60.0
 
 LAND_GAP_S = 0.05  # pause between two landed files in the latency part
 SETTLES = (0.0, 1.0)
-DRAIN_WORKERS = (2, 4)
+DRAIN_CASES = ((2, "thread"), (4, "thread"), (2, "process"))  # (SMT_WORKERS, SMT_WORKER_MODE)
 RESTARTS = 3  # restarts over the sent inbox; the verdict takes the slowest
 WATCHING_RE = re.compile(r"Watching .*: (\d+) file\(s\) to look at, (\d+) already handled")
 
@@ -151,6 +151,29 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children(pid: int) -> list[int]:
+    """Live child processes of ``pid`` (watch's worker processes under SMT_WORKER_MODE=process)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return found
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time of a process and its live children (worker processes are not reaped until watch stops)."""
+    return cpu_seconds(pid) + sum(cpu_seconds(c) for c in children(pid))
+
+
+def tree_hwm_kib(pid: int) -> int:
+    """VmHWM of a process plus its live children: the memory a watch with worker processes holds."""
+    return memory_kib(pid)[1] + sum(memory_kib(c)[1] for c in children(pid))
 
 
 def mb(kib: int) -> float:
@@ -320,7 +343,8 @@ class Bench:
         return path
 
     def start_watch(
-        self, name: str, inbox: Path, state: Path, *, settle: float, workers: int, ready_timeout: float = 120.0
+        self, name: str, inbox: Path, state: Path, *, settle: float, workers: int, ready_timeout: float = 120.0,
+        mode: str = "thread",
     ) -> Watch:
         """Spawn ``smt-watch watch`` the way systemd would (``NOTIFY_SOCKET``) and wait for ``READY=1``."""
         sock_path = self.work / f"{name}.notify"
@@ -330,6 +354,7 @@ class Bench:
         env.update(
             SMT_LOCAL_DIR=str(inbox), SMT_STATE_DIR=str(state), SMT_DELIVERY="multipart",
             SMT_UPLOAD_URL=self.upload_url, SMT_SETTLE_SECONDS=f"{settle:g}", SMT_WORKERS=str(workers),
+            SMT_WORKER_MODE=mode,
             NOTIFY_SOCKET=str(sock_path),
         )
         log_path = self.work / f"{name}.log"
@@ -438,24 +463,30 @@ def make_pool(b: Bench, maker: CsvMaker, n: int) -> Pool:
 @dataclass
 class Drain:
     workers: int
+    mode: str  # SMT_WORKER_MODE
     files: int
     rename_s: float  # time to rename all files into the inbox
     seconds: float  # first rename → last request complete
-    cpu_s: float  # watch process CPU time over the whole run
-    hwm_kib: int
+    cpu_s: float  # watch process (and worker processes) CPU time over the whole run
+    hwm_kib: int  # VmHWM, summed over the worker processes too
     repeats: int
 
     @property
     def rate(self) -> float:
         return self.files / self.seconds
 
+    @property
+    def label(self) -> str:
+        return f"{self.workers} workers" + (" in processes" if self.mode == "process" else "")
 
-def measure_drain(b: Bench, pool: Pool, workers: int) -> Drain:
-    staging = b.fresh_dir(f"drain-w{workers}-staging")
+
+def measure_drain(b: Bench, pool: Pool, workers: int, mode: str) -> Drain:
+    tag = f"w{workers}" + ("p" if mode == "process" else "")
+    staging = b.fresh_dir(f"drain-{tag}-staging")
     for name in pool.names:  # hard links: same bytes, no copying; fresh names for the rename into the inbox
         os.link(pool.path / name, staging / name)
-    inbox, state = b.fresh_dir(f"drain-w{workers}-inbox"), b.fresh_dir(f"drain-w{workers}-state")
-    w = b.start_watch(f"drain-w{workers}", inbox, state, settle=0.0, workers=workers)
+    inbox, state = b.fresh_dir(f"drain-{tag}-inbox"), b.fresh_dir(f"drain-{tag}-state")
+    w = b.start_watch(f"drain-{tag}", inbox, state, settle=0.0, workers=workers, mode=mode)
     keys = set(pool.keys.values())
     n = len(keys)
     try:
@@ -466,19 +497,19 @@ def measure_drain(b: Bench, pool: Pool, workers: int) -> Drain:
         rename_s = time.time() - first
         timeout = max(300.0, n / 10)
         got = b.log.wait_for(keys, start, timeout=timeout, interval=0.05,
-                             progress=lambda k: note(f"    drain w{workers}: {k}/{n} at the sink"))
+                             progress=lambda k: note(f"    drain {tag}: {k}/{n} at the sink"))
         if len(got) != n:
-            raise BenchError(f"drain w{workers}: only {len(got)}/{n} delivered in {timeout:.0f} s:\n{w.tail()}")
+            raise BenchError(f"drain {tag}: only {len(got)}/{n} delivered in {timeout:.0f} s:\n{w.tail()}")
         time.sleep(0.5)  # let any duplicate request show up before counting repeats
         b.log.poll()
-        result = Drain(workers, n, rename_s, max(got.values()) - first, cpu_seconds(w.proc.pid),
-                       memory_kib(w.proc.pid)[1], b.log.repeats(keys, start))
+        result = Drain(workers, mode, n, rename_s, max(got.values()) - first, tree_cpu_seconds(w.proc.pid),
+                       tree_hwm_kib(w.proc.pid), b.log.repeats(keys, start))
     finally:
         b.stop_watch(w)
-    b.part_done(f"drain {workers} workers")
+    b.part_done(f"drain {result.label}")
     shutil.rmtree(inbox)
     shutil.rmtree(staging)
-    note(f"  drain, {workers} workers: {n} files in {result.seconds:.2f} s = {result.rate:.0f} files/s "
+    note(f"  drain, {result.label}: {n} files in {result.seconds:.2f} s = {result.rate:.0f} files/s "
          f"(watch CPU {result.cpu_s:.1f} s)")
     return result
 
@@ -690,7 +721,7 @@ def verdicts(
     for d in drains:
         ratio = d.rate / anchor.rate
         out.append(Verdict(
-            f"drain rate, {d.files:,} files, {d.workers} workers", f"{d.rate:.0f} files/s",
+            f"drain rate, {d.files:,} files, {d.label}", f"{d.rate:.0f} files/s",
             f"bash seed loop {anchor.rate:.0f} files/s", f"{ratio:.1f}×", f"≥ {MIN_DRAIN_VS_BASH:g}×",
             ratio >= MIN_DRAIN_VS_BASH,
         ))
@@ -764,7 +795,8 @@ def render(
         " into a staging dir on the same filesystem and renamed into the inbox of a running watcher"
         " (`SMT_SETTLE_SECONDS=0`); time = first rename → last request complete at the sink. Anchor: the seed's"
         f" per-file work as a bash loop over the same files{scaled} to the same sink:"
-        " `sha256sum`, `grep -q` the hash in a state file, `curl -sS -F file=@F`, append the hash.",
+        " `sha256sum`, `grep -q` the hash in a state file, `curl -sS -F file=@F`, append the hash."
+        " \"in processes\" is `SMT_WORKER_MODE=process`; its CPU and VmHWM include the worker processes.",
         "",
         "| sender | files | renames took | wall (s) | files/s | watch CPU (s) | CPU ms/file | watch VmHWM (MB) "
         "| sent twice |",
@@ -772,7 +804,7 @@ def render(
     ]
     for d in drains:
         lines.append(
-            f"| smt-watch watch, {d.workers} workers | {d.files:,} | {d.rename_s:.2f} s | {d.seconds:.2f} "
+            f"| smt-watch watch, {d.label} | {d.files:,} | {d.rename_s:.2f} s | {d.seconds:.2f} "
             f"| {d.rate:.0f} | {d.cpu_s:.1f} | {d.cpu_s / d.files * 1000:.1f} | {mb(d.hwm_kib):.1f} | {d.repeats} |"
         )
     lines.append(f"| bash seed loop | {anchor.files:,} | | {anchor.seconds:.2f} | {anchor.rate:.0f} | | | | |")
@@ -871,7 +903,7 @@ def main(argv: list[str] | None = None) -> int:
                            for i, s in enumerate(SETTLES)]
                     note(f"2. drain: writing {sizes.drain_files} files ...")
                     pool = make_pool(b, maker, sizes.drain_files)
-                    drains = [measure_drain(b, pool, w) for w in DRAIN_WORKERS]
+                    drains = [measure_drain(b, pool, w, mode) for w, mode in DRAIN_CASES]
                     anchor = measure_bash_loop(b, pool, sizes.anchor_files)
                     note("3. restart")
                     restart = measure_restart(b, maker, sizes)

@@ -2,4 +2,5 @@
 
 from smt_watch.cli import main
 
-main()
+if __name__ == "__main__":  # a watch worker process (spawn) imports this module again as __mp_main__
+    main()

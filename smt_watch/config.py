@@ -25,6 +25,7 @@ log = logging.getLogger("smt_watch.config")
 DELIVERY_MODES: Final = ("auto", "multipart", "inline", "raw-upload")
 INLINE_ENCODINGS: Final = ("base64", "base64+gzip")
 AFTER_SEND: Final = ("keep", "move", "delete")
+WORKER_MODES: Final = ("thread", "process")
 LEGACY_INLINE_WARNING: Final = "SMT_UPLOAD_URL not configured; will attempt legacy inline POST"
 _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 T = TypeVar("T")
@@ -92,6 +93,7 @@ class Settings:
     settle_seconds: float = 1.0  # SMT_SETTLE_SECONDS
     rescan_seconds: float = 300.0  # SMT_RESCAN_SECONDS
     workers: int = 2  # SMT_WORKERS
+    worker_mode: str = "thread"  # SMT_WORKER_MODE (not in the seed): thread | process
     patterns: tuple[str, ...] = ("*.csv", "*.asc", "*.zip")  # SMT_PATTERNS
     after_send: str = "keep"  # SMT_AFTER_SEND
     archive_dir: Path | None = None  # SMT_ARCHIVE_DIR (None: state_dir/archive)
@@ -332,6 +334,7 @@ def load_settings(
         settle_seconds=r.number("SMT_SETTLE_SECONDS", 1.0),
         rescan_seconds=r.number("SMT_RESCAN_SECONDS", 300.0, minimum=1.0),
         workers=r.integer("SMT_WORKERS", 2, minimum=1, maximum=64),
+        worker_mode=r.choice("SMT_WORKER_MODE", "thread", WORKER_MODES),
         patterns=tuple(p.lower() for p in r.items("SMT_PATTERNS", ("*.csv", "*.asc", "*.zip"))),
         after_send=r.choice("SMT_AFTER_SEND", "keep", AFTER_SEND),
         archive_dir=r.path("SMT_ARCHIVE_DIR"),

@@ -390,7 +390,7 @@ class _StopOnLongRetryAfter(stop_base):
 class Deliverer:
     """Delivers payloads over one shared keep-alive ``httpx.Client`` with in-call retries."""
 
-    def __init__(self, settings: Settings, mode: str) -> None:
+    def __init__(self, settings: Settings, mode: str, *, announce: bool = True) -> None:
         self.mode = make_mode(settings, mode)
         self.destination = redact_url(self.mode.url)
         self._settings = settings
@@ -411,7 +411,9 @@ class Deliverer:
             self._client = httpx.Client(timeout=timeout, transport=self._transport, follow_redirects=False)
         else:
             self._client = httpx.Client(timeout=timeout, limits=limits, verify=verify, follow_redirects=False)
-        if self.mode.name == "multipart":
+        if not announce:  # a watch worker process: the watcher said it already
+            pass
+        elif self.mode.name == "multipart":
             log.info("Using droplet upload server at %s", self.destination)
         else:
             log.info("Using %s delivery to %s", self.mode.name, self.destination)

@@ -7,7 +7,9 @@ Threads and what they own:
   again (``retrying`` whose backoff expired, ``pending`` after a crash or a change), systemd notification
   and the stop sequence;
 - ``SMT_WORKERS`` delivery threads take ready files from a bounded queue, hash them (or take the hash
-  from the stat cache), claim them in the ledger, send them and apply ``SMT_AFTER_SEND``.
+  from the stat cache), claim them in the ledger, send them and apply ``SMT_AFTER_SEND``; with
+  ``SMT_WORKER_MODE=process`` each thread hands the hashing, claiming and sending to a worker process
+  of its own (:mod:`smt_watch.workers`).
 
 A path is in the queue or in flight at most once (``_busy``); the same bytes under two names are sent once
 because the ledger claim is by SHA-256. Nothing is lost on a crash: a row is ``sent`` only after a 2xx,
@@ -28,14 +30,15 @@ from pathlib import Path
 
 from smt_watch.config import Settings, delivery_mode
 from smt_watch.delivery import Deliverer
-from smt_watch.errors import ConfigError, FileChanged, InputError, SmtWatchError
-from smt_watch.hashing import FileIdentity, identify
+from smt_watch.errors import ConfigError, SmtWatchError
+from smt_watch.hashing import FileIdentity
 from smt_watch.inbox import Found, Settler, Signature, is_candidate, regular_stat, relative, scan
 from smt_watch.ledger import Ledger
 from smt_watch.metrics import Metrics
 from smt_watch.notify import Notifier
-from smt_watch.pipeline import Outcome, deliver_identified, open_ledger
+from smt_watch.pipeline import Outcome, open_ledger
 from smt_watch.watcher import InboxWatcher
+from smt_watch.workers import InProcess, InThread, JobResult, Runner
 
 log = logging.getLogger("smt_watch.watch")
 
@@ -132,7 +135,7 @@ class WatchService:
             self.metrics.serve(self.settings.metrics_port)
             log.info("Serving metrics at http://127.0.0.1:%d/metrics", self.settings.metrics_port)
         workers = [
-            threading.Thread(target=self._worker, name=f"smt-watch-worker-{i}", daemon=True)
+            threading.Thread(target=self._worker, args=(i,), name=f"smt-watch-worker-{i}", daemon=True)
             for i in range(self.settings.workers)
         ]
         for w in workers:
@@ -146,8 +149,10 @@ class WatchService:
             self.backend = watcher.start()
             started = time.monotonic()
             found = self._scan(self.root)
-            log.info("Watching %s (%s, %d worker(s), mode %s): %d file(s) to look at, %d already handled",
-                     self.root, self.backend, self.settings.workers, self.mode, found, self._handled)
+            log.info("Watching %s (%s, %d worker(s)%s, mode %s): %d file(s) to look at, %d already handled",
+                     self.root, self.backend, self.settings.workers,
+                     " in processes" if self.settings.worker_mode == "process" else "", self.mode, found,
+                     self._handled)
             self._notifier.ready(self._status())
             self.ready.set()
             self._loop(started)
@@ -329,58 +334,50 @@ class WatchService:
 
     # --- workers ------------------------------------------------------------------------------------
 
-    def _worker(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            try:
-                self._process(job)
-            except SmtWatchError as exc:
-                log.error("Could not handle %s: %s", job.path, exc)
-                self._look_again(job.path, DUE_CHECK_SECONDS * 5)
-            except Exception:
-                log.exception("Unexpected error handling %s", job.path)
-                self._look_again(job.path, DUE_CHECK_SECONDS * 5)
-            finally:
-                with self._lock:
-                    self._busy.discard(job.path)
-                if self._queue.qsize() <= self._queue.maxsize // 2:
-                    self._wake.set()  # room in the queue: the main loop may feed more files
-
-    def _process(self, job: Job) -> None:
-        assert self._ledger is not None and self._deliverer is not None
-        st = regular_stat(job.path)
-        if st is None:
-            return
-        sig = Signature.of(st)
-        if sig != job.signature:
-            self._intake(job.path)  # still being written: wait for it to settle again
-            return
-        ident = self._identity(job.path, sig)
-        if ident is None:
-            return
-        outcome = deliver_identified(self.settings, self._ledger, self._deliverer, ident, respect_backoff=True)
-        self._record(job, ident, outcome)
-
-    def _identity(self, path: Path, sig: Signature) -> FileIdentity | None:
-        key = str(path)
-        assert self._ledger is not None
-        cached = self._ledger.seen(key)
-        if cached and cached[:4] == (sig.device, sig.inode, sig.size, sig.mtime_ns):
-            return FileIdentity(path, cached[4], sig.size, sig.mtime_ns, sig.device, sig.inode)
+    def _worker(self, index: int) -> None:
+        runner = self._runner(index)
         try:
-            ident = identify(path)
-        except FileChanged:
-            self._intake(path)
-            return None
-        except InputError as exc:
-            log.warning("Skipping %s: %s", path, exc)
-            return None
-        with self._lock:
-            self.counts.hashed += 1
-        self._ledger.remember(key, ident.device, ident.inode, ident.size, ident.mtime_ns, ident.sha256)
-        return ident
+            while True:
+                job = self._queue.get()
+                if job is None:
+                    return
+                try:
+                    self._apply(job, runner.run(job.path, job.signature))
+                except SmtWatchError as exc:
+                    log.error("Could not handle %s: %s", job.path, exc)
+                    self._look_again(job.path, DUE_CHECK_SECONDS * 5)
+                except Exception:
+                    log.exception("Unexpected error handling %s", job.path)
+                    self._look_again(job.path, DUE_CHECK_SECONDS * 5)
+                finally:
+                    with self._lock:
+                        self._busy.discard(job.path)
+                    if self._queue.qsize() <= self._queue.maxsize // 2:
+                        self._wake.set()  # room in the queue: the main loop may feed more files
+        finally:
+            runner.close()
+
+    def _runner(self, index: int) -> Runner:
+        if self.settings.worker_mode == "process":
+            return InProcess(self.settings, self.mode, f"smt-watch-delivery-{index}")
+        assert self._ledger is not None and self._deliverer is not None
+        return InThread(self.settings, self._ledger, self._deliverer)
+
+    def _apply(self, job: Job, result: JobResult) -> None:
+        """What the watcher does with a job's result: its state, counts, log lines and after-send."""
+        if result.kind == "changed":
+            self._intake(job.path)  # still being written: wait for it to settle again
+        elif result.kind == "skipped":
+            log.warning("Skipping %s: %s", job.path, result.message)
+        elif result.kind == "error":
+            log.error("Could not handle %s: %s", job.path, result.message)
+            self._look_again(job.path, DUE_CHECK_SECONDS * 5)
+        elif result.kind == "done":
+            assert result.ident is not None and result.outcome is not None
+            if result.hashed:
+                with self._lock:
+                    self.counts.hashed += 1
+            self._record(job, result.ident, result.outcome)
 
     def _record(self, job: Job, ident: FileIdentity, o: Outcome) -> None:
         """Counts, metrics and one log line per delivered CSV; then the file's after-send action."""

@@ -186,3 +186,76 @@ def test_no_target_exits_2(watch_env: dict[str, str]) -> None:
     env = {k: v for k, v in watch_env.items() if k != "SMT_UPLOAD_URL"}
     proc = subprocess.run([*SMT_WATCH, "watch"], env=env, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and "no delivery target" in proc.stderr
+
+
+# --- SMT_WORKER_MODE=process ---------------------------------------------------------------------------
+
+
+def worker_pids(parent: int) -> list[int]:
+    """The watch's delivery worker processes (multiprocessing spawn children of ``parent``)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and b"spawn_main" in cmdline:
+            found.append(int(entry.name))
+    return sorted(found)
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_worker_processes_deliver_and_leave_nothing_behind(watch_env: dict[str, str], receiver: Any,
+                                                           tmp_path: Path) -> None:
+    env = {**watch_env, "SMT_WORKER_MODE": "process", "SMT_WORKERS": "2"}
+    box = Path(env["SMT_LOCAL_DIR"])
+    with started(env, tmp_path / "w.log") as w:
+        wait_for(lambda: len(worker_pids(w.proc.pid)) == 2, 20, "two worker processes")
+        pids = worker_pids(w.proc.pid)
+        files = [write_csv(box / f"f{i}.csv", seed=i) for i in range(6)]
+        wait_for(lambda: len(receiver.stored()) == 6, 30, "six files delivered")
+        assert w.stop() == 0
+    assert sorted(r["filename"] for r in receiver.stored()) == sorted(f.name for f in files)
+    assert len(receiver.state.requests) == 6
+    assert {r["state"] for r in ledger_rows(env)} == {"sent"}
+    assert not [p for p in pids if alive(p)], "a worker process outlived the watcher"
+    text = w.text()
+    assert text.count("Using droplet upload server at") == 1 and "Traceback" not in text
+
+
+def test_killed_worker_process_is_replaced(watch_env: dict[str, str], receiver: Any, tmp_path: Path) -> None:
+    env = {**watch_env, "SMT_WORKER_MODE": "process", "SMT_WORKERS": "1"}
+    box = Path(env["SMT_LOCAL_DIR"])
+    receiver.state.faults.append(Fault(delay=30.0))  # the first delivery hangs: kill its process mid-send
+    with started(env, tmp_path / "w.log") as w:
+        wait_for(lambda: len(worker_pids(w.proc.pid)) == 1, 20, "a worker process")
+        [first] = worker_pids(w.proc.pid)
+        f = write_csv(box / "a.csv")
+        wait_for(lambda: [r["state"] for r in ledger_rows(env)] == ["sending"], 20, "delivery in flight")
+        os.kill(first, signal.SIGKILL)
+        wait_for(lambda: [r["state"] for r in ledger_rows(env)] == ["sent"], 30, "delivered by the new process")
+        [second] = worker_pids(w.proc.pid)
+        assert second != first
+        assert w.stop() == 0
+    assert "worker process smt-watch-delivery-0 exited" in w.text()
+    assert receiver.read(hashlib.sha256(f.read_bytes()).hexdigest()) == f.read_bytes()
+
+
+def test_worker_processes_die_with_a_killed_watcher(watch_env: dict[str, str], tmp_path: Path) -> None:
+    env = {**watch_env, "SMT_WORKER_MODE": "process", "SMT_WORKERS": "2"}
+    with started(env, tmp_path / "w.log") as w:
+        wait_for(lambda: len(worker_pids(w.proc.pid)) == 2, 20, "two worker processes")
+        pids = worker_pids(w.proc.pid)
+        w.proc.kill()
+        w.proc.wait(10)
+    wait_for(lambda: not [p for p in pids if alive(p)], 10, "worker processes to die with the watcher")

@@ -1,0 +1,182 @@
+"""One ready file → one delivery attempt, run in a ``watch`` worker thread or in a worker process.
+
+``SMT_WORKER_MODE=thread`` (the default): the ``SMT_WORKERS`` threads share the watcher's ledger connection
+and HTTP client. Small, but all of them share one GIL: a backlog of small files drains at about 350 files/s
+on two cores. ``process``: each worker thread hands its files to a process of its own (own GIL, ledger
+connection and HTTP client), which about doubles that (bench/RESULTS.md) for ~40 MB of memory a process.
+
+The watcher keeps every decision that needs its state (settling, the queue, counts, metrics, the
+after-send action); :func:`handle_job` only needs a ledger and a deliverer, so it runs the same anywhere.
+A process that dies (OOM killer, ``kill``) is replaced, and its file is looked at again; the claim it held
+is taken over because its holder is gone. Worker processes ignore SIGINT/SIGTERM (the watcher's stop
+sequence ends them after in-flight deliveries, within ``SMT_STOP_GRACE_SECONDS``) and die with the
+watcher (``PR_SET_PDEATHSIG``), so none outlives it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import multiprocessing
+import os
+import signal
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Protocol
+
+from smt_watch.config import Settings
+from smt_watch.delivery import Deliverer
+from smt_watch.errors import FileChanged, InputError, SmtWatchError
+from smt_watch.hashing import FileIdentity, identify
+from smt_watch.inbox import Signature, regular_stat
+from smt_watch.ledger import Ledger
+from smt_watch.pipeline import Outcome, deliver_identified, open_ledger
+
+log = logging.getLogger("smt_watch.workers")
+
+PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """What became of one job. ``kind``: done | gone | changed | skipped | error."""
+
+    kind: str
+    ident: FileIdentity | None = None
+    outcome: Outcome | None = None
+    hashed: bool = False  # the file was read to hash it (the stat cache did not know it)
+    message: str = ""
+
+
+def handle_job(settings: Settings, ledger: Ledger, deliverer: Deliverer, path: Path, sig: Signature) -> JobResult:
+    """Check the file is still what settled, identify it (stat cache or hash) and deliver it."""
+    st = regular_stat(path)
+    if st is None:
+        return JobResult("gone")
+    if Signature.of(st) != sig:
+        return JobResult("changed")  # still being written: it settles again
+    key = str(path)
+    cached = ledger.seen(key)
+    hashed = False
+    if cached and cached[:4] == (sig.device, sig.inode, sig.size, sig.mtime_ns):
+        ident = FileIdentity(path, cached[4], sig.size, sig.mtime_ns, sig.device, sig.inode)
+    else:
+        try:
+            ident = identify(path)
+        except FileChanged:
+            return JobResult("changed")
+        except InputError as exc:
+            return JobResult("skipped", message=str(exc))
+        hashed = True
+        ledger.remember(key, ident.device, ident.inode, ident.size, ident.mtime_ns, ident.sha256)
+    outcome = deliver_identified(settings, ledger, deliverer, ident, respect_backoff=True)
+    return JobResult("done", ident, outcome, hashed)
+
+
+class Runner(Protocol):
+    def run(self, path: Path, sig: Signature) -> JobResult: ...
+
+    def close(self) -> None: ...
+
+
+class InThread:
+    """Runs jobs in the calling thread with the watcher's own ledger and deliverer."""
+
+    def __init__(self, settings: Settings, ledger: Ledger, deliverer: Deliverer) -> None:
+        self._settings, self._ledger, self._deliverer = settings, ledger, deliverer
+
+    def run(self, path: Path, sig: Signature) -> JobResult:
+        return handle_job(self._settings, self._ledger, self._deliverer, path, sig)
+
+    def close(self) -> None:
+        pass
+
+
+class InProcess:
+    """Runs jobs in a worker process of its own, one job at a time over a pipe."""
+
+    def __init__(self, settings: Settings, mode: str, name: str) -> None:
+        self._settings, self._mode, self._name = settings, mode, name
+        self._conn: Connection | None = None
+        self._proc: multiprocessing.process.BaseProcess | None = None
+        self._start()
+
+    def _start(self) -> None:
+        level, fmt = _log_setup()
+        ctx = multiprocessing.get_context("spawn")  # not fork: the watcher has threads and open sockets
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_child_main, args=(self._settings, self._mode, level, fmt, child),
+                           name=self._name, daemon=True)
+        proc.start()
+        child.close()
+        self._conn, self._proc = parent, proc
+
+    def run(self, path: Path, sig: Signature) -> JobResult:
+        assert self._conn is not None and self._proc is not None
+        try:
+            self._conn.send((str(path), sig))
+            result: JobResult = self._conn.recv()
+            return result
+        except (EOFError, OSError):
+            code = self._proc.exitcode
+            self._reap()
+            self._start()
+            return JobResult("error", message=f"worker process {self._name} exited ({code}); it was restarted")
+
+    def close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(OSError):
+                self._conn.send(None)
+        self._reap()
+
+    def _reap(self) -> None:
+        if self._proc is not None:
+            self._proc.join(timeout=5)
+            if self._proc.is_alive():
+                self._proc.kill()
+                self._proc.join(timeout=5)
+        if self._conn is not None:
+            self._conn.close()
+        self._conn = self._proc = None
+
+
+def _log_setup() -> tuple[str, str]:
+    """The level and format ``setup_logging`` gave this process, for a worker process to repeat."""
+    from smt_watch.logs import JsonFormatter
+
+    logger = logging.getLogger("smt_watch")
+    level = logging.getLevelName(logger.getEffectiveLevel()).lower()
+    json_out = any(isinstance(h.formatter, JsonFormatter) for h in logger.handlers)
+    return (level if level in ("debug", "info", "warning", "error") else "info"), ("json" if json_out else "text")
+
+
+def _child_main(settings: Settings, mode: str, level: str, fmt: str, conn: Connection) -> None:
+    """A worker process: deliver what the pipe sends until it sends None or closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGIO, signal.SIG_IGN)  # the readiness probe's read leases, as in the watcher
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: a closed pipe still ends an idle worker
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    from smt_watch.logs import add_secrets, setup_logging
+
+    setup_logging(level, fmt)
+    add_secrets(settings.secrets())
+    with open_ledger(settings) as ledger, Deliverer(settings, mode, announce=False) as deliverer:
+        while True:
+            try:
+                job = conn.recv()
+            except (EOFError, OSError):
+                return
+            if job is None or os.getppid() == 1:
+                return
+            path, sig = job
+            try:
+                result = handle_job(settings, ledger, deliverer, Path(path), sig)
+            except SmtWatchError as exc:
+                result = JobResult("error", message=str(exc))
+            except Exception as exc:  # a bug: logged with its traceback here, the watcher carries on
+                log.exception("Unexpected error handling %s", path)
+                result = JobResult("error", message=f"internal error: {type(exc).__name__}: {exc}")
+            conn.send(result)
