@@ -182,6 +182,11 @@ MIGRATIONS: Final[tuple[Callable[[sqlite3.Connection], None], ...]] = (
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 
+# A stat-cache row: path, device, inode, size, mtime_ns, sha256.
+Remember = tuple[str, int, int, int, int, str]
+_REMEMBER_SQL = "INSERT OR REPLACE INTO seen (path, device, inode, size, mtime_ns, sha256) VALUES (?, ?, ?, ?, ?, ?)"
+
+
 class Ledger:
     """The ledger database. Thread-safe: one connection guarded by a lock (writes are short)."""
 
@@ -319,14 +324,19 @@ class Ledger:
         force: bool = False,
         respect_backoff: bool = False,
         parent: str | None = None,
+        remember: Remember | None = None,
     ) -> Claim:
         """Take the row for delivery unless it is already sent (and not forced) or in flight elsewhere.
 
         ``respect_backoff`` (the watcher): leave ``failed`` rows alone until ``ledger forget``, and
         ``retrying`` rows until their ``next_attempt_at``. ``post`` delivers those on request.
+        ``remember``: a stat-cache row (:meth:`remember`) written in the same transaction, whatever the
+        claim's answer; a transaction less per new file is about a fifth of ``watch``'s drain rate.
         """
         now = now_iso()
         with self.atomic() as db:
+            if remember is not None:
+                db.execute(_REMEMBER_SQL, remember)
             row = db.execute(
                 "SELECT state, claimed_by, claimed_at, next_attempt_at FROM files WHERE sha256 = ?", (sha256,)
             ).fetchone()
@@ -425,10 +435,7 @@ class Ledger:
 
     def remember(self, path: str, device: int, inode: int, size: int, mtime_ns: int, sha256: str) -> None:
         with self.atomic() as db:
-            db.execute(
-                "INSERT OR REPLACE INTO seen (path, device, inode, size, mtime_ns, sha256) VALUES (?, ?, ?, ?, ?, ?)",
-                (path, device, inode, size, mtime_ns, sha256),
-            )
+            db.execute(_REMEMBER_SQL, (path, device, inode, size, mtime_ns, sha256))
 
     def unremember(self, path: str) -> None:
         with self.atomic() as db:

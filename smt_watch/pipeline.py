@@ -27,7 +27,7 @@ from smt_watch.errors import (
     RetryableDelivery,
 )
 from smt_watch.hashing import FileIdentity, identify
-from smt_watch.ledger import SHA256_RE, Claim, Ledger
+from smt_watch.ledger import SHA256_RE, Claim, Ledger, Remember
 from smt_watch.legacy import import_state_file
 
 log = logging.getLogger("smt_watch.pipeline")
@@ -104,6 +104,7 @@ def deliver_identified(
     respect_backoff: bool = False,
     progress: Progress | None = None,
     started: float | None = None,
+    remember: Remember | None = None,
 ) -> Outcome:
     """Claim and send content whose SHA-256 is already known (the watcher knows it from its stat cache;
     sending re-hashes the bytes anyway, so a stale cache can never deliver wrong content).
@@ -111,7 +112,7 @@ def deliver_identified(
     An ``.asc``/``.zip`` is unpacked and each CSV inside delivered on its own (see :func:`_container`).
     """
     options = _Options(force, busy_wait, respect_backoff, progress,
-                       time.monotonic() if started is None else started)
+                       time.monotonic() if started is None else started, remember)
     if is_container(ident.path.name):
         return _container(settings, ledger, deliverer, ident, options)
     return _one(settings, ledger, deliverer, ident, ident.path.name, None, options)
@@ -124,6 +125,7 @@ class _Options:
     respect_backoff: bool
     progress: Progress | None
     started: float
+    remember: Remember | None  # a stat-cache row to write in the first claim's transaction
 
 
 def _claim(ledger: Ledger, ident: FileIdentity, name: str, mode: str, parent: str | None, o: _Options) -> Claim:
@@ -132,7 +134,7 @@ def _claim(ledger: Ledger, ident: FileIdentity, name: str, mode: str, parent: st
     while True:
         claim = ledger.claim(
             ident.sha256, filename=name, path=str(ident.path.absolute()), size=ident.size, mode=mode,
-            force=force, respect_backoff=o.respect_backoff, parent=parent,
+            force=force, respect_backoff=o.respect_backoff, parent=parent, remember=o.remember,
         )
         if claim is not Claim.BUSY or time.monotonic() >= deadline:
             return claim
@@ -196,7 +198,7 @@ def _container(settings: Settings, ledger: Ledger, deliverer: Deliverer, ident: 
         ledger.release(ident.sha256, error="interrupted", attempts=0)
         raise
     # The parent's backoff already decided it is time: its CSVs are taken now, whatever their own rows say.
-    child_options = replace(o, respect_backoff=False)
+    child_options = replace(o, respect_backoff=False, remember=None)
     try:
         children = [_one(settings, ledger, deliverer, p.ident, p.name, ident.sha256, child_options) for p in parts]
     except BaseException:

@@ -59,7 +59,7 @@ def handle_job(settings: Settings, ledger: Ledger, deliverer: Deliverer, path: P
         return JobResult("changed")  # still being written: it settles again
     key = str(path)
     cached = ledger.seen(key)
-    hashed = False
+    remember = None
     if cached and cached[:4] == (sig.device, sig.inode, sig.size, sig.mtime_ns):
         ident = FileIdentity(path, cached[4], sig.size, sig.mtime_ns, sig.device, sig.inode)
     else:
@@ -69,10 +69,10 @@ def handle_job(settings: Settings, ledger: Ledger, deliverer: Deliverer, path: P
             return JobResult("changed")
         except InputError as exc:
             return JobResult("skipped", message=str(exc))
-        hashed = True
-        ledger.remember(key, ident.device, ident.inode, ident.size, ident.mtime_ns, ident.sha256)
-    outcome = deliver_identified(settings, ledger, deliverer, ident, respect_backoff=True)
-    return JobResult("done", ident, outcome, hashed)
+        remember = (key, ident.device, ident.inode, ident.size, ident.mtime_ns, ident.sha256)
+    # the stat-cache row goes into the claim's transaction
+    outcome = deliver_identified(settings, ledger, deliverer, ident, respect_backoff=True, remember=remember)
+    return JobResult("done", ident, outcome, hashed=remember is not None)
 
 
 class Runner(Protocol):
