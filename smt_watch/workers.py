@@ -3,7 +3,7 @@
 ``SMT_WORKER_MODE=thread`` (the default): the ``SMT_WORKERS`` threads share the watcher's ledger connection
 and HTTP client. Small, but all of them share one GIL: a backlog of small files drains at about 350 files/s
 on two cores. ``process``: each worker thread hands its files to a process of its own (own GIL, ledger
-connection and HTTP client), which about doubles that (bench/RESULTS.md) for ~40 MB of memory a process.
+connection and HTTP client): about 1.3× that on two cores (bench/RESULTS.md), for ~40–45 MB a process.
 
 The watcher keeps every decision that needs its state (settling, the queue, counts, metrics, the
 after-send action); :func:`handle_job` only needs a ledger and a deliverer, so it runs the same anywhere.
