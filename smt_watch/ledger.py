@@ -240,19 +240,13 @@ class Ledger:
             except sqlite3.Error as exc:
                 raise LedgerError(f"ledger {self.path}: commit failed: {exc}") from exc
 
-    def _query(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            try:
-                return self._db.execute(sql, tuple(params)).fetchall()
-            except sqlite3.Error as exc:
-                raise LedgerError(f"ledger {self.path}: {exc}") from exc
-
-    def _tuples(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
-        """Like :meth:`_query` with plain tuples: a third cheaper than ``sqlite3.Row`` for bulk look-ups."""
+    def _query(self, sql: str, params: Iterable[Any] = (), *, tuples: bool = False) -> list[Any]:
+        """Rows as ``sqlite3.Row``; ``tuples``: plain tuples, a third cheaper for bulk look-ups."""
         with self._lock:
             try:
                 cursor = self._db.cursor()
-                cursor.row_factory = None
+                if tuples:
+                    cursor.row_factory = None
                 return cursor.execute(sql, tuple(params)).fetchall()
             except sqlite3.Error as exc:
                 raise LedgerError(f"ledger {self.path}: {exc}") from exc
@@ -534,7 +528,7 @@ class Ledger:
         out: dict[str, tuple[int, int, int, int, str, str | None]] = {}
         for i in range(0, len(paths), 500):
             batch = paths[i : i + 500]
-            for r in self._tuples(self._SEEN_SQL.format(",".join("?" * len(batch))), batch):
+            for r in self._query(self._SEEN_SQL.format(",".join("?" * len(batch))), batch, tuples=True):
                 out[r[0]] = r[1:]
         return out
 

@@ -344,8 +344,7 @@ class WatchService:
                 try:
                     self._apply(job, runner.run(job.path, job.signature))
                 except SmtWatchError as exc:
-                    log.error("Could not handle %s: %s", job.path, exc)
-                    self._look_again(job.path, DUE_CHECK_SECONDS * 5)
+                    self._apply(job, JobResult("error", message=str(exc)))
                 except Exception:
                     log.exception("Unexpected error handling %s", job.path)
                     self._look_again(job.path, DUE_CHECK_SECONDS * 5)
