@@ -11,6 +11,7 @@ few ``sent`` marks, which only means a re-delivery that the receiver de-duplicat
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import socket
@@ -187,28 +188,50 @@ Remember = tuple[str, int, int, int, int, str]
 _REMEMBER_SQL = "INSERT OR REPLACE INTO seen (path, device, inode, size, mtime_ns, sha256) VALUES (?, ?, ?, ?, ?, ?)"
 
 
+@contextmanager
+def _opening(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``<ledger>.lock`` while a process opens the ledger (none where the state
+    directory is read-only: opening an existing WAL ledger there needs no switch)."""
+    try:
+        fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 class Ledger:
     """The ledger database. Thread-safe: one connection guarded by a lock (writes are short)."""
 
     def __init__(self, path: Path, *, busy_timeout: float = 30.0) -> None:
         self.path = path
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(
-                path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
-            )
-            self._db.row_factory = sqlite3.Row
-            self._db.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
-            self._db.execute("PRAGMA journal_mode = WAL")
-            self._db.execute("PRAGMA synchronous = NORMAL")
-        except (OSError, sqlite3.Error) as exc:
-            raise LedgerError(f"cannot open ledger {path}: {exc}") from exc
         self._lock = threading.RLock()
         self._me = process_id()
         # Claims this process is really working on. A row left `sending` under our own name but not in
         # here (its final write failed, e.g. on a full disk) is taken over instead of waiting forever.
         self._inflight: set[str] = set()
-        self._migrate()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise LedgerError(f"cannot open ledger {path}: {exc}") from exc
+        # Two processes opening a new ledger at once: SQLite answers the switch to WAL with "database is
+        # locked" at once (its busy handler is not used there), so opening and migrating take turns.
+        with _opening(path):
+            try:
+                self._db = sqlite3.connect(
+                    path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
+                )
+                self._db.row_factory = sqlite3.Row
+                self._db.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+                self._db.execute("PRAGMA journal_mode = WAL")
+                self._db.execute("PRAGMA synchronous = NORMAL")
+            except (OSError, sqlite3.Error) as exc:
+                raise LedgerError(f"cannot open ledger {path}: {exc}") from exc
+            self._migrate()
 
     # --- plumbing -----------------------------------------------------------------------------------
 
