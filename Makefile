@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: test lint unit demo bench test-slow clean
+.PHONY: test lint unit demo bench test-slow mutants clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ unit: $(BIN)/.installed
 ## test-slow: the large-file and long-running tests left out of the default run
 test-slow: $(BIN)/.installed
 	$(BIN)/pytest -m slow
+
+## mutants: break each promise in tests/mutants/*.toml on purpose and check a test goes red (~20 min)
+mutants: $(BIN)/.installed
+	$(BIN)/python scripts/mutants.py
 
 ## demo: start a local receiver, deliver generated files in both modes, show the ledger
 demo: $(BIN)/.installed
