@@ -64,6 +64,7 @@ class Counts:
     failed: int = 0
     retrying: int = 0
     hashed: int = 0  # files read to hash them: a restart over sent files must keep this at 0
+    cached: int = 0  # files the stat cache showed as handled already: looked at, neither read nor queued
 
 
 class WatchService:
@@ -86,7 +87,6 @@ class WatchService:
         self._new_dirs: set[Path] = set()
         self._later: list[tuple[float, str]] = []  # heap of (monotonic due, path) to look at again
         self._busy: set[Path] = set()
-        self._handled = 0  # files the start-up scan found already handled (for the READY log line)
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max(64, settings.workers * 32))
         self._settler = Settler(settings.settle_seconds)
         self._notifier = Notifier(settings.notify_socket, settings.watchdog_usec)
@@ -152,7 +152,7 @@ class WatchService:
             log.info("Watching %s (%s, %d worker(s)%s, mode %s): %d file(s) to look at, %d already handled",
                      self.root, self.backend, self.settings.workers,
                      " in processes" if self.settings.worker_mode == "process" else "", self.mode, found,
-                     self._handled)
+                     self.counts.cached)
             self._notifier.ready(self._status())
             self.ready.set()
             self._loop(started)
@@ -242,7 +242,7 @@ class WatchService:
     def _consider_known(self, path: Path | str, sig: Signature, known: Seen | None, now: float) -> bool:
         """Into the settler unless the stat cache says these exact bytes were handled already."""
         if known and known[:4] == (sig.device, sig.inode, sig.size, sig.mtime_ns) and known[5] in HANDLED_STATES:
-            self._handled += 1
+            self.counts.cached += 1  # only the main loop writes this count
             return False
         self._settler.add(Path(path), sig, now)
         return True

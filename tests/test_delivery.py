@@ -132,6 +132,49 @@ def test_connection_refused_leaves_row_retrying(make_settings: Make, tmp_path: P
     assert row.next_attempt_at > before and "ConnectError" in (row.last_error or "")
 
 
+def test_backoff_between_calls_doubles_and_caps_at_15_minutes(make_settings: Make, tmp_path: Path,
+                                                              unused_port: int) -> None:
+    """The k-th consecutive failed call schedules the next one ``step/2 .. step`` later (jitter on the upper
+    half), ``step = SMT_RETRY_BACKOFF_SECONDS * 2**k`` capped at 15 minutes. Each call is made at once (as
+    ``post`` does) and the scheduled time read from the ledger, so no real waiting is needed. Checked against
+    the mutants backoff-zero, backoff-constant, backoff-no-doubling and backoff-no-cap
+    (tests/mutants/headline.toml): each fails one of the bounds below."""
+    base = 100.0
+    settings = make_settings(SMT_UPLOAD_URL=f"http://127.0.0.1:{unused_port}/upload", SMT_RETRY_ATTEMPTS="1",
+                             SMT_RETRY_BACKOFF_SECONDS=str(base))
+    f = write_csv(tmp_path / "a.csv")
+    delays = []
+    with open_ledger(settings) as ledger, Deliverer(settings, "multipart", announce=False) as deliverer:
+        for k in range(1, 6):
+            before = time.time()
+            o = deliver_file(settings, ledger, deliverer, f)
+            after = time.time()
+            row = ledger.get(sha(f))
+            assert o.result == "retrying" and row is not None and row.next_attempt_at is not None
+            assert row.attempts == k  # one request per call (SMT_RETRY_ATTEMPTS=1)
+            step = min(15 * 60.0, base * 2**k)
+            assert before + step / 2 <= row.next_attempt_at <= after + step, (k, row.next_attempt_at - after)
+            delays.append(round(row.next_attempt_at - after))
+    assert max(delays) <= 900, delays
+
+
+def test_long_retry_after_ends_the_call_at_once(make_settings: Make, receiver: Any, tmp_path: Path) -> None:
+    """A ``Retry-After`` over 60 s is not waited out inside the call: one request, the row ``retrying`` until
+    the time the server asked for. Checked against the mutant backoff-long-retry-after."""
+    receiver.state.faults.append(Fault(status=503, retry_after="120"))
+    settings = multipart(make_settings, receiver, SMT_RETRY_ATTEMPTS="3")
+    f = write_csv(tmp_path / "a.csv")
+    before = time.monotonic(), time.time()
+    [o] = post_files(settings, [f])
+    assert (o.result, o.attempts, o.status) == ("retrying", 1, 503)
+    assert time.monotonic() - before[0] < 30, "the call waited for the Retry-After"
+    assert len(receiver.state.requests) == 1
+    with open_ledger(settings) as ledger:
+        row = ledger.get(sha(f))
+    assert row is not None and row.state == "retrying" and row.next_attempt_at is not None
+    assert row.next_attempt_at >= before[1] + 120  # Retry-After is a floor for the next call
+
+
 def test_file_changed_while_sending_is_not_recorded(make_settings: Make, receiver: Any, tmp_path: Path) -> None:
     settings = multipart(make_settings, receiver, SMT_VALIDATE="0")
     f = tmp_path / "big.csv"

@@ -223,15 +223,32 @@ def test_after_send(action: str, make_settings: Make, receiver: Any) -> None:
 
 
 def test_restart_over_sent_files_reads_none(settings: Settings, receiver: Any) -> None:
+    """The second start must account for every file before the check: stopping right after READY would
+    pass with the stat cache switched off (the files would not have reached a worker yet). Checked against
+    the mutant ``watch-stat-cache-scan`` (tests/mutants/headline.toml): it fails the ``cached`` assertion."""
     for i in range(1000):
         (inbox(settings) / f"f{i:04d}.csv").write_text(f"ESIID,X\n{i}\n")
     with watching(settings) as first:
         wait_for(lambda: first.counts.sent == 1000, 60, "1000 files delivered")
         assert first.counts.hashed == 1000
     with watching(settings) as second:
-        second.request_stop()
-    assert second.counts.hashed == 0 and second.counts.sent == 0
+        c = second.counts
+        wait_for(lambda: c.cached + c.duplicate + c.sent + c.failed >= 1000, 60, "every file looked at again")
+    assert (c.cached, c.hashed, c.duplicate, c.sent) == (1000, 0, 0, 0)
     assert len(receiver.state.requests) == 1000
+
+
+def test_retried_file_is_hashed_once(make_settings: Make, receiver: Any) -> None:
+    """A file whose first call failed goes back to a worker when its backoff expires; the worker takes its
+    hash from the stat cache instead of reading it again. Checked against ``watch-stat-cache-worker``."""
+    settings = make_settings(SMT_UPLOAD_URL=f"{receiver.url}/upload", SMT_UPLOAD_TOKEN=UPLOAD_TOKEN,
+                             SMT_SETTLE_SECONDS="0.1", SMT_RETRY_ATTEMPTS="1")
+    receiver.state.faults.append(Fault(status=503))
+    write_csv(inbox(settings) / "retried.csv")
+    with watching(settings) as service:
+        wait_for(lambda: service.counts.sent == 1, 20, "delivered on the second call")
+        assert service.counts.retrying == 1 and service.counts.hashed == 1
+    assert [r.status for r in receiver.state.requests] == [503, 200]
 
 
 def test_forgotten_row_is_delivered_again_on_rescan(make_settings: Make, receiver: Any) -> None:

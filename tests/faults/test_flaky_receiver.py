@@ -16,6 +16,7 @@ import math
 import random
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,7 @@ OUTAGE = 8.0  # seconds; the issue's 30 s scaled down
 FLAKY_FILES, OUTAGE_FILES = 12, 10
 
 SAMPLE_SECONDS = 0.2  # how often the ledger is sampled during the outage
+CLOCK_SLACK = 0.05  # seconds between computing next_attempt_at and stamping updated_at
 
 
 def fault_sequence(rng: random.Random) -> list[Fault]:
@@ -95,12 +97,13 @@ def test_flaky_receiver_then_outage(tmp_path: Path, base_env: dict[str, str], un
         for i in range(OUTAGE_FILES):  # write_csv's content repeats every 100 seeds: 50+ is new content
             outage_files.add(_sha_of(write_csv(inbox / "outage" / f"o{i:02d}.csv", seed=50 + i)))
         expected |= outage_files
-        longest_backoff = 0.0
+        scheduled: dict[tuple[str, int], float] = {}  # (sha256, attempts so far) -> delay it was given
         while time.monotonic() - started < OUTAGE:  # the outage itself: its length is the behaviour under test
-            rows = read_ledger(state_dir, "SELECT MAX(next_attempt_at - strftime('%s','now')) FROM files"
-                                          " WHERE state = 'retrying'")
-            if rows and rows[0][0] is not None:
-                longest_backoff = max(longest_backoff, float(rows[0][0]))
+            for sha256, attempts, next_at, updated in read_ledger(
+                    state_dir, "SELECT sha256, attempts, next_attempt_at, updated_at FROM files"
+                               " WHERE state = 'retrying' AND sha256 IN (%s)" % ",".join("?" * len(outage_files)),
+                    tuple(outage_files)):
+                scheduled[(sha256, attempts)] = next_at - datetime.fromisoformat(updated).timestamp()
             time.sleep(SAMPLE_SECONDS)  # sampling during the fixed outage (the outage is the behaviour under test)
         during = attempts_total(state_dir) - before
         row_states = states(state_dir)
@@ -109,11 +112,18 @@ def test_flaky_receiver_then_outage(tmp_path: Path, base_env: dict[str, str], un
         # Backoff doubles from BACKOFF per call (at least half a step each), so in OUTAGE seconds a file gets at
         # most ~log2(2 * OUTAGE / BACKOFF) + 2 calls of ATTEMPTS requests each.
         bound = OUTAGE_FILES * ATTEMPTS * (math.ceil(math.log2(2 * OUTAGE / BACKOFF)) + 2)
+        calls = max(a for _, a in scheduled) // ATTEMPTS if scheduled else 0
         fault_report(f"phase 2: {during} requests for {OUTAGE_FILES} files in the {OUTAGE:.0f} s outage "
-                     f"(bound {bound}); longest scheduled backoff {longest_backoff:.1f} s")
+                     f"(bound {bound}); up to {calls} failed calls a file, longest scheduled backoff "
+                     f"{max(scheduled.values(), default=0):.1f} s")
         assert 0 < during <= bound, f"{during} requests in a {OUTAGE} s outage: no backoff (hot loop?)"
-        # The delay doubles per failed call; 6 calls (about 5 s of outage) put it past 10 steps.
-        assert longest_backoff > 10 * BACKOFF, "the retry delay did not grow during the outage"
+        # Every delay the ledger recorded fits its place in the doubling (a refused connection is a whole call
+        # of ATTEMPTS requests): the k-th failed call waits step/2 .. step, step = BACKOFF * 2**k. Checked
+        # against the mutants backoff-zero and backoff-constant (tests/mutants/headline.toml).
+        for (_, attempts), delay in scheduled.items():
+            step = BACKOFF * 2 ** (attempts // ATTEMPTS)
+            assert step / 2 - CLOCK_SLACK <= delay <= step + CLOCK_SLACK, (attempts, delay, step)
+        assert calls >= 4, f"the outage saw only {calls} failed calls a file: the doubling was not exercised"
 
         # --- phase 3: the receiver is back on the same port --------------------------------------------
         with running_receiver(data_dir, upload_token=UPLOAD_TOKEN, port=port) as back:
