@@ -8,7 +8,11 @@ records the attempt in ``mutations``), and has fault knobs:
 
 - ``drop_after_bytes`` / ``drop_times``: once a session has served that many file bytes, the next read
   aborts the whole SSH connection (``drop_times`` times in total, then the knob switches itself off);
-- ``stall()`` / ``release()``: file reads block until released; ``read_blocked`` is set while one waits.
+- ``stall()`` / ``release()``: file reads block until released; ``read_blocked`` is set while one waits;
+- ``lag_reads = N``: READ requests of sessions started from then on are served concurrently, and every
+  N-th one is answered only after the N-1 that follow it (or after ``LAG_LIMIT`` seconds), so responses
+  reach the client out of order, as SFTP allows a busy server to answer; ``lagged`` counts those answered
+  behind a later one (a test asserts it, so the case it names really ran).
 
 ``running_sshd`` starts ``/usr/sbin/sshd -D -e`` on a spare loopback port with a temp host key and
 ``AuthorizedKeysFile``, or skips the test when sshd is not installed (test_sync.py's ``sshd_server`` fixture).
@@ -19,6 +23,7 @@ records the attempt in ``mutations``), and has fault knobs:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pwd
 import socket
@@ -40,6 +45,7 @@ KEY_KINDS = ("ed25519", "rsa4096", "ecdsa")
 START_TIMEOUT = 30.0
 
 BANNER_POLL_SECONDS = 0.05
+LAG_LIMIT = 2.0  # longest a lagging READ waits for the ones behind it (the last READs of a file have none)
 
 
 def generate_key(kind: str = "ed25519") -> asyncssh.SSHKey:
@@ -119,6 +125,7 @@ class _Stats:
     sessions: int = 0
     logins: int = 0
     drops: int = 0
+    lagged: int = 0
 
 
 class SftpTestServer:
@@ -136,6 +143,7 @@ class SftpTestServer:
         self.drop_after_bytes: int | None = None
         self.drop_times = 1
         self.read_blocked = threading.Event()
+        self.lag_reads = 0
         self._stats = _Stats()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="sftp-test-server", daemon=True)
@@ -185,6 +193,12 @@ class SftpTestServer:
     def drops(self) -> int:
         with self._stats.lock:
             return self._stats.drops
+
+    @property
+    def lagged(self) -> int:
+        """READ responses sent after the response to a later request."""
+        with self._stats.lock:
+            return self._stats.lagged
 
     def served(self, path: str | None = None) -> int:
         """File bytes served so far, for one remote path or in total."""
@@ -258,6 +272,7 @@ class SftpTestServer:
         self._run(self._start())
 
     async def _start(self) -> None:
+        _serve_reads_concurrently_when_lagging()
         self._go = asyncio.Event()
         self._go.set()
         owner = self
@@ -314,9 +329,28 @@ class _FaultySFTPServer(asyncssh.SFTPServer):
         self._owner = owner
         self._served = 0  # file bytes served in this session
         self._dropped = False  # once dropped, requests still queued in this session get nothing
+        self._lag_every = owner.lag_reads  # fixed for the session: its handler reads concurrently or not
+        self._read_seq = 0  # READ requests seen (lagging sessions)
+        self._answered = 0  # READ requests answered (lagging sessions)
+        self._progress = asyncio.Condition()
         with owner._stats.lock:
             owner._stats.sessions += 1
             self._session = owner._stats.sessions
+
+    async def _lag(self) -> None:
+        """Hold every N-th READ until the N-1 after it were answered (bounded), then count it if it lagged."""
+        seq, self._read_seq = self._read_seq, self._read_seq + 1
+        if seq % self._lag_every == 0:
+            async with self._progress:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._progress.wait_for(
+                        lambda: self._answered >= seq + self._lag_every - 1), LAG_LIMIT)
+                if self._answered > seq:
+                    with self._owner._stats.lock:
+                        self._owner._stats.lagged += 1
+        async with self._progress:
+            self._answered += 1
+            self._progress.notify_all()
 
     def _refuse(self, what: str, path: bytes) -> None:
         with self._owner._stats.lock:
@@ -380,6 +414,8 @@ class _FaultySFTPServer(asyncssh.SFTPServer):
                 owner._stats.drops += 1
             self.connection.abort()  # like a server crash: no goodbye, the socket just closes
             raise asyncssh.SFTPConnectionLost("connection dropped by the test server")
+        if self._lag_every:
+            await self._lag()
         data = super().read(file_obj, offset, size)
         assert isinstance(data, bytes)
         self._served += len(data)
@@ -388,6 +424,41 @@ class _FaultySFTPServer(asyncssh.SFTPServer):
             with owner._stats.lock:
                 owner._stats.reads.append(Read(self._session, path, offset, len(data)))
         return data
+
+
+_original_recv_packets = asyncssh.sftp.SFTPServerHandler.recv_packets
+
+
+async def _recv_packets(self: Any) -> None:
+    """asyncssh's server loop (``SFTPServerHandler.recv_packets``, which answers one request before reading
+    the next), except that for a lagging ``_FaultySFTPServer`` session each READ is handled in a task of its
+    own, so a held READ does not hold the ones behind it."""
+    if not getattr(self._server, "_lag_every", 0):
+        return await _original_recv_packets(self)  # type: ignore[no-any-return]
+    tasks: set[asyncio.Task[None]] = set()
+    try:
+        while self._reader:
+            packet = await self.recv_packet()
+            pkttype = packet.get_byte()
+            pktid = packet.get_uint32()
+            self.log_received_packet(pkttype, pktid, packet)
+            if pkttype == asyncssh.sftp.FXP_READ:
+                task = asyncio.ensure_future(self._process_packet(pkttype, pktid, packet))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            else:
+                await self._process_packet(pkttype, pktid, packet)
+    except asyncssh.sftp.PacketDecodeError as exc:
+        await self._cleanup(asyncssh.SFTPBadMessage(str(exc)))
+    except EOFError:
+        await self._cleanup(None)
+    except (OSError, asyncssh.Error) as exc:
+        await self._cleanup(exc)
+
+
+def _serve_reads_concurrently_when_lagging() -> None:
+    """Install :func:`_recv_packets` (in this test process only; idempotent)."""
+    asyncssh.sftp.SFTPServerHandler.recv_packets = _recv_packets
 
 
 @contextmanager
