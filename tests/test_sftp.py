@@ -30,7 +30,7 @@ from sftp_server import (
     sftp_env,
 )
 
-from conftest import POLL_SECONDS, wait_for
+from conftest import wait_for
 from smt_watch.config import Settings
 from smt_watch.errors import ConfigError
 from smt_watch.sftp import Connection, RemoteFile, SftpError, _Chunks, load_key
