@@ -6,7 +6,8 @@ kernel allows it; it is filled with a filler file until ``ENOSPC``, and "space r
 filler. Without root, the state-dir test caps the ``watch`` process's file size instead (``RLIMIT_FSIZE``
 set with ``prlimit`` on the running process, raised again to recover): every write that would grow a file
 fails (``EFBIG``), which is what a full disk looks like to SQLite's writer. The inbox tests need the
-mount and are skipped without it. ``SMT_FAULTS_AS_USER=1`` takes the no-root paths even as root (to test them).
+mount and are skipped without it, with the true reason (not root, or ``mount`` refused and what it said).
+``SMT_FAULTS_AS_USER=1`` takes the no-root paths even as root (to test them).
 """
 
 from __future__ import annotations
@@ -76,20 +77,29 @@ class SmallDisk:
         self.filler.unlink(missing_ok=True)
 
 
-def _mount_tmpfs(root: Path) -> bool:
-    if os.geteuid() != 0 or os.environ.get("SMT_FAULTS_AS_USER"):
-        return False
+def _mount_tmpfs(root: Path) -> str | None:
+    """Mount the small tmpfs at ``root``; None when mounted, else the true reason it was not."""
+    if os.environ.get("SMT_FAULTS_AS_USER"):
+        return "SMT_FAULTS_AS_USER is set (the no-root paths are under test)"
+    if os.geteuid() != 0:
+        return f"mounting a tmpfs needs root (running as uid {os.geteuid()})"
     root.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0755", "tmpfs", str(root)],
-                          capture_output=True, text=True, timeout=30)
-    return proc.returncode == 0
+    try:
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0755", "tmpfs", str(root)],
+                              capture_output=True, text=True, timeout=30)
+    except FileNotFoundError:
+        return "mount(8) is not installed"
+    if proc.returncode != 0:  # root in a container without CAP_SYS_ADMIN, for one
+        return f"mount -t tmpfs was refused even as root: {proc.stderr.strip() or f'exit {proc.returncode}'}"
+    return None
 
 
 @contextlib.contextmanager
-def small_disk(root: Path) -> Iterator[SmallDisk | None]:
-    """A mounted SmallDisk, or None when this machine does not let us mount one."""
-    if not _mount_tmpfs(root):
-        yield None
+def small_disk(root: Path) -> Iterator[SmallDisk | str]:
+    """A mounted SmallDisk, or the reason this machine does not let us mount one."""
+    refused = _mount_tmpfs(root)
+    if refused is not None:
+        yield refused
         return
     try:
         yield SmallDisk(root)
@@ -101,8 +111,8 @@ def small_disk(root: Path) -> Iterator[SmallDisk | None]:
 @pytest.fixture
 def disk(tmp_path: Path) -> Iterator[SmallDisk]:
     with small_disk(tmp_path / "disk") as d:
-        if d is None:
-            pytest.skip("cannot mount a tmpfs here (needs root); the RLIMIT_FSIZE variant covers the ledger")
+        if isinstance(d, str):
+            pytest.skip(f"no small disk: {d}; the RLIMIT_FSIZE variant covers only the ledger")
         yield d
 
 
@@ -122,8 +132,9 @@ def test_state_dir_fills_then_recovers(tmp_path: Path, base_env: dict[str, str],
                                        fault_report: Any) -> None:
     """Files land while the ledger's disk is full: one clear error line each, then all delivered."""
     with contextlib.ExitStack() as stack:
-        disk = stack.enter_context(small_disk(tmp_path / "disk"))
-        how = "tmpfs" if disk else "RLIMIT_FSIZE"
+        mounted = stack.enter_context(small_disk(tmp_path / "disk"))
+        disk = mounted if isinstance(mounted, SmallDisk) else None
+        how = "tmpfs" if disk else f"RLIMIT_FSIZE ({mounted})"
         state_dir = (tmp_path / "disk" / "state") if disk else Path(base_env["SMT_STATE_DIR"])
         env = _full_env(base_env, tmp_path, receiver, SMT_STATE_DIR=str(state_dir))
         inbox = Path(env["SMT_LOCAL_DIR"])
