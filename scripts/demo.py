@@ -1,12 +1,13 @@
 """`make demo`: the main job end to end on loopback, with embedded defaults, no network and no root.
 
-In ./demo-run (recreated each time) it starts the reference receiver (a stand-in for IntelliWatt's web
-app, including its production `raw-upload` route), `smt-watch watch` delivering by raw-upload,
-`smt-watch serve` (the upload server), and an SFTP server in this process standing in for Smart Meter
-Texas. Realistic SMT files made by `smt-watch sample` then arrive by the three paths the droplet has:
-`cp` into the inbox, `curl` to `/upload`, and an encrypted `.asc` fetched by `smt-watch sync`. It prints
-a table (file, path in, sha256, intervals stored, seconds from landing to stored), shows that a copy is a
-duplicate, posts one file the legacy inline way, lists the ledger, and stops everything.
+In ./demo-run (recreated each time; ``SMT_DEMO_DIR`` names another, as the test does) it starts the
+reference receiver (a stand-in for IntelliWatt's web app, including its production `raw-upload` route),
+`smt-watch watch` delivering by raw-upload, `smt-watch serve` (the upload server), and an SFTP server in
+this process standing in for Smart Meter Texas. Realistic SMT files made by `smt-watch sample` then arrive
+by the three paths the droplet has: `cp` into the inbox, `curl` to `/upload`, and an encrypted `.asc`
+fetched by `smt-watch sync`. It prints a table (file, path in, sha256, intervals stored, seconds from
+landing to stored), shows that a copy is a duplicate, posts one file the legacy inline way, lists the
+ledger, and stops everything.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-RUN = ROOT / "demo-run"
+RUN = Path(os.environ.get("SMT_DEMO_DIR") or ROOT / "demo-run")
 EXE = str(Path(sys.executable).parent / "smt-watch")
 sys.path.insert(0, str(ROOT / "tests"))  # the in-process SFTP server the test suite uses
 

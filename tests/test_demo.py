@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -12,9 +13,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_demo_runs_end_to_end() -> None:
+def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "scripts/demo.py"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    run_dir = tmp_path / "demo"  # not ./demo-run: a test never writes into the checkout
+    proc = subprocess.run([sys.executable, "scripts/demo.py"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "SMT_DEMO_DIR": str(run_dir)})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert time.monotonic() - started < 60  # the budget for the newcomer's first command
     out = proc.stdout
@@ -26,3 +29,4 @@ def test_demo_runs_end_to_end() -> None:
     assert "Skipping copy_of_2025.csv: already sent" in out
     assert "Inline POST success (200)" in proc.stderr + out
     assert "Traceback" not in proc.stderr
+    assert (run_dir / "state" / "ledger.sqlite3").is_file() and f"demo files and logs are in {run_dir}" in out
