@@ -11,10 +11,13 @@ from typing import Any
 
 import pytest
 
-from conftest import ADMIN_TOKEN, SMT_WATCH, UPLOAD_TOKEN, write_csv
+from conftest import ADMIN_TOKEN, SMT_WATCH, UPLOAD_TOKEN, wait_for, write_csv
 from smt_watch.receiver import Fault
 
 Run = Callable[..., subprocess.CompletedProcess[str]]
+
+
+HELD_SECONDS = 5.0  # the receiver holds the first request this long: the window the second post starts in
 
 
 def upload_env(receiver: Any) -> dict[str, str]:
@@ -141,17 +144,29 @@ def test_ledger_import_and_state_file(run_cli: Run, receiver: Any, tmp_path: Pat
 
 
 def test_two_processes_posting_the_same_file_send_once(base_env: dict[str, str], receiver: Any, tmp_path: Path) -> None:
-    receiver.state.faults.append(Fault(delay=1.5))  # keep the first delivery in flight
+    """The second ``post`` starts while the first one's request is held by the receiver, so it meets the
+    first one's claim: it must wait for that outcome (a duplicate), not send again. The overlap is shown,
+    not assumed: the second process has announced its target (it is about to claim) before the first
+    request was answered."""
+    receiver.state.faults.append(Fault(delay=HELD_SECONDS))  # keep the first delivery in flight
     f = write_csv(tmp_path / "same.csv")
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), **base_env, **upload_env(receiver)}
-    procs = [
-        subprocess.Popen([*SMT_WATCH, "post", str(f)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
-        for _ in range(2)
-    ]
-    outs = [p.communicate(timeout=60) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
-    assert sorted(out.split()[0] for out, _ in outs) == ["duplicate", "sent"]
+    logs = [tmp_path / "first.log", tmp_path / "second.log"]
+
+    def start(log: Path) -> subprocess.Popen[str]:
+        with log.open("w") as err:
+            return subprocess.Popen([*SMT_WATCH, "post", str(f)], env=env, stdout=subprocess.PIPE, stderr=err,
+                                    text=True)
+
+    first = start(logs[0])
+    wait_for(lambda: not receiver.state.faults, 30, "the first request to reach the receiver")
+    second = start(logs[1])
+    wait_for(lambda: "Using droplet upload server" in logs[1].read_text() or second.poll() is not None, 30,
+             "the second process to reach its claim")
+    assert not receiver.state.requests, "the first request was answered before the second process started"
+    outs = [p.communicate(timeout=60)[0] for p in (first, second)]
+    assert [p.returncode for p in (first, second)] == [0, 0], [log.read_text() for log in logs]
+    assert [out.split()[0] for out in outs] == ["sent", "duplicate"]
     assert len(receiver.state.requests) == 1
     rows = json.loads(subprocess.run([*SMT_WATCH, "ledger", "list", "--json"], env=env, capture_output=True,
                                      text=True, check=True).stdout)
