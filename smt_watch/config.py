@@ -90,6 +90,7 @@ class Settings:
     upload_customer_limit: int = 5  # SMT_UPLOAD_CUSTOMER_LIMIT
     cors_origins: tuple[str, ...] = ("https://intelliwatt.com",)  # SMT_UPLOAD_CORS_ORIGINS
     webhook_secret: Secret | None = None  # INTELLIWATT_WEBHOOK_SECRET / DROPLET_WEBHOOK_SECRET
+    webhook_forward_url: str | None = None  # SMT_WEBHOOK_FORWARD_URL: the old bridge, for what serve does not handle
     settle_seconds: float = 1.0  # SMT_SETTLE_SECONDS
     rescan_seconds: float = 300.0  # SMT_RESCAN_SECONDS
     workers: int = 2  # SMT_WORKERS
@@ -331,6 +332,7 @@ def load_settings(
         upload_customer_limit=r.integer("SMT_UPLOAD_CUSTOMER_LIMIT", 5),
         cors_origins=r.items("SMT_UPLOAD_CORS_ORIGINS", ("https://intelliwatt.com",)),
         webhook_secret=r.secret("INTELLIWATT_WEBHOOK_SECRET", "DROPLET_WEBHOOK_SECRET"),
+        webhook_forward_url=r.url("SMT_WEBHOOK_FORWARD_URL"),
         settle_seconds=r.number("SMT_SETTLE_SECONDS", 1.0),
         rescan_seconds=r.number("SMT_RESCAN_SECONDS", 300.0, minimum=1.0),
         workers=r.integer("SMT_WORKERS", 2, minimum=1, maximum=64),

@@ -41,6 +41,10 @@ def now_iso() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def _epoch(stamp: str) -> float:
+    return datetime.fromisoformat(stamp).timestamp()
+
+
 def process_id() -> str:
     """Who holds a ``sending`` claim: enough to tell, on this host, whether the claimer still lives."""
     return f"{socket.gethostname()}:{os.getpid()}"
@@ -319,6 +323,19 @@ class Ledger:
     def counts(self) -> dict[str, int]:
         found = {str(r[0]): int(r[1]) for r in self._query("SELECT state, COUNT(*) FROM files GROUP BY state")}
         return {state: int(found.get(state, 0)) for state in STATES}
+
+    def undelivered_count(self) -> int:
+        """Rows still to be delivered: ``pending``, ``sending`` and ``retrying``."""
+        rows = self._query("SELECT COUNT(*) FROM files WHERE state IN ('pending', 'sending', 'retrying')")
+        return int(rows[0][0])
+
+    def recent_send_seconds(self, limit: int, since: float) -> list[float]:
+        """Seconds from first sight to ``sent`` of the latest files sent on their first request since
+        ``since``: a delivery's own duration, without backoff waits."""
+        cutoff = datetime.fromtimestamp(since, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        rows = self._query("SELECT first_seen, sent_at FROM files WHERE state = 'sent' AND attempts = 1"
+                           " AND sent_at >= ? ORDER BY sent_at DESC LIMIT ?", (cutoff, limit), tuples=True)
+        return [max(0.0, _epoch(sent) - _epoch(first)) for first, sent in rows]
 
     def meta(self, key: str) -> str | None:
         rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))

@@ -6,13 +6,19 @@ written where the request already says enough, and nothing is left behind by a r
 abandoned upload. Rate-limit counts live in the ledger, so a restart does not reset them.
 
 The trigger starts one ``sync`` pass in a background thread (the same code and lock as ``smt-watch
-sync``); a trigger while one runs joins it. No shell command is ever built from request data.
+sync``); a trigger while one runs joins it. No shell command is ever built from request data. What
+``serve`` does not handle itself (other paths and trigger reasons of IntelliWatt's webhook bridge) is
+passed through unchanged to ``SMT_WEBHOOK_FORWARD_URL`` when it is set (see :mod:`smt_watch.bridge`).
+
+Every reply carries a human ``message``: IntelliWatt's upload pages show ``message`` when a reply has one
+and the raw body otherwise.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import hmac
 import json
 import logging
@@ -27,8 +33,10 @@ from collections.abc import Generator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from importlib import resources
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 import uvicorn
 from starlette.applications import Starlette
@@ -36,9 +44,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from smt_watch.bridge import Bridge
 from smt_watch.config import Secret, Settings
 from smt_watch.errors import ConfigError, SmtWatchError
 from smt_watch.ledger import Ledger
@@ -51,6 +60,13 @@ SECRET_HEADERS: Final = (
     "x-intelliwatt-secret", "x-smt-secret", "x-webhook-secret", "x-proxy-secret", "x-droplet-webhook-secret",
 )
 REASONS: Final = frozenset({"smt_authorized", "admin_triggered", "admin_refresh", "user_refresh", "user_orchestrate"})
+DEFAULT_ROLE: Final = "admin"  # an upload that names no role, as IntelliWatt's Node upload server counts it
+RATE_MESSAGES: Final = {
+    "admin": "Admin upload limit reached for the current 24-hour window",
+    "customer": "Customer upload limit reached for the current 30-day window",
+}
+ANY_METHOD: Final = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+QUEUE_SAMPLE: Final = 20  # recent deliveries the queue's etaSeconds is estimated from
 MAX_NAME_BYTES: Final = 200
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -72,8 +88,31 @@ def _matches(sent: str | None, secret: Secret) -> bool:
     return sent is not None and hmac.compare_digest(sent.encode(), secret.reveal().encode())
 
 
-def _error(status: int, error: str, **extra: Any) -> JSONResponse:
-    return JSONResponse({"ok": False, "error": error, **extra}, status_code=status)
+def _error(status: int, error: str, message: str, *, headers: dict[str, str] | None = None,
+           **extra: Any) -> JSONResponse:
+    return JSONResponse({"ok": False, "error": error, "message": message, **extra}, status_code=status,
+                        headers=headers)
+
+
+def _shown(text: str, limit: int = 80) -> str:
+    """Client-sent text fit for a message: printable, short (JSON escaping does the rest)."""
+    text = "".join(c if c.isprintable() else "?" for c in text[:limit])
+    return text + ("…" if len(text) >= limit else "")
+
+
+def human_bytes(n: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}".replace(".0 ", " ")
+    return f"{n} bytes"
+
+
+def same_origin(origin: str, host: str | None) -> bool:
+    """The page that sent the request was served by this server (its own ``GET /`` page)."""
+    return host is not None and urlsplit(origin).netloc.lower() == host.lower()
+
+
+_INVALID_ROLE = (400, "invalid_role", "Invalid role: use admin or customer")
 
 
 class _Refused(Exception):
@@ -82,6 +121,22 @@ class _Refused(Exception):
     def __init__(self, response: Response) -> None:
         super().__init__("refused")
         self.response = response
+
+
+PAGE_CSP: Final = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                   "connect-src 'self'; form-action 'self'; frame-ancestors 'none'")
+
+
+@functools.cache
+def upload_page() -> str:
+    return resources.files("smt_watch").joinpath("upload_page.html").read_text(encoding="utf-8")
+
+
+def _storage_error(exc: OSError) -> JSONResponse:
+    log.error("Upload not stored: %s", exc.strerror or exc)
+    if exc.errno == errno.ENOSPC:
+        return _error(507, "insufficient_storage", "The server's disk is full; the upload was not stored")
+    return _error(507, "storage_error", f"The upload could not be stored: {exc.strerror or 'I/O error'}")
 
 
 class SyncRunner:
@@ -127,6 +182,7 @@ class Server:
     settings: Settings
     ledger: Ledger
     runner: SyncRunner
+    bridge: Bridge | None = None
 
     # --- POST /upload -------------------------------------------------------------------------------
 
@@ -135,66 +191,86 @@ class Server:
 
     def _limited(self, role: str, account: str, times: list[float]) -> JSONResponse:
         reset = times[0] + WINDOWS[role] if times else time.time() + WINDOWS[role]
-        return JSONResponse(
-            {"ok": False, "error": "rate_limited", "role": role, "accountKey": account, "limit": self._limit(role),
-             "remaining": 0, "resetAt": iso(reset)},
-            status_code=429, headers={"Retry-After": str(max(1, int(reset - time.time()) + 1))},
-        )
+        return _error(429, "rate_limited", f"{RATE_MESSAGES[role]}; it resets at {iso(reset)}",
+                      role=role, accountKey=account, limit=self._limit(role), remaining=0, resetAt=iso(reset),
+                      headers={"Retry-After": str(max(1, int(reset - time.time()) + 1))})
+
+    def _origin_refused(self, request: Request) -> JSONResponse | None:
+        """A browser page from an origin not in SMT_UPLOAD_CORS_ORIGINS (nor this server's own page)."""
+        origin = request.headers.get("origin")
+        allowed = self.settings.cors_origins
+        if origin is None or "*" in allowed or origin in allowed or same_origin(origin, request.headers.get("host")):
+            return None
+        log.warning("Upload refused: origin %s is not in SMT_UPLOAD_CORS_ORIGINS", _shown(origin))
+        return _error(403, "origin_not_allowed",
+                      f"Uploads from {_shown(origin)} are not allowed here (SMT_UPLOAD_CORS_ORIGINS)")
 
     async def upload(self, request: Request) -> Response:
+        """Refusals that the headers decide come before the body; the identity (role, account) is the
+        whole request's: when the headers or the fields before the file part already name both, an upload
+        over its limit is refused before a byte is stored; otherwise the file streams to the hidden temp
+        file and the limit is judged (atomically, with the slot taken) once the form is complete."""
         s = self.settings
+        if (foreign := self._origin_refused(request)) is not None:
+            return foreign
         if s.upload_token is not None and not _matches(request.headers.get("x-smt-upload-token"), s.upload_token):
-            return _error(401, "unauthorized")
-        header_role = (request.headers.get("x-smt-upload-role") or "customer").strip().lower()
-        header_account = request.headers.get("x-smt-upload-account-key") or (
-            request.client.host if request.client else "-")
-        if header_role not in WINDOWS:
-            return _error(400, "invalid role: use admin or customer")
+            return _error(401, "unauthorized", "Invalid or missing SMT upload token")
+        ctype = (request.headers.get("content-type") or "").split(";", 1)[0].strip().lower()
+        if ctype != "multipart/form-data":
+            return _error(415, "unsupported_media_type",
+                          'Send the file as multipart/form-data, in the form field "file"')
+        header_role = (request.headers.get("x-smt-upload-role") or "").strip().lower() or None
+        header_account = request.headers.get("x-smt-upload-account-key") or None
+        if header_role is not None and header_role not in WINDOWS:
+            return _error(*_INVALID_ROLE)
+        client = request.client.host if request.client else "-"
 
-        def identity(fields: dict[str, str]) -> tuple[str, str]:
-            return (fields.get("role") or header_role).strip().lower(), fields.get("accountKey") or header_account
+        def named(fields: dict[str, str]) -> tuple[str | None, str | None]:
+            role = (fields.get("role") or "").strip().lower() or header_role
+            return role, fields.get("accountKey") or header_account
 
-        def check_limit(fields: dict[str, str]) -> None:
-            """At the start of the file part (form fields before it are known): refuse before writing."""
-            role, account = identity(fields)
-            if role not in WINDOWS:
-                raise _Refused(_error(400, "invalid role: use admin or customer"))
+        def check_early(fields: dict[str, str]) -> None:
+            """At the start of the file part: refuse now only if the request already named who it is."""
+            role, account = named(fields)
+            if role is not None and role not in WINDOWS:
+                raise _Refused(_error(*_INVALID_ROLE))
+            if role is None or account is None:
+                return  # decided once the whole form is read
             times = self.ledger.uploads_since(role, account, time.time() - WINDOWS[role])
             if len(times) >= self._limit(role):
                 raise _Refused(self._limited(role, account, times))
 
-        if "x-smt-upload-role" in request.headers and "x-smt-upload-account-key" in request.headers:
-            # The headers name the identity outright: refuse before reading the body at all.
-            try:
-                await run_in_threadpool(check_limit, {})
+        if header_role is not None and header_account is not None:
+            try:  # the headers name the identity outright: refuse before reading the body at all
+                await run_in_threadpool(check_early, {})
             except _Refused as refused:
                 return refused.response
         try:
             parsed = await read_multipart(request, dest_dir=s.local_dir, max_bytes=s.upload_max_bytes,
-                                          before_file=check_limit)
+                                          before_file=check_early)
         except _Refused as refused:
             return refused.response
         except UploadTooLarge:
-            return _error(413, "too_large", maxBytes=s.upload_max_bytes)
+            return _error(413, "too_large", f"File too large: the limit is {human_bytes(s.upload_max_bytes)}",
+                          maxBytes=s.upload_max_bytes)
         except MalformedUpload as exc:
-            return _error(400, f"malformed upload: {exc}")
+            return _error(400, "malformed_upload", f"The upload could not be read: {exc}")
         except ClientDisconnect:
             log.warning("Upload abandoned by the client; nothing stored")
-            return Response(status_code=400)
+            return _error(400, "client_disconnected", "The upload was cut off before it was complete")
         except OSError as exc:
-            log.error("Upload not stored: %s", exc.strerror or exc)
-            return _error(507, "insufficient_storage" if exc.errno == errno.ENOSPC else "storage_error")
+            return _storage_error(exc)
         if parsed.file is None:
-            return _error(400, 'Missing file field "file"')
+            return _error(400, 'Missing file field "file"', 'The upload has no file: send it in the form field "file"')
         try:
-            role, account = identity(parsed.fields)  # fields after the file part count too
+            role, account = named(parsed.fields)  # fields after the file part count too
+            role = role or DEFAULT_ROLE
             if role not in WINDOWS:
-                return _error(400, "invalid role: use admin or customer")
+                return _error(*_INVALID_ROLE)
             try:
-                return await run_in_threadpool(self._accept, parsed.file, role, account)
+                return await run_in_threadpool(self._accept, parsed.file, role, account or client)
             except OSError as exc:
-                log.error("Upload not stored: %s", exc.strerror or exc)
-                return _error(507, "insufficient_storage" if exc.errno == errno.ENOSPC else "storage_error")
+                return _storage_error(exc)
         finally:
             parsed.file.tmp_path.unlink(missing_ok=True)  # accepted files were renamed away already
 
@@ -208,20 +284,37 @@ class Server:
         duplicate = row is not None and row.state == "sent"
         if duplicate:
             log.info("Upload %s is a duplicate of sent content (sha256 %s); not stored", name, received.sha256[:12])
+            message = f"Already delivered: this file's content was sent before (sha256 {received.sha256[:12]})"
         else:
             os.chmod(received.tmp_path, 0o640)
             name = self._publish(received.tmp_path, name)
             log.info("Stored upload %s (%d bytes, sha256 %s, %s %s)", name, received.size, received.sha256[:12],
-                     role, account)
+                     role, _shown(account))
+            message = f"Upload accepted and queued for delivery as {name}"
         times = self.ledger.uploads_since(role, account, since)
         limit = self._limit(role)
+        remaining = max(0, limit - len(times))
         return JSONResponse(
-            {"ok": True, "message": "duplicate: already delivered" if duplicate else "stored; delivery queued",
-             "duplicate": duplicate, "file": {"name": name, "size": received.size, "sha256": received.sha256},
-             "meta": {"role": role, "accountKey": account, "limit": limit, "remaining": max(0, limit - len(times)),
-                      "resetAt": iso((times[0] if times else now) + WINDOWS[role])}},
+            {"ok": True, "message": message, "duplicate": duplicate,
+             "file": {"name": name, "size": received.size, "sha256": received.sha256},
+             "remaining": remaining,
+             "meta": {"role": role, "accountKey": account, "limit": limit, "remaining": remaining,
+                      "resetAt": iso((times[0] if times else now) + WINDOWS[role])},
+             "queue": self._queue(0 if duplicate else 1)},
             status_code=202,
         )
+
+    def _queue(self, this: int) -> dict[str, float | int | None]:
+        """``position``: files not delivered yet, this one included (1: it is next); ``etaSeconds``: that
+        many deliveries at the recent pace per worker, plus the settle time; null without recent ones."""
+        waiting = self.ledger.undelivered_count() + this
+        recent = self.ledger.recent_send_seconds(QUEUE_SAMPLE, since=time.time() - 86400)
+        eta = None
+        if recent and waiting:
+            per_file = sorted(recent)[len(recent) // 2]
+            rounds = -(-waiting // max(1, self.settings.workers))
+            eta = round(self.settings.settle_seconds + rounds * per_file, 1)
+        return {"position": waiting, "etaSeconds": eta}
 
     def _publish(self, tmp: Path, name: str) -> str:
         """Hard-link the finished temp file under its final name, never over another upload, then drop
@@ -242,27 +335,54 @@ class Server:
     # --- POST /trigger/smt-now ----------------------------------------------------------------------
 
     async def trigger(self, request: Request) -> Response:
+        """Reasons that mean "fetch new SMT files" start (or join) one sync pass. Any other reason is the
+        old bridge's business: passed through to it when SMT_WEBHOOK_FORWARD_URL is set, else answered
+        ``200 {started: false}`` as the bridge answers reasons it does not know (nothing runs)."""
         s = self.settings
         if s.webhook_secret is None:
-            return _error(503, "webhook disabled: set INTELLIWATT_WEBHOOK_SECRET (or DROPLET_WEBHOOK_SECRET)")
+            if self.bridge is not None:
+                return await self.bridge.forward(request)  # the bridge checks its own secret
+            return _error(503, "webhook_disabled",
+                          "The trigger webhook is disabled: set INTELLIWATT_WEBHOOK_SECRET (or DROPLET_WEBHOOK_SECRET)")
         secret = s.webhook_secret
         # A list, not a generator: every header is compared, so timing does not say which one matched.
         if not any([_matches(request.headers.get(h), secret) for h in SECRET_HEADERS]):
-            return _error(401, "unauthorized")
+            return _error(401, "unauthorized", "Missing or wrong webhook secret header")
         raw = await request.body()
         try:
             body = json.loads(raw) if raw.strip() else {}
         except ValueError:
-            return _error(400, "body must be JSON")
+            return _error(400, "invalid_json", "The body must be JSON")
         if not isinstance(body, dict):
-            return _error(400, "body must be a JSON object")
+            return _error(400, "invalid_json", "The body must be a JSON object")
         reason = body.get("reason")
-        if reason is not None and (not isinstance(reason, str) or reason not in REASONS):
-            return _error(400, f"unknown reason {str(reason)[:64]!r}")
+        if reason is not None and not isinstance(reason, str):
+            return _error(400, "invalid_reason", "reason must be a string")
+        if reason is not None and reason not in REASONS:
+            if self.bridge is not None:
+                return await self.bridge.forward(request, raw)
+            log.info("Trigger reason %s is not handled here; nothing started", _shown(reason, 64))
+            return JSONResponse({"ok": True, "started": False, "reason": reason,
+                                 "message": f"Reason {_shown(reason, 64)!r} is not handled here; nothing started"})
         if not (s.smt_host and s.smt_user and s.smt_key):
-            return _error(503, "sync is not configured: set SMT_HOST, SMT_USER and SMT_KEY")
+            return _error(503, "sync_not_configured", "Sync is not configured: set SMT_HOST, SMT_USER and SMT_KEY")
         sync_id, joined = self.runner.trigger(body.get("forceRepost") is True)
-        return JSONResponse({"ok": True, "syncId": sync_id, "joined": joined}, status_code=202)
+        return JSONResponse({"ok": True, "syncId": sync_id, "joined": joined, "started": True,
+                             "message": "Joined the sync pass already running" if joined else "Sync pass started"},
+                            status_code=202)
+
+    async def elsewhere(self, request: Request) -> Response:
+        """Every path ``serve`` does not route: the old bridge's (``/agreements``, ``/smt/*``, …)."""
+        if self.bridge is not None:
+            return await self.bridge.forward(request)
+        return _error(404, "not_found", f"No such route: {request.method} {_shown(request.url.path)}")
+
+    # --- GET / ---------------------------------------------------------------------------------------
+
+    async def page(self, request: Request) -> Response:
+        """The built-in upload page: for operators when the web app is down, and for testing by hand."""
+        return HTMLResponse(upload_page(), headers={"Cache-Control": "no-store", "X-Frame-Options": "DENY",
+                                                  "Content-Security-Policy": PAGE_CSP})
 
     # --- GET /health --------------------------------------------------------------------------------
 
@@ -278,7 +398,9 @@ class Server:
             Route("/healthz", self.health, methods=["GET"]),
         ]
         if uploads:
-            routes.insert(0, Route("/upload", self.upload, methods=["POST"]))
+            routes[:0] = [Route("/upload", self.upload, methods=["POST"]),
+                          Route("/", self.page, methods=["GET"])]
+        routes.append(Route("/{path:path}", self.elsewhere, methods=list(ANY_METHOD)))
         cors = Middleware(
             CORSMiddleware, allow_origins=list(self.settings.cors_origins), allow_methods=["POST", "GET"],
             allow_headers=["content-type", "x-smt-upload-token", "x-smt-upload-role", "x-smt-upload-account-key"],
@@ -300,7 +422,8 @@ def build(settings: Settings, ledger: Ledger) -> Server:
         settings.local_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"SMT_LOCAL_DIR {settings.local_dir} cannot be created: {exc.strerror}") from None
-    return Server(settings, ledger, SyncRunner(settings))
+    bridge = Bridge(settings.webhook_forward_url) if settings.webhook_forward_url else None
+    return Server(settings, ledger, SyncRunner(settings), bridge)
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -340,7 +463,13 @@ async def serve_forever(server: Server) -> None:
     ports = [sock.getsockname()[1] for sock in sockets]
     log.info("Serving uploads on http://%s:%d/upload%s", s.upload_host, ports[0],
              f" and the webhook on port {ports[1]}" if len(ports) > 1 else "")
-    await asyncio.gather(*(srv.serve(sockets=[sock]) for srv, sock in zip(servers, sockets, strict=True)))
+    if server.bridge is not None:
+        log.info("Passing what serve does not handle to the webhook bridge at %s", server.bridge.shown)
+    try:
+        await asyncio.gather(*(srv.serve(sockets=[sock]) for srv, sock in zip(servers, sockets, strict=True)))
+    finally:
+        if server.bridge is not None:
+            await server.bridge.aclose()
 
 
 def run(settings: Settings, ledger: Ledger) -> None:
