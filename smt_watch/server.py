@@ -371,8 +371,12 @@ class Server:
                              "message": "Joined the sync pass already running" if joined else "Sync pass started"},
                             status_code=202)
 
-    async def elsewhere(self, request: Request) -> Response:
-        """Every path ``serve`` does not route: the old bridge's (``/agreements``, ``/smt/*``, …)."""
+    async def elsewhere(self, request: Request, owned: dict[str, list[str]]) -> Response:
+        """Every path ``serve`` does not route: the old bridge's (``/agreements``, ``/smt/*``, …).
+        ``owned``: this app's own paths and their methods (another method there is a 405, not the bridge's)."""
+        if request.url.path in owned:
+            return _error(405, "method_not_allowed", f"{request.method} is not allowed on {request.url.path}",
+                          headers={"Allow": ", ".join(owned[request.url.path])})
         if self.bridge is not None:
             return await self.bridge.forward(request)
         return _error(404, "not_found", f"No such route: {request.method} {_shown(request.url.path)}")
@@ -400,7 +404,12 @@ class Server:
         if uploads:
             routes[:0] = [Route("/upload", self.upload, methods=["POST"]),
                           Route("/", self.page, methods=["GET"])]
-        routes.append(Route("/{path:path}", self.elsewhere, methods=list(ANY_METHOD)))
+        owned = {r.path: sorted(r.methods or ()) for r in routes}
+
+        async def elsewhere(request: Request) -> Response:
+            return await self.elsewhere(request, owned)
+
+        routes.append(Route("/{path:path}", elsewhere, methods=list(ANY_METHOD)))
         cors = Middleware(
             CORSMiddleware, allow_origins=list(self.settings.cors_origins), allow_methods=["POST", "GET"],
             allow_headers=["content-type", "x-smt-upload-token", "x-smt-upload-role", "x-smt-upload-account-key"],

@@ -40,6 +40,7 @@ TOKEN = UPLOAD_TOKEN  # the watcher sends SMT_UPLOAD_TOKEN to the receiver; serv
 SECRET = "webhook-secret-5a5a5a5a5a5a-SECRET"
 STAMPED = re.compile(r"^(\d{8}T\d{6})_(?:\d+_)?([A-Za-z0-9._-]+)$")
 SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+UNAUTHORIZED = {"ok": False, "error": "unauthorized", "message": "Invalid or missing SMT upload token"}
 
 
 def sha(data: bytes) -> str:
@@ -238,7 +239,8 @@ def test_upload_lands_in_the_inbox_with_the_spec_reply(srv: Running, client: htt
     assert resp.status_code == 202, resp.text
     assert resp.headers["content-type"].startswith("application/json")
     body = resp.json()
-    assert set(body) == {"ok", "message", "duplicate", "file", "meta"}
+    assert set(body) == {"ok", "message", "duplicate", "file", "remaining", "meta", "queue"}
+    assert body["remaining"] == body["meta"]["remaining"] and set(body["queue"]) == {"position", "etaSeconds"}
     assert body["ok"] is True and body["duplicate"] is False and isinstance(body["message"], str)
     assert set(body["file"]) == {"name", "size", "sha256"}
     stamp, base = STAMPED.match(body["file"]["name"]).groups()  # type: ignore[union-attr]
@@ -248,10 +250,10 @@ def test_upload_lands_in_the_inbox_with_the_spec_reply(srv: Running, client: htt
     assert srv.stored() == [path] and srv.temps() == []
     meta = body["meta"]
     assert set(meta) == {"role", "accountKey", "limit", "remaining", "resetAt"}
-    assert meta == {"role": "customer", "accountKey": "127.0.0.1", "limit": 1000, "remaining": 999,
-                    "resetAt": meta["resetAt"]}
+    assert meta == {"role": "admin", "accountKey": "127.0.0.1", "limit": 50, "remaining": 49,
+                    "resetAt": meta["resetAt"]}  # no role named: admin, as IntelliWatt's Node server counts it
     reset = datetime.strptime(meta["resetAt"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
-    assert before + timedelta(days=30) - timedelta(seconds=1) <= reset <= after + timedelta(days=30)
+    assert before + timedelta(days=1) - timedelta(seconds=1) <= reset <= after + timedelta(days=1)
 
 
 def test_upload_is_delivered_by_watch_then_the_same_bytes_are_a_duplicate(
@@ -362,7 +364,7 @@ def test_missing_or_wrong_token_is_401_and_stores_nothing(srv: Running, client: 
                                                           token: str | None) -> None:
     resp = upload(client, os.urandom(300_000), token=token)
     assert resp.status_code == 401
-    assert resp.json() == {"ok": False, "error": "unauthorized"}
+    assert resp.json() == UNAUTHORIZED
     assert_nothing_stored(srv)
 
 
@@ -370,7 +372,7 @@ def test_401_is_answered_before_the_body_is_read(srv: Running) -> None:
     with connect(srv.port) as sock:
         sock.sendall(raw_head(srv.port, 500_000_000, token="wrong"))
         status, _, body = read_response(sock)
-    assert status == 401 and json.loads(body) == {"ok": False, "error": "unauthorized"}
+    assert status == 401 and json.loads(body) == UNAUTHORIZED
     assert_nothing_stored(srv)
 
 
@@ -384,14 +386,14 @@ def test_missing_file_field_is_400(srv: Running, client: httpx.Client) -> None:
     resp = client.post("/upload", headers={"x-smt-upload-token": TOKEN}, data={"role": "customer"},
                        files={"upload": ("a.csv", b"x,y\n", "text/csv")})
     assert resp.status_code == 400
-    assert resp.json() == {"ok": False, "error": 'Missing file field "file"'}
+    assert resp.json() == {"ok": False, "error": 'Missing file field "file"',
+                           "message": 'The upload has no file: send it in the form field "file"'}
     assert_nothing_stored(srv)
 
 
 @pytest.mark.parametrize(
     ("ctype", "body"),
     [
-        ("application/json", b'{"file": "x"}'),
         ("multipart/form-data", b"--x\r\n"),  # no boundary parameter
         (FORM_TYPE, form(b"x" * 10_000)[:-30]),  # body ends before the closing boundary
         (FORM_TYPE, b"--" + BOUNDARY.encode() + b"\r\nContent-Type: text/plain\r\n\r\nno disposition\r\n"),
@@ -401,13 +403,21 @@ def test_malformed_bodies_are_400_and_leave_nothing(srv: Running, client: httpx.
                                                     body: bytes) -> None:
     resp = client.post("/upload", content=body, headers={"x-smt-upload-token": TOKEN, "content-type": ctype})
     assert resp.status_code == 400, resp.text
-    assert resp.json()["ok"] is False
+    assert resp.json()["ok"] is False and resp.json()["message"].startswith("The upload could not be read")
+    assert_nothing_stored(srv)
+
+
+def test_a_body_that_is_not_a_form_is_415(srv: Running, client: httpx.Client) -> None:
+    resp = client.post("/upload", content=b'{"file": "x"}',
+                       headers={"x-smt-upload-token": TOKEN, "content-type": "application/json"})
+    assert resp.status_code == 415 and "multipart/form-data" in resp.json()["message"]
     assert_nothing_stored(srv)
 
 
 # --- oversize ------------------------------------------------------------------------------------------
 
 MAX = 100_000
+TOO_LARGE = {"ok": False, "error": "too_large", "maxBytes": MAX, "message": "File too large: the limit is 97.7 KiB"}
 
 
 @pytest.fixture
@@ -422,7 +432,7 @@ def test_declared_length_over_the_limit_is_413_before_the_body(small: Running) -
         sock.sendall(raw_head(small.port, 10**9))  # headers only: the answer must not wait for the body
         status, _, body = read_response(sock)
     assert status == 413
-    assert json.loads(body) == {"ok": False, "error": "too_large", "maxBytes": MAX}
+    assert json.loads(body) == TOO_LARGE
     assert_nothing_stored(small)
 
 
@@ -430,7 +440,7 @@ def test_declared_oversize_upload_with_httpx_is_413(small: Running) -> None:
     with small.client() as client:
         resp = upload(client, os.urandom(MAX * 3))
     assert resp.status_code == 413
-    assert resp.json() == {"ok": False, "error": "too_large", "maxBytes": MAX}
+    assert resp.json() == TOO_LARGE
     assert_nothing_stored(small)
 
 
@@ -459,7 +469,7 @@ def test_undeclared_length_over_the_limit_is_413(small: Running) -> None:
         resp = client.post("/upload", content=body(),
                            headers={"x-smt-upload-token": TOKEN, "content-type": FORM_TYPE})
     assert resp.status_code == 413, resp.text
-    assert resp.json() == {"ok": False, "error": "too_large", "maxBytes": MAX}
+    assert resp.json() == TOO_LARGE
     wait_for(lambda: small.temps() == [], 10, "temp removed")
     assert_nothing_stored(small)
 
@@ -587,7 +597,8 @@ def limited(make_settings: Make) -> Iterator[Running]:
 def assert_429(resp: httpx.Response, role: str, account: str, limit: int, window: timedelta) -> None:
     assert resp.status_code == 429, resp.text
     body = resp.json()
-    assert set(body) == {"ok", "error", "role", "accountKey", "limit", "remaining", "resetAt"}
+    assert set(body) == {"ok", "error", "message", "role", "accountKey", "limit", "remaining", "resetAt"}
+    assert body["resetAt"] in body["message"] and "limit reached" in body["message"]
     assert body["ok"] is False and body["error"] == "rate_limited"
     assert (body["role"], body["accountKey"], body["limit"], body["remaining"]) == (role, account, limit, 0)
     reset = datetime.strptime(body["resetAt"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
@@ -600,17 +611,18 @@ def assert_429(resp: httpx.Response, role: str, account: str, limit: int, window
 
 CUSTOMER = timedelta(days=30)
 ADMIN = timedelta(hours=24)
+CUST = {"x-smt-upload-role": "customer"}  # an upload that names no role is admin's, as the Node server counts it
 
 
 def test_customer_limit_sixth_upload_is_429(limited: Running) -> None:
     with limited.client() as client:
         remaining = []
         for i in range(5):
-            resp = upload(client, os.urandom(1000), f"{i}.csv")
+            resp = upload(client, os.urandom(1000), f"{i}.csv", headers=CUST)
             assert resp.status_code == 202, resp.text
             remaining.append(resp.json()["meta"]["remaining"])
         assert remaining == [4, 3, 2, 1, 0]
-        sixth = upload(client, os.urandom(50_000), "6.csv")
+        sixth = upload(client, os.urandom(50_000), "6.csv", headers=CUST)
         assert_429(sixth, "customer", "127.0.0.1", 5, CUSTOMER)
     assert len(limited.stored()) == 5 and limited.temps() == []
 
@@ -619,7 +631,7 @@ def test_429_is_answered_before_the_body_when_headers_name_the_account(limited: 
     """Role and account both in headers: the identity is known, so the refusal needs no body at all."""
     with limited.client() as client:
         for i in range(5):
-            assert upload(client, os.urandom(100), f"{i}.csv", headers={"x-smt-upload-account-key": "acct-1"}
+            assert upload(client, os.urandom(100), f"{i}.csv", headers={**CUST, "x-smt-upload-account-key": "acct-1"}
                           ).status_code == 202
     with connect(limited.port) as sock:
         sock.sendall(raw_head(limited.port, 500_000_000,
@@ -633,21 +645,21 @@ def test_429_is_answered_before_the_body_when_headers_name_the_account(limited: 
 def test_accounts_are_counted_separately_by_header_and_by_form_field(limited: Running) -> None:
     with limited.client() as client:
         for i in range(5):
-            r = upload(client, os.urandom(100), f"h{i}.csv", headers={"x-smt-upload-account-key": "by-header"})
+            r = upload(client, os.urandom(100), f"h{i}.csv", headers={**CUST, "x-smt-upload-account-key": "by-header"})
             assert r.status_code == 202 and r.json()["meta"]["accountKey"] == "by-header"
-        assert_429(upload(client, os.urandom(100), headers={"x-smt-upload-account-key": "by-header"}),
+        assert_429(upload(client, os.urandom(100), headers={**CUST, "x-smt-upload-account-key": "by-header"}),
                    "customer", "by-header", 5, CUSTOMER)
         for i in range(5):
-            r = upload(client, os.urandom(100), f"f{i}.csv", headers={"x-smt-upload-account-key": "other"},
+            r = upload(client, os.urandom(100), f"f{i}.csv", headers={**CUST, "x-smt-upload-account-key": "other"},
                        fields={"accountKey": "by-form"})
             assert r.status_code == 202, r.text
             assert r.json()["meta"]["accountKey"] == "by-form"  # the form field wins over the header
             assert r.json()["meta"]["remaining"] == 4 - i
-        refused = upload(client, os.urandom(30_000), headers={"x-smt-upload-account-key": "other"},
+        refused = upload(client, os.urandom(30_000), headers={**CUST, "x-smt-upload-account-key": "other"},
                          fields={"accountKey": "by-form"})
         assert_429(refused, "customer", "by-form", 5, CUSTOMER)
         # "other" never had an upload counted
-        r = upload(client, os.urandom(100), headers={"x-smt-upload-account-key": "other"})
+        r = upload(client, os.urandom(100), headers={**CUST, "x-smt-upload-account-key": "other"})
         assert r.status_code == 202 and r.json()["meta"]["remaining"] == 4
     assert len(limited.stored()) == 11 and limited.temps() == []
 
@@ -671,8 +683,10 @@ def test_admin_role_by_header_and_by_form_field_has_its_own_limit(limited: Runni
         assert_429(upload(client, os.urandom(100), headers=acct, fields={"role": "admin"}),
                    "admin", "staff", 3, ADMIN)
         # the same account as a customer is still free
-        r = upload(client, os.urandom(100), headers=acct)
+        r = upload(client, os.urandom(100), headers={**acct, **CUST})
         assert r.status_code == 202 and r.json()["meta"] == {**r.json()["meta"], "role": "customer", "limit": 5}
+        # and naming no role at all is admin's, as IntelliWatt's Node upload server counts it
+        assert_429(upload(client, os.urandom(100), headers=acct), "admin", "staff", 3, ADMIN)
     assert len(limited.stored()) == 4 and limited.temps() == []
 
 
@@ -691,8 +705,8 @@ def test_unknown_role_is_400(limited: Running, how: str) -> None:
 def test_form_identity_is_not_refused_on_the_client_address_count(limited: Running, fields: dict[str, str]) -> None:
     with limited.client() as client:
         for i in range(5):  # the client address (127.0.0.1) uses up its customer uploads
-            assert upload(client, os.urandom(100), f"{i}.csv").status_code == 202
-        r = upload(client, os.urandom(100), "form.csv", fields=fields)
+            assert upload(client, os.urandom(100), f"{i}.csv", headers=CUST).status_code == 202
+        r = upload(client, os.urandom(100), "form.csv", headers=CUST, fields=fields)
     assert r.status_code == 202, r.text
 
 
@@ -700,8 +714,8 @@ def test_refused_and_failed_uploads_do_not_count(limited: Running) -> None:
     with limited.client() as client:
         for _ in range(3):
             assert upload(client, b"x\n", token="wrong").status_code == 401
-            assert client.post("/upload", headers={"x-smt-upload-token": TOKEN}, data={"a": "b"}).status_code == 400
-        r = upload(client, b"x\n")
+            assert client.post("/upload", headers={"x-smt-upload-token": TOKEN}, data={"a": "b"}).status_code == 415
+        r = upload(client, b"x\n", headers=CUST)
         assert r.status_code == 202 and r.json()["meta"]["remaining"] == 4
 
 
@@ -709,9 +723,9 @@ def test_limits_survive_a_server_restart(make_settings: Make) -> None:
     settings = make_settings(SMT_UPLOAD_TOKEN=TOKEN, SMT_UPLOAD_CUSTOMER_LIMIT="5")
     with running(settings) as srv, srv.client() as client:
         for i in range(5):
-            assert upload(client, os.urandom(100), f"{i}.csv").status_code == 202
+            assert upload(client, os.urandom(100), f"{i}.csv", headers=CUST).status_code == 202
     with running(settings) as srv, srv.client() as client:
-        assert_429(upload(client, os.urandom(100)), "customer", "127.0.0.1", 5, CUSTOMER)
+        assert_429(upload(client, os.urandom(100), headers=CUST), "customer", "127.0.0.1", 5, CUSTOMER)
         assert len(srv.stored()) == 5 and srv.temps() == []
 
 
@@ -850,7 +864,7 @@ def test_trigger_accepts_each_secret_header_and_joins_the_running_sync(hooked: R
             assert resp.status_code == 202, (header, resp.text)
             replies.append(resp.json())
             wait_for(lambda: stalled.conns, 15, "the sync pass to connect")
-    assert set(replies[0]) == {"ok", "syncId", "joined"}
+    assert set(replies[0]) == {"ok", "syncId", "joined", "started", "message"}
     assert all(r["ok"] is True and isinstance(r["syncId"], str) and r["syncId"] for r in replies)
     assert [r["joined"] for r in replies] == [False, True, True, True, True]
     assert len({r["syncId"] for r in replies}) == 1
@@ -873,7 +887,8 @@ def test_two_triggers_at_once_run_one_sync(hooked: Running, stalled: StalledSftp
     wait_for(lambda: stalled.conns, 15, "the sync pass to connect")
     with hooked.client() as client:  # still running: a later trigger joins too
         c = trigger(client)
-        assert c.json() == {"ok": True, "syncId": a.json()["syncId"], "joined": True}
+        assert c.json() == {"ok": True, "syncId": a.json()["syncId"], "joined": True, "started": True,
+                            "message": "Joined the sync pass already running"}
     assert len(stalled.conns) == 1
     stalled.release()  # the pass fails now; the next trigger starts a new one
     hooked.server.runner.join(30)
@@ -893,12 +908,19 @@ def test_trigger_known_reasons_and_no_body_are_accepted(hooked: Running, body: A
     assert resp.json()["ok"] is True
 
 
-@pytest.mark.parametrize("body", [{"reason": "drop_tables"}, {"reason": ""}, {"reason": "SMT_AUTHORIZED"},
-                                  {"reason": 7}])
-def test_trigger_unknown_reason_is_400(hooked: Running, stalled: StalledSftp, body: Any) -> None:
+@pytest.mark.parametrize("body", [{"reason": "drop_tables"}, {"reason": ""}, {"reason": "SMT_AUTHORIZED"}])
+def test_trigger_unknown_reason_starts_nothing(hooked: Running, stalled: StalledSftp, body: Any) -> None:
+    """As the old bridge answers a reason it does not know: 200, started: false, nothing runs."""
     with hooked.client() as client:
         resp = trigger(client, body)
-    assert resp.status_code == 400 and resp.json()["ok"] is False
+    assert resp.status_code == 200 and resp.json()["ok"] is True and resp.json()["started"] is False
+    assert hooked.server.runner._current is None and stalled.conns == []
+
+
+def test_trigger_numeric_reason_is_400(hooked: Running, stalled: StalledSftp) -> None:
+    with hooked.client() as client:
+        resp = trigger(client, {"reason": 7})
+    assert resp.status_code == 400 and resp.json()["ok"] is False and resp.json()["message"]
     assert stalled.conns == []
 
 
@@ -925,7 +947,7 @@ def test_trigger_wrong_secret_is_401(hooked: Running, stalled: StalledSftp, head
     with hooked.client() as client:
         resp = client.post("/trigger/smt-now", headers=headers, json={"reason": "admin_triggered"})
     assert resp.status_code == 401
-    assert resp.json() == {"ok": False, "error": "unauthorized"}
+    assert resp.json() == {"ok": False, "error": "unauthorized", "message": "Missing or wrong webhook secret header"}
     assert stalled.conns == []
 
 
@@ -948,14 +970,14 @@ def test_trigger_without_a_secret_configured_is_503(make_settings: Make, sync_en
     with running(make_settings(**env)) as srv, srv.client() as client:
         resp = trigger(client, {"reason": "admin_triggered"}, secret="anything")
     assert resp.status_code == 503
-    assert resp.json()["ok"] is False and "INTELLIWATT_WEBHOOK_SECRET" in resp.json()["error"]
+    assert resp.json()["ok"] is False and "INTELLIWATT_WEBHOOK_SECRET" in resp.json()["message"]
 
 
 def test_trigger_without_sync_configured_is_503(make_settings: Make) -> None:
     with running(make_settings(INTELLIWATT_WEBHOOK_SECRET=SECRET)) as srv, srv.client() as client:
         resp = trigger(client, {"reason": "admin_triggered"})
     assert resp.status_code == 503 and resp.json()["ok"] is False
-    assert "SMT_HOST" in resp.json()["error"]
+    assert "SMT_HOST" in resp.json()["message"]
 
 
 def test_trigger_with_an_unreachable_sftp_host_still_answers_and_fails_in_the_background(
@@ -1028,7 +1050,8 @@ def test_two_triggers_at_once_run_one_real_sync(make_settings: Make, sftp: SftpT
             wait_for(sftp.read_blocked.is_set, 30, "the pass to be transferring")
             with srv.client() as client:
                 c = trigger(client, {"reason": "admin_refresh"})
-            assert c.json() == {"ok": True, "syncId": a.json()["syncId"], "joined": True}
+            assert c.json() == {"ok": True, "syncId": a.json()["syncId"], "joined": True, "started": True,
+                            "message": "Joined the sync pass already running"}
             assert len(sync_threads()) == 1
             logins = sftp.logins
         finally:

@@ -98,6 +98,9 @@ def serving(env: dict[str, str], log: Path, *args: str, port: int | None = None,
         s.kill()
 
 
+CUSTOMER = {"x-smt-upload-role": "customer"}  # naming no role is admin's, as IntelliWatt's Node server counts it
+
+
 def upload(url: str, data: bytes, name: str = "a.csv", token: str | None = TOKEN,
            headers: dict[str, str] | None = None) -> httpx.Response:
     h = {"x-smt-upload-token": token} if token is not None else {}
@@ -171,7 +174,7 @@ def test_webhook_port_serves_trigger_and_health_only(env: dict[str, str], tmp_pa
         t = httpx.post(f"{hook_url}/trigger/smt-now", headers={"x-smt-secret": "wrong"}, timeout=10, trust_env=False)
         assert t.status_code == 401
         t = httpx.post(f"{hook_url}/trigger/smt-now", headers={"x-smt-secret": SECRET}, timeout=10, trust_env=False)
-        assert t.status_code == 503 and "SMT_HOST" in t.json()["error"]  # the route is there; sync is not set up
+        assert t.status_code == 503 and "SMT_HOST" in t.json()["message"]  # the route is there; sync is not set up
         assert upload(s.url, b"x\n").status_code == 202  # the upload port still takes uploads
         assert httpx.post(f"{s.url}/trigger/smt-now", headers={"x-smt-secret": SECRET}, timeout=10,
                           trust_env=False).status_code == 503
@@ -240,13 +243,13 @@ def test_customer_limit_survives_a_restart(env: dict[str, str], tmp_path: Path) 
     env = {**env, "SMT_UPLOAD_CUSTOMER_LIMIT": "5"}
     with serving(env, tmp_path / "serve1.log") as s:
         for i in range(5):
-            r = upload(s.url, os.urandom(200), f"{i}.csv")
+            r = upload(s.url, os.urandom(200), f"{i}.csv", headers=CUSTOMER)
             assert r.status_code == 202, r.text
-        r = upload(s.url, os.urandom(200), "6.csv")
+        r = upload(s.url, os.urandom(200), "6.csv", headers=CUSTOMER)
         assert r.status_code == 429
         assert s.signal() == 0
     with serving(env, tmp_path / "serve2.log") as s:
-        r = upload(s.url, os.urandom(200), "7.csv")
+        r = upload(s.url, os.urandom(200), "7.csv", headers=CUSTOMER)
         assert r.status_code == 429, r.text
         assert r.json()["error"] == "rate_limited" and r.json()["remaining"] == 0
         assert int(r.headers["retry-after"]) > 29 * 86400
