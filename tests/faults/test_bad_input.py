@@ -273,19 +273,21 @@ HTTP_CASES = [
              files={"other": CSV}),
     HttpCase("upload-too-large", "POST", "/upload", 413, "too_large", UP,
              files={"file": ("big.csv", b"x" * 20_000, "text/csv")}),
-    HttpCase("upload-not-multipart", "POST", "/upload", 400, "multipart/form-data",
+    HttpCase("upload-not-multipart", "POST", "/upload", 415, "multipart/form-data",
              {**UP, "content-type": "application/json"}, content=b'{"file": "a.csv"}'),
-    HttpCase("upload-truncated-body", "POST", "/upload", 400, "malformed upload",
+    HttpCase("upload-truncated-body", "POST", "/upload", 400, "could not be read",
              {**UP, "content-type": "multipart/form-data; boundary=XyZ"},
              content=b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="a.csv"\r\n\r\nESIID,X\n'),
     HttpCase("upload-bad-role", "POST", "/upload", 400, "invalid role", {**UP, "x-smt-upload-role": "root"},
              files={"file": CSV}),
-    HttpCase("upload-wrong-method", "GET", "/upload", 405, "Method Not Allowed"),
+    HttpCase("upload-wrong-method", "GET", "/upload", 405, "not allowed"),
+    HttpCase("upload-foreign-origin", "POST", "/upload", 403, "not allowed", {**UP, "origin": "https://evil.example"},
+             files={"file": CSV}),
     HttpCase("trigger-no-secret", "POST", "/trigger/smt-now", 401, "unauthorized", content=b"{}"),
     HttpCase("trigger-wrong-secret", "POST", "/trigger/smt-now", 401, "unauthorized",
              {"x-smt-secret": WRONG}, content=b"{}"),
-    HttpCase("trigger-unknown-reason", "POST", "/trigger/smt-now", 400, "unknown reason", HOOK,
-             content=b'{"reason": "because"}'),
+    HttpCase("trigger-reason-not-a-string", "POST", "/trigger/smt-now", 400, "reason must be a string", HOOK,
+             content=b'{"reason": ["because"]}'),
     HttpCase("trigger-not-json", "POST", "/trigger/smt-now", 400, "body must be JSON", HOOK, content=b"reason=now"),
     HttpCase("trigger-json-array", "POST", "/trigger/smt-now", 400, "JSON object", HOOK, content=b"[1, 2]"),
     HttpCase("trigger-sync-not-configured", "POST", "/trigger/smt-now", 503, "sync is not configured", HOOK,
@@ -340,7 +342,9 @@ def test_serve_case(case: HttpCase, serve: tuple[str, Path, Path]) -> None:
         body = None
     if isinstance(body, dict):
         assert body.get("ok") is False, body
-        assert case.error in str(body.get("error")), body
+        # what a person reads (IntelliWatt's pages show `message`), or the machine-readable code
+        assert isinstance(body.get("message"), str) and body["message"], body
+        assert case.error.lower() in f"{body.get('error')} {body['message']}".lower(), body
     else:
         assert case.error in r.text, r.text
     assert SECRETS["SMT_UPLOAD_TOKEN"] not in r.text and WRONG not in r.text
