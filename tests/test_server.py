@@ -981,7 +981,7 @@ def test_trigger_without_sync_configured_is_503(make_settings: Make) -> None:
 
 
 def test_trigger_with_an_unreachable_sftp_host_still_answers_and_fails_in_the_background(
-    make_settings: Make, ssh_key: Path, unused_port: int, tmp_path: Path
+    make_settings: Make, ssh_key: Path, unused_port: int, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     settings = make_settings(SMT_HOST="127.0.0.1", SMT_PORT=str(unused_port), SMT_USER="smt", SMT_KEY=str(ssh_key),
                              SMT_KNOWN_HOSTS=str(tmp_path / "kh"), INTELLIWATT_WEBHOOK_SECRET=SECRET)
@@ -989,6 +989,10 @@ def test_trigger_with_an_unreachable_sftp_host_still_answers_and_fails_in_the_ba
         first = trigger(client, {"reason": "admin_refresh"})
         assert first.status_code == 202 and first.json()["ok"] is True
         srv.server.runner.join(30)
+        # the pass failed in the background, and said so with its id and the reason
+        failed = [r.getMessage() for r in caplog.records if r.name == "smt_watch.server" and r.levelname == "ERROR"]
+        assert any(m.startswith(f"Sync {first.json()['syncId'][:8]} failed:") and str(unused_port) in m
+                   for m in failed), failed
         second = trigger(client)
         assert second.json()["joined"] is False and second.json()["syncId"] != first.json()["syncId"]
         assert client.get("/health").status_code == 200
