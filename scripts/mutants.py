@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     for m in mutants:
         verdict, seconds, tail = run_one(m, args.python)
         survivors += verdict != "killed"
-        change = f"`{m.file}`: `{m.old.strip()}` → `{m.new.strip()}`".replace("|", "\\|")
+        old, new = (" ⏎ ".join(line.strip() for line in t.strip().splitlines()) for t in (m.old, m.new))
+        change = f"`{m.file}`: `{old}` → `{new}`".replace("|", "\\|")
         print(f"| {m.id} | {m.promise} | {change} | {verdict} | {seconds:.0f} |", flush=True)
         if verdict != "killed" and tail:
             print(f"    {tail}".replace("\n", "\n    "), file=sys.stderr, flush=True)
