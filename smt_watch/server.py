@@ -101,10 +101,11 @@ def _shown(text: str, limit: int = 80) -> str:
 
 
 def human_bytes(n: int) -> str:
+    """``1,073,741,824 bytes (1 GiB)``: the exact figure an operator set, and a readable one."""
     for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= size:
-            return f"{n / size:.1f} {unit}".replace(".0 ", " ")
-    return f"{n} bytes"
+            return f"{n:,} bytes ({n / size:.1f} {unit})".replace(".0 ", " ")
+    return f"{n:,} bytes"
 
 
 def same_origin(origin: str, host: str | None) -> bool:

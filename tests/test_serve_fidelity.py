@@ -148,7 +148,7 @@ def test_every_refusal_carries_a_message(guarded: Running) -> None:
         body = resp.json()
         assert body["ok"] is False and isinstance(body["message"], str) and len(body["message"]) > 10, body
         assert "{" not in body["message"], body  # a sentence, not JSON
-    assert replies[413].json()["maxBytes"] == 1000 and "1000 bytes" in replies[413].json()["message"]
+    assert replies[413].json()["maxBytes"] == 1000 and "1,000 bytes" in replies[413].json()["message"]
     assert guarded.stored() == [] and guarded.temps() == []
 
 
