@@ -1,11 +1,11 @@
 """``SMT_DELIVERY=raw-upload`` (SPEC §4) against the reference receiver's ``/api/admin/smt/raw-upload``.
 
-Chunks of ``SMT_RAW_LINES_PER_CHUNK`` data lines, the header in each, named ``<name>.partN-of-M``, each
-with its own SHA-256 as ``Idempotency-Key``; acknowledged chunks are recorded so a failed attempt resumes
-at the first unacknowledged one; a file that changes while its chunks go out is never sent mixed. The
-receiver accepts what the real route accepts but records what it only lets through (wrong hash or size,
-sloppy base64, no content): every test here asserts smt-watch sent none of that. The route's own contract
-is tested in ``test_receiver.py``.
+Chunks of ``SMT_RAW_LINES_PER_CHUNK`` data lines, the header in each, named ``<name>.partN-of-M`` (one
+chunk: the file's own name), each with its own SHA-256 as ``Idempotency-Key``, ``postIngest`` true on the
+last only; acknowledged chunks are recorded so a failed attempt resumes at the first unacknowledged one; a
+file that changes while its chunks go out is never sent mixed. The receiver accepts what the real route
+accepts but records what it only lets through (wrong hash or size, sloppy base64, no content): every test
+here asserts smt-watch sent none of that. The route's own contract is tested in ``test_receiver.py``.
 """
 
 from __future__ import annotations
@@ -117,6 +117,7 @@ def test_a_year_goes_in_eight_chunks(settings: Settings, receiver: Any) -> None:
         assert request.fields["meter"] == "M77"
         assert request.fields["source"] == "adhocusage"
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", request.fields["receivedAt"])
+    assert [r.fields["postIngest"] for r in requests] == [False] * 7 + [True]
 
     got = stored_chunks(receiver)
     assert [(n, p, m) for n, p, m, _ in got] == [(YEAR_NAME, n, 8) for n in range(1, 9)]
@@ -160,6 +161,7 @@ def test_a_503_on_chunk_5_resumes_at_chunk_5(make_settings: Make, receiver: Any,
     assert [(r.fields["filename"], r.status) for r in second] == [
         (f"{YEAR_NAME}.part{n}-of-8", 200) for n in range(5, 9)]
     assert [r.headers["idempotency-key"] for r in second] == [sha(c) for c in chunks[4:]]
+    assert [r.fields["postIngest"] for r in [*first[:4], *second]] == [False] * 7 + [True]
     assert receiver.state.raw.interval_count() == 35040
     assert whole_file(receiver, YEAR_NAME) == YEAR
     with open_ledger(settings) as ledger:
@@ -184,12 +186,54 @@ def test_lines_per_chunk_is_honoured(make_settings: Make, receiver: Any) -> None
     assert outcome.result == "sent"
     requests = raw_requests(receiver)
     assert [r.fields["filename"] for r in requests] == [f"small_M3.csv.part{n}-of-3" for n in (1, 2, 3)]
+    assert [r.fields["postIngest"] for r in requests] == [False, False, True]
     got = [c for *_, c in stored_chunks(receiver)]
     assert got == expected_chunks(data, 10)
     assert [c.count(b"\n") - 1 for c in got] == [10, 10, 3]
     assert all(c.startswith(HEADER) for c in got)
     assert receiver.state.raw.interval_count() == 23
     assert whole_file(receiver, "small_M3.csv") == data
+
+
+def test_a_file_in_one_chunk_keeps_its_name(make_settings: Make, receiver: Any) -> None:
+    settings = make_settings(**raw_env(receiver, SMT_RAW_LINES_PER_CHUNK="10"))
+    data = HEADER + _rows(10)
+    path = drop(settings, "one_M4.csv", data)
+    [outcome] = post_files(settings, [path])
+    assert outcome.result == "sent"
+    [request] = raw_requests(receiver)
+    assert (request.fields["filename"], request.fields["postIngest"], request.status) == ("one_M4.csv", True, 200)
+    assert request.headers["idempotency-key"] == request.fields["sha256"] == sha(data)
+    assert [(n, p, m) for n, p, m, _ in stored_chunks(receiver)] == [("one_M4.csv", 1, 1)]
+    assert receiver.state.raw.interval_count() == 10
+    assert whole_file(receiver, "one_M4.csv") == data
+
+
+def test_a_failed_last_chunk_is_resent_alone_with_post_ingest(make_settings: Make, receiver: Any,
+                                                               run_cli: Callable[..., Any]) -> None:
+    env = raw_env(receiver, SMT_RAW_LINES_PER_CHUNK="10", SMT_RETRY_ATTEMPTS="1")
+    settings = make_settings(**env)
+    data = HEADER + _rows(25)
+    chunks = expected_chunks(data, 10)
+    path = drop(settings, "last_M9.csv", data)
+    receiver.state.faults.extend([Fault(), Fault(), Fault(status=503)])
+
+    [outcome] = post_files(settings, [path])
+    assert (outcome.result, outcome.status) == ("retrying", 503)
+    first = raw_requests(receiver)
+    assert [(r.fields.get("filename"), r.fields.get("postIngest"), r.status) for r in first] == [
+        ("last_M9.csv.part1-of-3", False, 200), ("last_M9.csv.part2-of-3", False, 200), (None, None, 503)]
+    assert first[2].headers["idempotency-key"] == sha(chunks[2])  # the last chunk was the one refused
+
+    done = run_cli("post", str(path), env=env)  # another process, resuming from the ledger
+    assert done.returncode == 0, done.stdout + done.stderr
+    [again] = raw_requests(receiver, 3)
+    assert (again.fields["filename"], again.fields["postIngest"], again.status) == (
+        "last_M9.csv.part3-of-3", True, 200)
+    assert again.headers["idempotency-key"] == sha(chunks[2])
+    assert len(receiver.state.requests) == 4  # chunks 1 and 2 were not sent again
+    assert whole_file(receiver, "last_M9.csv") == data
+    assert receiver.state.raw.interval_count() == 25
 
 
 def test_crlf_and_trailing_blank_lines(make_settings: Make, receiver: Any) -> None:
@@ -221,6 +265,8 @@ def test_a_zip_goes_chunk_by_chunk_per_csv(make_settings: Make, receiver: Any) -
         "a_M1.csv.part1-of-2", "a_M1.csv.part2-of-2", "b_M2.csv.part1-of-2", "b_M2.csv.part2-of-2"]
     assert {r.fields["esiid"] for r in raw_requests(receiver) if r.fields["filename"].startswith("b_")} == {
         "10443720000000002"}
+    assert sorted(r.fields["filename"] for r in raw_requests(receiver) if r.fields["postIngest"]) == [
+        "a_M1.csv.part2-of-2", "b_M2.csv.part2-of-2"]  # the last chunk of each CSV
     assert whole_file(receiver, "a_M1.csv") == a and whole_file(receiver, "b_M2.csv") == b
     assert receiver.state.raw.interval_count() == 156
 
