@@ -2,9 +2,11 @@
 
 The web app's production route takes one JSON body of at most a few MB at a time. A file is split into
 chunks of ``SMT_RAW_LINES_PER_CHUNK`` data lines, each prefixed with the header line, and posted as
-``<name>.partN-of-M`` with its own SHA-256 as ``Idempotency-Key``. A first pass plans the chunks (their
-hashes and sizes, and the whole file's hash, which must still be the one recorded); the sending pass
-re-reads each chunk and checks it against the plan, so a file that changes mid-way is never sent mixed.
+``<name>.partN-of-M`` (a file that fits in one chunk keeps its own name) with its own SHA-256 as
+``Idempotency-Key``; only the last chunk carries ``postIngest: true``, the app's cue to queue its bucket
+and plan work, also when it is sent after a resume. A first pass plans the chunks (their hashes and sizes,
+and the whole file's hash, which must still be the one recorded); the sending pass re-reads each chunk and
+checks it against the plan, so a file that changes mid-way is never sent mixed.
 Acknowledged chunks are kept in the ledger: after a crash or a failed chunk, delivery resumes at the
 first unacknowledged one. Memory is bounded by one chunk, not by the file.
 """
@@ -84,8 +86,9 @@ class RawUploadMode:
 
     def chunk_json(self, filename: str, esiid: str, meter: str, source: str, number: int, total: int,
                    content: bytes, chunk_sha: str) -> bytes:
+        """Chunk ``number`` of ``total`` (from 1); only the last one asks the app for its post-ingest work."""
         return json.dumps({
-            "filename": f"{filename}.part{number}-of-{total}",
+            "filename": chunk_name(filename, number, total),
             "sizeBytes": len(content),
             "sha256": chunk_sha,
             "contentBase64": base64.b64encode(content).decode(),
@@ -94,4 +97,10 @@ class RawUploadMode:
             "meter": meter,
             "contentType": "text/csv",
             "receivedAt": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "postIngest": number == total,
         }).encode()
+
+
+def chunk_name(filename: str, number: int, total: int) -> str:
+    """``<name>.partN-of-M``, or the file's own name when it goes in one chunk (as the Node server names them)."""
+    return filename if total == 1 else f"{filename}.part{number}-of-{total}"

@@ -1,10 +1,11 @@
 """Reference receiver: a local stand-in for the IntelliWatt web app and the droplet upload server.
 
-It accepts the two delivery shapes of SPEC §4 (inline JSON on ``/api/admin/smt/pull`` and multipart on
-``/upload``), stores each distinct file once (content by SHA-256 plus a ``RawSmtFile`` row in SQLite) and
-answers like the real services, so demos and tests exercise the real client code over real HTTP. For
-tests it records every delivery request and can inject faults (status, ``Retry-After``, delay, dropped
-connection) one request at a time, in order.
+It accepts the delivery shapes of SPEC §4 (inline JSON on ``/api/admin/smt/pull``, multipart on
+``/upload``, raw-upload chunks by the real route's rules, see :mod:`smt_watch.receiver_raw`), stores each
+distinct file once (content by SHA-256 plus a ``RawSmtFile`` row in SQLite) and answers like the real
+services, so demos and tests exercise the real client code over real HTTP. For tests it records every
+delivery request and can inject faults (status, ``Retry-After``, delay, dropped connection) one request
+at a time, in order.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from smt_watch.receiver_raw import PART_RE, RawStore
+from smt_watch.receiver_raw import Mismatch, RawMismatch, RawStore, handle_chunk
 from smt_watch.uploads import MalformedUpload, UploadTooLarge, read_multipart
 
 log = logging.getLogger("smt_watch.receiver")
@@ -187,6 +188,7 @@ class ReceiverState:
         self.requests: list[RequestRecord] = []
         self.store = FileStore(data_dir)
         self.raw = RawStore(data_dir)
+        self.raw_mismatches: list[RawMismatch] = []  # what raw-upload let through, as the real route would
         self._changed = threading.Condition()
 
     def record(self, rec: RequestRecord) -> None:
@@ -410,47 +412,34 @@ async def _pull(request: Request, state: ReceiverState, outcome: _Outcome) -> Re
 
 
 async def _raw_upload(request: Request, state: ReceiverState, outcome: _Outcome) -> Response:
-    """One chunk of a CSV: validated, stored once, its intervals counted; the whole file once complete."""
-    if not _authorized(request.headers.get("x-admin-token"), state.admin_token):
-        raise _Problem(401, "unauthorized")
-    try:
-        payload = json.loads(await request.body())
-    except ValueError as exc:
-        raise _Problem(400, "INVALID_JSON", str(exc)) from None
-    if not isinstance(payload, dict):
-        raise _Problem(400, "INVALID_JSON", "body must be a JSON object")
-    outcome.fields = {k: v for k, v in payload.items() if k != "contentBase64"}
-    missing = [k for k in ("filename", "sizeBytes", "sha256", "contentBase64", "contentType")
-               if payload.get(k) in (None, "")]
-    if missing:  # the real route's validation reply
-        return JSONResponse({"ok": False, "error": "VALIDATION", "missing": missing}, status_code=400)
-    match = PART_RE.match(str(payload["filename"]))
-    if not match or not 1 <= int(match["part"]) <= int(match["parts"]):
-        raise _Problem(400, "INVALID_FIELD", "filename must be <name>.partN-of-M")
-    if payload["contentType"] != "text/csv":
-        raise _Problem(400, "INVALID_FIELD", "contentType must be text/csv")
-    size = _size_field(payload, "sizeBytes")
-    try:
-        content = binascii.a2b_base64(str(payload["contentBase64"]), strict_mode=True)
-    except (binascii.Error, ValueError) as exc:
-        raise _Problem(400, "INVALID_BASE64", str(exc)) from None
-    if len(content) != size:
-        raise _Problem(400, "RAW_SIZE_MISMATCH", f"decoded {len(content)} bytes, sizeBytes={size}")
-    sha256 = hashlib.sha256(content).hexdigest()
-    _check_hashes(sha256, str(payload["sha256"]), request.headers.get("idempotency-key"))
-    meta: dict[str, str | None] = {k: payload.get(k) for k in ("esiid", "meter", "source")}
-    name, part, parts = match["name"], int(match["part"]), int(match["parts"])
-    chunk_id, dup, rows, whole = await run_in_threadpool(state.raw.add_chunk, name, part, parts, sha256, content,
-                                                         meta)
-    if whole is not None:
-        whole_meta: dict[str, str | None] = {**meta, "filename": name, "captured_at": payload.get("receivedAt"),
-                                             "route": RAW_UPLOAD_PATH}
-        await run_in_threadpool(state.store.add_bytes, whole, hashlib.sha256(whole).hexdigest(), whole_meta)
-    log.info("raw-upload %s part %d/%d: %s, %d interval(s)", name, part, parts, "duplicate" if dup else "stored",
-             rows)
-    outcome.sha256, outcome.duplicate = sha256, dup
-    return JSONResponse({"ok": True, "id": chunk_id, "sha256": sha256, "sizeBytes": size, "duplicate": dup,
-                         "part": part, "parts": parts, "intervals": rows, "complete": whole is not None})
+    """One chunk, answered by the real route's rules (:func:`receiver_raw.handle_chunk`); mismatches it lets
+    through are recorded on ``state.raw_mismatches`` and logged, and a completed file is stored whole."""
+    if state.admin_token is not None:  # requireAdmin: the header, trimmed, must equal the token
+        sent = request.headers.get("x-admin-token", "").strip()
+        if not hmac.compare_digest(sent.encode(), state.admin_token.encode()):
+            return JSONResponse({"error": "Unauthorized"}, status_code=401)
+    reply = await run_in_threadpool(handle_chunk, state.raw, await request.body(),
+                                    request.headers.get("idempotency-key"))
+    outcome.fields, outcome.sha256, outcome.duplicate = reply.fields, reply.sha256, reply.duplicate
+    filename = str(reply.fields.get("filename"))
+    if state.admin_token is None:
+        reply.mismatches.insert(0, RawMismatch(Mismatch.NO_ADMIN_TOKEN, filename, "accepted without a token check"))
+    for mismatch in reply.mismatches:
+        log.warning("raw-upload %s: %s (%s)", mismatch.filename, mismatch.kind.value, mismatch.detail)
+        state.raw_mismatches.append(mismatch)
+    if reply.whole is not None:
+        name, whole, meta = reply.whole
+        await run_in_threadpool(state.store.add_bytes, whole, hashlib.sha256(whole).hexdigest(),
+                                {**meta, "filename": name, "route": RAW_UPLOAD_PATH})
+    if reply.body is None:
+        return Response(status_code=reply.status)
+    if reply.status == 200:
+        log.info("raw-upload %s: %s%s%s", filename, "duplicate" if reply.duplicate else "stored",
+                 ", file complete" if reply.whole else "",
+                 ", postIngest" if reply.fields.get("postIngest") is True else "")
+    else:
+        log.warning("raw-upload refused (%d): %s", reply.status, reply.body)
+    return JSONResponse(reply.body, status_code=reply.status)
 
 
 async def _add_faults(request: Request) -> Response:

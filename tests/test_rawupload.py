@@ -1,15 +1,16 @@
 """``SMT_DELIVERY=raw-upload`` (SPEC §4) against the reference receiver's ``/api/admin/smt/raw-upload``.
 
-Chunks of ``SMT_RAW_LINES_PER_CHUNK`` data lines, the header in each, named ``<name>.partN-of-M``, each
-with its own SHA-256 as ``Idempotency-Key``; acknowledged chunks are recorded so a failed attempt resumes
-at the first unacknowledged one; a file that changes while its chunks go out is never sent mixed.
+Chunks of ``SMT_RAW_LINES_PER_CHUNK`` data lines, the header in each, named ``<name>.partN-of-M`` (one
+chunk: the file's own name), each with its own SHA-256 as ``Idempotency-Key``, ``postIngest`` true on the
+last only; acknowledged chunks are recorded so a failed attempt resumes at the first unacknowledged one; a
+file that changes while its chunks go out is never sent mixed. The receiver accepts what the real route
+accepts but records what it only lets through (wrong hash or size, sloppy base64, no content): every test
+here asserts smt-watch sent none of that. The route's own contract is tested in ``test_receiver.py``.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import json
 import os
 import re
 import sqlite3
@@ -19,7 +20,6 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from conftest import ADMIN_TOKEN
@@ -27,7 +27,7 @@ from smt_watch import sample
 from smt_watch.config import Settings, delivery_mode
 from smt_watch.delivery import Deliverer
 from smt_watch.pipeline import Outcome, deliver_file, open_ledger, post_files
-from smt_watch.receiver import RAW_UPLOAD_PATH, Fault
+from smt_watch.receiver import RAW_UPLOAD_PATH, Fault, ReceiverHandle
 
 Make = Callable[..., Settings]
 
@@ -53,6 +53,16 @@ def expected_chunks(data: bytes, per_chunk: int) -> list[bytes]:
 def raw_env(receiver: Any, **extra: str) -> dict[str, str]:
     return {"SMT_DELIVERY": "raw-upload", "INTELLIWATT_BASE_URL": receiver.url, "ADMIN_TOKEN": ADMIN_TOKEN,
             "ESIID_DEFAULT": DEFAULT_ESIID, **extra}
+
+
+@pytest.fixture(autouse=True)
+def _no_mismatches(request: pytest.FixtureRequest) -> Iterator[None]:
+    """What smt-watch sent must hold up to the checks the real route skips (hash, size, strict base64)."""
+    handle: ReceiverHandle | None = (request.getfixturevalue("receiver") if "receiver" in request.fixturenames
+                                     else None)
+    yield
+    if handle is not None:
+        assert handle.state.raw_mismatches == []
 
 
 @pytest.fixture
@@ -107,6 +117,7 @@ def test_a_year_goes_in_eight_chunks(settings: Settings, receiver: Any) -> None:
         assert request.fields["meter"] == "M77"
         assert request.fields["source"] == "adhocusage"
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", request.fields["receivedAt"])
+    assert [r.fields["postIngest"] for r in requests] == [False] * 7 + [True]
 
     got = stored_chunks(receiver)
     assert [(n, p, m) for n, p, m, _ in got] == [(YEAR_NAME, n, 8) for n in range(1, 9)]
@@ -150,6 +161,7 @@ def test_a_503_on_chunk_5_resumes_at_chunk_5(make_settings: Make, receiver: Any,
     assert [(r.fields["filename"], r.status) for r in second] == [
         (f"{YEAR_NAME}.part{n}-of-8", 200) for n in range(5, 9)]
     assert [r.headers["idempotency-key"] for r in second] == [sha(c) for c in chunks[4:]]
+    assert [r.fields["postIngest"] for r in [*first[:4], *second]] == [False] * 7 + [True]
     assert receiver.state.raw.interval_count() == 35040
     assert whole_file(receiver, YEAR_NAME) == YEAR
     with open_ledger(settings) as ledger:
@@ -174,12 +186,54 @@ def test_lines_per_chunk_is_honoured(make_settings: Make, receiver: Any) -> None
     assert outcome.result == "sent"
     requests = raw_requests(receiver)
     assert [r.fields["filename"] for r in requests] == [f"small_M3.csv.part{n}-of-3" for n in (1, 2, 3)]
+    assert [r.fields["postIngest"] for r in requests] == [False, False, True]
     got = [c for *_, c in stored_chunks(receiver)]
     assert got == expected_chunks(data, 10)
     assert [c.count(b"\n") - 1 for c in got] == [10, 10, 3]
     assert all(c.startswith(HEADER) for c in got)
     assert receiver.state.raw.interval_count() == 23
     assert whole_file(receiver, "small_M3.csv") == data
+
+
+def test_a_file_in_one_chunk_keeps_its_name(make_settings: Make, receiver: Any) -> None:
+    settings = make_settings(**raw_env(receiver, SMT_RAW_LINES_PER_CHUNK="10"))
+    data = HEADER + _rows(10)
+    path = drop(settings, "one_M4.csv", data)
+    [outcome] = post_files(settings, [path])
+    assert outcome.result == "sent"
+    [request] = raw_requests(receiver)
+    assert (request.fields["filename"], request.fields["postIngest"], request.status) == ("one_M4.csv", True, 200)
+    assert request.headers["idempotency-key"] == request.fields["sha256"] == sha(data)
+    assert [(n, p, m) for n, p, m, _ in stored_chunks(receiver)] == [("one_M4.csv", 1, 1)]
+    assert receiver.state.raw.interval_count() == 10
+    assert whole_file(receiver, "one_M4.csv") == data
+
+
+def test_a_failed_last_chunk_is_resent_alone_with_post_ingest(make_settings: Make, receiver: Any,
+                                                               run_cli: Callable[..., Any]) -> None:
+    env = raw_env(receiver, SMT_RAW_LINES_PER_CHUNK="10", SMT_RETRY_ATTEMPTS="1")
+    settings = make_settings(**env)
+    data = HEADER + _rows(25)
+    chunks = expected_chunks(data, 10)
+    path = drop(settings, "last_M9.csv", data)
+    receiver.state.faults.extend([Fault(), Fault(), Fault(status=503)])
+
+    [outcome] = post_files(settings, [path])
+    assert (outcome.result, outcome.status) == ("retrying", 503)
+    first = raw_requests(receiver)
+    assert [(r.fields.get("filename"), r.fields.get("postIngest"), r.status) for r in first] == [
+        ("last_M9.csv.part1-of-3", False, 200), ("last_M9.csv.part2-of-3", False, 200), (None, None, 503)]
+    assert first[2].headers["idempotency-key"] == sha(chunks[2])  # the last chunk was the one refused
+
+    done = run_cli("post", str(path), env=env)  # another process, resuming from the ledger
+    assert done.returncode == 0, done.stdout + done.stderr
+    [again] = raw_requests(receiver, 3)
+    assert (again.fields["filename"], again.fields["postIngest"], again.status) == (
+        "last_M9.csv.part3-of-3", True, 200)
+    assert again.headers["idempotency-key"] == sha(chunks[2])
+    assert len(receiver.state.requests) == 4  # chunks 1 and 2 were not sent again
+    assert whole_file(receiver, "last_M9.csv") == data
+    assert receiver.state.raw.interval_count() == 25
 
 
 def test_crlf_and_trailing_blank_lines(make_settings: Make, receiver: Any) -> None:
@@ -211,6 +265,8 @@ def test_a_zip_goes_chunk_by_chunk_per_csv(make_settings: Make, receiver: Any) -
         "a_M1.csv.part1-of-2", "a_M1.csv.part2-of-2", "b_M2.csv.part1-of-2", "b_M2.csv.part2-of-2"]
     assert {r.fields["esiid"] for r in raw_requests(receiver) if r.fields["filename"].startswith("b_")} == {
         "10443720000000002"}
+    assert sorted(r.fields["filename"] for r in raw_requests(receiver) if r.fields["postIngest"]) == [
+        "a_M1.csv.part2-of-2", "b_M2.csv.part2-of-2"]  # the last chunk of each CSV
     assert whole_file(receiver, "a_M1.csv") == a and whole_file(receiver, "b_M2.csv") == b
     assert receiver.state.raw.interval_count() == 156
 
@@ -387,50 +443,3 @@ def test_a_revised_file_under_the_same_name_is_never_assembled_mixed(make_settin
     assert post_files(settings, [path])[0].result == "sent"
     assembled = {r["sha256"] for r in receiver.stored() if r["filename"] == "rev_M1.csv"}
     assert assembled == {sha(old), sha(new)}
-
-
-# --- the receiver route ------------------------------------------------------------------------------
-
-
-def _chunk_body(content: bytes, **override: object) -> dict[str, object]:
-    body: dict[str, object] = {
-        "filename": "x.csv.part1-of-1", "sizeBytes": len(content), "sha256": sha(content),
-        "contentBase64": base64.b64encode(content).decode(), "source": "adhocusage", "esiid": "1", "meter": "M1",
-        "contentType": "text/csv", "receivedAt": "2026-01-01T00:00:00Z",
-    }
-    body.update(override)
-    return {k: v for k, v in body.items() if v is not None}
-
-
-def _post_chunk(receiver: Any, body: dict[str, object], token: str | None = ADMIN_TOKEN) -> httpx.Response:
-    headers = {"x-admin-token": token} if token else {}
-    return httpx.post(receiver.url + RAW_UPLOAD_PATH, content=json.dumps(body), headers=headers, timeout=10)
-
-
-def test_receiver_route_checks_token_hash_and_name(receiver: Any) -> None:
-    content = HEADER + _rows(3)
-    assert _post_chunk(receiver, _chunk_body(content), token=None).status_code == 401
-    assert _post_chunk(receiver, _chunk_body(content), token="wrong").status_code == 401
-    bad_hash = _post_chunk(receiver, _chunk_body(content, sha256="0" * 64))
-    assert bad_hash.status_code == 400 and bad_hash.json()["ok"] is False
-    bad_size = _post_chunk(receiver, _chunk_body(content, sizeBytes=len(content) + 1))
-    assert bad_size.status_code == 400 and bad_size.json()["ok"] is False
-    bad_name = _post_chunk(receiver, _chunk_body(content, filename="x.csv"))
-    assert bad_name.status_code == 400 and bad_name.json()["ok"] is False
-    assert receiver.state.raw.interval_count() == 0
-    ok = _post_chunk(receiver, _chunk_body(content))
-    assert ok.status_code == 200
-    reply = ok.json()
-    assert reply == {"ok": True, "id": reply["id"], "sha256": sha(content), "sizeBytes": len(content),
-                     "duplicate": False, "part": 1, "parts": 1, "intervals": 3, "complete": True}
-    again = _post_chunk(receiver, _chunk_body(content))
-    assert again.json()["duplicate"] is True and receiver.state.raw.interval_count() == 3
-
-
-def test_receiver_route_validation_shape(receiver: Any) -> None:
-    content = HEADER + _rows(1)
-    reply = _post_chunk(receiver, _chunk_body(content, sha256=None, contentType=None))
-    assert reply.status_code == 400
-    body = reply.json()
-    assert (body["ok"], body["error"]) == (False, "VALIDATION")
-    assert sorted(body["missing"]) == ["contentType", "sha256"]

@@ -1,10 +1,13 @@
-"""The reference receiver over real loopback HTTP: storage, validation, tokens, faults, streaming."""
+"""The reference receiver over real loopback HTTP: storage, validation, tokens, faults, streaming, and the
+raw-upload route's contract (what the real route accepts and refuses)."""
 
 from __future__ import annotations
 
 import base64
 import gzip
 import hashlib
+import json
+import re
 import socket
 import threading
 import time
@@ -16,8 +19,9 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import wait_for
+from conftest import ADMIN_TOKEN, wait_for
 from smt_watch.receiver import Fault, ReceiverHandle, running_receiver
+from smt_watch.receiver_raw import Mismatch, node_base64
 
 CSV = (
     b"ESIID,USAGE_DATE,REVISION_DATE,USAGE_START_TIME,USAGE_END_TIME,USAGE_KWH,ESTIMATED_ACTUAL,"
@@ -290,3 +294,179 @@ def test_concurrent_identical_uploads_store_one_file(rx: ReceiverHandle) -> None
         t.join()
     assert sorted(r["duplicate"] for r in results) == [False] + [True] * 5
     assert {r["id"] for r in results} == {1} and len(rx.stored()) == 1
+
+
+# --- raw-upload: the real route's contract (app/api/admin/smt/raw-upload/route.ts) ---------------------
+
+RAW = "/api/admin/smt/raw-upload"
+ESIID = "10443720000000001"
+NEEDS = ["filename (string)", "size_bytes|sizeBytes (number)", "sha256 (string)"]  # the real route's words
+
+
+def interval_lines(n: int, start: int = 0) -> list[str]:
+    labels = [f"{h}:{m:02d}" for h in range(24) for m in (0, 15, 30, 45)]
+    return [f"'{ESIID},01/05/2026,01/06/2026,{labels[i]},{labels[(i + 1) % 96]},0.{i:03d},A,Consumption"
+            for i in range(start, start + n)]
+
+
+HEADER_LINE = CSV.split(b"\n")[0].decode()
+
+
+def node_chunk(name: str, lines: list[str], part: int, parts: int) -> tuple[dict[str, Any], bytes]:
+    """A chunk exactly as ``scripts/droplet/smt-upload-server.ts`` builds it (its field set; no
+    contentType, no Idempotency-Key; lines joined with \\n and no newline at the end)."""
+    content = "\n".join([HEADER_LINE, *lines]).encode()
+    filename = f"{name}.part{part}-of-{parts}" if parts > 1 else name
+    return {
+        "filename": filename, "sizeBytes": len(content), "sha256": hashlib.sha256(content).hexdigest(),
+        "contentBase64": base64.b64encode(content).decode(), "source": "droplet-upload",
+        "receivedAt": "2026-01-06T12:00:00.000Z", "purgeExisting": part == 1, "postIngest": part == parts,
+        "esiid": ESIID, "storagePath": f"/smt/{ESIID}/{filename}", "meter": "M1",
+    }, content
+
+
+def raw_body(content: bytes = CSV, **override: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"filename": "M1_a.csv", "sizeBytes": len(content), "sha256": hashlib.sha256(content)
+                            .hexdigest(), "contentBase64": base64.b64encode(content).decode()}
+    body.update(override)
+    return {k: v for k, v in body.items() if v is not None}
+
+
+def post_raw(handle: ReceiverHandle, body: object, token: str | None = ADMIN_TOKEN,
+             headers: dict[str, str] | None = None) -> httpx.Response:
+    sent = {"Content-Type": "application/json", **({"x-admin-token": token} if token is not None else {}),
+            **(headers or {})}
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(handle.url + RAW, content=data, headers=sent, timeout=10)
+
+
+def raw_file(handle: ReceiverHandle, name: str) -> bytes:
+    [row] = [r for r in handle.stored() if r["filename"] == name]
+    return handle.read(row["sha256"])
+
+
+def test_raw_upload_takes_node_server_chunks(receiver: ReceiverHandle) -> None:
+    first, one = node_chunk("IntervalData_M1.csv", interval_lines(3), 1, 2)
+    second, two = node_chunk("IntervalData_M1.csv", interval_lines(2, start=3), 2, 2)
+    reply = post_raw(receiver, first)
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body == {"ok": True, "id": body["id"], "filename": "IntervalData_M1.csv.part1-of-2",
+                    "sizeBytes": len(one), "sha256": first["sha256"], "createdAt": body["createdAt"],
+                    "normalizedInline": {"intervalsInserted": 3, "inserted": 3, "skipped": 0, "records": 3,
+                                         "tsMin": "2026-01-05T06:00:00.000Z", "tsMax": "2026-01-05T06:30:00.000Z",
+                                         "postIngestDeferred": False}}
+    assert isinstance(body["id"], str) and body["id"].isdigit()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", body["createdAt"])
+    last = post_raw(receiver, second).json()
+    assert last["normalizedInline"]["postIngestDeferred"] is True and "duplicate" not in last
+    assert raw_file(receiver, "IntervalData_M1.csv") == one + b"\n" + two.split(b"\n", 1)[1]
+    assert receiver.state.raw.interval_count() == 5
+    assert receiver.state.raw_mismatches == []
+
+
+@pytest.mark.parametrize("drop", ["filename", "sizeBytes", "sha256"])
+def test_raw_upload_names_each_missing_field(receiver: ReceiverHandle, drop: str) -> None:
+    body = raw_body(contentType="text/csv")
+    del body[drop]
+    reply = post_raw(receiver, body)
+    assert reply.status_code == 400
+    assert reply.json() == {"ok": False, "error": "VALIDATION", "details": "Missing or invalid required fields",
+                            "missing": [NEEDS[["filename", "sizeBytes", "sha256"].index(drop)]],
+                            "receivedKeys": list(body)}
+    assert receiver.state.raw.chunks() == []
+
+
+@pytest.mark.parametrize(("body", "missing", "keys"), [
+    (b"not json", NEEDS, []),
+    (b"", NEEDS, []),
+    (b"[1, 2]", NEEDS, ["0", "1"]),
+    ({"filename": "", "sizeBytes": "12", "sha256": 0}, NEEDS, ["filename", "sizeBytes", "sha256"]),
+    ({"filename": "a", "sizeBytes": True, "sha256": "x", "2": 1, "1": 0}, NEEDS[1:2],
+     ["1", "2", "filename", "sizeBytes", "sha256"]),  # Object.keys: integer-like keys first
+    ({"filename": "a", "sizeBytes": None, "size_bytes": "3", "sha256": "x"}, NEEDS[1:2],
+     ["filename", "sizeBytes", "size_bytes", "sha256"]),
+])
+def test_raw_upload_validation_reads_the_body_as_javascript_does(receiver: ReceiverHandle, body: Any,
+                                                                  missing: list[str], keys: list[str]) -> None:
+    reply = post_raw(receiver, body)
+    assert reply.status_code == 400
+    assert (reply.json()["missing"], reply.json()["receivedKeys"]) == (missing, keys)
+
+
+def test_raw_upload_optional_fields_and_names(receiver: ReceiverHandle) -> None:
+    """``size_bytes`` stands for ``sizeBytes``; no contentType, no content, any name: all accepted."""
+    reply = post_raw(receiver, raw_body(sizeBytes=None, size_bytes=len(CSV)))
+    assert reply.status_code == 200 and reply.json()["sizeBytes"] == len(CSV)
+    assert raw_file(receiver, "M1_a.csv") == CSV  # no .partN-of-M: a whole file, part 1 of 1
+    assert receiver.state.raw.chunks() == [("M1_a.csv", 1, 1)]
+
+    bare = post_raw(receiver, {"filename": "legacy.csv", "sizeBytes": 10, "sha256": "f" * 64})
+    assert bare.status_code == 200 and bare.json()["normalizedInline"] is None
+    assert [m.kind for m in receiver.state.raw_mismatches] == [Mismatch.NO_CONTENT]
+    assert receiver.state.raw.lookup("f" * 64) is not None and receiver.state.raw.interval_count() == 1
+    assert [r["filename"] for r in receiver.stored()] == ["M1_a.csv"]  # a row without content is not a file
+
+
+def test_raw_upload_duplicate_answers_with_the_stored_row(receiver: ReceiverHandle) -> None:
+    first = post_raw(receiver, raw_body(filename="a.csv.part1-of-2")).json()
+    again = post_raw(receiver, raw_body(filename="renamed.csv")).json()
+    assert "duplicate" not in first and again["duplicate"] is True
+    assert {k: again[k] for k in ("id", "filename", "createdAt")} == {
+        k: first[k] for k in ("id", "filename", "createdAt")}
+    assert receiver.state.requests[-1].duplicate is True and receiver.state.raw.interval_count() == 1
+
+
+def test_raw_upload_token(tmp_path: Path) -> None:
+    with running_receiver(tmp_path / "a", admin_token="adm-secret") as handle:
+        for token in (None, "wrong", ""):
+            reply = post_raw(handle, raw_body(), token=token)
+            assert (reply.status_code, reply.json()) == (401, {"error": "Unauthorized"})
+        assert handle.state.raw.chunks() == []
+        assert post_raw(handle, raw_body(), token="adm-secret").status_code == 200
+        assert handle.state.raw_mismatches == []
+    with running_receiver(tmp_path / "b") as handle:  # no token configured: accepted, but not as the app would
+        assert post_raw(handle, raw_body(), token=None).status_code == 200
+        assert [m.kind for m in handle.state.raw_mismatches] == [Mismatch.NO_ADMIN_TOKEN]
+
+
+def test_raw_upload_records_what_the_real_route_does_not_check(receiver: ReceiverHandle) -> None:
+    a, b, c, d = (CSV + "\n".join(interval_lines(n, start=1)).encode() + b"\n" for n in (1, 2, 3, 4))
+    sloppy = base64.encodebytes(c).decode().replace("+", "-")  # line breaks, URL-safe alphabet
+    cases = [
+        (raw_body(a, sha256="0" * 64), [Mismatch.SHA256]),
+        (raw_body(b, filename="b.csv", sizeBytes=len(b) + 1), [Mismatch.SIZE]),
+        (raw_body(c, filename="c.csv", contentBase64=sloppy), [Mismatch.BASE64]),
+    ]
+    for body, kinds in cases:
+        reply = post_raw(receiver, body)
+        assert reply.status_code == 200, reply.text
+        assert [m.kind for m in receiver.state.raw_mismatches] == kinds, body
+        receiver.state.raw_mismatches.clear()
+    assert raw_file(receiver, "c.csv") == c  # decoded as Node's Buffer.from would
+    assert post_raw(receiver, raw_body(d, filename="d.csv"), headers={"Idempotency-Key": "3" * 64}).is_success
+    assert [m.kind for m in receiver.state.raw_mismatches] == [Mismatch.IDEMPOTENCY_KEY]
+    assert receiver.state.raw.interval_count() == 4 + 1  # lenient is lenient: every row went in
+
+
+@pytest.mark.parametrize("override", [{"filename": 5}, {"sizeBytes": 1.5}, {"sizeBytes": 2**31},
+                                      {"contentType": ["text/csv"]}, {"contentBase64": 7}])
+def test_raw_upload_refuses_what_the_database_would(receiver: ReceiverHandle, override: dict[str, Any]) -> None:
+    reply = post_raw(receiver, raw_body(**override))
+    assert reply.status_code == 500
+    assert (reply.json()["ok"], reply.json()["error"]) == (False, "DB")
+    assert receiver.state.raw.chunks() == []
+
+
+def test_raw_upload_null_body_is_an_empty_500(receiver: ReceiverHandle) -> None:
+    reply = post_raw(receiver, b"null")
+    assert (reply.status_code, reply.content) == (500, b"")
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("QUJD", b"ABC"), ("QU JD\n", b"ABC"), ("QUJ", b"AB"), ("Q", b""), ("QUJD=QUJD", b"ABC"),
+    ("QUJD!!QUJD", b"ABCABC"), ("QU-_", b"AO\xbf"), ("QUJ=D", b"AB"), ("QUJD\u0141QUJD", b"ABC\x01\x05\x09"),
+])
+def test_node_base64(text: str, expected: bytes) -> None:
+    """Outputs of ``Buffer.from(text, 'base64')`` under Node 20."""
+    assert node_base64(text) == (expected, text == "QUJD")
