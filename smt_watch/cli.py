@@ -543,9 +543,10 @@ def receive(
 ) -> None:
     """Run the reference receiver: a local stand-in for the web app and upload server.
 
-    Serves POST /api/admin/smt/pull (inline) and POST /upload (multipart), storing each distinct file
-    once under DIR. It checks x-admin-token / x-smt-upload-token against ADMIN_TOKEN / SMT_UPLOAD_TOKEN
-    when those are set. For demos and tests, not production.
+    Serves POST /api/admin/smt/pull (inline), POST /api/admin/smt/raw-upload (chunks, validated as the
+    web app's route does: filename, sizeBytes or size_bytes, sha256) and POST /upload (multipart),
+    storing each distinct file once under DIR. It checks x-admin-token / x-smt-upload-token against
+    ADMIN_TOKEN / SMT_UPLOAD_TOKEN when those are set. For demos and tests, not production.
     """
     from smt_watch.receiver import serve
 
