@@ -34,7 +34,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Final
 from urllib.parse import urlsplit
 
@@ -50,6 +50,7 @@ from starlette.routing import Route
 from smt_watch.bridge import Bridge
 from smt_watch.config import Secret, Settings
 from smt_watch.errors import ConfigError, SmtWatchError
+from smt_watch.inbox import is_candidate
 from smt_watch.ledger import Ledger
 from smt_watch.uploads import MalformedUpload, ReceivedFile, UploadTooLarge, read_multipart
 
@@ -291,13 +292,20 @@ class Server:
             name = self._publish(received.tmp_path, name)
             log.info("Stored upload %s (%d bytes, sha256 %s, %s %s)", name, received.size, received.sha256[:12],
                      role, _shown(account))
-            message = f"Upload accepted and queued for delivery as {name}"
+            if is_candidate(PurePosixPath(name), self.settings.patterns):
+                message = f"Upload accepted and queued for delivery as {name}"
+            else:
+                message = (f"Upload stored as {name}, but that name does not match SMT_PATTERNS "
+                           f"({','.join(self.settings.patterns)}): it will not be delivered")
         times = self.ledger.uploads_since(role, account, since)
         limit = self._limit(role)
         remaining = max(0, limit - len(times))
         return JSONResponse(
             {"ok": True, "message": message, "duplicate": duplicate,
-             "file": {"name": name, "size": received.size, "sha256": received.sha256},
+             "file": {"name": name, "size": received.size, "sha256": received.sha256,
+                      "path": None if duplicate else str(self.settings.local_dir / name),
+                      "interval": "interval" in name.lower()},  # the Node server's own test of a name
+             "ingest": {"queued": not duplicate, "filesProcessed": 0, "intervalsInserted": 0, "normalized": False},
              "remaining": remaining,
              "meta": {"role": role, "accountKey": account, "limit": limit, "remaining": remaining,
                       "resetAt": iso((times[0] if times else now) + WINDOWS[role])},

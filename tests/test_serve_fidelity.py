@@ -194,6 +194,17 @@ def test_success_reply_has_remaining_and_a_queue(make_settings: Make, tmp_path: 
     assert second["remaining"] == 8 and second["message"].startswith("Upload accepted")
 
 
+def test_a_stored_name_that_will_not_be_delivered_is_said(strict: Running) -> None:
+    """`serve` stores any upload, but `watch` only takes SMT_PATTERNS: the reply says so honestly."""
+    with strict.client() as client:
+        taken = upload(client, b"ESIID\n1\n", "IntervalData.csv", token=None).json()
+        left = upload(client, b"ESIID\n2\n", "notes.txt", token=None).json()
+    assert taken["message"].startswith("Upload accepted and queued") and taken["file"]["interval"] is True
+    assert Path(taken["file"]["path"]).read_bytes() == b"ESIID\n1\n"
+    assert "will not be delivered" in left["message"] and "SMT_PATTERNS" in left["message"]
+    assert Path(left["file"]["path"]).is_file()
+
+
 def test_duplicate_of_sent_content_says_so(strict: Running) -> None:
     data = b"ESIID,X\ndup,1\n"
     sha = hashlib.sha256(data).hexdigest()

@@ -239,10 +239,11 @@ def test_upload_lands_in_the_inbox_with_the_spec_reply(srv: Running, client: htt
     assert resp.status_code == 202, resp.text
     assert resp.headers["content-type"].startswith("application/json")
     body = resp.json()
-    assert set(body) == {"ok", "message", "duplicate", "file", "remaining", "meta", "queue"}
+    assert set(body) == {"ok", "message", "duplicate", "file", "remaining", "meta", "queue", "ingest"}
     assert body["remaining"] == body["meta"]["remaining"] and set(body["queue"]) == {"position", "etaSeconds"}
     assert body["ok"] is True and body["duplicate"] is False and isinstance(body["message"], str)
-    assert set(body["file"]) == {"name", "size", "sha256"}
+    assert set(body["file"]) == {"name", "size", "sha256", "path", "interval"}  # path, interval: as the Node server
+    assert body["file"]["interval"] is True and body["ingest"]["queued"] is True
     stamp, base = STAMPED.match(body["file"]["name"]).groups()  # type: ignore[union-attr]
     assert base == "IntervalData.csv"
     assert before <= datetime.strptime(stamp, "%Y%m%dT%H%M%S").replace(tzinfo=UTC) <= after
@@ -1134,7 +1135,9 @@ def test_bytes_already_sent_are_a_duplicate_and_not_stored(srv: Running, client:
     assert resp.status_code == 202, resp.text
     body = resp.json()
     assert body["ok"] is True and body["duplicate"] is True
-    assert body["file"] == {"name": body["file"]["name"], "size": len(data), "sha256": sha(data)}
+    assert body["file"] == {"name": body["file"]["name"], "size": len(data), "sha256": sha(data), "path": None,
+                            "interval": False}
+    assert body["ingest"]["queued"] is False
     assert_nothing_stored(srv)
 
 
