@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import hmac
 import json
 import os
 import re
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -27,12 +29,13 @@ import httpx
 import pytest
 from sftp_server import SftpTestServer, running_sftp_server, sftp_env
 
+import smt_watch.server as server_module
 from conftest import UPLOAD_TOKEN, wait_for, watching, write_csv
 from smt_watch.config import Settings
 from smt_watch.ledger import STATES, Ledger
 from smt_watch.pipeline import open_ledger
 from smt_watch.receiver import app_in_thread
-from smt_watch.server import MAX_NAME_BYTES, SECRET_HEADERS, Server, build, safe_name
+from smt_watch.server import MAX_NAME_BYTES, Server, build, safe_name
 
 Make = Callable[..., Settings]
 
@@ -41,6 +44,10 @@ SECRET = "webhook-secret-5a5a5a5a5a5a-SECRET"
 STAMPED = re.compile(r"^(\d{8}T\d{6})_(?:\d+_)?([A-Za-z0-9._-]+)$")
 SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 UNAUTHORIZED = {"ok": False, "error": "unauthorized", "message": "Invalid or missing SMT upload token"}
+# README and SPEC §5, spelled out here rather than imported from the code under test, so that a header
+# dropped from smt_watch.server.SECRET_HEADERS turns a test red (mutant serve-trigger-header-dropped).
+SECRET_HEADERS = ("x-intelliwatt-secret", "x-smt-secret", "x-webhook-secret", "x-proxy-secret",
+                  "x-droplet-webhook-secret")
 
 
 def sha(data: bytes) -> str:
@@ -257,6 +264,67 @@ def test_upload_lands_in_the_inbox_with_the_spec_reply(srv: Running, client: htt
     assert before + timedelta(days=1) - timedelta(seconds=1) <= reset <= after + timedelta(days=1)
 
 
+def test_stored_name_stamp_is_utc_whatever_the_local_zone(srv: Running, client: httpx.Client,
+                                                         tmp_path: Path) -> None:
+    """The local zone is set 6 hours behind UTC for this test: the stored name's stamp is still UTC.
+    Checked against mutant serve-name-local-time (this machine runs in UTC, where the other tests cannot
+    tell the difference)."""
+    old = os.environ.get("TZ")
+    os.environ["TZ"] = "XST+6"  # POSIX rule: 6 hours west of UTC; needs no tzdata
+    time.tzset()
+    try:
+        before = datetime.now(UTC).replace(microsecond=0)
+        resp = upload(client, csv_bytes(tmp_path, 2), "zone.csv")
+        after = datetime.now(UTC)
+    finally:
+        if old is None:
+            os.environ.pop("TZ", None)
+        else:
+            os.environ["TZ"] = old
+        time.tzset()
+    assert resp.status_code == 202, resp.text
+    stamp, base = STAMPED.match(resp.json()["file"]["name"]).groups()  # type: ignore[union-attr]
+    assert base == "zone.csv"
+    assert before <= datetime.strptime(stamp, "%Y%m%dT%H%M%S").replace(tzinfo=UTC) <= after
+
+
+def test_upload_is_fsynced_before_it_is_published(srv: Running, client: httpx.Client,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real os.fsync/os.link calls are recorded (and passed through): the temp file is fsynced before it
+    gets its final name, so a crash cannot leave a named but empty or short upload.
+    Checked against mutant serve-temp-no-fsync."""
+    events: list[tuple[str, ...]] = []
+    lock = threading.Lock()
+    real_fsync, real_link = os.fsync, os.link
+
+    def fsync(fd: int) -> None:
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            target = "?"
+        with lock:
+            events.append(("fsync", target))
+        real_fsync(fd)
+
+    def link(src: Any, dst: Any, *a: Any, **kw: Any) -> None:
+        with lock:
+            events.append(("link", os.fspath(src), os.fspath(dst)))
+        real_link(src, dst, *a, **kw)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "link", link)
+    data = os.urandom(300_000)
+    resp = upload(client, data, "durable.csv")
+    monkeypatch.undo()
+    assert resp.status_code == 202, resp.text
+    final = assert_stored(srv, resp.json(), data).resolve()
+    published = [i for i, e in enumerate(events) if e[0] == "link" and Path(e[2]).resolve() == final]
+    assert len(published) == 1, events
+    temp = str(Path(events[published[0]][1]).resolve())
+    assert Path(temp).name.startswith(".upload-"), events
+    assert ("fsync", temp) in events[:published[0]], f"published without an fsync of the temp: {events}"
+
+
 def test_upload_is_delivered_by_watch_then_the_same_bytes_are_a_duplicate(
     make_settings: Make, receiver: Any, tmp_path: Path
 ) -> None:
@@ -298,38 +366,83 @@ def test_twenty_concurrent_uploads_are_all_intact(srv: Running, tmp_path: Path) 
     assert srv.temps() == []
 
 
+class FrozenClock:
+    """``smt_watch.server``'s ``time`` module with ``time()`` stopped at one instant: every upload is stamped
+    with the same second, so same-name uploads really collide (the case under test), deterministically."""
+
+    def __init__(self, at: float) -> None:
+        self.at = at
+
+    def time(self) -> float:
+        return self.at
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+def frozen_stamp(monkeypatch: pytest.MonkeyPatch) -> str:
+    """Freeze the server's clock at the current whole second; return the stamp every stored name gets."""
+    at = float(int(time.time()))
+    monkeypatch.setattr(server_module, "time", FrozenClock(at))
+    return datetime.fromtimestamp(at, UTC).strftime("%Y%m%dT%H%M%S")
+
+
 def test_two_uploads_with_the_same_name_at_once_are_both_kept(srv: Running, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Both requests are held just before the rename (a barrier in os.chmod of the temp), then released."""
-    real_chmod = os.chmod
-    barrier = threading.Barrier(2, timeout=5)
+    """Same name, same second (the server's clock is frozen), at the same moment: both requests are held just
+    before they publish (a barrier in os.chmod of the temp), and again at any rename of a temp into the inbox,
+    so a check-then-rename server has checked for both before either renames. Both uploads must be kept, under
+    distinct names sharing the second's stamp. Checked against mutants serve-collision-overwrites (rename
+    over an existing name) and serve-collision-check-then-rename (exists() then rename)."""
+    stamp = frozen_stamp(monkeypatch)
+    real_chmod, real_replace, real_rename = os.chmod, os.replace, os.rename
+    publishing = threading.Barrier(2, timeout=5)
+    renaming = threading.Barrier(2, timeout=5)
+
+    def hold(barrier: threading.Barrier) -> None:
+        with contextlib.suppress(threading.BrokenBarrierError):
+            barrier.wait()  # a server that serialises publishing never has two here at once: 5 s, then on
 
     def chmod(path: Any, mode: int, *a: Any, **kw: Any) -> None:
         if Path(path).name.startswith(".upload-"):
-            with contextlib.suppress(threading.BrokenBarrierError):
-                barrier.wait()  # a fixed server that serialises renames never has two here at once
+            hold(publishing)
         real_chmod(path, mode, *a, **kw)
 
+    def replace(src: Any, dst: Any, *a: Any, **kw: Any) -> None:
+        if Path(src).name.startswith(".upload-"):
+            hold(renaming)
+        real_replace(src, dst, *a, **kw)
+
+    def rename(src: Any, dst: Any, *a: Any, **kw: Any) -> None:
+        if Path(src).name.startswith(".upload-"):
+            hold(renaming)
+        real_rename(src, dst, *a, **kw)
+
     monkeypatch.setattr(os, "chmod", chmod)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "rename", rename)
+    a, b = os.urandom(5000), os.urandom(5000)
     with srv.client() as client, ThreadPoolExecutor(2) as pool:
-        for _attempt in range(5):
-            barrier.reset()
-            a, b = os.urandom(5000), os.urandom(5000)
-            ra, rb = pool.map(lambda d: upload(client, d, "same.csv"), (a, b))
-            assert ra.status_code == rb.status_code == 202, (ra.text, rb.text)
-            stamps = {STAMPED.match(r.json()["file"]["name"]).group(1) for r in (ra, rb)}  # type: ignore[union-attr]
-            if len(stamps) == 1:
-                break  # same second: the names collided, which is the case under test
-        contents = {p.read_bytes() for p in srv.stored()}
-        assert a in contents and b in contents, [r.json()["file"]["name"] for r in (ra, rb)]
-        assert ra.json()["file"]["name"] != rb.json()["file"]["name"]
+        ra, rb = pool.map(lambda d: upload(client, d, "same.csv"), (a, b))
+    assert ra.status_code == rb.status_code == 202, (ra.text, rb.text)
+    names = sorted(r.json()["file"]["name"] for r in (ra, rb))
+    assert names == sorted([f"{stamp}_same.csv", f"{stamp}_1_same.csv"])  # they collided, and were told apart
+    assert_stored(srv, ra.json(), a)
+    assert_stored(srv, rb.json(), b)
+    assert [p.name for p in srv.stored()] == names and srv.temps() == []
 
 
-def test_same_name_uploads_one_after_another_get_distinct_names(srv: Running, client: httpx.Client) -> None:
+def test_same_name_uploads_one_after_another_get_distinct_names(srv: Running, client: httpx.Client,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Four uploads of one name in one second (the server's clock is frozen): four names, none overwritten.
+    Checked against mutant serve-collision-overwrites."""
+    stamp = frozen_stamp(monkeypatch)
     datas = [os.urandom(1000) for _ in range(4)]
     bodies = [upload(client, d, "same.csv").json() for d in datas]
-    assert len({b["file"]["name"] for b in bodies}) == 4
+    assert [b["file"]["name"] for b in bodies] == [f"{stamp}_same.csv", f"{stamp}_1_same.csv",
+                                                   f"{stamp}_2_same.csv", f"{stamp}_3_same.csv"]
     for b, d in zip(bodies, datas, strict=True):
         assert_stored(srv, b, d)
+    assert len(srv.stored()) == 4 and srv.temps() == []
 
 
 def test_same_bytes_not_yet_delivered_are_stored_again(srv: Running, client: httpx.Client) -> None:
@@ -377,6 +490,37 @@ def test_401_is_answered_before_the_body_is_read(srv: Running) -> None:
     assert_nothing_stored(srv)
 
 
+def test_token_and_secrets_are_compared_with_compare_digest(make_settings: Make,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """README: the upload token and the webhook secret are compared in constant time. Timing is not measured
+    (a loaded 2-core machine makes that flaky); the real hmac.compare_digest is wrapped to record what it
+    compared. Every secret header sent is compared, not just those up to the first match, so the timing
+    does not say which one matched. Checked against mutants serve-secret-not-constant-time (==) and
+    serve-trigger-stops-at-first-match (a generator in any())."""
+    calls: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+
+    def compare_digest(a: Any, b: Any) -> bool:
+        calls.append((bytes(a), bytes(b)))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", compare_digest)
+    with running(make_settings(SMT_UPLOAD_TOKEN=TOKEN, INTELLIWATT_WEBHOOK_SECRET=SECRET)) as srv, \
+            srv.client() as client:
+        assert upload(client, b"x\n", token="wrong-token").status_code == 401
+        assert (b"wrong-token", TOKEN.encode()) in calls
+        assert upload(client, b"x\n").status_code == 202
+        assert (TOKEN.encode(), TOKEN.encode()) in calls
+
+        calls.clear()
+        headers = {h: SECRET if i == 0 else f"wrong-{i}" for i, h in enumerate(SECRET_HEADERS)}
+        resp = client.post("/trigger/smt-now", headers=headers, json={"reason": "admin_triggered"})
+        assert resp.status_code == 503, resp.text  # past the secret check: sync is not configured here
+        compared = sorted(a for a, b in calls if b == SECRET.encode())
+        assert compared == sorted([SECRET.encode()] + [f"wrong-{i}".encode() for i in range(1, 5)]), calls
+        assert len(srv.stored()) == 1 and srv.temps() == []
+
+
 def test_no_token_configured_accepts_uploads_without_one(make_settings: Make) -> None:
     with running(make_settings()) as srv, srv.client() as client:
         resp = upload(client, b"a,b\n", token=None)
@@ -398,6 +542,10 @@ def test_missing_file_field_is_400(srv: Running, client: httpx.Client) -> None:
         ("multipart/form-data", b"--x\r\n"),  # no boundary parameter
         (FORM_TYPE, form(b"x" * 10_000)[:-30]),  # body ends before the closing boundary
         (FORM_TYPE, b"--" + BOUNDARY.encode() + b"\r\nContent-Type: text/plain\r\n\r\nno disposition\r\n"),
+        # The file part is complete (its temp exists), then the parser itself rejects the next part's header
+        # name: a FormParserError after the temp was opened (checked against mutant serve-malformed-temp-kept).
+        (FORM_TYPE, form(b"x" * 10_000)[: -len(f"--{BOUNDARY}--\r\n")]
+         + f"--{BOUNDARY}\r\nBad Header: v\r\n\r\nv\r\n--{BOUNDARY}--\r\n".encode()),
     ],
 )
 def test_malformed_bodies_are_400_and_leave_nothing(srv: Running, client: httpx.Client, ctype: str,
@@ -605,9 +753,12 @@ def assert_429(resp: httpx.Response, role: str, account: str, limit: int, window
     assert (body["role"], body["accountKey"], body["limit"], body["remaining"]) == (role, account, limit, 0)
     reset = datetime.strptime(body["resetAt"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
     now = datetime.now(UTC)
-    assert now < reset <= now + window + timedelta(seconds=2)
+    # The uploads that used up the limit were made within the last minutes: the window (24 h admin, 30 days
+    # customer) ends about a whole window from now, not sooner (checked against mutants serve-admin-window-1h
+    # and serve-customer-window-1d, which only the upper bounds let through).
+    assert now + window - timedelta(minutes=5) <= reset <= now + window + timedelta(seconds=2)
     retry = int(resp.headers["retry-after"])
-    assert 0 < retry <= window.total_seconds() + 2
+    assert window.total_seconds() - 300 <= retry <= window.total_seconds() + 2
     assert abs((reset - now).total_seconds() - retry) < 5
 
 
@@ -641,6 +792,29 @@ def test_429_is_answered_before_the_body_when_headers_name_the_account(limited: 
         status, headers, body = read_response(sock)
     assert status == 429 and "retry-after" in headers
     assert json.loads(body)["accountKey"] == "acct-1"
+    assert len(limited.stored()) == 5 and limited.temps() == []
+
+
+def test_429_is_answered_when_the_file_part_begins(limited: Running) -> None:
+    """Role and account in form fields before the file part: the refusal comes when the file part begins,
+    before a byte of it is written and before the rest of the body is sent (the client here never sends it).
+    Checked against mutant serve-429-after-file-written (the check at the start of the file part removed:
+    the server then waits for the whole body and refuses only at acceptance)."""
+    with limited.client() as client:
+        for i in range(5):
+            assert upload(client, os.urandom(100), f"{i}.csv",
+                          fields={"role": "customer", "accountKey": "acct-form"}).status_code == 202
+    declared = 50_000_000
+    start = (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="role"\r\n\r\ncustomer\r\n'
+             f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="accountKey"\r\n\r\nacct-form\r\n'
+             f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="late.csv"\r\n'
+             f"Content-Type: text/csv\r\n\r\n").encode() + os.urandom(20_000)
+    with connect(limited.port) as sock:
+        sock.sendall(raw_head(limited.port, declared) + start)
+        status, headers, body = read_response(sock)
+        assert limited.temps() == []  # refused before the file part was written, while the client still sends
+    assert status == 429 and "retry-after" in headers
+    assert json.loads(body)["accountKey"] == "acct-form"
     assert len(limited.stored()) == 5 and limited.temps() == []
 
 

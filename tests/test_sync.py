@@ -553,6 +553,27 @@ def test_connection_drop_mid_transfer_is_retried_and_resumed(
     assert server.mutations == []
 
 
+def test_third_attempt_after_two_drops_completes_the_file(
+    server: SftpTestServer, env: dict[str, str], make_settings: Make, inbox: Path
+) -> None:
+    """README: dropped connections are retried, 3 attempts, resuming. Two drops in a row still end with the
+    whole file, each attempt starting where the part ended (checked against mutant sync-two-attempts)."""
+    data = os.urandom(2 * MiB)
+    server.put("adhocusage/a.CSV", data)
+    server.drop_after_bytes = 256 * 1024
+    server.drop_times = 2
+    report = sync_once(make_settings, env)
+    assert report.failed == [] and report.fetched == [inbox / "adhocusage" / "a.CSV"]
+    assert server.drops == 2
+    assert (inbox / "adhocusage" / "a.CSV").read_bytes() == data
+    assert parts(inbox) == []
+    sessions = sessions_for(server, "/adhocusage/a.CSV")
+    assert len(sessions) == 3, sessions
+    starts = [sessions[k][0][0] for k in sorted(sessions)]
+    # Each attempt starts where the part ended (0 again when a drop lost every reply still in flight).
+    assert starts[0] == 0 and starts == sorted(starts), starts
+
+
 def test_failed_run_leaves_only_a_hidden_part_and_next_run_fetches_the_rest(
     server: SftpTestServer, env: dict[str, str], run_cli: RunCli, inbox: Path
 ) -> None:
@@ -560,14 +581,16 @@ def test_failed_run_leaves_only_a_hidden_part_and_next_run_fetches_the_rest(
     server.put("adhocusage/2026/a.CSV", data)
     server.put("small.csv", b"small\n")
     server.drop_after_bytes = 256 * 1024
-    server.drop_times = ATTEMPTS  # every attempt of this run dies
+    # README: "3 attempts". A literal, not sync.ATTEMPTS: with a fourth attempt this run would succeed
+    # (checked against mutant sync-four-attempts).
+    server.drop_times = 3  # every attempt of this run dies
     result = run_cli("sync", env=env)
     assert result.returncode == 1, result.stdout + result.stderr
     m = summary(result)
     assert (m["new"], m["failed"]) == ("1", "1")  # the other file still went on
     assert "Traceback" not in result.stderr
     assert "/adhocusage/2026/a.CSV" in result.stderr  # which file failed is said
-    assert server.drops == ATTEMPTS
+    assert server.drops == 3
     assert visible(inbox) == {"small.csv": b"small\n"}  # no visible partial file
     [part] = parts(inbox)
     assert part.parent == inbox / "adhocusage" / "2026"
