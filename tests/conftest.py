@@ -105,6 +105,45 @@ def unused_port() -> int:
         return int(s.getsockname()[1])
 
 
+class IoCalls:
+    """``os.fsync`` (with the path of the fd), ``os.link`` and ``os.replace`` calls in order, recorded on their
+    way to the real functions: durability is asserted from the order of real calls, not from a crash."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.events: list[tuple[str, ...]] = []
+        self._lock = threading.Lock()
+        real_fsync, real_link, real_replace = os.fsync, os.link, os.replace
+
+        def fsync(fd: int) -> None:
+            try:
+                target = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                target = "?"
+            self._add("fsync", target)
+            real_fsync(fd)
+
+        def link(src: Any, dst: Any, *a: Any, **kw: Any) -> None:
+            self._add("link", os.fspath(src), os.fspath(dst))
+            real_link(src, dst, *a, **kw)
+
+        def replace(src: Any, dst: Any, *a: Any, **kw: Any) -> None:
+            self._add("replace", os.fspath(src), os.fspath(dst))
+            real_replace(src, dst, *a, **kw)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(os, "link", link)
+        monkeypatch.setattr(os, "replace", replace)
+
+    def _add(self, *event: str) -> None:
+        with self._lock:
+            self.events.append(event)
+
+
+@pytest.fixture
+def io_calls(monkeypatch: pytest.MonkeyPatch) -> IoCalls:
+    return IoCalls(monkeypatch)
+
+
 @contextmanager
 def watching(settings: Settings, **kw: Any) -> Iterator[WatchService]:
     """A WatchService in a thread, ready before the block runs; errors in it fail the test."""

@@ -30,7 +30,7 @@ import pytest
 from sftp_server import SftpTestServer, running_sftp_server, sftp_env
 
 import smt_watch.server as server_module
-from conftest import UPLOAD_TOKEN, wait_for, watching, write_csv
+from conftest import UPLOAD_TOKEN, IoCalls, wait_for, watching, write_csv
 from smt_watch.config import Settings
 from smt_watch.ledger import STATES, Ledger
 from smt_watch.pipeline import open_ledger
@@ -288,34 +288,15 @@ def test_stored_name_stamp_is_utc_whatever_the_local_zone(srv: Running, client: 
     assert before <= datetime.strptime(stamp, "%Y%m%dT%H%M%S").replace(tzinfo=UTC) <= after
 
 
-def test_upload_is_fsynced_before_it_is_published(srv: Running, client: httpx.Client,
+def test_upload_is_fsynced_before_it_is_published(srv: Running, client: httpx.Client, io_calls: IoCalls,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """The real os.fsync/os.link calls are recorded (and passed through): the temp file is fsynced before it
     gets its final name, so a crash cannot leave a named but empty or short upload.
     Checked against mutant serve-temp-no-fsync."""
-    events: list[tuple[str, ...]] = []
-    lock = threading.Lock()
-    real_fsync, real_link = os.fsync, os.link
-
-    def fsync(fd: int) -> None:
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            target = "?"
-        with lock:
-            events.append(("fsync", target))
-        real_fsync(fd)
-
-    def link(src: Any, dst: Any, *a: Any, **kw: Any) -> None:
-        with lock:
-            events.append(("link", os.fspath(src), os.fspath(dst)))
-        real_link(src, dst, *a, **kw)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "link", link)
     data = os.urandom(300_000)
     resp = upload(client, data, "durable.csv")
     monkeypatch.undo()
+    events = io_calls.events
     assert resp.status_code == 202, resp.text
     final = assert_stored(srv, resp.json(), data).resolve()
     published = [i for i, e in enumerate(events) if e[0] == "link" and Path(e[2]).resolve() == final]

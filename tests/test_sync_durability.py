@@ -11,17 +11,18 @@ same bytes already in the inbox are recognised instead of being stored again as 
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from sftp_server import SftpTestServer, running_sftp_server, sftp_env
+from test_sync import sync_once, visible
 
+from conftest import IoCalls
 from smt_watch.config import Settings
 from smt_watch.sftp import RemoteFile
-from smt_watch.sync import SyncReport, part_path, run_sync
+from smt_watch.sync import part_path
 
 Make = Callable[..., Settings]
 KiB = 1024
@@ -43,23 +44,8 @@ def inbox(base_env: dict[str, str]) -> Path:
     return Path(base_env["SMT_LOCAL_DIR"])
 
 
-def sync_once(make_settings: Make, env: dict[str, str]) -> SyncReport:
-    report = run_sync(make_settings(**env))
-    assert report is not None, "nobody else holds the lock"
-    return report
-
-
-def visible(inbox: Path) -> dict[str, bytes]:
-    out = {}
-    for path in inbox.rglob("*"):
-        rel = path.relative_to(inbox)
-        if path.is_file() and not any(p.startswith(".") for p in rel.parts):
-            out[rel.as_posix()] = path.read_bytes()
-    return out
-
-
 def test_part_is_fsynced_then_renamed_then_its_directory_fsynced(
-    server: SftpTestServer, env: dict[str, str], make_settings: Make, inbox: Path,
+    server: SftpTestServer, env: dict[str, str], make_settings: Make, inbox: Path, io_calls: IoCalls,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Checked against mutants sync-part-no-fsync (the part's fsync removed) and sync-rename-dir-no-fsync
@@ -67,28 +53,9 @@ def test_part_is_fsynced_then_renamed_then_its_directory_fsynced(
     files = {"adhocusage/2026/a.CSV": os.urandom(300 * KiB), "b.csv": os.urandom(20 * KiB)}
     for rel, data in files.items():
         server.put(rel, data)
-    events: list[tuple[str, ...]] = []
-    lock = threading.Lock()
-    real_fsync, real_replace = os.fsync, os.replace
-
-    def fsync(fd: int) -> None:
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            target = "?"
-        with lock:
-            events.append(("fsync", target))
-        real_fsync(fd)
-
-    def replace(src: object, dst: object, *a: object, **kw: object) -> None:
-        with lock:
-            events.append(("replace", os.fspath(src), os.fspath(dst)))  # type: ignore[call-overload]
-        real_replace(src, dst, *a, **kw)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
     report = sync_once(make_settings, env)
     monkeypatch.undo()
+    events = io_calls.events
     assert report.failed == [] and len(report.fetched) == 2
     assert visible(inbox) == files
 
