@@ -131,3 +131,45 @@ def test_state_file_is_imported_once_per_change(tmp_path: Path) -> None:
         report = import_state_file(ledger, legacy)
         assert report is not None and report.added == 1
         assert ledger.meta("state_file_imported") == f"2 hashes from {legacy}"
+
+
+def _hold_claim(path: str, claimed: multiprocessing.synchronize.Event, release: multiprocessing.synchronize.Event
+                ) -> None:
+    ledger = Ledger(Path(path))
+    ledger.claim(A, filename="f", path=None, size=1, mode="m")
+    claimed.set()
+    release.wait(60)  # alive, and holding its claim, until the test has looked
+
+
+def test_start_up_recovery_leaves_a_live_claim_alone(tmp_path: Path) -> None:
+    """``watch`` starting beside a live ``post`` must not take back the row ``post`` is sending (that would
+    send it twice); once the claimer is dead the row is recovered as ``pending``. Checked against
+    ledger-recover-live-claim (every foreign claim recovered)."""
+    ctx = multiprocessing.get_context("spawn")
+    claimed, release = ctx.Event(), ctx.Event()
+    path = tmp_path / "l.sqlite3"
+    holder = ctx.Process(target=_hold_claim, args=(str(path), claimed, release))
+    holder.start()
+    try:
+        assert claimed.wait(30), "the child did not claim"
+        with Ledger(path) as ledger:
+            assert ledger.recover_stale() == []
+            assert ledger.get(A).state == "sending"  # type: ignore[union-attr]
+    finally:
+        release.set()
+        holder.join(30)
+    with Ledger(path) as ledger:
+        assert [r.sha256 for r in ledger.recover_stale()] == [A]
+        assert ledger.get(A).state == "pending"  # type: ignore[union-attr]
+
+
+def test_rows_are_listed_oldest_first(tmp_path: Path) -> None:
+    """``ledger list`` (and ``--state``) shows rows oldest first, not in hash order: B is seen before A.
+    Checked against ledger-list-oldest-first and ledger-list-state-oldest-first."""
+    with Ledger(tmp_path / "l.sqlite3") as ledger:
+        claim(ledger, B)
+        claim(ledger, A)
+        first_seen = {r.sha256: r.first_seen for r in ledger.rows()}
+        assert first_seen[B] < first_seen[A]
+        assert [r.sha256 for r in ledger.rows()] == [B, A]
+        assert [r.sha256 for r in ledger.rows("sending")] == [B, A]
