@@ -25,7 +25,7 @@ unit: $(BIN)/.installed
 test-slow: $(BIN)/.installed
 	$(BIN)/pytest -m slow
 
-## mutants: break each promise in tests/mutants/*.toml on purpose and check a test goes red (~20 min)
+## mutants: break each promise in tests/mutants/*.toml on purpose and check a test goes red (~45 min)
 mutants: $(BIN)/.installed
 	$(BIN)/python scripts/mutants.py
 
