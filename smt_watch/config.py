@@ -89,6 +89,9 @@ class Settings:
     upload_admin_limit: int = 50  # SMT_UPLOAD_ADMIN_LIMIT
     upload_customer_limit: int = 5  # SMT_UPLOAD_CUSTOMER_LIMIT
     cors_origins: tuple[str, ...] = ("https://intelliwatt.com",)  # SMT_UPLOAD_CORS_ORIGINS
+    upload_idle_seconds: float = 30.0  # SMT_UPLOAD_IDLE_SECONDS: no byte for this long closes the connection
+    upload_max_concurrent: int = 16  # SMT_UPLOAD_MAX_CONCURRENT: uploads taken at once; beyond, 503
+    trusted_proxies: tuple[str, ...] = ()  # SMT_TRUSTED_PROXIES: peers whose X-Forwarded-For is believed
     webhook_secret: Secret | None = None  # INTELLIWATT_WEBHOOK_SECRET / DROPLET_WEBHOOK_SECRET
     webhook_forward_url: str | None = None  # SMT_WEBHOOK_FORWARD_URL: the old bridge, for what serve does not handle
     settle_seconds: float = 1.0  # SMT_SETTLE_SECONDS
@@ -331,6 +334,9 @@ def load_settings(
         upload_admin_limit=r.integer("SMT_UPLOAD_ADMIN_LIMIT", 50),
         upload_customer_limit=r.integer("SMT_UPLOAD_CUSTOMER_LIMIT", 5),
         cors_origins=r.items("SMT_UPLOAD_CORS_ORIGINS", ("https://intelliwatt.com",)),
+        upload_idle_seconds=r.number("SMT_UPLOAD_IDLE_SECONDS", 30.0, minimum=0.1),
+        upload_max_concurrent=r.integer("SMT_UPLOAD_MAX_CONCURRENT", 16, minimum=1),
+        trusted_proxies=r.items("SMT_TRUSTED_PROXIES", ()),
         webhook_secret=r.secret("INTELLIWATT_WEBHOOK_SECRET", "DROPLET_WEBHOOK_SECRET"),
         webhook_forward_url=r.url("SMT_WEBHOOK_FORWARD_URL"),
         settle_seconds=r.number("SMT_SETTLE_SECONDS", 1.0),

@@ -38,6 +38,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Final
 from urllib.parse import urlsplit
 
+import h11
 import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -46,13 +47,14 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from smt_watch.bridge import Bridge
 from smt_watch.config import Secret, Settings
 from smt_watch.errors import ConfigError, SmtWatchError
 from smt_watch.inbox import is_candidate
 from smt_watch.ledger import Ledger
-from smt_watch.uploads import MalformedUpload, ReceivedFile, UploadTooLarge, read_multipart
+from smt_watch.uploads import MalformedUpload, ReceivedFile, UploadStalled, UploadTooLarge, read_multipart
 
 log = logging.getLogger("smt_watch.server")
 
@@ -67,6 +69,8 @@ RATE_MESSAGES: Final = {
     "customer": "Customer upload limit reached for the current 30-day window",
 }
 ANY_METHOD: Final = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+BUSY_RETRY_AFTER: Final = 5  # seconds a client told 503 (too many uploads at once) should wait
+WEBHOOK_MAX_BYTES: Final = 64 * 1024  # a trigger body is a small JSON object
 QUEUE_SAMPLE: Final = 20  # recent deliveries the queue's etaSeconds is estimated from
 MAX_NAME_BYTES: Final = 200
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -134,6 +138,26 @@ def upload_page() -> str:
     return resources.files("smt_watch").joinpath("upload_page.html").read_text(encoding="utf-8")
 
 
+async def read_capped(request: Request, limit: int, idle_seconds: float) -> bytes:
+    """The whole body, refused past ``limit`` bytes (declared or sent) or after ``idle_seconds`` of silence."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise UploadTooLarge(limit)
+    body = bytearray()
+    stream = request.stream()
+    while True:
+        try:
+            async with asyncio.timeout(idle_seconds):
+                chunk = await anext(stream)
+        except StopAsyncIteration:
+            return bytes(body)
+        except TimeoutError:
+            raise UploadStalled(idle_seconds) from None
+        body += chunk
+        if len(body) > limit:
+            raise UploadTooLarge(limit)
+
+
 def _storage_error(exc: OSError) -> JSONResponse:
     log.error("Upload not stored: %s", exc.strerror or exc)
     if exc.errno == errno.ENOSPC:
@@ -185,6 +209,7 @@ class Server:
     ledger: Ledger
     runner: SyncRunner
     bridge: Bridge | None = None
+    _active: int = 0  # uploads in progress
 
     # --- POST /upload -------------------------------------------------------------------------------
 
@@ -208,6 +233,24 @@ class Server:
                       f"Uploads from {_shown(origin)} are not allowed here (SMT_UPLOAD_CORS_ORIGINS)")
 
     async def upload(self, request: Request) -> Response:
+        """At most SMT_UPLOAD_MAX_CONCURRENT uploads at once (one event loop: a plain count is exact);
+        beyond that ``503`` with ``Retry-After`` before a byte of the body is read."""
+        if self._active >= self.settings.upload_max_concurrent:
+            log.warning("Upload refused: %d uploads already in progress (SMT_UPLOAD_MAX_CONCURRENT)", self._active)
+            return _error(503, "busy", f"The server is taking {self._active} uploads already; try again shortly",
+                          headers={"Retry-After": str(BUSY_RETRY_AFTER)})
+        self._active += 1
+        try:
+            response = await self._upload(request)
+        finally:
+            self._active -= 1
+        if response.status_code >= 400:
+            # A refusal may come before the body was read: close, so that a client still sending (or one
+            # that never stops) cannot hold the connection open.
+            response.headers["connection"] = "close"
+        return response
+
+    async def _upload(self, request: Request) -> Response:
         """Refusals that the headers decide come before the body; the identity (role, account) is the
         whole request's: when the headers or the fields before the file part already name both, an upload
         over its limit is refused before a byte is stored; otherwise the file streams to the hidden temp
@@ -249,9 +292,13 @@ class Server:
                 return refused.response
         try:
             parsed = await read_multipart(request, dest_dir=s.local_dir, max_bytes=s.upload_max_bytes,
-                                          before_file=check_early)
+                                          before_file=check_early, idle_seconds=s.upload_idle_seconds)
         except _Refused as refused:
             return refused.response
+        except UploadStalled as exc:
+            log.warning("Upload abandoned: the client sent nothing for %g s; nothing stored", exc.idle_seconds)
+            return _error(408, "timeout", f"No data for {exc.idle_seconds:g} s: the upload was abandoned",
+                          headers={"Connection": "close"})
         except UploadTooLarge:
             return _error(413, "too_large", f"File too large: the limit is {human_bytes(s.upload_max_bytes)}",
                           maxBytes=s.upload_max_bytes)
@@ -357,10 +404,16 @@ class Server:
         # A list, not a generator: every header is compared, so timing does not say which one matched.
         if not any([_matches(request.headers.get(h), secret) for h in SECRET_HEADERS]):
             return _error(401, "unauthorized", "Missing or wrong webhook secret header")
-        raw = await request.body()
+        try:
+            raw = await read_capped(request, WEBHOOK_MAX_BYTES, s.upload_idle_seconds)
+        except UploadTooLarge:
+            return _error(413, "too_large", f"A trigger body is at most {human_bytes(WEBHOOK_MAX_BYTES)}",
+                          maxBytes=WEBHOOK_MAX_BYTES)
+        except UploadStalled as exc:
+            return _error(408, "timeout", f"No data for {exc.idle_seconds:g} s", headers={"Connection": "close"})
         try:
             body = json.loads(raw) if raw.strip() else {}
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
             return _error(400, "invalid_json", "The body must be JSON")
         if not isinstance(body, dict):
             return _error(400, "invalid_json", "The body must be a JSON object")
@@ -427,6 +480,59 @@ class Server:
         return Starlette(routes=routes, middleware=[cors])
 
 
+def head_deadline_protocol(seconds: float) -> type[H11Protocol]:
+    """uvicorn's h11 protocol with a deadline for each request head. uvicorn has none: a client that opens
+    a connection and never finishes its headers (slowloris) holds it forever. The deadline runs from the
+    connection (or the first byte of a later request's head) to the end of the head, so dribbling bytes
+    does not extend it; once the head is complete, the body's own idle timeout takes over."""
+
+    class HeadDeadline(H11Protocol):
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._watch_head()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            self._watch_head()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._cancel_head_timer()
+            super().connection_lost(exc)
+
+        def _watch_head(self) -> None:
+            if self.conn.their_state is h11.IDLE:  # no complete request head yet
+                if self._head_timer is None:
+                    self._head_timer = self.loop.call_later(seconds, self._head_expired)
+            else:
+                self._cancel_head_timer()
+
+        def _cancel_head_timer(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_expired(self) -> None:
+            self._head_timer = None
+            if not self.transport.is_closing():
+                log.warning("Closing a connection from %s: no complete request head in %g s",
+                            self.client[0] if self.client else "?", seconds)
+                self.transport.close()
+
+    return HeadDeadline
+
+
+def uvicorn_config(app: Starlette, settings: Settings) -> uvicorn.Config:
+    """How ``serve`` runs uvicorn: the head deadline, and proxy headers believed only from
+    SMT_TRUSTED_PROXIES (uvicorn's default trusts X-Forwarded-For from 127.0.0.1, so any local client could
+    pick its own rate-limit account)."""
+    trusted = list(settings.trusted_proxies)
+    return uvicorn.Config(app, log_config=None, lifespan="off", timeout_graceful_shutdown=30,
+                          http=head_deadline_protocol(settings.upload_idle_seconds),
+                          proxy_headers=bool(trusted), forwarded_allow_ips=trusted or None)
+
+
 class _Uvicorn(uvicorn.Server):
     """uvicorn without its own signal handling: ``serve`` runs two of them and stops both together."""
 
@@ -467,8 +573,7 @@ async def serve_forever(server: Server) -> None:
         for sock in sockets:
             sock.close()
         raise
-    servers = [_Uvicorn(uvicorn.Config(app, log_config=None, lifespan="off", timeout_graceful_shutdown=30))
-               for app, _ in apps]
+    servers = [_Uvicorn(uvicorn_config(app, s)) for app, _ in apps]
     loop = asyncio.get_running_loop()
 
     def stop() -> None:

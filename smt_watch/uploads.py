@@ -14,6 +14,7 @@ receiver and the ``serve`` upload server can share it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import os
@@ -35,6 +36,7 @@ __all__ = [
     "MalformedUpload",
     "ParsedUpload",
     "ReceivedFile",
+    "UploadStalled",
     "UploadTooLarge",
     "read_multipart",
 ]
@@ -78,6 +80,14 @@ class UploadTooLarge(Exception):
     def __init__(self, max_bytes: int) -> None:
         super().__init__(f"upload exceeds {max_bytes} bytes")
         self.max_bytes = max_bytes
+
+
+class UploadStalled(Exception):
+    """No byte of the body arrived for ``idle_seconds``: the client stalled (or is holding us on purpose)."""
+
+    def __init__(self, idle_seconds: float) -> None:
+        super().__init__(f"no data for {idle_seconds:g} s")
+        self.idle_seconds = idle_seconds
 
 
 class MalformedUpload(Exception):
@@ -275,6 +285,7 @@ async def read_multipart(
     file_field: str = "file",
     max_bytes: int | None = None,
     before_file: Callable[[dict[str, str]], None] | None = None,
+    idle_seconds: float | None = None,
 ) -> ParsedUpload:
     """Stream a multipart body: the ``file_field`` part into a hidden temp file in ``dest_dir``.
 
@@ -285,6 +296,10 @@ async def read_multipart(
 
     ``before_file`` is called with the text fields read so far when the file part begins, before a byte of
     it is written; an exception it raises aborts the upload (a rate limit that depends on form fields).
+
+    ``idle_seconds``: no byte for that long raises ``UploadStalled`` (the temp file is removed). The whole
+    body, every part counted, may not exceed ``max_bytes + FORM_OVERHEAD_BYTES`` (a huge part under another
+    name is refused while it streams, not read to its end).
     """
     _check_declared_length(request, max_bytes)
     boundary = _boundary(request)
@@ -303,8 +318,20 @@ async def read_multipart(
                 "on_end": reader.on_end,
             },
         )
+        body_limit = None if max_bytes is None else max_bytes + FORM_OVERHEAD_BYTES
+        seen = 0
         async with contextlib.aclosing(request.stream()) as stream:
-            async for chunk in stream:
+            while True:
+                try:
+                    async with asyncio.timeout(idle_seconds):
+                        chunk = await anext(stream)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    raise UploadStalled(idle_seconds or 0.0) from None
+                seen += len(chunk)
+                if body_limit is not None and seen > body_limit:
+                    raise UploadTooLarge(max_bytes or 0)
                 if chunk and not reader.ended:  # an epilogue after the closing boundary is ignored
                     parser.write(chunk)
                     if reader.pending_bytes >= _FLUSH_BYTES or reader.file_complete:

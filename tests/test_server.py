@@ -176,7 +176,7 @@ def assert_stored(r: Running, body: dict[str, Any], data: bytes) -> Path:
 
 @pytest.fixture
 def settings(make_settings: Make) -> Settings:
-    return make_settings(SMT_UPLOAD_TOKEN=TOKEN, SMT_UPLOAD_CUSTOMER_LIMIT="1000")
+    return make_settings(SMT_UPLOAD_TOKEN=TOKEN, SMT_UPLOAD_CUSTOMER_LIMIT="1000", SMT_UPLOAD_MAX_CONCURRENT="32")
 
 
 @pytest.fixture
