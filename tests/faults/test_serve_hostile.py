@@ -127,13 +127,15 @@ def test_a_huge_part_under_another_name_counts_toward_the_limit(env: dict[str, s
     with hostile_serve(env, tmp_path, SMT_UPLOAD_MAX_BYTES="100000") as s:
         other = (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="other"; filename="x.bin"\r\n\r\n'
                  ).encode()
-        with connect(s.port) as sock:
-            sock.sendall(upload_head(s.port, 60_000_000) + other)
+        block = b"\0" * 65536
+        with connect(s.port) as sock:  # chunked, no Content-Length: the limit can only be enforced while reading
+            sock.sendall(upload_head(s.port, 0).replace(b"Content-Length: 0", b"Transfer-Encoding: chunked")
+                         + b"%x\r\n%s\r\n" % (len(other), other))
             sent = 0
             try:
                 while sent < 50_000_000:  # the server must answer long before the 50 MB part ends
-                    sock.sendall(b"\0" * 65536)
-                    sent += 65536
+                    sock.sendall(b"%x\r\n%s\r\n" % (len(block), block))
+                    sent += len(block)
             except OSError:
                 pass  # the server answered and closed while we were still sending: the point
             reply = closed_by_server(sock)
