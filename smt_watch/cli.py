@@ -21,6 +21,7 @@ import typer
 from smt_watch import __version__
 from smt_watch.errors import ConfigError, SmtWatchError
 from smt_watch.logs import FORMATS, LEVELS, add_secrets, setup_logging
+from smt_watch.names import shown
 
 if TYPE_CHECKING:
     from smt_watch.config import Settings
@@ -156,9 +157,9 @@ def _print_outcome(o: Outcome) -> None:
     sha = (o.sha256 or "-")[:12]
     if o.result in ("sent", "duplicate"):
         detail = f"HTTP {o.status}, {o.attempts} attempt(s), {o.seconds:.2f}s" if o.result == "sent" else ""
-        typer.echo(f"{o.result:<9} {o.path}  sha256:{sha}  {detail}".rstrip())
+        typer.echo(f"{o.result:<9} {shown(str(o.path))}  sha256:{sha}  {detail}".rstrip())
     else:
-        typer.echo(f"{o.result:<9} {o.path}  sha256:{sha}  {o.error}", err=False)
+        typer.echo(f"{o.result:<9} {shown(str(o.path))}  sha256:{sha}  {shown(o.error or '')}", err=False)
 
 
 def _progress_bar(path: Path) -> AbstractContextManager[Progress | None]:
@@ -484,9 +485,9 @@ def ledger_list(
     for r in rows:
         when = (r.sent_at or r.updated_at)[:19]
         line = f"{r.state:<9} {r.sha256[:12]} {r.size if r.size is not None else '-':>12} {r.attempts:>3} "
-        line += f"{r.http_status or '-':>4}  {when:<20} {r.filename}"
+        line += f"{r.http_status or '-':>4}  {when:<20} {shown(r.filename)}"
         if r.last_error and r.state != "sent":
-            line += f"  ({r.last_error[:100]})"
+            line += f"  ({shown(r.last_error[:100])})"
         typer.echo(line)
 
 
@@ -502,7 +503,7 @@ def ledger_forget(
     with open_ledger(_settings(env_file, SMT_STATE_DIR=state_dir)) as ledger:
         removed = forget_target(ledger, target)
     if not removed:
-        typer.echo(f"smt-watch: no ledger row for {target}", err=True)
+        typer.echo(f"smt-watch: no ledger row for {shown(target)}", err=True)
         raise typer.Exit(1)
     for sha in removed:
         typer.echo(f"forgot {sha}")
@@ -569,13 +570,13 @@ def main() -> None:
         typer.echo("smt-watch: aborted", err=True)
         sys.exit(1)
     except SmtWatchError as exc:
-        typer.echo(f"smt-watch: {exc}", err=True)
+        typer.echo(f"smt-watch: {shown(str(exc))}", err=True)
         sys.exit(exc.exit_code)
     except Exception as exc:  # a bug: still one line, traceback only when asked for
         if _is_click_error(exc):
             _show_click_error(exc)
         log.debug("unexpected error", exc_info=True)
-        typer.echo(f"smt-watch: internal error: {type(exc).__name__}: {exc}", err=True)
+        typer.echo(f"smt-watch: internal error: {type(exc).__name__}: {shown(str(exc))}", err=True)
         sys.exit(1)
     # typer.Exit(n) comes back as n; commands themselves return None (a returned int would be taken as n)
     sys.exit(code if isinstance(code, int) else 0)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from smt_watch.errors import LedgerError
+from smt_watch.names import shown, stored, unstored
 
 STATES: Final = ("pending", "sending", "sent", "retrying", "failed")
 SHA256_RE: Final = re.compile(r"^[0-9a-f]{64}$")
@@ -90,6 +91,19 @@ class Row:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _row(r: sqlite3.Row) -> Row:
+    """A row as the program uses it: ``path`` back in Python's form (undecodable bytes as surrogates)."""
+    values = dict(r)
+    if values.get("path") is not None:
+        values["path"] = unstored(values["path"])
+    return Row(**values)
+
+
+def _text(value: str) -> str:
+    """Free text for a TEXT column (names, errors): SQLite takes only valid UTF-8."""
+    return value if value.isprintable() else shown(value)
 
 
 class Claim(Enum):
@@ -300,7 +314,7 @@ class Ledger:
 
     def get(self, sha256: str) -> Row | None:
         rows = self._query(f"SELECT {_FILE_COLUMNS} FROM files WHERE sha256 = ?", (sha256,))
-        return Row(**dict(rows[0])) if rows else None
+        return _row(rows[0]) if rows else None
 
     def rows(self, state: str | None = None) -> list[Row]:
         if state is None:
@@ -309,7 +323,7 @@ class Ledger:
             found = self._query(
                 f"SELECT {_FILE_COLUMNS} FROM files WHERE state = ? ORDER BY first_seen, sha256", (state,)
             )
-        return [Row(**dict(r)) for r in found]
+        return [_row(r) for r in found]
 
     def find(self, *, sha_prefix: str | None = None, path: str | None = None) -> list[Row]:
         if sha_prefix is not None:
@@ -317,8 +331,8 @@ class Ledger:
                 f"SELECT {_FILE_COLUMNS} FROM files WHERE sha256 LIKE ? ESCAPE '\\'", (sha_prefix + "%",)
             )
         else:
-            found = self._query(f"SELECT {_FILE_COLUMNS} FROM files WHERE path = ?", (path,))
-        return [Row(**dict(r)) for r in found]
+            found = self._query(f"SELECT {_FILE_COLUMNS} FROM files WHERE path = ?", (stored(path or ""),))
+        return [_row(r) for r in found]
 
     def counts(self) -> dict[str, int]:
         found = {str(r[0]): int(r[1]) for r in self._query("SELECT state, COUNT(*) FROM files GROUP BY state")}
@@ -368,9 +382,11 @@ class Ledger:
         claim's answer; a transaction less per new file is about a fifth of ``watch``'s drain rate.
         """
         now = now_iso()
+        path = None if path is None else stored(path)
+        filename = _text(filename)
         with self.atomic() as db:
             if remember is not None:
-                db.execute(_REMEMBER_SQL, remember)
+                db.execute(_REMEMBER_SQL, (stored(remember[0]), *remember[1:]))
             row = db.execute(
                 "SELECT state, claimed_by, claimed_at, next_attempt_at FROM files WHERE sha256 = ?", (sha256,)
             ).fetchone()
@@ -404,6 +420,7 @@ class Ledger:
             return Claim.CLAIMED
 
     def _finish(self, sha256: str, state: str, attempts: int, **values: Any) -> None:
+        values = {k: _text(v) if isinstance(v, str) else v for k, v in values.items()}
         values.update(state=state, updated_at=now_iso(), claimed_by=None, claimed_at=None)
         assignments = ", ".join(f"{k} = ?" for k in values)
         try:
@@ -469,11 +486,11 @@ class Ledger:
 
     def remember(self, path: str, device: int, inode: int, size: int, mtime_ns: int, sha256: str) -> None:
         with self.atomic() as db:
-            db.execute(_REMEMBER_SQL, (path, device, inode, size, mtime_ns, sha256))
+            db.execute(_REMEMBER_SQL, (stored(path), device, inode, size, mtime_ns, sha256))
 
     def unremember(self, path: str) -> None:
         with self.atomic() as db:
-            db.execute("DELETE FROM seen WHERE path = ?", (path,))
+            db.execute("DELETE FROM seen WHERE path = ?", (stored(path),))
 
     def due(self, now: float) -> list[Row]:
         """Rows the watcher should deliver again now: expired ``retrying`` rows and ``pending`` rows."""
@@ -482,7 +499,7 @@ class Ledger:
             " OR state = 'pending' ORDER BY next_attempt_at",
             (now,),
         )
-        return [Row(**dict(r)) for r in found]
+        return [_row(r) for r in found]
 
     def next_due_time(self) -> float | None:
         rows = self._query("SELECT MIN(next_attempt_at) FROM files WHERE state = 'retrying'")
@@ -567,9 +584,9 @@ class Ledger:
         """path -> (device, inode, size, mtime_ns, sha256, ledger state or None) for the paths known."""
         out: dict[str, tuple[int, int, int, int, str, str | None]] = {}
         for i in range(0, len(paths), 500):
-            batch = paths[i : i + 500]
+            batch = [stored(p) for p in paths[i : i + 500]]
             for r in self._query(self._SEEN_SQL.format(",".join("?" * len(batch))), batch, tuples=True):
-                out[r[0]] = r[1:]
+                out[unstored(r[0])] = r[1:]
         return out
 
     def seen(self, path: str) -> tuple[int, int, int, int, str, str | None] | None:

@@ -12,6 +12,8 @@ import sys
 from collections.abc import Iterable
 from datetime import UTC, datetime
 
+from smt_watch.names import shown
+
 LEVELS = ("debug", "info", "warning", "error")
 FORMATS = ("text", "json")
 
@@ -32,27 +34,29 @@ class JsonFormatter(logging.Formatter):
 
 
 class RedactFilter(logging.Filter):
+    """The last line of defence on every record: secrets become ``***``, and the message is one printable
+    line (names are bytes: a newline or ESC in a file name must not forge or split a log line, and an
+    undecodable byte must not break the stream). A traceback, when there is one, follows on its own lines."""
+
     def __init__(self) -> None:
         super().__init__()
         self.secrets: set[str] = set()
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not self.secrets:
-            return True
-        message = record.getMessage()
-        redacted = message
+    def _redact(self, text: str) -> str:
         for secret in self.secrets:
-            redacted = redacted.replace(secret, "***")
-        if record.exc_info and record.exc_info[1] is not None:
+            text = text.replace(secret, "***")
+        return text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = shown(self._redact(message))
+        if self.secrets and record.exc_info and record.exc_info[1] is not None:
             # Formatted tracebacks carry exception text; render it here so it is redacted too.
-            text = logging.Formatter().formatException(record.exc_info)
-            for secret in self.secrets:
-                text = text.replace(secret, "***")
-            redacted += "\n" + text
+            clean += "\n" + self._redact(logging.Formatter().formatException(record.exc_info))
             record.exc_info = None
             record.exc_text = None
-        if redacted != message or record.args:
-            record.msg, record.args = redacted, ()
+        if clean != message or record.args:
+            record.msg, record.args = clean, ()
         return True
 
 

@@ -29,6 +29,7 @@ from smt_watch.errors import (
 from smt_watch.hashing import FileIdentity, identify
 from smt_watch.ledger import SHA256_RE, Claim, Ledger, Remember
 from smt_watch.legacy import import_state_file
+from smt_watch.names import sent
 
 log = logging.getLogger("smt_watch.pipeline")
 
@@ -55,7 +56,7 @@ class Outcome:
 
 def payload_for(settings: Settings, ident: FileIdentity, name: str | None = None, esiid: str | None = None
                 ) -> Payload:
-    name = name or ident.path.name
+    name = name or sent(ident.path.name)
     return Payload(
         path=ident.path,
         filename=name,
@@ -115,7 +116,7 @@ def deliver_identified(
                        time.monotonic() if started is None else started, remember)
     if is_container(ident.path.name):
         return _container(settings, ledger, deliverer, ident, options)
-    return _one(settings, ledger, deliverer, ident, ident.path.name, None, options)
+    return _one(settings, ledger, deliverer, ident, sent(ident.path.name), None, options)
 
 
 @dataclass(frozen=True)
@@ -182,7 +183,7 @@ def _container(settings: Settings, ledger: Ledger, deliverer: Deliverer, ident: 
     container could not be opened, otherwise ``retrying`` (taken again when its CSVs are due; those
     already sent are then duplicates). The work dir is removed after every pass.
     """
-    name = ident.path.name
+    name = sent(ident.path.name)
     claim = _claim(ledger, ident, name, "unpack", None, o)
     base = Outcome(ident.path, claim.value, sha256=ident.sha256, size=ident.size, name=name)
     early = _unclaimed(claim, base, name)
