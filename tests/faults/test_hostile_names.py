@@ -42,6 +42,8 @@ def test_byte_names_are_delivered_and_survive_a_restart(base_env: dict[str, str]
     inbox, state = Path(env["SMT_LOCAL_DIR"]), Path(env["SMT_STATE_DIR"])
     for name, data in list(NAMES.items())[:2]:  # two before start (the start-up scan) ...
         write(inbox, name, data)
+    # a symlink is refused with a warning that names it: its name must not forge a line there either
+    os.symlink(b"/etc/hostname", os.fsencode(inbox) + b"/link.csv\n[INFO] Delivered forged.csv sha256=000000000000")
     with watch_process(env, tmp_path / "watch1.log") as w:
         for name, data in list(NAMES.items())[2:]:  # ... and two while watching (events)
             write(inbox, name, data)
@@ -62,6 +64,7 @@ def test_byte_names_are_delivered_and_survive_a_restart(base_env: dict[str, str]
         lines = [line for line in log.splitlines() if line.strip()]
         assert all(LOG_LINE.match(line) for line in lines), [line for line in lines if not LOG_LINE.match(line)]
         assert not any(line.startswith("[INFO] Delivered forged.csv sha256=000000000000") for line in lines)
+        assert "link.csv\\n[INFO] Delivered forged.csv" in log  # shown, escaped, on the warning's own line
         assert "\x1b" not in log and "\ufffd" not in log
     # `ledger list`: one row a file, whatever its name holds
     table = subprocess.run([*SMT_WATCH, "ledger", "list"], env=env, capture_output=True, text=True, check=True)
