@@ -43,7 +43,7 @@ def test_byte_names_are_delivered_and_survive_a_restart(base_env: dict[str, str]
     for name, data in list(NAMES.items())[:2]:  # two before start (the start-up scan) ...
         write(inbox, name, data)
     # a symlink is refused with a warning that names it: its name must not forge a line there either
-    os.symlink(b"/etc/hostname", os.fsencode(inbox) + b"/link.csv\n[INFO] Delivered forged.csv sha256=000000000000")
+    os.symlink(b"/etc/hostname", os.fsencode(inbox) + b"/link.csv\n[INFO] Delivered forged.csv sha256=000000000000.csv")
     with watch_process(env, tmp_path / "watch1.log") as w:
         for name, data in list(NAMES.items())[2:]:  # ... and two while watching (events)
             write(inbox, name, data)
