@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Final, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from smt_watch.errors import ConfigError
 
@@ -129,16 +129,28 @@ class Settings:
             value = getattr(self, f.name)
             if isinstance(value, Secret) and value.reveal():
                 out.append(value.reveal())
+        for url in (self.upload_url, self.base_url, self.webhook_forward_url):
+            if (userinfo := url_userinfo(url)) is not None:
+                out.append(userinfo)  # also inside text a library produced (httpx quotes URLs in errors)
+                out.extend(p for p in userinfo.split(":", 1)[1:] if p)
         return out
 
 
 def redact_url(url: str) -> str:
-    """Drop ``user:password@`` from a URL before it goes into a log line, error or ledger row."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
+    """Drop ``user:password@`` from a URL before it goes into a log line, error or ledger row. Done on the
+    text, not on a parse: a password holding ``#``, ``/``, ``?`` or ``@`` misleads every URL parser, so all
+    from ``://`` to the last ``@`` goes (a path holding ``@`` loses a little more than it needs to)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
         return url
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit((parts.scheme, "***@" + host, parts.path, parts.query, parts.fragment))
+    return f"{scheme}://***@{rest.rpartition('@')[2]}"
+
+
+def url_userinfo(url: str | None) -> str | None:
+    """The ``user:password`` part of a URL as written (for the log redaction filter), or None."""
+    if not url or "://" not in url or "@" not in url.partition("://")[2]:
+        return None
+    return url.partition("://")[2].rpartition("@")[0] or None
 
 
 # --- env file --------------------------------------------------------------------------------------
@@ -222,11 +234,20 @@ class _Reader:
         value = self.raw(name)
         return value if value is not None else default
 
-    def secret(self, *names: str) -> Secret | None:
+    def secret(self, *names: str, header: bool = True) -> Secret | None:
+        """``header``: the value travels in (or is compared with) an HTTP header, so it must be visible
+        ASCII with no spaces; a passphrase may hold spaces but no control characters. A value that breaks
+        the rule is refused now, naming the variable and the rule and never the value: sent later it would
+        fail every attempt, and the library's error would quote it."""
         for name in names:
             value = self.raw(name)
-            if value is not None:
-                return Secret(value)
+            if value is None:
+                continue
+            if header and not all("!" <= c <= "~" for c in value):
+                raise ConfigError(f"{name} must be visible ASCII with no spaces (it is sent in an HTTP header)")
+            if not header and not value.isprintable():
+                raise ConfigError(f"{name} must not hold control characters (a newline, for one)")
+            return Secret(value)
         return None
 
     def path(self, name: str, default: Path | None = None) -> Path | None:
@@ -269,7 +290,12 @@ class _Reader:
         value = self.raw(name)
         if value is None:
             return None
-        parts = urlsplit(value)
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 (parsing the port is the check: "Invalid port" when user-info misleads it)
+        except ValueError:
+            raise ConfigError(f"{name} is not a valid URL: {redact_url(value)!r} (in a user name or password, "
+                              "percent-encode # / ? @ and :)") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError(f"{name} must be an http:// or https:// URL: {redact_url(value)!r}")
         return value.rstrip("/") if name == "INTELLIWATT_BASE_URL" else value
@@ -322,11 +348,11 @@ def load_settings(
         smt_port=r.integer("SMT_PORT", 22, minimum=1, maximum=65535),
         smt_user=r.text("SMT_USER"),
         smt_key=r.path("SMT_KEY"),
-        smt_key_passphrase=r.secret("SMT_KEY_PASSPHRASE"),
+        smt_key_passphrase=r.secret("SMT_KEY_PASSPHRASE", header=False),
         smt_remote_dirs=r.items("SMT_REMOTE_DIR", ("/",)),
         known_hosts=r.path("SMT_KNOWN_HOSTS", Path("~/.ssh/known_hosts").expanduser()) or Path(),
         gnupghome=r.path("GNUPGHOME"),
-        gpg_passphrase=r.secret("SMT_GPG_PASSPHRASE"),
+        gpg_passphrase=r.secret("SMT_GPG_PASSPHRASE", header=False),
         upload_host=r.text("SMT_UPLOAD_HOST", "127.0.0.1") or "127.0.0.1",
         upload_port=r.integer("SMT_UPLOAD_PORT", 8080, minimum=0, maximum=65535),
         webhook_port=r.integer("SMT_WEBHOOK_PORT", 0, minimum=0, maximum=65535) or None,
