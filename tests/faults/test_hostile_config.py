@@ -7,13 +7,17 @@ misleads every URL parser, and was printed whole.
 
 from __future__ import annotations
 
+import io
+import logging
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from conftest import SMT_WATCH, write_csv
 from faults.support import subprocess_env
+from smt_watch.logs import add_secrets, setup_logging
 
 pytestmark = pytest.mark.faults
 
@@ -73,3 +77,21 @@ def test_a_passphrase_may_hold_spaces_but_not_a_newline(base_env: dict[str, str]
     assert ok.returncode == 0, ok.stderr
     bad = run(subprocess_env(base_env, tmp_path / "home", **{variable: "two\nlines SECRETVALUE"}), "ledger", "list")
     assert bad.returncode == 2 and variable in bad.stderr and "SECRETVALUE" not in bad.stdout + bad.stderr
+
+
+def test_url_user_info_is_redacted_from_any_log_text(make_settings: Any) -> None:
+    """Defence in depth for text a library produces (httpx once quoted a misparsed password as a port):
+    the user-info of every URL setting is one of the secrets the log filter replaces. In-process, with the
+    smt_watch logger restored afterwards (other tests capture it)."""
+    settings = make_settings(SMT_UPLOAD_URL="http://user:p%40ss-SECRETPW@127.0.0.1:9/upload")
+    logger = logging.getLogger("smt_watch")
+    saved = (list(logger.handlers), logger.propagate, logger.level)
+    stream = io.StringIO()
+    try:
+        setup_logging("info", "text", stream)
+        add_secrets(settings.secrets())
+        logging.getLogger("smt_watch.test").error("InvalidURL: Invalid port: 'p%40ss-SECRETPW@127.0.0.1:9'")
+    finally:
+        logger.handlers[:], logger.propagate = saved[0], saved[1]
+        logger.setLevel(saved[2])
+    assert "SECRETPW" not in stream.getvalue() and "***" in stream.getvalue(), stream.getvalue()
