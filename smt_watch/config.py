@@ -102,6 +102,7 @@ class Settings:
     after_send: str = "keep"  # SMT_AFTER_SEND
     archive_dir: Path | None = None  # SMT_ARCHIVE_DIR (None: state_dir/archive)
     validate: bool = True  # SMT_VALIDATE
+    max_zip_entries: int = 100  # SMT_MAX_ZIP_ENTRIES: a ZIP with more entries fails as a whole
     max_unpacked_bytes: int = 1_073_741_824  # SMT_MAX_UNPACKED_BYTES
     # Not in the seed; documented in the README.
     retry_attempts: int = 5  # SMT_RETRY_ATTEMPTS: HTTP attempts within one delivery call
@@ -374,6 +375,7 @@ def load_settings(
         archive_dir=r.path("SMT_ARCHIVE_DIR"),
         validate=r.boolean("SMT_VALIDATE", True),
         max_unpacked_bytes=r.integer("SMT_MAX_UNPACKED_BYTES", 1_073_741_824, minimum=1),
+        max_zip_entries=r.integer("SMT_MAX_ZIP_ENTRIES", 100, minimum=1),
         retry_attempts=r.integer("SMT_RETRY_ATTEMPTS", 5, minimum=1, maximum=100),
         retry_backoff=r.number("SMT_RETRY_BACKOFF_SECONDS", 1.0),
         http_timeout=r.number("SMT_HTTP_TIMEOUT", 60.0, minimum=0.1),

@@ -13,6 +13,7 @@ with no CSV fails the parent file with one clear reason (:class:`ContentError`) 
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
 import re
@@ -26,11 +27,13 @@ from typing import Final
 from smt_watch.config import Settings
 from smt_watch.errors import SmtWatchError
 from smt_watch.hashing import FileIdentity, check_regular, identify
-from smt_watch.smtcsv import Summary, sniff, summarize_file
+from smt_watch.names import shown
+from smt_watch.smtcsv import LineTooLong, Sniff, Summary, sniff, summarize_file
 
 log = logging.getLogger("smt_watch.content")
 
 MAX_RATIO: Final = 200
+ESIID_RE: Final = re.compile(r"[0-9]{17,22}")
 ZIP_MAGIC: Final = b"PK\x03\x04"
 
 
@@ -63,13 +66,23 @@ def csv_part(settings: Settings, ident: FileIdentity, name: str, parent: str | N
         found = sniff(ident.path)
     except OSError as exc:
         raise ContentError(f"{name}: cannot read: {exc.strerror}") from None
+    except LineTooLong as exc:
+        if settings.validate:
+            raise ContentError(f"{name}: {exc}") from None
+        found = Sniff("other", frozenset())  # SMT_VALIDATE=0 delivers it anyway, with ESIID_DEFAULT
     if found.kind == "other" and settings.validate:
         raise ContentError(f"not an SMT file: {name} (no ESIID column; set SMT_VALIDATE=0 to deliver anyway)")
+    invalid = sorted(e for e in found.esiids if not ESIID_RE.fullmatch(e))
+    if invalid and settings.validate:
+        raise ContentError(f"{name}: invalid ESIID {shown(invalid[0][:40])!r}"
+                           f"{'…' if len(invalid[0]) > 40 else ''} (an ESIID is 17 to 22 digits)")
     esiid: str | None = None
-    if len(found.esiids) == 1:
+    if len(found.esiids) == 1 and not invalid:
         esiid = next(iter(found.esiids))
     elif len(found.esiids) > 1:
         log.warning("%s holds %d ESIIDs; sending it with ESIID_DEFAULT", name, len(found.esiids))
+    elif invalid:
+        log.warning("%s: invalid ESIID %r; sending it with ESIID_DEFAULT", name, shown(invalid[0][:40]))
     return Part(ident, name, esiid, found.kind, parent)
 
 
@@ -159,6 +172,9 @@ def extract(settings: Settings, archive: Path, dest: Path, label: str | None = N
     except (zipfile.BadZipFile, OSError) as exc:
         raise ContentError(f"{label}: not a readable ZIP ({exc})") from None
     with zf:
+        if len(zf.infolist()) > settings.max_zip_entries:
+            raise ContentError(f"{label}: holds {len(zf.infolist())} entries, over SMT_MAX_ZIP_ENTRIES "
+                               f"({settings.max_zip_entries})")
         entries = [i for i in zf.infolist() if not i.is_dir()]
         for info in entries:
             _safe_entry(info.filename)
@@ -175,8 +191,11 @@ def extract(settings: Settings, archive: Path, dest: Path, label: str | None = N
                 )
         paths = []
         for n, info in enumerate(csvs):
+            # each entry in a directory of its own: `x.csv`, `d/x.csv` and `X.CSV` never overwrite each
+            # other, and each is delivered under its own base name
             name = PurePosixPath(info.filename.replace("\\", "/")).name
-            target = dest / (name if not (dest / name).exists() else f"{n}_{name}")
+            target = dest / f"{n:04d}" / name
+            target.parent.mkdir(mode=0o700)
             _copy_capped(zf, info, target, limit)
             paths.append(target)
     return paths
@@ -205,10 +224,12 @@ def inspect_path(settings: Settings, path: Path) -> list[Summary]:
         check_regular(path)
     except SmtWatchError as exc:
         raise ContentError(str(exc)) from None
-    if not is_container(path.name):
-        try:
+    try:
+        if not is_container(path.name):
             return [summarize_file(path)]
-        except OSError as exc:
-            raise ContentError(f"{path}: cannot read: {exc.strerror}") from None
-    with tempfile.TemporaryDirectory(prefix="smt-watch-inspect-") as tmp:
-        return [summarize_file(p) for p in open_container(settings, path, Path(tmp))]
+        with tempfile.TemporaryDirectory(prefix="smt-watch-inspect-") as tmp:
+            return [summarize_file(p) for p in open_container(settings, path, Path(tmp))]
+    except OSError as exc:
+        raise ContentError(f"{shown(str(path))}: cannot read: {exc.strerror}") from None
+    except csv.Error as exc:  # a field past the csv module's limit, a NUL byte, …: not SMT data
+        raise ContentError(f"{shown(path.name)}: not a readable CSV: {exc}") from None

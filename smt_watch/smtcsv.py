@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, BinaryIO, Final
 from zoneinfo import ZoneInfo
 
 CHICAGO: Final = ZoneInfo("America/Chicago")
@@ -234,6 +234,16 @@ def summarize_bytes(data: bytes, name: str) -> Summary:
     return summarize(io.StringIO(data.decode("utf-8-sig", "replace"), newline=""), name)
 
 
+MAX_LINE_BYTES: Final = 1024 * 1024  # an SMT line is ~100 bytes; anything near this is not SMT data
+
+
+class LineTooLong(ValueError):
+    """A line past MAX_LINE_BYTES: refused before it is held in memory or scanned again and again."""
+
+    def __init__(self, line: int) -> None:
+        super().__init__(f"line {line} is longer than {MAX_LINE_BYTES:,} bytes (not SMT data)")
+
+
 @dataclass(frozen=True)
 class Sniff:
     """What delivery needs: the kind and the distinct ESIIDs, read fast (no time arithmetic)."""
@@ -253,18 +263,24 @@ def sniff(path: Path) -> Sniff:
     C and memory stays flat; another layout falls back to a line loop.
     """
     with path.open("rb") as fh:
-        header = header_fields(fh.readline().decode("utf-8", "replace"))
+        first = fh.readline(MAX_LINE_BYTES + 1)
+        if len(first) > MAX_LINE_BYTES:
+            raise LineTooLong(1)
+        header = header_fields(first.decode("utf-8", "replace"))
         kind = classify(header)
         if kind == "other":
             return Sniff(kind, frozenset())
         column = header.index("ESIID")
         raw: set[bytes] = set()
         if column == 0:
-            carry = b""
+            carry, read_lines = b"", 0
             while block := fh.read(_SNIFF_BLOCK):
                 block = carry + block
                 cut = block.rfind(b"\n") + 1
                 carry, block = block[cut:], block[:cut]
+                if len(carry) > MAX_LINE_BYTES:  # else carry + block is copied again for every block
+                    raise LineTooLong(1 + read_lines + block.count(b"\n") + 1)
+                read_lines += block.count(b"\n")
                 raw.update(_first_column(block))
                 if len(raw) > 1000:  # a pathological file: enough to know there are several
                     break
@@ -294,8 +310,13 @@ def _first_column(block: bytes) -> list[bytes]:
     return _FIRST_COLUMN.findall(block)
 
 
-def _lines(fh: Iterable[bytes]) -> Iterator[bytes]:
-    for line in fh:
+def _lines(fh: BinaryIO) -> Iterator[bytes]:
+    """Non-blank lines, none held past MAX_LINE_BYTES."""
+    number = 1
+    while line := fh.readline(MAX_LINE_BYTES + 1):
+        number += 1
+        if len(line) > MAX_LINE_BYTES:
+            raise LineTooLong(number)
         stripped = line.strip()
         if stripped:
             yield stripped

@@ -227,7 +227,7 @@ def test_restart_over_sent_files_reads_none(settings: Settings, receiver: Any) -
     pass with the stat cache switched off (the files would not have reached a worker yet). Checked against
     the mutant ``watch-stat-cache-scan`` (tests/mutants/headline.toml): it fails the ``cached`` assertion."""
     for i in range(1000):
-        (inbox(settings) / f"f{i:04d}.csv").write_text(f"ESIID,X\n{i}\n")
+        (inbox(settings) / f"f{i:04d}.csv").write_text(f"ESIID,X\n{10443720000000000 + i}\n")
     with watching(settings) as first:
         wait_for(lambda: first.counts.sent == 1000, 60, "1000 files delivered")
         assert first.counts.hashed == 1000
