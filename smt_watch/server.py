@@ -77,11 +77,17 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 def safe_name(raw: str) -> str:
-    """The client's base name, made safe: no path parts, control characters or leading dots; ≤ 200 bytes."""
+    """The client's base name, made safe: no path parts, control characters or leading dots; ≤ 200 bytes.
+    A long name loses the end of its stem, never its extension (which decides whether it is delivered)."""
     base = raw.replace("\\", "/").rsplit("/", 1)[-1]
     base = "".join(c for c in base if c.isprintable())
-    base = _UNSAFE.sub("_", base).strip("._-")
-    base = base.encode()[:MAX_NAME_BYTES].decode("ascii", "ignore")
+    base = _UNSAFE.sub("_", base).strip("._-")  # ASCII from here on
+    if len(base) > MAX_NAME_BYTES:
+        stem, dot, ext = base.rpartition(".")
+        if dot and 0 < len(ext) <= 16 and stem:
+            base = stem[: MAX_NAME_BYTES - len(ext) - 1].rstrip("._-") + "." + ext
+        else:
+            base = base[:MAX_NAME_BYTES]
     return base or "upload.csv"
 
 

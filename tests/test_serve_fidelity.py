@@ -349,3 +349,12 @@ def test_bridge_down_is_a_clear_502(make_settings: Make, tmp_path: Path, unused_
     for r in (resp, reason):
         assert r.status_code == 502 and r.json()["error"] == "bridge_unreachable"
         assert url.split("//")[1] in r.json()["message"]
+
+
+def test_a_long_client_name_keeps_its_extension_and_is_delivered(strict: Running) -> None:
+    """Cut at 200 bytes, a long name once lost its `.csv`, was answered "queued" and never delivered."""
+    with strict.client() as client:
+        body = upload(client, b"ESIID\n1\n", "IntervalData_" + "x" * 400 + ".csv", token=None).json()
+    name = body["file"]["name"]
+    assert name.endswith(".csv") and len(name.partition("_")[2].encode()) <= 200, name
+    assert body["message"].startswith("Upload accepted and queued"), body["message"]
