@@ -35,12 +35,14 @@ def unstored(value: str) -> str:
     return value
 
 
-_ESCAPES: Final = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\"}
+_ESCAPES: Final = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
 def shown(text: str) -> str:
-    """Printable, one line, valid UTF-8: control and format characters and undecodable bytes escaped."""
-    if text.isprintable() and "\\" not in text:
+    """Printable, one line, valid UTF-8: control and format characters and undecodable bytes escaped.
+
+    Idempotent (a backslash is left as it is), so layers that each make sure of it never escape twice."""
+    if text.isprintable():
         return text  # the common case, and cheap
     out = []
     for c in text:

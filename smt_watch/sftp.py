@@ -28,11 +28,12 @@ from pathlib import Path, PurePosixPath
 
 import paramiko
 from paramiko.buffered_pipe import BufferedPipe
-from paramiko.sftp import CMD_DATA, CMD_READ, CMD_STATUS, SFTP_EOF, int64
+from paramiko.sftp import CMD_CLOSE, CMD_DATA, CMD_NAME, CMD_OPENDIR, CMD_READ, CMD_READDIR, CMD_STATUS, SFTP_EOF, int64
 
 from smt_watch.config import Settings
 from smt_watch.errors import ConfigError, SmtWatchError
 from smt_watch.inbox import is_candidate
+from smt_watch.names import shown
 
 log = logging.getLogger("smt_watch.sftp")
 
@@ -279,9 +280,9 @@ class Connection:
         while stack:
             directory = stack.pop()
             try:
-                entries = self.sftp.listdir_attr(directory)
-            except OSError as exc:
-                raise SftpError(f"cannot list {directory}: {exc}") from None
+                entries = self._listdir(directory)
+            except (OSError, paramiko.SFTPError) as exc:
+                raise SftpError(f"cannot list {shown(directory)}: {exc}") from None
             for entry in sorted(entries, key=lambda e: e.filename):
                 path = f"{directory.rstrip('/')}/{entry.filename}"
                 mode = entry.st_mode or 0
@@ -290,6 +291,38 @@ class Connection:
                         stack.append(path)
                 elif stat_mod.S_ISREG(mode) and is_candidate(PurePosixPath(path.lstrip("/")), patterns):
                     yield RemoteFile(path, int(entry.st_size or 0), int(entry.st_mtime or 0))
+
+    def _listdir(self, directory: str) -> list[paramiko.SFTPAttributes]:
+        """``listdir_attr`` that never fails on a name: paramiko decodes names as strict UTF-8 and one name
+        that is not fails the whole listing (every pass). Names are read as bytes; one that is not UTF-8,
+        or holds ``/`` or a control character (which would become extra local directories or forged log
+        lines), is skipped with one warning, and the pass goes on."""
+        sftp = self.sftp
+        _, msg = sftp._request(CMD_OPENDIR, directory)  # type: ignore[attr-defined]  # paramiko-internal, pinned <6
+        handle = msg.get_binary()
+        entries: list[paramiko.SFTPAttributes] = []
+        try:
+            while True:
+                try:
+                    kind, msg = sftp._request(CMD_READDIR, handle)  # type: ignore[attr-defined]
+                except EOFError:
+                    return entries
+                if kind != CMD_NAME:
+                    raise paramiko.SFTPError("expected a name list")
+                for _ in range(msg.get_int()):
+                    raw, longname = msg.get_string(), msg.get_string()
+                    name = raw.decode("utf-8", "surrogateescape")
+                    attr = paramiko.SFTPAttributes._from_msg(  # type: ignore[attr-defined]
+                        msg, name, longname.decode("utf-8", "replace"))
+                    if name in (".", ".."):
+                        continue
+                    if not (name.isprintable() and "/" not in name):
+                        log.warning("Skipping remote %s/%s: its name is not UTF-8, or holds / or a control "
+                                    "character", shown(directory.rstrip("/")), shown(name))
+                        continue
+                    entries.append(attr)
+        finally:
+            sftp._request(CMD_CLOSE, handle)  # type: ignore[attr-defined]
 
     def download(
         self, remote: RemoteFile, part: Path, progress: Callable[[int], None] | None = None

@@ -86,3 +86,25 @@ def test_ledger_forget_by_a_byte_path(base_env: dict[str, str], tmp_path: Path, 
                             capture_output=True, text=True)
     assert forgot.returncode == 0 and forgot.stdout.startswith("forgot"), forgot.stdout + forgot.stderr
     assert "Traceback" not in forgot.stderr
+
+
+def test_sync_skips_a_remote_name_that_is_not_utf8_and_fetches_the_rest(base_env: dict[str, str],
+                                                                         tmp_path: Path) -> None:
+    """One remote name that is not UTF-8 failed every pass (paramiko decodes names strictly); a name with a
+    control character would forge log lines. Both are skipped with one warning; the pass fetches the rest."""
+    from sftp_server import running_sftp_server, sftp_env
+
+    with running_sftp_server(tmp_path / "remote", tmp_path / "keys") as server:
+        server.put("good.csv", b"ESIID,X\n1,2\n")
+        root = os.fsencode(server.root)
+        for bad in (b"/Z\xe4hler.csv", b"/esc\x1b[2Jx.csv", b"/new\nline.csv"):
+            with open(root + bad, "wb") as fh:
+                fh.write(b"ESIID,X\n3,4\n")
+        env = subprocess_env(base_env, tmp_path / "home", **sftp_env(server, tmp_path / "known_hosts"))
+        proc = subprocess.run([*SMT_WATCH, "sync"], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    inbox = Path(env["SMT_LOCAL_DIR"])
+    assert sorted(os.listdir(os.fsencode(inbox))) == [b"good.csv"]
+    warnings = [line for line in proc.stderr.splitlines() if "Skipping remote" in line]
+    assert len(warnings) == 3 and all(LOG_LINE.match(line) for line in proc.stderr.splitlines() if line.strip())
+    assert "\x1b" not in proc.stderr and "Z\\xe4hler.csv" in proc.stderr
