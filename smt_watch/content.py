@@ -14,15 +14,17 @@ with no CSV fails the parent file with one clear reason (:class:`ContentError`) 
 from __future__ import annotations
 
 import csv
+import functools
 import logging
 import os
 import re
 import shutil
+import subprocess
 import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Final
+from typing import Any, Final
 
 from smt_watch.config import Settings
 from smt_watch.errors import SmtWatchError
@@ -133,15 +135,29 @@ def encrypt(settings: Settings, data: bytes, recipient: str) -> bytes:
 
 
 def decrypt(settings: Settings, path: Path, out: Path) -> Path:
-    import gnupg
-
+    """gpg's output streamed to ``out`` and counted: past SMT_MAX_UNPACKED_BYTES gpg is killed and what it
+    wrote removed (an 800-byte .asc can decompress to hundreds of MB: a PGP packet is compressed too)."""
+    cap = settings.max_unpacked_bytes
     try:
-        gpg = gnupg.GPG(gnupghome=str(settings.gnupghome) if settings.gnupghome else None)
+        gpg = _capped_gpg_class()(gnupghome=str(settings.gnupghome) if settings.gnupghome else None)
     except (OSError, ValueError) as exc:
         raise ContentError(f"{path.name}: gpg is not usable: {exc}") from None
     passphrase = settings.gpg_passphrase.reveal() if settings.gpg_passphrase else None
-    with path.open("rb") as fh:
-        result = gpg.decrypt_file(fh, output=str(out), passphrase=passphrase)
+    try:
+        with path.open("rb") as fh, out.open("wb") as sink:
+            try:
+                result = gpg.decrypt_capped(fh, sink, cap, passphrase)
+            except BrokenPipeError:  # gpg killed at the cap while its input was still being fed
+                if not gpg.exceeded:
+                    raise
+            sink.flush()
+            os.fsync(sink.fileno())
+    except BaseException:
+        out.unlink(missing_ok=True)
+        raise
+    if gpg.exceeded:
+        out.unlink(missing_ok=True)
+        raise ContentError(f"{path.name}: unpacks to more than {cap} bytes (SMT_MAX_UNPACKED_BYTES); gpg stopped")
     if not result.ok:
         out.unlink(missing_ok=True)
         status = result.status or "gpg failed"
@@ -151,6 +167,43 @@ def decrypt(settings: Settings, path: Path, out: Path) -> Path:
             status = "not PGP data (corrupt armour?)"
         raise ContentError(f"{path.name}: cannot decrypt: {status}")
     return out
+
+
+@functools.cache
+def _capped_gpg_class() -> type:
+    """python-gnupg's GPG, streaming the plaintext to a file and stopping gpg at a byte cap (python-gnupg
+    itself can only buffer it all, or write it all to a file, unbounded). Built on first use: importing
+    gnupg costs start-up time for commands that never decrypt."""
+    import gnupg
+
+    class CappedGPG(gnupg.GPG):  # type: ignore[misc]
+        buffer_size = 1024 * 1024
+        exceeded = False
+        _proc: subprocess.Popen[bytes] | None = None
+
+        def _open_subprocess(self, args: Any, passphrase: bool = False) -> Any:
+            self._proc = super()._open_subprocess(args, passphrase)
+            return self._proc
+
+        def decrypt_capped(self, source: Any, sink: Any, cap: int, passphrase: str | None) -> Any:
+            written = 0
+
+            def on_data(chunk: bytes) -> bool:
+                nonlocal written
+                if chunk and not self.exceeded:
+                    written += len(chunk)
+                    if written > cap:
+                        self.exceeded = True
+                        if self._proc is not None:
+                            self._proc.kill()  # its pipes close; python-gnupg's readers end
+                    else:
+                        sink.write(chunk)
+                return False  # never buffered in memory
+
+            self.on_data = on_data
+            return self.decrypt_file(source, passphrase=passphrase)
+
+    return CappedGPG
 
 
 def _safe_entry(name: str) -> PurePosixPath:

@@ -108,3 +108,29 @@ def test_inspect_of_a_huge_field_is_one_clear_line(run_cli: Any, tmp_path: Path)
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "not a readable CSV" in lines[0] and "internal error" not in lines[0], proc.stderr
     assert write_csv(tmp_path / "fine.csv") and run_cli("inspect", str(tmp_path / "fine.csv")).returncode == 0
+
+
+@pytest.fixture(scope="module")
+def gpg_home(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from gpg_keys import make_home
+
+    home = make_home(tmp_path_factory.mktemp("gpg") / "home", "SMT Test <smt-test@example.com>")
+    yield home
+    home.close()
+
+
+def test_a_pgp_bomb_is_stopped_at_the_cap(make_settings: Make, receiver: Any, tmp_path: Path, gpg_home: Any) -> None:
+    """A few KB of armour that decrypt to 200 MB (PGP compresses its payload): gpg is stopped once its
+    output passes SMT_MAX_UNPACKED_BYTES, what it wrote is removed, and the parent is failed with why."""
+    bomb = tmp_path / "bomb.CSV.1.asc"
+    bomb.write_bytes(gpg_home.encrypt(HEADER.encode() + b"0" * (200 * 1024 * 1024)))
+    assert bomb.stat().st_size < 1024 * 1024
+    settings = settings_for(make_settings, receiver, GNUPGHOME=str(gpg_home.home),
+                            SMT_MAX_UNPACKED_BYTES=str(4 * 1024 * 1024))
+    started = time.monotonic()
+    [o] = post_files(settings, [bomb])
+    assert o.result == "failed" and "unpacks to more than 4194304 bytes" in (o.error or ""), o
+    assert time.monotonic() - started < 20  # stopped, not run to the end
+    assert receiver.state.requests == []
+    work = settings.state_dir / "work"
+    assert not work.exists() or not any(p.is_file() for p in work.rglob("*")), list(work.rglob("*"))
