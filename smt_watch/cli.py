@@ -454,6 +454,31 @@ def sample(
     typer.echo(f"wrote {output} ({len(data):,} bytes, {days} day(s) from {first})")
 
 
+@app.command()
+def ticket(
+    role: Annotated[str, typer.Option("--role", metavar="ROLE", help="admin or customer.")],
+    account: Annotated[str, typer.Option("--account", metavar="KEY", help="The account the upload counts for.")],
+    ttl: Annotated[str, typer.Option("--ttl", metavar="DURATION", help="How long it is valid: 90, 30s, 10m, 2h, "
+                                     "1d.")] = "10m",
+    env_file: EnvFile = None,
+) -> None:
+    """Print one signed upload ticket (needs SMT_UPLOAD_TICKET_SECRET; never prints the secret).
+
+    serve, with SMT_UPLOAD_TICKET_SECRET set, takes an upload's role and account only from a valid ticket in
+    the x-smt-upload-ticket header. The ticket is the last line of stdout. This is the reference
+    implementation of the format in the README (the web app mints the same ticket server-side).
+    """
+    from smt_watch.tickets import mint, parse_ttl
+
+    settings = _settings(env_file)
+    if settings.upload_ticket_secret is None:
+        raise ConfigError("ticket: SMT_UPLOAD_TICKET_SECRET is not set")
+    try:
+        typer.echo(mint(settings.upload_ticket_secret.reveal(), role.strip().lower(), account, parse_ttl(ttl)))
+    except ValueError as exc:
+        raise ConfigError(f"ticket: {exc}") from None
+
+
 # --- ledger -----------------------------------------------------------------------------------------
 
 

@@ -89,6 +89,7 @@ class Settings:
     upload_admin_limit: int = 50  # SMT_UPLOAD_ADMIN_LIMIT
     upload_customer_limit: int = 5  # SMT_UPLOAD_CUSTOMER_LIMIT
     cors_origins: tuple[str, ...] = ("https://intelliwatt.com",)  # SMT_UPLOAD_CORS_ORIGINS
+    upload_ticket_secret: Secret | None = None  # SMT_UPLOAD_TICKET_SECRET: identity only from signed tickets
     upload_idle_seconds: float = 30.0  # SMT_UPLOAD_IDLE_SECONDS: no byte for this long closes the connection
     upload_max_concurrent: int = 16  # SMT_UPLOAD_MAX_CONCURRENT: uploads taken at once; beyond, 503
     trusted_proxies: tuple[str, ...] = ()  # SMT_TRUSTED_PROXIES: peers whose X-Forwarded-For is believed
@@ -361,6 +362,7 @@ def load_settings(
         upload_admin_limit=r.integer("SMT_UPLOAD_ADMIN_LIMIT", 50),
         upload_customer_limit=r.integer("SMT_UPLOAD_CUSTOMER_LIMIT", 5),
         cors_origins=r.items("SMT_UPLOAD_CORS_ORIGINS", ("https://intelliwatt.com",)),
+        upload_ticket_secret=r.secret("SMT_UPLOAD_TICKET_SECRET"),
         upload_idle_seconds=r.number("SMT_UPLOAD_IDLE_SECONDS", 30.0, minimum=0.1),
         upload_max_concurrent=r.integer("SMT_UPLOAD_MAX_CONCURRENT", 16, minimum=1),
         trusted_proxies=r.items("SMT_TRUSTED_PROXIES", ()),

@@ -54,6 +54,7 @@ from smt_watch.config import Secret, Settings
 from smt_watch.errors import ConfigError, SmtWatchError
 from smt_watch.inbox import is_candidate
 from smt_watch.ledger import Ledger
+from smt_watch.tickets import TicketError, verify
 from smt_watch.uploads import MalformedUpload, ReceivedFile, UploadStalled, UploadTooLarge, read_multipart
 
 log = logging.getLogger("smt_watch.server")
@@ -270,13 +271,24 @@ class Server:
         if ctype != "multipart/form-data":
             return _error(415, "unsupported_media_type",
                           'Send the file as multipart/form-data, in the form field "file"')
-        header_role = (request.headers.get("x-smt-upload-role") or "").strip().lower() or None
-        header_account = request.headers.get("x-smt-upload-account-key") or None
-        if header_role is not None and header_role not in WINDOWS:
-            return _error(*_INVALID_ROLE)
         client = request.client.host if request.client else "-"
+        ticketed = s.upload_ticket_secret is not None
+        header_role: str | None
+        header_account: str | None
+        if ticketed:  # the identity comes from a signed ticket only; fields and headers cannot declare it
+            try:
+                header_role, header_account = self._ticket_identity(request, client)
+            except TicketError as exc:
+                return _error(401, "invalid_ticket", f"Upload refused: {exc}")
+        else:
+            header_role = (request.headers.get("x-smt-upload-role") or "").strip().lower() or None
+            header_account = request.headers.get("x-smt-upload-account-key") or None
+            if header_role is not None and header_role not in WINDOWS:
+                return _error(*_INVALID_ROLE)
 
         def named(fields: dict[str, str]) -> tuple[str | None, str | None]:
+            if ticketed:
+                return header_role, header_account
             role = (fields.get("role") or "").strip().lower() or header_role
             return role, fields.get("accountKey") or header_account
 
@@ -328,6 +340,16 @@ class Server:
                 return _storage_error(exc)
         finally:
             parsed.file.tmp_path.unlink(missing_ok=True)  # accepted files were renamed away already
+
+    def _ticket_identity(self, request: Request, client: str) -> tuple[str, str]:
+        """With SMT_UPLOAD_TICKET_SECRET: a valid ticket's role and account; no ticket: an anonymous
+        customer counted by client address. A ticket that is present but bad raises TicketError."""
+        assert self.settings.upload_ticket_secret is not None
+        raw = request.headers.get("x-smt-upload-ticket")
+        if raw is None:
+            return "customer", client
+        ticket = verify(self.settings.upload_ticket_secret.reveal(), raw)
+        return ticket.role, ticket.account
 
     def _accept(self, received: ReceivedFile, role: str, account: str) -> JSONResponse:
         now = time.time()
@@ -480,7 +502,8 @@ class Server:
         routes.append(Route("/{path:path}", elsewhere, methods=list(ANY_METHOD)))
         cors = Middleware(
             CORSMiddleware, allow_origins=list(self.settings.cors_origins), allow_methods=["POST", "GET"],
-            allow_headers=["content-type", "x-smt-upload-token", "x-smt-upload-role", "x-smt-upload-account-key"],
+            allow_headers=["content-type", "x-smt-upload-token", "x-smt-upload-role", "x-smt-upload-account-key",
+                           "x-smt-upload-ticket"],
             max_age=600,
         )
         return Starlette(routes=routes, middleware=[cors])

@@ -1,0 +1,93 @@
+"""Signed upload tickets: a rate-limit identity a client cannot simply declare (``SMT_UPLOAD_TICKET_SECRET``).
+
+Without tickets ``serve`` takes ``role`` and ``accountKey`` from the client, as IntelliWatt's Node server
+did: anyone can claim ``admin`` or spend another customer's quota. With a shared secret, the web app mints a
+short-lived ticket server-side and its page sends it as ``x-smt-upload-ticket``; ``serve`` then takes the
+identity from the ticket only.
+
+Format (documented in the README with the TypeScript that mints one)::
+
+    base64url(JSON {"role": "admin"|"customer", "accountKey": str, "exp": unix seconds})
+    + "." + base64url(HMAC-SHA256(secret, <the first part as ASCII>))
+
+base64url without padding. The signature covers the encoded payload exactly as sent, so no JSON
+canonicalisation is needed on either side.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import re
+import time
+from dataclasses import dataclass
+from typing import Final
+
+ROLES: Final = ("admin", "customer")
+MAX_TICKET_BYTES: Final = 4096
+_TTL = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")
+_UNITS: Final = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class TicketError(ValueError):
+    """Why a ticket is refused; the message is shown to the client (it never holds the secret)."""
+
+
+@dataclass(frozen=True)
+class Ticket:
+    role: str
+    account: str
+    exp: int
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _sign(secret: str, payload: str) -> str:
+    return _b64(hmac.new(secret.encode(), payload.encode("ascii"), hashlib.sha256).digest())
+
+
+def parse_ttl(text: str) -> int:
+    """``90``, ``30s``, ``10m``, ``2h``, ``1d`` → seconds (at least 1)."""
+    m = _TTL.match(text)
+    if not m or int(m[1]) < 1:
+        raise ValueError(f"not a duration: {text!r} (e.g. 90, 30s, 10m, 2h, 1d)")
+    return int(m[1]) * _UNITS[m[2]]
+
+
+def mint(secret: str, role: str, account: str, ttl_seconds: int, now: float | None = None) -> str:
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}")
+    if not account or not account.isprintable():
+        raise ValueError("account must be a non-empty printable string")
+    exp = int((time.time() if now is None else now) + ttl_seconds)
+    payload = _b64(json.dumps({"role": role, "accountKey": account, "exp": exp}, separators=(",", ":")).encode())
+    return f"{payload}.{_sign(secret, payload)}"
+
+
+def verify(secret: str, ticket: str, now: float | None = None) -> Ticket:
+    """The identity in a valid, unexpired ticket; else :class:`TicketError` saying why."""
+    if len(ticket) > MAX_TICKET_BYTES or ticket.count(".") != 1:
+        raise TicketError("malformed upload ticket")
+    payload, signature = ticket.split(".")
+    if not hmac.compare_digest(_sign(secret, payload).encode(), signature.encode("ascii", "replace")):
+        raise TicketError("upload ticket signature does not match")
+    try:
+        claims = json.loads(_unb64(payload))
+    except ValueError:
+        raise TicketError("malformed upload ticket") from None
+    if not isinstance(claims, dict):
+        raise TicketError("malformed upload ticket")
+    role, account, exp = claims.get("role"), claims.get("accountKey"), claims.get("exp")
+    if role not in ROLES or not isinstance(account, str) or not account or type(exp) is not int:
+        raise TicketError("upload ticket lacks a valid role, accountKey or exp")
+    if exp < (time.time() if now is None else now):
+        raise TicketError("upload ticket has expired")
+    return Ticket(role, account, exp)
