@@ -315,8 +315,7 @@ class Server:
             return refused.response
         except UploadStalled as exc:
             log.warning("Upload abandoned: the client sent nothing for %g s; nothing stored", exc.idle_seconds)
-            return _error(408, "timeout", f"No data for {exc.idle_seconds:g} s: the upload was abandoned",
-                          headers={"Connection": "close"})
+            return _error(408, "timeout", f"No data for {exc.idle_seconds:g} s: the upload was abandoned")
         except UploadTooLarge:
             return _error(413, "too_large", f"File too large: the limit is {human_bytes(s.upload_max_bytes)}",
                           maxBytes=s.upload_max_bytes)
