@@ -13,6 +13,7 @@ alone decides, and hashing/sending re-check size and content.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import fnmatch
@@ -97,8 +98,15 @@ def relative(root: Path, path: Path) -> PurePosixPath | None:
         return None
 
 
-def regular_stat(path: Path) -> os.stat_result | None:
-    """lstat, or None when it is gone, not a regular file, or a symlink (with a warning for the latter)."""
+def regular_stat(path: Path, root: Path | None = None) -> os.stat_result | None:
+    """lstat, or None when it is gone, not a regular file, or a symlink (with a warning for the latter).
+
+    ``root``: also refuse (with a warning) when a directory between ``root`` and the file is not a real
+    directory any more (one swapped for a symlink after its file was seen would lead outside the inbox)."""
+    if root is not None and not parents_are_real(root, path):
+        log.warning("Refusing %s: a directory on its way from the inbox is a symlink now; smt-watch never "
+                    "reads outside the inbox", path)
+        return None
     try:
         st = path.lstat()
     except OSError:
@@ -107,6 +115,43 @@ def regular_stat(path: Path) -> os.stat_result | None:
         log.warning("Refusing symlink %s: smt-watch never reads outside the inbox", path)
         return None
     return st if stat_mod.S_ISREG(st.st_mode) else None
+
+
+def parents_are_real(root: Path, path: Path) -> bool:
+    """Every directory from ``root`` (exclusive) down to ``path``'s parent is a directory, not a symlink."""
+    rel = relative(root, path)
+    if rel is None:
+        return False
+    current = root
+    for part in rel.parts[:-1]:
+        current = current / part
+        try:
+            if not stat_mod.S_ISDIR(current.lstat().st_mode):
+                return False
+        except OSError:
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def parent_dir_fd(root: Path, path: Path) -> Iterator[int]:
+    """A descriptor of ``path``'s directory, reached from ``root`` one component at a time without following
+    a symlink anywhere (``O_NOFOLLOW | O_DIRECTORY``): what is done relative to it cannot land outside the
+    inbox, whatever is swapped meanwhile. Raises OSError (ELOOP/ENOTDIR) when a component is not a real
+    directory."""
+    rel = relative(root, path)
+    if rel is None:
+        raise OSError(errno.EXDEV, f"{path} is outside {root}")
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(root, flags & ~os.O_NOFOLLOW)  # the inbox itself may be a symlink the operator set
+    try:
+        for part in rel.parts[:-1]:
+            child = os.open(part, flags, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        yield fd
+    finally:
+        os.close(fd)
 
 
 def open_for_writing(path: Path) -> bool | None:

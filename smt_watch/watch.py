@@ -19,10 +19,13 @@ whatever landed while we were down.
 
 from __future__ import annotations
 
+import errno
 import heapq
 import logging
+import os
 import queue
 import shutil
+import stat as stat_mod
 import threading
 import time
 from dataclasses import dataclass
@@ -32,7 +35,16 @@ from smt_watch.config import Settings, delivery_mode
 from smt_watch.delivery import Deliverer
 from smt_watch.errors import ConfigError, SmtWatchError
 from smt_watch.hashing import FileIdentity
-from smt_watch.inbox import Found, Settler, Signature, is_candidate, regular_stat, relative, scan
+from smt_watch.inbox import (
+    Found,
+    Settler,
+    Signature,
+    is_candidate,
+    parent_dir_fd,
+    regular_stat,
+    relative,
+    scan,
+)
 from smt_watch.ledger import Ledger
 from smt_watch.metrics import Metrics
 from smt_watch.notify import Notifier
@@ -232,7 +244,7 @@ class WatchService:
         rel = relative(self.root, path)
         if rel is None or not is_candidate(rel, self.settings.patterns):
             return False
-        st = regular_stat(path)
+        st = regular_stat(path, self.root)
         if st is None:
             return False
         assert self._ledger is not None
@@ -275,7 +287,7 @@ class WatchService:
             path = Path(row.path)
             if path in self._busy or path in self._settler:
                 continue
-            st = regular_stat(path)
+            st = regular_stat(path, self.root)
             if st is None:
                 self._ledger.mark_failed(row.sha256, status=None, attempts=0,
                                          error=f"file no longer in the inbox: {row.path}")
@@ -424,24 +436,47 @@ class WatchService:
         action = self.settings.after_send
         if action == "keep":
             return
-        st = regular_stat(path)
-        if st is None or Signature.of(st) != Signature(ident.size, ident.mtime_ns, ident.device, ident.inode):
-            return  # changed since it was delivered: it is new content, leave it for the next pass
+        delivered = Signature(ident.size, ident.mtime_ns, ident.device, ident.inode)
         try:
-            if action == "delete":
-                path.unlink()
-                log.info("Deleted %s after delivery", path.name)
-            else:
-                rel = path.relative_to(self.root)
-                dest = unique_destination(self.settings.archive_path / rel)
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.move(path, dest)
-                log.info("Moved %s to %s", path.name, dest)
+            # Relative to the file's directory reached without following a symlink: a directory swapped for a
+            # symlink after delivery cannot make us delete or move anything outside the inbox.
+            with parent_dir_fd(self.root, path) as dir_fd:
+                st = os.stat(path.name, dir_fd=dir_fd, follow_symlinks=False)
+                if not stat_mod.S_ISREG(st.st_mode) or Signature.of(st) != delivered:
+                    return  # changed since it was delivered: it is new content, leave it for the next pass
+                if action == "delete":
+                    os.unlink(path.name, dir_fd=dir_fd)
+                    log.info("Deleted %s after delivery", path.name)
+                else:
+                    dest = unique_destination(self.settings.archive_path / path.relative_to(self.root))
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    _move_from(dir_fd, path.name, dest)
+                    log.info("Moved %s to %s", path.name, dest)
+        except FileNotFoundError:
+            return
         except OSError as exc:
             log.error("Could not %s %s after delivery: %s", action, path, exc.strerror)
             return
         assert self._ledger is not None
         self._ledger.unremember(str(path))
+
+
+def _move_from(dir_fd: int, name: str, dest: Path) -> None:
+    """``rename`` when the archive is on the same filesystem; else copy the open file and unlink it, both
+    through ``dir_fd`` (never by a path that could be swapped)."""
+    try:
+        os.rename(name, dest, src_dir_fd=dir_fd)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    with os.fdopen(fd, "rb") as src, dest.open("xb") as out:
+        shutil.copyfileobj(src, out, 1024 * 1024)
+        out.flush()
+        os.fsync(out.fileno())
+    shutil.copystat(f"/proc/self/fd/{dir_fd}/{name}", dest, follow_symlinks=False)
+    os.unlink(name, dir_fd=dir_fd)
 
 
 def unique_destination(dest: Path) -> Path:

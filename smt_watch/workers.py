@@ -52,7 +52,7 @@ class JobResult:
 
 def handle_job(settings: Settings, ledger: Ledger, deliverer: Deliverer, path: Path, sig: Signature) -> JobResult:
     """Check the file is still what settled, identify it (stat cache or hash) and deliver it."""
-    st = regular_stat(path)
+    st = regular_stat(path, settings.local_dir.absolute())  # a parent swapped for a symlink: not ours
     if st is None:
         return JobResult("gone")
     if Signature.of(st) != sig:

@@ -1,0 +1,53 @@
+"""The inbox is a boundary: a directory swapped for a symlink never leads `watch` outside it.
+
+The issue's case, with a real `watch` process: `inbox/sub/x.csv` is written (an event), then, while it
+settles, `inbox/sub` is replaced by a symlink to a directory outside holding a file of the same name. Before
+the fix `watch` delivered the outside file and, with `SMT_AFTER_SEND=delete`, deleted it. A sentinel that
+lands after the swap proves the watcher got past that point: once it is delivered, anything earlier would
+have been too.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import UPLOAD_TOKEN, wait_for
+from faults.support import assert_clean, sha, subprocess_env, watch_process
+
+pytestmark = pytest.mark.faults
+
+SETTLE = 2.0  # long enough that the swap below always happens inside it
+
+
+@pytest.mark.parametrize("after_send", ["delete", "move"])
+def test_a_directory_swapped_for_a_symlink_is_never_followed(base_env: dict[str, str], tmp_path: Path,
+                                                             receiver: Any, after_send: str) -> None:
+    env = subprocess_env(base_env, tmp_path / "home", SMT_UPLOAD_URL=f"{receiver.url}/upload",
+                         SMT_UPLOAD_TOKEN=UPLOAD_TOKEN, SMT_SETTLE_SECONDS=str(SETTLE), SMT_VALIDATE="0",
+                         SMT_AFTER_SEND=after_send)
+    inbox = Path(env["SMT_LOCAL_DIR"])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    secret = elsewhere / "x.csv"
+    secret.write_bytes(b"ESIID,X\noutside,1\n")
+    with watch_process(env, tmp_path / "watch.log") as w:
+        (inbox / "sub").mkdir()
+        (inbox / "sub" / "x.csv").write_bytes(b"ESIID,X\ninside,2\n")
+        shutil.rmtree(inbox / "sub")  # at once, well inside the settle time
+        os.symlink(elsewhere, inbox / "sub")
+        sentinel = inbox / "sentinel.csv"
+        sentinel.write_bytes(b"ESIID,X\nsentinel,3\n")
+        wait_for(lambda: sha(sentinel.read_bytes() if sentinel.exists() else b"") in
+                 {r["sha256"] for r in receiver.stored()} or "Deleted sentinel.csv" in w.text()
+                 or "Moved sentinel.csv" in w.text(), 30, "the sentinel delivered")
+        assert w.stop() == 0
+    delivered = {r["sha256"] for r in receiver.stored()}
+    assert sha(b"ESIID,X\noutside,1\n") not in delivered, "a file outside the inbox was delivered"
+    assert secret.read_bytes() == b"ESIID,X\noutside,1\n", "a file outside the inbox was touched"
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["x.csv"]
+    assert_clean(w.text(), "watch log")
