@@ -65,7 +65,7 @@ def is_container(name: str) -> bool:
 def csv_part(settings: Settings, ident: FileIdentity, name: str, parent: str | None = None) -> Part:
     """Validate a CSV and pick its ESIID: the file's own when it holds exactly one, else ESIID_DEFAULT."""
     try:
-        found = sniff(ident.path)
+        found = sniff(ident.read_path)
     except OSError as exc:
         raise ContentError(f"{name}: cannot read: {exc.strerror}") from None
     except LineTooLong as exc:
@@ -95,7 +95,7 @@ def unpack(settings: Settings, ident: FileIdentity) -> list[Part]:
         shutil.rmtree(dest)  # a crash mid-unpack: start over, nothing in there was delivered from it
     dest.mkdir(parents=True, mode=0o700)
     try:
-        paths = open_container(settings, ident.path, dest)
+        paths = open_container(settings, ident.read_path, dest, ident.path.name)
         parts = [csv_part(settings, identify(p), p.name, parent=ident.sha256) for p in paths]
     except BaseException:
         shutil.rmtree(dest, ignore_errors=True)
@@ -104,20 +104,23 @@ def unpack(settings: Settings, ident: FileIdentity) -> list[Part]:
     return parts
 
 
-def open_container(settings: Settings, path: Path, dest: Path) -> list[Path]:
-    """Decrypt (``.asc``) and unzip into ``dest`` (a private, empty directory); return the CSV paths."""
+def open_container(settings: Settings, path: Path, dest: Path, name: str | None = None) -> list[Path]:
+    """Decrypt (``.asc``) and unzip into ``dest`` (a private, empty directory); return the CSV paths.
+
+    ``name``: the file's name when ``path`` is only where to read it (an open descriptor)."""
+    name = name or path.name
     source = path
-    if path.name.lower().endswith(".asc"):
-        source = decrypt(settings, path, dest / ".decrypted")
+    if name.lower().endswith(".asc"):
+        source = decrypt(settings, path, dest / ".decrypted", name)
     with source.open("rb") as fh:
         is_zip = fh.read(4) == ZIP_MAGIC
     if is_zip:
-        paths = extract(settings, source, dest, path.name)
+        paths = extract(settings, source, dest, name)
     elif source is not path:  # an .asc holding a plain CSV
-        inner = re.sub(r"\.asc$", "", path.name, flags=re.IGNORECASE)
+        inner = re.sub(r"\.asc$", "", name, flags=re.IGNORECASE)
         paths = [source.rename(dest / (inner if inner.lower().endswith(".csv") else inner + ".csv"))]
     else:
-        raise ContentError(f"{path.name}: not a ZIP file")
+        raise ContentError(f"{name}: not a ZIP file")
     if source is not path:
         source.unlink(missing_ok=True)
     return paths
@@ -134,14 +137,15 @@ def encrypt(settings: Settings, data: bytes, recipient: str) -> bytes:
     return bytes(result.data)
 
 
-def decrypt(settings: Settings, path: Path, out: Path) -> Path:
+def decrypt(settings: Settings, path: Path, out: Path, name: str | None = None) -> Path:
     """gpg's output streamed to ``out`` and counted: past SMT_MAX_UNPACKED_BYTES gpg is killed and what it
     wrote removed (an 800-byte .asc can decompress to hundreds of MB: a PGP packet is compressed too)."""
     cap = settings.max_unpacked_bytes
+    name = name or path.name
     try:
         gpg = _capped_gpg_class()(gnupghome=str(settings.gnupghome) if settings.gnupghome else None)
     except (OSError, ValueError) as exc:
-        raise ContentError(f"{path.name}: gpg is not usable: {exc}") from None
+        raise ContentError(f"{name}: gpg is not usable: {exc}") from None
     passphrase = settings.gpg_passphrase.reveal() if settings.gpg_passphrase else None
     try:
         with path.open("rb") as fh, out.open("wb") as sink:
@@ -157,7 +161,7 @@ def decrypt(settings: Settings, path: Path, out: Path) -> Path:
         raise
     if gpg.exceeded:
         out.unlink(missing_ok=True)
-        raise ContentError(f"{path.name}: unpacks to more than {cap} bytes (SMT_MAX_UNPACKED_BYTES); gpg stopped")
+        raise ContentError(f"{name}: unpacks to more than {cap} bytes (SMT_MAX_UNPACKED_BYTES); gpg stopped")
     if not result.ok:
         out.unlink(missing_ok=True)
         status = result.status or "gpg failed"
@@ -165,7 +169,7 @@ def decrypt(settings: Settings, path: Path, out: Path) -> Path:
             status = "no secret key for it in GNUPGHOME"
         elif "no valid openpgp data" in (result.stderr or "").lower():
             status = "not PGP data (corrupt armour?)"
-        raise ContentError(f"{path.name}: cannot decrypt: {status}")
+        raise ContentError(f"{name}: cannot decrypt: {status}")
     return out
 
 

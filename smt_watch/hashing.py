@@ -23,10 +23,15 @@ class FileIdentity:
     mtime_ns: int
     device: int
     inode: int
+    source: Path | None = None  # where the bytes are read from, when not ``path`` (an open descriptor)
 
     @property
     def mtime(self) -> float:
         return self.mtime_ns / 1e9
+
+    @property
+    def read_path(self) -> Path:
+        return self.source or self.path
 
 
 def _signature(st: os.stat_result) -> tuple[int, int, int, int]:
@@ -50,12 +55,15 @@ def check_regular(path: Path) -> os.stat_result:
     return st
 
 
-def identify(path: Path) -> FileIdentity:
-    """Hash ``path``; raise :class:`FileChanged` if it changed while being read."""
-    before = check_regular(path)
+def identify(path: Path, source: Path | None = None) -> FileIdentity:
+    """Hash ``path``; raise :class:`FileChanged` if it changed while being read.
+
+    ``source``: read the bytes there instead (``/proc/self/fd/N`` of a descriptor opened safely beneath the
+    inbox): ``path`` then only names the file."""
+    before = check_regular(path) if source is None else os.stat(source)
     digest = hashlib.sha256()
     try:
-        with open(path, "rb", buffering=0) as fh:
+        with open(source or path, "rb", buffering=0) as fh:
             opened = os.fstat(fh.fileno())
             if _signature(opened) != _signature(before):
                 raise FileChanged(f"{path}: changed while being hashed")
@@ -71,6 +79,7 @@ def identify(path: Path) -> FileIdentity:
     if _signature(after) != _signature(before):
         raise FileChanged(f"{path}: changed while being hashed")
     return FileIdentity(
+        source=source,
         path=path,
         sha256=digest.hexdigest(),
         size=before.st_size,

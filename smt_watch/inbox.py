@@ -154,6 +154,17 @@ def parent_dir_fd(root: Path, path: Path) -> Iterator[int]:
         os.close(fd)
 
 
+def open_beneath(root: Path, path: Path) -> int:
+    """A read-only descriptor of the regular file ``path``, opened relative to its directory reached from
+    ``root`` without following a symlink on any component (the file itself included)."""
+    with parent_dir_fd(root, path) as dir_fd:
+        fd = os.open(path.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
+    if not stat_mod.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, f"{path} is not a regular file")
+    return fd
+
+
 def open_for_writing(path: Path) -> bool | None:
     """True when some process holds ``path`` open for writing; None when the kernel cannot tell us."""
     try:

@@ -58,7 +58,7 @@ def payload_for(settings: Settings, ident: FileIdentity, name: str | None = None
                 ) -> Payload:
     name = name or sent(ident.path.name)
     return Payload(
-        path=ident.path,
+        path=ident.read_path,
         filename=name,
         sha256=ident.sha256,
         size=ident.size,

@@ -30,7 +30,7 @@ from smt_watch.config import Settings
 from smt_watch.delivery import Deliverer
 from smt_watch.errors import FileChanged, InputError, SmtWatchError
 from smt_watch.hashing import FileIdentity, identify
-from smt_watch.inbox import Signature, regular_stat
+from smt_watch.inbox import Signature, open_beneath, regular_stat
 from smt_watch.ledger import Ledger
 from smt_watch.pipeline import Outcome, deliver_identified, open_ledger
 
@@ -51,20 +51,39 @@ class JobResult:
 
 
 def handle_job(settings: Settings, ledger: Ledger, deliverer: Deliverer, path: Path, sig: Signature) -> JobResult:
-    """Check the file is still what settled, identify it (stat cache or hash) and deliver it."""
-    st = regular_stat(path, settings.local_dir.absolute())  # a parent swapped for a symlink: not ours
+    """Check the file is still what settled, identify it (stat cache or hash) and deliver it.
+
+    The bytes are read through a descriptor opened beneath the inbox without following a symlink on any
+    component (:func:`open_beneath`): a directory swapped for a symlink at any moment cannot make us read
+    (or send) a file outside the inbox."""
+    root = settings.local_dir.absolute()
+    st = regular_stat(path, root)  # a parent swapped for a symlink: not ours
     if st is None:
         return JobResult("gone")
     if Signature.of(st) != sig:
         return JobResult("changed")  # still being written: it settles again
+    try:
+        fd = open_beneath(root, path)
+    except OSError:
+        return JobResult("gone")
+    try:
+        if Signature.of(os.fstat(fd)) != sig:
+            return JobResult("changed")  # not the file that settled (replaced, or reached another way)
+        return _deliver_open(settings, ledger, deliverer, path, sig, Path(f"/proc/self/fd/{fd}"))
+    finally:
+        os.close(fd)
+
+
+def _deliver_open(settings: Settings, ledger: Ledger, deliverer: Deliverer, path: Path, sig: Signature,
+                  source: Path) -> JobResult:
     key = str(path)
     cached = ledger.seen(key)
     remember = None
     if cached and cached[:4] == (sig.device, sig.inode, sig.size, sig.mtime_ns):
-        ident = FileIdentity(path, cached[4], sig.size, sig.mtime_ns, sig.device, sig.inode)
+        ident = FileIdentity(path, cached[4], sig.size, sig.mtime_ns, sig.device, sig.inode, source)
     else:
         try:
-            ident = identify(path)
+            ident = identify(path, source)
         except FileChanged:
             return JobResult("changed")
         except InputError as exc:
