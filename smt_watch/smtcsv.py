@@ -275,6 +275,8 @@ def sniff(path: Path) -> Sniff:
         if column == 0:
             carry, read_lines = b"", 0
             while block := fh.read(_SNIFF_BLOCK):
+                if carry and (end := block.find(b"\n")) >= 0 and len(carry) + end + 1 > MAX_LINE_BYTES:
+                    raise LineTooLong(read_lines + 2)  # the line begun in the carry ends here, too long
                 block = carry + block
                 cut = block.rfind(b"\n") + 1
                 carry, block = block[cut:], block[:cut]

@@ -134,3 +134,15 @@ def test_a_pgp_bomb_is_stopped_at_the_cap(make_settings: Make, receiver: Any, tm
     assert receiver.state.requests == []
     work = settings.state_dir / "work"
     assert not work.exists() or not any(p.is_file() for p in work.rglob("*")), list(work.rglob("*"))
+
+
+def test_a_long_line_is_refused_wherever_it_falls_between_read_blocks(make_settings: Make, receiver: Any,
+                                                                      tmp_path: Path) -> None:
+    """A 1.2 MiB line that starts half-way through one 1 MiB read block and ends in the next (so it is never
+    a carried-over tail longer than the limit): still refused. Checked against mutant hostile-long-line-span."""
+    short = b"'10443720000000001,01/01/2026,01/02/2026,00:00,00:15,0.100,A,Consumption\n"
+    head = HEADER.encode() + short * ((512 * 1024) // len(short))
+    f = tmp_path / "late.csv"
+    f.write_bytes(head + b"'10443720000000001," + b"9" * (1229 * 1024) + b"\n" + short * 10)
+    [o] = post_files(settings_for(make_settings, receiver), [f])
+    assert o.result == "failed" and "longer than 1,048,576 bytes" in (o.error or ""), o
