@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import subprocess
+import sys
 import time
 import zipfile
 from collections.abc import Callable
@@ -146,3 +149,21 @@ def test_a_long_line_is_refused_wherever_it_falls_between_read_blocks(make_setti
     f.write_bytes(head + b"'10443720000000001," + b"9" * (1229 * 1024) + b"\n" + short * 10)
     [o] = post_files(settings_for(make_settings, receiver), [f])
     assert o.result == "failed" and "longer than 1,048,576 bytes" in (o.error or ""), o
+
+
+def test_sniffing_a_very_long_line_holds_no_more_than_a_block(tmp_path: Path) -> None:
+    """Memory, measured in a child of its own: the line's tail is never accumulated (it was, and copied
+    again for every block: quadratic time, memory the size of the line). Checked against hostile-long-line."""
+    f = tmp_path / "long.csv"
+    with f.open("wb") as out:
+        out.write(HEADER.encode() + b"'10443720000000001,")
+        for _ in range(96):
+            out.write(b"9" * (1024 * 1024))
+        out.write(b"\n")
+    code = ("import sys; from pathlib import Path; from smt_watch.smtcsv import LineTooLong, sniff\n"
+            "try:\n    sniff(Path(sys.argv[1]))\nexcept LineTooLong as exc:\n    print(exc)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(f)], stdout=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    out = proc.stdout.read() if proc.stdout else ""
+    assert os.waitstatus_to_exitcode(status) == 0 and "longer than 1,048,576 bytes" in out, out
+    assert usage.ru_maxrss < 80 * 1024, f"sniff held {usage.ru_maxrss // 1024} MiB for a 96 MiB line"
