@@ -51,3 +51,22 @@ def test_a_directory_swapped_for_a_symlink_is_never_followed(base_env: dict[str,
     assert secret.read_bytes() == b"ESIID,X\noutside,1\n", "a file outside the inbox was touched"
     assert sorted(p.name for p in elsewhere.iterdir()) == ["x.csv"]
     assert_clean(w.text(), "watch log")
+
+
+def test_an_inbox_that_is_itself_a_symlink_keeps_working(base_env: dict[str, str], tmp_path: Path,
+                                                         receiver: Any) -> None:
+    """The operator's own symlink at the root is followed (once); only what is below it is held to the rule."""
+    real = tmp_path / "real-inbox"
+    (real / "sub").mkdir(parents=True)
+    link = tmp_path / "inbox-link"
+    os.symlink(real, link)
+    env = subprocess_env(base_env, tmp_path / "home", SMT_UPLOAD_URL=f"{receiver.url}/upload",
+                         SMT_UPLOAD_TOKEN=UPLOAD_TOKEN, SMT_SETTLE_SECONDS="0.1", SMT_VALIDATE="0",
+                         SMT_AFTER_SEND="delete", SMT_LOCAL_DIR=str(link))
+    data = b"ESIID,X\nvia-link,1\n"
+    with watch_process(env, tmp_path / "watch.log") as w:
+        (real / "sub" / "a.csv").write_bytes(data)
+        wait_for(lambda: not (real / "sub" / "a.csv").exists(), 30, "delivered, then deleted after delivery")
+        assert w.stop() == 0
+    assert [r["sha256"] for r in receiver.stored()] == [sha(data)]
+    assert_clean(w.text(), "watch log")
