@@ -15,6 +15,7 @@ from pathlib import Path
 
 from smt_watch.config import Settings, delivery_mode, redact_url
 from smt_watch.errors import SmtWatchError
+from smt_watch.names import shown
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 
@@ -27,7 +28,9 @@ class Check:
     hint: str = ""
 
     def line(self) -> str:
-        return f"{self.status:<4}  {self.name}: {self.detail}" + (f"  -> {self.hint}" if self.hint else "")
+        """One line whatever a path or a server's answer holds (names are bytes)."""
+        text = f"{self.status:<4}  {self.name}: {self.detail}" + (f"  -> {self.hint}" if self.hint else "")
+        return shown(text)
 
 
 def check_delivery(s: Settings) -> Iterator[Check]:

@@ -108,3 +108,15 @@ def test_sync_skips_a_remote_name_that_is_not_utf8_and_fetches_the_rest(base_env
     warnings = [line for line in proc.stderr.splitlines() if "Skipping remote" in line]
     assert len(warnings) == 3 and all(LOG_LINE.match(line) for line in proc.stderr.splitlines() if line.strip())
     assert "\x1b" not in proc.stderr and "Z\\xe4hler.csv" in proc.stderr
+
+
+def test_doctor_shows_a_hostile_inbox_path_on_one_line(base_env: dict[str, str], tmp_path: Path) -> None:
+    inbox = os.fsencode(tmp_path) + b"/in\nbox\xff"
+    os.makedirs(inbox)
+    env = subprocess_env(base_env, tmp_path / "home", SMT_UPLOAD_URL="http://127.0.0.1:9/upload")
+    env_bytes = {os.fsencode(k): os.fsencode(v) for k, v in env.items()}
+    env_bytes[b"SMT_LOCAL_DIR"] = inbox
+    proc = subprocess.run([*SMT_WATCH, "doctor", "--offline"], env=env_bytes, capture_output=True)
+    out = proc.stdout.decode("utf-8")  # valid UTF-8: the stray byte is shown escaped
+    assert all(re.match(r"^(ok|warn|FAIL) ", line) for line in out.splitlines() if line.strip()), out
+    assert "in\\nbox\\xff" in out
