@@ -190,7 +190,9 @@ def test_success_reply_has_remaining_and_a_queue(make_settings: Make, tmp_path: 
             srv.ledger.mark_sent(sha, status=200, destination="x", attempts=1)
         second = post_form(srv, admin_page(b"ESIID,X\nq,2\n")).json()
     assert second["queue"]["position"] == 3  # two ahead, then this one
-    assert second["queue"]["etaSeconds"] == pytest.approx(1 + 2 * 2.0, abs=0.6)  # settle + 2 rounds of ~2 s
+    # settle (1 s) + 2 rounds of the ~2 s deliveries; the upper slack is the time this test took between
+    # stamping and marking the rows, on a loaded machine
+    assert 1 + 2 * 2.0 - 0.1 <= second["queue"]["etaSeconds"] <= 1 + 2 * 3.0
     assert second["remaining"] == 8 and second["message"].startswith("Upload accepted")
 
 
