@@ -55,7 +55,14 @@ from smt_watch.errors import ConfigError, SmtWatchError
 from smt_watch.inbox import is_candidate
 from smt_watch.ledger import Ledger
 from smt_watch.tickets import TicketError, verify
-from smt_watch.uploads import MalformedUpload, ReceivedFile, UploadStalled, UploadTooLarge, read_multipart
+from smt_watch.uploads import (
+    MalformedUpload,
+    ReceivedFile,
+    UploadStalled,
+    UploadTooLarge,
+    idle_limited,
+    read_multipart,
+)
 
 log = logging.getLogger("smt_watch.server")
 
@@ -151,18 +158,11 @@ async def read_capped(request: Request, limit: int, idle_seconds: float) -> byte
     if declared.isdigit() and int(declared) > limit:
         raise UploadTooLarge(limit)
     body = bytearray()
-    stream = request.stream()
-    while True:
-        try:
-            async with asyncio.timeout(idle_seconds):
-                chunk = await anext(stream)
-        except StopAsyncIteration:
-            return bytes(body)
-        except TimeoutError:
-            raise UploadStalled(idle_seconds) from None
+    async for chunk in idle_limited(request.stream(), idle_seconds):
         body += chunk
         if len(body) > limit:
             raise UploadTooLarge(limit)
+    return bytes(body)
 
 
 def _storage_error(exc: OSError) -> JSONResponse:

@@ -19,7 +19,7 @@ import contextlib
 import hashlib
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -38,6 +38,7 @@ __all__ = [
     "ReceivedFile",
     "UploadStalled",
     "UploadTooLarge",
+    "idle_limited",
     "read_multipart",
 ]
 
@@ -278,6 +279,19 @@ def _check_declared_length(request: Request, max_bytes: int | None) -> None:
         raise UploadTooLarge(max_bytes)
 
 
+async def idle_limited(stream: AsyncIterator[bytes], idle_seconds: float | None) -> AsyncIterator[bytes]:
+    """The chunks of a request body; ``UploadStalled`` when none arrives for ``idle_seconds`` (None: wait)."""
+    while True:
+        try:
+            async with asyncio.timeout(idle_seconds):
+                chunk = await anext(stream)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise UploadStalled(idle_seconds or 0.0) from None
+        yield chunk
+
+
 async def read_multipart(
     request: Request,
     *,
@@ -321,14 +335,7 @@ async def read_multipart(
         body_limit = None if max_bytes is None else max_bytes + FORM_OVERHEAD_BYTES
         seen = 0
         async with contextlib.aclosing(request.stream()) as stream:
-            while True:
-                try:
-                    async with asyncio.timeout(idle_seconds):
-                        chunk = await anext(stream)
-                except StopAsyncIteration:
-                    break
-                except TimeoutError:
-                    raise UploadStalled(idle_seconds or 0.0) from None
+            async for chunk in idle_limited(stream, idle_seconds):
                 seen += len(chunk)
                 if body_limit is not None and seen > body_limit:
                     raise UploadTooLarge(max_bytes or 0)

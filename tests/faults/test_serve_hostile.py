@@ -25,6 +25,7 @@ from faults.support import assert_clean
 pytestmark = pytest.mark.faults
 
 IDLE = 1.0  # SMT_UPLOAD_IDLE_SECONDS for these tests
+DRIBBLE_SECONDS = 0.2  # a slowloris client's pace between bytes: the pause is the behaviour under test
 BOUNDARY = "hostileboundary1234"
 FORM = f"multipart/form-data; boundary={BOUNDARY}"
 SECRET = "webhook-secret-7c7c7c7c7c7c-SECRET"  # test_server_process's env sets it
@@ -88,7 +89,7 @@ def test_unfinished_headers_are_closed_after_the_idle_time(env: dict[str, str], 
                 dribbler.sendall(b"a")
             except OSError:
                 break  # closed by the server: the point
-            time.sleep(0.2)  # the slow client's pace is the behaviour under test
+            time.sleep(DRIBBLE_SECONDS)  # the slow client's pace (not synchronisation)
         for sock in socks:
             assert closed_by_server(sock) == b""
         assert time.monotonic() - started < 10 * IDLE + 5
