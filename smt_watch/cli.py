@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from smt_watch import __version__
-from smt_watch.errors import ConfigError, SmtWatchError
+from smt_watch.errors import ConfigError, ContentError, SmtWatchError
 from smt_watch.logs import FORMATS, LEVELS, add_secrets, setup_logging
 from smt_watch.names import shown
 
@@ -329,8 +329,8 @@ def serve(
     The trigger needs INTELLIWATT_WEBHOOK_SECRET and runs one sync pass in the background. GET /health and
     /healthz report ledger counts.
     """
-    from smt_watch.pipeline import open_ledger
     from smt_watch.server import run
+    from smt_watch.statedir import open_ledger
 
     settings = _settings(env_file, SMT_UPLOAD_HOST=host, SMT_UPLOAD_PORT=port, SMT_WEBHOOK_PORT=webhook_port,
                          SMT_LOCAL_DIR=inbox, SMT_STATE_DIR=state_dir)
@@ -358,7 +358,7 @@ def doctor(
         settings = load_settings(os.environ, env_file=env_file)
     except ConfigError as exc:
         typer.echo(Check(FAIL, "config", str(exc)).line())
-        raise typer.Exit(1) from None
+        raise typer.Exit(1) from exc
     add_secrets(settings.secrets())
     checks = [Check("ok", "config", "settings parse"), *run_checks(settings, env_file=env_file, offline=offline)]
     for check in checks:
@@ -381,14 +381,14 @@ def inspect(
     A .zip is opened and an .asc decrypted (GNUPGHOME) into a private temporary directory. Exit 1 when the
     file cannot be read or decrypted.
     """
-    from smt_watch.content import ContentError, inspect_path
+    from smt_watch.content import inspect_path
 
     settings = _settings(env_file)
     try:
         summaries = inspect_path(settings, file)
     except ContentError as exc:
         typer.echo(f"smt-watch: {exc}", err=True)
-        raise typer.Exit(1) from None
+        raise typer.Exit(1) from exc
     if as_json:
         objects = [s.to_json() for s in summaries]
         single = not file.name.lower().endswith((".zip", ".asc"))
@@ -434,24 +434,15 @@ def sample(
     """
     from datetime import date
 
-    from smt_watch.content import ContentError, encrypt
-    from smt_watch.sample import billing_csv, interval_csv, smt_zip
+    from smt_watch.reference.sample import write_sample
 
     try:
         first = date.fromisoformat(start) if start else date(2025, 1, 1)
-    except ValueError:
-        raise ConfigError(f"--start must be YYYY-MM-DD: {start!r}") from None
-    data = interval_csv(days, esiid, first)
-    inner = f"IntervalMeterUsage_{esiid}_{first:%Y%m%d}.csv"
-    if encrypt_to or output.name.lower().endswith(".zip"):
-        data = smt_zip(inner, data, billing_csv(esiid, first, days))
-    if encrypt_to:
-        try:
-            data = encrypt(_settings(env_file), data, encrypt_to)
-        except ContentError as exc:
-            raise ConfigError(str(exc)) from None
-    output.write_bytes(data)
-    typer.echo(f"wrote {output} ({len(data):,} bytes, {days} day(s) from {first})")
+    except ValueError as exc:
+        raise ConfigError(f"--start must be YYYY-MM-DD: {start!r}") from exc
+    size = write_sample(output, days=days, esiid=esiid, start=first, encrypt_to=encrypt_to,
+                        settings=_settings(env_file) if encrypt_to else None)
+    typer.echo(f"wrote {output} ({size:,} bytes, {days} day(s) from {first})")
 
 
 @app.command()
@@ -476,7 +467,7 @@ def ticket(
     try:
         typer.echo(mint(settings.upload_ticket_secret.reveal(), role.strip().lower(), account, parse_ttl(ttl)))
     except ValueError as exc:
-        raise ConfigError(f"ticket: {exc}") from None
+        raise ConfigError(f"ticket: {exc}") from exc
 
 
 # --- ledger -----------------------------------------------------------------------------------------
@@ -494,7 +485,7 @@ def ledger_list(
 ) -> None:
     """List ledger rows, oldest first."""
     from smt_watch.ledger import STATES
-    from smt_watch.pipeline import open_ledger
+    from smt_watch.statedir import open_ledger
 
     if state is not None and state not in STATES:
         raise ConfigError(f"--state must be one of {', '.join(STATES)}")
@@ -523,7 +514,8 @@ def ledger_forget(
     env_file: EnvFile = None,
 ) -> None:
     """Drop a row so its file is delivered again. Exit 1 when nothing matched."""
-    from smt_watch.pipeline import forget_target, open_ledger
+    from smt_watch.pipeline import forget_target
+    from smt_watch.statedir import open_ledger
 
     with open_ledger(_settings(env_file, SMT_STATE_DIR=state_dir)) as ledger:
         removed = forget_target(ledger, target)
@@ -545,7 +537,7 @@ def ledger_import(
     Idempotent: hashes already in the ledger are left as they are.
     """
     from smt_watch.legacy import import_file
-    from smt_watch.pipeline import open_ledger
+    from smt_watch.statedir import open_ledger
 
     with open_ledger(_settings(env_file, SMT_STATE_DIR=state_dir)) as ledger:
         report = import_file(ledger, path)
@@ -574,7 +566,7 @@ def receive(
     storing each distinct file once under DIR. It checks x-admin-token / x-smt-upload-token against
     ADMIN_TOKEN / SMT_UPLOAD_TOKEN when those are set. For demos and tests, not production.
     """
-    from smt_watch.receiver import serve
+    from smt_watch.reference.receiver import serve
 
     settings = _settings(env_file)
     serve(

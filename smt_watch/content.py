@@ -27,7 +27,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Final
 
 from smt_watch.config import Settings
-from smt_watch.errors import SmtWatchError
+from smt_watch.errors import ContentError, SmtWatchError
 from smt_watch.hashing import FileIdentity, check_regular, identify
 from smt_watch.names import shown
 from smt_watch.smtcsv import LineTooLong, Sniff, Summary, sniff, summarize_file
@@ -37,10 +37,6 @@ log = logging.getLogger("smt_watch.content")
 MAX_RATIO: Final = 200
 ESIID_RE: Final = re.compile(r"[0-9]{17,22}")
 ZIP_MAGIC: Final = b"PK\x03\x04"
-
-
-class ContentError(SmtWatchError):
-    """The file cannot become a delivery (undecryptable, unsafe ZIP, not SMT data): the row is ``failed``."""
 
 
 @dataclass(frozen=True)
@@ -124,17 +120,6 @@ def open_container(settings: Settings, path: Path, dest: Path, name: str | None 
     if source is not path:
         source.unlink(missing_ok=True)
     return paths
-
-
-def encrypt(settings: Settings, data: bytes, recipient: str) -> bytes:
-    """Armoured PGP encryption to ``recipient`` (for ``sample --encrypt-to``: SMT-shaped test files)."""
-    import gnupg
-
-    gpg = gnupg.GPG(gnupghome=str(settings.gnupghome) if settings.gnupghome else None)
-    result = gpg.encrypt(data, recipient, armor=True, always_trust=True)
-    if not result.ok:
-        raise ContentError(f"cannot encrypt to {recipient}: {result.status or 'gpg failed'}")
-    return bytes(result.data)
 
 
 def decrypt(settings: Settings, path: Path, out: Path, name: str | None = None) -> Path:

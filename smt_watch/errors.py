@@ -2,16 +2,20 @@
 
     SmtWatchError                 anything smt-watch reports to a person (exit 1 unless a subclass says)
     ├── ConfigError               bad or missing setting, bad usage (exit 2)
+    │   └── HostKeyError          the SFTP server's host key is unknown or changed (exit 2)
     ├── LedgerError               the SQLite ledger cannot be opened, read or written
     ├── InputError                a named file is missing, unreadable, a directory or a symlink
+    ├── ContentError              a ready file cannot become a delivery (undecryptable, unsafe ZIP, not SMT)
+    ├── SftpError                 an SFTP connection or transfer problem a later attempt may not have
     └── DeliveryError             one delivery attempt did not end in a 2xx
         ├── RetryableDelivery     connection error, timeout, 408/425/429/5xx: try again later
         ├── PermanentDelivery     other 4xx, or 2xx with ``"ok": false``: do not retry
         └── FileChanged           the bytes read while sending are not the bytes hashed
 
-Library errors (httpx, sqlite3, OSError) are wrapped at the boundary with ``raise ... from exc``.
-Messages never contain tokens: callers build them from status codes, URLs without credentials and
-response bodies (which the remote side chose to send us).
+Library errors (httpx, paramiko, sqlite3, gpg, OSError) are wrapped at the boundary with
+``raise ... from exc``; ``from None`` only where the cause's text could hold a secret (a URL with a
+password, a token), with a comment saying so. Messages never contain tokens: callers build them from
+status codes, URLs without credentials and response bodies (which the remote side chose to send us).
 """
 
 from __future__ import annotations
@@ -35,6 +39,18 @@ class LedgerError(SmtWatchError):
 
 class InputError(SmtWatchError):
     """A file named on the command line cannot be delivered as given."""
+
+
+class ContentError(SmtWatchError):
+    """The file cannot become a delivery (undecryptable, unsafe ZIP, not SMT data): the row is ``failed``."""
+
+
+class SftpError(SmtWatchError):
+    """A connection or transfer problem that a later attempt may not have (exit 1)."""
+
+
+class HostKeyError(ConfigError):
+    """The server's key is unknown or changed: nothing is fetched until an operator decides (exit 2)."""
 
 
 class DeliveryError(SmtWatchError):

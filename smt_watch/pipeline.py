@@ -7,7 +7,6 @@ Shared by ``post`` and (later) ``watch``, so both follow the same state machine.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -16,10 +15,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from smt_watch.config import Settings, delivery_mode
-from smt_watch.content import ContentError, csv_part, is_container, unpack, work_dir
+from smt_watch.content import csv_part, is_container, unpack, work_dir
 from smt_watch.delivery import IN_CALL_MAX_WAIT, Deliverer, Payload, Progress, backoff_delay, meter_for
 from smt_watch.errors import (
-    ConfigError,
+    ContentError,
     DeliveryError,
     FileChanged,
     InputError,
@@ -28,8 +27,8 @@ from smt_watch.errors import (
 )
 from smt_watch.hashing import FileIdentity, identify
 from smt_watch.ledger import SHA256_RE, Claim, Ledger, Remember
-from smt_watch.legacy import import_state_file
 from smt_watch.names import sent
+from smt_watch.statedir import open_ledger
 
 log = logging.getLogger("smt_watch.pipeline")
 
@@ -269,23 +268,6 @@ def _since(started: float) -> float:
 
 
 # --- what the commands call -------------------------------------------------------------------------
-
-
-def open_ledger(settings: Settings) -> Ledger:
-    """Open the ledger in ``SMT_STATE_DIR`` and pick up the old script's ``STATE_FILE`` if present."""
-    try:
-        settings.state_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"SMT_STATE_DIR {settings.state_dir} cannot be created: {exc.strerror}") from None
-    if not os.access(settings.state_dir, os.W_OK | os.X_OK):
-        raise ConfigError(f"SMT_STATE_DIR {settings.state_dir} is not writable")
-    ledger = Ledger(settings.ledger_path)
-    try:
-        import_state_file(ledger, settings.state_file)
-    except BaseException:
-        ledger.close()
-        raise
-    return ledger
 
 
 ProgressFor = Callable[[Path], AbstractContextManager[Progress | None]]

@@ -31,7 +31,7 @@ from paramiko.buffered_pipe import BufferedPipe
 from paramiko.sftp import CMD_CLOSE, CMD_DATA, CMD_NAME, CMD_OPENDIR, CMD_READ, CMD_READDIR, CMD_STATUS, SFTP_EOF, int64
 
 from smt_watch.config import Settings
-from smt_watch.errors import ConfigError, SmtWatchError
+from smt_watch.errors import ConfigError, HostKeyError, SftpError
 from smt_watch.inbox import is_candidate
 from smt_watch.names import shown
 
@@ -41,14 +41,6 @@ REQUEST = 64 * 1024  # bytes per READ request (OpenSSH serves up to 255 KiB; sho
 WINDOW = 32  # READ requests in flight: 2 MiB, the pipeline depth and the memory bound
 TRANSPORT_WINDOW = 8 * 1024 * 1024
 MAX_PACKET = 128 * 1024  # one 64 KiB READ response fits one SSH packet
-
-
-class SftpError(SmtWatchError):
-    """A connection or transfer problem that a later attempt may not have (exit 1)."""
-
-
-class HostKeyError(ConfigError):
-    """The server's key is unknown or changed: nothing is fetched until an operator decides (exit 2)."""
 
 
 @dataclass(frozen=True)

@@ -25,11 +25,11 @@ from pathlib import Path
 import tenacity
 
 from smt_watch.config import Settings
-from smt_watch.errors import ConfigError, SmtWatchError
+from smt_watch.errors import ConfigError, SftpError, SmtWatchError
 from smt_watch.hashing import identify
 from smt_watch.ledger import Ledger
-from smt_watch.pipeline import open_ledger
-from smt_watch.sftp import Connection, RemoteFile, SftpError
+from smt_watch.sftp import Connection, RemoteFile
+from smt_watch.statedir import open_ledger
 
 log = logging.getLogger("smt_watch.sync")
 

@@ -48,7 +48,8 @@ from smt_watch.inbox import (
 from smt_watch.ledger import Ledger
 from smt_watch.metrics import Metrics
 from smt_watch.notify import Notifier
-from smt_watch.pipeline import Outcome, open_ledger
+from smt_watch.pipeline import Outcome
+from smt_watch.statedir import open_ledger
 from smt_watch.watcher import InboxWatcher
 from smt_watch.workers import InProcess, InThread, JobResult, Runner
 

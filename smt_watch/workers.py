@@ -32,7 +32,8 @@ from smt_watch.errors import FileChanged, InputError, SmtWatchError
 from smt_watch.hashing import FileIdentity, identify
 from smt_watch.inbox import Signature, open_beneath, regular_stat
 from smt_watch.ledger import Ledger
-from smt_watch.pipeline import Outcome, deliver_identified, open_ledger
+from smt_watch.pipeline import Outcome, deliver_identified
+from smt_watch.statedir import open_ledger
 
 log = logging.getLogger("smt_watch.workers")
 

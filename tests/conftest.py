@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from smt_watch.config import Settings, load_settings
-from smt_watch.receiver import running_receiver
+from smt_watch.reference.receiver import running_receiver
 from smt_watch.watch import WatchService
 
 ADMIN_TOKEN = "admin-token-0123456789abcdef-SECRET"

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from conftest import ADMIN_TOKEN, SMT_WATCH, UPLOAD_TOKEN, wait_for, write_csv
-from smt_watch.receiver import Fault
+from smt_watch.reference.receiver import Fault
 
 Run = Callable[..., subprocess.CompletedProcess[str]]
 

@@ -26,10 +26,11 @@ import pytest
 from gpg_keys import GpgHome, make_home
 
 from conftest import UPLOAD_TOKEN, wait_for
-from smt_watch import sample
 from smt_watch.config import Settings
-from smt_watch.pipeline import Outcome, open_ledger, post_files
-from smt_watch.receiver import Fault
+from smt_watch.pipeline import Outcome, post_files
+from smt_watch.reference import sample
+from smt_watch.reference.receiver import Fault
+from smt_watch.statedir import open_ledger
 
 Make = Callable[..., Settings]
 

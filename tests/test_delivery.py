@@ -16,8 +16,9 @@ from conftest import ADMIN_TOKEN, UPLOAD_TOKEN, write_csv
 from smt_watch.config import Settings
 from smt_watch.delivery import Deliverer, direct_transport_is_enough, parse_retry_after
 from smt_watch.errors import ConfigError
-from smt_watch.pipeline import deliver_file, open_ledger, post_files
-from smt_watch.receiver import Fault
+from smt_watch.pipeline import deliver_file, post_files
+from smt_watch.reference.receiver import Fault
+from smt_watch.statedir import open_ledger
 
 Make = Callable[..., Settings]
 

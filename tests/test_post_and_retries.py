@@ -18,8 +18,9 @@ import pytest
 
 from conftest import UPLOAD_TOKEN, write_csv
 from smt_watch.config import Settings
-from smt_watch.pipeline import open_ledger, post_files
-from smt_watch.receiver import Fault
+from smt_watch.pipeline import post_files
+from smt_watch.reference.receiver import Fault
+from smt_watch.statedir import open_ledger
 
 Make = Callable[..., Settings]
 Run = Callable[..., subprocess.CompletedProcess[str]]

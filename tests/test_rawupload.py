@@ -23,11 +23,12 @@ from typing import Any
 import pytest
 
 from conftest import ADMIN_TOKEN
-from smt_watch import sample
 from smt_watch.config import Settings, delivery_mode
 from smt_watch.delivery import Deliverer
-from smt_watch.pipeline import Outcome, deliver_file, open_ledger, post_files
-from smt_watch.receiver import RAW_UPLOAD_PATH, Fault, ReceiverHandle
+from smt_watch.pipeline import Outcome, deliver_file, post_files
+from smt_watch.reference import sample
+from smt_watch.reference.receiver import RAW_UPLOAD_PATH, Fault, ReceiverHandle
+from smt_watch.statedir import open_ledger
 
 Make = Callable[..., Settings]
 

@@ -20,8 +20,8 @@ import httpx
 import pytest
 
 from conftest import ADMIN_TOKEN, wait_for
-from smt_watch.receiver import Fault, ReceiverHandle, running_receiver
-from smt_watch.receiver_raw import Mismatch, node_base64
+from smt_watch.reference.receiver import Fault, ReceiverHandle, running_receiver
+from smt_watch.reference.receiver_raw import Mismatch, node_base64
 
 CSV = (
     b"ESIID,USAGE_DATE,REVISION_DATE,USAGE_START_TIME,USAGE_END_TIME,USAGE_KWH,ESTIMATED_ACTUAL,"

@@ -27,7 +27,7 @@ from starlette.routing import Route
 from test_server import BOUNDARY, FORM_TYPE, TOKEN, Running, connect, read_response, running, upload
 
 from smt_watch.config import Settings
-from smt_watch.receiver import app_in_thread
+from smt_watch.reference.receiver import app_in_thread
 
 Make = Callable[..., Settings]
 SECRET = "webhook-secret-0f0f0f0f0f0f-SECRET"

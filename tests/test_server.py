@@ -33,9 +33,9 @@ import smt_watch.server as server_module
 from conftest import UPLOAD_TOKEN, IoCalls, wait_for, watching, write_csv
 from smt_watch.config import Settings
 from smt_watch.ledger import STATES, Ledger
-from smt_watch.pipeline import open_ledger
-from smt_watch.receiver import app_in_thread
+from smt_watch.reference.receiver import app_in_thread
 from smt_watch.server import MAX_NAME_BYTES, Server, build, safe_name
+from smt_watch.statedir import open_ledger
 
 Make = Callable[..., Settings]
 

@@ -32,8 +32,8 @@ from sftp_server import (
 
 from conftest import wait_for
 from smt_watch.config import Settings
-from smt_watch.errors import ConfigError
-from smt_watch.sftp import Connection, RemoteFile, SftpError, _Chunks, load_key
+from smt_watch.errors import ConfigError, SftpError
+from smt_watch.sftp import Connection, RemoteFile, _Chunks, load_key
 from smt_watch.sftp import fingerprint as smt_fingerprint
 
 Make = Callable[..., Settings]

@@ -2,7 +2,7 @@
 
 Fixtures are spelled out here from the SPEC (header, apostrophe ESIIDs, both date styles, ``H:MM`` labels
 with and without a leading space, the day's last interval ending ``0:00``), never produced by
-``smt_watch.sample``: the expected UTC instants are worked out by hand, not by the code under test.
+``smt_watch.reference.sample``: the expected UTC instants are worked out by hand, not by the code under test.
 
 America/Chicago in 2025: CST (UTC-6) until 2025-03-09 02:00, CDT (UTC-5) until 2025-11-02 02:00 (when
 1:00–1:59 happens twice), then CST again.
@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from smt_watch import sample
+from smt_watch.reference import sample
 from smt_watch.smtcsv import classify, header_fields, sniff, summarize, summarize_bytes, summarize_file
 
 HEADER = (

@@ -19,8 +19,8 @@ import pytest
 
 from conftest import POLL_SECONDS, UPLOAD_TOKEN, wait_for, watching, write_csv
 from smt_watch.config import Settings
-from smt_watch.pipeline import open_ledger
-from smt_watch.receiver import Fault, running_receiver
+from smt_watch.reference.receiver import Fault, running_receiver
+from smt_watch.statedir import open_ledger
 
 Make = Callable[..., Settings]
 APPEND_GAP_SECONDS = 0.1  # between appends: shorter than the settle time, so the file never looks done

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from conftest import SMT_WATCH, UPLOAD_TOKEN, wait_for, write_csv
-from smt_watch.receiver import Fault
+from smt_watch.reference.receiver import Fault
 
 
 class Watch:

@@ -21,8 +21,8 @@ import pytest
 
 from conftest import UPLOAD_TOKEN, wait_for, watching, write_csv
 from smt_watch.config import Settings
-from smt_watch.pipeline import open_ledger
-from smt_watch.receiver import Fault
+from smt_watch.reference.receiver import Fault
+from smt_watch.statedir import open_ledger
 
 Make = Callable[..., Settings]
 

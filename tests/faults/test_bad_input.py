@@ -30,7 +30,7 @@ from sftp_server import generate_key, public_line, running_sftp_server, write_pr
 
 from conftest import SMT_WATCH, wait_for, write_csv
 from faults.support import SECRETS, assert_clean
-from smt_watch.receiver import running_receiver
+from smt_watch.reference.receiver import running_receiver
 
 pytestmark = pytest.mark.faults
 

@@ -35,7 +35,7 @@ from faults.support import (
     subprocess_env,
     watch_process,
 )
-from smt_watch.receiver import Fault
+from smt_watch.reference.receiver import Fault
 
 pytestmark = pytest.mark.faults
 

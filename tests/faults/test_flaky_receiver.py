@@ -31,7 +31,7 @@ from faults.support import (
     subprocess_env,
     watch_process,
 )
-from smt_watch.receiver import Fault, running_receiver
+from smt_watch.reference.receiver import Fault, running_receiver
 
 pytestmark = pytest.mark.faults
 

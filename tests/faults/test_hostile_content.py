@@ -18,7 +18,8 @@ import pytest
 
 from conftest import UPLOAD_TOKEN, write_csv
 from smt_watch.config import Settings
-from smt_watch.pipeline import open_ledger, post_files
+from smt_watch.pipeline import post_files
+from smt_watch.statedir import open_ledger
 
 pytestmark = pytest.mark.faults
 

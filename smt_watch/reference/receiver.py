@@ -1,7 +1,7 @@
 """Reference receiver: a local stand-in for the IntelliWatt web app and the droplet upload server.
 
 It accepts the delivery shapes of SPEC §4 (inline JSON on ``/api/admin/smt/pull``, multipart on
-``/upload``, raw-upload chunks by the real route's rules, see :mod:`smt_watch.receiver_raw`), stores each
+``/upload``, raw-upload chunks by the real route's rules, see :mod:`smt_watch.reference.receiver_raw`), stores each
 distinct file once (content by SHA-256 plus a ``RawSmtFile`` row in SQLite) and answers like the real
 services, so demos and tests exercise the real client code over real HTTP. For tests it records every
 delivery request and can inject faults (status, ``Retry-After``, delay, dropped connection) one request
@@ -39,10 +39,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from smt_watch.receiver_raw import Mismatch, RawMismatch, RawStore, handle_chunk
+from smt_watch.reference.receiver_raw import Mismatch, RawMismatch, RawStore, handle_chunk
 from smt_watch.uploads import MalformedUpload, UploadTooLarge, read_multipart
 
-log = logging.getLogger("smt_watch.receiver")
+log = logging.getLogger("smt_watch.receiver")  # the name its log lines have always carried
 
 PULL_PATH = "/api/admin/smt/pull"
 UPLOAD_PATH = "/upload"

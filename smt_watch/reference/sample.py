@@ -1,6 +1,6 @@
-"""``smt-watch sample``: realistic SMT interval CSVs (and ``.asc``) for demos, tests and benchmarks.
+"""``smt-watch sample``: realistic SMT interval CSVs (and ``.zip``, ``.asc``) for demos, tests and benchmarks.
 
-Rows follow what SMT sends (SPEC §6): the 8-column header, ESIID with a leading apostrophe, ``MM/DD/YYYY``
+Rows follow what SMT sends (docs/contract.md §6): the 8-column header, ESIID with a leading apostrophe, ``MM/DD/YYYY``
 dates, ``H:MM`` local start/end labels with the day's last interval ending ``0:00``, 96 rows a day, 100 on
 the fall-back day (1:00–1:45 twice), and 96 on the spring-forward day with blank kWh where the wall time
 does not exist. Readings are seeded, so the same arguments give the same bytes.
@@ -13,7 +13,10 @@ import random
 import zipfile
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 
+from smt_watch.config import Settings
+from smt_watch.errors import ConfigError
 from smt_watch.smtcsv import CHICAGO, INTERVAL_HEADER, SLOT
 
 DEFAULT_ESIID = "10443720000000001"
@@ -82,3 +85,44 @@ def smt_zip(name: str, interval: bytes, billing: bytes | None) -> bytes:
         if billing is not None:
             zf.writestr(name.replace("Interval", "Daily", 1) if "Interval" in name else f"daily_{name}", billing)
     return buf.getvalue()
+
+
+def encrypt(settings: Settings, data: bytes, recipient: str) -> bytes:
+    """Armoured PGP encryption to ``recipient`` (GNUPGHOME), as SMT encrypts what it sends.
+
+    A recipient gpg cannot encrypt to is a usage error (exit 2): nothing is written.
+    """
+    import gnupg
+
+    gpg = gnupg.GPG(gnupghome=str(settings.gnupghome) if settings.gnupghome else None)
+    result = gpg.encrypt(data, recipient, armor=True, always_trust=True)
+    if not result.ok:
+        raise ConfigError(f"cannot encrypt to {recipient}: {result.status or 'gpg failed'}")
+    return bytes(result.data)
+
+
+def write_sample(
+    output: Path,
+    *,
+    days: int,
+    esiid: str,
+    start: date,
+    encrypt_to: str | None = None,
+    settings: Settings | None = None,
+) -> int:
+    """Write what ``smt-watch sample`` makes to ``output``; return its size in bytes.
+
+    An interval CSV; a ZIP of it and a daily-reads CSV when ``output`` ends in ``.zip`` or ``encrypt_to``
+    is given; that ZIP PGP-encrypted to ``encrypt_to`` (an SMT-style ``.asc``, needs ``settings`` for
+    GNUPGHOME).
+    """
+    data = interval_csv(days, esiid, start)
+    inner = f"IntervalMeterUsage_{esiid}_{start:%Y%m%d}.csv"
+    if encrypt_to or output.name.lower().endswith(".zip"):
+        data = smt_zip(inner, data, billing_csv(esiid, start, days))
+    if encrypt_to:
+        if settings is None:
+            raise ConfigError("--encrypt-to needs settings (GNUPGHOME)")
+        data = encrypt(settings, data, encrypt_to)
+    output.write_bytes(data)
+    return len(data)

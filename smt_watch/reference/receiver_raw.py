@@ -2,7 +2,7 @@
 
 Stands in for the web app's ``POST /api/admin/smt/raw-upload`` (IntelliWatt
 ``app/api/admin/smt/raw-upload/route.ts``) and takes and refuses what it does (the admin token is checked
-by the caller, :mod:`smt_watch.receiver`):
+by the caller, :mod:`smt_watch.reference.receiver`):
 
 - a body that is not JSON counts as ``{}``. ``filename`` and ``sha256`` must be truthy (in the JavaScript
   sense), ``sizeBytes`` (else ``size_bytes``) a number; otherwise 400 ``VALIDATION`` with the real route's
