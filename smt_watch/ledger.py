@@ -21,11 +21,12 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from enum import Enum
 from pathlib import Path
 from typing import Any, Final
 
+from smt_watch.clock import utc_stamp
 from smt_watch.errors import LedgerError
 from smt_watch.names import shown, stored, unstored
 
@@ -39,7 +40,8 @@ _FILE_COLUMNS: Final = (
 
 
 def now_iso() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """Row times to the microsecond, so rows sort in the order things happened."""
+    return utc_stamp(digits=6)
 
 
 def _epoch(stamp: str) -> float:
@@ -265,7 +267,11 @@ class Ledger:
 
     @contextmanager
     def atomic(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction, taken up front (``BEGIN IMMEDIATE``) so read-then-write is race free."""
+        """One write transaction, taken up front (``BEGIN IMMEDIATE``) so read-then-write is race free.
+
+        Any ``sqlite3.Error`` inside it (a full disk, a broken constraint) rolls back and comes out as
+        :class:`LedgerError`, so no caller needs to know the ledger is SQLite.
+        """
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
@@ -273,13 +279,22 @@ class Ledger:
                 raise LedgerError(f"ledger {self.path} is not writable: {exc}") from exc
             try:
                 yield self._db
+            except sqlite3.Error as exc:
+                self._rollback()
+                raise LedgerError(f"ledger {self.path}: {exc}") from exc
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._rollback()
                 raise
             try:
                 self._db.execute("COMMIT")
             except sqlite3.Error as exc:
+                self._rollback()
                 raise LedgerError(f"ledger {self.path}: commit failed: {exc}") from exc
+
+    def _rollback(self) -> None:
+        """End a failed transaction; SQLite may have rolled it back already (a full disk does)."""
+        if self._db.in_transaction:
+            self._db.execute("ROLLBACK")
 
     def _query(self, sql: str, params: Iterable[Any] = (), *, tuples: bool = False) -> list[Any]:
         """Rows as ``sqlite3.Row``; ``tuples``: plain tuples, a third cheaper for bulk look-ups."""
@@ -346,7 +361,7 @@ class Ledger:
     def recent_send_seconds(self, limit: int, since: float) -> list[float]:
         """Seconds from first sight to ``sent`` of the latest files sent on their first request since
         ``since``: a delivery's own duration, without backoff waits."""
-        cutoff = datetime.fromtimestamp(since, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        cutoff = utc_stamp(since, digits=6)
         rows = self._query("SELECT first_seen, sent_at FROM files WHERE state = 'sent' AND attempts = 1"
                            " AND sent_at >= ? ORDER BY sent_at DESC LIMIT ?", (cutoff, limit), tuples=True)
         return [max(0.0, _epoch(sent) - _epoch(first)) for first, sent in rows]
@@ -429,8 +444,6 @@ class Ledger:
                     f"UPDATE files SET {assignments}, attempts = attempts + ? WHERE sha256 = ?",
                     (*values.values(), attempts, sha256),
                 )
-        except sqlite3.Error as exc:
-            raise LedgerError(f"ledger {self.path}: {exc}") from exc
         finally:
             with self._lock:
                 self._inflight.discard(sha256)
@@ -529,6 +542,9 @@ class Ledger:
             "SELECT remote_path, size, mtime FROM remote_files")}
 
     def record_fetch(self, remote_path: str, size: int, mtime: int, sha256: str, local_path: str) -> None:
+        """Remember that ``sync`` fetched this version of ``remote_path``; a fetch without its hash is refused."""
+        if not sha256:
+            raise LedgerError(f"ledger {self.path}: fetch of {shown(remote_path)} recorded without its SHA-256")
         with self.atomic() as db:
             db.execute(
                 "INSERT OR REPLACE INTO remote_files (remote_path, size, mtime, sha256, local_path, fetched_at)"

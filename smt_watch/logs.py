@@ -10,8 +10,8 @@ import json
 import logging
 import sys
 from collections.abc import Iterable
-from datetime import UTC, datetime
 
+from smt_watch.clock import utc_stamp
 from smt_watch.names import shown
 
 LEVELS = ("debug", "info", "warning", "error")
@@ -23,7 +23,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         obj = {
-            "ts": datetime.fromtimestamp(record.created, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "ts": utc_stamp(record.created, digits=6),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),

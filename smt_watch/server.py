@@ -50,6 +50,7 @@ from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from smt_watch.bridge import Bridge
+from smt_watch.clock import utc_stamp
 from smt_watch.config import Secret, Settings
 from smt_watch.errors import ConfigError, SmtWatchError
 from smt_watch.inbox import is_candidate
@@ -97,10 +98,6 @@ def safe_name(raw: str) -> str:
         else:
             base = base[:MAX_NAME_BYTES]
     return base or "upload.csv"
-
-
-def iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _matches(sent: str | None, secret: Secret) -> bool:
@@ -225,8 +222,8 @@ class Server:
 
     def _limited(self, role: str, account: str, times: list[float]) -> JSONResponse:
         reset = times[0] + WINDOWS[role] if times else time.time() + WINDOWS[role]
-        return _error(429, "rate_limited", f"{RATE_MESSAGES[role]}; it resets at {iso(reset)}",
-                      role=role, accountKey=account, limit=self._limit(role), remaining=0, resetAt=iso(reset),
+        return _error(429, "rate_limited", f"{RATE_MESSAGES[role]}; it resets at {utc_stamp(reset)}",
+                      role=role, accountKey=account, limit=self._limit(role), remaining=0, resetAt=utc_stamp(reset),
                       headers={"Retry-After": str(max(1, int(reset - time.time()) + 1))})
 
     def _origin_refused(self, request: Request) -> JSONResponse | None:
@@ -382,7 +379,7 @@ class Server:
              "ingest": {"queued": not duplicate, "filesProcessed": 0, "intervalsInserted": 0, "normalized": False},
              "remaining": remaining,
              "meta": {"role": role, "accountKey": account, "limit": limit, "remaining": remaining,
-                      "resetAt": iso((times[0] if times else now) + WINDOWS[role])},
+                      "resetAt": utc_stamp((times[0] if times else now) + WINDOWS[role])},
              "queue": self._queue(0 if duplicate else 1)},
             status_code=202,
         )

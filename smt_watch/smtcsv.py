@@ -17,10 +17,12 @@ import io
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any, BinaryIO, Final
 from zoneinfo import ZoneInfo
+
+from smt_watch.clock import utc_stamp
 
 CHICAGO: Final = ZoneInfo("America/Chicago")
 SLOT: Final = 900  # seconds in a 15-minute interval
@@ -154,10 +156,6 @@ def _parse_date(text: str, cache: dict[str, date]) -> date | None:
     return d
 
 
-def _iso(epoch: int) -> str:
-    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def summarize(lines: Iterable[str], name: str) -> Summary:
     """Read an SMT CSV (text lines, header first) in one pass."""
     it = iter(lines)
@@ -220,8 +218,8 @@ def summarize(lines: Iterable[str], name: str) -> Summary:
     summary.esiids = sorted(esiids)
     summary.first_date = first_day.isoformat() if first_day else None
     summary.last_date = last_day.isoformat() if last_day else None
-    summary.first_start_utc = _iso(lo) if lo is not None else None
-    summary.last_end_utc = _iso(hi + SLOT) if hi is not None else None
+    summary.first_start_utc = utc_stamp(lo) if lo is not None else None
+    summary.last_end_utc = utc_stamp(hi + SLOT) if hi is not None else None
     return summary
 
 

@@ -93,6 +93,30 @@ def test_two_processes_claim_once(tmp_path: Path) -> None:
     assert results == ["busy", "claimed"]
 
 
+def test_a_sqlite_error_inside_a_transaction_is_a_ledger_error(tmp_path: Path) -> None:
+    with Ledger(tmp_path / "l.sqlite3") as ledger:
+        assert claim(ledger) is Claim.CLAIMED
+        with pytest.raises(LedgerError, match="UNIQUE constraint failed") as caught, ledger.atomic() as db:
+            db.execute("INSERT INTO meta (key, value) VALUES ('k', 'first')")
+            db.execute("INSERT INTO files (sha256, filename, state, first_seen, updated_at)"
+                       " VALUES (?, 'again.csv', 'pending', 'x', 'x')", (A,))
+        assert isinstance(caught.value.__cause__, sqlite3.IntegrityError)
+        assert ledger.meta("k") is None  # rolled back as a whole
+        ledger.set_meta("k", "second")  # and the ledger is usable afterwards
+        assert ledger.meta("k") == "second"
+        assert claim(ledger) is Claim.BUSY  # a claim in flight still answers as before
+
+
+@pytest.mark.parametrize("missing", ["", None])
+def test_a_fetch_without_its_hash_is_refused(tmp_path: Path, missing: str | None) -> None:
+    with Ledger(tmp_path / "l.sqlite3") as ledger:
+        with pytest.raises(LedgerError, match="without its SHA-256"):
+            ledger.record_fetch("/adhocusage/a.CSV", 10, 1_700_000_000, missing, "/in/a.CSV")  # type: ignore[arg-type]
+        assert ledger.remote_files() == {}
+        ledger.record_fetch("/adhocusage/a.CSV", 10, 1_700_000_000, A, "/in/a.CSV")
+        assert ledger.remote_files() == {"/adhocusage/a.CSV": (10, 1_700_000_000)}
+
+
 def test_parse_hash_lines() -> None:
     entries, bad = parse_hash_lines(
         [A, f"{B.upper()}  dir/file one.csv", f"{'c' * 64} *bin.csv", "", "# note", "not-a-hash", "abc"]

@@ -27,7 +27,6 @@ import time
 import zlib
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +38,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from smt_watch.clock import utc_stamp
 from smt_watch.reference.receiver_raw import Mismatch, RawMismatch, RawStore, handle_chunk
 from smt_watch.uploads import MalformedUpload, UploadTooLarge, read_multipart
 
@@ -139,7 +139,7 @@ class FileStore:
                     "INSERT INTO RawSmtFile (filename, sha256, sizeBytes, source, esiid, meter,"
                     " captured_at, received_at, route, path) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (meta["filename"] or "", sha256, size, meta["source"], meta["esiid"], meta["meter"],
-                     meta["captured_at"], datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+                     meta["captured_at"], utc_stamp(digits=6),
                      meta["route"] or "", str(final)),
                 )
             assert cur.lastrowid is not None

@@ -42,10 +42,10 @@ import re
 import sqlite3
 import threading
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
+from smt_watch.clock import utc_stamp
 from smt_watch.smtcsv import INTERVAL_HEADER, Placer, clean_esiid, header_fields
 
 PART_RE: Final = re.compile(r"^(?P<name>.+)\.part(?P<part>\d+)-of-(?P<parts>\d+)$")
@@ -112,7 +112,8 @@ class RawReply:
 
 
 def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """As the web app's ``new Date().toISOString()``."""
+    return utc_stamp(digits=3)
 
 
 class RawStore:
@@ -204,7 +205,7 @@ class RawStore:
                 value = float(kwh)
             except ValueError:
                 continue
-            ts = datetime.fromtimestamp(instant, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            ts = utc_stamp(instant)
             out.append((esiid, meter, ts, value, direction, est))
         self._db.executemany(
             "INSERT INTO SmtInterval (esiid, meter, ts, kwh, direction, estimated) VALUES (?, ?, ?, ?, ?, ?)"
