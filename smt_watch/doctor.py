@@ -91,16 +91,14 @@ def check_sftp_files(s: Settings) -> Iterator[Check]:
                 yield Check(OK, "ssh key", f"{s.smt_key} mode {mode:o}")
         except OSError as exc:
             yield Check(FAIL, "ssh key", f"{s.smt_key}: {exc.strerror}")
-    from smt_watch.sftp import host_entry
+    from smt_watch.sftp import host_entry, known_host_keys
 
     entry = host_entry(s.smt_host, s.smt_port)
     try:
-        import paramiko
-
-        known = paramiko.HostKeys(str(s.known_hosts)) if s.known_hosts.exists() else paramiko.HostKeys()
-        found = known.lookup(entry) is not None
-    except Exception as exc:  # any parse problem is the finding
-        yield Check(FAIL, "known_hosts", f"{s.known_hosts} cannot be read: {exc}")
+        # sync's own reader: a line it skips (with a warning) is skipped here too, so doctor and sync agree.
+        found = known_host_keys(s.known_hosts).lookup(entry) is not None
+    except SmtWatchError as exc:
+        yield Check(FAIL, "known_hosts", str(exc))
         return
     if found:
         yield Check(OK, "known_hosts", f"{entry} is in {s.known_hosts}")

@@ -442,6 +442,20 @@ def test_corrupt_known_hosts_line_is_a_config_error_or_ignored(
         assert result.returncode == 0, result.stderr
 
 
+def test_doctor_reads_known_hosts_as_sync_does(server: SftpTestServer, known_hosts: Path, run_cli: RunCli) -> None:
+    """One reader for both: a line sync skips must not make doctor FAIL a file that sync connects with."""
+    server.put("a.csv", b"data\n")
+    env = sftp_env(server, known_hosts, trust=False)
+    known_hosts.parent.mkdir(parents=True)
+    known_hosts.write_text(f"smt.example.com ssh-ed25519 AAAA-not-base64\n{server.known_hosts_line}\n")
+    doctor = run_cli("doctor", "--offline", env=env)
+    lines = [line for line in doctor.stdout.splitlines() if " known_hosts: " in line]
+    assert len(lines) == 1 and lines[0].startswith("ok    known_hosts: "), doctor.stdout
+    result = run_cli("sync", env=env)
+    assert result.returncode == 0, result.stderr
+    assert summary(result)["new"] == "1"
+
+
 # --- client keys ------------------------------------------------------------------------------------------
 
 
