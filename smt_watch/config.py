@@ -167,9 +167,10 @@ def parse_env_file(path: Path) -> dict[str, str]:
         raise ConfigError(f"--env-file {path}: not a regular file")
     try:
         text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"--env-file {path}: no such file") from None
+    except FileNotFoundError as exc:
+        raise ConfigError(f"--env-file {path}: no such file") from exc
     except (OSError, UnicodeDecodeError) as exc:
+        # from None: a UnicodeDecodeError carries the file's bytes, which hold tokens
         raise ConfigError(f"--env-file {path}: cannot read: {exc.__class__.__name__}") from None
     result: dict[str, str] = {}
     pending = ""
@@ -230,6 +231,7 @@ class _Reader:
             return conv(value)
         except (ValueError, TypeError, KeyError):
             shown = f": {value!r}" if show else ""
+            # from None: the cause's text quotes the value, which may be a token (show=False)
             raise ConfigError(f"{name} must be {what}{shown}") from None
 
     def text(self, name: str, default: str | None = None) -> str | None:
@@ -296,6 +298,7 @@ class _Reader:
             parts = urlsplit(value)
             parts.port  # noqa: B018 (parsing the port is the check: "Invalid port" when user-info misleads it)
         except ValueError:
+            # from None: the cause's text may quote the URL, password included
             raise ConfigError(f"{name} is not a valid URL: {redact_url(value)!r} (in a user name or password, "
                               "percent-encode # / ? @ and :)") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:

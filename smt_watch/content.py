@@ -63,10 +63,10 @@ def csv_part(settings: Settings, ident: FileIdentity, name: str, parent: str | N
     try:
         found = sniff(ident.read_path)
     except OSError as exc:
-        raise ContentError(f"{name}: cannot read: {exc.strerror}") from None
+        raise ContentError(f"{name}: cannot read: {exc.strerror}") from exc
     except LineTooLong as exc:
         if settings.validate:
-            raise ContentError(f"{name}: {exc}") from None
+            raise ContentError(f"{name}: {exc}") from exc
         found = Sniff("other", frozenset())  # SMT_VALIDATE=0 delivers it anyway, with ESIID_DEFAULT
     if found.kind == "other" and settings.validate:
         raise ContentError(f"not an SMT file: {name} (no ESIID column; set SMT_VALIDATE=0 to deliver anyway)")
@@ -130,7 +130,7 @@ def decrypt(settings: Settings, path: Path, out: Path, name: str | None = None) 
     try:
         gpg = _capped_gpg_class()(gnupghome=str(settings.gnupghome) if settings.gnupghome else None)
     except (OSError, ValueError) as exc:
-        raise ContentError(f"{name}: gpg is not usable: {exc}") from None
+        raise ContentError(f"{name}: gpg is not usable: {exc}") from exc
     passphrase = settings.gpg_passphrase.reveal() if settings.gpg_passphrase else None
     try:
         with path.open("rb") as fh, out.open("wb") as sink:
@@ -212,7 +212,7 @@ def extract(settings: Settings, archive: Path, dest: Path, label: str | None = N
     try:
         zf = zipfile.ZipFile(archive)
     except (zipfile.BadZipFile, OSError) as exc:
-        raise ContentError(f"{label}: not a readable ZIP ({exc})") from None
+        raise ContentError(f"{label}: not a readable ZIP ({exc})") from exc
     with zf:
         if len(zf.infolist()) > settings.max_zip_entries:
             raise ContentError(f"{label}: holds {len(zf.infolist())} entries, over SMT_MAX_ZIP_ENTRIES "
@@ -257,7 +257,7 @@ def _copy_capped(zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, limit
             out.flush()
             os.fsync(out.fileno())
     except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, NotImplementedError) as exc:
-        raise ContentError(f"entry {info.filename!r} cannot be extracted: {exc}") from None
+        raise ContentError(f"entry {info.filename!r} cannot be extracted: {exc}") from exc
 
 
 def inspect_path(settings: Settings, path: Path) -> list[Summary]:
@@ -265,13 +265,13 @@ def inspect_path(settings: Settings, path: Path) -> list[Summary]:
     try:
         check_regular(path)
     except SmtWatchError as exc:
-        raise ContentError(str(exc)) from None
+        raise ContentError(str(exc)) from exc
     try:
         if not is_container(path.name):
             return [summarize_file(path)]
         with tempfile.TemporaryDirectory(prefix="smt-watch-inspect-") as tmp:
             return [summarize_file(p) for p in open_container(settings, path, Path(tmp))]
     except OSError as exc:
-        raise ContentError(f"{shown(str(path))}: cannot read: {exc.strerror}") from None
+        raise ContentError(f"{shown(str(path))}: cannot read: {exc.strerror}") from exc
     except csv.Error as exc:  # a field past the csv module's limit, a NUL byte, …: not SMT data
-        raise ContentError(f"{shown(path.name)}: not a readable CSV: {exc}") from None
+        raise ContentError(f"{shown(path.name)}: not a readable CSV: {exc}") from exc

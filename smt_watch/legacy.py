@@ -45,10 +45,10 @@ def import_file(ledger: Ledger, path: Path) -> ImportReport:
         raise InputError(f"{path}: not a regular file")
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
+    except FileNotFoundError as exc:
+        raise InputError(f"{path}: no such file") from exc
     except OSError as exc:
-        raise InputError(f"{path}: cannot read: {exc.strerror}") from None
+        raise InputError(f"{path}: cannot read: {exc.strerror}") from exc
     entries, bad = parse_hash_lines(text.splitlines())
     added = ledger.import_hashes(entries, origin=f"imported from {path}")
     if bad:

@@ -570,7 +570,7 @@ def build(settings: Settings, ledger: Ledger) -> Server:
     try:
         settings.local_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
     except OSError as exc:
-        raise ConfigError(f"SMT_LOCAL_DIR {settings.local_dir} cannot be created: {exc.strerror}") from None
+        raise ConfigError(f"SMT_LOCAL_DIR {settings.local_dir} cannot be created: {exc.strerror}") from exc
     bridge = Bridge(settings.webhook_forward_url) if settings.webhook_forward_url else None
     return Server(settings, ledger, SyncRunner(settings), bridge)
 
@@ -581,7 +581,7 @@ def _listen(host: str, port: int) -> socket.socket:
     try:
         return socket.create_server((host, port), family=family, backlog=2048)
     except OSError as exc:
-        raise SmtWatchError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        raise SmtWatchError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
 
 
 async def serve_forever(server: Server) -> None:

@@ -71,7 +71,7 @@ def load_key(settings: Settings) -> paramiko.PKey:
     try:
         mode = path.stat().st_mode
     except OSError as exc:
-        raise ConfigError(f"SMT_KEY {path}: {exc.strerror}") from None
+        raise ConfigError(f"SMT_KEY {path}: {exc.strerror}") from exc
     if not stat_mod.S_ISREG(mode):
         raise ConfigError(f"SMT_KEY {path} is not a regular file")
     if mode & 0o077:
@@ -80,19 +80,19 @@ def load_key(settings: Settings) -> paramiko.PKey:
     passphrase = settings.smt_key_passphrase.reveal().encode() if settings.smt_key_passphrase else None
     try:
         return paramiko.PKey.from_path(path, passphrase)  # type: ignore[arg-type]  # cryptography wants bytes
-    except paramiko.PasswordRequiredException:
-        raise ConfigError(f"SMT_KEY {path} is encrypted: set SMT_KEY_PASSPHRASE") from None
+    except paramiko.PasswordRequiredException as exc:
+        raise ConfigError(f"SMT_KEY {path} is encrypted: set SMT_KEY_PASSPHRASE") from exc
     except TypeError as exc:
         # cryptography: "Password was given but private key is not encrypted" / "...is password-protected".
         if passphrase is None or "not encrypted" not in str(exc):
-            raise ConfigError(f"SMT_KEY {path} is encrypted: set SMT_KEY_PASSPHRASE") from None
+            raise ConfigError(f"SMT_KEY {path} is encrypted: set SMT_KEY_PASSPHRASE") from exc
         return load_key_without_passphrase(path)
     except (paramiko.SSHException, ValueError, OSError) as exc:
         fallback = _ecdsa_fallback(path, passphrase)
         if fallback is not None:
             return fallback
         reason = _not_a_key(path) or ("wrong SMT_KEY_PASSPHRASE?" if passphrase else type(exc).__name__)
-        raise ConfigError(f"SMT_KEY {path} cannot be loaded ({reason})") from None
+        raise ConfigError(f"SMT_KEY {path} cannot be loaded ({reason})") from exc
 
 
 _ARMOUR = re.compile(rb"-----BEGIN ([A-Z0-9 ]*)PRIVATE KEY-----(.*?)(?:-----END|\Z)", re.DOTALL)
@@ -121,7 +121,7 @@ def load_key_without_passphrase(path: Path) -> paramiko.PKey:
     try:
         return paramiko.PKey.from_path(path)
     except (paramiko.SSHException, ValueError, OSError, TypeError) as exc:
-        raise ConfigError(f"SMT_KEY {path} cannot be loaded ({type(exc).__name__})") from None
+        raise ConfigError(f"SMT_KEY {path} cannot be loaded ({type(exc).__name__})") from exc
 
 
 def _ecdsa_fallback(path: Path, passphrase: bytes | None) -> paramiko.PKey | None:
@@ -147,7 +147,7 @@ def known_host_keys(path: Path) -> paramiko.HostKeys:
     try:
         lines = path.read_text(errors="replace").splitlines()
     except OSError as exc:
-        raise ConfigError(f"SMT_KNOWN_HOSTS {path} cannot be read: {exc.strerror}") from None
+        raise ConfigError(f"SMT_KNOWN_HOSTS {path} cannot be read: {exc.strerror}") from exc
     for number, line in enumerate(lines, start=1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
@@ -233,7 +233,7 @@ class Connection:
         try:
             sock = socket.create_connection((settings.smt_host, settings.smt_port), timeout=settings.sftp_timeout)
         except OSError as exc:
-            raise SftpError(f"cannot connect to {where}: {exc.strerror or exc}") from None
+            raise SftpError(f"cannot connect to {where}: {exc.strerror or exc}") from exc
         self.transport = paramiko.Transport(sock, default_window_size=TRANSPORT_WINDOW,
                                             default_max_packet_size=MAX_PACKET)
         prefer_known_key_types(self.transport, settings)
@@ -247,12 +247,12 @@ class Connection:
             channel.invoke_subsystem("sftp")
             channel.settimeout(settings.sftp_timeout)  # a stalled server fails the transfer, not hangs it
             self.sftp: paramiko.SFTPClient = paramiko.SFTPClient(channel)
-        except paramiko.AuthenticationException:
+        except paramiko.AuthenticationException as exc:
             self.close()
-            raise ConfigError(f"SFTP login to {where} refused: check SMT_USER and SMT_KEY") from None
+            raise ConfigError(f"SFTP login to {where} refused: check SMT_USER and SMT_KEY") from exc
         except (paramiko.SSHException, OSError, EOFError) as exc:
             self.close()
-            raise SftpError(f"SSH to {where} failed: {exc}") from None
+            raise SftpError(f"SSH to {where} failed: {exc}") from exc
         except BaseException:
             self.close()
             raise
@@ -274,7 +274,7 @@ class Connection:
             try:
                 entries = self._listdir(directory)
             except (OSError, paramiko.SFTPError) as exc:
-                raise SftpError(f"cannot list {shown(directory)}: {exc}") from None
+                raise SftpError(f"cannot list {shown(directory)}: {exc}") from exc
             for entry in sorted(entries, key=lambda e: e.filename):
                 path = f"{directory.rstrip('/')}/{entry.filename}"
                 mode = entry.st_mode or 0
@@ -340,7 +340,7 @@ class Connection:
                 out.flush()
                 os.fsync(out.fileno())
         except (OSError, EOFError, paramiko.SSHException) as exc:
-            raise SftpError(f"{remote.path}: transfer failed: {exc or type(exc).__name__}") from None
+            raise SftpError(f"{remote.path}: transfer failed: {exc or type(exc).__name__}") from exc
         size = part.stat().st_size
         if size != remote.size:
             raise SftpError(f"{remote.path}: got {size} bytes, the server said {remote.size}")

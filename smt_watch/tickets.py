@@ -81,8 +81,8 @@ def verify(secret: str, ticket: str, now: float | None = None) -> Ticket:
         raise TicketError("upload ticket signature does not match")
     try:
         claims = json.loads(_unb64(payload))
-    except ValueError:
-        raise TicketError("malformed upload ticket") from None
+    except ValueError as exc:
+        raise TicketError("malformed upload ticket") from exc
     if not isinstance(claims, dict):
         raise TicketError("malformed upload ticket")
     role, account, exp = claims.get("role"), claims.get("accountKey"), claims.get("exp")

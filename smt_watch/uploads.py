@@ -252,8 +252,8 @@ class _Reader:
 def _decode(raw: bytes, what: str) -> str:
     try:
         return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise MalformedUpload(f"{what} is not valid UTF-8") from None
+    except UnicodeDecodeError as exc:
+        raise MalformedUpload(f"{what} is not valid UTF-8") from exc
 
 
 def _boundary(request: Request) -> bytes:
@@ -273,8 +273,8 @@ def _check_declared_length(request: Request, max_bytes: int | None) -> None:
         return
     try:
         length = int(declared)
-    except ValueError:
-        raise MalformedUpload("invalid Content-Length") from None
+    except ValueError as exc:
+        raise MalformedUpload("invalid Content-Length") from exc
     if length > max_bytes + FORM_OVERHEAD_BYTES:
         raise UploadTooLarge(max_bytes)
 
@@ -287,8 +287,8 @@ async def idle_limited(stream: AsyncIterator[bytes], idle_seconds: float | None)
                 chunk = await anext(stream)
         except StopAsyncIteration:
             return
-        except TimeoutError:
-            raise UploadStalled(idle_seconds or 0.0) from None
+        except TimeoutError as exc:
+            raise UploadStalled(idle_seconds or 0.0) from exc
         yield chunk
 
 

@@ -349,7 +349,7 @@ def _gunzip(data: bytes, limit: int) -> bytes:
     try:
         raw = inflater.decompress(data, limit + 1)
     except zlib.error as exc:
-        raise _Problem(400, "INVALID_GZIP", str(exc)) from None
+        raise _Problem(400, "INVALID_GZIP", str(exc)) from exc
     if len(raw) > limit:
         raise _Problem(400, "INLINE_SIZE_MISMATCH", f"decompresses to more than sizeBytes={limit}")
     if not inflater.eof or inflater.unused_data:
@@ -380,7 +380,7 @@ def _decode_inline(payload: dict[str, Any]) -> tuple[bytes, str]:
     try:  # a2b_base64 reads an ASCII str in place: no intermediate bytes copy, unlike b64decode
         raw = binascii.a2b_base64(text, strict_mode=True)
     except ValueError as exc:
-        raise _Problem(400, "INVALID_BASE64", str(exc)) from None
+        raise _Problem(400, "INVALID_BASE64", str(exc)) from exc
     if compressed is not None:
         if len(raw) != compressed:
             detail = f"gzip data is {len(raw)} bytes, compressedBytes={compressed}"
@@ -397,7 +397,7 @@ async def _pull(request: Request, state: ReceiverState, outcome: _Outcome) -> Re
     try:
         payload = json.loads(await request.body())
     except ValueError as exc:  # includes JSONDecodeError and UnicodeDecodeError
-        raise _Problem(400, "INVALID_JSON", str(exc)) from None
+        raise _Problem(400, "INVALID_JSON", str(exc)) from exc
     if not isinstance(payload, dict):
         raise _Problem(400, "INVALID_JSON", "body must be a JSON object")
     outcome.fields = {k: v for k, v in payload.items() if k != "content_b64"}
