@@ -2,7 +2,8 @@
 
 Every other module receives a :class:`Settings`; none reads ``os.environ``. Precedence, lowest first:
 built-in default < ``--env-file`` < process environment < command-line flag. The env file is parsed the
-way systemd's ``EnvironmentFile=`` is, so the seed's ``/etc/default/intelliwatt-smt`` works unchanged.
+way systemd's ``EnvironmentFile=`` is, so the ``/etc/default/intelliwatt-smt`` of the bash script it replaces
+works unchanged (docs/contract.md §1).
 
 Secrets are wrapped in :class:`Secret`, whose ``str``/``repr`` is ``***``: a settings object can be logged
 or shown in an error without leaking a token.
@@ -98,14 +99,14 @@ class Settings:
     settle_seconds: float = 1.0  # SMT_SETTLE_SECONDS
     rescan_seconds: float = 300.0  # SMT_RESCAN_SECONDS
     workers: int = 2  # SMT_WORKERS
-    worker_mode: str = "thread"  # SMT_WORKER_MODE (not in the seed): thread | process
+    worker_mode: str = "thread"  # SMT_WORKER_MODE (ours): thread | process
     patterns: tuple[str, ...] = ("*.csv", "*.asc", "*.zip")  # SMT_PATTERNS
     after_send: str = "keep"  # SMT_AFTER_SEND
     archive_dir: Path | None = None  # SMT_ARCHIVE_DIR (None: state_dir/archive)
     validate: bool = True  # SMT_VALIDATE
     max_zip_entries: int = 100  # SMT_MAX_ZIP_ENTRIES: a ZIP with more entries fails as a whole
     max_unpacked_bytes: int = 1_073_741_824  # SMT_MAX_UNPACKED_BYTES
-    # Not in the seed; documented in the README.
+    # Ours (the bash script it replaces had none of these); documented in the README.
     retry_attempts: int = 5  # SMT_RETRY_ATTEMPTS: HTTP attempts within one delivery call
     retry_backoff: float = 1.0  # SMT_RETRY_BACKOFF_SECONDS: first backoff step, doubled per attempt
     http_timeout: float = 60.0  # SMT_HTTP_TIMEOUT: connect/read/write timeout in seconds

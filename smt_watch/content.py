@@ -1,4 +1,4 @@
-"""What a ready file turns into: one or more CSV deliveries (SPEC §6).
+"""What a ready file turns into: one or more CSV deliveries (docs/contract.md §6).
 
 - ``*.csv``: itself.
 - ``*.zip``: every CSV inside, each its own delivery.

@@ -1,4 +1,4 @@
-"""``smt-watch serve``: the droplet upload server and the trigger webhook (SPEC §5).
+"""``smt-watch serve``: the droplet upload server and the trigger webhook (docs/contract.md §5).
 
 Uploads only land in the inbox (a hidden temp file renamed into place when complete); ``watch`` delivers
 them, so there is one delivery path. Every refusal (token, rate limit, size) happens before a byte is

@@ -1,4 +1,4 @@
-"""What an SMT CSV holds (SPEC §6): its kind, ESIIDs, dates, interval counts, kWh totals, gaps, UTC span.
+"""What an SMT CSV holds (docs/contract.md §6): its kind, ESIIDs, dates, interval counts, kWh totals, gaps, UTC span.
 
 Streaming: one pass, memory bounded by the number of (ESIID, direction) series, not by rows.
 
@@ -41,7 +41,7 @@ def header_fields(line: str) -> list[str]:
 
 
 def classify(header: list[str]) -> str:
-    """``interval`` (the SPEC header), ``smt-other`` (an SMT CSV with an ESIID column), or ``other``."""
+    """``interval`` (the contract's header), ``smt-other`` (an SMT CSV with an ESIID column), or ``other``."""
     if tuple(header[: len(INTERVAL_HEADER)]) == INTERVAL_HEADER:
         return "interval"
     return "smt-other" if "ESIID" in header else "other"
@@ -66,7 +66,7 @@ class _Series:
 
 @dataclass
 class Summary:
-    """``inspect --json`` keys (SPEC §6)."""
+    """``inspect --json`` keys (docs/contract.md §6)."""
 
     file: str
     kind: str
@@ -255,7 +255,7 @@ _SNIFF_BLOCK: Final = 1024 * 1024
 
 
 def sniff(path: Path) -> Sniff:
-    """One fast pass over the ESIID column: the payload's ``esiid`` comes from here (SPEC §4).
+    """One fast pass over the ESIID column: the payload's ``esiid`` comes from here (docs/contract.md §4).
 
     For the usual layout (ESIID first) a regex runs over 1 MiB blocks cut at line ends, so the work is in
     C and memory stays flat; another layout falls back to a line loop.

@@ -1,4 +1,4 @@
-"""Settings: defaults, the seed's env file verbatim, precedence, and one-line errors naming the variable."""
+"""Settings: defaults, the bash script's env file verbatim, precedence, one-line errors naming the variable."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from smt_watch.config import LEGACY_INLINE_WARNING, Secret, delivery_mode, load_settings, parse_env_file
 from smt_watch.errors import ConfigError
 
-# The seed's /etc/default/intelliwatt-smt, verbatim (with a placeholder token).
+# The /etc/default/intelliwatt-smt of the bash script it replaces, verbatim (with a placeholder token).
 SEED_ENV = """\
 ADMIN_TOKEN=REDACTED_64_CHAR
 INTELLIWATT_BASE_URL=https://intelliwatt.com

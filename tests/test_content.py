@@ -1,5 +1,5 @@
 """SMT content end to end: PGP ``.asc`` and ``.zip`` unpacking, validation, ESIID choice, ``inspect``,
-``sample`` (SPEC §4, §6).
+``sample`` (docs/contract.md §4, §6).
 
 A real key pair is made with the real ``gpg`` in a private ``GNUPGHOME`` (once per module); deliveries go
 to the reference receiver on loopback. A failed container must leave nothing behind: no request, no file

@@ -1,4 +1,4 @@
-"""``SMT_DELIVERY=raw-upload`` (SPEC §4) against the reference receiver's ``/api/admin/smt/raw-upload``.
+"""``SMT_DELIVERY=raw-upload`` (docs/contract.md §4) against the reference receiver's ``/api/admin/smt/raw-upload``.
 
 Chunks of ``SMT_RAW_LINES_PER_CHUNK`` data lines, the header in each, named ``<name>.partN-of-M`` (one
 chunk: the file's own name), each with its own SHA-256 as ``Idempotency-Key``, ``postIngest`` true on the

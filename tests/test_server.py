@@ -44,7 +44,7 @@ SECRET = "webhook-secret-5a5a5a5a5a5a-SECRET"
 STAMPED = re.compile(r"^(\d{8}T\d{6})_(?:\d+_)?([A-Za-z0-9._-]+)$")
 SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 UNAUTHORIZED = {"ok": False, "error": "unauthorized", "message": "Invalid or missing SMT upload token"}
-# README and SPEC §5, spelled out here rather than imported from the code under test, so that a header
+# README and docs/contract.md §5, spelled out here rather than imported from the code under test, so that a header
 # dropped from smt_watch.server.SECRET_HEADERS turns a test red (mutant serve-trigger-header-dropped).
 SECRET_HEADERS = ("x-intelliwatt-secret", "x-smt-secret", "x-webhook-secret", "x-proxy-secret",
                   "x-droplet-webhook-secret")

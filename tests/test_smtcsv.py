@@ -1,7 +1,7 @@
-"""The SMT CSV parser (SPEC §6) on hand-written, real-shaped fixtures.
+"""The SMT CSV parser (docs/contract.md §6) on hand-written, real-shaped fixtures.
 
-Fixtures are spelled out here from the SPEC (header, apostrophe ESIIDs, both date styles, ``H:MM`` labels
-with and without a leading space, the day's last interval ending ``0:00``), never produced by
+Fixtures are spelled out here from docs/contract.md §6 (header, apostrophe ESIIDs, both date styles,
+``H:MM`` labels with and without a leading space, the day's last interval ending ``0:00``), never produced by
 ``smt_watch.reference.sample``: the expected UTC instants are worked out by hand, not by the code under test.
 
 America/Chicago in 2025: CST (UTC-6) until 2025-03-09 02:00, CDT (UTC-5) until 2025-11-02 02:00 (when

@@ -1,6 +1,6 @@
 """Reference receiver: a local stand-in for the IntelliWatt web app and the droplet upload server.
 
-It accepts the delivery shapes of SPEC §4 (inline JSON on ``/api/admin/smt/pull``, multipart on
+It accepts the delivery shapes of docs/contract.md §4 (inline JSON on ``/api/admin/smt/pull``, multipart on
 ``/upload``, raw-upload chunks by the real route's rules, see :mod:`smt_watch.reference.receiver_raw`), stores each
 distinct file once (content by SHA-256 plus a ``RawSmtFile`` row in SQLite) and answers like the real
 services, so demos and tests exercise the real client code over real HTTP. For tests it records every
