@@ -1,4 +1,4 @@
-"""What an SMT CSV holds (SPEC §6): its kind, ESIIDs, dates, interval counts, kWh totals, gaps, UTC span.
+"""What an SMT CSV holds (docs/contract.md §6): its kind, ESIIDs, dates, interval counts, kWh totals, gaps, UTC span.
 
 Streaming: one pass, memory bounded by the number of (ESIID, direction) series, not by rows.
 
@@ -28,7 +28,7 @@ INTERVAL_HEADER: Final = (
     "ESIID", "USAGE_DATE", "REVISION_DATE", "USAGE_START_TIME", "USAGE_END_TIME", "USAGE_KWH",
     "ESTIMATED_ACTUAL", "CONSUMPTION_SURPLUSGENERATION",
 )
-METER_RE: Final = re.compile(r"M\d+")
+METER_RE: Final = re.compile(r"M\d+")  # the one meter pattern: inspect's summary and delivery's ``meter``
 _DATE_RE: Final = re.compile(r"^(\d{1,2})/(\d{1,2})/(\d{4})$")
 _TIME_RE: Final = re.compile(r"^(\d{1,2}):(\d{2})$")
 
@@ -39,7 +39,7 @@ def header_fields(line: str) -> list[str]:
 
 
 def classify(header: list[str]) -> str:
-    """``interval`` (the SPEC header), ``smt-other`` (an SMT CSV with an ESIID column), or ``other``."""
+    """``interval`` (the docs/contract.md §6 header), ``smt-other`` (an SMT CSV with an ESIID column), or ``other``."""
     if tuple(header[: len(INTERVAL_HEADER)]) == INTERVAL_HEADER:
         return "interval"
     return "smt-other" if "ESIID" in header else "other"
@@ -54,6 +54,11 @@ def meter_in(name: str) -> str | None:
     return match.group(0) if match else None
 
 
+def meter_for(name: str, default: str) -> str:
+    """docs/contract.md §4: the first ``M<digits>`` in the file name, else ``METER_DEFAULT``."""
+    return meter_in(name) or default
+
+
 @dataclass
 class _Series:
     """One (ESIID, direction) stream of rows: the labels seen on its current day."""
@@ -64,7 +69,7 @@ class _Series:
 
 @dataclass
 class Summary:
-    """``inspect --json`` keys (SPEC §6)."""
+    """``inspect --json`` keys (docs/contract.md §6)."""
 
     file: str
     kind: str
@@ -257,7 +262,7 @@ _SNIFF_BLOCK: Final = 1024 * 1024
 
 
 def sniff(path: Path) -> Sniff:
-    """One fast pass over the ESIID column: the payload's ``esiid`` comes from here (SPEC §4).
+    """One fast pass over the ESIID column: the payload's ``esiid`` comes from here (docs/contract.md §4).
 
     For the usual layout (ESIID first) a regex runs over 1 MiB blocks cut at line ends, so the work is in
     C and memory stays flat; another layout falls back to a line loop.
