@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Final
 
 from smt_watch.delivery.base import ChunkStore, Sink, SinkContext
@@ -68,13 +69,13 @@ class Mode:
         return token
 
 
-MODES: Final = {m.name: m for m in (
+MODES: Final[Mapping[str, Mode]] = MappingProxyType({m.name: m for m in (
     Mode("multipart", UPLOAD_URL, lambda s: s.upload_url or "", UPLOAD_TOKEN, "multipart:MultipartSink", auto=True),
     Mode("inline", BASE_URL, lambda s: f"{s.base_url}/api/admin/smt/pull", ADMIN_TOKEN, "inline:InlineSink",
          auto=True, warning=LEGACY_INLINE_WARNING),
     Mode("raw-upload", BASE_URL, lambda s: f"{s.base_url}/api/admin/smt/raw-upload", ADMIN_TOKEN,
          "rawupload:RawUploadSink"),
-)}
+)})
 
 
 def choices() -> tuple[str, ...]:
