@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from smt_watch import __version__
+from smt_watch.delivery.registry import choices_text as delivery_choices_text
 from smt_watch.errors import ConfigError, ContentError, SmtWatchError
 from smt_watch.logs import FORMATS, LEVELS, add_secrets, setup_logging
 from smt_watch.names import shown
@@ -54,6 +55,9 @@ EnvFile = Annotated[
 ]
 StateDir = Annotated[
     Path | None, typer.Option("--state-dir", metavar="DIR", help="Ledger and state directory [SMT_STATE_DIR].")
+]
+Delivery = Annotated[  # every mode in the registry, so the help cannot drift from what SMT_DELIVERY takes
+    str | None, typer.Option("--delivery", metavar="MODE", help=f"{delivery_choices_text()} [SMT_DELIVERY].")
 ]
 PROGRESS_MIN_BYTES = 4 * 1024 * 1024
 
@@ -106,10 +110,7 @@ def root(
 def post(
     files: Annotated[list[Path], typer.Argument(metavar="FILE", help="Files to deliver now.")],
     force: Annotated[bool, typer.Option("--force", help="Send again even if the ledger says sent.")] = False,
-    delivery: Annotated[
-        str | None,
-        typer.Option("--delivery", metavar="MODE", help="auto, multipart or inline [SMT_DELIVERY]."),
-    ] = None,
+    delivery: Delivery = None,
     upload_url: Annotated[
         str | None, typer.Option("--upload-url", metavar="URL", help="Multipart target [SMT_UPLOAD_URL].")
     ] = None,
@@ -202,10 +203,7 @@ def watch(
         float | None,
         typer.Option("--settle", metavar="SECONDS", help="Quiet time before a file is ready [SMT_SETTLE_SECONDS]."),
     ] = None,
-    delivery: Annotated[
-        str | None,
-        typer.Option("--delivery", metavar="MODE", help="auto, multipart or inline [SMT_DELIVERY]."),
-    ] = None,
+    delivery: Delivery = None,
     inbox: Annotated[
         Path | None, typer.Option("--inbox", metavar="DIR", help="Directory to watch [SMT_LOCAL_DIR].")
     ] = None,

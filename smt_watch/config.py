@@ -11,7 +11,6 @@ or shown in an error without leaking a token.
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -19,15 +18,13 @@ from pathlib import Path
 from typing import Final, TypeVar
 from urllib.parse import urlsplit
 
+from smt_watch.delivery.registry import choices as delivery_choices
 from smt_watch.errors import ConfigError
 
-log = logging.getLogger("smt_watch.config")
-
-DELIVERY_MODES: Final = ("auto", "multipart", "inline", "raw-upload")
+DELIVERY_MODES: Final = delivery_choices()  # auto, then every mode in smt_watch.delivery.registry
 INLINE_ENCODINGS: Final = ("base64", "base64+gzip")
 AFTER_SEND: Final = ("keep", "move", "delete")
 WORKER_MODES: Final = ("thread", "process")
-LEGACY_INLINE_WARNING: Final = "SMT_UPLOAD_URL not configured; will attempt legacy inline POST"
 _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 T = TypeVar("T")
 
@@ -393,25 +390,3 @@ def load_settings(
     )
     return settings
 
-
-def delivery_mode(settings: Settings) -> str:
-    """The delivery mode the ``auto`` rule of SPEC §1 picks, checking that its target is configured.
-
-    Only commands that deliver call this, so ``sync`` works without any delivery target.
-    """
-    mode = settings.delivery
-    if mode == "auto":
-        if settings.upload_url:
-            mode = "multipart"
-        elif settings.base_url:
-            log.warning(LEGACY_INLINE_WARNING)
-            mode = "inline"
-        else:
-            raise ConfigError(
-                "no delivery target: set SMT_UPLOAD_URL (multipart) or INTELLIWATT_BASE_URL (inline)"
-            )
-    if mode == "multipart" and not settings.upload_url:
-        raise ConfigError("SMT_DELIVERY=multipart needs SMT_UPLOAD_URL")
-    if mode in ("inline", "raw-upload") and not settings.base_url:
-        raise ConfigError(f"SMT_DELIVERY={mode} needs INTELLIWATT_BASE_URL")
-    return mode

@@ -13,7 +13,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from smt_watch.config import Settings, delivery_mode, redact_url
+from smt_watch.config import Settings, redact_url
+from smt_watch.delivery.registry import MODES, auto_targets, delivery_mode
 from smt_watch.errors import SmtWatchError
 from smt_watch.names import shown
 
@@ -34,15 +35,15 @@ class Check:
 
 
 def check_delivery(s: Settings) -> Iterator[Check]:
+    """The mode the settings pick, the URL its sink posts to and whether its token is set (the registry's
+    entry for the mode says which)."""
     try:
-        mode = delivery_mode(s)
+        mode = MODES[delivery_mode(s)]
     except SmtWatchError as exc:
-        yield Check(FAIL, "delivery", str(exc), "set SMT_UPLOAD_URL (multipart) or INTELLIWATT_BASE_URL (inline)")
+        yield Check(FAIL, "delivery", str(exc), f"set {auto_targets()}")
         return
-    target = s.upload_url if mode == "multipart" else f"{s.base_url}/api/admin/smt/pull"
-    token = s.upload_token if mode == "multipart" else s.admin_token
-    token_name = "SMT_UPLOAD_TOKEN" if mode == "multipart" else "ADMIN_TOKEN"
-    yield Check(OK, "delivery", f"{mode} to {redact_url(target or '')} ({token_name} {'set' if token else 'not set'})")
+    token = f"{mode.token.env} {'set' if mode.secret(s) else 'not set'}"
+    yield Check(OK, "delivery", f"{mode.name} to {redact_url(mode.url(s))} ({token})")
 
 
 def _writable_dir(name: str, path: Path) -> Check:
@@ -174,14 +175,13 @@ def check_ledger(s: Settings) -> Iterator[Check]:
 
 
 def check_endpoint(s: Settings) -> Iterator[Check]:
+    """A HEAD request to the URL the mode's sink posts to: any HTTP answer means it is reachable."""
     try:
-        mode = delivery_mode(s)
+        url = MODES[delivery_mode(s)].url(s)
     except SmtWatchError:
         return
     import httpx
 
-    url = s.upload_url if mode == "multipart" else f"{s.base_url}/api/admin/smt/pull"
-    assert url is not None
     try:
         response = httpx.head(url, timeout=10)
     except httpx.ConnectError as exc:

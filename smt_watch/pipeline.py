@@ -10,13 +10,14 @@ import logging
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, closing, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from smt_watch.config import Settings, delivery_mode
+from smt_watch.config import Settings
 from smt_watch.content import csv_part, is_container, unpack, work_dir
-from smt_watch.delivery import IN_CALL_MAX_WAIT, Deliverer, Payload, Progress, backoff_delay, meter_for
+from smt_watch.delivery import Payload, Progress, Sink, delivery_mode, make_sink
+from smt_watch.delivery.http import IN_CALL_MAX_WAIT, backoff_delay
 from smt_watch.errors import (
     ContentError,
     DeliveryError,
@@ -28,6 +29,7 @@ from smt_watch.errors import (
 from smt_watch.hashing import FileIdentity, identify
 from smt_watch.ledger import SHA256_RE, Claim, Ledger, Remember
 from smt_watch.names import sent
+from smt_watch.smtcsv import meter_for
 from smt_watch.statedir import open_ledger
 
 log = logging.getLogger("smt_watch.pipeline")
@@ -71,7 +73,7 @@ def payload_for(settings: Settings, ident: FileIdentity, name: str | None = None
 def deliver_file(
     settings: Settings,
     ledger: Ledger,
-    deliverer: Deliverer,
+    deliverer: Sink,
     path: Path,
     *,
     force: bool = False,
@@ -96,7 +98,7 @@ def deliver_file(
 def deliver_identified(
     settings: Settings,
     ledger: Ledger,
-    deliverer: Deliverer,
+    deliverer: Sink,
     ident: FileIdentity,
     *,
     force: bool = False,
@@ -153,10 +155,10 @@ def _unclaimed(claim: Claim, base: Outcome, name: str) -> Outcome | None:
     return base
 
 
-def _one(settings: Settings, ledger: Ledger, deliverer: Deliverer, ident: FileIdentity, name: str,
+def _one(settings: Settings, ledger: Ledger, deliverer: Sink, ident: FileIdentity, name: str,
          parent: str | None, o: _Options) -> Outcome:
     """One CSV: claim, validate (SMT_VALIDATE) and pick its ESIID, send, record."""
-    claim = _claim(ledger, ident, name, deliverer.mode.name, parent, o)
+    claim = _claim(ledger, ident, name, deliverer.name, parent, o)
     base = Outcome(ident.path, claim.value, sha256=ident.sha256, size=ident.size, name=name)
     early = _unclaimed(claim, base, name)
     if early is not None:
@@ -174,7 +176,7 @@ def _one(settings: Settings, ledger: Ledger, deliverer: Deliverer, ident: FileId
     return _send(settings, ledger, deliverer, payload, base, o.started, o.progress)
 
 
-def _container(settings: Settings, ledger: Ledger, deliverer: Deliverer, ident: FileIdentity,
+def _container(settings: Settings, ledger: Ledger, deliverer: Sink, ident: FileIdentity,
                o: _Options) -> Outcome:
     """Unpack an .asc/.zip and deliver every CSV in it; the parent row sums up its children.
 
@@ -227,7 +229,7 @@ def _container(settings: Settings, ledger: Ledger, deliverer: Deliverer, ident: 
 def _send(
     settings: Settings,
     ledger: Ledger,
-    deliverer: Deliverer,
+    deliverer: Sink,
     payload: Payload,
     base: Outcome,
     started: float,
@@ -235,7 +237,7 @@ def _send(
 ) -> Outcome:
     sha = payload.sha256
     try:
-        result = deliverer.deliver(payload, progress, chunks=ledger)
+        result = deliverer.send(payload, progress)
     except FileChanged as exc:
         ledger.release(sha, error=str(exc), attempts=exc.attempts)
         log.warning("Abandoned %s: %s; it stays pending", payload.filename, exc)
@@ -284,7 +286,7 @@ def post_files(
     """``smt-watch post``: deliver each file now; one file's problem never stops the others."""
     mode = delivery_mode(settings)
     outcomes: list[Outcome] = []
-    with open_ledger(settings) as ledger, Deliverer(settings, mode) as deliverer:
+    with open_ledger(settings) as ledger, closing(make_sink(settings, mode, chunks=ledger)) as deliverer:
         # Another process may be sending the same bytes; wait as long as one delivery call can take.
         busy_wait = settings.http_timeout * settings.retry_attempts + IN_CALL_MAX_WAIT
         for path in paths:

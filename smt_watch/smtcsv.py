@@ -30,7 +30,7 @@ INTERVAL_HEADER: Final = (
     "ESIID", "USAGE_DATE", "REVISION_DATE", "USAGE_START_TIME", "USAGE_END_TIME", "USAGE_KWH",
     "ESTIMATED_ACTUAL", "CONSUMPTION_SURPLUSGENERATION",
 )
-METER_RE: Final = re.compile(r"M\d+")
+METER_RE: Final = re.compile(r"M\d+")  # the one meter pattern: inspect's summary and delivery's ``meter``
 _DATE_RE: Final = re.compile(r"^(\d{1,2})/(\d{1,2})/(\d{4})$")
 _TIME_RE: Final = re.compile(r"^(\d{1,2}):(\d{2})$")
 
@@ -41,7 +41,7 @@ def header_fields(line: str) -> list[str]:
 
 
 def classify(header: list[str]) -> str:
-    """``interval`` (the contract's header), ``smt-other`` (an SMT CSV with an ESIID column), or ``other``."""
+    """``interval`` (the docs/contract.md §6 header), ``smt-other`` (an SMT CSV with an ESIID column), or ``other``."""
     if tuple(header[: len(INTERVAL_HEADER)]) == INTERVAL_HEADER:
         return "interval"
     return "smt-other" if "ESIID" in header else "other"
@@ -54,6 +54,11 @@ def clean_esiid(value: str) -> str:
 def meter_in(name: str) -> str | None:
     match = METER_RE.search(name)
     return match.group(0) if match else None
+
+
+def meter_for(name: str, default: str) -> str:
+    """docs/contract.md §4: the first ``M<digits>`` in the file name, else ``METER_DEFAULT``."""
+    return meter_in(name) or default
 
 
 @dataclass

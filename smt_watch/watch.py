@@ -31,8 +31,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from smt_watch.config import Settings, delivery_mode
-from smt_watch.delivery import Deliverer
+from smt_watch.config import Settings
+from smt_watch.delivery import Sink, delivery_mode, make_sink
 from smt_watch.errors import ConfigError, SmtWatchError
 from smt_watch.hashing import FileIdentity
 from smt_watch.inbox import (
@@ -104,7 +104,7 @@ class WatchService:
         self._settler = Settler(settings.settle_seconds)
         self._notifier = Notifier(settings.notify_socket, settings.watchdog_usec)
         self._ledger: Ledger | None = None
-        self._deliverer: Deliverer | None = None
+        self._deliverer: Sink | None = None
         self.backend = ""
 
     # --- control ------------------------------------------------------------------------------------
@@ -143,7 +143,7 @@ class WatchService:
     def run(self) -> int:
         self._prepare_dirs()
         self._ledger = ledger = open_ledger(self.settings)
-        self._deliverer = Deliverer(self.settings, self.mode)
+        self._deliverer = make_sink(self.settings, self.mode, chunks=ledger)
         if self.settings.metrics_port:
             self.metrics.serve(self.settings.metrics_port)
             log.info("Serving metrics at http://127.0.0.1:%d/metrics", self.settings.metrics_port)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Protocol
 
 from smt_watch.config import Settings
-from smt_watch.delivery import Deliverer
+from smt_watch.delivery import Sink, make_sink
 from smt_watch.errors import FileChanged, InputError, SmtWatchError
 from smt_watch.hashing import FileIdentity, identify
 from smt_watch.inbox import Signature, open_beneath, regular_stat
@@ -51,7 +51,7 @@ class JobResult:
     message: str = ""
 
 
-def handle_job(settings: Settings, ledger: Ledger, deliverer: Deliverer, path: Path, sig: Signature) -> JobResult:
+def handle_job(settings: Settings, ledger: Ledger, deliverer: Sink, path: Path, sig: Signature) -> JobResult:
     """Check the file is still what settled, identify it (stat cache or hash) and deliver it.
 
     The bytes are read through a descriptor opened beneath the inbox without following a symlink on any
@@ -75,7 +75,7 @@ def handle_job(settings: Settings, ledger: Ledger, deliverer: Deliverer, path: P
         os.close(fd)
 
 
-def _deliver_open(settings: Settings, ledger: Ledger, deliverer: Deliverer, path: Path, sig: Signature,
+def _deliver_open(settings: Settings, ledger: Ledger, deliverer: Sink, path: Path, sig: Signature,
                   source: Path) -> JobResult:
     key = str(path)
     cached = ledger.seen(key)
@@ -104,7 +104,7 @@ class Runner(Protocol):
 class InThread:
     """Runs jobs in the calling thread with the watcher's own ledger and deliverer."""
 
-    def __init__(self, settings: Settings, ledger: Ledger, deliverer: Deliverer) -> None:
+    def __init__(self, settings: Settings, ledger: Ledger, deliverer: Sink) -> None:
         self._settings, self._ledger, self._deliverer = settings, ledger, deliverer
 
     def run(self, path: Path, sig: Signature) -> JobResult:
@@ -183,7 +183,9 @@ def _child_main(settings: Settings, mode: str, level: str, fmt: str, conn: Conne
 
     setup_logging(level, fmt)
     add_secrets(settings.secrets())
-    with open_ledger(settings) as ledger, Deliverer(settings, mode, announce=False) as deliverer:
+    with open_ledger(settings) as ledger, contextlib.closing(
+        make_sink(settings, mode, chunks=ledger, announce=False)
+    ) as deliverer:
         while True:
             try:
                 job = conn.recv()

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from smt_watch.config import LEGACY_INLINE_WARNING, Secret, delivery_mode, load_settings, parse_env_file
+from smt_watch.config import Secret, load_settings, parse_env_file
+from smt_watch.delivery.registry import LEGACY_INLINE_WARNING, delivery_mode
 from smt_watch.errors import ConfigError
 
 # The /etc/default/intelliwatt-smt of the bash script it replaces, verbatim (with a placeholder token).

@@ -7,6 +7,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,9 @@ import pytest
 
 from conftest import ADMIN_TOKEN, UPLOAD_TOKEN, write_csv
 from smt_watch.config import Settings
-from smt_watch.delivery import Deliverer, direct_transport_is_enough, parse_retry_after
+from smt_watch.delivery import make_sink
+from smt_watch.delivery.base import parse_retry_after
+from smt_watch.delivery.http import direct_transport_is_enough
 from smt_watch.errors import ConfigError
 from smt_watch.pipeline import deliver_file, post_files
 from smt_watch.reference.receiver import Fault
@@ -145,7 +148,8 @@ def test_backoff_between_calls_doubles_and_caps_at_15_minutes(make_settings: Mak
                              SMT_RETRY_BACKOFF_SECONDS=str(base))
     f = write_csv(tmp_path / "a.csv")
     delays = []
-    with open_ledger(settings) as ledger, Deliverer(settings, "multipart", announce=False) as deliverer:
+    with open_ledger(settings) as ledger, \
+            closing(make_sink(settings, "multipart", chunks=ledger, announce=False)) as deliverer:
         for k in range(1, 6):
             before = time.time()
             o = deliver_file(settings, ledger, deliverer, f)
@@ -191,7 +195,7 @@ def test_file_changed_while_sending_is_not_recorded(make_settings: Make, receive
                 fh.seek(8 * 1024 * 1024 - 100)
                 fh.write(b"y")
 
-    with open_ledger(settings) as ledger, Deliverer(settings, "multipart") as deliverer:
+    with open_ledger(settings) as ledger, closing(make_sink(settings, "multipart", chunks=ledger)) as deliverer:
         o = deliver_file(settings, ledger, deliverer, f, progress=tamper)
         assert o.result == "changed"
         row = ledger.get(o.sha256 or "")

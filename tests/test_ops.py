@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import configparser
+import http.server
 import json
 import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +127,53 @@ def test_doctor_broken_setup(run_cli: Run, tmp_path: Path, unused_port: int) -> 
     assert re.search(r"^FAIL  endpoint: .*connection refused", online.stdout, re.M)
     for text in (proc.stdout + proc.stderr, online.stdout + online.stderr):
         assert ADMIN_TOKEN not in text and "Traceback" not in text
+
+
+@pytest.fixture
+def head_recorder() -> Iterator[tuple[str, list[str]]]:
+    """A real HTTP server on loopback that answers every HEAD with 204 and records the path asked for."""
+    paths: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self) -> None:
+            paths.append(self.path)
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", paths
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+@pytest.mark.parametrize(("mode", "path", "token"), [
+    ("raw-upload", "/api/admin/smt/raw-upload", "ADMIN_TOKEN"),
+    ("inline", "/api/admin/smt/pull", "ADMIN_TOKEN"),
+    ("multipart", "/upload", "SMT_UPLOAD_TOKEN"),
+])
+def test_doctor_reports_and_checks_the_url_the_mode_posts_to(
+    run_cli: Run, head_recorder: tuple[str, list[str]], mode: str, path: str, token: str
+) -> None:
+    """With SMT_DELIVERY=raw-upload doctor names and HEAD-checks /api/admin/smt/raw-upload (it used to
+    check the inline route, /api/admin/smt/pull); each mode reports its own token variable."""
+    url, paths = head_recorder
+    env = {"SMT_DELIVERY": mode, "INTELLIWATT_BASE_URL": url, "ADMIN_TOKEN": ADMIN_TOKEN, "SMT_PATTERNS": "*.csv"}
+    if mode == "multipart":
+        env = {**env, "SMT_UPLOAD_URL": f"{url}/upload", "SMT_UPLOAD_TOKEN": UPLOAD_TOKEN}
+    proc = run_cli("doctor", env=env)
+    lines = proc.stdout.splitlines()
+    assert f"ok    delivery: {mode} to {url}{path} ({token} set)" in lines, proc.stdout
+    assert f"ok    endpoint: {url}{path} answers HTTP 204" in lines, proc.stdout
+    assert paths == [path]
+    assert ADMIN_TOKEN not in proc.stdout + proc.stderr and UPLOAD_TOKEN not in proc.stdout + proc.stderr
 
 
 def test_doctor_reports_a_bad_config_without_traceback(run_cli: Run) -> None:

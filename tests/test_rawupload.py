@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 
 from conftest import ADMIN_TOKEN
-from smt_watch.config import Settings, delivery_mode
-from smt_watch.delivery import Deliverer
+from smt_watch.config import Settings
+from smt_watch.delivery import delivery_mode, make_sink
 from smt_watch.pipeline import Outcome, deliver_file, post_files
 from smt_watch.reference import sample
 from smt_watch.reference.receiver import RAW_UPLOAD_PATH, Fault, ReceiverHandle
@@ -283,7 +283,8 @@ def _deliver_with(settings: Settings, path: Path, on_chunk: Callable[[int], None
         calls += 1
         on_chunk(calls)
 
-    with open_ledger(settings) as ledger, Deliverer(settings, delivery_mode(settings)) as deliverer:
+    with open_ledger(settings) as ledger, \
+            closing(make_sink(settings, delivery_mode(settings), chunks=ledger)) as deliverer:
         return deliver_file(settings, ledger, deliverer, path, progress=progress)
 
 

@@ -1,0 +1,152 @@
+"""The sink contract (docs/contract.md §4): what every delivery mode implements and what flows through it.
+
+A sink (Vector's word) takes one :class:`Payload` and either returns a :class:`Result` (the target answered
+2xx and meant it) or raises a :class:`DeliveryError` saying whether trying again may help. The pipeline
+marks a ledger row ``sent`` only on a Result. Everything here is plain data and pure functions: no httpx
+at import time, so ``config`` can read the registry without loading the HTTP stack.
+
+:func:`classify` is the default reading of a response (retryable statuses, ``Retry-After``, ``"ok":
+false`` in a 2xx); a sink with a different contract passes its own to the poster, as Vector's sinks
+override ``should_retry_response``.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Final, Protocol
+
+from smt_watch.errors import DeliveryError, PermanentDelivery, RetryableDelivery
+
+if TYPE_CHECKING:
+    import httpx
+
+    from smt_watch.config import Secret, Settings
+
+RETRYABLE_STATUSES: Final = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class Payload:
+    """One file to deliver, with the identity recorded before sending."""
+
+    path: Path
+    filename: str
+    sha256: str
+    size: int
+    mtime: float
+    esiid: str
+    meter: str
+    source: str
+
+    @property
+    def captured_at(self) -> str:
+        return datetime.fromtimestamp(self.mtime, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class Body:
+    """A request body that can be produced again for each attempt."""
+
+    content_type: str
+    length: int
+    chunks: Callable[[Progress | None], Iterator[bytes]]
+
+
+@dataclass(frozen=True)
+class Result:
+    """A delivery the target confirmed; ``destination`` is the URL without credentials."""
+
+    status: int
+    body: str
+    attempts: int
+    destination: str
+
+
+class ChunkStore(Protocol):
+    """Where a sink that sends a file in parts keeps the acknowledged ones (the ledger), so a later call
+    resumes after them."""
+
+    def acked_chunks(self, sha256: str, parts: int) -> dict[int, str]: ...
+
+    def ack_chunk(self, sha256: str, part: int, parts: int, chunk_sha256: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class SinkContext:
+    """What the registry hands a sink's factory: the settings, the URL and token its mode entry derives
+    from them, the chunk store (used by a sink that resumes; others ignore it), and whether to log the
+    start line (a watch worker process does not: the watcher said it already)."""
+
+    settings: Settings
+    url: str
+    token: Secret | None
+    chunks: ChunkStore | None = None
+    announce: bool = True
+
+
+class Sink(Protocol):
+    """A delivery mode. ``url`` is where it posts (it may hold credentials: never log it);
+    ``destination`` is the same URL fit for logs, errors and the ledger."""
+
+    name: str
+    url: str
+    destination: str
+
+    def send(self, payload: Payload, progress: Progress | None = None) -> Result:
+        """Deliver with in-call retries; raise a :class:`DeliveryError` (``.attempts`` set) when it did
+        not land."""
+        ...
+
+    def close(self) -> None: ...
+
+
+Classify = Callable[["httpx.Response", str, str], DeliveryError | None]
+
+
+def classify(response: httpx.Response, body: str, destination: str) -> DeliveryError | None:
+    """The default verdict on a response: None when delivered, else the error to raise.
+
+    ``body`` is the response's first bytes with secrets scrubbed (what an error may quote)."""
+    status = response.status_code
+    if status in RETRYABLE_STATUSES:
+        return RetryableDelivery(
+            f"HTTP {status} from {destination}",
+            status=status, body=body, retry_after=parse_retry_after(response.headers.get("retry-after")),
+        )
+    if not 200 <= status < 300:
+        return PermanentDelivery(f"HTTP {status} from {destination}: {body}", status=status, body=body)
+    if _reports_failure(response):
+        return PermanentDelivery(f"HTTP {status} with ok:false from {destination}: {body}", status=status, body=body)
+    return None
+
+
+def _reports_failure(response: httpx.Response) -> bool:
+    """A 2xx whose JSON body says ``"ok": false`` is a refusal, not a success."""
+    try:
+        data = response.json()
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(data, dict) and data.get("ok") is False
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """``Retry-After`` as seconds from now: an integer, or an HTTP-date. Garbage is ignored."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))

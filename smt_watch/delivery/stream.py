@@ -1,0 +1,128 @@
+"""Verified streaming: a file's bytes as a request body, never sent complete unless they are the bytes hashed.
+
+The file is read in chunks and hashed as it streams; the last chunk is held back until the hash is known,
+so a file that changed since it was hashed is never sent complete (:class:`FileChanged` aborts the request
+mid-body). Big files are read ahead in a helper thread. Memory stays flat in file size. Base64 is produced
+on the fly for the inline JSON body.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import queue
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Final
+
+from smt_watch.delivery.base import Progress
+from smt_watch.errors import FileChanged
+
+READ_CHUNK: Final = 3 * 256 * 1024  # a multiple of 3, so base64 of each chunk concatenates cleanly
+READ_AHEAD_MIN: Final = 4 * READ_CHUNK  # smaller files are read inline: a thread costs more than it saves
+READ_AHEAD_DEPTH: Final = 4  # chunks buffered ahead of the socket (3 MiB): memory stays flat
+
+
+def _read_verified(path: Path, size: int, sha256: str, chunk: int) -> Iterator[bytes]:
+    """Exactly ``size`` bytes of ``path``; after the last chunk, raise unless they hash to ``sha256``."""
+    digest = hashlib.sha256()
+    remaining = size
+    with open(path, "rb", buffering=0) as fh:
+        while remaining > 0:
+            data = fh.read(min(chunk, remaining))
+            if not data:
+                raise FileChanged(f"{path.name}: shrank while being sent")
+            digest.update(data)
+            remaining -= len(data)
+            yield data
+        if fh.read(1):
+            raise FileChanged(f"{path.name}: grew while being sent")
+    if digest.hexdigest() != sha256:
+        raise FileChanged(f"{path.name}: content changed since it was hashed")
+
+
+def _read_ahead(source: Iterator[bytes], depth: int) -> Iterator[bytes]:
+    """Run ``source`` in a helper thread up to ``depth`` chunks ahead of the consumer.
+
+    Reading and hashing then overlap with socket writes (hashlib and socket calls release the GIL), which
+    matters for big files: a second SHA-256 pass would otherwise add its full time to every send.
+    """
+    q: queue.Queue[bytes | BaseException | None] = queue.Queue(depth)
+    stop = threading.Event()
+
+    def put(item: bytes | BaseException | None) -> None:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def run() -> None:
+        try:
+            for data in source:
+                if stop.is_set():
+                    return
+                put(data)
+            put(None)
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            put(exc)
+
+    thread = threading.Thread(target=run, name="smt-watch-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while (item := q.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+def verified_chunks(
+    path: Path, size: int, sha256: str, progress: Progress | None = None, chunk: int = READ_CHUNK
+) -> Iterator[bytes]:
+    """Yield exactly ``size`` bytes of ``path``, holding the last chunk back until the hash matches."""
+    source = _read_verified(path, size, sha256, chunk)
+    if size > READ_AHEAD_MIN:
+        source = _read_ahead(source, READ_AHEAD_DEPTH)
+    held: bytes | None = None
+    for data in source:  # raises FileChanged after the last chunk, before it is released
+        if held is not None:
+            yield held
+            if progress:
+                progress(len(held))
+        held = data
+    if held is not None:
+        yield held
+        if progress:
+            progress(len(held))
+
+
+def plain_chunks(path: Path, progress: Progress | None) -> Iterator[bytes]:
+    """A private file of our own (already verified while it was written), in ``READ_CHUNK`` pieces."""
+    with open(path, "rb") as fh:
+        while data := fh.read(READ_CHUNK):
+            yield data
+            if progress:
+                progress(len(data))
+
+
+def b64_stream(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """Base64 of the concatenated chunks, chunk by chunk (a remainder of 1–2 bytes carries over)."""
+    carry = b""
+    for data in chunks:
+        data = carry + data
+        cut = len(data) - len(data) % 3
+        carry = data[cut:]
+        if cut:
+            yield base64.b64encode(data[:cut])
+    if carry:
+        yield base64.b64encode(carry)
+
+
+def b64_len(n: int) -> int:
+    """The length of the base64 text of ``n`` bytes."""
+    return 4 * ((n + 2) // 3)
