@@ -11,8 +11,8 @@ any process holds the file open for writing: an ``scp`` that pauses mid-file is 
 finished one. Where leases are unavailable (not the owner, a filesystem without them) the quiet period
 alone decides, and hashing/sending re-check size and content.
 
-Every path into the inbox goes through here: ``watch`` (the scan, the settle period, the workers' opening
-of a file) and ``serve`` (the names it accepts, the inbox it creates).
+Used by ``watch`` (the scan, the settle period, a worker's opening of a file), by ``serve`` and ``sync``
+(the names they accept), and by both ``watch`` and ``serve`` to create the inbox (:func:`create_inbox`).
 """
 
 from __future__ import annotations
