@@ -654,7 +654,8 @@ def measure_synthetic_restart(b: Bench, maker: CsvMaker, sizes: Sizes) -> Synthe
     """The full-size restart without the full-size first delivery: each file is written to the inbox and
     recorded in the ledger as watch records a delivery (``remember`` its stat signature and hash, ``claim``,
     ``mark_sent``), through smt_watch's own Ledger API; then the same restarts as above."""
-    from smt_watch.ledger import Ledger  # the package is installed in the venv this runs with
+    from smt_watch.hashing import Signature  # the package is installed in the venv this runs with
+    from smt_watch.ledger import Ledger, Remember
 
     n = sizes.synthetic_files or sizes.restart_files
     inbox, state = b.fresh_dir("synthetic-inbox"), b.fresh_dir("synthetic-state")
@@ -667,7 +668,7 @@ def measure_synthetic_restart(b: Bench, maker: CsvMaker, sizes: Sizes) -> Synthe
             path.write_bytes(data)
             st = path.stat()
             key = sha256(data)
-            ledger.remember(str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, key)
+            ledger.remember(Remember(str(path), Signature.of(st), key))
             ledger.claim(key, filename=path.name, path=str(path), size=st.st_size, mode="multipart")
             ledger.mark_sent(key, status=200, destination=b.upload_url, attempts=1)
     finally:

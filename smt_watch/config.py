@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
+from enum import StrEnum
 from pathlib import Path
 from typing import Final, TypeVar
 from urllib.parse import urlsplit
@@ -23,8 +24,6 @@ from smt_watch.errors import ConfigError
 
 DELIVERY_MODES: Final = delivery_choices()  # auto, then every mode in smt_watch.delivery.registry
 INLINE_ENCODINGS: Final = ("base64", "base64+gzip")
-AFTER_SEND: Final = ("keep", "move", "delete")
-WORKER_MODES: Final = ("thread", "process")
 _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 T = TypeVar("T")
 
@@ -51,6 +50,21 @@ class Secret:
 
     def __hash__(self) -> int:
         return hash(self._value)
+
+
+class AfterSend(StrEnum):
+    """``SMT_AFTER_SEND``: what ``watch`` does with a file in the inbox once its bytes are delivered."""
+
+    KEEP = "keep"  # leave it; the stat cache keeps it from being read again
+    MOVE = "move"  # into SMT_ARCHIVE_DIR, its path relative to the inbox kept, never overwriting
+    DELETE = "delete"
+
+
+class WorkerMode(StrEnum):
+    """``SMT_WORKER_MODE``: where ``watch``'s ``SMT_WORKERS`` deliveries run."""
+
+    THREAD = "thread"  # in the watcher's threads, sharing its ledger connection and HTTP client
+    PROCESS = "process"  # each worker thread hands its files to a process of its own
 
 
 @dataclass(frozen=True)
@@ -96,9 +110,9 @@ class Settings:
     settle_seconds: float = 1.0  # SMT_SETTLE_SECONDS
     rescan_seconds: float = 300.0  # SMT_RESCAN_SECONDS
     workers: int = 2  # SMT_WORKERS
-    worker_mode: str = "thread"  # SMT_WORKER_MODE (ours): thread | process
+    worker_mode: WorkerMode = WorkerMode.THREAD  # SMT_WORKER_MODE (not in the bash script it replaces)
     patterns: tuple[str, ...] = ("*.csv", "*.asc", "*.zip")  # SMT_PATTERNS
-    after_send: str = "keep"  # SMT_AFTER_SEND
+    after_send: AfterSend = AfterSend.KEEP  # SMT_AFTER_SEND
     archive_dir: Path | None = None  # SMT_ARCHIVE_DIR (None: state_dir/archive)
     validate: bool = True  # SMT_VALIDATE
     max_zip_entries: int = 100  # SMT_MAX_ZIP_ENTRIES: a ZIP with more entries fails as a whole
@@ -372,9 +386,9 @@ def load_settings(
         settle_seconds=r.number("SMT_SETTLE_SECONDS", 1.0),
         rescan_seconds=r.number("SMT_RESCAN_SECONDS", 300.0, minimum=1.0),
         workers=r.integer("SMT_WORKERS", 2, minimum=1, maximum=64),
-        worker_mode=r.choice("SMT_WORKER_MODE", "thread", WORKER_MODES),
+        worker_mode=WorkerMode(r.choice("SMT_WORKER_MODE", "thread", tuple(WorkerMode))),
         patterns=tuple(p.lower() for p in r.items("SMT_PATTERNS", ("*.csv", "*.asc", "*.zip"))),
-        after_send=r.choice("SMT_AFTER_SEND", "keep", AFTER_SEND),
+        after_send=AfterSend(r.choice("SMT_AFTER_SEND", "keep", tuple(AfterSend))),
         archive_dir=r.path("SMT_ARCHIVE_DIR"),
         validate=r.boolean("SMT_VALIDATE", True),
         max_unpacked_bytes=r.integer("SMT_MAX_UNPACKED_BYTES", 1_073_741_824, minimum=1),

@@ -1,4 +1,8 @@
-"""Content identity: the SHA-256 of a file, taken only while the file holds still."""
+"""A file's identity: its stat :class:`Signature`, and the SHA-256 of its bytes taken only while it holds still.
+
+:class:`Signature` is the one shape of a file's stat identity: the settle period, the stat cache in the
+ledger, the worker's re-checks and the after-send check all compare it whole.
+"""
 
 from __future__ import annotations
 
@@ -13,17 +17,37 @@ from smt_watch.errors import FileChanged, InputError
 CHUNK = 1024 * 1024
 
 
+@dataclass(frozen=True, slots=True)  # slots: a scan makes one per file, 100,000 of them on a restart
+class Signature:
+    """The stat fields that change when a file is written, replaced or moved: equal signatures mean the
+    same file with the same bytes, as far as ``stat`` can tell."""
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> Signature:
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 @dataclass(frozen=True)
 class FileIdentity:
-    """What was hashed, and the stat fields that tell whether it has changed since."""
+    """What was hashed, and the signature that tells whether it has changed since."""
 
     path: Path
     sha256: str
-    size: int
-    mtime_ns: int
-    device: int
-    inode: int
+    signature: Signature
     source: Path | None = None  # where the bytes are read from, when not ``path`` (an open descriptor)
+
+    @property
+    def size(self) -> int:
+        return self.signature.size
+
+    @property
+    def mtime_ns(self) -> int:
+        return self.signature.mtime_ns
 
     @property
     def mtime(self) -> float:
@@ -34,18 +58,14 @@ class FileIdentity:
         return self.source or self.path
 
 
-def _signature(st: os.stat_result) -> tuple[int, int, int, int]:
-    return (st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino)
-
-
 def check_regular(path: Path) -> os.stat_result:
     """Refuse what we must not read: missing files, directories, symlinks (they may point outside)."""
     try:
         st = path.lstat()
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
+    except FileNotFoundError as exc:
+        raise InputError(f"{path}: no such file") from exc
     except OSError as exc:
-        raise InputError(f"{path}: cannot read: {exc.strerror}") from None
+        raise InputError(f"{path}: cannot read: {exc.strerror}") from exc
     if stat_mod.S_ISLNK(st.st_mode):
         raise InputError(f"{path}: is a symlink; refusing to follow it")
     if stat_mod.S_ISDIR(st.st_mode):
@@ -60,30 +80,23 @@ def identify(path: Path, source: Path | None = None) -> FileIdentity:
 
     ``source``: read the bytes there instead (``/proc/self/fd/N`` of a descriptor opened safely beneath the
     inbox): ``path`` then only names the file."""
-    before = check_regular(path) if source is None else os.stat(source)
+    st = check_regular(path) if source is None else os.stat(source)
+    before = Signature.of(st)
     digest = hashlib.sha256()
     try:
         with open(source or path, "rb", buffering=0) as fh:
             opened = os.fstat(fh.fileno())
-            if _signature(opened) != _signature(before):
+            if Signature.of(opened) != before:
                 raise FileChanged(f"{path}: changed while being hashed")
             buf = bytearray(CHUNK)
             view = memoryview(buf)
             while n := fh.readinto(buf):
                 digest.update(view[:n])
             after = os.fstat(fh.fileno())
-    except PermissionError:
-        raise InputError(f"{path}: permission denied") from None
+    except PermissionError as exc:
+        raise InputError(f"{path}: permission denied") from exc
     except OSError as exc:
-        raise InputError(f"{path}: cannot read: {exc.strerror}") from None
-    if _signature(after) != _signature(before):
+        raise InputError(f"{path}: cannot read: {exc.strerror}") from exc
+    if Signature.of(after) != before:
         raise FileChanged(f"{path}: changed while being hashed")
-    return FileIdentity(
-        source=source,
-        path=path,
-        sha256=digest.hexdigest(),
-        size=before.st_size,
-        mtime_ns=before.st_mtime_ns,
-        device=before.st_dev,
-        inode=before.st_ino,
-    )
+    return FileIdentity(path, digest.hexdigest(), before, source)

@@ -1,4 +1,5 @@
-"""What counts as a ready file in the inbox (SPEC §3). Mostly pure functions over paths and stat results.
+"""The inbox: what counts as a ready file in it (docs/contract.md §3), how to reach a file in it without
+leaving it, and creating it. Mostly pure functions over paths and stat results.
 
 A file is a candidate when its path relative to the inbox matches ``SMT_PATTERNS`` (case-insensitive), no
 part is hidden, and its name is not a temporary one. It is ready when it is a regular file (symlinks are
@@ -9,6 +10,9 @@ changed for ``SMT_SETTLE_SECONDS``.
 any process holds the file open for writing: an ``scp`` that pauses mid-file is never mistaken for a
 finished one. Where leases are unavailable (not the owner, a filesystem without them) the quiet period
 alone decides, and hashing/sending re-check size and content.
+
+Used by ``watch`` (the scan, the settle period, a worker's opening of a file), by ``serve`` and ``sync``
+(the names they accept), and by both ``watch`` and ``serve`` to create the inbox (:func:`create_inbox`).
 """
 
 from __future__ import annotations
@@ -26,25 +30,24 @@ import stat as stat_mod
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Final
+from typing import Final, NamedTuple
+
+from smt_watch.errors import ConfigError
+from smt_watch.hashing import Signature
 
 log = logging.getLogger("smt_watch.inbox")
 
 TEMP_SUFFIXES: Final = (".part", ".partial", ".tmp", ".filepart", ".crdownload")
 
 
-@dataclass(frozen=True)
-class Signature:
-    """The stat fields that change when a file is written, replaced or moved."""
-
-    size: int
-    mtime_ns: int
-    device: int
-    inode: int
-
-    @classmethod
-    def of(cls, st: os.stat_result) -> Signature:
-        return cls(st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino)
+def create_inbox(root: Path) -> None:
+    """Create the inbox (``SMT_LOCAL_DIR``, mode 0750, with its parents) unless it exists already."""
+    try:
+        root.mkdir(mode=0o750, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"SMT_LOCAL_DIR {root} cannot be created: {exc.strerror}") from exc
+    if not root.is_dir():
+        raise ConfigError(f"SMT_LOCAL_DIR {root} is not a directory")
 
 
 class Matcher:
@@ -84,7 +87,7 @@ def is_temporary(name: str) -> bool:
 
 
 def is_candidate(rel: PurePosixPath, patterns: tuple[str, ...]) -> bool:
-    """SPEC §3 by name alone: matching, not hidden anywhere in the path, not a temporary name."""
+    """docs/contract.md §3 by name alone: matching, not hidden anywhere in the path, not a temporary name."""
     if not rel.parts or any(part.startswith(".") for part in rel.parts):
         return False
     return not is_temporary(rel.name) and matches(rel, patterns)
@@ -236,6 +239,11 @@ def _candidates(entries: Iterator[os.DirEntry[str]], m: Matcher, prefix: int, st
             continue  # vanished while we looked
 
 
+class _Waiting(NamedTuple):
+    signature: Signature
+    due: float  # monotonic time the signature will have held still for ``settle`` seconds
+
+
 class Settler:
     """Holds candidates until their signature has been unchanged for ``settle`` seconds.
 
@@ -249,7 +257,7 @@ class Settler:
 
     def __init__(self, settle: float) -> None:
         self.settle = settle
-        self._waiting: dict[Path, tuple[Signature, float]] = {}  # path -> (signature, due time)
+        self._waiting: dict[Path, _Waiting] = {}
         self._heap: list[tuple[float, int, Path]] = []
         self._seq = 0
 
@@ -260,13 +268,13 @@ class Settler:
         return path in self._waiting
 
     def _schedule(self, path: Path, signature: Signature, due: float) -> None:
-        self._waiting[path] = (signature, due)
+        self._waiting[path] = _Waiting(signature, due)
         self._seq += 1
         heapq.heappush(self._heap, (due, self._seq, path))
 
     def add(self, path: Path, signature: Signature, now: float) -> None:
         known = self._waiting.get(path)
-        if known is None or known[0] != signature:
+        if known is None or known.signature != signature:
             self._schedule(path, signature, now + self.settle)
 
     def discard(self, path: Path) -> None:
@@ -276,7 +284,7 @@ class Settler:
         while self._heap:
             due, _, path = self._heap[0]
             current = self._waiting.get(path)
-            if current is not None and current[1] == due:
+            if current is not None and current.due == due:
                 return due, path
             heapq.heappop(self._heap)  # stale: discarded or rescheduled since
         return None
@@ -294,7 +302,7 @@ class Settler:
                 break
             heapq.heappop(self._heap)
             path = top[1]
-            signature, _ = self._waiting.pop(path)
+            signature = self._waiting.pop(path).signature
             st = regular_stat(path)
             if st is None:
                 continue

@@ -28,6 +28,7 @@ from typing import Any, Final
 
 from smt_watch.clock import utc_stamp
 from smt_watch.errors import LedgerError
+from smt_watch.hashing import Signature
 from smt_watch.names import shown, stored, unstored
 
 STATES: Final = ("pending", "sending", "sent", "retrying", "failed")
@@ -203,9 +204,30 @@ MIGRATIONS: Final[tuple[Callable[[sqlite3.Connection], None], ...]] = (
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 
-# A stat-cache row: path, device, inode, size, mtime_ns, sha256.
-Remember = tuple[str, int, int, int, int, str]
+@dataclass(frozen=True)
+class Remember:
+    """A stat-cache row to write: ``path`` held the bytes ``sha256`` while its stat identity was ``signature``."""
+
+    path: str
+    signature: Signature
+    sha256: str
+
+
+@dataclass(frozen=True, slots=True)  # slots: a restart's scan makes one per file already handled
+class Seen:
+    """What the stat cache knows of a path: the signature it had when hashed, and what became of those bytes."""
+
+    signature: Signature
+    sha256: str
+    state: str | None  # the content's ledger state; None when its row was forgotten
+
+
 _REMEMBER_SQL = "INSERT OR REPLACE INTO seen (path, device, inode, size, mtime_ns, sha256) VALUES (?, ?, ?, ?, ?, ?)"
+
+
+def _remember_params(r: Remember) -> tuple[str, int, int, int, int, str]:
+    sig = r.signature
+    return (stored(r.path), sig.device, sig.inode, sig.size, sig.mtime_ns, r.sha256)
 
 
 @contextmanager
@@ -401,7 +423,7 @@ class Ledger:
         filename = _text(filename)
         with self.atomic() as db:
             if remember is not None:
-                db.execute(_REMEMBER_SQL, (stored(remember[0]), *remember[1:]))
+                db.execute(_REMEMBER_SQL, _remember_params(remember))
             row = db.execute(
                 "SELECT state, claimed_by, claimed_at, next_attempt_at FROM files WHERE sha256 = ?", (sha256,)
             ).fetchone()
@@ -497,9 +519,9 @@ class Ledger:
 
     # --- the watcher's stat cache and schedules ------------------------------------------------------
 
-    def remember(self, path: str, device: int, inode: int, size: int, mtime_ns: int, sha256: str) -> None:
+    def remember(self, entry: Remember) -> None:
         with self.atomic() as db:
-            db.execute(_REMEMBER_SQL, (stored(path), device, inode, size, mtime_ns, sha256))
+            db.execute(_REMEMBER_SQL, _remember_params(entry))
 
     def unremember(self, path: str) -> None:
         with self.atomic() as db:
@@ -596,14 +618,15 @@ class Ledger:
         " FROM seen LEFT JOIN files ON files.sha256 = seen.sha256 WHERE seen.path IN ({})"
     )
 
-    def seen_many(self, paths: list[str]) -> dict[str, tuple[int, int, int, int, str, str | None]]:
-        """path -> (device, inode, size, mtime_ns, sha256, ledger state or None) for the paths known."""
-        out: dict[str, tuple[int, int, int, int, str, str | None]] = {}
+    def seen_many(self, paths: list[str]) -> dict[str, Seen]:
+        """What the stat cache knows of each of ``paths`` (those it does not know are left out)."""
+        out: dict[str, Seen] = {}
         for i in range(0, len(paths), 500):
             batch = [stored(p) for p in paths[i : i + 500]]
-            for r in self._query(self._SEEN_SQL.format(",".join("?" * len(batch))), batch, tuples=True):
-                out[unstored(r[0])] = r[1:]
+            sql = self._SEEN_SQL.format(",".join("?" * len(batch)))
+            for path, device, inode, size, mtime_ns, sha256, state in self._query(sql, batch, tuples=True):
+                out[unstored(path)] = Seen(Signature(device, inode, size, mtime_ns), sha256, state)
         return out
 
-    def seen(self, path: str) -> tuple[int, int, int, int, str, str | None] | None:
+    def seen(self, path: str) -> Seen | None:
         return self.seen_many([path]).get(path)

@@ -1,6 +1,6 @@
 """Deliver one file end to end: hash it, claim it in the ledger, send it, record the outcome.
 
-Shared by ``post`` and (later) ``watch``, so both follow the same state machine. The ledger row is marked
+Shared by ``post`` and ``watch`` (its jobs), so both follow the same state machine. The ledger row is marked
 ``sent`` only after the target answered 2xx (the Vector habit: move the checkpoint on delivery).
 """
 
@@ -12,7 +12,9 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, closing, nullcontext
 from dataclasses import dataclass, replace
+from enum import StrEnum
 from pathlib import Path
+from typing import TypeVar, assert_never
 
 from smt_watch.config import Settings
 from smt_watch.content import csv_part, is_container, unpack, work_dir
@@ -33,14 +35,28 @@ from smt_watch.smtcsv import meter_for
 from smt_watch.statedir import open_ledger
 
 log = logging.getLogger("smt_watch.pipeline")
+_T = TypeVar("_T")
+
+
+class Result(StrEnum):
+    """What became of one file (:attr:`Outcome.result`); prints as its value, as ``post`` shows it."""
+
+    SENT = "sent"  # the target answered 2xx; the row is ``sent``
+    DUPLICATE = "duplicate"  # these bytes were sent before, under any name: nothing was sent
+    FAILED = "failed"  # refused for good (a 4xx, content that cannot be delivered): ``failed`` until forgotten
+    RETRYING = "retrying"  # not delivered yet: ``retrying`` until its backoff expires
+    CHANGED = "changed"  # the file changed while it was read: left ``pending``, read again once it holds still
+    BUSY = "busy"  # another process or thread is sending these bytes right now
+    LATER = "later"  # (watch) ``failed``, or ``retrying`` with its backoff not expired: left alone for now
+    ERROR = "error"  # the file could not be read (missing, a symlink, no permission)
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """What happened to one file. ``result`` is one of the names below."""
+    """What happened to one file."""
 
     path: Path
-    result: str  # sent | duplicate | failed | retrying | changed | busy | later | error
+    result: Result
     sha256: str | None = None
     name: str | None = None  # the name delivered (a CSV inside an .asc/.zip has its own)
     size: int | None = None
@@ -52,7 +68,7 @@ class Outcome:
 
     @property
     def ok(self) -> bool:
-        return self.result in ("sent", "duplicate")
+        return self.result in (Result.SENT, Result.DUPLICATE)
 
 
 def payload_for(settings: Settings, ident: FileIdentity, name: str | None = None, esiid: str | None = None
@@ -73,7 +89,7 @@ def payload_for(settings: Settings, ident: FileIdentity, name: str | None = None
 def deliver_file(
     settings: Settings,
     ledger: Ledger,
-    deliverer: Sink,
+    sink: Sink,
     path: Path,
     *,
     force: bool = False,
@@ -89,16 +105,16 @@ def deliver_file(
     try:
         ident = identify(path)
     except (InputError, FileChanged) as exc:
-        return Outcome(path, "changed" if isinstance(exc, FileChanged) else "error", error=str(exc))
+        return Outcome(path, Result.CHANGED if isinstance(exc, FileChanged) else Result.ERROR, error=str(exc))
     return deliver_identified(
-        settings, ledger, deliverer, ident, force=force, busy_wait=busy_wait, progress=progress, started=started
+        settings, ledger, sink, ident, force=force, busy_wait=busy_wait, progress=progress, started=started
     )
 
 
 def deliver_identified(
     settings: Settings,
     ledger: Ledger,
-    deliverer: Sink,
+    sink: Sink,
     ident: FileIdentity,
     *,
     force: bool = False,
@@ -116,8 +132,8 @@ def deliver_identified(
     options = _Options(force, busy_wait, respect_backoff, progress,
                        time.monotonic() if started is None else started, remember)
     if is_container(ident.path.name):
-        return _container(settings, ledger, deliverer, ident, options)
-    return _one(settings, ledger, deliverer, ident, sent(ident.path.name), None, options)
+        return _container(settings, ledger, sink, ident, options)
+    return _one(settings, ledger, sink, ident, sent(ident.path.name), None, options)
 
 
 @dataclass(frozen=True)
@@ -144,39 +160,72 @@ def _claim(ledger: Ledger, ident: FileIdentity, name: str, mode: str, parent: st
         force = False  # what the other sender achieved counts as our forced re-send
 
 
-def _unclaimed(claim: Claim, base: Outcome, name: str) -> Outcome | None:
+@dataclass(frozen=True)
+class _Subject:
+    """A file (or a CSV unpacked from one) being delivered under ``name``: its outcomes are made here."""
+
+    ident: FileIdentity
+    name: str
+
+    def outcome(self, result: Result, *, status: int | None = None, attempts: int = 0, error: str | None = None,
+                seconds: float = 0.0, children: tuple[Outcome, ...] = ()) -> Outcome:
+        i = self.ident
+        return Outcome(i.path, result, sha256=i.sha256, name=self.name, size=i.size, status=status,
+                       attempts=attempts, error=error, seconds=seconds, children=children)
+
+
+def _unclaimed(claim: Claim, subject: _Subject) -> Outcome | None:
     """The outcome when the claim was not ours to act on, else None."""
-    if claim is Claim.CLAIMED:
-        return None
-    if claim is Claim.DUPLICATE:
-        log.info("Skipping %s: already sent (sha256 %s)", name, base.sha256[:12] if base.sha256 else "-")
-    if claim is Claim.BUSY:
-        return replace(base, error="another smt-watch process is sending these bytes now")
-    return base
+    match claim:
+        case Claim.CLAIMED:
+            return None
+        case Claim.DUPLICATE:
+            log.info("Skipping %s: already sent (sha256 %s)", subject.name, subject.ident.sha256[:12])
+            return subject.outcome(Result.DUPLICATE)
+        case Claim.BUSY:
+            return subject.outcome(Result.BUSY, error="another smt-watch process is sending these bytes now")
+        case Claim.LATER:
+            return subject.outcome(Result.LATER)
+        case _:
+            assert_never(claim)
 
 
-def _one(settings: Settings, ledger: Ledger, deliverer: Sink, ident: FileIdentity, name: str,
-         parent: str | None, o: _Options) -> Outcome:
-    """One CSV: claim, validate (SMT_VALIDATE) and pick its ESIID, send, record."""
-    claim = _claim(ledger, ident, name, deliverer.name, parent, o)
-    base = Outcome(ident.path, claim.value, sha256=ident.sha256, size=ident.size, name=name)
-    early = _unclaimed(claim, base, name)
+def _claimed(ledger: Ledger, claim: Claim, subject: _Subject, prepare: Callable[[], _T], refused: str
+             ) -> Outcome | _T:
+    """Under ``claim``, ``prepare`` the subject's content (check a CSV, unpack an .asc/.zip).
+
+    An :class:`Outcome` when there is nothing more to do: the claim was not ours, or ``prepare`` raised
+    :class:`ContentError` (the row is then ``failed``, logged with the format ``refused``). Else what
+    ``prepare`` returned. Whatever else interrupts ``prepare`` hands the claim back (``pending``)."""
+    ident = subject.ident
+    early = _unclaimed(claim, subject)
     if early is not None:
         return early
     try:
-        part = csv_part(settings, ident, name, parent)
+        return prepare()
     except ContentError as exc:
         ledger.mark_failed(ident.sha256, status=None, error=str(exc), attempts=0)
-        log.error("Delivery failed for %s: %s", name, exc)
-        return replace(base, result="failed", error=str(exc))
+        log.error(refused, subject.name, exc)
+        return subject.outcome(Result.FAILED, error=str(exc))
     except BaseException:
         ledger.release(ident.sha256, error="interrupted", attempts=0)
         raise
+
+
+def _one(settings: Settings, ledger: Ledger, sink: Sink, ident: FileIdentity, name: str,
+         parent: str | None, o: _Options) -> Outcome:
+    """One CSV: claim, validate (SMT_VALIDATE) and pick its ESIID, send, record."""
+    claim = _claim(ledger, ident, name, sink.name, parent, o)
+    subject = _Subject(ident, name)
+    part = _claimed(ledger, claim, subject, lambda: csv_part(settings, ident, name, parent),
+                    "Delivery failed for %s: %s")
+    if isinstance(part, Outcome):
+        return part
     payload = payload_for(settings, ident, name, part.esiid)
-    return _send(settings, ledger, deliverer, payload, base, o.started, o.progress)
+    return _send(settings, ledger, sink, payload, subject, o.started, o.progress)
 
 
-def _container(settings: Settings, ledger: Ledger, deliverer: Sink, ident: FileIdentity,
+def _container(settings: Settings, ledger: Ledger, sink: Sink, ident: FileIdentity,
                o: _Options) -> Outcome:
     """Unpack an .asc/.zip and deliver every CSV in it; the parent row sums up its children.
 
@@ -186,67 +235,58 @@ def _container(settings: Settings, ledger: Ledger, deliverer: Sink, ident: FileI
     """
     name = sent(ident.path.name)
     claim = _claim(ledger, ident, name, "unpack", None, o)
-    base = Outcome(ident.path, claim.value, sha256=ident.sha256, size=ident.size, name=name)
-    early = _unclaimed(claim, base, name)
-    if early is not None:
-        return early
-    try:
-        parts = unpack(settings, ident)
-    except ContentError as exc:
-        ledger.mark_failed(ident.sha256, status=None, error=str(exc), attempts=0)
-        log.error("Cannot deliver %s: %s", name, exc)
-        return replace(base, result="failed", error=str(exc))
-    except BaseException:
-        ledger.release(ident.sha256, error="interrupted", attempts=0)
-        raise
+    subject = _Subject(ident, name)
+    parts = _claimed(ledger, claim, subject, lambda: unpack(settings, ident), "Cannot deliver %s: %s")
+    if isinstance(parts, Outcome):
+        return parts
     # The parent's backoff already decided it is time: its CSVs are taken now, whatever their own rows say.
     child_options = replace(o, respect_backoff=False, remember=None)
     try:
-        children = [_one(settings, ledger, deliverer, p.ident, p.name, ident.sha256, child_options) for p in parts]
+        children = [_one(settings, ledger, sink, p.ident, p.name, ident.sha256, child_options) for p in parts]
     except BaseException:
         ledger.release(ident.sha256, error="interrupted", attempts=0)
         raise
     finally:
         shutil.rmtree(work_dir(settings) / ident.sha256, ignore_errors=True)
-    done = replace(base, children=tuple(children), seconds=_since(o.started))
-    failed = [c for c in children if c.result in ("failed", "error")]
+    done, seconds = tuple(children), _since(o.started)
+    failed = [c for c in children if c.result in (Result.FAILED, Result.ERROR)]
     if all(c.ok for c in children):
         ledger.mark_sent(ident.sha256, status=None, destination=f"unpacked into {len(children)} CSV file(s)",
                          attempts=0)
-        return replace(done, result="sent")
+        return subject.outcome(Result.SENT, children=done, seconds=seconds)
     if failed:
         error = f"{len(failed)} of {len(children)} CSV file(s) failed: {failed[0].name}: {failed[0].error}"
         ledger.mark_failed(ident.sha256, status=failed[0].status, error=error, attempts=0)
-        return replace(done, result="failed", error=error)
+        return subject.outcome(Result.FAILED, error=error, children=done, seconds=seconds)
     waits = [r.next_attempt_at for c in children if (r := ledger.get(c.sha256 or "")) and r.next_attempt_at]
     next_at = min(waits) if waits else time.time() + backoff_delay(1, settings.retry_backoff)
     pending = [c for c in children if not c.ok]
     error = f"{len(pending)} of {len(children)} CSV file(s) not delivered yet: {pending[0].error or pending[0].result}"
     ledger.mark_retrying(ident.sha256, status=None, error=error, attempts=0, next_attempt_at=next_at)
-    return replace(done, result="retrying", error=error)
+    return subject.outcome(Result.RETRYING, error=error, children=done, seconds=seconds)
 
 
 def _send(
     settings: Settings,
     ledger: Ledger,
-    deliverer: Sink,
+    sink: Sink,
     payload: Payload,
-    base: Outcome,
+    subject: _Subject,
     started: float,
     progress: Progress | None,
 ) -> Outcome:
     sha = payload.sha256
     try:
-        result = deliverer.send(payload, progress)
+        result = sink.send(payload, progress)
     except FileChanged as exc:
         ledger.release(sha, error=str(exc), attempts=exc.attempts)
         log.warning("Abandoned %s: %s; it stays pending", payload.filename, exc)
-        return replace(base, result="changed", attempts=exc.attempts, error=str(exc), seconds=_since(started))
+        return subject.outcome(Result.CHANGED, attempts=exc.attempts, error=str(exc), seconds=_since(started))
     except PermanentDelivery as exc:
         ledger.mark_failed(sha, status=exc.status, error=str(exc), attempts=exc.attempts)
         log.error("Delivery failed for %s: %s", payload.filename, exc)
-        return replace(base, result="failed", status=exc.status, attempts=exc.attempts, error=str(exc),
-                        seconds=_since(started))
+        return subject.outcome(Result.FAILED, status=exc.status, attempts=exc.attempts, error=str(exc),
+                               seconds=_since(started))
     except (RetryableDelivery, DeliveryError) as exc:
         row = ledger.get(sha)
         # Consecutive failed calls (each made up to SMT_RETRY_ATTEMPTS requests) drive the backoff.
@@ -255,14 +295,14 @@ def _send(
         ledger.mark_retrying(sha, status=exc.status, error=str(exc), attempts=exc.attempts,
                              next_attempt_at=time.time() + delay)
         log.warning("Delivery of %s will be retried in %.0fs: %s", payload.filename, delay, exc)
-        return replace(base, result="retrying", status=exc.status, attempts=exc.attempts, error=str(exc),
-                        seconds=_since(started))
+        return subject.outcome(Result.RETRYING, status=exc.status, attempts=exc.attempts, error=str(exc),
+                               seconds=_since(started))
     except BaseException:
         # Interrupted (Ctrl-C) or a bug: the row must not stay claimed by a live process forever.
         ledger.release(sha, error="interrupted", attempts=0)
         raise
     ledger.mark_sent(sha, status=result.status, destination=result.destination, attempts=result.attempts)
-    return replace(base, result="sent", status=result.status, attempts=result.attempts, seconds=_since(started))
+    return subject.outcome(Result.SENT, status=result.status, attempts=result.attempts, seconds=_since(started))
 
 
 def _since(started: float) -> float:
@@ -286,13 +326,13 @@ def post_files(
     """``smt-watch post``: deliver each file now; one file's problem never stops the others."""
     mode = delivery_mode(settings)
     outcomes: list[Outcome] = []
-    with open_ledger(settings) as ledger, closing(make_sink(settings, mode, chunks=ledger)) as deliverer:
+    with open_ledger(settings) as ledger, closing(make_sink(settings, mode, chunks=ledger)) as sink:
         # Another process may be sending the same bytes; wait as long as one delivery call can take.
         busy_wait = settings.http_timeout * settings.retry_attempts + IN_CALL_MAX_WAIT
         for path in paths:
             with progress_for(path) if progress_for else nullcontext() as progress:
                 outcome = deliver_file(
-                    settings, ledger, deliverer, path, force=force, busy_wait=busy_wait, progress=progress
+                    settings, ledger, sink, path, force=force, busy_wait=busy_wait, progress=progress
                 )
             outcomes.append(outcome)
             if on_outcome:

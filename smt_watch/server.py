@@ -52,8 +52,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from smt_watch.bridge import Bridge
 from smt_watch.clock import utc_stamp
 from smt_watch.config import Secret, Settings
-from smt_watch.errors import ConfigError, SmtWatchError
-from smt_watch.inbox import is_candidate
+from smt_watch.errors import SmtWatchError
+from smt_watch.inbox import create_inbox, is_candidate
 from smt_watch.ledger import Ledger
 from smt_watch.tickets import TicketError, verify
 from smt_watch.uploads import (
@@ -567,10 +567,7 @@ class _Uvicorn(uvicorn.Server):
 
 
 def build(settings: Settings, ledger: Ledger) -> Server:
-    try:
-        settings.local_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"SMT_LOCAL_DIR {settings.local_dir} cannot be created: {exc.strerror}") from exc
+    create_inbox(settings.local_dir)
     bridge = Bridge(settings.webhook_forward_url) if settings.webhook_forward_url else None
     return Server(settings, ledger, SyncRunner(settings), bridge)
 

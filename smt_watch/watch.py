@@ -2,14 +2,15 @@
 
 Threads and what they own:
 
-- the watchdog observer thread reports paths (``_intake``) and new directories; nothing else;
+- the watchdog observer thread (:mod:`smt_watch.events`) reports paths (``_intake``) and new directories;
+  nothing else;
 - the main loop owns the :class:`Settler` (the quiet period), the full rescans, the schedule of rows due
   again (``retrying`` whose backoff expired, ``pending`` after a crash or a change), systemd notification
   and the stop sequence;
 - ``SMT_WORKERS`` delivery threads take ready files from a bounded queue, hash them (or take the hash
   from the stat cache), claim them in the ledger, send them and apply ``SMT_AFTER_SEND``; with
   ``SMT_WORKER_MODE=process`` each thread hands the hashing, claiming and sending to a worker process
-  of its own (:mod:`smt_watch.workers`).
+  of its own (:mod:`smt_watch.jobs`).
 
 A path is in the queue or in flight at most once (``_busy``); the same bytes under two names are sent once
 because the ledger claim is by SHA-256. Nothing is lost on a crash: a row is ``sent`` only after a 2xx,
@@ -30,34 +31,34 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import assert_never
 
-from smt_watch.config import Settings
+from smt_watch.config import AfterSend, Settings, WorkerMode
 from smt_watch.delivery import Sink, delivery_mode, make_sink
-from smt_watch.errors import ConfigError, SmtWatchError
-from smt_watch.hashing import FileIdentity
+from smt_watch.errors import SmtWatchError
+from smt_watch.events import InboxWatcher
+from smt_watch.hashing import FileIdentity, Signature
 from smt_watch.inbox import (
     Found,
     Settler,
-    Signature,
+    create_inbox,
     is_candidate,
     parent_dir_fd,
     regular_stat,
     relative,
     scan,
 )
-from smt_watch.ledger import Ledger
+from smt_watch.jobs import InProcess, InThread, JobKind, JobResult, Runner
+from smt_watch.ledger import Ledger, Seen
 from smt_watch.metrics import Metrics
 from smt_watch.notify import Notifier
-from smt_watch.pipeline import Outcome
+from smt_watch.pipeline import Outcome, Result
 from smt_watch.statedir import open_ledger
-from smt_watch.watcher import InboxWatcher
-from smt_watch.workers import InProcess, InThread, JobResult, Runner
 
 log = logging.getLogger("smt_watch.watch")
 
 DUE_CHECK_SECONDS = 1.0
 SCAN_BATCH = 1000  # stat-cache rows asked for at once during a scan
-Seen = tuple[int, int, int, int, str, str | None]
 BUSY_RECHECK_SECONDS = 0.5
 OVERFLOW_RESCAN_DELAY = 1.0  # seconds from an inotify overflow to the rescan it triggers
 HANDLED_STATES = frozenset({"sent", "failed", "retrying"})
@@ -104,7 +105,7 @@ class WatchService:
         self._settler = Settler(settings.settle_seconds)
         self._notifier = Notifier(settings.notify_socket, settings.watchdog_usec)
         self._ledger: Ledger | None = None
-        self._deliverer: Sink | None = None
+        self._sink: Sink | None = None
         self.backend = ""
 
     # --- control ------------------------------------------------------------------------------------
@@ -141,9 +142,9 @@ class WatchService:
     # --- the main loop ------------------------------------------------------------------------------
 
     def run(self) -> int:
-        self._prepare_dirs()
+        create_inbox(self.root)
         self._ledger = ledger = open_ledger(self.settings)
-        self._deliverer = make_sink(self.settings, self.mode, chunks=ledger)
+        self._sink = make_sink(self.settings, self.mode, chunks=ledger)
         if self.settings.metrics_port:
             self.metrics.serve(self.settings.metrics_port)
             log.info("Serving metrics at http://127.0.0.1:%d/metrics", self.settings.metrics_port)
@@ -164,7 +165,7 @@ class WatchService:
             found = self._scan(self.root)
             log.info("Watching %s (%s, %d worker(s)%s, mode %s): %d file(s) to look at, %d already handled",
                      self.root, self.backend, self.settings.workers,
-                     " in processes" if self.settings.worker_mode == "process" else "", self.mode, found,
+                     " in processes" if self.settings.worker_mode is WorkerMode.PROCESS else "", self.mode, found,
                      self.counts.cached)
             self._notifier.ready(self._status())
             self.ready.set()
@@ -172,14 +173,6 @@ class WatchService:
         finally:
             self._shutdown(watcher, workers)
         return 0
-
-    def _prepare_dirs(self) -> None:
-        try:
-            self.root.mkdir(mode=0o750, parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"SMT_LOCAL_DIR {self.root} cannot be created: {exc.strerror}") from None
-        if not self.root.is_dir():
-            raise ConfigError(f"SMT_LOCAL_DIR {self.root} is not a directory")
 
     def _loop(self, started: float) -> None:
         s = self.settings
@@ -254,7 +247,7 @@ class WatchService:
 
     def _consider_known(self, path: Path | str, sig: Signature, known: Seen | None, now: float) -> bool:
         """Into the settler unless the stat cache says these exact bytes were handled already."""
-        if known and known[:4] == (sig.device, sig.inode, sig.size, sig.mtime_ns) and known[5] in HANDLED_STATES:
+        if known and known.signature == sig and known.state in HANDLED_STATES:
             self.counts.cached += 1  # only the main loop writes this count
             return False
         self._settler.add(Path(path), sig, now)
@@ -295,7 +288,7 @@ class WatchService:
                 continue
             sig = Signature.of(st)
             cached = self._ledger.seen(row.path)
-            if cached and cached[:4] == (sig.device, sig.inode, sig.size, sig.mtime_ns) and cached[4] != row.sha256:
+            if cached and cached.signature == sig and cached.sha256 != row.sha256:
                 log.info("Dropping %s row %s: %s now holds other content", row.state, row.sha256[:12], path)
                 self._ledger.forget([row.sha256])
                 continue
@@ -339,8 +332,8 @@ class WatchService:
         if alive:
             log.warning("Stopping with %d delivery(ies) in flight; they will be sent again at next start", alive)
             return  # daemon threads; their rows stay `sending` and are resumed at the next start
-        if self._deliverer:
-            self._deliverer.close()
+        if self._sink:
+            self._sink.close()
         if self._ledger:
             self._ledger.close()
         log.info("Stopped: %s", self._status())
@@ -357,7 +350,7 @@ class WatchService:
                 try:
                     self._apply(job, runner.run(job.path, job.signature))
                 except SmtWatchError as exc:
-                    self._apply(job, JobResult("error", message=str(exc)))
+                    self._apply(job, JobResult(JobKind.ERROR, message=str(exc)))
                 except Exception:
                     log.exception("Unexpected error handling %s", job.path)
                     self._look_again(job.path, DUE_CHECK_SECONDS * 5)
@@ -370,37 +363,42 @@ class WatchService:
             runner.close()
 
     def _runner(self, index: int) -> Runner:
-        if self.settings.worker_mode == "process":
+        if self.settings.worker_mode is WorkerMode.PROCESS:
             return InProcess(self.settings, self.mode, f"smt-watch-delivery-{index}")
-        assert self._ledger is not None and self._deliverer is not None
-        return InThread(self.settings, self._ledger, self._deliverer)
+        assert self._ledger is not None and self._sink is not None
+        return InThread(self.settings, self._ledger, self._sink)
 
     def _apply(self, job: Job, result: JobResult) -> None:
         """What the watcher does with a job's result: its state, counts, log lines and after-send."""
-        if result.kind == "changed":
-            self._intake(job.path)  # still being written: wait for it to settle again
-        elif result.kind == "skipped":
-            log.warning("Skipping %s: %s", job.path, result.message)
-        elif result.kind == "error":
-            log.error("Could not handle %s: %s", job.path, result.message)
-            self._look_again(job.path, DUE_CHECK_SECONDS * 5)
-        elif result.kind == "done":
-            assert result.ident is not None and result.outcome is not None
-            if result.hashed:
-                with self._lock:
-                    self.counts.hashed += 1
-            self._record(job, result.ident, result.outcome)
+        match result.kind:
+            case JobKind.CHANGED:
+                self._intake(job.path)  # still being written: wait for it to settle again
+            case JobKind.SKIPPED:
+                log.warning("Skipping %s: %s", job.path, result.message)
+            case JobKind.ERROR:
+                log.error("Could not handle %s: %s", job.path, result.message)
+                self._look_again(job.path, DUE_CHECK_SECONDS * 5)
+            case JobKind.GONE:
+                log.debug("%s is gone, or no longer a regular file beneath the inbox: nothing to deliver", job.path)
+            case JobKind.DONE:
+                assert result.ident is not None and result.outcome is not None
+                if result.hashed:
+                    with self._lock:
+                        self.counts.hashed += 1
+                self._record(job, result.ident, result.outcome)
+            case _:
+                assert_never(result.kind)
 
     def _record(self, job: Job, ident: FileIdentity, o: Outcome) -> None:
         """Counts, metrics and one log line per delivered CSV; then the file's after-send action."""
         latency = time.monotonic() - job.ready_at
         for item in o.children or (o,):
             self._count(item, latency, job.path.name if o.children else None)
-        if o.children and o.result == "failed":
+        if o.children and o.result is Result.FAILED:
             log.error("Failed %s sha256=%s: %s", job.path.name, ident.sha256[:12], o.error)
-        if o.result in ("sent", "duplicate"):
+        if o.result in (Result.SENT, Result.DUPLICATE):
             self._after_send(job.path, ident)
-        elif o.result in ("changed", "busy"):
+        elif o.result in (Result.CHANGED, Result.BUSY):
             self._look_again(job.path, BUSY_RECHECK_SECONDS)
 
     def _count(self, o: Outcome, latency: float, parent: str | None) -> None:
@@ -408,7 +406,7 @@ class WatchService:
         name = o.name or o.path.name
         origin = f" from={parent}" if parent else ""
         sha = (o.sha256 or "-")[:12]
-        if o.result == "sent":
+        if o.result is Result.SENT:
             with self._lock:
                 self.counts.sent += 1
             self.metrics.delivered.labels(m).inc()
@@ -417,17 +415,17 @@ class WatchService:
             self.metrics.last_success.set(time.time())
             log.info("Delivered %s sha256=%s size=%d mode=%s status=%s attempts=%d latency=%.3fs%s",
                      name, sha, o.size or 0, m, o.status, o.attempts, latency, origin)
-        elif o.result == "duplicate":
+        elif o.result is Result.DUPLICATE:
             with self._lock:
                 self.counts.duplicate += 1
             self.metrics.duplicates.inc()
-        elif o.result in ("failed", "error"):
+        elif o.result in (Result.FAILED, Result.ERROR):
             with self._lock:
                 self.counts.failed += 1
             self.metrics.failed.labels(m).inc()
             log.error("Failed %s sha256=%s size=%d mode=%s status=%s attempts=%d: %s%s",
                       name, sha, o.size or 0, m, o.status, o.attempts, o.error, origin)
-        elif o.result == "retrying":
+        elif o.result is Result.RETRYING:
             with self._lock:
                 self.counts.retrying += 1
             self.metrics.retried.labels(m).inc()
@@ -435,17 +433,16 @@ class WatchService:
     def _after_send(self, path: Path, ident: FileIdentity) -> None:
         """``SMT_AFTER_SEND``: keep, move to the archive (relative path kept, never overwriting), delete."""
         action = self.settings.after_send
-        if action == "keep":
+        if action is AfterSend.KEEP:
             return
-        delivered = Signature(ident.size, ident.mtime_ns, ident.device, ident.inode)
         try:
             # Relative to the file's directory reached without following a symlink: a directory swapped for a
             # symlink after delivery cannot make us delete or move anything outside the inbox.
             with parent_dir_fd(self.root, path) as dir_fd:
                 st = os.stat(path.name, dir_fd=dir_fd, follow_symlinks=False)
-                if not stat_mod.S_ISREG(st.st_mode) or Signature.of(st) != delivered:
+                if not stat_mod.S_ISREG(st.st_mode) or Signature.of(st) != ident.signature:
                     return  # changed since it was delivered: it is new content, leave it for the next pass
-                if action == "delete":
+                if action is AfterSend.DELETE:
                     os.unlink(path.name, dir_fd=dir_fd)
                     log.info("Deleted %s after delivery", path.name)
                 else:

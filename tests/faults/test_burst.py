@@ -42,11 +42,11 @@ SMALL_QUEUE = 16
 LAUNCHER = """
 import os, sys
 from pathlib import Path
-import smt_watch.watcher as watcher
+import smt_watch.events as events
 limit = Path("/proc/sys/fs/inotify/max_queued_events")
 size = os.environ.pop("FAULTS_INOTIFY_QUEUE")
 old = os.environ.pop("FAULTS_INOTIFY_RESTORE")  # what the test read before anything was lowered
-original_start = watcher.InboxWatcher.start
+original_start = events.InboxWatcher.start
 def start(self):
     limit.write_text(size)
     try:
@@ -54,7 +54,7 @@ def start(self):
     finally:
         limit.write_text(old)
         print(f"[faults] inotify max_queued_events was {size} for this watch, restored to {old}", file=sys.stderr)
-watcher.InboxWatcher.start = start
+events.InboxWatcher.start = start
 from smt_watch.cli import main
 main()
 """

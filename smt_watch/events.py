@@ -1,4 +1,4 @@
-"""The event source: a watchdog observer on the inbox that reports paths worth a look.
+"""The inbox's event source: a watchdog observer that reports paths worth a look to ``watch``'s main loop.
 
 inotify reports ``IN_CLOSE_WRITE`` (``FileClosedEvent``: a writer finished) and renames into place
 (``FileMovedEvent``: no close event follows a rename). A rename from *outside* the inbox has no matching
@@ -33,7 +33,7 @@ from watchdog.events import (
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
-log = logging.getLogger("smt_watch.watcher")
+log = logging.getLogger("smt_watch.watcher")  # the module's former name: log filters in the field use it
 
 INOTIFY_EVENTS: list[type[FileSystemEvent]] = [
     FileClosedEvent, FileMovedEvent, FileCreatedEvent, DirCreatedEvent, DirMovedEvent,

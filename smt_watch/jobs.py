@@ -1,4 +1,5 @@
-"""One ready file → one delivery attempt, run in a ``watch`` worker thread or in a worker process.
+"""``watch``'s jobs: one ready file → one delivery attempt (:func:`handle_job`, :class:`JobResult`), and
+the runners that carry it out in a worker thread (:class:`InThread`) or a worker process (:class:`InProcess`).
 
 ``SMT_WORKER_MODE=thread`` (the default): the ``SMT_WORKERS`` threads share the watcher's ledger connection
 and HTTP client. Small, but all of them share one GIL: a backlog of small files drains at about 350 files/s
@@ -6,7 +7,7 @@ on two cores. ``process``: each worker thread hands its files to a process of it
 connection and HTTP client): about 1.3× that on two cores (bench/RESULTS.md), for ~40–45 MB a process.
 
 The watcher keeps every decision that needs its state (settling, the queue, counts, metrics, the
-after-send action); :func:`handle_job` only needs a ledger and a deliverer, so it runs the same anywhere.
+after-send action); :func:`handle_job` only needs a ledger and a sink, so it runs the same anywhere.
 A process that dies (OOM killer, ``kill``) is replaced, and its file is looked at again; the claim it held
 is taken over because its holder is gone. Worker processes ignore SIGINT/SIGTERM (the watcher's stop
 sequence ends them after in-flight deliveries, within ``SMT_STOP_GRACE_SECONDS``) and die with the
@@ -22,6 +23,7 @@ import multiprocessing
 import os
 import signal
 from dataclasses import dataclass
+from enum import Enum
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Protocol
@@ -29,29 +31,39 @@ from typing import Protocol
 from smt_watch.config import Settings
 from smt_watch.delivery import Sink, make_sink
 from smt_watch.errors import FileChanged, InputError, SmtWatchError
-from smt_watch.hashing import FileIdentity, identify
-from smt_watch.inbox import Signature, open_beneath, regular_stat
-from smt_watch.ledger import Ledger
+from smt_watch.hashing import FileIdentity, Signature, identify
+from smt_watch.inbox import open_beneath, regular_stat
+from smt_watch.ledger import Ledger, Remember
 from smt_watch.pipeline import Outcome, deliver_identified
 from smt_watch.statedir import open_ledger
 
-log = logging.getLogger("smt_watch.workers")
+log = logging.getLogger("smt_watch.workers")  # the module's former name: log filters in the field use it
 
 PR_SET_PDEATHSIG = 1
 
 
+class JobKind(Enum):
+    """What became of one job."""
+
+    DONE = "done"  # identified and handed to the pipeline: ``JobResult.outcome`` says what happened
+    GONE = "gone"  # no longer a regular file reached beneath the inbox: nothing to do
+    CHANGED = "changed"  # not the bytes that settled (still being written, or replaced): let it settle again
+    SKIPPED = "skipped"  # cannot be read (``JobResult.message`` says why): left alone
+    ERROR = "error"  # the job itself failed (a worker process died, a ledger error): looked at again later
+
+
 @dataclass(frozen=True)
 class JobResult:
-    """What became of one job. ``kind``: done | gone | changed | skipped | error."""
+    """What became of one job."""
 
-    kind: str
+    kind: JobKind
     ident: FileIdentity | None = None
     outcome: Outcome | None = None
     hashed: bool = False  # the file was read to hash it (the stat cache did not know it)
     message: str = ""
 
 
-def handle_job(settings: Settings, ledger: Ledger, deliverer: Sink, path: Path, sig: Signature) -> JobResult:
+def handle_job(settings: Settings, ledger: Ledger, sink: Sink, path: Path, sig: Signature) -> JobResult:
     """Check the file is still what settled, identify it (stat cache or hash) and deliver it.
 
     The bytes are read through a descriptor opened beneath the inbox without following a symlink on any
@@ -60,39 +72,39 @@ def handle_job(settings: Settings, ledger: Ledger, deliverer: Sink, path: Path, 
     root = settings.local_dir.absolute()
     st = regular_stat(path, root)  # a parent swapped for a symlink: not ours
     if st is None:
-        return JobResult("gone")
+        return JobResult(JobKind.GONE)
     if Signature.of(st) != sig:
-        return JobResult("changed")  # still being written: it settles again
+        return JobResult(JobKind.CHANGED)  # still being written: it settles again
     try:
         fd = open_beneath(root, path)
     except OSError:
-        return JobResult("gone")
+        return JobResult(JobKind.GONE)
     try:
         if Signature.of(os.fstat(fd)) != sig:
-            return JobResult("changed")  # not the file that settled (replaced, or reached another way)
-        return _deliver_open(settings, ledger, deliverer, path, sig, Path(f"/proc/self/fd/{fd}"))
+            return JobResult(JobKind.CHANGED)  # not the file that settled (replaced, or reached another way)
+        return _deliver_open(settings, ledger, sink, path, sig, Path(f"/proc/self/fd/{fd}"))
     finally:
         os.close(fd)
 
 
-def _deliver_open(settings: Settings, ledger: Ledger, deliverer: Sink, path: Path, sig: Signature,
+def _deliver_open(settings: Settings, ledger: Ledger, sink: Sink, path: Path, sig: Signature,
                   source: Path) -> JobResult:
     key = str(path)
     cached = ledger.seen(key)
     remember = None
-    if cached and cached[:4] == (sig.device, sig.inode, sig.size, sig.mtime_ns):
-        ident = FileIdentity(path, cached[4], sig.size, sig.mtime_ns, sig.device, sig.inode, source)
+    if cached and cached.signature == sig:
+        ident = FileIdentity(path, cached.sha256, sig, source)
     else:
         try:
             ident = identify(path, source)
         except FileChanged:
-            return JobResult("changed")
+            return JobResult(JobKind.CHANGED)
         except InputError as exc:
-            return JobResult("skipped", message=str(exc))
-        remember = (key, ident.device, ident.inode, ident.size, ident.mtime_ns, ident.sha256)
+            return JobResult(JobKind.SKIPPED, message=str(exc))
+        remember = Remember(key, ident.signature, ident.sha256)
     # the stat-cache row goes into the claim's transaction
-    outcome = deliver_identified(settings, ledger, deliverer, ident, respect_backoff=True, remember=remember)
-    return JobResult("done", ident, outcome, hashed=remember is not None)
+    outcome = deliver_identified(settings, ledger, sink, ident, respect_backoff=True, remember=remember)
+    return JobResult(JobKind.DONE, ident, outcome, hashed=remember is not None)
 
 
 class Runner(Protocol):
@@ -102,13 +114,13 @@ class Runner(Protocol):
 
 
 class InThread:
-    """Runs jobs in the calling thread with the watcher's own ledger and deliverer."""
+    """Runs jobs in the calling thread with the watcher's own ledger and sink."""
 
-    def __init__(self, settings: Settings, ledger: Ledger, deliverer: Sink) -> None:
-        self._settings, self._ledger, self._deliverer = settings, ledger, deliverer
+    def __init__(self, settings: Settings, ledger: Ledger, sink: Sink) -> None:
+        self._settings, self._ledger, self._sink = settings, ledger, sink
 
     def run(self, path: Path, sig: Signature) -> JobResult:
-        return handle_job(self._settings, self._ledger, self._deliverer, path, sig)
+        return handle_job(self._settings, self._ledger, self._sink, path, sig)
 
     def close(self) -> None:
         pass
@@ -143,7 +155,7 @@ class InProcess:
             code = self._proc.exitcode
             self._reap()
             self._start()
-            return JobResult("error", message=f"worker process {self._name} exited ({code}); it was restarted")
+            return JobResult(JobKind.ERROR, message=f"worker process {self._name} exited ({code}); it was restarted")
 
     def close(self) -> None:
         if self._conn is not None:
@@ -185,7 +197,7 @@ def _child_main(settings: Settings, mode: str, level: str, fmt: str, conn: Conne
     add_secrets(settings.secrets())
     with open_ledger(settings) as ledger, contextlib.closing(
         make_sink(settings, mode, chunks=ledger, announce=False)
-    ) as deliverer:
+    ) as sink:
         while True:
             try:
                 job = conn.recv()
@@ -195,10 +207,10 @@ def _child_main(settings: Settings, mode: str, level: str, fmt: str, conn: Conne
                 return
             path, sig = job
             try:
-                result = handle_job(settings, ledger, deliverer, Path(path), sig)
+                result = handle_job(settings, ledger, sink, Path(path), sig)
             except SmtWatchError as exc:
-                result = JobResult("error", message=str(exc))
+                result = JobResult(JobKind.ERROR, message=str(exc))
             except Exception as exc:  # a bug: logged with its traceback here, the watcher carries on
                 log.exception("Unexpected error handling %s", path)
-                result = JobResult("error", message=f"internal error: {type(exc).__name__}: {exc}")
+                result = JobResult(JobKind.ERROR, message=f"internal error: {type(exc).__name__}: {exc}")
             conn.send(result)
