@@ -2,7 +2,7 @@
 ``.asc`` (PGP-encrypted ZIP of that CSV) posted end to end with ``--delivery raw-upload``.
 
 Why this shape: SMT sends big interval files as encrypted ZIPs, and the web app takes them as raw-upload
-chunks; the Node server this replaces needed 8.1 s and 636 MB for a 100 MB CSV (MEASURED.md). What smt-watch
+chunks; the Node server this replaces needed 8.1 s and 636 MB for a 100 MB CSV (measured before). What smt-watch
 adds on top of the unavoidable work is what matters, so every figure sits beside a same-run anchor:
 
 - ``inspect --json`` (one streaming pass: kinds, intervals, gaps, kWh, UTC span) against a bare
@@ -77,7 +77,7 @@ RECEIVER_PORT_RE = r"Uvicorn running on http://127\.0\.0\.1:(\d+)"
 CHUNKS_RE = re.compile(r"in (\d+) chunk\(s\)")
 PYTHON = ROOT / ".venv" / "bin" / "python"
 CSV_PASS = "import csv, sys\nn = 0\nfor _ in csv.reader(open(sys.argv[1], newline='')):\n    n += 1\nprint(n)\n"
-NODE = "Node upload server, 100 MB CSV: 8.1 s, 280 chunks, 636 MB peak RSS (MEASURED.md, not this run)"
+NODE = "Node upload server, 100 MB CSV: 8.1 s, 280 chunks, 636 MB peak RSS (measured before, not this run)"
 
 
 @dataclass(frozen=True)

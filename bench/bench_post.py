@@ -1,8 +1,8 @@
-"""Benchmark ``smt-watch post`` against bare curl and the seed's ``sha256sum`` + curl, in one run.
+"""Benchmark ``smt-watch post`` against bare curl and the bash script's ``sha256sum`` + curl, in one run.
 
 Why this shape: this is a noisy shared machine, so absolute seconds mean little; the targets are ratios
 to curl measured in the same run, on the same file, to the same sink. Every case runs as a child process
-and is timed wall-clock from spawn to reap, because that is what an operator (or the seed's cron loop)
+and is timed wall-clock from spawn to reap, because that is what an operator (or the bash script's timer loop)
 pays: interpreter start-up, imports, hashing, sending. Cases are interleaved round-robin so drift on the
 host hits them all alike, and the median of the rounds is kept.
 

@@ -1,6 +1,6 @@
 """Benchmark ``smt-watch serve`` uploads against the same curl to the bench sink, in one run (issue 5).
 
-Why this shape: ``serve`` replaces a Node upload server that read whole files into memory (MEASURED.md: 636
+Why this shape: ``serve`` replaces a Node upload server that read whole files into memory (measured on the droplet: 636
 MB peak RSS for a 100 MB CSV). The promise is that an upload streams to disk: a 1 GiB upload must leave the
 server's peak RSS (``VmHWM`` from ``/proc/PID/status``, read after the upload) at or under 100 MB, and
 throughput and request rate are judged against the fastest thing the same client can talk to: the same

@@ -2,7 +2,7 @@
 
 Why this shape: sync replaces a cron job that ran OpenSSH ``sftp``; the promise is that it is not much
 slower than that client (target: at least half its throughput on a big file) and that its memory does not
-grow with the file (MEASURED.md: paramiko's prefetch can buffer a whole file). A shared machine is noisy,
+grow with the file (measured before: paramiko's prefetch can buffer a whole file). A shared machine is noisy,
 so the only figures that mean anything are ratios to OpenSSH measured in the same run: every case runs
 round-robin, the median of the rounds is kept.
 

@@ -11,8 +11,8 @@ What is measured (each part starts its own ``smt-watch watch`` process with a fr
 2. **drain rate**: distinct CSV-like files of 1–50 KB are written to a staging directory on the same
    filesystem, then renamed into the inbox of a running watcher as fast as Python can; the time from the
    first rename to the last request complete at the sink gives files/s. Anchor, same run, same files,
-   same sink: a bash loop doing what the seed script did per file (``sha256sum``, ``grep -q`` the hash in
-   a state file, ``curl -sS -F file=@F``, append the hash).
+   same sink: a bash loop doing what the bash script smt-watch replaces did per file (``sha256sum``,
+   ``grep -q`` the hash in a state file, ``curl -sS -F file=@F``, append the hash).
 3. **restart over already-sent files**: an inbox of tiny files is delivered by ``watch`` (the start-up scan
    finds them all), stopped with SIGTERM, and started again with ``NOTIFY_SOCKET`` bound here; time from
    spawn to ``READY=1``, the ``N file(s) to look at`` figure of its log line, and the requests that reach
@@ -70,7 +70,7 @@ DRAIN_CASES = ((2, "thread"), (4, "thread"), (2, "process"))  # (SMT_WORKERS, SM
 RESTARTS = 3  # restarts over the sent inbox; the verdict takes the slowest
 WATCHING_RE = re.compile(r"Watching .*: (\d+) file\(s\) to look at, (\d+) already handled")
 
-# The seed's per-file work, as a loop over a list of paths (one per line).
+# The bash script's per-file work, as a loop over a list of paths (one per line).
 SEED_LOOP = r"""
 set -u
 list=$1 state=$2 url=$3
@@ -546,7 +546,7 @@ def measure_bash_loop(b: Bench, pool: Pool, n: int) -> Anchor:
     sent = b.log.poll() - start
     if sent != n:
         raise BenchError(f"bash loop: the sink saw {sent} requests, not {n}")
-    note(f"  bash seed loop: {n} files in {seconds:.2f} s = {n / seconds:.0f} files/s")
+    note(f"  bash-script loop: {n} files in {seconds:.2f} s = {n / seconds:.0f} files/s")
     return Anchor(n, seconds)
 
 
@@ -723,7 +723,7 @@ def verdicts(
         ratio = d.rate / anchor.rate
         out.append(Verdict(
             f"drain rate, {d.files:,} files, {d.label}", f"{d.rate:.0f} files/s",
-            f"bash seed loop {anchor.rate:.0f} files/s", f"{ratio:.1f}×", f"≥ {MIN_DRAIN_VS_BASH:g}×",
+            f"bash-script loop {anchor.rate:.0f} files/s", f"{ratio:.1f}×", f"≥ {MIN_DRAIN_VS_BASH:g}×",
             ratio >= MIN_DRAIN_VS_BASH,
         ))
     n = f"{restart.delivered:,} files delivered by watch" + (
@@ -794,7 +794,7 @@ def render(
         "",
         f"**Drain** — {len(pool.names):,} distinct CSVs, 1–50 KB each ({pool.total_bytes / 1e6:.0f} MB), hard-linked"
         " into a staging dir on the same filesystem and renamed into the inbox of a running watcher"
-        " (`SMT_SETTLE_SECONDS=0`); time = first rename → last request complete at the sink. Anchor: the seed's"
+        " (`SMT_SETTLE_SECONDS=0`); time = first rename → last request complete at the sink. Anchor: the bash script's"
         f" per-file work as a bash loop over the same files{scaled} to the same sink:"
         " `sha256sum`, `grep -q` the hash in a state file, `curl -sS -F file=@F`, append the hash."
         " \"in processes\" is `SMT_WORKER_MODE=process`; its CPU and VmHWM include the worker processes.",
@@ -808,7 +808,7 @@ def render(
             f"| smt-watch watch, {d.label} | {d.files:,} | {d.rename_s:.2f} s | {d.seconds:.2f} "
             f"| {d.rate:.0f} | {d.cpu_s:.1f} | {d.cpu_s / d.files * 1000:.1f} | {mb(d.hwm_kib):.1f} | {d.repeats} |"
         )
-    lines.append(f"| bash seed loop | {anchor.files:,} | | {anchor.seconds:.2f} | {anchor.rate:.0f} | | | | |")
+    lines.append(f"| bash-script loop | {anchor.files:,} | | {anchor.seconds:.2f} | {anchor.rate:.0f} | | | | |")
     first = (f"all {restart.populated:,} delivered {restart.deliver_s:.1f} s after READY" if restart.complete else
              f"**only {restart.delivered:,} of {restart.populated:,} delivered within {restart.deliver_s:.0f} s**"
              " (deadline): the undelivered files were deleted and the restarts run over the delivered ones")

@@ -16,10 +16,11 @@ import email.utils
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, Protocol
 
+from smt_watch.clock import utc_stamp
 from smt_watch.errors import DeliveryError, PermanentDelivery, RetryableDelivery
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ class Payload:
 
     @property
     def captured_at(self) -> str:
-        return datetime.fromtimestamp(self.mtime, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return utc_stamp(self.mtime)
 
 
 @dataclass(frozen=True)

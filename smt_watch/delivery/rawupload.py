@@ -19,9 +19,9 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 
+from smt_watch.clock import utc_stamp
 from smt_watch.delivery.base import Body, Payload, Progress, Result, SinkContext
 from smt_watch.delivery.http import Poster
 from smt_watch.errors import DeliveryError, FileChanged
@@ -145,7 +145,7 @@ def chunk_json(filename: str, esiid: str, meter: str, source: str, number: int, 
         "esiid": esiid,
         "meter": meter,
         "contentType": "text/csv",
-        "receivedAt": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "receivedAt": utc_stamp(),
         "postIngest": number == total,
     }).encode()
 
