@@ -655,12 +655,12 @@ def measure_synthetic_restart(b: Bench, maker: CsvMaker, sizes: Sizes) -> Synthe
     recorded in the ledger as watch records a delivery (``remember`` its stat signature and hash, ``claim``,
     ``mark_sent``), through smt_watch's own Ledger API; then the same restarts as above."""
     from smt_watch.hashing import Signature  # the package is installed in the venv this runs with
-    from smt_watch.ledger import Ledger, Remember
+    from smt_watch.ledger import Remember, SqliteLedger
 
     n = sizes.synthetic_files or sizes.restart_files
     inbox, state = b.fresh_dir("synthetic-inbox"), b.fresh_dir("synthetic-state")
     began = time.monotonic()
-    ledger = Ledger(state / "ledger.sqlite3")
+    ledger = SqliteLedger(state / "ledger.sqlite3")
     try:
         for i in range(n):
             data = maker.make(maker.rng.randint(150, 400))

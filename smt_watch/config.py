@@ -12,6 +12,7 @@ or shown in an error without leaking a token.
 from __future__ import annotations
 
 import re
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
@@ -118,6 +119,9 @@ class Settings:
     max_zip_entries: int = 100  # SMT_MAX_ZIP_ENTRIES: a ZIP with more entries fails as a whole
     max_unpacked_bytes: int = 1_073_741_824  # SMT_MAX_UNPACKED_BYTES
     # Ours (the bash script it replaces had none of these); documented in the README.
+    ledger_url: str | None = None  # SMT_LEDGER_URL: a PostgreSQL ledger shared by several droplets (holds a password)
+    node_name: str = field(default_factory=socket.gethostname)  # SMT_NODE_NAME: this droplet, in shared claims
+    ledger_lease_seconds: float = 60.0  # SMT_LEDGER_LEASE_SECONDS: a claim another node may take over after
     retry_attempts: int = 5  # SMT_RETRY_ATTEMPTS: HTTP attempts within one delivery call
     retry_backoff: float = 1.0  # SMT_RETRY_BACKOFF_SECONDS: first backoff step, doubled per attempt
     http_timeout: float = 60.0  # SMT_HTTP_TIMEOUT: connect/read/write timeout in seconds
@@ -143,7 +147,7 @@ class Settings:
             value = getattr(self, f.name)
             if isinstance(value, Secret) and value.reveal():
                 out.append(value.reveal())
-        for url in (self.upload_url, self.base_url, self.webhook_forward_url):
+        for url in (self.upload_url, self.base_url, self.webhook_forward_url, self.ledger_url):
             if (userinfo := url_userinfo(url)) is not None:
                 out.append(userinfo)  # also inside text a library produced (httpx quotes URLs in errors)
                 out.extend(p for p in userinfo.split(":", 1)[1:] if p)
@@ -302,7 +306,7 @@ class _Reader:
         table["off"] = False
         return self._convert(name, default, lambda v: table[v.lower()], "1 or 0", show=True)
 
-    def url(self, name: str) -> str | None:
+    def url(self, name: str, schemes: tuple[str, ...] = ("http", "https")) -> str | None:
         value = self.raw(name)
         if value is None:
             return None
@@ -313,8 +317,10 @@ class _Reader:
             # from None: the cause's text may quote the URL, password included
             raise ConfigError(f"{name} is not a valid URL: {redact_url(value)!r} (in a user name or password, "
                               "percent-encode # / ? @ and :)") from None
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        if schemes == ("http", "https") and (parts.scheme not in schemes or not parts.hostname):
             raise ConfigError(f"{name} must be an http:// or https:// URL: {redact_url(value)!r}")
+        if parts.scheme not in schemes:  # PostgreSQL: no host means libpq's default socket directory
+            raise ConfigError(f"{name} must be a {' or '.join(s + '://' for s in schemes)} URL: {redact_url(value)!r}")
         return value.rstrip("/") if name == "INTELLIWATT_BASE_URL" else value
 
     def items(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
@@ -393,6 +399,9 @@ def load_settings(
         validate=r.boolean("SMT_VALIDATE", True),
         max_unpacked_bytes=r.integer("SMT_MAX_UNPACKED_BYTES", 1_073_741_824, minimum=1),
         max_zip_entries=r.integer("SMT_MAX_ZIP_ENTRIES", 100, minimum=1),
+        ledger_url=r.url("SMT_LEDGER_URL", schemes=("postgresql", "postgres")),
+        node_name=r.text("SMT_NODE_NAME", socket.gethostname()) or socket.gethostname(),
+        ledger_lease_seconds=r.number("SMT_LEDGER_LEASE_SECONDS", 60.0, minimum=1.0),
         retry_attempts=r.integer("SMT_RETRY_ATTEMPTS", 5, minimum=1, maximum=100),
         retry_backoff=r.number("SMT_RETRY_BACKOFF_SECONDS", 1.0),
         http_timeout=r.number("SMT_HTTP_TIMEOUT", 60.0, minimum=0.1),

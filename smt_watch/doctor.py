@@ -131,6 +131,33 @@ def check_gpg(s: Settings) -> Iterator[Check]:
                     "gpg --import the IntelliWatt private key (GNUPGHOME)")
 
 
+def _check_shared_ledger(s: Settings) -> Iterator[Check]:
+    """Connection, schema version and clock of the PostgreSQL ledger. The URL is shown without its password."""
+    from smt_watch.ledger.postgres import SCHEMA_VERSION
+    from smt_watch.statedir import connect
+
+    shown_url = redact_url(s.ledger_url or "")
+    try:
+        with connect(s, max_connections=2) as ledger:
+            version = ledger.schema_version
+            offset = ledger.clock_offset()
+            counts = ledger.counts()
+    except SmtWatchError as exc:
+        yield Check(FAIL, "ledger", str(exc), "check SMT_LEDGER_URL, the network and the role's password")
+        return
+    summary = ", ".join(f"{k} {v}" for k, v in counts.items())
+    yield Check(OK, "ledger", f"PostgreSQL {shown_url} (node {s.node_name}): schema {version} "
+                f"(this smt-watch: {SCHEMA_VERSION}); {summary}")
+    if abs(offset) > s.ledger_lease_seconds / 2:
+        yield Check(FAIL, "clock", f"this node's clock is {offset:+.1f}s from the database's",
+                    "run chrony or systemd-timesyncd on every node")
+    elif abs(offset) > CLOCK_WARN_SECONDS:
+        yield Check(WARN, "clock", f"this node's clock is {offset:+.1f}s from the database's",
+                    "run chrony or systemd-timesyncd on every node")
+    else:
+        yield Check(OK, "clock", f"within {CLOCK_WARN_SECONDS:g}s of the database's ({offset:+.3f}s)")
+
+
 def check_inotify(s: Settings) -> Iterator[Check]:
     try:
         limit = int(Path("/proc/sys/fs/inotify/max_user_watches").read_text())
@@ -144,14 +171,20 @@ def check_inotify(s: Settings) -> Iterator[Check]:
         yield Check(OK, "inotify", f"{dirs} directories to watch, limit {limit}")
 
 
-def check_ledger(s: Settings) -> Iterator[Check]:
-    from smt_watch.ledger import Ledger
+CLOCK_WARN_SECONDS = 2.0  # rate-limit windows and retry times come from each node's clock
 
+
+def check_ledger(s: Settings) -> Iterator[Check]:
+    from smt_watch.ledger import SqliteLedger
+
+    if s.ledger_url:
+        yield from _check_shared_ledger(s)
+        return
     if not s.ledger_path.exists():
         yield Check(WARN, "ledger", f"{s.ledger_path} does not exist yet (created on first run)")
         return
     try:
-        with Ledger(s.ledger_path) as ledger:
+        with SqliteLedger(s.ledger_path) as ledger:
             result = ledger.quick_check()
             counts = ledger.counts()
             imported = ledger.meta("state_file_imported")

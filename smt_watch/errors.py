@@ -3,7 +3,8 @@
     SmtWatchError                 anything smt-watch reports to a person (exit 1 unless a subclass says)
     ├── ConfigError               bad or missing setting, bad usage (exit 2)
     │   └── HostKeyError          the SFTP server's host key is unknown or changed (exit 2)
-    ├── LedgerError               the SQLite ledger cannot be opened, read or written
+    ├── LedgerError               the ledger (SQLite or PostgreSQL) cannot be opened, read or written
+    │   └── LedgerUnavailable     the PostgreSQL ledger cannot be reached now (a later attempt may)
     ├── InputError                a named file is missing, unreadable, a directory or a symlink
     ├── ContentError              a ready file cannot become a delivery (undecryptable, unsafe ZIP, not SMT)
     ├── SftpError                 an SFTP connection or transfer problem a later attempt may not have
@@ -35,6 +36,11 @@ class ConfigError(SmtWatchError):
 
 class LedgerError(SmtWatchError):
     """The ledger database could not be used."""
+
+
+class LedgerUnavailable(LedgerError):
+    """The shared ledger cannot be reached (connection lost, server restarting): ``watch`` waits and tries
+    again, ``serve`` answers 503 with ``Retry-After``; nothing is marked done meanwhile."""
 
 
 class InputError(SmtWatchError):

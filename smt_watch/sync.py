@@ -6,19 +6,18 @@ server changed. Each file is downloaded to a hidden ``.<name>.<size>-<mtime>.par
 (same filesystem), fsynced and renamed into place, so ``watch`` only ever sees complete files; a part left
 by an interrupted pass is resumed when the remote file is unchanged (its name says which version it is).
 
-One pass at a time: a lock file in ``SMT_STATE_DIR`` keeps a timer run and a webhook run from overlapping.
+One pass at a time: the ledger's sync lock (a lock file beside the SQLite ledger, or a PostgreSQL advisory
+lock shared by every node) keeps a timer run and a webhook run from overlapping.
 """
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,22 +60,6 @@ def human_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1000
     return f"{n:.1f} GB"  # pragma: no cover
-
-
-@contextmanager
-def sync_lock(state_dir: Path, wait: bool) -> Iterator[bool]:
-    """Yield True holding the lock, or False at once when another pass holds it and ``wait`` is off."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    with (state_dir / "sync.lock").open("a") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def part_path(final: Path, remote: RemoteFile) -> Path:
@@ -136,22 +119,21 @@ def run_sync(
     ``force_repost`` (the webhook's ``forceRepost``): what this pass fetches is delivered even if the same
     bytes were sent before; their ledger rows are dropped before the file is renamed into the inbox.
     """
-    with sync_lock(settings.state_dir, wait) as locked:
+    with open_ledger(settings, max_connections=workers + 2) as ledger, ledger.sync_lock(wait) as locked:
         if not locked:
             return None
         started = time.monotonic()
         report = SyncReport(dry_run=dry_run)
-        with open_ledger(settings) as ledger:
-            with Connection(settings, accept_new_host_key=accept_new_host_key) as conn:
-                remote = list_remote(conn, settings)
-            known = ledger.remote_files()
-            report.listed = len(remote)
-            report.todo = [f for f in remote if known.get(f.path) != (f.size, f.mtime)]
-            report.already = report.listed - len(report.todo)
-            if on_plan:
-                on_plan(report)
-            if not dry_run and report.todo:
-                _fetch_all(settings, ledger, report, workers, on_bytes, force_repost)
+        with Connection(settings, accept_new_host_key=accept_new_host_key) as conn:
+            remote = list_remote(conn, settings)
+        known = ledger.remote_files()
+        report.listed = len(remote)
+        report.todo = [f for f in remote if known.get(f.path) != (f.size, f.mtime)]
+        report.already = report.listed - len(report.todo)
+        if on_plan:
+            on_plan(report)
+        if not dry_run and report.todo:
+            _fetch_all(settings, ledger, report, workers, on_bytes, force_repost)
         report.seconds = time.monotonic() - started
         return report
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pgcluster import pg_cluster, pg_url  # noqa: F401 (fixtures: a throwaway PostgreSQL on loopback)
 
 from smt_watch.config import Settings, load_settings
 from smt_watch.reference.receiver import running_receiver

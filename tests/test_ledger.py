@@ -1,4 +1,8 @@
-"""The ledger on real SQLite files: state machine, claims across processes, migrations, legacy import."""
+"""The ledger on both backends: state machine, claims across processes, migrations, legacy import.
+
+Every test taking ``where`` runs twice: on a real SQLite file and on a real PostgreSQL database (a throwaway
+cluster on loopback, ``tests/pgcluster.py``). ``where`` is a path or a URL; :func:`open_at` opens either, in
+this process or a child."""
 
 from __future__ import annotations
 
@@ -12,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from smt_watch.errors import LedgerError
-from smt_watch.ledger import SCHEMA_VERSION, Claim, Ledger
+from smt_watch.ledger import Claim, Ledger, SqliteLedger
+from smt_watch.ledger.sqlite import SCHEMA_VERSION
 from smt_watch.legacy import import_file, import_state_file, parse_hash_lines
 
 A = "a" * 64
@@ -23,8 +28,24 @@ def claim(ledger: Ledger, sha: str = A, force: bool = False) -> Claim:
     return ledger.claim(sha, filename="f.csv", path="/in/f.csv", size=3, mode="multipart", force=force)
 
 
+def open_at(where: str, node: str | None = None, lease: float = 60.0) -> Ledger:
+    """The ledger at a path (SQLite) or a ``postgresql://`` URL."""
+    if where.startswith("postgresql://"):
+        from smt_watch.ledger.postgres import PostgresLedger
+
+        return PostgresLedger(where, shown_as="test ledger", node=node, lease_seconds=lease)
+    return SqliteLedger(Path(where), node=node)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def where(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "postgres":
+        return str(request.getfixturevalue("pg_url"))
+    return str(tmp_path / "l.sqlite3")
+
+
 def test_wal_and_schema(tmp_path: Path) -> None:
-    with Ledger(tmp_path / "l.sqlite3") as ledger:
+    with SqliteLedger(tmp_path / "l.sqlite3") as ledger:
         assert ledger.schema_version == SCHEMA_VERSION
     db = sqlite3.connect(tmp_path / "l.sqlite3")
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -32,16 +53,16 @@ def test_wal_and_schema(tmp_path: Path) -> None:
 
 def test_newer_schema_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "l.sqlite3"
-    Ledger(path).close()
+    SqliteLedger(path).close()
     db = sqlite3.connect(path)
     db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     db.close()
     with pytest.raises(LedgerError, match="newer than this smt-watch"):
-        Ledger(path)
+        SqliteLedger(path)
 
 
-def test_state_machine(tmp_path: Path) -> None:
-    with Ledger(tmp_path / "l.sqlite3") as ledger:
+def test_state_machine(where: str) -> None:
+    with open_at(where) as ledger:
         assert claim(ledger) is Claim.CLAIMED
         assert ledger.get(A).state == "sending"  # type: ignore[union-attr]
         assert claim(ledger) is Claim.BUSY  # same process, e.g. another worker thread
@@ -61,30 +82,31 @@ def test_state_machine(tmp_path: Path) -> None:
         assert ledger.forget([A]) == 1 and ledger.get(A) is None
 
 
-def test_claim_of_a_dead_process_is_taken_over(tmp_path: Path) -> None:
-    path = tmp_path / "l.sqlite3"
+def test_claim_of_a_dead_process_is_taken_over(where: str) -> None:
+    """On the claimer's own node a dead process's claim is taken over at once, lease or not."""
     code = (
-        "import sys; from pathlib import Path; from smt_watch.ledger import Ledger;"
-        f"l = Ledger(Path({str(path)!r})); print(l.claim({A!r}, filename='f', path=None, size=1, mode='m').value)"
+        "import sys; sys.path.insert(0, 'tests'); from test_ledger import open_at;"
+        f"l = open_at({where!r}); print(l.claim({A!r}, filename='f', path=None, size=1, mode='m').value)"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parent.parent).stdout
     assert out.strip() == "claimed"
-    with Ledger(path) as ledger:
+    with open_at(where) as ledger:
         assert ledger.get(A).state == "sending"  # type: ignore[union-attr]
         assert claim(ledger) is Claim.CLAIMED  # the claimer exited without finishing
 
 
 def _claim_in_child(path: str, barrier: multiprocessing.synchronize.Barrier, q: multiprocessing.Queue) -> None:
-    ledger = Ledger(Path(path))
+    ledger = open_at(path)
     barrier.wait()
     q.put(ledger.claim(A, filename="f", path=None, size=1, mode="m").value)
     barrier.wait()  # keep the process (and its claim) alive until both have claimed
 
 
-def test_two_processes_claim_once(tmp_path: Path) -> None:
+def test_two_processes_claim_once(where: str) -> None:
     ctx = multiprocessing.get_context("spawn")
     barrier, q = ctx.Barrier(2), ctx.Queue()
-    procs = [ctx.Process(target=_claim_in_child, args=(str(tmp_path / "l.sqlite3"), barrier, q)) for _ in range(2)]
+    procs = [ctx.Process(target=_claim_in_child, args=(where, barrier, q)) for _ in range(2)]
     for p in procs:
         p.start()
     results = sorted([q.get(timeout=30), q.get(timeout=30)])
@@ -94,7 +116,7 @@ def test_two_processes_claim_once(tmp_path: Path) -> None:
 
 
 def test_a_sqlite_error_inside_a_transaction_is_a_ledger_error(tmp_path: Path) -> None:
-    with Ledger(tmp_path / "l.sqlite3") as ledger:
+    with SqliteLedger(tmp_path / "l.sqlite3") as ledger:
         assert claim(ledger) is Claim.CLAIMED
         with pytest.raises(LedgerError, match="UNIQUE constraint failed") as caught, ledger.atomic() as db:
             db.execute("INSERT INTO meta (key, value) VALUES ('k', 'first')")
@@ -108,8 +130,8 @@ def test_a_sqlite_error_inside_a_transaction_is_a_ledger_error(tmp_path: Path) -
 
 
 @pytest.mark.parametrize("missing", ["", None])
-def test_a_fetch_without_its_hash_is_refused(tmp_path: Path, missing: str | None) -> None:
-    with Ledger(tmp_path / "l.sqlite3") as ledger:
+def test_a_fetch_without_its_hash_is_refused(where: str, missing: str | None) -> None:
+    with open_at(where) as ledger:
         with pytest.raises(LedgerError, match="without its SHA-256"):
             ledger.record_fetch("/adhocusage/a.CSV", 10, 1_700_000_000, missing, "/in/a.CSV")  # type: ignore[arg-type]
         assert ledger.remote_files() == {}
@@ -125,10 +147,10 @@ def test_parse_hash_lines() -> None:
     assert bad == 2
 
 
-def test_import_is_idempotent_and_keeps_existing_rows(tmp_path: Path) -> None:
+def test_import_is_idempotent_and_keeps_existing_rows(tmp_path: Path, where: str) -> None:
     legacy = tmp_path / ".posted_sha256"
     legacy.write_text(f"{A}\n{B}  x.csv\n")
-    with Ledger(tmp_path / "l.sqlite3") as ledger:
+    with open_at(where) as ledger:
         claim(ledger, B)
         ledger.mark_failed(B, status=400, error="bad", attempts=1)
         first = import_file(ledger, legacy)
@@ -141,9 +163,9 @@ def test_import_is_idempotent_and_keeps_existing_rows(tmp_path: Path) -> None:
         assert claim(ledger, A) is Claim.DUPLICATE
 
 
-def test_state_file_is_imported_once_per_change(tmp_path: Path) -> None:
+def test_state_file_is_imported_once_per_change(tmp_path: Path, where: str) -> None:
     legacy = tmp_path / ".posted_sha256"
-    with Ledger(tmp_path / "l.sqlite3") as ledger:
+    with open_at(where) as ledger:
         assert import_state_file(ledger, legacy) is None  # absent: nothing to do
         legacy.write_text(A + "\n")
         report = import_state_file(ledger, legacy)
@@ -159,38 +181,37 @@ def test_state_file_is_imported_once_per_change(tmp_path: Path) -> None:
 
 def _hold_claim(path: str, claimed: multiprocessing.synchronize.Event, release: multiprocessing.synchronize.Event
                 ) -> None:
-    ledger = Ledger(Path(path))
+    ledger = open_at(path)
     ledger.claim(A, filename="f", path=None, size=1, mode="m")
     claimed.set()
     release.wait(60)  # alive, and holding its claim, until the test has looked
 
 
-def test_start_up_recovery_leaves_a_live_claim_alone(tmp_path: Path) -> None:
+def test_start_up_recovery_leaves_a_live_claim_alone(where: str) -> None:
     """``watch`` starting beside a live ``post`` must not take back the row ``post`` is sending (that would
     send it twice); once the claimer is dead the row is recovered as ``pending``. Checked against
     ledger-recover-live-claim (every foreign claim recovered)."""
     ctx = multiprocessing.get_context("spawn")
     claimed, release = ctx.Event(), ctx.Event()
-    path = tmp_path / "l.sqlite3"
-    holder = ctx.Process(target=_hold_claim, args=(str(path), claimed, release))
+    holder = ctx.Process(target=_hold_claim, args=(where, claimed, release))
     holder.start()
     try:
         assert claimed.wait(30), "the child did not claim"
-        with Ledger(path) as ledger:
+        with open_at(where) as ledger:
             assert ledger.recover_stale() == []
             assert ledger.get(A).state == "sending"  # type: ignore[union-attr]
     finally:
         release.set()
         holder.join(30)
-    with Ledger(path) as ledger:
+    with open_at(where) as ledger:
         assert [r.sha256 for r in ledger.recover_stale()] == [A]
         assert ledger.get(A).state == "pending"  # type: ignore[union-attr]
 
 
-def test_rows_are_listed_oldest_first(tmp_path: Path) -> None:
+def test_rows_are_listed_oldest_first(where: str) -> None:
     """``ledger list`` (and ``--state``) shows rows oldest first, not in hash order: B is seen before A.
     Checked against ledger-list-oldest-first and ledger-list-state-oldest-first."""
-    with Ledger(tmp_path / "l.sqlite3") as ledger:
+    with open_at(where) as ledger:
         claim(ledger, B)
         claim(ledger, A)
         first_seen = {r.sha256: r.first_seen for r in ledger.rows()}

@@ -1,4 +1,4 @@
-"""The SQLite ledger: what was seen, what is being sent, what was delivered. The only module with SQL.
+"""The SQLite ledger (the embedded default): what was seen, what is being sent, what was delivered.
 
 One row per distinct content (SHA-256). A row moves ``pending → sending → sent | retrying | failed``;
 ``sending`` carries the claimer (``host:pid``) so two processes (``post`` and ``watch``) never deliver the
@@ -13,110 +13,34 @@ from __future__ import annotations
 
 import fcntl
 import os
-import re
-import socket
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
-from datetime import datetime
-from enum import Enum
 from pathlib import Path
 from typing import Any, Final
 
 from smt_watch.clock import utc_stamp
 from smt_watch.errors import LedgerError
 from smt_watch.hashing import Signature
-from smt_watch.names import shown, stored, unstored
-
-STATES: Final = ("pending", "sending", "sent", "retrying", "failed")
-SHA256_RE: Final = re.compile(r"^[0-9a-f]{64}$")
-STALE_FOREIGN_CLAIM_SECONDS: Final = 6 * 3600
-_FILE_COLUMNS: Final = (
-    "sha256, filename, path, size, state, attempts, http_status, last_error, first_seen, updated_at, "
-    "sent_at, destination, mode, next_attempt_at, claimed_by, origin, parent"
+from smt_watch.ledger.common import (
+    COPIED_COLUMNS,
+    COPIED_TABLES,
+    FILE_COLUMNS,
+    STATES,
+    Claim,
+    Remember,
+    Row,
+    Seen,
+    claimer_alive,
+    column_text,
+    epoch_of,
+    now_iso,
+    process_id,
+    row_from,
 )
-
-
-def now_iso() -> str:
-    """Row times to the microsecond, so rows sort in the order things happened."""
-    return utc_stamp(digits=6)
-
-
-def _epoch(stamp: str) -> float:
-    return datetime.fromisoformat(stamp).timestamp()
-
-
-def process_id() -> str:
-    """Who holds a ``sending`` claim: enough to tell, on this host, whether the claimer still lives."""
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def _claimer_alive(claimed_by: str | None, claimed_at: float | None) -> bool:
-    if not claimed_by:
-        return False
-    host, _, pid_text = claimed_by.rpartition(":")
-    if host != socket.gethostname():
-        return (time.time() - (claimed_at or 0.0)) < STALE_FOREIGN_CLAIM_SECONDS
-    try:
-        pid = int(pid_text)
-        os.kill(pid, 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-@dataclass(frozen=True)
-class Row:
-    """One ledger row as ``ledger list --json`` shows it."""
-
-    sha256: str
-    filename: str
-    path: str | None
-    size: int | None
-    state: str
-    attempts: int
-    http_status: int | None
-    last_error: str | None
-    first_seen: str
-    updated_at: str
-    sent_at: str | None
-    destination: str | None
-    mode: str | None
-    next_attempt_at: float | None
-    claimed_by: str | None
-    origin: str
-    parent: str | None = None  # SHA-256 of the .asc/.zip this CSV was unpacked from
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def _row(r: sqlite3.Row) -> Row:
-    """A row as the program uses it: ``path`` back in Python's form (undecodable bytes as surrogates)."""
-    values = dict(r)
-    if values.get("path") is not None:
-        values["path"] = unstored(values["path"])
-    return Row(**values)
-
-
-def _text(value: str) -> str:
-    """Free text for a TEXT column (names, errors): SQLite takes only valid UTF-8."""
-    return value if value.isprintable() else shown(value)
-
-
-class Claim(Enum):
-    """What :meth:`Ledger.claim` decided."""
-
-    CLAIMED = "claimed"  # this process now owns the row (state ``sending``) and must deliver it
-    DUPLICATE = "duplicate"  # already ``sent``; nothing to do
-    BUSY = "busy"  # another live process or thread is sending these bytes right now
-    LATER = "later"  # (watch) ``failed`` until forgotten, or ``retrying`` and its backoff has not expired
-
+from smt_watch.names import shown, stored, unstored
 
 # --- migrations: numbered, each runs in the transaction that bumps user_version ---------------------
 
@@ -204,24 +128,6 @@ MIGRATIONS: Final[tuple[Callable[[sqlite3.Connection], None], ...]] = (
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 
-@dataclass(frozen=True)
-class Remember:
-    """A stat-cache row to write: ``path`` held the bytes ``sha256`` while its stat identity was ``signature``."""
-
-    path: str
-    signature: Signature
-    sha256: str
-
-
-@dataclass(frozen=True, slots=True)  # slots: a restart's scan makes one per file already handled
-class Seen:
-    """What the stat cache knows of a path: the signature it had when hashed, and what became of those bytes."""
-
-    signature: Signature
-    sha256: str
-    state: str | None  # the content's ledger state; None when its row was forgotten
-
-
 _REMEMBER_SQL = "INSERT OR REPLACE INTO seen (path, device, inode, size, mtime_ns, sha256) VALUES (?, ?, ?, ?, ?, ?)"
 
 
@@ -246,13 +152,14 @@ def _opening(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
-class Ledger:
+class SqliteLedger:
     """The ledger database. Thread-safe: one connection guarded by a lock (writes are short)."""
 
-    def __init__(self, path: Path, *, busy_timeout: float = 30.0) -> None:
+    def __init__(self, path: Path, *, busy_timeout: float = 30.0, node: str | None = None) -> None:
         self.path = path
         self._lock = threading.RLock()
-        self._me = process_id()
+        self._me = process_id(node)
+        self._node = self._me.rpartition(":")[0]
         # Claims this process is really working on. A row left `sending` under our own name but not in
         # here (its final write failed, e.g. on a full disk) is taken over instead of waiting forever.
         self._inflight: set[str] = set()
@@ -281,7 +188,7 @@ class Ledger:
         with self._lock:
             self._db.close()
 
-    def __enter__(self) -> Ledger:
+    def __enter__(self) -> SqliteLedger:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -350,26 +257,26 @@ class Ledger:
     # --- reads --------------------------------------------------------------------------------------
 
     def get(self, sha256: str) -> Row | None:
-        rows = self._query(f"SELECT {_FILE_COLUMNS} FROM files WHERE sha256 = ?", (sha256,))
-        return _row(rows[0]) if rows else None
+        rows = self._query(f"SELECT {FILE_COLUMNS} FROM files WHERE sha256 = ?", (sha256,))
+        return row_from(rows[0]) if rows else None
 
     def rows(self, state: str | None = None) -> list[Row]:
         if state is None:
-            found = self._query(f"SELECT {_FILE_COLUMNS} FROM files ORDER BY first_seen, sha256")
+            found = self._query(f"SELECT {FILE_COLUMNS} FROM files ORDER BY first_seen, sha256")
         else:
             found = self._query(
-                f"SELECT {_FILE_COLUMNS} FROM files WHERE state = ? ORDER BY first_seen, sha256", (state,)
+                f"SELECT {FILE_COLUMNS} FROM files WHERE state = ? ORDER BY first_seen, sha256", (state,)
             )
-        return [_row(r) for r in found]
+        return [row_from(r) for r in found]
 
     def find(self, *, sha_prefix: str | None = None, path: str | None = None) -> list[Row]:
         if sha_prefix is not None:
             found = self._query(
-                f"SELECT {_FILE_COLUMNS} FROM files WHERE sha256 LIKE ? ESCAPE '\\'", (sha_prefix + "%",)
+                f"SELECT {FILE_COLUMNS} FROM files WHERE sha256 LIKE ? ESCAPE '\\'", (sha_prefix + "%",)
             )
         else:
-            found = self._query(f"SELECT {_FILE_COLUMNS} FROM files WHERE path = ?", (stored(path or ""),))
-        return [_row(r) for r in found]
+            found = self._query(f"SELECT {FILE_COLUMNS} FROM files WHERE path = ?", (stored(path or ""),))
+        return [row_from(r) for r in found]
 
     def counts(self) -> dict[str, int]:
         found = {str(r[0]): int(r[1]) for r in self._query("SELECT state, COUNT(*) FROM files GROUP BY state")}
@@ -386,7 +293,7 @@ class Ledger:
         cutoff = utc_stamp(since, digits=6)
         rows = self._query("SELECT first_seen, sent_at FROM files WHERE state = 'sent' AND attempts = 1"
                            " AND sent_at >= ? ORDER BY sent_at DESC LIMIT ?", (cutoff, limit), tuples=True)
-        return [max(0.0, _epoch(sent) - _epoch(first)) for first, sent in rows]
+        return [max(0.0, epoch_of(sent) - epoch_of(first)) for first, sent in rows]
 
     def meta(self, key: str) -> str | None:
         rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
@@ -420,7 +327,7 @@ class Ledger:
         """
         now = now_iso()
         path = None if path is None else stored(path)
-        filename = _text(filename)
+        filename = column_text(filename)
         with self.atomic() as db:
             if remember is not None:
                 db.execute(_REMEMBER_SQL, _remember_params(remember))
@@ -444,7 +351,7 @@ class Ledger:
                 return Claim.LATER
             if row["state"] == "sending" and (
                 sha256 in self._inflight
-                or (row["claimed_by"] != self._me and _claimer_alive(row["claimed_by"], row["claimed_at"]))
+                or (row["claimed_by"] != self._me and claimer_alive(row["claimed_by"], row["claimed_at"], self._node))
             ):
                 return Claim.BUSY
             db.execute(
@@ -457,7 +364,7 @@ class Ledger:
             return Claim.CLAIMED
 
     def _finish(self, sha256: str, state: str, attempts: int, **values: Any) -> None:
-        values = {k: _text(v) if isinstance(v, str) else v for k, v in values.items()}
+        values = {k: column_text(v) if isinstance(v, str) else v for k, v in values.items()}
         values.update(state=state, updated_at=now_iso(), claimed_by=None, claimed_at=None)
         assignments = ", ".join(f"{k} = ?" for k in values)
         try:
@@ -530,11 +437,11 @@ class Ledger:
     def due(self, now: float) -> list[Row]:
         """Rows the watcher should deliver again now: expired ``retrying`` rows and ``pending`` rows."""
         found = self._query(
-            f"SELECT {_FILE_COLUMNS} FROM files WHERE (state = 'retrying' AND next_attempt_at <= ?)"
+            f"SELECT {FILE_COLUMNS} FROM files WHERE (state = 'retrying' AND next_attempt_at <= ?)"
             " OR state = 'pending' ORDER BY next_attempt_at",
             (now,),
         )
-        return [_row(r) for r in found]
+        return [row_from(r) for r in found]
 
     def next_due_time(self) -> float | None:
         rows = self._query("SELECT MIN(next_attempt_at) FROM files WHERE state = 'retrying'")
@@ -544,8 +451,8 @@ class Ledger:
         """``sending`` rows whose claimer died (a crash) go back to ``pending`` so they are sent again."""
         stale: list[Row] = []
         with self.atomic() as db:
-            for r in db.execute(f"SELECT {_FILE_COLUMNS}, claimed_at FROM files WHERE state = 'sending'").fetchall():
-                if r["claimed_by"] != self._me and not _claimer_alive(r["claimed_by"], r["claimed_at"]):
+            for r in db.execute(f"SELECT {FILE_COLUMNS}, claimed_at FROM files WHERE state = 'sending'").fetchall():
+                if r["claimed_by"] != self._me and not claimer_alive(r["claimed_by"], r["claimed_at"], self._node):
                     db.execute(
                         "UPDATE files SET state = 'pending', claimed_by = NULL, claimed_at = NULL, updated_at = ?"
                         " WHERE sha256 = ?",
@@ -574,6 +481,21 @@ class Ledger:
                 (remote_path, size, mtime, sha256, local_path, now_iso()),
             )
 
+    @contextmanager
+    def sync_lock(self, wait: bool) -> Iterator[bool]:
+        """One ``sync`` pass at a time on this droplet: an ``flock`` on ``sync.lock`` beside the ledger. Yields
+        True holding it, or False at once when another pass holds it and ``wait`` is off."""
+        with (self.path.parent / "sync.lock").open("a") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
     # --- serve's upload rate limits ------------------------------------------------------------------
 
     def uploads_since(self, role: str, account: str, since: float) -> list[float]:
@@ -592,6 +514,10 @@ class Ledger:
             db.execute("INSERT INTO uploads (role, account, at) VALUES (?, ?, ?)", (role, account, at))
             db.execute("DELETE FROM uploads WHERE at < ?", (at - 31 * 86400,))  # nothing older matters
             return True
+
+    def clock_offset(self) -> float:
+        """The database's clock minus ours: always 0 for a file on this machine."""
+        return 0.0
 
     def quick_check(self) -> str:
         """``ok``, or SQLite's description of the first problems found."""
@@ -630,3 +556,31 @@ class Ledger:
 
     def seen(self, path: str) -> Seen | None:
         return self.seen_many([path]).get(path)
+
+    # --- ledger copy --------------------------------------------------------------------------------------
+
+    def export_rows(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Every row of every table, as ``(table, columns)``, for ``ledger copy`` (stat-cache rows are this
+        node's)."""
+        for table in COPIED_TABLES:
+            for r in self._query(f"SELECT * FROM {table}"):
+                yield table, dict(r)
+
+    def import_rows(self, rows: Iterable[tuple[str, dict[str, Any]]]) -> int:
+        """Write rows from :meth:`export_rows` of any ledger; a row already here with the same key is
+        replaced, an upload already counted is not counted twice. Returns the rows written."""
+        written = 0
+        with self.atomic() as db:
+            for table, values in rows:
+                values = {k: v for k, v in values.items() if k in COPIED_COLUMNS[table]}
+                names = ", ".join(values)
+                marks = ", ".join("?" * len(values))
+                if table == "uploads":
+                    cur = db.execute(f"INSERT INTO uploads ({names}) SELECT {marks} WHERE NOT EXISTS (SELECT 1 FROM"
+                                     " uploads WHERE role = ? AND account = ? AND at = ?)",
+                                     (*values.values(), values["role"], values["account"], values["at"]))
+                else:
+                    cur = db.execute(f"INSERT OR REPLACE INTO {table} ({names}) VALUES ({marks})",
+                                     tuple(values.values()))
+                written += max(0, cur.rowcount)
+        return written

@@ -1,0 +1,205 @@
+"""What both ledger backends share: the row, the claim answers, the stat-cache entries, the interface.
+
+A backend (:mod:`.sqlite`, :mod:`.postgres`) is the only code that touches SQL; everything else talks to
+the :class:`Ledger` protocol, so ``watch``, ``post``, ``serve`` and ``sync`` do not know which one they have.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from enum import Enum
+from typing import Any, Final, Protocol
+
+from smt_watch.clock import utc_stamp
+from smt_watch.hashing import Signature
+from smt_watch.names import shown, unstored
+
+STATES: Final = ("pending", "sending", "sent", "retrying", "failed")
+SHA256_RE: Final = re.compile(r"^[0-9a-f]{64}$")
+STALE_FOREIGN_CLAIM_SECONDS: Final = 6 * 3600
+FILE_COLUMNS: Final = (
+    "sha256, filename, path, size, state, attempts, http_status, last_error, first_seen, updated_at, "
+    "sent_at, destination, mode, next_attempt_at, claimed_by, origin, parent"
+)
+
+# What ``ledger copy`` carries, table by table: the columns both backends have (PostgreSQL's lease and the
+# stat cache's node are its own, and set by the ledger that receives the rows).
+COPIED_COLUMNS: Final[dict[str, tuple[str, ...]]] = {
+    "files": ("sha256", "filename", "path", "size", "state", "attempts", "http_status", "last_error", "first_seen",
+              "updated_at", "sent_at", "destination", "mode", "next_attempt_at", "claimed_by", "claimed_at",
+              "origin", "parent"),
+    "chunks": ("sha256", "part", "parts", "chunk_sha256", "acked_at"),
+    "remote_files": ("remote_path", "size", "mtime", "sha256", "local_path", "fetched_at"),
+    "uploads": ("role", "account", "at"),
+    "seen": ("path", "device", "inode", "size", "mtime_ns", "sha256"),
+    "meta": ("key", "value"),
+}
+COPIED_TABLES: Final = tuple(COPIED_COLUMNS)
+
+
+def now_iso() -> str:
+    """Row times to the microsecond, so rows sort in the order things happened."""
+    return utc_stamp(digits=6)
+
+
+def epoch_of(stamp: str) -> float:
+    return datetime.fromisoformat(stamp).timestamp()
+
+
+def process_id(node: str | None = None) -> str:
+    """Who holds a ``sending`` claim (``node:pid``): enough to tell, on its node, whether the claimer lives.
+
+    ``node`` is ``SMT_NODE_NAME`` (default: the host name); it names a droplet sharing a PostgreSQL ledger."""
+    return f"{node or socket.gethostname()}:{os.getpid()}"
+
+
+def claimer_alive(claimed_by: str | None, claimed_at: float | None, node: str | None = None, *,
+                  leased: bool | None = None) -> bool:
+    """Whether the claim ``claimed_by`` still stands: on this node, whether its process lives; on another,
+    whether its lease (``leased``, judged by the shared database's clock) has not expired, or, without a
+    lease (a SQLite ledger copied between hosts), whether it is younger than six hours."""
+    if not claimed_by:
+        return False
+    host, _, pid_text = claimed_by.rpartition(":")
+    if host != (node or socket.gethostname()):
+        if leased is not None:
+            return leased
+        return (time.time() - (claimed_at or 0.0)) < STALE_FOREIGN_CLAIM_SECONDS
+    try:
+        pid = int(pid_text)
+        os.kill(pid, 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass(frozen=True)
+class Row:
+    """One ledger row as ``ledger list --json`` shows it."""
+
+    sha256: str
+    filename: str
+    path: str | None
+    size: int | None
+    state: str
+    attempts: int
+    http_status: int | None
+    last_error: str | None
+    first_seen: str
+    updated_at: str
+    sent_at: str | None
+    destination: str | None
+    mode: str | None
+    next_attempt_at: float | None
+    claimed_by: str | None
+    origin: str
+    parent: str | None = None  # SHA-256 of the .asc/.zip this CSV was unpacked from
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def row_from(r: Mapping[str, Any]) -> Row:
+    """A row as the program uses it: ``path`` back in Python's form (undecodable bytes as surrogates)."""
+    values = dict(r)
+    if values.get("path") is not None:
+        values["path"] = unstored(values["path"])
+    return Row(**values)
+
+
+def column_text(value: str) -> str:
+    """Free text for a TEXT column (names, errors): SQLite and PostgreSQL take only valid UTF-8."""
+    return value if value.isprintable() else shown(value)
+
+
+class Claim(Enum):
+    """What :meth:`Ledger.claim` decided."""
+
+    CLAIMED = "claimed"  # this process now owns the row (state ``sending``) and must deliver it
+    DUPLICATE = "duplicate"  # already ``sent``; nothing to do
+    BUSY = "busy"  # another live process or thread is sending these bytes right now
+    LATER = "later"  # (watch) ``failed`` until forgotten, or ``retrying`` and its backoff has not expired
+
+
+
+@dataclass(frozen=True)
+class Remember:
+    """A stat-cache row to write: ``path`` held the bytes ``sha256`` while its stat identity was ``signature``."""
+
+    path: str
+    signature: Signature
+    sha256: str
+
+
+@dataclass(frozen=True, slots=True)  # slots: a restart's scan makes one per file already handled
+class Seen:
+    """What the stat cache knows of a path: the signature it had when hashed, and what became of those bytes."""
+
+    signature: Signature
+    sha256: str
+    state: str | None  # the content's ledger state; None when its row was forgotten
+
+
+class Ledger(Protocol):
+    """The ledger as every command uses it. :class:`~smt_watch.ledger.sqlite.SqliteLedger` (one droplet) and
+    :class:`~smt_watch.ledger.postgres.PostgresLedger` (several) both keep it; ``statedir.open_ledger`` picks."""
+
+    path: Any  # what messages call it: the SQLite file, or the PostgreSQL URL without its password
+
+    def close(self) -> None: ...
+    def __enter__(self) -> Ledger: ...
+    def __exit__(self, *exc: object) -> None: ...
+    @property
+    def schema_version(self) -> int: ...
+    def quick_check(self) -> str: ...
+    def clock_offset(self) -> float: ...
+
+    def get(self, sha256: str) -> Row | None: ...
+    def rows(self, state: str | None = None) -> list[Row]: ...
+    def find(self, *, sha_prefix: str | None = None, path: str | None = None) -> list[Row]: ...
+    def counts(self) -> dict[str, int]: ...
+    def undelivered_count(self) -> int: ...
+    def recent_send_seconds(self, limit: int, since: float) -> list[float]: ...
+    def meta(self, key: str) -> str | None: ...
+    def set_meta(self, key: str, value: str) -> None: ...
+
+    def claim(self, sha256: str, *, filename: str, path: str | None, size: int, mode: str, force: bool = False,
+              respect_backoff: bool = False, parent: str | None = None,
+              remember: Remember | None = None) -> Claim: ...
+    def mark_sent(self, sha256: str, *, status: int | None, destination: str, attempts: int) -> None: ...
+    def mark_retrying(self, sha256: str, *, status: int | None, error: str, attempts: int,
+                      next_attempt_at: float) -> None: ...
+    def mark_failed(self, sha256: str, *, status: int | None, error: str, attempts: int) -> None: ...
+    def release(self, sha256: str, *, error: str, attempts: int) -> None: ...
+    def forget(self, sha256s: Iterable[str]) -> int: ...
+    def import_hashes(self, entries: Iterable[tuple[str, str | None]], origin: str) -> int: ...
+
+    def remember(self, entry: Remember) -> None: ...
+    def unremember(self, path: str) -> None: ...
+    def seen_many(self, paths: list[str]) -> dict[str, Seen]: ...
+    def seen(self, path: str) -> Seen | None: ...
+    def due(self, now: float) -> list[Row]: ...
+    def next_due_time(self) -> float | None: ...
+    def recover_stale(self) -> list[Row]: ...
+
+    def remote_files(self) -> dict[str, tuple[int, int]]: ...
+    def record_fetch(self, remote_path: str, size: int, mtime: int, sha256: str, local_path: str) -> None: ...
+    def sync_lock(self, wait: bool) -> AbstractContextManager[bool]: ...
+
+    def uploads_since(self, role: str, account: str, since: float) -> list[float]: ...
+    def take_upload_slot(self, role: str, account: str, since: float, limit: int, at: float) -> bool: ...
+
+    def acked_chunks(self, sha256: str, parts: int) -> dict[int, str]: ...
+    def ack_chunk(self, sha256: str, part: int, parts: int, chunk_sha256: str) -> None: ...
+
+    def export_rows(self) -> Iterator[tuple[str, dict[str, Any]]]: ...
+    def import_rows(self, rows: Iterable[tuple[str, dict[str, Any]]]) -> int: ...
