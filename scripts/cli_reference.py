@@ -25,6 +25,7 @@ COMMANDS = (
     ["ledger", "list"],
     ["ledger", "forget"],
     ["ledger", "import"],
+    ["ledger", "copy"],
     ["doctor"],
     ["inspect"],
     ["sample"],

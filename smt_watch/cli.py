@@ -60,6 +60,7 @@ Delivery = Annotated[  # every mode in the registry, so the help cannot drift fr
     str | None, typer.Option("--delivery", metavar="MODE", help=f"{delivery_choices_text()} [SMT_DELIVERY].")
 ]
 PROGRESS_MIN_BYTES = 4 * 1024 * 1024
+SERVE_LEDGER_WAIT = 3.0  # serve answers 503 after this long without its shared ledger, not after 15 s
 
 
 def _settings(env_file: Path | None, **overrides: object) -> Settings:
@@ -332,7 +333,7 @@ def serve(
 
     settings = _settings(env_file, SMT_UPLOAD_HOST=host, SMT_UPLOAD_PORT=port, SMT_WEBHOOK_PORT=webhook_port,
                          SMT_LOCAL_DIR=inbox, SMT_STATE_DIR=state_dir)
-    with open_ledger(settings) as ledger:
+    with open_ledger(settings, reconnect_seconds=SERVE_LEDGER_WAIT) as ledger:
         run(settings, ledger)
 
 
@@ -543,6 +544,29 @@ def ledger_import(
         f"imported {report.added} new of {report.read} hashes from {path}"
         + (f"; skipped {report.skipped_lines} line(s) that are not hashes" if report.skipped_lines else "")
     )
+
+
+@ledger_app.command("copy")
+def ledger_copy(
+    to: Annotated[str, typer.Option("--to", metavar="URL|PATH",
+                                    help="A postgresql:// URL, or the path of an SQLite ledger file.")],
+    state_dir: StateDir = None,
+    env_file: EnvFile = None,
+) -> None:
+    """Copy the whole ledger (rows, chunks, sync's remote files, upload counts, this node's stat cache)
+    into another one: SQLite to PostgreSQL when a second droplet joins, or back. Idempotent: a row already
+    there is replaced by this ledger's, so running it twice changes nothing more. Put the password in
+    ~/.pgpass or PGPASSWORD rather than the URL: a command line is visible to other users.
+    """
+    from smt_watch.config import url_userinfo
+    from smt_watch.logs import add_secrets
+    from smt_watch.statedir import copy_ledger
+
+    if (userinfo := url_userinfo(to)) is not None:
+        add_secrets([userinfo, *userinfo.split(":", 1)[1:]])
+    shown_target, counts = copy_ledger(_settings(env_file, SMT_STATE_DIR=state_dir), to)
+    summary = ", ".join(f"{table} {n}" for table, n in counts.items()) or "nothing"
+    typer.echo(f"copied to {shown_target}: {summary}")
 
 
 # --- receive ----------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from typing import Protocol
 
 from smt_watch.config import Settings
 from smt_watch.delivery import Sink, make_sink
-from smt_watch.errors import FileChanged, InputError, SmtWatchError
+from smt_watch.errors import FileChanged, InputError, LedgerUnavailable, SmtWatchError
 from smt_watch.hashing import FileIdentity, Signature, identify
 from smt_watch.inbox import open_beneath, regular_stat
 from smt_watch.ledger import Ledger, Remember
@@ -50,6 +50,7 @@ class JobKind(Enum):
     CHANGED = "changed"  # not the bytes that settled (still being written, or replaced): let it settle again
     SKIPPED = "skipped"  # cannot be read (``JobResult.message`` says why): left alone
     ERROR = "error"  # the job itself failed (a worker process died, a ledger error): looked at again later
+    UNREACHABLE = "unreachable"  # the shared ledger could not be reached: looked at again once it answers
 
 
 @dataclass(frozen=True)
@@ -208,6 +209,8 @@ def _child_main(settings: Settings, mode: str, level: str, fmt: str, conn: Conne
             path, sig = job
             try:
                 result = handle_job(settings, ledger, sink, Path(path), sig)
+            except LedgerUnavailable as exc:
+                result = JobResult(JobKind.UNREACHABLE, message=str(exc))
             except SmtWatchError as exc:
                 result = JobResult(JobKind.ERROR, message=str(exc))
             except Exception as exc:  # a bug: logged with its traceback here, the watcher carries on

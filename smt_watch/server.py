@@ -52,7 +52,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from smt_watch.bridge import Bridge
 from smt_watch.clock import utc_stamp
 from smt_watch.config import Secret, Settings
-from smt_watch.errors import SmtWatchError
+from smt_watch.errors import LedgerUnavailable, SmtWatchError
 from smt_watch.inbox import create_inbox, is_candidate
 from smt_watch.ledger import Ledger
 from smt_watch.tickets import TicketError, verify
@@ -78,6 +78,7 @@ RATE_MESSAGES: Final = {
     "customer": "Customer upload limit reached for the current 30-day window",
 }
 ANY_METHOD: Final = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+LEDGER_RETRY_AFTER: Final = 10  # seconds a client told 503 (the shared ledger is unreachable) should wait
 BUSY_RETRY_AFTER: Final = 5  # seconds a client told 503 (too many uploads at once) should wait
 WEBHOOK_MAX_BYTES: Final = 64 * 1024  # a trigger body is a small JSON object
 QUEUE_SAMPLE: Final = 20  # recent deliveries the queue's etaSeconds is estimated from
@@ -350,10 +351,10 @@ class Server:
     def _accept(self, received: ReceivedFile, role: str, account: str) -> JSONResponse:
         now = time.time()
         since = now - WINDOWS[role]
+        row = self.ledger.get(received.sha256)  # before the slot: a ledger lost here counts and stores nothing
         if not self.ledger.take_upload_slot(role, account, since, self._limit(role), now):
             return self._limited(role, account, self.ledger.uploads_since(role, account, since))
         name = f"{datetime.fromtimestamp(now, UTC):%Y%m%dT%H%M%S}_{safe_name(received.filename or '')}"
-        row = self.ledger.get(received.sha256)
         duplicate = row is not None and row.state == "sent"
         if duplicate:
             log.info("Upload %s is a duplicate of sent content (sha256 %s); not stored", name, received.sha256[:12])
@@ -368,9 +369,14 @@ class Server:
             else:
                 message = (f"Upload stored as {name}, but that name does not match SMT_PATTERNS "
                            f"({','.join(self.settings.patterns)}): it will not be delivered")
-        times = self.ledger.uploads_since(role, account, since)
         limit = self._limit(role)
-        remaining = max(0, limit - len(times))
+        remaining: int | None
+        try:
+            times = self.ledger.uploads_since(role, account, since)
+            queue = self._queue(0 if duplicate else 1)
+            remaining = max(0, limit - len(times))
+        except LedgerUnavailable:  # stored and counted already: say so, leaving out what cannot be known now
+            times, queue, remaining = [], {"position": None, "etaSeconds": None}, None
         return JSONResponse(
             {"ok": True, "message": message, "duplicate": duplicate,
              "file": {"name": name, "size": received.size, "sha256": received.sha256,
@@ -380,7 +386,7 @@ class Server:
              "remaining": remaining,
              "meta": {"role": role, "accountKey": account, "limit": limit, "remaining": remaining,
                       "resetAt": utc_stamp((times[0] if times else now) + WINDOWS[role])},
-             "queue": self._queue(0 if duplicate else 1)},
+             "queue": queue},
             status_code=202,
         )
 
@@ -502,7 +508,14 @@ class Server:
                            "x-smt-upload-ticket"],
             max_age=600,
         )
-        return Starlette(routes=routes, middleware=[cors])
+        return Starlette(routes=routes, middleware=[cors],
+                         exception_handlers={LedgerUnavailable: self._ledger_unavailable})
+
+    async def _ledger_unavailable(self, request: Request, exc: Exception) -> Response:
+        """The shared ledger cannot be reached: nothing was stored (an upload's temp file is removed on the
+        way out), and the client is told when to try again."""
+        return _error(503, "ledger_unavailable", "The ledger cannot be reached right now; try again shortly",
+                      headers={"Retry-After": str(LEDGER_RETRY_AFTER), "Connection": "close"})
 
 
 def head_deadline_protocol(seconds: float) -> type[H11Protocol]:

@@ -35,7 +35,7 @@ from typing import assert_never
 
 from smt_watch.config import AfterSend, Settings, WorkerMode
 from smt_watch.delivery import Sink, delivery_mode, make_sink
-from smt_watch.errors import SmtWatchError
+from smt_watch.errors import LedgerUnavailable, SmtWatchError
 from smt_watch.events import InboxWatcher
 from smt_watch.hashing import FileIdentity, Signature
 from smt_watch.inbox import (
@@ -58,6 +58,7 @@ from smt_watch.statedir import open_ledger
 log = logging.getLogger("smt_watch.watch")
 
 DUE_CHECK_SECONDS = 1.0
+LEDGER_RETRY_SECONDS = 5.0  # a shared ledger that cannot be reached is asked again after this
 SCAN_BATCH = 1000  # stat-cache rows asked for at once during a scan
 BUSY_RECHECK_SECONDS = 0.5
 OVERFLOW_RESCAN_DELAY = 1.0  # seconds from an inotify overflow to the rescan it triggers
@@ -182,20 +183,13 @@ class WatchService:
         ping = self._notifier.watchdog_interval
         while not self._stop.is_set():
             now = time.monotonic()
-            self._take_intake(now)
-            if self._rescan_now.is_set():
-                self._rescan_now.clear()
-                log.warning("inotify queue overflowed: rescanning %s in %.0f s", self.root, OVERFLOW_RESCAN_DELAY)
-                # after watchdog has rebuilt its watches (it does so right after the warning we heard), so
-                # nothing written meanwhile can fall between the rebuild and our scan
-                next_rescan = min(next_rescan, now + OVERFLOW_RESCAN_DELAY)
-            if now >= next_rescan:
-                self._scan(self.root)
-                next_rescan = now + s.rescan_seconds
-            if now >= next_due:
-                self._schedule_due()
-                next_due = now + DUE_CHECK_SECONDS
-            self._feed_queue(now)
+            try:
+                next_rescan, next_due = self._turn(now, next_rescan, next_due)
+            except LedgerUnavailable:
+                # Said once by the ledger. Paths taken this turn may be dropped: rescan once it answers again.
+                next_rescan = next_due = now
+                self._stop.wait(LEDGER_RETRY_SECONDS)
+                continue
             if ping and now >= next_ping:
                 self._notifier.watchdog()
                 self._notifier.status(self._status())
@@ -213,6 +207,25 @@ class WatchService:
             timeout = max(0.0, min(wake_at) - time.monotonic())
             self._wake.wait(timeout)
             self._wake.clear()
+
+    def _turn(self, now: float, next_rescan: float, next_due: float) -> tuple[float, float]:
+        """One turn of the loop's ledger work: intake, rescans, rows due again, feeding the queue."""
+        s = self.settings
+        self._take_intake(now)
+        if self._rescan_now.is_set():
+            self._rescan_now.clear()
+            log.warning("inotify queue overflowed: rescanning %s in %.0f s", self.root, OVERFLOW_RESCAN_DELAY)
+            # after watchdog has rebuilt its watches (it does so right after the warning we heard), so
+            # nothing written meanwhile can fall between the rebuild and our scan
+            next_rescan = min(next_rescan, now + OVERFLOW_RESCAN_DELAY)
+        if now >= next_rescan:
+            self._scan(self.root)
+            next_rescan = now + s.rescan_seconds
+        if now >= next_due:
+            self._schedule_due()
+            next_due = now + DUE_CHECK_SECONDS
+        self._feed_queue(now)
+        return next_rescan, next_due
 
     def _take_intake(self, now: float) -> None:
         with self._lock:
@@ -349,6 +362,8 @@ class WatchService:
                     return
                 try:
                     self._apply(job, runner.run(job.path, job.signature))
+                except LedgerUnavailable as exc:
+                    self._apply(job, JobResult(JobKind.UNREACHABLE, message=str(exc)))
                 except SmtWatchError as exc:
                     self._apply(job, JobResult(JobKind.ERROR, message=str(exc)))
                 except Exception:
@@ -378,6 +393,9 @@ class WatchService:
             case JobKind.ERROR:
                 log.error("Could not handle %s: %s", job.path, result.message)
                 self._look_again(job.path, DUE_CHECK_SECONDS * 5)
+            case JobKind.UNREACHABLE:  # the ledger said so once; this file waits until it answers
+                log.debug("Ledger unreachable: %s is looked at again in %.0fs", job.path, LEDGER_RETRY_SECONDS)
+                self._look_again(job.path, LEDGER_RETRY_SECONDS)
             case JobKind.GONE:
                 log.debug("%s is gone, or no longer a regular file beneath the inbox: nothing to deliver", job.path)
             case JobKind.DONE:

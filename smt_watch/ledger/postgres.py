@@ -67,6 +67,9 @@ LOCK_SYNC: Final = 0x534D5402
 LOCK_QUOTA: Final = 0x534D5403  # two-key form with the account's hash
 
 T = TypeVar("T")
+# How long one operation waits for a lost connection to come back before it raises LedgerUnavailable: well
+# inside systemd's WatchdogSec=60 for `watch`, whose loop waits on the ledger.
+RECONNECT_SECONDS: Final = 15.0
 
 _MIGRATIONS: Final[tuple[str, ...]] = (
     f"""
@@ -167,7 +170,7 @@ class PostgresLedger:
         shown_as: str,
         node: str | None = None,
         lease_seconds: float = 60.0,
-        reconnect_seconds: float = 60.0,
+        reconnect_seconds: float = RECONNECT_SECONDS,
         max_connections: int = 10,
         connect_timeout: float = 10.0,
     ) -> None:
