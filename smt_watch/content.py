@@ -30,7 +30,7 @@ from smt_watch.config import Settings
 from smt_watch.errors import ContentError, SmtWatchError
 from smt_watch.hashing import FileIdentity, check_regular, identify
 from smt_watch.names import shown
-from smt_watch.smtcsv import LineTooLong, Sniff, Summary, sniff, summarize_file
+from smt_watch.smtcsv import LineTooLong, Sniff, Sniffer, Summary, sniff, summarize_file
 
 log = logging.getLogger("smt_watch.content")
 
@@ -58,10 +58,13 @@ def is_container(name: str) -> bool:
     return name.lower().endswith((".asc", ".zip"))
 
 
-def csv_part(settings: Settings, ident: FileIdentity, name: str, parent: str | None = None) -> Part:
-    """Validate a CSV and pick its ESIID: the file's own when it holds exactly one, else ESIID_DEFAULT."""
+def csv_part(settings: Settings, ident: FileIdentity, name: str, parent: str | None = None,
+             sniffed: Sniffer | None = None) -> Part:
+    """Validate a CSV and pick its ESIID: the file's own when it holds exactly one, else ESIID_DEFAULT.
+
+    ``sniffed``: the sniffer the hash pass fed (:func:`sniffing`), so the file is not read again for this."""
     try:
-        found = sniff(ident.read_path)
+        found = sniffed.result() if sniffed is not None else sniff(ident.read_path)
     except OSError as exc:
         raise ContentError(f"{name}: cannot read: {exc.strerror}") from exc
     except LineTooLong as exc:
@@ -84,6 +87,12 @@ def csv_part(settings: Settings, ident: FileIdentity, name: str, parent: str | N
     return Part(ident, name, esiid, found.kind, parent)
 
 
+def sniffing(name: str) -> Sniffer | None:
+    """A sniffer for the hash pass to feed, or None for an ``.asc``/``.zip`` (its CSVs are sniffed when
+    unpacked)."""
+    return None if is_container(name) else Sniffer()
+
+
 def unpack(settings: Settings, ident: FileIdentity) -> list[Part]:
     """Decrypt and/or unzip a container into the work dir; every CSV inside becomes a :class:`Part`."""
     dest = work_dir(settings) / ident.sha256
@@ -92,7 +101,10 @@ def unpack(settings: Settings, ident: FileIdentity) -> list[Part]:
     dest.mkdir(parents=True, mode=0o700)
     try:
         paths = open_container(settings, ident.read_path, dest, ident.path.name)
-        parts = [csv_part(settings, identify(p), p.name, parent=ident.sha256) for p in paths]
+        parts = []
+        for p in paths:
+            sniffer = Sniffer()
+            parts.append(csv_part(settings, identify(p, observe=sniffer.feed), p.name, ident.sha256, sniffer))
     except BaseException:
         shutil.rmtree(dest, ignore_errors=True)
         raise

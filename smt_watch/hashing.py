@@ -9,12 +9,17 @@ from __future__ import annotations
 import hashlib
 import os
 import stat as stat_mod
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from smt_watch.errors import FileChanged, InputError
 
 CHUNK = 1024 * 1024
+OVERLAP_MIN = 16 * CHUNK  # below this a helper thread costs more than it saves
+OVERLAP_CHUNK = 4 * CHUNK  # blocks handed between the two threads: few hand-overs, memory still flat
 
 
 @dataclass(frozen=True, slots=True)  # slots: a scan makes one per file, 100,000 of them on a restart
@@ -75,11 +80,14 @@ def check_regular(path: Path) -> os.stat_result:
     return st
 
 
-def identify(path: Path, source: Path | None = None) -> FileIdentity:
+def identify(path: Path, source: Path | None = None, observe: Callable[[bytes], None] | None = None
+             ) -> FileIdentity:
     """Hash ``path``; raise :class:`FileChanged` if it changed while being read.
 
     ``source``: read the bytes there instead (``/proc/self/fd/N`` of a descriptor opened safely beneath the
-    inbox): ``path`` then only names the file."""
+    inbox): ``path`` then only names the file. ``observe``: also hand every block to it (the CSV sniffer), so
+    the file is read once for both; for a big file the hash runs in a second thread meanwhile (hashlib
+    releases the GIL), so the pass takes about as long as the slower of the two, not their sum."""
     st = check_regular(path) if source is None else os.stat(source)
     before = Signature.of(st)
     digest = hashlib.sha256()
@@ -88,10 +96,17 @@ def identify(path: Path, source: Path | None = None) -> FileIdentity:
             opened = os.fstat(fh.fileno())
             if Signature.of(opened) != before:
                 raise FileChanged(f"{path}: changed while being hashed")
-            buf = bytearray(CHUNK)
-            view = memoryview(buf)
-            while n := fh.readinto(buf):
-                digest.update(view[:n])
+            if observe is None:
+                buf = bytearray(CHUNK)
+                view = memoryview(buf)
+                while n := fh.readinto(buf):
+                    digest.update(view[:n])
+            elif before.size < OVERLAP_MIN:
+                while block := fh.read(CHUNK):
+                    digest.update(block)
+                    observe(block)
+            else:
+                _hash_beside(fh, digest, observe)
             after = os.fstat(fh.fileno())
     except PermissionError as exc:
         raise InputError(f"{path}: permission denied") from exc
@@ -100,3 +115,14 @@ def identify(path: Path, source: Path | None = None) -> FileIdentity:
     if Signature.of(after) != before:
         raise FileChanged(f"{path}: changed while being hashed")
     return FileIdentity(path, digest.hexdigest(), before, source)
+
+
+def _hash_beside(fh: BinaryIO, digest: hashlib._Hash, observe: Callable[[bytes], None]) -> None:
+    """Each block hashed in a helper thread while ``observe`` reads it here."""
+    with ThreadPoolExecutor(1, thread_name_prefix="smt-watch-hash") as pool:
+        while block := fh.read(OVERLAP_CHUNK):
+            pending = pool.submit(digest.update, block)
+            try:
+                observe(block)
+            finally:
+                pending.result()

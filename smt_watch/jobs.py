@@ -29,12 +29,14 @@ from pathlib import Path
 from typing import Protocol
 
 from smt_watch.config import Settings
+from smt_watch.content import sniffing
 from smt_watch.delivery import Sink, make_sink
 from smt_watch.errors import FileChanged, InputError, LedgerUnavailable, SmtWatchError
 from smt_watch.hashing import FileIdentity, Signature, identify
 from smt_watch.inbox import open_beneath, regular_stat
 from smt_watch.ledger import Ledger, Remember
 from smt_watch.pipeline import Outcome, deliver_identified
+from smt_watch.smtcsv import Sniffer
 from smt_watch.statedir import open_ledger
 
 log = logging.getLogger("smt_watch.workers")  # the module's former name: log filters in the field use it
@@ -93,18 +95,21 @@ def _deliver_open(settings: Settings, ledger: Ledger, sink: Sink, path: Path, si
     key = str(path)
     cached = ledger.seen(key)
     remember = None
+    sniffer: Sniffer | None = None
     if cached and cached.signature == sig:
         ident = FileIdentity(path, cached.sha256, sig, source)
     else:
+        sniffer = sniffing(path.name)
         try:
-            ident = identify(path, source)
+            ident = identify(path, source, observe=sniffer.feed if sniffer else None)  # one read: hash, sniff
         except FileChanged:
             return JobResult(JobKind.CHANGED)
         except InputError as exc:
             return JobResult(JobKind.SKIPPED, message=str(exc))
         remember = Remember(key, ident.signature, ident.sha256)
     # the stat-cache row goes into the claim's transaction
-    outcome = deliver_identified(settings, ledger, sink, ident, respect_backoff=True, remember=remember)
+    outcome = deliver_identified(settings, ledger, sink, ident, respect_backoff=True, remember=remember,
+                                 sniffed=sniffer)
     return JobResult(JobKind.DONE, ident, outcome, hashed=remember is not None)
 
 

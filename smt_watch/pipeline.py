@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TypeVar, assert_never
 
 from smt_watch.config import Settings
-from smt_watch.content import csv_part, is_container, unpack, work_dir
+from smt_watch.content import csv_part, is_container, sniffing, unpack, work_dir
 from smt_watch.delivery import Payload, Progress, Sink, delivery_mode, make_sink
 from smt_watch.delivery.http import IN_CALL_MAX_WAIT, backoff_delay
 from smt_watch.errors import (
@@ -31,7 +31,7 @@ from smt_watch.errors import (
 from smt_watch.hashing import FileIdentity, identify
 from smt_watch.ledger import SHA256_RE, Claim, Ledger, Remember
 from smt_watch.names import sent
-from smt_watch.smtcsv import meter_for
+from smt_watch.smtcsv import Sniffer, meter_for
 from smt_watch.statedir import open_ledger
 
 log = logging.getLogger("smt_watch.pipeline")
@@ -102,12 +102,14 @@ def deliver_file(
     if it finishes with ``sent`` this file is a duplicate, otherwise we take over.
     """
     started = time.monotonic()
+    sniffer = sniffing(path.name)
     try:
-        ident = identify(path)
+        ident = identify(path, observe=sniffer.feed if sniffer else None)  # one read: hash and sniff
     except (InputError, FileChanged) as exc:
         return Outcome(path, Result.CHANGED if isinstance(exc, FileChanged) else Result.ERROR, error=str(exc))
     return deliver_identified(
-        settings, ledger, sink, ident, force=force, busy_wait=busy_wait, progress=progress, started=started
+        settings, ledger, sink, ident, force=force, busy_wait=busy_wait, progress=progress, started=started,
+        sniffed=sniffer,
     )
 
 
@@ -123,14 +125,16 @@ def deliver_identified(
     progress: Progress | None = None,
     started: float | None = None,
     remember: Remember | None = None,
+    sniffed: Sniffer | None = None,
 ) -> Outcome:
     """Claim and send content whose SHA-256 is already known (the watcher knows it from its stat cache;
-    sending re-hashes the bytes anyway, so a stale cache can never deliver wrong content).
+    sending re-hashes the bytes anyway, so a stale cache can never deliver wrong content). ``sniffed``: the
+    sniffer the hash pass fed, if it did.
 
     An ``.asc``/``.zip`` is unpacked and each CSV inside delivered on its own (see :func:`_container`).
     """
     options = _Options(force, busy_wait, respect_backoff, progress,
-                       time.monotonic() if started is None else started, remember)
+                       time.monotonic() if started is None else started, remember, sniffed)
     if is_container(ident.path.name):
         return _container(settings, ledger, sink, ident, options)
     return _one(settings, ledger, sink, ident, sent(ident.path.name), None, options)
@@ -144,6 +148,7 @@ class _Options:
     progress: Progress | None
     started: float
     remember: Remember | None  # a stat-cache row to write in the first claim's transaction
+    sniffed: Sniffer | None = None  # what the hash pass sniffed of the top-level CSV
 
 
 def _claim(ledger: Ledger, ident: FileIdentity, name: str, mode: str, parent: str | None, o: _Options) -> Claim:
@@ -217,7 +222,7 @@ def _one(settings: Settings, ledger: Ledger, sink: Sink, ident: FileIdentity, na
     """One CSV: claim, validate (SMT_VALIDATE) and pick its ESIID, send, record."""
     claim = _claim(ledger, ident, name, sink.name, parent, o)
     subject = _Subject(ident, name)
-    part = _claimed(ledger, claim, subject, lambda: csv_part(settings, ident, name, parent),
+    part = _claimed(ledger, claim, subject, lambda: csv_part(settings, ident, name, parent, o.sniffed),
                     "Delivery failed for %s: %s")
     if isinstance(part, Outcome):
         return part
@@ -240,7 +245,7 @@ def _container(settings: Settings, ledger: Ledger, sink: Sink, ident: FileIdenti
     if isinstance(parts, Outcome):
         return parts
     # The parent's backoff already decided it is time: its CSVs are taken now, whatever their own rows say.
-    child_options = replace(o, respect_backoff=False, remember=None)
+    child_options = replace(o, respect_backoff=False, remember=None, sniffed=None)
     try:
         children = [_one(settings, ledger, sink, p.ident, p.name, ident.sha256, child_options) for p in parts]
     except BaseException:
