@@ -584,14 +584,18 @@ class PostgresLedger:
     def uploads_since(self, role: str, account: str, since: float) -> list[float]:
         return [float(r["at"]) for r in self._query(
             "SELECT at FROM uploads WHERE role = %s AND account = %s AND at > %s ORDER BY at",
-            (role, account, since))]
+            (role, column_text(account), since))]
 
     def take_upload_slot(self, role: str, account: str, since: float, limit: int, at: float) -> bool:
-        """Atomic across nodes: the account's count and insert run under its own advisory lock."""
+        """Atomic across nodes: the account's count and insert run under its own advisory lock (keyed by a
+        hash: two accounts that share one only wait for each other). PostgreSQL text holds no NUL, so an
+        account is stored as :func:`column_text` makes it, here and in :meth:`uploads_since` alike."""
+        account = column_text(account)
 
         def run(conn: psycopg.Connection[Any]) -> bool:
             with conn.transaction():
-                conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (LOCK_QUOTA, f"{role}\0{account}"))
+                conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s || '/' || %s))",
+                             (LOCK_QUOTA, role, account))
                 row = conn.execute("SELECT count(*) FROM uploads WHERE role = %s AND account = %s AND at > %s",
                                    (role, account, since)).fetchone()
                 if row is not None and int(row[0]) >= limit:
