@@ -37,8 +37,8 @@ Make = Callable[..., Settings]
 Run = Callable[..., subprocess.CompletedProcess[str]]
 
 A, B, C, D, E, F = (c * 64 for c in "abcdef")
-LEASE = 1.0  # seconds: short, so that an expired lease is seen within a test
-OUTLIVED_LEASES = 4  # how many lease lengths node A's claim must outlive through its renewer alone
+LEASE = 2.0  # seconds: short, so that an expired lease is seen within a test; renewed every 0.67 s
+OUTLIVED_LEASES = 3  # how many lease lengths node A's claim must outlive through its renewer alone
 RECONNECT = 1.5  # reconnect_seconds for the tests that stop the server
 SLACK = 5.0  # a loaded 2-core machine: what a deadline allows beyond the time the code promises
 SERVE_LEDGER_WAIT = 3.0  # cli.SERVE_LEDGER_WAIT: how long serve waits for the ledger before its 503
@@ -67,7 +67,7 @@ def waiting_on_locks(cluster: PgCluster, url: str) -> int:
 
 
 def test_a_foreign_claim_is_busy_while_renewed_and_taken_over_once_its_lease_expires(pg_url: str) -> None:
-    """Node A's claim carries a 1 s lease that its renewer extends: node B is told BUSY for four lease
+    """Node A's claim carries a 2 s lease that its renewer extends: node B is told BUSY for three lease
     lengths (without the renewal the lease would run out after one). Once A is closed without finishing,
     nothing renews it, and B takes the row over when the lease has expired."""
     a = open_pg(pg_url, "node-a", lease_seconds=LEASE)
