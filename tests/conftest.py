@@ -44,17 +44,38 @@ def receiver(tmp_path: Path) -> Iterator[object]:
         yield r
 
 
+# --- the ledger backend: SQLite by default; both for tests marked ``both_ledgers`` ------------------------
+
+LEDGER_BACKENDS = ("sqlite", "postgres")
+TEST_NODE = "test-node"  # SMT_NODE_NAME of the one node a both_ledgers test runs
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if metafunc.definition.get_closest_marker("both_ledgers") and "ledger_backend" in metafunc.fixturenames:
+        metafunc.parametrize("ledger_backend", LEDGER_BACKENDS, indirect=True)
+
+
 @pytest.fixture
-def base_env(tmp_path: Path) -> dict[str, str]:
+def ledger_backend(request: pytest.FixtureRequest) -> str:
+    """Which ledger ``base_env`` points at: ``sqlite`` (in SMT_STATE_DIR), or ``postgres`` (a fresh database
+    of the session's cluster) for tests marked ``both_ledgers``, which run once with each."""
+    return str(getattr(request, "param", "sqlite"))
+
+
+@pytest.fixture
+def base_env(tmp_path: Path, ledger_backend: str, request: pytest.FixtureRequest) -> dict[str, str]:
     """A clean environment: only what the test sets, plus what a subprocess needs to run."""
     inbox = tmp_path / "inbox"
     inbox.mkdir()
-    return {
+    env = {
         "SMT_LOCAL_DIR": str(inbox),
         "SMT_STATE_DIR": str(tmp_path / "state"),
         "SMT_RETRY_BACKOFF_SECONDS": "0.05",
         "SMT_HTTP_TIMEOUT": "10",
     }
+    if ledger_backend == "postgres":
+        env.update(SMT_LEDGER_URL=str(request.getfixturevalue("pg_url")), SMT_NODE_NAME=TEST_NODE)
+    return env
 
 
 @pytest.fixture

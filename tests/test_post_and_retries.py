@@ -1,7 +1,8 @@
 """README promises about retries, refusals, `post` and `ledger forget` that no other test pinned down
 (found by the mutants in tests/mutants/watch.toml; each test names the mutants it was checked against).
 
-Against the real receiver on loopback (scripted faults), real SQLite, and the real CLI in subprocesses.
+Against the real receiver on loopback (scripted faults), the real CLI in subprocesses, and a real ledger:
+every test runs twice, on SQLite and on PostgreSQL (``both_ledgers``, tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from smt_watch.statedir import open_ledger
 
 Make = Callable[..., Settings]
 Run = Callable[..., subprocess.CompletedProcess[str]]
+
+pytestmark = pytest.mark.both_ledgers
 
 RETRYABLE = (408, 425, 429, 500, 502, 503, 504)  # README "Retries", in that order
 BACKOFF_BASE = 0.4  # SMT_RETRY_BACKOFF_SECONDS for the in-call backoff test

@@ -716,6 +716,7 @@ def test_unsafe_names_via_httpx_encoding(srv: Running, client: httpx.Client) -> 
 
 
 # --- rate limits ---------------------------------------------------------------------------------------
+# Uploads are counted in the ledger: each test runs on SQLite and on PostgreSQL (``both_ledgers``).
 
 
 @pytest.fixture
@@ -748,6 +749,7 @@ ADMIN = timedelta(hours=24)
 CUST = {"x-smt-upload-role": "customer"}  # an upload that names no role is admin's, as the Node server counts it
 
 
+@pytest.mark.both_ledgers
 def test_customer_limit_sixth_upload_is_429(limited: Running) -> None:
     with limited.client() as client:
         remaining = []
@@ -761,6 +763,7 @@ def test_customer_limit_sixth_upload_is_429(limited: Running) -> None:
     assert len(limited.stored()) == 5 and limited.temps() == []
 
 
+@pytest.mark.both_ledgers
 def test_429_is_answered_before_the_body_when_headers_name_the_account(limited: Running) -> None:
     """Role and account both in headers: the identity is known, so the refusal needs no body at all."""
     with limited.client() as client:
@@ -776,6 +779,7 @@ def test_429_is_answered_before_the_body_when_headers_name_the_account(limited: 
     assert len(limited.stored()) == 5 and limited.temps() == []
 
 
+@pytest.mark.both_ledgers
 def test_429_is_answered_when_the_file_part_begins(limited: Running) -> None:
     """Role and account in form fields before the file part: the refusal comes when the file part begins,
     before a byte of it is written and before the rest of the body is sent (the client here never sends it).
@@ -799,6 +803,7 @@ def test_429_is_answered_when_the_file_part_begins(limited: Running) -> None:
     assert len(limited.stored()) == 5 and limited.temps() == []
 
 
+@pytest.mark.both_ledgers
 def test_accounts_are_counted_separately_by_header_and_by_form_field(limited: Running) -> None:
     with limited.client() as client:
         for i in range(5):
@@ -821,6 +826,7 @@ def test_accounts_are_counted_separately_by_header_and_by_form_field(limited: Ru
     assert len(limited.stored()) == 11 and limited.temps() == []
 
 
+@pytest.mark.both_ledgers
 def test_admin_role_by_header_and_by_form_field_has_its_own_limit(limited: Running) -> None:
     acct = {"x-smt-upload-account-key": "staff"}
     with limited.client() as client:
@@ -847,6 +853,7 @@ def test_admin_role_by_header_and_by_form_field_has_its_own_limit(limited: Runni
     assert len(limited.stored()) == 4 and limited.temps() == []
 
 
+@pytest.mark.both_ledgers
 @pytest.mark.parametrize("how", ["header", "form"])
 def test_unknown_role_is_400(limited: Running, how: str) -> None:
     with limited.client() as client:
@@ -858,6 +865,7 @@ def test_unknown_role_is_400(limited: Running, how: str) -> None:
     assert_nothing_stored(limited)
 
 
+@pytest.mark.both_ledgers
 @pytest.mark.parametrize("fields", [{"role": "admin"}, {"accountKey": "fresh-account"}], ids=["role", "accountKey"])
 def test_form_identity_is_not_refused_on_the_client_address_count(limited: Running, fields: dict[str, str]) -> None:
     with limited.client() as client:
@@ -867,6 +875,7 @@ def test_form_identity_is_not_refused_on_the_client_address_count(limited: Runni
     assert r.status_code == 202, r.text
 
 
+@pytest.mark.both_ledgers
 def test_refused_and_failed_uploads_do_not_count(limited: Running) -> None:
     with limited.client() as client:
         for _ in range(3):
@@ -876,6 +885,21 @@ def test_refused_and_failed_uploads_do_not_count(limited: Running) -> None:
         assert r.status_code == 202 and r.json()["meta"]["remaining"] == 4
 
 
+@pytest.mark.both_ledgers
+def test_an_account_with_control_characters_is_counted(limited: Running) -> None:
+    """An account key is the client's text: PostgreSQL text holds no NUL, yet such an account is counted like
+    any other (and its quota's lock key is no NUL-joined string either: every upload was a 500 once)."""
+    with limited.client() as client:
+        for i in range(5):
+            r = upload(client, os.urandom(100), f"{i}.csv", headers=CUST, fields={"accountKey": "odd\x00\x01key"})
+            assert r.status_code == 202, r.text
+            assert r.json()["meta"]["remaining"] == 4 - i
+        refused = upload(client, os.urandom(100), headers=CUST, fields={"accountKey": "odd\x00\x01key"})
+    assert refused.status_code == 429, refused.text
+    assert len(limited.stored()) == 5 and limited.temps() == []
+
+
+@pytest.mark.both_ledgers
 def test_limits_survive_a_server_restart(make_settings: Make) -> None:
     settings = make_settings(SMT_UPLOAD_TOKEN=TOKEN, SMT_UPLOAD_CUSTOMER_LIMIT="5")
     with running(settings) as srv, srv.client() as client:

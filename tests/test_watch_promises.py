@@ -1,7 +1,8 @@
 """README promises about `watch` that no other test pinned down (found by the mutants in
 tests/mutants/watch.toml; each test names the mutants it was checked against).
 
-Real parts only: a real watchdog observer on a temp inbox, the real receiver on loopback, real SQLite.
+Real parts only: a real watchdog observer on a temp inbox, the real receiver on loopback, real SQLite (and
+real PostgreSQL for the tests of claims, duplicates and backoff, marked ``both_ledgers``).
 Every wait is a condition with a deadline. "Never taken" is proven with SMT_WORKERS=1 and sentinels: one
 worker takes jobs in queue order, so once a sentinel that landed after the files under test (and after an
 earlier sentinel was delivered) is delivered, those files were either refused or already handled.
@@ -111,6 +112,7 @@ def test_a_file_that_keeps_changing_without_events_is_not_taken(make_settings: M
     assert row["sha256"] == sha(target.read_bytes()) and row["sizeBytes"] == size
 
 
+@pytest.mark.both_ledgers
 def test_a_duplicate_under_another_name_gets_the_after_send_action(make_settings: Make, receiver: Any,
                                                                     tmp_path: Path) -> None:
     """SMT_AFTER_SEND=delete: the second name holds bytes already delivered, so it counts as delivered and
@@ -125,6 +127,7 @@ def test_a_duplicate_under_another_name_gets_the_after_send_action(make_settings
     assert len(receiver.state.requests) == 1
 
 
+@pytest.mark.both_ledgers
 def test_a_file_changed_after_delivery_is_left_for_the_next_pass(make_settings: Make, receiver: Any) -> None:
     """SMT_AFTER_SEND=delete must not delete a file that changed while its old bytes were being delivered:
     that is new content, delivered in its turn (and deleted then). The receiver holds the first request;
@@ -161,6 +164,7 @@ def test_archive_never_overwrites_a_dangling_symlink(make_settings: Make, receiv
     assert (archive / "a.csv.1").read_bytes() == data
 
 
+@pytest.mark.both_ledgers
 def test_failed_and_backed_off_files_wait_even_when_looked_at_again(make_settings: Make, receiver: Any) -> None:
     """A refused file stays where it is (even with SMT_AFTER_SEND=delete) and is not sent again until
     ``ledger forget``; a file told to come back in 120 s (Retry-After) is not sent before then. Touching

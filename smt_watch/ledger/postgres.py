@@ -184,6 +184,7 @@ class PostgresLedger:
         self._renewer: threading.Thread | None = None
         self._closed = threading.Event()
         self._down_since: float | None = None
+        self._connect_timeout = connect_timeout
         self._pool = psycopg_pool.ConnectionPool(
             url,
             min_size=1,
@@ -191,11 +192,16 @@ class PostgresLedger:
             kwargs={"autocommit": True, "connect_timeout": max(1, int(connect_timeout)),
                     "options": f"-c search_path={SCHEMA}"},
             timeout=connect_timeout,
-            reconnect_timeout=0,  # never give up in the background: reconnect_seconds bounds each call
+            # 0: a failed background attempt gives up at once; the next call that needs a connection makes
+            # the pool try again, and reconnect_seconds bounds each call (see _run).
+            reconnect_timeout=0,
             open=False,
             name="smt-watch-ledger",
         )
         try:
+            # One plain connection first: a wrong password or an unknown database fails at once with the
+            # server's reason; the pool would only say "initialization incomplete" after connect_timeout.
+            psycopg.connect(url, connect_timeout=max(1, int(connect_timeout))).close()
             self._pool.open(wait=True, timeout=connect_timeout)
         except _DISCONNECTS as exc:
             self._pool.close()
@@ -226,8 +232,11 @@ class PostgresLedger:
         deadline = time.monotonic() + self._reconnect
         delay = 0.1
         while True:
+            # Never wait for a connection past the deadline: the pool's own timeout (connect_timeout) would
+            # hold a call 10 s whatever reconnect_seconds says (serve's 3 s wait took 10).
+            wait = min(self._connect_timeout, max(0.05, deadline - time.monotonic()))
             try:
-                with self._pool.connection() as conn:
+                with self._pool.connection(timeout=wait) as conn:
                     result = what(conn)
             except _DISCONNECTS as exc:
                 if not retry or time.monotonic() + delay > deadline or self._closed.is_set():
@@ -584,14 +593,18 @@ class PostgresLedger:
     def uploads_since(self, role: str, account: str, since: float) -> list[float]:
         return [float(r["at"]) for r in self._query(
             "SELECT at FROM uploads WHERE role = %s AND account = %s AND at > %s ORDER BY at",
-            (role, account, since))]
+            (role, column_text(account), since))]
 
     def take_upload_slot(self, role: str, account: str, since: float, limit: int, at: float) -> bool:
-        """Atomic across nodes: the account's count and insert run under its own advisory lock."""
+        """Atomic across nodes: the account's count and insert run under its own advisory lock (keyed by a
+        hash: two accounts that share one only wait for each other). PostgreSQL text holds no NUL, so an
+        account is stored as :func:`column_text` makes it, here and in :meth:`uploads_since` alike."""
+        account = column_text(account)
 
         def run(conn: psycopg.Connection[Any]) -> bool:
             with conn.transaction():
-                conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (LOCK_QUOTA, f"{role}\0{account}"))
+                conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s || '/' || %s))",
+                             (LOCK_QUOTA, role, account))
                 row = conn.execute("SELECT count(*) FROM uploads WHERE role = %s AND account = %s AND at > %s",
                                    (role, account, since)).fetchone()
                 if row is not None and int(row[0]) >= limit:
