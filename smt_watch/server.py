@@ -55,6 +55,7 @@ from smt_watch.config import Secret, Settings
 from smt_watch.errors import LedgerUnavailable, SmtWatchError
 from smt_watch.inbox import create_inbox, is_candidate
 from smt_watch.ledger import Ledger
+from smt_watch.status import WINDOWS
 from smt_watch.tickets import TicketError, verify
 from smt_watch.uploads import (
     MalformedUpload,
@@ -67,7 +68,6 @@ from smt_watch.uploads import (
 
 log = logging.getLogger("smt_watch.server")
 
-WINDOWS: Final = {"admin": 24 * 3600.0, "customer": 30 * 86400.0}
 SECRET_HEADERS: Final = (
     "x-intelliwatt-secret", "x-smt-secret", "x-webhook-secret", "x-proxy-secret", "x-droplet-webhook-secret",
 )
