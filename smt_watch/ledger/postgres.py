@@ -629,7 +629,7 @@ class PostgresLedger:
 
         def run(conn: psycopg.Connection[Any]) -> bool:
             with conn.transaction():
-                conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (LOCK_QUOTA, f"{role}\0{account}"))
+                conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (LOCK_QUOTA, f"{role}/{account}"))
                 row = conn.execute("SELECT count(*) FROM uploads WHERE role = %s AND account = %s AND at > %s",
                                    (role, account, since)).fetchone()
                 if row is not None and int(row[0]) >= limit:
