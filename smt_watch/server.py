@@ -497,8 +497,9 @@ class Server:
 
     @staticmethod
     def _html(body: str, status: int = 200, headers: dict[str, str] | None = None) -> HTMLResponse:
+        # Referrer-Policy same-origin, not no-referrer: under no-referrer the forms' Origin would be "null"
         return HTMLResponse(body, status_code=status, headers={
-            "Cache-Control": "no-store", "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer",
+            "Cache-Control": "no-store", "X-Frame-Options": "DENY", "Referrer-Policy": "same-origin",
             "Content-Security-Policy": status_page.CSP, **(headers or {})})
 
     @staticmethod
