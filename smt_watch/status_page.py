@@ -105,7 +105,7 @@ def _t(text: str) -> str:
 
 def _bar_chart(hours: list[Hour]) -> str:
     """Deliveries per hour: one bar per hour, the count above it."""
-    w, h, left, bottom, top = 720, 190, 34, 28, 16
+    w, h, left, bottom, top = 720, 150, 34, 28, 16
     peak = max([x.deliveries for x in hours] + [1])
     step = (w - left - 8) / len(hours)
     parts = [f'<svg id="chart-deliveries" viewBox="0 0 {w} {h}" role="img" aria-label="Deliveries per hour, '
@@ -127,7 +127,7 @@ def _bar_chart(hours: list[Hour]) -> str:
 
 def _latency_chart(hours: list[Hour]) -> str:
     """Median and maximum latency per hour (first sight to sent), as two lines of points."""
-    w, h, left, bottom, top = 720, 190, 46, 28, 16
+    w, h, left, bottom, top = 720, 150, 46, 28, 16
     values = [v for x in hours for v in (x.median_seconds, x.max_seconds) if v is not None]
     peak = max([*values, 1.0])
     step = (w - left - 8) / len(hours)
@@ -189,7 +189,7 @@ def status_page(status: Status, csrf: str, *, notice: str | None = None, now: fl
 <div class="cards"><div class="card" id="queue">queue<b>{status.queue}</b></div>{cards}</div>
 <h2>Failures</h2><div class="scroll"><table id="failures"><tr><th>state</th><th>file</th><th>att.</th><th>HTTP</th>
 <th>reason, and the command that retries it</th><th></th></tr>{failures}</table></div>
-<h2>Last {len(status.recent)} deliveries</h2><div class="scroll"><table id="recent"><tr><th>sent</th><th>file</th>
+<h2>Last deliveries</h2><div class="scroll"><table id="recent"><tr><th>sent</th><th>file</th>
 <th>size</th><th>latency</th><th>HTTP</th></tr>{recent}</table></div>
 <h2>Last 24 hours</h2>{_bar_chart(status.hours)}<br>{_latency_chart(status.hours)}
 <h2>Upload quotas</h2><div class="scroll"><table id="quotas"><tr><th>role</th><th>limit</th><th>uploads</th>
