@@ -337,6 +337,54 @@ def serve(
         run(settings, ledger)
 
 
+# --- status -----------------------------------------------------------------------------------------
+
+
+@app.command()
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (for scripts).")] = False,
+    follow: Annotated[bool, typer.Option("--follow", help="Redraw in place until Ctrl-C, like `vector top`.")] = False,
+    interval: Annotated[
+        float, typer.Option("--interval", metavar="SECONDS", min=0.5, help="Redraw period for --follow.")
+    ] = 2.0,
+    state_dir: StateDir = None,
+    env_file: EnvFile = None,
+) -> None:
+    """One screen: is watch running and since when, queue, ledger counts, the last deliveries, every failure
+    with the command that retries it, the last sync pass and upload quota use.
+
+    Read from the ledger (so it covers every node sharing one). Exit 0; 1 when a watcher that wrote a
+    heartbeat is not running or a failure is listed, so scripts and timers can alert on it.
+    """
+    from smt_watch.statedir import open_ledger
+    from smt_watch.status import console_view, gather
+
+    settings = _settings(env_file, SMT_STATE_DIR=state_dir)
+    with open_ledger(settings) as ledger:
+        if follow and not as_json:
+            import time
+
+            from rich.live import Live
+
+            with Live(console_view(gather(settings, ledger)), auto_refresh=False, screen=False) as live:
+                try:
+                    while True:
+                        time.sleep(interval)  # a redraw period, not a synchronisation
+                        live.update(console_view(gather(settings, ledger)), refresh=True)
+                except KeyboardInterrupt:
+                    return
+        state = gather(settings, ledger)
+    if as_json:
+        typer.echo(json.dumps(state.to_json(), indent=2))
+    else:
+        from rich.console import Console
+
+        Console(width=max(120, Console().width)).print(console_view(state))
+    stopped = any(not w.running and not w.stopped_at for w in state.watchers)
+    if stopped or any(f.state == "failed" for f in state.failures):
+        raise typer.Exit(1)
+
+
 # --- doctor -----------------------------------------------------------------------------------------
 
 
@@ -373,6 +421,12 @@ def doctor(
 def inspect(
     file: Annotated[Path, typer.Argument(metavar="FILE", help="A .csv, .zip or .asc file.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON (an array for a .zip or .asc).")] = False,
+    plot: Annotated[
+        Path | None,
+        typer.Option("--plot", metavar="OUT", help="Also draw a heatmap of kWh (days x 15-minute slots, estimated "
+                     "and blank reads marked, daily totals beside it) to OUT (.png or .svg); needs "
+                     "smt-watch[plot]."),
+    ] = None,
     env_file: EnvFile = None,
 ) -> None:
     """Show what smt-watch sees in a file: kind, ESIIDs, dates, intervals, gaps, kWh, UTC span.
@@ -383,6 +437,15 @@ def inspect(
     from smt_watch.content import inspect_path
 
     settings = _settings(env_file)
+    if plot is not None:
+        from smt_watch.plot import plot_file
+
+        try:
+            drawn = plot_file(settings, file, plot)
+        except ContentError as exc:
+            typer.echo(f"smt-watch: {exc}", err=True)
+            raise typer.Exit(1) from exc
+        typer.echo(f"plotted {drawn} to {plot}", err=as_json)
     try:
         summaries = inspect_path(settings, file)
     except ContentError as exc:
@@ -523,6 +586,30 @@ def ledger_forget(
         raise typer.Exit(1)
     for sha in removed:
         typer.echo(f"forgot {sha}")
+
+
+@ledger_app.command("retry")
+def ledger_retry(
+    target: Annotated[str, typer.Argument(metavar="SHA256|PATH", help="A hash, unique hash prefix, or file.")],
+    state_dir: StateDir = None,
+    env_file: EnvFile = None,
+) -> None:
+    """Put a failed (or retrying) row back to pending: watch delivers it again within a second or two.
+
+    Like `ledger forget`, but the row keeps its history and watch does not wait for its next rescan; what
+    serve's /status retry button does. A CSV from an .asc/.zip takes its parent with it. Exit 1 when no
+    failed or retrying row matched.
+    """
+    from smt_watch.pipeline import retry_target
+    from smt_watch.statedir import open_ledger
+
+    with open_ledger(_settings(env_file, SMT_STATE_DIR=state_dir)) as ledger:
+        moved = retry_target(ledger, target)
+    if not moved:
+        typer.echo(f"smt-watch: no failed or retrying ledger row for {shown(target)}", err=True)
+        raise typer.Exit(1)
+    for sha in moved:
+        typer.echo(f"pending {sha}")
 
 
 @ledger_app.command("import")

@@ -25,6 +25,7 @@ from smt_watch.errors import ConfigError
 
 DELIVERY_MODES: Final = delivery_choices()  # auto, then every mode in smt_watch.delivery.registry
 INLINE_ENCODINGS: Final = ("base64", "base64+gzip")
+STATUS_TOKEN_MIN: Final = 16  # a web login: short tokens are guessable
 _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 T = TypeVar("T")
 
@@ -108,6 +109,7 @@ class Settings:
     trusted_proxies: tuple[str, ...] = ()  # SMT_TRUSTED_PROXIES: peers whose X-Forwarded-For is believed
     webhook_secret: Secret | None = None  # INTELLIWATT_WEBHOOK_SECRET / DROPLET_WEBHOOK_SECRET
     webhook_forward_url: str | None = None  # SMT_WEBHOOK_FORWARD_URL: the old bridge, for what serve does not handle
+    status_token: Secret | None = None  # SMT_STATUS_TOKEN: opens serve's /status page (unset: no page)
     settle_seconds: float = 1.0  # SMT_SETTLE_SECONDS
     rescan_seconds: float = 300.0  # SMT_RESCAN_SECONDS
     workers: int = 2  # SMT_WORKERS
@@ -254,7 +256,7 @@ class _Reader:
         value = self.raw(name)
         return value if value is not None else default
 
-    def secret(self, *names: str, header: bool = True) -> Secret | None:
+    def secret(self, *names: str, header: bool = True, min_length: int = 0) -> Secret | None:
         """``header``: the value travels in (or is compared with) an HTTP header, so it must be visible
         ASCII with no spaces; a passphrase may hold spaces but no control characters. A value that breaks
         the rule is refused now, naming the variable and the rule and never the value: sent later it would
@@ -267,6 +269,8 @@ class _Reader:
                 raise ConfigError(f"{name} must be visible ASCII with no spaces (it is sent in an HTTP header)")
             if not header and not value.isprintable():
                 raise ConfigError(f"{name} must not hold control characters (a newline, for one)")
+            if len(value) < min_length:
+                raise ConfigError(f"{name} must be at least {min_length} characters (e.g. `openssl rand -hex 24`)")
             return Secret(value)
         return None
 
@@ -389,6 +393,7 @@ def load_settings(
         trusted_proxies=r.items("SMT_TRUSTED_PROXIES", ()),
         webhook_secret=r.secret("INTELLIWATT_WEBHOOK_SECRET", "DROPLET_WEBHOOK_SECRET"),
         webhook_forward_url=r.url("SMT_WEBHOOK_FORWARD_URL"),
+        status_token=r.secret("SMT_STATUS_TOKEN", min_length=STATUS_TOKEN_MIN),
         settle_seconds=r.number("SMT_SETTLE_SECONDS", 1.0),
         rescan_seconds=r.number("SMT_RESCAN_SECONDS", 300.0, minimum=1.0),
         workers=r.integer("SMT_WORKERS", 2, minimum=1, maximum=64),

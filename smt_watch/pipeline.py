@@ -347,6 +347,19 @@ def post_files(
 
 def forget_target(ledger: Ledger, target: str) -> list[str]:
     """Resolve ``ledger forget``'s argument (a hash, a unique hash prefix, or a path) and drop the rows."""
+    shas = resolve_target(ledger, target)
+    removed = ledger.forget(shas) if shas else 0
+    return shas[:removed] if removed else []
+
+
+def retry_target(ledger: Ledger, target: str) -> list[str]:
+    """``ledger retry``: the rows ``target`` names (as for ``forget``) back to ``pending``; the hashes moved."""
+    shas = resolve_target(ledger, target)
+    return ledger.retry(shas) if shas else []
+
+
+def resolve_target(ledger: Ledger, target: str) -> list[str]:
+    """The hashes a command-line target names: a hash, a unique hash prefix, or a file (by path or content)."""
     text = target.strip().lower()
     if SHA256_RE.match(text):
         shas = [text]
@@ -359,5 +372,4 @@ def forget_target(ledger: Ledger, target: str) -> list[str]:
         shas = [r.sha256 for r in ledger.find(path=str(path.absolute()))]
         if not shas and path.is_file() and not path.is_symlink():
             shas = [identify(path).sha256]
-    removed = ledger.forget(shas) if shas else 0
-    return shas[:removed] if removed else []
+    return shas

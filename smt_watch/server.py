@@ -36,7 +36,7 @@ from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path, PurePosixPath
 from typing import Any, Final
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import h11
 import uvicorn
@@ -49,12 +49,14 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from smt_watch import status_page
 from smt_watch.bridge import Bridge
 from smt_watch.clock import utc_stamp
 from smt_watch.config import Secret, Settings
 from smt_watch.errors import LedgerUnavailable, SmtWatchError
 from smt_watch.inbox import create_inbox, is_candidate
-from smt_watch.ledger import Ledger
+from smt_watch.ledger import SHA256_RE, Ledger
+from smt_watch.status import WINDOWS, gather
 from smt_watch.tickets import TicketError, verify
 from smt_watch.uploads import (
     MalformedUpload,
@@ -67,7 +69,6 @@ from smt_watch.uploads import (
 
 log = logging.getLogger("smt_watch.server")
 
-WINDOWS: Final = {"admin": 24 * 3600.0, "customer": 30 * 86400.0}
 SECRET_HEADERS: Final = (
     "x-intelliwatt-secret", "x-smt-secret", "x-webhook-secret", "x-proxy-secret", "x-droplet-webhook-secret",
 )
@@ -81,6 +82,7 @@ ANY_METHOD: Final = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 LEDGER_RETRY_AFTER: Final = 10  # seconds a client told 503 (the shared ledger is unreachable) should wait
 BUSY_RETRY_AFTER: Final = 5  # seconds a client told 503 (too many uploads at once) should wait
 WEBHOOK_MAX_BYTES: Final = 64 * 1024  # a trigger body is a small JSON object
+STATUS_FORM_MAX_BYTES: Final = 4096  # a status page form: a token, a hash, a CSRF token
 QUEUE_SAMPLE: Final = 20  # recent deliveries the queue's etaSeconds is estimated from
 MAX_NAME_BYTES: Final = 200
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -480,6 +482,124 @@ class Server:
         return HTMLResponse(upload_page(), headers={"Cache-Control": "no-store", "X-Frame-Options": "DENY",
                                                   "Content-Security-Policy": PAGE_CSP})
 
+    # --- /status: the status page (SMT_STATUS_TOKEN) ----------------------------------------------------
+
+    def _session(self, request: Request) -> str | None:
+        """The request's status session cookie, if it is a valid one."""
+        token = self.settings.status_token
+        cookie = request.cookies.get(status_page.COOKIE)
+        return cookie if token is not None and status_page.session_valid(token, cookie) else None
+
+    def _foreign(self, request: Request) -> bool:
+        """A POST whose Origin is not this server (a missing Origin is judged by the CSRF token alone)."""
+        origin = request.headers.get("origin")
+        return origin is not None and not same_origin(origin, request.headers.get("host"))
+
+    @staticmethod
+    def _html(body: str, status: int = 200, headers: dict[str, str] | None = None) -> HTMLResponse:
+        # Referrer-Policy same-origin, not no-referrer: under no-referrer the forms' Origin would be "null"
+        return HTMLResponse(body, status_code=status, headers={
+            "Cache-Control": "no-store", "X-Frame-Options": "DENY", "Referrer-Policy": "same-origin",
+            "Content-Security-Policy": status_page.CSP, **(headers or {})})
+
+    @staticmethod
+    def _see_status(notice: str | None = None) -> Response:
+        return Response(status_code=303, headers={"Location": "/status" + (f"?done={notice}" if notice else ""),
+                                                  "Cache-Control": "no-store"})
+
+    async def _form(self, request: Request) -> dict[str, str]:
+        raw = await read_capped(request, STATUS_FORM_MAX_BYTES, self.settings.upload_idle_seconds)
+        pairs = parse_qs(raw.decode("utf-8", "replace"), keep_blank_values=True, max_num_fields=8)
+        return {k: v[0] for k, v in pairs.items()}
+
+    async def status(self, request: Request) -> Response:
+        if self.settings.status_token is None:
+            return self._html(status_page.disabled_page(), 404)
+        session = self._session(request)
+        if session is None:
+            return self._html(status_page.login_page(), 401)
+        state = await run_in_threadpool(gather, self.settings, self.ledger)
+        done = request.query_params.get("done", "")
+        notice = (f"Back to pending: {done}; watch delivers it shortly" if re.fullmatch(r"[0-9a-f]{12}", done)
+                  else "Nothing to retry: that row is not failed or retrying any more" if done == "none" else None)
+        return self._html(status_page.status_page(state, status_page.csrf_token(self.settings.status_token, session),
+                                                  notice=notice))
+
+    async def status_json(self, request: Request) -> Response:
+        token = self.settings.status_token
+        if token is None:
+            return _error(404, "status_disabled", "The status page is off: set SMT_STATUS_TOKEN")
+        bearer = request.headers.get("authorization", "")
+        sent = bearer[7:] if bearer[:7].lower() == "bearer " else None
+        if self._session(request) is None and not status_page.token_matches(token, sent):
+            return _error(401, "unauthorized", "Sign in at /status, or send Authorization: Bearer <SMT_STATUS_TOKEN>")
+        state = await run_in_threadpool(gather, self.settings, self.ledger)
+        return JSONResponse(state.to_json(), headers={"Cache-Control": "no-store"})
+
+    async def status_login(self, request: Request) -> Response:
+        token = self.settings.status_token
+        if token is None:
+            return self._html(status_page.disabled_page(), 404)
+        if self._foreign(request):
+            return self._html(status_page.login_page("Refused: this form was sent from another site."), 403)
+        try:
+            form = await self._form(request)
+        except (UploadTooLarge, UploadStalled, ValueError):
+            return self._html(status_page.login_page("Refused: not a sign-in form."), 400)
+        if not status_page.token_matches(token, form.get("token")):
+            client = request.client.host if request.client else "-"
+            log.warning("Status page: wrong token from %s", client)
+            return self._html(status_page.login_page("Wrong token."), 401)
+        secure = "; Secure" if request.url.scheme == "https" else ""
+        cookie = (f"{status_page.COOKIE}={status_page.new_session(token)}; Path=/status; HttpOnly; SameSite=Strict; "
+                  f"Max-Age={status_page.SESSION_SECONDS}{secure}")
+        response = self._see_status()
+        response.headers["Set-Cookie"] = cookie
+        return response
+
+    async def _checked_post(self, request: Request) -> tuple[dict[str, str], Response | None]:
+        """The form of a signed-in POST, or the refusal: no session 401, foreign Origin or bad CSRF 403."""
+        token = self.settings.status_token
+        if token is None:
+            return {}, self._html(status_page.disabled_page(), 404)
+        session = self._session(request)
+        if session is None:
+            return {}, self._html(status_page.login_page("Sign in first."), 401)
+        if self._foreign(request):
+            log.warning("Status page: POST refused, Origin %s is not this server", _shown(request.headers["origin"]))
+            return {}, _error(403, "origin_not_allowed", "Refused: this form was sent from another site")
+        try:
+            form = await self._form(request)
+        except (UploadTooLarge, UploadStalled, ValueError):
+            return {}, _error(400, "invalid_form", "Not a status page form")
+        if not status_page.csrf_valid(token, session, form.get("csrf")):
+            log.warning("Status page: POST refused, missing or wrong CSRF token")
+            return {}, _error(403, "csrf", "Refused: the form's CSRF token is missing or wrong; reload /status")
+        return form, None
+
+    async def status_retry(self, request: Request) -> Response:
+        """The retry button: what ``smt-watch ledger retry SHA256`` does (the row back to ``pending``)."""
+        form, refused = await self._checked_post(request)
+        if refused is not None:
+            return refused
+        sha = form.get("sha256", "")
+        if not SHA256_RE.fullmatch(sha):
+            return _error(400, "invalid_sha256", "sha256 must be 64 lower-case hex digits")
+        moved = await run_in_threadpool(self.ledger.retry, [sha])
+        client = request.client.host if request.client else "-"
+        log.info("Status page: retry of %s from %s: %s", sha[:12], client,
+                 "back to pending" if moved else "nothing to retry")
+        return self._see_status(sha[:12] if moved else "none")
+
+    async def status_logout(self, request: Request) -> Response:
+        _, refused = await self._checked_post(request)
+        if refused is not None:
+            return refused
+        response = self._see_status()
+        response.headers["Set-Cookie"] = (f"{status_page.COOKIE}=; Path=/status; HttpOnly; SameSite=Strict; "
+                                          "Max-Age=0")
+        return response
+
     # --- GET /health --------------------------------------------------------------------------------
 
     async def health(self, request: Request) -> Response:
@@ -495,7 +615,12 @@ class Server:
         ]
         if uploads:
             routes[:0] = [Route("/upload", self.upload, methods=["POST"]),
-                          Route("/", self.page, methods=["GET"])]
+                          Route("/", self.page, methods=["GET"]),
+                          Route("/status", self.status, methods=["GET"]),
+                          Route("/status.json", self.status_json, methods=["GET"]),
+                          Route("/status/login", self.status_login, methods=["POST"]),
+                          Route("/status/retry", self.status_retry, methods=["POST"]),
+                          Route("/status/logout", self.status_logout, methods=["POST"])]
         owned = {r.path: sorted(r.methods or ()) for r in routes}
 
         async def elsewhere(request: Request) -> Response:

@@ -149,6 +149,12 @@ class Placer:
         return day, self._clock.instant(day, label[0], label[1], min(fold, 1))
 
 
+def wall_slot(text: str) -> int | None:
+    """The wall-clock 15-minute slot (0–95) an ``H:MM`` label starts, or None when it names no time."""
+    label = _parse_label(text)
+    return None if label is None else label[0] * 4 + label[1] // 15
+
+
 def _parse_label(text: str) -> tuple[int, int] | None:
     """``H:MM`` as (hour, minute), or None for anything else (``25:99`` included: it names no time)."""
     t = _TIME_RE.match(text.strip())

@@ -123,19 +123,37 @@ def run_sync(
         if not locked:
             return None
         started = time.monotonic()
+        began = time.time()
         report = SyncReport(dry_run=dry_run)
-        with Connection(settings, accept_new_host_key=accept_new_host_key) as conn:
-            remote = list_remote(conn, settings)
-        known = ledger.remote_files()
-        report.listed = len(remote)
-        report.todo = [f for f in remote if known.get(f.path) != (f.size, f.mtime)]
-        report.already = report.listed - len(report.todo)
-        if on_plan:
-            on_plan(report)
-        if not dry_run and report.todo:
-            _fetch_all(settings, ledger, report, workers, on_bytes, force_repost)
+        try:
+            with Connection(settings, accept_new_host_key=accept_new_host_key) as conn:
+                remote = list_remote(conn, settings)
+            known = ledger.remote_files()
+            report.listed = len(remote)
+            report.todo = [f for f in remote if known.get(f.path) != (f.size, f.mtime)]
+            report.already = report.listed - len(report.todo)
+            if on_plan:
+                on_plan(report)
+            if not dry_run and report.todo:
+                _fetch_all(settings, ledger, report, workers, on_bytes, force_repost)
+        except SmtWatchError as exc:
+            if not dry_run:
+                _record(ledger, settings, began, report, str(exc))
+            raise
         report.seconds = time.monotonic() - started
+        if not dry_run:  # a dry run fetched nothing: the last real pass stays what `status` shows
+            _record(ledger, settings, began, report, None)
         return report
+
+
+def _record(ledger: Ledger, settings: Settings, began: float, report: SyncReport, error: str | None) -> None:
+    """The pass as `status` shows it; a ledger that fails here does not turn the pass into a failure."""
+    from smt_watch.status import record_sync
+
+    try:
+        record_sync(ledger, settings.node_name, began, report, error)
+    except SmtWatchError as exc:
+        log.warning("Could not record this sync pass for `status`: %s", exc)
 
 
 def _fetch_all(

@@ -54,6 +54,7 @@ from smt_watch.metrics import Metrics
 from smt_watch.notify import Notifier
 from smt_watch.pipeline import Outcome, Result
 from smt_watch.statedir import open_ledger
+from smt_watch.status import HEARTBEAT_SECONDS, Beat, beat
 
 log = logging.getLogger("smt_watch.watch")
 
@@ -108,6 +109,7 @@ class WatchService:
         self._ledger: Ledger | None = None
         self._sink: Sink | None = None
         self.backend = ""
+        self._started_at = time.time()
 
     # --- control ------------------------------------------------------------------------------------
 
@@ -169,6 +171,7 @@ class WatchService:
                      " in processes" if self.settings.worker_mode is WorkerMode.PROCESS else "", self.mode, found,
                      self.counts.cached)
             self._notifier.ready(self._status())
+            self._beat()
             self.ready.set()
             self._loop(started)
         finally:
@@ -180,6 +183,7 @@ class WatchService:
         next_rescan = started + s.rescan_seconds
         next_due = started
         next_ping = started
+        next_beat = started + HEARTBEAT_SECONDS
         ping = self._notifier.watchdog_interval
         while not self._stop.is_set():
             now = time.monotonic()
@@ -194,8 +198,11 @@ class WatchService:
                 self._notifier.watchdog()
                 self._notifier.status(self._status())
                 next_ping = now + ping
+            if now >= next_beat:
+                self._beat()
+                next_beat = now + HEARTBEAT_SECONDS
             self.metrics.queue_depth.set(self._queue.qsize() + len(self._settler))
-            wake_at = [next_rescan, next_due]
+            wake_at = [next_rescan, next_due, next_beat]
             if ping:
                 wake_at.append(next_ping)
             settle_due = self._settler.next_due()
@@ -327,6 +334,17 @@ class WatchService:
         return (f"queue {self._queue.qsize() + len(self._settler)}, sent {c.sent}, duplicate {c.duplicate}, "
                 f"retrying {c.retrying}, failed {c.failed}")
 
+    def _beat(self, stopped: bool = False) -> None:
+        """The heartbeat ``status`` reads; a ledger that cannot take it now gets the next one."""
+        if self._ledger is None:
+            return
+        try:
+            beat(self._ledger, Beat(node=self.settings.node_name, started_at=self._started_at,
+                                    waiting=self._queue.qsize() + len(self._settler), mode=self.mode,
+                                    workers=self.settings.workers, stopped=stopped))
+        except SmtWatchError as exc:
+            log.debug("Heartbeat not written: %s", exc)
+
     def _shutdown(self, watcher: InboxWatcher, workers: list[threading.Thread]) -> None:
         self._notifier.stopping()
         watcher.stop()
@@ -342,6 +360,8 @@ class WatchService:
             while w.is_alive() and not self._force.is_set() and time.monotonic() < deadline:
                 w.join(0.1)
         alive = sum(w.is_alive() for w in workers)
+        if self.ready.is_set():
+            self._beat(stopped=True)
         if alive:
             log.warning("Stopping with %d delivery(ies) in flight; they will be sent again at next start", alive)
             return  # daemon threads; their rows stay `sending` and are resumed at the next start

@@ -52,6 +52,7 @@ from smt_watch.ledger.common import (
     Seen,
     claimer_alive,
     column_text,
+    delivery_seconds,
     epoch_of,
     now_iso,
     process_id,
@@ -364,6 +365,25 @@ class PostgresLedger:
         self._execute("INSERT INTO meta (key, value) VALUES (%s, %s)"
                       " ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value", (key, value))
 
+    def meta_prefix(self, prefix: str) -> dict[str, str]:
+        return {str(r["key"]): str(r["value"]) for r in self._query(
+            "SELECT key, value FROM meta WHERE substr(key, 1, %s) = %s ORDER BY key", (len(prefix), prefix))}
+
+    def recent_deliveries(self, limit: int) -> list[Row]:
+        return [row_from(r) for r in self._query(
+            f"SELECT {FILE_COLUMNS} FROM files WHERE state = 'sent' AND origin <> 'import' AND sent_at IS NOT NULL"
+            " ORDER BY sent_at DESC, sha256 LIMIT %s", (limit,))]
+
+    def delivery_times(self, since: float) -> list[tuple[float, float]]:
+        rows = self._query("SELECT first_seen, sent_at FROM files WHERE state = 'sent' AND origin <> 'import'"
+                           " AND sent_at >= %s ORDER BY sent_at", (utc_stamp(since, digits=6),))
+        return [(epoch_of(r["sent_at"]), delivery_seconds(r["first_seen"], r["sent_at"])) for r in rows]
+
+    def upload_counts(self, role: str, since: float) -> dict[str, int]:
+        return {str(r["account"]): int(r["n"]) for r in self._query(
+            "SELECT account, count(*) AS n FROM uploads WHERE role = %s AND at > %s GROUP BY account"
+            " ORDER BY n DESC, account", (role, since))}
+
     # --- the delivery state machine ------------------------------------------------------------------
 
     def claim(
@@ -478,6 +498,24 @@ class PostgresLedger:
                 removed = conn.execute("DELETE FROM files WHERE sha256 = ANY(%s)", (shas,)).rowcount
                 conn.execute("DELETE FROM chunks WHERE sha256 = ANY(%s)", (shas,))
                 return removed
+
+        return self._run(run)
+
+    def retry(self, sha256s: Iterable[str]) -> list[str]:
+        """As :meth:`smt_watch.ledger.sqlite.SqliteLedger.retry`; the row keeps its node, whose ``watch``
+        delivers it."""
+        shas = list(sha256s)
+
+        def run(conn: psycopg.Connection[Any]) -> list[str]:
+            with conn.transaction():
+                parents = [r[0] for r in conn.execute(
+                    "SELECT parent FROM files WHERE sha256 = ANY(%s) AND parent IS NOT NULL", (shas,)).fetchall()]
+                targets = shas + [p for p in parents if p not in shas]
+                moved = {r[0] for r in conn.execute(
+                    "UPDATE files SET state = 'pending', next_attempt_at = NULL, claimed_by = NULL, claimed_at = NULL,"
+                    " lease_until = NULL, updated_at = %s WHERE sha256 = ANY(%s) AND state IN ('failed', 'retrying')"
+                    " RETURNING sha256", (now_iso(), targets)).fetchall()}
+            return [s for s in targets if s in moved]
 
         return self._run(run)
 

@@ -35,6 +35,7 @@ from smt_watch.ledger.common import (
     Seen,
     claimer_alive,
     column_text,
+    delivery_seconds,
     epoch_of,
     now_iso,
     process_id,
@@ -303,6 +304,29 @@ class SqliteLedger:
         with self.atomic() as db:
             db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
 
+    def meta_prefix(self, prefix: str) -> dict[str, str]:
+        """Every meta entry whose key starts with ``prefix`` (e.g. each node's ``watch`` heartbeat)."""
+        return {str(r[0]): str(r[1]) for r in self._query(
+            "SELECT key, value FROM meta WHERE substr(key, 1, ?) = ? ORDER BY key", (len(prefix), prefix), tuples=True)}
+
+    def recent_deliveries(self, limit: int) -> list[Row]:
+        """The latest ``sent`` rows, newest first (hashes brought in by ``ledger import`` are not deliveries)."""
+        return [row_from(r) for r in self._query(
+            f"SELECT {FILE_COLUMNS} FROM files WHERE state = 'sent' AND origin <> 'import' AND sent_at IS NOT NULL"
+            " ORDER BY sent_at DESC, sha256 LIMIT ?", (limit,))]
+
+    def delivery_times(self, since: float) -> list[tuple[float, float]]:
+        """(when sent, seconds from first sight) of every delivery since ``since``, oldest first."""
+        rows = self._query("SELECT first_seen, sent_at FROM files WHERE state = 'sent' AND origin <> 'import'"
+                           " AND sent_at >= ? ORDER BY sent_at", (utc_stamp(since, digits=6),), tuples=True)
+        return [(epoch_of(sent), delivery_seconds(first, sent)) for first, sent in rows]
+
+    def upload_counts(self, role: str, since: float) -> dict[str, int]:
+        """account -> uploads accepted for it in the window, most first."""
+        return {str(r[0]): int(r[1]) for r in self._query(
+            "SELECT account, COUNT(*) AS n FROM uploads WHERE role = ? AND at > ? GROUP BY account"
+            " ORDER BY n DESC, account", (role, since), tuples=True)}
+
     # --- the delivery state machine ----------------------------------------------------------------
 
     def claim(
@@ -409,6 +433,24 @@ class SqliteLedger:
                 removed += db.execute("DELETE FROM files WHERE sha256 = ?", (s,)).rowcount
                 db.execute("DELETE FROM chunks WHERE sha256 = ?", (s,))
             return removed
+
+    def retry(self, sha256s: Iterable[str]) -> list[str]:
+        """``failed`` or ``retrying`` rows back to ``pending``, so ``watch`` delivers them at its next look at
+        due rows; a CSV unpacked from an .asc/.zip takes its parent with it. Returns the hashes moved (a
+        row in another state is left alone: retrying twice is the same as once)."""
+        moved: list[str] = []
+        with self.atomic() as db:
+            for sha in sha256s:
+                row = db.execute("SELECT state, parent FROM files WHERE sha256 = ?", (sha,)).fetchone()
+                if row is None:
+                    continue
+                for target in (sha, row["parent"]):
+                    if target and db.execute(
+                            "UPDATE files SET state = 'pending', next_attempt_at = NULL, claimed_by = NULL,"
+                            " claimed_at = NULL, updated_at = ? WHERE sha256 = ? AND state IN ('failed', 'retrying')",
+                            (now_iso(), target)).rowcount:
+                        moved.append(target)
+        return moved
 
     def import_hashes(self, entries: Iterable[tuple[str, str | None]], origin: str) -> int:
         """Record already-delivered hashes as ``sent``; existing rows are left alone. Returns rows added."""
