@@ -19,6 +19,7 @@ import hashlib
 import logging
 import multiprocessing
 import os
+import re
 import signal
 import threading
 import time
@@ -62,6 +63,7 @@ class SyncReport:
     fetched: list[Path] = field(default_factory=list)
     bytes: int = 0
     failed: list[str] = field(default_factory=list)
+    placed: list[Path] = field(default_factory=list)  # the final paths fetched to (before any renaming)
     seconds: float = 0.0
     dry_run: bool = False
 
@@ -91,8 +93,10 @@ def alternative_name(final: Path, n: int) -> Path:
     return final.with_name(f"{stem}.{n}{dot}{rest}")
 
 
-def place(part: Path, final: Path, sha256: str) -> Path:
-    """Rename the finished part into place, never over different content that may not be delivered yet."""
+def place(part: Path, final: Path, sha256: str, clean: bool = True) -> Path:
+    """Rename the finished part into place, never over different content that may not be delivered yet.
+    ``clean``: remove the parts of older versions of this file now (a pass does it once per directory,
+    with :func:`clean_stale_parts`, instead: a glob per file is quadratic in the directory's size)."""
     dest, n = final, 0
     while dest.exists() or dest.is_symlink():
         try:
@@ -109,9 +113,31 @@ def place(part: Path, final: Path, sha256: str) -> Path:
         os.fsync(dir_fd)  # the rename itself survives a crash
     finally:
         os.close(dir_fd)
-    for stale in final.parent.glob(f".{final.name}.*.part"):
-        stale.unlink(missing_ok=True)  # parts of older versions of this file
+    if clean:
+        for stale in final.parent.glob(f".{final.name}.*.part"):
+            stale.unlink(missing_ok=True)  # parts of older versions of this file
     return dest
+
+
+_PART_NAME = re.compile(r"\.(?P<name>.+)\.\d+-\d+(?:\.ranges(?:\.done)?)?\.part", re.DOTALL)
+
+
+def clean_stale_parts(finals: list[Path]) -> None:
+    """Remove every part left beside each of ``finals`` (fetched and in place): older versions' parts,
+    a ranged part's record. One directory listing per directory."""
+    by_dir: dict[Path, set[str]] = collections.defaultdict(set)
+    for final in finals:
+        by_dir[final.parent].add(final.name)
+    for directory, names in by_dir.items():
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:
+            continue
+        for entry in entries:
+            m = _PART_NAME.fullmatch(entry.name)
+            if m and m["name"] in names:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
 
 
 def list_remote(conn: Connection, settings: Settings) -> list[RemoteFile]:
@@ -305,6 +331,7 @@ def _fetch_all(
         pool.close()
         for r in ranged.values():
             r.close()
+        clean_stale_parts(report.placed)
 
 
 def _drive(
@@ -380,11 +407,12 @@ def _job_done(ledger: Ledger, report: SyncReport, ranged: dict[str, _Ranged], jo
     try:
         if dest is None:  # force_repost: the ledger forgets the hash before the watcher can see the file
             ledger.forget([sha])
-            dest = str(place(part_path(job.final, remote), job.final, sha))
+            dest = str(place(part_path(job.final, remote), job.final, sha, clean=False))
     except (SmtWatchError, OSError) as exc:
         fail(remote, _reason(exc))
         return
     ledger.record_fetch(remote.path, remote.size, remote.mtime, sha, dest)
+    report.placed.append(job.final)
     report.fetched.append(Path(dest))
     report.bytes += remote.size
 
@@ -393,9 +421,10 @@ def _finish_ranged(ledger: Ledger, report: SyncReport, r: _Ranged, force_repost:
     sha = r.finish()
     if force_repost:
         ledger.forget([sha])
-    dest = place(r.part, r.final, sha)  # also removes the record (it ends in .part)
+    dest = place(r.part, r.final, sha, clean=False)  # the record goes with clean_stale_parts
     ledger.record_fetch(r.remote.path, r.remote.size, r.remote.mtime, sha, str(dest))
     log.info("Fetched %s (%s, %d ranges) -> %s", r.remote.path, human_bytes(r.remote.size), len(r.pieces), dest)
+    report.placed.append(r.final)
     report.fetched.append(dest)
     report.bytes += r.remote.size
 
@@ -479,6 +508,14 @@ class _Pool:
                 proc.join(timeout=JOIN_SECONDS)
         for conn in self.conns:
             conn.close()
+        if self.procs:
+            # Reap the fork server now (it would exit with us anyway): no process outlives the pass, and
+            # the CPU of the workers it reaped is counted in ours (getrusage, time(1)).
+            from multiprocessing import forkserver
+
+            stop = getattr(forkserver._forkserver, "_stop", None)  # CPython >= 3.9
+            if stop is not None:
+                stop()
 
 
 def _log_setup() -> tuple[str, str]:
@@ -631,7 +668,7 @@ def _fetch_with_retries(
             current.close()
             holder[0] = None
             raise
-        return (place(part, final, sha) if place_it else None), sha
+        return (place(part, final, sha, clean=False) if place_it else None), sha
 
     dest, sha = _retrying(remote)(attempt)
     assert holder[0] is not None
