@@ -12,14 +12,23 @@ lock shared by every node) keeps a timer run and a webhook run from overlapping.
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import ctypes
+import hashlib
 import logging
+import multiprocessing
 import os
-import queue
+import re
+import signal
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection as MpConnection
+from multiprocessing.connection import wait as mp_wait
 from pathlib import Path
+from typing import Any
 
 import tenacity
 
@@ -33,6 +42,17 @@ from smt_watch.statedir import open_ledger
 log = logging.getLogger("smt_watch.sync")
 
 ATTEMPTS = 3
+MIB = 1024 * 1024
+# A pass this big (or with this many files) runs its workers as processes; a smaller one as threads here.
+PROCESS_MIN_BYTES = 64 * MIB
+PROCESS_MIN_FILES = 100
+PIECE = 32 * MIB  # a big file is fetched as ranges of this size, handed out in order
+SPLIT_MIN = 2 * PIECE  # smaller files are one stream each
+DEPTH = 2  # jobs queued per worker: the next one is there when the current one ends
+PROGRESS_STEP = 4 * MIB
+HASH_BLOCK = MIB
+JOIN_SECONDS = 10
+PR_SET_PDEATHSIG = 1
 
 
 @dataclass
@@ -43,6 +63,7 @@ class SyncReport:
     fetched: list[Path] = field(default_factory=list)
     bytes: int = 0
     failed: list[str] = field(default_factory=list)
+    placed: list[Path] = field(default_factory=list)  # the final paths fetched to (before any renaming)
     seconds: float = 0.0
     dry_run: bool = False
 
@@ -72,8 +93,10 @@ def alternative_name(final: Path, n: int) -> Path:
     return final.with_name(f"{stem}.{n}{dot}{rest}")
 
 
-def place(part: Path, final: Path, sha256: str) -> Path:
-    """Rename the finished part into place, never over different content that may not be delivered yet."""
+def place(part: Path, final: Path, sha256: str, clean: bool = True) -> Path:
+    """Rename the finished part into place, never over different content that may not be delivered yet.
+    ``clean``: remove the parts of older versions of this file now (a pass does it once per directory,
+    with :func:`clean_stale_parts`, instead: a glob per file is quadratic in the directory's size)."""
     dest, n = final, 0
     while dest.exists() or dest.is_symlink():
         try:
@@ -90,9 +113,31 @@ def place(part: Path, final: Path, sha256: str) -> Path:
         os.fsync(dir_fd)  # the rename itself survives a crash
     finally:
         os.close(dir_fd)
-    for stale in final.parent.glob(f".{final.name}.*.part"):
-        stale.unlink(missing_ok=True)  # parts of older versions of this file
+    if clean:
+        for stale in final.parent.glob(f".{final.name}.*.part"):
+            stale.unlink(missing_ok=True)  # parts of older versions of this file
     return dest
+
+
+_PART_NAME = re.compile(r"\.(?P<name>.+)\.\d+-\d+(?:\.ranges(?:\.done)?)?\.part", re.DOTALL)
+
+
+def clean_stale_parts(finals: list[Path]) -> None:
+    """Remove every part left beside each of ``finals`` (fetched and in place): older versions' parts,
+    a ranged part's record. One directory listing per directory."""
+    by_dir: dict[Path, set[str]] = collections.defaultdict(set)
+    for final in finals:
+        by_dir[final.parent].add(final.name)
+    for directory, names in by_dir.items():
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:
+            continue
+        for entry in entries:
+            m = _PART_NAME.fullmatch(entry.name)
+            if m and m["name"] in names:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
 
 
 def list_remote(conn: Connection, settings: Settings) -> list[RemoteFile]:
@@ -156,6 +201,129 @@ def _record(ledger: Ledger, settings: Settings, began: float, report: SyncReport
         log.warning("Could not record this sync pass for `status`: %s", exc)
 
 
+@dataclass(frozen=True)
+class Job:
+    """One unit of work for a worker: a whole file (``end`` is None: single stream into its ``.part``,
+    resumable by appending) or the byte range ``[start, end)`` of a big file, written with ``pwrite`` into
+    its ``.ranges.part``. ``place``: a finished whole file is renamed into place by the worker (off with
+    ``force_repost``, where this process first drops the ledger rows of its hash)."""
+
+    n: int
+    remote: RemoteFile
+    final: Path
+    start: int = 0
+    end: int | None = None
+    place: bool = True
+
+
+class _Ranged:
+    """A big file fetched as byte ranges by several workers into one ``.ranges.part``.
+
+    The pieces done are recorded in ``.ranges.done.part`` beside it, one ``start end`` line each, written
+    only after the part's data was fdatasync'ed: a later pass resumes exactly the pieces not recorded (a
+    ranged part is never taken as a resumable prefix). The SHA-256 is of the part itself, read back in
+    order as its done prefix grows (from the page cache, while the rest is still being fetched), so it is
+    the hash of every byte renamed into place, resumed pieces included.
+    """
+
+    def __init__(self, remote: RemoteFile, final: Path, piece: int) -> None:
+        self.remote, self.final = remote, final
+        self.part = ranged_part_path(final, remote)
+        self.record = self.part.with_name(self.part.name[: -len(".part")] + ".done.part")
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if not self.part.exists():
+            self.record.unlink(missing_ok=True)  # a record without its part says nothing
+        self.fd = os.open(self.part, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            if os.fstat(self.fd).st_size != remote.size:
+                os.ftruncate(self.fd, 0)  # not this version's part: start over
+                os.ftruncate(self.fd, remote.size)
+                self.record.unlink(missing_ok=True)
+            recorded = self._read_record()
+            self.pieces = [(a, min(a + piece, remote.size)) for a in range(0, remote.size, piece)] or [(0, 0)]
+            self.done = {p for p in self.pieces if any(a <= p[0] and p[1] <= b for a, b in recorded)}
+        except BaseException:
+            os.close(self.fd)
+            raise
+        if self.done:
+            log.info("Resuming %s: %d of %d pieces already fetched", remote.path, len(self.done), len(self.pieces))
+        self.digest = hashlib.sha256()
+        self.hashed = 0  # pieces[:hashed] are in the digest
+        self.failed = False
+        self.closed = False
+
+    def _read_record(self) -> list[tuple[int, int]]:
+        try:
+            text = self.record.read_text("ascii", "replace")
+        except FileNotFoundError:
+            return []
+        out = []
+        for line in text.splitlines():  # a torn last line (a crash while appending) is ignored
+            fields = line.split()
+            if len(fields) == 2 and all(f.isdigit() for f in fields):
+                out.append((int(fields[0]), int(fields[1])))
+        return out
+
+    def todo(self) -> list[tuple[int, int]]:
+        return [p for p in self.pieces if p not in self.done]
+
+    def complete(self, piece: tuple[int, int]) -> bool:
+        """``piece`` was written: make it durable, record it, hash what became contiguous. True when all done."""
+        os.fdatasync(self.fd)
+        with self.record.open("a", encoding="ascii") as fh:
+            fh.write(f"{piece[0]} {piece[1]}\n")
+        self.done.add(piece)
+        self._hash_prefix()
+        return self.hashed == len(self.pieces)
+
+    def _hash_prefix(self) -> None:
+        while self.hashed < len(self.pieces) and self.pieces[self.hashed] in self.done:
+            at, end = self.pieces[self.hashed]
+            while at < end:
+                data = os.pread(self.fd, min(HASH_BLOCK, end - at), at)
+                if not data:
+                    raise SftpError(f"{self.remote.path}: its part ended early at {at} bytes")
+                self.digest.update(data)
+                at += len(data)
+            self.hashed += 1
+
+    def finish(self) -> str:
+        self._hash_prefix()  # a pass that resumed with every piece already done
+        os.fsync(self.fd)
+        self.close()
+        return self.digest.hexdigest()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            os.close(self.fd)
+
+
+def ranged_part_path(final: Path, remote: RemoteFile) -> Path:
+    return final.with_name(f".{final.name}.{remote.size}-{remote.mtime}.ranges.part")
+
+
+def _plan(settings: Settings, todo: list[RemoteFile], split: bool, place_in_worker: bool,
+          ) -> tuple[list[Job], dict[str, _Ranged]]:
+    """The jobs, biggest file first (the pass ends sooner), a ranged file's pieces in order."""
+    jobs: list[Job] = []
+    ranged: dict[str, _Ranged] = {}
+    for f in sorted(todo, key=lambda f: -f.size):
+        final = settings.local_dir / f.relative
+        resumable_stream = part_path(final, f).exists()
+        if (split and f.size >= SPLIT_MIN and not resumable_stream) or ranged_part_path(final, f).exists():
+            try:
+                r = _Ranged(f, final, PIECE)
+            except OSError:
+                pass  # a local problem: the whole-file job reports it as this file's failure
+            else:
+                ranged[f.path] = r
+                jobs += [Job(len(jobs) + i, f, final, a, b) for i, (a, b) in enumerate(r.todo())]
+                continue
+        jobs.append(Job(len(jobs), f, final, place=place_in_worker))
+    return jobs, ranged
+
+
 def _fetch_all(
     settings: Settings,
     ledger: Ledger,
@@ -164,50 +332,334 @@ def _fetch_all(
     on_bytes: Callable[[int], None] | None,
     force_repost: bool,
 ) -> None:
-    jobs: queue.Queue[RemoteFile] = queue.Queue()
-    for f in sorted(report.todo, key=lambda f: -f.size):  # biggest first: the pass ends sooner
-        jobs.put(f)
-    lock = threading.Lock()
-    fatal: list[ConfigError] = []
+    """Hand the jobs to ``workers`` workers (each with its own SSH connection) and record what they fetch.
 
-    def worker() -> None:
-        conn: Connection | None = None
-        try:
-            while not fatal:
-                try:
-                    remote = jobs.get_nowait()
-                except queue.Empty:
-                    return
-                try:
-                    forget = ledger.forget if force_repost else None
-                    conn, dest, sha = _fetch_with_retries(settings, conn, remote, on_bytes, forget)
-                except ConfigError as exc:
-                    with lock:
-                        fatal.append(exc)
-                    return
-                except (SmtWatchError, OSError) as exc:
-                    # A local problem (disk full, a file where a directory should be) fails this file only.
-                    reason = exc if isinstance(exc, SmtWatchError) else f"{type(exc).__name__}: {exc}"
-                    log.error("Failed to fetch %s: %s", remote.path, reason)
-                    with lock:
-                        report.failed.append(remote.path)
-                    continue
-                ledger.record_fetch(remote.path, remote.size, remote.mtime, sha, str(dest))
-                with lock:
-                    report.fetched.append(dest)
-                    report.bytes += remote.size
-        finally:
-            if conn is not None:
-                conn.close()
+    A big pass runs its workers as processes (each its own interpreter, so paramiko's per-packet Python
+    work is spread over the cores) and splits big files into byte ranges; a small one runs them as threads
+    here (no start-up cost). Either way the workers only fetch (and rename a finished whole file into
+    place); this process keeps every decision and is the only one that touches the ledger.
+    """
+    total = sum(f.size for f in report.todo)
+    processes = workers > 1 and (total >= PROCESS_MIN_BYTES or len(report.todo) >= PROCESS_MIN_FILES)
+    jobs, ranged = _plan(settings, report.todo, split=processes, place_in_worker=not force_repost)
+    pool = _Pool(settings, max(1, min(workers, len(jobs))), processes)
+    try:
+        _drive(settings, ledger, report, pool, jobs, ranged, on_bytes, force_repost)
+    finally:
+        pool.close()
+        for r in ranged.values():
+            r.close()
+        clean_stale_parts(report.placed)
 
-    threads = [threading.Thread(target=worker, name=f"smt-sync-{i}", daemon=True)
-               for i in range(max(1, min(workers, len(report.todo))))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+
+def _drive(
+    settings: Settings,
+    ledger: Ledger,
+    report: SyncReport,
+    pool: _Pool,
+    jobs: list[Job],
+    ranged: dict[str, _Ranged],
+    on_bytes: Callable[[int], None] | None,
+    force_repost: bool,
+) -> None:
+    waiting = collections.deque(jobs)
+    outstanding: dict[int, dict[int, Job]] = {i: {} for i in range(len(pool.conns))}
+    fatal: list[BaseException] = []
+    for r in list(ranged.values()):
+        if not r.todo():  # every piece fetched by an earlier pass: only the hash and the rename are left
+            _finish_ranged(ledger, report, r, force_repost)
+
+    def fail(remote: RemoteFile, reason: object) -> None:
+        log.error("Failed to fetch %s: %s", remote.path, reason)
+        report.failed.append(remote.path)
+
+    def feed(w: int) -> None:
+        while waiting and len(outstanding[w]) < DEPTH and not fatal:
+            job = waiting.popleft()
+            r = ranged.get(job.remote.path)
+            if r is not None and (r.failed or r.closed):
+                continue  # another piece of this file failed: the rest waits for the next pass
+            outstanding[w][job.n] = job
+            pool.conns[w].send(job)
+
+    for w in outstanding:
+        feed(w)
+    while any(outstanding.values()):
+        for w, msg in pool.receive([w for w, o in outstanding.items() if o]):
+            if msg is None:  # the worker is gone (killed, crashed): its jobs fail in this pass
+                for job in outstanding.pop(w).values():
+                    _job_failed(report, ranged, job, f"worker process exited ({pool.exitcode(w)})", fail)
+                continue
+            kind = msg[0]
+            if kind == "bytes":
+                if on_bytes:
+                    on_bytes(msg[1])
+                continue
+            job = outstanding[w].pop(msg[1])
+            if kind == "done":
+                _job_done(ledger, report, ranged, job, msg[2], msg[3], force_repost, fail)
+            elif kind == "failed":
+                _job_failed(report, ranged, job, msg[2], fail)
+            else:  # "fatal": a ConfigError (host key, login): nothing more is fetched
+                fatal.append(msg[2])
+            feed(w)
     if fatal:
         raise fatal[0]
+
+
+def _job_done(ledger: Ledger, report: SyncReport, ranged: dict[str, _Ranged], job: Job, dest: str | None,
+              sha: str | None, force_repost: bool, fail: Callable[[RemoteFile, object], None]) -> None:
+    remote = job.remote
+    r = ranged.get(remote.path)
+    if r is not None:
+        assert job.end is not None
+        try:
+            if not r.failed and r.complete((job.start, job.end)):
+                _finish_ranged(ledger, report, r, force_repost)
+        except (SmtWatchError, OSError) as exc:
+            r.failed = True
+            r.close()
+            fail(remote, _reason(exc))
+        return
+    assert sha is not None
+    try:
+        if dest is None:  # force_repost: the ledger forgets the hash before the watcher can see the file
+            ledger.forget([sha])
+            dest = str(place(part_path(job.final, remote), job.final, sha, clean=False))
+    except (SmtWatchError, OSError) as exc:
+        fail(remote, _reason(exc))
+        return
+    ledger.record_fetch(remote.path, remote.size, remote.mtime, sha, dest)
+    report.placed.append(job.final)
+    report.fetched.append(Path(dest))
+    report.bytes += remote.size
+
+
+def _finish_ranged(ledger: Ledger, report: SyncReport, r: _Ranged, force_repost: bool) -> None:
+    sha = r.finish()
+    if force_repost:
+        ledger.forget([sha])
+    dest = place(r.part, r.final, sha, clean=False)  # the record goes with clean_stale_parts
+    ledger.record_fetch(r.remote.path, r.remote.size, r.remote.mtime, sha, str(dest))
+    log.info("Fetched %s (%s, %d ranges) -> %s", r.remote.path, human_bytes(r.remote.size), len(r.pieces), dest)
+    report.placed.append(r.final)
+    report.fetched.append(dest)
+    report.bytes += r.remote.size
+
+
+def _job_failed(report: SyncReport, ranged: dict[str, _Ranged], job: Job, reason: object,
+                fail: Callable[[RemoteFile, object], None]) -> None:
+    r = ranged.get(job.remote.path)
+    if r is not None:
+        if r.failed:
+            return  # said once per file
+        r.failed = True
+        r.close()  # its part and record stay for the next pass
+    fail(job.remote, reason)
+
+
+def _reason(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, SmtWatchError) else f"{type(exc).__name__}: {exc}"
+
+
+# --- workers --------------------------------------------------------------------------------------------
+
+
+class _Pool:
+    """Workers, each on one end of a pipe: threads here, or processes (forkserver: this process may have
+    threads and open sockets, so no plain fork; one interpreter start, then a fork per worker). A worker
+    process dies with its parent (``PR_SET_PDEATHSIG`` on the fork server, which exits when we do)."""
+
+    def __init__(self, settings: Settings, n: int, processes: bool) -> None:
+        self.conns: list[MpConnection] = []
+        self.procs: list[multiprocessing.process.BaseProcess] = []
+        self.threads: list[threading.Thread] = []
+        if processes:
+            ctx = multiprocessing.get_context("forkserver")
+            ctx.set_forkserver_preload(["smt_watch.sync"])
+            level, fmt = _log_setup()
+            for i in range(n):
+                parent, child = ctx.Pipe()
+                proc = ctx.Process(target=_process_main, args=(settings, child, level, fmt),
+                                   name=f"smt-sync-{i}", daemon=True)
+                proc.start()
+                child.close()
+                self.conns.append(parent)
+                self.procs.append(proc)
+        else:
+            for i in range(n):
+                parent, child = multiprocessing.Pipe()
+                t = threading.Thread(target=_worker_loop, args=(settings, child, threading.Lock()),
+                                     name=f"smt-sync-{i}", daemon=True)
+                t.start()
+                self.conns.append(parent)
+                self.threads.append(t)
+
+    def receive(self, among: list[int]) -> list[tuple[int, tuple[Any, ...] | None]]:
+        """The next messages from the workers in ``among``; ``None`` for one whose pipe closed."""
+        index = {id(self.conns[w]): w for w in among}
+        out: list[tuple[int, tuple[Any, ...] | None]] = []
+        for ready in mp_wait([self.conns[w] for w in among]):
+            w = index[id(ready)]
+            try:
+                out.append((w, self.conns[w].recv()))
+            except (EOFError, OSError):
+                out.append((w, None))
+        return out
+
+    def exitcode(self, w: int) -> int | None:
+        if not self.procs:
+            return None
+        self.procs[w].join(timeout=5)
+        return self.procs[w].exitcode
+
+    def close(self) -> None:
+        for conn in self.conns:
+            with contextlib.suppress(OSError):
+                conn.send(None)
+        for t in self.threads:
+            t.join(timeout=JOIN_SECONDS)
+        for proc in self.procs:
+            proc.join(timeout=JOIN_SECONDS)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=JOIN_SECONDS)
+        for conn in self.conns:
+            conn.close()
+        if self.procs:
+            # Reap the fork server now (it would exit with us anyway): no process outlives the pass, and
+            # the CPU of the workers it reaped is counted in ours (getrusage, time(1)).
+            from multiprocessing import forkserver
+
+            stop = getattr(forkserver._forkserver, "_stop", None)  # CPython >= 3.9
+            if stop is not None:
+                stop()
+
+
+def _log_setup() -> tuple[str, str]:
+    """The level and format ``setup_logging`` gave this process, for a worker process to repeat."""
+    from smt_watch.logs import JsonFormatter
+
+    logger = logging.getLogger("smt_watch")
+    level = logging.getLevelName(logger.getEffectiveLevel()).lower()
+    json_out = any(isinstance(h.formatter, JsonFormatter) for h in logger.handlers)
+    return (level if level in ("debug", "info", "warning", "error") else "info"), ("json" if json_out else "text")
+
+
+def _process_main(settings: Settings, conn: MpConnection, level: str, fmt: str) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; it ends us when it stops
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: a closed pipe still ends an idle worker
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    from smt_watch.logs import add_secrets, setup_logging
+
+    setup_logging(level, fmt)
+    add_secrets(settings.secrets())
+    _worker_loop(settings, conn, threading.Lock())
+
+
+def _worker_loop(settings: Settings, conn: MpConnection, lock: threading.Lock) -> None:
+    """Fetch the jobs the pipe sends until it sends None or closes; answer each with one message, after
+    ``("bytes", n)`` progress messages."""
+    current: Connection | None = None
+
+    def send(msg: tuple[Any, ...]) -> None:
+        with lock:
+            conn.send(msg)
+
+    try:
+        while True:
+            try:
+                job: Job | None = conn.recv()
+            except (EOFError, OSError):
+                return
+            if job is None:
+                return
+            progress = _Progress(send)
+            try:
+                current, dest, sha = _run_job(settings, current, job, progress)
+            except ConfigError as exc:
+                send(("fatal", job.n, exc))
+                return
+            except (SmtWatchError, OSError) as exc:
+                # A local problem (disk full, a file where a directory should be) fails this file only.
+                progress.flush()
+                send(("failed", job.n, _reason(exc)))
+                continue
+            progress.flush()
+            send(("done", job.n, dest, sha))
+    except (OSError, EOFError):
+        return  # the parent is gone
+    finally:
+        if current is not None:
+            current.close()
+
+
+class _Progress:
+    """Counts bytes, tells the parent every ``PROGRESS_STEP`` (one small message, not one per packet)."""
+
+    def __init__(self, send: Callable[[tuple[Any, ...]], None]) -> None:
+        self.send, self.pending = send, 0
+
+    def __call__(self, n: int) -> None:
+        self.pending += n
+        if self.pending >= PROGRESS_STEP:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            self.send(("bytes", self.pending))
+            self.pending = 0
+
+
+def _run_job(settings: Settings, conn: Connection | None, job: Job, progress: Callable[[int], None],
+             ) -> tuple[Connection, str | None, str | None]:
+    if job.end is None:
+        conn, dest, sha = _fetch_with_retries(settings, conn, job.remote, progress, place_it=job.place)
+        return conn, (str(dest) if dest is not None else None), sha
+    return _fetch_range_with_retries(settings, conn, job, progress), None, None
+
+
+def _retrying(remote: RemoteFile) -> tenacity.Retrying:
+    return tenacity.Retrying(
+        retry=tenacity.retry_if_exception_type(SftpError),
+        stop=tenacity.stop_after_attempt(ATTEMPTS),
+        wait=tenacity.wait_exponential(multiplier=1, max=10),
+        before_sleep=lambda s: log.warning("Retrying %s after: %s", remote.path,
+                                           s.outcome.exception() if s.outcome else "?"),
+        reraise=True,
+    )
+
+
+def _fetch_range_with_retries(settings: Settings, conn: Connection | None, job: Job,
+                              progress: Callable[[int], None]) -> Connection:
+    """Fetch one byte range into the ranged part; a dropped connection is re-opened and the range goes on
+    where the bytes written so far end."""
+    assert job.end is not None
+    remote, end = job.remote, job.end
+    part = ranged_part_path(job.final, remote)
+    holder = [conn]
+    at = [job.start]
+
+    def counted(n: int) -> None:
+        at[0] += n
+        progress(n)
+
+    def attempt() -> None:
+        current = holder[0] if holder[0] is not None else Connection(settings)
+        holder[0] = current
+        fd = os.open(part, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)  # created by the parent, never here
+        try:
+            current.fetch_range(remote, fd, at[0], end, counted)
+        except SftpError:
+            current.close()
+            holder[0] = None
+            raise
+        finally:
+            os.close(fd)
+
+    _retrying(remote)(attempt)
+    assert holder[0] is not None
+    return holder[0]
 
 
 def _fetch_with_retries(
@@ -215,16 +667,17 @@ def _fetch_with_retries(
     conn: Connection | None,
     remote: RemoteFile,
     on_bytes: Callable[[int], None] | None,
-    forget: Callable[[list[str]], int] | None = None,
-) -> tuple[Connection, Path, str]:
-    """Fetch one file; a dropped connection is re-opened and the transfer resumes from its part."""
+    place_it: bool = True,
+) -> tuple[Connection, Path | None, str]:
+    """Fetch one file; a dropped connection is re-opened and the transfer resumes from its part.
+    Without ``place_it`` the finished, fsynced part is left for the caller to rename (dest None)."""
     final = settings.local_dir / remote.relative
     part = part_path(final, remote)
     final.parent.mkdir(parents=True, exist_ok=True)
     holder = [conn]
     started = time.monotonic()
 
-    def attempt() -> tuple[Path, str]:
+    def attempt() -> tuple[Path | None, str]:
         current = holder[0] if holder[0] is not None else Connection(settings)
         holder[0] = current
         try:
@@ -233,20 +686,11 @@ def _fetch_with_retries(
             current.close()
             holder[0] = None
             raise
-        if forget is not None:
-            forget([sha])  # before the rename, so the watcher cannot judge it a duplicate first
-        return place(part, final, sha), sha
+        return (place(part, final, sha, clean=False) if place_it else None), sha
 
-    retrying = tenacity.Retrying(
-        retry=tenacity.retry_if_exception_type(SftpError),
-        stop=tenacity.stop_after_attempt(ATTEMPTS),
-        wait=tenacity.wait_exponential(multiplier=1, max=10),
-        before_sleep=lambda s: log.warning("Retrying %s after: %s", remote.path,
-                                           s.outcome.exception() if s.outcome else "?"),
-        reraise=True,
-    )
-    dest, sha = retrying(attempt)
+    dest, sha = _retrying(remote)(attempt)
     assert holder[0] is not None
-    log.info("Fetched %s (%s in %.1f s) -> %s", remote.path, human_bytes(remote.size),
-             time.monotonic() - started, dest)
+    if dest is not None:
+        log.info("Fetched %s (%s in %.1f s) -> %s", remote.path, human_bytes(remote.size),
+                 time.monotonic() - started, dest)
     return holder[0], dest, sha
