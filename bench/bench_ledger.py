@@ -376,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-drain", action="store_true", help="claims only")
     parser.add_argument("--statements", action="store_true",
                         help="diagnosis: load pg_stat_statements and print what each PostgreSQL drain asked, per file")
-    parser.add_argument("--note", action="append", default=[], help="a paragraph added under the tables")
+    parser.add_argument("--note-file", type=Path, action="append", default=[],
+                        help="a file whose text is added under the tables (e.g. what an earlier run measured)")
     parser.add_argument("--strict", action="store_true", help="exit 1 when the target fails")
     args = parser.parse_args(argv)
     if not SMT_WATCH.exists():
@@ -412,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
                  f"SQLite {res.median_claims('SQLite', threads):,.0f}/s")
         return 0
     checks = figures(res)
-    section = render(sizes, args.quick, start, res, checks, args.note)
+    section = render(sizes, args.quick, start, res, checks, [f.read_text().strip() for f in args.note_file])
     print(section)
     if args.out:
         update_markdown(args.out, section, title=SECTION)
