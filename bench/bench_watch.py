@@ -344,9 +344,11 @@ class Bench:
 
     def start_watch(
         self, name: str, inbox: Path, state: Path, *, settle: float, workers: int, ready_timeout: float = 120.0,
-        mode: str = "thread",
+        mode: str = "thread", extra_env: dict[str, str] | None = None,
     ) -> Watch:
-        """Spawn ``smt-watch watch`` the way systemd would (``NOTIFY_SOCKET``) and wait for ``READY=1``."""
+        """Spawn ``smt-watch watch`` the way systemd would (``NOTIFY_SOCKET``) and wait for ``READY=1``.
+
+        ``extra_env``: settings added on top (``bench_ledger.py`` passes ``SMT_LEDGER_URL``)."""
         sock_path = self.work / f"{name}.notify"
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         sock.bind(str(sock_path))
@@ -357,6 +359,7 @@ class Bench:
             SMT_WORKER_MODE=mode,
             NOTIFY_SOCKET=str(sock_path),
         )
+        env.update(extra_env or {})
         log_path = self.work / f"{name}.log"
         spawned = time.monotonic()
         proc = self.procs.spawn([str(SMT_WATCH), "watch"], env, log_path)
@@ -480,13 +483,17 @@ class Drain:
         return f"{self.workers} workers" + (" in processes" if self.mode == "process" else "")
 
 
-def measure_drain(b: Bench, pool: Pool, workers: int, mode: str) -> Drain:
-    tag = f"w{workers}" + ("p" if mode == "process" else "")
+def measure_drain(
+    b: Bench, pool: Pool, workers: int, mode: str, *, extra_env: dict[str, str] | None = None, suffix: str = ""
+) -> Drain:
+    """Rename every pool file into the inbox of a fresh watcher; ``extra_env`` goes to the watcher, ``suffix``
+    tells this drain's directories and logs apart from another with the same workers and mode."""
+    tag = f"w{workers}" + ("p" if mode == "process" else "") + suffix
     staging = b.fresh_dir(f"drain-{tag}-staging")
     for name in pool.names:  # hard links: same bytes, no copying; fresh names for the rename into the inbox
         os.link(pool.path / name, staging / name)
     inbox, state = b.fresh_dir(f"drain-{tag}-inbox"), b.fresh_dir(f"drain-{tag}-state")
-    w = b.start_watch(f"drain-{tag}", inbox, state, settle=0.0, workers=workers, mode=mode)
+    w = b.start_watch(f"drain-{tag}", inbox, state, settle=0.0, workers=workers, mode=mode, extra_env=extra_env)
     keys = set(pool.keys.values())
     n = len(keys)
     try:

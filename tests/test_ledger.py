@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from smt_watch.errors import LedgerError
-from smt_watch.ledger import Claim, Ledger, SqliteLedger
+from smt_watch.hashing import Signature
+from smt_watch.ledger import Claim, Ledger, Remember, Seen, SqliteLedger
 from smt_watch.ledger.sqlite import SCHEMA_VERSION
 from smt_watch.legacy import import_file, import_state_file, parse_hash_lines
 
@@ -80,6 +81,27 @@ def test_state_machine(where: str) -> None:
         assert ledger.counts() == {"pending": 0, "sending": 0, "sent": 0, "retrying": 0, "failed": 1}
         assert [r.sha256 for r in ledger.rows("failed")] == [A]
         assert ledger.forget([A]) == 1 and ledger.get(A) is None
+
+
+def test_a_claim_writes_its_stat_cache_row_whatever_it_answers(where: str) -> None:
+    """``remember=`` is written with the claim (one statement on PostgreSQL) when the claim is taken, when the
+    bytes are in flight, and when they were sent already."""
+    sigs = {p: Signature(2049, inode, 3, 1_700_000_000 + inode) for inode, p in enumerate(("/in/a", "/in/b", "/in/c"))}
+    with open_at(where) as ledger:
+
+        def claim_at(path: str) -> Claim:
+            return ledger.claim(A, filename=Path(path).name, path=path, size=3, mode="multipart",
+                                respect_backoff=True, remember=Remember(path, sigs[path], A))
+
+        assert claim_at("/in/a") is Claim.CLAIMED
+        assert ledger.seen("/in/a") == Seen(sigs["/in/a"], A, "sending")
+        assert claim_at("/in/b") is Claim.BUSY
+        assert ledger.seen("/in/b") == Seen(sigs["/in/b"], A, "sending")
+        ledger.mark_sent(A, status=200, destination="http://x/upload", attempts=1)
+        assert claim_at("/in/c") is Claim.DUPLICATE
+        assert ledger.seen_many(list(sigs)) == {p: Seen(sig, A, "sent") for p, sig in sigs.items()}
+        row = ledger.get(A)
+        assert row is not None and (row.path, row.state, row.attempts) == ("/in/a", "sent", 1)
 
 
 def test_claim_of_a_dead_process_is_taken_over(where: str) -> None:

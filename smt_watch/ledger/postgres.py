@@ -154,6 +154,17 @@ WHERE (f.state <> 'sent' OR %(force)s)
 RETURNING f.sha256
 """
 
+# A new file's claim and its stat-cache row as one statement: one round trip, one commit (autocommit), and
+# the row is written whatever the claim's answer (a data-modifying WITH always runs to completion).
+_REMEMBER_AND_CLAIM_SQL: Final = f"""
+WITH remembered AS (
+    INSERT INTO {SCHEMA}.seen (node, path, device, inode, size, mtime_ns, sha256)
+    VALUES (%(node)s, %(r_path)s, %(r_device)s, %(r_inode)s, %(r_size)s, %(r_mtime_ns)s, %(r_sha)s)
+    ON CONFLICT (node, path) DO UPDATE SET device = EXCLUDED.device, inode = EXCLUDED.inode,
+        size = EXCLUDED.size, mtime_ns = EXCLUDED.mtime_ns, sha256 = EXCLUDED.sha256
+)
+{_CLAIM_SQL}"""
+
 _DISCONNECTS: Final = (psycopg.OperationalError, psycopg_pool.PoolTimeout, psycopg.InterfaceError)
 
 
@@ -272,9 +283,11 @@ class PostgresLedger:
         return self._run(run)
 
     def _execute(self, sql: str, params: Any = None) -> int:
+        """One statement in its own transaction (the connections are in autocommit): one round trip, where
+        BEGIN … COMMIT around it would be three."""
+
         def run(conn: psycopg.Connection[Any]) -> int:
-            with conn.transaction():
-                return conn.execute(sql, params).rowcount
+            return conn.execute(sql, params).rowcount
 
         return self._run(run)
 
@@ -405,13 +418,19 @@ class PostgresLedger:
             "size": size, "mode": mode, "me": self._me, "lease": self._lease, "parent": parent,
             "force": force, "backoff": respect_backoff, "dead": None, "node": self._node,
         }
+        if remember is not None:
+            sig = remember.signature
+            params.update(r_path=stored(remember.path), r_device=sig.device, r_inode=sig.inode, r_size=sig.size,
+                          r_mtime_ns=sig.mtime_ns, r_sha=remember.sha256)
 
         def run(conn: psycopg.Connection[Any]) -> Claim:
             params["now"], params["epoch"] = now_iso(), time.time()
             params["mine_busy"] = sha256 in self._inflight
+            # A new (or claimable) row: one statement, one round trip (a drain is mostly these).
+            if conn.execute(_CLAIM_SQL if remember is None else _REMEMBER_AND_CLAIM_SQL, params).fetchone():
+                return Claim.CLAIMED
             with conn.transaction():
-                if remember is not None:
-                    conn.execute(_REMEMBER_SQL, self._remember_params(remember))
+                # Not taken: again, so that the upsert locks the row until COMMIT, and find out why.
                 if conn.execute(_CLAIM_SQL, params).fetchone() is not None:
                     return Claim.CLAIMED
                 row = conn.execute(
