@@ -71,6 +71,11 @@ T = TypeVar("T")
 # How long one operation waits for a lost connection to come back before it raises LedgerUnavailable: well
 # inside systemd's WatchdogSec=60 for `watch`, whose loop waits on the ledger.
 RECONNECT_SECONDS: Final = 15.0
+# Our sessions only: the tables in our schema, and commits that do not wait for the WAL flush. The same
+# trade as the SQLite ledger's synchronous=NORMAL: a database crash (not a restart) may forget the last
+# fraction of a second of commits, which can only mean a file delivered again (the receiver de-duplicates by
+# Idempotency-Key), never one marked sent that was not: a commit is still atomic and in order.
+SESSION_OPTIONS: Final = f"-c search_path={SCHEMA} -c synchronous_commit=off"
 
 _MIGRATIONS: Final[tuple[str, ...]] = (
     f"""
@@ -202,7 +207,7 @@ class PostgresLedger:
             min_size=1,
             max_size=max(2, max_connections),
             kwargs={"autocommit": True, "connect_timeout": max(1, int(connect_timeout)),
-                    "options": f"-c search_path={SCHEMA}"},
+                    "options": SESSION_OPTIONS},
             timeout=connect_timeout,
             # 0: a failed background attempt gives up at once; the next call that needs a connection makes
             # the pool try again, and reconnect_seconds bounds each call (see _run).
