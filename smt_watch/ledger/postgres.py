@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import logging
 import threading
 import time
@@ -584,14 +585,17 @@ class PostgresLedger:
     def uploads_since(self, role: str, account: str, since: float) -> list[float]:
         return [float(r["at"]) for r in self._query(
             "SELECT at FROM uploads WHERE role = %s AND account = %s AND at > %s ORDER BY at",
-            (role, account, since))]
+            (role, column_text(account), since))]
 
     def take_upload_slot(self, role: str, account: str, since: float, limit: int, at: float) -> bool:
         """Atomic across nodes: the account's count and insert run under its own advisory lock."""
 
+        account = column_text(account)  # a TEXT value holds no NUL: a form field's account may
+        key = int.from_bytes(hashlib.sha256(f"{role}\0{account}".encode()).digest()[:4], "big", signed=True)
+
         def run(conn: psycopg.Connection[Any]) -> bool:
             with conn.transaction():
-                conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (LOCK_QUOTA, f"{role}\0{account}"))
+                conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (LOCK_QUOTA, key))
                 row = conn.execute("SELECT count(*) FROM uploads WHERE role = %s AND account = %s AND at > %s",
                                    (role, account, since)).fetchone()
                 if row is not None and int(row[0]) >= limit:
