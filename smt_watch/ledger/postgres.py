@@ -180,6 +180,7 @@ class PostgresLedger:
         self._node = self._me.rpartition(":")[0]
         self._lease = lease_seconds
         self._reconnect = reconnect_seconds
+        self._connect_timeout = connect_timeout
         self._inflight: set[str] = set()
         self._lock = threading.Lock()
         self._renewer: threading.Thread | None = None
@@ -228,7 +229,10 @@ class PostgresLedger:
         delay = 0.1
         while True:
             try:
-                with self._pool.connection() as conn:
+                # Waiting for a connection counts against the deadline too: without a server the pool
+                # would otherwise wait its whole connect_timeout, whatever reconnect_seconds says.
+                wait = min(self._connect_timeout, max(0.1, deadline - time.monotonic()))
+                with self._pool.connection(timeout=wait) as conn:
                     result = what(conn)
             except _DISCONNECTS as exc:
                 if not retry or time.monotonic() + delay > deadline or self._closed.is_set():
