@@ -100,6 +100,12 @@ def setup_logging(level: str = "info", fmt: str = "text", stream: object = None)
     ssh.handlers = [handler]
     ssh.setLevel(logging.WARNING)
     ssh.propagate = False
+    # psycopg_pool warns at every failed reconnection attempt while the shared ledger is down, raw on stderr;
+    # the ledger says "unreachable" once and "reachable again" itself, so only errors get through, formatted.
+    pg = logging.getLogger("psycopg")
+    pg.handlers = [handler]
+    pg.setLevel(logging.ERROR)
+    pg.propagate = False
 
 
 def add_secrets(secrets: Iterable[str]) -> None:

@@ -240,3 +240,17 @@ def test_rows_are_listed_oldest_first(where: str) -> None:
         assert first_seen[B] < first_seen[A]
         assert [r.sha256 for r in ledger.rows()] == [B, A]
         assert [r.sha256 for r in ledger.rows("sending")] == [B, A]
+
+
+@pytest.mark.parametrize("account", ["HOME-42", "a\x00b\u202e"], ids=["plain", "nul-and-control"])
+def test_upload_slots_are_counted_per_account(where: str, account: str) -> None:
+    """Slots up to the limit, then refused; another account or role has its own count. An account from a
+    form field may hold a NUL, which no PostgreSQL TEXT value can: it is counted all the same (the quota's
+    lock key once held one, and every upload on PostgreSQL failed)."""
+    with open_at(where) as ledger:
+        taken = [ledger.take_upload_slot("customer", account, 0.0, 2, 100.0 + i) for i in range(3)]
+        assert taken == [True, True, False]
+        assert ledger.uploads_since("customer", account, 0.0) == [100.0, 101.0]
+        assert ledger.uploads_since("customer", account, 100.5) == [101.0]
+        assert ledger.take_upload_slot("customer", account + "x", 0.0, 2, 100.0)
+        assert ledger.take_upload_slot("admin", account, 0.0, 2, 100.0)

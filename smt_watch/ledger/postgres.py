@@ -196,6 +196,7 @@ class PostgresLedger:
         self._node = self._me.rpartition(":")[0]
         self._lease = lease_seconds
         self._reconnect = reconnect_seconds
+        self._connect_timeout = connect_timeout
         self._inflight: set[str] = set()
         self._lock = threading.Lock()
         self._renewer: threading.Thread | None = None
