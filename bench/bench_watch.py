@@ -61,6 +61,8 @@ KIB = 1024
 LATENCY_P50_OVER_SETTLE = 0.050
 LATENCY_P99_OVER_SETTLE = 0.250
 MIN_DRAIN_VS_BASH = 10.0
+MIN_DRAIN_RATE = 1000.0  # issue 17: files/s on 2 cores, default settings
+MAX_DRAIN_CPU_MS = 1.5  # issue 17: watch CPU per file
 MAX_READY_S = 5.0
 MAX_IDLE_RSS_MB = 60.0
 
@@ -732,6 +734,15 @@ def verdicts(
             f"drain rate, {d.files:,} files, {d.label}", f"{d.rate:.0f} files/s",
             f"bash-script loop {anchor.rate:.0f} files/s", f"{ratio:.1f}×", f"≥ {MIN_DRAIN_VS_BASH:g}×",
             ratio >= MIN_DRAIN_VS_BASH,
+        ))
+        out.append(Verdict(
+            f"drain rate, {d.files:,} files, {d.label} (issue 17)", f"{d.rate:.0f} files/s", "", "",
+            f"≥ {MIN_DRAIN_RATE:g} files/s", d.rate >= MIN_DRAIN_RATE,
+        ))
+        cpu_ms = d.cpu_s / d.files * 1000
+        out.append(Verdict(
+            f"watch CPU per file, {d.label} (issue 17)", f"{cpu_ms:.2f} ms", "", "",
+            f"≤ {MAX_DRAIN_CPU_MS:g} ms", cpu_ms <= MAX_DRAIN_CPU_MS,
         ))
     n = f"{restart.delivered:,} files delivered by watch" + (
         "" if restart.complete else f" (of {restart.populated:,}: the rest did not fit the deadline)"
