@@ -15,7 +15,7 @@ from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from enum import Enum
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, Self
 
 from smt_watch.clock import utc_stamp
 from smt_watch.hashing import Signature
@@ -217,3 +217,43 @@ class Ledger(Protocol):
 
     def export_rows(self) -> Iterator[tuple[str, dict[str, Any]]]: ...
     def import_rows(self, rows: Iterable[tuple[str, dict[str, Any]]]) -> int: ...
+
+
+class LedgerBase:
+    """What both backends do alike on top of their own ``_finish`` and ``seen_many``: the outcomes of a
+    claim, and the one-path stat-cache look-up."""
+
+    def _finish(self, sha256: str, state: str, attempts: int, **values: Any) -> None:
+        raise NotImplementedError
+
+    def seen_many(self, paths: list[str]) -> dict[str, Seen]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def mark_sent(self, sha256: str, *, status: int | None, destination: str, attempts: int) -> None:
+        self._finish(sha256, "sent", attempts, http_status=status, destination=destination, sent_at=now_iso(),
+                     last_error=None, next_attempt_at=None)
+
+    def mark_retrying(
+        self, sha256: str, *, status: int | None, error: str, attempts: int, next_attempt_at: float
+    ) -> None:
+        self._finish(sha256, "retrying", attempts, http_status=status, last_error=error,
+                     next_attempt_at=next_attempt_at)
+
+    def mark_failed(self, sha256: str, *, status: int | None, error: str, attempts: int) -> None:
+        self._finish(sha256, "failed", attempts, http_status=status, last_error=error, next_attempt_at=None)
+
+    def release(self, sha256: str, *, error: str, attempts: int) -> None:
+        """Back to ``pending``: the attempt was abandoned for a reason that is not the target's fault."""
+        self._finish(sha256, "pending", attempts, last_error=error)
+
+    def seen(self, path: str) -> Seen | None:
+        return self.seen_many([path]).get(path)

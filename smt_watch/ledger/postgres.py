@@ -47,6 +47,7 @@ from smt_watch.ledger.common import (
     FILE_COLUMNS,
     STATES,
     Claim,
+    LedgerBase,
     Remember,
     Row,
     Seen,
@@ -177,7 +178,7 @@ def is_postgres_url(url: str | None) -> bool:
     return bool(url) and str(url).startswith(("postgresql://", "postgres://"))
 
 
-class PostgresLedger:
+class PostgresLedger(LedgerBase):
     """The ledger in PostgreSQL. Thread-safe: a pool of connections, one per concurrent operation."""
 
     def __init__(
@@ -237,12 +238,6 @@ class PostgresLedger:
         if self._renewer is not None:
             self._renewer.join()
         self._pool.close()
-
-    def __enter__(self) -> PostgresLedger:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def _run(self, what: Callable[[psycopg.Connection[Any]], T], *, retry: bool = True) -> T:
         """Run ``what`` on a pooled connection; on a lost connection, again on a fresh one until
@@ -497,22 +492,6 @@ class PostgresLedger:
             with self._lock:
                 self._inflight.discard(sha256)
 
-    def mark_sent(self, sha256: str, *, status: int | None, destination: str, attempts: int) -> None:
-        self._finish(sha256, "sent", attempts, http_status=status, destination=destination, sent_at=now_iso(),
-                     last_error=None, next_attempt_at=None)
-
-    def mark_retrying(
-        self, sha256: str, *, status: int | None, error: str, attempts: int, next_attempt_at: float
-    ) -> None:
-        self._finish(sha256, "retrying", attempts, http_status=status, last_error=error,
-                     next_attempt_at=next_attempt_at)
-
-    def mark_failed(self, sha256: str, *, status: int | None, error: str, attempts: int) -> None:
-        self._finish(sha256, "failed", attempts, http_status=status, last_error=error, next_attempt_at=None)
-
-    def release(self, sha256: str, *, error: str, attempts: int) -> None:
-        self._finish(sha256, "pending", attempts, last_error=error)
-
     # --- operator commands ---------------------------------------------------------------------------
 
     def forget(self, sha256s: Iterable[str]) -> int:
@@ -711,8 +690,6 @@ class PostgresLedger:
                 out[unstored(path)] = Seen(Signature(device, inode, size, mtime_ns), sha256, state)
         return out
 
-    def seen(self, path: str) -> Seen | None:
-        return self.seen_many([path]).get(path)
 
     # --- ledger copy --------------------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from smt_watch.ledger.common import (
     FILE_COLUMNS,
     STATES,
     Claim,
+    LedgerBase,
     Remember,
     Row,
     Seen,
@@ -153,7 +154,7 @@ def _opening(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
-class SqliteLedger:
+class SqliteLedger(LedgerBase):
     """The ledger database. Thread-safe: one connection guarded by a lock (writes are short)."""
 
     def __init__(self, path: Path, *, busy_timeout: float = 30.0, node: str | None = None) -> None:
@@ -188,12 +189,6 @@ class SqliteLedger:
     def close(self) -> None:
         with self._lock:
             self._db.close()
-
-    def __enter__(self) -> SqliteLedger:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     @contextmanager
     def atomic(self) -> Iterator[sqlite3.Connection]:
@@ -401,29 +396,6 @@ class SqliteLedger:
             with self._lock:
                 self._inflight.discard(sha256)
 
-    def mark_sent(self, sha256: str, *, status: int | None, destination: str, attempts: int) -> None:
-        self._finish(
-            sha256, "sent", attempts, http_status=status, destination=destination, sent_at=now_iso(),
-            last_error=None, next_attempt_at=None,
-        )
-
-    def mark_retrying(
-        self, sha256: str, *, status: int | None, error: str, attempts: int, next_attempt_at: float
-    ) -> None:
-        self._finish(
-            sha256, "retrying", attempts, http_status=status, last_error=error,
-            next_attempt_at=next_attempt_at,
-        )
-
-    def mark_failed(self, sha256: str, *, status: int | None, error: str, attempts: int) -> None:
-        self._finish(
-            sha256, "failed", attempts, http_status=status, last_error=error, next_attempt_at=None
-        )
-
-    def release(self, sha256: str, *, error: str, attempts: int) -> None:
-        """Back to ``pending``: the attempt was abandoned for a reason that is not the target's fault."""
-        self._finish(sha256, "pending", attempts, last_error=error)
-
     # --- operator commands --------------------------------------------------------------------------
 
     def forget(self, sha256s: Iterable[str]) -> int:
@@ -596,8 +568,6 @@ class SqliteLedger:
                 out[unstored(path)] = Seen(Signature(device, inode, size, mtime_ns), sha256, state)
         return out
 
-    def seen(self, path: str) -> Seen | None:
-        return self.seen_many([path]).get(path)
 
     # --- ledger copy --------------------------------------------------------------------------------------
 
