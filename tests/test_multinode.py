@@ -362,10 +362,11 @@ def test_node_killed_mid_delivery_is_taken_over_after_the_lease(tmp_path: Path, 
             wait_for(lambda: ok_keys(receiver)[key] == 1, 60, "node B to deliver the bytes")
             taken_over = next(r for r in list(receiver.state.requests)
                               if r.status is not None and 200 <= r.status < 300 and r.sha256 == key)
+            # The receiver answered before B recorded it: wait for B's own word and its ledger row.
+            wait_for(lambda: "Delivered x.csv" in proc_b.text(), 30, "node B to log the delivery")
             log_b = proc_b.text()
     # B's request came after the lease A left behind had expired (the receiver's clock is this process's).
     assert taken_over.arrived >= killed + left - 0.05, (taken_over.arrived - killed, left)
-    assert "Delivered x.csv" in log_b
     assert pg_rows(pg_url, "SELECT state, node, claimed_by FROM smt_watch.files WHERE sha256 = %s",
                    (key,)) == [("sent", "node-b", None)]
     assert receiver.read(key) == data
@@ -473,8 +474,12 @@ def test_serve_answers_503_while_postgres_is_down_and_keeps_nothing(
         # A client told 503 tries again; the first try after the restart may still find the pool's old
         # connections broken (on a loaded machine the server takes a moment to accept again).
         answers: list[httpx.Response] = []
-        wait_for(lambda: answers.append(post({})) or answers[-1].status_code != 503, timeout=60,
-                 what="an upload accepted after PostgreSQL is back")
+
+        def answered() -> bool:
+            answers.append(post({}))
+            return answers[-1].status_code != 503
+
+        wait_for(answered, timeout=60, what="an upload accepted after PostgreSQL is back")
         again = answers[-1]
         assert again.status_code == 202, again.text
         assert [sha(p.read_bytes()) for p in visible_files(env)] == [sha(data)]
