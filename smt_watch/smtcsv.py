@@ -213,7 +213,7 @@ def _summarize_intervals(rows: Iterator[list[str]], summary: Summary) -> None:
     last: dict[tuple[str, bool], int] = {}
     n_rows = intervals = blanks = estimated = gaps = 0
     kwh_consumption = kwh_generation = 0.0
-    lo = hi = -1
+    lo = -1
     first_day: date | None = None
     last_day: date | None = None
     e_prev = k_prev = d_prev = None  # the raw cells of the previous row that decide its series and day
@@ -223,9 +223,12 @@ def _summarize_intervals(rows: Iterator[list[str]], summary: Summary) -> None:
     regular, midnight = True, 0
     previous = -1  # the last instant of the current series (-1: none yet)
     for row in rows:
-        if len(row) < 8:
-            continue
-        e_raw, kind, d_raw = row[0], row[7], row[1]
+        try:  # one unpacking instead of six look-ups; SMT rows have exactly eight cells
+            e_raw, d_raw, _, t_raw, _, kwh_text, est, kind = row
+        except ValueError:
+            if len(row) < 8:
+                continue
+            e_raw, d_raw, _, t_raw, _, kwh_text, est, kind = row[:8]
         if e_blank or e_raw != e_prev or kind != k_prev or d_raw != d_prev:
             e_blank = not e_raw or e_raw.isspace()
             if e_blank and not "".join(row).strip():
@@ -249,7 +252,6 @@ def _summarize_intervals(rows: Iterator[list[str]], summary: Summary) -> None:
                 regular, midnight = clock.day(day)
             previous = last.get(key, -1)
         n_rows += 1
-        kwh_text = row[5]
         try:
             kwh = float(kwh_text)
         except ValueError:
@@ -263,38 +265,43 @@ def _summarize_intervals(rows: Iterator[list[str]], summary: Summary) -> None:
                 kwh_generation += kwh
             else:
                 kwh_consumption += kwh
-        est = row[6]
         if est == "E" or (est != "A" and est.strip().upper() == "E"):
             estimated += 1
         if day is None:
             continue
-        t_raw = row[3]
-        minutes = labels.get(t_raw)
-        if minutes is None:
+        offset = labels.get(t_raw)  # seconds after midnight, on a day without a transition
+        if offset is None:
             if t_raw in labels:
                 continue
             label = _parse_label(t_raw)
-            minutes = labels[t_raw] = None if label is None else label[0] * 60 + label[1]
-            if minutes is None:
+            offset = labels[t_raw] = None if label is None else (label[0] * 60 + label[1]) * 60
+            if offset is None:
                 continue
         if regular:
-            instant = midnight + minutes * 60
+            instant = midnight + offset
         else:  # a transition day: a label seen again in this series-day is the repeated hour
             seen = folds.setdefault(key, {})
-            fold = seen.get(minutes, 0)
-            seen[minutes] = fold + 1
-            at = clock.instant(day, minutes // 60, minutes % 60, min(fold, 1))
+            fold = seen.get(offset, 0)
+            seen[offset] = fold + 1
+            at = clock.instant(day, offset // 3600, offset // 60 % 60, min(fold, 1))
             if at is None:
                 continue
             instant = at
+        # ``previous`` only moves forward, so it is the series' latest instant (``hi`` is the latest of
+        # those, taken at the end); an instant can be a new earliest (``lo``) only when it does not move
+        # its series forward, or is the series' first.
         if instant > previous:
-            if previous >= 0 and instant > previous + SLOT:
+            if previous < 0:
+                if lo < 0 or instant < lo:
+                    lo = instant
+            elif instant > previous + SLOT:
                 gaps += (instant - previous) // SLOT - 1
             previous = instant
-        if instant < lo or lo < 0:
+        elif instant < lo:
             lo = instant
-        if instant > hi:
-            hi = instant
+    if previous >= 0:
+        last[key] = previous
+    hi = max(last.values(), default=-1)
     summary.rows, summary.intervals, summary.blanks = n_rows, intervals, blanks
     summary.estimated, summary.gaps = estimated, gaps
     summary.kwh_consumption, summary.kwh_generation = kwh_consumption, kwh_generation
