@@ -653,7 +653,7 @@ def ledger_copy(
         add_secrets([userinfo, *userinfo.split(":", 1)[1:]])
     shown_target, counts = copy_ledger(_settings(env_file, SMT_STATE_DIR=state_dir), to)
     summary = ", ".join(f"{table} {n}" for table, n in counts.items()) or "nothing"
-    typer.echo(f"copied to {shown_target}: {summary}")
+    typer.echo(f"copied to {shown(shown_target)}: {summary}")
 
 
 # --- receive ----------------------------------------------------------------------------------------

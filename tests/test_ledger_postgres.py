@@ -397,3 +397,23 @@ def test_watch_on_another_node_leaves_this_nodes_pending_rows_alone(make_setting
             row_a = a.get(A)
             assert row_a is not None and row_a.state == "pending", row_a
     assert [r["filename"] for r in receiver.stored()] == [f.name]
+
+
+@pytest.mark.parametrize(("url", "code", "says"), [
+    ("postgresql://u:pw-Secret-9@127.0.0.1:1/db", 1, "cannot connect to ledger postgresql://***@127.0.0.1:1/db"),
+    ("postgresql://u:pw-Secret-9@127.0.0.1:1/db?sslmode=bogus", 1, "invalid sslmode value"),
+    ("postgresql://u:pw-Secret-9@127.0.0.1:1/db?foo=bar", 2, 'SMT_LEDGER_URL postgresql://***@127.0.0.1:1/db?foo=bar'),
+    ("postgresql://u:pw-Secret-9@[bad/db", 2, "SMT_LEDGER_URL is not a valid URL"),
+    ("mysql://u:pw-Secret-9@127.0.0.1/db", 2, "SMT_LEDGER_URL must be a postgresql:// or postgres:// URL"),
+])
+def test_a_ledger_url_that_cannot_work_is_one_line_without_its_password(run_cli: Run, url: str, code: int,
+                                                                        says: str) -> None:
+    """A wrong URL is a setting (exit 2), an unreachable server a runtime failure (exit 1): either way one
+    line naming what is wrong, never the password, never 'internal error' (an unknown query parameter once
+    was one)."""
+    proc = run_cli("ledger", "list", env={"SMT_LEDGER_URL": url})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == code, out
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and says in lines[0], out
+    assert "pw-Secret-9" not in out and "internal error" not in out and "Traceback" not in out

@@ -39,7 +39,7 @@ import psycopg_pool
 from psycopg.rows import dict_row
 
 from smt_watch.clock import utc_stamp
-from smt_watch.errors import LedgerError, LedgerUnavailable
+from smt_watch.errors import ConfigError, LedgerError, LedgerUnavailable
 from smt_watch.hashing import Signature
 from smt_watch.ledger.common import (
     COPIED_COLUMNS,
@@ -225,6 +225,9 @@ class PostgresLedger(LedgerBase):
         except _DISCONNECTS as exc:
             self._pool.close()
             raise LedgerUnavailable(f"cannot connect to ledger {shown_as}: {_reason(exc)}") from exc
+        except psycopg.Error as exc:  # the URL itself is wrong (an unknown query parameter, say): a setting
+            self._pool.close()
+            raise ConfigError(f"SMT_LEDGER_URL {shown_as}: {_reason(exc)}") from exc
         try:
             self._migrate()
         except BaseException:
