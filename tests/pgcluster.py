@@ -25,6 +25,7 @@ ADMIN_PASSWORD = "admin-pw-Ze3"
 USER = "smtwatch"
 PASSWORD = "pg-pw-7Kq2-secret"
 START_TIMEOUT = 60.0
+READY_POLL_SECONDS = 0.1  # how often wait_until_ready asks again: a starting server gives no event to wait on
 
 
 def pg_bin(name: str) -> str | None:
@@ -152,7 +153,7 @@ def wait_until_ready(cluster: PgCluster, deadline: float) -> None:
         except psycopg.OperationalError:
             if time.monotonic() > deadline:
                 raise
-            time.sleep(0.1)  # polling a server that is starting: there is no event to wait on
+            time.sleep(READY_POLL_SECONDS)  # the poll interval of this deadline loop, not a pause
 
 
 # --- pytest fixtures (conftest imports these) --------------------------------------------------------------
