@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from smt_watch import host
 from smt_watch.config import Settings, redact_url
 from smt_watch.delivery.registry import MODES, auto_targets, delivery_mode
 from smt_watch.errors import SmtWatchError
@@ -265,4 +266,8 @@ def run_checks(settings: Settings, *, env_file: Path | None, offline: bool) -> l
             checks.extend(fn(settings))
         except Exception as exc:  # a broken check is itself a finding, never a traceback
             checks.append(Check(FAIL, fn.__name__.removeprefix("check_"), f"{type(exc).__name__}: {exc}"))
+    try:  # units and ports on this host (smt_watch.host: the only code that asks systemctl and reads /proc/net)
+        checks.extend(Check(*finding) for finding in host.checks(settings))
+    except Exception as exc:
+        checks.append(Check(FAIL, "host", f"{type(exc).__name__}: {exc}"))
     return checks

@@ -34,7 +34,7 @@ def unit(path: Path) -> configparser.ConfigParser:
 
 def test_units_exist() -> None:
     names = {p.name for p in UNITS}
-    assert names == {"smt-watch.service", "smt-sync.service", "smt-sync.timer", "smt-upload-server.service"}
+    assert names == {"smt-watch.service", "smt-sync.service", "smt-sync.timer", "smt-watch-serve.service"}
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None,

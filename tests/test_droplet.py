@@ -1,0 +1,292 @@
+"""IntelliWatt's droplet, its own tooling included, with smt-watch migrated onto it as the README says.
+
+On the droplet a watchdog (``intelliwatt-ensure-services.timer``, every 2 minutes) enables and starts every old
+SMT unit that is installed, and every deploy copies the Node upload server's unit back and starts it. These
+tests stand in for that droplet: systemd is ``tests/droplet/bin/systemctl`` (a real systemd cannot run here as
+PID 1; the stand-in keeps unit files, masks, enablement and real processes under a temp root, see its
+docstring), the droplet's scripts are ``tests/droplet/*.sh`` (stand-ins written from their behaviour), and the
+old units run tiny stand-in programs: the old ingest posts every inbox CSV to the reference receiver with
+``role=smt-ingest``, the Node server and the bridge hold their ports. smt-watch's own units run the real
+``smt-watch watch`` and ``serve``. The README's migration and rollback are run from the README's own fenced
+blocks, with ``/etc``, ``/home`` and ``/opt`` mapped under the temp root.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import UPLOAD_TOKEN, wait_for, write_csv
+
+ROOT = Path(__file__).resolve().parent.parent
+STANDINS = Path(__file__).resolve().parent / "droplet"
+VENV_EXE = Path(sys.executable).parent / "smt-watch"
+OLD_UNITS = ("smt-ingest.timer", "smt-ingest.service", "smt-upload-server.service")
+HOST_CHECK = re.compile(r"^(ok|warn|FAIL)\s+(old unit \S+|port \d+|bridge|systemd): .*$", re.M)
+START_TIMEOUT = 30.0  # seconds for a started process to bind its port or deliver, on a loaded 2-core machine
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct loopback ports with nothing listening (all bound at once, then released)."""
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def readme_block(contains: str) -> str:
+    """The fenced ``bash`` block of README "Migrating from fetch_and_post.sh" that contains ``contains``."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("### Migrating from `fetch_and_post.sh`"):]
+    section = section[:section.index("\n### ", 1)]
+    blocks = [textwrap.dedent(m.group(2)) for m in re.finditer(r"^( *)```bash\n(.*?)^\1```", section, re.M | re.S)]
+    found = [b for b in blocks if contains in b]
+    assert len(found) == 1, f"README Migrating has {len(found)} bash blocks containing {contains!r}"
+    return found[0]
+
+
+@dataclass
+class Droplet:
+    root: Path
+    inbox: Path
+    env_file: Path
+    upload_port: int  # the Node server's SMT_UPLOAD_PORT, then serve's (8081 on the droplet)
+    webhook_port: int  # the bridge's PORT, then serve's webhook (8787 on the droplet)
+    moved_port: int  # where the README moves the bridge (8788 on the droplet)
+    receiver: Any
+
+    def sh(self, script: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run bash with the stand-in systemctl and sudo first on PATH, from the repository root."""
+        env = {"PATH": f"{STANDINS / 'bin'}:{os.environ.get('PATH', '')}", "SYSTEMCTL_STANDIN_ROOT": str(self.root),
+               "HOME": str(self.root / "home/deploy"), "LANG": "C.UTF-8"}
+        proc = subprocess.run(["bash", "-euo", "pipefail", "-c", script], env=env, cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+        if check:
+            assert proc.returncode == 0, f"{script}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+        return proc
+
+    def mapped(self, commands: str) -> str:
+        """README commands with the droplet's paths under the temp root and its ports replaced by the test's."""
+        commands = re.sub(r"(?<![\w.])/(etc|home|opt|var)/", lambda m: f"{self.root}/{m.group(1)}/", commands)
+        return commands.replace("8788", str(self.moved_port))
+
+    def is_active(self, unit: str) -> bool:
+        return self.sh(f"systemctl is-active {unit}", check=False).returncode == 0
+
+    def journal(self) -> list[str]:
+        path = self.root / "run/systemd-standin/journal"
+        return path.read_text().splitlines() if path.exists() else []
+
+    def doctor(self) -> subprocess.CompletedProcess[str]:
+        env = {"PATH": f"{STANDINS / 'bin'}:{os.environ.get('PATH', '')}", "SYSTEMCTL_STANDIN_ROOT": str(self.root),
+               "HOME": str(self.root / "home/deploy"), "SMT_STATE_DIR": str(self.root / "var/lib/smt-watch")}
+        return subprocess.run([str(VENV_EXE), "doctor", "--offline", "--env-file", str(self.env_file)], env=env,
+                              capture_output=True, text=True, timeout=60)
+
+    def deliveries(self) -> list[tuple[str | None, str | None]]:
+        """(sha256, role) of every file request the receiver answered 2xx."""
+        return [(r.sha256, r.fields.get("role")) for r in list(self.receiver.state.requests)
+                if r.status is not None and 200 <= r.status < 300 and r.sha256]
+
+
+def _unit(description: str, service: str = "", install: str = "WantedBy=multi-user.target") -> str:
+    return f"[Unit]\nDescription={description}\n\n{service}\n[Install]\n{install}\n"
+
+
+def _write_old_droplet(d: Droplet, receiver_url: str) -> None:
+    """IntelliWatt's repository on the droplet: its unit files, shaped like the real ones (deploy/droplet/,
+    deploy/smt/), each running a stand-in program; and the droplet's env file."""
+    repo = d.root / "home/deploy/apps/intelliwatt/deploy"
+    env = "EnvironmentFile=/etc/default/intelliwatt-smt\n"
+    files = {
+        "droplet/smt-upload-server.service": _unit("Node upload server stand-in", (
+            f"[Service]\nType=simple\n{env}Environment=SMT_UPLOAD_PORT={d.upload_port}\n"
+            "ExecStart=/usr/bin/python3 /opt/old/listener.py SMT_UPLOAD_PORT 127.0.0.1\nRestart=always\n")),
+        "droplet/smt-webhook.service": _unit("webhook bridge stand-in (Python on 8787)", (
+            f"[Service]\nType=simple\n{env}Environment=PORT={d.webhook_port}\n"
+            "ExecStart=/usr/bin/python3 /opt/old/listener.py PORT 0.0.0.0\nRestart=always\n")),
+        "droplet/systemd/smt-webhook.override.conf": f"[Service]\nEnvironmentFile=\n{env}Restart=always\n",
+        "droplet/intelliwatt-ensure-services.service": (
+            "[Unit]\nDescription=watchdog\n\n[Service]\nType=oneshot\n"
+            "ExecStart=/usr/bin/env bash /home/deploy/apps/intelliwatt/deploy/droplet/ensure-services.sh\n"),
+        "droplet/intelliwatt-ensure-services.timer": _unit(
+            "watchdog every 2 minutes", "[Timer]\nOnUnitActiveSec=120\n", "WantedBy=timers.target"),
+        "smt/smt-ingest.service": _unit("old ingest stand-in (fetch_and_post.sh)", (
+            f"[Service]\nType=simple\n{env}Environment=OLD_INGEST_URL={receiver_url}/upload\n"
+            "ExecStart=/usr/bin/python3 /opt/old/old_ingest.py\nRestart=always\nRestartSec=30\n")),
+        "smt/smt-ingest.timer": _unit("old ingest every 30 minutes", "[Timer]\nOnUnitActiveSec=30m\n"
+                                      "Unit=smt-ingest.service\n", "WantedBy=timers.target"),
+    }
+    for name, text in files.items():
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_text(text)
+    for link, target in {"usr/bin/python3": Path(sys.executable), "opt/smt-watch/bin/smt-watch": VENV_EXE,
+                         "opt/old/old_ingest.py": STANDINS / "old_ingest.py",
+                         "opt/old/listener.py": STANDINS / "listener.py"}.items():
+        (d.root / link).parent.mkdir(parents=True, exist_ok=True)
+        (d.root / link).symlink_to(target)
+    d.env_file.parent.mkdir(parents=True, exist_ok=True)
+    d.env_file.write_text(
+        f"SMT_LOCAL_DIR={d.inbox}\nSTATE_FILE={d.inbox}/.posted_sha256\nSMT_UPLOAD_URL={receiver_url}/upload\n"
+        f"SMT_UPLOAD_TOKEN={UPLOAD_TOKEN}\nSMT_UPLOAD_PORT={d.upload_port}\nSMT_WEBHOOK_PORT={d.webhook_port}\n"
+        "SMT_PATTERNS=*.csv\nSMT_SETTLE_SECONDS=0.2\nSMT_RETRY_BACKOFF_SECONDS=0.05\n")
+    d.env_file.chmod(0o640)
+
+
+@pytest.fixture
+def droplet(tmp_path: Path, receiver: Any) -> Iterator[Droplet]:
+    """The droplet as it runs today: old units installed, enabled and running, the watchdog timer on, and
+    smt-watch's units copied in by the README's Install command (not enabled yet)."""
+    upload, webhook, moved = free_ports(3)
+    root = tmp_path / "root"
+    d = Droplet(root=root, inbox=tmp_path / "inbox", env_file=root / "etc/default/intelliwatt-smt",
+                upload_port=upload, webhook_port=webhook, moved_port=moved, receiver=receiver)
+    d.inbox.mkdir()
+    (d.root / "etc/systemd/system").mkdir(parents=True)
+    _write_old_droplet(d, receiver.url)
+    try:
+        repo = d.root / "home/deploy/apps/intelliwatt/deploy"
+        d.sh(f"sudo cp {repo}/smt/smt-ingest.service {repo}/smt/smt-ingest.timer {d.root}/etc/systemd/system/")
+        d.sh(f"sudo bash {STANDINS}/apply_services.sh")  # installs and starts the Node server, bridge, watchdog
+        d.sh("sudo systemctl enable --now smt-ingest.timer smt-ingest.service")
+        install = re.search(r"^sudo cp systemd/.*?/etc/systemd/system/$", (ROOT / "README.md").read_text(), re.M | re.S)
+        assert install is not None and "smt-watch-serve.service" in install.group(0)
+        d.sh(d.mapped(install.group(0)))
+        for unit in (*OLD_UNITS, "smt-webhook.service", "intelliwatt-ensure-services.timer"):
+            assert d.is_active(unit), unit
+        wait_for(lambda: listening(upload) and listening(webhook), START_TIMEOUT, "the old servers' ports")
+        yield d
+    finally:
+        _stop_everything(d.root / "run/systemd-standin")
+
+
+def _stop_everything(run: Path) -> None:
+    """Stop every process the stand-in systemctl started in this test (by the pids it recorded)."""
+    pids = []
+    for pidfile in run.glob("*.pid"):
+        pid = int(pidfile.read_text())
+        try:
+            os.killpg(pid, signal.SIGTERM)
+            pids.append(pid)
+        except ProcessLookupError:
+            pass
+
+    def gone(pid: int) -> bool:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return True
+        return state in ("Z", "X")
+
+    try:
+        wait_for(lambda: all(gone(p) for p in pids), 20, "stand-in processes to stop")
+    except AssertionError:
+        for pid in pids:
+            if not gone(pid):
+                os.killpg(pid, signal.SIGKILL)
+
+
+def test_without_the_migration_the_tooling_restarts_the_old_units_and_doctor_names_each(droplet: Droplet) -> None:
+    d = droplet
+    # What "stop the old timer" alone does on this droplet: undone by the watchdog's next run.
+    d.sh("sudo systemctl disable --now smt-ingest.timer smt-ingest.service smt-upload-server.service")
+    assert not d.is_active("smt-ingest.service") and not d.is_active("smt-upload-server.service")
+    d.sh(f"bash {STANDINS}/ensure_services.sh")
+    for unit in OLD_UNITS:
+        assert d.is_active(unit), f"the watchdog did not bring {unit} back"
+    # ...and the old ingest delivers (this harness sees an old unit deliver when one runs).
+    csv = write_csv(d.inbox / "adhocusage" / "before.csv", seed=99)
+    digest = hashlib.sha256(csv.read_bytes()).hexdigest()
+    wait_for(lambda: (digest, "smt-ingest") in d.deliveries(), START_TIMEOUT, "the old ingest's post")
+    wait_for(lambda: listening(d.upload_port), START_TIMEOUT, "the Node stand-in's port")
+
+    proc = d.doctor()
+    assert proc.returncode == 1, proc.stdout
+    assert "Traceback" not in proc.stdout + proc.stderr
+    out = proc.stdout
+    for unit in OLD_UNITS:
+        line = re.search(rf"^FAIL  old unit {re.escape(unit)}: active: it runs beside smt-watch  -> (.*)$", out, re.M)
+        assert line, out
+        assert f"sudo rm -f /etc/systemd/system/{unit} && sudo systemctl mask {unit}" in line.group(1)
+    nodes = d.sh("systemctl show -p MainPID smt-upload-server.service smt-webhook.service").stdout.split()
+    node_pid, bridge_pid = (int(p.split("=")[1]) for p in nodes)
+    assert re.search(rf"^FAIL  port {d.upload_port}: SMT_UPLOAD_PORT {d.upload_port} is held by pid {node_pid} "
+                     r"\(smt-upload-server.service\): .*listener.py SMT_UPLOAD_PORT.*systemctl mask", out, re.M), out
+    assert re.search(rf"^FAIL  port {d.webhook_port}: SMT_WEBHOOK_PORT {d.webhook_port} is held by pid {bridge_pid} "
+                     r"\(smt-webhook.service\): .*smt-watch-port.conf", out, re.M), out
+    assert re.search(rf"^FAIL  bridge: smt-webhook.service \(the old webhook bridge\) listens on PORT={d.webhook_port}"
+                     r".*Environment=PORT=8788.*smt-watch-port.conf", out, re.M), out
+
+
+def test_the_readme_migration_survives_the_watchdog_and_deploys(droplet: Droplet) -> None:
+    d = droplet
+    proc = d.sh(d.mapped(readme_block("systemctl mask")))
+    assert "already exists" not in proc.stderr  # the unit files were removed before the masks
+    mark = len(d.journal())
+    wait_for(lambda: listening(d.upload_port) and listening(d.webhook_port) and listening(d.moved_port),
+             START_TIMEOUT, "serve on the upload and webhook ports, the bridge on its new one")
+
+    sent: list[str] = []
+    for round_ in range(3):
+        csv = write_csv(d.inbox / "adhocusage" / f"round{round_}.csv", seed=round_)
+        sent.append(hashlib.sha256(csv.read_bytes()).hexdigest())
+        assert d.sh(f"bash {STANDINS}/ensure_services.sh").returncode == 0  # the 2-minute watchdog
+        if round_ == 1:  # a deploy: the Node unit copied back (through the mask), enable --now on it
+            d.sh(f"sudo bash {STANDINS}/apply_services.sh")
+        if round_ == 2:  # a full post_pull: documented in the README as stopping at the first masked unit
+            pull = d.sh(f"bash {STANDINS}/post_pull.sh", check=False)
+            assert pull.returncode == 1 and "Unit smt-ingest.service is masked." in pull.stderr, pull.stderr
+        for unit in OLD_UNITS:
+            assert not d.is_active(unit), f"{unit} runs again after round {round_}"
+        assert (d.root / "etc/systemd/system/smt-upload-server.service").is_symlink()  # still the mask
+        wait_for(lambda: all((s, "admin") in d.deliveries() for s in sent), START_TIMEOUT,
+                 f"smt-watch to deliver round {round_}")
+
+    started = [line for line in d.journal()[mark:] if line.startswith("start ")]
+    assert not [line for line in started if line.split()[1] in OLD_UNITS], started
+    deliveries = d.deliveries()
+    assert not [r for r in deliveries if r[1] != "admin"], deliveries  # no smt-ingest post, ever
+    assert collections.Counter(sha for sha, _ in deliveries) == dict.fromkeys(sent, 1)  # each file once
+
+    proc = d.doctor()
+    host = HOST_CHECK.findall(proc.stdout)
+    assert host and all(status == "ok" for status, _ in host), proc.stdout
+    for unit in OLD_UNITS:
+        assert f"ok    old unit {unit}: masked" in proc.stdout
+    assert re.search(rf"^ok    port {d.upload_port}: held by smt-watch serve", proc.stdout, re.M), proc.stdout
+    assert re.search(rf"^ok    port {d.webhook_port}: held by smt-watch serve", proc.stdout, re.M), proc.stdout
+    assert re.search(rf"^ok    bridge: smt-webhook.service on PORT={d.moved_port}", proc.stdout, re.M), proc.stdout
+    assert proc.returncode == 0, proc.stdout
+
+    # The README's rollback undoes it: the watchdog brings the old units back, smt-watch is off.
+    d.sh(d.mapped(readme_block("systemctl unmask")))
+    d.sh(f"bash {STANDINS}/ensure_services.sh")
+    for unit in (*OLD_UNITS, "smt-webhook.service"):
+        assert d.is_active(unit), unit
+    for unit in ("smt-watch.service", "smt-watch-serve.service"):
+        assert not d.is_active(unit), unit
+    assert "SMT_WEBHOOK_FORWARD_URL" not in d.env_file.read_text()
+    wait_for(lambda: listening(d.webhook_port) and listening(d.upload_port), START_TIMEOUT,
+             "the bridge and the Node server back on their ports")
