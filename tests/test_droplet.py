@@ -79,13 +79,19 @@ class Droplet:
 
     def sh(self, script: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run bash with the stand-in systemctl and sudo first on PATH, from the repository root."""
-        env = {"PATH": f"{STANDINS / 'bin'}:{os.environ.get('PATH', '')}", "SYSTEMCTL_STANDIN_ROOT": str(self.root),
-               "HOME": str(self.root / "home/deploy"), "LANG": "C.UTF-8"}
+        env = {"PATH": self.path, "SYSTEMCTL_STANDIN_ROOT": str(self.root), "HOME": str(self.root / "home/deploy"),
+               "LANG": "C.UTF-8"}
         proc = subprocess.run(["bash", "-euo", "pipefail", "-c", script], env=env, cwd=ROOT, capture_output=True,
                               text=True, timeout=120)
         if check:
             assert proc.returncode == 0, f"{script}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
         return proc
+
+    @property
+    def path(self) -> str:
+        """The stand-ins first, then this venv's python as ``python3`` (the stand-ins' ``#!/usr/bin/env python3``
+        would otherwise find whatever wrapper PATH has, which may take a second a call on a loaded machine)."""
+        return f"{STANDINS / 'bin'}:{self.root / 'usr/bin'}:{os.environ.get('PATH', '')}"
 
     def mapped(self, commands: str) -> str:
         """README commands with the droplet's paths under the temp root and its ports replaced by the test's."""
@@ -100,8 +106,8 @@ class Droplet:
         return path.read_text().splitlines() if path.exists() else []
 
     def doctor(self) -> subprocess.CompletedProcess[str]:
-        env = {"PATH": f"{STANDINS / 'bin'}:{os.environ.get('PATH', '')}", "SYSTEMCTL_STANDIN_ROOT": str(self.root),
-               "HOME": str(self.root / "home/deploy"), "SMT_STATE_DIR": str(self.root / "var/lib/smt-watch")}
+        env = {"PATH": self.path, "SYSTEMCTL_STANDIN_ROOT": str(self.root), "HOME": str(self.root / "home/deploy"),
+               "SMT_STATE_DIR": str(self.root / "var/lib/smt-watch")}
         return subprocess.run([str(VENV_EXE), "doctor", "--offline", "--env-file", str(self.env_file)], env=env,
                               capture_output=True, text=True, timeout=60)
 
