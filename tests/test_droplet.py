@@ -129,7 +129,7 @@ def _write_old_droplet(d: Droplet, receiver_url: str) -> None:
     files = {
         "droplet/smt-upload-server.service": _unit("Node upload server stand-in", (
             f"[Service]\nType=simple\n{env}Environment=SMT_UPLOAD_PORT={d.upload_port}\n"
-            "ExecStart=/usr/bin/python3 /opt/old/listener.py SMT_UPLOAD_PORT 127.0.0.1\nRestart=always\n")),
+            "ExecStart=/usr/bin/python3 /opt/old/listener.py SMT_UPLOAD_PORT ::\nRestart=always\n")),
         "droplet/smt-webhook.service": _unit("webhook bridge stand-in (Python on 8787)", (
             f"[Service]\nType=simple\n{env}Environment=PORT={d.webhook_port}\n"
             "ExecStart=/usr/bin/python3 /opt/old/listener.py PORT 0.0.0.0\nRestart=always\n")),
@@ -219,6 +219,11 @@ def test_without_the_migration_the_tooling_restarts_the_old_units_and_doctor_nam
     # What "stop the old timer" alone does on this droplet: undone by the watchdog's next run.
     d.sh("sudo systemctl disable --now smt-ingest.timer smt-ingest.service smt-upload-server.service")
     assert not d.is_active("smt-ingest.service") and not d.is_active("smt-upload-server.service")
+    stopped = d.doctor().stdout  # stopped and disabled is not enough while the watchdog timer is on
+    for unit in OLD_UNITS:
+        assert re.search(rf"^FAIL  old unit {re.escape(unit)}: installed and not masked: "
+                         r"intelliwatt-ensure-services.timer enables and starts it within 2 minutes  -> "
+                         rf".*sudo systemctl mask {re.escape(unit)}", stopped, re.M), stopped
     d.sh(f"bash {STANDINS}/ensure_services.sh")
     for unit in OLD_UNITS:
         assert d.is_active(unit), f"the watchdog did not bring {unit} back"
@@ -296,3 +301,23 @@ def test_the_readme_migration_survives_the_watchdog_and_deploys(droplet: Droplet
     assert "SMT_WEBHOOK_FORWARD_URL" not in d.env_file.read_text()
     wait_for(lambda: listening(d.webhook_port) and listening(d.upload_port), START_TIMEOUT,
              "the bridge and the Node server back on their ports")
+
+
+@pytest.mark.parametrize("standin", [False, True], ids=["no-systemctl", "systemd-not-running"])
+def test_without_systemd_the_unit_checks_say_so_and_the_port_checks_run(
+        standin: bool, tmp_path: Path, unused_port: int) -> None:
+    """A container or CI: no systemctl on PATH, or one that cannot reach systemd (the stand-in without its root
+    prints what systemctl prints then). One ok line says so; no traceback; the ports are still checked."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("python3",) + (("systemctl",) if standin else ()):
+        (bin_dir / tool).symlink_to(Path(sys.executable) if tool == "python3" else STANDINS / "bin" / tool)
+    (tmp_path / "inbox").mkdir()
+    env = {"PATH": str(bin_dir), "HOME": str(tmp_path), "SMT_LOCAL_DIR": str(tmp_path / "inbox"),
+           "SMT_STATE_DIR": str(tmp_path / "state"), "SMT_UPLOAD_PORT": str(unused_port), "SMT_PATTERNS": "*.csv"}
+    proc = subprocess.run([str(VENV_EXE), "doctor", "--offline"], env=env, capture_output=True, text=True, timeout=60)
+    reason = "System has not been booted with systemd" if standin else "systemctl is not installed"
+    assert re.search(rf"^ok    systemd: not running here \({reason}.*\): old-unit and bridge checks skipped$",
+                     proc.stdout, re.M), proc.stdout
+    assert re.search(rf"^ok    port {unused_port}: free for serve \(SMT_UPLOAD_PORT, 127.0.0.1\)$", proc.stdout, re.M)
+    assert "old unit" not in proc.stdout and "Traceback" not in proc.stdout + proc.stderr

@@ -1,7 +1,8 @@
 """Stand-in for a long-running droplet server that holds a port: the Node upload server or the old bridge.
 
-``listener.py VAR HOST`` listens on ``HOST``:``$VAR`` (the Node unit sets ``SMT_UPLOAD_PORT``; the bridge reads
-``PORT``, 8787 unless set, and binds all addresses) and answers every request ``200 {"ok": true, "server": VAR}``,
+``listener.py VAR HOST`` listens on ``HOST``:``$VAR``, as the real ones do: the Node server on ``SMT_UPLOAD_PORT``
+(its ``app.listen(PORT)`` binds ``::``, every address of both families), the bridge on ``PORT`` (8787 unless
+set) of ``0.0.0.0`` and answers every request ``200 {"ok": true, "server": VAR}``,
 so a port check sees the process that holds it and a forwarded request gets an answer.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import socket
 import sys
 
 
@@ -29,7 +31,10 @@ def main() -> int:
 
         do_GET = do_POST = do_HEAD = _answer
 
-    server = http.server.HTTPServer((host, int(os.environ.get(variable, "8787"))), Handler)
+    class Server(http.server.HTTPServer):
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    server = Server((host, int(os.environ.get(variable, "8787"))), Handler)
     server.serve_forever()
     return 0
 
