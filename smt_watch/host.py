@@ -39,6 +39,7 @@ BRIDGE_MOVED_PORT = 8788  # where the README moves it
 BRIDGE_DROPIN = f"{UNIT_DIR}/{BRIDGE_UNIT}.d/smt-watch-port.conf"  # the deploy script rewrites override.conf only
 ENSURE_TIMER = "intelliwatt-ensure-services.timer"
 SERVE_UNIT = "smt-watch-serve.service"
+SYSTEMD_BOOTED = "/run/systemd/system"  # exists iff systemd is PID 1 (sd_booted(3))
 SYSTEMCTL_TIMEOUT = 15.0  # seconds; systemctl show answers in milliseconds when systemd is healthy
 RUNNING = frozenset({"active", "activating", "reloading", "deactivating", "refreshing"})
 ENABLED = frozenset({"enabled", "enabled-runtime", "linked", "linked-runtime", "alias"})
@@ -328,14 +329,18 @@ def _free_hint(unit: str | None, setting: str, port: int) -> str:
 # --- doctor's entry point --------------------------------------------------------------------------------
 
 
-def checks(s: Settings, proc: Path = Path("/proc")) -> Iterator[Finding]:
+def checks(s: Settings, proc: Path = Path("/proc"), booted: Path = Path(SYSTEMD_BOOTED)) -> Iterator[Finding]:
     """Every host finding, the unit checks first (their one systemctl call also names ports' holders)."""
     units: dict[str, UnitState] | None
     try:
         units = query_units((*OLD_UNITS, ENSURE_TIMER, BRIDGE_UNIT, SERVE_UNIT))
     except SystemdUnavailable as exc:
         units = None
-        yield OK, "systemd", f"not running here ({exc}): old-unit and bridge checks skipped", ""
+        if booted.is_dir():  # sd_booted(): systemd runs here, this user cannot ask it
+            yield WARN, "systemd", f"cannot ask systemd ({exc}): old-unit and bridge checks skipped", \
+                "run doctor as root: sudo /opt/smt-watch/bin/smt-watch doctor --env-file /etc/default/intelliwatt-smt"
+        else:
+            yield OK, "systemd", f"not running here ({exc}): old-unit and bridge checks skipped", ""
     if units is not None:
         yield from unit_findings(units)
         yield from bridge_findings(s, units)

@@ -321,3 +321,25 @@ def test_without_systemd_the_unit_checks_say_so_and_the_port_checks_run(
                      proc.stdout, re.M), proc.stdout
     assert re.search(rf"^ok    port {unused_port}: free for serve \(SMT_UPLOAD_PORT, 127.0.0.1\)$", proc.stdout, re.M)
     assert "old unit" not in proc.stdout and "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_where_systemd_runs_but_cannot_be_asked_doctor_warns_and_says_run_it_as_root(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Some droplets refuse a non-root systemctl the system bus: that is not "systemd is not running"."""
+    from smt_watch import host
+    from smt_watch.config import load_settings
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").symlink_to(sys.executable)
+    (bin_dir / "systemctl").symlink_to(STANDINS / "bin" / "systemctl")
+    monkeypatch.setenv("PATH", str(bin_dir))  # the stand-in without its root fails as systemctl does there
+    monkeypatch.delenv("SYSTEMCTL_STANDIN_ROOT", raising=False)
+    booted = tmp_path / "run-systemd-system"
+    booted.mkdir()
+    settings = load_settings({"SMT_LOCAL_DIR": str(tmp_path), "SMT_UPLOAD_PORT": "0"})
+    findings = list(host.checks(settings, booted=booted))
+    assert findings[0][:2] == ("warn", "systemd"), findings
+    assert "cannot ask systemd (System has not been booted with systemd" in findings[0][2]
+    assert "sudo /opt/smt-watch/bin/smt-watch doctor" in findings[0][3]
+    assert not [f for f in findings if f[1].startswith(("old unit", "bridge"))]

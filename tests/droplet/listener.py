@@ -31,8 +31,15 @@ def main() -> int:
 
         do_GET = do_POST = do_HEAD = _answer
 
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if family == socket.AF_INET6:
+        try:
+            socket.socket(socket.AF_INET6).close()
+        except OSError:  # a kernel without IPv6: every IPv4 address, still a wildcard
+            family, host = socket.AF_INET, "0.0.0.0"
+
     class Server(http.server.HTTPServer):
-        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        address_family = family
 
     server = Server((host, int(os.environ.get(variable, "8787"))), Handler)
     server.serve_forever()
