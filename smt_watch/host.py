@@ -164,7 +164,8 @@ def bridge_findings(s: Settings, units: dict[str, UnitState]) -> Iterator[Findin
                                f"serve's webhook wants (SMT_WEBHOOK_PORT)"), move_bridge_command()
         return
     forward = s.webhook_forward_url
-    forward_port = urlsplit(forward).port if forward else None
+    parts = urlsplit(forward) if forward else None
+    forward_port = (parts.port or (443 if parts.scheme == "https" else 80)) if parts else None
     if forward is None:
         yield WARN, "bridge", (f"{BRIDGE_UNIT} listens on PORT={port} but SMT_WEBHOOK_FORWARD_URL is not set: "
                                "the app's other webhook routes and reasons reach nothing"), \

@@ -343,3 +343,27 @@ def test_where_systemd_runs_but_cannot_be_asked_doctor_warns_and_says_run_it_as_
     assert "cannot ask systemd (System has not been booted with systemd" in findings[0][2]
     assert "sudo /opt/smt-watch/bin/smt-watch doctor" in findings[0][3]
     assert not [f for f in findings if f[1].startswith(("old unit", "bridge"))]
+
+
+@pytest.mark.parametrize(("forward", "status", "detail"), [
+    (None, "warn", "SMT_WEBHOOK_FORWARD_URL is not set"),
+    ("http://127.0.0.1:9999", "FAIL", "points at port 9999, but smt-webhook.service listens on PORT=8788"),
+    ("http://127.0.0.1/", "FAIL", "points at port 80, but smt-webhook.service listens on PORT=8788"),
+    ("http://127.0.0.1:8788/", "ok", "smt-webhook.service on PORT=8788, serve's webhook on 8787, forwarding to it"),
+])
+def test_doctor_checks_the_forward_url_against_the_bridges_port(forward: str | None, status: str, detail: str,
+                                                                tmp_path: Path) -> None:
+    """``systemctl show`` output as systemd prints it (quoted Environment=), parsed and judged."""
+    from smt_watch import host
+    from smt_watch.config import load_settings
+
+    shown = ("Id=smt-webhook.service\nLoadState=loaded\nUnitFileState=enabled\nActiveState=active\nMainPID=42\n"
+             'Environment=PORT=8788 "GREETING=a b"\n\nId=intelliwatt-ensure-services.timer\nLoadState=not-found\n'
+             "UnitFileState=\nActiveState=inactive\nMainPID=0\nEnvironment=\n")
+    units = {u.name: u for u in host.parse_show(shown)}
+    assert units["smt-webhook.service"].environment == {"PORT": "8788", "GREETING": "a b"}
+    env = {"SMT_LOCAL_DIR": str(tmp_path), "SMT_WEBHOOK_PORT": "8787"}
+    if forward:
+        env["SMT_WEBHOOK_FORWARD_URL"] = forward
+    (finding,) = host.bridge_findings(load_settings(env), units)
+    assert finding[:2] == (status, "bridge") and detail in finding[2], finding
