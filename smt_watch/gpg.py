@@ -223,7 +223,7 @@ def decrypt(settings: Settings, path: Path, out: Path, name: str | None = None) 
         raise ContentError(f"{name}: gpg took more than {TIMEOUT:.0f} s; stopped")
     why = reason(outcome)
     low = why.lower()
-    if "bad passphrase" in low and passphrase is None:
+    if ("bad passphrase" in low or "batchmode" in low) and passphrase is None:
         why += " (the key is passphrase-protected: set SMT_GPG_PASSPHRASE)"
     elif "no valid openpgp data" in low:
         why += " (not PGP data: corrupt armour?)"
@@ -291,7 +291,7 @@ def round_trip(settings: Settings, sample: bytes = b"smt-watch doctor round trip
             try:
                 got = decrypt(settings, asc, out, asc.name).read_bytes()
             except ContentError as exc:
-                trials.append(Trial(key, str(exc).removeprefix(f"{asc.name}: ")))
+                trials.append(Trial(key, str(exc).removeprefix(f"{asc.name}: cannot decrypt: ")))
                 continue
             trials.append(Trial(key, None if got == sample else "what came back differs from what was sent"))
         return trials
