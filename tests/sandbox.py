@@ -203,6 +203,14 @@ class Sandbox:
             return [*(x for a in made for x in ("--perms", "0755", "--dir", a)), how, str(host), target]
 
         for path in self.keep:
+            # a parent the unit's user cannot pass (a CI checkout under a 0700 dir): an empty tmpfs instead
+            closed = next((a for a in reversed(path.parents) if str(a) != "/" and not a.stat().st_mode & 0o001
+                           and not any(str(a) == d or str(a).startswith(d + "/") for d in fresh)), None)
+            if closed is not None:
+                args += ["--tmpfs", str(closed)]
+                readonly.append(str(closed))
+                fresh.append(str(closed))
+        for path in self.keep:
             args += bind("--ro-bind", path, str(path))
         args += bind("--ro-bind", VENV_EXE, INSTALLED_EXE)
         writable = set(u.all("ReadWritePaths")) | set(self.state_dirs())

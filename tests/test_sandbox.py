@@ -234,3 +234,15 @@ def test_serve_stores_an_upload_in_its_sandbox(droplet: Droplet, tmp_path: Path,
     assert len(stored) == 1 and stored[0].read_bytes() == csv_text
     assert stored[0].stat().st_uid == UNPRIVILEGED[0]
     assert os.stat(droplet.inbox).st_uid == UNPRIVILEGED[0]
+
+
+def test_doctor_proves_decryption_in_the_watch_sandbox(droplet: Droplet, receiver: Any) -> None:
+    """doctor's round trip under the service's own sandbox: the same private-copy path as `watch`."""
+    droplet.write_env(**delivery_env(receiver))
+    box = droplet.sandbox("watch")
+    done = box.run(command=["/opt/smt-watch/bin/smt-watch", "doctor", "--offline"])
+    gpg_lines = [line for line in done.stdout.splitlines() if "gpg:" in line]
+    assert len(gpg_lines) == 1 and gpg_lines[0].startswith("ok"), done.stdout
+    assert "decryption works" in gpg_lines[0] and "/home/deploy/.gnupg" in gpg_lines[0]
+    assert "Traceback" not in done.stdout
+    assert agents_of(UNPRIVILEGED[0]) == []
