@@ -40,6 +40,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -141,11 +142,14 @@ class Sandbox:
     home: str = "/home/deploy"
     keep: list[Path] = field(default_factory=lambda: sorted({ROOT, Path(sys.prefix), Path(sys.base_prefix)}))
     output: Path | None = None  # where the process's stdout and stderr go (a file: a pipe could fill up)
+    # in the environment of everything started inside (gpg-agent too), so a test finds its own leftovers
+    # among those of tests running beside it
+    marker: str = field(default_factory=lambda: f"SMT_SANDBOX_TEST={uuid.uuid4().hex}")
 
     def environment(self) -> dict[str, str]:
         user = self.unit.get("User", "root")
         env = {"PATH": SYSTEMD_PATH, "HOME": self.home, "USER": user, "LOGNAME": user, "SHELL": "/bin/sh",
-               "LANG": "C.UTF-8"}
+               "LANG": "C.UTF-8", **dict([self.marker.split("=", 1)])}
         for assignment in self.unit.all("Environment"):
             key, _, value = assignment.partition("=")
             env[key] = value
@@ -291,6 +295,22 @@ def _child_of(pid: int) -> int | None:
     except OSError:
         return None
     return int(children[0]) if children else None
+
+
+def leftovers(box: Sandbox, name: str = "gpg-agent") -> list[int]:
+    """Processes called ``name`` that ``box`` started and that still run (not zombies)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if not proc.name.isdigit() or (proc / "comm").read_text().strip() != name:
+                continue
+            if (proc / "stat").read_text().rsplit(")", 1)[-1].split()[0] == "Z":
+                continue
+            if box.marker.encode() in (proc / "environ").read_bytes().split(b"\0"):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
 
 
 def chown_tree(path: Path, uid: int, gid: int) -> None:

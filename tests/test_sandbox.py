@@ -23,7 +23,7 @@ import httpx
 import pytest
 import sandbox
 from gpg_keys import GpgHome, make_home
-from sandbox import UNPRIVILEGED, Sandbox, chown_tree, parse_unit, unit_running
+from sandbox import UNPRIVILEGED, Sandbox, chown_tree, leftovers, parse_unit, unit_running
 from sftp_server import running_sftp_server
 
 from conftest import ADMIN_TOKEN, UPLOAD_TOKEN, wait_for, write_csv
@@ -109,20 +109,6 @@ def delivery_env(receiver: Any) -> dict[str, str]:
             "SMT_SETTLE_SECONDS": "0.2", "SMT_RETRY_BACKOFF_SECONDS": "0.05"}
 
 
-def agents_of(uid: int) -> list[int]:
-    """gpg-agent processes of ``uid`` still running (a sandboxed run must leave none behind)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and proc.stat().st_uid == uid and \
-                    (proc / "comm").read_text().strip() == "gpg-agent" and \
-                    (proc / "stat").read_text().split(")")[-1].split()[0] != "Z":
-                found.append(int(proc.name))
-        except OSError:
-            continue
-    return found
-
-
 def received_text(receiver: Any) -> str:
     return "".join(receiver.read(row["sha256"]).decode() for row in receiver.stored())
 
@@ -157,7 +143,7 @@ def test_inspect_decrypts_in_the_watch_sandbox_and_shows_gpgs_reason_when_it_can
     # gpg's own words and where it looked; not a read-only home, not an agent that cannot start
     assert "decryption failed: No secret key" in line and "/home/deploy/.gnupg" in line, line
     assert "Read-only" not in bad.stdout and "agent" not in line, bad.stdout
-    assert agents_of(UNPRIVILEGED[0]) == []
+    assert leftovers(box) == []
 
 
 def test_watch_delivers_an_asc_end_to_end_in_its_sandbox(droplet: Droplet, smt_key: GpgHome, receiver: Any,
@@ -176,7 +162,7 @@ def test_watch_delivers_an_asc_end_to_end_in_its_sandbox(droplet: Droplet, smt_k
     assert "Traceback" not in box.text(), box.text()
     sent = received_text(receiver)
     assert csv_text.decode().splitlines()[1] in sent
-    assert agents_of(UNPRIVILEGED[0]) == [], "a gpg-agent outlived the decryption"
+    assert leftovers(box) == [], "a gpg-agent outlived the decryption"
     assert sorted(p.name for p in droplet.inbox.iterdir()) == ["IntervalMeterUsage.CSV.1.asc"]
 
 
@@ -245,4 +231,4 @@ def test_doctor_proves_decryption_in_the_watch_sandbox(droplet: Droplet, receive
     assert len(gpg_lines) == 1 and gpg_lines[0].startswith("ok"), done.stdout
     assert "decryption works" in gpg_lines[0] and "/home/deploy/.gnupg" in gpg_lines[0]
     assert "Traceback" not in done.stdout
-    assert agents_of(UNPRIVILEGED[0]) == []
+    assert leftovers(box) == []
