@@ -11,6 +11,7 @@ reason elsewhere, a failure under CI.
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import zipfile
@@ -146,24 +147,38 @@ def test_inspect_decrypts_in_the_watch_sandbox_and_shows_gpgs_reason_when_it_can
     assert leftovers(box) == []
 
 
-def test_watch_delivers_an_asc_end_to_end_in_its_sandbox(droplet: Droplet, smt_key: GpgHome, receiver: Any,
-                                                         tmp_path: Path) -> None:
+def test_watch_delivers_an_asc_end_to_end_in_its_sandbox(droplet: Droplet, smt_key: GpgHome, stranger: GpgHome,
+                                                         receiver: Any, tmp_path: Path) -> None:
     """smt-watch.service as shipped, the key where IntelliWatt keeps it (no GNUPGHOME): an .asc in the inbox
-    reaches the app, and nothing (no agent, no key copy) is left behind."""
+    reaches the app, and nothing (no agent, no key copy) is left behind. One encrypted to another key is
+    `failed` with gpg's own reason, not a read-only home or an agent that cannot start."""
     csv_text = interval_csv(tmp_path, 4)
     droplet.write_env(**delivery_env(receiver))
     box = droplet.sandbox("watch")
+    ledger = droplet.sandbox("watch")
+    ledger.output = droplet.root / "ledger.log"  # its own: `watch` writes to the other one meanwhile
+
+    def failed_rows() -> list[dict[str, Any]]:
+        done = ledger.run(command=["/opt/smt-watch/bin/smt-watch", "ledger", "list", "--state", "failed", "--json"])
+        return list(json.loads(done.stdout)) if done.returncode == 0 else []
+
     with box.running() as proc:
         (droplet.inbox / "IntervalMeterUsage.CSV.1.asc").write_bytes(smt_asc(smt_key, csv_text))
         wait_for(lambda: ESIID in received_text(receiver) or proc.poll() is not None, START,
                  "the .asc to be delivered from inside the sandbox")
         assert proc.poll() is None, box.text()
+        (droplet.inbox / "other.CSV.1.asc").write_bytes(smt_asc(stranger, interval_csv(tmp_path, 7)))
+        wait_for(failed_rows, START, "the other key's .asc to be failed")
+        [row] = failed_rows()
     assert proc.returncode == 0, box.text()
     assert "Traceback" not in box.text(), box.text()
     sent = received_text(receiver)
     assert csv_text.decode().splitlines()[1] in sent
+    assert row["filename"] == "other.CSV.1.asc"
+    assert "decryption failed: No secret key (no secret key for it in /home/deploy/.gnupg)" in row["last_error"]
+    assert "Read-only" not in row["last_error"] and "agent" not in row["last_error"]
     assert leftovers(box) == [], "a gpg-agent outlived the decryption"
-    assert sorted(p.name for p in droplet.inbox.iterdir()) == ["IntervalMeterUsage.CSV.1.asc"]
+    assert sorted(p.name for p in droplet.inbox.iterdir()) == ["IntervalMeterUsage.CSV.1.asc", "other.CSV.1.asc"]
 
 
 def test_sync_fetches_in_its_sandbox(droplet: Droplet, smt_key: GpgHome, tmp_path: Path) -> None:
