@@ -150,8 +150,11 @@ def run(home: Path, args: list[str], source: Path, sink: IO[bytes], cap: int, pa
     outcome = Outcome()
     try:
         with source.open("rb") as fh:
-            proc = subprocess.Popen([*cmd, *args], stdin=fh, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    pass_fds=pass_fds)
+            try:
+                proc = subprocess.Popen([*cmd, *args], stdin=fh, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        pass_fds=pass_fds)
+            except FileNotFoundError as exc:
+                raise ContentError("gpg is not installed (apt-get install gnupg)") from exc
     finally:
         if pass_read >= 0:
             os.close(pass_read)
@@ -165,16 +168,17 @@ def run(home: Path, args: list[str], source: Path, sink: IO[bytes], cap: int, pa
     reader = threading.Thread(target=_read_stderr, args=(proc.stderr, outcome), daemon=True)
     timer.start()
     reader.start()
+    finished = False
     try:
         while chunk := proc.stdout.read(READ_BLOCK):
             outcome.written += len(chunk)
             if outcome.written > cap:
                 outcome.exceeded = True
-                proc.kill()
                 break
             sink.write(chunk)
+        finished = not outcome.exceeded
     finally:
-        if proc.poll() is None and (outcome.exceeded or outcome.timed_out):
+        if not finished and proc.poll() is None:  # over the cap, or the sink failed (disk full): stop gpg
             proc.kill()
         proc.stdout.close()
         outcome.returncode = proc.wait()
