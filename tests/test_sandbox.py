@@ -247,3 +247,11 @@ def test_doctor_proves_decryption_in_the_watch_sandbox(droplet: Droplet, receive
     assert "decryption works" in gpg_lines[0] and "/home/deploy/.gnupg" in gpg_lines[0]
     assert "Traceback" not in done.stdout
     assert leftovers(box) == []
+
+
+def test_every_shipped_service_has_a_sandbox_test() -> None:
+    """A new unit must get its own run in the sandbox above: these are the commands the tests run."""
+    commands = {parse_unit(p).exec_start[1] for p in sandbox.units()}
+    assert commands == {"watch", "sync", "serve"}, commands
+    for command in commands:
+        assert parse_unit(unit_running(command)).exec_start[0] == sandbox.INSTALLED_EXE
