@@ -165,6 +165,7 @@ def run(home: Path, args: list[str], source: Path, sink: IO[bytes], cap: int, pa
         proc.kill()
 
     timer = threading.Timer(timeout, overdue)
+    timer.daemon = True
     reader = threading.Thread(target=_read_stderr, args=(proc.stderr, outcome), daemon=True)
     timer.start()
     reader.start()

@@ -4,6 +4,7 @@ left behind, and ``doctor``'s round trip. (The same inside the units' sandbox: t
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -151,3 +152,36 @@ def test_doctor_does_not_check_gpg_when_no_pattern_takes_asc(make_settings: Make
     assert list(check_gpg(make_settings(SMT_PATTERNS="*.csv,*.zip", GNUPGHOME=str(tmp_path / "none")))) == []
     [line] = check_gpg(make_settings(SMT_PATTERNS="*.csv.*", GNUPGHOME=str(tmp_path / "none")))
     assert line.status == FAIL  # the old script's pattern takes IntervalMeterUsage.CSV.1.asc
+
+
+def test_gpg_is_stopped_past_its_time(keys: dict[str, GpgHome], make_settings: Make, private_tmp: Path,
+                                      tmp_path: Path) -> None:
+    """A gpg that never finishes (here: its input never ends, a FIFO nobody closes) is killed at the deadline."""
+    fifo = tmp_path / "endless.asc"
+    os.mkfifo(fifo)
+    keep_open = os.open(fifo, os.O_RDWR)  # a writer that never writes nor closes: gpg waits for input forever
+    try:
+        with gpg.private_home(make_settings(GNUPGHOME=str(keys["plain"].home))) as home, \
+                (tmp_path / "out").open("wb") as sink:
+            outcome = gpg.run(home, ["--decrypt"], fifo, sink, 1024, timeout=0.5)
+    finally:
+        os.close(keep_open)
+    assert outcome.timed_out and not outcome.decrypted
+    assert list(private_tmp.iterdir()) == []
+
+
+def test_a_signature_gpg_cannot_check_does_not_fail_the_decryption(
+        keys: dict[str, GpgHome], make_settings: Make, private_tmp: Path, tmp_path: Path) -> None:
+    """SMT may sign what it encrypts: gpg exits 2 for a signer key it lacks, but the plaintext is sound."""
+    signer = GpgHome(tmp_path / "signer", keys["stranger"].fingerprint, keys["stranger"].uid)
+    shutil.copytree(keys["stranger"].home, signer.home, ignore=shutil.ignore_patterns("S.*"))
+    try:
+        signer.gpg("--import", data=keys["plain"].gpg("--export", keys["plain"].fingerprint))
+        asc = tmp_path / "signed.asc"
+        asc.write_bytes(signer.gpg("--armor", "--trust-model", "always", "--sign", "--local-user",
+                                   signer.fingerprint, "--encrypt", "--recipient", keys["plain"].fingerprint,
+                                   data=b"ESIID\n'1\n"))
+    finally:
+        signer.close()
+    out = gpg.decrypt(make_settings(GNUPGHOME=str(keys["plain"].home)), asc, tmp_path / "out")
+    assert out.read_bytes() == b"ESIID\n'1\n"
