@@ -2,8 +2,8 @@
 
 The droplet layout is stood in for by the test's dirs: a home for ``deploy`` (the SMT key in its default
 keyring ``~/.gnupg``, the inbox, ``~/.ssh``) bound at ``/home/deploy``, read-only but for the inbox as the
-units say; ``/var/lib/smt-watch``; ``/etc/default/intelliwatt-smt``; an empty read-only ``/run/user/UID`` as a
-logged-in ``deploy`` has. The process runs as an unprivileged uid that owns them (``nobody``: see
+units say; ``/var/lib/smt-watch``; ``/etc/default/intelliwatt-smt``; a read-only ``/run/user/UID`` with the
+``gnupg`` socket dir a logged-in ``deploy`` has. The process runs as an unprivileged uid that owns them (``nobody``: see
 tests/sandbox.py for why ``setpriv`` and not a user namespace). Root and bwrap are needed: skipped with the
 reason elsewhere, a failure under CI.
 """
@@ -87,7 +87,10 @@ def droplet(tmp_path: Path, smt_key: GpgHome) -> Droplet:
     shutil.copytree(smt_key.home, home / ".gnupg", ignore=shutil.ignore_patterns("S.*", "*.lock"))
     (home / "smt_inbox").mkdir()
     (home / ".ssh").mkdir(mode=0o700)
-    (tmp_path / "run-user").mkdir(mode=0o700)
+    # deploy has logged in and used gpg: its /run/user/UID/gnupg exists (read-only in the unit, as ProtectHome
+    # makes /run/user), so gpg's own socket-dir logic meets it and must fall back to the private home
+    (tmp_path / "run-user" / "gnupg").mkdir(mode=0o700, parents=True)
+    (tmp_path / "run-user").chmod(0o700)
     for d in (home, tmp_path / "run-user"):
         chown_tree(d, *UNPRIVILEGED)
     return Droplet(tmp_path, home, home / "smt_inbox", tmp_path / "state", tmp_path / "intelliwatt-smt")
