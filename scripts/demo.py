@@ -194,6 +194,9 @@ def main() -> int:
         print(f"\ndemo files and logs are in {RUN}")
         return rc
     finally:
+        if shutil.which("gpgconf") and (RUN / "gnupg").is_dir():  # the agent make_gpg_key started: no leftover
+            subprocess.run(["gpgconf", "--homedir", str(RUN / "gnupg"), "--kill", "all"], capture_output=True,
+                           timeout=30, check=False)
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
         for proc in procs:

@@ -2,7 +2,8 @@
 
 - ``*.csv``: itself.
 - ``*.zip``: every CSV inside, each its own delivery.
-- ``*.asc``: decrypted with gpg (``GNUPGHOME``), then treated as above (SMT sends encrypted ZIPs).
+- ``*.asc``: decrypted with gpg (:mod:`smt_watch.gpg`: a private copy of ``GNUPGHOME`` or ``~/.gnupg``, so it
+  works under the unit's read-only home), then treated as above (SMT sends encrypted ZIPs).
 
 Decrypted and extracted files go to a private work dir under ``SMT_STATE_DIR`` (never the inbox, so the
 watcher never sees them as new files); identity is each CSV's SHA-256, so SMT re-sending the same data
@@ -14,18 +15,17 @@ with no CSV fails the parent file with one clear reason (:class:`ContentError`) 
 from __future__ import annotations
 
 import csv
-import functools
 import logging
 import os
 import re
 import shutil
-import subprocess
 import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Final
+from typing import Final
 
+from smt_watch import gpg
 from smt_watch.config import Settings
 from smt_watch.errors import ContentError, SmtWatchError
 from smt_watch.hashing import FileIdentity, check_regular, identify
@@ -119,7 +119,7 @@ def open_container(settings: Settings, path: Path, dest: Path, name: str | None 
     name = name or path.name
     source = path
     if name.lower().endswith(".asc"):
-        source = decrypt(settings, path, dest / ".decrypted", name)
+        source = gpg.decrypt(settings, path, dest / ".decrypted", name)
     with source.open("rb") as fh:
         is_zip = fh.read(4) == ZIP_MAGIC
     if is_zip:
@@ -132,79 +132,6 @@ def open_container(settings: Settings, path: Path, dest: Path, name: str | None 
     if source is not path:
         source.unlink(missing_ok=True)
     return paths
-
-
-def decrypt(settings: Settings, path: Path, out: Path, name: str | None = None) -> Path:
-    """gpg's output streamed to ``out`` and counted: past SMT_MAX_UNPACKED_BYTES gpg is killed and what it
-    wrote removed (an 800-byte .asc can decompress to hundreds of MB: a PGP packet is compressed too)."""
-    cap = settings.max_unpacked_bytes
-    name = name or path.name
-    try:
-        gpg = _capped_gpg_class()(gnupghome=str(settings.gnupghome) if settings.gnupghome else None)
-    except (OSError, ValueError) as exc:
-        raise ContentError(f"{name}: gpg is not usable: {exc}") from exc
-    passphrase = settings.gpg_passphrase.reveal() if settings.gpg_passphrase else None
-    try:
-        with path.open("rb") as fh, out.open("wb") as sink:
-            try:
-                result = gpg.decrypt_capped(fh, sink, cap, passphrase)
-            except BrokenPipeError:  # gpg killed at the cap while its input was still being fed
-                if not gpg.exceeded:
-                    raise
-            sink.flush()
-            os.fsync(sink.fileno())
-    except BaseException:
-        out.unlink(missing_ok=True)
-        raise
-    if gpg.exceeded:
-        out.unlink(missing_ok=True)
-        raise ContentError(f"{name}: unpacks to more than {cap} bytes (SMT_MAX_UNPACKED_BYTES); gpg stopped")
-    if not result.ok:
-        out.unlink(missing_ok=True)
-        status = result.status or "gpg failed"
-        if "no secret key" in (result.stderr or "").lower() or status == "no secret key":
-            status = "no secret key for it in GNUPGHOME"
-        elif "no valid openpgp data" in (result.stderr or "").lower():
-            status = "not PGP data (corrupt armour?)"
-        raise ContentError(f"{name}: cannot decrypt: {status}")
-    return out
-
-
-@functools.cache
-def _capped_gpg_class() -> type:
-    """python-gnupg's GPG, streaming the plaintext to a file and stopping gpg at a byte cap (python-gnupg
-    itself can only buffer it all, or write it all to a file, unbounded). Built on first use: importing
-    gnupg costs start-up time for commands that never decrypt."""
-    import gnupg
-
-    class CappedGPG(gnupg.GPG):  # type: ignore[misc]
-        buffer_size = 1024 * 1024
-        exceeded = False
-        _proc: subprocess.Popen[bytes] | None = None
-
-        def _open_subprocess(self, args: Any, passphrase: bool = False) -> Any:
-            self._proc = super()._open_subprocess(args, passphrase)
-            return self._proc
-
-        def decrypt_capped(self, source: Any, sink: Any, cap: int, passphrase: str | None) -> Any:
-            written = 0
-
-            def on_data(chunk: bytes) -> bool:
-                nonlocal written
-                if chunk and not self.exceeded:
-                    written += len(chunk)
-                    if written > cap:
-                        self.exceeded = True
-                        if self._proc is not None:
-                            self._proc.kill()  # its pipes close; python-gnupg's readers end
-                    else:
-                        sink.write(chunk)
-                return False  # never buffered in memory
-
-            self.on_data = on_data
-            return self.decrypt_file(source, passphrase=passphrase)
-
-    return CappedGPG
 
 
 def _safe_entry(name: str) -> PurePosixPath:

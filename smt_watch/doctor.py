@@ -110,26 +110,50 @@ def check_sftp_files(s: Settings) -> Iterator[Check]:
                     f"ssh-keyscan {port}{s.smt_host} >> {s.known_hosts} (verify the fingerprint with SMT)")
 
 
+# Names SMT gives its encrypted files (at the inbox's top and under a remote dir): SMT_PATTERNS takes `.asc`
+# files when it matches one of them.
+ASC_SAMPLES = ("IntervalMeterUsage.CSV.1.asc", "adhocusage/IntervalMeterUsage.CSV.1.asc", "usage.asc")
+
+
+def _takes_asc(s: Settings) -> bool:
+    from pathlib import PurePosixPath
+
+    from smt_watch.inbox import matches
+
+    return any(matches(PurePosixPath(name), s.patterns) for name in ASC_SAMPLES)
+
+
 def check_gpg(s: Settings) -> Iterator[Check]:
-    if not any(p.endswith(".asc") for p in s.patterns):
+    """Decryption proved, not assumed: a few bytes encrypted to each secret key of the keyring come back
+    through :func:`smt_watch.gpg.decrypt`, the path the service takes (a private copy of the keyring, its
+    own agent, SMT_GPG_PASSPHRASE). Nothing to check when SMT_PATTERNS takes no ``.asc``."""
+    if not _takes_asc(s):
         return
-    gpg = shutil.which("gpg")
-    if gpg is None:
+    if shutil.which("gpg") is None:
         yield Check(FAIL, "gpg", "gpg is not installed but SMT_PATTERNS takes .asc files", "apt-get install gnupg")
         return
-    try:
-        import gnupg
+    from smt_watch import gpg
 
-        keys = gnupg.GPG(gnupghome=str(s.gnupghome) if s.gnupghome else None).list_keys(secret=True)
-    except Exception as exc:
-        yield Check(FAIL, "gpg", f"cannot list keys: {exc}")
+    home = gpg.keyring(s)
+    fix = f"import IntelliWatt's SMT private key: gpg --homedir {home} --import KEY.asc (as the service user)"
+    try:
+        trials = gpg.round_trip(s)
+    except SmtWatchError as exc:
+        yield Check(FAIL, "gpg", f"{exc}: SMT's .asc files cannot be decrypted", fix)
         return
-    home = s.gnupghome or "gpg's default home"
-    if keys:
-        yield Check(OK, "gpg", f"{len(keys)} secret key(s) in {home}")
-    else:
-        yield Check(FAIL, "gpg", f"no secret key in {home}: SMT's .asc files cannot be decrypted",
-                    "gpg --import the IntelliWatt private key (GNUPGHOME)")
+    if not trials:
+        yield Check(FAIL, "gpg", f"no secret key that can decrypt in {home}: SMT's .asc files cannot be decrypted",
+                    fix)
+        return
+    good = [t.key for t in trials if t.error is None]
+    for t in trials:
+        if t.error is not None:
+            hint = "" if good else "check SMT_GPG_PASSPHRASE and the key's files in the keyring"
+            yield Check(WARN if good else FAIL, "gpg", f"key {t.key.fingerprint} ({t.key.uid}) in {home} "
+                        f"cannot decrypt: {t.error}", hint)
+    if good:
+        names = ", ".join(f"{k.fingerprint} ({k.uid})" for k in good)
+        yield Check(OK, "gpg", f"decryption works (round trip through a private copy of {home}): {names}")
 
 
 def _check_shared_ledger(s: Settings) -> Iterator[Check]:

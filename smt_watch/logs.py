@@ -92,8 +92,8 @@ def setup_logging(level: str = "info", fmt: str = "text", stream: object = None)
     logger.propagate = False
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    # python-gnupg logs a traceback when gpg is stopped at SMT_MAX_UNPACKED_BYTES mid-input; content.py
-    # reports every gpg outcome itself, in one line.
+    # python-gnupg (only `sample --encrypt-to` uses it; decryption runs gpg itself, smt_watch/gpg.py) logs
+    # its own warnings and tracebacks; smt-watch reports every gpg outcome itself, in one line.
     logging.getLogger("gnupg").setLevel(logging.CRITICAL)
     # paramiko logs connection resets itself; without a handler Python would print them raw on stderr.
     ssh = logging.getLogger("paramiko")

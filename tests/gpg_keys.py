@@ -39,14 +39,14 @@ class GpgHome:
                        check=False)
 
 
-def make_home(home: Path, uid: str) -> GpgHome:
-    """A new GNUPGHOME at ``home`` holding one unprotected key pair for ``uid``."""
+def make_home(home: Path, uid: str, passphrase: str = "") -> GpgHome:
+    """A new GNUPGHOME at ``home`` holding one key pair for ``uid``, unprotected unless ``passphrase``."""
     home.mkdir(parents=True, exist_ok=True)
     home.chmod(0o700)
     env = {**os.environ, "GNUPGHOME": str(home)}
 
     def gpg(*args: str) -> str:
-        return subprocess.run(["gpg", "--batch", "--yes", "--pinentry-mode", "loopback", "--passphrase", "",
+        return subprocess.run(["gpg", "--batch", "--yes", "--pinentry-mode", "loopback", "--passphrase", passphrase,
                                *args], capture_output=True, text=True, env=env, timeout=TIMEOUT,
                               check=True).stdout
 
