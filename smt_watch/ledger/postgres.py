@@ -45,8 +45,10 @@ from smt_watch.ledger.common import (
     COPIED_COLUMNS,
     COPIED_TABLES,
     FILE_COLUMNS,
+    REPOST_NOTE,
     STATES,
     Claim,
+    Labels,
     LedgerBase,
     Remember,
     Row,
@@ -136,6 +138,18 @@ _MIGRATIONS: Final[tuple[str, ...]] = (
         acked_at TEXT NOT NULL,
         PRIMARY KEY (sha256, part)
     );
+    """,
+    # 6: the ESIID and meter an uploader declared for some bytes, and the ESIID their delivery carried
+    f"""
+    CREATE TABLE IF NOT EXISTS {SCHEMA}.labels (
+        sha256 TEXT PRIMARY KEY,
+        declared_esiid TEXT,
+        declared_meter TEXT,
+        esiid TEXT,
+        at DOUBLE PRECISION NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS labels_esiid ON {SCHEMA}.labels(esiid);
+    CREATE INDEX IF NOT EXISTS labels_declared_esiid ON {SCHEMA}.labels(declared_esiid);
     """,
 )
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
@@ -526,6 +540,45 @@ class PostgresLedger(LedgerBase):
 
         return self._run(run)
 
+    def repost(self, sha256s: Iterable[str]) -> list[str]:
+        """As :meth:`smt_watch.ledger.sqlite.SqliteLedger.repost`."""
+        shas = list(sha256s)
+
+        def run(conn: psycopg.Connection[Any]) -> list[str]:
+            with conn.transaction():
+                moved = {r[0] for r in conn.execute(
+                    "UPDATE files SET state = 'pending', next_attempt_at = NULL, claimed_by = NULL,"
+                    " claimed_at = NULL, lease_until = NULL, last_error = %s, updated_at = %s"
+                    " WHERE sha256 = ANY(%s) AND state <> 'sending' RETURNING sha256",
+                    (REPOST_NOTE, now_iso(), shas)).fetchall()}
+                conn.execute("DELETE FROM chunks WHERE sha256 = ANY(%s)", (list(moved),))
+            return [s for s in shas if s in moved]
+
+        return self._run(run)
+
+    # --- labels: what an uploader declared, what a delivery carried -------------------------------------
+
+    def declare_labels(self, sha256: str, esiid: str | None, meter: str | None) -> None:
+        self._execute(
+            "INSERT INTO labels (sha256, declared_esiid, declared_meter, at) VALUES (%s, %s, %s, %s)"
+            " ON CONFLICT (sha256) DO UPDATE SET declared_esiid = COALESCE(EXCLUDED.declared_esiid,"
+            " labels.declared_esiid), declared_meter = COALESCE(EXCLUDED.declared_meter, labels.declared_meter),"
+            " at = EXCLUDED.at", (sha256, esiid, meter, time.time()))
+
+    def note_esiid(self, sha256: str, esiid: str) -> None:
+        self._execute("INSERT INTO labels (sha256, esiid, at) VALUES (%s, %s, %s)"
+                      " ON CONFLICT (sha256) DO UPDATE SET esiid = EXCLUDED.esiid", (sha256, esiid, time.time()))
+
+    def labels(self, sha256s: list[str]) -> dict[str, Labels]:
+        return {str(r["sha256"]): Labels(r["declared_esiid"], r["declared_meter"], r["esiid"]) for r in self._query(
+            "SELECT sha256, declared_esiid, declared_meter, esiid FROM labels WHERE sha256 = ANY(%s)",
+            (sha256s,))} if sha256s else {}
+
+    def with_esiid(self, esiid: str, limit: int) -> list[str]:
+        return [str(r["sha256"]) for r in self._query(
+            "SELECT sha256 FROM labels WHERE esiid = %s OR declared_esiid = %s ORDER BY at DESC, sha256 LIMIT %s",
+            (esiid, esiid, limit))]
+
     def import_hashes(self, entries: Iterable[tuple[str, str | None]], origin: str) -> int:
         items = list(entries)
 
@@ -731,7 +784,7 @@ class PostgresLedger(LedgerBase):
 
 _KEYS: Final[dict[str, tuple[str, ...]]] = {
     "files": ("sha256",), "chunks": ("sha256", "part"), "remote_files": ("remote_path",),
-    "seen": ("node", "path"), "meta": ("key",),
+    "seen": ("node", "path"), "meta": ("key",), "labels": ("sha256",),
 }
 
 _REMEMBER_SQL: Final = (
