@@ -508,8 +508,10 @@ class Server:
             message += f"; {_repost_said(reposted, esiid or '')}"
         elif force:
             message += "; forceRepost needs the payload's esiid (whose files to send again): nothing re-posted"
-        return JSONResponse({"ok": True, "syncId": sync_id, "joined": joined, "started": True,
-                             "reposted": reposted.files if reposted else 0, "message": message}, status_code=202)
+        reply = {"ok": True, "syncId": sync_id, "joined": joined, "started": True, "message": message}
+        if force:  # files of that ESIID already in the inbox that watch sends again
+            reply["reposted"] = reposted.files if reposted else 0
+        return JSONResponse(reply, status_code=202)
 
     async def elsewhere(self, request: Request, owned: dict[str, list[str]]) -> Response:
         """Every path ``serve`` does not route: the old bridge's (``/agreements``, ``/smt/*``, …).

@@ -159,7 +159,7 @@ class Serve:
         self.inbox = Path(env["SMT_LOCAL_DIR"])
         self.log = log
         self._fh = log.open("ab")
-        self.proc = subprocess.Popen([*SMT_WATCH, "serve", "--port", str(self.port)], env=env, stdout=self._fh,
+        self.proc = subprocess.Popen([*SMT_WATCH, "serve", "--port", str(self.port), "--webhook-port", "0"], env=env, stdout=self._fh,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=log.parent)
 
     def text(self) -> str:

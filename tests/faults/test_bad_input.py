@@ -308,6 +308,7 @@ def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path,
         port = s.getsockname()[1]
     env = {"PATH": os.environ.get("PATH", ""), "HOME": str(home), "SMT_LOCAL_DIR": str(home / "inbox"),
            "SMT_STATE_DIR": str(home / "state"), "SMT_UPLOAD_PORT": str(port), "SMT_UPLOAD_MAX_BYTES": "4096",
+           "SMT_WEBHOOK_PORT": "0",  # never the default 0.0.0.0:8787 in a test
            **SECRETS}
     log = home / "serve.log"
     with log.open("ab") as fh:
