@@ -1086,7 +1086,8 @@ def test_two_triggers_at_once_run_one_sync(hooked: Running, stalled: StalledSftp
 
 @pytest.mark.parametrize("body", [None, {}, {"reason": None}, {"reason": "smt_authorized"},
                                   {"reason": "admin_triggered"}, {"reason": "admin_refresh"},
-                                  {"reason": "user_refresh"}, {"reason": "user_orchestrate", "esiid": "10443720000000001",
+                                  {"reason": "user_refresh"}, {"reason": "user_orchestrate",
+                                                               "esiid": "10443720000000001",
                                                                "meter": "M1", "forceRepost": True}])
 def test_trigger_known_reasons_and_no_body_are_accepted(hooked: Running, body: Any) -> None:
     with hooked.client() as client:
