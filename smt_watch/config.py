@@ -423,8 +423,8 @@ def load_settings(
         upload_idle_seconds=r.number("SMT_UPLOAD_IDLE_SECONDS", 30.0, minimum=0.1),
         upload_max_concurrent=r.integer("SMT_UPLOAD_MAX_CONCURRENT", 16, minimum=1),
         trusted_proxies=r.items("SMT_TRUSTED_PROXIES", ()),
-        webhook_secrets=tuple(x for n in ("INTELLIWATT_WEBHOOK_SECRET", "DROPLET_WEBHOOK_SECRET")
-                              if (x := r.secret(n)) is not None),
+        webhook_secrets=tuple(x for x in (r.secret("INTELLIWATT_WEBHOOK_SECRET"), r.secret("DROPLET_WEBHOOK_SECRET"))
+                              if x is not None),
         webhook_forward_url=r.url("SMT_WEBHOOK_FORWARD_URL"),
         status_token=r.secret("SMT_STATUS_TOKEN", min_length=STATUS_TOKEN_MIN),
         settle_seconds=r.number("SMT_SETTLE_SECONDS", 1.0),
