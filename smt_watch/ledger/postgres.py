@@ -213,6 +213,7 @@ class PostgresLedger(LedgerBase):
         self._reconnect = reconnect_seconds
         self._connect_timeout = connect_timeout
         self._inflight: set[str] = set()
+        self._noted: dict[str, str] = {}  # as the SQLite ledger's: ESIIDs written with their claim's outcome
         self._lock = threading.Lock()
         self._renewer: threading.Thread | None = None
         self._closed = threading.Event()
@@ -502,12 +503,18 @@ class PostgresLedger(LedgerBase):
         values = {k: column_text(v) if isinstance(v, str) else v for k, v in values.items()}
         values.update(state=state, updated_at=now_iso(), claimed_by=None, claimed_at=None, lease_until=None)
         assignments = ", ".join(f"{k} = %({k})s" for k in values)
+        esiid = self._noted.get(sha256)
+        # a noted ESIID goes in the same statement (one round trip, one commit)
+        note = ("WITH noted AS (INSERT INTO labels (sha256, esiid, at) VALUES (%(sha)s, %(esiid)s, %(at)s)"
+                " ON CONFLICT (sha256) DO UPDATE SET esiid = EXCLUDED.esiid) ") if esiid is not None else ""
         try:
-            self._execute(f"UPDATE files SET {assignments}, attempts = attempts + %(attempts_add)s"
-                          " WHERE sha256 = %(sha)s", {**values, "attempts_add": attempts, "sha": sha256})
+            self._execute(f"{note}UPDATE files SET {assignments}, attempts = attempts + %(attempts_add)s"
+                          " WHERE sha256 = %(sha)s",
+                          {**values, "attempts_add": attempts, "sha": sha256, "esiid": esiid, "at": time.time()})
         finally:
             with self._lock:
                 self._inflight.discard(sha256)
+                self._noted.pop(sha256, None)
 
     # --- operator commands ---------------------------------------------------------------------------
 
@@ -566,6 +573,10 @@ class PostgresLedger(LedgerBase):
             " at = EXCLUDED.at", (sha256, esiid, meter, time.time()))
 
     def note_esiid(self, sha256: str, esiid: str) -> None:
+        with self._lock:
+            if sha256 in self._inflight:
+                self._noted[sha256] = esiid
+                return
         self._execute("INSERT INTO labels (sha256, esiid, at) VALUES (%s, %s, %s)"
                       " ON CONFLICT (sha256) DO UPDATE SET esiid = EXCLUDED.esiid", (sha256, esiid, time.time()))
 

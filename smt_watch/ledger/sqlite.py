@@ -147,6 +147,8 @@ MIGRATIONS: Final[tuple[Callable[[sqlite3.Connection], None], ...]] = (
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 
+_NOTE_SQL: Final = ("INSERT INTO labels (sha256, esiid, at) VALUES (?, ?, ?)"
+                    " ON CONFLICT (sha256) DO UPDATE SET esiid = excluded.esiid")
 _REMEMBER_SQL = "INSERT OR REPLACE INTO seen (path, device, inode, size, mtime_ns, sha256) VALUES (?, ?, ?, ?, ?, ?)"
 
 
@@ -182,6 +184,9 @@ class SqliteLedger(LedgerBase):
         # Claims this process is really working on. A row left `sending` under our own name but not in
         # here (its final write failed, e.g. on a full disk) is taken over instead of waiting forever.
         self._inflight: set[str] = set()
+        # ESIIDs noted for claims in flight, written in the transaction that records their outcome (a
+        # transaction of their own would cost about a tenth of watch's drain rate)
+        self._noted: dict[str, str] = {}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -409,9 +414,12 @@ class SqliteLedger(LedgerBase):
                     f"UPDATE files SET {assignments}, attempts = attempts + ? WHERE sha256 = ?",
                     (*values.values(), attempts, sha256),
                 )
+                if (esiid := self._noted.get(sha256)) is not None:
+                    db.execute(_NOTE_SQL, (sha256, esiid, time.time()))
         finally:
             with self._lock:
                 self._inflight.discard(sha256)
+                self._noted.pop(sha256, None)
 
     # --- operator commands --------------------------------------------------------------------------
 
@@ -469,10 +477,14 @@ class SqliteLedger(LedgerBase):
                 (sha256, esiid, meter, time.time()))
 
     def note_esiid(self, sha256: str, esiid: str) -> None:
-        """The ESIID a delivery of these bytes carries (written before it is sent, so a failed one counts)."""
+        """The ESIID a delivery of these bytes carries: for a claim of this process, written with its
+        outcome (sent, failed or retrying alike), else at once."""
+        with self._lock:
+            if sha256 in self._inflight:
+                self._noted[sha256] = esiid
+                return
         with self.atomic() as db:
-            db.execute("INSERT INTO labels (sha256, esiid, at) VALUES (?, ?, ?)"
-                       " ON CONFLICT (sha256) DO UPDATE SET esiid = excluded.esiid", (sha256, esiid, time.time()))
+            db.execute(_NOTE_SQL, (sha256, esiid, time.time()))
 
     def labels(self, sha256s: list[str]) -> dict[str, Labels]:
         marks = ",".join("?" * len(sha256s))
