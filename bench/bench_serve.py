@@ -302,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
             inbox, state = work / "inbox", work / "state"
             env = clean_env()
             env.update(SMT_LOCAL_DIR=str(inbox), SMT_STATE_DIR=str(state), SMT_UPLOAD_HOST="127.0.0.1",
-                       SMT_UPLOAD_PORT="0", SMT_UPLOAD_TOKEN=TOKEN, SMT_UPLOAD_ADMIN_LIMIT="1000000",
+                       SMT_UPLOAD_PORT="0", SMT_WEBHOOK_PORT="0",  # no trigger listener on 0.0.0.0:8787
+                       SMT_UPLOAD_TOKEN=TOKEN, SMT_UPLOAD_ADMIN_LIMIT="1000000",
                        SMT_UPLOAD_CUSTOMER_LIMIT="1000000", SMT_UPLOAD_MAX_BYTES=str(4 * 1024 * MIB))
             pid, port = spawn_server(procs, [str(SMT_WATCH), "serve"], env, work / "serve.log", PORT_RE)
             time.sleep(1.0)  # let start-up settle before the idle reading

@@ -124,7 +124,7 @@ def main() -> int:
 
         step("start `watch` (raw-upload, the web app's production route) and `serve` (uploads)")
         start("watch", "watch", extra={"SMT_DELIVERY": "raw-upload", "INTELLIWATT_BASE_URL": base})
-        start("serve", "serve", "--port", str(sport))
+        start("serve", "serve", "--port", str(sport), "--webhook-port", "0")  # not 0.0.0.0:8787 in a demo
         wait_until(lambda: "Watching " in (logs / "watch.log").read_text(), "watch to start")
         wait_until(lambda: up(f"{upload_server}/health"), "serve to start")
 

@@ -313,7 +313,8 @@ def serve(
     ] = None,
     webhook_port: Annotated[
         int | None,
-        typer.Option("--webhook-port", metavar="PORT", help="Extra port for trigger and health [SMT_WEBHOOK_PORT]."),
+        typer.Option("--webhook-port", metavar="PORT",
+                     help="Trigger and health port on SMT_WEBHOOK_HOST (0: none) [SMT_WEBHOOK_PORT, 8787]."),
     ] = None,
     inbox: Annotated[
         Path | None, typer.Option("--inbox", metavar="DIR", help="Where uploads land [SMT_LOCAL_DIR].")
@@ -325,8 +326,9 @@ def serve(
 
     Uploads stream into the inbox (hidden temp file, renamed when complete) for `watch` to deliver;
     x-smt-upload-token is required when SMT_UPLOAD_TOKEN is set; per-account limits persist in the ledger.
-    The trigger needs INTELLIWATT_WEBHOOK_SECRET and runs one sync pass in the background. GET /health and
-    /healthz report ledger counts.
+    The trigger needs INTELLIWATT_WEBHOOK_SECRET or DROPLET_WEBHOOK_SECRET and runs one sync pass in the
+    background; it also listens on SMT_WEBHOOK_HOST:SMT_WEBHOOK_PORT (0.0.0.0:8787). GET /health and /healthz
+    report ledger counts.
     """
     from smt_watch.server import run
     from smt_watch.statedir import open_ledger

@@ -26,6 +26,12 @@ from smt_watch.errors import ConfigError
 DELIVERY_MODES: Final = delivery_choices()  # auto, then every mode in smt_watch.delivery.registry
 INLINE_ENCODINGS: Final = ("base64", "base64+gzip")
 STATUS_TOKEN_MIN: Final = 16  # a web login: short tokens are guessable
+# The old script's find: `-iname '*.csv' -o -iname '*.csv.*'` (plus its .asc names, which *.asc covers).
+DEFAULT_PATTERNS: Final = ("*.csv", "*.csv.*", "*.asc", "*.zip")
+# The web app calls the trigger at http://<droplet ip>:8787/ directly, so the old bridge listened on every
+# address; the trigger needs one of the webhook secrets, and SMT_WEBHOOK_HOST narrows it.
+ALL_ADDRESSES: Final = "0.0.0.0"  # noqa: S104
+MAX_UPLOAD_WINDOW_MS: Final = 31 * 86_400_000  # the ledger keeps upload times for 31 days
 _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 T = TypeVar("T")
 
@@ -97,24 +103,27 @@ class Settings:
     gnupghome: Path | None = None  # GNUPGHOME
     gpg_passphrase: Secret | None = None  # SMT_GPG_PASSPHRASE: for a passphrase-protected decryption key
     upload_host: str = "127.0.0.1"  # SMT_UPLOAD_HOST
-    upload_port: int = 8080  # SMT_UPLOAD_PORT
-    webhook_port: int | None = None  # SMT_WEBHOOK_PORT
+    upload_port: int = 8081  # SMT_UPLOAD_PORT: the Node upload server's port, which nginx proxies to
+    webhook_host: str = ALL_ADDRESSES  # SMT_WEBHOOK_HOST: the web app calls the trigger directly, as the old bridge
+    webhook_port: int | None = 8787  # SMT_WEBHOOK_PORT (0: off, the upload port alone serves the trigger)
     upload_max_bytes: int = 1_073_741_824  # SMT_UPLOAD_MAX_BYTES
-    upload_admin_limit: int = 50  # SMT_UPLOAD_ADMIN_LIMIT
-    upload_customer_limit: int = 5  # SMT_UPLOAD_CUSTOMER_LIMIT
+    upload_admin_limit: int = 40_000  # SMT_UPLOAD_ADMIN_LIMIT, else the Node server's SMT_ADMIN_UPLOAD_DAILY_LIMIT
+    upload_customer_limit: int = 5  # SMT_UPLOAD_CUSTOMER_LIMIT, else SMT_CUSTOMER_UPLOAD_MONTHLY_LIMIT
+    upload_admin_window: float = 86_400.0  # SMT_ADMIN_UPLOAD_WINDOW_MS (the Node server's), in seconds here
+    upload_customer_window: float = 30 * 86_400.0  # SMT_CUSTOMER_UPLOAD_WINDOW_MS, in seconds here
     cors_origins: tuple[str, ...] = ("https://intelliwatt.com",)  # SMT_UPLOAD_CORS_ORIGINS
     upload_ticket_secret: Secret | None = None  # SMT_UPLOAD_TICKET_SECRET: identity only from signed tickets
     upload_idle_seconds: float = 30.0  # SMT_UPLOAD_IDLE_SECONDS: no byte for this long closes the connection
     upload_max_concurrent: int = 16  # SMT_UPLOAD_MAX_CONCURRENT: uploads taken at once; beyond, 503
     trusted_proxies: tuple[str, ...] = ()  # SMT_TRUSTED_PROXIES: peers whose X-Forwarded-For is believed
-    webhook_secret: Secret | None = None  # INTELLIWATT_WEBHOOK_SECRET / DROPLET_WEBHOOK_SECRET
+    webhook_secrets: tuple[Secret, ...] = ()  # INTELLIWATT_WEBHOOK_SECRET and DROPLET_WEBHOOK_SECRET: either matches
     webhook_forward_url: str | None = None  # SMT_WEBHOOK_FORWARD_URL: the old bridge, for what serve does not handle
     status_token: Secret | None = None  # SMT_STATUS_TOKEN: opens serve's /status page (unset: no page)
     settle_seconds: float = 1.0  # SMT_SETTLE_SECONDS
     rescan_seconds: float = 300.0  # SMT_RESCAN_SECONDS
     workers: int = 2  # SMT_WORKERS
     worker_mode: WorkerMode = WorkerMode.THREAD  # SMT_WORKER_MODE (not in the bash script it replaces)
-    patterns: tuple[str, ...] = ("*.csv", "*.asc", "*.zip")  # SMT_PATTERNS
+    patterns: tuple[str, ...] = DEFAULT_PATTERNS  # SMT_PATTERNS
     after_send: AfterSend = AfterSend.KEEP  # SMT_AFTER_SEND
     archive_dir: Path | None = None  # SMT_ARCHIVE_DIR (None: state_dir/archive)
     validate: bool = True  # SMT_VALIDATE
@@ -135,6 +144,19 @@ class Settings:
     watchdog_usec: int | None = None  # WATCHDOG_USEC
 
     @property
+    def webhook_secret(self) -> Secret | None:
+        """The first webhook secret (INTELLIWATT_WEBHOOK_SECRET, else DROPLET_WEBHOOK_SECRET), or None."""
+        return self.webhook_secrets[0] if self.webhook_secrets else None
+
+    def upload_limit(self, role: str) -> int:
+        """Uploads one account of ``role`` (``admin`` or ``customer``) may make per :meth:`upload_window`."""
+        return self.upload_admin_limit if role == "admin" else self.upload_customer_limit
+
+    def upload_window(self, role: str) -> float:
+        """The rolling window, in seconds, that :meth:`upload_limit` counts over."""
+        return self.upload_admin_window if role == "admin" else self.upload_customer_window
+
+    @property
     def ledger_path(self) -> Path:
         return self.state_dir / "ledger.sqlite3"
 
@@ -149,6 +171,8 @@ class Settings:
             value = getattr(self, f.name)
             if isinstance(value, Secret) and value.reveal():
                 out.append(value.reveal())
+            elif isinstance(value, tuple):
+                out.extend(v.reveal() for v in value if isinstance(v, Secret) and v.reveal())
         for url in (self.upload_url, self.base_url, self.webhook_forward_url, self.ledger_url):
             if (userinfo := url_userinfo(url)) is not None:
                 out.append(userinfo)  # also inside text a library produced (httpx quotes URLs in errors)
@@ -357,7 +381,8 @@ def load_settings(
     r = _Reader(merged)
     home_state = Path("~/.local/state/smt-watch").expanduser()
     settings = Settings(
-        local_dir=r.path("SMT_LOCAL_DIR", Path("~/smt_inbox").expanduser()) or Path(),
+        # SMT_UPLOAD_DIR: the Node upload server's name for the same inbox (its unit sets it)
+        local_dir=r.path("SMT_LOCAL_DIR", r.path("SMT_UPLOAD_DIR", Path("~/smt_inbox").expanduser())) or Path(),
         state_dir=r.path("SMT_STATE_DIR", home_state) or home_state,
         state_file=r.path("STATE_FILE"),
         delivery=r.choice("SMT_DELIVERY", "auto", DELIVERY_MODES),
@@ -381,24 +406,32 @@ def load_settings(
         gnupghome=r.path("GNUPGHOME"),
         gpg_passphrase=r.secret("SMT_GPG_PASSPHRASE", header=False),
         upload_host=r.text("SMT_UPLOAD_HOST", "127.0.0.1") or "127.0.0.1",
-        upload_port=r.integer("SMT_UPLOAD_PORT", 8080, minimum=0, maximum=65535),
-        webhook_port=r.integer("SMT_WEBHOOK_PORT", 0, minimum=0, maximum=65535) or None,
+        upload_port=r.integer("SMT_UPLOAD_PORT", 8081, minimum=0, maximum=65535),
+        webhook_host=r.text("SMT_WEBHOOK_HOST", ALL_ADDRESSES) or ALL_ADDRESSES,
+        webhook_port=r.integer("SMT_WEBHOOK_PORT", 8787, minimum=0, maximum=65535) or None,
         upload_max_bytes=r.integer("SMT_UPLOAD_MAX_BYTES", 1_073_741_824, minimum=1),
-        upload_admin_limit=r.integer("SMT_UPLOAD_ADMIN_LIMIT", 50),
-        upload_customer_limit=r.integer("SMT_UPLOAD_CUSTOMER_LIMIT", 5),
+        # Ours win; else the Node upload server's names, so its env file keeps its meaning.
+        upload_admin_limit=r.integer("SMT_UPLOAD_ADMIN_LIMIT", r.integer("SMT_ADMIN_UPLOAD_DAILY_LIMIT", 40_000)),
+        upload_customer_limit=r.integer("SMT_UPLOAD_CUSTOMER_LIMIT",
+                                        r.integer("SMT_CUSTOMER_UPLOAD_MONTHLY_LIMIT", 5)),
+        upload_admin_window=r.integer("SMT_ADMIN_UPLOAD_WINDOW_MS", 86_400_000, minimum=1000,
+                                      maximum=MAX_UPLOAD_WINDOW_MS) / 1000,
+        upload_customer_window=r.integer("SMT_CUSTOMER_UPLOAD_WINDOW_MS", 30 * 86_400_000, minimum=1000,
+                                         maximum=MAX_UPLOAD_WINDOW_MS) / 1000,
         cors_origins=r.items("SMT_UPLOAD_CORS_ORIGINS", ("https://intelliwatt.com",)),
         upload_ticket_secret=r.secret("SMT_UPLOAD_TICKET_SECRET"),
         upload_idle_seconds=r.number("SMT_UPLOAD_IDLE_SECONDS", 30.0, minimum=0.1),
         upload_max_concurrent=r.integer("SMT_UPLOAD_MAX_CONCURRENT", 16, minimum=1),
         trusted_proxies=r.items("SMT_TRUSTED_PROXIES", ()),
-        webhook_secret=r.secret("INTELLIWATT_WEBHOOK_SECRET", "DROPLET_WEBHOOK_SECRET"),
+        webhook_secrets=tuple(x for x in (r.secret("INTELLIWATT_WEBHOOK_SECRET"), r.secret("DROPLET_WEBHOOK_SECRET"))
+                              if x is not None),
         webhook_forward_url=r.url("SMT_WEBHOOK_FORWARD_URL"),
         status_token=r.secret("SMT_STATUS_TOKEN", min_length=STATUS_TOKEN_MIN),
         settle_seconds=r.number("SMT_SETTLE_SECONDS", 1.0),
         rescan_seconds=r.number("SMT_RESCAN_SECONDS", 300.0, minimum=1.0),
         workers=r.integer("SMT_WORKERS", 2, minimum=1, maximum=64),
         worker_mode=WorkerMode(r.choice("SMT_WORKER_MODE", "thread", tuple(WorkerMode))),
-        patterns=tuple(p.lower() for p in r.items("SMT_PATTERNS", ("*.csv", "*.asc", "*.zip"))),
+        patterns=tuple(p.lower() for p in r.items("SMT_PATTERNS", DEFAULT_PATTERNS)),
         after_send=AfterSend(r.choice("SMT_AFTER_SEND", "keep", tuple(AfterSend))),
         archive_dir=r.path("SMT_ARCHIVE_DIR"),
         validate=r.boolean("SMT_VALIDATE", True),

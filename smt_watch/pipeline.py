@@ -28,6 +28,7 @@ from smt_watch.errors import (
     PermanentDelivery,
     RetryableDelivery,
 )
+from smt_watch.esiids import labelled
 from smt_watch.hashing import FileIdentity, identify
 from smt_watch.ledger import SHA256_RE, Claim, Ledger, Remember
 from smt_watch.names import sent
@@ -226,7 +227,8 @@ def _one(settings: Settings, ledger: Ledger, sink: Sink, ident: FileIdentity, na
                     "Delivery failed for %s: %s")
     if isinstance(part, Outcome):
         return part
-    payload = payload_for(settings, ident, name, part.esiid)
+    # what an uploader declared for these bytes (serve's esiid/meter), and the ESIID noted for forceRepost
+    payload = labelled(ledger, payload_for(settings, ident, name, part.esiid), parent, part.esiid)
     return _send(settings, ledger, sink, payload, subject, o.started, o.progress)
 
 

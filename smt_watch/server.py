@@ -53,10 +53,11 @@ from smt_watch import status_page
 from smt_watch.bridge import Bridge
 from smt_watch.clock import utc_stamp
 from smt_watch.config import Secret, Settings
-from smt_watch.errors import LedgerUnavailable, SmtWatchError
+from smt_watch.errors import ConfigError, LedgerUnavailable, SmtWatchError
+from smt_watch.esiids import InvalidLabel, Repost, clean_esiid, clean_meter, repost_esiid
 from smt_watch.inbox import create_inbox, is_candidate
 from smt_watch.ledger import SHA256_RE, Ledger
-from smt_watch.status import WINDOWS, gather
+from smt_watch.status import gather
 from smt_watch.tickets import TicketError, verify
 from smt_watch.uploads import (
     MalformedUpload,
@@ -107,6 +108,13 @@ def _matches(sent: str | None, secret: Secret) -> bool:
     return sent is not None and hmac.compare_digest(sent.encode(), secret.reveal().encode())
 
 
+def _matches_any(request: Request, secrets: tuple[Secret, ...]) -> bool:
+    """One of the secret headers holds one of the secrets. Lists, not generators: every header is compared
+    with every secret, so the time taken does not say which header or which secret matched."""
+    sent = [request.headers.get(h) for h in SECRET_HEADERS]
+    return any([_matches(value, secret) for value in sent for secret in secrets])
+
+
 def _error(status: int, error: str, message: str, *, headers: dict[str, str] | None = None,
            **extra: Any) -> JSONResponse:
     return JSONResponse({"ok": False, "error": error, "message": message, **extra}, status_code=status,
@@ -132,7 +140,20 @@ def same_origin(origin: str, host: str | None) -> bool:
     return host is not None and urlsplit(origin).netloc.lower() == host.lower()
 
 
-_INVALID_ROLE = (400, "invalid_role", "Invalid role: use admin or customer")
+def counted_role(declared: str) -> str:
+    """The role an upload is counted under, as IntelliWatt's Node upload server counts it: ``customer`` is
+    a customer, any other role (``admin``, the bash script's ``smt-ingest``, anything) is ``admin``."""
+    return "customer" if declared.strip().lower() == "customer" else "admin"
+
+
+def upload_labels(fields: dict[str, str]) -> tuple[str | None, str | None]:
+    """The ``esiid`` and ``meter`` form fields (the bash script sends both), checked; InvalidLabel if not."""
+    return clean_esiid(fields.get("esiid")), clean_meter(fields.get("meter"))
+
+
+def _repost_said(r: Repost, esiid: str) -> str:
+    gone = f", {r.gone} no longer in the inbox" if r.gone else ""
+    return f"{r.files} file(s) of ESIID {esiid} already in the inbox will be sent again{gone}"
 
 
 class _Refused(Exception):
@@ -221,10 +242,11 @@ class Server:
     # --- POST /upload -------------------------------------------------------------------------------
 
     def _limit(self, role: str) -> int:
-        return self.settings.upload_admin_limit if role == "admin" else self.settings.upload_customer_limit
+        return self.settings.upload_limit(role)
 
     def _limited(self, role: str, account: str, times: list[float]) -> JSONResponse:
-        reset = times[0] + WINDOWS[role] if times else time.time() + WINDOWS[role]
+        window = self.settings.upload_window(role)
+        reset = times[0] + window if times else time.time() + window
         return _error(429, "rate_limited", f"{RATE_MESSAGES[role]}; it resets at {utc_stamp(reset)}",
                       role=role, accountKey=account, limit=self._limit(role), remaining=0, resetAt=utc_stamp(reset),
                       headers={"Retry-After": str(max(1, int(reset - time.time()) + 1))})
@@ -281,25 +303,27 @@ class Server:
             except TicketError as exc:
                 return _error(401, "invalid_ticket", f"Upload refused: {exc}")
         else:
-            header_role = (request.headers.get("x-smt-upload-role") or "").strip().lower() or None
+            sent_role = (request.headers.get("x-smt-upload-role") or "").strip()
+            header_role = counted_role(sent_role) if sent_role else None
             header_account = request.headers.get("x-smt-upload-account-key") or None
-            if header_role is not None and header_role not in WINDOWS:
-                return _error(*_INVALID_ROLE)
 
         def named(fields: dict[str, str]) -> tuple[str | None, str | None]:
             if ticketed:
                 return header_role, header_account
-            role = (fields.get("role") or "").strip().lower() or header_role
-            return role, fields.get("accountKey") or header_account
+            sent = (fields.get("role") or "").strip()
+            return counted_role(sent) if sent else header_role, fields.get("accountKey") or header_account
 
         def check_early(fields: dict[str, str]) -> None:
-            """At the start of the file part: refuse now only if the request already named who it is."""
+            """At the start of the file part: refuse now only if the request already named who it is, or
+            sent an esiid or meter that is not one."""
+            try:
+                upload_labels(fields)
+            except InvalidLabel as exc:
+                raise _Refused(_error(400, "invalid_label", f"Upload refused: {exc}")) from None
             role, account = named(fields)
-            if role is not None and role not in WINDOWS:
-                raise _Refused(_error(*_INVALID_ROLE))
             if role is None or account is None:
                 return  # decided once the whole form is read
-            times = self.ledger.uploads_since(role, account, time.time() - WINDOWS[role])
+            times = self.ledger.uploads_since(role, account, time.time() - self.settings.upload_window(role))
             if len(times) >= self._limit(role):
                 raise _Refused(self._limited(role, account, times))
 
@@ -330,11 +354,13 @@ class Server:
             return _error(400, 'Missing file field "file"', 'The upload has no file: send it in the form field "file"')
         try:
             role, account = named(parsed.fields)  # fields after the file part count too
-            role = role or DEFAULT_ROLE
-            if role not in WINDOWS:
-                return _error(*_INVALID_ROLE)
             try:
-                return await run_in_threadpool(self._accept, parsed.file, role, account or client)
+                labels = upload_labels(parsed.fields)
+            except InvalidLabel as exc:
+                return _error(400, "invalid_label", f"Upload refused: {exc}")
+            try:
+                return await run_in_threadpool(self._accept, parsed.file, role or DEFAULT_ROLE, account or client,
+                                               labels)
             except OSError as exc:
                 return _storage_error(exc)
         finally:
@@ -350,9 +376,13 @@ class Server:
         ticket = verify(self.settings.upload_ticket_secret.reveal(), raw)
         return ticket.role, ticket.account
 
-    def _accept(self, received: ReceivedFile, role: str, account: str) -> JSONResponse:
+    def _accept(self, received: ReceivedFile, role: str, account: str,
+                labels: tuple[str | None, str | None] = (None, None)) -> JSONResponse:
+        """``labels``: the upload's ``esiid`` and ``meter``, kept for the delivery of these bytes before the
+        file is visible in the inbox (so ``watch`` cannot take it without them)."""
         now = time.time()
-        since = now - WINDOWS[role]
+        window = self.settings.upload_window(role)
+        since = now - window
         row = self.ledger.get(received.sha256)  # before the slot: a ledger lost here counts and stores nothing
         if not self.ledger.take_upload_slot(role, account, since, self._limit(role), now):
             return self._limited(role, account, self.ledger.uploads_since(role, account, since))
@@ -363,9 +393,12 @@ class Server:
             message = f"Already delivered: this file's content was sent before (sha256 {received.sha256[:12]})"
         else:
             os.chmod(received.tmp_path, 0o640)
+            if any(labels):
+                self.ledger.declare_labels(received.sha256, *labels)
             name = self._publish(received.tmp_path, name)
-            log.info("Stored upload %s (%d bytes, sha256 %s, %s %s)", name, received.size, received.sha256[:12],
-                     role, _shown(account))
+            log.info("Stored upload %s (%d bytes, sha256 %s, %s %s%s)", name, received.size, received.sha256[:12],
+                     role, _shown(account), "".join(f", {k} {v}" for k, v in zip(("esiid", "meter"), labels,
+                                                                                     strict=True) if v))
             if is_candidate(PurePosixPath(name), self.settings.patterns):
                 message = f"Upload accepted and queued for delivery as {name}"
             else:
@@ -387,7 +420,7 @@ class Server:
              "ingest": {"queued": not duplicate, "filesProcessed": 0, "intervalsInserted": 0, "normalized": False},
              "remaining": remaining,
              "meta": {"role": role, "accountKey": account, "limit": limit, "remaining": remaining,
-                      "resetAt": utc_stamp((times[0] if times else now) + WINDOWS[role])},
+                      "resetAt": utc_stamp((times[0] if times else now) + window)},
              "queue": queue},
             status_code=202,
         )
@@ -427,14 +460,13 @@ class Server:
         old bridge's business: passed through to it when SMT_WEBHOOK_FORWARD_URL is set, else answered
         ``200 {started: false}`` as the bridge answers reasons it does not know (nothing runs)."""
         s = self.settings
-        if s.webhook_secret is None:
+        if not s.webhook_secrets:
             if self.bridge is not None:
                 return await self.bridge.forward(request)  # the bridge checks its own secret
             return _error(503, "webhook_disabled",
                           "The trigger webhook is disabled: set INTELLIWATT_WEBHOOK_SECRET (or DROPLET_WEBHOOK_SECRET)")
-        secret = s.webhook_secret
-        # A list, not a generator: every header is compared, so timing does not say which one matched.
-        if not any([_matches(request.headers.get(h), secret) for h in SECRET_HEADERS]):
+        # either secret, as the bridge: the app sends one or the other from different routes
+        if not _matches_any(request, s.webhook_secrets):
             return _error(401, "unauthorized", "Missing or wrong webhook secret header")
         try:
             raw = await read_capped(request, WEBHOOK_MAX_BYTES, s.upload_idle_seconds)
@@ -460,10 +492,26 @@ class Server:
                                  "message": f"Reason {_shown(reason, 64)!r} is not handled here; nothing started"})
         if not (s.smt_host and s.smt_user and s.smt_key):
             return _error(503, "sync_not_configured", "Sync is not configured: set SMT_HOST, SMT_USER and SMT_KEY")
-        sync_id, joined = self.runner.trigger(body.get("forceRepost") is True)
-        return JSONResponse({"ok": True, "syncId": sync_id, "joined": joined, "started": True,
-                             "message": "Joined the sync pass already running" if joined else "Sync pass started"},
-                            status_code=202)
+        force = body.get("forceRepost") is True
+        esiid: str | None = None
+        if force:  # per customer, as the old bridge ran its script for the payload's ESIID, and nothing without
+            try:
+                sent = body.get("esiid")
+                esiid = clean_esiid(sent if isinstance(sent, str) or sent is None else json.dumps(sent))
+            except InvalidLabel as exc:
+                return _error(400, "invalid_esiid", f"forceRepost refused: {exc}")
+        # that customer's files already in the inbox, sent or not; and what this pass fetches (sync forgets it)
+        reposted = await run_in_threadpool(repost_esiid, s, self.ledger, esiid) if esiid else None
+        sync_id, joined = self.runner.trigger(esiid is not None)
+        message = "Joined the sync pass already running" if joined else "Sync pass started"
+        if reposted is not None:
+            message += f"; {_repost_said(reposted, esiid or '')}"
+        elif force:
+            message += "; forceRepost needs the payload's esiid (whose files to send again): nothing re-posted"
+        reply = {"ok": True, "syncId": sync_id, "joined": joined, "started": True, "message": message}
+        if force:  # files of that ESIID already in the inbox that watch sends again
+            reply["reposted"] = reposted.files if reposted else 0
+        return JSONResponse(reply, status_code=202)
 
     async def elsewhere(self, request: Request, owned: dict[str, list[str]]) -> Response:
         """Every path ``serve`` does not route: the old bridge's (``/agreements``, ``/smt/*``, …).
@@ -604,8 +652,10 @@ class Server:
 
     async def health(self, request: Request) -> Response:
         counts = await run_in_threadpool(self.ledger.counts)
-        return JSONResponse({"ok": True, "service": "smt-watch", "inbox": str(self.settings.local_dir),
-                             "ledger": counts})
+        inbox = str(self.settings.local_dir)
+        # service, uploadDir and maxBytes as IntelliWatt's Node upload server answers; inbox and ledger ours
+        return JSONResponse({"ok": True, "service": "smt-watch", "uploadDir": inbox,
+                             "maxBytes": self.settings.upload_max_bytes, "inbox": inbox, "ledger": counts})
 
     def app(self, *, uploads: bool = True) -> Starlette:
         routes = [
@@ -720,20 +770,25 @@ def _listen(host: str, port: int) -> socket.socket:
 
 
 async def serve_forever(server: Server) -> None:
-    """Listen on SMT_UPLOAD_HOST:SMT_UPLOAD_PORT (and SMT_WEBHOOK_PORT: trigger and health only)."""
+    """Listen on SMT_UPLOAD_HOST:SMT_UPLOAD_PORT, and on SMT_WEBHOOK_HOST:SMT_WEBHOOK_PORT for the trigger,
+    health and pass-through routes only (the web app calls the trigger there directly, as the old bridge on
+    0.0.0.0:8787). SMT_WEBHOOK_PORT=0: the upload port alone, which serves the trigger too."""
     s = server.settings
-    apps = [(server.app(), s.upload_port)]
+    if s.webhook_port is not None and s.webhook_port == s.upload_port:
+        raise ConfigError(f"SMT_WEBHOOK_PORT {s.webhook_port} is SMT_UPLOAD_PORT too: give the trigger another "
+                          "port, or set SMT_WEBHOOK_PORT=0 to serve it on the upload port alone")
+    apps = [(server.app(), s.upload_host, s.upload_port)]
     if s.webhook_port:
-        apps.append((server.app(uploads=False), s.webhook_port))
+        apps.append((server.app(uploads=False), s.webhook_host, s.webhook_port))
     sockets: list[socket.socket] = []
     try:
-        for _, port in apps:
-            sockets.append(_listen(s.upload_host, port))
+        for _, host, port in apps:
+            sockets.append(_listen(host, port))
     except SmtWatchError:
         for sock in sockets:
             sock.close()
         raise
-    servers = [_Uvicorn(uvicorn_config(app, s)) for app, _ in apps]
+    servers = [_Uvicorn(uvicorn_config(app, s)) for app, _, _ in apps]
     loop = asyncio.get_running_loop()
 
     def stop() -> None:
@@ -745,7 +800,7 @@ async def serve_forever(server: Server) -> None:
         loop.add_signal_handler(sig, stop)
     ports = [sock.getsockname()[1] for sock in sockets]
     log.info("Serving uploads on http://%s:%d/upload%s", s.upload_host, ports[0],
-             f" and the webhook on port {ports[1]}" if len(ports) > 1 else "")
+             f" and the webhook on http://{s.webhook_host}:{ports[1]}/trigger/smt-now" if len(ports) > 1 else "")
     if server.bridge is not None:
         log.info("Passing what serve does not handle to the webhook bridge at %s", server.bridge.shown)
     try:

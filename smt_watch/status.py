@@ -37,7 +37,7 @@ STALE_SECONDS: Final = 3 * HEARTBEAT_SECONDS  # a beat older than this: that wat
 SYNC_KEY: Final = "sync.last"
 RECENT: Final = 10  # deliveries shown
 HOURS: Final = 24  # hours in the charts
-WINDOWS: Final = {"admin": 24 * 3600.0, "customer": 30 * 86400.0}  # as serve counts uploads
+ROLES: Final = ("admin", "customer")  # as serve counts uploads (Settings.upload_limit, upload_window)
 BUSIEST: Final = 5  # accounts shown per role
 
 
@@ -226,8 +226,8 @@ def _hours(ledger: Ledger, now: float) -> list[Hour]:
 
 def _quotas(settings: Settings, ledger: Ledger, now: float) -> list[Quota]:
     out = []
-    for role, window in WINDOWS.items():
-        limit = settings.upload_admin_limit if role == "admin" else settings.upload_customer_limit
+    for role in ROLES:
+        limit, window = settings.upload_limit(role), settings.upload_window(role)
         counts = ledger.upload_counts(role, now - window)
         out.append(Quota(role=role, limit=limit, window_seconds=window, accounts=len(counts),
                          uploads=sum(counts.values()), at_limit=sum(1 for n in counts.values() if n >= limit),

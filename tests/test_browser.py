@@ -159,7 +159,8 @@ class Serve:
         self.inbox = Path(env["SMT_LOCAL_DIR"])
         self.log = log
         self._fh = log.open("ab")
-        self.proc = subprocess.Popen([*SMT_WATCH, "serve", "--port", str(self.port)], env=env, stdout=self._fh,
+        argv = [*SMT_WATCH, "serve", "--port", str(self.port), "--webhook-port", "0"]  # never 0.0.0.0:8787 in a test
+        self.proc = subprocess.Popen(argv, env=env, stdout=self._fh,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=log.parent)
 
     def text(self) -> str:

@@ -37,12 +37,14 @@ def test_defaults(tmp_path: Path) -> None:
     assert s.raw_lines_per_chunk == 5000
     assert (s.source_tag, s.meter_default, s.esiid_default) == ("adhocusage", "M1", None)
     assert s.smt_port == 22 and s.smt_remote_dirs == ("/",)
-    assert (s.upload_host, s.upload_port, s.webhook_port) == ("127.0.0.1", 8080, None)
+    assert (s.upload_host, s.upload_port) == ("127.0.0.1", 8081)  # the Node upload server's, behind nginx
+    assert (s.webhook_host, s.webhook_port) == ("0.0.0.0", 8787)  # the old bridge's: the web app calls it there
     assert s.upload_max_bytes == 1_073_741_824
-    assert (s.upload_admin_limit, s.upload_customer_limit) == (50, 5)
+    assert (s.upload_admin_limit, s.upload_customer_limit) == (40_000, 5)  # the Node server's defaults
+    assert (s.upload_window("admin"), s.upload_window("customer")) == (86_400.0, 30 * 86_400.0)
     assert s.cors_origins == ("https://intelliwatt.com",)
     assert (s.settle_seconds, s.rescan_seconds, s.workers) == (1.0, 300.0, 2)
-    assert s.patterns == ("*.csv", "*.asc", "*.zip")
+    assert s.patterns == ("*.csv", "*.csv.*", "*.asc", "*.zip")  # the old script's find takes *.csv.* too
     assert s.after_send == "keep" and s.validate is True
     assert s.archive_path == s.state_dir / "archive"
     assert s.ledger_path.name == "ledger.sqlite3"
@@ -138,3 +140,42 @@ def test_auto_mode_rule(caplog: pytest.LogCaptureFixture) -> None:
     with pytest.raises(ConfigError, match="needs SMT_UPLOAD_URL"):
         delivery_mode(load_settings({"SMT_DELIVERY": "multipart", "INTELLIWATT_BASE_URL": "http://b"}))
     assert load_settings({"INTELLIWATT_BASE_URL": "https://x.com/"}).base_url == "https://x.com"
+
+
+# --- serve as the droplet runs it (issue 22 §3) ---------------------------------------------------------
+
+
+def test_the_node_upload_servers_variables_are_read_and_ours_win(tmp_path: Path) -> None:
+    """The Node server's env (its unit sets SMT_UPLOAD_DIR; the env file may set its limits) keeps its
+    meaning; where smt-watch's own name is set too, ours wins."""
+    node = {"SMT_ADMIN_UPLOAD_DAILY_LIMIT": "123", "SMT_CUSTOMER_UPLOAD_MONTHLY_LIMIT": "7",
+            "SMT_ADMIN_UPLOAD_WINDOW_MS": "3600000", "SMT_CUSTOMER_UPLOAD_WINDOW_MS": "172800000",
+            "SMT_UPLOAD_DIR": str(tmp_path / "node-inbox")}
+    s = load_settings(node)
+    assert (s.upload_limit("admin"), s.upload_limit("customer")) == (123, 7)
+    assert (s.upload_window("admin"), s.upload_window("customer")) == (3600.0, 172_800.0)
+    assert s.local_dir == tmp_path / "node-inbox"
+    ours = load_settings({**node, "SMT_UPLOAD_ADMIN_LIMIT": "9", "SMT_UPLOAD_CUSTOMER_LIMIT": "2",
+                          "SMT_LOCAL_DIR": str(tmp_path / "inbox")})
+    assert (ours.upload_limit("admin"), ours.upload_limit("customer")) == (9, 2)
+    assert ours.local_dir == tmp_path / "inbox"
+
+
+@pytest.mark.parametrize(("name", "value"), [("SMT_ADMIN_UPLOAD_WINDOW_MS", "soon"),
+                                             ("SMT_CUSTOMER_UPLOAD_WINDOW_MS", "999"),
+                                             ("SMT_CUSTOMER_UPLOAD_WINDOW_MS", str(32 * 86_400_000)),
+                                             ("SMT_ADMIN_UPLOAD_DAILY_LIMIT", "-1")])
+def test_a_bad_node_limit_variable_names_itself(name: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=name):
+        load_settings({name: value})
+
+
+def test_both_webhook_secrets_are_kept() -> None:
+    s = load_settings({"INTELLIWATT_WEBHOOK_SECRET": "tok-A", "DROPLET_WEBHOOK_SECRET": "tok-B"})
+    assert [x.reveal() for x in s.webhook_secrets] == ["tok-A", "tok-B"]
+    assert sorted(s.secrets()) == ["tok-A", "tok-B"] and "tok-" not in repr(s)
+
+
+def test_webhook_port_0_turns_the_separate_listener_off() -> None:
+    s = load_settings({"SMT_WEBHOOK_PORT": "0", "SMT_WEBHOOK_HOST": "10.0.0.5"})
+    assert s.webhook_port is None and s.webhook_host == "10.0.0.5"

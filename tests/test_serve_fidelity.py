@@ -116,10 +116,18 @@ def test_fields_before_the_file_naming_both_refuse_before_the_file_is_read(stric
     assert len(strict.stored()) == 1 and strict.temps() == []
 
 
-def test_invalid_role_is_400_with_a_message(strict: Running) -> None:
-    resp = post_form(strict, [("file", b"x\n"), ("role", "superuser")])
-    assert resp.status_code == 400 and "admin or customer" in resp.json()["message"]
-    assert strict.stored() == []
+@pytest.mark.parametrize("role", ["smt-ingest", "superuser", "ADMIN", "Customer-ish"])
+def test_any_role_but_customer_counts_as_admin(strict: Running, role: str) -> None:
+    """As the Node server counts it (the bash script sends role=smt-ingest): never 400 invalid_role."""
+    resp = post_form(strict, [("file", b"ESIID,X\n" + role.encode() + b",1\n"), ("role", role)])
+    assert resp.status_code == 202, resp.text
+    assert resp.json()["meta"]["role"] == "admin" and resp.json()["meta"]["limit"] == 50
+    assert len(strict.stored()) == 1
+
+
+def test_customer_role_is_any_case(strict: Running) -> None:
+    resp = post_form(strict, [("file", b"ESIID,X\nc,1\n"), ("role", " CUSTOMER ")], **{"x-smt-upload-role": "admin"})
+    assert resp.status_code == 202 and resp.json()["meta"]["role"] == "customer", resp.text
 
 
 # --- replies the pages can show -----------------------------------------------------------------------

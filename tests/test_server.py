@@ -258,7 +258,7 @@ def test_upload_lands_in_the_inbox_with_the_spec_reply(srv: Running, client: htt
     assert srv.stored() == [path] and srv.temps() == []
     meta = body["meta"]
     assert set(meta) == {"role", "accountKey", "limit", "remaining", "resetAt"}
-    assert meta == {"role": "admin", "accountKey": "127.0.0.1", "limit": 50, "remaining": 49,
+    assert meta == {"role": "admin", "accountKey": "127.0.0.1", "limit": 40_000, "remaining": 39_999,
                     "resetAt": meta["resetAt"]}  # no role named: admin, as IntelliWatt's Node server counts it
     reset = datetime.strptime(meta["resetAt"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
     assert before + timedelta(days=1) - timedelta(seconds=1) <= reset <= after + timedelta(days=1)
@@ -855,14 +855,20 @@ def test_admin_role_by_header_and_by_form_field_has_its_own_limit(limited: Runni
 
 @pytest.mark.both_ledgers
 @pytest.mark.parametrize("how", ["header", "form"])
-def test_unknown_role_is_400(limited: Running, how: str) -> None:
+def test_any_other_role_counts_as_admin(limited: Running, how: str) -> None:
+    """As IntelliWatt's Node upload server counts it: every role but ``customer`` is ``admin`` (the bash
+    script sends ``smt-ingest``), with admin's limit; never ``400 invalid_role``."""
+    acct = {"x-smt-upload-account-key": "ops"}
     with limited.client() as client:
-        if how == "header":
-            r = upload(client, b"x\n", headers={"x-smt-upload-role": "root"})
-        else:
-            r = upload(client, b"x\n", fields={"role": "root"})
-    assert r.status_code == 400 and r.json()["ok"] is False
-    assert_nothing_stored(limited)
+        for i in range(4):
+            if how == "header":
+                r = upload(client, f"x,{i}\n".encode(), headers={"x-smt-upload-role": "smt-ingest", **acct})
+            else:
+                r = upload(client, f"x,{i}\n".encode(), fields={"role": "smt-ingest"}, headers=acct)
+            if i < 3:
+                assert r.status_code == 202 and r.json()["meta"]["role"] == "admin", r.text
+        assert_429(r, "admin", "ops", 3, ADMIN)  # admin's limit (3 here), not customer's (5)
+    assert len(limited.stored()) == 3
 
 
 @pytest.mark.both_ledgers
@@ -1080,7 +1086,8 @@ def test_two_triggers_at_once_run_one_sync(hooked: Running, stalled: StalledSftp
 
 @pytest.mark.parametrize("body", [None, {}, {"reason": None}, {"reason": "smt_authorized"},
                                   {"reason": "admin_triggered"}, {"reason": "admin_refresh"},
-                                  {"reason": "user_refresh"}, {"reason": "user_orchestrate", "esiid": "1044",
+                                  {"reason": "user_refresh"}, {"reason": "user_orchestrate",
+                                                               "esiid": "10443720000000001",
                                                                "meter": "M1", "forceRepost": True}])
 def test_trigger_known_reasons_and_no_body_are_accepted(hooked: Running, body: Any) -> None:
     with hooked.client() as client:
@@ -1299,7 +1306,8 @@ def test_health(srv: Running, client: httpx.Client, path: str) -> None:
     assert resp.status_code == 200
     body = resp.json()
     assert body == {"ok": True, "service": "smt-watch", "inbox": str(srv.inbox),
-                    "ledger": dict.fromkeys(STATES, 0)}
+                    "uploadDir": str(srv.inbox), "maxBytes": srv.server.settings.upload_max_bytes,
+                    "ledger": dict.fromkeys(STATES, 0)}  # service, uploadDir, maxBytes: as the Node server
 
 
 def test_health_counts_ledger_rows(srv: Running, client: httpx.Client) -> None:

@@ -43,6 +43,8 @@ class Serve:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self._fh = log.open("ab")
+        if "--webhook-port" not in args and "SMT_WEBHOOK_PORT" not in env:
+            args = (*args, "--webhook-port", "0")  # never the default 0.0.0.0:8787 in a test: tests name ports
         self.proc = subprocess.Popen([*SMT_WATCH, *global_args, "serve", *args], env=env, stdout=self._fh,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=log.parent)
 
@@ -82,7 +84,8 @@ class Serve:
 @pytest.fixture
 def env(base_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
     return {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path / "home"), **base_env,
-            "SMT_UPLOAD_TOKEN": TOKEN, "INTELLIWATT_WEBHOOK_SECRET": SECRET}
+            "SMT_UPLOAD_TOKEN": TOKEN, "INTELLIWATT_WEBHOOK_SECRET": SECRET,
+            "SMT_WEBHOOK_PORT": "0"}  # never the default 0.0.0.0:8787 in a test: a test names its ports
 
 
 @contextmanager
@@ -222,6 +225,7 @@ def test_health_reports_inbox_and_ledger(env: dict[str, str], tmp_path: Path) ->
         body = httpx.get(f"{s.url}/healthz", timeout=10, trust_env=False).json()
         assert s.signal() == 0
     assert body == {"ok": True, "service": "smt-watch", "inbox": env["SMT_LOCAL_DIR"],
+                    "uploadDir": env["SMT_LOCAL_DIR"], "maxBytes": 1_073_741_824,
                     "ledger": {"pending": 0, "sending": 0, "sent": 0, "retrying": 0, "failed": 0}}
 
 

@@ -65,7 +65,8 @@ class Serve:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         self._fh = log.open("ab")
-        self.proc = subprocess.Popen([*SMT_WATCH, "serve", "--port", str(self.port)], env=env, stdout=self._fh,
+        argv = [*SMT_WATCH, "serve", "--port", str(self.port), "--webhook-port", "0"]  # never 0.0.0.0:8787 in a test
+        self.proc = subprocess.Popen(argv, env=env, stdout=self._fh,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=log.parent)
 
     def up(self) -> bool:
@@ -210,7 +211,8 @@ def test_status_page_login_failures_retry_and_delivery(browser: WebDriver, serve
         assert browser.find_element(By.ID, "notice").text.startswith(f"Back to pending: {bad_sha[:12]}")
         shot(browser, tmp_path, "4-retried")
         wait_for(lambda: len(receiver.stored()) == 2, SHORT, "watch to deliver the retried file")
-        assert ledger_state(settings, bad_sha) == "sent"
+        # the receiver stores before it answers, and watch records `sent` once the answer is in
+        wait_for(lambda: ledger_state(settings, bad_sha) == "sent", SHORT, "the retried row marked sent")
         browser.get(f"{serve.url}/status")
         assert browser.find_elements(By.CSS_SELECTOR, "#failures tr.failure") == []
         assert "refused <i>.csv" in browser.find_element(By.ID, "recent").text

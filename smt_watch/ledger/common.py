@@ -40,11 +40,13 @@ COPIED_COLUMNS: Final[dict[str, tuple[str, ...]]] = {
     "uploads": ("role", "account", "at"),
     "seen": ("path", "device", "inode", "size", "mtime_ns", "sha256"),
     "meta": ("key", "value"),
+    "labels": ("sha256", "declared_esiid", "declared_meter", "esiid", "at"),
 }
 COPIED_TABLES: Final = tuple(COPIED_COLUMNS)
 
 
 RETRY_NOTE: Final = "retry requested by the operator"
+REPOST_NOTE: Final = "re-post requested (forceRepost)"
 
 
 def delivery_seconds(first_seen: str, sent_at: str) -> float:
@@ -140,6 +142,19 @@ class Claim(Enum):
 
 
 @dataclass(frozen=True)
+class Labels:
+    """What the ledger knows of the ESIID and meter of some bytes (the ``labels`` table, keyed by SHA-256).
+
+    ``declared_*``: what the uploader said in ``serve``'s ``esiid``/``meter`` form fields (as the bash script
+    and IntelliWatt's Node upload server send them), carried through to the delivery of those bytes.
+    ``esiid``: what the last delivery of these bytes carried; ``forceRepost`` finds a customer's files by it."""
+
+    declared_esiid: str | None = None
+    declared_meter: str | None = None
+    esiid: str | None = None
+
+
+@dataclass(frozen=True)
 class Remember:
     """A stat-cache row to write: ``path`` held the bytes ``sha256`` while its stat identity was ``signature``."""
 
@@ -211,6 +226,13 @@ class Ledger(Protocol):
 
     def uploads_since(self, role: str, account: str, since: float) -> list[float]: ...
     def take_upload_slot(self, role: str, account: str, since: float, limit: int, at: float) -> bool: ...
+
+    # what an uploader said of some bytes, and the ESIID their delivery carried (serve, pipeline, forceRepost)
+    def declare_labels(self, sha256: str, esiid: str | None, meter: str | None) -> None: ...
+    def note_esiid(self, sha256: str, esiid: str) -> None: ...
+    def labels(self, sha256s: list[str]) -> dict[str, Labels]: ...
+    def with_esiid(self, esiid: str, limit: int) -> list[str]: ...
+    def repost(self, sha256s: Iterable[str]) -> list[str]: ...
 
     def acked_chunks(self, sha256: str, parts: int) -> dict[int, str]: ...
     def ack_chunk(self, sha256: str, part: int, parts: int, chunk_sha256: str) -> None: ...

@@ -45,8 +45,10 @@ from smt_watch.ledger.common import (
     COPIED_COLUMNS,
     COPIED_TABLES,
     FILE_COLUMNS,
+    REPOST_NOTE,
     STATES,
     Claim,
+    Labels,
     LedgerBase,
     Remember,
     Row,
@@ -137,6 +139,18 @@ _MIGRATIONS: Final[tuple[str, ...]] = (
         PRIMARY KEY (sha256, part)
     );
     """,
+    # 6: the ESIID and meter an uploader declared for some bytes, and the ESIID their delivery carried
+    f"""
+    CREATE TABLE IF NOT EXISTS {SCHEMA}.labels (
+        sha256 TEXT PRIMARY KEY,
+        declared_esiid TEXT,
+        declared_meter TEXT,
+        esiid TEXT,
+        at DOUBLE PRECISION NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS labels_esiid ON {SCHEMA}.labels(esiid);
+    CREATE INDEX IF NOT EXISTS labels_declared_esiid ON {SCHEMA}.labels(declared_esiid);
+    """,
 )
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
 
@@ -199,6 +213,7 @@ class PostgresLedger(LedgerBase):
         self._reconnect = reconnect_seconds
         self._connect_timeout = connect_timeout
         self._inflight: set[str] = set()
+        self._noted: dict[str, str] = {}  # as the SQLite ledger's: ESIIDs written with their claim's outcome
         self._lock = threading.Lock()
         self._renewer: threading.Thread | None = None
         self._closed = threading.Event()
@@ -488,12 +503,18 @@ class PostgresLedger(LedgerBase):
         values = {k: column_text(v) if isinstance(v, str) else v for k, v in values.items()}
         values.update(state=state, updated_at=now_iso(), claimed_by=None, claimed_at=None, lease_until=None)
         assignments = ", ".join(f"{k} = %({k})s" for k in values)
+        esiid = self._noted.get(sha256)
+        # a noted ESIID goes in the same statement (one round trip, one commit)
+        note = ("WITH noted AS (INSERT INTO labels (sha256, esiid, at) VALUES (%(sha)s, %(esiid)s, %(at)s)"
+                " ON CONFLICT (sha256) DO UPDATE SET esiid = EXCLUDED.esiid) ") if esiid is not None else ""
         try:
-            self._execute(f"UPDATE files SET {assignments}, attempts = attempts + %(attempts_add)s"
-                          " WHERE sha256 = %(sha)s", {**values, "attempts_add": attempts, "sha": sha256})
+            self._execute(f"{note}UPDATE files SET {assignments}, attempts = attempts + %(attempts_add)s"
+                          " WHERE sha256 = %(sha)s",
+                          {**values, "attempts_add": attempts, "sha": sha256, "esiid": esiid, "at": time.time()})
         finally:
             with self._lock:
                 self._inflight.discard(sha256)
+                self._noted.pop(sha256, None)
 
     # --- operator commands ---------------------------------------------------------------------------
 
@@ -525,6 +546,49 @@ class PostgresLedger(LedgerBase):
             return [s for s in targets if s in moved]
 
         return self._run(run)
+
+    def repost(self, sha256s: Iterable[str]) -> list[str]:
+        """As :meth:`smt_watch.ledger.sqlite.SqliteLedger.repost`."""
+        shas = list(sha256s)
+
+        def run(conn: psycopg.Connection[Any]) -> list[str]:
+            with conn.transaction():
+                moved = {r[0] for r in conn.execute(
+                    "UPDATE files SET state = 'pending', next_attempt_at = NULL, claimed_by = NULL,"
+                    " claimed_at = NULL, lease_until = NULL, last_error = %s, updated_at = %s"
+                    " WHERE sha256 = ANY(%s) AND state <> 'sending' RETURNING sha256",
+                    (REPOST_NOTE, now_iso(), shas)).fetchall()}
+                conn.execute("DELETE FROM chunks WHERE sha256 = ANY(%s)", (list(moved),))
+            return [s for s in shas if s in moved]
+
+        return self._run(run)
+
+    # --- labels: what an uploader declared, what a delivery carried -------------------------------------
+
+    def declare_labels(self, sha256: str, esiid: str | None, meter: str | None) -> None:
+        self._execute(
+            "INSERT INTO labels (sha256, declared_esiid, declared_meter, at) VALUES (%s, %s, %s, %s)"
+            " ON CONFLICT (sha256) DO UPDATE SET declared_esiid = COALESCE(EXCLUDED.declared_esiid,"
+            " labels.declared_esiid), declared_meter = COALESCE(EXCLUDED.declared_meter, labels.declared_meter),"
+            " at = EXCLUDED.at", (sha256, esiid, meter, time.time()))
+
+    def note_esiid(self, sha256: str, esiid: str) -> None:
+        with self._lock:
+            if sha256 in self._inflight:
+                self._noted[sha256] = esiid
+                return
+        self._execute("INSERT INTO labels (sha256, esiid, at) VALUES (%s, %s, %s)"
+                      " ON CONFLICT (sha256) DO UPDATE SET esiid = EXCLUDED.esiid", (sha256, esiid, time.time()))
+
+    def labels(self, sha256s: list[str]) -> dict[str, Labels]:
+        return {str(r["sha256"]): Labels(r["declared_esiid"], r["declared_meter"], r["esiid"]) for r in self._query(
+            "SELECT sha256, declared_esiid, declared_meter, esiid FROM labels WHERE sha256 = ANY(%s)",
+            (sha256s,))} if sha256s else {}
+
+    def with_esiid(self, esiid: str, limit: int) -> list[str]:
+        return [str(r["sha256"]) for r in self._query(
+            "SELECT sha256 FROM labels WHERE esiid = %s OR declared_esiid = %s ORDER BY at DESC, sha256 LIMIT %s",
+            (esiid, esiid, limit))]
 
     def import_hashes(self, entries: Iterable[tuple[str, str | None]], origin: str) -> int:
         items = list(entries)
@@ -731,7 +795,7 @@ class PostgresLedger(LedgerBase):
 
 _KEYS: Final[dict[str, tuple[str, ...]]] = {
     "files": ("sha256",), "chunks": ("sha256", "part"), "remote_files": ("remote_path",),
-    "seen": ("node", "path"), "meta": ("key",),
+    "seen": ("node", "path"), "meta": ("key",), "labels": ("sha256",),
 }
 
 _REMEMBER_SQL: Final = (

@@ -28,8 +28,10 @@ from smt_watch.ledger.common import (
     COPIED_COLUMNS,
     COPIED_TABLES,
     FILE_COLUMNS,
+    REPOST_NOTE,
     STATES,
     Claim,
+    Labels,
     LedgerBase,
     Remember,
     Row,
@@ -124,12 +126,29 @@ def _migration_5(db: sqlite3.Connection) -> None:
     )
 
 
+def _migration_6(db: sqlite3.Connection) -> None:
+    """The ESIID and meter an uploader declared for some bytes, and the ESIID their delivery carried."""
+    db.execute(
+        """CREATE TABLE labels (
+            sha256 TEXT PRIMARY KEY,
+            declared_esiid TEXT,
+            declared_meter TEXT,
+            esiid TEXT,
+            at REAL NOT NULL
+        )"""
+    )
+    db.execute("CREATE INDEX labels_esiid ON labels(esiid)")
+    db.execute("CREATE INDEX labels_declared_esiid ON labels(declared_esiid)")
+
+
 MIGRATIONS: Final[tuple[Callable[[sqlite3.Connection], None], ...]] = (
-    _migration_1, _migration_2, _migration_3, _migration_4, _migration_5,
+    _migration_1, _migration_2, _migration_3, _migration_4, _migration_5, _migration_6,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 
+_NOTE_SQL: Final = ("INSERT INTO labels (sha256, esiid, at) VALUES (?, ?, ?)"
+                    " ON CONFLICT (sha256) DO UPDATE SET esiid = excluded.esiid")
 _REMEMBER_SQL = "INSERT OR REPLACE INTO seen (path, device, inode, size, mtime_ns, sha256) VALUES (?, ?, ?, ?, ?, ?)"
 
 
@@ -165,6 +184,9 @@ class SqliteLedger(LedgerBase):
         # Claims this process is really working on. A row left `sending` under our own name but not in
         # here (its final write failed, e.g. on a full disk) is taken over instead of waiting forever.
         self._inflight: set[str] = set()
+        # ESIIDs noted for claims in flight, written in the transaction that records their outcome (a
+        # transaction of their own would cost about a tenth of watch's drain rate)
+        self._noted: dict[str, str] = {}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -392,9 +414,12 @@ class SqliteLedger(LedgerBase):
                     f"UPDATE files SET {assignments}, attempts = attempts + ? WHERE sha256 = ?",
                     (*values.values(), attempts, sha256),
                 )
+                if (esiid := self._noted.get(sha256)) is not None:
+                    db.execute(_NOTE_SQL, (sha256, esiid, time.time()))
         finally:
             with self._lock:
                 self._inflight.discard(sha256)
+                self._noted.pop(sha256, None)
 
     # --- operator commands --------------------------------------------------------------------------
 
@@ -423,6 +448,55 @@ class SqliteLedger(LedgerBase):
                             (now_iso(), target)).rowcount:
                         moved.append(target)
         return moved
+
+    def repost(self, sha256s: Iterable[str]) -> list[str]:
+        """``forceRepost``: rows in any state but ``sending`` (already on its way) back to ``pending``, and
+        their acknowledged raw-upload chunks forgotten, so ``watch`` sends every byte again. The caller
+        names the parent of an unpacked CSV itself. Returns the hashes moved."""
+        moved: list[str] = []
+        with self.atomic() as db:
+            for sha in sha256s:
+                if db.execute(
+                        "UPDATE files SET state = 'pending', next_attempt_at = NULL, claimed_by = NULL,"
+                        " claimed_at = NULL, last_error = ?, updated_at = ? WHERE sha256 = ? AND state <> 'sending'",
+                        (REPOST_NOTE, now_iso(), sha)).rowcount:
+                    db.execute("DELETE FROM chunks WHERE sha256 = ?", (sha,))
+                    moved.append(sha)
+        return moved
+
+    # --- labels: what an uploader declared, what a delivery carried -----------------------------------
+
+    def declare_labels(self, sha256: str, esiid: str | None, meter: str | None) -> None:
+        """What an uploader said of these bytes; a field it left out keeps what an earlier upload said."""
+        with self.atomic() as db:
+            db.execute(
+                "INSERT INTO labels (sha256, declared_esiid, declared_meter, at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (sha256) DO UPDATE SET"
+                " declared_esiid = COALESCE(excluded.declared_esiid, declared_esiid),"
+                " declared_meter = COALESCE(excluded.declared_meter, declared_meter), at = excluded.at",
+                (sha256, esiid, meter, time.time()))
+
+    def note_esiid(self, sha256: str, esiid: str) -> None:
+        """The ESIID a delivery of these bytes carries: for a claim of this process, written with its
+        outcome (sent, failed or retrying alike), else at once."""
+        with self._lock:
+            if sha256 in self._inflight:
+                self._noted[sha256] = esiid
+                return
+        with self.atomic() as db:
+            db.execute(_NOTE_SQL, (sha256, esiid, time.time()))
+
+    def labels(self, sha256s: list[str]) -> dict[str, Labels]:
+        marks = ",".join("?" * len(sha256s))
+        return {str(r[0]): Labels(r[1], r[2], r[3]) for r in self._query(
+            f"SELECT sha256, declared_esiid, declared_meter, esiid FROM labels WHERE sha256 IN ({marks})",
+            sha256s, tuples=True)} if sha256s else {}
+
+    def with_esiid(self, esiid: str, limit: int) -> list[str]:
+        """Hashes of content delivered with this ESIID or declared for it by an uploader, newest first."""
+        return [str(r[0]) for r in self._query(
+            "SELECT sha256 FROM labels WHERE esiid = ? OR declared_esiid = ? ORDER BY at DESC, sha256 LIMIT ?",
+            (esiid, esiid, limit), tuples=True)]
 
     def import_hashes(self, entries: Iterable[tuple[str, str | None]], origin: str) -> int:
         """Record already-delivered hashes as ``sent``; existing rows are left alone. Returns rows added."""

@@ -278,8 +278,10 @@ HTTP_CASES = [
     HttpCase("upload-truncated-body", "POST", "/upload", 400, "could not be read",
              {**UP, "content-type": "multipart/form-data; boundary=XyZ"},
              content=b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="a.csv"\r\n\r\nESIID,X\n'),
-    HttpCase("upload-bad-role", "POST", "/upload", 400, "invalid role", {**UP, "x-smt-upload-role": "root"},
-             files={"file": CSV}),
+    HttpCase("upload-bad-esiid", "POST", "/upload", 400, "invalid_label", {**UP, "x-smt-upload-role": "root"},
+             files={"file": CSV}, data={"esiid": "1044'; DROP TABLE files; --"}),
+    HttpCase("upload-bad-meter", "POST", "/upload", 400, "meter must be", UP, files={"file": CSV},
+             data={"meter": "../../etc/passwd"}),
     HttpCase("upload-wrong-method", "GET", "/upload", 405, "not allowed"),
     HttpCase("upload-foreign-origin", "POST", "/upload", 403, "not allowed", {**UP, "origin": "https://evil.example"},
              files={"file": CSV}),
@@ -308,6 +310,7 @@ def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path,
         port = s.getsockname()[1]
     env = {"PATH": os.environ.get("PATH", ""), "HOME": str(home), "SMT_LOCAL_DIR": str(home / "inbox"),
            "SMT_STATE_DIR": str(home / "state"), "SMT_UPLOAD_PORT": str(port), "SMT_UPLOAD_MAX_BYTES": "4096",
+           "SMT_WEBHOOK_PORT": "0",  # never the default 0.0.0.0:8787 in a test
            **SECRETS}
     log = home / "serve.log"
     with log.open("ab") as fh:

@@ -229,7 +229,7 @@ def test_upload_into_a_full_inbox_is_a_clear_error(tmp_path: Path, base_env: dic
                                                    disk: SmallDisk, unused_port: int) -> None:
     inbox = disk.root / "inbox"
     env = subprocess_env(base_env, tmp_path / "home", SMT_LOCAL_DIR=str(inbox), SMT_UPLOAD_PORT=str(unused_port),
-                         SMT_UPLOAD_TOKEN=UPLOAD_TOKEN)
+                         SMT_UPLOAD_TOKEN=UPLOAD_TOKEN, SMT_WEBHOOK_PORT="0")
     log = tmp_path / "serve.log"
     with log.open("ab") as fh:
         proc = subprocess.Popen([*SMT_WATCH, "serve"], env=env, stdout=fh, stderr=fh, stdin=subprocess.DEVNULL)
