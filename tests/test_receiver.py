@@ -33,7 +33,8 @@ PULL = "/api/admin/smt/pull"
 
 @pytest.fixture
 def rx(tmp_path: Path) -> Iterator[ReceiverHandle]:
-    with running_receiver(tmp_path / "rx") as handle:
+    """The app in development (inline stored); production's refusals are tested with ``receiver``."""
+    with running_receiver(tmp_path / "rx", inline=True) as handle:
         yield handle
 
 
@@ -127,7 +128,7 @@ def test_missing_file_field(rx: ReceiverHandle) -> None:
 
 
 def test_tokens_are_required_when_configured(tmp_path: Path) -> None:
-    with running_receiver(tmp_path, admin_token="adm-secret", upload_token="up-secret") as handle:
+    with running_receiver(tmp_path, admin_token="adm-secret", upload_token="up-secret", inline=True) as handle:
         for headers in ({}, {"x-smt-upload-token": "wrong"}, {"x-admin-token": "up-secret"}):
             response = post_file(handle, headers=headers)
             assert (response.status_code, response.json()) == (401, {"ok": False, "error": "unauthorized"})
@@ -166,7 +167,7 @@ def test_inline_stores_decoded_bytes(rx: ReceiverHandle, encoding: str) -> None:
     ("base64", {"content_b64": None}, "MISSING_FIELD"),
     ("base64", {"mode": "url"}, "INVALID_MODE"),
     ("base64", {"filename": ""}, "INVALID_FIELD"),
-    ("base64", {"esiid": 104437}, "INVALID_FIELD"),
+    ("base64", {"esiid": 104437}, "HOME_ID_REQUIRED"),  # not a string: no house to look up, as the real route
     ("base64", {"sizeBytes": -1}, "INVALID_FIELD"),
     ("base64", {"sizeBytes": "12"}, "INVALID_FIELD"),
 ])
