@@ -30,6 +30,7 @@ from typing import Any
 
 import httpx
 import pytest
+from node_server import node_chunks, node_whole
 
 from conftest import ADMIN_TOKEN, UPLOAD_TOKEN, write_csv
 from smt_watch.config import Settings, load_settings
@@ -39,7 +40,6 @@ from smt_watch.reference import sample
 from smt_watch.reference.receiver import PULL_PATH, RAW_UPLOAD_PATH, Fault, app_in_thread, running_receiver
 from smt_watch.server import build
 from smt_watch.statedir import open_ledger
-from test_rawupload import node_chunks, node_whole
 
 Make = Callable[..., Settings]
 Run = Callable[..., subprocess.CompletedProcess[str]]
@@ -297,6 +297,8 @@ TRICKY = (
     f"'{ESIID},1/5/2026,1/6/2026,0:00,0:15,0.100,A,Consumption\r\n"
     "   \r\n"  # blank: spaces
     "\u00a0\u3000\n"  # blank to JavaScript's trim(), not to bytes.strip()
+    "\ufeff\n"  # blank to JavaScript's trim(), not to Python's str.strip()
+    "\x1c\n"  # blank to Python's str.strip(), not to JavaScript's trim(): a data line for the Node server
     f"'{ESIID},1/5/2026,1/6/2026,0:15,0:30,0.200,A,Consumption\r\r\n"  # \r\r\n: one \r stays
     f"'{ESIID},1/5/2026,1/6/2026, 0:30,0:45,0.300,E,Consumption\n"
     "\n\n"
@@ -312,7 +314,7 @@ def test_chunk_text_matches_the_node_server_byte_for_byte(make_settings: Make, r
     [outcome] = post_files(settings, [f])
     assert outcome.result == "sent", outcome
     expected = node_chunks(TRICKY, int(per_chunk))
-    assert len(expected) == (1 if per_chunk == "5000" else 2)
+    assert len(expected) == (1 if per_chunk == "5000" else 3)  # 5 data lines
     sent = requests_to(receiver, RAW_UPLOAD_PATH)
     assert [r.fields["sha256"] for r in sent] == [sha(c) for c in expected]
     assert [r.fields["sizeBytes"] for r in sent] == [len(c) for c in expected]

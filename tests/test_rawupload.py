@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from node_server import node_chunks, node_whole
 
 from conftest import ADMIN_TOKEN
 from smt_watch.config import Settings
@@ -44,24 +45,6 @@ HEADER = (
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def node_chunks(data: bytes, per_chunk: int = 5000) -> list[bytes]:
-    """The chunks as ``scripts/droplet/smt-upload-server.ts`` builds them, transcribed line by line:
-    ``text.split(/\r?\n/)``, header ``lines[0]``, data lines those whose ``trim()`` is not empty, each chunk
-    ``[header, ...part].join("\n")`` (no newline at the end); no data line: the whole text."""
-    text = data.decode("utf-8", "replace")
-    lines = re.split(r"\r?\n", text)
-    header, data_lines = lines[0], [line for line in lines[1:] if line.strip()]
-    if not data_lines:
-        return [text.encode()]
-    return ["\n".join([header, *data_lines[i:i + per_chunk]]).encode() for i in range(0, len(data_lines), per_chunk)]
-
-
-def node_whole(data: bytes) -> bytes:
-    """The file the receiver assembles from those chunks (header once, then every data line)."""
-    first, *rest = node_chunks(data, 10**9)
-    return b"\n".join([first, *(c.split(b"\n", 1)[1] for c in rest)])
 
 
 expected_chunks = node_chunks
