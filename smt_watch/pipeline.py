@@ -232,7 +232,7 @@ def _one(settings: Settings, ledger: Ledger, sink: Sink, ident: FileIdentity, na
                     "Delivery failed for %s: %s")
     if isinstance(part, Outcome):
         return part
-    refused = refusal(sink.name, part.kind, name)
+    refused = refusal(sink.name, part.kind)
     if refused is not None:
         ledger.mark_failed(ident.sha256, status=None, error=refused, attempts=0)
         log.error("Not sending %s: %s", name, refused)

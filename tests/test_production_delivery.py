@@ -362,7 +362,7 @@ def test_a_daily_csv_is_not_sent_to_raw_upload(run_cli: Run, receiver: Any, tmp_
     proc = run_cli("post", str(f), env=env)
     assert proc.returncode == 1
     assert proc.stdout.startswith("failed") and "daily or billing CSV" in proc.stdout
-    assert "reads only interval CSVs" in proc.stdout
+    assert "reads interval CSVs only" in proc.stdout
     assert receiver.state.requests == []
     [row] = json.loads(run_cli("ledger", "list", "--json", env=env).stdout)
     assert row["state"] == "failed" and "daily or billing CSV" in row["last_error"]

@@ -202,12 +202,12 @@ def _health_says_smt_watch(url: str) -> bool:
     return isinstance(data, dict) and data.get("service") == "smt-watch"
 
 
-def refusal(mode: str, kind: str, name: str) -> str | None:
+def refusal(mode: str, kind: str) -> str | None:
     """Why ``mode`` does not send a CSV of ``kind`` (the ledger's ``failed`` reason), or None when it does."""
     if mode not in MODES or kind not in MODES[mode].refuses:
         return None
-    return (f"not sent: {name} is a daily or billing CSV (kind {kind}); IntelliWatt's {mode} route reads only "
-            "interval CSVs (the old script and the Node upload server leave these out too)")
+    return (f"not sent: daily or billing CSV; IntelliWatt's {mode} route reads interval CSVs only (kind {kind}; the old"
+            " script and the Node upload server leave these out too)")
 
 
 def make_sink(settings: Settings, mode: str, *, chunks: ChunkStore | None = None, announce: bool = True) -> Sink:
