@@ -35,6 +35,7 @@ from node_server import node_chunks, node_whole
 from conftest import ADMIN_TOKEN, UPLOAD_TOKEN, write_csv
 from smt_watch.config import Settings, load_settings
 from smt_watch.delivery.base import MAX_REQUEST_BYTES
+from smt_watch.delivery.registry import OwnServeTarget, delivery_mode
 from smt_watch.pipeline import post_files
 from smt_watch.reference import sample
 from smt_watch.reference.receiver import PULL_PATH, RAW_UPLOAD_PATH, Fault, app_in_thread, running_receiver
@@ -140,12 +141,28 @@ def test_the_droplet_env_file_pointing_at_serve_is_refused_everywhere(run_cli: R
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "0.0.0.0", "[::1]"])
-def test_serve_port_on_this_host_is_recognised_without_a_request(make_settings: Make, host: str) -> None:
-    port = load_settings({}).upload_port  # serve's default, whatever it is
-    settings = make_settings(SMT_UPLOAD_URL=f"http://{host}:{port}/upload")
-    with pytest.raises(Exception, match="own serve") as raised:
+def test_serve_port_on_this_host_is_recognised_when_nothing_answers(make_settings: Make, host: str,
+                                                                     unused_port: int) -> None:
+    """serve not started yet (watch may start first): SMT_UPLOAD_PORT on this host is enough."""
+    settings = make_settings(SMT_UPLOAD_URL=f"http://{host}:{unused_port}/upload", SMT_UPLOAD_PORT=str(unused_port))
+    with pytest.raises(OwnServeTarget, match=f"port {unused_port} on this host is SMT_UPLOAD_PORT") as raised:
         post_files(settings, [])
-    assert type(raised.value).__name__ == "OwnServeTarget" and raised.value.exit_code == 2  # type: ignore[attr-defined]
+    assert raised.value.exit_code == 2
+    default = load_settings({}).upload_port  # serve's default port, whatever it is, on localhost
+    with pytest.raises(OwnServeTarget):
+        delivery_mode(make_settings(SMT_UPLOAD_URL=f"http://localhost:{default}/upload"), probe=False)
+
+
+def test_another_service_on_serves_port_is_taken(make_settings: Make, receiver: Any, tmp_path: Path) -> None:
+    """Before the migration the Node server holds the port serve is configured for: its /health names it,
+    and delivering to it is right (here the reference receiver names itself the same way)."""
+    assert httpx.get(f"{receiver.url}/health", timeout=10).json()["service"] != "smt-watch"
+    settings = make_settings(SMT_UPLOAD_URL=f"{receiver.url}/upload", SMT_UPLOAD_TOKEN=UPLOAD_TOKEN,
+                             SMT_UPLOAD_PORT=str(receiver.port))
+    [outcome] = post_files(settings, [write_csv(tmp_path / "IntervalData_M1.csv")])
+    assert outcome.result == "sent"
+    with pytest.raises(OwnServeTarget):  # without asking /health, the port alone decides
+        delivery_mode(settings, probe=False)
 
 
 @contextmanager

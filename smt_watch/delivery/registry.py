@@ -153,11 +153,12 @@ def delivery_mode(settings: Settings, *, probe: bool = True) -> str:
 def own_serve(settings: Settings, url: str, *, probe: bool = True) -> str | None:
     """How ``url`` is recognised as smt-watch's own ``serve``, or None when it is not.
 
-    Static: its host is this machine (``localhost``, a loopback or unspecified address, ``SMT_UPLOAD_HOST``, the
-    host name, or an address of one of its interfaces) and its port is ``SMT_UPLOAD_PORT``. Dynamic
-    (``probe``), for a host on this machine only, where a request costs a loopback round trip: ``GET
-    <origin>/health`` answers ``service: "smt-watch"`` (the Node server says ``smt-upload-server``). A remote
-    ``serve`` is left alone: its own ``watch`` may deliver onward."""
+    Only a host on this machine (``localhost``, a loopback or unspecified address, ``SMT_UPLOAD_HOST``, the host
+    name, or an address of one of its interfaces) can be; a remote ``serve`` is left alone (its own ``watch``
+    may deliver onward). There a request costs a loopback round trip, so (``probe``) ``GET <origin>/health``
+    is asked first: ``service: "smt-watch"`` is serve, whatever the port. Static: the port is
+    ``SMT_UPLOAD_PORT``, unless ``/health`` named another service (the Node server says
+    ``smt-upload-server``, the reference receiver its own name), so serve not running yet is still caught."""
     try:
         parts = urlsplit(url)
         host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
@@ -165,10 +166,11 @@ def own_serve(settings: Settings, url: str, *, probe: bool = True) -> str | None
         return None
     if not host or not _is_this_host(host, settings.upload_host):
         return None
-    if port == settings.upload_port:
-        return f"port {port} on this host is SMT_UPLOAD_PORT, where serve listens"
-    if probe and _health_says_smt_watch(f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}/health"):
+    service = _health_service(f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}/health") if probe else None
+    if service == "smt-watch":
         return f"{host}:{port}/health answers service smt-watch"
+    if port == settings.upload_port and service is None:
+        return f"port {port} on this host is SMT_UPLOAD_PORT, where serve listens"
     return None
 
 
@@ -191,15 +193,17 @@ def _is_this_host(host: str, upload_host: str) -> bool:
     return True
 
 
-def _health_says_smt_watch(url: str) -> bool:
+def _health_service(url: str) -> str | None:
+    """The ``service`` a ``/health`` answer names, or None (no answer, not JSON, no name)."""
     import httpx
 
     try:
         response = httpx.get(url, timeout=PROBE_TIMEOUT, trust_env=False, follow_redirects=False)
         data = response.json()
     except (httpx.HTTPError, ValueError):
-        return False
-    return isinstance(data, dict) and data.get("service") == "smt-watch"
+        return None
+    service = data.get("service") if isinstance(data, dict) else None
+    return service if isinstance(service, str) and service else None
 
 
 def refusal(mode: str, kind: str) -> str | None:

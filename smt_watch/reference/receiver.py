@@ -529,6 +529,15 @@ async def _list_intervals(request: Request) -> Response:
     return JSONResponse(await run_in_threadpool(state.raw.intervals_by_esiid))
 
 
+SERVICE = "smt-watch-reference-receiver"
+
+
+async def _health(request: Request) -> Response:
+    """Names itself, as the Node server (``smt-upload-server``) and serve (``smt-watch``) do: smt-watch
+    refuses to deliver to its own serve and recognises it by this field."""
+    return JSONResponse({"ok": True, "service": SERVICE})
+
+
 async def _list_chunks(request: Request) -> Response:
     """raw-upload's stored chunks (name, part, parts, sha256, source, storagePath, esiid, meter), for tests."""
     state: ReceiverState = request.app.state.receiver
@@ -551,6 +560,7 @@ def create_app(data_dir: Path, *, admin_token: str | None = None, upload_token: 
         Route(UPLOAD_PATH, _delivery(_upload), methods=["POST"]),
         Route(RAW_UPLOAD_PATH, _delivery(_raw_upload), methods=["POST"]),
         Route("/_receiver/faults", _add_faults, methods=["POST"]),
+        Route("/health", _health, methods=["GET"]),
         Route("/_receiver/requests", _list_requests, methods=["GET"]),
         Route("/_receiver/files", _list_files, methods=["GET"]),
         Route("/_receiver/chunks", _list_chunks, methods=["GET"]),
