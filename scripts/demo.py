@@ -1,13 +1,15 @@
 """`make demo`: the main job end to end on loopback, with embedded defaults, no network and no root.
 
 In ./demo-run (recreated each time; ``SMT_DEMO_DIR`` names another, as the test does) it starts the
-reference receiver (a stand-in for IntelliWatt's web app, including its production `raw-upload` route),
-`smt-watch watch` delivering by raw-upload, `smt-watch serve` (the upload server), and an SFTP server in
-this process standing in for Smart Meter Texas. Realistic SMT files made by `smt-watch sample` then arrive
-by the three paths the droplet has: `cp` into the inbox, `curl` to `/upload`, and an encrypted `.asc`
-fetched by `smt-watch sync`. It prints a table (file, path in, sha256, intervals stored, seconds from
-landing to stored), shows that a copy is a duplicate, posts one file the legacy inline way, lists the
-ledger, and stops everything.
+reference receiver (a stand-in for IntelliWatt's web app as production runs it: `raw-upload` taken, inline
+refused, 4.5 MB bodies refused), `smt-watch watch` delivering by raw-upload (`auto` with only
+INTELLIWATT_BASE_URL), `smt-watch serve` (the upload server), and an SFTP server in this process standing in
+for Smart Meter Texas. Realistic SMT files made by `smt-watch sample` then arrive by the three paths the
+droplet has: `cp` into the inbox, `curl` to `/upload`, and an encrypted `.asc` fetched by `smt-watch sync`
+(its daily CSV is recorded, not sent: the app's route reads interval CSVs only). It prints a table (file,
+path in, sha256, intervals stored, seconds from landing to stored), shows that a copy is a duplicate, that
+production refuses inline and that pointing SMT_UPLOAD_URL at `serve` is refused, lists the ledger, and
+stops everything.
 """
 
 from __future__ import annotations
@@ -122,8 +124,8 @@ def main() -> int:
         start("receiver", "receive", "--port", str(rport), "--data", str(data))
         wait_until(lambda: up(f"{base}/_receiver/files"), "the receiver")
 
-        step("start `watch` (raw-upload, the web app's production route) and `serve` (uploads)")
-        start("watch", "watch", extra={"SMT_DELIVERY": "raw-upload", "INTELLIWATT_BASE_URL": base})
+        step("start `watch` (INTELLIWATT_BASE_URL only: raw-upload, the web app's production route) and `serve`")
+        start("watch", "watch", extra={"INTELLIWATT_BASE_URL": base})
         start("serve", "serve", "--port", str(sport), "--webhook-port", "0")  # not 0.0.0.0:8787 in a demo
         wait_until(lambda: "Watching " in (logs / "watch.log").read_text(), "watch to start")
         wait_until(lambda: up(f"{upload_server}/health"), "serve to start")
@@ -156,7 +158,7 @@ def main() -> int:
                 sync_env = env | sftp_env(sftp, RUN / "smt-sftp" / "known_hosts")
                 smt("sync", env=sync_env)
                 landed["10443720000000003"] = ("sftp → sync", time.time())
-            expected += 2  # the interval CSV and the daily CSV inside the ZIP
+            expected += 1  # the interval CSV inside the ZIP; its daily CSV is recorded `failed`, not sent
         else:
             step("gpg is not installed: skipping path 3 (the encrypted .asc fetched by sync)")
 
@@ -183,11 +185,17 @@ def main() -> int:
             if "Skipping copy_of_2025.csv" in line:
                 print("  watch:", line)
 
-        step("legacy inline delivery with `smt-watch post` (INTELLIWATT_BASE_URL only, base64+gzip)")
+        step("the legacy inline route, named: production refuses it (400 INLINE_DISABLED), the row says what to do")
         legacy = made / "adhoc_apr.csv"
         smt("sample", "--days", "30", "--esiid", "10443720000000004", "--start", "2025-04-01", "-o", str(legacy),
             env=env, quiet=True)
-        rc = smt("post", str(legacy), env={**env, "INTELLIWATT_BASE_URL": base, "SMT_INLINE_ENCODING": "base64+gzip"})
+        smt("post", str(legacy), env={**env, "INTELLIWATT_BASE_URL": base, "SMT_DELIVERY": "inline"})
+
+        step("the droplet's old SMT_UPLOAD_URL pointing at `serve`: refused (exit 2), nothing sent")
+        smt("post", str(legacy), env={**env, "INTELLIWATT_BASE_URL": base, "SMT_UPLOAD_URL": f"{upload_server}/upload"})
+
+        step("`smt-watch post` with INTELLIWATT_BASE_URL only: raw-upload, as the fix says")
+        rc = smt("post", str(legacy), env={**env, "INTELLIWATT_BASE_URL": base})
 
         step("the ledger")
         smt("ledger", "list", env=env)

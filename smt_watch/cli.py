@@ -668,14 +668,18 @@ def receive(
         "receiver-data"
     ),
     host: Annotated[str, typer.Option("--host", metavar="ADDR", help="Address to listen on.")] = "127.0.0.1",
+    dev_inline: Annotated[
+        bool, typer.Option("--dev-inline", help="Store inline posts, as the app in development does.")
+    ] = False,
     env_file: EnvFile = None,
 ) -> None:
     """Run the reference receiver: a local stand-in for the web app and upload server.
 
-    Serves POST /api/admin/smt/pull (inline), POST /api/admin/smt/raw-upload (chunks, validated as the
-    web app's route does: filename, sizeBytes or size_bytes, sha256) and POST /upload (multipart),
-    storing each distinct file once under DIR. It checks x-admin-token / x-smt-upload-token against
-    ADMIN_TOKEN / SMT_UPLOAD_TOKEN when those are set. For demos and tests, not production.
+    Serves POST /api/admin/smt/pull (inline: refused with 400 INLINE_DISABLED as production does, unless
+    --dev-inline), POST /api/admin/smt/raw-upload (chunks, validated as the web app's route does: filename,
+    sizeBytes or size_bytes, sha256) and POST /upload (multipart), storing each distinct file once under
+    DIR. Bodies over 4.5 MB to the app routes get 413, as Vercel answers. It checks x-admin-token /
+    x-smt-upload-token against ADMIN_TOKEN / SMT_UPLOAD_TOKEN when those are set. For demos and tests.
     """
     from smt_watch.reference.receiver import serve
 
@@ -686,6 +690,7 @@ def receive(
         port=port,
         admin_token=settings.admin_token.reveal() if settings.admin_token else None,
         upload_token=settings.upload_token.reveal() if settings.upload_token else None,
+        inline=dev_inline,
     )
 
 

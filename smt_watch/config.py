@@ -88,7 +88,7 @@ class Settings:
     base_url: str | None = None  # INTELLIWATT_BASE_URL
     admin_token: Secret | None = None  # ADMIN_TOKEN
     inline_encoding: str = "base64"  # SMT_INLINE_ENCODING
-    inline_max_bytes: int = 104_857_600  # SMT_INLINE_MAX_BYTES
+    inline_max_bytes: int = 4_500_000  # SMT_INLINE_MAX_BYTES (Vercel refuses bodies over 4.5 MB)
     raw_lines_per_chunk: int = 5000  # SMT_RAW_LINES_PER_CHUNK
     source_tag: str = "adhocusage"  # SOURCE_TAG
     meter_default: str = "M1"  # METER_DEFAULT
@@ -391,7 +391,7 @@ def load_settings(
         base_url=r.url("INTELLIWATT_BASE_URL"),
         admin_token=r.secret("ADMIN_TOKEN"),
         inline_encoding=r.choice("SMT_INLINE_ENCODING", "base64", INLINE_ENCODINGS),
-        inline_max_bytes=r.integer("SMT_INLINE_MAX_BYTES", 104_857_600, minimum=1),
+        inline_max_bytes=r.integer("SMT_INLINE_MAX_BYTES", 4_500_000, minimum=1),
         raw_lines_per_chunk=r.integer("SMT_RAW_LINES_PER_CHUNK", 5000, minimum=1),
         source_tag=r.text("SOURCE_TAG", "adhocusage") or "adhocusage",
         meter_default=r.text("METER_DEFAULT", "M1") or "M1",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from smt_watch import host
 from smt_watch.config import Settings, redact_url
-from smt_watch.delivery.registry import MODES, auto_targets, delivery_mode
+from smt_watch.delivery.registry import MODES, OwnServeTarget, auto_targets, delivery_mode
 from smt_watch.errors import SmtWatchError
 from smt_watch.names import shown
 
@@ -37,9 +37,12 @@ class Check:
 
 def check_delivery(s: Settings) -> Iterator[Check]:
     """The mode the settings pick, the URL its sink posts to and whether its token is set (the registry's
-    entry for the mode says which)."""
+    entry for the mode says which); a target that is smt-watch's own ``serve`` is a FAIL with the fix."""
     try:
         mode = MODES[delivery_mode(s)]
+    except OwnServeTarget as exc:
+        yield Check(FAIL, "delivery", exc.detail, exc.fix)
+        return
     except SmtWatchError as exc:
         yield Check(FAIL, "delivery", str(exc), f"set {auto_targets()}")
         return
@@ -233,7 +236,8 @@ def check_ledger(s: Settings) -> Iterator[Check]:
 
 
 def check_endpoint(s: Settings) -> Iterator[Check]:
-    """A HEAD request to the URL the mode's sink posts to: any HTTP answer means it is reachable."""
+    """A HEAD request to the URL the mode's sink posts to: any HTTP answer means it is reachable. Nothing when
+    there is no target, or it is smt-watch's own ``serve`` (``check_delivery`` FAILs that already)."""
     try:
         url = MODES[delivery_mode(s)].url(s)
     except SmtWatchError:

@@ -19,7 +19,9 @@ from typing import TypeVar, assert_never
 from smt_watch.config import Settings
 from smt_watch.content import csv_part, is_container, sniffing, unpack, work_dir
 from smt_watch.delivery import Payload, Progress, Sink, delivery_mode, make_sink
+from smt_watch.delivery.base import LeftOut
 from smt_watch.delivery.http import IN_CALL_MAX_WAIT, backoff_delay
+from smt_watch.delivery.registry import refusal
 from smt_watch.errors import (
     ContentError,
     DeliveryError,
@@ -66,6 +68,7 @@ class Outcome:
     error: str | None = None
     seconds: float = 0.0
     children: tuple[Outcome, ...] = ()  # the CSVs of an .asc/.zip
+    refused: bool = False  # FAILED because the mode's target cannot read this kind of CSV (nothing was sent)
 
     @property
     def ok(self) -> bool:
@@ -174,10 +177,10 @@ class _Subject:
     name: str
 
     def outcome(self, result: Result, *, status: int | None = None, attempts: int = 0, error: str | None = None,
-                seconds: float = 0.0, children: tuple[Outcome, ...] = ()) -> Outcome:
+                seconds: float = 0.0, children: tuple[Outcome, ...] = (), refused: bool = False) -> Outcome:
         i = self.ident
         return Outcome(i.path, result, sha256=i.sha256, name=self.name, size=i.size, status=status,
-                       attempts=attempts, error=error, seconds=seconds, children=children)
+                       attempts=attempts, error=error, seconds=seconds, children=children, refused=refused)
 
 
 def _unclaimed(claim: Claim, subject: _Subject) -> Outcome | None:
@@ -220,15 +223,24 @@ def _claimed(ledger: Ledger, claim: Claim, subject: _Subject, prepare: Callable[
 
 def _one(settings: Settings, ledger: Ledger, sink: Sink, ident: FileIdentity, name: str,
          parent: str | None, o: _Options) -> Outcome:
-    """One CSV: claim, validate (SMT_VALIDATE) and pick its ESIID, send, record."""
+    """One CSV: claim, validate (SMT_VALIDATE) and pick its ESIID, send, record.
+
+    A kind of CSV the mode's target cannot read (a daily or billing CSV for raw-upload) is ``failed`` with
+    the reason, and nothing is sent. ``force`` sends every part of a file sent in parts again."""
     claim = _claim(ledger, ident, name, sink.name, parent, o)
     subject = _Subject(ident, name)
     part = _claimed(ledger, claim, subject, lambda: csv_part(settings, ident, name, parent, o.sniffed),
                     "Delivery failed for %s: %s")
     if isinstance(part, Outcome):
         return part
+    refused = refusal(sink.name, part.kind)
+    if refused is not None:
+        ledger.mark_failed(ident.sha256, status=None, error=refused, attempts=0)
+        log.error("Not sending %s: %s", name, refused)
+        return subject.outcome(Result.FAILED, error=refused, seconds=_since(o.started), refused=True)
     # what an uploader declared for these bytes (serve's esiid/meter), and the ESIID noted for forceRepost
-    payload = labelled(ledger, payload_for(settings, ident, name, part.esiid), parent, part.esiid)
+    payload = replace(labelled(ledger, payload_for(settings, ident, name, part.esiid), parent, part.esiid),
+                      resend=o.force)
     return _send(settings, ledger, sink, payload, subject, o.started, o.progress)
 
 
@@ -236,9 +248,11 @@ def _container(settings: Settings, ledger: Ledger, sink: Sink, ident: FileIdenti
                o: _Options) -> Outcome:
     """Unpack an .asc/.zip and deliver every CSV in it; the parent row sums up its children.
 
-    The parent is ``sent`` when every CSV is sent or a duplicate, ``failed`` when one was refused or the
-    container could not be opened, otherwise ``retrying`` (taken again when its CSVs are due; those
-    already sent are then duplicates). The work dir is removed after every pass.
+    The parent is ``sent`` when every CSV is sent or a duplicate (or left out because the mode's target
+    cannot read its kind, as long as one was delivered: SMT's ZIPs hold an interval CSV and a billing one, and
+    the billing row says why it was left out), ``failed`` when one was refused or the container could not be
+    opened, otherwise ``retrying`` (taken again when its CSVs are due; those already sent are then
+    duplicates). The work dir is removed after every pass.
     """
     name = sent(ident.path.name)
     claim = _claim(ledger, ident, name, "unpack", None, o)
@@ -256,11 +270,14 @@ def _container(settings: Settings, ledger: Ledger, sink: Sink, ident: FileIdenti
     finally:
         shutil.rmtree(work_dir(settings) / ident.sha256, ignore_errors=True)
     done, seconds = tuple(children), _since(o.started)
-    failed = [c for c in children if c.result in (Result.FAILED, Result.ERROR)]
-    if all(c.ok for c in children):
-        ledger.mark_sent(ident.sha256, status=None, destination=f"unpacked into {len(children)} CSV file(s)",
+    left_out = [c for c in children if c.refused]
+    failed = [c for c in children if c.result in (Result.FAILED, Result.ERROR) and not c.refused]
+    if all(c.ok or c.refused for c in children) and len(left_out) < len(children):
+        note = f", {len(left_out)} not sent ({', '.join(c.name or '' for c in left_out)})" if left_out else ""
+        ledger.mark_sent(ident.sha256, status=None, destination=f"unpacked into {len(children)} CSV file(s){note}",
                          attempts=0)
         return subject.outcome(Result.SENT, children=done, seconds=seconds)
+    failed = failed or left_out
     if failed:
         error = f"{len(failed)} of {len(children)} CSV file(s) failed: {failed[0].name}: {failed[0].error}"
         ledger.mark_failed(ident.sha256, status=failed[0].status, error=error, attempts=0)
@@ -293,7 +310,7 @@ def _send(
         ledger.mark_failed(sha, status=exc.status, error=str(exc), attempts=exc.attempts)
         log.error("Delivery failed for %s: %s", payload.filename, exc)
         return subject.outcome(Result.FAILED, status=exc.status, attempts=exc.attempts, error=str(exc),
-                               seconds=_since(started))
+                               seconds=_since(started), refused=isinstance(exc, LeftOut))
     except (RetryableDelivery, DeliveryError) as exc:
         row = ledger.get(sha)
         # Consecutive failed calls (each made up to SMT_RETRY_ATTEMPTS requests) drive the backoff.

@@ -33,7 +33,7 @@ def test_defaults(tmp_path: Path) -> None:
     s = load_settings({"HOME": str(tmp_path)})
     assert s.delivery == "auto"
     assert s.inline_encoding == "base64"
-    assert s.inline_max_bytes == 104_857_600
+    assert s.inline_max_bytes == 4_500_000  # Vercel's request body limit
     assert s.raw_lines_per_chunk == 5000
     assert (s.source_tag, s.meter_default, s.esiid_default) == ("adhocusage", "M1", None)
     assert s.smt_port == 22 and s.smt_remote_dirs == ("/",)
@@ -132,8 +132,13 @@ def test_secrets_never_print(tmp_path: Path) -> None:
 def test_auto_mode_rule(caplog: pytest.LogCaptureFixture) -> None:
     assert delivery_mode(load_settings({"SMT_UPLOAD_URL": "http://h/upload", "INTELLIWATT_BASE_URL": "http://b"})) \
         == "multipart"
+    # production refuses inline (400 INLINE_DISABLED): the base URL alone means raw-upload
     with caplog.at_level(logging.WARNING, logger="smt_watch"):
-        assert delivery_mode(load_settings({"INTELLIWATT_BASE_URL": "https://intelliwatt.com/"})) == "inline"
+        assert delivery_mode(load_settings({"INTELLIWATT_BASE_URL": "https://intelliwatt.com/"})) == "raw-upload"
+    assert LEGACY_INLINE_WARNING not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="smt_watch"):
+        assert delivery_mode(load_settings({"SMT_DELIVERY": "inline", "INTELLIWATT_BASE_URL": "https://i.com"})) \
+            == "inline"
     assert LEGACY_INLINE_WARNING in caplog.text
     with pytest.raises(ConfigError, match="SMT_UPLOAD_URL"):
         delivery_mode(load_settings({}))

@@ -1,4 +1,7 @@
-"""Delivery against the real reference receiver on loopback: both modes, retries, refusals, changes."""
+"""Delivery against the real reference receiver on loopback: both modes, retries, refusals, changes.
+
+The receiver here is the web app in development (inline stored): these tests are about the delivery
+mechanics; what production refuses is in ``test_production_delivery.py``."""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import base64
 import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -20,10 +23,18 @@ from smt_watch.delivery.base import parse_retry_after
 from smt_watch.delivery.http import direct_transport_is_enough
 from smt_watch.errors import ConfigError
 from smt_watch.pipeline import deliver_file, post_files
-from smt_watch.reference.receiver import Fault
+from smt_watch.reference.receiver import Fault, running_receiver
 from smt_watch.statedir import open_ledger
 
 Make = Callable[..., Settings]
+
+
+@pytest.fixture
+def receiver(tmp_path: Path) -> Iterator[Any]:
+    """The app in development (NODE_ENV=development: inline is stored, not refused)."""
+    with running_receiver(tmp_path / "received", admin_token=ADMIN_TOKEN, upload_token=UPLOAD_TOKEN,
+                          inline=True) as r:
+        yield r
 
 
 def multipart(make: Make, receiver: Any, **env: str) -> Settings:
@@ -31,7 +42,7 @@ def multipart(make: Make, receiver: Any, **env: str) -> Settings:
 
 
 def inline(make: Make, receiver: Any, **env: str) -> Settings:
-    return make(INTELLIWATT_BASE_URL=receiver.url, ADMIN_TOKEN=ADMIN_TOKEN, **env)
+    return make(SMT_DELIVERY="inline", INTELLIWATT_BASE_URL=receiver.url, ADMIN_TOKEN=ADMIN_TOKEN, **env)
 
 
 def sha(path: Path) -> str:
@@ -206,7 +217,7 @@ def test_file_changed_while_sending_is_not_recorded(make_settings: Make, receive
 def test_inline_over_limit_fails_without_a_request(make_settings: Make, receiver: Any, tmp_path: Path) -> None:
     settings = inline(make_settings, receiver, SMT_INLINE_MAX_BYTES="1000")
     [o] = post_files(settings, [write_csv(tmp_path / "a.csv", rows=100)])
-    assert o.result == "failed" and "SMT_UPLOAD_URL" in (o.error or "")
+    assert o.result == "failed" and "SMT_DELIVERY=raw-upload" in (o.error or "")
     assert receiver.state.requests == []
 
 

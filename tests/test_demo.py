@@ -27,6 +27,8 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert table["cp"].group(4) == "35,040"  # a 12-month file: every 15-minute interval stored
     assert table["curl /upload"].group(4) == "8,636"  # Q1 2025: 90 days less the spring-forward hour
     assert "Skipping copy_of_2025.csv: already sent" in out
-    assert "Inline POST success (200)" in proc.stderr + out
+    assert "INLINE_DISABLED" in out and "use raw-upload" in out  # production refuses inline
+    assert "is smt-watch's own serve" in proc.stderr  # SMT_UPLOAD_URL at serve: exit 2
+    assert re.search(r"^sent\s+\S+adhoc_apr\.csv\s+sha256:", out, re.M)  # then raw-upload takes it
     assert "Traceback" not in proc.stderr
     assert (run_dir / "state" / "ledger.sqlite3").is_file() and f"demo files and logs are in {run_dir}" in out

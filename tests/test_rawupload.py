@@ -1,6 +1,7 @@
 """``SMT_DELIVERY=raw-upload`` (docs/contract.md §4) against the reference receiver's ``/api/admin/smt/raw-upload``.
 
-Chunks of ``SMT_RAW_LINES_PER_CHUNK`` data lines, the header in each, named ``<name>.partN-of-M`` (one
+Chunks of ``SMT_RAW_LINES_PER_CHUNK`` data lines, the header in each, built byte for byte as IntelliWatt's
+Node upload server builds them (``node_chunks``: a transcription of its code), named ``<name>.partN-of-M`` (one
 chunk: the file's own name), each with its own SHA-256 as ``Idempotency-Key``, ``postIngest`` true on the
 last only; acknowledged chunks are recorded so a failed attempt resumes at the first unacknowledged one; a
 file that changes while its chunks go out is never sent mixed. The receiver accepts what the real route
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from node_server import node_chunks, node_whole
 
 from conftest import ADMIN_TOKEN
 from smt_watch.config import Settings
@@ -45,10 +47,7 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def expected_chunks(data: bytes, per_chunk: int) -> list[bytes]:
-    """The split worked out here: header + up to ``per_chunk`` data lines each."""
-    header, *lines = data.splitlines(keepends=True)
-    return [header + b"".join(lines[i:i + per_chunk]) for i in range(0, len(lines), per_chunk)]
+expected_chunks = node_chunks
 
 
 def raw_env(receiver: Any, **extra: str) -> dict[str, str]:
@@ -116,18 +115,19 @@ def test_a_year_goes_in_eight_chunks(settings: Settings, receiver: Any) -> None:
         assert request.fields["contentType"] == "text/csv"
         assert request.fields["esiid"] == sample.DEFAULT_ESIID  # from the CSV, not ESIID_DEFAULT
         assert request.fields["meter"] == "M77"
-        assert request.fields["source"] == "adhocusage"
+        assert request.fields["source"] == "smt-watch"  # its own: not SOURCE_TAG, nor the Node server's
+        assert request.fields["storagePath"] == f"/smt/{sample.DEFAULT_ESIID}/{request.fields['filename']}"
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", request.fields["receivedAt"])
     assert [r.fields["postIngest"] for r in requests] == [False] * 7 + [True]
 
     got = stored_chunks(receiver)
     assert [(n, p, m) for n, p, m, _ in got] == [(YEAR_NAME, n, 8) for n in range(1, 9)]
     for _, _, _, content in got:
-        assert content.startswith(HEADER)
-        assert 1 <= content.count(b"\n") - 1 <= 5000
+        assert content.startswith(HEADER) and not content.endswith(b"\n")
+        assert 1 <= content.count(b"\n") <= 5000
     assert [c for *_, c in got] == chunks
     assert receiver.state.raw.interval_count() == 35040
-    assert whole_file(receiver, YEAR_NAME) == YEAR
+    assert whole_file(receiver, YEAR_NAME) == node_whole(YEAR)
 
     with open_ledger(settings) as ledger:
         row = ledger.get(sha(YEAR))
@@ -164,7 +164,7 @@ def test_a_503_on_chunk_5_resumes_at_chunk_5(make_settings: Make, receiver: Any,
     assert [r.headers["idempotency-key"] for r in second] == [sha(c) for c in chunks[4:]]
     assert [r.fields["postIngest"] for r in [*first[:4], *second]] == [False] * 7 + [True]
     assert receiver.state.raw.interval_count() == 35040
-    assert whole_file(receiver, YEAR_NAME) == YEAR
+    assert whole_file(receiver, YEAR_NAME) == node_whole(YEAR)
     with open_ledger(settings) as ledger:
         row = ledger.get(sha(YEAR))
         assert row is not None and row.state == "sent"
@@ -190,10 +190,10 @@ def test_lines_per_chunk_is_honoured(make_settings: Make, receiver: Any) -> None
     assert [r.fields["postIngest"] for r in requests] == [False, False, True]
     got = [c for *_, c in stored_chunks(receiver)]
     assert got == expected_chunks(data, 10)
-    assert [c.count(b"\n") - 1 for c in got] == [10, 10, 3]
+    assert [c.count(b"\n") for c in got] == [10, 10, 3]  # data lines: no newline after the last
     assert all(c.startswith(HEADER) for c in got)
     assert receiver.state.raw.interval_count() == 23
-    assert whole_file(receiver, "small_M3.csv") == data
+    assert whole_file(receiver, "small_M3.csv") == node_whole(data)
 
 
 def test_a_file_in_one_chunk_keeps_its_name(make_settings: Make, receiver: Any) -> None:
@@ -204,10 +204,10 @@ def test_a_file_in_one_chunk_keeps_its_name(make_settings: Make, receiver: Any) 
     assert outcome.result == "sent"
     [request] = raw_requests(receiver)
     assert (request.fields["filename"], request.fields["postIngest"], request.status) == ("one_M4.csv", True, 200)
-    assert request.headers["idempotency-key"] == request.fields["sha256"] == sha(data)
+    assert request.headers["idempotency-key"] == request.fields["sha256"] == sha(node_chunks(data)[0])
     assert [(n, p, m) for n, p, m, _ in stored_chunks(receiver)] == [("one_M4.csv", 1, 1)]
     assert receiver.state.raw.interval_count() == 10
-    assert whole_file(receiver, "one_M4.csv") == data
+    assert whole_file(receiver, "one_M4.csv") == node_whole(data)
 
 
 def test_a_failed_last_chunk_is_resent_alone_with_post_ingest(make_settings: Make, receiver: Any,
@@ -233,19 +233,20 @@ def test_a_failed_last_chunk_is_resent_alone_with_post_ingest(make_settings: Mak
         "last_M9.csv.part3-of-3", True, 200)
     assert again.headers["idempotency-key"] == sha(chunks[2])
     assert len(receiver.state.requests) == 4  # chunks 1 and 2 were not sent again
-    assert whole_file(receiver, "last_M9.csv") == data
+    assert whole_file(receiver, "last_M9.csv") == node_whole(data)
     assert receiver.state.raw.interval_count() == 25
 
 
 def test_crlf_and_trailing_blank_lines(make_settings: Make, receiver: Any) -> None:
+    """As the Node server: CRLF split away, lines joined by LF, blank lines dropped (no header-only chunk)."""
     settings = make_settings(**raw_env(receiver, SMT_RAW_LINES_PER_CHUNK="10"))
-    data = (HEADER + _rows(20)).replace(b"\n", b"\r\n") + b"\r\n\r\n"
+    data = (HEADER + _rows(20)).replace(b"\n", b"\r\n") + b"\r\n  \r\n"
     path = drop(settings, "crlf.csv", data)
     [outcome] = post_files(settings, [path])
     assert outcome.result == "sent"
     got = [c for *_, c in stored_chunks(receiver)]
-    assert len(got) == 2  # the blank lines are not a third, header-only chunk
-    assert all(c.startswith(HEADER.replace(b"\n", b"\r\n")) and c.count(b"\r\n") == 11 for c in got)
+    assert got == node_chunks(data, 10) and len(got) == 2  # the blank lines are not a third, header-only chunk
+    assert all(c.startswith(HEADER) and b"\r" not in c and c.count(b"\n") == 10 for c in got)
     assert receiver.state.raw.interval_count() == 20
 
 
@@ -268,7 +269,7 @@ def test_a_zip_goes_chunk_by_chunk_per_csv(make_settings: Make, receiver: Any) -
         "10443720000000002"}
     assert sorted(r.fields["filename"] for r in raw_requests(receiver) if r.fields["postIngest"]) == [
         "a_M1.csv.part2-of-2", "b_M2.csv.part2-of-2"]  # the last chunk of each CSV
-    assert whole_file(receiver, "a_M1.csv") == a and whole_file(receiver, "b_M2.csv") == b
+    assert whole_file(receiver, "a_M1.csv") == node_whole(a) and whole_file(receiver, "b_M2.csv") == node_whole(b)
     assert receiver.state.raw.interval_count() == 156
 
 
@@ -334,12 +335,12 @@ def test_a_line_changed_mid_send_is_never_sent_mixed(big: tuple[Settings, Path, 
     new = path.read_bytes()
     [outcome] = post_files(settings, [path])  # the new content is a new file, sent whole
     assert outcome.result == "sent" and outcome.sha256 == sha(new)
-    assert whole_file(receiver, path.name) == new
+    assert whole_file(receiver, path.name) == node_whole(new)
 
 
 def test_a_file_truncated_mid_send_is_not_marked_sent(big: tuple[Settings, Path, bytes], receiver: Any) -> None:
     settings, path, data = big
-    keep = len(HEADER) + sum(len(c) - len(HEADER) for c in expected_chunks(data, PER_CHUNK)[:8])
+    keep = sum(map(len, data.splitlines(keepends=True)[:1 + PER_CHUNK * 8]))
 
     def truncate(n: int) -> None:
         if n == 1:
@@ -444,4 +445,4 @@ def test_a_revised_file_under_the_same_name_is_never_assembled_mixed(make_settin
     path.write_bytes(new)
     assert post_files(settings, [path])[0].result == "sent"
     assembled = {r["sha256"] for r in receiver.stored() if r["filename"] == "rev_M1.csv"}
-    assert assembled == {sha(old), sha(new)}
+    assert assembled == {sha(node_whole(old)), sha(node_whole(new))}

@@ -33,7 +33,8 @@ PULL = "/api/admin/smt/pull"
 
 @pytest.fixture
 def rx(tmp_path: Path) -> Iterator[ReceiverHandle]:
-    with running_receiver(tmp_path / "rx") as handle:
+    """The app in development (inline stored); production's refusals are tested with ``receiver``."""
+    with running_receiver(tmp_path / "rx", inline=True) as handle:
         yield handle
 
 
@@ -127,7 +128,7 @@ def test_missing_file_field(rx: ReceiverHandle) -> None:
 
 
 def test_tokens_are_required_when_configured(tmp_path: Path) -> None:
-    with running_receiver(tmp_path, admin_token="adm-secret", upload_token="up-secret") as handle:
+    with running_receiver(tmp_path, admin_token="adm-secret", upload_token="up-secret", inline=True) as handle:
         for headers in ({}, {"x-smt-upload-token": "wrong"}, {"x-admin-token": "up-secret"}):
             response = post_file(handle, headers=headers)
             assert (response.status_code, response.json()) == (401, {"ok": False, "error": "unauthorized"})
@@ -166,7 +167,7 @@ def test_inline_stores_decoded_bytes(rx: ReceiverHandle, encoding: str) -> None:
     ("base64", {"content_b64": None}, "MISSING_FIELD"),
     ("base64", {"mode": "url"}, "INVALID_MODE"),
     ("base64", {"filename": ""}, "INVALID_FIELD"),
-    ("base64", {"esiid": 104437}, "INVALID_FIELD"),
+    ("base64", {"esiid": 104437}, "HOME_ID_REQUIRED"),  # not a string: no house to look up, as the real route
     ("base64", {"sizeBytes": -1}, "INVALID_FIELD"),
     ("base64", {"sizeBytes": "12"}, "INVALID_FIELD"),
 ])
@@ -470,3 +471,71 @@ def test_raw_upload_null_body_is_an_empty_500(receiver: ReceiverHandle) -> None:
 def test_node_base64(text: str, expected: bytes) -> None:
     """Outputs of ``Buffer.from(text, 'base64')`` under Node 20."""
     assert node_base64(text) == (expected, text == "QUJD")
+
+
+# --- as production runs: Vercel's body limit, inline refused, what raw-upload keeps ----------------------
+
+
+def _padded(body: dict[str, Any], size: int) -> bytes:
+    """``body`` as JSON padded with trailing spaces (still valid JSON) to exactly ``size`` bytes."""
+    data = json.dumps(body).encode()
+    return data + b" " * (size - len(data))
+
+
+def test_bodies_over_4_5_mb_get_vercels_413_before_the_route(receiver: ReceiverHandle) -> None:
+    from smt_watch.delivery.base import MAX_REQUEST_BYTES
+
+    at_limit = post_raw(receiver, _padded(raw_body(), MAX_REQUEST_BYTES))
+    assert at_limit.status_code == 200, at_limit.text
+    over = post_raw(receiver, _padded(raw_body(CSV + b"x"), MAX_REQUEST_BYTES + 1))
+    assert over.status_code == 413 and "FUNCTION_PAYLOAD_TOO_LARGE" in over.text
+    assert over.headers["x-vercel-error"] == "FUNCTION_PAYLOAD_TOO_LARGE"
+    pull = httpx.post(receiver.url + PULL, content=_padded(inline_body(), MAX_REQUEST_BYTES + 1),
+                      headers={"content-type": "application/json", "x-admin-token": ADMIN_TOKEN}, timeout=30)
+    assert pull.status_code == 413
+    assert len(receiver.state.raw.chunks()) == 1  # only the body at the limit reached the route
+    assert [r.status for r in receiver.state.requests] == [200, 413, 413]
+
+
+def test_the_upload_server_route_is_not_vercel(tmp_path: Path) -> None:
+    """/upload stands in for the droplet's upload server: its own limit, not 4.5 MB."""
+    with running_receiver(tmp_path / "rx") as handle:
+        big = CSV + b"'10443720000000001,1/2/2026,1/3/2026,0:15,0:30,0.25,A,Consumption\n" * 70_000
+        assert len(big) > 4_500_000
+        assert post_file(handle, content=big).status_code == 200
+
+
+@pytest.mark.parametrize(("homes", "override", "code"), [
+    (None, {}, "INLINE_DISABLED"),  # every ESIID has a house: production's own refusal
+    (("10443720000000001",), {}, "INLINE_DISABLED"),
+    (("10443720000000009",), {}, "HOME_ID_REQUIRED"),  # checked before the inline guard
+    (("10443720000000009",), {"homeId": "house-1"}, "INLINE_DISABLED"),
+    (None, {"esiid": "  "}, "HOME_ID_REQUIRED"),
+])
+def test_inline_is_refused_as_production_does(tmp_path: Path, homes: tuple[str, ...] | None,
+                                              override: dict[str, Any], code: str) -> None:
+    with running_receiver(tmp_path / "prod", admin_token=ADMIN_TOKEN, homes=homes) as handle:
+        reply = httpx.post(handle.url + PULL, json={**inline_body(), **override},
+                           headers={"x-admin-token": ADMIN_TOKEN}, timeout=10)
+        assert reply.status_code == 400 and reply.json()["error"] == code, reply.text
+        assert reply.json()["ok"] is False and reply.json()["message"]
+        assert handle.stored() == []
+
+
+def test_dev_inline_stores_what_production_refuses(tmp_path: Path) -> None:
+    with running_receiver(tmp_path / "dev", admin_token=ADMIN_TOKEN, inline=True) as handle:
+        reply = httpx.post(handle.url + PULL, json=inline_body(), headers={"x-admin-token": ADMIN_TOKEN}, timeout=10)
+        assert reply.status_code == 200, reply.text
+        assert handle.read(SHA) == CSV
+
+
+def test_raw_upload_keeps_source_storage_path_and_chunk_text(receiver: ReceiverHandle) -> None:
+    body, content = node_chunk("IntervalData_M1.csv", interval_lines(2), 1, 1)
+    assert post_raw(receiver, body).status_code == 200
+    bare = raw_body(b"ESIID,X\n1,2")
+    assert post_raw(receiver, bare).status_code == 200
+    rows = httpx.get(receiver.url + "/_receiver/chunks", timeout=10).json()
+    assert [(r["filename"], r["source"], r["storagePath"], r["content"]) for r in rows] == [
+        ("IntervalData_M1.csv", "droplet-upload", f"/smt/{ESIID}/IntervalData_M1.csv", content.decode()),
+        ("M1_a.csv", "adhocusage", "/adhocusage/M1_a.csv", "ESIID,X\n1,2"),  # the route's defaults
+    ]

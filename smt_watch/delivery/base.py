@@ -29,6 +29,9 @@ if TYPE_CHECKING:
     from smt_watch.config import Secret, Settings
 
 RETRYABLE_STATUSES: Final = frozenset({408, 425, 429, 500, 502, 503, 504})
+# The web app runs on Vercel, which refuses a request body over 4.5 MB before the route runs: every body
+# smt-watch sends to the app (raw-upload chunks, inline by default) stays at or under this many bytes.
+MAX_REQUEST_BYTES: Final = 4_500_000
 
 Progress = Callable[[int], None]
 
@@ -45,6 +48,7 @@ class Payload:
     esiid: str
     meter: str
     source: str
+    resend: bool = False  # a forced re-send (post --force): send every part again, acknowledged or not
 
     @property
     def captured_at(self) -> str:
@@ -106,6 +110,11 @@ class Sink(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class LeftOut(PermanentDelivery):
+    """The target took the request but cannot use the file (an upload server that drops what is not an
+    interval CSV): ``failed`` like any refusal, but a container whose other CSVs landed is still ``sent``."""
 
 
 Classify = Callable[["httpx.Response", str, str], DeliveryError | None]

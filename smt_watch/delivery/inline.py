@@ -2,7 +2,12 @@
 
 ``content_b64`` is produced on the fly; with ``SMT_INLINE_ENCODING=base64+gzip`` the file is first gzipped
 to a private temp file (hashing as it reads), so the exact body length is known before the first byte is
-sent. A body over ``SMT_INLINE_MAX_BYTES`` is refused before sending.
+sent. A body over ``SMT_INLINE_MAX_BYTES`` (default: Vercel's 4.5 MB request limit) is refused before
+sending, naming raw-upload.
+
+IntelliWatt's production route refuses inline (``app/api/admin/smt/pull/route.ts``: ``400 HOME_ID_REQUIRED``
+when the ESIID matches no house, then ``400 INLINE_DISABLED`` when ``NODE_ENV`` is production): either is
+``failed`` with a reason that says to use raw-upload (:func:`classify_inline`).
 """
 
 from __future__ import annotations
@@ -15,13 +20,35 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Final
 
-from smt_watch.delivery.base import Body, Payload, Progress, Result, SinkContext
+from smt_watch.delivery.base import Body, Payload, Progress, Result, SinkContext, classify
 from smt_watch.delivery.http import Poster
 from smt_watch.delivery.stream import b64_len, b64_stream, plain_chunks, verified_chunks
-from smt_watch.errors import PermanentDelivery
+from smt_watch.errors import DeliveryError, PermanentDelivery
+
+if TYPE_CHECKING:
+    import httpx
 
 log = logging.getLogger("smt_watch.delivery")
+
+PRODUCTION_REFUSALS: Final = frozenset({"INLINE_DISABLED", "HOME_ID_REQUIRED"})
+USE_RAW_UPLOAD: Final = "use raw-upload (SMT_DELIVERY=raw-upload, or unset SMT_DELIVERY with only INTELLIWATT_BASE_URL)"
+
+
+def classify_inline(response: httpx.Response, body: str, destination: str) -> DeliveryError | None:
+    """The default verdict, except that the production route's refusals of inline say what to do."""
+    error = classify(response, body, destination)
+    if error is None or response.status_code != 400:
+        return error
+    try:
+        code = response.json().get("error")
+    except (ValueError, AttributeError):
+        return error
+    if code not in PRODUCTION_REFUSALS:
+        return error
+    return PermanentDelivery(f"HTTP 400 {code} from {destination}: the web app refuses inline delivery; "
+                             f"{USE_RAW_UPLOAD}: {body}", status=400, body=body)
 
 
 class InlineSink:
@@ -31,7 +58,7 @@ class InlineSink:
 
     def __init__(self, cx: SinkContext) -> None:
         self.url = cx.url
-        self._poster = Poster(cx.settings, cx.url, ("x-admin-token", cx.token))
+        self._poster = Poster(cx.settings, cx.url, ("x-admin-token", cx.token), classify_inline)
         self.destination = self._poster.destination
         self._encoding = cx.settings.inline_encoding
         self._max = cx.settings.inline_max_bytes
@@ -75,7 +102,8 @@ class InlineSink:
             if length > self._max:
                 raise PermanentDelivery(
                     f"{payload.filename}: inline body would be {length} bytes, over SMT_INLINE_MAX_BYTES"
-                    f" ({self._max}); set SMT_UPLOAD_URL to deliver large files by multipart upload"
+                    f" ({self._max}; the web app refuses bodies over 4.5 MB); deliver it by raw-upload"
+                    " (SMT_DELIVERY=raw-upload sends it in chunks under the limit)"
                 )
 
             def chunks(progress: Progress | None) -> Iterator[bytes]:

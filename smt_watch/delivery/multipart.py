@@ -2,6 +2,11 @@
 
 Text fields first, then the file, so a receiver sees ``sha256`` before the data; the file part streams
 through :func:`~smt_watch.delivery.stream.verified_chunks`, so memory stays flat in file size.
+
+The upload server decides what it forwards: IntelliWatt's Node server keeps only file names holding
+``interval`` and answers any other ``202 {ok:true, message:"Upload ignored (non-interval file removed)",
+file:{interval:false}}``. That reply is ``failed`` with the reason (:func:`classify_multipart`), not ``sent``:
+nothing reached the app.
 """
 
 from __future__ import annotations
@@ -9,10 +14,15 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-from smt_watch.delivery.base import Body, Payload, Progress, Result, SinkContext
+from smt_watch.delivery.base import Body, LeftOut, Payload, Progress, Result, SinkContext, classify
 from smt_watch.delivery.http import Poster
 from smt_watch.delivery.stream import verified_chunks
+from smt_watch.errors import DeliveryError
+
+if TYPE_CHECKING:
+    import httpx
 
 log = logging.getLogger("smt_watch.delivery")
 
@@ -24,7 +34,7 @@ class MultipartSink:
 
     def __init__(self, cx: SinkContext) -> None:
         self.url = cx.url
-        self._poster = Poster(cx.settings, cx.url, ("x-smt-upload-token", cx.token))
+        self._poster = Poster(cx.settings, cx.url, ("x-smt-upload-token", cx.token), classify_multipart)
         self.destination = self._poster.destination
         if cx.announce:
             log.info("Using droplet upload server at %s", self.destination)
@@ -36,6 +46,28 @@ class MultipartSink:
 
     def close(self) -> None:
         self._poster.close()
+
+
+def classify_multipart(response: httpx.Response, body: str, destination: str) -> DeliveryError | None:
+    """The default verdict, except that an upload server's 2xx saying it dropped the file is a refusal."""
+    error = classify(response, body, destination)
+    if error is not None:
+        return error
+    try:
+        data = response.json()
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    file = data.get("file")
+    ignored = (isinstance(file, dict) and file.get("interval") is False) or str(
+        data.get("message", "")).startswith("Upload ignored")
+    if not ignored:
+        return None
+    return LeftOut(
+        f"HTTP {response.status_code} from {destination}, but the upload server dropped the file (IntelliWatt's"
+        f" Node server keeps only names with 'interval'; unset SMT_UPLOAD_URL to deliver by raw-upload): {body}",
+        status=response.status_code, body=body)
 
 
 def _body(payload: Payload) -> Body:

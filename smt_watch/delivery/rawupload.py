@@ -1,32 +1,53 @@
-"""The ``raw-upload`` sink (docs/contract.md §4): a CSV as JSON chunks of whole lines, header in each.
+"""The ``raw-upload`` sink (docs/contract.md §4): a CSV as JSON chunks, built exactly as the Node server builds them.
 
-The web app's production route takes one JSON body of at most a few MB at a time. A file is split into
-chunks of ``SMT_RAW_LINES_PER_CHUNK`` data lines, each prefixed with the header line, and posted as
-``<name>.partN-of-M`` (a file that fits in one chunk keeps its own name) with its own SHA-256 as
-``Idempotency-Key``; only the last chunk carries ``postIngest: true``, the app's cue to queue its bucket
-and plan work, also when it is sent after a resume. A first pass plans the chunks (their hashes and sizes,
-and the whole file's hash, which must still be the one recorded); the sending pass re-reads each chunk and
-checks it against the plan, so a file that changes mid-way is never sent mixed.
-Acknowledged chunks are kept in the ledger (the :class:`ChunkStore` the sink is built with): after a
-crash or a failed chunk, delivery resumes at the first unacknowledged one. Each chunk is its own request
-with its own retries. Memory is bounded by one chunk, not by the file.
+IntelliWatt's droplet upload server (``scripts/droplet/smt-upload-server.ts``) reads the file as UTF-8, splits
+it with ``/\\r?\\n/``, keeps the first line as the header, drops blank data lines (``trim()`` empty), and sends
+every ``SMT_RAW_LINES_PER_CHUNK`` (5,000) data lines as ``[header, ...lines].join("\\n")``: LF line ends, no
+newline at the end, named ``<name>.partN-of-M`` (a file in one chunk keeps its own name; a file with no data
+line goes whole). smt-watch builds the same bytes, so a chunk the Node server already sent is a duplicate by
+its SHA-256 (the app's ``RawSmtFile`` key), not a new raw row. One rule more: a chunk is also cut before its
+JSON body (base64 included) would pass :data:`~smt_watch.delivery.base.MAX_REQUEST_BYTES`, Vercel's 4.5 MB
+request limit, which the Node server does not know (a line too long for any chunk fails the file).
+
+Each chunk is its own request with its own SHA-256 as ``Idempotency-Key``, at least the Node server's
+120 s timeout, and ``postIngest: true`` on the last chunk only (the app's cue to queue its bucket and plan
+work), also when it is sent after a resume. ``storagePath`` is ``/smt/<esiid>/<chunk name>`` as the Node server
+sets it (the app's raw-files filter by ESIID finds it); ``source`` is ``smt-watch``, so rows smt-watch sent
+can be told from the Node server's (``droplet-upload``) and the old script's inline ones (``SOURCE_TAG``).
+
+A first pass plans the chunks (their hashes and sizes, and the whole file's hash, which must still be the one
+recorded); the sending pass re-reads each chunk and checks it against the plan, so a file that changes mid-way
+is never sent mixed. Acknowledged chunks are kept in the ledger (the :class:`ChunkStore` the sink is built
+with): after a crash or a failed chunk, delivery resumes at the first unacknowledged one; a forced re-send
+(``post --force``, :attr:`Payload.resend`) sends every chunk again. Memory is bounded by one chunk.
+
+Only interval CSVs go this way: the route parses nothing else, so the pipeline records a daily or billing
+CSV as ``failed`` instead of sending it (:attr:`RawUploadSink.kinds`).
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Final
 
 from smt_watch.clock import utc_stamp
-from smt_watch.delivery.base import Body, Payload, Progress, Result, SinkContext
+from smt_watch.delivery.base import MAX_REQUEST_BYTES, Body, Payload, Progress, Result, SinkContext
 from smt_watch.delivery.http import Poster
-from smt_watch.errors import DeliveryError, FileChanged
+from smt_watch.errors import DeliveryError, FileChanged, PermanentDelivery
 
 log = logging.getLogger("smt_watch.delivery")
+
+SOURCE: Final = "smt-watch"  # the rows' ``source``: not SOURCE_TAG (the old script's) nor "droplet-upload"
+NODE_CHUNK_TIMEOUT: Final = 120.0  # the Node server's AbortSignal.timeout per chunk; the route may take 300 s
+# JavaScript's String.prototype.trim() set (WhiteSpace and LineTerminator), for the Node server's blank test
+JS_WHITESPACE: Final = "\t\n\x0b\x0c\r \xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a" \
+    "\u2028\u2029\u202f\u205f\u3000\ufeff"
 
 
 class RawUploadSink:
@@ -34,10 +55,14 @@ class RawUploadSink:
     each acknowledgement in the chunk store."""
 
     name = "raw-upload"
+    kinds: Final = frozenset({"interval"})  # what the app's route parses; SMT_VALIDATE=0 lets "other" through
 
     def __init__(self, cx: SinkContext) -> None:
         self.url = cx.url
-        self._poster = Poster(cx.settings, cx.url, ("x-admin-token", cx.token))
+        settings = cx.settings
+        if settings.http_timeout < NODE_CHUNK_TIMEOUT:
+            settings = dataclasses.replace(settings, http_timeout=NODE_CHUNK_TIMEOUT)
+        self._poster = Poster(settings, cx.url, ("x-admin-token", cx.token))
         self.destination = self._poster.destination
         self._store = cx.chunks
         self.lines_per_chunk = cx.settings.raw_lines_per_chunk
@@ -49,14 +74,17 @@ class RawUploadSink:
 
     def send(self, payload: Payload, progress: Progress | None = None) -> Result:
         store = self._store
-        plan = plan_chunks(payload.path, payload.size, payload.sha256, self.lines_per_chunk)
+        meta = ChunkMeta(payload.filename, payload.esiid, payload.meter)
+        budget = meta.content_budget(payload.size)
+        plan = plan_chunks(payload.path, payload.size, payload.sha256, self.lines_per_chunk, budget)
         total = len(plan)
-        acked = store.acked_chunks(payload.sha256, total) if store else {}
+        acked = store.acked_chunks(payload.sha256, total) if store and not payload.resend else {}
         attempts, status, text = 0, 200, ""
         digest = hashlib.sha256()
         number = 0
         try:
-            for number, content in enumerate(iter_chunks(payload.path, self.lines_per_chunk, digest), start=1):
+            for number, content in enumerate(iter_chunks(payload.path, self.lines_per_chunk, budget, digest),
+                                             start=1):
                 if number > total:
                     raise FileChanged(f"{payload.filename}: grew while its chunks were being sent")
                 chunk_sha, _ = plan[number - 1]
@@ -64,8 +92,10 @@ class RawUploadSink:
                     continue
                 if hashlib.sha256(content).hexdigest() != chunk_sha:
                     raise FileChanged(f"{payload.filename}: changed while its chunks were being sent")
-                data = chunk_json(payload.filename, payload.esiid, payload.meter, payload.source, number, total,
-                                  content, chunk_sha)
+                data = meta.json(number, total, content, chunk_sha)
+                if len(data) > MAX_REQUEST_BYTES:  # content_budget makes this impossible; never send it anyway
+                    raise PermanentDelivery(f"{payload.filename} part {number}: a {len(data)}-byte body is over "
+                                            f"the web app's {MAX_REQUEST_BYTES}-byte request limit")
                 body = Body("application/json", len(data), _constant(data))
                 status, text, used = self._poster.post(f"{payload.filename} part {number}/{total}", chunk_sha,
                                                        body, None)
@@ -81,12 +111,68 @@ class RawUploadSink:
         except DeliveryError as exc:
             exc.attempts += attempts
             raise
-        log.info("Raw upload success (%d): %s in %d chunk(s): %s", status, payload.filename, total, text[:200])
+        log.info("Raw upload success (%d): %s in %d chunk(s), %d sent: %s", status, payload.filename, total,
+                 total - len(acked), text[:200])
         return Result(status=status, body=text, attempts=attempts, destination=self.destination)
 
 
+@dataclasses.dataclass(frozen=True)
+class ChunkMeta:
+    """What every chunk of one file carries besides its content."""
+
+    filename: str
+    esiid: str
+    meter: str
+
+    def fields(self, number: int, total: int, size: int, chunk_sha: str, received_at: str) -> dict[str, object]:
+        name = chunk_name(self.filename, number, total)
+        fields: dict[str, object] = {
+            "filename": name,
+            "sizeBytes": size,
+            "sha256": chunk_sha,
+            "contentBase64": "",
+            "source": SOURCE,
+            "esiid": self.esiid,
+            "meter": self.meter,
+            "contentType": "text/csv",
+            "receivedAt": received_at,
+            "postIngest": number == total,
+        }
+        if self.esiid.strip():
+            fields["storagePath"] = storage_path(self.esiid, name)
+        return fields
+
+    def json(self, number: int, total: int, content: bytes, chunk_sha: str) -> bytes:
+        """Chunk ``number`` of ``total`` (from 1); only the last one asks the app for its post-ingest work."""
+        fields = self.fields(number, total, len(content), chunk_sha, utc_stamp())
+        fields["contentBase64"] = base64.b64encode(content).decode()
+        return json.dumps(fields).encode()
+
+    def content_budget(self, file_size: int) -> int:
+        """The most content bytes a chunk may hold so that its JSON body stays within MAX_REQUEST_BYTES: the
+        body without content, with every number at its widest, leaves this much room for the base64."""
+        widest = file_size + 1  # no file has more chunks than bytes + 1
+        fields = self.fields(1, 2, MAX_REQUEST_BYTES, "0" * 64, utc_stamp())
+        fields["filename"] = chunk_name(self.filename, widest, widest)
+        if "storagePath" in fields:
+            fields["storagePath"] = storage_path(self.esiid, str(fields["filename"]))
+        fields["postIngest"] = False  # "false" is the longer
+        overhead = len(json.dumps(fields).encode())
+        return max(0, (MAX_REQUEST_BYTES - overhead) // 4 * 3)
+
+
+def storage_path(esiid: str, name: str) -> str:
+    """As the Node server sets it: ``/smt/<esiid>/<chunk name>``."""
+    return f"/smt/{esiid.strip()}/{name}"
+
+
+def chunk_name(filename: str, number: int, total: int) -> str:
+    """``<name>.partN-of-M``, or the file's own name when it goes in one chunk (as the Node server names them)."""
+    return filename if total == 1 else f"{filename}.part{number}-of-{total}"
+
+
 def _constant(data: bytes) -> Callable[[Progress | None], Iterator[bytes]]:
-    """A body factory for a chunk already in memory (bounded by SMT_RAW_LINES_PER_CHUNK lines)."""
+    """A body factory for a chunk already in memory (bounded by the request limit)."""
 
     def chunks(_progress: Progress | None) -> Iterator[bytes]:
         yield data
@@ -94,62 +180,74 @@ def _constant(data: bytes) -> Callable[[Progress | None], Iterator[bytes]]:
     return chunks
 
 
-def _raw_lines(path: Path) -> Iterator[bytes]:
+def _js_lines(path: Path, digest: hashlib._Hash | None) -> Iterator[bytes]:
+    """The file's lines as ``text.split(/\\r?\\n/)`` gives them: ``\\n`` (and one ``\\r`` before it) removed, a
+    last empty line when the file ends with ``\\n``. ``digest`` is fed every byte of the file."""
     with path.open("rb") as fh:
-        yield from fh
+        for raw in fh:
+            if digest is not None:
+                digest.update(raw)
+            if not raw.endswith(b"\n"):
+                yield raw  # the last line, with no newline after it
+                return
+            yield raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
+    yield b""
 
 
-def iter_chunks(path: Path, lines_per_chunk: int, digest: hashlib._Hash | None = None) -> Iterator[bytes]:
-    """Chunk contents: the header line, then up to ``lines_per_chunk`` non-blank data lines.
+def _utf8(line: bytes) -> bytes:
+    """``Buffer.from(buffer.toString("utf8"), "utf8")``: invalid UTF-8 becomes U+FFFD, as Node decodes it."""
+    return line if line.isascii() else line.decode("utf-8", "replace").encode()
 
-    ``digest`` (when given) is fed every byte of the file, so a caller can check the whole file's hash.
-    """
-    lines = _raw_lines(path)
-    header = next(lines, b"")
-    if digest is not None:
-        digest.update(header)
-    if not header.endswith(b"\n"):
-        header += b"\n"
+
+def _blank(line: bytes) -> bool:
+    """``line.trim().length === 0`` in JavaScript."""
+    stripped = line.strip()
+    if not stripped:
+        return True
+    return not stripped.isascii() and not line.decode("utf-8", "replace").strip(JS_WHITESPACE)
+
+
+def iter_chunks(path: Path, lines_per_chunk: int, budget: int = MAX_REQUEST_BYTES,
+                digest: hashlib._Hash | None = None) -> Iterator[bytes]:
+    """Chunk contents as the Node server builds them: the header and up to ``lines_per_chunk`` non-blank data
+    lines joined by ``\\n``, no newline at the end; also cut before a chunk passes ``budget`` bytes. A file with
+    no data line is one chunk, the whole file. ``digest`` (when given) is fed every byte of the file, so a
+    caller can check the whole file's hash. Raises :class:`PermanentDelivery` when the header and one line
+    alone pass ``budget``."""
+    lines = _js_lines(path, digest)
+    header = _utf8(next(lines))
     batch: list[bytes] = []
-    for line in lines:
-        if digest is not None:
-            digest.update(line)
-        if not line.strip():
+    size = len(header)
+    data_lines = 0
+    for number, line in enumerate(lines, start=2):
+        if _blank(line):
             continue
-        batch.append(line if line.endswith(b"\n") else line + b"\n")
-        if len(batch) == lines_per_chunk:
-            yield header + b"".join(batch)
-            batch = []
+        line = _utf8(line)
+        data_lines += 1
+        if batch and (len(batch) == lines_per_chunk or size + 1 + len(line) > budget):
+            yield b"\n".join([header, *batch])
+            batch, size = [], len(header)
+        if size + 1 + len(line) > budget:
+            raise PermanentDelivery(
+                f"{path.name}: line {number} is {len(line)} bytes; with the header it cannot fit a raw-upload request"
+                f" of at most {MAX_REQUEST_BYTES} bytes (the web app's limit)")
+        batch.append(line)
+        size += 1 + len(line)
     if batch:
-        yield header + b"".join(batch)
+        yield b"\n".join([header, *batch])
+    elif data_lines == 0:
+        whole = _utf8(path.read_bytes())
+        if len(whole) > budget:
+            raise PermanentDelivery(f"{path.name}: {len(whole)} bytes without a data line cannot fit a raw-upload"
+                                    f" request of at most {MAX_REQUEST_BYTES} bytes")
+        yield whole
 
 
-def plan_chunks(path: Path, size: int, sha256: str, lines_per_chunk: int) -> list[tuple[str, int]]:
+def plan_chunks(path: Path, size: int, sha256: str, lines_per_chunk: int, budget: int = MAX_REQUEST_BYTES
+                ) -> list[tuple[str, int]]:
     """(chunk SHA-256, chunk size) for every chunk; raises FileChanged if the file is not the one hashed."""
     digest = hashlib.sha256()
-    plan = [(hashlib.sha256(c).hexdigest(), len(c)) for c in iter_chunks(path, lines_per_chunk, digest)]
+    plan = [(hashlib.sha256(c).hexdigest(), len(c)) for c in iter_chunks(path, lines_per_chunk, budget, digest)]
     if digest.hexdigest() != sha256:
         raise FileChanged(f"{path.name}: changed since it was hashed")
     return plan
-
-
-def chunk_json(filename: str, esiid: str, meter: str, source: str, number: int, total: int, content: bytes,
-               chunk_sha: str) -> bytes:
-    """Chunk ``number`` of ``total`` (from 1); only the last one asks the app for its post-ingest work."""
-    return json.dumps({
-        "filename": chunk_name(filename, number, total),
-        "sizeBytes": len(content),
-        "sha256": chunk_sha,
-        "contentBase64": base64.b64encode(content).decode(),
-        "source": source,
-        "esiid": esiid,
-        "meter": meter,
-        "contentType": "text/csv",
-        "receivedAt": utc_stamp(),
-        "postIngest": number == total,
-    }).encode()
-
-
-def chunk_name(filename: str, number: int, total: int) -> str:
-    """``<name>.partN-of-M``, or the file's own name when it goes in one chunk (as the Node server names them)."""
-    return filename if total == 1 else f"{filename}.part{number}-of-{total}"

@@ -6,16 +6,25 @@ check, and the ``--delivery`` help. Adding a mode is one sink module and one lin
 
 An entry names its sink as ``"module:Class"`` under ``smt_watch.delivery``, imported only when a sink is
 built: ``config`` reads this module at import time and must not load httpx.
+
+The ``auto`` rule (docs/contract.md §1): ``multipart`` when ``SMT_UPLOAD_URL`` is set, else ``raw-upload``
+when ``INTELLIWATT_BASE_URL`` is; ``inline`` only when named, because production answers it ``400
+INLINE_DISABLED``. Whatever the mode, a target that is smt-watch's own ``serve`` is refused (exit 2): serve
+would store the file back in the inbox and answer 202, so every file would be ``sent`` and none would reach
+IntelliWatt (:func:`own_serve`).
 """
 
 from __future__ import annotations
 
 import importlib
+import ipaddress
 import logging
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Final
+from urllib.parse import urlsplit
 
 from smt_watch.delivery.base import ChunkStore, Sink, SinkContext
 from smt_watch.errors import ConfigError, DeliveryError
@@ -25,7 +34,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("smt_watch.delivery")
 
-LEGACY_INLINE_WARNING: Final = "SMT_UPLOAD_URL not configured; will attempt legacy inline POST"
+LEGACY_INLINE_WARNING: Final = ("SMT_DELIVERY=inline: IntelliWatt's production route refuses it (400 "
+                                 "INLINE_DISABLED); use SMT_DELIVERY=raw-upload unless this is a development app")
+PROBE_TIMEOUT: Final = 2.0  # GET /health of a local target: loopback answers in milliseconds or not at all
 
 
 @dataclass(frozen=True)
@@ -47,16 +58,17 @@ ADMIN_TOKEN: Final = Setting("admin_token", "ADMIN_TOKEN")
 
 @dataclass(frozen=True)
 class Mode:
-    """One delivery mode. ``auto``: the ``auto`` rule may pick it (in registry order) when ``needs`` is set,
-    logging ``warning`` when it does."""
+    """One delivery mode. ``auto``: its place in the ``auto`` rule (1 is tried first) when ``needs`` is set;
+    0: only when named. ``warning``: logged whenever the mode is used."""
 
     name: str
     needs: Setting  # the target setting it cannot run without
     url: Callable[[Settings], str]  # where it posts, derived from the settings
     token: Setting  # the credential it sends
     sink: str  # "module:Class" under smt_watch.delivery
-    auto: bool = False
+    auto: int = 0
     warning: str = ""
+    refuses: tuple[str, ...] = ()  # CSV kinds (smtcsv.classify) its target cannot read: recorded, never sent
 
     def build(self, settings: Settings, *, chunks: ChunkStore | None = None, announce: bool = True) -> Sink:
         module, _, name = self.sink.partition(":")
@@ -70,11 +82,11 @@ class Mode:
 
 
 MODES: Final[Mapping[str, Mode]] = MappingProxyType({m.name: m for m in (
-    Mode("multipart", UPLOAD_URL, lambda s: s.upload_url or "", UPLOAD_TOKEN, "multipart:MultipartSink", auto=True),
+    Mode("multipart", UPLOAD_URL, lambda s: s.upload_url or "", UPLOAD_TOKEN, "multipart:MultipartSink", auto=1),
     Mode("inline", BASE_URL, lambda s: f"{s.base_url}/api/admin/smt/pull", ADMIN_TOKEN, "inline:InlineSink",
-         auto=True, warning=LEGACY_INLINE_WARNING),
+         warning=LEGACY_INLINE_WARNING),
     Mode("raw-upload", BASE_URL, lambda s: f"{s.base_url}/api/admin/smt/raw-upload", ADMIN_TOKEN,
-         "rawupload:RawUploadSink"),
+         "rawupload:RawUploadSink", auto=2, refuses=("smt-other",)),
 )})
 
 
@@ -89,29 +101,117 @@ def choices_text() -> str:
     return f"{', '.join(head)} or {last}"
 
 
+def _auto_order() -> list[Mode]:
+    return sorted((m for m in MODES.values() if m.auto), key=lambda m: m.auto)
+
+
 def auto_targets() -> str:
-    """What the ``auto`` rule looks for: ``SMT_UPLOAD_URL (multipart) or INTELLIWATT_BASE_URL (inline)``."""
-    return " or ".join(f"{m.needs.env} ({m.name})" for m in MODES.values() if m.auto)
+    """What the ``auto`` rule looks for: ``SMT_UPLOAD_URL (multipart) or INTELLIWATT_BASE_URL (raw-upload)``."""
+    return " or ".join(f"{m.needs.env} ({m.name})" for m in _auto_order())
 
 
-def delivery_mode(settings: Settings) -> str:
+class OwnServeTarget(ConfigError):
+    """The delivery target is smt-watch's own ``serve``: ``detail`` says how it was recognised, ``fix`` what
+    to do (doctor prints them apart; the CLI prints both on one line, exit 2)."""
+
+    def __init__(self, detail: str, fix: str) -> None:
+        super().__init__(f"{detail}; {fix}")
+        self.detail, self.fix = detail, fix
+
+
+def delivery_mode(settings: Settings, *, probe: bool = True) -> str:
     """The delivery mode the ``auto`` rule of docs/contract.md §1 picks, checking that its target is
-    configured.
+    configured and is not smt-watch's own ``serve`` (:func:`own_serve`; ``probe``: also ask a local target's
+    ``/health``).
 
-    Only commands that deliver call this, so ``sync`` works without any delivery target.
+    Only commands that deliver call this (``watch`` at start-up, ``post``, ``doctor``), so ``sync`` works
+    without any delivery target.
     """
     name = settings.delivery
     if name == "auto":
-        picked = next((m for m in MODES.values() if m.auto and m.needs.value(settings)), None)
+        picked = next((m for m in _auto_order() if m.needs.value(settings)), None)
         if picked is None:
             raise ConfigError(f"no delivery target: set {auto_targets()}")
-        if picked.warning:
-            log.warning(picked.warning)
         name = picked.name
     mode = MODES[name]
     if not mode.needs.value(settings):
         raise ConfigError(f"SMT_DELIVERY={name} needs {mode.needs.env}")
+    url = mode.url(settings)
+    why = own_serve(settings, url, probe=probe)
+    if why is not None:
+        from smt_watch.config import redact_url
+
+        fix = (f"point {mode.needs.env} at IntelliWatt's upload server, or unset it to deliver by raw-upload to "
+               "INTELLIWATT_BASE_URL" if mode.needs is UPLOAD_URL else f"point {mode.needs.env} at IntelliWatt")
+        raise OwnServeTarget(f"{mode.needs.env} {redact_url(url)} is smt-watch's own serve ({why}): files would "
+                             "go back into the inbox and never reach IntelliWatt", fix)
+    if mode.warning:
+        log.warning(mode.warning)
     return name
+
+
+def own_serve(settings: Settings, url: str, *, probe: bool = True) -> str | None:
+    """How ``url`` is recognised as smt-watch's own ``serve``, or None when it is not.
+
+    Only a host on this machine (``localhost``, a loopback or unspecified address, ``SMT_UPLOAD_HOST``, the host
+    name, or an address of one of its interfaces) can be; a remote ``serve`` is left alone (its own ``watch``
+    may deliver onward). There a request costs a loopback round trip, so (``probe``) ``GET <origin>/health``
+    is asked first: ``service: "smt-watch"`` is serve, whatever the port. Static: the port is
+    ``SMT_UPLOAD_PORT``, unless ``/health`` named another service (the Node server says
+    ``smt-upload-server``, the reference receiver its own name), so serve not running yet is still caught."""
+    try:
+        parts = urlsplit(url)
+        host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return None
+    if not host or not _is_this_host(host, settings.upload_host):
+        return None
+    service = _health_service(f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}/health") if probe else None
+    if service == "smt-watch":
+        return f"{host}:{port}/health answers service smt-watch"
+    if port == settings.upload_port and service is None:
+        return f"port {port} on this host is SMT_UPLOAD_PORT, where serve listens"
+    return None
+
+
+def _is_this_host(host: str, upload_host: str) -> bool:
+    name = host.lower().rstrip(".")
+    if name in ("localhost", upload_host.lower(), socket.gethostname().lower()) or name.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(name.strip("[]"))
+    except ValueError:
+        return False  # another name: resolving it could stall start-up on DNS
+    if address.is_loopback or address.is_unspecified:
+        return True
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    try:  # binding succeeds only for an address one of this machine's interfaces holds
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            sock.bind((str(address), 0))
+    except OSError:
+        return False
+    return True
+
+
+def _health_service(url: str) -> str | None:
+    """The ``service`` a ``/health`` answer names, or None (no answer, not JSON, no name)."""
+    import httpx
+
+    try:
+        response = httpx.get(url, timeout=PROBE_TIMEOUT, trust_env=False, follow_redirects=False)
+        data = response.json()
+    except (httpx.HTTPError, ValueError):
+        return None
+    service = data.get("service") if isinstance(data, dict) else None
+    return service if isinstance(service, str) and service else None
+
+
+def refusal(mode: str, kind: str) -> str | None:
+    """Why ``mode`` does not send a CSV of ``kind`` (the ledger's ``failed`` reason), or None when it does."""
+    if mode not in MODES or kind not in MODES[mode].refuses:
+        return None
+    return (f"not sent: daily or billing CSV; IntelliWatt's {mode} route reads interval CSVs only (kind {kind}; the old"
+            " script and the Node upload server leave these out too)")
 
 
 def make_sink(settings: Settings, mode: str, *, chunks: ChunkStore | None = None, announce: bool = True) -> Sink:

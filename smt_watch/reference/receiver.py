@@ -6,6 +6,16 @@ distinct file once (content by SHA-256 plus a ``RawSmtFile`` row in SQLite) and 
 services, so demos and tests exercise the real client code over real HTTP. For tests it records every
 delivery request and can inject faults (status, ``Retry-After``, delay, dropped connection) one request
 at a time, in order.
+
+As production runs (IntelliWatt on Vercel, ``NODE_ENV=production``):
+
+- a body over :data:`~smt_watch.delivery.base.MAX_REQUEST_BYTES` (4.5 MB) to an app route (inline, raw-upload)
+  is answered ``413`` with Vercel's ``FUNCTION_PAYLOAD_TOO_LARGE`` before the route runs;
+- the inline route answers ``400 HOME_ID_REQUIRED`` when the body has no ``homeId`` and its ESIID matches no
+  house (``homes``; None: every non-blank ESIID has one), then ``400 INLINE_DISABLED``, as
+  ``app/api/admin/smt/pull/route.ts`` does. ``inline=True`` (``receive --dev-inline``) is the app under
+  ``NODE_ENV=development``: inline files are stored.
+- raw-upload keeps each chunk's text, ``source`` and ``storagePath`` (``/_receiver/chunks``).
 """
 
 from __future__ import annotations
@@ -25,7 +35,7 @@ import tempfile
 import threading
 import time
 import zlib
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +49,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from smt_watch.clock import utc_stamp
+from smt_watch.delivery.base import MAX_REQUEST_BYTES
 from smt_watch.reference.receiver_raw import Mismatch, RawMismatch, RawStore, handle_chunk
 from smt_watch.uploads import MalformedUpload, UploadTooLarge, read_multipart
 
@@ -179,11 +190,15 @@ class ReceiverState:
     """Everything the app shares with tests; tests may append ``Fault``s to ``faults`` directly."""
 
     def __init__(self, data_dir: Path, admin_token: str | None, upload_token: str | None,
-                 max_upload_bytes: int | None) -> None:
+                 max_upload_bytes: int | None, *, inline: bool = False, homes: frozenset[str] | None = None,
+                 max_body_bytes: int | None = MAX_REQUEST_BYTES) -> None:
         self.data_dir = data_dir
         self.admin_token = admin_token
         self.upload_token = upload_token
         self.max_upload_bytes = max_upload_bytes
+        self.inline = inline  # NODE_ENV=development: the inline route stores files (production refuses them)
+        self.homes = homes  # ESIIDs that have a house (None: every non-blank one)
+        self.max_body_bytes = max_body_bytes  # Vercel's request limit on the app routes (None: no limit)
         self.faults: collections.deque[Fault] = collections.deque()
         self.requests: list[RequestRecord] = []
         self.store = FileStore(data_dir)
@@ -237,6 +252,33 @@ class _DroppedResponse(Response):
         await send({"type": "http.response.start", "status": 200, "headers": headers})
 
 
+class _TooLarge(Exception):
+    """The body passed Vercel's limit: answered 413 before the route runs."""
+
+
+async def _app_body(request: Request, state: ReceiverState) -> bytes:
+    """The body of a request to an app route, read whole (as the route does) up to Vercel's limit; past it
+    the rest is drained, so the client reads the 413 instead of a broken pipe."""
+    limit = state.max_body_bytes
+    if limit is None:
+        return await request.body()
+    parts: list[bytes] = []
+    size = 0
+    async for piece in request.stream():
+        size += len(piece)
+        if size <= limit:
+            parts.append(piece)
+    if size > limit:
+        raise _TooLarge(size)
+    return b"".join(parts)
+
+
+def _too_large() -> Response:
+    """What Vercel answers for a body over 4.5 MB (text, not the route's JSON)."""
+    return Response("Request Entity Too Large\n\nFUNCTION_PAYLOAD_TOO_LARGE\n", status_code=413,
+                    media_type="text/plain", headers={"x-vercel-error": "FUNCTION_PAYLOAD_TOO_LARGE"})
+
+
 def _authorized(sent: str | None, expected: str | None) -> bool:
     if expected is None:
         return True
@@ -284,6 +326,10 @@ def _delivery(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
                 response = await handler(request, state, outcome)
             except _Problem as problem:
                 response = problem.response()
+            except _TooLarge as exc:
+                log.warning("%s: a %s-byte body is over the %s-byte limit: 413", request.url.path, exc.args[0],
+                            state.max_body_bytes)
+                response = _too_large()
             return response
         except ClientDisconnect:
             log.warning("client disconnected during %s", request.url.path)
@@ -391,16 +437,35 @@ def _decode_inline(payload: dict[str, Any]) -> tuple[bytes, str]:
     return raw, hashlib.sha256(raw).hexdigest()
 
 
+def _refused_in_production(payload: dict[str, Any], state: ReceiverState) -> JSONResponse | None:
+    """The real route's answers before it stores anything: ``HOME_ID_REQUIRED`` (no ``homeId``, and the ESIID
+    matches no house), then, in production, ``INLINE_DISABLED`` for ``mode: "inline"``."""
+    home_id, esiid = payload.get("homeId"), payload.get("esiid")
+    if not (isinstance(home_id, str) and home_id.strip()):
+        lookup = esiid.strip() if isinstance(esiid, str) else ""
+        if not lookup or (state.homes is not None and lookup not in state.homes):
+            return JSONResponse({"ok": False, "error": "HOME_ID_REQUIRED",
+                                 "message": "homeId (or resolvable esiid) is required for SMT pull."}, 400)
+    if payload.get("mode") == "inline" and not state.inline:
+        return JSONResponse({"ok": False, "error": "INLINE_DISABLED",
+                             "message": "Direct SMT upload is disabled in production. Use droplet large-file path."},
+                            400)
+    return None
+
+
 async def _pull(request: Request, state: ReceiverState, outcome: _Outcome) -> Response:
     if not _authorized(request.headers.get("x-admin-token"), state.admin_token):
         raise _Problem(401, "unauthorized")
     try:
-        payload = json.loads(await request.body())
+        payload = json.loads(await _app_body(request, state))
     except ValueError as exc:  # includes JSONDecodeError and UnicodeDecodeError
         raise _Problem(400, "INVALID_JSON", str(exc)) from exc
     if not isinstance(payload, dict):
         raise _Problem(400, "INVALID_JSON", "body must be a JSON object")
     outcome.fields = {k: v for k, v in payload.items() if k != "content_b64"}
+    refused = _refused_in_production(payload, state)
+    if refused is not None:
+        return refused
     content, sha256 = await run_in_threadpool(_decode_inline, payload)
     _check_hashes(sha256, request.headers.get("idempotency-key"))
     meta: dict[str, str | None] = {key: payload.get(key) for key in ("filename", "source", "esiid", "meter",
@@ -418,7 +483,7 @@ async def _raw_upload(request: Request, state: ReceiverState, outcome: _Outcome)
         sent = request.headers.get("x-admin-token", "").strip()
         if not hmac.compare_digest(sent.encode(), state.admin_token.encode()):
             return JSONResponse({"error": "Unauthorized"}, status_code=401)
-    reply = await run_in_threadpool(handle_chunk, state.raw, await request.body(),
+    reply = await run_in_threadpool(handle_chunk, state.raw, await _app_body(request, state),
                                     request.headers.get("idempotency-key"))
     outcome.fields, outcome.sha256, outcome.duplicate = reply.fields, reply.sha256, reply.duplicate
     filename = str(reply.fields.get("filename"))
@@ -464,26 +529,47 @@ async def _list_intervals(request: Request) -> Response:
     return JSONResponse(await run_in_threadpool(state.raw.intervals_by_esiid))
 
 
+SERVICE = "smt-watch-reference-receiver"
+
+
+async def _health(request: Request) -> Response:
+    """Names itself, as the Node server (``smt-upload-server``) and serve (``smt-watch``) do: smt-watch
+    refuses to deliver to its own serve and recognises it by this field."""
+    return JSONResponse({"ok": True, "service": SERVICE})
+
+
+async def _list_chunks(request: Request) -> Response:
+    """raw-upload's stored chunks (name, part, parts, sha256, source, storagePath, esiid, meter), for tests."""
+    state: ReceiverState = request.app.state.receiver
+    return JSONResponse(await run_in_threadpool(state.raw.chunk_rows))
+
+
 async def _list_files(request: Request) -> Response:
     state: ReceiverState = request.app.state.receiver
     return JSONResponse(await run_in_threadpool(state.store.rows))
 
 
 def create_app(data_dir: Path, *, admin_token: str | None = None, upload_token: str | None = None,
-               max_upload_bytes: int | None = None) -> Starlette:
-    """Build the receiver; tokens set to None are not checked (the real services' dev behaviour)."""
+               max_upload_bytes: int | None = None, inline: bool = False, homes: Iterable[str] | None = None,
+               max_body_bytes: int | None = MAX_REQUEST_BYTES) -> Starlette:
+    """Build the receiver; tokens set to None are not checked (the real services' dev behaviour). ``inline``:
+    store inline files (the app under NODE_ENV=development); ``homes``: the ESIIDs that have a house."""
     data_dir.mkdir(parents=True, exist_ok=True)
     routes = [
         Route(PULL_PATH, _delivery(_pull), methods=["POST"]),
         Route(UPLOAD_PATH, _delivery(_upload), methods=["POST"]),
         Route(RAW_UPLOAD_PATH, _delivery(_raw_upload), methods=["POST"]),
         Route("/_receiver/faults", _add_faults, methods=["POST"]),
+        Route("/health", _health, methods=["GET"]),
         Route("/_receiver/requests", _list_requests, methods=["GET"]),
         Route("/_receiver/files", _list_files, methods=["GET"]),
+        Route("/_receiver/chunks", _list_chunks, methods=["GET"]),
         Route("/_receiver/intervals", _list_intervals, methods=["GET"]),
     ]
     app = Starlette(routes=routes)
-    app.state.receiver = ReceiverState(data_dir, admin_token, upload_token, max_upload_bytes)
+    app.state.receiver = ReceiverState(data_dir, admin_token, upload_token, max_upload_bytes, inline=inline,
+                                       homes=None if homes is None else frozenset(homes),
+                                       max_body_bytes=max_body_bytes)
     return app
 
 
@@ -519,10 +605,11 @@ class _ThreadedServer(uvicorn.Server):
 @contextlib.contextmanager
 def running_receiver(data_dir: Path, *, admin_token: str | None = None, upload_token: str | None = None,
                      host: str = "127.0.0.1", port: int = 0, max_upload_bytes: int | None = None,
-                     start_timeout: float = 10.0) -> Iterator[ReceiverHandle]:
+                     start_timeout: float = 10.0, inline: bool = False, homes: Iterable[str] | None = None,
+                     max_body_bytes: int | None = MAX_REQUEST_BYTES) -> Iterator[ReceiverHandle]:
     """Run the receiver on a real socket in a daemon thread for the duration of the ``with`` block."""
     app = create_app(data_dir, admin_token=admin_token, upload_token=upload_token,
-                     max_upload_bytes=max_upload_bytes)
+                     max_upload_bytes=max_upload_bytes, inline=inline, homes=homes, max_body_bytes=max_body_bytes)
     state: ReceiverState = app.state.receiver
     try:
         with app_in_thread(app, host=host, port=port, start_timeout=start_timeout) as real_port:
@@ -555,11 +642,12 @@ def app_in_thread(app: Any, *, host: str = "127.0.0.1", port: int = 0, start_tim
 
 
 def serve(data_dir: Path, *, host: str, port: int, admin_token: str | None,
-          upload_token: str | None) -> None:
+          upload_token: str | None, inline: bool = False) -> None:
     """Run the receiver in the foreground until SIGINT/SIGTERM (``smt-watch receive``)."""
-    app = create_app(data_dir, admin_token=admin_token, upload_token=upload_token)
-    log.info("reference receiver on http://%s:%d, data in %s (admin token %s, upload token %s)", host, port,
-             data_dir, "set" if admin_token else "unset", "set" if upload_token else "unset")
+    app = create_app(data_dir, admin_token=admin_token, upload_token=upload_token, inline=inline)
+    log.info("reference receiver on http://%s:%d, data in %s (admin token %s, upload token %s, inline %s)", host,
+             port, data_dir, "set" if admin_token else "unset", "set" if upload_token else "unset",
+             "stored (development)" if inline else "refused (production)")
     try:
         uvicorn.Server(uvicorn.Config(app, host=host, port=port, lifespan="off")).run()
     finally:

@@ -223,6 +223,17 @@ class RawStore:
         with self._lock:
             return int(self._db.execute("SELECT COUNT(*) FROM SmtInterval").fetchone()[0])
 
+    def chunk_rows(self) -> list[dict[str, Any]]:
+        """Every stored chunk as the real route's row shows it, with the text it carried."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT filename, name, part, parts, sha256, sizeBytes, source, storage_path, content_type, esiid,"
+                " meter, content FROM RawChunk ORDER BY id").fetchall()
+        keys = ("filename", "name", "part", "parts", "sha256", "sizeBytes", "source", "storagePath", "contentType",
+                "esiid", "meter")
+        return [{**dict(zip(keys, r[:-1], strict=True)), "content": bytes(r[-1]).decode("utf-8", "replace")}
+                for r in rows]
+
     def chunks(self) -> list[tuple[str, int, int]]:
         with self._lock:
             return [(str(n), int(p), int(m)) for n, p, m in

@@ -68,7 +68,7 @@ CASES = [
     Case("post-wrong-admin-token", ("post", "{w}/good.csv"), 1, r"HTTP 401",
          {"INTELLIWATT_BASE_URL": "{recv}", "ADMIN_TOKEN": WRONG}),
     Case("post-inline-oversize", ("post", "{w}/good.csv"), 1, r"over SMT_INLINE_MAX_BYTES",
-         {"INTELLIWATT_BASE_URL": "{recv}", "SMT_INLINE_MAX_BYTES": "100"}),
+         {"SMT_DELIVERY": "inline", "INTELLIWATT_BASE_URL": "{recv}", "SMT_INLINE_MAX_BYTES": "100"}),
     Case("post-connection-refused", ("post", "{w}/good.csv"), 1, r"ConnectError",
          {"SMT_UPLOAD_URL": f"http://user:{URL_PASSWORD}@127.0.0.1:{{dead}}/upload", "SMT_RETRY_ATTEMPTS": "1"}),
     Case("post-unknown-flag", ("post", "--bogus", "{w}/good.csv"), 2, r"No such option", RECV),
