@@ -246,7 +246,7 @@ def gather(settings: Settings, ledger: Ledger, now: float | None = None) -> Stat
         for state in ("failed", "retrying") for r in ledger.rows(state)
     ]
     recent = [Delivery(filename=r.filename, sha256=r.sha256, size=r.size,
-                       seconds=round(delivery_seconds(r.first_seen, r.sent_at or r.first_seen), 3),
+                       seconds=round(delivery_seconds(r.first_seen, r.sent_at or r.first_seen, r.started_at), 3),
                        http_status=r.http_status, sent_at=r.sent_at or "")
               for r in ledger.recent_deliveries(RECENT)]
     counts = ledger.counts()
