@@ -349,7 +349,8 @@ class PostgresLedger(LedgerBase):
     def rows(self, state: str | None = None, *, since: float | None = None, http_status: int | None = None
              ) -> list[Row]:
         """As :meth:`smt_watch.ledger.sqlite.SqliteLedger.rows`."""
-        where, params = [], []
+        where: list[str] = []
+        params: list[Any] = []
         if state is not None:
             where.append("state = %s")
             params.append(state)

@@ -295,7 +295,8 @@ class SqliteLedger(LedgerBase):
              ) -> list[Row]:
         """Rows oldest first; ``state``, ``since`` (changed at or after: ``updated_at``) and ``http_status``
         narrow them."""
-        where, params = [], []
+        where: list[str] = []
+        params: list[Any] = []
         if state is not None:
             where.append("state = ?")
             params.append(state)
