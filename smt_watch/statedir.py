@@ -9,6 +9,7 @@ reads the bash script's ``.posted_sha256`` through it. This module joins the two
 from __future__ import annotations
 
 import grp
+import logging
 import os
 import pwd
 from collections.abc import Iterator
@@ -20,6 +21,8 @@ from smt_watch.errors import ConfigError, LedgerError, NoLedger
 from smt_watch.ledger import Ledger, SqliteLedger
 from smt_watch.ledger.sqlite import SCHEMA_VERSION
 from smt_watch.legacy import import_state_file
+
+log = logging.getLogger("smt_watch.statedir")
 
 
 def open_ledger(settings: Settings, *, max_connections: int | None = None,
@@ -40,6 +43,7 @@ def open_ledger(settings: Settings, *, max_connections: int | None = None,
                           f"({owned_by(settings.state_dir)}): {chown_command(settings.state_dir)}")
     if not settings.ledger_url:
         refuse_foreign_files(settings)
+        _warn_root(settings.state_dir)
     ledger = connect(settings, max_connections, reconnect_seconds) if settings.ledger_url else SqliteLedger(
         settings.ledger_path, node=settings.node_name)
     try:
@@ -93,6 +97,19 @@ def refuse_foreign_files(settings: Settings) -> None:
         if path.exists() and not os.access(path, os.R_OK | os.W_OK):
             raise ConfigError(f"ledger file {path} is {owned_by(path)} and not writable by {whoami()} (was a "
                               f"command run as another user, e.g. root?): {chown_command(settings.state_dir)}")
+
+
+def _warn_root(state_dir: Path) -> None:
+    """Root writing into the service user's state dir leaves files the service cannot write (its next start
+    refuses them): said before it happens."""
+    try:
+        owner = state_dir.stat().st_uid
+    except OSError:
+        return
+    if os.geteuid() == 0 and owner != 0:
+        log.warning("Running as root in %s, which %s owns: files created now will be root's and `watch` as %s "
+                    "will refuse them; run it as that user (sudo -u %s smt-watch …)", state_dir,
+                    owner_name(owner), owner_name(owner), owner_name(owner))
 
 
 def open_reader(settings: Settings) -> Ledger:
