@@ -179,7 +179,7 @@ def _open_readonly(path: Path, busy_timeout: float) -> sqlite3.Connection:
             last = exc
             if path.with_name(path.name + "-wal").exists():
                 break  # a writer is at work: an immutable read could see a torn state
-    raise LedgerError(f"cannot read ledger {path}: {last}")
+    raise LedgerError(f"cannot open ledger {path}: {last}")
 
 
 class SqliteLedger(LedgerBase):
