@@ -88,7 +88,7 @@ CASES = [
     Case("env-file-fifo", ("ledger", "list", "--env-file", "{w}/fifo"), 2, r"--env-file .*(regular file|cannot)",
          timeout=HANG),
     # (a command that writes: `ledger list` only reads, and leaves STATE_FILE to the next writer)
-    Case("state-file-fifo", ("ledger", "retry", "--failed"), (0, 1), r"STATE_FILE", {"STATE_FILE": "{w}/fifo"},
+    Case("state-file-fifo", ("ledger", "import", "{w}/good.csv"), (0, 1), r"STATE_FILE", {"STATE_FILE": "{w}/fifo"},
          timeout=HANG),
     # --- sync ----------------------------------------------------------------------------------------
     Case("sync-not-configured", ("sync",), 2, r"sync needs SMT_HOST, SMT_USER and SMT_KEY"),
