@@ -156,12 +156,30 @@ def post(
 
 
 def _print_outcome(o: Outcome) -> None:
+    """One line per file; an .asc/.zip says how many CSVs it held, then one indented line per CSV (the
+    container itself made no request: its HTTP status and attempts are its CSVs')."""
     sha = (o.sha256 or "-")[:12]
-    if o.result in ("sent", "duplicate"):
-        detail = f"HTTP {o.status}, {o.attempts} attempt(s), {o.seconds:.2f}s" if o.result == "sent" else ""
-        typer.echo(f"{o.result:<9} {shown(str(o.path))}  sha256:{sha}  {detail}".rstrip())
+    if o.children:
+        done = sum(c.ok for c in o.children)
+        detail = f"{len(o.children)} CSV file(s), {done} sent or duplicate, {o.seconds:.2f}s"
+        if not o.ok and o.error:
+            detail += f"; {shown(o.error)}"
+        typer.echo(f"{o.result:<9} {shown(str(o.path))}  sha256:{sha}  {detail}")
+        for child in o.children:
+            typer.echo("  " + _outcome_line(child, shown(child.name or str(child.path))))
+        return
+    typer.echo(_outcome_line(o, shown(str(o.path))))
+
+
+def _outcome_line(o: Outcome, name: str) -> str:
+    sha = (o.sha256 or "-")[:12]
+    if o.result == "sent":
+        detail = f"HTTP {o.status}, {o.attempts} attempt(s), {o.seconds:.2f}s"
+    elif o.result == "duplicate":
+        detail = ""
     else:
-        typer.echo(f"{o.result:<9} {shown(str(o.path))}  sha256:{sha}  {shown(o.error or '')}", err=False)
+        detail = shown(o.error or "")
+    return f"{o.result:<9} {name}  sha256:{sha}  {detail}".rstrip()
 
 
 def _progress_bar(path: Path) -> AbstractContextManager[Progress | None]:
@@ -208,6 +226,10 @@ def watch(
     inbox: Annotated[
         Path | None, typer.Option("--inbox", metavar="DIR", help="Directory to watch [SMT_LOCAL_DIR].")
     ] = None,
+    create_inbox: Annotated[
+        bool | None, typer.Option("--create-inbox", help="Create the inbox if it does not exist; without it a "
+                                  "missing inbox exits 2 [SMT_CREATE_INBOX].")
+    ] = None,
     state_dir: StateDir = None,
     env_file: EnvFile = None,
 ) -> None:
@@ -217,8 +239,9 @@ def watch(
     writing, and it has not changed for SMT_SETTLE_SECONDS. Files present at start, and anything inotify
     missed, are found by a full rescan: at start, a second after an inotify queue overflow, and every
     SMT_RESCAN_SECONDS. On SIGTERM, in-flight deliveries get
-    SMT_STOP_GRACE_SECONDS to finish; the exit status is 0. Under systemd (Type=notify) it reports
-    READY=1, STATUS= and WATCHDOG=1.
+    SMT_STOP_GRACE_SECONDS to finish (said at the first Ctrl-C; a second one quits at once); the exit
+    status is 0. One watch per inbox: a second is refused, naming the pid of the first. Under systemd
+    (Type=notify) it reports READY=1, STATUS= and WATCHDOG=1.
     """
     import signal
 
@@ -227,6 +250,7 @@ def watch(
     settings = _settings(
         env_file, SMT_METRICS_PORT=metrics_port, SMT_WORKERS=workers, SMT_SETTLE_SECONDS=settle,
         SMT_DELIVERY=delivery, SMT_LOCAL_DIR=inbox, SMT_STATE_DIR=state_dir,
+        SMT_CREATE_INBOX="1" if create_inbox else None,
     )
     service = WatchService(settings, polling=polling)
     signal.signal(signal.SIGTERM, lambda *_: service.request_stop())
@@ -355,14 +379,16 @@ def status(
     """One screen: is watch running and since when, queue, ledger counts, the last deliveries, every failure
     with the command that retries it, the last sync pass and upload quota use.
 
-    Read from the ledger (so it covers every node sharing one). Exit 0; 1 when a watcher that wrote a
-    heartbeat is not running or a failure is listed, so scripts and timers can alert on it.
+    Read from the ledger (so it covers every node sharing one), never changing it. Exit 0; 1 when something
+    needs a person, each said under "needs attention": a watcher that wrote a heartbeat is not running, a
+    failed row, a file watch cannot read, or sync stopped (a changed host key), failed its last pass, or has
+    not run for SMT_SYNC_STALE_SECONDS; and when there is no ledger yet.
     """
-    from smt_watch.statedir import open_ledger
-    from smt_watch.status import console_view, gather
+    from smt_watch.statedir import open_reader
+    from smt_watch.status import console_view, gather, retry_lines
 
     settings = _settings(env_file, SMT_STATE_DIR=state_dir)
-    with open_ledger(settings) as ledger:
+    with open_reader(settings) as ledger:
         if follow and not as_json:
             import time
 
@@ -382,8 +408,10 @@ def status(
         from rich.console import Console
 
         Console(width=max(120, Console().width)).print(console_view(state))
-    stopped = any(not w.running and not w.stopped_at for w in state.watchers)
-    if stopped or any(f.state == "failed" for f in state.failures):
+        # Plain lines, never wrapped or cut with an ellipsis, whatever the terminal's width: pasted, they work.
+        for line in retry_lines(state):
+            typer.echo(line)
+    if state.alerts:
         raise typer.Exit(1)
 
 
@@ -537,24 +565,43 @@ def ticket(
 # --- ledger -----------------------------------------------------------------------------------------
 
 
+Since = Annotated[
+    str | None, typer.Option("--since", metavar="WHEN", help="Only rows changed since WHEN: an ISO date or time "
+                             "(2026-12-01, 2026-12-01T08:00, UTC unless it has an offset) or an age (30m, 2h, 3d).")
+]
+
+
+def _since(when: str | None) -> float | None:
+    from smt_watch.clock import parse_when
+
+    if when is None:
+        return None
+    try:
+        return parse_when(when)
+    except ValueError as exc:
+        raise ConfigError(f"--since: {exc}") from exc
+
+
 @ledger_app.command("list")
 def ledger_list(
     state: Annotated[
         str | None,
         typer.Option("--state", metavar="STATE", help="pending, sending, sent, retrying or failed."),
     ] = None,
+    since: Since = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON array of row objects.")] = False,
     state_dir: StateDir = None,
     env_file: EnvFile = None,
 ) -> None:
-    """List ledger rows, oldest first."""
+    """List ledger rows, oldest first. Reads the ledger without changing it; exit 1 when there is none."""
     from smt_watch.ledger import STATES
-    from smt_watch.statedir import open_ledger
+    from smt_watch.statedir import open_reader
 
     if state is not None and state not in STATES:
         raise ConfigError(f"--state must be one of {', '.join(STATES)}")
-    with open_ledger(_settings(env_file, SMT_STATE_DIR=state_dir)) as ledger:
-        rows = ledger.rows(state)
+    cutoff = _since(since)
+    with open_reader(_settings(env_file, SMT_STATE_DIR=state_dir)) as ledger:
+        rows = ledger.rows(state, since=cutoff)
     if as_json:
         typer.echo(json.dumps([r.to_json() for r in rows], indent=2))
         return
@@ -592,26 +639,47 @@ def ledger_forget(
 
 @ledger_app.command("retry")
 def ledger_retry(
-    target: Annotated[str, typer.Argument(metavar="SHA256|PATH", help="A hash, unique hash prefix, or file.")],
+    target: Annotated[
+        str | None, typer.Argument(metavar="[SHA256|PATH]", help="A hash, unique hash prefix, or file.")
+    ] = None,
+    failed: Annotated[bool, typer.Option("--failed", help="Every failed row (narrow with --status, --since).")] = False,
+    status_code: Annotated[
+        int | None, typer.Option("--status", metavar="CODE", help="With --failed: only rows the app answered CODE.")
+    ] = None,
+    since: Annotated[
+        str | None, typer.Option("--since", metavar="WHEN", help="With --failed: only rows that failed since WHEN "
+                                 "(ISO date or time, or an age: 30m, 2h, 3d).")
+    ] = None,
     state_dir: StateDir = None,
     env_file: EnvFile = None,
 ) -> None:
     """Put a failed (or retrying) row back to pending: watch delivers it again within a second or two.
 
     Like `ledger forget`, but the row keeps its history and watch does not wait for its next rescan; what
-    serve's /status retry button does. A CSV from an .asc/.zip takes its parent with it. Exit 1 when no
+    serve's /status retry button does. A CSV from an .asc/.zip takes its parent with it. --failed takes
+    every failed row at once (after fixing a token, say), narrowed by --status and --since. Exit 1 when no
     failed or retrying row matched.
     """
-    from smt_watch.pipeline import retry_target
+    from smt_watch.pipeline import retry_failed, retry_target
     from smt_watch.statedir import open_ledger
 
+    if (target is None) == (not failed):
+        raise ConfigError("ledger retry: give SHA256|PATH or --failed (not both)")
+    if target is not None and (status_code is not None or since is not None):
+        raise ConfigError("ledger retry: --status and --since go with --failed")
+    cutoff = _since(since)
     with open_ledger(_settings(env_file, SMT_STATE_DIR=state_dir)) as ledger:
-        moved = retry_target(ledger, target)
+        moved = (retry_target(ledger, target) if target is not None
+                 else retry_failed(ledger, http_status=status_code, since=cutoff))
     if not moved:
-        typer.echo(f"smt-watch: no failed or retrying ledger row for {shown(target)}", err=True)
+        what = shown(target) if target is not None else "--failed" + (
+            f" --status {status_code}" if status_code is not None else "") + (f" --since {since}" if since else "")
+        typer.echo(f"smt-watch: no failed or retrying ledger row for {what}", err=True)
         raise typer.Exit(1)
     for sha in moved:
         typer.echo(f"pending {sha}")
+    if failed:
+        typer.echo(f"{len(moved)} row(s) back to pending", err=True)
 
 
 @ledger_app.command("import")

@@ -7,6 +7,8 @@ as JavaScript's ``toISOString()`` does. All three sort as text in time order.
 
 from __future__ import annotations
 
+import re
+import time
 from datetime import UTC, datetime
 from typing import Literal
 
@@ -20,3 +22,23 @@ def utc_stamp(ts: float | None = None, *, digits: Literal[0, 3, 6] = 0) -> str:
     if not digits:
         return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%f")[: 20 + digits] + "Z"
+
+
+_AGO = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|min|h|d|w)\s*$", re.IGNORECASE)
+_AGO_SECONDS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+WHEN_HELP = "ISO date or time (2026-12-01, 2026-12-01T08:00, UTC unless it has an offset) or an age (30m, 2h, 3d)"
+
+
+def parse_when(text: str, now: float | None = None) -> float:
+    """``--since WHEN``: an ISO date or date-time (UTC unless it carries an offset) or an age before ``now``
+    (``45s``, ``30m``, ``2h``, ``3d``, ``1w``), as seconds since the epoch. ValueError says what is accepted."""
+    m = _AGO.match(text)
+    if m:
+        return (time.time() if now is None else now) - float(m[1]) * _AGO_SECONDS[m[2].lower()]
+    try:
+        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"not a time: {text!r} ({WHEN_HELP})") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()

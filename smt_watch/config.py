@@ -32,6 +32,11 @@ DEFAULT_PATTERNS: Final = ("*.csv", "*.csv.*", "*.asc", "*.zip")
 # address; the trigger needs one of the webhook secrets, and SMT_WEBHOOK_HOST narrows it.
 ALL_ADDRESSES: Final = "0.0.0.0"  # noqa: S104
 MAX_UPLOAD_WINDOW_MS: Final = 31 * 86_400_000  # the ledger keeps upload times for 31 days
+# The units' StateDirectory=. When it exists, it is SMT_STATE_DIR's default for every command, so an operator's
+# `smt-watch status` reads the service's ledger without flags. SMT_SERVICE_STATE_DIR names another (tests).
+SERVICE_STATE_DIR: Final = Path("/var/lib/smt-watch")
+HOME_STATE_DIR: Final = "~/.local/state/smt-watch"
+SYNC_STALE_SECONDS: Final = 3600.0  # twice the shipped smt-sync.timer's 30 minutes
 _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 T = TypeVar("T")
 
@@ -139,6 +144,8 @@ class Settings:
     sftp_timeout: float = 30.0  # SMT_SFTP_TIMEOUT: connect, handshake and per-read timeout for sync
     metrics_port: int | None = None  # SMT_METRICS_PORT: Prometheus metrics for `watch` on 127.0.0.1
     grace_seconds: float = 30.0  # SMT_STOP_GRACE_SECONDS: how long in-flight deliveries may finish on stop
+    create_inbox: bool = False  # SMT_CREATE_INBOX: `watch` creates a missing inbox instead of exiting 2
+    sync_stale_seconds: float = SYNC_STALE_SECONDS  # SMT_SYNC_STALE_SECONDS: `status` alerts past this (0: never)
     # Set by systemd for Type=notify units.
     notify_socket: str | None = None  # NOTIFY_SOCKET
     watchdog_usec: int | None = None  # WATCHDOG_USEC
@@ -361,6 +368,13 @@ class _Reader:
         return parts
 
 
+def default_state_dir(service_dir: Path) -> Path:
+    """``SMT_STATE_DIR`` when it is not set: the service's directory (``/var/lib/smt-watch``, which the units'
+    ``StateDirectory=`` creates) when it exists, so the CLI and the service share one ledger whoever runs
+    it; else ``~/.local/state/smt-watch`` (a laptop, a test box without the units)."""
+    return service_dir if service_dir.is_dir() else Path(HOME_STATE_DIR).expanduser()
+
+
 def load_settings(
     environ: Mapping[str, str],
     *,
@@ -379,7 +393,7 @@ def load_settings(
     merged.update({k: v for k, v in environ.items() if v.strip()})
     merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
     r = _Reader(merged)
-    home_state = Path("~/.local/state/smt-watch").expanduser()
+    home_state = default_state_dir(r.path("SMT_SERVICE_STATE_DIR", SERVICE_STATE_DIR) or SERVICE_STATE_DIR)
     settings = Settings(
         # SMT_UPLOAD_DIR: the Node upload server's name for the same inbox (its unit sets it)
         local_dir=r.path("SMT_LOCAL_DIR", r.path("SMT_UPLOAD_DIR", Path("~/smt_inbox").expanduser())) or Path(),
@@ -446,6 +460,8 @@ def load_settings(
         sftp_timeout=r.number("SMT_SFTP_TIMEOUT", 30.0, minimum=0.1),
         metrics_port=r.integer("SMT_METRICS_PORT", 0, minimum=0, maximum=65535) or None,
         grace_seconds=r.number("SMT_STOP_GRACE_SECONDS", 30.0),
+        create_inbox=r.boolean("SMT_CREATE_INBOX", False),
+        sync_stale_seconds=r.number("SMT_SYNC_STALE_SECONDS", SYNC_STALE_SECONDS),
         notify_socket=r.text("NOTIFY_SOCKET"),
         watchdog_usec=r.integer("WATCHDOG_USEC", 0) or None,
     )

@@ -51,13 +51,44 @@ def check_delivery(s: Settings) -> Iterator[Check]:
 
 
 def _writable_dir(name: str, path: Path) -> Check:
+    from smt_watch.statedir import chown_command, owned_by, whoami
+
     if not path.exists():
-        return Check(FAIL, name, f"{path} does not exist", f"mkdir -p {path} (owned by the service user)")
+        return Check(FAIL, name, f"{path} does not exist", f"sudo install -d -o {whoami()} -m 750 {path}")
     if not path.is_dir():
         return Check(FAIL, name, f"{path} is not a directory")
     if not os.access(path, os.W_OK | os.X_OK):
-        return Check(FAIL, name, f"{path} is not writable by this user", f"chown the service user {path}")
+        return Check(FAIL, name, f"{path} is {owned_by(path)}: not writable by {whoami()}", chown_command(path))
     return Check(OK, name, f"{path} is writable")
+
+
+UNREADABLE_SHOWN = 5  # files named in the line; the rest are counted
+
+
+def check_unreadable(s: Settings) -> Iterator[Check]:
+    """Files in the inbox that ``watch`` would take but this user cannot read: never delivered until fixed."""
+    from smt_watch.inbox import scan
+    from smt_watch.statedir import owner_name, whoami
+
+    if not s.local_dir.is_dir():
+        return
+    bad: list[str] = []
+    for found in scan(s.local_dir.absolute(), s.patterns):
+        if not os.access(found.path, os.R_OK):
+            bad.append(found.path)
+    if not bad:
+        yield Check(OK, "inbox files", f"every file watch would take in {s.local_dir} is readable by {whoami()}")
+        return
+    described = []
+    for path in bad[:UNREADABLE_SHOWN]:
+        try:
+            st = os.lstat(path)
+            described.append(f"{path} (owner {owner_name(st.st_uid)}, mode {st.st_mode & 0o7777:o})")
+        except OSError:
+            described.append(path)
+    more = f" and {len(bad) - UNREADABLE_SHOWN} more" if len(bad) > UNREADABLE_SHOWN else ""
+    yield Check(FAIL, "inbox files", f"{len(bad)} file(s) {whoami()} cannot read, never delivered until it can: "
+                f"{'; '.join(described)}{more}", f"sudo chown -R {whoami()} {s.local_dir} (or chmod g+r the files)")
 
 
 def check_dirs(s: Settings) -> Iterator[Check]:
@@ -209,10 +240,10 @@ def check_ledger(s: Settings) -> Iterator[Check]:
         yield from _check_shared_ledger(s)
         return
     if not s.ledger_path.exists():
-        yield Check(WARN, "ledger", f"{s.ledger_path} does not exist yet (created on first run)")
+        yield Check(WARN, "ledger", f"{s.ledger_path} does not exist yet (watch creates it on its first start)")
         return
     try:
-        with SqliteLedger(s.ledger_path) as ledger:
+        with SqliteLedger(s.ledger_path, readonly=True) as ledger:
             result = ledger.quick_check()
             counts = ledger.counts()
             imported = ledger.meta("state_file_imported")
@@ -282,7 +313,7 @@ def check_sftp_login(s: Settings) -> Iterator[Check]:
 
 
 OFFLINE_CHECKS: tuple[Callable[[Settings], Iterator[Check]], ...] = (
-    check_delivery, check_dirs, check_sftp_files, check_gpg, check_inotify, check_ledger,
+    check_delivery, check_dirs, check_unreadable, check_sftp_files, check_gpg, check_inotify, check_ledger,
 )
 NETWORK_CHECKS: tuple[Callable[[Settings], Iterator[Check]], ...] = (check_endpoint, check_sftp_login)
 

@@ -4,7 +4,8 @@
     ├── ConfigError               bad or missing setting, bad usage (exit 2)
     │   └── HostKeyError          the SFTP server's host key is unknown or changed (exit 2)
     ├── LedgerError               the ledger (SQLite or PostgreSQL) cannot be opened, read or written
-    │   └── LedgerUnavailable     the PostgreSQL ledger cannot be reached now (a later attempt may)
+    │   ├── LedgerUnavailable     the PostgreSQL ledger cannot be reached now (a later attempt may)
+    │   └── NoLedger              a reading command found no ledger (it never creates one)
     ├── InputError                a named file is missing, unreadable, a directory or a symlink
     ├── ContentError              a ready file cannot become a delivery (undecryptable, unsafe ZIP, not SMT)
     ├── SftpError                 an SFTP connection or transfer problem a later attempt may not have
@@ -41,6 +42,11 @@ class LedgerError(SmtWatchError):
 class LedgerUnavailable(LedgerError):
     """The shared ledger cannot be reached (connection lost, server restarting): ``watch`` waits and tries
     again, ``serve`` answers 503 with ``Retry-After``; nothing is marked done meanwhile."""
+
+
+class NoLedger(LedgerError):
+    """``status``, ``ledger list`` and the other reading commands found no ledger where the settings point:
+    they say where they looked instead of creating an empty one."""
 
 
 class InputError(SmtWatchError):

@@ -51,6 +51,7 @@ class JobKind(Enum):
     GONE = "gone"  # no longer a regular file reached beneath the inbox: nothing to do
     CHANGED = "changed"  # not the bytes that settled (still being written, or replaced): let it settle again
     SKIPPED = "skipped"  # cannot be read (``JobResult.message`` says why): left alone
+    UNREADABLE = "unreadable"  # this user may not open it (EACCES): the watcher warns once and shows it in status
     ERROR = "error"  # the job itself failed (a worker process died, a ledger error): looked at again later
     UNREACHABLE = "unreachable"  # the shared ledger could not be reached: looked at again once it answers
 
@@ -80,6 +81,8 @@ def handle_job(settings: Settings, ledger: Ledger, sink: Sink, path: Path, sig: 
         return JobResult(JobKind.CHANGED)  # still being written: it settles again
     try:
         fd = open_beneath(root, path)
+    except PermissionError:
+        return JobResult(JobKind.UNREADABLE, message=f"permission denied (mode {st.st_mode & 0o7777:o})")
     except OSError:
         return JobResult(JobKind.GONE)
     try:

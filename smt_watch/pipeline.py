@@ -392,3 +392,10 @@ def resolve_target(ledger: Ledger, target: str) -> list[str]:
         if not shas and path.is_file() and not path.is_symlink():
             shas = [identify(path).sha256]
     return shas
+
+
+def retry_failed(ledger: Ledger, *, http_status: int | None = None, since: float | None = None) -> list[str]:
+    """``ledger retry --failed``: every ``failed`` row (only those the app answered ``http_status``, and only
+    those that failed at or after ``since``, when given) back to ``pending``; the hashes moved."""
+    shas = [r.sha256 for r in ledger.rows("failed", since=since, http_status=http_status)]
+    return ledger.retry(shas) if shas else []

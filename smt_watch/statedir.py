@@ -8,15 +8,21 @@ reads the bash script's ``.posted_sha256`` through it. This module joins the two
 
 from __future__ import annotations
 
+import grp
+import logging
 import os
+import pwd
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from smt_watch.config import Settings, redact_url
-from smt_watch.errors import ConfigError
+from smt_watch.errors import ConfigError, LedgerError, NoLedger
 from smt_watch.ledger import Ledger, SqliteLedger
+from smt_watch.ledger.sqlite import SCHEMA_VERSION
 from smt_watch.legacy import import_state_file
+
+log = logging.getLogger("smt_watch.statedir")
 
 
 def open_ledger(settings: Settings, *, max_connections: int | None = None,
@@ -33,7 +39,11 @@ def open_ledger(settings: Settings, *, max_connections: int | None = None,
     except OSError as exc:
         raise ConfigError(f"SMT_STATE_DIR {settings.state_dir} cannot be created: {exc.strerror}") from exc
     if not os.access(settings.state_dir, os.W_OK | os.X_OK):
-        raise ConfigError(f"SMT_STATE_DIR {settings.state_dir} is not writable")
+        raise ConfigError(f"SMT_STATE_DIR {settings.state_dir} is not writable by {whoami()} "
+                          f"({owned_by(settings.state_dir)}): {chown_command(settings.state_dir)}")
+    if not settings.ledger_url:
+        refuse_foreign_files(settings)
+        _warn_root(settings.state_dir)
     ledger = connect(settings, max_connections, reconnect_seconds) if settings.ledger_url else SqliteLedger(
         settings.ledger_path, node=settings.node_name)
     try:
@@ -41,6 +51,90 @@ def open_ledger(settings: Settings, *, max_connections: int | None = None,
     except BaseException:
         ledger.close()
         raise
+    return ledger
+
+
+def whoami() -> str:
+    """The user this process runs as, by name when it has one."""
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return f"uid {os.geteuid()}"
+
+
+def owner_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+def owned_by(path: Path) -> str:
+    """``owned by root, mode 644``: what an operator needs to see to understand a permission problem."""
+    try:
+        st = path.stat()
+    except OSError as exc:
+        return exc.strerror or "cannot stat it"
+    return f"owned by {owner_name(st.st_uid)}, mode {st.st_mode & 0o7777:o}"
+
+
+def chown_command(path: Path) -> str:
+    """The command that gives ``path`` (and what is in it) back to the user this process runs as."""
+    try:
+        group = grp.getgrgid(os.getegid()).gr_name
+    except KeyError:
+        group = str(os.getegid())
+    return f"sudo chown -R {whoami()}:{group} {path}"
+
+
+def refuse_foreign_files(settings: Settings) -> None:
+    """The ledger and its companions (``-wal``, ``-shm``, locks) must be writable by whoever writes them: a
+    command run once as root leaves them root's, and SQLite then fails every write of ``watch`` with
+    "attempt to write a readonly database". Refused at start, with the command that fixes it."""
+    ledger = settings.ledger_path
+    for path in (ledger, ledger.with_name(ledger.name + "-wal"), ledger.with_name(ledger.name + "-shm"),
+                 ledger.with_name(ledger.name + ".lock"), settings.state_dir / "sync.lock"):
+        if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+            raise ConfigError(f"ledger file {path} is {owned_by(path)} and not writable by {whoami()} (was a "
+                              f"command run as another user, e.g. root?): {chown_command(settings.state_dir)}")
+
+
+def _warn_root(state_dir: Path) -> None:
+    """Root writing into the service user's state dir leaves files the service cannot write (its next start
+    refuses them): said before it happens."""
+    try:
+        owner = state_dir.stat().st_uid
+    except OSError:
+        return
+    if os.geteuid() == 0 and owner != 0:
+        log.warning("Running as root in %s, which %s owns: files created now will be root's and `watch` as %s "
+                    "will refuse them; run it as that user (sudo -u %s smt-watch …)", state_dir,
+                    owner_name(owner), owner_name(owner), owner_name(owner))
+
+
+def open_reader(settings: Settings) -> Ledger:
+    """The ledger for a command that only reads (``status``, ``ledger list``): never created (:class:`NoLedger`
+    names where it looked), opened read-only (``mode=ro``) so a user who may read but not write it (a
+    monitoring user in the service's group) can run ``status``. An SQLite ledger older than this smt-watch is
+    migrated first when this user may write it; else the command says who can."""
+    if settings.ledger_url:
+        return connect(settings, max_connections=2)
+    path = settings.ledger_path
+    if not path.is_file():
+        raise NoLedger(f"no ledger at {path} (SMT_STATE_DIR={settings.state_dir}; `watch` creates it on "
+                       "its first start; another state dir: --state-dir or --env-file)")
+    ledger = SqliteLedger(path, node=settings.node_name, readonly=True)
+    version = ledger.schema_version
+    if version > SCHEMA_VERSION:
+        ledger.close()
+        raise LedgerError(f"ledger {path} has schema {version}, newer than this smt-watch ({SCHEMA_VERSION})")
+    if version < SCHEMA_VERSION:
+        ledger.close()
+        if not os.access(path, os.W_OK) or not os.access(settings.state_dir, os.W_OK):
+            raise NoLedger(f"ledger {path} has schema {version}, older than this smt-watch ({SCHEMA_VERSION}): "
+                           "restart smt-watch (the service user migrates it), then run this again")
+        SqliteLedger(path, node=settings.node_name).close()  # migrates
+        ledger = SqliteLedger(path, node=settings.node_name, readonly=True)
     return ledger
 
 

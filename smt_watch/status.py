@@ -10,7 +10,10 @@
   ``sent``, as the ledger knows it: backoff waits included);
 - every **failure** (``failed`` and ``retrying`` rows) with its reason and the command that retries it;
 - the **last sync pass** (a meta row ``sync.last`` written by :func:`record_sync`);
-- **upload quota** use by role, as ``serve`` counts it.
+- **upload quota** use by role, as ``serve`` counts it;
+- the files a ``watch`` **cannot read** (a meta row ``watch.unreadable.<node>``, rewritten when the set changes);
+- **alerts**: every state that needs a person (a dead watcher, a failed row, an unreadable file, a sync pass
+  that stopped, failed or is overdue), each one line; ``status`` exits 1 when there is any.
 
 Writers here (:func:`beat`, :func:`record_sync`) are one idempotent meta upsert each; nothing else writes.
 """
@@ -20,12 +23,13 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Final
 
 from smt_watch.clock import utc_stamp
 from smt_watch.ledger import STATES, Ledger
 from smt_watch.ledger.common import delivery_seconds, epoch_of
+from smt_watch.names import shown
 
 if TYPE_CHECKING:
     from smt_watch.config import Settings
@@ -35,6 +39,7 @@ HEARTBEAT_PREFIX: Final = "watch.heartbeat."
 HEARTBEAT_SECONDS: Final = 10.0  # how often `watch` rewrites its heartbeat
 STALE_SECONDS: Final = 3 * HEARTBEAT_SECONDS  # a beat older than this: that watcher is not running
 SYNC_KEY: Final = "sync.last"
+UNREADABLE_PREFIX: Final = "watch.unreadable."
 RECENT: Final = 10  # deliveries shown
 HOURS: Final = 24  # hours in the charts
 ROLES: Final = ("admin", "customer")  # as serve counts uploads (Settings.upload_limit, upload_window)
@@ -105,6 +110,18 @@ class Quota:
 
 
 @dataclass(frozen=True)
+class Unreadable:
+    """A file in the inbox that a ``watch`` could not open: nothing of it is delivered until it can."""
+
+    node: str
+    path: str
+    owner: str
+    mode: str  # octal, as ls would show the permission bits
+    user: str  # the user that watch runs as
+    since: str
+
+
+@dataclass(frozen=True)
 class Hour:
     start: str  # the hour's first second (UTC)
     deliveries: int
@@ -124,6 +141,8 @@ class Status:
     last_sync: SyncPass | None
     quotas: list[Quota]
     hours: list[Hour] = field(default_factory=list)
+    unreadable: list[Unreadable] = field(default_factory=list)
+    alerts: list[str] = field(default_factory=list)  # each state that needs a person, one line each
 
     @property
     def watching(self) -> bool:
@@ -160,6 +179,11 @@ def beat(ledger: Ledger, b: Beat) -> None:
     ledger.set_meta(HEARTBEAT_PREFIX + b.node, json.dumps(value, sort_keys=True))
 
 
+def record_unreadable(ledger: Ledger, node: str, files: list[Unreadable]) -> None:
+    """The files this node's ``watch`` cannot read now (an empty list once they are all readable or gone)."""
+    ledger.set_meta(UNREADABLE_PREFIX + node, json.dumps([asdict(f) for f in files], sort_keys=True))
+
+
 def record_sync(ledger: Ledger, node: str, started: float, report: SyncReport | None, error: str | None) -> None:
     """Remember a finished pass (or the error that stopped it) for ``status``."""
     value = {"node": node, "started_at": utc_stamp(started), "finished_at": utc_stamp(time.time()),
@@ -174,6 +198,54 @@ def record_sync(ledger: Ledger, node: str, started: float, report: SyncReport | 
 
 def retry_command(sha256: str) -> str:
     return f"smt-watch ledger retry {sha256}"
+
+
+BULK_RETRY: Final = "smt-watch ledger retry --failed"
+
+
+def retry_lines(status: Status) -> list[str]:
+    """The commands that retry the failures, whole (a terminal's width never cuts them): one per row, then
+    the bulk form when more than one row failed."""
+    if not status.failures:
+        return []
+    lines = ["retry with:"] + [f"  {f.retry_command}" for f in status.failures]
+    if sum(f.state == "failed" for f in status.failures) > 1:
+        lines.append(f"  {BULK_RETRY}    (every failed row; --status CODE, --since WHEN narrow it)")
+    return lines
+
+
+def _unreadable(ledger: Ledger) -> list[Unreadable]:
+    out: list[Unreadable] = []
+    for raw in ledger.meta_prefix(UNREADABLE_PREFIX).values():
+        try:
+            out.extend(Unreadable(**{k: str(v) for k, v in item.items()}) for item in json.loads(raw))
+        except (ValueError, TypeError, AttributeError):
+            continue  # written by another version: not ours to judge
+    return sorted(out, key=lambda u: (u.node, u.path))
+
+
+def _alerts(settings: Settings, status: Status, now: float) -> list[str]:
+    """Every state that needs a person, one line each; ``status`` exits 1 when there is any."""
+    out = [f"watch on {w.node} is not running: last heartbeat {age(w.beat_at, now)} (pid {w.pid})"
+           for w in status.watchers if not w.running and not w.stopped_at]
+    failed = sum(f.state == "failed" for f in status.failures)
+    if failed:
+        out.append(f"{failed} failed row(s): fix the cause, then {BULK_RETRY if failed > 1 else 'retry it'}")
+    if status.unreadable:
+        users = ", ".join(sorted({u.user for u in status.unreadable}))
+        out.append(f"{len(status.unreadable)} file(s) in the inbox that watch cannot read as {users}: nothing of "
+                   "them is delivered until it can")
+    p = status.last_sync
+    if p is not None:
+        if p.error:
+            out.append(f"sync stopped on {p.node}: {p.error}")
+        elif p.failed:
+            out.append(f"sync's last pass on {p.node} failed {len(p.failed)} file(s): {', '.join(p.failed[:3])}")
+        stale = settings.sync_stale_seconds
+        if stale and now - epoch_of(p.finished_at) > stale:
+            out.append(f"sync has not run for {age(p.finished_at, now).removesuffix(' ago')} (alert after "
+                       f"SMT_SYNC_STALE_SECONDS={stale:g}): is smt-sync.timer enabled? systemctl list-timers smt-sync")
+    return out
 
 
 def _watchers(ledger: Ledger, now: float) -> list[Watcher]:
@@ -246,16 +318,17 @@ def gather(settings: Settings, ledger: Ledger, now: float | None = None) -> Stat
         for state in ("failed", "retrying") for r in ledger.rows(state)
     ]
     recent = [Delivery(filename=r.filename, sha256=r.sha256, size=r.size,
-                       seconds=round(delivery_seconds(r.first_seen, r.sent_at or r.first_seen), 3),
+                       seconds=round(delivery_seconds(r.first_seen, r.sent_at or r.first_seen, r.started_at), 3),
                        http_status=r.http_status, sent_at=r.sent_at or "")
               for r in ledger.recent_deliveries(RECENT)]
     counts = ledger.counts()
-    return Status(
+    status = Status(
         generated_at=utc_stamp(now), ledger=str(ledger.path), watchers=_watchers(ledger, now),
         queue=sum(counts[s] for s in ("pending", "sending", "retrying")), counts={s: counts[s] for s in STATES},
         recent=recent, failures=failures, last_sync=_last_sync(ledger), quotas=_quotas(settings, ledger, now),
-        hours=_hours(ledger, now),
+        hours=_hours(ledger, now), unreadable=_unreadable(ledger),
     )
+    return replace(status, alerts=_alerts(settings, status, now))
 
 
 def age(stamp: str, now: float) -> str:
@@ -315,15 +388,20 @@ def console_view(status: Status, now: float | None = None) -> Any:
     from rich.table import Table
     from rich.text import Text
 
-    from smt_watch.names import shown
-
     now = time.time() if now is None else now
     head = Text()
+    if status.alerts:
+        head.append("needs attention:\n", style="bold red")
+        for alert in status.alerts:
+            head.append(f"  - {alert}\n", style="red")
     head.append(watch_line(status, now) + "\n", style="green" if status.watching else "bold red")
     counts = ", ".join(f"{s} {n}" for s, n in status.counts.items())
     head.append(f"queue: {status.queue} not delivered yet   ledger: {counts}\n")
-    head.append(sync_line(status, now) + "\n",
-                style="bold red" if status.last_sync and (status.last_sync.error or status.last_sync.failed) else "")
+    sync_alert = any(a.startswith(("sync ", "sync's")) for a in status.alerts)
+    head.append(sync_line(status, now) + "\n", style="bold red" if sync_alert else "")
+    for u in status.unreadable:
+        head.append(f"cannot read: {shown(u.path)} (owner {u.owner}, mode {u.mode}; watch on {u.node} runs as "
+                    f"{u.user}) since {u.since}\n", style="bold red")
     quotas = "; ".join(f"{q.role} {q.uploads} upload(s) from {q.accounts} account(s), {q.at_limit} at the limit "
                        f"of {q.limit}" for q in status.quotas)
     head.append(f"uploads: {quotas}\n")
@@ -334,14 +412,13 @@ def console_view(status: Status, now: float | None = None) -> Any:
                        str(d.http_status or "-"))
     parts: list[Any] = [head, recent]
     if status.failures:
-        failed = Table("state", "file", "att", "HTTP", "reason", "retry with", title="failures", title_justify="left",
+        failed = Table("state", "file", "att", "HTTP", "reason", title="failures", title_justify="left",
                        title_style="bold red")
         for f in status.failures:
             reason = escape(shown(f.error[:200]))
             if f.next_attempt_at:
                 reason += f" (next attempt {f.next_attempt_at})"
-            failed.add_row(f.state, escape(shown(f.filename)), str(f.attempts), str(f.http_status or "-"), reason,
-                           f.retry_command)
+            failed.add_row(f.state, escape(shown(f.filename)), str(f.attempts), str(f.http_status or "-"), reason)
         parts.append(failed)
     else:
         parts.append(Text("failures: none"))

@@ -21,6 +21,8 @@ whatever landed while we were down.
 from __future__ import annotations
 
 import errno
+import fcntl
+import hashlib
 import heapq
 import logging
 import os
@@ -33,9 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import assert_never
 
+from smt_watch.clock import utc_stamp
 from smt_watch.config import AfterSend, Settings, WorkerMode
 from smt_watch.delivery import Sink, delivery_mode, make_sink
-from smt_watch.errors import LedgerUnavailable, SmtWatchError
+from smt_watch.errors import ConfigError, LedgerUnavailable, SmtWatchError
 from smt_watch.events import InboxWatcher
 from smt_watch.hashing import FileIdentity, Signature
 from smt_watch.inbox import (
@@ -53,8 +56,8 @@ from smt_watch.ledger import Ledger, Seen
 from smt_watch.metrics import Metrics
 from smt_watch.notify import Notifier
 from smt_watch.pipeline import Outcome, Result
-from smt_watch.statedir import open_ledger
-from smt_watch.status import HEARTBEAT_SECONDS, Beat, beat
+from smt_watch.statedir import open_ledger, owner_name, whoami
+from smt_watch.status import HEARTBEAT_SECONDS, Beat, Unreadable, beat, record_unreadable
 
 log = logging.getLogger("smt_watch.watch")
 
@@ -64,6 +67,7 @@ SCAN_BATCH = 1000  # stat-cache rows asked for at once during a scan
 BUSY_RECHECK_SECONDS = 0.5
 OVERFLOW_RESCAN_DELAY = 1.0  # seconds from an inotify overflow to the rescan it triggers
 HANDLED_STATES = frozenset({"sent", "failed", "retrying"})
+UNREADABLE_RECHECK_SECONDS = 30.0  # a file this user cannot open is tried again this often (a chmod ends it)
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,8 @@ class WatchService:
         self._sink: Sink | None = None
         self.backend = ""
         self._started_at = time.time()
+        self._unreadable: dict[Path, Unreadable] = {}  # files this user cannot open, warned about once each
+        self._inbox_lock: int | None = None
 
     # --- control ------------------------------------------------------------------------------------
 
@@ -145,12 +151,28 @@ class WatchService:
     # --- the main loop ------------------------------------------------------------------------------
 
     def run(self) -> int:
-        create_inbox(self.root)
+        if self.settings.create_inbox:
+            create_inbox(self.root)
+        elif not self.root.is_dir():
+            what = "is not a directory" if self.root.exists() else "does not exist"
+            raise ConfigError(f"SMT_LOCAL_DIR {self.root} {what} (a typo?); create it, or start watch with "
+                              "--create-inbox (SMT_CREATE_INBOX=1)")
         self._ledger = ledger = open_ledger(self.settings)
-        self._sink = make_sink(self.settings, self.mode, chunks=ledger)
-        if self.settings.metrics_port:
-            self.metrics.serve(self.settings.metrics_port)
-            log.info("Serving metrics at http://127.0.0.1:%d/metrics", self.settings.metrics_port)
+        try:
+            self._inbox_lock = lock_inbox(self.settings.state_dir, self.root)
+            record_unreadable(ledger, self.settings.node_name, [])  # what a previous run recorded is stale
+        except BaseException:
+            ledger.close()
+            raise
+        try:
+            self._sink = make_sink(self.settings, self.mode, chunks=ledger)
+            if self.settings.metrics_port:
+                self.metrics.serve(self.settings.metrics_port)
+                log.info("Serving metrics at http://127.0.0.1:%d/metrics", self.settings.metrics_port)
+        except BaseException:
+            self._unlock_inbox()
+            ledger.close()
+            raise
         workers = [
             threading.Thread(target=self._worker, args=(i,), name=f"smt-watch-worker-{i}", daemon=True)
             for i in range(self.settings.workers)
@@ -347,12 +369,23 @@ class WatchService:
 
     def _shutdown(self, watcher: InboxWatcher, workers: list[threading.Thread]) -> None:
         self._notifier.stopping()
-        watcher.stop()
         try:
             while True:
-                self._queue.get_nowait()  # not started: the next start's scan finds them again
+                job = self._queue.get_nowait()  # not started: the next start's scan finds them again
+                if job is not None:
+                    with self._lock:
+                        self._busy.discard(job.path)
         except queue.Empty:
             pass
+        with self._lock:
+            in_flight = len(self._busy)
+        if in_flight:
+            log.warning("Stopping: waiting up to %.0f s (SMT_STOP_GRACE_SECONDS) for %d delivery(ies) in flight; "
+                        "press Ctrl-C again (or send SIGTERM again) to quit now", self.settings.grace_seconds,
+                        in_flight)
+        else:
+            log.info("Stopping: no delivery in flight (a second Ctrl-C quits at once)")
+        watcher.stop()
         for _ in workers:
             self._queue.put(None)
         deadline = time.monotonic() + self.settings.grace_seconds
@@ -364,12 +397,19 @@ class WatchService:
             self._beat(stopped=True)
         if alive:
             log.warning("Stopping with %d delivery(ies) in flight; they will be sent again at next start", alive)
+            self._unlock_inbox()
             return  # daemon threads; their rows stay `sending` and are resumed at the next start
         if self._sink:
             self._sink.close()
         if self._ledger:
             self._ledger.close()
+        self._unlock_inbox()
         log.info("Stopped: %s", self._status())
+
+    def _unlock_inbox(self) -> None:
+        if self._inbox_lock is not None:
+            os.close(self._inbox_lock)  # the kernel drops the flock with it (and on a crash, with the process)
+            self._inbox_lock = None
 
     # --- workers ------------------------------------------------------------------------------------
 
@@ -410,6 +450,9 @@ class WatchService:
                 self._intake(job.path)  # still being written: wait for it to settle again
             case JobKind.SKIPPED:
                 log.warning("Skipping %s: %s", job.path, result.message)
+            case JobKind.UNREADABLE:
+                self._cannot_read(job.path)
+                self._look_again(job.path, UNREADABLE_RECHECK_SECONDS)
             case JobKind.ERROR:
                 log.error("Could not handle %s: %s", job.path, result.message)
                 self._look_again(job.path, DUE_CHECK_SECONDS * 5)
@@ -418,7 +461,9 @@ class WatchService:
                 self._look_again(job.path, LEDGER_RETRY_SECONDS)
             case JobKind.GONE:
                 log.debug("%s is gone, or no longer a regular file beneath the inbox: nothing to deliver", job.path)
+                self._readable_again(job.path)
             case JobKind.DONE:
+                self._readable_again(job.path)
                 assert result.ident is not None and result.outcome is not None
                 if result.hashed:
                     with self._lock:
@@ -426,6 +471,42 @@ class WatchService:
                 self._record(job, result.ident, result.outcome)
             case _:
                 assert_never(result.kind)
+
+    def _cannot_read(self, path: Path) -> None:
+        """A file this user may not open: warned once (name, owner, mode, our user) and kept in the ledger
+        for ``status`` until it is readable or gone; it is tried again every UNREADABLE_RECHECK_SECONDS."""
+        try:
+            st = path.lstat()
+        except OSError:
+            return
+        entry = Unreadable(node=self.settings.node_name, path=str(path), owner=owner_name(st.st_uid),
+                           mode=f"{st.st_mode & 0o7777:o}", user=whoami(), since=utc_stamp())
+        with self._lock:
+            known = self._unreadable.get(path)
+            if known is not None and (known.owner, known.mode) == (entry.owner, entry.mode):
+                return
+            self._unreadable[path] = entry
+            files = list(self._unreadable.values())
+        log.warning("Cannot read %s (owner %s, mode %s) as user %s: it is not delivered until %s can read it "
+                    "(sudo chown %s %s, or chmod g+r it and add %s to its group)", path, entry.owner, entry.mode,
+                    entry.user, entry.user, entry.user, path, entry.user)
+        self._save_unreadable(files)
+
+    def _readable_again(self, path: Path) -> None:
+        with self._lock:
+            if self._unreadable.pop(path, None) is None:
+                return
+            files = list(self._unreadable.values())
+        log.info("%s can be read now", path)
+        self._save_unreadable(files)
+
+    def _save_unreadable(self, files: list[Unreadable]) -> None:
+        if self._ledger is None:
+            return
+        try:
+            record_unreadable(self._ledger, self.settings.node_name, files)
+        except SmtWatchError as exc:
+            log.debug("Unreadable files not recorded for status: %s", exc)
 
     def _record(self, job: Job, ident: FileIdentity, o: Outcome) -> None:
         """Counts, metrics and one log line per delivered CSV; then the file's after-send action."""
@@ -495,6 +576,29 @@ class WatchService:
             return
         assert self._ledger is not None
         self._ledger.unremember(str(path))
+
+
+def lock_inbox(state_dir: Path, root: Path) -> int:
+    """One ``watch`` per inbox: an ``flock`` on ``watch-<hash of the inbox>.lock`` in the state dir, holding
+    the holder's pid. A second ``watch`` on the same inbox is refused, naming that pid; the kernel drops the
+    lock when its holder exits, however it exits. Returns the descriptor to keep open."""
+    key = hashlib.sha256(os.fsencode(root.resolve())).hexdigest()[:16]
+    lock_path = state_dir / f"watch-{key}.lock"
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        raise ConfigError(f"cannot open the inbox lock {lock_path}: {exc.strerror}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode("ascii", "replace").split()
+        os.close(fd)
+        pid = holder[0] if holder else "unknown"
+        raise ConfigError(f"another watch (pid {pid}) is watching {root} already (lock {lock_path}); "
+                          "stop it first (systemctl stop smt-watch), or watch another inbox") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()} {root}\n".encode(errors="surrogateescape"), 0)
+    return fd
 
 
 def _move_from(dir_fd: int, name: str, dest: Path) -> None:

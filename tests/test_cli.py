@@ -87,9 +87,13 @@ def test_config_errors_exit_2_in_one_line(run_cli: Run, env: dict[str, str], arg
 def test_unwritable_state_dir_exits_2(run_cli: Run, tmp_path: Path) -> None:
     blocker = tmp_path / "file-not-dir"
     blocker.write_text("x")
-    proc = run_cli("ledger", "list", env={"SMT_STATE_DIR": str(blocker / "state")})
+    proc = run_cli("ledger", "forget", "0" * 64, env={"SMT_STATE_DIR": str(blocker / "state")})
     assert_clean_error(proc, 2)
     assert "SMT_STATE_DIR" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    # a reading command creates nothing: it says where it looked (exit 1)
+    proc = run_cli("ledger", "list", env={"SMT_STATE_DIR": str(blocker / "state")})
+    assert_clean_error(proc, 1)
+    assert f"no ledger at {blocker / 'state' / 'ledger.sqlite3'}" in proc.stderr
 
 
 def test_post_then_list_json_then_forget(run_cli: Run, receiver: Any, tmp_path: Path) -> None:

@@ -166,11 +166,21 @@ def test_metrics_endpoint(watch_env: dict[str, str], receiver: Any, tmp_path: Pa
         assert w.stop() == 0
 
 
-def test_inbox_is_created_0750(watch_env: dict[str, str], tmp_path: Path) -> None:
+def test_inbox_is_created_0750_only_when_asked(watch_env: dict[str, str], tmp_path: Path) -> None:
+    """A missing inbox (a typo in SMT_LOCAL_DIR) is exit 2 in one line, nothing created; --create-inbox (or
+    SMT_CREATE_INBOX=1) creates it 0750."""
     env = {**watch_env, "SMT_LOCAL_DIR": str(tmp_path / "new" / "inbox")}
-    with started(env, tmp_path / "w.log") as w:
+    proc = subprocess.run([*SMT_WATCH, "watch"], env=env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "does not exist" in proc.stderr
+    assert "--create-inbox" in proc.stderr and not (tmp_path / "new").exists()
+    with started(env, tmp_path / "w.log", "--create-inbox") as w:
         assert w.stop() == 0
     assert (tmp_path / "new" / "inbox").stat().st_mode & 0o777 == 0o750
+    env = {**env, "SMT_LOCAL_DIR": str(tmp_path / "other"), "SMT_CREATE_INBOX": "1"}
+    with started(env, tmp_path / "w2.log") as w:
+        assert w.stop() == 0
+    assert (tmp_path / "other").is_dir()
 
 
 def test_unusable_state_dir_exits_2(watch_env: dict[str, str], tmp_path: Path) -> None:

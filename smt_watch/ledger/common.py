@@ -26,7 +26,7 @@ SHA256_RE: Final = re.compile(r"^[0-9a-f]{64}$")
 STALE_FOREIGN_CLAIM_SECONDS: Final = 6 * 3600
 FILE_COLUMNS: Final = (
     "sha256, filename, path, size, state, attempts, http_status, last_error, first_seen, updated_at, "
-    "sent_at, destination, mode, next_attempt_at, claimed_by, origin, parent"
+    "sent_at, destination, mode, next_attempt_at, claimed_by, origin, parent, started_at"
 )
 
 # What ``ledger copy`` carries, table by table: the columns both backends have (PostgreSQL's lease and the
@@ -34,7 +34,7 @@ FILE_COLUMNS: Final = (
 COPIED_COLUMNS: Final[dict[str, tuple[str, ...]]] = {
     "files": ("sha256", "filename", "path", "size", "state", "attempts", "http_status", "last_error", "first_seen",
               "updated_at", "sent_at", "destination", "mode", "next_attempt_at", "claimed_by", "claimed_at",
-              "origin", "parent"),
+              "origin", "parent", "started_at"),
     "chunks": ("sha256", "part", "parts", "chunk_sha256", "acked_at"),
     "remote_files": ("remote_path", "size", "mtime", "sha256", "local_path", "fetched_at"),
     "uploads": ("role", "account", "at"),
@@ -49,9 +49,10 @@ RETRY_NOTE: Final = "retry requested by the operator"
 REPOST_NOTE: Final = "re-post requested (forceRepost)"
 
 
-def delivery_seconds(first_seen: str, sent_at: str) -> float:
-    """A delivery's latency as the ledger knows it: first sight to ``sent`` (backoff waits included)."""
-    return max(0.0, epoch_of(sent_at) - epoch_of(first_seen))
+def delivery_seconds(first_seen: str, sent_at: str, started_at: str | None = None) -> float:
+    """A delivery's latency as the ledger knows it: from the start of this delivery (``started_at``; first
+    sight when it has none) to ``sent``, backoff waits included."""
+    return max(0.0, epoch_of(sent_at) - epoch_of(started_at or first_seen))
 
 
 def now_iso() -> str:
@@ -113,6 +114,9 @@ class Row:
     claimed_by: str | None
     origin: str
     parent: str | None = None  # SHA-256 of the .asc/.zip this CSV was unpacked from
+    # When this delivery began: first sight, or when `post --force` took a sent row again or an operator's
+    # `ledger retry` put it back; latency (status, serve's etaSeconds) counts from here. None: first_seen.
+    started_at: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -187,7 +191,8 @@ class Ledger(Protocol):
     def clock_offset(self) -> float: ...
 
     def get(self, sha256: str) -> Row | None: ...
-    def rows(self, state: str | None = None) -> list[Row]: ...
+    def rows(self, state: str | None = None, *, since: float | None = None,
+             http_status: int | None = None) -> list[Row]: ...
     def find(self, *, sha_prefix: str | None = None, path: str | None = None) -> list[Row]: ...
     def counts(self) -> dict[str, int]: ...
     def undelivered_count(self) -> int: ...

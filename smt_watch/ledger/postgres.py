@@ -151,20 +151,23 @@ _MIGRATIONS: Final[tuple[str, ...]] = (
     CREATE INDEX IF NOT EXISTS labels_esiid ON {SCHEMA}.labels(esiid);
     CREATE INDEX IF NOT EXISTS labels_declared_esiid ON {SCHEMA}.labels(declared_esiid);
     """,
+    # 7: when the current delivery began (`post --force` of a sent row, an operator's retry); NULL: first_seen.
+    f"ALTER TABLE {SCHEMA}.files ADD COLUMN IF NOT EXISTS started_at TEXT",
 )
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
 
 _CLAIM_SQL: Final = f"""
 INSERT INTO {SCHEMA}.files AS f (sha256, filename, path, size, state, first_seen, updated_at, mode,
-                                 claimed_by, claimed_at, lease_until, node, parent)
+                                 claimed_by, claimed_at, lease_until, node, parent, started_at)
 VALUES (%(sha)s, %(filename)s, %(path)s, %(size)s, 'sending', %(now)s, %(now)s, %(mode)s,
-        %(me)s, %(epoch)s, now() + make_interval(secs => %(lease)s), %(node)s, %(parent)s)
+        %(me)s, %(epoch)s, now() + make_interval(secs => %(lease)s), %(node)s, %(parent)s, %(now)s)
 ON CONFLICT (sha256) DO UPDATE SET
     state = 'sending', filename = EXCLUDED.filename, path = EXCLUDED.path, size = EXCLUDED.size,
     mode = EXCLUDED.mode, updated_at = EXCLUDED.updated_at, claimed_by = EXCLUDED.claimed_by,
     claimed_at = EXCLUDED.claimed_at, lease_until = EXCLUDED.lease_until, node = EXCLUDED.node,
     next_attempt_at = NULL,
-    parent = COALESCE(EXCLUDED.parent, f.parent)
+    parent = COALESCE(EXCLUDED.parent, f.parent),
+    started_at = CASE WHEN f.state = 'sent' THEN EXCLUDED.started_at ELSE f.started_at END
 WHERE (f.state <> 'sent' OR %(force)s)
   AND NOT (%(backoff)s AND (f.state = 'failed' OR (f.state = 'retrying' AND f.next_attempt_at > %(epoch)s)))
   AND NOT (f.state = 'sending' AND (
@@ -358,13 +361,22 @@ class PostgresLedger(LedgerBase):
         rows = self._query(f"SELECT {FILE_COLUMNS} FROM files WHERE sha256 = %s", (sha256,))
         return row_from(rows[0]) if rows else None
 
-    def rows(self, state: str | None = None) -> list[Row]:
-        if state is None:
-            found = self._query(f"SELECT {FILE_COLUMNS} FROM files ORDER BY first_seen, sha256")
-        else:
-            found = self._query(
-                f"SELECT {FILE_COLUMNS} FROM files WHERE state = %s ORDER BY first_seen, sha256", (state,)
-            )
+    def rows(self, state: str | None = None, *, since: float | None = None, http_status: int | None = None
+             ) -> list[Row]:
+        """As :meth:`smt_watch.ledger.sqlite.SqliteLedger.rows`."""
+        where: list[str] = []
+        params: list[Any] = []
+        if state is not None:
+            where.append("state = %s")
+            params.append(state)
+        if since is not None:
+            where.append("updated_at >= %s")
+            params.append(utc_stamp(since, digits=6))
+        if http_status is not None:
+            where.append("http_status = %s")
+            params.append(http_status)
+        clause = f" WHERE {' AND '.join(where)}" if where else ""
+        found = self._query(f"SELECT {FILE_COLUMNS} FROM files{clause} ORDER BY first_seen, sha256", params)
         return [row_from(r) for r in found]
 
     def find(self, *, sha_prefix: str | None = None, path: str | None = None) -> list[Row]:
@@ -385,9 +397,10 @@ class PostgresLedger(LedgerBase):
         return int(rows[0]["n"])
 
     def recent_send_seconds(self, limit: int, since: float) -> list[float]:
-        rows = self._query("SELECT first_seen, sent_at FROM files WHERE state = 'sent' AND attempts = 1"
-                           " AND sent_at >= %s ORDER BY sent_at DESC LIMIT %s", (utc_stamp(since, digits=6), limit))
-        return [max(0.0, epoch_of(r["sent_at"]) - epoch_of(r["first_seen"])) for r in rows]
+        rows = self._query("SELECT COALESCE(started_at, first_seen) AS began, sent_at FROM files"
+                           " WHERE state = 'sent' AND attempts = 1 AND sent_at >= %s ORDER BY sent_at DESC LIMIT %s",
+                           (utc_stamp(since, digits=6), limit))
+        return [max(0.0, epoch_of(r["sent_at"]) - epoch_of(r["began"])) for r in rows]
 
     def meta(self, key: str) -> str | None:
         rows = self._query("SELECT value FROM meta WHERE key = %s", (key,))
@@ -407,9 +420,9 @@ class PostgresLedger(LedgerBase):
             " ORDER BY sent_at DESC, sha256 LIMIT %s", (limit,))]
 
     def delivery_times(self, since: float) -> list[tuple[float, float]]:
-        rows = self._query("SELECT first_seen, sent_at FROM files WHERE state = 'sent' AND origin <> 'import'"
-                           " AND sent_at >= %s ORDER BY sent_at", (utc_stamp(since, digits=6),))
-        return [(epoch_of(r["sent_at"]), delivery_seconds(r["first_seen"], r["sent_at"])) for r in rows]
+        rows = self._query("SELECT COALESCE(started_at, first_seen) AS began, sent_at FROM files WHERE state = 'sent'"
+                           " AND origin <> 'import' AND sent_at >= %s ORDER BY sent_at", (utc_stamp(since, digits=6),))
+        return [(epoch_of(r["sent_at"]), delivery_seconds(r["began"], r["sent_at"])) for r in rows]
 
     def upload_counts(self, role: str, since: float) -> dict[str, int]:
         return {str(r["account"]): int(r["n"]) for r in self._query(
@@ -541,8 +554,9 @@ class PostgresLedger(LedgerBase):
                 targets = shas + [p for p in parents if p not in shas]
                 moved = {r[0] for r in conn.execute(
                     "UPDATE files SET state = 'pending', next_attempt_at = NULL, claimed_by = NULL, claimed_at = NULL,"
-                    " lease_until = NULL, updated_at = %s WHERE sha256 = ANY(%s) AND state IN ('failed', 'retrying')"
-                    " RETURNING sha256", (now_iso(), targets)).fetchall()}
+                    " lease_until = NULL, updated_at = %(now)s, started_at = %(now)s WHERE sha256 = ANY(%(shas)s)"
+                    " AND state IN ('failed', 'retrying') RETURNING sha256", {"now": now_iso(), "shas": targets}
+                ).fetchall()}
             return [s for s in targets if s in moved]
 
         return self._run(run)

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import quote
 
 from smt_watch.clock import utc_stamp
 from smt_watch.errors import LedgerError
@@ -141,8 +142,14 @@ def _migration_6(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX labels_declared_esiid ON labels(declared_esiid)")
 
 
+def _migration_7(db: sqlite3.Connection) -> None:
+    """When the current delivery began (``post --force`` of a sent row, an operator's retry), so latency is
+    not counted from a first sight days ago; NULL means ``first_seen``."""
+    db.execute("ALTER TABLE files ADD COLUMN started_at TEXT")
+
+
 MIGRATIONS: Final[tuple[Callable[[sqlite3.Connection], None], ...]] = (
-    _migration_1, _migration_2, _migration_3, _migration_4, _migration_5, _migration_6,
+    _migration_1, _migration_2, _migration_3, _migration_4, _migration_5, _migration_6, _migration_7,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -173,10 +180,35 @@ def _opening(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
+def _open_readonly(path: Path, busy_timeout: float) -> sqlite3.Connection:
+    """A ``mode=ro`` connection. With no ``-wal``/``-shm`` beside the file (no writer has it open) and a
+    directory this user cannot write, SQLite cannot set up its WAL index and refuses; the file then holds
+    every committed row, and is read as ``immutable`` (no locks, nothing written)."""
+    uri = f"file:{quote(str(path.absolute()))}?mode=ro"
+    last: sqlite3.Error | None = None
+    for extra in ("", "&immutable=1"):
+        try:
+            db = sqlite3.connect(uri + extra, uri=True, timeout=busy_timeout, isolation_level=None,
+                                 check_same_thread=False)
+            db.row_factory = sqlite3.Row
+            db.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+            db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            return db
+        except sqlite3.Error as exc:
+            last = exc
+            if path.with_name(path.name + "-wal").exists():
+                break  # a writer is at work: an immutable read could see a torn state
+    raise LedgerError(f"cannot open ledger {path}: {last}")
+
+
 class SqliteLedger(LedgerBase):
     """The ledger database. Thread-safe: one connection guarded by a lock (writes are short)."""
 
-    def __init__(self, path: Path, *, busy_timeout: float = 30.0, node: str | None = None) -> None:
+    def __init__(self, path: Path, *, busy_timeout: float = 30.0, node: str | None = None,
+                 readonly: bool = False) -> None:
+        """``readonly``: for the commands that only read (``status``, ``ledger list``, ``doctor``), opened with
+        SQLite's ``mode=ro``: never created, never migrated, and readable by a user who may not write it
+        (a monitoring user in the service's group)."""
         self.path = path
         self._lock = threading.RLock()
         self._me = process_id(node)
@@ -187,6 +219,9 @@ class SqliteLedger(LedgerBase):
         # ESIIDs noted for claims in flight, written in the transaction that records their outcome (a
         # transaction of their own would cost about a tenth of watch's drain rate)
         self._noted: dict[str, str] = {}
+        if readonly:
+            self._db = _open_readonly(path, busy_timeout)
+            return
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -278,13 +313,23 @@ class SqliteLedger(LedgerBase):
         rows = self._query(f"SELECT {FILE_COLUMNS} FROM files WHERE sha256 = ?", (sha256,))
         return row_from(rows[0]) if rows else None
 
-    def rows(self, state: str | None = None) -> list[Row]:
-        if state is None:
-            found = self._query(f"SELECT {FILE_COLUMNS} FROM files ORDER BY first_seen, sha256")
-        else:
-            found = self._query(
-                f"SELECT {FILE_COLUMNS} FROM files WHERE state = ? ORDER BY first_seen, sha256", (state,)
-            )
+    def rows(self, state: str | None = None, *, since: float | None = None, http_status: int | None = None
+             ) -> list[Row]:
+        """Rows oldest first; ``state``, ``since`` (changed at or after: ``updated_at``) and ``http_status``
+        narrow them."""
+        where: list[str] = []
+        params: list[Any] = []
+        if state is not None:
+            where.append("state = ?")
+            params.append(state)
+        if since is not None:
+            where.append("updated_at >= ?")
+            params.append(utc_stamp(since, digits=6))
+        if http_status is not None:
+            where.append("http_status = ?")
+            params.append(http_status)
+        clause = f" WHERE {' AND '.join(where)}" if where else ""
+        found = self._query(f"SELECT {FILE_COLUMNS} FROM files{clause} ORDER BY first_seen, sha256", params)
         return [row_from(r) for r in found]
 
     def find(self, *, sha_prefix: str | None = None, path: str | None = None) -> list[Row]:
@@ -309,8 +354,9 @@ class SqliteLedger(LedgerBase):
         """Seconds from first sight to ``sent`` of the latest files sent on their first request since
         ``since``: a delivery's own duration, without backoff waits."""
         cutoff = utc_stamp(since, digits=6)
-        rows = self._query("SELECT first_seen, sent_at FROM files WHERE state = 'sent' AND attempts = 1"
-                           " AND sent_at >= ? ORDER BY sent_at DESC LIMIT ?", (cutoff, limit), tuples=True)
+        rows = self._query("SELECT COALESCE(started_at, first_seen), sent_at FROM files WHERE state = 'sent'"
+                           " AND attempts = 1 AND sent_at >= ? ORDER BY sent_at DESC LIMIT ?", (cutoff, limit),
+                           tuples=True)
         return [max(0.0, epoch_of(sent) - epoch_of(first)) for first, sent in rows]
 
     def meta(self, key: str) -> str | None:
@@ -334,8 +380,9 @@ class SqliteLedger(LedgerBase):
 
     def delivery_times(self, since: float) -> list[tuple[float, float]]:
         """(when sent, seconds from first sight) of every delivery since ``since``, oldest first."""
-        rows = self._query("SELECT first_seen, sent_at FROM files WHERE state = 'sent' AND origin <> 'import'"
-                           " AND sent_at >= ? ORDER BY sent_at", (utc_stamp(since, digits=6),), tuples=True)
+        rows = self._query("SELECT COALESCE(started_at, first_seen), sent_at FROM files WHERE state = 'sent'"
+                           " AND origin <> 'import' AND sent_at >= ? ORDER BY sent_at", (utc_stamp(since, digits=6),),
+                           tuples=True)
         return [(epoch_of(sent), delivery_seconds(first, sent)) for first, sent in rows]
 
     def upload_counts(self, role: str, since: float) -> dict[str, int]:
@@ -378,8 +425,8 @@ class SqliteLedger(LedgerBase):
             if row is None:
                 db.execute(
                     "INSERT INTO files (sha256, filename, path, size, state, first_seen, updated_at, mode,"
-                    " claimed_by, claimed_at, parent) VALUES (?, ?, ?, ?, 'sending', ?, ?, ?, ?, ?, ?)",
-                    (sha256, filename, path, size, now, now, mode, self._me, time.time(), parent),
+                    " claimed_by, claimed_at, parent, started_at) VALUES (?, ?, ?, ?, 'sending', ?, ?, ?, ?, ?, ?, ?)",
+                    (sha256, filename, path, size, now, now, mode, self._me, time.time(), parent, now),
                 )
                 self._inflight.add(sha256)
                 return Claim.CLAIMED
@@ -398,8 +445,9 @@ class SqliteLedger(LedgerBase):
             db.execute(
                 "UPDATE files SET state = 'sending', filename = ?, path = ?, size = ?, mode = ?,"
                 " updated_at = ?, claimed_by = ?, claimed_at = ?, next_attempt_at = NULL,"
-                " parent = COALESCE(?, parent) WHERE sha256 = ?",
-                (filename, path, size, mode, now, self._me, time.time(), parent, sha256),
+                " parent = COALESCE(?, parent),"
+                " started_at = CASE WHEN state = 'sent' THEN ? ELSE started_at END WHERE sha256 = ?",
+                (filename, path, size, mode, now, self._me, time.time(), parent, now, sha256),
             )
             self._inflight.add(sha256)
             return Claim.CLAIMED
@@ -444,7 +492,8 @@ class SqliteLedger(LedgerBase):
                 for target in (sha, row["parent"]):
                     if target and db.execute(
                             "UPDATE files SET state = 'pending', next_attempt_at = NULL, claimed_by = NULL,"
-                            " claimed_at = NULL, updated_at = ? WHERE sha256 = ? AND state IN ('failed', 'retrying')",
+                            " claimed_at = NULL, updated_at = ?1, started_at = ?1"
+                            " WHERE sha256 = ?2 AND state IN ('failed', 'retrying')",
                             (now_iso(), target)).rowcount:
                         moved.append(target)
         return moved

@@ -87,7 +87,8 @@ CASES = [
     Case("env-file-bad-value", ("sync", "--env-file", "{w}/bad-port.env"), 2, r"SMT_PORT must be an integer"),
     Case("env-file-fifo", ("ledger", "list", "--env-file", "{w}/fifo"), 2, r"--env-file .*(regular file|cannot)",
          timeout=HANG),
-    Case("state-file-fifo", ("ledger", "list"), (0, 1), r"STATE_FILE", {"STATE_FILE": "{w}/fifo"},
+    # (a command that writes: `ledger list` only reads, and leaves STATE_FILE to the next writer)
+    Case("state-file-fifo", ("ledger", "import", "{w}/good.csv"), (0, 1), r"STATE_FILE", {"STATE_FILE": "{w}/fifo"},
          timeout=HANG),
     # --- sync ----------------------------------------------------------------------------------------
     Case("sync-not-configured", ("sync",), 2, r"sync needs SMT_HOST, SMT_USER and SMT_KEY"),
