@@ -89,7 +89,7 @@ def test_url_secrets_are_registered_with_the_log_filter(tmp_path: Path) -> None:
     try:
         setup_logging("info", "text", stream)
         add_secrets(settings.secrets())
-        logging.getLogger("smt_watch.test").error("libpq said: password=SEKRET-pct; httpx: SEKRET-tok; raw SEKRET%2Dpct")
+        logging.getLogger("smt_watch.test").error("libpq: password=SEKRET-pct; httpx: SEKRET-tok; raw SEKRET%2Dpct")
     finally:
         logger.handlers[:], logger.propagate = saved[0], saved[1]
         logger.setLevel(saved[2])
