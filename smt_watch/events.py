@@ -154,8 +154,12 @@ class InboxWatcher:
         self._watch = observer.schedule(self._handler, str(self.real), recursive=True, event_filter=events)
         if self.root.is_symlink():
             parent = os.path.realpath(self.root.parent)
-            observer.schedule(_RootLinkHandler(self.root.name, self._retarget), parent, recursive=False,
-                              event_filter=ROOT_LINK_EVENTS)
+            try:
+                observer.schedule(_RootLinkHandler(self.root.name, self._retarget), parent, recursive=False,
+                                  event_filter=ROOT_LINK_EVENTS)
+            except OSError as exc:  # the inbox itself is watched; only a swap of its symlink goes unseen
+                log.warning("Cannot watch %s for a change of the inbox symlink %s (%s); if it is swapped, files "
+                            "in its new target wait for the periodic rescan", parent, self.root, exc.strerror or exc)
 
     def _retarget(self) -> None:
         """The root symlink changed: watch what it names now, and have the loop scan it."""
