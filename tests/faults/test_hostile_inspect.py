@@ -12,7 +12,6 @@ import json
 import os
 import resource
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from conftest import SMT_WATCH
 from faults.support import assert_clean
 from smt_watch.plot import heatmap
 
-pytestmark = pytest.mark.faults
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(600)]  # CLI starts on a shared, loaded machine
 
 HEADER = ("ESIID,USAGE_DATE,REVISION_DATE,USAGE_START_TIME,USAGE_END_TIME,USAGE_KWH,ESTIMATED_ACTUAL,"
           "CONSUMPTION_SURPLUSGENERATION\n")
@@ -30,6 +29,12 @@ ESIID = "10443720000000001"
 
 def row(day: str, start: str = "00:00", kwh: str = "0.5") -> str:
     return f"'{ESIID},{day},01/01/2026,{start},00:15,{kwh},A,Consumption\n"
+
+
+def cpu_seconds() -> float:
+    """CPU time of the finished child processes: unlike wall time, not stretched by a loaded machine."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def cli(tmp_path: Path, *args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
@@ -54,9 +59,9 @@ def test_a_plot_over_ten_thousand_years_is_refused_in_one_line(tmp_path: Path) -
     """The issue's 262-byte CSV dated 0001 to 9999 ran out of memory: none of its dates can be placed."""
     csv = tmp_path / "span.csv"
     csv.write_text(HEADER + row("01/01/0001") + row("12/31/9999", "23:45"))
-    started = time.monotonic()
+    started = cpu_seconds()
     proc = cli(tmp_path, "inspect", str(csv), "--plot", str(tmp_path / "out.png"))
-    assert time.monotonic() - started < 60
+    assert cpu_seconds() - started < 30
     assert proc.returncode == 1 and "no readable dated rows to plot" in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert_clean(proc.stdout + proc.stderr, "inspect --plot")
@@ -70,15 +75,15 @@ def test_the_plot_is_bounded_by_the_file_and_says_what_it_left_out(tmp_path: Pat
     csv.write_text(HEADER + row("01/01/1970") + row("06/01/2000") + row("12/31/2026", "23:45"))
     out = tmp_path / "out.png"
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    started = time.monotonic()
+    started = cpu_seconds()
     proc = cli(tmp_path, "inspect", str(csv), "--plot", str(out), SMT_PLOT_MAX_DAYS="60")
-    elapsed = time.monotonic() - started
+    elapsed = cpu_seconds() - started
     assert proc.returncode == 0, proc.stderr
     assert_clean(proc.stdout + proc.stderr, "inspect --plot")
     assert "plotted 60 day(s)" in proc.stderr + proc.stdout
     assert "2 row(s) on 2 earlier day(s) left out: SMT_PLOT_MAX_DAYS=60" in proc.stderr + proc.stdout
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert elapsed < 90, f"{elapsed:.0f} s"
+    assert elapsed < 60, f"{elapsed:.0f} s of CPU"
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     assert peak_kib < 600 * 1024 or peak_kib == before, f"{peak_kib // 1024} MiB"
     data = heatmap(csv, max_days=800)  # the default: the days from 2024-10-23 to 2026-12-31
@@ -89,10 +94,8 @@ def test_plot_refuses_what_is_not_a_regular_file_at_once(tmp_path: Path) -> None
     """A FIFO blocked for ever and /dev/zero was read until memory ran out: refused like `inspect` does."""
     fifo = tmp_path / "pipe.csv"
     os.mkfifo(fifo)
-    for source in (fifo, Path("/dev/zero")):
-        started = time.monotonic()
-        proc = cli(tmp_path, "inspect", str(source), "--plot", str(tmp_path / "out.png"), timeout=30)
-        assert time.monotonic() - started < 30
+    for source in (fifo, Path("/dev/zero")):  # a hang is TimeoutExpired, a failure
+        proc = cli(tmp_path, "inspect", str(source), "--plot", str(tmp_path / "out.png"), timeout=90)
         assert proc.returncode == 1 and "not a regular file" in proc.stderr, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
         assert_clean(proc.stdout + proc.stderr, "inspect --plot")

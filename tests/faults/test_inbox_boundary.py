@@ -72,6 +72,7 @@ def test_an_inbox_that_is_itself_a_symlink_keeps_working(base_env: dict[str, str
     assert_clean(w.text(), "watch log")
 
 
+@pytest.mark.timeout(600)
 def test_a_file_landing_at_the_top_of_a_symlinked_inbox_is_delivered_live(base_env: dict[str, str], tmp_path: Path,
                                                                           receiver: Any) -> None:
     """SMT_LOCAL_DIR a symlink to the real directory: a file written at its top while `watch` runs is seen
@@ -92,18 +93,18 @@ def test_a_file_landing_at_the_top_of_a_symlinked_inbox_is_delivered_live(base_e
     with watch_process(env, tmp_path / "watch.log") as w:
         live = b"ESIID,X\nlive-at-the-top,1\n"
         (real / "a.csv").write_bytes(live)
-        wait_for(lambda: delivered(live), 30, "a file at the top of a symlinked inbox delivered live")
+        wait_for(lambda: delivered(live), 90, "a file at the top of a symlinked inbox delivered live")
 
         waiting = b"ESIID,X\nalready-in-the-new-target,2\n"
         (other / "b.csv").write_bytes(waiting)
         os.symlink(other, tmp_path / "inbox-link.new")
         os.replace(tmp_path / "inbox-link.new", link)  # what `ln -sfn` does: the new link renamed over the old
-        wait_for(lambda: delivered(waiting), 30, "the new target scanned after the swap")
+        wait_for(lambda: delivered(waiting), 90, "the new target scanned after the swap")
         stale = b"ESIID,X\nin-the-old-target,3\n"
         (real / "c.csv").write_bytes(stale)
         fresh = b"ESIID,X\nlive-in-the-new-target,4\n"
         (other / "d.csv").write_bytes(fresh)
-        wait_for(lambda: delivered(fresh), 30, "a file in the new target delivered live")
+        wait_for(lambda: delivered(fresh), 90, "a file in the new target delivered live")
         assert w.stop() == 0
     assert not delivered(stale), "a file in the directory the inbox no longer names was delivered"
     assert len(receiver.stored()) == 3

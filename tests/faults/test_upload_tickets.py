@@ -108,6 +108,7 @@ WEAK = ["x", "ds", "password", "correct-horse-battery-staple", "0123456789abcdef
         "ticket-secret-3e3e3e3e3e3e-SECRET", "ab" * 40, "a" * 100, "6f1c2b7e-3c4d-4e5f-8a9b-0c1d2e3f4a5b"]
 
 
+@pytest.mark.timeout(600)  # two CLI starts on a shared, loaded machine
 @pytest.mark.parametrize("weak", WEAK)
 def test_a_secret_too_weak_to_sign_with_is_refused_at_start_and_by_the_ticket_command(
         base_env: dict[str, str], tmp_path: Path, weak: str) -> None:
