@@ -715,12 +715,10 @@ def ledger_copy(
     there is replaced by this ledger's, so running it twice changes nothing more. Put the password in
     ~/.pgpass or PGPASSWORD rather than the URL: a command line is visible to other users.
     """
-    from smt_watch.config import url_userinfo
-    from smt_watch.logs import add_secrets
+    from smt_watch.config import url_secrets
     from smt_watch.statedir import copy_ledger
 
-    if (userinfo := url_userinfo(to)) is not None:
-        add_secrets([userinfo, *userinfo.split(":", 1)[1:]])
+    add_secrets(url_secrets(to))
     shown_target, counts = copy_ledger(_settings(env_file, SMT_STATE_DIR=state_dir), to)
     summary = ", ".join(f"{table} {n}" for table, n in counts.items()) or "nothing"
     typer.echo(f"copied to {shown(shown_target)}: {summary}")

@@ -18,10 +18,11 @@ from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
 from typing import Final, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from smt_watch.delivery.registry import choices as delivery_choices
 from smt_watch.errors import ConfigError
+from smt_watch.tickets import secret_weakness
 
 DELIVERY_MODES: Final = delivery_choices()  # auto, then every mode in smt_watch.delivery.registry
 INLINE_ENCODINGS: Final = ("base64", "base64+gzip")
@@ -134,6 +135,7 @@ class Settings:
     validate: bool = True  # SMT_VALIDATE
     max_zip_entries: int = 100  # SMT_MAX_ZIP_ENTRIES: a ZIP with more entries fails as a whole
     max_unpacked_bytes: int = 1_073_741_824  # SMT_MAX_UNPACKED_BYTES
+    plot_max_days: int = 800  # SMT_PLOT_MAX_DAYS: rows of `inspect --plot`'s grid (the file's latest days)
     # Ours (the bash script it replaces had none of these); documented in the README.
     ledger_url: str | None = None  # SMT_LEDGER_URL: a PostgreSQL ledger shared by several droplets (holds a password)
     node_name: str = field(default_factory=socket.gethostname)  # SMT_NODE_NAME: this droplet, in shared claims
@@ -180,28 +182,92 @@ class Settings:
                 out.append(value.reveal())
             elif isinstance(value, tuple):
                 out.extend(v.reveal() for v in value if isinstance(v, Secret) and v.reveal())
-        for url in (self.upload_url, self.base_url, self.webhook_forward_url, self.ledger_url):
-            if (userinfo := url_userinfo(url)) is not None:
-                out.append(userinfo)  # also inside text a library produced (httpx quotes URLs in errors)
-                out.extend(p for p in userinfo.split(":", 1)[1:] if p)
+        for url in self.urls():
+            out.extend(url_secrets(url))  # also inside text a library produced (httpx quotes URLs in errors)
         return out
+
+    def urls(self) -> list[str]:
+        """Every setting that is a URL; each is shown only through :func:`redact_url`."""
+        return [u for u in (self.upload_url, self.base_url, self.webhook_forward_url, self.ledger_url) if u]
+
+
+_SECRET_NAME = re.compile(r"pass|pwd|secret|token|key|sig|auth|cred|session", re.IGNORECASE)
+_SHOWN_NAMES: Final = frozenset({"passfile"})  # a path: shown, and its contents are never read here
+_QUERY_PARAM = re.compile(r"[?&;]([^=&?#;]*)=([^&#;]*)")
+_DSN_PARAM = re.compile(r"([A-Za-z_][\w%]*)\s*=\s*('(?:[^'\\]|\\.)*'?|\S*)")
+
+
+def _secret_name(name: str) -> bool:
+    """A parameter whose value is a secret: libpq's ``password``, ``sslpassword``, ``sslkey`` and the like,
+    an HTTP ``token``, ``key``, ``sig``...; libpq percent-decodes a URI's parameter names, so this does too."""
+    plain = unquote(name).strip().lower()
+    return plain not in _SHOWN_NAMES and bool(_SECRET_NAME.search(plain))
+
+
+def _secret_spans(url: str) -> list[tuple[int, int]]:
+    """Where the secrets are in ``url`` (a URL or a libpq ``key=value`` DSN), as (start, end) offsets.
+
+    Done on the text, not on a parse: a password holding ``#``, ``/``, ``?`` or ``@`` misleads every URL
+    parser. So all from ``://`` to the last ``@`` is user information (a path holding ``@`` loses a little
+    more than it needs to), and every ``?name=value`` / ``&name=value`` with a secret name is found
+    wherever it stands."""
+    scheme, sep, rest = url.partition("://")
+    spans: list[tuple[int, int]] = []
+    if not sep:
+        for m in _DSN_PARAM.finditer(url):
+            if _secret_name(m[1]) and m.end(2) > m.start(2):
+                spans.append((m.start(2), m.end(2)))
+        return spans
+    base = len(scheme) + len(sep)
+    if "@" in rest:
+        spans.append((base, base + rest.rindex("@")))
+    for m in _QUERY_PARAM.finditer(rest):
+        if _secret_name(m[1]) and m.end(2) > m.start(2):
+            spans.append((base + m.start(2), base + m.end(2)))
+    return spans
+
+
+def _merged(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for start, end in sorted(spans):
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
 
 
 def redact_url(url: str) -> str:
-    """Drop ``user:password@`` from a URL before it goes into a log line, error or ledger row. Done on the
-    text, not on a parse: a password holding ``#``, ``/``, ``?`` or ``@`` misleads every URL parser, so all
-    from ``://`` to the last ``@`` goes (a path holding ``@`` loses a little more than it needs to)."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
-        return url
-    return f"{scheme}://***@{rest.rpartition('@')[2]}"
+    """``url`` with every secret it can carry replaced by ``***``: ``user:password@``, and any query
+    parameter named like a secret (``?password=``, ``sslpassword``, ``sslkey``, ``token``...); for a libpq
+    ``key=value`` DSN, the values of such keys. The one function every output, error, log line and ledger
+    row uses to show a URL setting (SMT_UPLOAD_URL, INTELLIWATT_BASE_URL, SMT_WEBHOOK_FORWARD_URL,
+    SMT_LEDGER_URL)."""
+    out, last = [], 0
+    for start, end in _merged(_secret_spans(url)):
+        out.append(url[last:start] + "***")
+        last = end
+    return "".join(out) + url[last:]
 
 
-def url_userinfo(url: str | None) -> str | None:
-    """The ``user:password`` part of a URL as written (for the log redaction filter), or None."""
-    if not url or "://" not in url or "@" not in url.partition("://")[2]:
-        return None
-    return url.partition("://")[2].rpartition("@")[0] or None
+def url_secrets(url: str | None) -> list[str]:
+    """Every secret text in ``url`` as written and percent-decoded (for the log redaction filter, so a
+    library's error that quotes the URL, or a part of it, is redacted too)."""
+    if not url:
+        return []
+    out: list[str] = []
+    for start, end in _secret_spans(url):
+        text = url[start:end]
+        if "://" in url and start == len(url.partition("://")[0]) + 3:  # user information
+            user, colon, password = text.partition(":")
+            # a bare user name is not a secret (and a short one would redact every word like it), but a
+            # long one may be a token (https://TOKEN@host)
+            if not colon and len(user) < 16:
+                continue
+            out.extend(t for t in (password, unquote(password)) if t)
+        out.append(text)
+        out.extend(v for v in {unquote(text), unquote(text.strip("'"))} if v != text)
+    return [t for t in out if t]
 
 
 # --- env file --------------------------------------------------------------------------------------
@@ -287,7 +353,8 @@ class _Reader:
         value = self.raw(name)
         return value if value is not None else default
 
-    def secret(self, *names: str, header: bool = True, min_length: int = 0) -> Secret | None:
+    def secret(self, *names: str, header: bool = True, min_length: int = 0,
+               strong: Callable[[str], str | None] | None = None) -> Secret | None:
         """``header``: the value travels in (or is compared with) an HTTP header, so it must be visible
         ASCII with no spaces; a passphrase may hold spaces but no control characters. A value that breaks
         the rule is refused now, naming the variable and the rule and never the value: sent later it would
@@ -302,6 +369,8 @@ class _Reader:
                 raise ConfigError(f"{name} must not hold control characters (a newline, for one)")
             if len(value) < min_length:
                 raise ConfigError(f"{name} must be at least {min_length} characters (e.g. `openssl rand -hex 24`)")
+            if strong is not None and (why := strong(value)) is not None:
+                raise ConfigError(f"{name} {why}")
             return Secret(value)
         return None
 
@@ -433,7 +502,7 @@ def load_settings(
         upload_customer_window=r.integer("SMT_CUSTOMER_UPLOAD_WINDOW_MS", 30 * 86_400_000, minimum=1000,
                                          maximum=MAX_UPLOAD_WINDOW_MS) / 1000,
         cors_origins=r.items("SMT_UPLOAD_CORS_ORIGINS", ("https://intelliwatt.com",)),
-        upload_ticket_secret=r.secret("SMT_UPLOAD_TICKET_SECRET"),
+        upload_ticket_secret=r.secret("SMT_UPLOAD_TICKET_SECRET", strong=secret_weakness),
         upload_idle_seconds=r.number("SMT_UPLOAD_IDLE_SECONDS", 30.0, minimum=0.1),
         upload_max_concurrent=r.integer("SMT_UPLOAD_MAX_CONCURRENT", 16, minimum=1),
         trusted_proxies=r.items("SMT_TRUSTED_PROXIES", ()),
@@ -451,6 +520,7 @@ def load_settings(
         validate=r.boolean("SMT_VALIDATE", True),
         max_unpacked_bytes=r.integer("SMT_MAX_UNPACKED_BYTES", 1_073_741_824, minimum=1),
         max_zip_entries=r.integer("SMT_MAX_ZIP_ENTRIES", 100, minimum=1),
+        plot_max_days=r.integer("SMT_PLOT_MAX_DAYS", 800, minimum=1, maximum=36_600),
         ledger_url=r.url("SMT_LEDGER_URL", schemes=("postgresql", "postgres")),
         node_name=r.text("SMT_NODE_NAME", socket.gethostname()) or socket.gethostname(),
         ledger_lease_seconds=r.number("SMT_LEDGER_LEASE_SECONDS", 60.0, minimum=1.0),

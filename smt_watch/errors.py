@@ -61,6 +61,11 @@ class SftpError(SmtWatchError):
     """A connection or transfer problem that a later attempt may not have (exit 1)."""
 
 
+class SizeMismatch(SftpError):
+    """The server served a different number of bytes than it listed: trying again in this pass would get
+    the same, so the file fails now (its part removed) and the next pass lists it afresh."""
+
+
 class HostKeyError(ConfigError):
     """The server's key is unknown or changed: nothing is fetched until an operator decides (exit 2)."""
 

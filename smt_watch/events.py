@@ -11,32 +11,48 @@ If inotify cannot start (``ENOSPC``: the ``fs.inotify.max_user_watches`` limit; 
 ``max_user_instances`` limit) we log one line saying so and fall back to polling, where there are no close
 events and the settle period alone decides readiness. After an inotify queue overflow (events were lost)
 ``on_overflow`` is called so the loop rescans at once; the periodic rescan is the backstop.
+
+An inbox that is itself a symlink (``SMT_LOCAL_DIR`` → the real directory): watchdog watches a symlink
+itself, not its target (``IN_DONT_FOLLOW``), so a file landing at the top of the inbox would wait for the
+rescan. The observer is given the resolved directory instead, and every event path is translated back to
+the inbox as configured, so what ``watch`` reads is still reached through ``SMT_LOCAL_DIR`` and held to its
+boundary checks (a path that is not below the watched directory is dropped). The directory holding the
+symlink is watched too (for that one name): when the symlink is swapped to point elsewhere, the observer
+moves to the new target, whose files are then scanned, and events from the old one are dropped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
+import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 from watchdog.events import (
     DirCreatedEvent,
+    DirDeletedEvent,
     DirMovedEvent,
     FileClosedEvent,
     FileCreatedEvent,
+    FileDeletedEvent,
     FileModifiedEvent,
     FileMovedEvent,
     FileSystemEvent,
     FileSystemEventHandler,
 )
-from watchdog.observers.api import BaseObserver
+from watchdog.observers.api import BaseObserver, ObservedWatch
 from watchdog.observers.polling import PollingObserver
 
 log = logging.getLogger("smt_watch.watcher")  # the module's former name: log filters in the field use it
 
 INOTIFY_EVENTS: list[type[FileSystemEvent]] = [
     FileClosedEvent, FileMovedEvent, FileCreatedEvent, DirCreatedEvent, DirMovedEvent,
+]
+ROOT_LINK_EVENTS: list[type[FileSystemEvent]] = [  # a symlink replaced: created, or renamed over the old one
+    FileCreatedEvent, FileMovedEvent, FileDeletedEvent, DirCreatedEvent, DirMovedEvent, DirDeletedEvent,
 ]
 POLLING_EVENTS: list[type[FileSystemEvent]] = [
     FileCreatedEvent, FileModifiedEvent, FileMovedEvent, DirCreatedEvent, DirMovedEvent,
@@ -48,15 +64,20 @@ def _text(path: bytes | str) -> str:
 
 
 class _Handler(FileSystemEventHandler):
-    def __init__(self, on_file: Callable[[Path], None], on_dir: Callable[[Path], None]) -> None:
+    def __init__(self, on_file: Callable[[Path], None], on_dir: Callable[[Path], None],
+                 translate: Callable[[Path], Path | None]) -> None:
         self.on_file = on_file
         self.on_dir = on_dir
+        self.translate = translate
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         if isinstance(event, (FileMovedEvent, DirMovedEvent)):
-            target = Path(_text(event.dest_path))
+            seen = Path(_text(event.dest_path))
         else:
-            target = Path(_text(event.src_path))
+            seen = Path(_text(event.src_path))
+        target = self.translate(seen)
+        if target is None:
+            return  # not below the directory watched now (an event of a target the root no longer names)
         if event.is_directory:
             if isinstance(event, (DirCreatedEvent, DirMovedEvent)):
                 self.on_dir(target)
@@ -67,6 +88,19 @@ class _Handler(FileSystemEventHandler):
 # watchdog (7.x) rebuilds its watches after an IN_Q_OVERFLOW but tells event handlers nothing; it logs a
 # warning (then rebuilds). That warning is the only signal it gives, so it is what we listen for.
 OVERFLOW_LOGGERS = ("watchdog.observers.inotify_c",)
+
+
+class _RootLinkHandler(FileSystemEventHandler):
+    """Events in the directory that holds a symlinked inbox root: a change of that one name re-targets."""
+
+    def __init__(self, name: str, changed: Callable[[], None]) -> None:
+        self.name = name
+        self.changed = changed
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        names = {os.path.basename(_text(event.src_path)), os.path.basename(_text(getattr(event, "dest_path", "")))}
+        if self.name in names:
+            self.changed()
 
 
 class _OverflowHook(logging.Handler):
@@ -93,12 +127,54 @@ class InboxWatcher:
         poll_interval: float = 1.0,
     ) -> None:
         self.root = root
-        self._handler = _Handler(on_file, on_dir)
+        self.real = Path(os.path.realpath(root))  # the directory the observer watches
+        self._on_dir = on_dir
+        self._handler = _Handler(on_file, on_dir, self._translate)
         self._overflow_hook = _OverflowHook(on_overflow) if on_overflow else None
         self._polling = polling
         self._poll_interval = poll_interval
         self._observer: BaseObserver | None = None
+        self._watch: ObservedWatch | None = None
+        self._filter = INOTIFY_EVENTS
+        self._retarget_lock = threading.Lock()
         self.backend = ""
+
+    def _translate(self, seen: Path) -> Path | None:
+        """An event's path (below the resolved directory) as the same path below the configured root."""
+        real = self.real
+        if seen == real:
+            return self.root
+        try:
+            return self.root / seen.relative_to(real)
+        except ValueError:
+            return None
+
+    def _schedule(self, observer: BaseObserver, events: list[type[FileSystemEvent]]) -> None:
+        self._filter = events
+        self._watch = observer.schedule(self._handler, str(self.real), recursive=True, event_filter=events)
+        if self.root.is_symlink():
+            parent = os.path.realpath(self.root.parent)
+            try:
+                observer.schedule(_RootLinkHandler(self.root.name, self._retarget), parent, recursive=False,
+                                  event_filter=ROOT_LINK_EVENTS)
+            except OSError as exc:  # the inbox itself is watched; only a swap of its symlink goes unseen
+                log.warning("Cannot watch %s for a change of the inbox symlink %s (%s); if it is swapped, files "
+                            "in its new target wait for the periodic rescan", parent, self.root, exc.strerror or exc)
+
+    def _retarget(self) -> None:
+        """The root symlink changed: watch what it names now, and have the loop scan it."""
+        with self._retarget_lock:
+            real = Path(os.path.realpath(self.root))
+            observer = self._observer
+            if real == self.real or observer is None or not real.is_dir():
+                return
+            log.warning("SMT_LOCAL_DIR %s now leads to %s (was %s): watching it", self.root, real, self.real)
+            if self._watch is not None:
+                with contextlib.suppress(KeyError, OSError):  # the old target is gone: its watch went with it
+                    observer.unschedule(self._watch)
+            self.real = real
+            self._watch = observer.schedule(self._handler, str(real), recursive=True, event_filter=self._filter)
+        self._on_dir(self.root)
 
     def start(self) -> str:
         if not self._polling:
@@ -107,7 +183,7 @@ class InboxWatcher:
 
                 self._hook_overflow()
                 observer: BaseObserver = InotifyObserver()
-                observer.schedule(self._handler, str(self.root), recursive=True, event_filter=INOTIFY_EVENTS)
+                self._schedule(observer, INOTIFY_EVENTS)
                 observer.start()
                 self._observer, self.backend = observer, "inotify"
                 return self.backend
@@ -127,7 +203,7 @@ class InboxWatcher:
             except ImportError:
                 log.warning("inotify is not available on this system; polling the inbox")
         observer = PollingObserver(timeout=self._poll_interval)
-        observer.schedule(self._handler, str(self.root), recursive=True, event_filter=POLLING_EVENTS)
+        self._schedule(observer, POLLING_EVENTS)
         observer.start()
         self._observer, self.backend = observer, "polling"
         return self.backend

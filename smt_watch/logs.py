@@ -1,13 +1,16 @@
 """Logging set-up: plain ``[LEVEL] message`` lines for journald and pipes, rich colour on a TTY.
 
 A redaction filter replaces every configured secret with ``***`` in every record, as a last line of
-defence: no code path is supposed to log a token, and this makes sure none does.
+defence: no code path is supposed to log a token, and this makes sure none does. It replaces whole values
+and tokens, never a piece of an ordinary word: with a short secret ``ds``, ``Serving uploads`` must not
+become ``Serving uplo***ds`` (which would give the secret away and make every line unreadable).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from collections.abc import Iterable
 
@@ -33,6 +36,24 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(obj, ensure_ascii=False)
 
 
+ANYWHERE_LENGTH = 16  # a secret this long cannot be a piece of an ordinary word: redacted wherever it occurs
+
+
+def redaction_pattern(secrets: Iterable[str]) -> re.Pattern[str] | None:
+    """One regular expression for every secret, longest first. A secret shorter than ANYWHERE_LENGTH matches
+    only as a token: not glued to a letter or digit on either side, so it is still found in a URL
+    (``//u:ds@h``), a header (``Bearer ds``), after ``=`` or ``:`` and in quotes, but not inside ``uploads``."""
+    alternatives = []
+    for secret in sorted({s for s in secrets if s}, key=len, reverse=True):
+        escaped = re.escape(secret)
+        alternatives.append(escaped if len(secret) >= ANYWHERE_LENGTH else rf"(?<![^\W_]){escaped}(?![^\W_])")
+    return re.compile("|".join(alternatives)) if alternatives else None
+
+
+def redact_text(text: str, pattern: re.Pattern[str] | None) -> str:
+    return text if pattern is None else pattern.sub("***", text)
+
+
 class RedactFilter(logging.Filter):
     """The last line of defence on every record: secrets become ``***``, and the message is one printable
     line (names are bytes: a newline or ESC in a file name must not forge or split a log line, and an
@@ -41,11 +62,14 @@ class RedactFilter(logging.Filter):
     def __init__(self) -> None:
         super().__init__()
         self.secrets: set[str] = set()
+        self._pattern: re.Pattern[str] | None = None
+
+    def add(self, secrets: Iterable[str]) -> None:
+        self.secrets.update(s for s in secrets if s)
+        self._pattern = redaction_pattern(self.secrets)
 
     def _redact(self, text: str) -> str:
-        for secret in self.secrets:
-            text = text.replace(secret, "***")
-        return text
+        return redact_text(text, self._pattern)
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
@@ -109,4 +133,4 @@ def setup_logging(level: str = "info", fmt: str = "text", stream: object = None)
 
 
 def add_secrets(secrets: Iterable[str]) -> None:
-    _redactor.secrets.update(s for s in secrets if s)
+    _redactor.add(secrets)

@@ -14,18 +14,27 @@ the same column on every row. Estimated reads and blank readings are marked; a s
 :data:`MISSING`. :func:`heatmap` is the data behind the picture (tests read it); :func:`draw` needs
 matplotlib, an optional extra (``pip install 'smt-watch[plot]'``). Consumption only: surplus-generation
 rows are left out, and of a file with several ESIIDs the first (in sorted order) is drawn unless one is named.
+
+Time and memory are bounded by the file, not by the dates it names: the grid holds at most
+``SMT_PLOT_MAX_DAYS`` rows (default 800, two years and more: SMT keeps 24 months), the latest days of the
+file; rows dated before that window are left out and the summary line says how many. A file dated 1970 and
+2026 draws the last 800 days, not 20,000 empty ones. The image is written to a temporary file beside ``OUT``
+and renamed over it, so ``OUT`` is never a half-written picture.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import os
 import tempfile
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-from smt_watch.errors import ConfigError, ContentError
+from smt_watch.errors import ConfigError, ContentError, SmtWatchError
+from smt_watch.hashing import check_regular
 from smt_watch.names import shown
 from smt_watch.smtcsv import CHICAGO, Placer, classify, clean_esiid, header_fields, wall_slot
 
@@ -41,6 +50,7 @@ BLANK: Final = "blank"  # a row for a real instant with no kWh
 ABSENT: Final = "absent"  # this wall-clock slot does not exist on this day
 MISSING: Final = "missing"  # the slot exists but the file has no row for it
 FORMATS: Final = (".png", ".svg")
+MAX_DAYS: Final = 800  # SMT_PLOT_MAX_DAYS's default: rows of the grid
 
 
 def column(slot: int, repeated: bool = False) -> int:
@@ -76,6 +86,8 @@ class Heatmap:
     days: list[date] = field(default_factory=list)
     kwh: list[list[float | None]] = field(default_factory=list)
     cells: list[list[str]] = field(default_factory=list)
+    left_out: int = 0  # rows of the file dated before the drawn window (SMT_PLOT_MAX_DAYS)
+    left_out_days: int = 0  # distinct days among them
 
     @property
     def totals(self) -> list[float]:
@@ -85,8 +97,9 @@ class Heatmap:
         return sum(row.count(kind) for row in self.cells)
 
 
-def heatmap(path: Path, esiid: str | None = None, name: str | None = None) -> Heatmap:
-    """Read an interval CSV into the grid (see the module docstring)."""
+def heatmap(path: Path, esiid: str | None = None, name: str | None = None, max_days: int = MAX_DAYS) -> Heatmap:
+    """Read an interval CSV into the grid (see the module docstring): at most ``max_days`` rows, the
+    latest; what is dated before them is counted in ``left_out``."""
     name = name or path.name
     with path.open(encoding="utf-8-sig", errors="replace", newline="") as fh:
         reader = csv.reader(fh)
@@ -119,8 +132,13 @@ def heatmap(path: Path, esiid: str | None = None, name: str | None = None) -> He
         placed.append((day, column(slot, repeated), kwh, r[6].strip().upper() == "E"))
     if not placed:
         raise ContentError(f"{shown(name)}: no readable dated rows to plot")
-    first, last = min(p[0] for p in placed), max(p[0] for p in placed)
+    last = max(p[0] for p in placed)
+    first = max(min(p[0] for p in placed), last - timedelta(days=max_days - 1))
     out = Heatmap(file=name, esiid=chosen)
+    before = [p for p in placed if p[0] < first]
+    if before:
+        out.left_out, out.left_out_days = len(before), len({p[0] for p in before})
+        placed = [p for p in placed if p[0] >= first]
     index: dict[date, int] = {}
     for n in range((last - first).days + 1):
         day = first + timedelta(days=n)
@@ -183,21 +201,47 @@ def draw(data: Heatmap, out: Path) -> None:
     plt.close(fig)
 
 
+def draw_atomically(data: Heatmap, out: Path) -> None:
+    """:func:`draw` to a temporary file in ``out``'s directory, then rename it over ``out``: a reader never
+    sees half a picture, and a failure leaves ``out`` as it was (and no temporary file)."""
+    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=out.suffix.lower())
+    tmp = Path(tmp_name)
+    try:
+        mask = os.umask(0o022)  # the mode an ordinary open() would give (mkstemp's is 0600); a CLI, one thread
+        os.umask(mask)
+        os.fchmod(fd, 0o666 & ~mask)
+        os.close(fd)
+        draw(data, tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
 def plot_file(settings: Settings, path: Path, out: Path, esiid: str | None = None) -> str:
-    """Draw ``path`` (a .csv, or the first interval CSV in a .zip/.asc) to ``out``; returns what was drawn."""
+    """Draw ``path`` (a .csv, or the first interval CSV in a .zip/.asc) to ``out``; returns what was drawn.
+
+    ``path`` must be a regular file, as for ``inspect``: ``/dev/zero`` would be read until memory runs out
+    and a FIFO would block for ever."""
     from smt_watch.content import is_container, open_container
 
     if out.suffix.lower() not in FORMATS:
         raise ConfigError(f"--plot {shown(str(out))}: the file name must end in .png or .svg")
     try:
+        check_regular(path)
+    except SmtWatchError as exc:
+        raise ContentError(shown(str(exc))) from exc
+    max_days = settings.plot_max_days
+    try:
         if not is_container(path.name):
-            data = heatmap(path, esiid)
+            data = heatmap(path, esiid, max_days=max_days)
         else:
             with tempfile.TemporaryDirectory(prefix="smt-watch-plot-") as tmp:
                 found = None
                 for csv_path in open_container(settings, path, Path(tmp)):
                     try:
-                        found = heatmap(csv_path, esiid)
+                        found = heatmap(csv_path, esiid, max_days=max_days)
                         break
                     except ContentError:
                         continue
@@ -209,7 +253,11 @@ def plot_file(settings: Settings, path: Path, out: Path, esiid: str | None = Non
     except csv.Error as exc:
         raise ContentError(f"{shown(path.name)}: not a readable CSV: {exc}") from exc
     try:
-        draw(data, out)
+        draw_atomically(data, out)
     except OSError as exc:
         raise ContentError(f"{shown(str(out))}: cannot write: {exc.strerror}") from exc
-    return f"{len(data.days)} day(s) of ESIID {data.esiid}"
+    drawn = f"{len(data.days)} day(s) of ESIID {data.esiid}"
+    if data.left_out:
+        drawn += (f" (the latest {max_days} days; {data.left_out} row(s) on {data.left_out_days} earlier day(s) "
+                  f"left out: SMT_PLOT_MAX_DAYS={max_days})")
+    return drawn

@@ -32,7 +32,7 @@ from paramiko.buffered_pipe import BufferedPipe
 from paramiko.sftp import CMD_CLOSE, CMD_DATA, CMD_NAME, CMD_OPENDIR, CMD_READ, CMD_READDIR, CMD_STATUS, SFTP_EOF, int64
 
 from smt_watch.config import Settings
-from smt_watch.errors import ConfigError, HostKeyError, SftpError
+from smt_watch.errors import ConfigError, HostKeyError, SftpError, SizeMismatch
 from smt_watch.inbox import is_candidate
 from smt_watch.names import shown
 
@@ -320,7 +320,11 @@ class Connection:
     def download(
         self, remote: RemoteFile, part: Path, progress: Callable[[int], None] | None = None
     ) -> str:
-        """Append the rest of ``remote`` to ``part`` (resuming), fsync it, and return the SHA-256."""
+        """Append the rest of ``remote`` to ``part`` (resuming), fsync it, and return the SHA-256.
+
+        The part grows only by what the server sent: nothing is allocated ahead. When the server serves a
+        different number of bytes than it listed (fewer: EOF early; more: data past the listed end), the
+        part is removed and :class:`SizeMismatch` says so; a dropped connection keeps it for resuming."""
         digest = hashlib.sha256()
         offset = part.stat().st_size if part.exists() else 0
         if offset > remote.size:
@@ -335,7 +339,7 @@ class Connection:
             rf = self.sftp.open(remote.path, "rb")
             try:
                 with part.open("ab") as out:
-                    for data in self._pipelined_read(rf, remote, offset, remote.size):
+                    for data in self._pipelined_read(rf, remote, offset, remote.size, to_the_end=True):
                         out.write(data)
                         digest.update(data)
                         if progress:
@@ -344,23 +348,28 @@ class Connection:
                     os.fsync(out.fileno())
             finally:
                 _close_async(rf)
+        except SizeMismatch:
+            part.unlink(missing_ok=True)
+            raise
         except (OSError, EOFError, paramiko.SSHException) as exc:
             raise SftpError(f"{remote.path}: transfer failed: {exc or type(exc).__name__}") from exc
         size = part.stat().st_size
         if size != remote.size:
-            raise SftpError(f"{remote.path}: got {size} bytes, the server said {remote.size}")
+            part.unlink(missing_ok=True)
+            raise SizeMismatch(f"{remote.path}: got {size} bytes, the server listed {remote.size}; part removed")
         return digest.hexdigest()
 
     def fetch_range(
         self, remote: RemoteFile, fd: int, start: int, end: int, progress: Callable[[int], None] | None = None
     ) -> None:
         """Write bytes ``[start, end)`` of ``remote`` at the same offsets of ``fd`` (``os.pwrite``), in order:
-        ``progress`` is told each piece once written, so what it counted is a complete prefix of the range."""
+        ``progress`` is told each piece once written, so what it counted is a complete prefix of the range.
+        Only bytes received are written; the range that ends the file also checks the server has no more."""
         try:
             rf = self.sftp.open(remote.path, "rb")
             try:
                 at = start
-                for data in self._pipelined_read(rf, remote, start, end):
+                for data in self._pipelined_read(rf, remote, start, end, to_the_end=end == remote.size):
                     view = memoryview(data)
                     while view:
                         written = os.pwrite(fd, view, at)
@@ -373,9 +382,13 @@ class Connection:
             raise SftpError(f"{remote.path}: transfer failed: {exc or type(exc).__name__}") from exc
 
     def _pipelined_read(
-        self, rf: paramiko.SFTPFile, remote: RemoteFile, offset: int, end: int
+        self, rf: paramiko.SFTPFile, remote: RemoteFile, offset: int, end: int, to_the_end: bool = False
     ) -> Iterator[bytes]:
         """Bytes ``[offset, end)`` of the file in order, with up to ``WINDOW`` reads of ``REQUEST`` bytes in flight.
+
+        An early end of file is :class:`SizeMismatch` (the server lists more than it serves). ``to_the_end``:
+        ``end`` is the listed size, and one more read, sent with the others, must find the end of file there
+        (else the server serves more than it lists).
 
         paramiko's own ``readv``/``prefetch`` race their helper thread (paramiko PR #2519: a batch may be
         read twice, the late copies held in memory) and its ``max_concurrent_requests`` throttle
@@ -392,18 +405,29 @@ class Connection:
                     collector, CMD_READ, rf.handle, int64(offset), length)
                 pending.append((num, offset, length))
                 offset += length
+            if to_the_end and offset == size:  # every read sent: the probe for the end of file goes with them
+                num = self.sftp._async_request(  # type: ignore[attr-defined]  # paramiko-internal, pinned <6
+                    collector, CMD_READ, rf.handle, int64(end), 1)
+                pending.append((num, end, 1))
+                to_the_end = False
             num, at, length = pending.popleft()
             while num not in collector.data:
                 self.sftp._read_response()  # type: ignore[attr-defined]  # one packet, to its collector
             data = collector.take(num, remote.path)
+            if at == end:  # the probe past the listed end
+                if data:
+                    raise SizeMismatch(f"{remote.path}: the server serves more than the {remote.size} bytes it "
+                                       "listed")
+                continue
             if not data:
-                raise SftpError(f"{remote.path}: shrank on the server while being fetched")
+                raise SizeMismatch(f"{remote.path}: the server served {at} bytes of the {remote.size} it listed")
             yield data
             if len(data) < length:  # a short read (a server with a smaller limit): fetch the rest now
                 rf.seek(at + len(data))
                 rest = rf.read(length - len(data))
                 if len(rest) != length - len(data):
-                    raise SftpError(f"{remote.path}: shrank on the server while being fetched")
+                    raise SizeMismatch(f"{remote.path}: the server served {at + len(data) + len(rest)} bytes of "
+                                       f"the {remote.size} it listed")
                 yield rest
 
 

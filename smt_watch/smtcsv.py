@@ -31,6 +31,11 @@ INTERVAL_HEADER: Final = (
     "ESTIMATED_ACTUAL", "CONSUMPTION_SURPLUSGENERATION",
 )
 METER_RE: Final = re.compile(r"M\d+")  # the one meter pattern: inspect's summary and delivery's ``meter``
+# The years a USAGE_DATE may name; a row dated outside is read as a row whose date cannot be read. Before
+# 1970 an instant is negative (the summary uses -1 as "none yet"); 12/31/9999 has no following midnight
+# (date arithmetic overflows). SMT's data starts in the 2000s.
+MIN_YEAR: Final = 1970
+MAX_YEAR: Final = 9998
 _DATE_RE: Final = re.compile(r"^(\d{1,2})/(\d{1,2})/(\d{4})$")
 _TIME_RE: Final = re.compile(r"^(\d{1,2}):(\d{2})$")
 
@@ -172,6 +177,8 @@ def _parse_date(text: str, cache: dict[str, date]) -> date | None:
         try:
             d = date(int(m.group(3)), int(m.group(1)), int(m.group(2)))
         except ValueError:  # 13/45/2025: shaped like a date, names none
+            return None
+        if not MIN_YEAR <= d.year <= MAX_YEAR:
             return None
         cache[text] = d
     return d

@@ -33,7 +33,7 @@ from typing import Any
 import tenacity
 
 from smt_watch.config import Settings
-from smt_watch.errors import ConfigError, SftpError, SmtWatchError
+from smt_watch.errors import ConfigError, SftpError, SizeMismatch, SmtWatchError
 from smt_watch.hashing import identify
 from smt_watch.ledger import Ledger
 from smt_watch.sftp import Connection, RemoteFile
@@ -235,9 +235,11 @@ class _Ranged:
             self.record.unlink(missing_ok=True)  # a record without its part says nothing
         self.fd = os.open(self.part, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         try:
-            if os.fstat(self.fd).st_size != remote.size:
-                os.ftruncate(self.fd, 0)  # not this version's part: start over
-                os.ftruncate(self.fd, remote.size)
+            # Nothing is allocated ahead: the part grows only where received bytes are written (a server
+            # listing 1 TiB and serving 7 KB must not leave a 1 TiB sparse file). A part without its record,
+            # or longer than the file, says nothing: start over.
+            if not self.record.exists() or os.fstat(self.fd).st_size > remote.size:
+                os.ftruncate(self.fd, 0)
                 self.record.unlink(missing_ok=True)
             recorded = self._read_record()
             self.pieces = [(a, min(a + piece, remote.size)) for a in range(0, remote.size, piece)] or [(0, 0)]
@@ -289,6 +291,8 @@ class _Ranged:
 
     def finish(self) -> str:
         self._hash_prefix()  # a pass that resumed with every piece already done
+        if (size := os.fstat(self.fd).st_size) != self.remote.size:
+            raise SizeMismatch(f"{self.remote.path}: got {size} bytes, the server listed {self.remote.size}")
         os.fsync(self.fd)
         self.close()
         return self.digest.hexdigest()
@@ -297,6 +301,12 @@ class _Ranged:
         if not self.closed:
             self.closed = True
             os.close(self.fd)
+
+    def discard(self) -> None:
+        """The served size did not match the listed one: nothing of this file is kept."""
+        self.close()
+        self.part.unlink(missing_ok=True)
+        self.record.unlink(missing_ok=True)
 
 
 def ranged_part_path(final: Path, remote: RemoteFile) -> Path:
@@ -339,9 +349,10 @@ def _fetch_all(
     here (no start-up cost). Either way the workers only fetch (and rename a finished whole file into
     place); this process keeps every decision and is the only one that touches the ledger.
     """
-    total = sum(f.size for f in report.todo)
-    processes = workers > 1 and (total >= PROCESS_MIN_BYTES or len(report.todo) >= PROCESS_MIN_FILES)
-    jobs, ranged = _plan(settings, report.todo, split=processes, place_in_worker=not force_repost)
+    fitting = _fits_free_space(settings, report)
+    total = sum(f.size for f in fitting)
+    processes = workers > 1 and (total >= PROCESS_MIN_BYTES or len(fitting) >= PROCESS_MIN_FILES)
+    jobs, ranged = _plan(settings, fitting, split=processes, place_in_worker=not force_repost)
     pool = _Pool(settings, max(1, min(workers, len(jobs))), processes)
     try:
         _drive(settings, ledger, report, pool, jobs, ranged, on_bytes, force_repost)
@@ -350,6 +361,40 @@ def _fetch_all(
         for r in ranged.values():
             r.close()
         clean_stale_parts(report.placed)
+
+
+def free_bytes(directory: Path) -> int:
+    """Bytes an unprivileged writer may still use on the file system of ``directory`` (or of its nearest
+    existing parent: the inbox may not exist yet)."""
+    at = directory
+    while not at.exists() and at.parent != at:
+        at = at.parent
+    st = os.statvfs(at)
+    return st.f_bavail * st.f_frsize
+
+
+def _fits_free_space(settings: Settings, report: SyncReport) -> list[RemoteFile]:
+    """The files of ``report.todo`` whose listed size fits in the inbox's free space, biggest first, each
+    counted against what the ones before it take. A file that does not fit fails now with its reason: a
+    remote size is a claim, and nothing is allocated for it before the bytes arrive."""
+    budget = free_bytes(settings.local_dir)
+    fitting = []
+    for f in sorted(report.todo, key=lambda f: -f.size):
+        final = settings.local_dir / f.relative
+        have = 0
+        for part in (part_path(final, f), ranged_part_path(final, f)):
+            with contextlib.suppress(OSError):
+                st = part.lstat()
+                have = max(have, min(st.st_size, st.st_blocks * 512))
+        need = max(0, f.size - have)
+        if need > budget:
+            log.error("Failed to fetch %s: the server lists %s, more than the %s free in %s; not fetched",
+                      f.path, human_bytes(f.size), human_bytes(budget), settings.local_dir)
+            report.failed.append(f.path)
+            continue
+        budget -= need
+        fitting.append(f)
+    return fitting
 
 
 def _drive(
@@ -365,13 +410,19 @@ def _drive(
     waiting = collections.deque(jobs)
     outstanding: dict[int, dict[int, Job]] = {i: {} for i in range(len(pool.conns))}
     fatal: list[BaseException] = []
-    for r in list(ranged.values()):
-        if not r.todo():  # every piece fetched by an earlier pass: only the hash and the rename are left
-            _finish_ranged(ledger, report, r, force_repost)
 
     def fail(remote: RemoteFile, reason: object) -> None:
         log.error("Failed to fetch %s: %s", remote.path, reason)
         report.failed.append(remote.path)
+
+    for r in list(ranged.values()):
+        if not r.todo():  # every piece fetched by an earlier pass: only the hash and the rename are left
+            try:
+                _finish_ranged(ledger, report, r, force_repost)
+            except SizeMismatch as exc:
+                r.failed = True
+                r.discard()
+                fail(r.remote, exc)
 
     def feed(w: int) -> None:
         while waiting and len(outstanding[w]) < DEPTH and not fatal:
@@ -399,7 +450,7 @@ def _drive(
             if kind == "done":
                 _job_done(ledger, report, ranged, job, msg[2], msg[3], force_repost, fail)
             elif kind == "failed":
-                _job_failed(report, ranged, job, msg[2], fail)
+                _job_failed(report, ranged, job, msg[2], fail, discard=len(msg) > 3 and bool(msg[3]))
             else:  # "fatal": a ConfigError (host key, login): nothing more is fetched
                 fatal.append(msg[2])
             feed(w)
@@ -418,7 +469,7 @@ def _job_done(ledger: Ledger, report: SyncReport, ranged: dict[str, _Ranged], jo
                 _finish_ranged(ledger, report, r, force_repost)
         except (SmtWatchError, OSError) as exc:
             r.failed = True
-            r.close()
+            r.discard() if isinstance(exc, SizeMismatch) else r.close()
             fail(remote, _reason(exc))
         return
     assert sha is not None
@@ -448,13 +499,15 @@ def _finish_ranged(ledger: Ledger, report: SyncReport, r: _Ranged, force_repost:
 
 
 def _job_failed(report: SyncReport, ranged: dict[str, _Ranged], job: Job, reason: object,
-                fail: Callable[[RemoteFile, object], None]) -> None:
+                fail: Callable[[RemoteFile, object], None], discard: bool = False) -> None:
     r = ranged.get(job.remote.path)
     if r is not None:
+        if discard:
+            r.discard()  # the server's size is not what it listed: nothing of the file stays
         if r.failed:
             return  # said once per file
         r.failed = True
-        r.close()  # its part and record stay for the next pass
+        r.close()  # else its part and record stay for the next pass
     fail(job.remote, reason)
 
 
@@ -583,7 +636,7 @@ def _worker_loop(settings: Settings, conn: MpConnection, lock: threading.Lock) -
             except (SmtWatchError, OSError) as exc:
                 # A local problem (disk full, a file where a directory should be) fails this file only.
                 progress.flush()
-                send(("failed", job.n, _reason(exc)))
+                send(("failed", job.n, _reason(exc), isinstance(exc, SizeMismatch)))
                 continue
             progress.flush()
             send(("done", job.n, dest, sha))
@@ -621,7 +674,8 @@ def _run_job(settings: Settings, conn: Connection | None, job: Job, progress: Ca
 
 def _retrying(remote: RemoteFile) -> tenacity.Retrying:
     return tenacity.Retrying(
-        retry=tenacity.retry_if_exception_type(SftpError),
+        # A size that does not match is what the server serves: asking again in this pass gets the same.
+        retry=tenacity.retry_if_exception(lambda e: isinstance(e, SftpError) and not isinstance(e, SizeMismatch)),
         stop=tenacity.stop_after_attempt(ATTEMPTS),
         wait=tenacity.wait_exponential(multiplier=1, max=10),
         before_sleep=lambda s: log.warning("Retrying %s after: %s", remote.path,

@@ -12,7 +12,9 @@ records the attempt in ``mutations``), and has fault knobs:
 - ``lag_reads = N``: READ requests of sessions started from then on are served concurrently, and every
   N-th one is answered only after the N-1 that follow it (or after ``LAG_LIMIT`` seconds), so responses
   reach the client out of order, as SFTP allows a busy server to answer; ``lagged`` counts those answered
-  behind a later one (a test asserts it, so the case it names really ran).
+  behind a later one (a test asserts it, so the case it names really ran);
+- ``listed_sizes = {"/remote/path": n}``: the listing and every stat of that file claim ``n`` bytes, while
+  reads serve what the file holds (a server whose sizes lie).
 
 ``running_sshd`` starts ``/usr/sbin/sshd -D -e`` on a spare loopback port with a temp host key and
 ``AuthorizedKeysFile``, or skips the test when sshd is not installed (test_sync.py's ``sshd_server`` fixture).
@@ -144,6 +146,7 @@ class SftpTestServer:
         self.drop_times = 1
         self.read_blocked = threading.Event()
         self.lag_reads = 0
+        self.listed_sizes: dict[str, int] = {}
         self._stats = _Stats()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="sftp-test-server", daemon=True)
@@ -351,6 +354,31 @@ class _FaultySFTPServer(asyncssh.SFTPServer):
         async with self._progress:
             self._answered += 1
             self._progress.notify_all()
+
+    def _lie(self, local: bytes, st: object) -> object:
+        """The attributes of the file at ``local`` (a path on this machine), its size as listed_sizes says."""
+        size = self._owner.listed_sizes.get(self._owner._remote_path(local))
+        if size is None:
+            return st
+        attrs = st if isinstance(st, asyncssh.SFTPAttrs) else asyncssh.SFTPAttrs.from_local(st)  # type: ignore[arg-type]
+        attrs.size = size
+        return attrs
+
+    async def scandir(self, path: bytes) -> Any:
+        local = self.map_path(path)
+        async for entry in super().scandir(path):
+            if entry.filename not in (b".", b".."):
+                entry.attrs = self._lie(os.path.join(local, entry.filename), entry.attrs)  # type: ignore[assignment]
+            yield entry
+
+    def stat(self, path: bytes) -> Any:
+        return self._lie(self.map_path(path), super().stat(path))
+
+    def lstat(self, path: bytes) -> Any:
+        return self._lie(self.map_path(path), super().lstat(path))
+
+    def fstat(self, file_obj: object) -> Any:
+        return self._lie(os.fsencode(getattr(file_obj, "name", b"?")), super().fstat(file_obj))
 
     def _refuse(self, what: str, path: bytes) -> None:
         with self._owner._stats.lock:

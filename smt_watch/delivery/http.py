@@ -24,6 +24,7 @@ from tenacity.stop import stop_base
 from smt_watch.config import redact_url
 from smt_watch.delivery.base import Body, Classify, Progress, classify
 from smt_watch.errors import DeliveryError, RetryableDelivery
+from smt_watch.logs import redact_text, redaction_pattern
 
 if TYPE_CHECKING:
     from smt_watch.config import Secret, Settings
@@ -86,7 +87,7 @@ class Poster:
         self._auth = auth
         self._classify = classify
         self._settings = settings
-        self._secrets = settings.secrets()
+        self._secrets = redaction_pattern(settings.secrets())
         t = settings.http_timeout
         limits = httpx.Limits(max_connections=16, max_keepalive_connections=8)
         # Loading the CA bundle costs ~60 ms per start; a plain-http target (the droplet's loopback upload
@@ -168,6 +169,4 @@ class Poster:
         return response.status_code, text
 
     def _scrub(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return text
+        return redact_text(text, self._secrets)

@@ -212,12 +212,14 @@ def test_sync_into_a_full_inbox_then_next_pass_completes(tmp_path: Path, base_en
 
         first = sync()
         assert first.returncode == 1, first.stdout + first.stderr
-        assert "No space left on device" in first.stderr and "/adhocusage/big.csv" in first.stderr
+        # The listed size does not fit the free space: the file fails before a byte is written (a disk that
+        # fills mid-transfer, from another writer, is "No space left on device" and leaves a resumable part).
+        assert "free in" in first.stderr and "/adhocusage/big.csv" in first.stderr
         assert_clean(first.stdout + first.stderr, "sync output")
         visible = sorted(p.relative_to(inbox).as_posix() for p in inbox.rglob("*")
                          if p.is_file() and not any(part.startswith(".") for part in p.relative_to(inbox).parts))
-        assert visible == [], visible  # only the hidden, resumable part holds the first half
-        assert len(list(inbox.rglob(".big.csv.*.part"))) == 1
+        assert visible == [], visible
+        assert list(inbox.rglob(".big.csv.*.part")) == []  # nothing allocated for a size that cannot fit
         disk.free()
         second = sync()
         assert second.returncode == 0, second.stdout + second.stderr

@@ -70,3 +70,43 @@ def test_an_inbox_that_is_itself_a_symlink_keeps_working(base_env: dict[str, str
         assert w.stop() == 0
     assert [r["sha256"] for r in receiver.stored()] == [sha(data)]
     assert_clean(w.text(), "watch log")
+
+
+@pytest.mark.timeout(600)
+def test_a_file_landing_at_the_top_of_a_symlinked_inbox_is_delivered_live(base_env: dict[str, str], tmp_path: Path,
+                                                                          receiver: Any) -> None:
+    """SMT_LOCAL_DIR a symlink to the real directory: a file written at its top while `watch` runs is seen
+    by the observer (not by the rescan, an hour away here). When the symlink is swapped to another directory,
+    that one is watched and scanned, and a file landing in the old target is never read."""
+    real, other = tmp_path / "real-inbox", tmp_path / "other-inbox"
+    real.mkdir()
+    other.mkdir()
+    link = tmp_path / "inbox-link"
+    os.symlink(real, link)
+    env = subprocess_env(base_env, tmp_path / "home", SMT_UPLOAD_URL=f"{receiver.url}/upload",
+                         SMT_UPLOAD_TOKEN=UPLOAD_TOKEN, SMT_SETTLE_SECONDS="0.1", SMT_VALIDATE="0",
+                         SMT_RESCAN_SECONDS="3600", SMT_LOCAL_DIR=str(link))
+
+    def delivered(data: bytes) -> bool:
+        return sha(data) in {r["sha256"] for r in receiver.stored()}
+
+    with watch_process(env, tmp_path / "watch.log") as w:
+        live = b"ESIID,X\nlive-at-the-top,1\n"
+        (real / "a.csv").write_bytes(live)
+        wait_for(lambda: delivered(live), 90, "a file at the top of a symlinked inbox delivered live")
+
+        waiting = b"ESIID,X\nalready-in-the-new-target,2\n"
+        (other / "b.csv").write_bytes(waiting)
+        os.symlink(other, tmp_path / "inbox-link.new")
+        os.replace(tmp_path / "inbox-link.new", link)  # what `ln -sfn` does: the new link renamed over the old
+        wait_for(lambda: delivered(waiting), 90, "the new target scanned after the swap")
+        stale = b"ESIID,X\nin-the-old-target,3\n"
+        (real / "c.csv").write_bytes(stale)
+        fresh = b"ESIID,X\nlive-in-the-new-target,4\n"
+        (other / "d.csv").write_bytes(fresh)
+        wait_for(lambda: delivered(fresh), 90, "a file in the new target delivered live")
+        assert w.stop() == 0
+    assert not delivered(stale), "a file in the directory the inbox no longer names was delivered"
+    assert len(receiver.stored()) == 3
+    assert "now leads to" in w.text()
+    assert_clean(w.text(), "watch log")

@@ -6,7 +6,11 @@ body", and the real `smt-watch ticket` CLI as the reference minter.
 
 from __future__ import annotations
 
+import base64
 import json
+import logging
+import os
+import secrets
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,12 +21,13 @@ from test_server import FORM_TYPE, Running, connect, read_response, running, upl
 
 from conftest import SMT_WATCH
 from smt_watch.config import Settings
-from smt_watch.tickets import mint, verify
+from smt_watch.logs import RedactFilter
+from smt_watch.tickets import TicketError, mint, verify
 
 pytestmark = pytest.mark.faults
 
 Make = Callable[..., Settings]
-SECRET = "ticket-secret-3e3e3e3e3e3e-SECRET"
+SECRET = "J9_lIcwHgs9isVKIMMLJLzVFpsEqtGrPO_Vh-DOuRnM"  # secrets.token_urlsafe(32): strong enough to sign with
 
 
 @pytest.fixture
@@ -97,3 +102,79 @@ def test_the_ticket_command_mints_what_serve_accepts(base_env: dict[str, str], t
     refused = subprocess.run([*SMT_WATCH, "ticket", "--role", "admin", "--account", "x"], env=no_secret,
                              capture_output=True, text=True, timeout=30)
     assert refused.returncode == 2 and "SMT_UPLOAD_TICKET_SECRET" in refused.stderr
+
+
+WEAK = ["x", "ds", "password", "correct-horse-battery-staple", "0123456789abcdef0123456789abcdef",
+        "ticket-secret-3e3e3e3e3e3e-SECRET", "ab" * 40, "a" * 100, "6f1c2b7e-3c4d-4e5f-8a9b-0c1d2e3f4a5b"]
+
+
+@pytest.mark.timeout(600)  # two CLI starts on a shared, loaded machine
+@pytest.mark.parametrize("weak", WEAK)
+def test_a_secret_too_weak_to_sign_with_is_refused_at_start_and_by_the_ticket_command(
+        base_env: dict[str, str], tmp_path: Path, weak: str) -> None:
+    """A one-character secret was recovered from one customer ticket in 11 tries. serve refuses a weak
+    secret before it listens, the ticket command before it mints; one line, exit 2, the secret not in it."""
+    env = {**base_env, "PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "SMT_UPLOAD_TICKET_SECRET": weak,
+           "SMT_UPLOAD_PORT": "0"}
+    for args in (["ticket", "--role", "admin", "--account", "ops-1"], ["serve"]):
+        proc = subprocess.run([*SMT_WATCH, *args], env=env, capture_output=True, text=True, timeout=60)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 2, (args, out)
+        assert "SMT_UPLOAD_TICKET_SECRET" in out and "too weak" in out and "openssl rand -base64 32" in out, out
+        assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in out, out
+        assert weak not in out.replace("SMT_UPLOAD_TICKET_SECRET", ""), out
+
+
+@pytest.mark.parametrize("make", ["openssl-base64", "token_urlsafe", "hex"])
+def test_the_documented_ways_of_making_a_secret_are_accepted(base_env: dict[str, str], tmp_path: Path,
+                                                             make: str) -> None:
+    strong = {"openssl-base64": base64.b64encode(secrets.token_bytes(32)).decode(),  # what openssl prints
+              "token_urlsafe": secrets.token_urlsafe(32), "hex": secrets.token_hex(32)}[make]
+    env = {**base_env, "PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "SMT_UPLOAD_TICKET_SECRET": strong}
+    proc = subprocess.run([*SMT_WATCH, "ticket", "--role", "customer", "--account", "HOME-1"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert verify(strong, proc.stdout.strip().splitlines()[-1]).account == "HOME-1"
+
+
+NOT_ASCII = [b"\xff\xfe.\x80", "é.é".encode(), b"abc.d\xe9f", "\u2603.x".encode(), b"\xc3\xa9" * 10 + b".sig",
+             b"eyJyb2xlIjoiYWRtaW4ifQ.\xff"]
+
+
+@pytest.mark.parametrize("raw", NOT_ASCII, ids=range(len(NOT_ASCII)))
+def test_a_ticket_header_that_is_not_ascii_is_401_never_500(ticketed: Running, raw: bytes) -> None:
+    """Any header, any bytes: the ticket error, a 401, not a traceback from the signing step."""
+    with connect(ticketed.port) as sock:
+        sock.sendall((f"POST /upload HTTP/1.1\r\nHost: 127.0.0.1:{ticketed.port}\r\nContent-Type: {FORM_TYPE}\r\n"
+                      "Content-Length: 500000000\r\nx-smt-upload-ticket: ").encode() + raw + b"\r\n\r\n")
+        status, _, body = read_response(sock)
+    assert status == 401, body
+    assert json.loads(body)["error"] == "invalid_ticket"
+    assert ticketed.stored() == [] and ticketed.temps() == []
+
+
+@pytest.mark.parametrize("text", ["\xff\xfe.\x80", "é.é", "abc.d\u00e9f", "\u2603.x", "\udcff.x", "e30.\x00"])
+def test_verify_raises_only_the_ticket_error(text: str) -> None:
+    with pytest.raises(TicketError):
+        verify(SECRET, text)
+
+
+def _redacted(secret: str, message: str) -> str:
+    record = logging.LogRecord("smt_watch", logging.INFO, __file__, 1, message, (), None)
+    f = RedactFilter()
+    f.add([secret])
+    f.filter(record)
+    return record.getMessage()
+
+
+def test_log_redaction_replaces_whole_tokens_never_pieces_of_words() -> None:
+    """A short secret "ds" must not turn "Serving uploads" into "Serving uplo***ds" (which gives it away);
+    as a token it is still redacted wherever it stands."""
+    assert _redacted("ds", "Serving uploads on 127.0.0.1:8080 (words: dsl, odds, ds2)") == (
+        "Serving uploads on 127.0.0.1:8080 (words: dsl, odds, ds2)")
+    for shown, expected in [("token=ds", "token=***"), ("Authorization: Bearer ds", "Authorization: Bearer ***"),
+                            ("https://u:ds@host/x", "https://u:***@host/x"), ("key: 'ds'", "key: '***'"),
+                            ('"ds"', '"***"'), ("ds", "***"), ("?password=ds&x=1", "?password=***&x=1")]:
+        assert _redacted("ds", shown) == expected, shown
+    long = "Zq8vN3kLmP0xR7tY"  # 16 characters and more: redacted wherever it occurs, even glued to a word
+    assert _redacted(long, f"x{long}y and {long}") == "x***y and ***"
