@@ -56,6 +56,7 @@ from smt_watch.config import Secret, Settings
 from smt_watch.errors import LedgerUnavailable, SmtWatchError
 from smt_watch.inbox import create_inbox, is_candidate
 from smt_watch.ledger import SHA256_RE, Ledger
+from smt_watch.linger import LINGER_IDLE_SECONDS, CloseUnreadBody, LingeringH11Protocol
 from smt_watch.status import WINDOWS, gather
 from smt_watch.tickets import TicketError, verify
 from smt_watch.uploads import (
@@ -633,7 +634,7 @@ class Server:
                            "x-smt-upload-ticket"],
             max_age=600,
         )
-        return Starlette(routes=routes, middleware=[cors],
+        return Starlette(routes=routes, middleware=[Middleware(CloseUnreadBody), cors],
                          exception_handlers={LedgerUnavailable: self._ledger_unavailable})
 
     async def _ledger_unavailable(self, request: Request, exc: Exception) -> Response:
@@ -649,8 +650,9 @@ def head_deadline_protocol(seconds: float) -> type[H11Protocol]:
     connection (or the first byte of a later request's head) to the end of the head, so dribbling bytes
     does not extend it; once the head is complete, the body's own idle timeout takes over."""
 
-    class HeadDeadline(H11Protocol):
+    class HeadDeadline(LingeringH11Protocol):
         _head_timer: asyncio.TimerHandle | None = None
+        linger_idle_seconds = min(LINGER_IDLE_SECONDS, seconds)
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -706,7 +708,7 @@ class _Uvicorn(uvicorn.Server):
 
 def build(settings: Settings, ledger: Ledger) -> Server:
     create_inbox(settings.local_dir)
-    bridge = Bridge(settings.webhook_forward_url) if settings.webhook_forward_url else None
+    bridge = Bridge(settings.webhook_forward_url, settings) if settings.webhook_forward_url else None
     return Server(settings, ledger, SyncRunner(settings), bridge)
 
 
