@@ -160,8 +160,9 @@ class SignInThrottle:
         if not waits:
             return None
         self._refused += 1
-        if w is not None and not w.warned:
+        if w is not None and not w.warned and self._warnings < self.max_warnings:
             w.warned = True
+            self._warnings += 1
             log.warning("Status page: sign-in from %s throttled for %d s (%d wrong tokens)", client,
                         int(max(waits)) + 1, w.attempts)
         return int(max(waits)) + 1
