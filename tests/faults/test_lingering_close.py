@@ -22,7 +22,7 @@ import struct
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -86,10 +86,8 @@ def reply_then_fin(sock: socket.socket) -> bytes:
             got += chunk
         except BlockingIOError:
             pass
-        try:
+        with suppress(BlockingIOError):
             sock.send(BLOCK)
-        except BlockingIOError:
-            pass
     raise AssertionError(f"no reply and FIN within 30 s: {got[:300]!r}")
 
 
