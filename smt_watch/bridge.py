@@ -220,9 +220,9 @@ class _PassThrough(Response):
         path_shown = shown(scope.get("raw_path", b"").decode("latin-1"))[:200]
         target = pass_through_target(bridge.base_path, scope.get("raw_path", b""), scope.get("query_string", b""))
         if target is None:
-            log.warning("Not passed to the webhook bridge: path %s from %s has a dot segment", path_shown, client)
-            await _failed(400, "bad_path", "The path has a '.' or '..' segment (plain or percent-encoded); "
-                          "it is not passed on")(scope, receive, send)
+            log.warning("Not passed to the webhook bridge: path %s from %s could leave its base", path_shown, client)
+            await _failed(400, "bad_path", "The path is not absolute or has a '.' or '..' segment (plain or "
+                          "percent-encoded); it is not passed on")(scope, receive, send)
             return
         body = self.body_bytes
         if body is None:
