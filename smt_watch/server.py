@@ -31,7 +31,7 @@ import time
 import uuid
 from collections.abc import Generator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path, PurePosixPath
@@ -57,6 +57,8 @@ from smt_watch.errors import ConfigError, LedgerUnavailable, SmtWatchError
 from smt_watch.esiids import InvalidLabel, Repost, clean_esiid, clean_meter, repost_esiid
 from smt_watch.inbox import create_inbox, is_candidate
 from smt_watch.ledger import SHA256_RE, Ledger
+from smt_watch.linger import LINGER_IDLE_SECONDS, CloseUnreadBody, LingeringH11Protocol
+from smt_watch.sessions import SESSION_SECONDS, Sessions, SignInThrottle
 from smt_watch.status import gather
 from smt_watch.tickets import TicketError, verify
 from smt_watch.uploads import (
@@ -238,6 +240,7 @@ class Server:
     runner: SyncRunner
     bridge: Bridge | None = None
     _active: int = 0  # uploads in progress
+    throttle: SignInThrottle = field(default_factory=SignInThrottle)  # wrong status tokens
 
     # --- POST /upload -------------------------------------------------------------------------------
 
@@ -532,11 +535,20 @@ class Server:
 
     # --- /status: the status page (SMT_STATUS_TOKEN) ----------------------------------------------------
 
-    def _session(self, request: Request) -> str | None:
-        """The request's status session cookie, if it is a valid one."""
+    async def _session(self, request: Request) -> str | None:
+        """The request's status session cookie, if it is a valid one (of the ledger's current generation)."""
         token = self.settings.status_token
         cookie = request.cookies.get(status_page.COOKIE)
-        return cookie if token is not None and status_page.session_valid(token, cookie) else None
+        if token is None or not cookie:
+            return None
+        return cookie if await run_in_threadpool(Sessions(token, self.ledger).valid, cookie) else None
+
+    def _throttled(self, request: Request) -> int | None:
+        """Seconds this client must wait before its next status token is looked at, or None."""
+        return self.throttle.retry_after(request.client.host if request.client else "-")
+
+    def _wrong_token(self, request: Request) -> None:
+        self.throttle.failed(request.client.host if request.client else "-")
 
     def _foreign(self, request: Request) -> bool:
         """A POST whose Origin is not this server (a missing Origin is judged by the CSRF token alone)."""
@@ -563,7 +575,7 @@ class Server:
     async def status(self, request: Request) -> Response:
         if self.settings.status_token is None:
             return self._html(status_page.disabled_page(), 404)
-        session = self._session(request)
+        session = await self._session(request)
         if session is None:
             return self._html(status_page.login_page(), 401)
         state = await run_in_threadpool(gather, self.settings, self.ledger)
@@ -579,8 +591,15 @@ class Server:
             return _error(404, "status_disabled", "The status page is off: set SMT_STATUS_TOKEN")
         bearer = request.headers.get("authorization", "")
         sent = bearer[7:] if bearer[:7].lower() == "bearer " else None
-        if self._session(request) is None and not status_page.token_matches(token, sent):
-            return _error(401, "unauthorized", "Sign in at /status, or send Authorization: Bearer <SMT_STATUS_TOKEN>")
+        if await self._session(request) is None:
+            if (wait := self._throttled(request)) is not None:
+                return _error(429, "too_many_attempts", f"Too many wrong status tokens; try again in {wait} s",
+                              headers={"Retry-After": str(wait)})
+            if not status_page.token_matches(token, sent):
+                if sent is not None:
+                    self._wrong_token(request)
+                return _error(401, "unauthorized",
+                              "Sign in at /status, or send Authorization: Bearer <SMT_STATUS_TOKEN>")
         state = await run_in_threadpool(gather, self.settings, self.ledger)
         return JSONResponse(state.to_json(), headers={"Cache-Control": "no-store"})
 
@@ -590,17 +609,21 @@ class Server:
             return self._html(status_page.disabled_page(), 404)
         if self._foreign(request):
             return self._html(status_page.login_page("Refused: this form was sent from another site."), 403)
+        if (wait := self._throttled(request)) is not None:  # before the form is read: the token is not looked at
+            return self._html(status_page.login_page(f"Too many wrong tokens: try again in {wait} s."), 429,
+                              {"Retry-After": str(wait)})
         try:
             form = await self._form(request)
         except (UploadTooLarge, UploadStalled, ValueError):
             return self._html(status_page.login_page("Refused: not a sign-in form."), 400)
         if not status_page.token_matches(token, form.get("token")):
-            client = request.client.host if request.client else "-"
-            log.warning("Status page: wrong token from %s", client)
+            self._wrong_token(request)  # logged there, within a bound per window
             return self._html(status_page.login_page("Wrong token."), 401)
+        # https as the client sees it: uvicorn takes X-Forwarded-Proto from SMT_TRUSTED_PROXIES only
         secure = "; Secure" if request.url.scheme == "https" else ""
-        cookie = (f"{status_page.COOKIE}={status_page.new_session(token)}; Path=/status; HttpOnly; SameSite=Strict; "
-                  f"Max-Age={status_page.SESSION_SECONDS}{secure}")
+        session = await run_in_threadpool(Sessions(token, self.ledger).new)
+        cookie = (f"{status_page.COOKIE}={session}; Path=/status; HttpOnly; SameSite=Strict; "
+                  f"Max-Age={SESSION_SECONDS}{secure}")
         response = self._see_status()
         response.headers["Set-Cookie"] = cookie
         return response
@@ -610,7 +633,7 @@ class Server:
         token = self.settings.status_token
         if token is None:
             return {}, self._html(status_page.disabled_page(), 404)
-        session = self._session(request)
+        session = await self._session(request)
         if session is None:
             return {}, self._html(status_page.login_page("Sign in first."), 401)
         if self._foreign(request):
@@ -640,9 +663,15 @@ class Server:
         return self._see_status(sha[:12] if moved else "none")
 
     async def status_logout(self, request: Request) -> Response:
+        """Sign-out ends every session issued so far (the ledger's session generation goes up), not only
+        this browser's cookie."""
         _, refused = await self._checked_post(request)
         if refused is not None:
             return refused
+        assert self.settings.status_token is not None  # _checked_post refuses without one
+        await run_in_threadpool(Sessions(self.settings.status_token, self.ledger).end_all)
+        log.info("Status page: signed out from %s; every session issued before is ended",
+                 request.client.host if request.client else "-")
         response = self._see_status()
         response.headers["Set-Cookie"] = (f"{status_page.COOKIE}=; Path=/status; HttpOnly; SameSite=Strict; "
                                           "Max-Age=0")
@@ -683,7 +712,7 @@ class Server:
                            "x-smt-upload-ticket"],
             max_age=600,
         )
-        return Starlette(routes=routes, middleware=[cors],
+        return Starlette(routes=routes, middleware=[Middleware(CloseUnreadBody), cors],
                          exception_handlers={LedgerUnavailable: self._ledger_unavailable})
 
     async def _ledger_unavailable(self, request: Request, exc: Exception) -> Response:
@@ -699,8 +728,9 @@ def head_deadline_protocol(seconds: float) -> type[H11Protocol]:
     connection (or the first byte of a later request's head) to the end of the head, so dribbling bytes
     does not extend it; once the head is complete, the body's own idle timeout takes over."""
 
-    class HeadDeadline(H11Protocol):
+    class HeadDeadline(LingeringH11Protocol):
         _head_timer: asyncio.TimerHandle | None = None
+        linger_idle_seconds = min(LINGER_IDLE_SECONDS, seconds)
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -756,7 +786,9 @@ class _Uvicorn(uvicorn.Server):
 
 def build(settings: Settings, ledger: Ledger) -> Server:
     create_inbox(settings.local_dir)
-    bridge = Bridge(settings.webhook_forward_url) if settings.webhook_forward_url else None
+    if settings.status_token is not None:
+        Sessions(settings.status_token, ledger).adopt_token()
+    bridge = Bridge(settings.webhook_forward_url, settings) if settings.webhook_forward_url else None
     return Server(settings, ledger, SyncRunner(settings), bridge)
 
 

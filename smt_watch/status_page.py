@@ -4,10 +4,10 @@ The page needs no external asset and no JavaScript (a ``<meta http-equiv=refresh
 :data:`REFRESH_SECONDS`); it fits a phone (one column, tables scroll sideways). Everything from the ledger
 is HTML-escaped: file names and errors are client data.
 
-Sessions: ``SMT_STATUS_TOKEN`` posted to the login form (never in a URL) buys a cookie
-``<issued>.<HMAC(token, issued)>``, HttpOnly, SameSite=Strict, for :data:`SESSION_SECONDS`. No server-side
-state: changing the token ends every session. Each form carries a CSRF token, the HMAC of the session
-cookie under another label; every comparison is :func:`hmac.compare_digest`.
+Sessions (:mod:`smt_watch.sessions`): ``SMT_STATUS_TOKEN`` posted to the login form (never in a URL) buys
+a cookie that is an HMAC under the token, HttpOnly, SameSite=Strict, ended by sign-out or a change of the
+token. Each form carries a CSRF token, the HMAC of the session cookie under another label; every comparison
+is :func:`hmac.compare_digest`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from smt_watch.names import shown
 from smt_watch.status import Hour, Status, age, human_size, seconds_text, sync_line, watch_line
 
 COOKIE: Final = "smt_status"
-SESSION_SECONDS: Final = 12 * 3600
 REFRESH_SECONDS: Final = 15
 CSP: Final = ("default-src 'none'; style-src 'unsafe-inline'; img-src 'self'; form-action 'self'; "
               "frame-ancestors 'none'; base-uri 'none'")
@@ -31,21 +30,6 @@ CSP: Final = ("default-src 'none'; style-src 'unsafe-inline'; img-src 'self'; fo
 
 def _mac(token: Secret, label: str, value: str) -> str:
     return hmac.new(token.reveal().encode(), f"{label}\0{value}".encode(), hashlib.sha256).hexdigest()
-
-
-def new_session(token: Secret, now: float | None = None) -> str:
-    issued = str(int(time.time() if now is None else now))
-    return f"{issued}.{_mac(token, 'session', issued)}"
-
-
-def session_valid(token: Secret, cookie: str | None, now: float | None = None) -> bool:
-    if not cookie or cookie.count(".") != 1:
-        return False
-    issued, mac = cookie.split(".")
-    if not issued.isdigit() or not hmac.compare_digest(mac.encode(), _mac(token, "session", issued).encode()):
-        return False
-    age_seconds = (time.time() if now is None else now) - int(issued)
-    return -60 <= age_seconds <= SESSION_SECONDS
 
 
 def csrf_token(token: Secret, session: str) -> str:
