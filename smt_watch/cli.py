@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from smt_watch import __version__
 from smt_watch.delivery.registry import choices_text as delivery_choices_text
 from smt_watch.errors import ConfigError, ContentError, SmtWatchError
 from smt_watch.logs import FORMATS, LEVELS, add_secrets, setup_logging
@@ -36,12 +35,13 @@ app = typer.Typer(
     name="smt-watch",
     help="Deliver Smart Meter Texas interval files from an inbox to IntelliWatt, each exactly once.",
     no_args_is_help=True,
-    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
 ledger_app = typer.Typer(
-    help="Show and edit the delivery ledger (SMT_STATE_DIR/ledger.sqlite3).", no_args_is_help=True
+    help="Show and edit the delivery ledger (SMT_STATE_DIR/ledger.sqlite3).", no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(ledger_app, name="ledger")
 
@@ -72,12 +72,16 @@ def _settings(env_file: Path | None, **overrides: object) -> Settings:
         overrides={k: None if v is None else str(v) for k, v in overrides.items()},
     )
     add_secrets(settings.secrets())
+    for warning in settings.warnings:
+        log.warning("%s", warning)
     return settings
 
 
 def _version(value: bool) -> None:
     if value:
-        typer.echo(f"smt-watch {__version__}")
+        from smt_watch.build import describe
+
+        typer.echo(describe())
         raise typer.Exit()
 
 
@@ -90,7 +94,7 @@ def root(
         str, typer.Option("--log-format", metavar="FORMAT", help="text (colour on a TTY) or json (one object a line).")
     ] = "text",
     version: Annotated[
-        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and the build (commit) and exit.")
     ] = False,
 ) -> None:
     """Deliver Smart Meter Texas interval files from an inbox to IntelliWatt, each exactly once.

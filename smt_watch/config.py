@@ -11,10 +11,11 @@ or shown in an error without leaking a token.
 
 from __future__ import annotations
 
+import difflib
 import re
 import socket
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Final, TypeVar
@@ -133,6 +134,8 @@ class Settings:
     # Set by systemd for Type=notify units.
     notify_socket: str | None = None  # NOTIFY_SOCKET
     watchdog_usec: int | None = None  # WATCHDOG_USEC
+    # Not a setting: what load_settings noticed (a misspelt SMT_* name), for the CLI and doctor to say.
+    warnings: tuple[str, ...] = ()
 
     @property
     def ledger_path(self) -> Path:
@@ -233,8 +236,10 @@ class _Reader:
 
     def __init__(self, env: Mapping[str, str]) -> None:
         self.env = env
+        self.asked: set[str] = set()  # every name some setting read: the known names
 
     def raw(self, name: str) -> str | None:
+        self.asked.add(name)
         value = self.env.get(name)
         if value is None:
             return None
@@ -261,6 +266,7 @@ class _Reader:
         ASCII with no spaces; a passphrase may hold spaces but no control characters. A value that breaks
         the rule is refused now, naming the variable and the rule and never the value: sent later it would
         fail every attempt, and the library's error would quote it."""
+        self.asked.update(names)
         for name in names:
             value = self.raw(name)
             if value is None:
@@ -416,5 +422,32 @@ def load_settings(
         notify_socket=r.text("NOTIFY_SOCKET"),
         watchdog_usec=r.integer("WATCHDOG_USEC", 0) or None,
     )
-    return settings
+    return replace(settings, warnings=unknown_names(merged, r.asked))
+
+
+# Names IntelliWatt's own droplet tools read from the same env file (the bash script, the Node upload
+# server, the webhook bridge, the SMT API proxy): they are not ours, but not typos either.
+FOREIGN_NAMES: Final = frozenset({
+    "SMT_ADMIN_UPLOAD_DAILY_LIMIT", "SMT_ADMIN_UPLOAD_WINDOW_MS", "SMT_API_BASE_URL", "SMT_CAPTURED_AT",
+    "SMT_CUSTOMER_UPLOAD_MONTHLY_LIMIT", "SMT_CUSTOMER_UPLOAD_WINDOW_MS", "SMT_DEBUG", "SMT_ESIID",
+    "SMT_FILE_PATH", "SMT_FORCE_REPOST", "SMT_INGEST_SERVICE_NAME", "SMT_METER", "SMT_NORMALIZE_LIMIT",
+    "SMT_PASSWORD", "SMT_PROCESS_ONE", "SMT_PROXY", "SMT_PROXY_TOKEN", "SMT_PROXY_URL", "SMT_REQUESTOR_AUTH_ID",
+    "SMT_SERVICE_ID", "SMT_SIZE_BYTES", "SMT_SOURCE", "SMT_UPLOAD_DELAY", "SMT_UPLOAD_DIR", "SMT_USERNAME",
+    # our own demo and test tooling, passed down to the processes it starts
+    "SMT_DEMO_DIR", "SMT_FAULTS_AS_USER", "SMT_FAULTS_SEED",
+})
+OUR_PREFIXES: Final = ("SMT_", "INTELLIWATT_")
+
+
+def unknown_names(given: Mapping[str, str], known: set[str]) -> tuple[str, ...]:
+    """One warning per ``SMT_*``/``INTELLIWATT_*`` name that no setting reads, with the closest known name:
+    a misspelt ``SMT_UPLOAD_ULR`` would otherwise leave smt-watch in another mode without a word."""
+    out = []
+    for name in sorted(given):
+        if not name.startswith(OUR_PREFIXES) or name in known or name in FOREIGN_NAMES:
+            continue
+        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        out.append(f"unknown setting {name} is ignored{hint}")
+    return tuple(out)
 
