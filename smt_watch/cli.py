@@ -94,7 +94,7 @@ def root(
         str, typer.Option("--log-format", metavar="FORMAT", help="text (colour on a TTY) or json (one object a line).")
     ] = "text",
     version: Annotated[
-        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and the build (commit) and exit.")
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and build and exit.")
     ] = False,
 ) -> None:
     """Deliver Smart Meter Texas interval files from an inbox to IntelliWatt, each exactly once.
