@@ -247,6 +247,7 @@ class PostgresLedger(LedgerBase):
         ``reconnect_seconds`` have passed. ``what`` runs its own transaction (``with conn.transaction()``)."""
         deadline = time.monotonic() + self._reconnect
         delay = 0.1
+        failures = 0
         while True:
             # Never wait for a connection past the deadline: the pool's own timeout (connect_timeout) would
             # hold a call 10 s whatever reconnect_seconds says (serve's 3 s wait took 10).
@@ -255,9 +256,16 @@ class PostgresLedger(LedgerBase):
                 with self._pool.connection(timeout=wait) as conn:
                     result = what(conn)
             except _DISCONNECTS as exc:
+                failures += 1
                 if not retry or time.monotonic() + delay > deadline or self._closed.is_set():
                     self._went_down(exc)
                     raise LedgerUnavailable(f"ledger {self.path} is unreachable: {_reason(exc)}") from exc
+                if failures == 1:
+                    # One failure may be a pooled connection that died with a server that is back: drop every
+                    # dead idle connection and try once more before calling it an outage (else a restart read
+                    # as two outages: "reachable again", then the next stale connection, "unreachable").
+                    self._drop_dead_connections()
+                    continue
                 self._went_down(exc)
                 self._closed.wait(delay)
                 delay = min(delay * 2, 5.0)
@@ -271,6 +279,10 @@ class PostgresLedger(LedgerBase):
                                     time.monotonic() - self._down_since)
                         self._down_since = None
             return result
+
+    def _drop_dead_connections(self) -> None:
+        with contextlib.suppress(psycopg.Error):  # the server is really gone: the retry loop says so
+            self._pool.check()
 
     def _went_down(self, exc: BaseException) -> None:
         with self._lock:
