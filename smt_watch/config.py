@@ -131,6 +131,10 @@ class Settings:
     sftp_timeout: float = 30.0  # SMT_SFTP_TIMEOUT: connect, handshake and per-read timeout for sync
     metrics_port: int | None = None  # SMT_METRICS_PORT: Prometheus metrics for `watch` on 127.0.0.1
     grace_seconds: float = 30.0  # SMT_STOP_GRACE_SECONDS: how long in-flight deliveries may finish on stop
+    verify_delay_seconds: float = 300.0  # SMT_VERIFY_DELAY_SECONDS: after a delivery, wait before verifying
+    verify_requests_per_second: float = 2.0  # SMT_VERIFY_REQUESTS_PER_SECOND: verify's reads from the app
+    verify_timeout: float = 30.0  # SMT_VERIFY_TIMEOUT_SECONDS: deadline of one read request
+    verify_file_seconds: float = 900.0  # SMT_VERIFY_FILE_SECONDS: deadline of one file's verification
     # Set by systemd for Type=notify units.
     notify_socket: str | None = None  # NOTIFY_SOCKET
     watchdog_usec: int | None = None  # WATCHDOG_USEC
@@ -419,6 +423,10 @@ def load_settings(
         sftp_timeout=r.number("SMT_SFTP_TIMEOUT", 30.0, minimum=0.1),
         metrics_port=r.integer("SMT_METRICS_PORT", 0, minimum=0, maximum=65535) or None,
         grace_seconds=r.number("SMT_STOP_GRACE_SECONDS", 30.0),
+        verify_delay_seconds=r.number("SMT_VERIFY_DELAY_SECONDS", 300.0),
+        verify_requests_per_second=r.number("SMT_VERIFY_REQUESTS_PER_SECOND", 2.0, minimum=0.01),
+        verify_timeout=r.number("SMT_VERIFY_TIMEOUT_SECONDS", 30.0, minimum=0.1),
+        verify_file_seconds=r.number("SMT_VERIFY_FILE_SECONDS", 900.0, minimum=1.0),
         notify_socket=r.text("NOTIFY_SOCKET"),
         watchdog_usec=r.integer("WATCHDOG_USEC", 0) or None,
     )

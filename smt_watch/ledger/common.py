@@ -40,6 +40,8 @@ COPIED_COLUMNS: Final[dict[str, tuple[str, ...]]] = {
     "uploads": ("role", "account", "at"),
     "seen": ("path", "device", "inode", "size", "mtime_ns", "sha256"),
     "meta": ("key", "value"),
+    "verdicts": ("sha256", "verdict", "detail", "checked_at", "check_due_at", "resend_due_at", "resend_days",
+                 "resend_state", "resend_sha256", "older_said"),  # verify (smt_watch.ledger.verdicts)
 }
 COPIED_TABLES: Final = tuple(COPIED_COLUMNS)
 

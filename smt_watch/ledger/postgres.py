@@ -41,6 +41,7 @@ from psycopg.rows import dict_row
 from smt_watch.clock import utc_stamp
 from smt_watch.errors import ConfigError, LedgerError, LedgerUnavailable
 from smt_watch.hashing import Signature
+from smt_watch.ledger import verdicts
 from smt_watch.ledger.common import (
     COPIED_COLUMNS,
     COPIED_TABLES,
@@ -137,6 +138,7 @@ _MIGRATIONS: Final[tuple[str, ...]] = (
         PRIMARY KEY (sha256, part)
     );
     """,
+    verdicts.postgres_migration(SCHEMA),  # 2: verify's verdicts (issue 26)
 )
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
 
@@ -178,7 +180,7 @@ def is_postgres_url(url: str | None) -> bool:
     return bool(url) and str(url).startswith(("postgresql://", "postgres://"))
 
 
-class PostgresLedger(LedgerBase):
+class PostgresLedger(LedgerBase, verdicts.PostgresVerdicts):
     """The ledger in PostgreSQL. Thread-safe: a pool of connections, one per concurrent operation."""
 
     def __init__(
@@ -743,7 +745,7 @@ class PostgresLedger(LedgerBase):
 
 _KEYS: Final[dict[str, tuple[str, ...]]] = {
     "files": ("sha256",), "chunks": ("sha256", "part"), "remote_files": ("remote_path",),
-    "seen": ("node", "path"), "meta": ("key",),
+    "seen": ("node", "path"), "meta": ("key",), "verdicts": ("sha256",),
 }
 
 _REMEMBER_SQL: Final = (

@@ -24,6 +24,7 @@ from typing import Any, Final
 from smt_watch.clock import utc_stamp
 from smt_watch.errors import LedgerError
 from smt_watch.hashing import Signature
+from smt_watch.ledger import verdicts
 from smt_watch.ledger.common import (
     COPIED_COLUMNS,
     COPIED_TABLES,
@@ -126,6 +127,7 @@ def _migration_5(db: sqlite3.Connection) -> None:
 
 MIGRATIONS: Final[tuple[Callable[[sqlite3.Connection], None], ...]] = (
     _migration_1, _migration_2, _migration_3, _migration_4, _migration_5,
+    verdicts.sqlite_migration,  # 6: verify's verdicts (issue 26)
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -154,7 +156,7 @@ def _opening(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
-class SqliteLedger(LedgerBase):
+class SqliteLedger(LedgerBase, verdicts.SqliteVerdicts):
     """The ledger database. Thread-safe: one connection guarded by a lock (writes are short)."""
 
     def __init__(self, path: Path, *, busy_timeout: float = 30.0, node: str | None = None) -> None:
