@@ -664,6 +664,58 @@ def ledger_copy(
 
 
 @app.command()
+def verify(
+    target: Annotated[
+        str | None, typer.Argument(metavar="[FILE|SHA]", help="One file (path or SHA-256 / unique prefix).")
+    ] = None,
+    since: Annotated[
+        str | None, typer.Option("--since", metavar="WHEN", help="Files sent since WHEN (ISO time, or 12h, 2d).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON array of verdict objects.")] = False,
+    base_url: Annotated[
+        str | None, typer.Option("--base-url", metavar="URL", help="The web app [INTELLIWATT_BASE_URL].")
+    ] = None,
+    state_dir: StateDir = None,
+    env_file: EnvFile = None,
+) -> None:
+    """Ask the app (read-only admin routes, x-admin-token) whether what was sent is stored.
+
+    Per file: stored, partial, outside window, missing or unverifiable, kept in the ledger. Exit 0 when
+    every file is stored, 1 otherwise, 2 on a configuration error.
+    """
+    from datetime import UTC, datetime
+
+    from smt_watch.errors import InputError
+    from smt_watch.pipeline import resolve_target
+    from smt_watch.statedir import open_ledger
+    from smt_watch.verify import Report, parse_since, select, verify_rows
+
+    if target is not None and since is not None:
+        raise ConfigError("give FILE|SHA or --since, not both")
+    settings = _settings(env_file, INTELLIWATT_BASE_URL=base_url, SMT_STATE_DIR=state_dir)
+    if not settings.base_url or settings.admin_token is None:
+        raise ConfigError("verify needs INTELLIWATT_BASE_URL and ADMIN_TOKEN (the app's admin read routes)")
+    when = parse_since(since, datetime.now(UTC)) if since is not None else None
+
+    def show(r: Report) -> None:
+        if not as_json:
+            typer.echo(f"{r.verdict.value:<14} {r.sha256[:12]} {shown(r.filename)}  ({shown(r.reason)})")
+
+    with open_ledger(settings) as ledger:
+        shas = resolve_target(ledger, target) if target is not None else None
+        if shas is not None and not shas:
+            raise InputError(f"{target}: not in the ledger")
+        rows = select(ledger, shas, when)
+        reports = verify_rows(settings, ledger, rows, on_report=show)
+    if as_json:
+        typer.echo(json.dumps([r.to_json() for r in reports], indent=2))
+    elif not reports:
+        typer.echo("(nothing to verify)")
+    if any(r.verdict.value != "stored" for r in reports):
+        raise typer.Exit(1)
+
+
+@app.command()
 def receive(
     port: Annotated[int, typer.Option("--port", metavar="PORT", help="TCP port (0 picks a free one).")] = 8081,
     data: Annotated[Path, typer.Option("--data", metavar="DIR", help="Where received files are stored.")] = Path(

@@ -191,36 +191,50 @@ def _first(row: list[str], indexes: list[int]) -> str | None:
     return None
 
 
+class RowParser:
+    """``parseSmtCsvFlexible`` for one header: :meth:`parse` reads a data row, None when its kWh is not a number."""
+
+    def __init__(self, header: list[str]) -> None:
+        cols = _Columns(header)
+        self.width = cols.width
+        self.c_esiid = cols.candidates(_ESIID_FRAGMENTS)
+        self.c_meter = cols.candidates(_METER_FRAGMENTS)
+        self.c_date = cols.candidates(_DATE_FRAGMENTS)
+        self.c_start = cols.candidates(_START_FRAGMENTS)
+        self.c_end = cols.candidates(_END_FRAGMENTS)
+        self.c_single = cols.candidates(_SINGLE_FRAGMENTS)
+        self.c_kwh = cols.candidates(_KWH_FRAGMENTS, ("type",))
+
+    def parse(self, row: list[str]) -> ParsedRow | None:
+        if not js_trim("".join(row)):
+            return None
+        if len(row) < self.width:
+            row = row + [""] * (self.width - len(row))
+        kwh_raw = _first(row, self.c_kwh)
+        kwh = js_number(kwh_raw.replace(",", "")) if kwh_raw is not None else None
+        if kwh is None:
+            return None
+        usage_date = _first(row, self.c_date)
+        start = _first(row, self.c_start)
+        end = _first(row, self.c_end)
+        single = _first(row, self.c_single)
+        start_with = f"{usage_date} {start}" if start and usage_date else start
+        end_with = f"{usage_date} {end}" if end and usage_date else end
+        single_with = single or (f"{usage_date} {start or end}" if usage_date and (start or end) else None)
+        return ParsedRow(_first(row, self.c_esiid), _first(row, self.c_meter), start_with, end_with, single_with,
+                         kwh)
+
+
 def parse_csv_flexible(rows: Iterator[list[str]]) -> Iterator[ParsedRow]:
     """``parseSmtCsvFlexible``: the first row is the header; rows whose kWh is not a number are skipped."""
     header = next(rows, None)
     if not header:
         return
-    cols = _Columns(header)
-    c_esiid = cols.candidates(_ESIID_FRAGMENTS)
-    c_meter = cols.candidates(_METER_FRAGMENTS)
-    c_date = cols.candidates(_DATE_FRAGMENTS)
-    c_start = cols.candidates(_START_FRAGMENTS)
-    c_end = cols.candidates(_END_FRAGMENTS)
-    c_single = cols.candidates(_SINGLE_FRAGMENTS)
-    c_kwh = cols.candidates(_KWH_FRAGMENTS, ("type",))
+    parser = RowParser(header)
     for row in rows:
-        if not any(js_trim(c) for c in row):
-            continue
-        if len(row) < cols.width:
-            row = row + [""] * (cols.width - len(row))
-        kwh_raw = _first(row, c_kwh)
-        kwh = js_number(kwh_raw.replace(",", "")) if kwh_raw is not None else None
-        if kwh is None:
-            continue
-        usage_date = _first(row, c_date)
-        start = _first(row, c_start)
-        end = _first(row, c_end)
-        single = _first(row, c_single)
-        start_with = f"{usage_date} {start}" if start and usage_date else start
-        end_with = f"{usage_date} {end}" if end and usage_date else end
-        single_with = single or (f"{usage_date} {start or end}" if usage_date and (start or end) else None)
-        yield ParsedRow(_first(row, c_esiid), _first(row, c_meter), start_with, end_with, single_with, kwh)
+        parsed = parser.parse(row)
+        if parsed is not None:
+            yield parsed
 
 
 def _days_from_civil(y: int, m: int, d: int) -> int:
@@ -518,3 +532,27 @@ def expect(chunks: Iterable[bytes], *, esiid: str | None, meter: str | None, win
         if key in out.stored:
             del out.newer[key]
     return out
+
+
+def line_days(lines: Iterable[bytes], esiid: str | None, meter: str | None) -> Iterator[tuple[bytes, DayKey | None]]:
+    """Each raw line after the header with the (ESIID, meter, Chicago day) the app files its interval under,
+    or None for a line it keeps nothing from (blank kWh, no instant, no ESIID). Lines are read one by one:
+    an SMT file has no quoted line breaks. The first item is the header line, with None."""
+    it = iter(lines)
+    header_line = next(it, b"")
+    yield header_line, None
+    header = next(split_rows(chunk_lines(header_line)), None)
+    if not header:
+        return
+    parser = RowParser(header)
+    model = AppModel()
+    for line in it:
+        row = next(split_rows(chunk_lines(line)), None)
+        parsed = parser.parse(row) if row else None
+        key: DayKey | None = None
+        if parsed is not None:
+            ms = _start_ms(parsed, "period_end")
+            e = _esiid(parsed.esiid, esiid)
+            if ms is not None and e is not None:
+                key = (e.strip(), _meter(parsed.meter, meter).strip(), model.day_of(ms))
+        yield line, key

@@ -1,0 +1,71 @@
+"""Automatic verification inside ``watch`` (issue 26 item 5): check each delivery once the app had time.
+
+``watch`` calls :meth:`AutoVerify.after_delivery` when a file is ``sent`` (a check is scheduled
+``SMT_VERIFY_DELAY_SECONDS`` later, in the ledger, so it survives a restart) and :meth:`AutoVerify.tick` from
+its loop; a tick first re-sends the days the app's window dropped that have now entered it
+(:mod:`smt_watch.resend`), then runs the checks that are due, paced by ``SMT_VERIFY_REQUESTS_PER_SECOND``,
+and counts each verdict in Prometheus (``smt_watch_verdicts_total{verdict}``). It returns when the next
+thing is due, so the loop can sleep until then. Without ``INTELLIWATT_BASE_URL`` and ``ADMIN_TOKEN`` there
+is nothing to ask: ``enabled`` is False and both calls do nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Final
+
+from smt_watch.config import Settings
+from smt_watch.ledger import Ledger
+from smt_watch.pipeline import Outcome
+from smt_watch.resend import ResendResult, resend_due
+from smt_watch.verify import AppReader, Report, verify_rows
+
+log = logging.getLogger("smt_watch.verify")
+
+MAX_CHECKS_PER_TICK: Final = 20  # a tick returns to the loop between batches (stop requests stay prompt)
+
+
+class AutoVerify:
+    """Scheduled checks and re-sends for one ``watch`` (one ledger, one sink)."""
+
+    def __init__(self, settings: Settings, ledger: Ledger, deliver: Callable[[Path], Outcome],
+                 on_verdict: Callable[[Report], None] | None = None) -> None:
+        self.settings = settings
+        self.ledger = ledger
+        self.deliver = deliver
+        self.on_verdict = on_verdict
+        self.enabled = bool(settings.base_url) and settings.admin_token is not None
+        self._reader: AppReader | None = None
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+
+    def after_delivery(self, sha256: str, now: float) -> None:
+        """Schedule the check of a file just ``sent``."""
+        if self.enabled:
+            self.ledger.schedule_check(sha256, now + self.settings.verify_delay_seconds)
+
+    def tick(self, now: float) -> tuple[list[ResendResult], list[Report]]:
+        """Run what is due: re-sends, then up to :data:`MAX_CHECKS_PER_TICK` checks."""
+        if not self.enabled:
+            return [], []
+        resent = resend_due(self.settings, self.ledger, self.deliver, now)
+        due = self.ledger.checks_due(now)[:MAX_CHECKS_PER_TICK]
+        rows = [r for r in (self.ledger.get(v.sha256) for v in due) if r is not None]
+        if not rows:
+            return resent, []
+        if self._reader is None:
+            self._reader = AppReader(self.settings)
+        reports = verify_rows(self.settings, self.ledger, rows, reader=self._reader, on_report=self.on_verdict)
+        return resent, reports
+
+    def next_due(self) -> float | None:
+        """When :meth:`tick` has something to do next (epoch seconds), or None."""
+        if not self.enabled:
+            return None
+        times = [v.check_due_at for v in self.ledger.checks_due(float("inf")) if v.check_due_at is not None]
+        times += [v.resend_due_at for v in self.ledger.resends_due(float("inf")) if v.resend_due_at is not None]
+        return min(times) if times else None
