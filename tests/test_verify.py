@@ -17,8 +17,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import ADMIN_TOKEN
 
+from conftest import ADMIN_TOKEN
 from smt_watch.config import Settings
 from smt_watch.ledger.verdicts import Resend, Verdict
 from smt_watch.pipeline import post_files
