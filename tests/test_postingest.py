@@ -9,8 +9,8 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import httpx
-from conftest import ADMIN_TOKEN
 
+from conftest import ADMIN_TOKEN
 from smt_watch.delivery.rawupload import iter_chunks
 from smt_watch.postingest import plan_post_ingest, post_ingest_chunks
 from smt_watch.reference.app_routes import wrap
