@@ -18,6 +18,7 @@ from typing import Final
 
 from smt_watch.config import Settings
 from smt_watch.ledger import Ledger
+from smt_watch.metrics import Metrics
 from smt_watch.pipeline import Outcome
 from smt_watch.resend import ResendResult, resend_due
 from smt_watch.verify import AppReader, Report, verify_rows
@@ -31,11 +32,11 @@ class AutoVerify:
     """Scheduled checks and re-sends for one ``watch`` (one ledger, one sink)."""
 
     def __init__(self, settings: Settings, ledger: Ledger, deliver: Callable[[Path], Outcome],
-                 on_verdict: Callable[[Report], None] | None = None) -> None:
+                 metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.ledger = ledger
         self.deliver = deliver
-        self.on_verdict = on_verdict
+        self.metrics = metrics
         self.enabled = bool(settings.base_url) and settings.admin_token is not None
         self._reader: AppReader | None = None
 
@@ -59,8 +60,12 @@ class AutoVerify:
             return resent, []
         if self._reader is None:
             self._reader = AppReader(self.settings)
-        reports = verify_rows(self.settings, self.ledger, rows, reader=self._reader, on_report=self.on_verdict)
+        reports = verify_rows(self.settings, self.ledger, rows, reader=self._reader, on_report=self._count)
         return resent, reports
+
+    def _count(self, report: Report) -> None:
+        if self.metrics is not None:
+            self.metrics.verdicts.labels(verdict=report.verdict.value).inc()
 
     def next_due(self) -> float | None:
         """When :meth:`tick` has something to do next (epoch seconds), or None."""

@@ -19,12 +19,15 @@ import httpx
 import pytest
 
 from conftest import ADMIN_TOKEN
+from smt_watch.autoverify import AutoVerify
 from smt_watch.config import Settings
 from smt_watch.ledger.verdicts import Resend, Verdict
-from smt_watch.pipeline import post_files
+from smt_watch.metrics import Metrics
+from smt_watch.pipeline import Outcome, post_files
 from smt_watch.reference.app_routes import AppRoutes, wrap
 from smt_watch.reference.receiver import app_in_thread, create_app
 from smt_watch.reference.sample import interval_csv
+from smt_watch.resend import resend_due, write_derived
 from smt_watch.statedir import open_ledger
 from smt_watch.verify import Report, select, verify_rows
 from smt_watch.window import coverage_window
@@ -282,3 +285,55 @@ def test_cli_verify_exit_codes_and_json(app: App, run_cli: Callable[..., subproc
     config = run_cli("verify", env={"SMT_DELIVERY": "raw-upload"})
     assert config.returncode == 2 and "INTELLIWATT_BASE_URL" in config.stderr
     assert "Traceback" not in config.stderr and ADMIN_TOKEN not in some.stdout + some.stderr
+
+
+def test_a_file_that_left_the_inbox_is_unresendable_once(app: App, settings_for: Callable[..., Settings],
+                                                         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    settings = settings_for(app)
+    path = write(tmp_path / "inbox" / "gone_M1.csv", 3, today() - timedelta(days=3))
+    [report] = deliver_and_verify(settings, path)
+    assert report.verdict is Verdict.OUTSIDE_WINDOW and report.resend_due_at is not None
+    path.unlink()
+    sent: list[Path] = []
+    with open_ledger(settings) as ledger:
+        def deliver(p: Path) -> Outcome:
+            sent.append(p)
+            raise AssertionError("nothing to deliver")
+
+        [result] = resend_due(settings, ledger, deliver, report.resend_due_at + 1)
+        assert result.state is Resend.UNRESENDABLE and "left the inbox" in result.note
+        assert resend_due(settings, ledger, deliver, report.resend_due_at + 10) == []  # said once
+        kept = ledger.verdict(report.sha256)
+    assert kept is not None and kept.resend_state == "unresendable" and not sent
+    assert len([r for r in caplog.records if "unresendable" in r.getMessage()]) == 1
+
+
+def test_the_derived_file_holds_only_the_dropped_days_rows(tmp_path: Path) -> None:
+    """The fall-back day's 100 rows all go (the repeated hour included, in file order), nothing else."""
+    src = tmp_path / "f_M1.csv"
+    src.write_bytes(interval_csv(3, start=date(2025, 11, 1)))
+    dest = tmp_path / "out" / "d.csv"
+    kept = write_derived(src, {("10443720000000001", "M1", date(2025, 11, 2))}, dest, esiid=None, meter="M1")
+    lines = dest.read_text().splitlines()
+    assert kept == 100 and len(lines) == 101
+    assert lines[0].startswith("ESIID,USAGE_DATE") and all(",11/02/2025," in line for line in lines[1:])
+    assert [line.split(",")[3] for line in lines[1:]].count("1:15") == 2
+
+
+def test_automatic_checks_wait_for_the_delay_and_count_verdicts(app: App, settings_for: Callable[..., Settings],
+                                                                tmp_path: Path) -> None:
+    settings = settings_for(app, SMT_VERIFY_DELAY_SECONDS="120")
+    path = write(tmp_path / "inbox" / "auto_M1.csv", 2, today() - timedelta(days=8))
+    [sent] = post_files(settings, [path])
+    metrics = Metrics()
+    with open_ledger(settings) as ledger:
+        auto = AutoVerify(settings, ledger, lambda p: post_files(settings, [p])[0], metrics)
+        delivered_at = 1_000_000.0
+        auto.after_delivery(str(sent.sha256), delivered_at)
+        assert auto.next_due() == delivered_at + 120
+        assert auto.tick(delivered_at + 119) == ([], [])
+        _, [report] = auto.tick(delivered_at + 120)
+        assert report.verdict is Verdict.STORED
+        assert auto.tick(delivered_at + 500) == ([], [])  # checked: not due again
+        auto.close()
+    assert metrics.registry.get_sample_value("smt_watch_verdicts_total", {"verdict": "stored"}) == 1.0
