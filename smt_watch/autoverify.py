@@ -12,11 +12,14 @@ is nothing to ask: ``enabled`` is False and both calls do nothing.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
 from smt_watch.config import Settings
+from smt_watch.errors import SmtWatchError
 from smt_watch.ledger import Ledger
 from smt_watch.metrics import Metrics
 from smt_watch.pipeline import Outcome
@@ -25,6 +28,7 @@ from smt_watch.verify import AppReader, Report, verify_rows
 
 log = logging.getLogger("smt_watch.verify")
 
+IDLE_SECONDS: Final = 60.0  # how often run() looks for work scheduled by other processes
 MAX_CHECKS_PER_TICK: Final = 20  # a tick returns to the loop between batches (stop requests stay prompt)
 
 
@@ -39,10 +43,36 @@ class AutoVerify:
         self.metrics = metrics
         self.enabled = bool(settings.base_url) and settings.admin_token is not None
         self._reader: AppReader | None = None
+        self._closers: list[Callable[[], None]] = []
+
+    @classmethod
+    def for_watch(cls, settings: Settings, ledger: Ledger, metrics: Metrics | None = None) -> AutoVerify:
+        """With a sink of its own (``watch``'s workers keep theirs), closed by :meth:`close`."""
+        from smt_watch.delivery import delivery_mode, make_sink
+        from smt_watch.pipeline import deliver_file
+
+        sink = make_sink(settings, delivery_mode(settings), chunks=ledger)
+        auto = cls(settings, ledger, lambda path: deliver_file(settings, ledger, sink, path), metrics)
+        auto._closers.append(sink.close)
+        return auto
 
     def close(self) -> None:
         if self._reader is not None:
             self._reader.close()
+        for close in self._closers:
+            close()
+
+    def run(self, stop: threading.Event, idle: float = IDLE_SECONDS) -> None:
+        """A loop for a thread of ``watch``'s own: tick, then wait until the next thing is due (at most
+        ``idle`` seconds, so checks scheduled by other processes are seen) or ``stop`` is set. A verification
+        takes minutes at the default pace, so it must not run on the watcher's main loop."""
+        while not stop.is_set():
+            try:
+                self.tick(time.time())
+            except SmtWatchError as exc:  # a ledger outage: said, and tried again at the next turn
+                log.warning("Automatic verify paused: %s", exc)
+            due = self.next_due()
+            stop.wait(idle if due is None else min(idle, max(0.05, due - time.time())))
 
     def after_delivery(self, sha256: str, now: float) -> None:
         """Schedule the check of a file just ``sent``."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import subprocess
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import ADMIN_TOKEN
+from conftest import ADMIN_TOKEN, wait_for
 from smt_watch.autoverify import AutoVerify
 from smt_watch.config import Settings
 from smt_watch.ledger.verdicts import Resend, Verdict
@@ -337,3 +338,26 @@ def test_automatic_checks_wait_for_the_delay_and_count_verdicts(app: App, settin
         assert auto.tick(delivered_at + 500) == ([], [])  # checked: not due again
         auto.close()
     assert metrics.registry.get_sample_value("smt_watch_verdicts_total", {"verdict": "stored"}) == 1.0
+
+
+def test_the_watch_thread_resends_and_verifies_until_stopped(app: App, settings_for: Callable[..., Settings],
+                                                             tmp_path: Path) -> None:
+    """``AutoVerify.run`` in a thread of its own, as ``watch`` runs it: a scheduled check is done without
+    anyone calling tick, and the thread ends promptly on stop."""
+    settings = settings_for(app, SMT_VERIFY_DELAY_SECONDS="0")
+    path = write(tmp_path / "inbox" / "t_M1.csv", 2, today() - timedelta(days=8))
+    [sent] = post_files(settings, [path])
+    with open_ledger(settings) as ledger:
+        auto = AutoVerify.for_watch(settings, ledger)
+        auto.after_delivery(str(sent.sha256), datetime.now(UTC).timestamp())
+        stop = threading.Event()
+        thread = threading.Thread(target=auto.run, args=(stop,), daemon=True)
+        thread.start()
+        try:
+            wait_for(lambda: (v := ledger.verdict(str(sent.sha256))) is not None and v.verdict == "stored",
+                     what="the automatic check")
+        finally:
+            stop.set()
+            thread.join(10)
+            auto.close()
+        assert not thread.is_alive()
