@@ -30,6 +30,7 @@ from smt_watch.ledger.common import Row, now_iso
 from smt_watch.ledger.verdicts import Resend, VerdictRow
 from smt_watch.pipeline import Outcome
 from smt_watch.smtcsv import meter_for
+from smt_watch.verify import source_of
 
 log = logging.getLogger("smt_watch.resend")
 
@@ -90,13 +91,23 @@ def _one(settings: Settings, ledger: ResendLedger, deliver: Callable[[Path], Out
          now: float) -> ResendResult:
     row = ledger.get(v.sha256)
     keys = {(e, m, date.fromisoformat(d)) for e, m, d in json.loads(v.resend_days or "[]")}
-    src = Path(row.path) if row is not None and row.path else None
-    if row is None or src is None or not src.is_file() or not keys:
-        note = f"unresendable: the file left the inbox ({row.path if row else 'no ledger row'})"
-        log.warning("Resend %s: %s; %d day(s) the app dropped stay missing", row.filename if row else v.sha256,
-                    note, len(keys))
-        ledger.save_verdict(replace(v, resend_state=Resend.UNRESENDABLE.value, resend_due_at=None))
-        return ResendResult(v.sha256, Resend.UNRESENDABLE, note=note)
+    if row is None or not keys:
+        return _unresendable(ledger, v, "no ledger row or no days", len(keys))
+    with source_of(settings, ledger, row) as src:
+        if isinstance(src, str):
+            return _unresendable(ledger, v, src, len(keys), row.filename)
+        return _send(settings, ledger, deliver, v, row, keys, src, now)
+
+
+def _unresendable(ledger: ResendLedger, v: VerdictRow, why: str, days: int, name: str | None = None) -> ResendResult:
+    note = f"unresendable: the file left the inbox ({why})"
+    log.warning("Resend %s: %s; %d day(s) the app dropped stay missing", name or v.sha256, note, days)
+    ledger.save_verdict(replace(v, resend_state=Resend.UNRESENDABLE.value, resend_due_at=None))
+    return ResendResult(v.sha256, Resend.UNRESENDABLE, note=note)
+
+
+def _send(settings: Settings, ledger: ResendLedger, deliver: Callable[[Path], Outcome], v: VerdictRow, row: Row,
+          keys: set[DayKey], src: Path, now: float) -> ResendResult:
     dest = settings.state_dir / RESEND_DIR / derived_name(row.filename, sorted(k[2] for k in keys))
     try:
         lines = write_derived(src, keys, dest, esiid=settings.esiid_default,

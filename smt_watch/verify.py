@@ -25,12 +25,15 @@ was sent are scheduled for a re-send of just their rows once they have all enter
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -40,7 +43,7 @@ from typing import Any, Final, Protocol
 import httpx
 
 from smt_watch.config import Settings
-from smt_watch.errors import ConfigError, InputError
+from smt_watch.errors import ConfigError, InputError, SmtWatchError
 from smt_watch.expect import DayKey, DayTotal, Expectation, expect
 from smt_watch.ledger.common import Row, epoch_of
 from smt_watch.ledger.verdicts import Resend, Verdict, VerdictRow
@@ -64,6 +67,10 @@ class Unverifiable(Exception):
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+
+
+class SourceLedger(Protocol):
+    def get(self, sha256: str) -> Row | None: ...
 
 
 class VerifyLedger(Protocol):
@@ -278,9 +285,67 @@ def replay(settings: Settings, row: Row, path: Path) -> Expectation:
 
 
 def chunk_shas(settings: Settings, row: Row, path: Path) -> set[str]:
-    import hashlib
-
     return {hashlib.sha256(c).hexdigest() for c in chunks_for(settings, row, path)}
+
+
+# --- where a delivered file's bytes are now ------------------------------------------------------------
+
+
+def _sha256_file(path: Path) -> str | None:
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as fh:
+            while block := fh.read(1 << 20):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
+def _candidates(settings: Settings, stored_path: str) -> list[Path]:
+    """The ledger's path, then where ``SMT_AFTER_SEND=move`` would have put it."""
+    path = Path(stored_path)
+    out = [path]
+    with suppress(ValueError):  # not under the inbox: no archive place to look
+        out.append(settings.archive_path / path.relative_to(settings.local_dir))
+    return out
+
+
+@contextmanager
+def source_of(settings: Settings, ledger: SourceLedger, row: Row) -> Iterator[Path | str]:
+    """The delivered bytes of ``row`` as a file (for a CSV from an .asc/.zip, unpacked again from its parent
+    into a private work dir, removed afterwards), or the reason they cannot be had. The bytes must still hash
+    to ``row.sha256``: a file replaced under the same name is not the one that was sent."""
+    if row.parent:
+        parent = ledger.get(row.parent)
+        if parent is None or not parent.path:
+            yield f"its container {row.parent[:12]} has no path in the ledger"
+            return
+        found = next((p for p in _candidates(settings, parent.path) if _sha256_file(p) == parent.sha256), None)
+        if found is None:
+            yield f"its container is no longer at {parent.path}"
+            return
+        dest = settings.state_dir / "work" / f"verify-{row.sha256[:16]}"
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.mkdir(parents=True, mode=0o700)
+        try:
+            from smt_watch.content import open_container
+
+            try:
+                paths = open_container(settings, found, dest, parent.filename)
+            except SmtWatchError as exc:
+                yield f"its container cannot be opened again: {exc}"
+                return
+            match = next((p for p in paths if _sha256_file(p) == row.sha256), None)
+            yield match if match is not None else f"its container at {found} no longer holds it"
+        finally:
+            shutil.rmtree(dest, ignore_errors=True)
+        return
+    if not row.path:
+        yield "the ledger has no path for it (imported from a .posted_sha256?)"
+        return
+    found = next((p for p in _candidates(settings, row.path) if _sha256_file(p) == row.sha256), None)
+    yield found if found is not None else f"the file is no longer at {row.path} (or changed since it was sent)"
 
 
 # --- one file -------------------------------------------------------------------------------------------
@@ -290,13 +355,18 @@ def same(expected: DayTotal, actual: int, actual_kwh: Decimal) -> bool:
     return actual == expected.count and abs(actual_kwh - expected.kwh) <= KWH_TOLERANCE * max(1, expected.count)
 
 
-def verify_row(settings: Settings, reader: AppReader, row: Row, previous: VerdictRow | None) -> Report:
+def verify_row(settings: Settings, reader: AppReader, row: Row, previous: VerdictRow | None,
+               ledger: SourceLedger) -> Report:
     """Judge one ``sent`` row; never raises for the app's or the file's problems (the report says)."""
+    with source_of(settings, ledger, row) as source:
+        if isinstance(source, str):
+            return Report(row.sha256, row.filename, Verdict.UNVERIFIABLE,
+                          f"{source}: what the app should hold cannot be computed")
+        return _verify_at(settings, reader, row, previous, source)
+
+
+def _verify_at(settings: Settings, reader: AppReader, row: Row, previous: VerdictRow | None, path: Path) -> Report:
     name = row.filename
-    path = Path(row.path) if row.path else None
-    if path is None or not path.is_file():
-        return Report(row.sha256, name, Verdict.UNVERIFIABLE,
-                      f"the file is no longer at {row.path}: what the app should hold cannot be computed")
     try:
         exp = replay(settings, row, path)
     except OSError as exc:
@@ -434,7 +504,7 @@ def select(ledger: VerifyLedger, shas: Iterable[str] | None, since: datetime | N
             if row is not None:
                 out.append(row)
         return out
-    rows = ledger.rows("sent")
+    rows = [r for r in ledger.rows("sent") if r.mode != "unpack"]  # a container's CSVs are rows of their own
     if since is not None:
         rows = [r for r in rows if r.sent_at and epoch_of(r.sent_at) >= since.timestamp()]
     return rows
@@ -452,7 +522,7 @@ def verify_rows(settings: Settings, ledger: VerifyLedger, rows: list[Row], *,
             if row.state != "sent":
                 report = Report(row.sha256, row.filename, Verdict.UNVERIFIABLE, f"not sent (ledger state {row.state})")
             else:
-                report = verify_row(settings, reader, row, previous)
+                report = verify_row(settings, reader, row, previous, ledger)
                 record(ledger, report, previous)
             log.info("Verify %s: %s (%s)", row.filename, report.verdict.value, report.reason)
             reports.append(report)

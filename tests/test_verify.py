@@ -27,7 +27,7 @@ from smt_watch.metrics import Metrics
 from smt_watch.pipeline import Outcome, post_files
 from smt_watch.reference.app_routes import AppRoutes, wrap
 from smt_watch.reference.receiver import app_in_thread, create_app
-from smt_watch.reference.sample import interval_csv
+from smt_watch.reference.sample import billing_csv, interval_csv, smt_zip
 from smt_watch.resend import resend_due, write_derived
 from smt_watch.statedir import open_ledger
 from smt_watch.verify import Report, select, verify_rows
@@ -361,3 +361,38 @@ def test_the_watch_thread_resends_and_verifies_until_stopped(app: App, settings_
             thread.join(10)
             auto.close()
         assert not thread.is_alive()
+
+
+def test_a_csv_from_a_zip_is_verified_from_its_container(app: App, settings_for: Callable[..., Settings],
+                                                         tmp_path: Path) -> None:
+    """The CSVs inside a .zip are rows of their own (the container row is not verified); their bytes are
+    unpacked again from the container, which must still hold them."""
+    settings = settings_for(app)
+    start = today() - timedelta(days=10)
+    path = tmp_path / "inbox" / "pull_M1.zip"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(smt_zip("pull_M1.csv", interval_csv(3, start=start), billing_csv("10443720000000001", start, 3)))
+    [outcome] = post_files(settings, [path])
+    assert outcome.ok and len(outcome.children) == 2
+    with open_ledger(settings) as ledger:
+        rows = select(ledger, None, None)
+        assert {r.parent for r in rows} == {outcome.sha256}  # the container itself is left out
+        reports = verify_rows(settings, ledger, rows)
+    assert [r.verdict for r in reports] == [Verdict.STORED, Verdict.STORED], [r.reason for r in reports]
+    assert sorted(r.days_stored for r in reports) == [0, 3]  # the billing CSV: nothing the app keeps
+
+
+def test_a_moved_file_is_found_in_the_archive_and_a_changed_one_is_not_used(
+        app: App, settings_for: Callable[..., Settings], tmp_path: Path) -> None:
+    settings = settings_for(app)
+    path = write(tmp_path / "inbox" / "sub" / "m_M1.csv", 2, today() - timedelta(days=9))
+    [report] = deliver_and_verify(settings, path)
+    archived = settings.archive_path / "sub" / "m_M1.csv"
+    archived.parent.mkdir(parents=True)
+    path.rename(archived)  # what SMT_AFTER_SEND=move does
+    with open_ledger(settings) as ledger:
+        [moved] = verify_rows(settings, ledger, select(ledger, [report.sha256], None))
+        assert moved.verdict is Verdict.STORED, moved.reason
+        archived.write_bytes(interval_csv(2, start=today() - timedelta(days=30)))  # other bytes, same name
+        [changed] = verify_rows(settings, ledger, select(ledger, [report.sha256], None))
+    assert changed.verdict is Verdict.UNVERIFIABLE and "changed since it was sent" in changed.reason
