@@ -218,7 +218,7 @@ def test_days_older_than_the_window_are_said_once(app: App, settings_for: Callab
 
 
 @pytest.mark.parametrize(("token", "fault", "words"), [
-    ("wrong-token", {}, "answered 401"),
+    ("wrong-token", {}, "answered 401: ADMIN_TOKEN is not the app's admin token"),
     (ADMIN_TOKEN, {"route": "intervals", "absent": True}, "answered 404"),
     (None, {}, "answered 503: ADMIN_TOKEN not configured"),
 ], ids=["401", "404", "503"])
