@@ -249,6 +249,14 @@ class AppRoutes:
         self.faults: dict[str, RouteFault] = {}
         self.reads = 0  # read requests answered (tests measure verify's load with it)
 
+    @property
+    def state(self) -> Any:
+        """The wrapped receiver's ``app.state``, so code holding the wrapper finds ``state.receiver`` as before."""
+        return getattr(self.inner, "state", None)
+
+    def close(self) -> None:
+        self.store.close()
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             if self.inner is not None:
