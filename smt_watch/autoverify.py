@@ -83,15 +83,21 @@ class AutoVerify:
         """Run what is due: re-sends, then up to :data:`MAX_CHECKS_PER_TICK` checks."""
         if not self.enabled:
             return [], []
-        resent = resend_due(self.settings, self.ledger, self.deliver, now)
+        reader = self._app()
+        resent = resend_due(self.settings, self.ledger, self.deliver, now,
+                            present=lambda k: int(reader.intervals(k[0], k[1], k[2]).get("actual") or 0) > 0)
         due = self.ledger.checks_due(now)[:MAX_CHECKS_PER_TICK]
         rows = [r for r in (self.ledger.get(v.sha256) for v in due) if r is not None]
         if not rows:
             return resent, []
+        reports = verify_rows(self.settings, self.ledger, rows, reader=reader, on_report=self._count)
+        return resent, reports
+
+    def _app(self) -> AppReader:
         if self._reader is None:
             self._reader = AppReader(self.settings)
-        reports = verify_rows(self.settings, self.ledger, rows, reader=self._reader, on_report=self._count)
-        return resent, reports
+        self._reader.deadline = time.monotonic() + self.settings.verify_file_seconds
+        return self._reader
 
     def _count(self, report: Report) -> None:
         if self.metrics is not None:

@@ -30,7 +30,7 @@ from smt_watch.ledger.common import Row, now_iso
 from smt_watch.ledger.verdicts import Resend, VerdictRow
 from smt_watch.pipeline import Outcome
 from smt_watch.smtcsv import meter_for
-from smt_watch.verify import source_of
+from smt_watch.verify import Unverifiable, source_of
 
 log = logging.getLogger("smt_watch.resend")
 
@@ -77,22 +77,41 @@ def write_derived(src: Path, keys: set[DayKey], dest: Path, *, esiid: str | None
     return kept
 
 
-def resend_due(settings: Settings, ledger: ResendLedger, deliver: Callable[[Path], Outcome],
-               now: float) -> list[ResendResult]:
+def resend_due(settings: Settings, ledger: ResendLedger, deliver: Callable[[Path], Outcome], now: float,
+               present: Callable[[DayKey], bool] | None = None) -> list[ResendResult]:
     """Re-send every due file's dropped days through ``deliver`` (``watch``: its sink's
-    :func:`~smt_watch.pipeline.deliver_file`); each result is kept in the ledger."""
+    :func:`~smt_watch.pipeline.deliver_file`); each result is kept in the ledger.
+
+    ``present`` (the app's intervals route, when given): a day the app already holds intervals of came from
+    a later delivery (SMT sends recent days again); it is left out, so an older copy never overwrites it."""
     results = []
     for v in ledger.resends_due(now):
-        results.append(_one(settings, ledger, deliver, v, now))
+        results.append(_one(settings, ledger, deliver, v, now, present))
     return results
 
 
 def _one(settings: Settings, ledger: ResendLedger, deliver: Callable[[Path], Outcome], v: VerdictRow,
-         now: float) -> ResendResult:
+         now: float, present: Callable[[DayKey], bool] | None) -> ResendResult:
     row = ledger.get(v.sha256)
     keys = {(e, m, date.fromisoformat(d)) for e, m, d in json.loads(v.resend_days or "[]")}
     if row is None or not keys:
         return _unresendable(ledger, v, "no ledger row or no days", len(keys))
+    if present is not None:
+        try:
+            held = {k for k in keys if present(k)}
+        except Unverifiable as exc:
+            log.warning("Resend %s: cannot ask the app which days it holds (%s); trying again later",
+                        row.filename, exc)
+            ledger.save_verdict(replace(v, resend_due_at=now + RETRY_SECONDS))
+            return ResendResult(v.sha256, None, note=str(exc))
+        if held:
+            log.info("Resend %s: %d day(s) already held by the app from a later delivery are left out",
+                     row.filename, len(held))
+            keys -= held
+        if not keys:
+            ledger.save_verdict(replace(v, resend_state=Resend.SENT.value, resend_due_at=None,
+                                        check_due_at=now + settings.verify_delay_seconds))
+            return ResendResult(v.sha256, Resend.SENT, note="every day is already held by the app")
     with source_of(settings, ledger, row) as src:
         if isinstance(src, str):
             return _unresendable(ledger, v, src, len(keys), row.filename)

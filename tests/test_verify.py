@@ -396,3 +396,25 @@ def test_a_moved_file_is_found_in_the_archive_and_a_changed_one_is_not_used(
         archived.write_bytes(interval_csv(2, start=today() - timedelta(days=30)))  # other bytes, same name
         [changed] = verify_rows(settings, ledger, select(ledger, [report.sha256], None))
     assert changed.verdict is Verdict.UNVERIFIABLE and "changed since it was sent" in changed.reason
+
+
+def test_a_day_the_app_already_holds_from_a_later_file_is_not_resent(
+        app: App, settings_for: Callable[..., Settings], tmp_path: Path) -> None:
+    """SMT sends recent days again: when the re-send is due, a day the app already holds intervals of (from
+    that later delivery; written into the app's table here) is left out, so the older copy never overwrites it."""
+    settings = settings_for(app)
+    path = write(tmp_path / "inbox" / "late_M1.csv", 4, today() - timedelta(days=4))
+    [report] = deliver_and_verify(settings, path)
+    [(esiid, meter, newer)] = report.newer_days
+    noon = int(datetime(newer.year, newer.month, newer.day, 18, tzinfo=UTC).timestamp() * 1000)
+    with sqlite3.connect(tmp_path / "app" / "app.sqlite3") as db:
+        db.execute("INSERT INTO SmtInterval VALUES (?, ?, ?, '0.5', 'later')", (esiid, meter, noon))
+    delivered: list[Path] = []
+    with open_ledger(settings) as ledger:
+        auto = AutoVerify(settings, ledger, lambda p: delivered.append(p) or post_files(settings, [p])[0])
+        assert report.resend_due_at is not None
+        [result], _ = auto.tick(report.resend_due_at + 1)
+        auto.close()
+        kept = ledger.verdict(report.sha256)
+    assert result.state is Resend.SENT and "already held" in result.note and delivered == []
+    assert kept is not None and kept.resend_state == "sent"
