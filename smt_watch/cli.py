@@ -703,9 +703,9 @@ def verify(
 
     with open_ledger(settings) as ledger:
         shas = resolve_target(ledger, target) if target is not None else None
-        if shas is not None and not shas:
-            raise InputError(f"{target}: not in the ledger")
         rows = select(ledger, shas, when)
+        if shas is not None and not rows:
+            raise InputError(f"{target}: not in the ledger (never delivered)")
         reports = verify_rows(settings, ledger, rows, on_report=show)
     if as_json:
         typer.echo(json.dumps([r.to_json() for r in reports], indent=2))

@@ -283,6 +283,9 @@ def test_cli_verify_exit_codes_and_json(app: App, run_cli: Callable[..., subproc
     assert run_cli("post", str(recent), env=env).returncode == 0
     some = run_cli("verify", "--since", "1h", env=env)
     assert some.returncode == 1 and "outside window" in some.stdout
+    stranger = write(tmp_path / "elsewhere" / "x_M1.csv", 1, today() - timedelta(days=9))
+    unknown = run_cli("verify", str(stranger), env=env)
+    assert unknown.returncode == 1 and "not in the ledger" in unknown.stderr and not unknown.stdout
     config = run_cli("verify", env={"SMT_DELIVERY": "raw-upload"})
     assert config.returncode == 2 and "INTELLIWATT_BASE_URL" in config.stderr
     assert "Traceback" not in config.stderr and ADMIN_TOKEN not in some.stdout + some.stderr
