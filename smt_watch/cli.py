@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from smt_watch import __version__
 from smt_watch.delivery.registry import choices_text as delivery_choices_text
 from smt_watch.errors import ConfigError, ContentError, SmtWatchError
 from smt_watch.logs import FORMATS, LEVELS, add_secrets, setup_logging
@@ -36,12 +35,13 @@ app = typer.Typer(
     name="smt-watch",
     help="Deliver Smart Meter Texas interval files from an inbox to IntelliWatt, each exactly once.",
     no_args_is_help=True,
-    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
 ledger_app = typer.Typer(
-    help="Show and edit the delivery ledger (SMT_STATE_DIR/ledger.sqlite3).", no_args_is_help=True
+    help="Show and edit the delivery ledger (SMT_STATE_DIR/ledger.sqlite3).", no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(ledger_app, name="ledger")
 
@@ -72,12 +72,16 @@ def _settings(env_file: Path | None, **overrides: object) -> Settings:
         overrides={k: None if v is None else str(v) for k, v in overrides.items()},
     )
     add_secrets(settings.secrets())
+    for warning in settings.warnings:
+        log.warning("%s", warning)
     return settings
 
 
 def _version(value: bool) -> None:
     if value:
-        typer.echo(f"smt-watch {__version__}")
+        from smt_watch.build import describe
+
+        typer.echo(describe())
         raise typer.Exit()
 
 
@@ -90,7 +94,7 @@ def root(
         str, typer.Option("--log-format", metavar="FORMAT", help="text (colour on a TTY) or json (one object a line).")
     ] = "text",
     version: Annotated[
-        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and build and exit.")
     ] = False,
 ) -> None:
     """Deliver Smart Meter Texas interval files from an inbox to IntelliWatt, each exactly once.
@@ -725,6 +729,58 @@ def ledger_copy(
 
 
 # --- receive ----------------------------------------------------------------------------------------
+
+
+@app.command()
+def verify(
+    target: Annotated[
+        str | None, typer.Argument(metavar="[FILE|SHA]", help="One file (path or SHA-256 / unique prefix).")
+    ] = None,
+    since: Annotated[
+        str | None, typer.Option("--since", metavar="WHEN", help="Files sent since WHEN (ISO time, or 12h, 2d).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON array of verdict objects.")] = False,
+    base_url: Annotated[
+        str | None, typer.Option("--base-url", metavar="URL", help="The web app [INTELLIWATT_BASE_URL].")
+    ] = None,
+    state_dir: StateDir = None,
+    env_file: EnvFile = None,
+) -> None:
+    """Ask the app (read-only admin routes, x-admin-token) whether what was sent is stored.
+
+    Per file: stored, partial, outside window, missing or unverifiable, kept in the ledger. Exit 0 when
+    every file is stored, 1 otherwise, 2 on a configuration error.
+    """
+    from datetime import UTC, datetime
+
+    from smt_watch.errors import InputError
+    from smt_watch.pipeline import resolve_target
+    from smt_watch.statedir import open_ledger
+    from smt_watch.verify import Report, parse_since, select, verify_rows
+
+    if target is not None and since is not None:
+        raise ConfigError("give FILE|SHA or --since, not both")
+    settings = _settings(env_file, INTELLIWATT_BASE_URL=base_url, SMT_STATE_DIR=state_dir)
+    if not settings.base_url or settings.admin_token is None:
+        raise ConfigError("verify needs INTELLIWATT_BASE_URL and ADMIN_TOKEN (the app's admin read routes)")
+    when = parse_since(since, datetime.now(UTC)) if since is not None else None
+
+    def show(r: Report) -> None:
+        if not as_json:
+            typer.echo(f"{r.verdict.value:<14} {r.sha256[:12]} {shown(r.filename)}  ({shown(r.reason)})")
+
+    with open_ledger(settings) as ledger:
+        shas = resolve_target(ledger, target) if target is not None else None
+        rows = select(ledger, shas, when)
+        if shas is not None and not rows:
+            raise InputError(f"{target}: not in the ledger (never delivered)")
+        reports = verify_rows(settings, ledger, rows, on_report=show)
+    if as_json:
+        typer.echo(json.dumps([r.to_json() for r in reports], indent=2))
+    elif not reports:
+        typer.echo("(nothing to verify)")
+    if any(r.verdict.value != "stored" for r in reports):
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -11,10 +11,11 @@ or shown in an error without leaking a token.
 
 from __future__ import annotations
 
+import difflib
 import re
 import socket
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Final, TypeVar
@@ -148,9 +149,15 @@ class Settings:
     grace_seconds: float = 30.0  # SMT_STOP_GRACE_SECONDS: how long in-flight deliveries may finish on stop
     create_inbox: bool = False  # SMT_CREATE_INBOX: `watch` creates a missing inbox instead of exiting 2
     sync_stale_seconds: float = SYNC_STALE_SECONDS  # SMT_SYNC_STALE_SECONDS: `status` alerts past this (0: never)
+    verify_delay_seconds: float = 300.0  # SMT_VERIFY_DELAY_SECONDS: after a delivery, wait before verifying
+    verify_requests_per_second: float = 2.0  # SMT_VERIFY_REQUESTS_PER_SECOND: verify's reads from the app
+    verify_timeout: float = 30.0  # SMT_VERIFY_TIMEOUT_SECONDS: deadline of one read request
+    verify_file_seconds: float = 900.0  # SMT_VERIFY_FILE_SECONDS: deadline of one file's verification
     # Set by systemd for Type=notify units.
     notify_socket: str | None = None  # NOTIFY_SOCKET
     watchdog_usec: int | None = None  # WATCHDOG_USEC
+    # Not a setting: what load_settings noticed (a misspelt SMT_* name), for the CLI and doctor to say.
+    warnings: tuple[str, ...] = ()
 
     @property
     def webhook_secret(self) -> Secret | None:
@@ -330,8 +337,10 @@ class _Reader:
 
     def __init__(self, env: Mapping[str, str]) -> None:
         self.env = env
+        self.asked: set[str] = set()  # every name some setting read: the known names
 
     def raw(self, name: str) -> str | None:
+        self.asked.add(name)
         value = self.env.get(name)
         if value is None:
             return None
@@ -359,6 +368,7 @@ class _Reader:
         ASCII with no spaces; a passphrase may hold spaces but no control characters. A value that breaks
         the rule is refused now, naming the variable and the rule and never the value: sent later it would
         fail every attempt, and the library's error would quote it."""
+        self.asked.update(names)
         for name in names:
             value = self.raw(name)
             if value is None:
@@ -532,8 +542,39 @@ def load_settings(
         grace_seconds=r.number("SMT_STOP_GRACE_SECONDS", 30.0),
         create_inbox=r.boolean("SMT_CREATE_INBOX", False),
         sync_stale_seconds=r.number("SMT_SYNC_STALE_SECONDS", SYNC_STALE_SECONDS),
+        verify_delay_seconds=r.number("SMT_VERIFY_DELAY_SECONDS", 300.0),
+        verify_requests_per_second=r.number("SMT_VERIFY_REQUESTS_PER_SECOND", 2.0, minimum=0.01),
+        verify_timeout=r.number("SMT_VERIFY_TIMEOUT_SECONDS", 30.0, minimum=0.1),
+        verify_file_seconds=r.number("SMT_VERIFY_FILE_SECONDS", 900.0, minimum=1.0),
         notify_socket=r.text("NOTIFY_SOCKET"),
         watchdog_usec=r.integer("WATCHDOG_USEC", 0) or None,
     )
-    return settings
+    return replace(settings, warnings=unknown_names(merged, r.asked))
+
+
+# Names IntelliWatt's own droplet tools read from the same env file (the bash script, the Node upload
+# server, the webhook bridge, the SMT API proxy): they are not ours, but not typos either.
+FOREIGN_NAMES: Final = frozenset({
+    "SMT_ADMIN_UPLOAD_DAILY_LIMIT", "SMT_ADMIN_UPLOAD_WINDOW_MS", "SMT_API_BASE_URL", "SMT_CAPTURED_AT",
+    "SMT_CUSTOMER_UPLOAD_MONTHLY_LIMIT", "SMT_CUSTOMER_UPLOAD_WINDOW_MS", "SMT_DEBUG", "SMT_ESIID",
+    "SMT_FILE_PATH", "SMT_FORCE_REPOST", "SMT_INGEST_SERVICE_NAME", "SMT_METER", "SMT_NORMALIZE_LIMIT",
+    "SMT_PASSWORD", "SMT_PROCESS_ONE", "SMT_PROXY", "SMT_PROXY_TOKEN", "SMT_PROXY_URL", "SMT_REQUESTOR_AUTH_ID",
+    "SMT_SERVICE_ID", "SMT_SIZE_BYTES", "SMT_SOURCE", "SMT_UPLOAD_DELAY", "SMT_UPLOAD_DIR", "SMT_USERNAME",
+    # our own demo and test tooling, passed down to the processes it starts
+    "SMT_DEMO_DIR", "SMT_FAULTS_AS_USER", "SMT_FAULTS_SEED",
+})
+OUR_PREFIXES: Final = ("SMT_", "INTELLIWATT_")
+
+
+def unknown_names(given: Mapping[str, str], known: set[str]) -> tuple[str, ...]:
+    """One warning per ``SMT_*``/``INTELLIWATT_*`` name that no setting reads, with the closest known name:
+    a misspelt ``SMT_UPLOAD_ULR`` would otherwise leave smt-watch in another mode without a word."""
+    out = []
+    for name in sorted(given):
+        if not name.startswith(OUR_PREFIXES) or name in known or name in FOREIGN_NAMES:
+            continue
+        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        out.append(f"unknown setting {name} is ignored{hint}")
+    return tuple(out)
 

@@ -50,6 +50,12 @@ def check_delivery(s: Settings) -> Iterator[Check]:
     yield Check(OK, "delivery", f"{mode.name} to {redact_url(mode.url(s))} ({token})")
 
 
+def check_settings(s: Settings) -> Iterator[Check]:
+    """A variable no setting reads is most often a typo of one that would have changed the mode."""
+    for warning in s.warnings:
+        yield Check(WARN, "settings", warning)
+
+
 def _writable_dir(name: str, path: Path) -> Check:
     from smt_watch.statedir import chown_command, owned_by, whoami
 
@@ -313,7 +319,8 @@ def check_sftp_login(s: Settings) -> Iterator[Check]:
 
 
 OFFLINE_CHECKS: tuple[Callable[[Settings], Iterator[Check]], ...] = (
-    check_delivery, check_dirs, check_unreadable, check_sftp_files, check_gpg, check_inotify, check_ledger,
+    check_settings, check_delivery, check_dirs, check_unreadable, check_sftp_files, check_gpg, check_inotify,
+    check_ledger,
 )
 NETWORK_CHECKS: tuple[Callable[[Settings], Iterator[Check]], ...] = (check_endpoint, check_sftp_login)
 

@@ -19,6 +19,8 @@ class Metrics:
         self.latency = Histogram(
             "smt_watch_delivery_latency_seconds", "From file ready to 2xx", buckets=LATENCY_BUCKETS, registry=r
         )
+        self.verdicts = Counter("smt_watch_verdicts", "Files verified in the app, by verdict", ["verdict"],
+                                registry=r)
         self.queue_depth = Gauge("smt_watch_queue_depth", "Files waiting to be delivered", registry=r)
         self.last_success = Gauge(
             "smt_watch_last_success_timestamp_seconds", "Unix time of the last delivery", registry=r

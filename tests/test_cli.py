@@ -39,6 +39,33 @@ def test_version_and_help(run_cli: Run) -> None:
         assert proc.returncode == 0 and "Usage:" in proc.stdout, cmd
 
 
+def test_version_names_the_build_and_h_is_help(run_cli: Run, tmp_path: Path) -> None:
+    """``0.1.0`` alone read the same before and after an upgrade: the commit it runs from is part of it."""
+    line = run_cli("--version").stdout.strip()
+    checkout = Path(__file__).resolve().parents[1]
+    head = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                          text=True)
+    if head.returncode == 0:
+        assert f"git {head.stdout.strip()}" in line, line
+    else:
+        assert "(" in line and ")" in line, line
+    for cmd in (["-h"], ["post", "-h"], ["ledger", "-h"], ["ledger", "retry", "-h"]):
+        proc = run_cli(*cmd)
+        assert proc.returncode == 0 and "Usage:" in proc.stdout, cmd
+    assert "--install-completion" in run_cli("--help").stdout
+
+
+def test_a_misspelt_setting_is_named_with_the_closest_known_one(run_cli: Run, tmp_path: Path) -> None:
+    """SMT_UPLOAD_ULR beside INTELLIWATT_BASE_URL would silently run another mode: every command says so,
+    and doctor lists it; IntelliWatt's own variables in the shared env file are not flagged."""
+    env = {"SMT_UPLOAD_ULR": "http://127.0.0.1:9/upload", "SMT_PROXY_TOKEN": "x", "SMT_INGEST_SERVICE_NAME": "y"}
+    proc = run_cli("ledger", "list", env=env)
+    assert "unknown setting SMT_UPLOAD_ULR is ignored; did you mean SMT_UPLOAD_URL?" in proc.stderr, proc.stderr
+    assert "SMT_PROXY_TOKEN" not in proc.stderr and "SMT_INGEST_SERVICE_NAME" not in proc.stderr
+    doctor = run_cli("doctor", "--offline", env=env)
+    assert "warn  settings: unknown setting SMT_UPLOAD_ULR is ignored; did you mean SMT_UPLOAD_URL?" in doctor.stdout
+
+
 def test_help_never_shows_secret_defaults(run_cli: Run) -> None:
     env = {"SMT_UPLOAD_TOKEN": UPLOAD_TOKEN, "ADMIN_TOKEN": ADMIN_TOKEN}
     for cmd in (["--help"], ["post", "--help"], ["receive", "--help"]):

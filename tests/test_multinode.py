@@ -397,7 +397,7 @@ def test_postgres_restart_during_a_watch_drain(tmp_path: Path, pg_url: str, pg_c
     """1,000 small files draining through ``watch`` when PostgreSQL stops for longer than the reconnect
     window, then starts again: every file delivered, every ``sent`` row backed by a 2xx for its key,
     duplicates (at least once) no more than the workers that were in flight, ``watch`` still running, and
-    "unreachable" logged once, not once per file."""
+    "unreachable" logged once per outage (each closed by "reachable again"), not once per file."""
     files = {f"d{i:04d}.csv": smt_csv(1000 + i, rows=1) for i in range(DRAIN_FILES)}
     expected = {sha(d) for d in files.values()}
     with running_receiver(tmp_path / "received", upload_token=UPLOAD_TOKEN) as receiver, \
@@ -428,8 +428,11 @@ def test_postgres_restart_during_a_watch_drain(tmp_path: Path, pg_url: str, pg_c
               f"{sum(duplicates.values())} duplicate deliveries {sorted(k[:12] for k in duplicates)}")
     assert sum(duplicates.values()) <= DRAIN_WORKERS, duplicates
     assert stored == expected
+    # Once per outage as the clients see it, each closed by "reachable again", never once per file: the stop
+    # is one outage; a server that refuses connections while it recovers may open one more short window.
     unreachable = [line for line in text.splitlines() if "unreachable" in line]
-    assert len(unreachable) == 1, unreachable[:10]
+    again = [line for line in text.splitlines() if "reachable again" in line]
+    assert 1 <= len(unreachable) <= 2 and len(unreachable) == len(again), (unreachable[:10], again[:10])
     # Nothing else about the outage, once per reconnection attempt or raw on stderr (psycopg_pool's warnings).
     assert not [line for line in text.splitlines() if not line.startswith("[")], text[-3000:]
     assert "reachable again" in text

@@ -15,11 +15,14 @@ from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from enum import Enum
-from typing import Any, Final, Protocol, Self
+from typing import TYPE_CHECKING, Any, Final, Protocol, Self
 
 from smt_watch.clock import utc_stamp
 from smt_watch.hashing import Signature
 from smt_watch.names import shown, unstored
+
+if TYPE_CHECKING:
+    from smt_watch.ledger.verdicts import VerdictRow
 
 STATES: Final = ("pending", "sending", "sent", "retrying", "failed")
 SHA256_RE: Final = re.compile(r"^[0-9a-f]{64}$")
@@ -41,6 +44,8 @@ COPIED_COLUMNS: Final[dict[str, tuple[str, ...]]] = {
     "seen": ("path", "device", "inode", "size", "mtime_ns", "sha256"),
     "meta": ("key", "value"),
     "labels": ("sha256", "declared_esiid", "declared_meter", "esiid", "at"),
+    "verdicts": ("sha256", "verdict", "detail", "checked_at", "check_due_at", "resend_due_at", "resend_days",
+                 "resend_state", "resend_sha256", "older_said"),  # verify (smt_watch.ledger.verdicts)
 }
 COPIED_TABLES: Final = tuple(COPIED_COLUMNS)
 
@@ -244,6 +249,14 @@ class Ledger(Protocol):
 
     def export_rows(self) -> Iterator[tuple[str, dict[str, Any]]]: ...
     def import_rows(self, rows: Iterable[tuple[str, dict[str, Any]]]) -> int: ...
+
+    # what `verify` found (smt_watch.ledger.verdicts)
+    def save_verdict(self, row: VerdictRow) -> None: ...
+    def verdict(self, sha256: str) -> VerdictRow | None: ...
+    def verdicts(self) -> dict[str, VerdictRow]: ...
+    def checks_due(self, now: float) -> list[VerdictRow]: ...
+    def resends_due(self, now: float) -> list[VerdictRow]: ...
+    def schedule_check(self, sha256: str, at: float) -> None: ...
 
 
 class LedgerBase:

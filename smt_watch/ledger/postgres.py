@@ -41,6 +41,7 @@ from psycopg.rows import dict_row
 from smt_watch.clock import utc_stamp
 from smt_watch.errors import ConfigError, LedgerError, LedgerUnavailable
 from smt_watch.hashing import Signature
+from smt_watch.ledger import verdicts
 from smt_watch.ledger.common import (
     COPIED_COLUMNS,
     COPIED_TABLES,
@@ -153,6 +154,7 @@ _MIGRATIONS: Final[tuple[str, ...]] = (
     """,
     # 7: when the current delivery began (`post --force` of a sent row, an operator's retry); NULL: first_seen.
     f"ALTER TABLE {SCHEMA}.files ADD COLUMN IF NOT EXISTS started_at TEXT",
+    verdicts.postgres_migration(SCHEMA),  # 8: verify's verdicts (issue 26)
 )
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
 
@@ -195,7 +197,7 @@ def is_postgres_url(url: str | None) -> bool:
     return bool(url) and str(url).startswith(("postgresql://", "postgres://"))
 
 
-class PostgresLedger(LedgerBase):
+class PostgresLedger(LedgerBase, verdicts.PostgresVerdicts):
     """The ledger in PostgreSQL. Thread-safe: a pool of connections, one per concurrent operation."""
 
     def __init__(
@@ -265,6 +267,7 @@ class PostgresLedger(LedgerBase):
         ``reconnect_seconds`` have passed. ``what`` runs its own transaction (``with conn.transaction()``)."""
         deadline = time.monotonic() + self._reconnect
         delay = 0.1
+        failures = 0
         while True:
             # Never wait for a connection past the deadline: the pool's own timeout (connect_timeout) would
             # hold a call 10 s whatever reconnect_seconds says (serve's 3 s wait took 10).
@@ -273,9 +276,16 @@ class PostgresLedger(LedgerBase):
                 with self._pool.connection(timeout=wait) as conn:
                     result = what(conn)
             except _DISCONNECTS as exc:
+                failures += 1
                 if not retry or time.monotonic() + delay > deadline or self._closed.is_set():
                     self._went_down(exc)
                     raise LedgerUnavailable(f"ledger {self.path} is unreachable: {_reason(exc)}") from exc
+                if failures == 1:
+                    # One failure may be a pooled connection that died with a server that is back: drop every
+                    # dead idle connection and try once more before calling it an outage (else a restart read
+                    # as two outages: "reachable again", then the next stale connection, "unreachable").
+                    self._drop_dead_connections()
+                    continue
                 self._went_down(exc)
                 self._closed.wait(delay)
                 delay = min(delay * 2, 5.0)
@@ -289,6 +299,10 @@ class PostgresLedger(LedgerBase):
                                     time.monotonic() - self._down_since)
                         self._down_since = None
             return result
+
+    def _drop_dead_connections(self) -> None:
+        with contextlib.suppress(psycopg.Error):  # the server is really gone: the retry loop says so
+            self._pool.check()
 
     def _went_down(self, exc: BaseException) -> None:
         with self._lock:
@@ -809,7 +823,7 @@ class PostgresLedger(LedgerBase):
 
 _KEYS: Final[dict[str, tuple[str, ...]]] = {
     "files": ("sha256",), "chunks": ("sha256", "part"), "remote_files": ("remote_path",),
-    "seen": ("node", "path"), "meta": ("key",), "labels": ("sha256",),
+    "seen": ("node", "path"), "meta": ("key",), "labels": ("sha256",), "verdicts": ("sha256",),
 }
 
 _REMEMBER_SQL: Final = (

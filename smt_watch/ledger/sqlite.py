@@ -25,6 +25,7 @@ from urllib.parse import quote
 from smt_watch.clock import utc_stamp
 from smt_watch.errors import LedgerError
 from smt_watch.hashing import Signature
+from smt_watch.ledger import verdicts
 from smt_watch.ledger.common import (
     COPIED_COLUMNS,
     COPIED_TABLES,
@@ -150,6 +151,7 @@ def _migration_7(db: sqlite3.Connection) -> None:
 
 MIGRATIONS: Final[tuple[Callable[[sqlite3.Connection], None], ...]] = (
     _migration_1, _migration_2, _migration_3, _migration_4, _migration_5, _migration_6, _migration_7,
+    verdicts.sqlite_migration,  # 8: verify's verdicts (issue 26)
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -201,7 +203,7 @@ def _open_readonly(path: Path, busy_timeout: float) -> sqlite3.Connection:
     raise LedgerError(f"cannot open ledger {path}: {last}")
 
 
-class SqliteLedger(LedgerBase):
+class SqliteLedger(LedgerBase, verdicts.SqliteVerdicts):
     """The ledger database. Thread-safe: one connection guarded by a lock (writes are short)."""
 
     def __init__(self, path: Path, *, busy_timeout: float = 30.0, node: str | None = None,
