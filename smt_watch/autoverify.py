@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Final
 
 from smt_watch.config import Settings
+from smt_watch.delivery.base import Sink
 from smt_watch.errors import SmtWatchError
 from smt_watch.ledger import Ledger
 from smt_watch.metrics import Metrics
@@ -51,9 +52,19 @@ class AutoVerify:
         from smt_watch.delivery import delivery_mode, make_sink
         from smt_watch.pipeline import deliver_file
 
-        sink = make_sink(settings, delivery_mode(settings), chunks=ledger)
-        auto = cls(settings, ledger, lambda path: deliver_file(settings, ledger, sink, path), metrics)
-        auto._closers.append(sink.close)
+        sinks: list[Sink] = []  # built at the first re-send (most runs never need one), without a start line
+
+        def deliver(path: Path) -> Outcome:
+            if not sinks:
+                sinks.append(make_sink(settings, delivery_mode(settings), chunks=ledger, announce=False))
+            return deliver_file(settings, ledger, sinks[0], path)
+
+        def close() -> None:
+            for sink in sinks:
+                sink.close()
+
+        auto = cls(settings, ledger, deliver, metrics)
+        auto._closers.append(close)
         return auto
 
     def close(self) -> None:

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import assert_never
 
+from smt_watch.autoverify import AutoVerify
 from smt_watch.clock import utc_stamp
 from smt_watch.config import AfterSend, Settings, WorkerMode
 from smt_watch.delivery import Sink, delivery_mode, make_sink
@@ -116,6 +117,8 @@ class WatchService:
         self._started_at = time.time()
         self._unreadable: dict[Path, Unreadable] = {}  # files this user cannot open, warned about once each
         self._inbox_lock: int | None = None
+        self._auto: AutoVerify | None = None  # automatic verify (with an app to ask: INTELLIWATT_BASE_URL)
+        self._verifier: threading.Thread | None = None
 
     # --- control ------------------------------------------------------------------------------------
 
@@ -177,6 +180,12 @@ class WatchService:
             threading.Thread(target=self._worker, args=(i,), name=f"smt-watch-worker-{i}", daemon=True)
             for i in range(self.settings.workers)
         ]
+        # verify what was sent once the app has had time to store it, and re-send what its window dropped
+        self._auto = AutoVerify.for_watch(self.settings, ledger, self.metrics)
+        if self._auto.enabled:
+            self._verifier = threading.Thread(target=self._auto.run, args=(self._stop,), name="smt-watch-verify",
+                                              daemon=True)
+            self._verifier.start()
         for w in workers:
             w.start()
         watcher = InboxWatcher(self.root, self._intake, self._intake_dir, on_overflow=self._overflowed,
@@ -393,6 +402,11 @@ class WatchService:
             while w.is_alive() and not self._force.is_set() and time.monotonic() < deadline:
                 w.join(0.1)
         alive = sum(w.is_alive() for w in workers)
+        verifying = self._verifier is not None and self._verifier.is_alive()
+        if verifying and not self._force.is_set():
+            assert self._verifier is not None
+            self._verifier.join(max(0.0, deadline - time.monotonic()))
+            verifying = self._verifier.is_alive()
         if self.ready.is_set():
             self._beat(stopped=True)
         if alive:
@@ -401,7 +415,9 @@ class WatchService:
             return  # daemon threads; their rows stay `sending` and are resumed at the next start
         if self._sink:
             self._sink.close()
-        if self._ledger:
+        if self._auto is not None and not verifying:
+            self._auto.close()
+        if self._ledger and not verifying:  # a verification still reading the app keeps the ledger (daemon)
             self._ledger.close()
         self._unlock_inbox()
         log.info("Stopped: %s", self._status())
@@ -520,6 +536,14 @@ class WatchService:
         elif o.result in (Result.CHANGED, Result.BUSY):
             self._look_again(job.path, BUSY_RECHECK_SECONDS)
 
+    def _verify_later(self, sha256: str | None) -> None:
+        if self._auto is None or not self._auto.enabled or not sha256:
+            return
+        try:
+            self._auto.after_delivery(sha256, time.time())
+        except SmtWatchError as exc:  # the next `smt-watch verify` (or sync's pass) still finds it
+            log.warning("Automatic verify of %s not scheduled: %s", sha256[:12], exc)
+
     def _count(self, o: Outcome, latency: float, parent: str | None) -> None:
         m = self.mode
         name = o.name or o.path.name
@@ -528,6 +552,7 @@ class WatchService:
         if o.result is Result.SENT:
             with self._lock:
                 self.counts.sent += 1
+            self._verify_later(o.sha256)
             self.metrics.delivered.labels(m).inc()
             self.metrics.bytes.labels(m).inc(o.size or 0)
             self.metrics.latency.observe(latency)

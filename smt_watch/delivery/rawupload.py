@@ -10,10 +10,13 @@ JSON body (base64 included) would pass :data:`~smt_watch.delivery.base.MAX_REQUE
 request limit, which the Node server does not know (a line too long for any chunk fails the file).
 
 Each chunk is its own request with its own SHA-256 as ``Idempotency-Key``, at least the Node server's
-120 s timeout, and ``postIngest: true`` on the last chunk only (the app's cue to queue its bucket and plan
-work), also when it is sent after a resume. ``storagePath`` is ``/smt/<esiid>/<chunk name>`` as the Node server
-sets it (the app's raw-files filter by ESIID finds it); ``source`` is ``smt-watch``, so rows smt-watch sent
-can be told from the Node server's (``droplet-upload``) and the old script's inline ones (``SOURCE_TAG``).
+120 s timeout. ``postIngest: true`` (the app's cue to queue its bucket and plan work, for the ESIIDs whose
+intervals survive its window in that chunk) goes on each ESIID's last chunk that holds intervals the app's
+coverage window keeps (:mod:`smt_watch.postingest`), so a file whose last chunk holds only days too new for
+the window still has its post-ingest work queued; the last chunk when no chunk holds any. ``storagePath`` is
+``/smt/<esiid>/<chunk name>`` as the Node server sets it (the app's raw-files filter by ESIID finds it);
+``source`` is ``smt-watch``, so rows smt-watch sent can be told from the Node server's (``droplet-upload``)
+and the old script's inline ones (``SOURCE_TAG``).
 
 A first pass plans the chunks (their hashes and sizes, and the whole file's hash, which must still be the one
 recorded); the sending pass re-reads each chunk and checks it against the plan, so a file that changes mid-way
@@ -33,6 +36,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
@@ -40,6 +44,7 @@ from smt_watch.clock import utc_stamp
 from smt_watch.delivery.base import MAX_REQUEST_BYTES, Body, Payload, Progress, Result, SinkContext
 from smt_watch.delivery.http import Poster
 from smt_watch.errors import DeliveryError, FileChanged, PermanentDelivery
+from smt_watch.postingest import plan_post_ingest
 
 log = logging.getLogger("smt_watch.delivery")
 
@@ -78,6 +83,9 @@ class RawUploadSink:
         budget = meta.content_budget(payload.size)
         plan = plan_chunks(payload.path, payload.size, payload.sha256, self.lines_per_chunk, budget)
         total = len(plan)
+        # the chunks whose postIngest the app acts on: each ESIID's last chunk with intervals its window keeps
+        post = plan_post_ingest(iter_chunks(payload.path, self.lines_per_chunk, budget), esiid=payload.esiid or None,
+                                meter=payload.meter, now=datetime.now(UTC)) or {total}
         acked = store.acked_chunks(payload.sha256, total) if store and not payload.resend else {}
         attempts, status, text = 0, 200, ""
         digest = hashlib.sha256()
@@ -92,7 +100,7 @@ class RawUploadSink:
                     continue
                 if hashlib.sha256(content).hexdigest() != chunk_sha:
                     raise FileChanged(f"{payload.filename}: changed while its chunks were being sent")
-                data = meta.json(number, total, content, chunk_sha)
+                data = meta.json(number, total, content, chunk_sha, post=number in post)
                 if len(data) > MAX_REQUEST_BYTES:  # content_budget makes this impossible; never send it anyway
                     raise PermanentDelivery(f"{payload.filename} part {number}: a {len(data)}-byte body is over "
                                             f"the web app's {MAX_REQUEST_BYTES}-byte request limit")
@@ -124,7 +132,8 @@ class ChunkMeta:
     esiid: str
     meter: str
 
-    def fields(self, number: int, total: int, size: int, chunk_sha: str, received_at: str) -> dict[str, object]:
+    def fields(self, number: int, total: int, size: int, chunk_sha: str, received_at: str,
+               post: bool = False) -> dict[str, object]:
         name = chunk_name(self.filename, number, total)
         fields: dict[str, object] = {
             "filename": name,
@@ -136,15 +145,15 @@ class ChunkMeta:
             "meter": self.meter,
             "contentType": "text/csv",
             "receivedAt": received_at,
-            "postIngest": number == total,
+            "postIngest": post,
         }
         if self.esiid.strip():
             fields["storagePath"] = storage_path(self.esiid, name)
         return fields
 
-    def json(self, number: int, total: int, content: bytes, chunk_sha: str) -> bytes:
-        """Chunk ``number`` of ``total`` (from 1); only the last one asks the app for its post-ingest work."""
-        fields = self.fields(number, total, len(content), chunk_sha, utc_stamp())
+    def json(self, number: int, total: int, content: bytes, chunk_sha: str, *, post: bool) -> bytes:
+        """Chunk ``number`` of ``total`` (from 1); ``post``: it asks the app for its post-ingest work."""
+        fields = self.fields(number, total, len(content), chunk_sha, utc_stamp(), post)
         fields["contentBase64"] = base64.b64encode(content).decode()
         return json.dumps(fields).encode()
 

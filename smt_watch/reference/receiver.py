@@ -606,10 +606,17 @@ class _ThreadedServer(uvicorn.Server):
 def running_receiver(data_dir: Path, *, admin_token: str | None = None, upload_token: str | None = None,
                      host: str = "127.0.0.1", port: int = 0, max_upload_bytes: int | None = None,
                      start_timeout: float = 10.0, inline: bool = False, homes: Iterable[str] | None = None,
-                     max_body_bytes: int | None = MAX_REQUEST_BYTES) -> Iterator[ReceiverHandle]:
-    """Run the receiver on a real socket in a daemon thread for the duration of the ``with`` block."""
-    app = create_app(data_dir, admin_token=admin_token, upload_token=upload_token,
-                     max_upload_bytes=max_upload_bytes, inline=inline, homes=homes, max_body_bytes=max_body_bytes)
+                     max_body_bytes: int | None = MAX_REQUEST_BYTES, app_routes: bool = False,
+                     ) -> Iterator[ReceiverHandle]:
+    """Run the receiver on a real socket in a daemon thread for the duration of the ``with`` block.
+    ``app_routes``: also the app's read routes and what raw-upload stores, as ``smt-watch receive`` has."""
+    app: Any = create_app(data_dir, admin_token=admin_token, upload_token=upload_token,
+                          max_upload_bytes=max_upload_bytes, inline=inline, homes=homes,
+                          max_body_bytes=max_body_bytes)
+    if app_routes:
+        from smt_watch.reference.app_routes import wrap
+
+        app = wrap(app, data_dir, admin_token)
     state: ReceiverState = app.state.receiver
     try:
         with app_in_thread(app, host=host, port=port, start_timeout=start_timeout) as real_port:
@@ -644,7 +651,11 @@ def app_in_thread(app: Any, *, host: str = "127.0.0.1", port: int = 0, start_tim
 def serve(data_dir: Path, *, host: str, port: int, admin_token: str | None,
           upload_token: str | None, inline: bool = False) -> None:
     """Run the receiver in the foreground until SIGINT/SIGTERM (``smt-watch receive``)."""
-    app = create_app(data_dir, admin_token=admin_token, upload_token=upload_token, inline=inline)
+    from smt_watch.reference.app_routes import wrap
+
+    # with the app's read routes (verify) and what its raw-upload route keeps of each chunk
+    app = wrap(create_app(data_dir, admin_token=admin_token, upload_token=upload_token, inline=inline), data_dir,
+               admin_token)
     log.info("reference receiver on http://%s:%d, data in %s (admin token %s, upload token %s, inline %s)", host,
              port, data_dir, "set" if admin_token else "unset", "set" if upload_token else "unset",
              "stored (development)" if inline else "refused (production)")
