@@ -272,7 +272,7 @@ def wanted_ports(s: Settings) -> list[tuple[str, str, int]]:
     ports = [("SMT_UPLOAD_PORT", s.upload_host, s.upload_port)]
     if s.webhook_port:
         # SMT_WEBHOOK_HOST (issue 22 §3) where the settings have it; before that the webhook bound upload_host.
-        ports.append(("SMT_WEBHOOK_PORT", str(getattr(s, "webhook_host", s.upload_host)), s.webhook_port))
+        ports.append(("SMT_WEBHOOK_PORT", s.webhook_host, s.webhook_port))
     return [p for p in ports if p[2]]
 
 
