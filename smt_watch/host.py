@@ -271,7 +271,6 @@ def wanted_ports(s: Settings) -> list[tuple[str, str, int]]:
     """(setting, address, port) for each port serve listens on."""
     ports = [("SMT_UPLOAD_PORT", s.upload_host, s.upload_port)]
     if s.webhook_port:
-        # SMT_WEBHOOK_HOST (issue 22 §3) where the settings have it; before that the webhook bound upload_host.
         ports.append(("SMT_WEBHOOK_PORT", s.webhook_host, s.webhook_port))
     return [p for p in ports if p[2]]
 
