@@ -253,9 +253,10 @@ def test_nested_dirs_and_several_remote_dirs(
 def test_patterns_case_insensitive_hidden_and_temporary_names_skipped(
     server: SftpTestServer, env: dict[str, str], make_settings: Make, inbox: Path
 ) -> None:
-    wanted = ["A.CSV", "b.Csv", "X.CSV.1.asc", "d.ZIP", "sub/e.csv"]
+    # l.csv.bak: *.csv.* is a default pattern, as the old script's find took it
+    wanted = ["A.CSV", "b.Csv", "X.CSV.1.asc", "d.ZIP", "sub/e.csv", "l.csv.bak"]
     skipped = ["notes.txt", ".hidden.csv", ".hiddendir/x.csv", "sub/.y.csv", "f.csv.part", "F.CSV.PART",
-               "g.partial", "h.tmp", "i.csv.filepart", "j.csv.crdownload", "k.csv~", "csv", "l.csv.bak"]
+               "g.partial", "h.tmp", "i.csv.filepart", "j.csv.crdownload", "k.csv~", "csv", "l.csvx"]
     for i, rel in enumerate(wanted + skipped):
         server.put(rel, f"{i}\n".encode())
     report = sync_once(make_settings, env)
