@@ -210,7 +210,8 @@ def test_status_page_login_failures_retry_and_delivery(browser: WebDriver, serve
         assert browser.find_element(By.ID, "notice").text.startswith(f"Back to pending: {bad_sha[:12]}")
         shot(browser, tmp_path, "4-retried")
         wait_for(lambda: len(receiver.stored()) == 2, SHORT, "watch to deliver the retried file")
-        assert ledger_state(settings, bad_sha) == "sent"
+        # the receiver stores before it answers; the row is sent once watch has read the answer
+        wait_for(lambda: ledger_state(settings, bad_sha) == "sent", SHORT, "the retried row marked sent")
         browser.get(f"{serve.url}/status")
         assert browser.find_elements(By.CSS_SELECTOR, "#failures tr.failure") == []
         assert "refused <i>.csv" in browser.find_element(By.ID, "recent").text
