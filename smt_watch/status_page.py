@@ -165,9 +165,11 @@ def status_page(status: Status, csrf: str, *, notice: str | None = None, now: fl
         f'<tr><td>{escape(q.role)}</td><td class="num">{q.limit} per {escape(seconds_text(q.window_seconds))}</td>'
         f'<td class="num">{q.uploads}</td><td class="num">{q.accounts}</td><td class="num">{q.at_limit}</td>'
         f'<td>{", ".join(f"{_t(a)} ({n})" for a, n in q.busiest) or "-"}</td></tr>' for q in status.quotas)
-    sync_bad = status.last_sync is not None and bool(status.last_sync.error or status.last_sync.failed)
+    sync_bad = any(a.startswith(("sync ", "sync's")) for a in status.alerts)
     note = f'<p class="notice" id="notice">{escape(notice)}</p>' if notice else ""
-    body = f"""<h1>smt-watch status</h1>{note}
+    alerts = ('<ul id="alerts" class="bad">' + "".join(f"<li>{_t(a)}</li>" for a in status.alerts) + "</ul>"
+              if status.alerts else "")
+    body = f"""<h1>smt-watch status</h1>{note}{alerts}
 <p id="watch" class="{state_class}">{_t(watch_line(status, now))}</p>
 <p id="sync" class="{'bad' if sync_bad else ''}">{_t(sync_line(status, now))}</p>
 <div class="cards"><div class="card" id="queue">queue<b>{status.queue}</b></div>{cards}</div>

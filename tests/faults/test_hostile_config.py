@@ -74,7 +74,7 @@ def test_a_password_with_at_signs_never_shows(base_env: dict[str, str], tmp_path
 def test_a_passphrase_may_hold_spaces_but_not_a_newline(base_env: dict[str, str], tmp_path: Path,
                                                          variable: str) -> None:
     ok = run(subprocess_env(base_env, tmp_path / "home", **{variable: "two words SECRETVALUE"}), "ledger", "list")
-    assert ok.returncode == 0, ok.stderr
+    assert ok.returncode == 1 and "no ledger at" in ok.stderr, ok.stderr  # the settings passed; no ledger yet
     bad = run(subprocess_env(base_env, tmp_path / "home", **{variable: "two\nlines SECRETVALUE"}), "ledger", "list")
     assert bad.returncode == 2 and variable in bad.stderr and "SECRETVALUE" not in bad.stdout + bad.stderr
 
