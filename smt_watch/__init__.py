@@ -1,3 +1,3 @@
 """smt-watch: deliver Smart Meter Texas files from an inbox to IntelliWatt, each exactly once."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
