@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -18,6 +19,22 @@ from pgcluster import pg_cluster, pg_url  # noqa: F401 (fixtures: a throwaway Po
 from smt_watch.config import Settings, load_settings
 from smt_watch.reference.receiver import running_receiver
 from smt_watch.watch import WatchService
+
+# Loggers the CLI's setup_logging configures. A CLI run in this process (typer's CliRunner) leaves them
+# writing to its closed capture stream with propagate off: later tests would print "--- Logging error ---"
+# and caplog would see nothing. Each test gets them back as they were.
+_CONFIGURED_LOGGERS = ("smt_watch", "paramiko", "psycopg", "psycopg.pool", "httpx", "httpcore", "gnupg")
+
+
+@pytest.fixture(autouse=True)
+def _restore_loggers() -> Iterator[None]:
+    saved = [(lg, list(lg.handlers), lg.propagate, lg.level)
+             for lg in map(logging.getLogger, _CONFIGURED_LOGGERS)]
+    yield
+    for lg, handlers, propagate, level in saved:
+        lg.handlers[:] = handlers
+        lg.propagate = propagate
+        lg.setLevel(level)
 
 ADMIN_TOKEN = "admin-token-0123456789abcdef-SECRET"
 UPLOAD_TOKEN = "upload-token-fedcba9876543210-SECRET"
