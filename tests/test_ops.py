@@ -91,6 +91,27 @@ def test_env_example_documents_only_real_settings() -> None:
     assert operator_facing <= mentioned, operator_facing - mentioned
 
 
+def test_every_line_of_the_env_example_works_uncommented_alone(tmp_path: Path) -> None:
+    """An operator uncomments one line: its value must be the value (a trailing `# a | b` comment would
+    become part of it) and the settings must load. Every commented `NAME=` line, one at a time."""
+    example = ROOT / "systemd" / "intelliwatt-smt.env.example"
+    lines = example.read_text().splitlines()
+    tried = 0
+    for i, line in enumerate(lines):
+        m = re.match(r"^#([A-Z][A-Z0-9_]+)=(.*)$", line)
+        if m is None:
+            continue
+        name, written = m[1], m[2]
+        assert "#" not in written or "://" in written, f"line {i + 1}: a comment after the value: {line!r}"
+        one = tmp_path / f"line{i + 1}"
+        one.write_text("\n".join([*lines[:i], line[1:], *lines[i + 1:]]) + "\n")
+        values = parse_env_file(one)
+        assert values.get(name, "") == written.strip().strip("'\""), (i + 1, line, values.get(name))
+        load_settings(values)  # raises a one-line ConfigError naming the line's variable if its value is bad
+        tried += 1
+    assert tried >= 40, tried
+
+
 def test_doctor_good_setup(run_cli: Run, receiver: Any, tmp_path: Path) -> None:
     env_file = tmp_path / "intelliwatt-smt"
     env_file.write_text(f"SMT_UPLOAD_URL={receiver.url}/upload\nSMT_UPLOAD_TOKEN={UPLOAD_TOKEN}\nSMT_PATTERNS=*.csv\n")
