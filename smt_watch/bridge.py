@@ -14,9 +14,10 @@ This is a public path, so it is bounded like uploads are:
   both ways; so is everything of ``serve``'s own authentication (the status session cookie,
   ``x-smt-upload-token``, ``x-smt-upload-ticket``, an ``Authorization`` carrying the status token). The
   bridge's own secrets (``x-intelliwatt-secret``, its ``Authorization: Bearer``) go through.
-- **The body is read first** (at most :data:`MAX_BODY_BYTES`, ``413``; a client silent for
+- **The body is read first** (at most ``SMT_BRIDGE_MAX_BODY_BYTES``, 1 MiB, ``413``; a client silent for
   ``SMT_UPLOAD_IDLE_SECONDS`` is ``408``), as nginx buffers a request, so a client holding a POST open
-  mid-body holds no connection to the bridge. Bodies being read share :data:`BUFFER_BYTES` of memory.
+  mid-body holds no connection to the bridge. Bodies being read share
+  ``SMT_BRIDGE_BUFFER_BYTES`` (32 MiB) of memory, a client address at most a quarter of it.
 - **At most ``SMT_UPLOAD_MAX_CONCURRENT`` requests are at the bridge at once**, and one client address at
   most a quarter of them (at least one): beyond, ``503`` (all busy) or ``429`` (this client's share is
   taken) with ``Retry-After``, so one client cannot take the pool from the rest.
@@ -41,7 +42,7 @@ import httpx
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
-from smt_watch.config import Secret, Settings, redact_url
+from smt_watch.config import BRIDGE_CLIENT_SHARE, Secret, Settings, redact_url
 from smt_watch.names import shown
 from smt_watch.uploads import UploadStalled, UploadTooLarge, idle_limited
 
@@ -55,9 +56,7 @@ SERVE_AUTH_HEADERS: Final = frozenset({"x-smt-upload-token", "x-smt-upload-ticke
 STATUS_COOKIE: Final = "smt_status"  # status_page.COOKIE (not imported: the page module imports the HTML code)
 CONNECT_TIMEOUT: Final = 5.0
 READ_TIMEOUT: Final = 120.0  # the bridge's SMT API proxy waits on SMT itself
-MAX_BODY_BYTES: Final = 1024 * 1024  # the bridge's bodies are small JSON objects
-BUFFER_BYTES: Final = 32 * 1024 * 1024  # all pass-through bodies being read at once
-CLIENT_SHARE: Final = 4  # one client address may hold 1/CLIENT_SHARE of the slots and of the buffer
+CLIENT_SHARE: Final = BRIDGE_CLIENT_SHARE  # one client address may hold 1/CLIENT_SHARE of the slots and buffer
 BUSY_RETRY_AFTER: Final = 5
 
 
@@ -129,8 +128,10 @@ class Bridge:
         self.idle_seconds = settings.upload_idle_seconds
         self.status_token: Secret | None = settings.status_token
         total = settings.upload_max_concurrent
+        self.max_body_bytes = settings.bridge_max_body_bytes
         self.slots = FairPool(total, max(1, total // CLIENT_SHARE))
-        self.buffer = FairPool(BUFFER_BYTES, BUFFER_BYTES // CLIENT_SHARE)
+        buffer = settings.bridge_buffer_bytes
+        self.buffer = FairPool(buffer, buffer // CLIENT_SHARE)
         timeout = httpx.Timeout(READ_TIMEOUT, connect=CONNECT_TIMEOUT)
         limits = httpx.Limits(max_connections=total, max_keepalive_connections=total)
         self._client = httpx.AsyncClient(timeout=timeout, limits=limits, follow_redirects=False, trust_env=False)
@@ -166,15 +167,16 @@ class Bridge:
         return hmac.compare_digest(sent, self.status_token.reveal().encode())
 
     async def read_body(self, request: Request, client: str) -> bytes:
-        """The whole body, at most MAX_BODY_BYTES, idle-limited, counted against the shared buffer."""
+        """The whole body, at most SMT_BRIDGE_MAX_BODY_BYTES, idle-limited, counted against the shared buffer."""
+        limit = self.max_body_bytes
         declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-            raise UploadTooLarge(MAX_BODY_BYTES)
+        if declared.isdigit() and int(declared) > limit:
+            raise UploadTooLarge(limit)
         body = bytearray()
         try:
             async for chunk in idle_limited(request.stream(), self.idle_seconds):
-                if len(body) + len(chunk) > MAX_BODY_BYTES:
-                    raise UploadTooLarge(MAX_BODY_BYTES)
+                if len(body) + len(chunk) > limit:
+                    raise UploadTooLarge(limit)
                 if (why := self.buffer.take(client, len(chunk))) is not None:
                     raise _Busy(why)
                 body += chunk
@@ -229,8 +231,8 @@ class _PassThrough(Response):
             try:
                 body = await bridge.read_body(request, client)
             except UploadTooLarge:
-                await _failed(413, "too_large", f"A body for the webhook bridge is at most {MAX_BODY_BYTES:,} bytes"
-                              )(scope, receive, send)
+                await _failed(413, "too_large", "A body for the webhook bridge is at most "
+                              f"{bridge.max_body_bytes:,} bytes")(scope, receive, send)
                 return
             except UploadStalled as exc:
                 log.warning("Pass-through from %s abandoned: no data for %g s", client, exc.idle_seconds)

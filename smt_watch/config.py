@@ -34,6 +34,9 @@ DEFAULT_PATTERNS: Final = ("*.csv", "*.csv.*", "*.asc", "*.zip")
 # address; the trigger needs one of the webhook secrets, and SMT_WEBHOOK_HOST narrows it.
 ALL_ADDRESSES: Final = "0.0.0.0"  # noqa: S104
 MAX_UPLOAD_WINDOW_MS: Final = 31 * 86_400_000  # the ledger keeps upload times for 31 days
+BRIDGE_CLIENT_SHARE: Final = 4  # one client address may hold 1/this of the bridge's slots and body buffer
+MAX_BRIDGE_BUFFER_BYTES: Final = 1 << 30  # SMT_BRIDGE_BUFFER_BYTES is memory: 1 GiB is past any sane droplet
+MAX_LINGER_BYTES: Final = 1 << 40  # SMT_LINGER_MAX_BYTES: a bound on a count, not memory
 # The units' StateDirectory=. When it exists, it is SMT_STATE_DIR's default for every command, so an operator's
 # `smt-watch status` reads the service's ledger without flags. SMT_SERVICE_STATE_DIR names another (tests).
 SERVICE_STATE_DIR: Final = Path("/var/lib/smt-watch")
@@ -126,6 +129,13 @@ class Settings:
     webhook_secrets: tuple[Secret, ...] = ()  # INTELLIWATT_WEBHOOK_SECRET and DROPLET_WEBHOOK_SECRET: either matches
     webhook_forward_url: str | None = None  # SMT_WEBHOOK_FORWARD_URL: the old bridge, for what serve does not handle
     status_token: Secret | None = None  # SMT_STATUS_TOKEN: opens serve's /status page (unset: no page)
+    status_signin_attempts: int = 5  # SMT_STATUS_SIGNIN_ATTEMPTS: wrong status tokens per address per minute
+    status_signin_attempts_total: int = 30  # SMT_STATUS_SIGNIN_ATTEMPTS_TOTAL: wrong status tokens in all per minute
+    bridge_max_body_bytes: int = 1_048_576  # SMT_BRIDGE_MAX_BODY_BYTES: one pass-through body; beyond, 413
+    bridge_buffer_bytes: int = 33_554_432  # SMT_BRIDGE_BUFFER_BYTES: all pass-through bodies being read at once
+    linger_seconds: float = 30.0  # SMT_LINGER_SECONDS: a refused connection's lingering close, in all
+    linger_idle_seconds: float = 5.0  # SMT_LINGER_IDLE_SECONDS: ... without a byte (at most SMT_UPLOAD_IDLE_SECONDS)
+    linger_max_bytes: int = 67_108_864  # SMT_LINGER_MAX_BYTES: what a refused client may make us read and discard
     settle_seconds: float = 1.0  # SMT_SETTLE_SECONDS
     rescan_seconds: float = 300.0  # SMT_RESCAN_SECONDS
     workers: int = 2  # SMT_WORKERS
@@ -398,14 +408,15 @@ class _Reader:
         bounds = f"an integer ≥ {minimum}" + (f" and ≤ {maximum}" if maximum is not None else "")
         return self._convert(name, default, conv, bounds)
 
-    def number(self, name: str, default: float, minimum: float = 0.0) -> float:
+    def number(self, name: str, default: float, minimum: float = 0.0, maximum: float | None = None) -> float:
         def conv(v: str) -> float:
             n = float(v)
-            if not n >= minimum or n == float("inf"):
+            if not n >= minimum or n == float("inf") or (maximum is not None and not n <= maximum):
                 raise ValueError
             return n
 
-        return self._convert(name, default, conv, f"a number ≥ {minimum:g}")
+        bounds = f"a number ≥ {minimum:g}" + (f" and ≤ {maximum:g}" if maximum is not None else "")
+        return self._convert(name, default, conv, bounds)
 
     def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
         def conv(v: str) -> str:
@@ -472,6 +483,10 @@ def load_settings(
     merged.update({k: v for k, v in environ.items() if v.strip()})
     merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
     r = _Reader(merged)
+    bridge_buffer = r.integer("SMT_BRIDGE_BUFFER_BYTES", 33_554_432, minimum=BRIDGE_CLIENT_SHARE,
+                              maximum=MAX_BRIDGE_BUFFER_BYTES)
+    bridge_body = r.integer("SMT_BRIDGE_MAX_BODY_BYTES", 1_048_576, minimum=1,
+                            maximum=bridge_buffer // BRIDGE_CLIENT_SHARE)
     home_state = default_state_dir(r.path("SMT_SERVICE_STATE_DIR", SERVICE_STATE_DIR) or SERVICE_STATE_DIR)
     settings = Settings(
         # SMT_UPLOAD_DIR: the Node upload server's name for the same inbox (its unit sets it)
@@ -520,6 +535,13 @@ def load_settings(
                               if x is not None),
         webhook_forward_url=r.url("SMT_WEBHOOK_FORWARD_URL"),
         status_token=r.secret("SMT_STATUS_TOKEN", min_length=STATUS_TOKEN_MIN),
+        status_signin_attempts=r.integer("SMT_STATUS_SIGNIN_ATTEMPTS", 5, minimum=1, maximum=10_000),
+        status_signin_attempts_total=r.integer("SMT_STATUS_SIGNIN_ATTEMPTS_TOTAL", 30, minimum=1, maximum=1_000_000),
+        bridge_max_body_bytes=bridge_body,
+        bridge_buffer_bytes=bridge_buffer,
+        linger_seconds=r.number("SMT_LINGER_SECONDS", 30.0, minimum=0.1, maximum=3600.0),
+        linger_idle_seconds=r.number("SMT_LINGER_IDLE_SECONDS", 5.0, minimum=0.1, maximum=3600.0),
+        linger_max_bytes=r.integer("SMT_LINGER_MAX_BYTES", 67_108_864, minimum=0, maximum=MAX_LINGER_BYTES),
         settle_seconds=r.number("SMT_SETTLE_SECONDS", 1.0),
         rescan_seconds=r.number("SMT_RESCAN_SECONDS", 300.0, minimum=1.0),
         workers=r.integer("SMT_WORKERS", 2, minimum=1, maximum=64),

@@ -10,10 +10,11 @@ client's input buffer before the client reads it (RFC 9112 §9.6): a browser sti
    not fully received ``Connection: close``, whatever route sent it; h11 then ends the connection after it.
 2. :class:`LingeringH11Protocol` turns that close into a lingering one: the reply is sent and followed by a
    FIN (stop writing); whatever the client still sends is read and thrown away, not parsed; the socket is
-   closed when the client closes its side, after :data:`LINGER_IDLE_SECONDS` without a byte (at most
-   ``SMT_UPLOAD_IDLE_SECONDS``), after :data:`LINGER_SECONDS` in all, or past :data:`LINGER_MAX_BYTES`
-   discarded, whichever comes first. A connection that has read its whole request closes at once as
-   before.
+   closed when the client closes its side, after ``SMT_LINGER_IDLE_SECONDS`` (5) without a byte (at most
+   ``SMT_UPLOAD_IDLE_SECONDS``), after ``SMT_LINGER_SECONDS`` (30) in all, or past ``SMT_LINGER_MAX_BYTES``
+   (64 MiB) discarded, whichever comes first (``serve`` sets them on its subclass,
+   :func:`smt_watch.server.head_deadline_protocol`; the constants here are the defaults). A connection that
+   has read its whole request closes at once as before.
 
 uvicorn's own protocol has no such stage; the transport it is handed is a thin gate whose ``close`` lingers
 when the request body is still unread, so uvicorn's code paths (response complete, keep-alive off) stay

@@ -57,7 +57,7 @@ from smt_watch.errors import ConfigError, LedgerUnavailable, SmtWatchError
 from smt_watch.esiids import InvalidLabel, Repost, clean_esiid, clean_meter, repost_esiid
 from smt_watch.inbox import create_inbox, is_candidate
 from smt_watch.ledger import SHA256_RE, Ledger
-from smt_watch.linger import LINGER_IDLE_SECONDS, CloseUnreadBody, LingeringH11Protocol
+from smt_watch.linger import CloseUnreadBody, LingeringH11Protocol
 from smt_watch.sessions import SESSION_SECONDS, Sessions, SignInThrottle
 from smt_watch.status import gather
 from smt_watch.tickets import TicketError, verify
@@ -240,7 +240,10 @@ class Server:
     runner: SyncRunner
     bridge: Bridge | None = None
     _active: int = 0  # uploads in progress
-    throttle: SignInThrottle = field(default_factory=SignInThrottle)  # wrong status tokens
+    throttle: SignInThrottle = field(init=False)  # wrong status tokens, bounded by the settings
+
+    def __post_init__(self) -> None:
+        self.throttle = SignInThrottle.from_settings(self.settings)
 
     # --- POST /upload -------------------------------------------------------------------------------
 
@@ -722,15 +725,19 @@ class Server:
                       headers={"Retry-After": str(LEDGER_RETRY_AFTER), "Connection": "close"})
 
 
-def head_deadline_protocol(seconds: float) -> type[H11Protocol]:
-    """uvicorn's h11 protocol with a deadline for each request head. uvicorn has none: a client that opens
-    a connection and never finishes its headers (slowloris) holds it forever. The deadline runs from the
-    connection (or the first byte of a later request's head) to the end of the head, so dribbling bytes
-    does not extend it; once the head is complete, the body's own idle timeout takes over."""
+def head_deadline_protocol(settings: Settings) -> type[H11Protocol]:
+    """uvicorn's h11 protocol with a deadline for each request head (SMT_UPLOAD_IDLE_SECONDS). uvicorn has
+    none: a client that opens a connection and never finishes its headers (slowloris) holds it forever. The
+    deadline runs from the connection (or the first byte of a later request's head) to the end of the head,
+    so dribbling bytes does not extend it; once the head is complete, the body's own idle timeout takes
+    over. Its lingering close has the SMT_LINGER_* bounds, the idle one at most SMT_UPLOAD_IDLE_SECONDS."""
+    seconds = settings.upload_idle_seconds
 
     class HeadDeadline(LingeringH11Protocol):
         _head_timer: asyncio.TimerHandle | None = None
-        linger_idle_seconds = min(LINGER_IDLE_SECONDS, seconds)
+        linger_idle_seconds = min(settings.linger_idle_seconds, seconds)
+        linger_seconds = settings.linger_seconds
+        linger_max_bytes = settings.linger_max_bytes
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -772,7 +779,7 @@ def uvicorn_config(app: Starlette, settings: Settings) -> uvicorn.Config:
     pick its own rate-limit account)."""
     trusted = list(settings.trusted_proxies)
     return uvicorn.Config(app, log_config=None, lifespan="off", timeout_graceful_shutdown=30,
-                          http=head_deadline_protocol(settings.upload_idle_seconds),
+                          http=head_deadline_protocol(settings),
                           proxy_headers=bool(trusted), forwarded_allow_ips=trusted or None)
 
 

@@ -8,8 +8,9 @@ too: the MAC no longer matches, and ``serve`` raises the generation when it star
 the last one (kept as a salted PBKDF2 fingerprint, never the token), so going back to an old token does not
 revive its cookies.
 
-:class:`SignInThrottle` bounds guessing, memory and the log: at most :data:`PER_CLIENT_ATTEMPTS` wrong
-tokens per client address and :data:`OVERALL_ATTEMPTS` in all per :data:`WINDOW_SECONDS`; beyond, sign-in
+:class:`SignInThrottle` bounds guessing, memory and the log: at most ``SMT_STATUS_SIGNIN_ATTEMPTS`` (5) wrong
+tokens per client address and ``SMT_STATUS_SIGNIN_ATTEMPTS_TOTAL`` (30) in all per :data:`WINDOW_SECONDS`
+(:meth:`SignInThrottle.from_settings`); beyond, sign-in
 (and ``Authorization: Bearer`` on ``/status.json``) answers ``429`` with ``Retry-After`` without looking at
 the token. At most :data:`MAX_TRACKED` addresses are remembered, and per window at most
 :data:`MAX_WARNINGS` warning lines name an address; the rest is counted into one summary line.
@@ -27,7 +28,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Final
 
-from smt_watch.config import Secret
+from smt_watch.config import Secret, Settings
 from smt_watch.ledger import Ledger
 
 log = logging.getLogger("smt_watch.server")
@@ -36,8 +37,8 @@ META_KEY: Final = "status_sessions"
 SESSION_SECONDS: Final = 12 * 3600
 FINGERPRINT_ROUNDS: Final = 200_000
 WINDOW_SECONDS: Final = 60.0
-PER_CLIENT_ATTEMPTS: Final = 5
-OVERALL_ATTEMPTS: Final = 30
+PER_CLIENT_ATTEMPTS: Final = 5  # SMT_STATUS_SIGNIN_ATTEMPTS's default, for a throttle built without settings
+OVERALL_ATTEMPTS: Final = 30  # SMT_STATUS_SIGNIN_ATTEMPTS_TOTAL's default
 MAX_TRACKED: Final = 4096
 MAX_WARNINGS: Final = 20
 
@@ -131,6 +132,11 @@ class SignInThrottle:
         self._warnings = 0
         self._unlogged = 0
         self._refused = 0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SignInThrottle:
+        """The throttle ``serve`` uses: its bounds are the operator's settings."""
+        return cls(per_client=settings.status_signin_attempts, overall=settings.status_signin_attempts_total)
 
     def _roll(self, now: float) -> None:
         if now - self._all.started >= self.window:
