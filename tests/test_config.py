@@ -107,6 +107,15 @@ def test_precedence_file_then_environment_then_flags(tmp_path: Path) -> None:
         ("SMT_INLINE_ENCODING", "gzip"),
         ("SMT_VALIDATE", "maybe"),
         ("SMT_PATTERNS", " , "),
+        ("SMT_STATUS_SIGNIN_ATTEMPTS", "0"),
+        ("SMT_STATUS_SIGNIN_ATTEMPTS_TOTAL", "many"),
+        ("SMT_BRIDGE_MAX_BODY_BYTES", "0"),
+        ("SMT_BRIDGE_MAX_BODY_BYTES", "8388609"),  # over a quarter of the default 32 MiB buffer: never fits
+        ("SMT_BRIDGE_BUFFER_BYTES", "2"),
+        ("SMT_LINGER_SECONDS", "0"),
+        ("SMT_LINGER_SECONDS", "3601"),
+        ("SMT_LINGER_IDLE_SECONDS", "inf"),
+        ("SMT_LINGER_MAX_BYTES", "-1"),
     ],
 )
 def test_bad_values_name_the_variable(name: str, value: str) -> None:
@@ -184,3 +193,23 @@ def test_both_webhook_secrets_are_kept() -> None:
 def test_webhook_port_0_turns_the_separate_listener_off() -> None:
     s = load_settings({"SMT_WEBHOOK_PORT": "0", "SMT_WEBHOOK_HOST": "10.0.0.5"})
     assert s.webhook_port is None and s.webhook_host == "10.0.0.5"
+
+
+def test_the_hostile_input_limits_keep_their_defaults_and_take_other_values() -> None:
+    """Issue 24: the limits that were constants are settings now; unset, they are what the constants were."""
+    from smt_watch import linger, sessions
+
+    s = load_settings({})
+    assert (s.status_signin_attempts, s.status_signin_attempts_total) == (
+        sessions.PER_CLIENT_ATTEMPTS, sessions.OVERALL_ATTEMPTS) == (5, 30)
+    assert (s.bridge_max_body_bytes, s.bridge_buffer_bytes) == (1024 * 1024, 32 * 1024 * 1024)
+    assert (s.linger_seconds, s.linger_idle_seconds, s.linger_max_bytes) == (
+        linger.LINGER_SECONDS, linger.LINGER_IDLE_SECONDS, linger.LINGER_MAX_BYTES) == (30.0, 5.0, 64 * 1024 * 1024)
+    s = load_settings({"SMT_STATUS_SIGNIN_ATTEMPTS": "2", "SMT_STATUS_SIGNIN_ATTEMPTS_TOTAL": "7",
+                       "SMT_BRIDGE_BUFFER_BYTES": "4096", "SMT_BRIDGE_MAX_BODY_BYTES": "1024",
+                       "SMT_LINGER_SECONDS": "2.5", "SMT_LINGER_IDLE_SECONDS": "1", "SMT_LINGER_MAX_BYTES": "0"})
+    assert (s.status_signin_attempts, s.status_signin_attempts_total) == (2, 7)
+    assert (s.bridge_max_body_bytes, s.bridge_buffer_bytes) == (1024, 4096)
+    assert (s.linger_seconds, s.linger_idle_seconds, s.linger_max_bytes) == (2.5, 1.0, 0)
+    with pytest.raises(ConfigError, match=r"^SMT_BRIDGE_MAX_BODY_BYTES must be an integer ≥ 1 and ≤ 1024"):
+        load_settings({"SMT_BRIDGE_BUFFER_BYTES": "4096", "SMT_BRIDGE_MAX_BODY_BYTES": "1025"})

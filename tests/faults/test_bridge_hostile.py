@@ -242,6 +242,22 @@ def test_110_clients_hanging_up_on_a_slow_path_cancel_their_upstream_requests(en
                  DEADLINE, "each cancellation logged")
 
 
+def test_the_body_cap_is_a_setting(env: dict[str, str], tmp_path: Path) -> None:
+    """SMT_BRIDGE_MAX_BODY_BYTES=100: 100 bytes go through, 101 are 413, declared or streamed (chunked)."""
+    with bridged(env, tmp_path, SMT_BRIDGE_MAX_BODY_BYTES="100", SMT_BRIDGE_BUFFER_BYTES="400") as (s, up):
+        status, _ = raw_request(s.port, b"/agreements", method=b"POST", body=b"x" * 100)
+        assert status == 207
+        status, reply = raw_request(s.port, b"/agreements", method=b"POST", body=b"x" * 101, half_close=True)
+        assert status == 413 and b"at most 100 bytes" in reply, reply[:400]
+        with connect(s.port) as sock:
+            sock.sendall(b"POST /agreements HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n" + b"%x\r\n" % 101 + b"y" * 101 + b"\r\n0\r\n\r\n")
+            sock.shutdown(socket.SHUT_WR)
+            reply = reply_of(sock)
+        assert reply.startswith(b"HTTP/1.1 413 "), reply[:400]
+        assert up.targets() == [b"/base/agreements"], "an oversized body reached the bridge"
+
+
 def test_one_client_cannot_take_the_pool(env: dict[str, str], tmp_path: Path) -> None:
     with bridged(env, tmp_path) as (s, up), ExitStack() as stack:
         socks = [stack.enter_context(connect(s.port, "127.0.3.1")) for _ in range(20)]

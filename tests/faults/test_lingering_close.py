@@ -142,6 +142,32 @@ def test_a_lingering_connection_is_closed_by_its_bounds(env: dict[str, str], tmp
         assert "over 67108864 bytes sent after the reply" in s.text()
 
 
+def test_the_lingering_bounds_are_settings(env: dict[str, str], tmp_path: Path) -> None:
+    """SMT_LINGER_MAX_BYTES=4 MiB cuts a flood off long before the default 64 MiB; SMT_LINGER_SECONDS=2 ends
+    a client that keeps dribbling (never silent long enough for the idle bound) long before the default 30 s."""
+    cap = 4 * 1024 * 1024
+    with linger_serve(env, tmp_path, SMT_UPLOAD_IDLE_SECONDS="30", SMT_LINGER_SECONDS="2",
+                      SMT_LINGER_MAX_BYTES=str(cap)) as s:
+        request, _ = early_refusals(s.port)["upload 401"]
+        with socket.create_connection(("127.0.0.1", s.port), timeout=30) as flood:
+            flood.sendall(request + BLOCK)
+            reply_then_fin(flood)
+            sent = keep_sending(flood, MAX_DISCARD)
+            assert sent < MAX_DISCARD // 2, sent  # well short of the default bound
+        assert f"over {cap} bytes sent after the reply" in s.text()
+        with socket.create_connection(("127.0.0.1", s.port), timeout=30) as dribbler:
+            dribbler.sendall(request + BLOCK)
+            reply_then_fin(dribbler)
+            started = time.monotonic()
+            client_port = dribbler.getsockname()[1]
+            while server_holds(s.port, client_port) and time.monotonic() - started < 20:
+                with suppress(OSError):
+                    dribbler.send(b"x")
+                time.sleep(0.25)  # the client's pace (a byte every 0.25 s keeps the 5 s idle bound away)
+            assert not server_holds(s.port, client_port), "still lingering after 20 s"
+            assert time.monotonic() - started < 15  # the 2 s bound, not the default 30 s
+
+
 def server_holds(server_port: int, client_port: int) -> bool:
     """serve still has this connection's socket open: its end is in /proc/net/tcp with an owner (a socket
     that was closed lingers in the kernel a while, but with inode 0). Reading it sends nothing, so it does

@@ -131,6 +131,20 @@ def test_guessing_from_many_addresses_is_throttled_overall_with_a_bounded_log(en
         assert len(lines) <= MAX_WARNINGS + 1, lines  # the rest is counted, not logged
 
 
+def test_the_sign_in_limits_are_settings(env: dict[str, str], tmp_path: Path) -> None:
+    """SMT_STATUS_SIGNIN_ATTEMPTS=2: the third wrong token from one address is 429; with
+    SMT_STATUS_SIGNIN_ATTEMPTS_TOTAL=3, the fourth from anywhere is too."""
+    with status_serve(env, tmp_path, SMT_STATUS_SIGNIN_ATTEMPTS="2", SMT_STATUS_SIGNIN_ATTEMPTS_TOTAL="3") as s:
+        with client(s, "127.0.7.1") as guesser:
+            statuses = [sign_in(guesser, f"wrong-guess-{i:04d}-xxxxxxxxxx").status_code for i in range(3)]
+            assert statuses == [401, 401, 429]
+        with client(s, "127.0.7.2") as second:
+            assert sign_in(second, "wrong-guess-second-xxxxxxxxxx").status_code == 401  # the third in all
+        with client(s, "127.0.7.3") as third:
+            r = sign_in(third)  # the right token, but the overall limit is reached: not looked at
+            assert r.status_code == 429 and int(r.headers["retry-after"]) > 0
+
+
 # --- Secure behind the documented TLS proxy --------------------------------------------------------------
 
 
