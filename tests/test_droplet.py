@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_server_process import free_ports
 
 from conftest import UPLOAD_TOKEN, wait_for, write_csv
 
@@ -40,18 +41,6 @@ START_TIMEOUT = 30.0  # seconds for a started process to bind its port or delive
 # A watchdog run is some twenty stand-in systemctl processes; a test runs several, plus real watch and serve
 # processes. Under a load of 30 on 2 cores that exceeded the suite's 120 s, so these tests get more.
 SLOW_TEST_TIMEOUT = 360
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct loopback ports with nothing listening (all bound at once, then released)."""
-    socks = [socket.socket() for _ in range(count)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def listening(port: int) -> bool:

@@ -6,7 +6,9 @@ Every wait is a condition with a deadline (``conftest.wait_for``); nothing here 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import logging
 import os
 import signal
 import sqlite3
@@ -18,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from conftest import SMT_WATCH, wait_for
+from smt_watch.config import Settings
+from smt_watch.logs import add_secrets, setup_logging
 
 # Recognisable secrets: no output of any command may contain one of these.
 SECRETS = {
@@ -152,3 +156,13 @@ def states(state_dir: Path) -> dict[str, str]:
 def integrity_check(state_dir: Path) -> str:
     rows = read_ledger(state_dir, "PRAGMA integrity_check")
     return "; ".join(str(r[0]) for r in rows)
+
+
+def logged_through_redaction(settings: Settings, message: str) -> str:
+    """``message`` logged by smt-watch's own handler, set up as the CLI sets it, with ``settings``' secrets
+    registered: what an operator's journal would show (conftest restores the loggers afterwards)."""
+    stream = io.StringIO()
+    setup_logging("info", "text", stream)
+    add_secrets(settings.secrets())
+    logging.getLogger("smt_watch.test").error("%s", message)
+    return stream.getvalue()

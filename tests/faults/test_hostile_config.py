@@ -7,8 +7,6 @@ misleads every URL parser, and was printed whole.
 
 from __future__ import annotations
 
-import io
-import logging
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -16,8 +14,7 @@ from typing import Any
 import pytest
 
 from conftest import SMT_WATCH, write_csv
-from faults.support import subprocess_env
-from smt_watch.logs import add_secrets, setup_logging
+from faults.support import logged_through_redaction, subprocess_env
 
 pytestmark = pytest.mark.faults
 
@@ -84,14 +81,5 @@ def test_url_user_info_is_redacted_from_any_log_text(make_settings: Any) -> None
     the user-info of every URL setting is one of the secrets the log filter replaces. In-process, with the
     smt_watch logger restored afterwards (other tests capture it)."""
     settings = make_settings(SMT_UPLOAD_URL="http://user:p%40ss-SECRETPW@127.0.0.1:9/upload")
-    logger = logging.getLogger("smt_watch")
-    saved = (list(logger.handlers), logger.propagate, logger.level)
-    stream = io.StringIO()
-    try:
-        setup_logging("info", "text", stream)
-        add_secrets(settings.secrets())
-        logging.getLogger("smt_watch.test").error("InvalidURL: Invalid port: 'p%40ss-SECRETPW@127.0.0.1:9'")
-    finally:
-        logger.handlers[:], logger.propagate = saved[0], saved[1]
-        logger.setLevel(saved[2])
-    assert "SECRETPW" not in stream.getvalue() and "***" in stream.getvalue(), stream.getvalue()
+    logged = logged_through_redaction(settings, "InvalidURL: Invalid port: 'p%40ss-SECRETPW@127.0.0.1:9'")
+    assert "SECRETPW" not in logged and "***" in logged, logged

@@ -7,8 +7,6 @@ unreachable (port 1 on loopback refuses at once), each output grepped for every 
 
 from __future__ import annotations
 
-import io
-import logging
 import os
 import subprocess
 from pathlib import Path
@@ -16,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from conftest import SMT_WATCH
+from faults.support import logged_through_redaction
 from smt_watch.config import load_settings, redact_url
-from smt_watch.logs import add_secrets, setup_logging
 
 pytestmark = pytest.mark.faults
 
@@ -81,14 +79,5 @@ def test_url_secrets_are_registered_with_the_log_filter(tmp_path: Path) -> None:
     settings = load_settings({"SMT_LOCAL_DIR": str(tmp_path), "SMT_STATE_DIR": str(tmp_path / "s"),
                               "SMT_LEDGER_URL": "postgresql://u@h/db?password=SEKRET%2Dpct",
                               "SMT_UPLOAD_URL": "http://h/u?token=SEKRET-tok"})
-    logger = logging.getLogger("smt_watch")
-    saved = (list(logger.handlers), logger.propagate, logger.level)
-    stream = io.StringIO()
-    try:
-        setup_logging("info", "text", stream)
-        add_secrets(settings.secrets())
-        logging.getLogger("smt_watch.test").error("libpq: password=SEKRET-pct; httpx: SEKRET-tok; raw SEKRET%2Dpct")
-    finally:
-        logger.handlers[:], logger.propagate = saved[0], saved[1]
-        logger.setLevel(saved[2])
-    assert "SEKRET" not in stream.getvalue() and "***" in stream.getvalue(), stream.getvalue()
+    logged = logged_through_redaction(settings, "libpq: password=SEKRET-pct; httpx: SEKRET-tok; raw SEKRET%2Dpct")
+    assert "SEKRET" not in logged and "***" in logged, logged
