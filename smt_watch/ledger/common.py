@@ -127,6 +127,21 @@ class Row:
         return asdict(self)
 
 
+def rows_query(mark: str, state: str | None, since: float | None, http_status: int | None
+               ) -> tuple[str, list[Any]]:
+    """``rows()``'s one statement for either database (``mark``: its placeholder, ``?`` or ``%s``): rows
+    oldest first; ``state``, ``since`` (changed at or after: ``updated_at``) and ``http_status`` narrow them."""
+    where: list[str] = []
+    params: list[Any] = []
+    for column, value in (("state", state), ("updated_at", None if since is None else utc_stamp(since, digits=6)),
+                          ("http_status", http_status)):
+        if value is not None:
+            where.append(f"{column} {'>=' if column == 'updated_at' else '='} {mark}")
+            params.append(value)
+    clause = f" WHERE {' AND '.join(where)}" if where else ""
+    return f"SELECT {FILE_COLUMNS} FROM files{clause} ORDER BY first_seen, sha256", params
+
+
 def row_from(r: Mapping[str, Any]) -> Row:
     """A row as the program uses it: ``path`` back in Python's form (undecodable bytes as surrogates)."""
     values = dict(r)

@@ -61,6 +61,7 @@ from smt_watch.ledger.common import (
     now_iso,
     process_id,
     row_from,
+    rows_query,
 )
 from smt_watch.names import shown, stored, unstored
 
@@ -378,19 +379,7 @@ class PostgresLedger(LedgerBase, verdicts.PostgresVerdicts):
     def rows(self, state: str | None = None, *, since: float | None = None, http_status: int | None = None
              ) -> list[Row]:
         """As :meth:`smt_watch.ledger.sqlite.SqliteLedger.rows`."""
-        where: list[str] = []
-        params: list[Any] = []
-        if state is not None:
-            where.append("state = %s")
-            params.append(state)
-        if since is not None:
-            where.append("updated_at >= %s")
-            params.append(utc_stamp(since, digits=6))
-        if http_status is not None:
-            where.append("http_status = %s")
-            params.append(http_status)
-        clause = f" WHERE {' AND '.join(where)}" if where else ""
-        found = self._query(f"SELECT {FILE_COLUMNS} FROM files{clause} ORDER BY first_seen, sha256", params)
+        found = self._query(*rows_query("%s", state, since, http_status))
         return [row_from(r) for r in found]
 
     def find(self, *, sha_prefix: str | None = None, path: str | None = None) -> list[Row]:

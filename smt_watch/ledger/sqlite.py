@@ -45,6 +45,7 @@ from smt_watch.ledger.common import (
     now_iso,
     process_id,
     row_from,
+    rows_query,
 )
 from smt_watch.names import shown, stored, unstored
 
@@ -319,19 +320,7 @@ class SqliteLedger(LedgerBase, verdicts.SqliteVerdicts):
              ) -> list[Row]:
         """Rows oldest first; ``state``, ``since`` (changed at or after: ``updated_at``) and ``http_status``
         narrow them."""
-        where: list[str] = []
-        params: list[Any] = []
-        if state is not None:
-            where.append("state = ?")
-            params.append(state)
-        if since is not None:
-            where.append("updated_at >= ?")
-            params.append(utc_stamp(since, digits=6))
-        if http_status is not None:
-            where.append("http_status = ?")
-            params.append(http_status)
-        clause = f" WHERE {' AND '.join(where)}" if where else ""
-        found = self._query(f"SELECT {FILE_COLUMNS} FROM files{clause} ORDER BY first_seen, sha256", params)
+        found = self._query(*rows_query("?", state, since, http_status))
         return [row_from(r) for r in found]
 
     def find(self, *, sha_prefix: str | None = None, path: str | None = None) -> list[Row]:
