@@ -600,14 +600,16 @@ def ledger_list(
     """List ledger rows, oldest first. Reads the ledger without changing it; exit 1 when there is none."""
     from smt_watch.ledger import STATES
     from smt_watch.statedir import open_reader
+    from smt_watch.status import verdicts_by_sha
 
     if state is not None and state not in STATES:
         raise ConfigError(f"--state must be one of {', '.join(STATES)}")
     cutoff = _since(since)
     with open_reader(_settings(env_file, SMT_STATE_DIR=state_dir)) as ledger:
         rows = ledger.rows(state, since=cutoff)
-    if as_json:
-        typer.echo(json.dumps([r.to_json() for r in rows], indent=2))
+        verdicts = verdicts_by_sha(ledger)
+    if as_json:  # verify's verdict beside each row: null until a file was checked
+        typer.echo(json.dumps([{**r.to_json(), "verdict": verdicts.get(r.sha256)} for r in rows], indent=2))
         return
     if not rows:
         typer.echo("(no rows)")
@@ -615,7 +617,8 @@ def ledger_list(
     typer.echo(f"{'STATE':<9} {'SHA256':<12} {'SIZE':>12} {'ATT':>3} {'HTTP':>4}  {'WHEN':<20} FILE / LAST ERROR")
     for r in rows:
         when = (r.sent_at or r.updated_at)[:19]
-        line = f"{r.state:<9} {r.sha256[:12]} {r.size if r.size is not None else '-':>12} {r.attempts:>3} "
+        state_shown = f"{r.state}/{verdicts[r.sha256]}" if r.sha256 in verdicts else r.state
+        line = f"{state_shown:<9} {r.sha256[:12]} {r.size if r.size is not None else '-':>12} {r.attempts:>3} "
         line += f"{r.http_status or '-':>4}  {when:<20} {shown(r.filename)}"
         if r.last_error and r.state != "sent":
             line += f"  ({shown(r.last_error[:100])})"

@@ -12,8 +12,10 @@
 - the **last sync pass** (a meta row ``sync.last`` written by :func:`record_sync`);
 - **upload quota** use by role, as ``serve`` counts it;
 - the files a ``watch`` **cannot read** (a meta row ``watch.unreadable.<node>``, rewritten when the set changes);
+- ``verify``'s **verdicts** (how many files the app holds in full, in part, not at all...);
 - **alerts**: every state that needs a person (a dead watcher, a failed row, an unreadable file, a sync pass
-  that stopped, failed or is overdue), each one line; ``status`` exits 1 when there is any.
+  that stopped, failed or is overdue, a file the app holds only in part or not at all), each one line;
+  ``status`` exits 1 when there is any.
 
 Writers here (:func:`beat`, :func:`record_sync`) are one idempotent meta upsert each; nothing else writes.
 """
@@ -27,6 +29,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Final
 
 from smt_watch.clock import utc_stamp
+from smt_watch.errors import LedgerError, LedgerUnavailable
 from smt_watch.ledger import STATES, Ledger
 from smt_watch.ledger.common import delivery_seconds, epoch_of
 from smt_watch.names import shown
@@ -142,6 +145,8 @@ class Status:
     quotas: list[Quota]
     hours: list[Hour] = field(default_factory=list)
     unreadable: list[Unreadable] = field(default_factory=list)
+    verdicts: dict[str, int] = field(default_factory=dict)  # `verify`'s verdicts: how many files have each
+    not_stored: list[str] = field(default_factory=list)  # "name (verdict)" of files the app holds only in part
     alerts: list[str] = field(default_factory=list)  # each state that needs a person, one line each
 
     @property
@@ -235,6 +240,10 @@ def _alerts(settings: Settings, status: Status, now: float) -> list[str]:
         users = ", ".join(sorted({u.user for u in status.unreadable}))
         out.append(f"{len(status.unreadable)} file(s) in the inbox that watch cannot read as {users}: nothing of "
                    "them is delivered until it can")
+    if status.not_stored:
+        names = ", ".join(status.not_stored[:3]) + (" …" if len(status.not_stored) > 3 else "")
+        out.append(f"{len(status.not_stored)} file(s) sent but not held in full by the app: {names}; "
+                   "`smt-watch verify --json` says which days")
     p = status.last_sync
     if p is not None:
         if p.error:
@@ -307,6 +316,32 @@ def _quotas(settings: Settings, ledger: Ledger, now: float) -> list[Quota]:
     return out
 
 
+# verify's verdicts that need a person (`partial`, `missing`); `outside window` days are re-sent by watch
+NEEDS_A_PERSON: Final = ("partial", "missing")
+
+
+def verdicts_by_sha(ledger: Ledger) -> dict[str, str]:
+    """verify's verdict of each file that has one (``ledger list`` shows it beside ``sent``)."""
+    try:
+        return {sha: row.verdict for sha, row in ledger.verdicts().items()}
+    except LedgerUnavailable:
+        raise
+    except LedgerError:  # a ledger a newer watch has not migrated yet, opened read-only: no verdicts yet
+        return {}
+
+
+def _verdicts(ledger: Ledger) -> dict[str, Any]:
+    """Counts of verify's verdicts, and the files whose verdict needs a person (by name)."""
+    counts: dict[str, int] = {}
+    not_stored: list[str] = []
+    for sha, verdict in sorted(verdicts_by_sha(ledger).items()):
+        counts[verdict] = counts.get(verdict, 0) + 1
+        if verdict in NEEDS_A_PERSON:
+            found = ledger.get(sha)
+            not_stored.append(f"{found.filename if found else sha[:12]} ({verdict})")
+    return {"verdicts": counts, "not_stored": not_stored}
+
+
 def gather(settings: Settings, ledger: Ledger, now: float | None = None) -> Status:
     """Everything ``status`` shows, read from the ledger now."""
     now = time.time() if now is None else now
@@ -326,7 +361,7 @@ def gather(settings: Settings, ledger: Ledger, now: float | None = None) -> Stat
         generated_at=utc_stamp(now), ledger=str(ledger.path), watchers=_watchers(ledger, now),
         queue=sum(counts[s] for s in ("pending", "sending", "retrying")), counts={s: counts[s] for s in STATES},
         recent=recent, failures=failures, last_sync=_last_sync(ledger), quotas=_quotas(settings, ledger, now),
-        hours=_hours(ledger, now), unreadable=_unreadable(ledger),
+        hours=_hours(ledger, now), unreadable=_unreadable(ledger), **_verdicts(ledger),
     )
     return replace(status, alerts=_alerts(settings, status, now))
 
@@ -397,6 +432,9 @@ def console_view(status: Status, now: float | None = None) -> Any:
     head.append(watch_line(status, now) + "\n", style="green" if status.watching else "bold red")
     counts = ", ".join(f"{s} {n}" for s, n in status.counts.items())
     head.append(f"queue: {status.queue} not delivered yet   ledger: {counts}\n")
+    if status.verdicts:
+        held = ", ".join(f"{v} {n}" for v, n in sorted(status.verdicts.items()))
+        head.append(f"in the app (verify): {held}\n")
     sync_alert = any(a.startswith(("sync ", "sync's")) for a in status.alerts)
     head.append(sync_line(status, now) + "\n", style="bold red" if sync_alert else "")
     for u in status.unreadable:

@@ -146,6 +146,9 @@ def status_page(status: Status, csrf: str, *, notice: str | None = None, now: fl
     now = time.time() if now is None else now
     state_class = "ok" if status.watching else "bad"
     cards = "".join(f'<div class="card" id="count-{s}">{escape(s)}<b>{n}</b></div>' for s, n in status.counts.items())
+    held = "".join(f'<div class="card" id="verdict-{escape(v.replace(" ", "-"))}">{escape(v)}<b>{n}</b></div>'
+                   for v, n in sorted(status.verdicts.items()))
+    held = f'<h2>In the app (verify)</h2><div class="cards" id="verdicts">{held}</div>' if held else ""
     recent = "".join(
         f'<tr class="delivery"><td>{escape(age(d.sent_at, now))}</td><td>{_t(d.filename)}</td>'
         f'<td class="num">{escape(human_size(d.size))}</td><td class="num">{escape(seconds_text(d.seconds))}</td>'
@@ -172,7 +175,7 @@ def status_page(status: Status, csrf: str, *, notice: str | None = None, now: fl
     body = f"""<h1>smt-watch status</h1>{note}{alerts}
 <p id="watch" class="{state_class}">{_t(watch_line(status, now))}</p>
 <p id="sync" class="{'bad' if sync_bad else ''}">{_t(sync_line(status, now))}</p>
-<div class="cards"><div class="card" id="queue">queue<b>{status.queue}</b></div>{cards}</div>
+<div class="cards"><div class="card" id="queue">queue<b>{status.queue}</b></div>{cards}</div>{held}
 <h2>Failures</h2><div class="scroll"><table id="failures"><tr><th>state</th><th>file</th><th>att.</th><th>HTTP</th>
 <th>reason, and the command that retries it</th><th></th></tr>{failures}</table></div>
 <h2>Last deliveries</h2><div class="scroll"><table id="recent"><tr><th>sent</th><th>file</th>

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -56,3 +59,32 @@ def test_ledger_copy_carries_verdicts(where: str, tmp_path: Path) -> None:
         copy.import_rows(rows)
         kept = copy.verdict(A)
     assert kept is not None and kept.verdict == "partial" and kept.older_said == 1
+
+
+def test_status_and_ledger_list_show_the_verdict_and_status_alerts_on_partial_and_missing(
+        run_cli: Callable[..., subprocess.CompletedProcess[str]], base_env: dict[str, str]) -> None:
+    """`status`, `/status` (the same Status object) and `ledger list` show verify's verdict beside `sent`;
+    `status` is non-zero for `partial` and `missing`, not for `stored` or `outside window` (watch re-sends)."""
+    state = Path(base_env["SMT_STATE_DIR"])
+    with SqliteLedger(state / "ledger.sqlite3") as ledger:
+        for sha, name in ((A, "year_M1.csv"), (B, "gap_M1.csv")):
+            ledger.claim(sha, filename=name, path=None, size=1, mode="raw-upload")
+            ledger.mark_sent(sha, status=200, destination="x", attempts=1)
+        ledger.save_verdict(VerdictRow(A, Verdict.STORED.value))
+        ledger.save_verdict(VerdictRow(B, Verdict.OUTSIDE_WINDOW.value))
+    ok = run_cli("status", "--json")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert json.loads(ok.stdout)["verdicts"] == {"stored": 1, "outside window": 1}
+    with SqliteLedger(state / "ledger.sqlite3") as ledger:
+        ledger.save_verdict(VerdictRow(B, Verdict.PARTIAL.value, '{"days": 2}'))
+    bad = run_cli("status", "--json")
+    assert bad.returncode == 1, bad.stdout
+    shown = json.loads(bad.stdout)
+    assert shown["not_stored"] == ["gap_M1.csv (partial)"]
+    assert any("not held in full by the app: gap_M1.csv (partial)" in a for a in shown["alerts"]), shown["alerts"]
+    text = run_cli("status")
+    assert text.returncode == 1 and "in the app (verify): partial 1, stored 1" in text.stdout, text.stdout
+    listed = {r["filename"]: r["verdict"] for r in json.loads(run_cli("ledger", "list", "--json").stdout)}
+    assert listed == {"year_M1.csv": "stored", "gap_M1.csv": "partial"}
+    table = run_cli("ledger", "list").stdout
+    assert "sent/partial" in table and "sent/stored" in table, table
