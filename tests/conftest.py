@@ -26,6 +26,15 @@ from smt_watch.watch import WatchService
 _CONFIGURED_LOGGERS = ("smt_watch", "paramiko", "psycopg", "psycopg.pool", "httpx", "httpcore", "gnupg")
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def where(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A ledger to open with ``test_ledger.open_at``: a SQLite file, or a fresh PostgreSQL database
+    (tests/pgcluster.py). A test taking it runs on both: every ledger query is proven on both databases."""
+    if request.param == "postgres":
+        return str(request.getfixturevalue("pg_url"))
+    return str(tmp_path / "l.sqlite3")
+
+
 @pytest.fixture(autouse=True)
 def _restore_loggers() -> Iterator[None]:
     saved = [(lg, list(lg.handlers), lg.propagate, lg.level)

@@ -38,13 +38,6 @@ def open_at(where: str, node: str | None = None, lease: float = 60.0) -> Ledger:
     return SqliteLedger(Path(where), node=node)
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def where(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "postgres":
-        return str(request.getfixturevalue("pg_url"))
-    return str(tmp_path / "l.sqlite3")
-
-
 def test_wal_and_schema(tmp_path: Path) -> None:
     with SqliteLedger(tmp_path / "l.sqlite3") as ledger:
         assert ledger.schema_version == SCHEMA_VERSION

@@ -7,7 +7,6 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 from test_ledger import open_at
 
 from smt_watch.ledger import SqliteLedger
@@ -15,13 +14,6 @@ from smt_watch.ledger.verdicts import Resend, Verdict, VerdictRow
 
 A = "a" * 64
 B = "b" * 64
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def where(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "postgres":
-        return str(request.getfixturevalue("pg_url"))
-    return str(tmp_path / "l.sqlite3")
 
 
 def test_a_verdict_is_kept_and_replaced(where: str) -> None:

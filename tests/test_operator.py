@@ -369,14 +369,6 @@ def test_parse_when() -> None:
 FAILED_401, FAILED_400, OLD_401, RETRYING = "1" * 64, "2" * 64, "3" * 64, "4" * 64
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def where(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A SQLite file, or a fresh PostgreSQL database (tests/pgcluster.py): every query added runs on both."""
-    if request.param == "postgres":
-        return str(request.getfixturevalue("pg_url"))
-    return str(tmp_path / "l.sqlite3")
-
-
 def failed_rows(ledger: Any) -> None:
     ledger.import_rows([
         row(FAILED_401, "failed", first=NOW - 600, status=401, error="HTTP 401: unauthorized"),

@@ -29,6 +29,7 @@ from test_server_process import env as env  # the fixture, shared
 
 from conftest import wait_for
 from faults.support import assert_clean
+from faults.test_serve_hostile import closed_by_server as reply_of
 from smt_watch.reference.receiver import app_in_thread
 
 pytestmark = pytest.mark.faults
@@ -109,17 +110,6 @@ def connect(port: int, source: str = "127.0.0.1") -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=30, source_address=(source, 0))
     sock.settimeout(30)
     return sock
-
-
-def reply_of(sock: socket.socket) -> bytes:
-    """Everything until the server closes (or resets) the connection."""
-    out = b""
-    try:
-        while chunk := sock.recv(65536):
-            out += chunk
-    except ConnectionResetError:
-        pass
-    return out
 
 
 def raw_request(port: int, target: bytes, *, method: bytes = b"GET", headers: bytes = b"",
