@@ -7,6 +7,7 @@ Secrets are never printed: checks report whether a token is set, never its value
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import stat as stat_mod
 from collections.abc import Callable, Iterator
@@ -46,8 +47,23 @@ def check_delivery(s: Settings) -> Iterator[Check]:
     except SmtWatchError as exc:
         yield Check(FAIL, "delivery", str(exc), f"set {auto_targets()}")
         return
-    token = f"{mode.token.env} {'set' if mode.secret(s) else 'not set'}"
+    secret = mode.secret(s)
+    if secret is not None and is_placeholder(secret.reveal()):
+        target = "web app" if mode.token.env == "ADMIN_TOKEN" else "upload server"
+        yield Check(FAIL, "delivery", f"{mode.token.env} is still the example's placeholder, not a token",
+                    f"set {mode.token.env} to the token the {target} uses, in the env file")
+        return
+    token = f"{mode.token.env} {'set' if secret else 'not set'}"
     yield Check(OK, "delivery", f"{mode.name} to {redact_url(mode.url(s))} ({token})")
+
+
+_PLACEHOLDER = re.compile(r"REPLACE|REDACTED|CHANGE_?ME|YOUR_|<|>|^x+$|^\.+$|TOKEN_HERE|64_CHAR", re.IGNORECASE)
+
+
+def is_placeholder(token: str) -> bool:
+    """A value copied from an example (``REPLACE_WITH_64_CHAR_TOKEN``, ``<64-char-token>``, ``REDACTED_64_CHAR``):
+    "set", but every delivery would get a 401."""
+    return bool(_PLACEHOLDER.search(token)) or len(set(token)) == 1
 
 
 def check_settings(s: Settings) -> Iterator[Check]:
@@ -293,6 +309,58 @@ def check_endpoint(s: Settings) -> Iterator[Check]:
     yield Check(OK, "endpoint", f"{redact_url(url)} answers HTTP {response.status_code}")
 
 
+# A request each target refuses differently with a right and a wrong token, and never stores: raw-upload
+# checks the token, then answers 400 VALIDATION to a body without filename/sizeBytes/sha256; the inline route
+# checks the token, then answers 400 EXPECTED_JSON to a body that is not JSON; an upload server checks its
+# token, then finds no file part. A wrong token is 401 before any of that.
+_TOKEN_PROBES: dict[str, tuple[str, bytes]] = {
+    "raw-upload": ("application/json", b"{}"),
+    "inline": ("text/plain", b"smt-watch doctor: token check"),
+    "multipart": ("multipart/form-data; boundary=smt-watch-doctor", b"--smt-watch-doctor--\r\n"),
+}
+
+
+def check_token(s: Settings) -> Iterator[Check]:
+    """Proves the token with the target itself: a request it refuses as incomplete (400) when the token is
+    right and as unauthorized (401/403) when it is wrong. A 404 means the URL is wrong (a base URL that already
+    holds the route path, for one)."""
+    try:
+        mode = MODES[delivery_mode(s)]
+    except SmtWatchError:
+        return
+    probe = _TOKEN_PROBES.get(mode.name)
+    secret = mode.secret(s)
+    if probe is None or secret is None or is_placeholder(secret.reveal()):
+        return
+    import httpx
+
+    url = mode.url(s)
+    header = "x-admin-token" if mode.token.env == "ADMIN_TOKEN" else "x-smt-upload-token"
+    try:
+        response = httpx.post(url, content=probe[1], timeout=10,
+                              headers={"content-type": probe[0], header: secret.reveal()})
+    except httpx.HTTPError as exc:
+        yield Check(FAIL, "token", f"{redact_url(url)}: {_reason(exc)}")
+        return
+    code = response.status_code
+    if code in (400, 413, 415, 422):
+        yield Check(OK, "token", f"{mode.token.env} accepted by {redact_url(url)} (a deliberately incomplete request "
+                                 f"was refused as incomplete, HTTP {code}; nothing stored)")
+    elif code in (401, 403):
+        yield Check(FAIL, "token", f"{redact_url(url)} refuses {mode.token.env} (HTTP {code}): every delivery would "
+                                   "be refused", f"set {mode.token.env} to the token the target uses")
+    elif code == 404:
+        hint = ("INTELLIWATT_BASE_URL is the site's root (https://intelliwatt.com), without /api/...: smt-watch adds "
+                "the route" if mode.token.env == "ADMIN_TOKEN" else "check SMT_UPLOAD_URL's path (/upload)")
+        yield Check(FAIL, "token", f"{redact_url(url)} answers 404: there is no such route", hint)
+    elif code == 503:
+        yield Check(FAIL, "token", f"{redact_url(url)} answers 503: {shown(response.text[:120])}",
+                    "the target has no token configured or is down")
+    else:
+        yield Check(WARN, "token", f"{redact_url(url)} answers HTTP {code} to the token check: cannot tell whether "
+                                   f"{mode.token.env} is right")
+
+
 def _reason(exc: BaseException) -> str:
     text = str(exc)
     if "Name or service not known" in text or "nodename nor servname" in text:
@@ -322,7 +390,8 @@ OFFLINE_CHECKS: tuple[Callable[[Settings], Iterator[Check]], ...] = (
     check_settings, check_delivery, check_dirs, check_unreadable, check_sftp_files, check_gpg, check_inotify,
     check_ledger,
 )
-NETWORK_CHECKS: tuple[Callable[[Settings], Iterator[Check]], ...] = (check_endpoint, check_sftp_login)
+NETWORK_CHECKS: tuple[Callable[[Settings], Iterator[Check]], ...] = (check_endpoint, check_token,
+                                                                     check_sftp_login)
 
 
 def run_checks(settings: Settings, *, env_file: Path | None, offline: bool) -> list[Check]:

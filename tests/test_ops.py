@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from conftest import ADMIN_TOKEN, UPLOAD_TOKEN, write_csv
@@ -213,3 +214,34 @@ def test_json_logs_parse_line_by_line(run_cli: Run, receiver: Any, tmp_path: Pat
     assert records and all(set(r) >= {"ts", "level", "logger", "msg"} for r in records)
     assert any(r["msg"].startswith("Droplet upload success (200)") for r in records)
     assert UPLOAD_TOKEN not in proc.stderr
+
+
+def test_doctor_proves_the_token_and_the_url_with_the_target_itself(run_cli: Run, tmp_path: Path) -> None:
+    """A base URL holding the route path answers 404, a wrong ADMIN_TOKEN 401, a placeholder is no token: each
+    a FAIL (it used to be "ok (set)" and the first delivery got the refusal). The right token: ok, and the
+    probe stored nothing."""
+    from smt_watch.reference.receiver import running_receiver
+
+    with running_receiver(tmp_path / "app", admin_token=ADMIN_TOKEN, upload_token=UPLOAD_TOKEN) as app:
+        def doctor(**env: str) -> tuple[int, list[str]]:
+            proc = run_cli("doctor", env={"SMT_PATTERNS": "*.csv", **env})
+            assert "Traceback" not in proc.stderr and ADMIN_TOKEN not in proc.stdout + proc.stderr
+            return proc.returncode, proc.stdout.splitlines()
+
+        code, lines = doctor(INTELLIWATT_BASE_URL=app.url, ADMIN_TOKEN=ADMIN_TOKEN)
+        assert any(line.startswith("ok    token: ADMIN_TOKEN accepted by") for line in lines), lines
+        code, lines = doctor(INTELLIWATT_BASE_URL=app.url, ADMIN_TOKEN="wrong-token-0123456789")
+        assert code == 1 and any(line.startswith("FAIL  token:") and "refuses ADMIN_TOKEN (HTTP 401)" in line
+                                 for line in lines), lines
+        code, lines = doctor(INTELLIWATT_BASE_URL=f"{app.url}/api/admin/smt/raw-upload", ADMIN_TOKEN=ADMIN_TOKEN)
+        assert code == 1 and any(line.startswith("FAIL  token:") and "answers 404" in line
+                                 and "without /api/" in line for line in lines), lines
+        code, lines = doctor(INTELLIWATT_BASE_URL=app.url, ADMIN_TOKEN="REPLACE_WITH_64_CHAR_TOKEN")
+        assert code == 1 and any(line.startswith("FAIL  delivery: ADMIN_TOKEN is still the example's placeholder")
+                                 for line in lines), lines
+        code, lines = doctor(SMT_UPLOAD_URL=f"{app.url}/upload", SMT_UPLOAD_TOKEN="wrong-upload-token-0123")
+        assert code == 1 and any(line.startswith("FAIL  token:") and "refuses SMT_UPLOAD_TOKEN" in line
+                                 for line in lines), lines
+        code, lines = doctor(SMT_UPLOAD_URL=f"{app.url}/upload", SMT_UPLOAD_TOKEN=UPLOAD_TOKEN)
+        assert any(line.startswith("ok    token: SMT_UPLOAD_TOKEN accepted") for line in lines), lines
+        assert app.stored() == [], "the probes stored nothing"
