@@ -154,6 +154,9 @@ class Settings:
     retry_attempts: int = 5  # SMT_RETRY_ATTEMPTS: HTTP attempts within one delivery call
     retry_backoff: float = 1.0  # SMT_RETRY_BACKOFF_SECONDS: first backoff step, doubled per attempt
     http_timeout: float = 60.0  # SMT_HTTP_TIMEOUT: connect/read/write timeout in seconds
+    ca_bundle: Path | None = None  # SMT_CA_BUNDLE: the CAs an https target's certificate must chain to
+    client_cert: Path | None = None  # SMT_CLIENT_CERT: a client certificate (PEM) for an https target
+    client_key: Path | None = None  # SMT_CLIENT_KEY: its private key, when not in SMT_CLIENT_CERT
     sftp_timeout: float = 30.0  # SMT_SFTP_TIMEOUT: connect, handshake and per-read timeout for sync
     metrics_port: int | None = None  # SMT_METRICS_PORT: Prometheus metrics for `watch` on 127.0.0.1
     grace_seconds: float = 30.0  # SMT_STOP_GRACE_SECONDS: how long in-flight deliveries may finish on stop
@@ -559,6 +562,9 @@ def load_settings(
         retry_attempts=r.integer("SMT_RETRY_ATTEMPTS", 5, minimum=1, maximum=100),
         retry_backoff=r.number("SMT_RETRY_BACKOFF_SECONDS", 1.0),
         http_timeout=r.number("SMT_HTTP_TIMEOUT", 60.0, minimum=0.1),
+        ca_bundle=r.path("SMT_CA_BUNDLE"),
+        client_cert=r.path("SMT_CLIENT_CERT"),
+        client_key=r.path("SMT_CLIENT_KEY"),
         sftp_timeout=r.number("SMT_SFTP_TIMEOUT", 30.0, minimum=0.1),
         metrics_port=r.integer("SMT_METRICS_PORT", 0, minimum=0, maximum=65535) or None,
         grace_seconds=r.number("SMT_STOP_GRACE_SECONDS", 30.0),

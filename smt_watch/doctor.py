@@ -17,8 +17,10 @@ from pathlib import Path
 from smt_watch import host
 from smt_watch.config import Settings, redact_url
 from smt_watch.delivery.registry import MODES, OwnServeTarget, auto_targets, delivery_mode
-from smt_watch.errors import SmtWatchError
+from smt_watch.errors import ConfigError, SmtWatchError
 from smt_watch.names import shown
+from smt_watch.tls import context as tls_context
+from smt_watch.tls import plain_reason, verify_for
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 
@@ -298,7 +300,7 @@ def check_endpoint(s: Settings) -> Iterator[Check]:
     import httpx
 
     try:
-        response = httpx.head(url, timeout=10)
+        response = httpx.head(url, timeout=10, verify=verify_for(s, url))
     except httpx.ConnectError as exc:
         yield Check(FAIL, "endpoint", f"{redact_url(url)}: cannot connect ({_reason(exc)})",
                     "is the upload server / web app running and reachable?")
@@ -337,7 +339,7 @@ def check_token(s: Settings) -> Iterator[Check]:
     url = mode.url(s)
     header = "x-admin-token" if mode.token.env == "ADMIN_TOKEN" else "x-smt-upload-token"
     try:
-        response = httpx.post(url, content=probe[1], timeout=10,
+        response = httpx.post(url, content=probe[1], timeout=10, verify=verify_for(s, url),
                               headers={"content-type": probe[0], header: secret.reveal()})
     except httpx.HTTPError as exc:
         yield Check(FAIL, "token", f"{redact_url(url)}: {_reason(exc)}")
@@ -361,8 +363,25 @@ def check_token(s: Settings) -> Iterator[Check]:
                                    f"{mode.token.env} is right")
 
 
+def check_tls(s: Settings) -> Iterator[Check]:
+    """SMT_CA_BUNDLE and SMT_CLIENT_CERT/KEY load as the deliveries will load them (a TLS failure later reads
+    like a network one)."""
+    if s.ca_bundle is None and s.client_cert is None and s.client_key is None:
+        return
+    try:
+        tls_context(s)
+    except ConfigError as exc:
+        yield Check(FAIL, "tls", str(exc))
+        return
+    parts = [f"CA bundle {s.ca_bundle}" if s.ca_bundle else "", f"client certificate {s.client_cert}"
+             if s.client_cert else ""]
+    yield Check(OK, "tls", f"{' and '.join(p for p in parts if p)} load (used for https targets)")
+
+
 def _reason(exc: BaseException) -> str:
     text = str(exc)
+    if (plain := plain_reason(text)) is not None:
+        return plain
     if "Name or service not known" in text or "nodename nor servname" in text:
         return "DNS lookup failed"
     if "CERTIFICATE_VERIFY_FAILED" in text:
@@ -387,7 +406,7 @@ def check_sftp_login(s: Settings) -> Iterator[Check]:
 
 
 OFFLINE_CHECKS: tuple[Callable[[Settings], Iterator[Check]], ...] = (
-    check_settings, check_delivery, check_dirs, check_unreadable, check_sftp_files, check_gpg, check_inotify,
+    check_settings, check_tls, check_delivery, check_dirs, check_unreadable, check_sftp_files, check_gpg, check_inotify,
     check_ledger,
 )
 NETWORK_CHECKS: tuple[Callable[[Settings], Iterator[Check]], ...] = (check_endpoint, check_token,

@@ -48,6 +48,7 @@ from smt_watch.expect import DayKey, DayTotal, Expectation, expect
 from smt_watch.ledger.common import Row, epoch_of
 from smt_watch.ledger.verdicts import Resend, Verdict, VerdictRow
 from smt_watch.smtcsv import meter_for
+from smt_watch.tls import verify_for
 from smt_watch.window import coverage_window, enters_at
 
 log = logging.getLogger("smt_watch.verify")
@@ -115,7 +116,8 @@ class AppReader:
         t = settings.verify_timeout
         self._client = httpx.Client(timeout=httpx.Timeout(connect=min(10.0, t), read=t, write=t, pool=t),
                                     headers={"x-admin-token": settings.admin_token.reveal()},
-                                    follow_redirects=False, transport=transport)
+                                    follow_redirects=False, transport=transport,
+                                    verify=verify_for(settings, self.base))
         self.pacer = Pacer(settings.verify_requests_per_second)
         self.requests = 0
         self.deadline = float("inf")

@@ -25,6 +25,7 @@ from smt_watch.config import redact_url
 from smt_watch.delivery.base import Body, Classify, Progress, classify
 from smt_watch.errors import DeliveryError, RetryableDelivery
 from smt_watch.logs import redact_text, redaction_pattern
+from smt_watch.tls import plain_reason, verify_for
 
 if TYPE_CHECKING:
     from smt_watch.config import Secret, Settings
@@ -62,7 +63,8 @@ def map_transport_errors(destination: str) -> Iterator[None]:
     try:
         yield
     except httpx.TransportError as exc:
-        raise RetryableDelivery(f"{type(exc).__name__} talking to {destination}: {exc}") from exc
+        plain = plain_reason(str(exc))
+        raise RetryableDelivery(f"{plain or type(exc).__name__} talking to {destination}: {exc}") from exc
 
 
 def direct_transport_is_enough(url: str) -> bool:
@@ -91,8 +93,9 @@ class Poster:
         t = settings.http_timeout
         limits = httpx.Limits(max_connections=16, max_keepalive_connections=8)
         # Loading the CA bundle costs ~60 ms per start; a plain-http target (the droplet's loopback upload
-        # server) never uses it, and redirects are not followed, so it cannot reach https.
-        verify = url.startswith("https://")
+        # server) never uses it, and redirects are not followed, so it cannot reach https. SMT_CA_BUNDLE and
+        # SMT_CLIENT_CERT/KEY apply to https targets (smt_watch/tls.py).
+        verify = verify_for(settings, url)
         timeout = httpx.Timeout(connect=min(10.0, t), read=t, write=t, pool=t)
         # For a plain target the client only builds requests (URL, headers, timeouts) and they go straight to
         # its transport: what Client.send adds (cookies, auth flows, redirects, hooks) is unused there and
