@@ -149,8 +149,13 @@ def check_sftp_files(s: Settings) -> Iterator[Check]:
                             f"chmod 600 {s.smt_key}")
             else:
                 yield Check(OK, "ssh key", f"{s.smt_key} mode {mode:o}")
+        except FileNotFoundError:
+            yield Check(FAIL, "ssh key", f"{s.smt_key} does not exist",
+                        "copy SMT's private key there (chmod 600, owned by the service user), or point SMT_KEY at "
+                        "it; the old script used /home/deploy/.ssh/intelliwatt_smt_rsa4096")
         except OSError as exc:
-            yield Check(FAIL, "ssh key", f"{s.smt_key}: {exc.strerror}")
+            yield Check(FAIL, "ssh key", f"{s.smt_key}: {exc.strerror}",
+                        f"the service user must be able to read it: ls -l {s.smt_key}")
     from smt_watch.sftp import host_entry, known_host_keys
 
     entry = host_entry(s.smt_host, s.smt_port)

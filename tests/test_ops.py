@@ -148,6 +148,10 @@ def test_doctor_broken_setup(run_cli: Run, tmp_path: Path, unused_port: int) -> 
     assert "endpoint" not in out  # --offline
     online = run_cli("doctor", "--env-file", str(env_file), env={"SMT_LOCAL_DIR": ""})
     assert re.search(r"^FAIL  endpoint: .*connection refused", online.stdout, re.M)
+    gone = run_cli("doctor", "--env-file", str(env_file), "--offline",
+                   env={"SMT_LOCAL_DIR": "", "SMT_KEY": str(tmp_path / "no-such-key")})
+    assert re.search(r"^FAIL  ssh key: .*no-such-key does not exist  -> copy SMT's private key there", gone.stdout,
+                     re.M), gone.stdout
     for text in (proc.stdout + proc.stderr, online.stdout + online.stderr):
         assert ADMIN_TOKEN not in text and "Traceback" not in text
 
