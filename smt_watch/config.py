@@ -15,7 +15,7 @@ import difflib
 import re
 import socket
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Final, TypeVar
@@ -28,22 +28,230 @@ from smt_watch.tickets import secret_weakness
 DELIVERY_MODES: Final = delivery_choices()  # auto, then every mode in smt_watch.delivery.registry
 INLINE_ENCODINGS: Final = ("base64", "base64+gzip")
 STATUS_TOKEN_MIN: Final = 16  # a web login: short tokens are guessable
-# The old script's find: `-iname '*.csv' -o -iname '*.csv.*'` (plus its .asc names, which *.asc covers).
-DEFAULT_PATTERNS: Final = ("*.csv", "*.csv.*", "*.asc", "*.zip")
-# The web app calls the trigger at http://<droplet ip>:8787/ directly, so the old bridge listened on every
-# address; the trigger needs one of the webhook secrets, and SMT_WEBHOOK_HOST narrows it.
-ALL_ADDRESSES: Final = "0.0.0.0"  # noqa: S104
 MAX_UPLOAD_WINDOW_MS: Final = 31 * 86_400_000  # the ledger keeps upload times for 31 days
 BRIDGE_CLIENT_SHARE: Final = 4  # one client address may hold 1/this of the bridge's slots and body buffer
 MAX_BRIDGE_BUFFER_BYTES: Final = 1 << 30  # SMT_BRIDGE_BUFFER_BYTES is memory: 1 GiB is past any sane droplet
 MAX_LINGER_BYTES: Final = 1 << 40  # SMT_LINGER_MAX_BYTES: a bound on a count, not memory
-# The units' StateDirectory=. When it exists, it is SMT_STATE_DIR's default for every command, so an operator's
-# `smt-watch status` reads the service's ledger without flags. SMT_SERVICE_STATE_DIR names another (tests).
-SERVICE_STATE_DIR: Final = Path("/var/lib/smt-watch")
 HOME_STATE_DIR: Final = "~/.local/state/smt-watch"
-SYNC_STALE_SECONDS: Final = 3600.0  # twice the shipped smt-sync.timer's 30 minutes
 _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One environment variable, its default and its meaning, written here once.
+
+    ``default`` is the text an operator would write in the env file (``None``: unset), and ``load_settings``
+    converts and checks it exactly as it would an operator's value, so the default cannot be one the
+    validation refuses. ``docs/settings.md`` and the list in ``docs/contract.md`` §1 are generated from this
+    table (``python scripts/docs.py --write``; tests/test_docs.py fails when they are stale)."""
+
+    name: str
+    default: str | None
+    meaning: str
+    shown: str | None = None  # a default computed at run time, in words (``default`` is then None)
+    aliases: tuple[str, ...] = ()  # other tools' names for it, read when this one is unset
+
+
+def _group(title: str, *settings: Setting) -> tuple[str, tuple[Setting, ...]]:
+    return title, settings
+
+
+# To add a setting: one row below (name, default as env-file text, meaning), its field in `Settings`, the line
+# in `load_settings` that converts it; then `python scripts/docs.py --write`. Nowhere else states its default.
+SETTING_GROUPS: Final = (
+    _group(
+        "Inbox and state",
+        Setting("SMT_LOCAL_DIR", "~/smt_inbox", "the inbox that is watched, synced into and uploaded into",
+                aliases=("SMT_UPLOAD_DIR",)),
+        Setting("SMT_STATE_DIR", None, "the ledger (`ledger.sqlite3`), work and temporary files, locks",
+                shown=f"`SMT_SERVICE_STATE_DIR` when that directory exists (the units' `StateDirectory=`), else "
+                      f"`{HOME_STATE_DIR}`: the CLI and the units share one ledger whoever runs it"),
+        Setting("SMT_SERVICE_STATE_DIR", "/var/lib/smt-watch",
+                "the service's state directory, which `SMT_STATE_DIR` defaults to when it exists (ours; set it "
+                "only to try the rule without root)"),
+        Setting("SMT_CREATE_INBOX", "0",
+                "`1`: `watch` creates a missing inbox (mode 0750); `0`: a missing inbox is exit 2 in one line, so "
+                "a typo in `SMT_LOCAL_DIR` never means watching an empty directory (ours; also `--create-inbox`)"),
+        Setting("STATE_FILE", None,
+                "the bash script's `.posted_sha256`; when it exists (and changed since the last import) its "
+                "hashes are imported as `sent`, idempotently, by every command that opens the ledger"),
+        Setting("SMT_PATTERNS", "*.csv,*.csv.*,*.asc,*.zip",
+                "comma-separated globs of the files `watch` and `sync` take, case-insensitive; a pattern with "
+                "`/` matches the path under the inbox, otherwise the name; `*.csv.*` as the old script's `find` "
+                "took it (`IntervalData.csv.1`); a temporary name (`x.csv.part`) never counts"),
+    ),
+    _group(
+        "Delivery",
+        Setting("SMT_DELIVERY", "auto",
+                "`auto` (multipart if `SMT_UPLOAD_URL`, else raw-upload if `INTELLIWATT_BASE_URL`), "
+                "`multipart`, `inline` (only by name: production refuses it), `raw-upload`"),
+        Setting("SMT_UPLOAD_URL", None, "multipart target; never smt-watch's own `serve` (exit 2)"),
+        Setting("SMT_UPLOAD_TOKEN", None,
+                "sent as `x-smt-upload-token` (multipart); required by `serve`'s `/upload` when set"),
+        Setting("INTELLIWATT_BASE_URL", None,
+                "the web app's root: raw-upload posts to `{base}/api/admin/smt/raw-upload`, inline to "
+                "`{base}/api/admin/smt/pull`; `verify` reads from it"),
+        Setting("ADMIN_TOKEN", None, "sent as `x-admin-token` (raw-upload, inline, `verify`)"),
+        Setting("SMT_INLINE_ENCODING", "base64", "`base64` or `base64+gzip`"),
+        Setting("SMT_INLINE_MAX_BYTES", "4500000",
+                "an inline body larger than this fails before any request (Vercel refuses bodies over 4.5 MB)"),
+        Setting("SMT_RAW_LINES_PER_CHUNK", "5000",
+                "data lines per raw-upload chunk (the header is repeated in each; also cut so each body stays "
+                "≤ 4,500,000 bytes)"),
+        Setting("SOURCE_TAG", "adhocusage", "payload field `source` of multipart and inline deliveries"),
+        Setting("METER_DEFAULT", "M1", "the meter when the file name holds no `M<digits>`"),
+        Setting("ESIID_DEFAULT", None, "the ESIID when the file holds not exactly one"),
+        Setting("SMT_RETRY_ATTEMPTS", "5", "HTTP attempts within one delivery call, 1–100 (ours)"),
+        Setting("SMT_RETRY_BACKOFF_SECONDS", "1", "first in-call backoff step, doubled each attempt (ours)"),
+        Setting("SMT_HTTP_TIMEOUT", "60", "connect (at most 10 s), read and write timeout in seconds (ours)"),
+        Setting("SMT_CA_BUNDLE", None,
+                "outbound TLS to an https target (delivery, `verify`, `doctor`): the PEM CAs its certificate "
+                "must chain to, instead of the public ones; a file that does not load is exit 2"),
+        Setting("SMT_CLIENT_CERT", None, "a client certificate (PEM) for an https target"),
+        Setting("SMT_CLIENT_KEY", None, "its private key, when it is not in `SMT_CLIENT_CERT`'s file"),
+    ),
+    _group(
+        "watch",
+        Setting("SMT_SETTLE_SECONDS", "1", "a file must be closed and unchanged this long before it is delivered"),
+        Setting("SMT_RESCAN_SECONDS", "300", "full inbox rescan interval, a backstop for dropped inotify events"),
+        Setting("SMT_WORKERS", "2", "concurrent deliveries in `watch` (1–64)"),
+        Setting("SMT_WORKER_MODE", "thread",
+                "`thread` (the `SMT_WORKERS` deliveries run in the watcher's process) or `process` (each has a "
+                "worker process of its own: a backlog of small files drains about 1.3× faster on 2 cores, for "
+                "~40–45 MB per worker; ours)"),
+        Setting("SMT_AFTER_SEND", "keep",
+                "`keep` (what the bash script did), `move` (to `SMT_ARCHIVE_DIR`), `delete`"),
+        Setting("SMT_ARCHIVE_DIR", None,
+                "where `move` puts delivered files (outside the inbox), keeping their path under the inbox",
+                shown="`$SMT_STATE_DIR/archive`"),
+        Setting("SMT_VALIDATE", "1", "`1`: a CSV that is not SMT data is `failed`; `0`: deliver any matching file"),
+        Setting("SMT_MAX_UNPACKED_BYTES", "1073741824",
+                "the most taken out of one ZIP, and the largest gpg output of one `.asc`"),
+        Setting("SMT_MAX_ZIP_ENTRIES", "100", "a ZIP with more entries fails as a whole"),
+        Setting("SMT_GPG_PASSPHRASE", None, "passphrase of the decryption key, if it has one (ours)"),
+        Setting("GNUPGHOME", None,
+                "the keyring that decrypts SMT's `.asc` files; only read (gpg runs in a private copy)",
+                shown="`~/.gnupg` of the service user (gpg's default)"),
+        Setting("SMT_METRICS_PORT", None,
+                "`watch` serves Prometheus metrics on 127.0.0.1 at this port (ours; also `--metrics-port`)"),
+        Setting("SMT_STOP_GRACE_SECONDS", "30",
+                "on SIGTERM or Ctrl-C, how long in-flight deliveries may finish; the first Ctrl-C says so, a "
+                "second quits at once (ours)"),
+    ),
+    _group(
+        "sync (the SMT SFTP server)",
+        Setting("SMT_HOST", None, "the SFTP server"),
+        Setting("SMT_PORT", "22", "its port"),
+        Setting("SMT_USER", None, "the SFTP user"),
+        Setting("SMT_KEY", None, "the SSH private key (mode 0600)"),
+        Setting("SMT_KEY_PASSPHRASE", None, "its passphrase, if it has one"),
+        Setting("SMT_REMOTE_DIR", "/", "remote directories to take files from, comma-separated"),
+        Setting("SMT_KNOWN_HOSTS", "~/.ssh/known_hosts",
+                "host keys `sync` trusts (OpenSSH format, `[host]:port` for a port other than 22); an unknown "
+                "or changed key is refused"),
+        Setting("SMT_SFTP_TIMEOUT", "30",
+                "connect, handshake and per-read timeout in seconds; a stalled server fails the file, which is "
+                "retried (ours)"),
+        Setting("SMT_SYNC_STALE_SECONDS", "3600",
+                "`status` exits 1 when the last `sync` pass finished longer ago than this (twice the shipped "
+                "`smt-sync.timer`'s 30 minutes); `0`: never (ours)"),
+    ),
+    _group(
+        "serve (uploads, trigger webhook, status page)",
+        Setting("SMT_UPLOAD_HOST", "127.0.0.1", "where `serve` takes uploads"),
+        Setting("SMT_UPLOAD_PORT", "8081",
+                "its port: the Node upload server's, which nginx proxies `smt-upload.intelliwatt.com` to"),
+        Setting("SMT_WEBHOOK_HOST", "0.0.0.0",  # noqa: S104 (the web app calls the trigger at <droplet ip>:8787)
+                "where `serve` also listens for the trigger, health and pass-through routes (no uploads): the "
+                "web app calls `http://<droplet ip>:8787/trigger/smt-now` directly, as it called the old bridge "
+                "on every address"),
+        Setting("SMT_WEBHOOK_PORT", "8787",
+                "its port; `0`: no second listener (the upload port serves the trigger too); the same port as "
+                "`SMT_UPLOAD_PORT` is exit 2"),
+        Setting("SMT_UPLOAD_MAX_BYTES", "1073741824",
+                "the largest upload `serve` accepts (every part of the form counts)"),
+        Setting("SMT_UPLOAD_ADMIN_LIMIT", "40000",
+                "uploads per admin account (any role but `customer`) per rolling window; the Node server's "
+                "default, so IntelliWatt's admin page is never throttled (without upload tickets a role is "
+                "self-declared anyway)", aliases=("SMT_ADMIN_UPLOAD_DAILY_LIMIT",)),
+        Setting("SMT_UPLOAD_CUSTOMER_LIMIT", "5", "uploads per customer account per rolling window",
+                aliases=("SMT_CUSTOMER_UPLOAD_MONTHLY_LIMIT",)),
+        Setting("SMT_ADMIN_UPLOAD_WINDOW_MS", "86400000",
+                "the admin window, in milliseconds (at most 31 days; rolling here, the Node server's name)"),
+        Setting("SMT_CUSTOMER_UPLOAD_WINDOW_MS", "2592000000",
+                "the customer window, in milliseconds (at most 31 days; rolling here, the Node server's name)"),
+        Setting("SMT_UPLOAD_CORS_ORIGINS", "https://intelliwatt.com",
+                "comma-separated origins allowed to POST from a browser (`*`: any)"),
+        Setting("SMT_UPLOAD_TICKET_SECRET", None,
+                "when set, an upload's role and account come only from a signed `x-smt-upload-ticket`; at least "
+                "32 random bytes (`openssl rand -base64 32`), a weaker one is exit 2"),
+        Setting("SMT_UPLOAD_IDLE_SECONDS", "30",
+                "`serve` closes a connection that sends no byte for this long (request head or body)"),
+        Setting("SMT_UPLOAD_MAX_CONCURRENT", "16", "uploads `serve` takes at once; beyond, `503` with `Retry-After`"),
+        Setting("SMT_TRUSTED_PROXIES", None,
+                "comma-separated peers whose `X-Forwarded-For` and `X-Forwarded-Proto` are believed",
+                shown="none"),
+        Setting("INTELLIWATT_WEBHOOK_SECRET", None,
+                "a secret for `POST /trigger/smt-now` (constant-time; either this or `DROPLET_WEBHOOK_SECRET` "
+                "matches, as the old bridge took both)", shown="unset (the trigger answers `503`)"),
+        Setting("DROPLET_WEBHOOK_SECRET", None, "the trigger's other secret"),
+        Setting("SMT_WEBHOOK_FORWARD_URL", None,
+                "the old webhook bridge (e.g. `http://127.0.0.1:8788`): what `serve` does not handle is passed "
+                "through to it"),
+        Setting("SMT_STATUS_TOKEN", None,
+                "opens `serve`'s `/status` page and `/status.json`; at least 16 visible ASCII characters "
+                "(`openssl rand -hex 24`); never logged or shown (ours)", shown="unset: no status page"),
+        Setting("SMT_STATUS_SIGNIN_ATTEMPTS", "5",
+                "wrong status tokens from one client address per minute; beyond, `429` with `Retry-After` "
+                "(1–10000; ours)"),
+        Setting("SMT_STATUS_SIGNIN_ATTEMPTS_TOTAL", "30",
+                "wrong status tokens from all addresses per minute; beyond, `429` (1–1000000; ours)"),
+        Setting("SMT_BRIDGE_MAX_BODY_BYTES", "1048576",
+                "the largest pass-through body; beyond, `413` (at most a quarter of `SMT_BRIDGE_BUFFER_BYTES`; "
+                "ours)"),
+        Setting("SMT_BRIDGE_BUFFER_BYTES", "33554432",
+                "memory all pass-through bodies being read share, a quarter per client address (at most 1 GiB; "
+                "ours)"),
+        Setting("SMT_LINGER_SECONDS", "30",
+                "a refused connection's lingering close lasts at most this long in all (0.1–3600; ours)"),
+        Setting("SMT_LINGER_IDLE_SECONDS", "5",
+                "… and ends after this long without a byte, at most `SMT_UPLOAD_IDLE_SECONDS` (0.1–3600; ours)"),
+        Setting("SMT_LINGER_MAX_BYTES", "67108864",
+                "… and ends once this many bytes sent after the reply were read and thrown away (ours)"),
+    ),
+    _group(
+        "verify and inspect",
+        Setting("SMT_VERIFY_DELAY_SECONDS", "300",
+                "after a delivery, how long the app gets to normalize before the automatic check (ours)"),
+        Setting("SMT_VERIFY_REQUESTS_PER_SECOND", "2",
+                "`verify`'s read requests to the app, at most this many a second (ours)"),
+        Setting("SMT_VERIFY_TIMEOUT_SECONDS", "30", "deadline of one read request of `verify` (ours)"),
+        Setting("SMT_VERIFY_FILE_SECONDS", "900",
+                "deadline of one file's verification; past it the file is `unverifiable` (ours)"),
+        Setting("SMT_PLOT_MAX_DAYS", "800",
+                "`inspect --plot` draws at most this many days (the file's latest); it says what it left out"),
+    ),
+    _group(
+        "Several droplets (a shared PostgreSQL ledger)",
+        Setting("SMT_LEDGER_URL", None,
+                "a PostgreSQL ledger shared by several droplets (`postgresql://user:password@host:port/db`; "
+                "tables in schema `smt_watch`); holds a password: never logged, shown as "
+                "`postgresql://***@host…` (ours)", shown="unset: SQLite in `SMT_STATE_DIR`"),
+        Setting("SMT_NODE_NAME", None,
+                "this droplet's name in shared claims and its stat cache; different on every node (ours)",
+                shown="the host name"),
+        Setting("SMT_LEDGER_LEASE_SECONDS", "60",
+                "a `sending` claim's lease, renewed every third of it while the delivery runs; another node "
+                "holding the same bytes takes over a claim whose lease expired (ours)"),
+    ),
+    _group(
+        "Set by systemd",
+        Setting("NOTIFY_SOCKET", None, "for `Type=notify` units: `watch` reports `READY=1`, `STATUS=`, `STOPPING=1`"),
+        Setting("WATCHDOG_USEC", None, "`watch` sends `WATCHDOG=1` at half of it"),
+    ),
+)
+SETTINGS: Final = {s.name: s for _, group in SETTING_GROUPS for s in group}
 
 
 class Secret:
@@ -87,88 +295,89 @@ class WorkerMode(StrEnum):
 
 @dataclass(frozen=True)
 class Settings:
-    """Typed settings; field docs name the environment variable each comes from."""
+    """Typed settings; field docs name the environment variable each comes from. Only ``load_settings``
+    builds one, so no field has a default here: each default is written once, in ``SETTINGS``."""
 
     local_dir: Path  # SMT_LOCAL_DIR
     state_dir: Path  # SMT_STATE_DIR
-    state_file: Path | None = None  # STATE_FILE
-    delivery: str = "auto"  # SMT_DELIVERY
-    upload_url: str | None = None  # SMT_UPLOAD_URL
-    upload_token: Secret | None = None  # SMT_UPLOAD_TOKEN
-    base_url: str | None = None  # INTELLIWATT_BASE_URL
-    admin_token: Secret | None = None  # ADMIN_TOKEN
-    inline_encoding: str = "base64"  # SMT_INLINE_ENCODING
-    inline_max_bytes: int = 4_500_000  # SMT_INLINE_MAX_BYTES (Vercel refuses bodies over 4.5 MB)
-    raw_lines_per_chunk: int = 5000  # SMT_RAW_LINES_PER_CHUNK
-    source_tag: str = "adhocusage"  # SOURCE_TAG
-    meter_default: str = "M1"  # METER_DEFAULT
-    esiid_default: str | None = None  # ESIID_DEFAULT
-    smt_host: str | None = None  # SMT_HOST
-    smt_port: int = 22  # SMT_PORT
-    smt_user: str | None = None  # SMT_USER
-    smt_key: Path | None = None  # SMT_KEY
-    smt_key_passphrase: Secret | None = None  # SMT_KEY_PASSPHRASE
-    smt_remote_dirs: tuple[str, ...] = ("/",)  # SMT_REMOTE_DIR
-    known_hosts: Path = field(default_factory=lambda: Path("~/.ssh/known_hosts").expanduser())
-    gnupghome: Path | None = None  # GNUPGHOME
-    gpg_passphrase: Secret | None = None  # SMT_GPG_PASSPHRASE: for a passphrase-protected decryption key
-    upload_host: str = "127.0.0.1"  # SMT_UPLOAD_HOST
-    upload_port: int = 8081  # SMT_UPLOAD_PORT: the Node upload server's port, which nginx proxies to
-    webhook_host: str = ALL_ADDRESSES  # SMT_WEBHOOK_HOST: the web app calls the trigger directly, as the old bridge
-    webhook_port: int | None = 8787  # SMT_WEBHOOK_PORT (0: off, the upload port alone serves the trigger)
-    upload_max_bytes: int = 1_073_741_824  # SMT_UPLOAD_MAX_BYTES
-    upload_admin_limit: int = 40_000  # SMT_UPLOAD_ADMIN_LIMIT, else the Node server's SMT_ADMIN_UPLOAD_DAILY_LIMIT
-    upload_customer_limit: int = 5  # SMT_UPLOAD_CUSTOMER_LIMIT, else SMT_CUSTOMER_UPLOAD_MONTHLY_LIMIT
-    upload_admin_window: float = 86_400.0  # SMT_ADMIN_UPLOAD_WINDOW_MS (the Node server's), in seconds here
-    upload_customer_window: float = 30 * 86_400.0  # SMT_CUSTOMER_UPLOAD_WINDOW_MS, in seconds here
-    cors_origins: tuple[str, ...] = ("https://intelliwatt.com",)  # SMT_UPLOAD_CORS_ORIGINS
-    upload_ticket_secret: Secret | None = None  # SMT_UPLOAD_TICKET_SECRET: identity only from signed tickets
-    upload_idle_seconds: float = 30.0  # SMT_UPLOAD_IDLE_SECONDS: no byte for this long closes the connection
-    upload_max_concurrent: int = 16  # SMT_UPLOAD_MAX_CONCURRENT: uploads taken at once; beyond, 503
-    trusted_proxies: tuple[str, ...] = ()  # SMT_TRUSTED_PROXIES: peers whose X-Forwarded-For is believed
-    webhook_secrets: tuple[Secret, ...] = ()  # INTELLIWATT_WEBHOOK_SECRET and DROPLET_WEBHOOK_SECRET: either matches
-    webhook_forward_url: str | None = None  # SMT_WEBHOOK_FORWARD_URL: the old bridge, for what serve does not handle
-    status_token: Secret | None = None  # SMT_STATUS_TOKEN: opens serve's /status page (unset: no page)
-    status_signin_attempts: int = 5  # SMT_STATUS_SIGNIN_ATTEMPTS: wrong status tokens per address per minute
-    status_signin_attempts_total: int = 30  # SMT_STATUS_SIGNIN_ATTEMPTS_TOTAL: wrong status tokens in all per minute
-    bridge_max_body_bytes: int = 1_048_576  # SMT_BRIDGE_MAX_BODY_BYTES: one pass-through body; beyond, 413
-    bridge_buffer_bytes: int = 33_554_432  # SMT_BRIDGE_BUFFER_BYTES: all pass-through bodies being read at once
-    linger_seconds: float = 30.0  # SMT_LINGER_SECONDS: a refused connection's lingering close, in all
-    linger_idle_seconds: float = 5.0  # SMT_LINGER_IDLE_SECONDS: ... without a byte (at most SMT_UPLOAD_IDLE_SECONDS)
-    linger_max_bytes: int = 67_108_864  # SMT_LINGER_MAX_BYTES: what a refused client may make us read and discard
-    settle_seconds: float = 1.0  # SMT_SETTLE_SECONDS
-    rescan_seconds: float = 300.0  # SMT_RESCAN_SECONDS
-    workers: int = 2  # SMT_WORKERS
-    worker_mode: WorkerMode = WorkerMode.THREAD  # SMT_WORKER_MODE (not in the bash script it replaces)
-    patterns: tuple[str, ...] = DEFAULT_PATTERNS  # SMT_PATTERNS
-    after_send: AfterSend = AfterSend.KEEP  # SMT_AFTER_SEND
-    archive_dir: Path | None = None  # SMT_ARCHIVE_DIR (None: state_dir/archive)
-    validate: bool = True  # SMT_VALIDATE
-    max_zip_entries: int = 100  # SMT_MAX_ZIP_ENTRIES: a ZIP with more entries fails as a whole
-    max_unpacked_bytes: int = 1_073_741_824  # SMT_MAX_UNPACKED_BYTES
-    plot_max_days: int = 800  # SMT_PLOT_MAX_DAYS: rows of `inspect --plot`'s grid (the file's latest days)
-    # Ours (the bash script it replaces had none of these); documented in the README.
-    ledger_url: str | None = None  # SMT_LEDGER_URL: a PostgreSQL ledger shared by several droplets (holds a password)
-    node_name: str = field(default_factory=socket.gethostname)  # SMT_NODE_NAME: this droplet, in shared claims
-    ledger_lease_seconds: float = 60.0  # SMT_LEDGER_LEASE_SECONDS: a claim another node may take over after
-    retry_attempts: int = 5  # SMT_RETRY_ATTEMPTS: HTTP attempts within one delivery call
-    retry_backoff: float = 1.0  # SMT_RETRY_BACKOFF_SECONDS: first backoff step, doubled per attempt
-    http_timeout: float = 60.0  # SMT_HTTP_TIMEOUT: connect/read/write timeout in seconds
-    ca_bundle: Path | None = None  # SMT_CA_BUNDLE: the CAs an https target's certificate must chain to
-    client_cert: Path | None = None  # SMT_CLIENT_CERT: a client certificate (PEM) for an https target
-    client_key: Path | None = None  # SMT_CLIENT_KEY: its private key, when not in SMT_CLIENT_CERT
-    sftp_timeout: float = 30.0  # SMT_SFTP_TIMEOUT: connect, handshake and per-read timeout for sync
-    metrics_port: int | None = None  # SMT_METRICS_PORT: Prometheus metrics for `watch` on 127.0.0.1
-    grace_seconds: float = 30.0  # SMT_STOP_GRACE_SECONDS: how long in-flight deliveries may finish on stop
-    create_inbox: bool = False  # SMT_CREATE_INBOX: `watch` creates a missing inbox instead of exiting 2
-    sync_stale_seconds: float = SYNC_STALE_SECONDS  # SMT_SYNC_STALE_SECONDS: `status` alerts past this (0: never)
-    verify_delay_seconds: float = 300.0  # SMT_VERIFY_DELAY_SECONDS: after a delivery, wait before verifying
-    verify_requests_per_second: float = 2.0  # SMT_VERIFY_REQUESTS_PER_SECOND: verify's reads from the app
-    verify_timeout: float = 30.0  # SMT_VERIFY_TIMEOUT_SECONDS: deadline of one read request
-    verify_file_seconds: float = 900.0  # SMT_VERIFY_FILE_SECONDS: deadline of one file's verification
+    state_file: Path | None  # STATE_FILE
+    delivery: str  # SMT_DELIVERY
+    upload_url: str | None  # SMT_UPLOAD_URL
+    upload_token: Secret | None  # SMT_UPLOAD_TOKEN
+    base_url: str | None  # INTELLIWATT_BASE_URL
+    admin_token: Secret | None  # ADMIN_TOKEN
+    inline_encoding: str  # SMT_INLINE_ENCODING
+    inline_max_bytes: int  # SMT_INLINE_MAX_BYTES (Vercel refuses bodies over 4.5 MB)
+    raw_lines_per_chunk: int  # SMT_RAW_LINES_PER_CHUNK
+    source_tag: str  # SOURCE_TAG
+    meter_default: str  # METER_DEFAULT
+    esiid_default: str | None  # ESIID_DEFAULT
+    smt_host: str | None  # SMT_HOST
+    smt_port: int  # SMT_PORT
+    smt_user: str | None  # SMT_USER
+    smt_key: Path | None  # SMT_KEY
+    smt_key_passphrase: Secret | None  # SMT_KEY_PASSPHRASE
+    smt_remote_dirs: tuple[str, ...]  # SMT_REMOTE_DIR
+    known_hosts: Path  # SMT_KNOWN_HOSTS
+    gnupghome: Path | None  # GNUPGHOME
+    gpg_passphrase: Secret | None  # SMT_GPG_PASSPHRASE: for a passphrase-protected decryption key
+    upload_host: str  # SMT_UPLOAD_HOST
+    upload_port: int  # SMT_UPLOAD_PORT: the Node upload server's port, which nginx proxies to
+    webhook_host: str  # SMT_WEBHOOK_HOST: the web app calls the trigger directly, as the old bridge
+    webhook_port: int | None  # SMT_WEBHOOK_PORT (0: off, the upload port alone serves the trigger)
+    upload_max_bytes: int  # SMT_UPLOAD_MAX_BYTES
+    upload_admin_limit: int  # SMT_UPLOAD_ADMIN_LIMIT, else the Node server's SMT_ADMIN_UPLOAD_DAILY_LIMIT
+    upload_customer_limit: int  # SMT_UPLOAD_CUSTOMER_LIMIT, else SMT_CUSTOMER_UPLOAD_MONTHLY_LIMIT
+    upload_admin_window: float  # SMT_ADMIN_UPLOAD_WINDOW_MS (the Node server's), in seconds here
+    upload_customer_window: float  # SMT_CUSTOMER_UPLOAD_WINDOW_MS, in seconds here
+    cors_origins: tuple[str, ...]  # SMT_UPLOAD_CORS_ORIGINS
+    upload_ticket_secret: Secret | None  # SMT_UPLOAD_TICKET_SECRET: identity only from signed tickets
+    upload_idle_seconds: float  # SMT_UPLOAD_IDLE_SECONDS: no byte for this long closes the connection
+    upload_max_concurrent: int  # SMT_UPLOAD_MAX_CONCURRENT: uploads taken at once; beyond, 503
+    trusted_proxies: tuple[str, ...]  # SMT_TRUSTED_PROXIES: peers whose X-Forwarded-For is believed
+    webhook_secrets: tuple[Secret, ...]  # INTELLIWATT_WEBHOOK_SECRET and DROPLET_WEBHOOK_SECRET: either matches
+    webhook_forward_url: str | None  # SMT_WEBHOOK_FORWARD_URL: the old bridge, for what serve does not handle
+    status_token: Secret | None  # SMT_STATUS_TOKEN: opens serve's /status page (unset: no page)
+    status_signin_attempts: int  # SMT_STATUS_SIGNIN_ATTEMPTS: wrong status tokens per address per minute
+    status_signin_attempts_total: int  # SMT_STATUS_SIGNIN_ATTEMPTS_TOTAL: wrong status tokens in all per minute
+    bridge_max_body_bytes: int  # SMT_BRIDGE_MAX_BODY_BYTES: one pass-through body; beyond, 413
+    bridge_buffer_bytes: int  # SMT_BRIDGE_BUFFER_BYTES: all pass-through bodies being read at once
+    linger_seconds: float  # SMT_LINGER_SECONDS: a refused connection's lingering close, in all
+    linger_idle_seconds: float  # SMT_LINGER_IDLE_SECONDS: ... without a byte (at most SMT_UPLOAD_IDLE_SECONDS)
+    linger_max_bytes: int  # SMT_LINGER_MAX_BYTES: what a refused client may make us read and discard
+    settle_seconds: float  # SMT_SETTLE_SECONDS
+    rescan_seconds: float  # SMT_RESCAN_SECONDS
+    workers: int  # SMT_WORKERS
+    worker_mode: WorkerMode  # SMT_WORKER_MODE (not in the bash script it replaces)
+    patterns: tuple[str, ...]  # SMT_PATTERNS
+    after_send: AfterSend  # SMT_AFTER_SEND
+    archive_dir: Path | None  # SMT_ARCHIVE_DIR (None: state_dir/archive)
+    validate: bool  # SMT_VALIDATE
+    max_zip_entries: int  # SMT_MAX_ZIP_ENTRIES: a ZIP with more entries fails as a whole
+    max_unpacked_bytes: int  # SMT_MAX_UNPACKED_BYTES
+    plot_max_days: int  # SMT_PLOT_MAX_DAYS: rows of `inspect --plot`'s grid (the file's latest days)
+    # Ours (the bash script it replaces had none of these); see docs/settings.md.
+    ledger_url: str | None  # SMT_LEDGER_URL: a PostgreSQL ledger shared by several droplets (holds a password)
+    node_name: str  # SMT_NODE_NAME: this droplet, in shared claims
+    ledger_lease_seconds: float  # SMT_LEDGER_LEASE_SECONDS: a claim another node may take over after
+    retry_attempts: int  # SMT_RETRY_ATTEMPTS: HTTP attempts within one delivery call
+    retry_backoff: float  # SMT_RETRY_BACKOFF_SECONDS: first backoff step, doubled per attempt
+    http_timeout: float  # SMT_HTTP_TIMEOUT: connect/read/write timeout in seconds
+    ca_bundle: Path | None  # SMT_CA_BUNDLE: the CAs an https target's certificate must chain to
+    client_cert: Path | None  # SMT_CLIENT_CERT: a client certificate (PEM) for an https target
+    client_key: Path | None  # SMT_CLIENT_KEY: its private key, when not in SMT_CLIENT_CERT
+    sftp_timeout: float  # SMT_SFTP_TIMEOUT: connect, handshake and per-read timeout for sync
+    metrics_port: int | None  # SMT_METRICS_PORT: Prometheus metrics for `watch` on 127.0.0.1
+    grace_seconds: float  # SMT_STOP_GRACE_SECONDS: how long in-flight deliveries may finish on stop
+    create_inbox: bool  # SMT_CREATE_INBOX: `watch` creates a missing inbox instead of exiting 2
+    sync_stale_seconds: float  # SMT_SYNC_STALE_SECONDS: `status` alerts past this (0: never)
+    verify_delay_seconds: float  # SMT_VERIFY_DELAY_SECONDS: after a delivery, wait before verifying
+    verify_requests_per_second: float  # SMT_VERIFY_REQUESTS_PER_SECOND: verify's reads from the app
+    verify_timeout: float  # SMT_VERIFY_TIMEOUT_SECONDS: deadline of one read request
+    verify_file_seconds: float  # SMT_VERIFY_FILE_SECONDS: deadline of one file's verification
     # Set by systemd for Type=notify units.
-    notify_socket: str | None = None  # NOTIFY_SOCKET
-    watchdog_usec: int | None = None  # WATCHDOG_USEC
+    notify_socket: str | None  # NOTIFY_SOCKET
+    watchdog_usec: int | None  # WATCHDOG_USEC
     # Not a setting: what load_settings noticed (a misspelt SMT_* name), for the CLI and doctor to say.
     warnings: tuple[str, ...] = ()
 
@@ -346,7 +555,10 @@ def _unquote(value: str, path: Path, lineno: int) -> str:
 
 
 class _Reader:
-    """Reads one merged mapping; each method validates and names the variable on error."""
+    """Reads one merged mapping; each method validates and names the variable on error.
+
+    A name's default comes from its row in ``SETTINGS`` and goes through the same conversion as an operator's
+    value; a name without a row is a programming error, said with what to do."""
 
     def __init__(self, env: Mapping[str, str]) -> None:
         self.env = env
@@ -360,20 +572,47 @@ class _Reader:
         value = value.strip()
         return value or None
 
-    def _convert(self, name: str, default: T, conv: Callable[[str], T], what: str, show: bool = True) -> T:
-        value = self.raw(name)
+    @staticmethod
+    def spec(name: str) -> Setting:
+        try:
+            return SETTINGS[name]
+        except KeyError:
+            raise LookupError(f"{name} has no row in smt_watch/config.py SETTINGS: add one (name, default, "
+                              "meaning), then run `python scripts/docs.py --write`") from None
+
+    def given(self, name: str) -> tuple[str, str | None]:
+        """The variable that holds a value (``name``, else one of its aliases) and that value, else ``name``
+        and the default from ``SETTINGS`` (None: unset)."""
+        spec = self.spec(name)
+        for each in (name, *spec.aliases):
+            value = self.raw(each)
+            if value is not None:
+                return each, value
+        return name, spec.default
+
+    def _convert(self, name: str, conv: Callable[[str], T], what: str, show: bool = True) -> T | None:
+        source, value = self.given(name)
         if value is None:
-            return default
+            return None
         try:
             return conv(value)
         except (ValueError, TypeError, KeyError):
             shown = f": {value!r}" if show else ""
             # from None: the cause's text quotes the value, which may be a token (show=False)
-            raise ConfigError(f"{name} must be {what}{shown}") from None
+            raise ConfigError(f"{source} must be {what}{shown}") from None
 
-    def text(self, name: str, default: str | None = None) -> str | None:
-        value = self.raw(name)
-        return value if value is not None else default
+    @staticmethod
+    def _set(name: str, value: T | None) -> T:
+        """``value`` of a setting whose row has a default (so it is never None)."""
+        if value is None:
+            raise LookupError(f"{name} has no default in smt_watch/config.py SETTINGS")
+        return value
+
+    def text(self, name: str) -> str | None:
+        return self.given(name)[1]
+
+    def text_set(self, name: str) -> str:
+        return self._set(name, self.text(name))
 
     def secret(self, *names: str, header: bool = True, min_length: int = 0,
                strong: Callable[[str], str | None] | None = None) -> Secret | None:
@@ -383,7 +622,7 @@ class _Reader:
         fail every attempt, and the library's error would quote it."""
         self.asked.update(names)
         for name in names:
-            value = self.raw(name)
+            name, value = self.given(name)
             if value is None:
                 continue
             if header and not all("!" <= c <= "~" for c in value):
@@ -397,11 +636,14 @@ class _Reader:
             return Secret(value)
         return None
 
-    def path(self, name: str, default: Path | None = None) -> Path | None:
-        value = self.raw(name)
-        return Path(value).expanduser() if value is not None else default
+    def path(self, name: str) -> Path | None:
+        value = self.given(name)[1]
+        return Path(value).expanduser() if value is not None else None
 
-    def integer(self, name: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
+    def path_set(self, name: str) -> Path:
+        return self._set(name, self.path(name))
+
+    def maybe_integer(self, name: str, minimum: int = 0, maximum: int | None = None) -> int | None:
         def conv(v: str) -> int:
             n = int(v)
             if n < minimum or (maximum is not None and n > maximum):
@@ -409,9 +651,12 @@ class _Reader:
             return n
 
         bounds = f"an integer ≥ {minimum}" + (f" and ≤ {maximum}" if maximum is not None else "")
-        return self._convert(name, default, conv, bounds)
+        return self._convert(name, conv, bounds)
 
-    def number(self, name: str, default: float, minimum: float = 0.0, maximum: float | None = None) -> float:
+    def integer(self, name: str, minimum: int = 0, maximum: int | None = None) -> int:
+        return self._set(name, self.maybe_integer(name, minimum, maximum))
+
+    def number(self, name: str, minimum: float = 0.0, maximum: float | None = None) -> float:
         def conv(v: str) -> float:
             n = float(v)
             if not n >= minimum or n == float("inf") or (maximum is not None and not n <= maximum):
@@ -419,23 +664,23 @@ class _Reader:
             return n
 
         bounds = f"a number ≥ {minimum:g}" + (f" and ≤ {maximum:g}" if maximum is not None else "")
-        return self._convert(name, default, conv, bounds)
+        return self._set(name, self._convert(name, conv, bounds))
 
-    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+    def choice(self, name: str, choices: tuple[str, ...]) -> str:
         def conv(v: str) -> str:
             if v.lower() not in choices:
                 raise ValueError
             return v.lower()
 
-        return self._convert(name, default, conv, "one of " + ", ".join(choices))
+        return self._set(name, self._convert(name, conv, "one of " + ", ".join(choices)))
 
-    def boolean(self, name: str, default: bool) -> bool:
+    def boolean(self, name: str) -> bool:
         table = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False}
         table["off"] = False
-        return self._convert(name, default, lambda v: table[v.lower()], "1 or 0", show=True)
+        return self._set(name, self._convert(name, lambda v: table[v.lower()], "1 or 0", show=True))
 
     def url(self, name: str, schemes: tuple[str, ...] = ("http", "https")) -> str | None:
-        value = self.raw(name)
+        name, value = self.given(name)
         if value is None:
             return None
         try:
@@ -451,20 +696,21 @@ class _Reader:
             raise ConfigError(f"{name} must be a {' or '.join(s + '://' for s in schemes)} URL: {redact_url(value)!r}")
         return value.rstrip("/") if name == "INTELLIWATT_BASE_URL" else value
 
-    def items(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
-        value = self.raw(name)
+    def items(self, name: str) -> tuple[str, ...]:
+        source, value = self.given(name)
         if value is None:
-            return default
+            return ()
         parts = tuple(p.strip() for p in value.split(",") if p.strip())
         if not parts:
-            raise ConfigError(f"{name} must list at least one item")
+            raise ConfigError(f"{source} must list at least one item")
         return parts
 
 
 def default_state_dir(service_dir: Path) -> Path:
-    """``SMT_STATE_DIR`` when it is not set: the service's directory (``/var/lib/smt-watch``, which the units'
-    ``StateDirectory=`` creates) when it exists, so the CLI and the service share one ledger whoever runs
-    it; else ``~/.local/state/smt-watch`` (a laptop, a test box without the units)."""
+    """``SMT_STATE_DIR`` when it is not set: the service's directory (``SMT_SERVICE_STATE_DIR``,
+    ``/var/lib/smt-watch``, which the units' ``StateDirectory=`` creates) when it exists, so the CLI and the
+    service share one ledger whoever runs it; else ``~/.local/state/smt-watch`` (a laptop, a test box
+    without the units)."""
     return service_dir if service_dir.is_dir() else Path(HOME_STATE_DIR).expanduser()
 
 
@@ -477,7 +723,8 @@ def load_settings(
     """Build settings from the env file, then the process environment, then CLI overrides.
 
     ``overrides`` uses environment-variable names (a flag ``--upload-url`` passes ``SMT_UPLOAD_URL``), so
-    a flag and its variable share one validation path; ``None`` values are ignored.
+    a flag and its variable share one validation path; ``None`` values are ignored. Defaults come from
+    ``SETTINGS``; a setting's default is not written here.
     """
     merged: dict[str, str] = {}
     if env_file is not None:
@@ -486,96 +733,90 @@ def load_settings(
     merged.update({k: v for k, v in environ.items() if v.strip()})
     merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
     r = _Reader(merged)
-    bridge_buffer = r.integer("SMT_BRIDGE_BUFFER_BYTES", 33_554_432, minimum=BRIDGE_CLIENT_SHARE,
-                              maximum=MAX_BRIDGE_BUFFER_BYTES)
-    bridge_body = r.integer("SMT_BRIDGE_MAX_BODY_BYTES", 1_048_576, minimum=1,
-                            maximum=bridge_buffer // BRIDGE_CLIENT_SHARE)
-    home_state = default_state_dir(r.path("SMT_SERVICE_STATE_DIR", SERVICE_STATE_DIR) or SERVICE_STATE_DIR)
+    bridge_buffer = r.integer("SMT_BRIDGE_BUFFER_BYTES", minimum=BRIDGE_CLIENT_SHARE, maximum=MAX_BRIDGE_BUFFER_BYTES)
+    bridge_body = r.integer("SMT_BRIDGE_MAX_BODY_BYTES", minimum=1, maximum=bridge_buffer // BRIDGE_CLIENT_SHARE)
     settings = Settings(
-        # SMT_UPLOAD_DIR: the Node upload server's name for the same inbox (its unit sets it)
-        local_dir=r.path("SMT_LOCAL_DIR", r.path("SMT_UPLOAD_DIR", Path("~/smt_inbox").expanduser())) or Path(),
-        state_dir=r.path("SMT_STATE_DIR", home_state) or home_state,
+        local_dir=r.path_set("SMT_LOCAL_DIR"),
+        state_dir=r.path("SMT_STATE_DIR") or default_state_dir(r.path_set("SMT_SERVICE_STATE_DIR")),
         state_file=r.path("STATE_FILE"),
-        delivery=r.choice("SMT_DELIVERY", "auto", DELIVERY_MODES),
+        delivery=r.choice("SMT_DELIVERY", DELIVERY_MODES),
         upload_url=r.url("SMT_UPLOAD_URL"),
         upload_token=r.secret("SMT_UPLOAD_TOKEN"),
         base_url=r.url("INTELLIWATT_BASE_URL"),
         admin_token=r.secret("ADMIN_TOKEN"),
-        inline_encoding=r.choice("SMT_INLINE_ENCODING", "base64", INLINE_ENCODINGS),
-        inline_max_bytes=r.integer("SMT_INLINE_MAX_BYTES", 4_500_000, minimum=1),
-        raw_lines_per_chunk=r.integer("SMT_RAW_LINES_PER_CHUNK", 5000, minimum=1),
-        source_tag=r.text("SOURCE_TAG", "adhocusage") or "adhocusage",
-        meter_default=r.text("METER_DEFAULT", "M1") or "M1",
+        inline_encoding=r.choice("SMT_INLINE_ENCODING", INLINE_ENCODINGS),
+        inline_max_bytes=r.integer("SMT_INLINE_MAX_BYTES", minimum=1),
+        raw_lines_per_chunk=r.integer("SMT_RAW_LINES_PER_CHUNK", minimum=1),
+        source_tag=r.text_set("SOURCE_TAG"),
+        meter_default=r.text_set("METER_DEFAULT"),
         esiid_default=r.text("ESIID_DEFAULT"),
         smt_host=r.text("SMT_HOST"),
-        smt_port=r.integer("SMT_PORT", 22, minimum=1, maximum=65535),
+        smt_port=r.integer("SMT_PORT", minimum=1, maximum=65535),
         smt_user=r.text("SMT_USER"),
         smt_key=r.path("SMT_KEY"),
         smt_key_passphrase=r.secret("SMT_KEY_PASSPHRASE", header=False),
-        smt_remote_dirs=r.items("SMT_REMOTE_DIR", ("/",)),
-        known_hosts=r.path("SMT_KNOWN_HOSTS", Path("~/.ssh/known_hosts").expanduser()) or Path(),
+        smt_remote_dirs=r.items("SMT_REMOTE_DIR"),
+        known_hosts=r.path_set("SMT_KNOWN_HOSTS"),
         gnupghome=r.path("GNUPGHOME"),
         gpg_passphrase=r.secret("SMT_GPG_PASSPHRASE", header=False),
-        upload_host=r.text("SMT_UPLOAD_HOST", "127.0.0.1") or "127.0.0.1",
-        upload_port=r.integer("SMT_UPLOAD_PORT", 8081, minimum=0, maximum=65535),
-        webhook_host=r.text("SMT_WEBHOOK_HOST", ALL_ADDRESSES) or ALL_ADDRESSES,
-        webhook_port=r.integer("SMT_WEBHOOK_PORT", 8787, minimum=0, maximum=65535) or None,
-        upload_max_bytes=r.integer("SMT_UPLOAD_MAX_BYTES", 1_073_741_824, minimum=1),
-        # Ours win; else the Node upload server's names, so its env file keeps its meaning.
-        upload_admin_limit=r.integer("SMT_UPLOAD_ADMIN_LIMIT", r.integer("SMT_ADMIN_UPLOAD_DAILY_LIMIT", 40_000)),
-        upload_customer_limit=r.integer("SMT_UPLOAD_CUSTOMER_LIMIT",
-                                        r.integer("SMT_CUSTOMER_UPLOAD_MONTHLY_LIMIT", 5)),
-        upload_admin_window=r.integer("SMT_ADMIN_UPLOAD_WINDOW_MS", 86_400_000, minimum=1000,
-                                      maximum=MAX_UPLOAD_WINDOW_MS) / 1000,
-        upload_customer_window=r.integer("SMT_CUSTOMER_UPLOAD_WINDOW_MS", 30 * 86_400_000, minimum=1000,
+        upload_host=r.text_set("SMT_UPLOAD_HOST"),
+        upload_port=r.integer("SMT_UPLOAD_PORT", minimum=0, maximum=65535),
+        webhook_host=r.text_set("SMT_WEBHOOK_HOST"),
+        webhook_port=r.integer("SMT_WEBHOOK_PORT", minimum=0, maximum=65535) or None,
+        upload_max_bytes=r.integer("SMT_UPLOAD_MAX_BYTES", minimum=1),
+        # Ours win; else the Node upload server's names (the rows' aliases), so its env file keeps its meaning.
+        upload_admin_limit=r.integer("SMT_UPLOAD_ADMIN_LIMIT"),
+        upload_customer_limit=r.integer("SMT_UPLOAD_CUSTOMER_LIMIT"),
+        upload_admin_window=r.integer("SMT_ADMIN_UPLOAD_WINDOW_MS", minimum=1000, maximum=MAX_UPLOAD_WINDOW_MS) / 1000,
+        upload_customer_window=r.integer("SMT_CUSTOMER_UPLOAD_WINDOW_MS", minimum=1000,
                                          maximum=MAX_UPLOAD_WINDOW_MS) / 1000,
-        cors_origins=r.items("SMT_UPLOAD_CORS_ORIGINS", ("https://intelliwatt.com",)),
+        cors_origins=r.items("SMT_UPLOAD_CORS_ORIGINS"),
         upload_ticket_secret=r.secret("SMT_UPLOAD_TICKET_SECRET", strong=secret_weakness),
-        upload_idle_seconds=r.number("SMT_UPLOAD_IDLE_SECONDS", 30.0, minimum=0.1),
-        upload_max_concurrent=r.integer("SMT_UPLOAD_MAX_CONCURRENT", 16, minimum=1),
-        trusted_proxies=r.items("SMT_TRUSTED_PROXIES", ()),
+        upload_idle_seconds=r.number("SMT_UPLOAD_IDLE_SECONDS", minimum=0.1),
+        upload_max_concurrent=r.integer("SMT_UPLOAD_MAX_CONCURRENT", minimum=1),
+        trusted_proxies=r.items("SMT_TRUSTED_PROXIES"),
         webhook_secrets=tuple(x for x in (r.secret("INTELLIWATT_WEBHOOK_SECRET"), r.secret("DROPLET_WEBHOOK_SECRET"))
                               if x is not None),
         webhook_forward_url=r.url("SMT_WEBHOOK_FORWARD_URL"),
         status_token=r.secret("SMT_STATUS_TOKEN", min_length=STATUS_TOKEN_MIN),
-        status_signin_attempts=r.integer("SMT_STATUS_SIGNIN_ATTEMPTS", 5, minimum=1, maximum=10_000),
-        status_signin_attempts_total=r.integer("SMT_STATUS_SIGNIN_ATTEMPTS_TOTAL", 30, minimum=1, maximum=1_000_000),
+        status_signin_attempts=r.integer("SMT_STATUS_SIGNIN_ATTEMPTS", minimum=1, maximum=10_000),
+        status_signin_attempts_total=r.integer("SMT_STATUS_SIGNIN_ATTEMPTS_TOTAL", minimum=1, maximum=1_000_000),
         bridge_max_body_bytes=bridge_body,
         bridge_buffer_bytes=bridge_buffer,
-        linger_seconds=r.number("SMT_LINGER_SECONDS", 30.0, minimum=0.1, maximum=3600.0),
-        linger_idle_seconds=r.number("SMT_LINGER_IDLE_SECONDS", 5.0, minimum=0.1, maximum=3600.0),
-        linger_max_bytes=r.integer("SMT_LINGER_MAX_BYTES", 67_108_864, minimum=0, maximum=MAX_LINGER_BYTES),
-        settle_seconds=r.number("SMT_SETTLE_SECONDS", 1.0),
-        rescan_seconds=r.number("SMT_RESCAN_SECONDS", 300.0, minimum=1.0),
-        workers=r.integer("SMT_WORKERS", 2, minimum=1, maximum=64),
-        worker_mode=WorkerMode(r.choice("SMT_WORKER_MODE", "thread", tuple(WorkerMode))),
-        patterns=tuple(p.lower() for p in r.items("SMT_PATTERNS", DEFAULT_PATTERNS)),
-        after_send=AfterSend(r.choice("SMT_AFTER_SEND", "keep", tuple(AfterSend))),
+        linger_seconds=r.number("SMT_LINGER_SECONDS", minimum=0.1, maximum=3600.0),
+        linger_idle_seconds=r.number("SMT_LINGER_IDLE_SECONDS", minimum=0.1, maximum=3600.0),
+        linger_max_bytes=r.integer("SMT_LINGER_MAX_BYTES", minimum=0, maximum=MAX_LINGER_BYTES),
+        settle_seconds=r.number("SMT_SETTLE_SECONDS"),
+        rescan_seconds=r.number("SMT_RESCAN_SECONDS", minimum=1.0),
+        workers=r.integer("SMT_WORKERS", minimum=1, maximum=64),
+        worker_mode=WorkerMode(r.choice("SMT_WORKER_MODE", tuple(WorkerMode))),
+        patterns=tuple(p.lower() for p in r.items("SMT_PATTERNS")),
+        after_send=AfterSend(r.choice("SMT_AFTER_SEND", tuple(AfterSend))),
         archive_dir=r.path("SMT_ARCHIVE_DIR"),
-        validate=r.boolean("SMT_VALIDATE", True),
-        max_unpacked_bytes=r.integer("SMT_MAX_UNPACKED_BYTES", 1_073_741_824, minimum=1),
-        max_zip_entries=r.integer("SMT_MAX_ZIP_ENTRIES", 100, minimum=1),
-        plot_max_days=r.integer("SMT_PLOT_MAX_DAYS", 800, minimum=1, maximum=36_600),
+        validate=r.boolean("SMT_VALIDATE"),
+        max_unpacked_bytes=r.integer("SMT_MAX_UNPACKED_BYTES", minimum=1),
+        max_zip_entries=r.integer("SMT_MAX_ZIP_ENTRIES", minimum=1),
+        plot_max_days=r.integer("SMT_PLOT_MAX_DAYS", minimum=1, maximum=36_600),
         ledger_url=r.url("SMT_LEDGER_URL", schemes=("postgresql", "postgres")),
-        node_name=r.text("SMT_NODE_NAME", socket.gethostname()) or socket.gethostname(),
-        ledger_lease_seconds=r.number("SMT_LEDGER_LEASE_SECONDS", 60.0, minimum=1.0),
-        retry_attempts=r.integer("SMT_RETRY_ATTEMPTS", 5, minimum=1, maximum=100),
-        retry_backoff=r.number("SMT_RETRY_BACKOFF_SECONDS", 1.0),
-        http_timeout=r.number("SMT_HTTP_TIMEOUT", 60.0, minimum=0.1),
+        node_name=r.text("SMT_NODE_NAME") or socket.gethostname(),
+        ledger_lease_seconds=r.number("SMT_LEDGER_LEASE_SECONDS", minimum=1.0),
+        retry_attempts=r.integer("SMT_RETRY_ATTEMPTS", minimum=1, maximum=100),
+        retry_backoff=r.number("SMT_RETRY_BACKOFF_SECONDS"),
+        http_timeout=r.number("SMT_HTTP_TIMEOUT", minimum=0.1),
         ca_bundle=r.path("SMT_CA_BUNDLE"),
         client_cert=r.path("SMT_CLIENT_CERT"),
         client_key=r.path("SMT_CLIENT_KEY"),
-        sftp_timeout=r.number("SMT_SFTP_TIMEOUT", 30.0, minimum=0.1),
-        metrics_port=r.integer("SMT_METRICS_PORT", 0, minimum=0, maximum=65535) or None,
-        grace_seconds=r.number("SMT_STOP_GRACE_SECONDS", 30.0),
-        create_inbox=r.boolean("SMT_CREATE_INBOX", False),
-        sync_stale_seconds=r.number("SMT_SYNC_STALE_SECONDS", SYNC_STALE_SECONDS),
-        verify_delay_seconds=r.number("SMT_VERIFY_DELAY_SECONDS", 300.0),
-        verify_requests_per_second=r.number("SMT_VERIFY_REQUESTS_PER_SECOND", 2.0, minimum=0.01),
-        verify_timeout=r.number("SMT_VERIFY_TIMEOUT_SECONDS", 30.0, minimum=0.1),
-        verify_file_seconds=r.number("SMT_VERIFY_FILE_SECONDS", 900.0, minimum=1.0),
+        sftp_timeout=r.number("SMT_SFTP_TIMEOUT", minimum=0.1),
+        metrics_port=r.maybe_integer("SMT_METRICS_PORT", minimum=0, maximum=65535) or None,
+        grace_seconds=r.number("SMT_STOP_GRACE_SECONDS"),
+        create_inbox=r.boolean("SMT_CREATE_INBOX"),
+        sync_stale_seconds=r.number("SMT_SYNC_STALE_SECONDS"),
+        verify_delay_seconds=r.number("SMT_VERIFY_DELAY_SECONDS"),
+        verify_requests_per_second=r.number("SMT_VERIFY_REQUESTS_PER_SECOND", minimum=0.01),
+        verify_timeout=r.number("SMT_VERIFY_TIMEOUT_SECONDS", minimum=0.1),
+        verify_file_seconds=r.number("SMT_VERIFY_FILE_SECONDS", minimum=1.0),
         notify_socket=r.text("NOTIFY_SOCKET"),
-        watchdog_usec=r.integer("WATCHDOG_USEC", 0) or None,
+        watchdog_usec=r.maybe_integer("WATCHDOG_USEC") or None,
     )
     return replace(settings, warnings=unknown_names(merged, r.asked))
 
