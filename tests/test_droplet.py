@@ -1,4 +1,4 @@
-"""IntelliWatt's droplet, its own tooling included, with smt-watch migrated onto it as the README says.
+"""IntelliWatt's droplet, its own tooling included, with smt-watch migrated onto it as docs/operator.md says.
 
 On the droplet a watchdog (``intelliwatt-ensure-services.timer``, every 2 minutes) enables and starts every old
 SMT unit that is installed, and every deploy copies the Node upload server's unit back and starts it. These
@@ -7,7 +7,7 @@ PID 1; the stand-in keeps unit files, masks, enablement and real processes under
 docstring), the droplet's scripts are ``tests/droplet/*.sh`` (stand-ins written from their behaviour), and the
 old units run tiny stand-in programs: the old ingest posts every inbox CSV to the reference receiver with
 ``role=smt-ingest``, the Node server and the bridge hold their ports. smt-watch's own units run the real
-``smt-watch watch`` and ``serve``. The README's migration and rollback are run from the README's own fenced
+``smt-watch watch`` and ``serve``. The operator guide's migration and rollback are run from its own fenced
 blocks, with ``/etc``, ``/home`` and ``/opt`` mapped under the temp root.
 """
 
@@ -34,6 +34,7 @@ from conftest import UPLOAD_TOKEN, wait_for, write_csv
 
 ROOT = Path(__file__).resolve().parent.parent
 STANDINS = Path(__file__).resolve().parent / "droplet"
+GUIDE = ROOT / "docs" / "operator.md"  # the operator guide: its Install and Migrating blocks are run here
 VENV_EXE = Path(sys.executable).parent / "smt-watch"
 OLD_UNITS = ("smt-ingest.timer", "smt-ingest.service", "smt-upload-server.service")
 HOST_CHECK = re.compile(r"^(ok|warn|FAIL)\s+(old unit \S+|port \d+|bridge|systemd): .*$", re.M)
@@ -49,13 +50,14 @@ def listening(port: int) -> bool:
 
 
 def readme_block(contains: str) -> str:
-    """The fenced ``bash`` block of README "Migrating from fetch_and_post.sh" that contains ``contains``."""
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index("### Migrating from `fetch_and_post.sh`"):]
-    section = section[:section.index("\n### ", 1)]
+    """The fenced ``bash`` block of the operator guide's "Migrating from fetch_and_post.sh" that contains
+    ``contains``."""
+    text = GUIDE.read_text()
+    section = text[text.index("## Migrating from `fetch_and_post.sh`"):]
+    section = section[:section.index("\n## ", 1)]
     blocks = [textwrap.dedent(m.group(2)) for m in re.finditer(r"^( *)```bash\n(.*?)^\1```", section, re.M | re.S)]
     found = [b for b in blocks if contains in b]
-    assert len(found) == 1, f"README Migrating has {len(found)} bash blocks containing {contains!r}"
+    assert len(found) == 1, f"docs/operator.md Migrating has {len(found)} bash blocks containing {contains!r}"
     return found[0]
 
 
@@ -169,7 +171,7 @@ def droplet(tmp_path: Path, receiver: Any) -> Iterator[Droplet]:
         d.sh(f"sudo cp {repo}/smt/smt-ingest.service {repo}/smt/smt-ingest.timer {d.root}/etc/systemd/system/")
         d.sh(f"sudo bash {STANDINS}/apply_services.sh")  # installs and starts the Node server, bridge, watchdog
         d.sh("sudo systemctl enable --now smt-ingest.timer smt-ingest.service")
-        install = re.search(r"^sudo cp systemd/.*?/etc/systemd/system/$", (ROOT / "README.md").read_text(), re.M | re.S)
+        install = re.search(r"^sudo cp systemd/.*?/etc/systemd/system/$", GUIDE.read_text(), re.M | re.S)
         assert install is not None and "smt-watch-serve.service" in install.group(0)
         d.sh(d.mapped(install.group(0)))
         for unit in (*OLD_UNITS, "smt-webhook.service", "intelliwatt-ensure-services.timer"):

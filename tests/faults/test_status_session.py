@@ -23,7 +23,7 @@ pytestmark = pytest.mark.faults
 
 TOKEN = "status-token-session-tests-0123456789abcdef"
 OTHER = "status-token-session-tests-fedcba9876543210"
-README = Path(__file__).resolve().parents[2] / "README.md"
+OPERATOR_GUIDE = Path(__file__).resolve().parents[2] / "docs" / "operator.md"
 PER_CLIENT, OVERALL, MAX_WARNINGS = 5, 30, 20  # smt_watch.sessions' limits, as the README states them
 
 
@@ -149,11 +149,11 @@ def test_the_sign_in_limits_are_settings(env: dict[str, str], tmp_path: Path) ->
 
 
 def documented_proxy() -> tuple[dict[str, str], dict[str, str]]:
-    """The README's nginx set-up: the headers it sets (nginx variables filled as for an https request from
+    """The operator guide's nginx set-up: the headers it sets (nginx variables filled as for an https request from
     203.0.113.7) and the settings it tells serve to use."""
-    section = README.read_text(encoding="utf-8").split("### Behind a TLS proxy", 1)[1].split("\n#", 1)[0]
+    section = OPERATOR_GUIDE.read_text(encoding="utf-8").split("## Behind a TLS proxy", 1)[1].split("\n#", 1)[0]
     nginx = re.search(r"```nginx\n(.*?)```", section, re.S)
-    assert nginx, "the README's proxy section has no nginx block"
+    assert nginx, "the operator guide's proxy section has no nginx block"
     fill = {"$scheme": "https", "$host": "smt.example.com", "$remote_addr": "203.0.113.7",
             "$proxy_add_x_forwarded_for": "203.0.113.7"}
     headers = {name: fill.get(value, value) for name, value in
