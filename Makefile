@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: test lint unit demo bench test-slow mutants clean
+.PHONY: test lint unit demo bench test-slow mutants docs clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ demo: $(BIN)/.installed
 bench: $(BIN)/.installed
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[test,bench]"
 	bench/run_all
+
+## docs: rewrite the generated docs (docs/cli.md, docs/settings.md, docs/contract.md §1's list)
+docs: $(BIN)/.installed
+	$(BIN)/python scripts/docs.py --write
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info

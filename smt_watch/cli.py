@@ -99,7 +99,7 @@ def root(
 ) -> None:
     """Deliver Smart Meter Texas interval files from an inbox to IntelliWatt, each exactly once.
 
-    Settings come from environment variables (see README); --env-file loads a systemd env file first.
+    Settings come from environment variables (docs/settings.md); --env-file loads a systemd env file first.
     """
     if log_level.lower() not in LEVELS:
         raise ConfigError(f"--log-level must be one of {', '.join(LEVELS)}")
@@ -553,7 +553,7 @@ def ticket(
 
     serve, with SMT_UPLOAD_TICKET_SECRET set, takes an upload's role and account only from a valid ticket in
     the x-smt-upload-ticket header. The ticket is the last line of stdout. This is the reference
-    implementation of the format in the README (the web app mints the same ticket server-side).
+    implementation of the format in docs/how-it-works.md (the web app mints the same ticket server-side).
     """
     from smt_watch.tickets import mint, parse_ttl
 

@@ -272,12 +272,14 @@ def test_the_readme_first_delivery_works_as_written(first_delivery: tuple[list[s
     def ask_() -> subprocess.CompletedProcess[str] | None:
         out = subprocess.run(["bash", "-euo", "pipefail", "-c", ask], cwd=ROOT, env=env, capture_output=True,
                              text=True, timeout=120)
-        return out if "sent/" in out.stdout and "IntervalData.csv" in out.stdout else None
+        # status, then ledger list: both must show the delivery (status may run before the ledger's commit)
+        done = "sent 1" in out.stdout and "running since" in out.stdout and "sent/" in out.stdout
+        return out if done and "IntervalData.csv" in out.stdout else None
 
     out = wait_for(ask_, FIRST_DELIVERY_DEADLINE, "the README's first delivery")
     assert isinstance(out, subprocess.CompletedProcess)
     assert out.returncode == 0, out.stderr  # status: nothing needs attention
-    assert "sent 1" in out.stdout and "200" in out.stdout
+    assert "│ 200" in out.stdout or " 200 " in out.stdout  # the delivery's HTTP status
     stored = list((tmp_path / "try" / "app").rglob("*"))
     assert stored, "the receiver stored nothing"
     # The lines the README says watch logs, as it logs them.
