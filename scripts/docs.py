@@ -55,7 +55,7 @@ def cli_reference() -> str:
         if result.exit_code != 0:
             raise SystemExit(f"`smt-watch {' '.join(cmd)} --help` failed: {result.output}")
         title = " ".join(["smt-watch", *cmd])
-        parts += [f"## `{title}`", "", "```text", result.output.rstrip(), "```", ""]
+        parts += [f"### `{title}`", "", "```text", result.output.rstrip(), "```", ""]
     return "\n".join(parts)
 
 

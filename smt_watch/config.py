@@ -643,7 +643,7 @@ class _Reader:
     def path_set(self, name: str) -> Path:
         return self._set(name, self.path(name))
 
-    def maybe_integer(self, name: str, minimum: int = 0, maximum: int | None = None) -> int | None:
+    def maybe_integer(self, name: str, *, minimum: int = 0, maximum: int | None = None) -> int | None:
         def conv(v: str) -> int:
             n = int(v)
             if n < minimum or (maximum is not None and n > maximum):
@@ -653,10 +653,10 @@ class _Reader:
         bounds = f"an integer ≥ {minimum}" + (f" and ≤ {maximum}" if maximum is not None else "")
         return self._convert(name, conv, bounds)
 
-    def integer(self, name: str, minimum: int = 0, maximum: int | None = None) -> int:
-        return self._set(name, self.maybe_integer(name, minimum, maximum))
+    def integer(self, name: str, *, minimum: int = 0, maximum: int | None = None) -> int:
+        return self._set(name, self.maybe_integer(name, minimum=minimum, maximum=maximum))
 
-    def number(self, name: str, minimum: float = 0.0, maximum: float | None = None) -> float:
+    def number(self, name: str, *, minimum: float = 0.0, maximum: float | None = None) -> float:
         def conv(v: str) -> float:
             n = float(v)
             if not n >= minimum or n == float("inf") or (maximum is not None and not n <= maximum):

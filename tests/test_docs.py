@@ -34,7 +34,9 @@ def section(text: str, heading: str) -> str:
     """The body of the markdown section whose heading line starts with ``heading``, up to the next heading of
     the same or a higher level."""
     level = heading.split(" ", 1)[0]
-    start = text.index(f"\n{heading}") + 1
+    found = re.search(rf"^{re.escape(heading)}", text, re.M)
+    assert found, f"no heading {heading!r}"
+    start = found.start()
     nxt = re.search(rf"^#{{1,{len(level)}}} ", text[start + len(heading):], re.M)
     return text[start:start + len(heading) + nxt.start()] if nxt else text[start:]
 
@@ -115,8 +117,14 @@ def test_every_default_is_what_load_settings_gives(tmp_path: Path) -> None:
 
 
 def test_a_setting_read_without_a_row_says_what_to_do() -> None:
+    """A setting added in load_settings alone fails loudly, saying where its default and meaning go; one
+    read with a default of its own (the old `r.integer(NAME, 8, …)`) does not run at all."""
     with pytest.raises(LookupError, match=r"SMT_NEW_THING has no row .* SETTINGS.*scripts/docs.py --write"):
         _Reader({}).integer("SMT_NEW_THING", minimum=1)
+    with pytest.raises(TypeError):
+        _Reader({}).integer("SMT_WORKERS", 8, minimum=1)  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        _Reader({}).text("SOURCE_TAG", "adhocusage")  # type: ignore[call-arg]
 
 
 # --- README ------------------------------------------------------------------------------------------
@@ -288,6 +296,17 @@ def test_the_readme_first_delivery_works_as_written(first_delivery: tuple[list[s
     assert "Using raw-upload delivery to http://127.0.0.1:" in text
     assert "Raw upload success (200): IntervalData.csv in 1 chunk(s), 1 sent: " in text
     assert re.search(r"Delivered IntervalData.csv sha256=\w+ size=\d+ mode=raw-upload status=200 attempts=1", text)
+
+
+def test_every_command_is_in_the_commands_table() -> None:
+    from typer.main import get_command
+
+    from smt_watch.cli import app
+
+    table = section((ROOT / "docs" / "cli.md").read_text(), "# Commands")
+    names = [n for n, c in getattr(get_command(app), "commands", {}).items() if not getattr(c, "hidden", False)]
+    missing = [n for n in names if not re.search(rf"^\| `{n}[ `]", table, re.M)]
+    assert not missing, f"docs/cli.md's commands table lacks {missing}"
 
 
 # --- help texts -------------------------------------------------------------------------------------------
