@@ -6,6 +6,7 @@ across days moves the clock of both processes with libfaketime (tests/test_verif
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import sqlite3
@@ -426,3 +427,49 @@ def test_a_day_the_app_already_holds_from_a_later_file_is_not_resent(
         kept = ledger.verdict(report.sha256)
     assert result.state is Resend.SENT and "already held" in result.note and delivered == []
     assert kept is not None and kept.resend_state == "sent"
+
+
+def test_an_inline_delivery_is_replayed_as_the_inline_route_stores_it(
+        tmp_path: Path, settings_for: Callable[..., Settings]) -> None:
+    """The inline route (the app in development) parses the whole file once and applies no window: a file
+    reaching into yesterday is stored whole, and verify expects exactly that (not raw-upload's dropped days)."""
+    data = tmp_path / "app"
+    routes = wrap(create_app(data, admin_token=ADMIN_TOKEN, inline=True), data, ADMIN_TOKEN)
+    try:
+        with app_in_thread(routes) as port:
+            app = App(f"http://127.0.0.1:{port}", routes)
+            settings = settings_for(app, SMT_DELIVERY="inline", ESIID_DEFAULT="10443720000000001")
+            path = write(tmp_path / "inbox" / "inl_M7.csv", 4, today() - timedelta(days=4))
+            [report] = deliver_and_verify(settings, path)
+            assert report.verdict is Verdict.STORED, report.reason
+            assert report.days_checked == report.days_stored == 4 and not report.newer_days
+            assert routes.store.coverage("10443720000000001")[0] == 4 * 96
+    finally:
+        routes.store.close()
+
+
+def test_the_esiid_and_meter_an_uploader_declared_are_the_ones_verified(
+        app: App, settings_for: Callable[..., Settings], tmp_path: Path) -> None:
+    """Rows without an ESIID take the one the delivery carried: the uploader's declared ESIID and meter (the
+    ledger's labels), not ESIID_DEFAULT; verify and the re-send replay with the same ones."""
+    settings = settings_for(app, ESIID_DEFAULT="10443720000000001")
+    path = tmp_path / "inbox" / "anon_M1.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = interval_csv(4, esiid="10443720000000001", start=today() - timedelta(days=4)).decode()
+    path.write_text(text.replace("'10443720000000001,", ","))  # no ESIID in the rows
+    declared = "10443720000000099"
+    with open_ledger(settings) as ledger:
+        ledger.declare_labels(hashlib.sha256(path.read_bytes()).hexdigest(), declared, "MX")
+    [report] = deliver_and_verify(settings, path)
+    assert report.verdict is Verdict.OUTSIDE_WINDOW, report.reason
+    assert report.days_stored == 3 and {k[:2] for k in report.newer_days} == {(declared, "MX")}
+    assert app.routes.store.coverage(declared)[0] == 3 * 96
+    assert app.routes.store.coverage("10443720000000001")[0] == 0
+    # the re-send, once due, carries the same labels: the app files the day under the declared ESIID
+    with open_ledger(settings) as ledger:
+        auto = AutoVerify(settings, ledger, lambda p: post_files(settings, [p])[0])
+        assert report.resend_due_at is not None
+        [result], _ = auto.tick(report.resend_due_at + 1)
+        auto.close()
+    assert result.state is Resend.SENT and result.derived is not None
+    assert result.derived.read_text().count("\n") == 1 + 96
