@@ -166,6 +166,7 @@ class Settings:
     verify_requests_per_second: float = 2.0  # SMT_VERIFY_REQUESTS_PER_SECOND: verify's reads from the app
     verify_timeout: float = 30.0  # SMT_VERIFY_TIMEOUT_SECONDS: deadline of one read request
     verify_file_seconds: float = 900.0  # SMT_VERIFY_FILE_SECONDS: deadline of one file's verification
+    sync_verify: bool = False  # SMT_SYNC_VERIFY: sync's pass also runs the day's due checks and re-sends
     # Set by systemd for Type=notify units.
     notify_socket: str | None = None  # NOTIFY_SOCKET
     watchdog_usec: int | None = None  # WATCHDOG_USEC
@@ -574,6 +575,7 @@ def load_settings(
         verify_requests_per_second=r.number("SMT_VERIFY_REQUESTS_PER_SECOND", 2.0, minimum=0.01),
         verify_timeout=r.number("SMT_VERIFY_TIMEOUT_SECONDS", 30.0, minimum=0.1),
         verify_file_seconds=r.number("SMT_VERIFY_FILE_SECONDS", 900.0, minimum=1.0),
+        sync_verify=r.boolean("SMT_SYNC_VERIFY", False),
         notify_socket=r.text("NOTIFY_SOCKET"),
         watchdog_usec=r.integer("WATCHDOG_USEC", 0) or None,
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import sqlite3
 import subprocess
 import threading
@@ -473,3 +474,31 @@ def test_the_esiid_and_meter_an_uploader_declared_are_the_ones_verified(
         auto.close()
     assert result.state is Resend.SENT and result.derived is not None
     assert result.derived.read_text().count("\n") == 1 + 96
+
+
+def test_the_sync_timer_pass_verifies_the_days_deliveries(
+        app: App, run_cli: Callable[..., subprocess.CompletedProcess[str]], tmp_path: Path) -> None:
+    """``post`` schedules no check (only ``watch`` does); with SMT_SYNC_VERIFY=1 the next ``sync`` pass
+    checks what was sent in the last day, once; without it, sync leaves verification alone."""
+    from sftp_server import running_sftp_server, sftp_env
+
+    env = {"INTELLIWATT_BASE_URL": app.url, "ADMIN_TOKEN": ADMIN_TOKEN, "SMT_DELIVERY": "raw-upload",
+           "SMT_VERIFY_REQUESTS_PER_SECOND": "1000", "SMT_VERIFY_DELAY_SECONDS": "0"}
+    path = write(tmp_path / "inbox" / "synced_M1.csv", 3, today() - timedelta(days=9))
+    assert run_cli("post", str(path), env=env).returncode == 0
+    with running_sftp_server(tmp_path / "smt" / "root", tmp_path / "smt" / "keys") as sftp:
+        sync_env = {**env, **sftp_env(sftp, tmp_path / "known_hosts")}
+        off = run_cli("sync", env=sync_env)
+        assert off.returncode == 0, off.stderr
+        assert "unchecked" not in run_cli("ledger", "list", env=env).stdout
+        assert app.routes.reads == 0
+        on = run_cli("sync", env={**sync_env, "SMT_SYNC_VERIFY": "1"})
+        assert on.returncode == 0, on.stderr
+        assert "Sync verify: 0 re-send(s), 1 check(s): synced_M1.csv stored" in on.stderr
+        reads = app.routes.reads
+        assert reads == 1 + 3  # one coverage read, one per day
+        again = run_cli("sync", env={**sync_env, "SMT_SYNC_VERIFY": "1"})
+        assert again.returncode == 0 and "Sync verify" not in again.stderr
+        assert app.routes.reads == reads  # a verdict is kept: not checked twice
+    listed = run_cli("ledger", "list", env=env).stdout
+    assert re.search(r"^sent/stored\s.*synced_M1\.csv", listed, re.M), listed
