@@ -502,3 +502,17 @@ def test_the_sync_timer_pass_verifies_the_days_deliveries(
         assert app.routes.reads == reads  # a verdict is kept: not checked twice
     listed = run_cli("ledger", "list", env=env).stdout
     assert re.search(r"^sent/stored\s.*synced_M1\.csv", listed, re.M), listed
+
+
+def test_a_file_whose_last_chunk_holds_only_newer_days_still_queues_post_ingest(
+        app: App, settings_for: Callable[..., Settings], tmp_path: Path) -> None:
+    """End to end through the raw-upload sink: one day a chunk, the last chunk only yesterday (dropped by the
+    app); postIngest rides on the chunk of the window's last day, so the app queues the ESIID's work, and
+    verify reads the file as stored up to the window plus the day to re-send."""
+    settings = settings_for(app, SMT_RAW_LINES_PER_CHUNK="96")
+    path = write(tmp_path / "inbox" / "tail_M1.csv", 4, today() - timedelta(days=4))
+    [report] = deliver_and_verify(settings, path)
+    requests = [r for r in app.routes.state.receiver.requests if r.path.endswith("/raw-upload")]
+    assert [r.fields.get("postIngest") for r in requests] == [False, False, True, False]
+    assert app.routes.store.post_ingest_tasks() == ["10443720000000001"]
+    assert report.verdict is Verdict.OUTSIDE_WINDOW and report.days_stored == 3
