@@ -24,8 +24,10 @@ def kept_by_the_app(first: date, days: int) -> int:
         day = first + timedelta(days=n)
         start = datetime(day.year, day.month, day.day, tzinfo=CHICAGO)
         following = day + timedelta(days=1)
-        hours = (datetime(following.year, following.month, following.day, tzinfo=CHICAGO) - start).total_seconds()
-        total += 92 if hours < 86400 else 96
+        # timestamps: subtracting two datetimes of one ZoneInfo compares wall clocks (always 24 h)
+        seconds = datetime(following.year, following.month, following.day, tzinfo=CHICAGO).timestamp() - \
+            start.timestamp()
+        total += 92 if seconds < 86400 else 96
     return total
 
 
