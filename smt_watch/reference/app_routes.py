@@ -9,6 +9,10 @@ that read the result, so ``smt-watch verify`` can be proven against real HTTP:
   with libfaketime), and per ESIID and meter the chunk's kept range is deleted and re-inserted, as
   ``replaceNormalizedSmtIntervals`` does. A duplicate ``sha256`` is normalized again, as there. With
   ``postIngest: true``, a deferred post-ingest task row is queued per ESIID whose intervals survived.
+- ``POST /api/admin/smt/pull`` with ``mode: "inline"`` (observed: only the receiver's ``--dev-inline`` accepts
+  it, production answers ``INLINE_DISABLED``): the whole file as the inline route stores it
+  (:func:`smt_watch.expect.inline_points`: no window, nothing deleted, the table's own meter for an ESIID it
+  holds under one meter, slots it holds left as they were).
 - ``GET /api/admin/analysis/intervals?esiid&meter&date&tz``, ``GET /api/admin/smt/interval-coverage?esiid``,
   ``GET /api/admin/debug/smt/raw-files?limit&esiid&source``: the real routes' parameters, shapes, status
   codes and ``requireAdmin`` gate (no token configured: 503; a wrong one: 401).
