@@ -15,13 +15,14 @@ Then `watch`'s automatic `verify` asks the app's read routes what it holds (issu
 minus two, America/Chicago).
 "Two days later" the receiver and `watch` are restarted with their clocks moved forward by libfaketime (both
 sides read the wall clock, as in production; no clock setting exists in smt-watch): `watch` re-sends just
-the dropped day's rows, checks again, and `verify` agrees: `stored`. Without `faketime` installed that part
+the dropped day's rows, checks again, and `verify` agrees: `stored`. Without libfaketime installed that part
 is skipped, as the `.asc` path is without gpg. The files are dated relative to today, so the app's window
 keeps them. Finally it lists the ledger (state/verdict) and stops everything, gpg-agent included.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -41,6 +42,17 @@ EXE = str(Path(sys.executable).parent / "smt-watch")
 sys.path.insert(0, str(ROOT / "tests"))  # the in-process SFTP server the test suite uses
 ADMIN_TOKEN = "demo-admin-token"  # noqa: S105 (demo-only: the receiver checks it exactly as the real app does)
 LATER = "+2d"  # "two days later", for libfaketime (FAKETIME_DONT_FAKE_MONOTONIC=1: thread waits stay real)
+
+
+def libfaketime() -> str | None:
+    """libfaketime's preload library: preloaded directly (the `faketime` wrapper forks, and a SIGTERM to it
+    would not reach the process it runs)."""
+    for pattern in ("/usr/lib/*/faketime/libfaketime.so.1", "/usr/lib*/faketime/libfaketime.so.1",
+                    "/usr/local/lib/faketime/libfaketime.so.1"):
+        found = sorted(glob.glob(pattern))
+        if found:
+            return found[0]
+    return None
 
 
 def free_port() -> int:
@@ -127,7 +139,7 @@ def make_gpg_key(home: Path) -> str:
 
 
 def main() -> int:
-    with_later = shutil.which("faketime") is not None
+    preload = libfaketime()
     shutil.rmtree(RUN, ignore_errors=True)
     inbox, state, data, logs, made = (RUN / d for d in ("inbox", "state", "receiver", "logs", "made"))
     for d in (inbox, logs, made):
@@ -144,13 +156,12 @@ def main() -> int:
             # a second after it (production: 300 s, time for the app to normalize)
             "SMT_VERIFY_REQUESTS_PER_SECOND": "500", "SMT_VERIFY_DELAY_SECONDS": "1"}
     app_env = {**env, "INTELLIWATT_BASE_URL": base}
-    later = {"FAKETIME_DONT_FAKE_MONOTONIC": "1"}  # `faketime -f` sets the rest
+    later = {"LD_PRELOAD": preload or "", "FAKETIME": LATER, "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
     procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(name: str, *args: str, extra: dict[str, str] | None = None, faked: bool = False) -> None:
         with (logs / f"{name}.log").open("ab") as out:  # the child keeps its own descriptor
-            cmd = ["faketime", "-f", LATER, EXE, *args] if faked else [EXE, *args]
-            procs[name] = subprocess.Popen(cmd, env={**env, **(extra or {}), **(later if faked else {})},
+            procs[name] = subprocess.Popen([EXE, *args], env={**env, **(extra or {}), **(later if faked else {})},
                                            stdout=out, stderr=out)
 
     def stop(*names: str) -> None:
@@ -265,7 +276,7 @@ def main() -> int:
             if "Verify " in line:
                 print("  watch:", line)
 
-        if with_later:
+        if preload:
             step(f"two days later ({LATER} for the receiver and `watch`, by libfaketime): the dropped day has entered"
                  " the window; `watch` re-sends just its rows and checks again")
             stop("watch", "receiver")
@@ -278,12 +289,11 @@ def main() -> int:
             for line in (logs / "watch.log").read_text()[before:].splitlines():
                 if "Resend " in line or f"Verify {daily.name}" in line:
                     print("  watch:", line)
-            print("$ faketime -f", LATER, "smt-watch verify", daily.name, flush=True)
-            verified = subprocess.run(["faketime", "-f", LATER, EXE, "verify", str(inbox / daily.name)],
-                                      env={**app_env, **later}).returncode
+            print(f"$ FAKETIME={LATER} LD_PRELOAD=libfaketime.so.1 smt-watch verify {daily.name}", flush=True)
+            verified = subprocess.run([EXE, "verify", str(inbox / daily.name)], env={**app_env, **later}).returncode
             rc = rc or verified
         else:
-            step("faketime is not installed: skipping the re-send two days later (libfaketime moves both clocks)")
+            step("libfaketime is not installed: skipping the re-send two days later (it moves both clocks)")
 
         step("the ledger (state/verdict)")
         smt("ledger", "list", env=env)
