@@ -6,6 +6,7 @@ import glob
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -68,8 +69,17 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     started = time.monotonic()
     run_dir = tmp_path / "demo"  # not ./demo-run: a test never writes into the checkout
     end = datetime.now(UTC).astimezone(CHICAGO).date() - timedelta(days=2)  # the app's window ends here
-    proc = subprocess.run([sys.executable, "scripts/demo.py"], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "SMT_DEMO_DIR": str(run_dir), "PYTHONWARNINGS": "default"})
+    # a session of its own: if the demo overruns, it and everything it started are stopped together
+    with subprocess.Popen([sys.executable, "scripts/demo.py"], cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True,
+                          env={**os.environ, "SMT_DEMO_DIR": str(run_dir), "PYTHONWARNINGS": "default"}) as running:
+        try:
+            stdout, stderr = running.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(running.pid, signal.SIGKILL)  # our own process group only
+            stdout, stderr = running.communicate()
+            raise AssertionError("the demo overran 120 s:\n" + stdout[-3000:] + stderr[-3000:]) from None
+    proc = subprocess.CompletedProcess(running.args, running.returncode, stdout, stderr)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert time.monotonic() - started < 60  # the budget for the newcomer's first command
     out = proc.stdout
