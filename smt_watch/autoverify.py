@@ -22,6 +22,7 @@ from smt_watch.config import Settings
 from smt_watch.delivery.base import Sink
 from smt_watch.errors import SmtWatchError
 from smt_watch.ledger import Ledger
+from smt_watch.ledger.common import epoch_of
 from smt_watch.metrics import Metrics
 from smt_watch.pipeline import Outcome
 from smt_watch.resend import ResendResult, resend_due
@@ -29,6 +30,7 @@ from smt_watch.verify import AppReader, Report, verify_rows
 
 log = logging.getLogger("smt_watch.verify")
 
+DAY_SECONDS: Final = 86_400.0  # sync's pass looks after the deliveries of the last day
 IDLE_SECONDS: Final = 60.0  # how often run() looks for work scheduled by other processes
 MAX_CHECKS_PER_TICK: Final = 20  # a tick returns to the loop between batches (stop requests stay prompt)
 
@@ -121,3 +123,29 @@ class AutoVerify:
         times = [v.check_due_at for v in self.ledger.checks_due(float("inf")) if v.check_due_at is not None]
         times += [v.resend_due_at for v in self.ledger.resends_due(float("inf")) if v.resend_due_at is not None]
         return min(times) if times else None
+
+
+def verify_after_sync(settings: Settings, ledger: Ledger, now: float, metrics: Metrics | None = None
+                      ) -> tuple[list[ResendResult], list[Report]]:
+    """``sync``'s timer pass (``SMT_SYNC_VERIFY``): make sure every file sent in the last day has a check
+    scheduled (``SMT_VERIFY_DELAY_SECONDS`` after it was sent: a ``watch`` without ``ADMIN_TOKEN`` scheduled
+    none), then run one :meth:`AutoVerify.tick`: the re-sends due and at most :data:`MAX_CHECKS_PER_TICK`
+    checks, paced like ``watch``'s. With ``watch`` running the checks itself, there is usually nothing due."""
+    auto = AutoVerify.for_watch(settings, ledger, metrics)
+    if not auto.enabled:
+        return [], []
+    try:
+        known = ledger.verdicts()
+        for row in ledger.rows("sent"):
+            if row.mode == "unpack" or not row.sent_at or row.sha256 in known:
+                continue
+            sent = epoch_of(row.sent_at)
+            if sent >= now - DAY_SECONDS:
+                ledger.schedule_check(row.sha256, sent + settings.verify_delay_seconds)
+        resent, reports = auto.tick(now)
+    finally:
+        auto.close()
+    if resent or reports:
+        log.info("Sync verify: %d re-send(s), %d check(s): %s", len(resent), len(reports),
+                 ", ".join(f"{r.filename} {r.verdict.value}" for r in reports) or "none due")
+    return resent, reports

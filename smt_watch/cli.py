@@ -304,8 +304,24 @@ def sync(
         for f in report.todo:
             typer.echo(f"would fetch {f.path}  ({human_bytes(f.size)})")
     typer.echo(report.summary())
+    if settings.sync_verify and not dry_run:  # the timer pass can verify the day's deliveries (issue 26)
+        _verify_after_sync(settings)
     if report.failed:
         raise typer.Exit(1)
+
+
+def _verify_after_sync(settings: Settings) -> None:
+    """One pass of the due checks and re-sends (``SMT_SYNC_VERIFY``); trouble is logged, never sync's exit."""
+    import time
+
+    from smt_watch.autoverify import verify_after_sync
+    from smt_watch.statedir import open_ledger
+
+    try:
+        with open_ledger(settings) as ledger:
+            verify_after_sync(settings, ledger, time.time())
+    except SmtWatchError as exc:
+        log.warning("Sync verify skipped: %s", exc)
 
 
 @contextmanager

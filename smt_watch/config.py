@@ -229,6 +229,9 @@ SETTING_GROUPS: Final = (
         Setting("SMT_VERIFY_TIMEOUT_SECONDS", "30", "deadline of one read request of `verify` (ours)"),
         Setting("SMT_VERIFY_FILE_SECONDS", "900",
                 "deadline of one file's verification; past it the file is `unverifiable` (ours)"),
+        Setting("SMT_SYNC_VERIFY", "0",
+                "`1`: each `sync` pass (the timer's too) also verifies the day's deliveries and runs the "
+                "re-sends due, paced like `watch`'s (ours; see verify)"),
         Setting("SMT_PLOT_MAX_DAYS", "800",
                 "`inspect --plot` draws at most this many days (the file's latest); it says what it left out"),
     ),
@@ -375,6 +378,7 @@ class Settings:
     verify_requests_per_second: float  # SMT_VERIFY_REQUESTS_PER_SECOND: verify's reads from the app
     verify_timeout: float  # SMT_VERIFY_TIMEOUT_SECONDS: deadline of one read request
     verify_file_seconds: float  # SMT_VERIFY_FILE_SECONDS: deadline of one file's verification
+    sync_verify: bool  # SMT_SYNC_VERIFY: sync's pass also runs the day's due checks and re-sends
     # Set by systemd for Type=notify units.
     notify_socket: str | None  # NOTIFY_SOCKET
     watchdog_usec: int | None  # WATCHDOG_USEC
@@ -815,6 +819,7 @@ def load_settings(
         verify_requests_per_second=r.number("SMT_VERIFY_REQUESTS_PER_SECOND", minimum=0.01),
         verify_timeout=r.number("SMT_VERIFY_TIMEOUT_SECONDS", minimum=0.1),
         verify_file_seconds=r.number("SMT_VERIFY_FILE_SECONDS", minimum=1.0),
+        sync_verify=r.boolean("SMT_SYNC_VERIFY"),
         notify_socket=r.text("NOTIFY_SOCKET"),
         watchdog_usec=r.maybe_integer("WATCHDOG_USEC") or None,
     )

@@ -556,3 +556,41 @@ def line_days(lines: Iterable[bytes], esiid: str | None, meter: str | None) -> I
             if ms is not None and e is not None:
                 key = (e.strip(), _meter(parsed.meter, meter).strip(), model.day_of(ms))
         yield line, key
+
+
+def inline_points(text_lines: Iterable[str], esiid: str | None, meter: str | None) -> dict[Pair, dict[int, Decimal]]:
+    """What the inline route keeps of a whole file (IntelliWatt ``app/api/admin/smt/pull/route.ts``
+    ``normalizeInlineSmtCsv`` → ``lib/usage/normalizeSmtIntervals.ts`` ``persistParsedNormalizedSmtIntervals``
+    → ``lib/usage/dualWriteUsageIntervals.ts``), for an ESIID the app holds nothing of yet.
+
+    Unlike raw-upload there is no coverage window and nothing is deleted: the file is parsed once, whole
+    (a later row for a slot wins, as in every chunk), then per ESIID every row goes under one canonical meter
+    (the first meter other than ``unknown``, else ``unknown``), the first row of each slot wins across
+    meters, and ``createMany(skipDuplicates)`` leaves a slot the app already holds as it was."""
+    by_esiid: dict[str, list[tuple[str, dict[int, float]]]] = {}
+    for (e, m), slots in normalize_chunk(text_lines, esiid, meter).items():
+        e, m = e.strip(), m.strip() or "unknown"
+        if e:
+            by_esiid.setdefault(e, []).append((m, slots))
+    out: dict[Pair, dict[int, Decimal]] = {}
+    for e, items in by_esiid.items():
+        known = [m for m, _ in items if m != "unknown"]
+        series = out.setdefault((e, known[0] if known else "unknown"), {})
+        for _meter_seen, slots in items:
+            for ms in sorted(slots):  # each pair's points in time order, as the route emits them
+                series.setdefault(ms, stored_kwh(slots[ms]))
+    return out
+
+
+def expect_inline(content: bytes, *, esiid: str | None, meter: str | None) -> Expectation:
+    """Replay a file delivered inline (``mode: "inline"``, the app in development): one parse of the whole
+    file, no window (:func:`inline_points`)."""
+    model = AppModel()
+    out = Expectation(chunks=1)
+    points = inline_points(chunk_lines(content), esiid, meter)
+    for pair, slots in points.items():
+        if slots:
+            model.series.setdefault(pair, _Series()).replace(slots)
+    out.chunk_esiids.append({pair[0] for pair, slots in points.items() if slots})
+    out.stored = model.days()
+    return out

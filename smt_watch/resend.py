@@ -15,6 +15,7 @@ unresendable, once.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -26,11 +27,10 @@ from typing import Final, Protocol
 
 from smt_watch.config import Settings
 from smt_watch.expect import DayKey, line_days
-from smt_watch.ledger.common import Row, now_iso
+from smt_watch.ledger.common import Labels, Row, now_iso
 from smt_watch.ledger.verdicts import Resend, VerdictRow
 from smt_watch.pipeline import Outcome
-from smt_watch.smtcsv import meter_for
-from smt_watch.verify import Unverifiable, source_of
+from smt_watch.verify import Unverifiable, delivered_as, source_of
 
 log = logging.getLogger("smt_watch.resend")
 
@@ -40,6 +40,8 @@ RETRY_SECONDS: Final = 900.0  # a re-send that could not be delivered is tried a
 
 class ResendLedger(Protocol):
     def get(self, sha256: str) -> Row | None: ...
+    def labels(self, sha256s: list[str]) -> dict[str, Labels]: ...
+    def declare_labels(self, sha256: str, esiid: str | None, meter: str | None) -> None: ...
     def resends_due(self, now: float) -> list[VerdictRow]: ...
     def save_verdict(self, row: VerdictRow) -> None: ...
 
@@ -128,9 +130,11 @@ def _unresendable(ledger: ResendLedger, v: VerdictRow, why: str, days: int, name
 def _send(settings: Settings, ledger: ResendLedger, deliver: Callable[[Path], Outcome], v: VerdictRow, row: Row,
           keys: set[DayKey], src: Path, now: float) -> ResendResult:
     dest = settings.state_dir / RESEND_DIR / derived_name(row.filename, sorted(k[2] for k in keys))
+    esiid, meter = delivered_as(settings, ledger, row)
     try:
-        lines = write_derived(src, keys, dest, esiid=settings.esiid_default,
-                              meter=meter_for(row.filename, settings.meter_default))
+        lines = write_derived(src, keys, dest, esiid=esiid, meter=meter)
+        # the derived bytes go as the original went: with the same ESIID and meter (the Node server's fields)
+        ledger.declare_labels(hashlib.sha256(dest.read_bytes()).hexdigest(), esiid or None, meter)
     except OSError as exc:
         log.warning("Resend %s: cannot write %s: %s; trying again later", row.filename, dest, exc)
         ledger.save_verdict(replace(v, resend_due_at=now + RETRY_SECONDS))

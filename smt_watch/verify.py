@@ -44,8 +44,8 @@ import httpx
 
 from smt_watch.config import Settings
 from smt_watch.errors import ConfigError, InputError, SmtWatchError
-from smt_watch.expect import DayKey, DayTotal, Expectation, expect
-from smt_watch.ledger.common import Row, epoch_of
+from smt_watch.expect import DayKey, DayTotal, Expectation, expect, expect_inline
+from smt_watch.ledger.common import Labels, Row, epoch_of
 from smt_watch.ledger.verdicts import Resend, Verdict, VerdictRow
 from smt_watch.smtcsv import meter_for
 from smt_watch.tls import verify_for
@@ -72,12 +72,14 @@ class Unverifiable(Exception):
 
 class SourceLedger(Protocol):
     def get(self, sha256: str) -> Row | None: ...
+    def labels(self, sha256s: list[str]) -> dict[str, Labels]: ...
 
 
 class VerifyLedger(Protocol):
     """The slice of the ledger ``verify`` uses."""
 
     def get(self, sha256: str) -> Row | None: ...
+    def labels(self, sha256s: list[str]) -> dict[str, Labels]: ...
     def rows(self, state: str | None = None) -> list[Row]: ...
     def save_verdict(self, row: VerdictRow) -> None: ...
     def verdict(self, sha256: str) -> VerdictRow | None: ...
@@ -279,11 +281,29 @@ def chunks_for(settings: Settings, row: Row, path: Path) -> Iterator[bytes]:
     return iter([path.read_bytes()])
 
 
-def replay(settings: Settings, row: Row, path: Path) -> Expectation:
-    """What the app keeps from ``row``'s file, with the window of the day it was sent."""
+def delivered_as(settings: Settings, ledger: SourceLedger, row: Row) -> tuple[str | None, str]:
+    """The ESIID and meter the delivery of ``row`` carried, as :func:`smt_watch.esiids.labelled` chose them:
+    what an uploader declared for these bytes (or for the ``.asc``/``.zip`` they came from) wins, then the
+    ESIID the delivery noted in the ledger, then ``ESIID_DEFAULT`` and the meter in the file name."""
+    keys = [row.sha256] + ([row.parent] if row.parent else [])
+    known = ledger.labels(keys)
+    declared = next((known[k] for k in keys if k in known and (known[k].declared_esiid or known[k].declared_meter)),
+                    None)
+    own = known.get(row.sha256)
+    esiid = (own.esiid if own else None) or (declared.declared_esiid if declared else None) or settings.esiid_default
+    meter = (declared.declared_meter if declared else None) or meter_for(row.filename, settings.meter_default)
+    return esiid, meter
+
+
+def replay(settings: Settings, row: Row, path: Path, labels: tuple[str | None, str] | None = None) -> Expectation:
+    """What the app keeps from ``row``'s file: an inline delivery as the inline route stores it (whole, no
+    window), anything else as raw-upload chunks with the window of the day it was sent. ``labels``: the ESIID
+    and meter the delivery carried (:func:`delivered_as`; default ``ESIID_DEFAULT`` and the file name's meter)."""
+    esiid, meter = labels or (settings.esiid_default, meter_for(row.filename, settings.meter_default))
+    if row.mode == "inline":
+        return expect_inline(path.read_bytes(), esiid=esiid, meter=meter)
     sent = datetime.fromtimestamp(epoch_of(row.sent_at), UTC) if row.sent_at else datetime.now(UTC)
-    return expect(chunks_for(settings, row, path), esiid=settings.esiid_default,
-                  meter=meter_for(row.filename, settings.meter_default), window=coverage_window(sent))
+    return expect(chunks_for(settings, row, path), esiid=esiid, meter=meter, window=coverage_window(sent))
 
 
 def chunk_shas(settings: Settings, row: Row, path: Path) -> set[str]:
@@ -364,13 +384,14 @@ def verify_row(settings: Settings, reader: AppReader, row: Row, previous: Verdic
         if isinstance(source, str):
             return Report(row.sha256, row.filename, Verdict.UNVERIFIABLE,
                           f"{source}: what the app should hold cannot be computed")
-        return _verify_at(settings, reader, row, previous, source)
+        return _verify_at(settings, reader, row, previous, source, delivered_as(settings, ledger, row))
 
 
-def _verify_at(settings: Settings, reader: AppReader, row: Row, previous: VerdictRow | None, path: Path) -> Report:
+def _verify_at(settings: Settings, reader: AppReader, row: Row, previous: VerdictRow | None, path: Path,
+               labels: tuple[str | None, str]) -> Report:
     name = row.filename
     try:
-        exp = replay(settings, row, path)
+        exp = replay(settings, row, path, labels)
     except OSError as exc:
         return Report(row.sha256, name, Verdict.UNVERIFIABLE, f"cannot read {path}: {exc.strerror or exc}")
     resent = previous is not None and previous.resend_state == Resend.SENT.value

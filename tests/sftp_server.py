@@ -32,15 +32,20 @@ import socket
 import subprocess
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import asyncssh
 import paramiko
 import pytest
+from cryptography.utils import CryptographyDeprecationWarning
+
+with warnings.catch_warnings():  # asyncssh 2.24 names cryptography's deprecated DSA classes in its annotations
+    warnings.filterwarnings("ignore", category=CryptographyDeprecationWarning, module=r"asyncssh\.")
+    import asyncssh
 
 SSHD = Path("/usr/sbin/sshd")
 KEY_KINDS = ("ed25519", "rsa4096", "ecdsa")

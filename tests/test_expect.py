@@ -5,7 +5,16 @@ from __future__ import annotations
 from datetime import UTC, date, datetime
 from decimal import Decimal
 
-from smt_watch.expect import expect, js_number, normalize_chunk, parse_central, split_rows
+from smt_watch.expect import (
+    chunk_lines,
+    expect,
+    expect_inline,
+    inline_points,
+    js_number,
+    normalize_chunk,
+    parse_central,
+    split_rows,
+)
 from smt_watch.window import Window
 
 HEADER = "ESIID,USAGE_DATE,REVISION_DATE,USAGE_START_TIME,USAGE_END_TIME,USAGE_KWH,ESTIMATED_ACTUAL," \
@@ -85,3 +94,24 @@ def test_the_window_splits_days_into_stored_newer_and_older() -> None:
     assert [k[2] for k in got.stored] == [date(2026, 1, 5)]
     assert [k[2] for k in got.newer] == [date(2026, 1, 6)] and [k[2] for k in got.older] == [date(2026, 1, 4)]
     assert got.chunk_esiids == [{E}]
+
+
+def test_an_inline_file_keeps_every_day_under_one_meter_per_esiid() -> None:
+    """The inline route: no window (a file reaching into today is kept whole), one parse of the whole file
+    (the later row of a slot wins), then one canonical meter per ESIID (the first that is not ``unknown``)
+    and, across meters, the first row of a slot."""
+    content = chunk(f"'{E},01/05/2026,,0:00,0:15,0.5,A,Consumption",
+                    f"'{E},01/05/2026,,0:00,0:15,0.7,A,Consumption",  # same pair, same slot: later wins
+                    f"'{E},01/06/2026,,0:00,0:15,0.1,A,Consumption")
+    points = inline_points(chunk_lines(content), None, None)
+    assert points == {(E, "unknown"): {ms("2026-01-05T06:00"): Decimal("0.70000"),
+                                       ms("2026-01-06T06:00"): Decimal("0.10000")}}
+    header = HEADER.replace("ESTIMATED_ACTUAL", "METER")
+    two = chunk(f"'{E},01/05/2026,,0:00,0:15,0.5,,Consumption", f"'{E},01/05/2026,,0:00,0:15,0.9,MX,Consumption",
+                f"'{E},01/05/2026,,0:15,0:30,0.4,MX,Consumption", header=header)
+    assert inline_points(chunk_lines(two), None, None) == {
+        (E, "MX"): {ms("2026-01-05T06:00"): Decimal("0.50000"), ms("2026-01-05T06:15"): Decimal("0.40000")}}
+    exp = expect_inline(content, esiid=None, meter="M1")
+    assert exp.chunks == 1 and not exp.newer and not exp.older and exp.chunk_esiids == [{E}]
+    assert {k: (v.count, v.kwh) for k, v in exp.stored.items()} == {
+        (E, "M1", date(2026, 1, 5)): (1, Decimal("0.70000")), (E, "M1", date(2026, 1, 6)): (1, Decimal("0.10000"))}

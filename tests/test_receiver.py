@@ -539,3 +539,29 @@ def test_raw_upload_keeps_source_storage_path_and_chunk_text(receiver: ReceiverH
         ("IntervalData_M1.csv", "droplet-upload", f"/smt/{ESIID}/IntervalData_M1.csv", content.decode()),
         ("M1_a.csv", "adhocusage", "/adhocusage/M1_a.csv", "ESIID,X\n1,2"),  # the route's defaults
     ]
+
+
+def test_an_accepted_inline_file_is_normalized_as_the_inline_route_does(tmp_path: Path) -> None:
+    """``receive --dev-inline`` with the app's routes: an inline file's intervals land in SmtInterval with no
+    window; once an ESIID's only meter is ``unknown``, a later file's rows go there too, whatever meter it names
+    (``dualWriteUsageIntervals``: the one existing meter wins), and a slot the table already holds keeps its
+    kWh (``createMany(skipDuplicates)``); over real HTTP."""
+    from smt_watch.reference.app_routes import AppStore
+
+    header = "ESIID,USAGE_DATE,REVISION_DATE,USAGE_START_TIME,USAGE_END_TIME,USAGE_KWH,METER\n"
+    first = (header + "'10443720000000001,01/05/2026,,0:00,0:15,0.5,\n").encode()
+    second = (header + "'10443720000000001,01/05/2026,,0:00,0:15,0.9,M7\n"
+              "'10443720000000001,01/05/2026,,0:15,0:30,0.4,M7\n").encode()
+    with running_receiver(tmp_path / "data", admin_token=ADMIN_TOKEN, inline=True, app_routes=True) as handle:
+        for n, content in enumerate((first, second)):
+            reply = httpx.post(f"{handle.url}/api/admin/smt/pull", headers={"x-admin-token": ADMIN_TOKEN}, json={
+                "mode": "inline", "filename": f"f{n}.csv", "encoding": "base64", "esiid": "10443720000000001",
+                "content_b64": base64.b64encode(content).decode(), "sizeBytes": len(content)})
+            assert reply.status_code == 200, reply.text
+    store = AppStore(tmp_path / "data")
+    try:
+        rows = store.day_rows("10443720000000001", "unknown", 0, 2**62, 100)
+        assert [(r["ts"], r["kwh"]) for r in rows] == [(1767592800000, "0.50000"), (1767593700000, "0.40000")]
+        assert store.day_rows("10443720000000001", "M7", 0, 2**62, 100) == []
+    finally:
+        store.close()

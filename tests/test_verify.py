@@ -6,8 +6,10 @@ across days moves the clock of both processes with libfaketime (tests/test_verif
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import re
 import sqlite3
 import subprocess
 import threading
@@ -426,3 +428,91 @@ def test_a_day_the_app_already_holds_from_a_later_file_is_not_resent(
         kept = ledger.verdict(report.sha256)
     assert result.state is Resend.SENT and "already held" in result.note and delivered == []
     assert kept is not None and kept.resend_state == "sent"
+
+
+def test_an_inline_delivery_is_replayed_as_the_inline_route_stores_it(
+        tmp_path: Path, settings_for: Callable[..., Settings]) -> None:
+    """The inline route (the app in development) parses the whole file once and applies no window: a file
+    reaching into yesterday is stored whole, and verify expects exactly that (not raw-upload's dropped days)."""
+    data = tmp_path / "app"
+    routes = wrap(create_app(data, admin_token=ADMIN_TOKEN, inline=True), data, ADMIN_TOKEN)
+    try:
+        with app_in_thread(routes) as port:
+            app = App(f"http://127.0.0.1:{port}", routes)
+            settings = settings_for(app, SMT_DELIVERY="inline", ESIID_DEFAULT="10443720000000001")
+            path = write(tmp_path / "inbox" / "inl_M7.csv", 4, today() - timedelta(days=4))
+            [report] = deliver_and_verify(settings, path)
+            assert report.verdict is Verdict.STORED, report.reason
+            assert report.days_checked == report.days_stored == 4 and not report.newer_days
+            assert routes.store.coverage("10443720000000001")[0] == 4 * 96
+    finally:
+        routes.store.close()
+
+
+def test_the_esiid_and_meter_an_uploader_declared_are_the_ones_verified(
+        app: App, settings_for: Callable[..., Settings], tmp_path: Path) -> None:
+    """Rows without an ESIID take the one the delivery carried: the uploader's declared ESIID and meter (the
+    ledger's labels), not ESIID_DEFAULT; verify and the re-send replay with the same ones."""
+    settings = settings_for(app, ESIID_DEFAULT="10443720000000001")
+    path = tmp_path / "inbox" / "anon_M1.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = interval_csv(4, esiid="10443720000000001", start=today() - timedelta(days=4)).decode()
+    path.write_text(text.replace("'10443720000000001,", ","))  # no ESIID in the rows
+    declared = "10443720000000099"
+    with open_ledger(settings) as ledger:
+        ledger.declare_labels(hashlib.sha256(path.read_bytes()).hexdigest(), declared, "MX")
+    [report] = deliver_and_verify(settings, path)
+    assert report.verdict is Verdict.OUTSIDE_WINDOW, report.reason
+    assert report.days_stored == 3 and {k[:2] for k in report.newer_days} == {(declared, "MX")}
+    assert app.routes.store.coverage(declared)[0] == 3 * 96
+    assert app.routes.store.coverage("10443720000000001")[0] == 0
+    # the re-send, once due, carries the same labels: the app files the day under the declared ESIID
+    with open_ledger(settings) as ledger:
+        auto = AutoVerify(settings, ledger, lambda p: post_files(settings, [p])[0])
+        assert report.resend_due_at is not None
+        [result], _ = auto.tick(report.resend_due_at + 1)
+        auto.close()
+    assert result.state is Resend.SENT and result.derived is not None
+    assert result.derived.read_text().count("\n") == 1 + 96
+
+
+def test_the_sync_timer_pass_verifies_the_days_deliveries(
+        app: App, run_cli: Callable[..., subprocess.CompletedProcess[str]], tmp_path: Path) -> None:
+    """``post`` schedules no check (only ``watch`` does); with SMT_SYNC_VERIFY=1 the next ``sync`` pass
+    checks what was sent in the last day, once; without it, sync leaves verification alone."""
+    from sftp_server import running_sftp_server, sftp_env
+
+    env = {"INTELLIWATT_BASE_URL": app.url, "ADMIN_TOKEN": ADMIN_TOKEN, "SMT_DELIVERY": "raw-upload",
+           "SMT_VERIFY_REQUESTS_PER_SECOND": "1000", "SMT_VERIFY_DELAY_SECONDS": "0"}
+    path = write(tmp_path / "inbox" / "synced_M1.csv", 3, today() - timedelta(days=9))
+    assert run_cli("post", str(path), env=env).returncode == 0
+    with running_sftp_server(tmp_path / "smt" / "root", tmp_path / "smt" / "keys") as sftp:
+        sync_env = {**env, **sftp_env(sftp, tmp_path / "known_hosts")}
+        off = run_cli("sync", env=sync_env)
+        assert off.returncode == 0, off.stderr
+        assert "unchecked" not in run_cli("ledger", "list", env=env).stdout
+        assert app.routes.reads == 0
+        on = run_cli("sync", env={**sync_env, "SMT_SYNC_VERIFY": "1"})
+        assert on.returncode == 0, on.stderr
+        assert "Sync verify: 0 re-send(s), 1 check(s): synced_M1.csv stored" in on.stderr
+        reads = app.routes.reads
+        assert reads == 1 + 3  # one coverage read, one per day
+        again = run_cli("sync", env={**sync_env, "SMT_SYNC_VERIFY": "1"})
+        assert again.returncode == 0 and "Sync verify" not in again.stderr
+        assert app.routes.reads == reads  # a verdict is kept: not checked twice
+    listed = run_cli("ledger", "list", env=env).stdout
+    assert re.search(r"^sent/stored\s.*synced_M1\.csv", listed, re.M), listed
+
+
+def test_a_file_whose_last_chunk_holds_only_newer_days_still_queues_post_ingest(
+        app: App, settings_for: Callable[..., Settings], tmp_path: Path) -> None:
+    """End to end through the raw-upload sink: one day a chunk, the last chunk only yesterday (dropped by the
+    app); postIngest rides on the chunk of the window's last day, so the app queues the ESIID's work, and
+    verify reads the file as stored up to the window plus the day to re-send."""
+    settings = settings_for(app, SMT_RAW_LINES_PER_CHUNK="96")
+    path = write(tmp_path / "inbox" / "tail_M1.csv", 4, today() - timedelta(days=4))
+    [report] = deliver_and_verify(settings, path)
+    requests = [r for r in app.routes.state.receiver.requests if r.path.endswith("/raw-upload")]
+    assert [r.fields.get("postIngest") for r in requests] == [False, False, True, False]
+    assert app.routes.store.post_ingest_tasks() == ["10443720000000001"]
+    assert report.verdict is Verdict.OUTSIDE_WINDOW and report.days_stored == 3

@@ -7,6 +7,7 @@ with the ledger and the app's data on disk in between, so this is also the resta
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -48,10 +49,21 @@ def _faked(when: str) -> list[str]:
     return ["faketime", when]
 
 
+def _preload() -> str:
+    """libfaketime itself: the receiver is started with it preloaded, not under the ``faketime`` wrapper,
+    which forks (terminating the wrapper would leave the receiver running)."""
+    found = sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1") + glob.glob("/usr/lib*/faketime/libfaketime.so.1")
+                   + glob.glob("/usr/local/lib/faketime/libfaketime.so.1"))
+    if not found:
+        pytest.skip("faketime is installed but libfaketime.so.1 is not where it usually is")
+    return found[0]
+
+
 @contextmanager
 def app_at(when: str, data: Path, token_file: Path) -> Iterator[str]:
-    env = {"PATH": os.environ["PATH"], "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
-    proc = subprocess.Popen([*_faked(when), sys.executable, "-m", "smt_watch.reference.app_routes", "--data",
+    env = {"PATH": os.environ["PATH"], "FAKETIME_DONT_FAKE_MONOTONIC": "1", "LD_PRELOAD": _preload(),
+           "FAKETIME": f"@{when}"}  # "@": the clock starts there and runs
+    proc = subprocess.Popen([sys.executable, "-m", "smt_watch.reference.app_routes", "--data",
                              str(data), "--admin-token-file", str(token_file)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:

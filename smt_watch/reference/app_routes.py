@@ -9,6 +9,10 @@ that read the result, so ``smt-watch verify`` can be proven against real HTTP:
   with libfaketime), and per ESIID and meter the chunk's kept range is deleted and re-inserted, as
   ``replaceNormalizedSmtIntervals`` does. A duplicate ``sha256`` is normalized again, as there. With
   ``postIngest: true``, a deferred post-ingest task row is queued per ESIID whose intervals survived.
+- ``POST /api/admin/smt/pull`` with ``mode: "inline"`` (observed: only the receiver's ``--dev-inline`` accepts
+  it, production answers ``INLINE_DISABLED``): the whole file as the inline route stores it
+  (:func:`smt_watch.expect.inline_points`: no window, nothing deleted, the table's own meter for an ESIID it
+  holds under one meter, slots it holds left as they were).
 - ``GET /api/admin/analysis/intervals?esiid&meter&date&tz``, ``GET /api/admin/smt/interval-coverage?esiid``,
   ``GET /api/admin/debug/smt/raw-files?limit&esiid&source``: the real routes' parameters, shapes, status
   codes and ``requireAdmin`` gate (no token configured: 503; a wrong one: 401).
@@ -30,6 +34,7 @@ import logging
 import math
 import sqlite3
 import threading
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -43,12 +48,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from smt_watch.expect import AppModel, chunk_lines, normalize_chunk, stored_kwh
+from smt_watch.expect import AppModel, chunk_lines, inline_points, normalize_chunk, stored_kwh
 from smt_watch.window import Window, coverage_window
 
 log = logging.getLogger("smt_watch.reference.app")
 
 RAW_UPLOAD_PATH: Final = "/api/admin/smt/raw-upload"
+PULL_PATH: Final = "/api/admin/smt/pull"
 INTERVALS_PATH: Final = "/api/admin/analysis/intervals"
 COVERAGE_PATH: Final = "/api/admin/smt/interval-coverage"
 RAW_FILES_PATH: Final = "/api/admin/debug/smt/raw-files"
@@ -126,6 +132,58 @@ class AppStore:
                 self._db.execute("ROLLBACK")
                 raise
         return {"normalizedInline": summary}
+
+    def ingest_inline(self, body: dict[str, Any]) -> dict[str, Any]:
+        """What the inline route (``mode: "inline"``, the app in development) does with an accepted file: the
+        ``RawSmtFile`` row, then ``persistParsedNormalizedSmtIntervals`` over the whole file: no window,
+        nothing deleted, one canonical meter per ESIID (the one the app already holds, if exactly one),
+        slots the app already holds left as they were (``dualWriteUsageIntervals``)."""
+        now = self.now()
+        content = _loose_base64(body.get("content_b64"))
+        if body.get("encoding") == "base64+gzip":
+            try:
+                content = zlib.decompress(content, 16 + zlib.MAX_WBITS)
+            except zlib.error:
+                return {"intervalNormalized": False}
+        esiid = body["esiid"].strip().strip("'").strip() if isinstance(body.get("esiid"), str) else ""
+        meter = body["meter"].strip() if isinstance(body.get("meter"), str) and body["meter"].strip() else None
+        source = str(body.get("source") or "adhocusage").strip() or "adhocusage"
+        filename = str(body.get("filename") or "adhoc.csv").strip().lstrip("/\\")
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute(
+                    "INSERT OR IGNORE INTO RawSmtFile (filename, size_bytes, sha256, created_at, received_at, source,"
+                    " storage_path, content_type) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (filename, len(content), hashlib.sha256(content).hexdigest(), _now_iso(now), _now_iso(now),
+                     source, f"/{source}/{filename}", str(body.get("mime") or "text/csv")))
+                records = self._persist_inline(inline_points(chunk_lines(content), esiid or None, meter), source)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return {"intervalNormalized": True, "records": records}
+
+    def _persist_inline(self, points: dict[tuple[str, str], dict[int, Decimal]], source: str) -> int:
+        """``dualWriteUsageIntervals`` against what the table holds already (``points`` are grouped under
+        the file's own canonical meter; the table's meters for the ESIID decide the final one)."""
+        records = 0
+        for (esiid, incoming), slots in points.items():
+            existing = [r[0] for r in self._db.execute(
+                "SELECT DISTINCT meter FROM SmtInterval WHERE esiid = ? LIMIT 10", (esiid,)).fetchall()]
+            real = [m for m in existing if m != "unknown"]
+            canonical = existing[0] if len(existing) == 1 else real[0] if real else incoming
+            if existing == ["unknown"] and canonical != "unknown":
+                self._db.execute("UPDATE OR IGNORE SmtInterval SET meter = ? WHERE esiid = ? AND meter = 'unknown'",
+                                 (canonical, esiid))
+            if "unknown" in existing and real:
+                self._db.execute("DELETE FROM SmtInterval WHERE esiid = ? AND meter = 'unknown' AND ts IN (SELECT ts"
+                                 " FROM SmtInterval WHERE esiid = ? AND meter <> 'unknown')", (esiid, esiid))
+            cur = self._db.executemany(
+                "INSERT OR IGNORE INTO SmtInterval (esiid, meter, ts, kwh, source) VALUES (?, ?, ?, ?, ?)",
+                [(esiid, canonical, ms, str(k), source) for ms, k in slots.items()])
+            records += max(0, cur.rowcount)
+        return records
 
     def _normalize(self, content: bytes, esiid: str | None, meter: str | None, source: str, window: Window,
                    post_ingest: bool, now: datetime) -> dict[str, Any]:
@@ -207,6 +265,26 @@ class AppStore:
         return [r[0].removeprefix("deferred-post-ingest-").rsplit("-", 3)[0] for r in rows]
 
 
+async def _read_body(receive: Receive) -> bytes | None:
+    """The whole request body, or None when the client went away first."""
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _accepted(reply: bytes) -> bool:
+    try:
+        answer = json.loads(reply)
+    except ValueError:
+        return False
+    return isinstance(answer, dict) and answer.get("ok") is not False
+
+
 def _loose_base64(value: object) -> bytes:
     """``Buffer.from(x, 'base64')``: non-alphabet characters skipped, missing padding tolerated."""
     if not isinstance(value, str) or not value:
@@ -270,6 +348,9 @@ class AppRoutes:
         elif path == RAW_UPLOAD_PATH and method == "POST":
             await self._raw_upload(scope, receive, send)
             return
+        elif path == PULL_PATH and method == "POST" and self.inner is not None:
+            await self._pull(scope, receive, send)
+            return
         elif self.inner is not None:
             await self.inner(scope, receive, send)
             return
@@ -328,6 +409,39 @@ class AppRoutes:
                     await self._after_accept(b"".join(reply), body)
             await send(message)
 
+        await self.inner(scope, replay, capture)
+
+    async def _pull(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The inline route, observed: an accepted ``mode: "inline"`` file is normalized as the app does."""
+        raw = await _read_body(receive)
+        if raw is None:
+            return
+        try:
+            body = json.loads(raw) if raw else {}
+        except ValueError:
+            body = {}
+        status: list[int] = []
+        reply: list[bytes] = []
+        delivered = False
+
+        async def replay() -> Message:
+            nonlocal delivered
+            if delivered:
+                return {"type": "http.disconnect"}
+            delivered = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+
+        async def capture(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            elif message["type"] == "http.response.body":
+                reply.append(message.get("body", b""))
+                if (not message.get("more_body", False) and status and status[0] == 200 and isinstance(body, dict)
+                        and body.get("mode") == "inline" and _accepted(b"".join(reply))):
+                    await run_in_threadpool(self.store.ingest_inline, body)
+            await send(message)
+
+        assert self.inner is not None
         await self.inner(scope, replay, capture)
 
     async def _after_accept(self, reply: bytes, body: dict[str, Any]) -> None:
