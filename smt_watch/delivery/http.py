@@ -6,6 +6,10 @@ watch's worker threads), ``SMT_RETRY_ATTEMPTS`` requests per call with exponenti
 then waits as ``retrying``). httpx's transport errors become :class:`RetryableDelivery` in one place,
 :func:`map_transport_errors`, as httpx maps httpcore's. Response bodies are scrubbed of every secret before
 an error or the ledger quotes them.
+
+Every request, retries and each raw-upload chunk included, first passes the outbound limit
+(:mod:`smt_watch.limits`, ``SMT_MAX_REQUESTS_PER_SECOND``/``SMT_MAX_IN_FLIGHT``): an attempt is counted
+only once the limiter let it through, and the backoff between attempts holds no in-flight slot.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from tenacity.stop import stop_base
 from smt_watch.config import redact_url
 from smt_watch.delivery.base import Body, Classify, Progress, classify
 from smt_watch.errors import DeliveryError, RetryableDelivery
+from smt_watch.limits import LimiterClosed, limiter_for
 from smt_watch.logs import redact_text, redaction_pattern
 from smt_watch.tls import plain_reason, verify_for
 
@@ -89,6 +94,7 @@ class Poster:
         self._auth = auth
         self._classify = classify
         self._settings = settings
+        self._limiter = limiter_for(settings)
         self._secrets = redaction_pattern(settings.secrets())
         t = settings.http_timeout
         limits = httpx.Limits(max_connections=16, max_keepalive_connections=8)
@@ -109,6 +115,7 @@ class Poster:
             self._client = httpx.Client(timeout=timeout, limits=limits, verify=verify, follow_redirects=False)
 
     def close(self) -> None:
+        self._limiter.close()
         self._client.close()
 
     def post(self, name: str, key: str, body: Body, progress: Progress | None) -> tuple[int, str, int]:
@@ -130,7 +137,9 @@ class Poster:
                         name, delay, exc, state.attempt_number, s.retry_attempts)
 
         retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_exception_type(RetryableDelivery),
+            # a request the closed limiter never let out is not tried again within the call
+            retry=tenacity.retry_if_exception(
+                lambda e: isinstance(e, RetryableDelivery) and not isinstance(e, LimiterClosed)),
             stop=tenacity.stop_any(tenacity.stop_after_attempt(s.retry_attempts), _StopOnLongRetryAfter()),
             wait=wait,
             before_sleep=before_sleep,
@@ -138,8 +147,8 @@ class Poster:
         )
         try:
             for attempt in retrying:
-                with attempt:
-                    attempts += 1
+                with attempt, self._limiter.request():
+                    attempts += 1  # only now: waiting for the limit is not an attempt
                     status, text = self._attempt(key, body, progress)
         except DeliveryError as exc:
             exc.attempts = attempts
