@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, Protocol, TypeVar
 
-from smt_watch.errors import RetryableDelivery
+from smt_watch.errors import FileChanged
 
 if TYPE_CHECKING:
     from smt_watch.config import Settings
@@ -55,14 +55,19 @@ DEFAULT_REQUESTS_PER_SECOND: Final = 5.0  # README "Outbound limits" says why
 DEFAULT_IN_FLIGHT: Final = 2
 SLOT_POLL_FIRST: Final = 0.005  # a waiter for a slot asks again after this, doubling up to SLOT_POLL_MAX
 SLOT_POLL_MAX: Final = 0.05
+STOP_CHECK_SECONDS: Final = 0.1  # a long wait looks at both the limiter's close and watch's stop this often
 QUIET_SECONDS: Final = 60.0  # no wait for this long: the throttling episode is over (logged once more)
 FLEET_RETRY_SECONDS: Final = 5.0  # while PostgreSQL is unreachable, ask it again at most this often
 MAX_WAITERS: Final = 1024  # bounds how far ahead a sane bucket's tat can be (a stale file is reset)
 _BUCKET: Final = struct.Struct("<dqd")  # tat (CLOCK_MONOTONIC seconds), requests that waited, seconds waited
 
 
-class LimiterClosed(RetryableDelivery):
-    """The limiter was closed while a request waited for it: nothing was sent, and nothing counts as tried."""
+class LimiterClosed(FileChanged):
+    """The limiter was closed (or watch began to stop) while a request waited for it: nothing was sent.
+
+    A :class:`~smt_watch.errors.FileChanged` for what follows from it, which is what an abandoned attempt
+    needs: not retried within the call, the row back to ``pending`` (not ``retrying``: no backoff, no attempt
+    counted), taken again at the next start, where a raw-upload file resumes after its acknowledged chunks."""
 
 
 # --- the bucket (pure) -----------------------------------------------------------------------------------
@@ -292,7 +297,7 @@ class Limiter:
     """
 
     def __init__(self, settings: Settings, node: Budget | None, fleet: Budget | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, stop: threading.Event | None = None) -> None:
         self._settings = settings
         self._rate = settings.max_requests_per_second
         self._slots = settings.max_in_flight
@@ -300,6 +305,7 @@ class Limiter:
         self._fleet = fleet
         self._clock = clock
         self._closed = threading.Event()
+        self._stop = stop  # watch's: once set, waits end too
         self._lock = threading.Lock()
         self._waiting = 0
         self._throttled_since: float | None = None
@@ -337,6 +343,19 @@ class Limiter:
             if b is not None:
                 with contextlib.suppress(Exception):
                     b.close()
+
+    def _ended(self) -> bool:
+        return self._closed.is_set() or (self._stop is not None and self._stop.is_set())
+
+    def _sleep(self, seconds: float) -> bool:
+        """Wait ``seconds`` (real time); True when closed or stopped meanwhile."""
+        end = time.monotonic() + seconds
+        while not self._ended():
+            left = end - time.monotonic()
+            if left <= 0:
+                return False
+            (self._stop or self._closed).wait(min(left, STOP_CHECK_SECONDS))
+        return True
 
     # --- slots and tokens, with the fleet's fallback --------------------------------------------------
 
@@ -386,8 +405,8 @@ class Limiter:
         counted = False
         try:
             while True:
-                if self._closed.is_set():
-                    raise LimiterClosed("the outbound limiter was closed while the request waited")
+                if self._ended():
+                    raise LimiterClosed("stopping: the request waited for the outbound limit and was not sent")
                 budget, slot = self._call(self._budget(), lambda b: b.try_slot())
                 if slot is not None:
                     return budget, slot
@@ -396,7 +415,7 @@ class Limiter:
                     with self._lock:
                         self._waiting += 1
                     self._throttling(started)
-                self._closed.wait(pause)
+                self._sleep(pause)
                 pause = min(SLOT_POLL_MAX, pause * 2)
         finally:
             if counted:
@@ -412,8 +431,8 @@ class Limiter:
                 self._waiting += 1
             try:
                 self._throttling(self._clock())
-                if self._closed.wait(wait):
-                    raise LimiterClosed("the outbound limiter was closed while the request waited")
+                if self._sleep(wait):
+                    raise LimiterClosed("stopping: the request waited for the outbound limit and was not sent")
             finally:
                 with self._lock:
                     self._waiting -= 1
@@ -434,7 +453,7 @@ class Limiter:
         with self._lock:
             if self._throttled_since is not None:
                 return
-            self._throttled_since = now
+            self._throttled_since = self._last_wait = now
             waiting = self._waiting
         log.info("Outbound limit: %s; backlog of %d request(s) waiting", describe(self._settings), waiting)
 
@@ -462,12 +481,12 @@ def limits_dir(settings: Settings) -> Path:
     return settings.state_dir / "limits"
 
 
-def limiter_for(settings: Settings) -> Limiter:
+def limiter_for(settings: Settings, stop: threading.Event | None = None) -> Limiter:
     """The limiter the settings ask for: off, per node, or per fleet (node as its fallback)."""
     rate = Rate(settings.max_requests_per_second) if settings.max_requests_per_second else None
     slots = settings.max_in_flight
     if rate is None and not slots:
-        return Limiter(settings, None)
+        return Limiter(settings, None, stop=stop)
     node: Budget
     try:
         node = NodeBudget(limits_dir(settings), rate, slots)
@@ -480,7 +499,7 @@ def limiter_for(settings: Settings) -> Limiter:
         from smt_watch.ledger.fleet import FleetBudget
 
         fleet = FleetBudget(settings.ledger_url, rate, slots)
-    return Limiter(settings, node, fleet)
+    return Limiter(settings, node, fleet, stop=stop)
 
 
 def node_stats_reader(settings: Settings) -> Callable[[], OutboundStats]:

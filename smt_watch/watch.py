@@ -169,7 +169,7 @@ class WatchService:
             ledger.close()
             raise
         try:
-            self._sink = make_sink(self.settings, self.mode, chunks=ledger)
+            self._sink = make_sink(self.settings, self.mode, chunks=ledger, stop=self._stop)
             self.metrics.outbound(node_stats_reader(self.settings))
             if self.settings.metrics_port:
                 self.metrics.serve(self.settings.metrics_port)

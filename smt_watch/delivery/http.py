@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,7 +29,7 @@ from tenacity.stop import stop_base
 from smt_watch.config import redact_url
 from smt_watch.delivery.base import Body, Classify, Progress, classify
 from smt_watch.errors import DeliveryError, RetryableDelivery
-from smt_watch.limits import LimiterClosed, limiter_for
+from smt_watch.limits import limiter_for
 from smt_watch.logs import redact_text, redaction_pattern
 from smt_watch.tls import plain_reason, verify_for
 
@@ -84,17 +85,18 @@ class Poster:
     """POSTs bodies to one URL over one keep-alive ``httpx.Client``, with in-call retries.
 
     ``auth`` is the header a sink authenticates with and its token (sent only when set); ``classify``
-    reads each response (the default: :func:`~smt_watch.delivery.base.classify`).
+    reads each response (the default: :func:`~smt_watch.delivery.base.classify`); ``stop``, once set, ends
+    a wait for the outbound limit with :class:`~smt_watch.limits.LimiterClosed` (nothing sent).
     """
 
     def __init__(self, settings: Settings, url: str, auth: tuple[str, Secret | None],
-                 classify: Classify = classify) -> None:
+                 classify: Classify = classify, stop: threading.Event | None = None) -> None:
         self.url = url
         self.destination = redact_url(url)
         self._auth = auth
         self._classify = classify
         self._settings = settings
-        self._limiter = limiter_for(settings)
+        self._limiter = limiter_for(settings, stop)
         self._secrets = redaction_pattern(settings.secrets())
         t = settings.http_timeout
         limits = httpx.Limits(max_connections=16, max_keepalive_connections=8)
@@ -137,9 +139,7 @@ class Poster:
                         name, delay, exc, state.attempt_number, s.retry_attempts)
 
         retrying = tenacity.Retrying(
-            # a request the closed limiter never let out is not tried again within the call
-            retry=tenacity.retry_if_exception(
-                lambda e: isinstance(e, RetryableDelivery) and not isinstance(e, LimiterClosed)),
+            retry=tenacity.retry_if_exception_type(RetryableDelivery),
             stop=tenacity.stop_any(tenacity.stop_after_attempt(s.retry_attempts), _StopOnLongRetryAfter()),
             wait=wait,
             before_sleep=before_sleep,
