@@ -56,6 +56,7 @@ DEFAULT_IN_FLIGHT: Final = 2
 SLOT_POLL_FIRST: Final = 0.005  # a waiter for a slot asks again after this, doubling up to SLOT_POLL_MAX
 SLOT_POLL_MAX: Final = 0.05
 STOP_CHECK_SECONDS: Final = 0.1  # a long wait looks at both the limiter's close and watch's stop this often
+ANNOUNCE_AFTER: Final = 1.0  # an episode of waits is logged once it has lasted this long (a backlog, not a burst)
 QUIET_SECONDS: Final = 60.0  # no wait for this long: the throttling episode is over (logged once more)
 FLEET_RETRY_SECONDS: Final = 5.0  # while PostgreSQL is unreachable, ask it again at most this often
 MAX_WAITERS: Final = 1024  # bounds how far ahead a sane bucket's tat can be (a stale file is reset)
@@ -312,6 +313,8 @@ class Limiter:
         self._last_wait = 0.0
         self._episode_waits = 0
         self._episode_seconds = 0.0
+        self._announced = False
+        self._most_waiting = 0
         self._fleet_down_until: float | None = None  # monotonic time to ask PostgreSQL again
 
     @property
@@ -449,12 +452,18 @@ class Limiter:
     # --- saying so ----------------------------------------------------------------------------------------
 
     def _throttling(self, now: float) -> None:
-        """The first wait of an episode is logged once, with how many requests wait in this process."""
+        """A request starts to wait. Once an episode of waits has lasted :data:`ANNOUNCE_AFTER` it is logged,
+        once, with the most requests this process had waiting meanwhile (at the very first wait, that is
+        always one)."""
         with self._lock:
-            if self._throttled_since is not None:
+            if self._throttled_since is None:
+                self._throttled_since = self._last_wait = now
+                self._announced, self._most_waiting = False, 0
+            self._most_waiting = max(self._most_waiting, self._waiting)
+            if self._announced or now - self._throttled_since < ANNOUNCE_AFTER:
                 return
-            self._throttled_since = self._last_wait = now
-            waiting = self._waiting
+            self._announced = True
+            waiting = self._most_waiting
         log.info("Outbound limit: %s; backlog of %d request(s) waiting", describe(self._settings), waiting)
 
     def _note(self, waited: float) -> None:
@@ -472,9 +481,10 @@ class Limiter:
             over = self._throttled_since is not None and now - self._last_wait >= QUIET_SECONDS
             if not over:
                 return
-            waits, seconds = self._episode_waits, self._episode_seconds
+            waits, seconds, announced = self._episode_waits, self._episode_seconds, self._announced
             self._throttled_since, self._episode_waits, self._episode_seconds = None, 0, 0.0
-        log.info("Outbound limit: no longer throttling; %d request(s) waited %.1f s in all", waits, seconds)
+        if announced:
+            log.info("Outbound limit: no longer throttling; %d request(s) waited %.1f s in all", waits, seconds)
 
 
 def limits_dir(settings: Settings) -> Path:

@@ -28,6 +28,7 @@ from test_multinode import restarted_at_the_end
 
 from conftest import ADMIN_TOKEN, wait_for
 from smt_watch.config import load_settings
+from smt_watch.ledger.fleet import FleetBudget
 from smt_watch.limits import Limiter, NodeBudget, Rate, TokenBucket, describe, read_node_stats
 
 HOLD_SECONDS = 0.15  # how long the app takes per request: long enough for requests to overlap
@@ -124,7 +125,7 @@ class CountingApp:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.arrivals: list[float] = []
-        self.parts: list[tuple[str, str]] = []  # (Idempotency-Key: the file's sha256, the chunk's name)
+        self.parts: list[tuple[str, str]] = []  # (Idempotency-Key, the chunk's name: <file>.partN-of-M)
         self.current = 0
         self.most = 0
         app = self
@@ -323,6 +324,7 @@ def test_two_nodes_on_one_postgres_ledger_share_the_budget(tmp_path: Path, app: 
         stop(pa)
         stop(pb)
     assert app.most <= 2, f"{app.most} requests in flight across the fleet"
+    assert "unreachable" not in pa.text() + pb.text()  # the fleet budget held throughout, no fallback
     assert "per fleet" in pa.text() + pb.text()
     assert len(set(app.parts)) == 40
 
@@ -349,4 +351,23 @@ def test_postgres_stopped_mid_drain_falls_back_and_loses_nothing(
     log = proc.text()
     assert log.count("fleet budget in PostgreSQL is unreachable") == 1, log
     assert log.count("fleet budget in PostgreSQL is reachable again") == 1, log
-    assert len({key for key, _ in app.parts}) == 5
+    assert len({name.partition(".part")[0] for _, name in app.parts}) == 5
+
+
+def test_fleet_budget_shares_slots_and_tokens_between_sessions(pg_url: str) -> None:
+    """Two budgets = two nodes' sessions on one database: slots are advisory locks, the bucket one row."""
+    a = FleetBudget(pg_url, Rate(5.0), 2)
+    b = FleetBudget(pg_url, Rate(5.0), 2)
+    try:
+        slots = [a.try_slot(), b.try_slot()]
+        assert sorted(s for s in slots if s is not None) == [0, 1]
+        assert a.try_slot() is None and b.try_slot() is None
+        a.close()  # a node that goes away (or loses its session) frees its slot
+        assert b.try_slot() == slots[0]
+        a = FleetBudget(pg_url, Rate(5.0), 2)
+        waits = [a.reserve(), b.reserve(), a.reserve(), b.reserve(), a.reserve(), b.reserve(), a.reserve()]
+        assert waits[:5] == [0.0] * 5, waits
+        assert 0.1 < waits[5] <= 0.3 and 0.3 < waits[6] <= 0.5, waits  # by the server's clock, one bucket
+    finally:
+        a.close()
+        b.close()

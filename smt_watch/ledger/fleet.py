@@ -34,18 +34,18 @@ BUDGET_NAME: Final = "outbound"
 CONNECT_TIMEOUT: Final = 3  # seconds: a fleet budget that does not answer falls back to the node's
 SCHEMA: Final = "smt_watch"  # the ledger's schema (smt_watch/ledger/postgres.py)
 
+# In the ledger's schema, which its migrations made (CREATE SCHEMA IF NOT EXISTS would need CREATE on the
+# database, which the ledger's user need not have). Made here, not in a ledger migration, so that the limit
+# needs nothing of the ledger's version; a user that may not create it gets the per-node limit, said once.
 CREATE_SQL: Final = f"""
-CREATE SCHEMA IF NOT EXISTS {SCHEMA};
 CREATE TABLE IF NOT EXISTS {SCHEMA}.outbound_budget (
     name text PRIMARY KEY,
     tat double precision NOT NULL
 )"""
 
-# One free slot, locked in the same statement: the function scan stops at the first row the lock succeeds on.
-TAKE_SLOT_SQL: Final = """
-SELECT s FROM generate_series(0, %(n)s - 1) AS s
- WHERE NOT (s = ANY(%(held)s)) AND pg_try_advisory_lock(%(key)s, s)
- LIMIT 1"""
+# One slot at a time: a single statement over generate_series(...) LIMIT 1 may evaluate the lock on more
+# rows than it returns, and a lock taken but not returned would be held by this session for good.
+TAKE_SLOT_SQL: Final = "SELECT pg_try_advisory_lock(%(key)s, %(slot)s)"
 
 RELEASE_SLOT_SQL: Final = "SELECT pg_advisory_unlock(%(key)s, %(slot)s)"
 
@@ -113,12 +113,11 @@ class FleetBudget:
 
     def try_slot(self) -> int | None:
         with self._lock:  # held and taken together: the session's locks are re-entrant
-            slot = self._execute(TAKE_SLOT_SQL, {"n": self._slots, "held": sorted(self._held), "key": FLEET_LOCK})
-            if slot is None:
-                return None
-            assert isinstance(slot, int)
-            self._held.add(slot)
-            return slot
+            for slot in range(self._slots):
+                if slot not in self._held and self._execute(TAKE_SLOT_SQL, {"key": FLEET_LOCK, "slot": slot}):
+                    self._held.add(slot)
+                    return slot
+            return None
 
     def release(self, slot: int) -> None:
         with self._lock:
