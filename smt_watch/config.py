@@ -154,7 +154,7 @@ class Settings:
     retry_attempts: int = 5  # SMT_RETRY_ATTEMPTS: HTTP attempts within one delivery call
     retry_backoff: float = 1.0  # SMT_RETRY_BACKOFF_SECONDS: first backoff step, doubled per attempt
     http_timeout: float = 60.0  # SMT_HTTP_TIMEOUT: connect/read/write timeout in seconds
-    max_requests_per_second: float = 5.0  # SMT_MAX_REQUESTS_PER_SECOND: toward the app, per node/fleet (0: off)
+    max_requests_per_second: float = 10.0  # SMT_MAX_REQUESTS_PER_SECOND: toward the app, per node/fleet (0: off)
     max_in_flight: int = 2  # SMT_MAX_IN_FLIGHT: requests out at once toward the app, per node/fleet (0: off)
     ca_bundle: Path | None = None  # SMT_CA_BUNDLE: the CAs an https target's certificate must chain to
     client_cert: Path | None = None  # SMT_CLIENT_CERT: a client certificate (PEM) for an https target
@@ -564,7 +564,7 @@ def load_settings(
         retry_attempts=r.integer("SMT_RETRY_ATTEMPTS", 5, minimum=1, maximum=100),
         retry_backoff=r.number("SMT_RETRY_BACKOFF_SECONDS", 1.0),
         http_timeout=r.number("SMT_HTTP_TIMEOUT", 60.0, minimum=0.1),
-        max_requests_per_second=r.number("SMT_MAX_REQUESTS_PER_SECOND", 5.0, minimum=0.0, maximum=100_000.0),
+        max_requests_per_second=r.number("SMT_MAX_REQUESTS_PER_SECOND", 10.0, minimum=0.0, maximum=100_000.0),
         max_in_flight=r.integer("SMT_MAX_IN_FLIGHT", 2, minimum=0, maximum=1024),
         ca_bundle=r.path("SMT_CA_BUNDLE"),
         client_cert=r.path("SMT_CLIENT_CERT"),

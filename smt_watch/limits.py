@@ -51,8 +51,6 @@ log = logging.getLogger("smt_watch.limits")
 
 T = TypeVar("T")
 
-DEFAULT_REQUESTS_PER_SECOND: Final = 5.0  # README "Outbound limits" says why
-DEFAULT_IN_FLIGHT: Final = 2
 SLOT_POLL_FIRST: Final = 0.005  # a waiter for a slot asks again after this, doubling up to SLOT_POLL_MAX
 SLOT_POLL_MAX: Final = 0.05
 STOP_CHECK_SECONDS: Final = 0.1  # a long wait looks at both the limiter's close and watch's stop this often

@@ -105,8 +105,8 @@ def test_limiter_off_waits_for_nothing(tmp_path: Path) -> None:
 
 def test_defaults_are_on() -> None:
     settings = load_settings({"SMT_LOCAL_DIR": "/tmp", "SMT_STATE_DIR": "/tmp/x"})
-    assert settings.max_requests_per_second == 5.0 and settings.max_in_flight == 2
-    assert describe(settings) == "5 request(s)/s, 2 in flight, per node"
+    assert settings.max_requests_per_second == 10.0 and settings.max_in_flight == 2
+    assert describe(settings) == "10 request(s)/s, 2 in flight, per node"
 
 
 def test_a_bad_limit_is_one_line_and_exit_2(run_cli: object) -> None:
