@@ -332,25 +332,29 @@ def test_two_nodes_on_one_postgres_ledger_share_the_budget(tmp_path: Path, app: 
 def test_postgres_stopped_mid_drain_falls_back_and_loses_nothing(
     tmp_path: Path, app: CountingApp, pg_url: str, pg_cluster: PgCluster
 ) -> None:
-    """A file of many chunks is being sent when PostgreSQL stops: the next chunk's limit falls back to the
-    node's (said once), the file waits for the ledger, and once PostgreSQL is back everything is delivered
-    and the fleet budget is used again (said once)."""
+    """PostgreSQL stops while a file of many chunks is being sent, and starts again. The limit's session
+    died with the server: the first request that asks it falls back to the node's budget (said once; the
+    delivery does not wait), the fleet budget is asked again 5 s later and used (said once), and every
+    chunk of every file is delivered."""
     env = node_env(tmp_path, "a", app, SMT_MAX_REQUESTS_PER_SECOND="5", SMT_MAX_IN_FLIGHT="2",
                    SMT_LEDGER_URL=pg_url, SMT_WORKERS="2")
-    (Path(env["SMT_LOCAL_DIR"]) / "big.csv").write_bytes(smt_csv(1, rows=4 * 60))  # 60 chunks: ~12 s at 5/s
+    chunks = 100  # ~20 s at 5/s: requests still to go once the ledger answers again
+    (Path(env["SMT_LOCAL_DIR"]) / "big.csv").write_bytes(smt_csv(1, rows=4 * chunks))
     backlog(env, 4, start=10)
     with restarted_at_the_end(pg_cluster), watching(env) as proc:
         wait_for(lambda: app.count() >= 8, 60, "the drain under way")
         pg_cluster.stop()
-        wait_for(lambda: "fleet budget in PostgreSQL is unreachable" in proc.text(), 60, "the fallback")
+        # the ledger's or the limit's "unreachable" line: PostgreSQL is down for watch too
+        wait_for(lambda: "unreachable" in proc.text(), 60, "watch to notice the outage")
         pg_cluster.start()
-        wait_for(lambda: "reachable again" in proc.text(), 90, "the fleet budget again")
-        wait_for(lambda: len(set(app.parts)) == 60 + 4 * 2, 120, "every chunk of every file")
+        wait_for(lambda: "fleet budget in PostgreSQL is reachable again" in proc.text(), 120, "the fleet budget again")
+        wait_for(lambda: len(set(app.parts)) == chunks + 4 * 2, 120, "every chunk of every file")
         wait_for(lambda: [r["state"] for r in ledger_rows_cli(env)] == ["sent"] * 5, 120, "every row sent")
         stop(proc)
     log = proc.text()
-    assert log.count("fleet budget in PostgreSQL is unreachable") == 1, log
-    assert log.count("fleet budget in PostgreSQL is reachable again") == 1, log
+    assert log.count("Outbound limit: the fleet budget in PostgreSQL is unreachable") == 1, log
+    assert log.count("Outbound limit: the fleet budget in PostgreSQL is reachable again") == 1, log
+    assert log.index("is unreachable") < log.index("is reachable again")
     assert len({name.partition(".part")[0] for _, name in app.parts}) == 5
 
 
