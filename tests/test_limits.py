@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -21,6 +22,7 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import httpx
 import pytest
 from faults.support import WatchProc, ledger_rows_cli
 from pgcluster import PgCluster
@@ -107,6 +109,15 @@ def test_defaults_are_on() -> None:
     settings = load_settings({"SMT_LOCAL_DIR": "/tmp", "SMT_STATE_DIR": "/tmp/x"})
     assert settings.max_requests_per_second == 10.0 and settings.max_in_flight == 2
     assert describe(settings) == "10 request(s)/s, 2 in flight, per node"
+
+
+def test_doctor_prints_the_effective_limits(run_cli: object) -> None:
+    env = {"SMT_MAX_REQUESTS_PER_SECOND": "10", "SMT_MAX_IN_FLIGHT": "2", "INTELLIWATT_BASE_URL": "http://x.test",
+           "ADMIN_TOKEN": ADMIN_TOKEN}
+    done = run_cli("doctor", "--offline", env=env)  # type: ignore[operator]
+    assert "ok    outbound limit: 10 request(s)/s, 2 in flight, per node" in done.stdout, done.stdout
+    done = run_cli("doctor", "--offline", env={**env, "SMT_MAX_REQUESTS_PER_SECOND": "0", "SMT_MAX_IN_FLIGHT": "0"})  # type: ignore[operator]
+    assert "outbound limit: off" in done.stdout, done.stdout
 
 
 def test_a_bad_limit_is_one_line_and_exit_2(run_cli: object) -> None:
@@ -247,17 +258,22 @@ def stop(proc: WatchProc, within: float = 30) -> None:
 
 
 @pytest.mark.parametrize("mode", ["thread", "process"])
-def test_backlog_stays_within_rate_and_in_flight(tmp_path: Path, app: CountingApp, mode: str) -> None:
+def test_backlog_stays_within_rate_and_in_flight(tmp_path: Path, app: CountingApp, mode: str,
+                                                 unused_port: int) -> None:
     """5 requests/s and 2 in flight hold for the node: 4 worker threads, or 4 worker processes sharing
     the files under the state dir. Fails without the limiter: 4 workers put 4 requests in flight and
     ~25 a second."""
     files = 12
     env = node_env(tmp_path, "n1", app, SMT_MAX_REQUESTS_PER_SECOND="5", SMT_MAX_IN_FLIGHT="2",
-                   SMT_WORKER_MODE=mode)
+                   SMT_WORKER_MODE=mode, SMT_METRICS_PORT=str(unused_port))
     backlog(env, files)
     with watching(env) as proc:
         wait_for(lambda: app.count() >= 2 * files, 60, "every chunk delivered")
+        metrics = httpx.get(f"http://127.0.0.1:{unused_port}/metrics", timeout=10).text
         stop(proc)
+    throttled = re.search(r"^smt_watch_outbound_throttled_requests_total (\S+)$", metrics, re.M)
+    assert throttled and float(throttled.group(1)) >= 5, metrics  # node-wide: worker processes count too
+    assert re.search(r"^smt_watch_outbound_in_flight [0-2]\.0$", metrics, re.M), metrics
     log = proc.text()
     assert app.most <= 2, f"{app.most} requests in flight at once"
     # burst 5 + 5/s: at most 5 + 10 = 15 arrivals in any 2 s; +2 for arrival jitter on a loaded machine
