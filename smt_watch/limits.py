@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, Protocol, TypeVar
 
-from smt_watch.errors import FileChanged
+from smt_watch.errors import FileChanged, SmtWatchError
 
 if TYPE_CHECKING:
     from smt_watch.config import Settings
@@ -386,8 +386,6 @@ class Limiter:
     def _call(self, budget: Budget, fn: Callable[[Budget], T]) -> tuple[Budget, T]:
         """``fn(budget)``; on a fleet failure, the same on the node budget (and the fleet is left alone
         for :data:`FLEET_RETRY_SECONDS`)."""
-        from smt_watch.errors import SmtWatchError
-
         if budget is self._fleet and budget is not None:
             try:
                 result = fn(budget)
@@ -440,8 +438,6 @@ class Limiter:
                     self._waiting -= 1
 
     def _release(self, budget: Budget, slot: int) -> None:
-        from smt_watch.errors import SmtWatchError
-
         try:
             budget.release(slot)
         except SmtWatchError as exc:  # the session is gone, and its advisory locks with it
@@ -512,6 +508,7 @@ def limiter_for(settings: Settings, stop: threading.Event | None = None) -> Limi
 
 
 def node_stats_reader(settings: Settings) -> Callable[[], OutboundStats]:
-    """For the metrics: a function reading the node's counters when scraped."""
-    directory, slots = limits_dir(settings), settings.max_in_flight
+    """For the metrics: a function reading the node's counters when scraped. With a fleet budget the node's
+    slot files are not where requests hold their slots, so there is no in-flight gauge then."""
+    directory, slots = limits_dir(settings), 0 if settings.ledger_url else settings.max_in_flight
     return lambda: read_node_stats(directory, slots)
