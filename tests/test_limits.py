@@ -12,6 +12,7 @@ itself is unit-tested with an injected clock.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -30,8 +31,18 @@ from test_multinode import restarted_at_the_end
 
 from conftest import ADMIN_TOKEN, wait_for
 from smt_watch.config import load_settings
+from smt_watch.errors import LedgerUnavailable
 from smt_watch.ledger.fleet import FleetBudget
-from smt_watch.limits import Limiter, NodeBudget, Rate, TokenBucket, describe, read_node_stats
+from smt_watch.limits import (
+    FLEET_RETRY_SECONDS,
+    Limiter,
+    LocalBudget,
+    NodeBudget,
+    Rate,
+    TokenBucket,
+    describe,
+    read_node_stats,
+)
 
 HOLD_SECONDS = 0.15  # how long the app takes per request: long enough for requests to overlap
 
@@ -393,3 +404,48 @@ def test_fleet_budget_shares_slots_and_tokens_between_sessions(pg_url: str) -> N
     finally:
         a.close()
         b.close()
+
+
+class FlakyFleet(LocalBudget):
+    """A fleet budget whose database is down while ``down`` is set. A fake on purpose: it pins the order of
+    fallback and recovery (and their log lines) with an injected clock; the real PostgreSQL outage is
+    test_postgres_stopped_mid_drain_falls_back_and_loses_nothing."""
+
+    where = "fleet"
+
+    def __init__(self) -> None:
+        super().__init__(None, 1)
+        self.down = False
+        self.asked = 0
+
+    def try_slot(self) -> int | None:
+        self.asked += 1
+        if self.down:
+            raise LedgerUnavailable("PostgreSQL: connection refused")
+        return super().try_slot()
+
+
+def test_fleet_outage_falls_back_to_the_node_once_and_comes_back_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = load_settings({"SMT_LOCAL_DIR": str(tmp_path), "SMT_STATE_DIR": str(tmp_path),
+                              "SMT_MAX_REQUESTS_PER_SECOND": "0", "SMT_MAX_IN_FLIGHT": "1"})
+    clock = FakeClock()
+    fleet, node = FlakyFleet(), LocalBudget(None, 1)
+    limiter = Limiter(settings, node, fleet, clock=clock)
+    caplog.set_level(logging.WARNING, "smt_watch.limits")
+    fleet.down = True
+    for _ in range(3):
+        with limiter.request():  # never waits on the unreachable fleet: the node's slot is taken
+            assert node.try_slot() is None
+    assert fleet.asked == 1  # not asked again before FLEET_RETRY_SECONDS
+    clock.now += FLEET_RETRY_SECONDS
+    with limiter.request():
+        assert node.try_slot() is None
+    assert fleet.asked == 2  # asked again, still down: no second line
+    fleet.down = False
+    clock.now += FLEET_RETRY_SECONDS
+    with limiter.request():
+        assert node.try_slot() is not None  # the fleet's slot now, not the node's
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and "unreachable" in lines[0] and "reachable again" in lines[1], lines
