@@ -59,7 +59,8 @@ ANNOUNCE_AFTER: Final = 1.0  # an episode of waits is logged once it has lasted 
 QUIET_SECONDS: Final = 60.0  # no wait for this long: the throttling episode is over (logged once more)
 FLEET_RETRY_SECONDS: Final = 5.0  # while PostgreSQL is unreachable, ask it again at most this often
 MAX_WAITERS: Final = 1024  # bounds how far ahead a sane bucket's tat can be (a stale file is reset)
-_BUCKET: Final = struct.Struct("<dqd")  # tat (CLOCK_MONOTONIC seconds), requests that waited, seconds waited
+# tat (CLOCK_MONOTONIC seconds), requests that waited, seconds waited, when a process last said it throttles
+_BUCKET: Final = struct.Struct("<dqdd")
 
 
 class LimiterClosed(FileChanged):
@@ -212,10 +213,11 @@ class NodeBudget:
             fcntl.flock(self._bucket_fd, fcntl.LOCK_EX)
             try:
                 raw = os.pread(self._bucket_fd, _BUCKET.size, 0)
-                tat, waited, seconds = _BUCKET.unpack(raw) if len(raw) == _BUCKET.size else (-math.inf, 0, 0.0)
-                fields = [tat, float(waited), seconds]
+                tat, waited, seconds, said = (_BUCKET.unpack(raw) if len(raw) == _BUCKET.size
+                                              else (-math.inf, 0, 0.0, -math.inf))
+                fields = [tat, float(waited), seconds, said]
                 yield fields
-                os.pwrite(self._bucket_fd, _BUCKET.pack(fields[0], int(fields[1]), fields[2]), 0)
+                os.pwrite(self._bucket_fd, _BUCKET.pack(fields[0], int(fields[1]), fields[2], fields[3]), 0)
             finally:
                 fcntl.flock(self._bucket_fd, fcntl.LOCK_UN)
 
@@ -231,6 +233,17 @@ class NodeBudget:
         with self._bucket() as fields:
             fields[1] += 1
             fields[2] += seconds
+
+    def claim_announcement(self, quiet: float) -> bool:
+        """True for the first process of the node to ask since ``quiet`` seconds: watch's worker processes
+        each have a limiter, and the node's throttling is said once, not once per process."""
+        now = time.monotonic()
+        with self._bucket() as fields:
+            if now - fields[3] < quiet:
+                fields[3] = now  # an episode still going on somewhere on this node
+                return False
+            fields[3] = now
+            return True
 
     def close(self) -> None:
         with self._lock:
@@ -255,7 +268,7 @@ def read_node_stats(directory: Path, slots: int) -> OutboundStats:
             raw = f.read(_BUCKET.size)
     except OSError:
         raw = b""
-    _, waited, seconds = _BUCKET.unpack(raw) if len(raw) == _BUCKET.size else (0.0, 0, 0.0)
+    _, waited, seconds, _ = _BUCKET.unpack(raw) if len(raw) == _BUCKET.size else (0.0, 0, 0.0, 0.0)
     held = None
     if slots:
         held = 0
@@ -312,7 +325,8 @@ class Limiter:
         self._last_wait = 0.0
         self._episode_waits = 0
         self._episode_seconds = 0.0
-        self._announced = False
+        self._announced = False  # this episode was looked at for saying so (by this process or another)
+        self._said = False  # ... and this process said it
         self._most_waiting = 0
         self._fleet_down_until: float | None = None  # monotonic time to ask PostgreSQL again
 
@@ -453,12 +467,20 @@ class Limiter:
         with self._lock:
             if self._throttled_since is None:
                 self._throttled_since = self._last_wait = now
-                self._announced, self._most_waiting = False, 0
+                self._announced, self._said, self._most_waiting = False, False, 0
             self._most_waiting = max(self._most_waiting, self._waiting)
             if self._announced or now - self._throttled_since < ANNOUNCE_AFTER:
                 return
             self._announced = True
             waiting = self._most_waiting
+        if isinstance(self._node, NodeBudget):
+            try:
+                if not self._node.claim_announcement(QUIET_SECONDS):
+                    return  # another process of this node said it (its "no longer" line ends the episode)
+            except OSError:
+                pass
+        with self._lock:
+            self._said = True
         log.info("Outbound limit: %s; backlog of %d request(s) waiting", describe(self._settings), waiting)
 
     def _note(self, waited: float) -> None:
@@ -476,7 +498,7 @@ class Limiter:
             over = self._throttled_since is not None and now - self._last_wait >= QUIET_SECONDS
             if not over:
                 return
-            waits, seconds, announced = self._episode_waits, self._episode_seconds, self._announced
+            waits, seconds, announced = self._episode_waits, self._episode_seconds, self._said
             self._throttled_since, self._episode_waits, self._episode_seconds = None, 0, 0.0
         if announced:
             log.info("Outbound limit: no longer throttling; %d request(s) waited %.1f s in all", waits, seconds)
