@@ -462,8 +462,8 @@ class Limiter:
 
     def _throttling(self, now: float) -> None:
         """A request starts to wait. Once an episode of waits has lasted :data:`ANNOUNCE_AFTER` it is logged,
-        once, with the most requests this process had waiting meanwhile (at the very first wait, that is
-        always one)."""
+        once per node, with the most requests the process that says it had waiting meanwhile (at the very
+        first wait that is always one; with worker processes, each has one request at a time)."""
         with self._lock:
             if self._throttled_since is None:
                 self._throttled_since = self._last_wait = now
