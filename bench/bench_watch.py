@@ -360,6 +360,8 @@ class Bench:
             SMT_UPLOAD_URL=self.upload_url, SMT_SETTLE_SECONDS=f"{settle:g}", SMT_WORKERS=str(workers),
             SMT_WORKER_MODE=mode,
             NOTIFY_SOCKET=str(sock_path),
+            # what watch itself can do: the outbound limit (on by default) is bench_limits.py's subject
+            SMT_MAX_REQUESTS_PER_SECOND="0", SMT_MAX_IN_FLIGHT="0",
         )
         env.update(extra_env or {})
         log_path = self.work / f"{name}.log"

@@ -105,6 +105,13 @@ SETTING_GROUPS: Final = (
         Setting("SMT_RETRY_ATTEMPTS", "5", "HTTP attempts within one delivery call, 1–100 (ours)"),
         Setting("SMT_RETRY_BACKOFF_SECONDS", "1", "first in-call backoff step, doubled each attempt (ours)"),
         Setting("SMT_HTTP_TIMEOUT", "60", "connect (at most 10 s), read and write timeout in seconds (ours)"),
+        Setting("SMT_MAX_REQUESTS_PER_SECOND", "10",
+                "requests toward the target (raw-upload chunks and retries included) at most this many a second, "
+                "per node, or per fleet with `SMT_LEDGER_URL`; `0`: no rate limit (ours; see \"Outbound limits\" "
+                "in docs/how-it-works.md for why 10)"),
+        Setting("SMT_MAX_IN_FLIGHT", "2",
+                "requests toward the target out at once, per node, or per fleet with `SMT_LEDGER_URL`; `0`: no "
+                "limit (ours; see \"Outbound limits\")"),
         Setting("SMT_CA_BUNDLE", None,
                 "outbound TLS to an https target (delivery, `verify`, `doctor`): the PEM CAs its certificate "
                 "must chain to, instead of the public ones; a file that does not load is exit 2"),
@@ -366,6 +373,8 @@ class Settings:
     retry_attempts: int  # SMT_RETRY_ATTEMPTS: HTTP attempts within one delivery call
     retry_backoff: float  # SMT_RETRY_BACKOFF_SECONDS: first backoff step, doubled per attempt
     http_timeout: float  # SMT_HTTP_TIMEOUT: connect/read/write timeout in seconds
+    max_requests_per_second: float  # SMT_MAX_REQUESTS_PER_SECOND: toward the app, per node/fleet (0: off)
+    max_in_flight: int  # SMT_MAX_IN_FLIGHT: requests out at once toward the app, per node/fleet (0: off)
     ca_bundle: Path | None  # SMT_CA_BUNDLE: the CAs an https target's certificate must chain to
     client_cert: Path | None  # SMT_CLIENT_CERT: a client certificate (PEM) for an https target
     client_key: Path | None  # SMT_CLIENT_KEY: its private key, when not in SMT_CLIENT_CERT
@@ -807,6 +816,8 @@ def load_settings(
         retry_attempts=r.integer("SMT_RETRY_ATTEMPTS", minimum=1, maximum=100),
         retry_backoff=r.number("SMT_RETRY_BACKOFF_SECONDS"),
         http_timeout=r.number("SMT_HTTP_TIMEOUT", minimum=0.1),
+        max_requests_per_second=r.number("SMT_MAX_REQUESTS_PER_SECOND", minimum=0.0, maximum=100_000.0),
+        max_in_flight=r.integer("SMT_MAX_IN_FLIGHT", minimum=0, maximum=1024),
         ca_bundle=r.path("SMT_CA_BUNDLE"),
         client_cert=r.path("SMT_CLIENT_CERT"),
         client_key=r.path("SMT_CLIENT_KEY"),

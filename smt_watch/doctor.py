@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from smt_watch import host
+from smt_watch import host, limits
 from smt_watch.config import Settings, redact_url
 from smt_watch.delivery.registry import MODES, OwnServeTarget, auto_targets, delivery_mode
 from smt_watch.errors import ConfigError, SmtWatchError
@@ -57,6 +57,7 @@ def check_delivery(s: Settings) -> Iterator[Check]:
         return
     token = f"{mode.token.env} {'set' if secret else 'not set'}"
     yield Check(OK, "delivery", f"{mode.name} to {redact_url(mode.url(s))} ({token})")
+    yield Check(OK, "outbound limit", limits.describe(s))  # smt_watch/limits.py; README "Outbound limits"
 
 
 _PLACEHOLDER = re.compile(r"REPLACE|REDACTED|CHANGE_?ME|YOUR_|<|>|^x+$|^\.+$|TOKEN_HERE|64_CHAR", re.IGNORECASE)

@@ -54,6 +54,7 @@ from smt_watch.inbox import (
 )
 from smt_watch.jobs import InProcess, InThread, JobKind, JobResult, Runner
 from smt_watch.ledger import Ledger, Seen
+from smt_watch.limits import node_stats_reader
 from smt_watch.metrics import Metrics
 from smt_watch.notify import Notifier
 from smt_watch.pipeline import Outcome, Result
@@ -168,7 +169,8 @@ class WatchService:
             ledger.close()
             raise
         try:
-            self._sink = make_sink(self.settings, self.mode, chunks=ledger)
+            self._sink = make_sink(self.settings, self.mode, chunks=ledger, stop=self._stop)
+            self.metrics.outbound(node_stats_reader(self.settings))
             if self.settings.metrics_port:
                 self.metrics.serve(self.settings.metrics_port)
                 log.info("Serving metrics at http://127.0.0.1:%d/metrics", self.settings.metrics_port)

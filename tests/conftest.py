@@ -98,6 +98,10 @@ def base_env(tmp_path: Path, ledger_backend: str, request: pytest.FixtureRequest
         "SMT_STATE_DIR": str(tmp_path / "state"),
         "SMT_RETRY_BACKOFF_SECONDS": "0.05",
         "SMT_HTTP_TIMEOUT": "10",
+        # the outbound limit (on by default) is tests/test_limits.py's subject; elsewhere it would only slow
+        # the drains of backlogs that other tests are about
+        "SMT_MAX_REQUESTS_PER_SECOND": "0",
+        "SMT_MAX_IN_FLIGHT": "0",
     }
     if ledger_backend == "postgres":
         env.update(SMT_LEDGER_URL=str(request.getfixturevalue("pg_url")), SMT_NODE_NAME=TEST_NODE)

@@ -72,6 +72,8 @@ def node_env(tmp_path: Path, name: str, pg_url: str, **extra: str) -> dict[str, 
         "SMT_RETRY_BACKOFF_SECONDS": "0.05",
         "SMT_SETTLE_SECONDS": "0.1",
         "SMT_HTTP_TIMEOUT": "10",
+        "SMT_MAX_REQUESTS_PER_SECOND": "0",  # the outbound limit is tests/test_limits.py's subject
+        "SMT_MAX_IN_FLIGHT": "0",
         **extra,
     }
 

@@ -13,6 +13,7 @@ override ``should_retry_response``.
 from __future__ import annotations
 
 import email.utils
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -94,6 +95,7 @@ class SinkContext:
     token: Secret | None
     chunks: ChunkStore | None = None
     announce: bool = True
+    stop: threading.Event | None = None  # set: a wait for the outbound limit ends, nothing sent (watch stopping)
 
 
 class Sink(Protocol):

@@ -6,12 +6,17 @@ watch's worker threads), ``SMT_RETRY_ATTEMPTS`` requests per call with exponenti
 then waits as ``retrying``). httpx's transport errors become :class:`RetryableDelivery` in one place,
 :func:`map_transport_errors`, as httpx maps httpcore's. Response bodies are scrubbed of every secret before
 an error or the ledger quotes them.
+
+Every request, retries and each raw-upload chunk included, first passes the outbound limit
+(:mod:`smt_watch.limits`, ``SMT_MAX_REQUESTS_PER_SECOND``/``SMT_MAX_IN_FLIGHT``): an attempt is counted
+only once the limiter let it through, and the backoff between attempts holds no in-flight slot.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import threading
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,6 +29,7 @@ from tenacity.stop import stop_base
 from smt_watch.config import redact_url
 from smt_watch.delivery.base import Body, Classify, Progress, classify
 from smt_watch.errors import DeliveryError, RetryableDelivery
+from smt_watch.limits import limiter_for
 from smt_watch.logs import redact_text, redaction_pattern
 from smt_watch.tls import plain_reason, verify_for
 
@@ -79,16 +85,18 @@ class Poster:
     """POSTs bodies to one URL over one keep-alive ``httpx.Client``, with in-call retries.
 
     ``auth`` is the header a sink authenticates with and its token (sent only when set); ``classify``
-    reads each response (the default: :func:`~smt_watch.delivery.base.classify`).
+    reads each response (the default: :func:`~smt_watch.delivery.base.classify`); ``stop``, once set, ends
+    a wait for the outbound limit with :class:`~smt_watch.limits.LimiterClosed` (nothing sent).
     """
 
     def __init__(self, settings: Settings, url: str, auth: tuple[str, Secret | None],
-                 classify: Classify = classify) -> None:
+                 classify: Classify = classify, stop: threading.Event | None = None) -> None:
         self.url = url
         self.destination = redact_url(url)
         self._auth = auth
         self._classify = classify
         self._settings = settings
+        self._limiter = limiter_for(settings, stop)
         self._secrets = redaction_pattern(settings.secrets())
         t = settings.http_timeout
         limits = httpx.Limits(max_connections=16, max_keepalive_connections=8)
@@ -109,6 +117,7 @@ class Poster:
             self._client = httpx.Client(timeout=timeout, limits=limits, verify=verify, follow_redirects=False)
 
     def close(self) -> None:
+        self._limiter.close()
         self._client.close()
 
     def post(self, name: str, key: str, body: Body, progress: Progress | None) -> tuple[int, str, int]:
@@ -138,8 +147,8 @@ class Poster:
         )
         try:
             for attempt in retrying:
-                with attempt:
-                    attempts += 1
+                with attempt, self._limiter.request():
+                    attempts += 1  # only now: waiting for the limit is not an attempt
                     status, text = self._attempt(key, body, progress)
         except DeliveryError as exc:
             exc.attempts = attempts

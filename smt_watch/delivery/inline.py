@@ -58,7 +58,7 @@ class InlineSink:
 
     def __init__(self, cx: SinkContext) -> None:
         self.url = cx.url
-        self._poster = Poster(cx.settings, cx.url, ("x-admin-token", cx.token), classify_inline)
+        self._poster = Poster(cx.settings, cx.url, ("x-admin-token", cx.token), classify_inline, stop=cx.stop)
         self.destination = self._poster.destination
         self._encoding = cx.settings.inline_encoding
         self._max = cx.settings.inline_max_bytes

@@ -34,7 +34,8 @@ class MultipartSink:
 
     def __init__(self, cx: SinkContext) -> None:
         self.url = cx.url
-        self._poster = Poster(cx.settings, cx.url, ("x-smt-upload-token", cx.token), classify_multipart)
+        self._poster = Poster(cx.settings, cx.url, ("x-smt-upload-token", cx.token), classify_multipart,
+                              stop=cx.stop)
         self.destination = self._poster.destination
         if cx.announce:
             log.info("Using droplet upload server at %s", self.destination)

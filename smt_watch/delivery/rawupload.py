@@ -67,7 +67,7 @@ class RawUploadSink:
         settings = cx.settings
         if settings.http_timeout < NODE_CHUNK_TIMEOUT:
             settings = dataclasses.replace(settings, http_timeout=NODE_CHUNK_TIMEOUT)
-        self._poster = Poster(settings, cx.url, ("x-admin-token", cx.token))
+        self._poster = Poster(settings, cx.url, ("x-admin-token", cx.token), stop=cx.stop)
         self.destination = self._poster.destination
         self._store = cx.chunks
         self.lines_per_chunk = cx.settings.raw_lines_per_chunk

@@ -20,6 +20,7 @@ import importlib
 import ipaddress
 import logging
 import socket
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -70,10 +71,11 @@ class Mode:
     warning: str = ""
     refuses: tuple[str, ...] = ()  # CSV kinds (smtcsv.classify) its target cannot read: recorded, never sent
 
-    def build(self, settings: Settings, *, chunks: ChunkStore | None = None, announce: bool = True) -> Sink:
+    def build(self, settings: Settings, *, chunks: ChunkStore | None = None, announce: bool = True,
+              stop: threading.Event | None = None) -> Sink:
         module, _, name = self.sink.partition(":")
         factory: Callable[[SinkContext], Sink] = getattr(importlib.import_module(f"smt_watch.delivery.{module}"), name)
-        return factory(SinkContext(settings, self.url(settings), self.secret(settings), chunks, announce))
+        return factory(SinkContext(settings, self.url(settings), self.secret(settings), chunks, announce, stop))
 
     def secret(self, settings: Settings) -> Secret | None:
         """The token it sends (None: not set)."""
@@ -214,9 +216,11 @@ def refusal(mode: str, kind: str) -> str | None:
             " script and the Node upload server leave these out too)")
 
 
-def make_sink(settings: Settings, mode: str, *, chunks: ChunkStore | None = None, announce: bool = True) -> Sink:
+def make_sink(settings: Settings, mode: str, *, chunks: ChunkStore | None = None, announce: bool = True,
+              stop: threading.Event | None = None) -> Sink:
     """The sink for ``mode`` (a name :func:`delivery_mode` returned). ``chunks``: the ledger, for a sink that
-    resumes a file in parts; ``announce=False`` leaves out its start line (a watch worker process)."""
+    resumes a file in parts; ``announce=False`` leaves out its start line (a watch worker process); ``stop``, once
+    set, ends every wait for the outbound limit (smt_watch/limits.py) without sending."""
     if mode not in MODES:
         raise DeliveryError(f"delivery mode {mode!r} is not available")
-    return MODES[mode].build(settings, chunks=chunks, announce=announce)
+    return MODES[mode].build(settings, chunks=chunks, announce=announce, stop=stop)
