@@ -358,7 +358,7 @@ def serve(
     background; it also listens on SMT_WEBHOOK_HOST:SMT_WEBHOOK_PORT (0.0.0.0:8787). GET /health and /healthz
     report ledger counts.
     """
-    from smt_watch.server import run
+    from smt_watch.http_server import run
     from smt_watch.statedir import open_ledger
 
     settings = _settings(env_file, SMT_UPLOAD_HOST=host, SMT_UPLOAD_PORT=port, SMT_WEBHOOK_PORT=webhook_port,
