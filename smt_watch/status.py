@@ -25,8 +25,9 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Sequence, Sized
 from dataclasses import asdict, dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from smt_watch.clock import utc_stamp
 from smt_watch.errors import LedgerError, LedgerUnavailable
@@ -36,7 +37,6 @@ from smt_watch.names import shown
 
 if TYPE_CHECKING:
     from smt_watch.config import Settings
-    from smt_watch.sync import SyncReport
 
 HEARTBEAT_PREFIX: Final = "watch.heartbeat."
 HEARTBEAT_SECONDS: Final = 10.0  # how often `watch` rewrites its heartbeat
@@ -189,7 +189,27 @@ def record_unreadable(ledger: Ledger, node: str, files: list[Unreadable]) -> Non
     ledger.set_meta(UNREADABLE_PREFIX + node, json.dumps([asdict(f) for f in files], sort_keys=True))
 
 
-def record_sync(ledger: Ledger, node: str, started: float, report: SyncReport | None, error: str | None) -> None:
+class SyncCounts(Protocol):
+    """What :func:`record_sync` reads of a pass (``smt_watch.sync.SyncReport`` is one): ``sync`` calls
+    ``status`` to record its pass, so ``status`` names only what it reads and never imports ``sync``."""
+
+    @property
+    def listed(self) -> int: ...
+
+    @property
+    def already(self) -> int: ...
+
+    @property
+    def bytes(self) -> int: ...
+
+    @property
+    def fetched(self) -> Sized: ...
+
+    @property
+    def failed(self) -> Sequence[str]: ...
+
+
+def record_sync(ledger: Ledger, node: str, started: float, report: SyncCounts | None, error: str | None) -> None:
     """Remember a finished pass (or the error that stopped it) for ``status``."""
     value = {"node": node, "started_at": utc_stamp(started), "finished_at": utc_stamp(time.time()),
              "listed": report.listed if report else 0, "new": len(report.fetched) if report else 0,

@@ -3,7 +3,7 @@
 A sink (Vector's word) takes one :class:`Payload` and either returns a :class:`Result` (the target answered
 2xx and meant it) or raises a :class:`DeliveryError` saying whether trying again may help. The pipeline
 marks a ledger row ``sent`` only on a Result. Everything here is plain data and pure functions: no httpx
-at import time, so ``config`` can read the registry without loading the HTTP stack.
+at import time, so the package and its registry load without the HTTP stack (a sink module loads it).
 
 :func:`classify` is the default reading of a response (retryable statuses, ``Retry-After``, ``"ok":
 false`` in a 2xx); a sink with a different contract passes its own to the poster, as Vector's sinks
