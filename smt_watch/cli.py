@@ -291,7 +291,8 @@ def sync(
     server changed. Remote files are never modified. Host keys come from SMT_KNOWN_HOSTS; an unknown or
     changed key exits 2 without fetching. Exit 0 when all went well, 1 when a file failed.
     """
-    from smt_watch.sync import human_bytes, run_sync
+    from smt_watch.sizes import human_bytes
+    from smt_watch.sync import run_sync
 
     settings = _settings(env_file, SMT_LOCAL_DIR=inbox, SMT_STATE_DIR=state_dir)
     with _sync_progress() as (on_plan, on_bytes):

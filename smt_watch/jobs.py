@@ -30,7 +30,7 @@ from typing import Protocol
 from smt_watch.config import Settings
 from smt_watch.content import sniffing
 from smt_watch.delivery import Sink, make_sink
-from smt_watch.errors import FileChanged, InputError, LedgerUnavailable, SmtWatchError
+from smt_watch.errors import FileChanged, InputError, LedgerUnavailable, SmtWatchError, reason
 from smt_watch.hashing import FileIdentity, Signature, identify
 from smt_watch.inbox import open_beneath, regular_stat
 from smt_watch.ledger import Ledger, Remember
@@ -195,5 +195,5 @@ def _child_main(settings: Settings, mode: str, conn: Connection, logs: WorkerLog
                 result = JobResult(JobKind.ERROR, message=str(exc))
             except Exception as exc:  # a bug: logged with its traceback here, the watcher carries on
                 log.exception("Unexpected error handling %s", path)
-                result = JobResult(JobKind.ERROR, message=f"internal error: {type(exc).__name__}: {exc}")
+                result = JobResult(JobKind.ERROR, message=f"internal error: {reason(exc)}")
             conn.send(result)

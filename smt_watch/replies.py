@@ -13,7 +13,8 @@ from urllib.parse import urlsplit
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from smt_watch.uploads import UploadTooLarge, idle_limited
+from smt_watch.errors import UploadTooLarge
+from smt_watch.uploads import idle_limited
 
 
 def error_reply(status: int, error: str, message: str, *, headers: dict[str, str] | None = None,
@@ -23,7 +24,7 @@ def error_reply(status: int, error: str, message: str, *, headers: dict[str, str
                         headers=headers)
 
 
-def shown(text: str, limit: int = 80) -> str:
+def client_text(text: str, limit: int = 80) -> str:
     """Client-sent text fit for a message: printable, short (JSON escaping does the rest)."""
     text = "".join(c if c.isprintable() else "?" for c in text[:limit])
     return text + ("…" if len(text) >= limit else "")

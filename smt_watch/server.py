@@ -43,22 +43,24 @@ from starlette.routing import Route
 from smt_watch.bridge import Bridge
 from smt_watch.clock import utc_stamp
 from smt_watch.config import Secret, Settings
-from smt_watch.errors import LedgerUnavailable, SmtWatchError
+from smt_watch.errors import (
+    LedgerUnavailable,
+    MalformedUpload,
+    SmtWatchError,
+    TicketError,
+    UploadStalled,
+    UploadTooLarge,
+)
 from smt_watch.esiids import InvalidLabel, Repost, clean_esiid, clean_meter, repost_esiid
 from smt_watch.inbox import create_inbox, is_candidate
 from smt_watch.ledger import Ledger
 from smt_watch.linger import CloseUnreadBody
-from smt_watch.replies import error_reply, read_capped, same_origin, shown
+from smt_watch.replies import client_text, error_reply, read_capped, same_origin
 from smt_watch.sessions import Sessions
+from smt_watch.sizes import exact_bytes
 from smt_watch.status_web import StatusWeb
-from smt_watch.tickets import TicketError, verify
-from smt_watch.uploads import (
-    MalformedUpload,
-    ReceivedFile,
-    UploadStalled,
-    UploadTooLarge,
-    read_multipart,
-)
+from smt_watch.tickets import verify
+from smt_watch.uploads import ReceivedFile, read_multipart
 
 log = logging.getLogger("smt_watch.server")
 
@@ -104,14 +106,6 @@ def _matches_any(request: Request, secrets: tuple[Secret, ...]) -> bool:
     with every secret, so the time taken does not say which header or which secret matched."""
     sent = [request.headers.get(h) for h in SECRET_HEADERS]
     return any([_matches(value, secret) for value in sent for secret in secrets])
-
-
-def human_bytes(n: int) -> str:
-    """``1,073,741,824 bytes (1 GiB)``: the exact figure an operator set, and a readable one."""
-    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= size:
-            return f"{n:,} bytes ({n / size:.1f} {unit})".replace(".0 ", " ")
-    return f"{n:,} bytes"
 
 
 def counted_role(declared: str) -> str:
@@ -223,9 +217,9 @@ class Server:
         allowed = self.settings.cors_origins
         if origin is None or "*" in allowed or origin in allowed or same_origin(origin, request.headers.get("host")):
             return None
-        log.warning("Upload refused: origin %s is not in SMT_UPLOAD_CORS_ORIGINS", shown(origin))
+        log.warning("Upload refused: origin %s is not in SMT_UPLOAD_CORS_ORIGINS", client_text(origin))
         return error_reply(403, "origin_not_allowed",
-                           f"Uploads from {shown(origin)} are not allowed here (SMT_UPLOAD_CORS_ORIGINS)")
+                           f"Uploads from {client_text(origin)} are not allowed here (SMT_UPLOAD_CORS_ORIGINS)")
 
     async def upload(self, request: Request) -> Response:
         """At most SMT_UPLOAD_MAX_CONCURRENT uploads at once (one event loop: a plain count is exact);
@@ -307,7 +301,7 @@ class Server:
             log.warning("Upload abandoned: the client sent nothing for %g s; nothing stored", exc.idle_seconds)
             return error_reply(408, "timeout", f"No data for {exc.idle_seconds:g} s: the upload was abandoned")
         except UploadTooLarge:
-            return error_reply(413, "too_large", f"File too large: the limit is {human_bytes(s.upload_max_bytes)}",
+            return error_reply(413, "too_large", f"File too large: the limit is {exact_bytes(s.upload_max_bytes)}",
                                maxBytes=s.upload_max_bytes)
         except MalformedUpload as exc:
             return error_reply(400, "malformed_upload", f"The upload could not be read: {exc}")
@@ -364,7 +358,7 @@ class Server:
                 self.ledger.declare_labels(received.sha256, *labels)
             name = self._publish(received.tmp_path, name)
             log.info("Stored upload %s (%d bytes, sha256 %s, %s %s%s)", name, received.size, received.sha256[:12],
-                     role, shown(account), "".join(f", {k} {v}" for k, v in zip(("esiid", "meter"), labels,
+                     role, client_text(account), "".join(f", {k} {v}" for k, v in zip(("esiid", "meter"), labels,
                                                                                      strict=True) if v))
             if is_candidate(PurePosixPath(name), self.settings.patterns):
                 message = f"Upload accepted and queued for delivery as {name}"
@@ -439,7 +433,7 @@ class Server:
         try:
             raw = await read_capped(request, WEBHOOK_MAX_BYTES, s.upload_idle_seconds)
         except UploadTooLarge:
-            return error_reply(413, "too_large", f"A trigger body is at most {human_bytes(WEBHOOK_MAX_BYTES)}",
+            return error_reply(413, "too_large", f"A trigger body is at most {exact_bytes(WEBHOOK_MAX_BYTES)}",
                                maxBytes=WEBHOOK_MAX_BYTES)
         except UploadStalled as exc:
             return error_reply(408, "timeout", f"No data for {exc.idle_seconds:g} s", headers={"Connection": "close"})
@@ -455,9 +449,9 @@ class Server:
         if reason is not None and reason not in REASONS:
             if self.bridge is not None:
                 return await self.bridge.forward(request, raw)
-            log.info("Trigger reason %s is not handled here; nothing started", shown(reason, 64))
+            log.info("Trigger reason %s is not handled here; nothing started", client_text(reason, 64))
             return JSONResponse({"ok": True, "started": False, "reason": reason,
-                                 "message": f"Reason {shown(reason, 64)!r} is not handled here; nothing started"})
+                                 "message": f"Reason {client_text(reason, 64)!r} is not handled here; nothing started"})
         if not (s.smt_host and s.smt_user and s.smt_key):
             return error_reply(503, "sync_not_configured", "Sync is not configured: set SMT_HOST, SMT_USER and SMT_KEY")
         force = body.get("forceRepost") is True
@@ -489,7 +483,7 @@ class Server:
                                headers={"Allow": ", ".join(owned[request.url.path])})
         if self.bridge is not None:
             return await self.bridge.forward(request)
-        return error_reply(404, "not_found", f"No such route: {request.method} {shown(request.url.path)}")
+        return error_reply(404, "not_found", f"No such route: {request.method} {client_text(request.url.path)}")
 
     # --- GET / ---------------------------------------------------------------------------------------
 

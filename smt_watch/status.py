@@ -34,6 +34,7 @@ from smt_watch.errors import LedgerError, LedgerUnavailable
 from smt_watch.ledger import STATES, Ledger
 from smt_watch.ledger.common import delivery_seconds, epoch_of
 from smt_watch.names import shown
+from smt_watch.sizes import human_bytes
 
 if TYPE_CHECKING:
     from smt_watch.config import Settings
@@ -396,12 +397,8 @@ def age(stamp: str, now: float) -> str:
 
 
 def human_size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} B"
+    """A size in the one unit every operator-facing text uses (:mod:`smt_watch.sizes`); ``-`` if unknown."""
+    return "-" if n is None else human_bytes(n)
 
 
 def seconds_text(s: float | None) -> str:

@@ -19,11 +19,11 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from smt_watch import status_page
 from smt_watch.config import Settings
+from smt_watch.errors import UploadStalled, UploadTooLarge
 from smt_watch.ledger import SHA256_RE, Ledger
-from smt_watch.replies import error_reply, read_capped, same_origin, shown
+from smt_watch.replies import client_text, error_reply, read_capped, same_origin
 from smt_watch.sessions import SESSION_SECONDS, Sessions, SignInThrottle
 from smt_watch.status import gather
-from smt_watch.uploads import UploadStalled, UploadTooLarge
 
 log = logging.getLogger("smt_watch.server")  # the name operators grep for everything serve says
 
@@ -143,7 +143,8 @@ class StatusWeb:
         if session is None:
             return {}, self._html(status_page.login_page("Sign in first."), 401)
         if self._foreign(request):
-            log.warning("Status page: POST refused, Origin %s is not this server", shown(request.headers["origin"]))
+            log.warning("Status page: POST refused, Origin %s is not this server",
+                        client_text(request.headers["origin"]))
             return {}, error_reply(403, "origin_not_allowed", "Refused: this form was sent from another site")
         try:
             form = await self._form(request)

@@ -32,10 +32,11 @@ from typing import Any
 import tenacity
 
 from smt_watch.config import Settings
-from smt_watch.errors import ConfigError, SftpError, SizeMismatch, SmtWatchError
+from smt_watch.errors import ConfigError, SftpError, SizeMismatch, SmtWatchError, reason
 from smt_watch.hashing import identify
 from smt_watch.ledger import Ledger
 from smt_watch.sftp import Connection, RemoteFile
+from smt_watch.sizes import human_bytes
 from smt_watch.statedir import open_ledger
 from smt_watch.workers import WorkerLogging, enter_worker, start_worker, stop_process
 
@@ -72,14 +73,6 @@ class SyncReport:
             return f"sync: {len(self.todo)} to fetch ({size}), {self.already} already fetched (dry run)"
         return (f"sync: {len(self.fetched)} new ({human_bytes(self.bytes)} in {self.seconds:.1f} s), "
                 f"{self.already} already fetched, {len(self.failed)} failed")
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} GB"  # pragma: no cover
 
 
 def part_path(final: Path, remote: RemoteFile) -> Path:
@@ -469,7 +462,7 @@ def _job_done(ledger: Ledger, report: SyncReport, ranged: dict[str, _Ranged], jo
         except (SmtWatchError, OSError) as exc:
             r.failed = True
             r.discard() if isinstance(exc, SizeMismatch) else r.close()
-            fail(remote, _reason(exc))
+            fail(remote, reason(exc))
         return
     assert sha is not None
     try:
@@ -477,7 +470,7 @@ def _job_done(ledger: Ledger, report: SyncReport, ranged: dict[str, _Ranged], jo
             ledger.forget([sha])
             dest = str(place(part_path(job.final, remote), job.final, sha, clean=False))
     except (SmtWatchError, OSError) as exc:
-        fail(remote, _reason(exc))
+        fail(remote, reason(exc))
         return
     ledger.record_fetch(remote.path, remote.size, remote.mtime, sha, dest)
     report.placed.append(job.final)
@@ -508,10 +501,6 @@ def _job_failed(report: SyncReport, ranged: dict[str, _Ranged], job: Job, reason
         r.failed = True
         r.close()  # else its part and record stay for the next pass
     fail(job.remote, reason)
-
-
-def _reason(exc: BaseException) -> str:
-    return str(exc) if isinstance(exc, SmtWatchError) else f"{type(exc).__name__}: {exc}"
 
 
 # --- workers --------------------------------------------------------------------------------------------
@@ -611,7 +600,7 @@ def _worker_loop(settings: Settings, conn: MpConnection, lock: threading.Lock) -
             except (SmtWatchError, OSError) as exc:
                 # A local problem (disk full, a file where a directory should be) fails this file only.
                 progress.flush()
-                send(("failed", job.n, _reason(exc), isinstance(exc, SizeMismatch)))
+                send(("failed", job.n, reason(exc), isinstance(exc, SizeMismatch)))
                 continue
             progress.flush()
             send(("done", job.n, dest, sha))

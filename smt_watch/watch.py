@@ -72,7 +72,9 @@ UNREADABLE_RECHECK_SECONDS = 30.0  # a file this user cannot open is tried again
 
 
 @dataclass(frozen=True)
-class Job:
+class ReadyFile:
+    """A file that settled, queued for a worker (``sync.Job`` is a download's unit of work, another idea)."""
+
     path: Path
     signature: Signature
     ready_at: float  # monotonic time the file became ready, for the latency figure
@@ -108,7 +110,7 @@ class WatchService:
         self._new_dirs: set[Path] = set()
         self._later: list[tuple[float, str]] = []  # heap of (monotonic due, path) to look at again
         self._busy: set[Path] = set()
-        self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max(64, settings.workers * 32))
+        self._queue: queue.Queue[ReadyFile | None] = queue.Queue(maxsize=max(64, settings.workers * 32))
         self._settler = Settler(settings.settle_seconds)
         self._notifier = Notifier(settings.notify_socket, settings.watchdog_usec)
         self._ledger: Ledger | None = None
@@ -354,7 +356,7 @@ class WatchService:
                     continue
                 self._busy.add(path)
             try:
-                self._queue.put_nowait(Job(path, sig, now))
+                self._queue.put_nowait(ReadyFile(path, sig, now))
             except queue.Full:
                 with self._lock:
                     self._busy.discard(path)
@@ -459,7 +461,7 @@ class WatchService:
         assert self._ledger is not None and self._sink is not None
         return InThread(self.settings, self._ledger, self._sink)
 
-    def _apply(self, job: Job, result: JobResult) -> None:
+    def _apply(self, job: ReadyFile, result: JobResult) -> None:
         """What the watcher does with a job's result: its state, counts, log lines and after-send."""
         match result.kind:
             case JobKind.CHANGED:
@@ -524,7 +526,7 @@ class WatchService:
         except SmtWatchError as exc:
             log.debug("Unreadable files not recorded for status: %s", exc)
 
-    def _record(self, job: Job, ident: FileIdentity, o: Outcome) -> None:
+    def _record(self, job: ReadyFile, ident: FileIdentity, o: Outcome) -> None:
         """Counts, metrics and one log line per delivered CSV; then the file's after-send action."""
         latency = time.monotonic() - job.ready_at
         for item in o.children or (o,):

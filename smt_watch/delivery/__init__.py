@@ -2,8 +2,8 @@
 
 The package, one job per module (the shape of Vector's ``src/sinks``):
 
-- :mod:`.base`      the :class:`Sink` protocol and what flows through it (Payload, Body, Result), the default
-                    :func:`~.base.classify` of a response; no httpx
+- :mod:`.base`      the :class:`Sink` protocol and what flows through it (Payload, Body, Delivered), the
+                    default :func:`~.base.classify` of a response; no httpx
 - :mod:`.stream`    verified streaming: a file's bytes, never sent complete unless they are the bytes hashed
 - :mod:`.http`      the one poster: keep-alive client, in-call retries, transport-error mapping, backoff
 - :mod:`.multipart`, :mod:`.inline`, :mod:`.rawupload`   one sink per mode
@@ -15,7 +15,7 @@ Callers build a sink once (``make_sink(settings, delivery_mode(settings), chunks
 and one line in ``config.MODES``.
 """
 
-from smt_watch.delivery.base import Payload, Progress, Result, Sink
+from smt_watch.delivery.base import Delivered, Payload, Progress, Sink
 from smt_watch.delivery.registry import MODES, delivery_mode, make_sink
 
-__all__ = ["MODES", "Payload", "Progress", "Result", "Sink", "delivery_mode", "make_sink"]
+__all__ = ["MODES", "Delivered", "Payload", "Progress", "Sink", "delivery_mode", "make_sink"]
