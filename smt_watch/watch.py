@@ -255,7 +255,7 @@ class WatchService:
         if self._rescan_now.is_set():
             self._rescan_now.clear()
             log.warning("inotify queue overflowed: rescanning %s in %.0f s", self.root, OVERFLOW_RESCAN_DELAY)
-            # after watchdog has rebuilt its watches (it does so right after the warning we heard), so
+            # watchdog sends its EventsLostEvent once it has rebuilt its watches; the delay is margin, so
             # nothing written meanwhile can fall between the rebuild and our scan
             next_rescan = min(next_rescan, now + OVERFLOW_RESCAN_DELAY)
         if now >= next_rescan:
