@@ -43,8 +43,9 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from smt_watch.config import BRIDGE_CLIENT_SHARE, Secret, Settings, redact_url
+from smt_watch.errors import UploadStalled, UploadTooLarge
 from smt_watch.names import shown
-from smt_watch.uploads import UploadStalled, UploadTooLarge, idle_limited
+from smt_watch.uploads import idle_limited
 
 log = logging.getLogger("smt_watch.bridge")
 

@@ -291,7 +291,8 @@ def sync(
     server changed. Remote files are never modified. Host keys come from SMT_KNOWN_HOSTS; an unknown or
     changed key exits 2 without fetching. Exit 0 when all went well, 1 when a file failed.
     """
-    from smt_watch.sync import human_bytes, run_sync
+    from smt_watch.sizes import human_bytes
+    from smt_watch.sync import run_sync
 
     settings = _settings(env_file, SMT_LOCAL_DIR=inbox, SMT_STATE_DIR=state_dir)
     with _sync_progress() as (on_plan, on_bytes):
@@ -374,7 +375,7 @@ def serve(
     background; it also listens on SMT_WEBHOOK_HOST:SMT_WEBHOOK_PORT (0.0.0.0:8787). GET /health and /healthz
     report ledger counts.
     """
-    from smt_watch.server import run
+    from smt_watch.http_server import run
     from smt_watch.statedir import open_ledger
 
     settings = _settings(env_file, SMT_UPLOAD_HOST=host, SMT_UPLOAD_PORT=port, SMT_WEBHOOK_PORT=webhook_port,

@@ -18,14 +18,68 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from enum import StrEnum
 from pathlib import Path
+from types import MappingProxyType
 from typing import Final, TypeVar
 from urllib.parse import unquote, urlsplit
 
-from smt_watch.delivery.registry import choices as delivery_choices
 from smt_watch.errors import ConfigError
 from smt_watch.tickets import secret_weakness
 
-DELIVERY_MODES: Final = delivery_choices()  # auto, then every mode in smt_watch.delivery.registry
+# --- the delivery modes, one line each (smt_watch.delivery.registry does the rest) ------------------------
+# Named here, sinks by "module:Class" string as uvicorn's config names its protocols, so that config stays
+# the leaf every module imports and the registry (which needs Settings) is never imported by config.
+
+LEGACY_INLINE_WARNING: Final = ("SMT_DELIVERY=inline: IntelliWatt's production route refuses it (400 "
+                                 "INLINE_DISABLED); use SMT_DELIVERY=raw-upload unless this is a development app")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A setting a mode reads: its :class:`~smt_watch.config.Settings` field and the variable that sets it."""
+
+    field: str
+    env: str
+
+    def value(self, settings: Settings) -> object:
+        return getattr(settings, self.field)
+
+
+UPLOAD_URL: Final = Target("upload_url", "SMT_UPLOAD_URL")
+UPLOAD_TOKEN: Final = Target("upload_token", "SMT_UPLOAD_TOKEN")
+BASE_URL: Final = Target("base_url", "INTELLIWATT_BASE_URL")
+ADMIN_TOKEN: Final = Target("admin_token", "ADMIN_TOKEN")
+
+
+@dataclass(frozen=True)
+class Mode:
+    """One delivery mode. ``auto``: its place in the ``auto`` rule (1 is tried first) when ``needs`` is set;
+    0: only when named. ``warning``: logged whenever the mode is used."""
+
+    name: str
+    needs: Target  # the target setting it cannot run without
+    url: Callable[[Settings], str]  # where it posts, derived from the settings
+    token: Target  # the credential it sends
+    sink: str  # "module:Class" under smt_watch.delivery
+    auto: int = 0
+    warning: str = ""
+    refuses: tuple[str, ...] = ()  # CSV kinds (smtcsv.classify) its target cannot read: recorded, never sent
+
+    def secret(self, settings: Settings) -> Secret | None:
+        """The token it sends (None: not set)."""
+        token: Secret | None = getattr(settings, self.token.field)
+        return token
+
+
+MODES: Final[Mapping[str, Mode]] = MappingProxyType({m.name: m for m in (
+    Mode("multipart", UPLOAD_URL, lambda s: s.upload_url or "", UPLOAD_TOKEN, "multipart:MultipartSink", auto=1),
+    Mode("inline", BASE_URL, lambda s: f"{s.base_url}/api/admin/smt/pull", ADMIN_TOKEN, "inline:InlineSink",
+         warning=LEGACY_INLINE_WARNING),
+    Mode("raw-upload", BASE_URL, lambda s: f"{s.base_url}/api/admin/smt/raw-upload", ADMIN_TOKEN,
+         "rawupload:RawUploadSink", auto=2, refuses=("smt-other",)),
+)})
+
+
+DELIVERY_MODES: Final = ("auto", *MODES)  # SMT_DELIVERY's choices
 INLINE_ENCODINGS: Final = ("base64", "base64+gzip")
 STATUS_TOKEN_MIN: Final = 16  # a web login: short tokens are guessable
 MAX_UPLOAD_WINDOW_MS: Final = 31 * 86_400_000  # the ledger keeps upload times for 31 days

@@ -27,10 +27,10 @@ from typing import Final
 
 from smt_watch import gpg
 from smt_watch.config import Settings
-from smt_watch.errors import ContentError, SmtWatchError
+from smt_watch.errors import ContentError, LineTooLong, SmtWatchError
 from smt_watch.hashing import FileIdentity, check_regular, identify
 from smt_watch.names import shown
-from smt_watch.smtcsv import LineTooLong, Sniff, Sniffer, Summary, sniff, summarize_file
+from smt_watch.smtcsv import Sniff, Sniffer, Summary, sniff, summarize_file
 
 log = logging.getLogger("smt_watch.content")
 

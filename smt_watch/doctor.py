@@ -308,11 +308,11 @@ def check_endpoint(s: Settings) -> Iterator[Check]:
     try:
         response = httpx.head(url, timeout=10, verify=verify_for(s, url))
     except httpx.ConnectError as exc:
-        yield Check(FAIL, "endpoint", f"{redact_url(url)}: cannot connect ({_reason(exc)})",
+        yield Check(FAIL, "endpoint", f"{redact_url(url)}: cannot connect ({_network_reason(exc)})",
                     "is the upload server / web app running and reachable?")
         return
     except httpx.HTTPError as exc:
-        yield Check(FAIL, "endpoint", f"{redact_url(url)}: {type(exc).__name__}: {_reason(exc)}")
+        yield Check(FAIL, "endpoint", f"{redact_url(url)}: {type(exc).__name__}: {_network_reason(exc)}")
         return
     yield Check(OK, "endpoint", f"{redact_url(url)} answers HTTP {response.status_code}")
 
@@ -348,7 +348,7 @@ def check_token(s: Settings) -> Iterator[Check]:
         response = httpx.post(url, content=probe[1], timeout=10, verify=verify_for(s, url),
                               headers={"content-type": probe[0], header: secret.reveal()})
     except httpx.HTTPError as exc:
-        yield Check(FAIL, "token", f"{redact_url(url)}: {_reason(exc)}")
+        yield Check(FAIL, "token", f"{redact_url(url)}: {_network_reason(exc)}")
         return
     code = response.status_code
     if code in (400, 413, 415, 422):
@@ -384,7 +384,8 @@ def check_tls(s: Settings) -> Iterator[Check]:
     yield Check(OK, "tls", f"{' and '.join(p for p in parts if p)} load (used for https targets)")
 
 
-def _reason(exc: BaseException) -> str:
+def _network_reason(exc: BaseException) -> str:
+    """A failed connection in words (DNS, TLS trust, refused); otherwise the error's own text."""
     text = str(exc)
     if (plain := plain_reason(text)) is not None:
         return plain

@@ -8,11 +8,19 @@
     │   └── NoLedger              a reading command found no ledger (it never creates one)
     ├── InputError                a named file is missing, unreadable, a directory or a symlink
     ├── ContentError              a ready file cannot become a delivery (undecryptable, unsafe ZIP, not SMT)
+    │   └── LineTooLong           a line past the sniffer's cap (also a ValueError)
+    ├── UploadError               ``serve`` refuses a request body (answered over HTTP, never an exit)
+    │   ├── UploadTooLarge        past the byte limit: 413
+    │   ├── UploadStalled         silent for SMT_UPLOAD_IDLE_SECONDS: 408
+    │   └── MalformedUpload       not an acceptable multipart form: 400
+    ├── TicketError               an upload ticket is refused: 401 (also a ValueError)
     ├── SftpError                 an SFTP connection or transfer problem a later attempt may not have
     └── DeliveryError             one delivery attempt did not end in a 2xx
         ├── RetryableDelivery     connection error, timeout, 408/425/429/5xx: try again later
         ├── PermanentDelivery     other 4xx, or 2xx with ``"ok": false``: do not retry
         └── FileChanged           the bytes read while sending are not the bytes hashed
+
+:func:`reason` is how a caught exception is said in one line.
 
 Library errors (httpx, paramiko, sqlite3, gpg, OSError) are wrapped at the boundary with
 ``raise ... from exc``; ``from None`` only where the cause's text could hold a secret (a URL with a
@@ -102,3 +110,45 @@ class PermanentDelivery(DeliveryError):
 
 class FileChanged(DeliveryError):
     """The file changed between hashing and sending; the attempt was abandoned mid-body."""
+
+
+class LineTooLong(ContentError, ValueError):
+    """A line past the sniffer's cap (``smtcsv.MAX_LINE_BYTES``): refused before it is held in memory or
+    scanned again and again."""
+
+    def __init__(self, line: int, limit: int) -> None:
+        super().__init__(f"line {line} is longer than {limit:,} bytes (not SMT data)")
+
+
+class UploadError(SmtWatchError):
+    """A request body the upload server (or the reference receiver) refuses; each maps to an HTTP status."""
+
+
+class UploadTooLarge(UploadError):
+    """The file part (or the declared body) exceeds ``max_bytes``; maps naturally to HTTP 413."""
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(f"upload exceeds {max_bytes} bytes")
+        self.max_bytes = max_bytes
+
+
+class UploadStalled(UploadError):
+    """No byte of the body arrived for ``idle_seconds``: the client stalled (or is holding us on purpose)."""
+
+    def __init__(self, idle_seconds: float) -> None:
+        super().__init__(f"no data for {idle_seconds:g} s")
+        self.idle_seconds = idle_seconds
+
+
+class MalformedUpload(UploadError):
+    """The body is not an acceptable multipart form; maps naturally to HTTP 400."""
+
+
+class TicketError(SmtWatchError, ValueError):
+    """Why a ticket is refused; the message is shown to the client (it never holds the secret)."""
+
+
+def reason(exc: BaseException) -> str:
+    """A caught exception in one line: ours as written for the operator, anything else with its type (a
+    bare ``str()`` of a library's error can be empty or say nothing of what failed)."""
+    return str(exc) if isinstance(exc, SmtWatchError) else f"{type(exc).__name__}: {exc}"

@@ -10,7 +10,11 @@ the loop can scan them: files may land in a directory before its watch exists. T
 If inotify cannot start (``ENOSPC``: the ``fs.inotify.max_user_watches`` limit; ``EMFILE``: the
 ``max_user_instances`` limit) we log one line saying so and fall back to polling, where there are no close
 events and the settle period alone decides readiness. After an inotify queue overflow (events were lost)
-``on_overflow`` is called so the loop rescans at once; the periodic rescan is the backstop.
+``on_overflow`` is called so the loop rescans at once; the periodic rescan is the backstop. The overflow is
+watchdog's own event, ``EventsLostEvent`` (watchdog >= 7.1.1, pinned in pyproject.toml): its inotify
+observer queues one for each watch once it has rebuilt its watches, and a watch scheduled with an
+``event_filter`` gets it only if the filter lists it, so every filter here does. Older watchdogs only logged a
+warning (6.x not even that): ``import`` fails on them rather than lose overflows without a word.
 
 An inbox that is itself a symlink (``SMT_LOCAL_DIR`` → the real directory): watchdog watches a symlink
 itself, not its target (``IN_DONT_FOLLOW``), so a file landing at the top of the inbox would wait for the
@@ -35,6 +39,7 @@ from watchdog.events import (
     DirCreatedEvent,
     DirDeletedEvent,
     DirMovedEvent,
+    EventsLostEvent,
     FileClosedEvent,
     FileCreatedEvent,
     FileDeletedEvent,
@@ -49,10 +54,11 @@ from watchdog.observers.polling import PollingObserver
 log = logging.getLogger("smt_watch.watcher")  # the module's former name: log filters in the field use it
 
 INOTIFY_EVENTS: list[type[FileSystemEvent]] = [
-    FileClosedEvent, FileMovedEvent, FileCreatedEvent, DirCreatedEvent, DirMovedEvent,
+    FileClosedEvent, FileMovedEvent, FileCreatedEvent, DirCreatedEvent, DirMovedEvent, EventsLostEvent,
 ]
 ROOT_LINK_EVENTS: list[type[FileSystemEvent]] = [  # a symlink replaced: created, or renamed over the old one
     FileCreatedEvent, FileMovedEvent, FileDeletedEvent, DirCreatedEvent, DirMovedEvent, DirDeletedEvent,
+    EventsLostEvent,
 ]
 POLLING_EVENTS: list[type[FileSystemEvent]] = [
     FileCreatedEvent, FileModifiedEvent, FileMovedEvent, DirCreatedEvent, DirMovedEvent,
@@ -65,12 +71,17 @@ def _text(path: bytes | str) -> str:
 
 class _Handler(FileSystemEventHandler):
     def __init__(self, on_file: Callable[[Path], None], on_dir: Callable[[Path], None],
-                 translate: Callable[[Path], Path | None]) -> None:
+                 translate: Callable[[Path], Path | None], on_lost: Callable[[], None] | None) -> None:
         self.on_file = on_file
         self.on_dir = on_dir
         self.translate = translate
+        self.on_lost = on_lost
 
     def on_any_event(self, event: FileSystemEvent) -> None:
+        if isinstance(event, EventsLostEvent):  # its path is the watch's, not a file's
+            if self.on_lost is not None:
+                self.on_lost()
+            return
         if isinstance(event, (FileMovedEvent, DirMovedEvent)):
             seen = Path(_text(event.dest_path))
         else:
@@ -85,11 +96,6 @@ class _Handler(FileSystemEventHandler):
             self.on_file(target)
 
 
-# watchdog (7.x) rebuilds its watches after an IN_Q_OVERFLOW but tells event handlers nothing; it logs a
-# warning (then rebuilds). That warning is the only signal it gives, so it is what we listen for.
-OVERFLOW_LOGGERS = ("watchdog.observers.inotify_c",)
-
-
 class _RootLinkHandler(FileSystemEventHandler):
     """Events in the directory that holds a symlinked inbox root: a change of that one name re-targets."""
 
@@ -98,19 +104,12 @@ class _RootLinkHandler(FileSystemEventHandler):
         self.changed = changed
 
     def on_any_event(self, event: FileSystemEvent) -> None:
+        if isinstance(event, EventsLostEvent):  # a swap of the symlink may be among what was lost
+            self.changed()
+            return
         names = {os.path.basename(_text(event.src_path)), os.path.basename(_text(getattr(event, "dest_path", "")))}
         if self.name in names:
             self.changed()
-
-
-class _OverflowHook(logging.Handler):
-    def __init__(self, callback: Callable[[], None]) -> None:
-        super().__init__(level=logging.WARNING)
-        self._callback = callback
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if "overflow" in record.getMessage().lower():
-            self._callback()
 
 
 class InboxWatcher:
@@ -129,8 +128,7 @@ class InboxWatcher:
         self.root = root
         self.real = Path(os.path.realpath(root))  # the directory the observer watches
         self._on_dir = on_dir
-        self._handler = _Handler(on_file, on_dir, self._translate)
-        self._overflow_hook = _OverflowHook(on_overflow) if on_overflow else None
+        self._handler = _Handler(on_file, on_dir, self._translate, on_overflow)
         self._polling = polling
         self._poll_interval = poll_interval
         self._observer: BaseObserver | None = None
@@ -181,7 +179,6 @@ class InboxWatcher:
             try:
                 from watchdog.observers.inotify import InotifyObserver
 
-                self._hook_overflow()
                 observer: BaseObserver = InotifyObserver()
                 self._schedule(observer, INOTIFY_EVENTS)
                 observer.start()
@@ -213,14 +210,3 @@ class InboxWatcher:
             self._observer.stop()
             self._observer.join(timeout=5)
             self._observer = None
-        if self._overflow_hook is not None:
-            for name in OVERFLOW_LOGGERS:
-                logging.getLogger(name).removeHandler(self._overflow_hook)
-
-    def _hook_overflow(self) -> None:
-        if self._overflow_hook is None:
-            return
-        for name in OVERFLOW_LOGGERS:
-            logger = logging.getLogger(name)
-            logger.setLevel(logging.WARNING)  # heard even under --log-level error
-            logger.addHandler(self._overflow_hook)

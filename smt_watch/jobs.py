@@ -17,7 +17,6 @@ watcher (``PR_SET_PDEATHSIG``), so none outlives it.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import multiprocessing
 import os
@@ -31,17 +30,16 @@ from typing import Protocol
 from smt_watch.config import Settings
 from smt_watch.content import sniffing
 from smt_watch.delivery import Sink, make_sink
-from smt_watch.errors import FileChanged, InputError, LedgerUnavailable, SmtWatchError
+from smt_watch.errors import FileChanged, InputError, LedgerUnavailable, SmtWatchError, reason
 from smt_watch.hashing import FileIdentity, Signature, identify
 from smt_watch.inbox import open_beneath, regular_stat
 from smt_watch.ledger import Ledger, Remember
 from smt_watch.pipeline import Outcome, deliver_identified
 from smt_watch.smtcsv import Sniffer
 from smt_watch.statedir import open_ledger
+from smt_watch.workers import WorkerLogging, enter_worker, start_worker, stop_process
 
 log = logging.getLogger("smt_watch.workers")  # the module's former name: log filters in the field use it
-
-PR_SET_PDEATHSIG = 1
 
 
 class JobKind(Enum):
@@ -145,14 +143,8 @@ class InProcess:
         self._start()
 
     def _start(self) -> None:
-        level, fmt = _log_setup()
         ctx = multiprocessing.get_context("spawn")  # not fork: the watcher has threads and open sockets
-        parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_child_main, args=(self._settings, self._mode, level, fmt, child),
-                           name=self._name, daemon=True)
-        proc.start()
-        child.close()
-        self._conn, self._proc = parent, proc
+        self._conn, self._proc = start_worker(ctx, _child_main, (self._settings, self._mode), self._name)
 
     def run(self, path: Path, sig: Signature) -> JobResult:
         assert self._conn is not None and self._proc is not None
@@ -174,36 +166,16 @@ class InProcess:
 
     def _reap(self) -> None:
         if self._proc is not None:
-            self._proc.join(timeout=5)
-            if self._proc.is_alive():
-                self._proc.kill()
-                self._proc.join(timeout=5)
+            stop_process(self._proc, 5)
         if self._conn is not None:
             self._conn.close()
         self._conn = self._proc = None
 
 
-def _log_setup() -> tuple[str, str]:
-    """The level and format ``setup_logging`` gave this process, for a worker process to repeat."""
-    from smt_watch.logs import JsonFormatter
-
-    logger = logging.getLogger("smt_watch")
-    level = logging.getLevelName(logger.getEffectiveLevel()).lower()
-    json_out = any(isinstance(h.formatter, JsonFormatter) for h in logger.handlers)
-    return (level if level in ("debug", "info", "warning", "error") else "info"), ("json" if json_out else "text")
-
-
-def _child_main(settings: Settings, mode: str, level: str, fmt: str, conn: Connection) -> None:
-    """A worker process: deliver what the pipe sends until it sends None or closes."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGIO, signal.SIG_IGN)  # the readiness probe's read leases, as in the watcher
-    with contextlib.suppress(OSError, AttributeError):  # not Linux: a closed pipe still ends an idle worker
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    from smt_watch.logs import add_secrets, setup_logging
-
-    setup_logging(level, fmt)
-    add_secrets(settings.secrets())
+def _child_main(settings: Settings, mode: str, conn: Connection, logs: WorkerLogging) -> None:
+    """A worker process: deliver what the pipe sends until it sends None or closes. SIGIO: the readiness
+    probe's read leases, ignored as in the watcher."""
+    enter_worker(settings, logs, (signal.SIGINT, signal.SIGTERM, signal.SIGIO))
     with open_ledger(settings) as ledger, contextlib.closing(
         make_sink(settings, mode, chunks=ledger, announce=False)
     ) as sink:
@@ -223,5 +195,5 @@ def _child_main(settings: Settings, mode: str, level: str, fmt: str, conn: Conne
                 result = JobResult(JobKind.ERROR, message=str(exc))
             except Exception as exc:  # a bug: logged with its traceback here, the watcher carries on
                 log.exception("Unexpected error handling %s", path)
-                result = JobResult(JobKind.ERROR, message=f"internal error: {type(exc).__name__}: {exc}")
+                result = JobResult(JobKind.ERROR, message=f"internal error: {reason(exc)}")
             conn.send(result)

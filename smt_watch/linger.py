@@ -13,7 +13,7 @@ client's input buffer before the client reads it (RFC 9112 §9.6): a browser sti
    closed when the client closes its side, after ``SMT_LINGER_IDLE_SECONDS`` (5) without a byte (at most
    ``SMT_UPLOAD_IDLE_SECONDS``), after ``SMT_LINGER_SECONDS`` (30) in all, or past ``SMT_LINGER_MAX_BYTES``
    (64 MiB) discarded, whichever comes first (``serve`` sets them on its subclass,
-   :func:`smt_watch.server.head_deadline_protocol`; the constants here are the defaults). A connection that
+   :func:`smt_watch.http_server.head_deadline_protocol`; the constants here are the defaults). A connection that
    has read its whole request closes at once as before.
 
 uvicorn's own protocol has no such stage; the transport it is handed is a thin gate whose ``close`` lingers

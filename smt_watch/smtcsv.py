@@ -23,6 +23,7 @@ from typing import Any, BinaryIO, Final
 from zoneinfo import ZoneInfo
 
 from smt_watch.clock import utc_stamp
+from smt_watch.errors import LineTooLong
 
 CHICAGO: Final = ZoneInfo("America/Chicago")
 SLOT: Final = 900  # seconds in a 15-minute interval
@@ -331,13 +332,6 @@ def summarize_bytes(data: bytes, name: str) -> Summary:
 MAX_LINE_BYTES: Final = 1024 * 1024  # an SMT line is ~100 bytes; anything near this is not SMT data
 
 
-class LineTooLong(ValueError):
-    """A line past MAX_LINE_BYTES: refused before it is held in memory or scanned again and again."""
-
-    def __init__(self, line: int) -> None:
-        super().__init__(f"line {line} is longer than {MAX_LINE_BYTES:,} bytes (not SMT data)")
-
-
 @dataclass(frozen=True)
 class Sniff:
     """What delivery needs: the kind and the distinct ESIIDs, read fast (no time arithmetic)."""
@@ -458,7 +452,7 @@ class Sniffer:
                     self._done = True
 
     def _fail(self, line: int) -> None:
-        self._error, self._done = LineTooLong(line), True
+        self._error, self._done = LineTooLong(line, MAX_LINE_BYTES), True
 
     def result(self) -> Sniff:
         """The sniff of everything fed; raises :class:`LineTooLong` for a line past the limit."""
@@ -507,7 +501,7 @@ def _lines(fh: BinaryIO) -> Iterator[bytes]:
     while line := fh.readline(MAX_LINE_BYTES + 1):
         number += 1
         if len(line) > MAX_LINE_BYTES:
-            raise LineTooLong(number)
+            raise LineTooLong(number, MAX_LINE_BYTES)
         stripped = line.strip()
         if stripped:
             yield stripped

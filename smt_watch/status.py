@@ -25,18 +25,19 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Sequence, Sized
 from dataclasses import asdict, dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from smt_watch.clock import utc_stamp
 from smt_watch.errors import LedgerError, LedgerUnavailable
 from smt_watch.ledger import STATES, Ledger
 from smt_watch.ledger.common import delivery_seconds, epoch_of
 from smt_watch.names import shown
+from smt_watch.sizes import human_bytes
 
 if TYPE_CHECKING:
     from smt_watch.config import Settings
-    from smt_watch.sync import SyncReport
 
 HEARTBEAT_PREFIX: Final = "watch.heartbeat."
 HEARTBEAT_SECONDS: Final = 10.0  # how often `watch` rewrites its heartbeat
@@ -189,7 +190,27 @@ def record_unreadable(ledger: Ledger, node: str, files: list[Unreadable]) -> Non
     ledger.set_meta(UNREADABLE_PREFIX + node, json.dumps([asdict(f) for f in files], sort_keys=True))
 
 
-def record_sync(ledger: Ledger, node: str, started: float, report: SyncReport | None, error: str | None) -> None:
+class SyncCounts(Protocol):
+    """What :func:`record_sync` reads of a pass (``smt_watch.sync.SyncReport`` is one): ``sync`` calls
+    ``status`` to record its pass, so ``status`` names only what it reads and never imports ``sync``."""
+
+    @property
+    def listed(self) -> int: ...
+
+    @property
+    def already(self) -> int: ...
+
+    @property
+    def bytes(self) -> int: ...
+
+    @property
+    def fetched(self) -> Sized: ...
+
+    @property
+    def failed(self) -> Sequence[str]: ...
+
+
+def record_sync(ledger: Ledger, node: str, started: float, report: SyncCounts | None, error: str | None) -> None:
     """Remember a finished pass (or the error that stopped it) for ``status``."""
     value = {"node": node, "started_at": utc_stamp(started), "finished_at": utc_stamp(time.time()),
              "listed": report.listed if report else 0, "new": len(report.fetched) if report else 0,
@@ -376,12 +397,8 @@ def age(stamp: str, now: float) -> str:
 
 
 def human_size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} B"
+    """A size in the one unit every operator-facing text uses (:mod:`smt_watch.sizes`); ``-`` if unknown."""
+    return "-" if n is None else human_bytes(n)
 
 
 def seconds_text(s: float | None) -> str:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import ctypes
 import hashlib
 import logging
 import multiprocessing
@@ -33,11 +32,13 @@ from typing import Any
 import tenacity
 
 from smt_watch.config import Settings
-from smt_watch.errors import ConfigError, SftpError, SizeMismatch, SmtWatchError
+from smt_watch.errors import ConfigError, SftpError, SizeMismatch, SmtWatchError, reason
 from smt_watch.hashing import identify
 from smt_watch.ledger import Ledger
 from smt_watch.sftp import Connection, RemoteFile
+from smt_watch.sizes import human_bytes
 from smt_watch.statedir import open_ledger
+from smt_watch.workers import WorkerLogging, enter_worker, start_worker, stop_process
 
 log = logging.getLogger("smt_watch.sync")
 
@@ -52,7 +53,6 @@ DEPTH = 2  # jobs queued per worker: the next one is there when the current one 
 PROGRESS_STEP = 4 * MIB
 HASH_BLOCK = MIB
 JOIN_SECONDS = 10
-PR_SET_PDEATHSIG = 1
 
 
 @dataclass
@@ -73,14 +73,6 @@ class SyncReport:
             return f"sync: {len(self.todo)} to fetch ({size}), {self.already} already fetched (dry run)"
         return (f"sync: {len(self.fetched)} new ({human_bytes(self.bytes)} in {self.seconds:.1f} s), "
                 f"{self.already} already fetched, {len(self.failed)} failed")
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} GB"  # pragma: no cover
 
 
 def part_path(final: Path, remote: RemoteFile) -> Path:
@@ -470,7 +462,7 @@ def _job_done(ledger: Ledger, report: SyncReport, ranged: dict[str, _Ranged], jo
         except (SmtWatchError, OSError) as exc:
             r.failed = True
             r.discard() if isinstance(exc, SizeMismatch) else r.close()
-            fail(remote, _reason(exc))
+            fail(remote, reason(exc))
         return
     assert sha is not None
     try:
@@ -478,7 +470,7 @@ def _job_done(ledger: Ledger, report: SyncReport, ranged: dict[str, _Ranged], jo
             ledger.forget([sha])
             dest = str(place(part_path(job.final, remote), job.final, sha, clean=False))
     except (SmtWatchError, OSError) as exc:
-        fail(remote, _reason(exc))
+        fail(remote, reason(exc))
         return
     ledger.record_fetch(remote.path, remote.size, remote.mtime, sha, dest)
     report.placed.append(job.final)
@@ -511,10 +503,6 @@ def _job_failed(report: SyncReport, ranged: dict[str, _Ranged], job: Job, reason
     fail(job.remote, reason)
 
 
-def _reason(exc: BaseException) -> str:
-    return str(exc) if isinstance(exc, SmtWatchError) else f"{type(exc).__name__}: {exc}"
-
-
 # --- workers --------------------------------------------------------------------------------------------
 
 
@@ -530,13 +518,8 @@ class _Pool:
         if processes:
             ctx = multiprocessing.get_context("forkserver")
             ctx.set_forkserver_preload(["smt_watch.sync"])
-            level, fmt = _log_setup()
             for i in range(n):
-                parent, child = ctx.Pipe()
-                proc = ctx.Process(target=_process_main, args=(settings, child, level, fmt),
-                                   name=f"smt-sync-{i}", daemon=True)
-                proc.start()
-                child.close()
+                parent, proc = start_worker(ctx, _process_main, (settings,), f"smt-sync-{i}")
                 self.conns.append(parent)
                 self.procs.append(proc)
         else:
@@ -573,10 +556,7 @@ class _Pool:
         for t in self.threads:
             t.join(timeout=JOIN_SECONDS)
         for proc in self.procs:
-            proc.join(timeout=JOIN_SECONDS)
-            if proc.is_alive():
-                proc.kill()
-                proc.join(timeout=JOIN_SECONDS)
+            stop_process(proc, JOIN_SECONDS)
         for conn in self.conns:
             conn.close()
         if self.procs:
@@ -589,24 +569,8 @@ class _Pool:
                 stop()
 
 
-def _log_setup() -> tuple[str, str]:
-    """The level and format ``setup_logging`` gave this process, for a worker process to repeat."""
-    from smt_watch.logs import JsonFormatter
-
-    logger = logging.getLogger("smt_watch")
-    level = logging.getLevelName(logger.getEffectiveLevel()).lower()
-    json_out = any(isinstance(h.formatter, JsonFormatter) for h in logger.handlers)
-    return (level if level in ("debug", "info", "warning", "error") else "info"), ("json" if json_out else "text")
-
-
-def _process_main(settings: Settings, conn: MpConnection, level: str, fmt: str) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; it ends us when it stops
-    with contextlib.suppress(OSError, AttributeError):  # not Linux: a closed pipe still ends an idle worker
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    from smt_watch.logs import add_secrets, setup_logging
-
-    setup_logging(level, fmt)
-    add_secrets(settings.secrets())
+def _process_main(settings: Settings, conn: MpConnection, logs: WorkerLogging) -> None:
+    enter_worker(settings, logs, (signal.SIGINT,))  # the parent decides; it ends us when it stops
     _worker_loop(settings, conn, threading.Lock())
 
 
@@ -636,7 +600,7 @@ def _worker_loop(settings: Settings, conn: MpConnection, lock: threading.Lock) -
             except (SmtWatchError, OSError) as exc:
                 # A local problem (disk full, a file where a directory should be) fails this file only.
                 progress.flush()
-                send(("failed", job.n, _reason(exc), isinstance(exc, SizeMismatch)))
+                send(("failed", job.n, reason(exc), isinstance(exc, SizeMismatch)))
                 continue
             progress.flush()
             send(("done", job.n, dest, sha))

@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass
 from typing import Final
 
+from smt_watch.errors import TicketError
+
 ROLES: Final = ("admin", "customer")
 MAX_TICKET_BYTES: Final = 4096
 MIN_SECRET_BITS: Final = 256  # 32 bytes of entropy: HMAC-SHA256's key strength; a short secret is brute-forced
@@ -33,10 +35,6 @@ MIN_SECRET_DISTINCT: Final = 12  # fewer distinct characters is a pattern, not r
 HOW_TO_MAKE: Final = "`openssl rand -base64 32` or `python3 -c 'import secrets;print(secrets.token_urlsafe(32))'`"
 _TTL = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")
 _UNITS: Final = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-class TicketError(ValueError):
-    """Why a ticket is refused; the message is shown to the client (it never holds the secret)."""
 
 
 @dataclass(frozen=True)

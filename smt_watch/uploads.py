@@ -30,6 +30,8 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
+from smt_watch.errors import MalformedUpload, UploadStalled, UploadTooLarge
+
 __all__ = [
     "FIELD_MAX_BYTES",
     "FORM_OVERHEAD_BYTES",
@@ -73,26 +75,6 @@ class ParsedUpload:
 
     fields: dict[str, str]
     file: ReceivedFile | None
-
-
-class UploadTooLarge(Exception):
-    """The file part (or the declared body) exceeds ``max_bytes``; maps naturally to HTTP 413."""
-
-    def __init__(self, max_bytes: int) -> None:
-        super().__init__(f"upload exceeds {max_bytes} bytes")
-        self.max_bytes = max_bytes
-
-
-class UploadStalled(Exception):
-    """No byte of the body arrived for ``idle_seconds``: the client stalled (or is holding us on purpose)."""
-
-    def __init__(self, idle_seconds: float) -> None:
-        super().__init__(f"no data for {idle_seconds:g} s")
-        self.idle_seconds = idle_seconds
-
-
-class MalformedUpload(Exception):
-    """The body is not an acceptable multipart form; maps naturally to HTTP 400."""
 
 
 class _Kind(Enum):

@@ -73,7 +73,9 @@ UNREADABLE_RECHECK_SECONDS = 30.0  # a file this user cannot open is tried again
 
 
 @dataclass(frozen=True)
-class Job:
+class ReadyFile:
+    """A file that settled, queued for a worker (``sync.Job`` is a download's unit of work, another idea)."""
+
     path: Path
     signature: Signature
     ready_at: float  # monotonic time the file became ready, for the latency figure
@@ -109,7 +111,7 @@ class WatchService:
         self._new_dirs: set[Path] = set()
         self._later: list[tuple[float, str]] = []  # heap of (monotonic due, path) to look at again
         self._busy: set[Path] = set()
-        self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max(64, settings.workers * 32))
+        self._queue: queue.Queue[ReadyFile | None] = queue.Queue(maxsize=max(64, settings.workers * 32))
         self._settler = Settler(settings.settle_seconds)
         self._notifier = Notifier(settings.notify_socket, settings.watchdog_usec)
         self._ledger: Ledger | None = None
@@ -255,7 +257,7 @@ class WatchService:
         if self._rescan_now.is_set():
             self._rescan_now.clear()
             log.warning("inotify queue overflowed: rescanning %s in %.0f s", self.root, OVERFLOW_RESCAN_DELAY)
-            # after watchdog has rebuilt its watches (it does so right after the warning we heard), so
+            # watchdog sends its EventsLostEvent once it has rebuilt its watches; the delay is margin, so
             # nothing written meanwhile can fall between the rebuild and our scan
             next_rescan = min(next_rescan, now + OVERFLOW_RESCAN_DELAY)
         if now >= next_rescan:
@@ -356,7 +358,7 @@ class WatchService:
                     continue
                 self._busy.add(path)
             try:
-                self._queue.put_nowait(Job(path, sig, now))
+                self._queue.put_nowait(ReadyFile(path, sig, now))
             except queue.Full:
                 with self._lock:
                     self._busy.discard(path)
@@ -461,7 +463,7 @@ class WatchService:
         assert self._ledger is not None and self._sink is not None
         return InThread(self.settings, self._ledger, self._sink)
 
-    def _apply(self, job: Job, result: JobResult) -> None:
+    def _apply(self, job: ReadyFile, result: JobResult) -> None:
         """What the watcher does with a job's result: its state, counts, log lines and after-send."""
         match result.kind:
             case JobKind.CHANGED:
@@ -526,7 +528,7 @@ class WatchService:
         except SmtWatchError as exc:
             log.debug("Unreadable files not recorded for status: %s", exc)
 
-    def _record(self, job: Job, ident: FileIdentity, o: Outcome) -> None:
+    def _record(self, job: ReadyFile, ident: FileIdentity, o: Outcome) -> None:
         """Counts, metrics and one log line per delivered CSV; then the file's after-send action."""
         latency = time.monotonic() - job.ready_at
         for item in o.children or (o,):

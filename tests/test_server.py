@@ -548,7 +548,7 @@ def test_a_body_that_is_not_a_form_is_415(srv: Running, client: httpx.Client) ->
 
 MAX = 100_000
 TOO_LARGE = {"ok": False, "error": "too_large", "maxBytes": MAX,
-             "message": "File too large: the limit is 100,000 bytes (97.7 KiB)"}
+             "message": "File too large: the limit is 100,000 bytes (100.0 KB)"}
 
 
 @pytest.fixture

@@ -1,9 +1,10 @@
 """The sink contract (docs/contract.md §4): what every delivery mode implements and what flows through it.
 
-A sink (Vector's word) takes one :class:`Payload` and either returns a :class:`Result` (the target answered
+A sink (Vector's word) takes one :class:`Payload` and either returns :class:`Delivered` (the target answered
 2xx and meant it) or raises a :class:`DeliveryError` saying whether trying again may help. The pipeline
-marks a ledger row ``sent`` only on a Result. Everything here is plain data and pure functions: no httpx
-at import time, so ``config`` can read the registry without loading the HTTP stack.
+marks a ledger row ``sent`` only on Delivered (``pipeline.Result`` is what became of a file, another idea).
+Everything here is plain data and pure functions: no httpx at import time, so the package and its registry
+load without the HTTP stack (a sink module loads it).
 
 :func:`classify` is the default reading of a response (retryable statuses, ``Retry-After``, ``"ok":
 false`` in a 2xx); a sink with a different contract passes its own to the poster, as Vector's sinks
@@ -66,7 +67,7 @@ class Body:
 
 
 @dataclass(frozen=True)
-class Result:
+class Delivered:
     """A delivery the target confirmed; ``destination`` is the URL without credentials."""
 
     status: int
@@ -106,7 +107,7 @@ class Sink(Protocol):
     url: str
     destination: str
 
-    def send(self, payload: Payload, progress: Progress | None = None) -> Result:
+    def send(self, payload: Payload, progress: Progress | None = None) -> Delivered:
         """Deliver with in-call retries; raise a :class:`DeliveryError` (``.attempts`` set) when it did
         not land."""
         ...

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-from smt_watch.delivery.base import Body, Payload, Progress, Result, SinkContext, classify
+from smt_watch.delivery.base import Body, Delivered, Payload, Progress, SinkContext, classify
 from smt_watch.delivery.http import Poster
 from smt_watch.delivery.stream import b64_len, b64_stream, plain_chunks, verified_chunks
 from smt_watch.errors import DeliveryError, PermanentDelivery
@@ -66,11 +66,11 @@ class InlineSink:
         if cx.announce:
             log.info("Using %s delivery to %s", self.name, self.destination)
 
-    def send(self, payload: Payload, progress: Progress | None = None) -> Result:
+    def send(self, payload: Payload, progress: Progress | None = None) -> Delivered:
         with self._body(payload) as body:
             status, text, attempts = self._poster.post(payload.filename, payload.sha256, body, progress)
         log.info("Inline POST success (%d): %s", status, text[:200])
-        return Result(status=status, body=text, attempts=attempts, destination=self.destination)
+        return Delivered(status=status, body=text, attempts=attempts, destination=self.destination)
 
     def close(self) -> None:
         self._poster.close()

@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from smt_watch.delivery.base import Body, LeftOut, Payload, Progress, Result, SinkContext, classify
+from smt_watch.delivery.base import Body, Delivered, LeftOut, Payload, Progress, SinkContext, classify
 from smt_watch.delivery.http import Poster
 from smt_watch.delivery.stream import verified_chunks
 from smt_watch.errors import DeliveryError
@@ -40,10 +40,10 @@ class MultipartSink:
         if cx.announce:
             log.info("Using droplet upload server at %s", self.destination)
 
-    def send(self, payload: Payload, progress: Progress | None = None) -> Result:
+    def send(self, payload: Payload, progress: Progress | None = None) -> Delivered:
         status, text, attempts = self._poster.post(payload.filename, payload.sha256, _body(payload), progress)
         log.info("Droplet upload success (%d): %s", status, text[:200])
-        return Result(status=status, body=text, attempts=attempts, destination=self.destination)
+        return Delivered(status=status, body=text, attempts=attempts, destination=self.destination)
 
     def close(self) -> None:
         self._poster.close()

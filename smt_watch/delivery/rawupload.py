@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Final
 
 from smt_watch.clock import utc_stamp
-from smt_watch.delivery.base import MAX_REQUEST_BYTES, Body, Payload, Progress, Result, SinkContext
+from smt_watch.delivery.base import MAX_REQUEST_BYTES, Body, Delivered, Payload, Progress, SinkContext
 from smt_watch.delivery.http import Poster
 from smt_watch.errors import DeliveryError, FileChanged, PermanentDelivery
 from smt_watch.postingest import plan_post_ingest
@@ -77,7 +77,7 @@ class RawUploadSink:
     def close(self) -> None:
         self._poster.close()
 
-    def send(self, payload: Payload, progress: Progress | None = None) -> Result:
+    def send(self, payload: Payload, progress: Progress | None = None) -> Delivered:
         store = self._store
         meta = ChunkMeta(payload.filename, payload.esiid, payload.meter)
         budget = meta.content_budget(payload.size)
@@ -121,7 +121,7 @@ class RawUploadSink:
             raise
         log.info("Raw upload success (%d): %s in %d chunk(s), %d sent: %s", status, payload.filename, total,
                  total - len(acked), text[:200])
-        return Result(status=status, body=text, attempts=attempts, destination=self.destination)
+        return Delivered(status=status, body=text, attempts=attempts, destination=self.destination)
 
 
 @dataclasses.dataclass(frozen=True)

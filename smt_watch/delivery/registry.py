@@ -1,11 +1,12 @@
-"""The delivery modes, one line each: what a mode needs, where it posts, its token, and its sink.
+"""What the delivery modes do with the settings: the ``auto`` rule, the own-``serve`` refusal, the sinks.
 
-Everything that depends on the set of modes reads it from :data:`MODES`: ``SMT_DELIVERY``'s choices
-(``config``), the ``auto`` rule and its errors (:func:`delivery_mode`), ``doctor``'s report and reachability
-check, and the ``--delivery`` help. Adding a mode is one sink module and one line here.
-
-An entry names its sink as ``"module:Class"`` under ``smt_watch.delivery``, imported only when a sink is
-built: ``config`` reads this module at import time and must not load httpx.
+The modes themselves are one line each in :data:`smt_watch.config.MODES` (what a mode needs, where it
+posts, its token, and its sink named by ``"module:Class"`` under ``smt_watch.delivery``), as uvicorn's
+config names its protocols by string: ``config`` stays the leaf that every module may import, and a
+sink module is imported only here, when a sink is built. Everything that depends on the set of modes
+reads that table: ``SMT_DELIVERY``'s choices (``config``), the ``auto`` rule and its errors
+(:func:`delivery_mode`), ``doctor``'s report and reachability check, and the ``--delivery`` help. Adding
+a mode is one sink module and one line in that table.
 
 The ``auto`` rule (docs/contract.md §1): ``multipart`` when ``SMT_UPLOAD_URL`` is set, else ``raw-upload``
 when ``INTELLIWATT_BASE_URL`` is; ``inline`` only when named, because production answers it ``400
@@ -21,75 +22,20 @@ import ipaddress
 import logging
 import socket
 import threading
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from types import MappingProxyType
-from typing import TYPE_CHECKING, Final
+from collections.abc import Callable
+from typing import Final
 from urllib.parse import urlsplit
 
+from smt_watch.config import LEGACY_INLINE_WARNING, MODES, UPLOAD_URL, Mode, Settings, redact_url
 from smt_watch.delivery.base import ChunkStore, Sink, SinkContext
 from smt_watch.errors import ConfigError, DeliveryError
 
-if TYPE_CHECKING:
-    from smt_watch.config import Secret, Settings
+__all__ = ["LEGACY_INLINE_WARNING", "MODES", "Mode", "OwnServeTarget", "auto_targets", "choices", "choices_text",
+           "delivery_mode", "make_sink", "own_serve", "refusal"]
 
 log = logging.getLogger("smt_watch.delivery")
 
-LEGACY_INLINE_WARNING: Final = ("SMT_DELIVERY=inline: IntelliWatt's production route refuses it (400 "
-                                 "INLINE_DISABLED); use SMT_DELIVERY=raw-upload unless this is a development app")
 PROBE_TIMEOUT: Final = 2.0  # GET /health of a local target: loopback answers in milliseconds or not at all
-
-
-@dataclass(frozen=True)
-class Setting:
-    """A setting a mode reads: its :class:`~smt_watch.config.Settings` field and the variable that sets it."""
-
-    field: str
-    env: str
-
-    def value(self, settings: Settings) -> object:
-        return getattr(settings, self.field)
-
-
-UPLOAD_URL: Final = Setting("upload_url", "SMT_UPLOAD_URL")
-UPLOAD_TOKEN: Final = Setting("upload_token", "SMT_UPLOAD_TOKEN")
-BASE_URL: Final = Setting("base_url", "INTELLIWATT_BASE_URL")
-ADMIN_TOKEN: Final = Setting("admin_token", "ADMIN_TOKEN")
-
-
-@dataclass(frozen=True)
-class Mode:
-    """One delivery mode. ``auto``: its place in the ``auto`` rule (1 is tried first) when ``needs`` is set;
-    0: only when named. ``warning``: logged whenever the mode is used."""
-
-    name: str
-    needs: Setting  # the target setting it cannot run without
-    url: Callable[[Settings], str]  # where it posts, derived from the settings
-    token: Setting  # the credential it sends
-    sink: str  # "module:Class" under smt_watch.delivery
-    auto: int = 0
-    warning: str = ""
-    refuses: tuple[str, ...] = ()  # CSV kinds (smtcsv.classify) its target cannot read: recorded, never sent
-
-    def build(self, settings: Settings, *, chunks: ChunkStore | None = None, announce: bool = True,
-              stop: threading.Event | None = None) -> Sink:
-        module, _, name = self.sink.partition(":")
-        factory: Callable[[SinkContext], Sink] = getattr(importlib.import_module(f"smt_watch.delivery.{module}"), name)
-        return factory(SinkContext(settings, self.url(settings), self.secret(settings), chunks, announce, stop))
-
-    def secret(self, settings: Settings) -> Secret | None:
-        """The token it sends (None: not set)."""
-        token: Secret | None = getattr(settings, self.token.field)
-        return token
-
-
-MODES: Final[Mapping[str, Mode]] = MappingProxyType({m.name: m for m in (
-    Mode("multipart", UPLOAD_URL, lambda s: s.upload_url or "", UPLOAD_TOKEN, "multipart:MultipartSink", auto=1),
-    Mode("inline", BASE_URL, lambda s: f"{s.base_url}/api/admin/smt/pull", ADMIN_TOKEN, "inline:InlineSink",
-         warning=LEGACY_INLINE_WARNING),
-    Mode("raw-upload", BASE_URL, lambda s: f"{s.base_url}/api/admin/smt/raw-upload", ADMIN_TOKEN,
-         "rawupload:RawUploadSink", auto=2, refuses=("smt-other",)),
-)})
 
 
 def choices() -> tuple[str, ...]:
@@ -141,8 +87,6 @@ def delivery_mode(settings: Settings, *, probe: bool = True) -> str:
     url = mode.url(settings)
     why = own_serve(settings, url, probe=probe)
     if why is not None:
-        from smt_watch.config import redact_url
-
         fix = (f"point {mode.needs.env} at IntelliWatt's upload server, or unset it to deliver by raw-upload to "
                "INTELLIWATT_BASE_URL" if mode.needs is UPLOAD_URL else f"point {mode.needs.env} at IntelliWatt")
         raise OwnServeTarget(f"{mode.needs.env} {redact_url(url)} is smt-watch's own serve ({why}): files would "
@@ -223,4 +167,7 @@ def make_sink(settings: Settings, mode: str, *, chunks: ChunkStore | None = None
     set, ends every wait for the outbound limit (smt_watch/limits.py) without sending."""
     if mode not in MODES:
         raise DeliveryError(f"delivery mode {mode!r} is not available")
-    return MODES[mode].build(settings, chunks=chunks, announce=announce, stop=stop)
+    spec = MODES[mode]
+    module, _, name = spec.sink.partition(":")
+    factory: Callable[[SinkContext], Sink] = getattr(importlib.import_module(f"smt_watch.delivery.{module}"), name)
+    return factory(SinkContext(settings, spec.url(settings), spec.secret(settings), chunks, announce, stop))

@@ -50,8 +50,9 @@ from starlette.types import Receive, Scope, Send
 
 from smt_watch.clock import utc_stamp
 from smt_watch.delivery.base import MAX_REQUEST_BYTES
+from smt_watch.errors import MalformedUpload, UploadTooLarge
 from smt_watch.reference.receiver_raw import Mismatch, RawMismatch, RawStore, handle_chunk
-from smt_watch.uploads import MalformedUpload, UploadTooLarge, read_multipart
+from smt_watch.uploads import read_multipart
 
 log = logging.getLogger("smt_watch.receiver")  # the name its log lines have always carried
 
