@@ -287,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="reduced sizes (64 MiB, 100 files, 1 round)")
     parser.add_argument("--rounds", type=int, help="rounds per case (default 3, --quick 1)")
     parser.add_argument("--strict", action="store_true", help="exit 1 when any target fails")
+    parser.add_argument("--only", choices=("big", "many"), help="measure one data set only (no RSS figure); "
+                        "prints the table, writes nothing to --out")
+    parser.add_argument("--no-workers-1", action="store_true", help="skip the --workers 1 cases")
     args = parser.parse_args(argv)
     if not SMT_WATCH.exists():
         raise SystemExit(f"{SMT_WATCH} not found: run `make` (pip install -e .) first")
@@ -294,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{SSHD} and sftp (OpenSSH) are needed")
     sizes = QUICK if args.quick else FULL
     rounds = args.rounds or sizes.rounds
-    sizes = Sizes(sizes.big_bytes, sizes.many_files, sizes.many_bytes, sizes.mid_bytes, rounds)
+    sizes = Sizes(sizes.big_bytes if args.only != "many" else MIB, sizes.many_files, sizes.many_bytes,
+                  sizes.mid_bytes, rounds)
     install_sigterm()
     start = begin()
     with tempfile.TemporaryDirectory(prefix="bench-sync-", dir="/tmp") as tmp:
@@ -304,10 +308,17 @@ def main(argv: list[str] | None = None) -> int:
                 big, many, mid = make_data(server.root, sizes)
                 b = SyncBench(work, server, work / "known_hosts")
                 results: list[tuple[Dataset, list[Case]]] = []
-                for data, todo in ((big, cases()), (many, cases()), (mid, cases(with_workers_1=False))):
+                w1 = not args.no_workers_1
+                plan = [(big, cases(w1)), (many, cases(w1)), (mid, cases(with_workers_1=False))]
+                if args.only:
+                    plan = [plan[0] if args.only == "big" else plan[1]]
+                for data, todo in plan:
                     note(f"{data.label}:")
                     measure(b, data, todo, rounds)
                     results.append((data, todo))
+                if args.only:
+                    print(render(sizes, args.quick, start, server, results, []))
+                    return 0
                 checks = figures(big, results[0][1], many, results[1][1], mid, results[2][1])
                 section = render(sizes, args.quick, start, server, results, checks)
         except BenchError as exc:
