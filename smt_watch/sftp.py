@@ -58,9 +58,9 @@ from smt_watch.names import shown
 
 log = logging.getLogger("smt_watch.sftp")
 
-REQUEST = 64 * 1024  # bytes per READ request (OpenSSH serves up to 255 KiB; short reads are handled)
-WINDOW = 32  # READ requests in flight: 2 MiB, the pipeline depth and the memory bound
-REFILL = WINDOW // 4  # the window is topped up in batches of at least this many requests (one packet each)
+REQUEST = 255 * 1024  # bytes per READ request at first: what OpenSSH serves; a server serving less sets less
+MIN_REQUEST = 4 * 1024
+WINDOW_BYTES = 2 * 1024 * 1024  # READ bytes in flight: the pipeline depth and the memory bound
 TRANSPORT_WINDOW = 8 * 1024 * 1024
 MAX_PACKET = 128 * 1024  # one 64 KiB READ response fits one SSH packet
 
@@ -270,6 +270,7 @@ class Connection:
             channel.settimeout(settings.sftp_timeout)  # a stalled server fails the transfer, not hangs it
             self.sftp: paramiko.SFTPClient = paramiko.SFTPClient(channel)
             self._out: list[bytes] = []  # SFTP requests queued, sent by _flush
+            self.request = REQUEST  # bytes per READ: lowered to what this server serves (see _pipelined_read)
             self._ahead: tuple[str, _Opened] | None = None  # an OPEN sent before its file's turn
         except paramiko.AuthenticationException as exc:
             self.close()
@@ -412,7 +413,7 @@ class Connection:
     def _pipelined_read(
         self, handle: bytes, remote: RemoteFile, offset: int, end: int, to_the_end: bool = False
     ) -> Iterator[bytes]:
-        """Bytes ``[offset, end)`` of the file in order, with up to ``WINDOW`` reads of ``REQUEST`` bytes in flight.
+        """Bytes ``[offset, end)`` of the file in order, with up to ``WINDOW_BYTES`` of reads in flight.
 
         An early end of file is :class:`SizeMismatch` (the server lists more than it serves). ``to_the_end``:
         ``end`` is the listed size, and one more read, sent with the others, must find the end of file there
@@ -422,15 +423,18 @@ class Connection:
         read twice, the late copies held in memory) and its ``max_concurrent_requests`` throttle
         busy-waits. This sliding window uses the same request/response calls paramiko's prefetch does,
         from this thread only: memory is bounded by the window, and responses may arrive in any order.
-        The window is topped up ``REFILL`` requests at a time, sent as one packet.
+        The window is topped up a quarter at a time, those requests sent as one packet. Reads ask for
+        ``self.request`` bytes (255 KiB, what OpenSSH serves: a quarter of the answers paramiko would
+        parse with 64 KiB); a server that serves less per read (short reads) lowers it for the connection.
         """
         collector = _Responses()
         pending: collections.deque[tuple[int, int, int]] = collections.deque()
         size = end
         while offset < size or pending:
-            if len(pending) <= WINDOW - REFILL or not pending:
-                while offset < size and len(pending) < WINDOW:
-                    length = min(REQUEST, size - offset)
+            window = max(4, WINDOW_BYTES // self.request)
+            if len(pending) <= window - window // 4 or not pending:
+                while offset < size and len(pending) < window:
+                    length = min(self.request, size - offset)
                     num = self._queue(collector, CMD_READ, handle, struct.pack(">QI", offset, length))
                     pending.append((num, offset, length))
                     offset += length
@@ -453,6 +457,7 @@ class Connection:
                 raise SizeMismatch(f"{remote.path}: the server served {at} bytes of the {remote.size} it listed")
             yield data
             if len(data) < length:  # a short read (a server with a smaller limit): fetch the rest now
+                self.request = max(MIN_REQUEST, min(self.request, len(data)))
                 rest = self._read_rest(handle, remote, at + len(data), length - len(data))
                 if len(rest) != length - len(data):
                     raise SizeMismatch(f"{remote.path}: the server served {at + len(data) + len(rest)} bytes of "
