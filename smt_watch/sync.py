@@ -48,7 +48,8 @@ PROCESS_MIN_BYTES = 64 * MIB
 PROCESS_MIN_FILES = 100
 PIECE = 32 * MIB  # a big file is fetched as ranges of this size, handed out in order
 SPLIT_MIN = 2 * PIECE  # smaller files are one stream each
-DEPTH = 2  # jobs queued per worker: the next one is there when the current one ends (and opened ahead)
+DEPTH = 2  # ranged pieces queued per worker: the next one is there when the current one ends
+DEPTH_WHOLE = 3  # whole files queued per worker: the one after the next is there to be opened ahead
 BATCH_FILES = 64  # whole files recorded together, after one fsync of their directories
 BATCH_SECONDS = 0.25  # ... or once the oldest of them has waited this long for the next message
 PROGRESS_STEP = 4 * MIB
@@ -437,7 +438,7 @@ def _drive(
                 fail(r.remote, exc)
 
     def feed(w: int) -> None:
-        while waiting and len(outstanding[w]) < DEPTH and not fatal:
+        while waiting and len(outstanding[w]) < (DEPTH if waiting[0].end is not None else DEPTH_WHOLE) and not fatal:
             job = waiting.popleft()
             r = ranged.get(job.remote.path)
             if r is not None and (r.failed or r.closed):
