@@ -59,7 +59,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from sftp_server import SSHD, SshdServer, running_sshd, sftp_env  # the test suite's sshd harness
 
 SECTION = "## sync (issue 4)"
-MIN_BIG_VS_OPENSSH = 0.9  # smt-watch sync throughput / OpenSSH sftp get throughput, big file (issue 27; 0.6 in issue 17)
+MIN_BIG_VS_OPENSSH = 0.9  # smt-watch sync throughput / OpenSSH sftp get, big file (issue 27; 0.6 in issue 17)
 MIN_MANY_VS_OPENSSH = 1.0  # smt-watch sync files/s / OpenSSH sftp -b mget files/s, many small files (issue 17)
 SFTP_TIMEOUT_S = 60
 SYNC_RE = re.compile(r"sync: (\d+) new .*, (\d+) failed")
@@ -255,7 +255,8 @@ def render(sizes: Sizes, quick: bool, start: Start, server: SshdServer,
         " local disk under /tmp",
         f"- {sizes.rounds} round(s), cases round-robin, median kept; each smt-watch run gets a fresh inbox and"
         " `SMT_STATE_DIR`; after every run the output is deleted and `sync(2)` called, untimed. smt-watch fsyncs"
-        " every file and its directory and records each in its SQLite ledger; `sftp` does neither. A pass of"
+        " every file, and its directory once per batch of files, and records each in its SQLite ledger;"
+        " `sftp` does neither. A pass of"
         " ≥ 64 MiB or ≥ 100 files runs `--workers N` as processes (own SSH connection each); a file ≥ 64 MiB"
         " is fetched as 32 MiB ranges by all of them into one part; `--workers 1` is one stream (no target)",
         "- client CPU: user + system seconds of the command and what it reaped (`ssh` under `sftp`; not sshd),"
