@@ -10,12 +10,19 @@ trip per read, memory bounded by the window. paramiko's whole-file ``prefetch`` 
 when the network outruns the disk, its ``max_concurrent_prefetch_requests`` throttle busy-waits (measured
 on 2 cores: 164 s and 1 GB RSS for 1 GiB, where OpenSSH's sftp takes 4–7 s), and ``readv`` races its
 helper thread (paramiko PR #2519).
+
+Requests are queued and sent together, several SFTP requests in one channel write (one SSH packet, one
+encryption, one syscall), just before this thread waits for an answer: paramiko sends each request as its
+own packet, and on a 2-core machine that per-packet work, not the network, limits a pass of small files.
+The next file's OPEN can go out with the current file's READs (``download(..., ahead=...)``), so a stream
+of small files costs about one round trip each instead of two.
 """
 
 from __future__ import annotations
 
 import base64
 import collections
+import contextlib
 import hashlib
 import itertools
 import logging
@@ -23,13 +30,26 @@ import os
 import re
 import socket
 import stat as stat_mod
+import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import paramiko
 from paramiko.buffered_pipe import BufferedPipe
-from paramiko.sftp import CMD_CLOSE, CMD_DATA, CMD_NAME, CMD_OPENDIR, CMD_READ, CMD_READDIR, CMD_STATUS, SFTP_EOF, int64
+from paramiko.sftp import (
+    CMD_CLOSE,
+    CMD_DATA,
+    CMD_HANDLE,
+    CMD_NAME,
+    CMD_OPEN,
+    CMD_OPENDIR,
+    CMD_READ,
+    CMD_READDIR,
+    CMD_STATUS,
+    SFTP_EOF,
+    SFTP_FLAG_READ,
+)
 
 from smt_watch.config import Settings
 from smt_watch.errors import ConfigError, HostKeyError, SftpError, SizeMismatch
@@ -38,8 +58,9 @@ from smt_watch.names import shown
 
 log = logging.getLogger("smt_watch.sftp")
 
-REQUEST = 64 * 1024  # bytes per READ request (OpenSSH serves up to 255 KiB; short reads are handled)
-WINDOW = 32  # READ requests in flight: 2 MiB, the pipeline depth and the memory bound
+REQUEST = 255 * 1024  # bytes per READ request at first: what OpenSSH serves; a server serving less sets less
+MIN_REQUEST = 4 * 1024
+WINDOW_BYTES = 2 * 1024 * 1024  # READ bytes in flight: the pipeline depth and the memory bound
 TRANSPORT_WINDOW = 8 * 1024 * 1024
 MAX_PACKET = 128 * 1024  # one 64 KiB READ response fits one SSH packet
 
@@ -248,6 +269,9 @@ class Connection:
             channel.invoke_subsystem("sftp")
             channel.settimeout(settings.sftp_timeout)  # a stalled server fails the transfer, not hangs it
             self.sftp: paramiko.SFTPClient = paramiko.SFTPClient(channel)
+            self._out: list[bytes] = []  # SFTP requests queued, sent by _flush
+            self.request = REQUEST  # bytes per READ: lowered to what this server serves (see _pipelined_read)
+            self._ahead: tuple[str, _Opened] | None = None  # an OPEN sent before its file's turn
         except paramiko.AuthenticationException as exc:
             self.close()
             raise ConfigError(f"SFTP login to {where} refused: check SMT_USER and SMT_KEY") from exc
@@ -318,13 +342,15 @@ class Connection:
             sftp._request(CMD_CLOSE, handle)  # type: ignore[attr-defined]
 
     def download(
-        self, remote: RemoteFile, part: Path, progress: Callable[[int], None] | None = None
+        self, remote: RemoteFile, part: Path, progress: Callable[[int], None] | None = None,
+        ahead: RemoteFile | None = None,
     ) -> str:
         """Append the rest of ``remote`` to ``part`` (resuming), fsync it, and return the SHA-256.
 
         The part grows only by what the server sent: nothing is allocated ahead. When the server serves a
         different number of bytes than it listed (fewer: EOF early; more: data past the listed end), the
-        part is removed and :class:`SizeMismatch` says so; a dropped connection keeps it for resuming."""
+        part is removed and :class:`SizeMismatch` says so; a dropped connection keeps it for resuming.
+        ``ahead``: the file this connection fetches next; its OPEN goes out with this file's READs."""
         digest = hashlib.sha256()
         offset = part.stat().st_size if part.exists() else 0
         if offset > remote.size:
@@ -336,10 +362,12 @@ class Connection:
                     digest.update(data)
             log.info("Resuming %s at %d of %d bytes", remote.path, offset, remote.size)
         try:
-            rf = self.sftp.open(remote.path, "rb")
+            handle = self._open(remote)
+            if ahead is not None:
+                self._open_ahead(ahead)
             try:
                 with part.open("ab") as out:
-                    for data in self._pipelined_read(rf, remote, offset, remote.size, to_the_end=True):
+                    for data in self._pipelined_read(handle, remote, offset, remote.size, to_the_end=True):
                         out.write(data)
                         digest.update(data)
                         if progress:
@@ -347,7 +375,7 @@ class Connection:
                     out.flush()
                     os.fsync(out.fileno())
             finally:
-                _close_async(rf)
+                self._close_handle(handle)
         except SizeMismatch:
             part.unlink(missing_ok=True)
             raise
@@ -366,10 +394,10 @@ class Connection:
         ``progress`` is told each piece once written, so what it counted is a complete prefix of the range.
         Only bytes received are written; the range that ends the file also checks the server has no more."""
         try:
-            rf = self.sftp.open(remote.path, "rb")
+            handle = self._open(remote)
             try:
                 at = start
-                for data in self._pipelined_read(rf, remote, start, end, to_the_end=end == remote.size):
+                for data in self._pipelined_read(handle, remote, start, end, to_the_end=end == remote.size):
                     view = memoryview(data)
                     while view:
                         written = os.pwrite(fd, view, at)
@@ -377,14 +405,15 @@ class Connection:
                     if progress:
                         progress(len(data))
             finally:
-                _close_async(rf)
+                self._close_handle(handle)
+                self._flush()  # a ranged worker may wait a while for its next piece: close now
         except (OSError, EOFError, paramiko.SSHException) as exc:
             raise SftpError(f"{remote.path}: transfer failed: {exc or type(exc).__name__}") from exc
 
     def _pipelined_read(
-        self, rf: paramiko.SFTPFile, remote: RemoteFile, offset: int, end: int, to_the_end: bool = False
+        self, handle: bytes, remote: RemoteFile, offset: int, end: int, to_the_end: bool = False
     ) -> Iterator[bytes]:
-        """Bytes ``[offset, end)`` of the file in order, with up to ``WINDOW`` reads of ``REQUEST`` bytes in flight.
+        """Bytes ``[offset, end)`` of the file in order, with up to ``WINDOW_BYTES`` of reads in flight.
 
         An early end of file is :class:`SizeMismatch` (the server lists more than it serves). ``to_the_end``:
         ``end`` is the listed size, and one more read, sent with the others, must find the end of file there
@@ -394,23 +423,28 @@ class Connection:
         read twice, the late copies held in memory) and its ``max_concurrent_requests`` throttle
         busy-waits. This sliding window uses the same request/response calls paramiko's prefetch does,
         from this thread only: memory is bounded by the window, and responses may arrive in any order.
+        The window is topped up a quarter at a time, those requests sent as one packet. Reads ask for
+        ``self.request`` bytes (255 KiB, what OpenSSH serves: a quarter of the answers paramiko would
+        parse with 64 KiB); a server that serves less per read (short reads) lowers it for the connection.
         """
         collector = _Responses()
         pending: collections.deque[tuple[int, int, int]] = collections.deque()
         size = end
         while offset < size or pending:
-            while offset < size and len(pending) < WINDOW:
-                length = min(REQUEST, size - offset)
-                num = self.sftp._async_request(  # type: ignore[attr-defined]  # paramiko-internal, pinned <6
-                    collector, CMD_READ, rf.handle, int64(offset), length)
-                pending.append((num, offset, length))
-                offset += length
+            window = max(4, WINDOW_BYTES // self.request)
+            if len(pending) <= window - window // 4 or not pending:
+                while offset < size and len(pending) < window:
+                    length = min(self.request, size - offset)
+                    num = self._queue(collector, CMD_READ, handle, struct.pack(">QI", offset, length))
+                    pending.append((num, offset, length))
+                    offset += length
             if to_the_end and offset == size:  # every read sent: the probe for the end of file goes with them
-                num = self.sftp._async_request(  # type: ignore[attr-defined]  # paramiko-internal, pinned <6
-                    collector, CMD_READ, rf.handle, int64(end), 1)
+                num = self._queue(collector, CMD_READ, handle, struct.pack(">QI", end, 1))
                 pending.append((num, end, 1))
                 to_the_end = False
             num, at, length = pending.popleft()
+            if num not in collector.data:
+                self._flush()
             while num not in collector.data:
                 self.sftp._read_response()  # type: ignore[attr-defined]  # one packet, to its collector
             data = collector.take(num, remote.path)
@@ -423,18 +457,99 @@ class Connection:
                 raise SizeMismatch(f"{remote.path}: the server served {at} bytes of the {remote.size} it listed")
             yield data
             if len(data) < length:  # a short read (a server with a smaller limit): fetch the rest now
-                rf.seek(at + len(data))
-                rest = rf.read(length - len(data))
+                self.request = max(MIN_REQUEST, min(self.request, len(data)))
+                rest = self._read_rest(handle, remote, at + len(data), length - len(data))
                 if len(rest) != length - len(data):
                     raise SizeMismatch(f"{remote.path}: the server served {at + len(data) + len(rest)} bytes of "
                                        f"the {remote.size} it listed")
                 yield rest
 
+    def _read_rest(self, handle: bytes, remote: RemoteFile, at: int, n: int) -> bytes:
+        """Up to ``n`` bytes at ``at``, one READ at a time, fewer only at the end of the file."""
+        collector = _Responses()
+        out: list[bytes] = []
+        while n > 0:
+            num = self._queue(collector, CMD_READ, handle, struct.pack(">QI", at, n))
+            self._flush()
+            while collector.data.get(num) is None:  # an answer is bytes or an exception, never None
+                self.sftp._read_response()  # type: ignore[attr-defined]
+            data = collector.take(num, remote.path)
+            if not data:
+                break
+            out.append(data)
+            at, n = at + len(data), n - len(data)
+        return b"".join(out)
 
-def _close_async(rf: paramiko.SFTPFile) -> None:
-    """Close a remote file without waiting for the answer (as paramiko does in ``__del__``): one round trip
-    less per file; the answer is read and dropped with the next ones. Nothing was written through it."""
-    rf._close(async_=True)  # type: ignore[attr-defined]  # paramiko-internal, pinned <6
+    # --- requests sent together -------------------------------------------------------------------------
+
+    def _queue(self, collector: object, t: int, handle_or_path: bytes, tail: bytes = b"") -> int:
+        """Queue one SFTP request (its answer goes to ``collector._async_response``, or is dropped for
+        ``type(None)``): a string argument, then ``tail`` already packed. Sent by :meth:`_flush`."""
+        sftp = self.sftp
+        with sftp._lock:  # type: ignore[attr-defined]  # paramiko-internal, pinned <6
+            num: int = sftp.request_number
+            sftp._expecting[num] = collector  # type: ignore[attr-defined]
+            sftp.request_number = num + 1
+        body = struct.pack(">BII", t, num, len(handle_or_path)) + handle_or_path + tail
+        self._out.append(struct.pack(">I", len(body)) + body)
+        return num
+
+    def _flush(self) -> None:
+        """Send every queued request in one channel write."""
+        if self._out:
+            out, self._out = b"".join(self._out), []
+            self.sftp._write_all(out)  # type: ignore[attr-defined]  # paramiko-internal, pinned <6
+
+    def _open(self, remote: RemoteFile) -> bytes:
+        """The handle of ``remote`` opened for reading: the one opened ahead, or a new one now."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] != remote.path:  # not the file opened ahead: close that one
+            with contextlib.suppress(OSError, EOFError):
+                self._close_handle(self._wait_open(ahead[1], ahead[0]))
+            ahead = None
+        if ahead is None:
+            opened = _Opened()
+            self._queue_open(remote.path, opened)
+        else:
+            opened = ahead[1]
+        return self._wait_open(opened, remote.path)
+
+    def _open_ahead(self, remote: RemoteFile) -> None:
+        opened = _Opened()
+        self._queue_open(remote.path, opened)
+        self._ahead = (remote.path, opened)
+
+    def _queue_open(self, path: str, opened: _Opened) -> None:
+        self._queue(opened, CMD_OPEN, path.encode("utf-8", "surrogateescape"),
+                    struct.pack(">II", SFTP_FLAG_READ, 0))  # pflags, attrs with no fields
+
+    def _wait_open(self, opened: _Opened, path: str) -> bytes:
+        if opened.answer is None:
+            self._flush()
+        while opened.answer is None:
+            self.sftp._read_response()  # type: ignore[attr-defined]
+        t, msg = opened.answer
+        if t == CMD_STATUS:
+            self.sftp._convert_status(msg)  # type: ignore[attr-defined]  # raises IOError / EOFError
+        if t != CMD_HANDLE:
+            raise paramiko.SFTPError(f"{path}: expected a handle")
+        handle: bytes = msg.get_binary()
+        return handle
+
+    def _close_handle(self, handle: bytes) -> None:
+        """Close without waiting for the answer (as paramiko does in ``__del__``): the CLOSE goes out with the
+        next requests, its answer is read and dropped with theirs. Nothing was written through it."""
+        self._queue(type(None), CMD_CLOSE, handle)
+
+
+class _Opened:
+    """Receives the answer to one OPEN (paramiko calls ``_async_response``)."""
+
+    def __init__(self) -> None:
+        self.answer: tuple[int, paramiko.Message] | None = None
+
+    def _async_response(self, t: int, msg: paramiko.Message, num: int) -> None:
+        self.answer = (t, msg)
 
 
 class _Chunks:

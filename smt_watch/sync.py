@@ -22,7 +22,7 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection as MpConnection
 from multiprocessing.connection import wait as mp_wait
@@ -49,7 +49,10 @@ PROCESS_MIN_BYTES = 64 * MIB
 PROCESS_MIN_FILES = 100
 PIECE = 32 * MIB  # a big file is fetched as ranges of this size, handed out in order
 SPLIT_MIN = 2 * PIECE  # smaller files are one stream each
-DEPTH = 2  # jobs queued per worker: the next one is there when the current one ends
+DEPTH = 2  # ranged pieces queued per worker: the next one is there when the current one ends
+DEPTH_WHOLE = 3  # whole files queued per worker: the one after the next is there to be opened ahead
+BATCH_FILES = 64  # whole files recorded together, after one fsync of their directories
+BATCH_SECONDS = 0.25  # ... or once the oldest of them has waited this long for the next message
 PROGRESS_STEP = 4 * MIB
 HASH_BLOCK = MIB
 JOIN_SECONDS = 10
@@ -85,10 +88,12 @@ def alternative_name(final: Path, n: int) -> Path:
     return final.with_name(f"{stem}.{n}{dot}{rest}")
 
 
-def place(part: Path, final: Path, sha256: str, clean: bool = True) -> Path:
+def place(part: Path, final: Path, sha256: str, clean: bool = True, sync_dir: bool = True) -> Path:
     """Rename the finished part into place, never over different content that may not be delivered yet.
     ``clean``: remove the parts of older versions of this file now (a pass does it once per directory,
-    with :func:`clean_stale_parts`, instead: a glob per file is quadratic in the directory's size)."""
+    with :func:`clean_stale_parts`, instead: a glob per file is quadratic in the directory's size).
+    ``sync_dir`` off: the caller makes the rename durable (:func:`fsync_dirs`, once for a batch of files)
+    before it records the file; until then a crash may undo the rename, and the next pass fetches again."""
     dest, n = final, 0
     while dest.exists() or dest.is_symlink():
         try:
@@ -100,15 +105,22 @@ def place(part: Path, final: Path, sha256: str, clean: bool = True) -> Path:
         n += 1
         dest = alternative_name(final, n)
     os.replace(part, dest)
-    dir_fd = os.open(dest.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself survives a crash
-    finally:
-        os.close(dir_fd)
+    if sync_dir:
+        fsync_dirs([dest.parent])
     if clean:
         for stale in final.parent.glob(f".{final.name}.*.part"):
             stale.unlink(missing_ok=True)  # parts of older versions of this file
     return dest
+
+
+def fsync_dirs(directories: Iterable[Path]) -> None:
+    """fsync each directory once: the renames made in it survive a crash."""
+    for directory in dict.fromkeys(directories):
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # the rename itself survives a crash
+        finally:
+            os.close(dir_fd)
 
 
 _PART_NAME = re.compile(r"\.(?P<name>.+)\.\d+-\d+(?:\.ranges(?:\.done)?)?\.part", re.DOTALL)
@@ -402,6 +414,7 @@ def _drive(
     waiting = collections.deque(jobs)
     outstanding: dict[int, dict[int, Job]] = {i: {} for i in range(len(pool.conns))}
     fatal: list[BaseException] = []
+    landed = _Landed()
 
     def fail(remote: RemoteFile, reason: object) -> None:
         log.error("Failed to fetch %s: %s", remote.path, reason)
@@ -417,7 +430,7 @@ def _drive(
                 fail(r.remote, exc)
 
     def feed(w: int) -> None:
-        while waiting and len(outstanding[w]) < DEPTH and not fatal:
+        while waiting and len(outstanding[w]) < (DEPTH if waiting[0].end is not None else DEPTH_WHOLE) and not fatal:
             job = waiting.popleft()
             r = ranged.get(job.remote.path)
             if r is not None and (r.failed or r.closed):
@@ -440,18 +453,59 @@ def _drive(
                 continue
             job = outstanding[w].pop(msg[1])
             if kind == "done":
-                _job_done(ledger, report, ranged, job, msg[2], msg[3], force_repost, fail)
+                _job_done(ledger, report, ranged, job, msg[2], msg[3], force_repost, fail, landed)
             elif kind == "failed":
                 _job_failed(report, ranged, job, msg[2], fail, discard=len(msg) > 3 and bool(msg[3]))
             else:  # "fatal": a ConfigError (host key, login): nothing more is fetched
                 fatal.append(msg[2])
             feed(w)
+        if landed.due():
+            landed.flush(ledger, report, fail)
+    landed.flush(ledger, report, fail)
     if fatal:
         raise fatal[0]
 
 
+class _Landed:
+    """Whole files the workers renamed into place (each fsynced first), not yet recorded.
+
+    A rename is durable once its directory is fsynced; one fsync per directory for a batch of files,
+    instead of one per file, halves the fsyncs of a pass of small files. A file is recorded only after
+    that fsync: a crash before it may undo the rename, and then the next pass fetches the file again
+    (the same bytes already in place are recognised by :func:`place`, not stored twice)."""
+
+    def __init__(self) -> None:
+        self.files: list[tuple[RemoteFile, Path, str, str]] = []  # remote, final, SHA-256, where it landed
+        self.since = 0.0
+
+    def add(self, remote: RemoteFile, final: Path, sha: str, dest: str) -> None:
+        if not self.files:
+            self.since = time.monotonic()
+        self.files.append((remote, final, sha, dest))
+
+    def due(self) -> bool:
+        return len(self.files) >= BATCH_FILES or (bool(self.files) and time.monotonic() - self.since >= BATCH_SECONDS)
+
+    def flush(self, ledger: Ledger, report: SyncReport, fail: Callable[[RemoteFile, object], None]) -> None:
+        files, self.files = self.files, []
+        if not files:
+            return
+        try:
+            fsync_dirs(Path(dest).parent for _, _, _, dest in files)
+        except OSError as exc:
+            for remote, *_ in files:
+                fail(remote, _reason(exc))
+            return
+        for remote, final, sha, dest in files:
+            ledger.record_fetch(remote.path, remote.size, remote.mtime, sha, dest)
+            report.placed.append(final)
+            report.fetched.append(Path(dest))
+            report.bytes += remote.size
+
+
 def _job_done(ledger: Ledger, report: SyncReport, ranged: dict[str, _Ranged], job: Job, dest: str | None,
-              sha: str | None, force_repost: bool, fail: Callable[[RemoteFile, object], None]) -> None:
+              sha: str | None, force_repost: bool, fail: Callable[[RemoteFile, object], None],
+              landed: _Landed) -> None:
     remote = job.remote
     r = ranged.get(remote.path)
     if r is not None:
@@ -468,14 +522,11 @@ def _job_done(ledger: Ledger, report: SyncReport, ranged: dict[str, _Ranged], jo
     try:
         if dest is None:  # force_repost: the ledger forgets the hash before the watcher can see the file
             ledger.forget([sha])
-            dest = str(place(part_path(job.final, remote), job.final, sha, clean=False))
+            dest = str(place(part_path(job.final, remote), job.final, sha, clean=False, sync_dir=False))
     except (SmtWatchError, OSError) as exc:
         fail(remote, reason(exc))
         return
-    ledger.record_fetch(remote.path, remote.size, remote.mtime, sha, dest)
-    report.placed.append(job.final)
-    report.fetched.append(Path(dest))
-    report.bytes += remote.size
+    landed.add(remote, job.final, sha, dest)  # recorded once its directory is fsynced
 
 
 def _finish_ranged(ledger: Ledger, report: SyncReport, r: _Ranged, force_repost: bool) -> None:
@@ -583,17 +634,25 @@ def _worker_loop(settings: Settings, conn: MpConnection, lock: threading.Lock) -
         with lock:
             conn.send(msg)
 
+    queued: collections.deque[Job] = collections.deque()  # received, not yet run: the next one is opened ahead
+    closing = False
     try:
         while True:
-            try:
-                job: Job | None = conn.recv()
-            except (EOFError, OSError):
+            while not closing and (not queued or conn.poll()):
+                try:
+                    got: Job | None = conn.recv()
+                except (EOFError, OSError):
+                    got = None
+                if got is None:
+                    closing = True
+                else:
+                    queued.append(got)
+            if not queued:
                 return
-            if job is None:
-                return
+            job = queued.popleft()
             progress = _Progress(send)
             try:
-                current, dest, sha = _run_job(settings, current, job, progress)
+                current, dest, sha = _run_job(settings, current, job, progress, queued[0] if queued else None)
             except ConfigError as exc:
                 send(("fatal", job.n, exc))
                 return
@@ -629,9 +688,10 @@ class _Progress:
 
 
 def _run_job(settings: Settings, conn: Connection | None, job: Job, progress: Callable[[int], None],
-             ) -> tuple[Connection, str | None, str | None]:
+             after: Job | None = None) -> tuple[Connection, str | None, str | None]:
     if job.end is None:
-        conn, dest, sha = _fetch_with_retries(settings, conn, job.remote, progress, place_it=job.place)
+        ahead = after.remote if after is not None and after.end is None else None
+        conn, dest, sha = _fetch_with_retries(settings, conn, job.remote, progress, place_it=job.place, ahead=ahead)
         return conn, (str(dest) if dest is not None else None), sha
     return _fetch_range_with_retries(settings, conn, job, progress), None, None
 
@@ -686,9 +746,12 @@ def _fetch_with_retries(
     remote: RemoteFile,
     on_bytes: Callable[[int], None] | None,
     place_it: bool = True,
+    ahead: RemoteFile | None = None,
 ) -> tuple[Connection, Path | None, str]:
     """Fetch one file; a dropped connection is re-opened and the transfer resumes from its part.
-    Without ``place_it`` the finished, fsynced part is left for the caller to rename (dest None)."""
+    Without ``place_it`` the finished, fsynced part is left for the caller to rename (dest None). The
+    rename's directory is not fsynced here: the pass does it for a batch, before recording them.
+    ``ahead``: the file fetched next on this connection, opened while this one is read."""
     final = settings.local_dir / remote.relative
     part = part_path(final, remote)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -699,12 +762,12 @@ def _fetch_with_retries(
         current = holder[0] if holder[0] is not None else Connection(settings)
         holder[0] = current
         try:
-            sha = current.download(remote, part, on_bytes)
+            sha = current.download(remote, part, on_bytes, ahead=ahead)
         except SftpError:
             current.close()
             holder[0] = None
             raise
-        return (place(part, final, sha, clean=False) if place_it else None), sha
+        return (place(part, final, sha, clean=False, sync_dir=False) if place_it else None), sha
 
     dest, sha = _retrying(remote)(attempt)
     assert holder[0] is not None

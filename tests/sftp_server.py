@@ -151,6 +151,7 @@ class SftpTestServer:
         self.drop_times = 1
         self.read_blocked = threading.Event()
         self.lag_reads = 0
+        self.max_read: int | None = None  # serve at most this many bytes per READ (a server with a lower limit)
         self.listed_sizes: dict[str, int] = {}
         self._stats = _Stats()
         self._loop = asyncio.new_event_loop()
@@ -449,6 +450,8 @@ class _FaultySFTPServer(asyncssh.SFTPServer):
             raise asyncssh.SFTPConnectionLost("connection dropped by the test server")
         if self._lag_every:
             await self._lag()
+        if owner.max_read is not None:
+            size = min(size, owner.max_read)
         data = super().read(file_obj, offset, size)
         assert isinstance(data, bytes)
         self._served += len(data)

@@ -324,6 +324,26 @@ def test_download_reads_each_byte_once_when_responses_lag(server: SftpTestServer
     assert server.served("/a.csv") == len(data)  # no byte asked for twice
 
 
+def test_download_from_a_server_serving_less_per_read_asks_for_less(server: SftpTestServer, settings: Settings,
+                                                                     tmp_path: Path) -> None:
+    """READs ask for 255 KiB (what OpenSSH serves). A server that serves at most 20,000 bytes a READ answers
+    each with a short read: the rest of that one is fetched at once, and the connection asks for 20,000
+    bytes from then on, so the file still takes about one READ per 20,000 bytes, all of them pipelined,
+    not two per request (the short one and a round trip for its rest)."""
+    server.max_read = 20_000
+    data = os.urandom(MiB)
+    server.put("a.csv", data)
+    part = tmp_path / ".a.csv.part"
+    with Connection(settings) as conn:
+        assert conn.request > server.max_read  # the case under test: it asks for more than is served
+        digest = conn.download(remote_file(server, "a.csv"), part)
+        assert conn.request == server.max_read
+    assert digest == hashlib.sha256(data).hexdigest() and part.read_bytes() == data
+    assert server.served("/a.csv") == len(data)  # each byte once
+    reads = [r for r in server.reads if r.path == "/a.csv"]
+    assert len(reads) <= len(data) // 20_000 + 12, len(reads)  # the first window's short reads, then full ones
+
+
 def test_connection_prefers_aes_gcm(server: SftpTestServer, settings: Settings) -> None:
     """GCM (no per-packet HMAC in Python) is what a server that offers it gets; paramiko lists it last."""
     with Connection(settings) as conn:

@@ -108,12 +108,19 @@ def hostile_file(rng: random.Random) -> str:
             kwh = rng.choice(["0.250", "1.5", "", " ", "abc", "1e3", " 0.1 "])
             est = rng.choice(["A", "E", " e", "", "A"])
             shown = rng.choice([label, f" {label}", label, "25:99" if rng.random() < 0.05 else label])
-            lines.append(f"{esiid},{date_text},{day + timedelta(days=1):%m/%d/%Y},{shown},x,{kwh},{est},{kind}")
+            cells = [esiid, date_text, f"{day + timedelta(days=1):%m/%d/%Y}", shown, "x", kwh, est, kind]
+            if rng.random() < 0.05:  # a quoted cell: read by the csv module, as every line with a quote
+                i = rng.randrange(8)
+                cells[i] = '"' + cells[i] + '"'
+            if rng.random() < 0.02:  # a quoted field holding a line break and a comma: one row of two lines
+                cells[4] = '"x\r\n,y"'
+            lines.append(",".join(cells))
         if rng.random() < 0.2:  # rows out of order
             body = lines[1:]
             rng.shuffle(body)
             lines[1:] = body
-    return "\n".join(lines) + "\n"
+    eol = rng.choice(["\n", "\r\n"])
+    return eol.join(lines) + eol
 
 
 @pytest.mark.parametrize("seed", range(200))

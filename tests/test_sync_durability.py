@@ -10,6 +10,7 @@ same bytes already in the inbox are recognised instead of being stored again as 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -21,8 +22,10 @@ from test_sync import sync_once, visible
 
 from conftest import IoCalls
 from smt_watch.config import Settings
+from smt_watch.ledger.sqlite import SqliteLedger
 from smt_watch.sftp import RemoteFile
-from smt_watch.sync import part_path
+from smt_watch.statedir import open_ledger
+from smt_watch.sync import SyncReport, _Landed, part_path
 
 Make = Callable[..., Settings]
 KiB = 1024
@@ -49,14 +52,25 @@ def test_part_is_fsynced_then_renamed_then_its_directory_fsynced(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Checked against mutants sync-part-no-fsync (the part's fsync removed) and sync-rename-dir-no-fsync
-    (the directory fsync after the rename removed): each turns this test red."""
-    files = {"adhocusage/2026/a.CSV": os.urandom(300 * KiB), "b.csv": os.urandom(20 * KiB)}
+    (the directory fsync after the rename removed): each turns this test red. The directory is fsynced once
+    for a batch of files, and each file is recorded in the ledger only after that (a crash before it may
+    undo the rename: a file recorded as fetched would then never be fetched again)."""
+    files = {"adhocusage/2026/a.CSV": os.urandom(300 * KiB), "b.csv": os.urandom(20 * KiB),
+             "c.csv": os.urandom(40 * KiB)}
     for rel, data in files.items():
         server.put(rel, data)
+    real_record = SqliteLedger.record_fetch
+
+    def record_fetch(self: SqliteLedger, remote_path: str, size: int, mtime: int, sha256: str,
+                     local_path: str) -> None:
+        io_calls._add("record", local_path)
+        real_record(self, remote_path, size, mtime, sha256, local_path)
+
+    monkeypatch.setattr(SqliteLedger, "record_fetch", record_fetch)
     report = sync_once(make_settings, env)
     monkeypatch.undo()
     events = io_calls.events
-    assert report.failed == [] and len(report.fetched) == 2
+    assert report.failed == [] and len(report.fetched) == 3
     assert visible(inbox) == files
 
     for rel in files:
@@ -68,8 +82,11 @@ def test_part_is_fsynced_then_renamed_then_its_directory_fsynced(
         assert part.parent == final.parent and part.name.startswith(".") and part.name.endswith(".part"), part
         synced_before = [e for e in events[:at] if e == ("fsync", str(part))]
         assert synced_before, f"{part.name} renamed to {rel} without an fsync first: {events}"
-        synced_dir_after = [e for e in events[at + 1:] if e == ("fsync", str(final.parent))]
+        synced_dir_after = [i for i, e in enumerate(events) if i > at and e == ("fsync", str(final.parent))]
         assert synced_dir_after, f"the rename to {rel} was not made durable (no fsync of its directory): {events}"
+        recorded = [i for i, e in enumerate(events) if e[0] == "record" and Path(e[1]).resolve() == final]
+        assert len(recorded) == 1 and recorded[0] > synced_dir_after[0], \
+            f"{rel} recorded before its rename was made durable: {events}"
 
 
 def test_resumed_download_is_identified_by_all_its_bytes(
@@ -97,3 +114,33 @@ def test_resumed_download_is_identified_by_all_its_bytes(
     assert second.fetched == [inbox / "a.csv"]
     assert visible(inbox) == {"a.csv": data}  # no a.1.csv copy of the same bytes
     assert sorted(p.name for p in inbox.iterdir()) == ["a.csv"]  # and no part left
+
+
+def test_a_batch_of_files_costs_one_fsync_per_directory_then_each_is_recorded(
+    make_settings: Make, inbox: Path, io_calls: IoCalls, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What the pass does with the files its workers renamed into place: one fsync per directory for the
+    batch (not one per file), then one ledger record per file, none before that fsync."""
+    settings = make_settings()
+    landed = _Landed()
+    for rel in ("x/a.csv", "x/b.csv", "y/c.csv"):
+        final = inbox / rel
+        final.parent.mkdir(parents=True, exist_ok=True)
+        final.write_bytes(rel.encode())
+        landed.add(RemoteFile("/" + rel, len(rel), 1), final, hashlib.sha256(rel.encode()).hexdigest(), str(final))
+    real_record = SqliteLedger.record_fetch
+
+    def record_fetch(self: SqliteLedger, remote_path: str, size: int, mtime: int, sha256: str,
+                     local_path: str) -> None:
+        io_calls._add("record", local_path)
+        real_record(self, remote_path, size, mtime, sha256, local_path)
+
+    monkeypatch.setattr(SqliteLedger, "record_fetch", record_fetch)
+    report = SyncReport()
+    with open_ledger(settings) as ledger:
+        landed.flush(ledger, report, lambda remote, why: pytest.fail(f"{remote.path} failed: {why}"))
+        assert set(ledger.remote_files()) == {"/x/a.csv", "/x/b.csv", "/y/c.csv"}
+    kinds = [e[0] for e in io_calls.events]
+    assert io_calls.events[:2] == [("fsync", str(inbox / "x")), ("fsync", str(inbox / "y"))], io_calls.events
+    assert kinds[2:] == ["record"] * 3, io_calls.events
+    assert report.fetched == [inbox / "x/a.csv", inbox / "x/b.csv", inbox / "y/c.csv"] and landed.files == []
