@@ -494,7 +494,7 @@ class _Landed:
             fsync_dirs(Path(dest).parent for _, _, _, dest in files)
         except OSError as exc:
             for remote, *_ in files:
-                fail(remote, _reason(exc))
+                fail(remote, reason(exc))
             return
         for remote, final, sha, dest in files:
             ledger.record_fetch(remote.path, remote.size, remote.mtime, sha, dest)
