@@ -18,6 +18,7 @@ import pytest
 from smt_watch.errors import LedgerError
 from smt_watch.hashing import Signature
 from smt_watch.ledger import Claim, Ledger, Remember, Seen, SqliteLedger
+from smt_watch.ledger.port import Tx
 from smt_watch.ledger.sqlite import SCHEMA_VERSION
 from smt_watch.legacy import import_file, import_state_file, parse_hash_lines
 
@@ -133,10 +134,13 @@ def test_two_processes_claim_once(where: str) -> None:
 def test_a_sqlite_error_inside_a_transaction_is_a_ledger_error(tmp_path: Path) -> None:
     with SqliteLedger(tmp_path / "l.sqlite3") as ledger:
         assert claim(ledger) is Claim.CLAIMED
-        with pytest.raises(LedgerError, match="UNIQUE constraint failed") as caught, ledger.atomic() as db:
-            db.execute("INSERT INTO meta (key, value) VALUES ('k', 'first')")
-            db.execute("INSERT INTO files (sha256, filename, state, first_seen, updated_at)"
+        def work(tx: Tx) -> None:
+            tx.execute("INSERT INTO meta (key, value) VALUES ('k', 'first')")
+            tx.execute("INSERT INTO files (sha256, filename, state, first_seen, updated_at)"
                        " VALUES (?, 'again.csv', 'pending', 'x', 'x')", (A,))
+
+        with pytest.raises(LedgerError, match="UNIQUE constraint failed") as caught:
+            ledger.port.transaction(work)
         assert isinstance(caught.value.__cause__, sqlite3.IntegrityError)
         assert ledger.meta("k") is None  # rolled back as a whole
         ledger.set_meta("k", "second")  # and the ledger is usable afterwards
