@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from pgcluster import PASSWORD
 
 from smt_watch.errors import LedgerError
 from smt_watch.hashing import Signature
@@ -46,14 +47,23 @@ def test_wal_and_schema(tmp_path: Path) -> None:
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
-def test_newer_schema_is_refused(tmp_path: Path) -> None:
-    path = tmp_path / "l.sqlite3"
-    SqliteLedger(path).close()
-    db = sqlite3.connect(path)
-    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
-    db.close()
-    with pytest.raises(LedgerError, match="newer than this smt-watch"):
-        SqliteLedger(path)
+def test_newer_schema_is_refused(where: str) -> None:
+    """A ledger from a newer smt-watch is refused rather than damaged; the message never holds the password."""
+    open_at(where).close()
+    if where.startswith("postgresql://"):
+        import psycopg
+
+        from smt_watch.ledger.postgres import SCHEMA_VERSION as PG_SCHEMA_VERSION
+
+        with psycopg.connect(where, autocommit=True) as conn:
+            conn.execute("INSERT INTO smt_watch.schema_version (version) VALUES (%s)", (PG_SCHEMA_VERSION + 1,))
+    else:
+        db = sqlite3.connect(where)
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+        db.close()
+    with pytest.raises(LedgerError, match="newer than this smt-watch") as refused:
+        open_at(where)
+    assert PASSWORD not in str(refused.value)
 
 
 def test_state_machine(where: str) -> None:

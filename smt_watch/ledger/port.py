@@ -83,6 +83,9 @@ class Dialect:
     skip_locked: str
     # a list as one parameter (PostgreSQL's arrays) rather than one placeholder per item
     arrays: bool
+    # how many items one statement takes at a time (SQLite allows 32,766 placeholders; an array, any number,
+    # but a batch is also one round trip's worth of rows)
+    batch: int
 
     def among(self, column: str, values: Sequence[Any]) -> tuple[str, dict[str, Any]]:
         """``column`` is one of ``values``: the clause and its (named) parameters."""
@@ -104,12 +107,13 @@ class Dialect:
 
 
 SQLITE: Dialect = Dialect(name="sqlite", write_with=False, seen_node=False, leases=False, seen_key=("path",),
-                          skip_locked="", arrays=False)
+                          skip_locked="", arrays=False, batch=500)
 POSTGRES: Dialect = Dialect(name="postgres", write_with=True, seen_node=True, leases=True,
-                            seen_key=("node", "path"), skip_locked=" FOR UPDATE SKIP LOCKED", arrays=True)
+                            seen_key=("node", "path"), skip_locked=" FOR UPDATE SKIP LOCKED", arrays=True,
+                            batch=1000)
 
 
-def batches(values: Sequence[T], size: int = 500) -> Iterator[Sequence[T]]:
-    """``values`` in slices a statement can take (SQLite allows 32,766 placeholders)."""
+def batches(values: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    """``values`` in slices of ``size`` (a dialect's :attr:`Dialect.batch`)."""
     for i in range(0, len(values), size):
         yield values[i : i + size]

@@ -121,16 +121,16 @@ class _Tx:
 
     def query(self, sql: str, params: Params = ()) -> list[Record]:
         with self._conn.cursor(row_factory=dict_row) as cur:
-            cur.execute(_translated(sql), params or None)
+            cur.execute(*_bound(sql, params))
             rows: list[Record] = [*cur.fetchall()] if cur.description is not None else []
             return rows
 
     def tuples(self, sql: str, params: Params = ()) -> list[tuple[Any, ...]]:
-        cur = self._conn.execute(_translated(sql), params or None)
+        cur = self._conn.execute(*_bound(sql, params))
         return cur.fetchall() if cur.description is not None else []
 
     def execute(self, sql: str, params: Params = ()) -> int:
-        return self._conn.execute(_translated(sql), params or None).rowcount
+        return self._conn.execute(*_bound(sql, params)).rowcount
 
     def lock(self, *key: str) -> None:
         """A transaction-level advisory lock keyed by ``key``'s hash (two keys that share one only wait for
@@ -142,6 +142,11 @@ class _Tx:
 def _translated(sql: str) -> str:
     """``sql`` in psycopg's placeholder style, translated once (the ledger's statements are a few dozen)."""
     return pyformat(sql)
+
+
+def _bound(sql: str, params: Params) -> tuple[str, Params | None]:
+    """The statement and parameters for psycopg; without parameters psycopg takes the text as it is."""
+    return (_translated(sql), params) if params else (sql, None)
 
 
 class PostgresDb:

@@ -28,6 +28,8 @@ from smt_watch.ledger.schema import CHUNKS, FILES_CORE, LABELS, REMOTE_FILES, co
 from smt_watch.ledger.store import SqlLedger
 
 T = TypeVar("T")
+# The shared statements need upserts with RETURNING (the claim) and NULLS FIRST: SQLite 3.35 (2021).
+MIN_SQLITE: Final = (3, 35, 0)
 
 # --- migrations: numbered, each runs in the transaction that bumps user_version ---------------------
 
@@ -176,6 +178,9 @@ class SqliteDb:
         (a monitoring user in the service's group)."""
         self.path = path
         self._lock = threading.RLock()
+        if sqlite3.sqlite_version_info < MIN_SQLITE:
+            raise LedgerError(f"cannot open ledger {path}: SQLite {sqlite3.sqlite_version} is too old "
+                              "(3.35 or newer is needed)")
         if readonly:
             self._db = _open_readonly(path, busy_timeout)
             self._tx = _Tx(self._db, path)

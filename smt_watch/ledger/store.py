@@ -51,6 +51,9 @@ KEYS: Final[dict[str, tuple[str, ...]]] = {
 NOTE_SQL: Final = ("INSERT INTO labels (sha256, esiid, at) VALUES (:sha, :esiid, :at)"
                    " ON CONFLICT (sha256) DO UPDATE SET esiid = excluded.esiid")
 UPLOAD_WINDOW_KEPT: Final = 31 * 86400  # nothing older matters to any quota
+# A claim's lease stands while the database's clock has not passed it (databases with leases): the one
+# judgement the claim upsert, its fallback and start-up recovery all make.
+LEASE_STANDS: Final = "lease_until > now()"
 
 
 def like_prefix(prefix: str) -> str:
@@ -204,7 +207,7 @@ class SqlLedger(VerdictStore):
         columns = ", lease_until, node" if leases else ""
         values = ", now() + make_interval(secs => :lease), :node" if leases else ""
         sets = ", lease_until = excluded.lease_until, node = excluded.node" if leases else ""
-        live = "f.lease_until > now()" if leases else "TRUE"
+        live = f"f.{LEASE_STANDS}" if leases else "TRUE"
         return f"""
 INSERT INTO files AS f (sha256, filename, path, size, state, first_seen, updated_at, mode,
                         claimed_by, claimed_at, parent, started_at{columns})
@@ -229,7 +232,7 @@ RETURNING sha256"""
 
     @property
     def _leased_column(self) -> str:
-        return "lease_until > now()" if self._dialect.leases else "NULL"
+        return LEASE_STANDS if self._dialect.leases else "NULL"
 
     def claim(
         self,
@@ -353,7 +356,7 @@ RETURNING sha256"""
 
         def work(tx: Tx) -> int:
             removed = 0
-            for batch in batches(shas):
+            for batch in batches(shas, self._dialect.batch):
                 clause, params = self._dialect.among("sha256", batch)
                 removed += tx.execute(f"DELETE FROM files WHERE {clause}", params)
                 tx.execute(f"DELETE FROM chunks WHERE {clause}", params)
@@ -370,7 +373,7 @@ RETURNING sha256"""
 
         def work(tx: Tx) -> list[str]:
             parents: dict[str, str] = {}
-            for batch in batches(shas):
+            for batch in batches(shas, self._dialect.batch):
                 clause, params = self._dialect.among("sha256", batch)
                 parents.update((str(s), str(p)) for s, p in tx.tuples(
                     f"SELECT sha256, parent FROM files WHERE {clause} AND parent IS NOT NULL", params))
@@ -389,7 +392,7 @@ RETURNING sha256"""
 
         def work(tx: Tx) -> list[str]:
             moved = self._set_pending(tx, shas, "state <> 'sending'", "last_error = :note")
-            for batch in batches([s for s in shas if s in moved]):
+            for batch in batches([s for s in shas if s in moved], self._dialect.batch):
                 clause, params = self._dialect.among("sha256", batch)
                 tx.execute(f"DELETE FROM chunks WHERE {clause}", params)
             return [s for s in shas if s in moved]
@@ -399,7 +402,7 @@ RETURNING sha256"""
     def _set_pending(self, tx: Tx, shas: list[str], condition: str, also: str) -> set[str]:
         """Rows of ``shas`` meeting ``condition`` back to ``pending``, unclaimed; the hashes moved."""
         moved: set[str] = set()
-        for batch in batches(shas):
+        for batch in batches(shas, self._dialect.batch):
             clause, params = self._dialect.among("sha256", batch)
             moved.update(str(r[0]) for r in tx.tuples(
                 f"UPDATE files SET state = 'pending', next_attempt_at = NULL, claimed_by = NULL, claimed_at = NULL"
@@ -442,7 +445,7 @@ RETURNING sha256"""
 
     def labels(self, sha256s: list[str]) -> dict[str, Labels]:
         out: dict[str, Labels] = {}
-        for batch in batches(sha256s):
+        for batch in batches(sha256s, self._dialect.batch):
             clause, params = self._dialect.among("sha256", batch)
             out.update((str(r[0]), Labels(r[1], r[2], r[3])) for r in self._db.tuples(
                 f"SELECT sha256, declared_esiid, declared_meter, esiid FROM labels WHERE {clause}", params))
@@ -479,7 +482,7 @@ RETURNING sha256"""
     def seen_many(self, paths: list[str]) -> dict[str, Seen]:
         """What this node's stat cache knows of each of ``paths`` (those it does not know are left out)."""
         out: dict[str, Seen] = {}
-        for batch in batches([stored(p) for p in paths]):
+        for batch in batches([stored(p) for p in paths], self._dialect.batch):
             clause, params = self._dialect.among("seen.path", batch)
             for path, device, inode, size, mtime_ns, sha256, state in self._db.tuples(
                     "SELECT seen.path, seen.device, seen.inode, seen.size, seen.mtime_ns, seen.sha256, files.state"
