@@ -8,17 +8,7 @@ small port of :mod:`.port`) on two databases, one adapter each: :mod:`.sqlite`, 
 only when used, so commands that never touch it do not load psycopg.
 """
 
-from smt_watch.ledger.common import (
-    SHA256_RE,
-    STATES,
-    Claim,
-    Labels,
-    Remember,
-    Row,
-    Seen,
-    now_iso,
-    process_id,
-)
+from smt_watch.ledger.common import SHA256_RE, STATES, Claim, Labels, Remember, Row, Seen, now_iso, process_id
 from smt_watch.ledger.roles import Ledger
 from smt_watch.ledger.sqlite import SqliteLedger
 

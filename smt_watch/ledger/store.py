@@ -202,7 +202,9 @@ class SqlLedger(VerdictStore):
         """The claim as one upsert: the row is taken unless it is ``sent`` (and not forced), backed off (for
         ``watch``), or held by a live claim. On PostgreSQL a claim of another node lives while its lease
         has not expired (the database's clock); what the statement cannot judge (whether a claimer's process
-        lives) :meth:`claim` decides after it and names the dead claimer (``:dead``)."""
+        lives) :meth:`claim` decides after it and names the dead claimer (``:dead``). A row ``sending`` under
+        this process's own name is taken (its final write failed, e.g. on a full disk): a claim this process
+        is working on never reaches the statement (:meth:`claim` answers BUSY first)."""
         leases = self._dialect.leases
         columns = ", lease_until, node" if leases else ""
         values = ", now() + make_interval(secs => :lease), :node" if leases else ""
@@ -220,10 +222,8 @@ ON CONFLICT (sha256) DO UPDATE SET
     started_at = CASE WHEN f.state = 'sent' THEN excluded.started_at ELSE f.started_at END{sets}
 WHERE (f.state <> 'sent' OR :force)
   AND NOT (:backoff AND (f.state = 'failed' OR (f.state = 'retrying' AND f.next_attempt_at > :epoch)))
-  AND NOT (f.state = 'sending' AND (
-           (f.claimed_by = :me AND :mine_busy)
-           OR ((f.claimed_by IS NULL OR f.claimed_by NOT IN (:me, COALESCE(:dead, '')))
-               AND {live})))
+  AND NOT (f.state = 'sending' AND (f.claimed_by IS NULL OR f.claimed_by NOT IN (:me, COALESCE(:dead, '')))
+           AND {live})
 RETURNING sha256"""
 
     def _leased(self, value: Any) -> bool | None:
@@ -258,8 +258,30 @@ RETURNING sha256"""
             sha=sha256, filename=column_text(filename), path=None if path is None else stored(path), size=size,
             mode=mode, me=self._me, lease=self._lease, parent=parent, force=force,
             backoff=respect_backoff, dead=None, now=now_iso(), epoch=time.time())
+        # Reserved before the database is asked: another thread of this process claiming the same bytes
+        # meanwhile (another worker, another name) is told BUSY, not handed the row this one is taking.
         with self._lock:
-            params["mine_busy"] = sha256 in self._inflight
+            mine = sha256 in self._inflight
+            self._inflight.add(sha256)
+        if mine:
+            if remember is not None:
+                self.remember(remember)
+            return Claim.BUSY
+        claim = Claim.BUSY
+        try:
+            claim = self._decide(sha256, params, force=force, respect_backoff=respect_backoff, remember=remember)
+        finally:
+            if claim is not Claim.CLAIMED:
+                with self._lock:
+                    self._inflight.discard(sha256)
+        if claim is Claim.CLAIMED:
+            self._on_claim()
+        return claim
+
+    def _decide(self, sha256: str, params: dict[str, Any], *, force: bool, respect_backoff: bool,
+                remember: Remember | None) -> Claim:
+        """The claim's statement, and when it did not take the row, why not (or a takeover of a dead
+        claimer's row)."""
         if remember is not None:
             params.update(self._remember_params(remember))
         if self._dialect.write_with:
@@ -268,7 +290,7 @@ RETURNING sha256"""
             first = (self._write_both(self._remember_sql, self._claim_sql, params) if remember is not None
                      else self._db.query(self._claim_sql, params))
             if first:
-                return self._claimed(sha256)
+                return Claim.CLAIMED
             remember = None
 
         def decide(tx: Tx) -> Claim:
@@ -297,14 +319,7 @@ RETURNING sha256"""
                     return Claim.CLAIMED
             return Claim.BUSY
 
-        claim = self._db.transaction(decide)
-        return self._claimed(sha256) if claim is Claim.CLAIMED else claim
-
-    def _claimed(self, sha256: str) -> Claim:
-        with self._lock:
-            self._inflight.add(sha256)
-        self._on_claim()
-        return Claim.CLAIMED
+        return self._db.transaction(decide)
 
     def _on_claim(self) -> None:
         """What an adapter does once this process holds a claim (PostgreSQL: renew its lease)."""
