@@ -26,7 +26,7 @@ from smt_watch.config import Settings
 from smt_watch.content import ESIID_RE  # the rule a CSV's own ESIID is held to: 17 to 22 digits
 from smt_watch.delivery import Payload
 from smt_watch.inbox import regular_stat
-from smt_watch.ledger import Ledger
+from smt_watch.ledger.roles import Labelling
 
 log = logging.getLogger("smt_watch.esiids")
 
@@ -58,7 +58,7 @@ def clean_meter(raw: str | None) -> str | None:
     return text
 
 
-def labelled(ledger: Ledger, payload: Payload, parent: str | None, found_esiid: str | None) -> Payload:
+def labelled(ledger: Labelling, payload: Payload, parent: str | None, found_esiid: str | None) -> Payload:
     """``payload`` with what an uploader declared for these bytes (or for the ``.asc``/``.zip`` they were
     unpacked from); the ESIID it then carries is noted in the ledger for ``forceRepost``. ``found_esiid``:
     the CSV's own ESIID, if it holds exactly one."""
@@ -92,7 +92,7 @@ class Repost:
     truncated: bool
 
 
-def repost_esiid(settings: Settings, ledger: Ledger, esiid: str) -> Repost:
+def repost_esiid(settings: Settings, ledger: Labelling, esiid: str) -> Repost:
     """Every file of ``esiid`` still in the inbox back to ``pending`` (sent, failed or retrying alike), so
     ``watch`` delivers it again; a CSV unpacked from an ``.asc``/``.zip`` takes its parent along (the file in
     the inbox is the parent). Rows in ``sending`` are on their way already and left alone; a row whose file

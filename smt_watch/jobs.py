@@ -33,7 +33,8 @@ from smt_watch.delivery import Sink, make_sink
 from smt_watch.errors import FileChanged, InputError, LedgerUnavailable, SmtWatchError, reason
 from smt_watch.hashing import FileIdentity, Signature, identify
 from smt_watch.inbox import open_beneath, regular_stat
-from smt_watch.ledger import Ledger, Remember
+from smt_watch.ledger import Remember, Seen
+from smt_watch.ledger.roles import WatchJobs
 from smt_watch.pipeline import Outcome, deliver_identified
 from smt_watch.smtcsv import Sniffer
 from smt_watch.statedir import open_ledger
@@ -65,8 +66,19 @@ class JobResult:
     message: str = ""
 
 
-def handle_job(settings: Settings, ledger: Ledger, sink: Sink, path: Path, sig: Signature) -> JobResult:
+@dataclass(frozen=True, slots=True)
+class Cached:
+    """What the stat cache answered for a path when the watcher asked it (``seen``: None, it knew nothing):
+    handed to the job so the cache is asked once per file, not again by the worker."""
+
+    seen: Seen | None
+
+
+def handle_job(settings: Settings, ledger: WatchJobs, sink: Sink, path: Path, sig: Signature,
+               cached: Cached | None = None) -> JobResult:
     """Check the file is still what settled, identify it (stat cache or hash) and deliver it.
+
+    ``cached``: the stat cache's answer the watcher already has (None: the job asks it).
 
     The bytes are read through a descriptor opened beneath the inbox without following a symlink on any
     component (:func:`open_beneath`): a directory swapped for a symlink at any moment cannot make us read
@@ -86,19 +98,19 @@ def handle_job(settings: Settings, ledger: Ledger, sink: Sink, path: Path, sig: 
     try:
         if Signature.of(os.fstat(fd)) != sig:
             return JobResult(JobKind.CHANGED)  # not the file that settled (replaced, or reached another way)
-        return _deliver_open(settings, ledger, sink, path, sig, Path(f"/proc/self/fd/{fd}"))
+        return _deliver_open(settings, ledger, sink, path, sig, Path(f"/proc/self/fd/{fd}"), cached)
     finally:
         os.close(fd)
 
 
-def _deliver_open(settings: Settings, ledger: Ledger, sink: Sink, path: Path, sig: Signature,
-                  source: Path) -> JobResult:
+def _deliver_open(settings: Settings, ledger: WatchJobs, sink: Sink, path: Path, sig: Signature,
+                  source: Path, cached: Cached | None) -> JobResult:
     key = str(path)
-    cached = ledger.seen(key)
+    known = ledger.seen(key) if cached is None else cached.seen
     remember = None
     sniffer: Sniffer | None = None
-    if cached and cached.signature == sig:
-        ident = FileIdentity(path, cached.sha256, sig, source)
+    if known and known.signature == sig:
+        ident = FileIdentity(path, known.sha256, sig, source)
     else:
         sniffer = sniffing(path.name)
         try:
@@ -115,7 +127,7 @@ def _deliver_open(settings: Settings, ledger: Ledger, sink: Sink, path: Path, si
 
 
 class Runner(Protocol):
-    def run(self, path: Path, sig: Signature) -> JobResult: ...
+    def run(self, path: Path, sig: Signature, cached: Cached | None = None) -> JobResult: ...
 
     def close(self) -> None: ...
 
@@ -123,11 +135,11 @@ class Runner(Protocol):
 class InThread:
     """Runs jobs in the calling thread with the watcher's own ledger and sink."""
 
-    def __init__(self, settings: Settings, ledger: Ledger, sink: Sink) -> None:
+    def __init__(self, settings: Settings, ledger: WatchJobs, sink: Sink) -> None:
         self._settings, self._ledger, self._sink = settings, ledger, sink
 
-    def run(self, path: Path, sig: Signature) -> JobResult:
-        return handle_job(self._settings, self._ledger, self._sink, path, sig)
+    def run(self, path: Path, sig: Signature, cached: Cached | None = None) -> JobResult:
+        return handle_job(self._settings, self._ledger, self._sink, path, sig, cached)
 
     def close(self) -> None:
         pass
@@ -146,10 +158,10 @@ class InProcess:
         ctx = multiprocessing.get_context("spawn")  # not fork: the watcher has threads and open sockets
         self._conn, self._proc = start_worker(ctx, _child_main, (self._settings, self._mode), self._name)
 
-    def run(self, path: Path, sig: Signature) -> JobResult:
+    def run(self, path: Path, sig: Signature, cached: Cached | None = None) -> JobResult:
         assert self._conn is not None and self._proc is not None
         try:
-            self._conn.send((str(path), sig))
+            self._conn.send((str(path), sig, cached))
             result: JobResult = self._conn.recv()
             return result
         except (EOFError, OSError):
@@ -186,9 +198,9 @@ def _child_main(settings: Settings, mode: str, conn: Connection, logs: WorkerLog
                 return
             if job is None or os.getppid() == 1:
                 return
-            path, sig = job
+            path, sig, cached = job
             try:
-                result = handle_job(settings, ledger, sink, Path(path), sig)
+                result = handle_job(settings, ledger, sink, Path(path), sig, cached)
             except LedgerUnavailable as exc:
                 result = JobResult(JobKind.UNREACHABLE, message=str(exc))
             except SmtWatchError as exc:

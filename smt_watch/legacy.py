@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from smt_watch.errors import InputError
-from smt_watch.ledger import SHA256_RE, Ledger
+from smt_watch.ledger import SHA256_RE
+from smt_watch.ledger.roles import HashImport
 
 log = logging.getLogger("smt_watch.legacy")
 
@@ -40,7 +41,7 @@ def parse_hash_lines(lines: Iterable[str]) -> tuple[list[tuple[str, str | None]]
     return entries, bad
 
 
-def import_file(ledger: Ledger, path: Path) -> ImportReport:
+def import_file(ledger: HashImport, path: Path) -> ImportReport:
     if path.exists() and not path.is_file():
         raise InputError(f"{path}: not a regular file")
     try:
@@ -56,7 +57,7 @@ def import_file(ledger: Ledger, path: Path) -> ImportReport:
     return ImportReport(path=path, read=len(entries), added=added, skipped_lines=bad)
 
 
-def import_state_file(ledger: Ledger, path: Path | None) -> ImportReport | None:
+def import_state_file(ledger: HashImport, path: Path | None) -> ImportReport | None:
     """Import ``STATE_FILE`` when it exists and changed since the last import (cheap on every start)."""
     if path is None:
         return None

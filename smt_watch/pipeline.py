@@ -32,7 +32,8 @@ from smt_watch.errors import (
 )
 from smt_watch.esiids import labelled
 from smt_watch.hashing import FileIdentity, identify
-from smt_watch.ledger import SHA256_RE, Claim, Ledger, Remember
+from smt_watch.ledger import SHA256_RE, Claim, Remember
+from smt_watch.ledger.roles import Claims, Deliveries
 from smt_watch.names import sent
 from smt_watch.smtcsv import Sniffer, meter_for
 from smt_watch.statedir import open_ledger
@@ -92,7 +93,7 @@ def payload_for(settings: Settings, ident: FileIdentity, name: str | None = None
 
 def deliver_file(
     settings: Settings,
-    ledger: Ledger,
+    ledger: Deliveries,
     sink: Sink,
     path: Path,
     *,
@@ -119,7 +120,7 @@ def deliver_file(
 
 def deliver_identified(
     settings: Settings,
-    ledger: Ledger,
+    ledger: Deliveries,
     sink: Sink,
     ident: FileIdentity,
     *,
@@ -155,7 +156,7 @@ class _Options:
     sniffed: Sniffer | None = None  # what the hash pass sniffed of the top-level CSV
 
 
-def _claim(ledger: Ledger, ident: FileIdentity, name: str, mode: str, parent: str | None, o: _Options) -> Claim:
+def _claim(ledger: Deliveries, ident: FileIdentity, name: str, mode: str, parent: str | None, o: _Options) -> Claim:
     force = o.force
     deadline = o.started + o.busy_wait
     while True:
@@ -199,7 +200,7 @@ def _unclaimed(claim: Claim, subject: _Subject) -> Outcome | None:
             assert_never(claim)
 
 
-def _claimed(ledger: Ledger, claim: Claim, subject: _Subject, prepare: Callable[[], _T], refused: str
+def _claimed(ledger: Deliveries, claim: Claim, subject: _Subject, prepare: Callable[[], _T], refused: str
              ) -> Outcome | _T:
     """Under ``claim``, ``prepare`` the subject's content (check a CSV, unpack an .asc/.zip).
 
@@ -221,7 +222,7 @@ def _claimed(ledger: Ledger, claim: Claim, subject: _Subject, prepare: Callable[
         raise
 
 
-def _one(settings: Settings, ledger: Ledger, sink: Sink, ident: FileIdentity, name: str,
+def _one(settings: Settings, ledger: Deliveries, sink: Sink, ident: FileIdentity, name: str,
          parent: str | None, o: _Options) -> Outcome:
     """One CSV: claim, validate (SMT_VALIDATE) and pick its ESIID, send, record.
 
@@ -244,7 +245,7 @@ def _one(settings: Settings, ledger: Ledger, sink: Sink, ident: FileIdentity, na
     return _send(settings, ledger, sink, payload, subject, o.started, o.progress)
 
 
-def _container(settings: Settings, ledger: Ledger, sink: Sink, ident: FileIdentity,
+def _container(settings: Settings, ledger: Deliveries, sink: Sink, ident: FileIdentity,
                o: _Options) -> Outcome:
     """Unpack an .asc/.zip and deliver every CSV in it; the parent row sums up its children.
 
@@ -292,7 +293,7 @@ def _container(settings: Settings, ledger: Ledger, sink: Sink, ident: FileIdenti
 
 def _send(
     settings: Settings,
-    ledger: Ledger,
+    ledger: Deliveries,
     sink: Sink,
     payload: Payload,
     subject: _Subject,
@@ -364,20 +365,20 @@ def post_files(
     return outcomes
 
 
-def forget_target(ledger: Ledger, target: str) -> list[str]:
+def forget_target(ledger: Claims, target: str) -> list[str]:
     """Resolve ``ledger forget``'s argument (a hash, a unique hash prefix, or a path) and drop the rows."""
     shas = resolve_target(ledger, target)
     removed = ledger.forget(shas) if shas else 0
     return shas[:removed] if removed else []
 
 
-def retry_target(ledger: Ledger, target: str) -> list[str]:
+def retry_target(ledger: Claims, target: str) -> list[str]:
     """``ledger retry``: the rows ``target`` names (as for ``forget``) back to ``pending``; the hashes moved."""
     shas = resolve_target(ledger, target)
     return ledger.retry(shas) if shas else []
 
 
-def resolve_target(ledger: Ledger, target: str) -> list[str]:
+def resolve_target(ledger: Claims, target: str) -> list[str]:
     """The hashes a command-line target names: a hash, a unique hash prefix, or a file (by path or content)."""
     text = target.strip().lower()
     if SHA256_RE.match(text):
@@ -394,7 +395,7 @@ def resolve_target(ledger: Ledger, target: str) -> list[str]:
     return shas
 
 
-def retry_failed(ledger: Ledger, *, http_status: int | None = None, since: float | None = None) -> list[str]:
+def retry_failed(ledger: Claims, *, http_status: int | None = None, since: float | None = None) -> list[str]:
     """``ledger retry --failed``: every ``failed`` row (only those the app answered ``http_status``, and only
     those that failed at or after ``since``, when given) back to ``pending``; the hashes moved."""
     shas = [r.sha256 for r in ledger.rows("failed", since=since, http_status=http_status)]

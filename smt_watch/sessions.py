@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from smt_watch.config import Secret, Settings
-from smt_watch.ledger import Ledger
+from smt_watch.ledger.roles import Meta
 
 log = logging.getLogger("smt_watch.server")
 
@@ -54,7 +54,7 @@ def _fingerprint(token: Secret, salt: bytes) -> str:
 class Sessions:
     """Sessions under one token, their generation kept in the ledger (blocking calls: run them in a thread)."""
 
-    def __init__(self, token: Secret, ledger: Ledger) -> None:
+    def __init__(self, token: Secret, ledger: Meta) -> None:
         self.token = token
         self.ledger = ledger
 

@@ -31,8 +31,9 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from smt_watch.clock import utc_stamp
 from smt_watch.errors import LedgerError, LedgerUnavailable
-from smt_watch.ledger import STATES, Ledger
+from smt_watch.ledger import STATES
 from smt_watch.ledger.common import delivery_seconds, epoch_of
+from smt_watch.ledger.roles import Meta, StatusReads
 from smt_watch.names import shown
 from smt_watch.sizes import human_bytes
 
@@ -177,7 +178,7 @@ class Beat:
     stopped: bool = False
 
 
-def beat(ledger: Ledger, b: Beat) -> None:
+def beat(ledger: Meta, b: Beat) -> None:
     now = time.time()
     value = {"node": b.node, "pid": os.getpid(), "started_at": utc_stamp(b.started_at), "beat_at": utc_stamp(now),
              "beat_epoch": now, "stopped_at": utc_stamp(now) if b.stopped else None, "waiting": b.waiting,
@@ -185,7 +186,7 @@ def beat(ledger: Ledger, b: Beat) -> None:
     ledger.set_meta(HEARTBEAT_PREFIX + b.node, json.dumps(value, sort_keys=True))
 
 
-def record_unreadable(ledger: Ledger, node: str, files: list[Unreadable]) -> None:
+def record_unreadable(ledger: Meta, node: str, files: list[Unreadable]) -> None:
     """The files this node's ``watch`` cannot read now (an empty list once they are all readable or gone)."""
     ledger.set_meta(UNREADABLE_PREFIX + node, json.dumps([asdict(f) for f in files], sort_keys=True))
 
@@ -210,7 +211,7 @@ class SyncCounts(Protocol):
     def failed(self) -> Sequence[str]: ...
 
 
-def record_sync(ledger: Ledger, node: str, started: float, report: SyncCounts | None, error: str | None) -> None:
+def record_sync(ledger: Meta, node: str, started: float, report: SyncCounts | None, error: str | None) -> None:
     """Remember a finished pass (or the error that stopped it) for ``status``."""
     value = {"node": node, "started_at": utc_stamp(started), "finished_at": utc_stamp(time.time()),
              "listed": report.listed if report else 0, "new": len(report.fetched) if report else 0,
@@ -240,7 +241,7 @@ def retry_lines(status: Status) -> list[str]:
     return lines
 
 
-def _unreadable(ledger: Ledger) -> list[Unreadable]:
+def _unreadable(ledger: StatusReads) -> list[Unreadable]:
     out: list[Unreadable] = []
     for raw in ledger.meta_prefix(UNREADABLE_PREFIX).values():
         try:
@@ -278,7 +279,7 @@ def _alerts(settings: Settings, status: Status, now: float) -> list[str]:
     return out
 
 
-def _watchers(ledger: Ledger, now: float) -> list[Watcher]:
+def _watchers(ledger: StatusReads, now: float) -> list[Watcher]:
     out: list[Watcher] = []
     for raw in ledger.meta_prefix(HEARTBEAT_PREFIX).values():
         try:
@@ -294,7 +295,7 @@ def _watchers(ledger: Ledger, now: float) -> list[Watcher]:
     return sorted(out, key=lambda w: w.node)
 
 
-def _last_sync(ledger: Ledger) -> SyncPass | None:
+def _last_sync(ledger: StatusReads) -> SyncPass | None:
     raw = ledger.meta(SYNC_KEY)
     if raw is None:
         return None
@@ -313,7 +314,7 @@ def _median(values: list[float]) -> float:
     return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
-def _hours(ledger: Ledger, now: float) -> list[Hour]:
+def _hours(ledger: StatusReads, now: float) -> list[Hour]:
     """The last :data:`HOURS` clock hours (UTC), this one last."""
     first = (int(now) // 3600 - (HOURS - 1)) * 3600
     buckets: list[list[float]] = [[] for _ in range(HOURS)]
@@ -326,7 +327,7 @@ def _hours(ledger: Ledger, now: float) -> list[Hour]:
             for i, b in enumerate(buckets)]
 
 
-def _quotas(settings: Settings, ledger: Ledger, now: float) -> list[Quota]:
+def _quotas(settings: Settings, ledger: StatusReads, now: float) -> list[Quota]:
     out = []
     for role in ROLES:
         limit, window = settings.upload_limit(role), settings.upload_window(role)
@@ -341,7 +342,7 @@ def _quotas(settings: Settings, ledger: Ledger, now: float) -> list[Quota]:
 NEEDS_A_PERSON: Final = ("partial", "missing")
 
 
-def verdicts_by_sha(ledger: Ledger) -> dict[str, str]:
+def verdicts_by_sha(ledger: StatusReads) -> dict[str, str]:
     """verify's verdict of each file that has one (``ledger list`` shows it beside ``sent``)."""
     try:
         return {sha: row.verdict for sha, row in ledger.verdicts().items()}
@@ -351,7 +352,7 @@ def verdicts_by_sha(ledger: Ledger) -> dict[str, str]:
         return {}
 
 
-def _verdicts(ledger: Ledger) -> dict[str, Any]:
+def _verdicts(ledger: StatusReads) -> dict[str, Any]:
     """Counts of verify's verdicts, and the files whose verdict needs a person (by name)."""
     counts: dict[str, int] = {}
     not_stored: list[str] = []
@@ -363,7 +364,7 @@ def _verdicts(ledger: Ledger) -> dict[str, Any]:
     return {"verdicts": counts, "not_stored": not_stored}
 
 
-def gather(settings: Settings, ledger: Ledger, now: float | None = None) -> Status:
+def gather(settings: Settings, ledger: StatusReads, now: float | None = None) -> Status:
     """Everything ``status`` shows, read from the ledger now."""
     now = time.time() if now is None else now
     failures = [

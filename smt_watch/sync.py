@@ -34,7 +34,7 @@ import tenacity
 from smt_watch.config import Settings
 from smt_watch.errors import ConfigError, SftpError, SizeMismatch, SmtWatchError, reason
 from smt_watch.hashing import identify
-from smt_watch.ledger import Ledger
+from smt_watch.ledger.roles import SyncMemory
 from smt_watch.sftp import Connection, RemoteFile
 from smt_watch.sizes import human_bytes
 from smt_watch.statedir import open_ledger
@@ -195,7 +195,7 @@ def run_sync(
         return report
 
 
-def _record(ledger: Ledger, settings: Settings, began: float, report: SyncReport, error: str | None) -> None:
+def _record(ledger: SyncMemory, settings: Settings, began: float, report: SyncReport, error: str | None) -> None:
     """The pass as `status` shows it; a ledger that fails here does not turn the pass into a failure."""
     from smt_watch.status import record_sync
 
@@ -340,7 +340,7 @@ def _plan(settings: Settings, todo: list[RemoteFile], split: bool, place_in_work
 
 def _fetch_all(
     settings: Settings,
-    ledger: Ledger,
+    ledger: SyncMemory,
     report: SyncReport,
     workers: int,
     on_bytes: Callable[[int], None] | None,
@@ -403,7 +403,7 @@ def _fits_free_space(settings: Settings, report: SyncReport) -> list[RemoteFile]
 
 def _drive(
     settings: Settings,
-    ledger: Ledger,
+    ledger: SyncMemory,
     report: SyncReport,
     pool: _Pool,
     jobs: list[Job],
@@ -486,7 +486,7 @@ class _Landed:
     def due(self) -> bool:
         return len(self.files) >= BATCH_FILES or (bool(self.files) and time.monotonic() - self.since >= BATCH_SECONDS)
 
-    def flush(self, ledger: Ledger, report: SyncReport, fail: Callable[[RemoteFile, object], None]) -> None:
+    def flush(self, ledger: SyncMemory, report: SyncReport, fail: Callable[[RemoteFile, object], None]) -> None:
         files, self.files = self.files, []
         if not files:
             return
@@ -503,7 +503,7 @@ class _Landed:
             report.bytes += remote.size
 
 
-def _job_done(ledger: Ledger, report: SyncReport, ranged: dict[str, _Ranged], job: Job, dest: str | None,
+def _job_done(ledger: SyncMemory, report: SyncReport, ranged: dict[str, _Ranged], job: Job, dest: str | None,
               sha: str | None, force_repost: bool, fail: Callable[[RemoteFile, object], None],
               landed: _Landed) -> None:
     remote = job.remote
@@ -529,7 +529,7 @@ def _job_done(ledger: Ledger, report: SyncReport, ranged: dict[str, _Ranged], jo
     landed.add(remote, job.final, sha, dest)  # recorded once its directory is fsynced
 
 
-def _finish_ranged(ledger: Ledger, report: SyncReport, r: _Ranged, force_repost: bool) -> None:
+def _finish_ranged(ledger: SyncMemory, report: SyncReport, r: _Ranged, force_repost: bool) -> None:
     sha = r.finish()
     if force_repost:
         ledger.forget([sha])

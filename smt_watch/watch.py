@@ -52,7 +52,7 @@ from smt_watch.inbox import (
     relative,
     scan,
 )
-from smt_watch.jobs import InProcess, InThread, JobKind, JobResult, Runner
+from smt_watch.jobs import Cached, InProcess, InThread, JobKind, JobResult, Runner
 from smt_watch.ledger import Ledger, Seen
 from smt_watch.limits import node_stats_reader
 from smt_watch.metrics import Metrics
@@ -79,6 +79,7 @@ class ReadyFile:
     path: Path
     signature: Signature
     ready_at: float  # monotonic time the file became ready, for the latency figure
+    cached: Cached | None = None  # the stat cache's answer when the loop asked it (None: not asked)
 
 
 @dataclass
@@ -113,6 +114,9 @@ class WatchService:
         self._busy: set[Path] = set()
         self._queue: queue.Queue[ReadyFile | None] = queue.Queue(maxsize=max(64, settings.workers * 32))
         self._settler = Settler(settings.settle_seconds)
+        # What the stat cache answered for each settling file, handed to its job: the cache is asked once
+        # per new file, not again by the worker. (Dropped when the job is made; pruned if a file vanishes.)
+        self._asked: dict[Path, Cached] = {}
         self._notifier = Notifier(settings.notify_socket, settings.watchdog_usec)
         self._ledger: Ledger | None = None
         self._sink: Sink | None = None
@@ -297,15 +301,25 @@ class WatchService:
         if st is None:
             return False
         assert self._ledger is not None
-        known = None if recheck else self._ledger.seen(str(path))
-        return self._consider_known(path, Signature.of(st), known, now)
+        if recheck:
+            known = None
+        elif (cached := self._asked.get(path)) is not None:
+            known = cached.seen  # another event of a file still settling: the cache was asked already
+        else:
+            known = self._ledger.seen(str(path))
+        return self._consider_known(path, Signature.of(st), known, now, asked=not recheck)
 
-    def _consider_known(self, path: Path | str, sig: Signature, known: Seen | None, now: float) -> bool:
+    def _consider_known(self, path: Path | str, sig: Signature, known: Seen | None, now: float,
+                        asked: bool = True) -> bool:
         """Into the settler unless the stat cache says these exact bytes were handled already."""
         if known and known.signature == sig and known.state in HANDLED_STATES:
             self.counts.cached += 1  # only the main loop writes this count
             return False
         self._settler.add(Path(path), sig, now)
+        if asked:
+            self._asked[Path(path)] = Cached(known)
+        else:
+            self._asked.pop(Path(path), None)
         return True
 
     def _scan(self, directory: Path) -> int:
@@ -348,21 +362,27 @@ class WatchService:
                 self._ledger.forget([row.sha256])
                 continue
             self._settler.add(path, sig, now)
+            self._asked[path] = Cached(cached)
 
     def _feed_queue(self, now: float) -> None:
         free = self._queue.maxsize - self._queue.qsize()
+        if len(self._asked) > 2 * len(self._settler) + 1024:  # files that vanished while settling
+            self._asked = {p: c for p, c in self._asked.items() if p in self._settler}
         for path, sig in self._settler.ready(now, limit=max(0, free)):
+            cached = self._asked.pop(path, None)
             with self._lock:
                 if path in self._busy:
                     heapq.heappush(self._later, (now + BUSY_RECHECK_SECONDS, str(path)))
                     continue
                 self._busy.add(path)
             try:
-                self._queue.put_nowait(ReadyFile(path, sig, now))
+                self._queue.put_nowait(ReadyFile(path, sig, now, cached))
             except queue.Full:
                 with self._lock:
                     self._busy.discard(path)
                 self._settler.add(path, sig, now)
+                if cached is not None:
+                    self._asked[path] = cached
 
     def _status(self) -> str:
         c = self.counts
@@ -441,7 +461,7 @@ class WatchService:
                 if job is None:
                     return
                 try:
-                    self._apply(job, runner.run(job.path, job.signature))
+                    self._apply(job, runner.run(job.path, job.signature, job.cached))
                 except LedgerUnavailable as exc:
                     self._apply(job, JobResult(JobKind.UNREACHABLE, message=str(exc)))
                 except SmtWatchError as exc:

@@ -14,10 +14,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from pgcluster import PASSWORD
 
 from smt_watch.errors import LedgerError
 from smt_watch.hashing import Signature
-from smt_watch.ledger import Claim, Ledger, Remember, Seen, SqliteLedger
+from smt_watch.ledger import Claim, Labels, Ledger, Remember, Seen, SqliteLedger
+from smt_watch.ledger.port import Tx
 from smt_watch.ledger.sqlite import SCHEMA_VERSION
 from smt_watch.legacy import import_file, import_state_file, parse_hash_lines
 
@@ -45,14 +47,23 @@ def test_wal_and_schema(tmp_path: Path) -> None:
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
-def test_newer_schema_is_refused(tmp_path: Path) -> None:
-    path = tmp_path / "l.sqlite3"
-    SqliteLedger(path).close()
-    db = sqlite3.connect(path)
-    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
-    db.close()
-    with pytest.raises(LedgerError, match="newer than this smt-watch"):
-        SqliteLedger(path)
+def test_newer_schema_is_refused(where: str) -> None:
+    """A ledger from a newer smt-watch is refused rather than damaged; the message never holds the password."""
+    open_at(where).close()
+    if where.startswith("postgresql://"):
+        import psycopg
+
+        from smt_watch.ledger.postgres import SCHEMA_VERSION as PG_SCHEMA_VERSION
+
+        with psycopg.connect(where, autocommit=True) as conn:
+            conn.execute("INSERT INTO smt_watch.schema_version (version) VALUES (%s)", (PG_SCHEMA_VERSION + 1,))
+    else:
+        db = sqlite3.connect(where)
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+        db.close()
+    with pytest.raises(LedgerError, match="newer than this smt-watch") as refused:
+        open_at(where)
+    assert PASSWORD not in str(refused.value)
 
 
 def test_state_machine(where: str) -> None:
@@ -133,10 +144,13 @@ def test_two_processes_claim_once(where: str) -> None:
 def test_a_sqlite_error_inside_a_transaction_is_a_ledger_error(tmp_path: Path) -> None:
     with SqliteLedger(tmp_path / "l.sqlite3") as ledger:
         assert claim(ledger) is Claim.CLAIMED
-        with pytest.raises(LedgerError, match="UNIQUE constraint failed") as caught, ledger.atomic() as db:
-            db.execute("INSERT INTO meta (key, value) VALUES ('k', 'first')")
-            db.execute("INSERT INTO files (sha256, filename, state, first_seen, updated_at)"
+        def work(tx: Tx) -> None:
+            tx.execute("INSERT INTO meta (key, value) VALUES ('k', 'first')")
+            tx.execute("INSERT INTO files (sha256, filename, state, first_seen, updated_at)"
                        " VALUES (?, 'again.csv', 'pending', 'x', 'x')", (A,))
+
+        with pytest.raises(LedgerError, match="UNIQUE constraint failed") as caught:
+            ledger.port.transaction(work)
         assert isinstance(caught.value.__cause__, sqlite3.IntegrityError)
         assert ledger.meta("k") is None  # rolled back as a whole
         ledger.set_meta("k", "second")  # and the ledger is usable afterwards
@@ -247,3 +261,84 @@ def test_upload_slots_are_counted_per_account(where: str, account: str) -> None:
         assert ledger.uploads_since("customer", account, 100.5) == [101.0]
         assert ledger.take_upload_slot("customer", account + "x", 0.0, 2, 100.0)
         assert ledger.take_upload_slot("admin", account, 0.0, 2, 100.0)
+
+
+def test_labels_find_a_customers_content_by_esiid_and_wait_for_the_claims_outcome(where: str) -> None:
+    """``forceRepost`` finds a customer's files by the ESIID their delivery carried or an uploader declared,
+    and no one else's; an ESIID noted for a claim in flight is written with its outcome (one commit).
+    Checked against droplet-force-repost-every-esiid."""
+    c, d = "c" * 64, "d" * 64
+    with open_at(where) as ledger:
+        ledger.note_esiid(A, "1044")
+        ledger.declare_labels(B, "2099", "M1")
+        ledger.declare_labels(B, None, "M2")  # a field left out keeps what an earlier upload said
+        ledger.declare_labels(c, "1044", None)
+        assert set(ledger.with_esiid("1044", 10)) == {A, c}
+        assert ledger.with_esiid("2099", 10) == [B]
+        assert ledger.labels([A, B, d]) == {A: Labels(None, None, "1044"), B: Labels("2099", "M2", None)}
+        assert claim(ledger, d) is Claim.CLAIMED
+        ledger.note_esiid(d, "3000")
+        assert ledger.with_esiid("3000", 10) == []  # held until the claim's outcome
+        ledger.mark_retrying(d, status=503, error="HTTP 503", attempts=1, next_attempt_at=1.0)
+        assert ledger.with_esiid("3000", 10) == [d]
+
+
+def test_due_rows_are_pending_ones_and_retrying_ones_whose_time_came(where: str) -> None:
+    """What ``watch`` delivers again by itself. Checked against watch-due-retrying."""
+    with open_at(where) as ledger:
+        claim(ledger, A)
+        ledger.mark_retrying(A, status=503, error="HTTP 503", attempts=1, next_attempt_at=100.0)
+        claim(ledger, B)
+        ledger.release(B, error="cut off", attempts=0)
+        assert [r.sha256 for r in ledger.due(50.0)] == [B]
+        assert {r.sha256 for r in ledger.due(100.0)} == {A, B}
+        assert ledger.next_due_time() == 100.0
+
+
+def _older_ledger(where: str) -> int:
+    """A ledger as the smt-watch before verify's verdicts left it (every migration but the last), with one row
+    delivered, one stat-cache entry and one upload counted. Returns the schema version it should open at."""
+    if where.startswith("postgresql://"):
+        import psycopg
+
+        from smt_watch.ledger.postgres import _MIGRATIONS, SCHEMA
+
+        with psycopg.connect(where, autocommit=True) as conn:
+            if conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (SCHEMA,)).fetchone() is None:
+                conn.execute(f"CREATE SCHEMA {SCHEMA}")  # else the set-up made it for the role (tests/pgcluster.py)
+            conn.execute(f"CREATE TABLE {SCHEMA}.schema_version (version INTEGER NOT NULL)")
+            for number, statement in enumerate(_MIGRATIONS[:-1], 1):
+                conn.execute(statement)
+                conn.execute(f"INSERT INTO {SCHEMA}.schema_version (version) VALUES (%s)", (number,))
+            conn.execute(f"INSERT INTO {SCHEMA}.files (sha256, filename, state, first_seen, updated_at, sent_at,"
+                         " destination) VALUES (%s, 'old.csv', 'sent', 'x', 'x', 'x', 'http://x')", (A,))
+            conn.execute(f"INSERT INTO {SCHEMA}.seen VALUES ('old-node', '/in/old.csv', 1, 2, 3, 4, %s)", (A,))
+            conn.execute(f"INSERT INTO {SCHEMA}.uploads VALUES ('customer', 'acct', 100.0)")
+        return len(_MIGRATIONS)
+    from smt_watch.ledger.sqlite import MIGRATIONS
+
+    db = sqlite3.connect(where, isolation_level=None)
+    for number, migration in enumerate(MIGRATIONS[:-1], 1):
+        migration(db)
+        db.execute(f"PRAGMA user_version = {number}")
+    db.execute("INSERT INTO files (sha256, filename, state, first_seen, updated_at, sent_at, destination)"
+               " VALUES (?, 'old.csv', 'sent', 'x', 'x', 'x', 'http://x')", (A,))
+    db.execute("INSERT INTO seen VALUES ('/in/old.csv', 1, 2, 3, 4, ?)", (A,))
+    db.execute("INSERT INTO uploads VALUES ('customer', 'acct', 100.0)")
+    db.close()
+    return len(MIGRATIONS)
+
+
+def test_a_ledger_of_an_older_schema_opens_migrated_with_its_rows(where: str) -> None:
+    """A ledger left by an older smt-watch (before verify's verdicts) is migrated on open, and what it held
+    reads and answers as before."""
+    current = _older_ledger(where)
+    with open_at(where, node="old-node") as ledger:
+        assert ledger.schema_version == current
+        row = ledger.get(A)
+        assert row is not None and (row.filename, row.state, row.started_at) == ("old.csv", "sent", None)
+        assert claim(ledger) is Claim.DUPLICATE
+        assert ledger.seen("/in/old.csv") == Seen(Signature(1, 2, 3, 4), A, "sent")
+        assert ledger.uploads_since("customer", "acct", 0.0) == [100.0]
+        ledger.schedule_check(A, 5.0)  # the new table is there
+        assert [v.sha256 for v in ledger.checks_due(10.0)] == [A]

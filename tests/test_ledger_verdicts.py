@@ -7,10 +7,13 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from test_ledger import open_at
 
+from smt_watch.config import load_settings
 from smt_watch.ledger import SqliteLedger
 from smt_watch.ledger.verdicts import Resend, Verdict, VerdictRow
+from smt_watch.statedir import open_ledger
 
 A = "a" * 64
 B = "b" * 64
@@ -53,12 +56,13 @@ def test_ledger_copy_carries_verdicts(where: str, tmp_path: Path) -> None:
     assert kept is not None and kept.verdict == "partial" and kept.older_said == 1
 
 
+@pytest.mark.both_ledgers
 def test_status_and_ledger_list_show_the_verdict_and_status_alerts_on_partial_and_missing(
         run_cli: Callable[..., subprocess.CompletedProcess[str]], base_env: dict[str, str]) -> None:
     """`status`, `/status` (the same Status object) and `ledger list` show verify's verdict beside `sent`;
     `status` is non-zero for `partial` and `missing`, not for `stored` or `outside window` (watch re-sends)."""
-    state = Path(base_env["SMT_STATE_DIR"])
-    with SqliteLedger(state / "ledger.sqlite3") as ledger:
+    settings = load_settings(base_env)
+    with open_ledger(settings) as ledger:
         for sha, name in ((A, "year_M1.csv"), (B, "gap_M1.csv")):
             ledger.claim(sha, filename=name, path=None, size=1, mode="raw-upload")
             ledger.mark_sent(sha, status=200, destination="x", attempts=1)
@@ -67,7 +71,7 @@ def test_status_and_ledger_list_show_the_verdict_and_status_alerts_on_partial_an
     ok = run_cli("status", "--json")
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert json.loads(ok.stdout)["verdicts"] == {"stored": 1, "outside window": 1}
-    with SqliteLedger(state / "ledger.sqlite3") as ledger:
+    with open_ledger(settings) as ledger:
         ledger.save_verdict(VerdictRow(B, Verdict.PARTIAL.value, '{"days": 2}'))
     bad = run_cli("status", "--json")
     assert bad.returncode == 1, bad.stdout

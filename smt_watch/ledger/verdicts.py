@@ -5,8 +5,9 @@ automatic check is due, and the re-send of the days the app's window dropped (wh
 how far it got). Kept apart from ``files`` so the delivery state machine stays as it is: a file is ``sent``
 when the app said 2xx, and *stored* only when ``verify`` saw it stored.
 
-Each backend mixes in its half (:class:`SqliteVerdicts`, :class:`PostgresVerdicts`); the migration of each is
-one self-contained function or statement (:func:`sqlite_migration`, :data:`POSTGRES_MIGRATION`).
+The ledger mixes in :class:`VerdictStore` (its statements are written once for both databases); each
+database's migration is one self-contained function or statement (:func:`sqlite_migration`,
+:func:`postgres_migration`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Final
 
 from smt_watch.ledger.common import now_iso
+from smt_watch.ledger.port import Port
 
 COLUMNS: Final = ("sha256", "verdict", "detail", "checked_at", "check_due_at", "resend_due_at", "resend_days",
                   "resend_state", "resend_sha256", "older_said")
@@ -107,84 +109,42 @@ _UPSERT_COLUMNS: Final = ", ".join(COLUMNS)
 _UPDATES: Final = ", ".join(f"{c} = excluded.{c}" for c in COLUMNS[1:])
 
 
-class SqliteVerdicts:
-    """The verdict half of :class:`~smt_watch.ledger.sqlite.SqliteLedger`."""
+class VerdictStore:
+    """The verdict half of the ledger (:class:`~smt_watch.ledger.store.SqlLedger`), one statement each for
+    both databases."""
 
-    def _query(self, sql: str, params: Any = (), *, tuples: bool = False) -> list[Any]:
-        raise NotImplementedError
-
-    def atomic(self) -> Any:
-        raise NotImplementedError
+    _db: Port
 
     def save_verdict(self, row: VerdictRow) -> None:
         """Insert or replace the row of ``row.sha256``."""
-        marks = ", ".join("?" * len(COLUMNS))
-        with self.atomic() as db:
-            db.execute(f"INSERT INTO verdicts ({_UPSERT_COLUMNS}) VALUES ({marks}) ON CONFLICT (sha256) DO UPDATE"
-                       f" SET {_UPDATES}", tuple(getattr(row, c) for c in COLUMNS))
+        marks = ", ".join(f":{c}" for c in COLUMNS)
+        self._db.execute(f"INSERT INTO verdicts ({_UPSERT_COLUMNS}) VALUES ({marks}) ON CONFLICT (sha256) DO UPDATE"
+                         f" SET {_UPDATES}", row.to_json())
 
     def verdict(self, sha256: str) -> VerdictRow | None:
-        rows = self._query(f"SELECT {_UPSERT_COLUMNS} FROM verdicts WHERE sha256 = ?", (sha256,))
+        rows = self._db.query(f"SELECT {_UPSERT_COLUMNS} FROM verdicts WHERE sha256 = ?", (sha256,))
         return _row(rows[0]) if rows else None
 
     def verdicts(self) -> dict[str, VerdictRow]:
-        return {r["sha256"]: _row(r) for r in self._query(f"SELECT {_UPSERT_COLUMNS} FROM verdicts")}
+        return {r["sha256"]: _row(r) for r in self._db.query(f"SELECT {_UPSERT_COLUMNS} FROM verdicts")}
 
     def checks_due(self, now: float) -> list[VerdictRow]:
-        rows = self._query(f"SELECT {_UPSERT_COLUMNS} FROM verdicts WHERE check_due_at <= ? ORDER BY check_due_at",
-                           (now,))
+        rows = self._db.query(f"SELECT {_UPSERT_COLUMNS} FROM verdicts WHERE check_due_at <= ?"
+                              " ORDER BY check_due_at", (now,))
         return [_row(r) for r in rows]
 
     def resends_due(self, now: float) -> list[VerdictRow]:
-        rows = self._query(f"SELECT {_UPSERT_COLUMNS} FROM verdicts WHERE resend_state = ? AND resend_due_at <= ?"
-                           " ORDER BY resend_due_at", (Resend.WAITING.value, now))
+        rows = self._db.query(f"SELECT {_UPSERT_COLUMNS} FROM verdicts WHERE resend_state = ? AND resend_due_at <= ?"
+                              " ORDER BY resend_due_at", (Resend.WAITING.value, now))
         return [_row(r) for r in rows]
 
     def schedule_check(self, sha256: str, at: float) -> None:
         """Check ``sha256`` at ``at`` (the row is created ``unchecked`` if it has none); an earlier due time
         already set is kept."""
-        with self.atomic() as db:
-            db.execute("INSERT INTO verdicts (sha256, verdict, check_due_at) VALUES (?, ?, ?) ON CONFLICT (sha256)"
-                       " DO UPDATE SET check_due_at = CASE WHEN verdicts.check_due_at IS NULL OR"
-                       " verdicts.check_due_at > excluded.check_due_at THEN excluded.check_due_at"
-                       " ELSE verdicts.check_due_at END", (sha256, Verdict.UNCHECKED.value, at))
-
-
-class PostgresVerdicts:
-    """The verdict half of :class:`~smt_watch.ledger.postgres.PostgresLedger` (statements in its schema)."""
-
-    def _query(self, sql: str, params: Any = None) -> list[dict[str, Any]]:
-        raise NotImplementedError
-
-    def _execute(self, sql: str, params: Any = None) -> int:
-        raise NotImplementedError
-
-    def save_verdict(self, row: VerdictRow) -> None:
-        marks = ", ".join(f"%({c})s" for c in COLUMNS)
-        self._execute(f"INSERT INTO verdicts ({_UPSERT_COLUMNS}) VALUES ({marks}) ON CONFLICT (sha256) DO UPDATE"
-                      f" SET {_UPDATES.replace('excluded.', 'EXCLUDED.')}", row.to_json())
-
-    def verdict(self, sha256: str) -> VerdictRow | None:
-        rows = self._query(f"SELECT {_UPSERT_COLUMNS} FROM verdicts WHERE sha256 = %s", (sha256,))
-        return _row(rows[0]) if rows else None
-
-    def verdicts(self) -> dict[str, VerdictRow]:
-        return {r["sha256"]: _row(r) for r in self._query(f"SELECT {_UPSERT_COLUMNS} FROM verdicts")}
-
-    def checks_due(self, now: float) -> list[VerdictRow]:
-        rows = self._query(f"SELECT {_UPSERT_COLUMNS} FROM verdicts WHERE check_due_at <= %s ORDER BY check_due_at",
-                           (now,))
-        return [_row(r) for r in rows]
-
-    def resends_due(self, now: float) -> list[VerdictRow]:
-        rows = self._query(f"SELECT {_UPSERT_COLUMNS} FROM verdicts WHERE resend_state = %s AND resend_due_at <= %s"
-                           " ORDER BY resend_due_at", (Resend.WAITING.value, now))
-        return [_row(r) for r in rows]
-
-    def schedule_check(self, sha256: str, at: float) -> None:
-        self._execute("INSERT INTO verdicts (sha256, verdict, check_due_at) VALUES (%s, %s, %s) ON CONFLICT (sha256)"
-                      " DO UPDATE SET check_due_at = LEAST(COALESCE(verdicts.check_due_at, EXCLUDED.check_due_at),"
-                      " EXCLUDED.check_due_at)", (sha256, Verdict.UNCHECKED.value, at))
+        self._db.execute("INSERT INTO verdicts (sha256, verdict, check_due_at) VALUES (?, ?, ?) ON CONFLICT (sha256)"
+                         " DO UPDATE SET check_due_at = CASE WHEN verdicts.check_due_at IS NULL OR"
+                         " verdicts.check_due_at > excluded.check_due_at THEN excluded.check_due_at"
+                         " ELSE verdicts.check_due_at END", (sha256, Verdict.UNCHECKED.value, at))
 
 
 def checked(row: VerdictRow, verdict: Verdict, detail: str, **changes: Any) -> VerdictRow:
