@@ -242,6 +242,7 @@ def _candidates(entries: Iterator[os.DirEntry[str]], m: Matcher, prefix: int, st
 class _Waiting(NamedTuple):
     signature: Signature
     due: float  # monotonic time the signature will have held still for ``settle`` seconds
+    observed: float  # the loop's time when ``signature`` was taken
 
 
 class Settler:
@@ -267,15 +268,15 @@ class Settler:
     def __contains__(self, path: object) -> bool:
         return path in self._waiting
 
-    def _schedule(self, path: Path, signature: Signature, due: float) -> None:
-        self._waiting[path] = _Waiting(signature, due)
+    def _schedule(self, path: Path, signature: Signature, due: float, observed: float) -> None:
+        self._waiting[path] = _Waiting(signature, due, observed)
         self._seq += 1
         heapq.heappush(self._heap, (due, self._seq, path))
 
     def add(self, path: Path, signature: Signature, now: float) -> None:
         known = self._waiting.get(path)
         if known is None or known.signature != signature:
-            self._schedule(path, signature, now + self.settle)
+            self._schedule(path, signature, now + self.settle, now)
 
     def discard(self, path: Path) -> None:
         self._waiting.pop(path, None)  # its heap entry becomes stale and is skipped
@@ -302,15 +303,18 @@ class Settler:
                 break
             heapq.heappop(self._heap)
             path = top[1]
-            signature = self._waiting.pop(path).signature
-            st = regular_stat(path)
-            if st is None:
-                continue
-            current = Signature.of(st)
+            signature, _, observed = self._waiting.pop(path)
+            if observed == now:  # settle 0, stat taken this very turn: another lstat would tell nothing new
+                current = signature
+            else:
+                st = regular_stat(path)
+                if st is None:
+                    continue
+                current = Signature.of(st)
             if current != signature:
-                self._schedule(path, current, now + self.settle)
+                self._schedule(path, current, now + self.settle, now)
             elif open_for_writing(path):
-                self._schedule(path, current, now + max(self.settle, self.OPEN_RECHECK))
+                self._schedule(path, current, now + max(self.settle, self.OPEN_RECHECK), now)
             else:
                 out.append((path, current))
         return out
