@@ -94,11 +94,15 @@ def is_candidate(rel: PurePosixPath, patterns: tuple[str, ...]) -> bool:
 
 
 def relative(root: Path, path: Path) -> PurePosixPath | None:
-    """``path`` relative to the inbox, or None when it is outside (never follow it there)."""
-    try:
-        return PurePosixPath(path.relative_to(root).as_posix())
-    except ValueError:
-        return None
+    """``path`` relative to the inbox, or None when it is outside (never follow it there).
+
+    Lexical, like ``Path.relative_to``, on the (already normalised) strings: the watch loop asks this for
+    every event, and one string slice costs a fraction of two path constructions."""
+    full, base = str(path), str(root)
+    if full == base:
+        return PurePosixPath()
+    prefix = base if base.endswith("/") else base + "/"
+    return PurePosixPath(full[len(prefix):]) if full.startswith(prefix) else None
 
 
 def regular_stat(path: Path, root: Path | None = None) -> os.stat_result | None:
@@ -242,7 +246,6 @@ def _candidates(entries: Iterator[os.DirEntry[str]], m: Matcher, prefix: int, st
 class _Waiting(NamedTuple):
     signature: Signature
     due: float  # monotonic time the signature will have held still for ``settle`` seconds
-    observed: float  # the loop's time when ``signature`` was taken
 
 
 class Settler:
@@ -268,15 +271,15 @@ class Settler:
     def __contains__(self, path: object) -> bool:
         return path in self._waiting
 
-    def _schedule(self, path: Path, signature: Signature, due: float, observed: float) -> None:
-        self._waiting[path] = _Waiting(signature, due, observed)
+    def _schedule(self, path: Path, signature: Signature, due: float) -> None:
+        self._waiting[path] = _Waiting(signature, due)
         self._seq += 1
         heapq.heappush(self._heap, (due, self._seq, path))
 
     def add(self, path: Path, signature: Signature, now: float) -> None:
         known = self._waiting.get(path)
         if known is None or known.signature != signature:
-            self._schedule(path, signature, now + self.settle, now)
+            self._schedule(path, signature, now + self.settle)
 
     def discard(self, path: Path) -> None:
         self._waiting.pop(path, None)  # its heap entry becomes stale and is skipped
@@ -303,8 +306,11 @@ class Settler:
                 break
             heapq.heappop(self._heap)
             path = top[1]
-            signature, _, observed = self._waiting.pop(path)
-            if observed == now:  # settle 0, stat taken this very turn: another lstat would tell nothing new
+            signature = self._waiting.pop(path).signature
+            if not self.settle:
+                # No quiet period to confirm: the worker compares the signature again before it reads a byte
+                # (a file changed meanwhile comes back to settle) and the lease probe below still asks the
+                # kernel for writers, so a second lstat here would only cost time (a drain's every file).
                 current = signature
             else:
                 st = regular_stat(path)
@@ -312,9 +318,9 @@ class Settler:
                     continue
                 current = Signature.of(st)
             if current != signature:
-                self._schedule(path, current, now + self.settle, now)
+                self._schedule(path, current, now + self.settle)
             elif open_for_writing(path):
-                self._schedule(path, current, now + max(self.settle, self.OPEN_RECHECK), now)
+                self._schedule(path, current, now + max(self.settle, self.OPEN_RECHECK))
             else:
                 out.append((path, current))
         return out

@@ -88,13 +88,14 @@ def handle_job(settings: Settings, ledger: Ledger, sink: Sink, path: Path, sig: 
     try:
         if Signature.of(os.fstat(fd)) != sig:
             return JobResult(JobKind.CHANGED)  # not the file that settled (replaced, or reached another way)
-        return _deliver_open(settings, ledger, sink, path, sig, Path(f"/proc/self/fd/{fd}"))
+        return _deliver_open(settings, ledger, sink, path, sig, fd)
     finally:
         os.close(fd)
 
 
 def _deliver_open(settings: Settings, ledger: Ledger, sink: Sink, path: Path, sig: Signature,
-                  source: Path) -> JobResult:
+                  fd: int) -> JobResult:
+    source = Path(f"/proc/self/fd/{fd}")  # what the sink reads: the file this descriptor holds, whatever moves
     key = str(path)
     cached = ledger.seen(key)
     remember = None
@@ -104,7 +105,7 @@ def _deliver_open(settings: Settings, ledger: Ledger, sink: Sink, path: Path, si
     else:
         sniffer = sniffing(path.name)
         try:
-            ident = identify(path, source, observe=sniffer.feed if sniffer else None)  # one read: hash, sniff
+            ident = identify(path, source, observe=sniffer.feed if sniffer else None, fd=fd)  # one read: hash, sniff
         except FileChanged:
             return JobResult(JobKind.CHANGED)
         except InputError as exc:
