@@ -366,7 +366,7 @@ class Bench:
         argv = [str(SMT_WATCH), "watch"]
         if self.src is not None:  # --src: the same venv, another checkout's code first on the path
             env["PYTHONPATH"] = str(self.src)
-            argv = [sys.executable, "-m", "smt_watch", "watch"]
+            argv = [sys.executable, "-P", "-m", "smt_watch", "watch"]  # -P: not the cwd first on sys.path
         log_path = self.work / f"{name}.log"
         spawned = time.monotonic()
         proc = self.procs.spawn(argv, env, log_path)
