@@ -330,6 +330,7 @@ class Bench:
     procs: Procs
     dirs: int = 0
     loads: dict[str, float] = field(default_factory=dict)  # part -> 1-min load average at its end
+    src: Path | None = None  # run ``python -m smt_watch`` from this source tree instead of the installed one
 
     def part_done(self, name: str) -> None:
         self.loads[name] = os.getloadavg()[0]
@@ -364,9 +365,13 @@ class Bench:
             SMT_MAX_REQUESTS_PER_SECOND="0", SMT_MAX_IN_FLIGHT="0",
         )
         env.update(extra_env or {})
+        argv = [str(SMT_WATCH), "watch"]
+        if self.src is not None:  # --src: the same venv, another checkout's code first on the path
+            env["PYTHONPATH"] = str(self.src)
+            argv = [sys.executable, "-P", "-m", "smt_watch", "watch"]  # -P: not the cwd first on sys.path
         log_path = self.work / f"{name}.log"
         spawned = time.monotonic()
-        proc = self.procs.spawn([str(SMT_WATCH), "watch"], env, log_path)
+        proc = self.procs.spawn(argv, env, log_path)
         w = Watch(name, proc, log_path, sock, sock_path)
         deadline = spawned + ready_timeout
         while True:
@@ -876,6 +881,41 @@ def render(
 # --- main -------------------------------------------------------------------------------------------
 
 
+def drain_only(n: int, sources: list[Path | None], rounds: int) -> int:
+    """``--drain-only``: the drain part alone, for before/after comparisons of the code in one run."""
+    procs = Procs()
+    results: dict[str, list[Drain]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-watch-", dir="/tmp") as tmp:
+        work = Path(tmp)
+        sink_log = work / "sink-requests.tsv"
+        try:
+            with start_sink_process(log_path=str(sink_log)) as port:
+                log = SinkLog(sink_log)
+                b = Bench(work, port, log, procs)
+                try:
+                    pool = make_pool(b, CsvMaker(), n)
+                    for r in range(rounds):
+                        for src in sources:
+                            b.src = src
+                            label = str(src or ROOT)
+                            note(f"round {r + 1}: {label}")
+                            results.setdefault(label, []).append(
+                                measure_drain(b, pool, 2, "thread", suffix=f"-{r}-{b.dirs}"))
+                finally:
+                    procs.stop_all()
+                    log.close()
+        except BenchError as exc:
+            print(f"bench_watch: {exc}", file=sys.stderr)
+            return 2
+    print(f"drain of {n} files, 2 worker threads, {rounds} round(s); load {os.getloadavg()[0]:.1f}")
+    print("| code | files/s per round | watch CPU ms/file per round | sent twice |")
+    print("|---|---|---|---:|")
+    for label, runs in results.items():
+        print(f"| {label} | {', '.join(f'{d.rate:.0f}' for d in runs)} | "
+              f"{', '.join(f'{1000 * d.cpu_s / d.files:.2f}' for d in runs)} | {sum(d.repeats for d in runs)} |")
+    return 0
+
+
 def _terminate(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)  # unwinds through the finally blocks that stop children and clean up
 
@@ -891,7 +931,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="files for the restart over a directly written ledger (default: --restart-files)")
     parser.add_argument("--samples", type=Path, help="write the latency samples (JSON) here, for bench/plot.py")
     parser.add_argument("--strict", action="store_true", help="exit 1 when any target fails")
+    parser.add_argument("--drain-only", type=int, metavar="N",
+                        help="only the drain of N files with 2 worker threads, once per --src (and once for this "
+                             "checkout), round-robin --rounds times; prints files/s and watch CPU ms a file "
+                             "(CPU barely moves on a loaded machine, wall time does); writes nothing")
+    parser.add_argument("--src", type=Path, action="append", default=[],
+                        help="with --drain-only: another checkout's source tree to compare (run with this venv)")
+    parser.add_argument("--rounds", type=int, default=2, help="with --drain-only: rounds (default 2)")
     args = parser.parse_args(argv)
+    if args.drain_only:
+        return drain_only(args.drain_only, [None, *args.src], args.rounds)
     if not SMT_WATCH.exists():
         raise SystemExit(f"{SMT_WATCH} not found: run `make` (pip install -e .) first")
     for tool in ("bash", "curl", "sha256sum", "grep"):

@@ -7,6 +7,7 @@ starlette, paramiko) happen inside the commands that need them, so ``--version``
 
 from __future__ import annotations
 
+import importlib.abc
 import json
 import logging
 import os
@@ -14,6 +15,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -836,8 +838,42 @@ def receive(
     )
 
 
+# Optional modules a dependency imports only because they happen to be installed, that no smt-watch command
+# uses: httpx's own command line (click, rich, pygments; httpx
+# falls back to a stub), and trio, which httpcore imports, if present, to pick its async locks (our HTTP
+# client is synchronous; ``serve`` runs on asyncio). ~0.25 s of CPU at every ``post``/``watch`` start where
+# both are installed (a venv with the test extras has trio, through selenium).
+UNUSED_OPTIONAL_IMPORTS = (("httpx", "httpx._main"), ("httpcore", "trio"))  # (importer's package, module)
+
+
+class _SkipUnusedOptional(importlib.abc.MetaPathFinder):
+    """Answers "not installed" for :data:`UNUSED_OPTIONAL_IMPORTS`, to that importer only: anyone else (a
+    library checking ``"trio" in sys.modules``, code that really uses trio) sees the module as it is."""
+
+    def find_spec(self, name: str, path: object = None, target: object = None) -> None:
+        for importer, module in UNUSED_OPTIONAL_IMPORTS:
+            if name == module and (_importer() + ".").startswith(importer + "."):
+                raise ModuleNotFoundError(f"No module named {name!r} (skipped by smt-watch)", name=name)
+        return None
+
+
+def _importer() -> str:
+    """The module whose ``import`` statement is being served (the first frame outside importlib)."""
+    frame: FrameType | None = sys._getframe(2)
+    while frame is not None and frame.f_globals.get("__name__", "").startswith(("importlib", "_frozen_importlib")):
+        frame = frame.f_back
+    return "" if frame is None else str(frame.f_globals.get("__name__", ""))
+
+
+def _skip_unused_optional_imports() -> None:
+    """Only :func:`main` installs the finder: a process that embeds smt-watch (tests) keeps its imports."""
+    if not any(isinstance(f, _SkipUnusedOptional) for f in sys.meta_path):
+        sys.meta_path.insert(0, _SkipUnusedOptional())
+
+
 def main() -> None:
     """Console-script entry point: run the app and turn our errors into one line and an exit code."""
+    _skip_unused_optional_imports()
     try:
         # not standalone: click would print usage errors on three lines; main() makes them one
         code = app(standalone_mode=False, prog_name="smt-watch")

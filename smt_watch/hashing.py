@@ -80,19 +80,26 @@ def check_regular(path: Path) -> os.stat_result:
     return st
 
 
-def identify(path: Path, source: Path | None = None, observe: Callable[[bytes], None] | None = None
-             ) -> FileIdentity:
+def identify(path: Path, source: Path | None = None, observe: Callable[[bytes], None] | None = None,
+             fd: int | None = None) -> FileIdentity:
     """Hash ``path``; raise :class:`FileChanged` if it changed while being read.
 
     ``source``: read the bytes there instead (``/proc/self/fd/N`` of a descriptor opened safely beneath the
     inbox): ``path`` then only names the file. ``observe``: also hand every block to it (the CSV sniffer), so
     the file is read once for both; for a big file the hash runs in a second thread meanwhile (hashlib
-    releases the GIL), so the pass takes about as long as the slower of the two, not their sum."""
-    st = check_regular(path) if source is None else os.stat(source)
+    releases the GIL), so the pass takes about as long as the slower of the two, not their sum. ``fd``: that
+    open descriptor itself (``source`` is its ``/proc/self/fd/N``), read from its start without opening it
+    again: a watch worker saves a stat, an open and a close per file (procfs look-ups are not cheap)."""
+    if fd is not None:
+        st = os.fstat(fd)
+        os.lseek(fd, 0, os.SEEK_SET)
+    else:
+        st = check_regular(path) if source is None else os.stat(source)
     before = Signature.of(st)
     digest = hashlib.sha256()
     try:
-        with open(source or path, "rb", buffering=0) as fh:
+        with open(fd, "rb", buffering=0, closefd=False) if fd is not None else open(source or path, "rb",
+                                                                                     buffering=0) as fh:
             opened = os.fstat(fh.fileno())
             if Signature.of(opened) != before:
                 raise FileChanged(f"{path}: changed while being hashed")
@@ -102,7 +109,9 @@ def identify(path: Path, source: Path | None = None, observe: Callable[[bytes], 
                 while n := fh.readinto(buf):
                     digest.update(view[:n])
             elif before.size < OVERLAP_MIN:
-                while block := fh.read(CHUNK):
+                # reads sized to the file: a 20 KB file must not cost a 1 MiB buffer (an mmap) per read
+                size = min(CHUNK, before.size + 1)
+                while block := fh.read(size):
                     digest.update(block)
                     observe(block)
             else:

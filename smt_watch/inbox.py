@@ -94,11 +94,15 @@ def is_candidate(rel: PurePosixPath, patterns: tuple[str, ...]) -> bool:
 
 
 def relative(root: Path, path: Path) -> PurePosixPath | None:
-    """``path`` relative to the inbox, or None when it is outside (never follow it there)."""
-    try:
-        return PurePosixPath(path.relative_to(root).as_posix())
-    except ValueError:
-        return None
+    """``path`` relative to the inbox, or None when it is outside (never follow it there).
+
+    Lexical, like ``Path.relative_to``, on the (already normalised) strings: the watch loop asks this for
+    every event, and one string slice costs a fraction of two path constructions."""
+    full, base = str(path), str(root)
+    if full == base:
+        return PurePosixPath()
+    prefix = base if base.endswith("/") else base + "/"
+    return PurePosixPath(full[len(prefix):]) if full.startswith(prefix) else None
 
 
 def regular_stat(path: Path, root: Path | None = None) -> os.stat_result | None:
@@ -303,10 +307,16 @@ class Settler:
             heapq.heappop(self._heap)
             path = top[1]
             signature = self._waiting.pop(path).signature
-            st = regular_stat(path)
-            if st is None:
-                continue
-            current = Signature.of(st)
+            if not self.settle:
+                # No quiet period to confirm: the worker compares the signature again before it reads a byte
+                # (a file changed meanwhile comes back to settle) and the lease probe below still asks the
+                # kernel for writers, so a second lstat here would only cost time (a drain's every file).
+                current = signature
+            else:
+                st = regular_stat(path)
+                if st is None:
+                    continue
+                current = Signature.of(st)
             if current != signature:
                 self._schedule(path, current, now + self.settle)
             elif open_for_writing(path):

@@ -98,13 +98,14 @@ def handle_job(settings: Settings, ledger: WatchJobs, sink: Sink, path: Path, si
     try:
         if Signature.of(os.fstat(fd)) != sig:
             return JobResult(JobKind.CHANGED)  # not the file that settled (replaced, or reached another way)
-        return _deliver_open(settings, ledger, sink, path, sig, Path(f"/proc/self/fd/{fd}"), cached)
+        return _deliver_open(settings, ledger, sink, path, sig, fd, cached)
     finally:
         os.close(fd)
 
 
 def _deliver_open(settings: Settings, ledger: WatchJobs, sink: Sink, path: Path, sig: Signature,
-                  source: Path, cached: Cached | None) -> JobResult:
+                  fd: int, cached: Cached | None) -> JobResult:
+    source = Path(f"/proc/self/fd/{fd}")  # what the sink reads: the file this descriptor holds, whatever moves
     key = str(path)
     known = ledger.seen(key) if cached is None else cached.seen
     remember = None
@@ -114,7 +115,7 @@ def _deliver_open(settings: Settings, ledger: WatchJobs, sink: Sink, path: Path,
     else:
         sniffer = sniffing(path.name)
         try:
-            ident = identify(path, source, observe=sniffer.feed if sniffer else None)  # one read: hash, sniff
+            ident = identify(path, source, observe=sniffer.feed if sniffer else None, fd=fd)  # one read: hash, sniff
         except FileChanged:
             return JobResult(JobKind.CHANGED)
         except InputError as exc:

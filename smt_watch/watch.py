@@ -282,10 +282,21 @@ class WatchService:
                 again.add(Path(heapq.heappop(self._later)[1]))
         for d in dirs:
             self._scan(d)
-        for path in paths - again:
-            self._consider(path, now)
+        # one stat-cache query for the whole batch of events (a drain brings hundreds per turn), in slices
+        fresh = [f for f in map(self._candidate, paths - again) if f is not None]
+        for i in range(0, len(fresh), SCAN_BATCH):
+            self._consider_batch(fresh[i:i + SCAN_BATCH], now)
         for path in again:
             self._consider(path, now, recheck=True)
+
+    def _candidate(self, path: Path) -> Found | None:
+        """``path`` with its signature when it is a candidate (docs/contract.md §3) and a regular file."""
+        rel = relative(self.root, path)
+        if rel is None or not is_candidate(rel, self.settings.patterns):
+            return None
+        # a file straight in the inbox has no directory on its way to check (the common case: one lstat)
+        st = regular_stat(path, self.root if len(rel.parts) > 1 else None)
+        return None if st is None else Found(str(path), Signature.of(st))
 
     def _consider(self, path: Path, now: float, recheck: bool = False) -> bool:
         """Put a candidate in the settler unless the stat cache says it was handled already.
@@ -294,11 +305,8 @@ class WatchService:
         name): it goes to a worker whatever the cache says, so it is counted as a duplicate and gets its
         SMT_AFTER_SEND action.
         """
-        rel = relative(self.root, path)
-        if rel is None or not is_candidate(rel, self.settings.patterns):
-            return False
-        st = regular_stat(path, self.root)
-        if st is None:
+        found = self._candidate(path)
+        if found is None:
             return False
         assert self._ledger is not None
         if recheck:
@@ -306,8 +314,8 @@ class WatchService:
         elif (cached := self._asked.get(path)) is not None:
             known = cached.seen  # another event of a file still settling: the cache was asked already
         else:
-            known = self._ledger.seen(str(path))
-        return self._consider_known(path, Signature.of(st), known, now, asked=not recheck)
+            known = self._ledger.seen(found.path)
+        return self._consider_known(path, found.signature, known, now, asked=not recheck)
 
     def _consider_known(self, path: Path | str, sig: Signature, known: Seen | None, now: float,
                         asked: bool = True) -> bool:
@@ -337,7 +345,10 @@ class WatchService:
 
     def _consider_batch(self, batch: list[Found], now: float) -> int:
         assert self._ledger is not None
-        known = self._ledger.seen_many([f.path for f in batch]) if batch else {}
+        # a file still settling had the cache asked already (its first event): ask only for the others
+        asked = {f.path: c.seen for f in batch if (c := self._asked.get(Path(f.path))) is not None}
+        ask = [f.path for f in batch if f.path not in asked]
+        known = {**(self._ledger.seen_many(ask) if ask else {}), **asked}
         return sum(self._consider_known(f.path, f.signature, known.get(f.path), now) for f in batch)
 
     def _schedule_due(self) -> None:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from smt_watch.delivery.base import Body, Delivered, LeftOut, Payload, Progress, SinkContext, classify
 from smt_watch.delivery.http import Poster
-from smt_watch.delivery.stream import verified_chunks
+from smt_watch.delivery.stream import READ_CHUNK, verified_bytes, verified_chunks
 from smt_watch.errors import DeliveryError
 
 if TYPE_CHECKING:
@@ -93,6 +93,12 @@ def _body(payload: Payload) -> Body:
     tail = f"\r\n--{boundary}--\r\n".encode()
 
     def chunks(progress: Progress | None) -> Iterator[bytes]:
+        if payload.size <= READ_CHUNK:  # the whole request body in one write (most SMT files are this small)
+            data = verified_bytes(payload.path, payload.size, payload.sha256)
+            yield head + data + tail
+            if progress:
+                progress(len(data))
+            return
         yield head
         yield from verified_chunks(payload.path, payload.size, payload.sha256, progress)
         yield tail

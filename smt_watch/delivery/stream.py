@@ -101,6 +101,25 @@ def verified_chunks(
             progress(len(held))
 
 
+def verified_bytes(path: Path, size: int, sha256: str) -> bytes:
+    """All ``size`` bytes of a small file in one piece, returned only when they hash to ``sha256``.
+
+    For a body that fits in one chunk: one read, one buffer and one socket write instead of a generator
+    chain holding the last chunk back (nothing is handed out before the check, so the guarantee is the same).
+    """
+    with open(path, "rb", buffering=0) as fh:
+        data = fh.read(size + 1)  # one byte more: a file that grew is caught by the same read
+        while len(data) < size + 1 and (more := fh.read(size + 1 - len(data))):
+            data += more  # a short read (a network filesystem): keep reading until size + 1 or EOF
+    if len(data) < size:
+        raise FileChanged(f"{path.name}: shrank while being sent")
+    if len(data) > size:
+        raise FileChanged(f"{path.name}: grew while being sent")
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise FileChanged(f"{path.name}: content changed since it was hashed")
+    return data
+
+
 def plain_chunks(path: Path, progress: Progress | None) -> Iterator[bytes]:
     """A private file of our own (already verified while it was written), in ``READ_CHUNK`` pieces."""
     with open(path, "rb") as fh:
