@@ -63,7 +63,7 @@ def _preload() -> str:
 def app_at(when: str, data: Path, token_file: Path) -> Iterator[str]:
     env = {"PATH": os.environ["PATH"], "FAKETIME_DONT_FAKE_MONOTONIC": "1", "LD_PRELOAD": _preload(),
            "FAKETIME": f"@{when}"}  # "@": the clock starts there and runs
-    proc = subprocess.Popen([sys.executable, "-m", "smt_watch.reference.app_routes", "--data",
+    proc = subprocess.Popen([sys.executable, "-m", "smt_watch.reference.app_server", "--data",
                              str(data), "--admin-token-file", str(token_file)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:

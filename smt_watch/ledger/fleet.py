@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Protocol
 
 from smt_watch.errors import LedgerUnavailable
 
 if TYPE_CHECKING:
     import psycopg
-
-    from smt_watch.limits import Rate
 
 FLEET_LOCK: Final = 0x534D5480  # advisory lock class: "SMT" + 0x80 (the ledger's own keys are 0x534D54xx below)
 BUDGET_NAME: Final = "outbound"
@@ -57,6 +55,17 @@ INSERT INTO {SCHEMA}.outbound_budget AS b (name, tat)
 SELECT %(name)s, now.t + %(interval)s FROM now
 ON CONFLICT (name) DO UPDATE SET tat = greatest(b.tat, (SELECT t FROM now)) + %(interval)s
 RETURNING greatest(0, b.tat - %(interval)s - %(tau)s - (SELECT t FROM now))"""
+
+
+class Rate(Protocol):
+    """The GCRA parameters the budget row is reserved with (``smt_watch.limits.Rate`` is one; named here so the
+    ledger never imports the limiter that imports it)."""
+
+    @property
+    def interval(self) -> float: ...
+
+    @property
+    def tau(self) -> float: ...
 
 
 class FleetBudget:

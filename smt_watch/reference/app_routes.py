@@ -19,12 +19,11 @@ that read the result, so ``smt-watch verify`` can be proven against real HTTP:
 - ``POST /_app/faults`` (ours, for tests): make a read route slow, answer a status, or be absent (404).
 
 :class:`AppRoutes` wraps the receiver's ASGI app (``AppRoutes(create_app(...), AppStore(dir), token)``);
-``python -m smt_watch.reference.app_routes`` runs the wrapped receiver in the foreground for tests and demos.
+``python -m smt_watch.reference.app_server`` runs the wrapped receiver in the foreground for tests and demos.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import binascii
@@ -552,39 +551,3 @@ def _validate(body: object) -> JSONResponse | None:
 def wrap(inner: ASGIApp, data_dir: Path, admin_token: str | None) -> AppRoutes:
     """The one-line hook for the reference receiver: ``app = wrap(app, data_dir, admin_token)``."""
     return AppRoutes(inner, AppStore(data_dir), admin_token)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Run the reference receiver with these routes in the foreground (tests run it under libfaketime).
-
-    Prints ``listening on http://HOST:PORT`` once bound. The admin token comes from a file (never argv)."""
-    import uvicorn
-
-    from smt_watch.reference.receiver import create_app
-
-    parser = argparse.ArgumentParser(prog="python -m smt_watch.reference.app_routes")
-    parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--admin-token-file", type=Path)
-    args = parser.parse_args(argv)
-    token = args.admin_token_file.read_text().strip() if args.admin_token_file else None
-    app = wrap(create_app(args.data, admin_token=token), args.data, token)
-    config = uvicorn.Config(app, host=args.host, port=args.port, lifespan="off", log_level="warning",
-                            log_config=None)
-
-    class _Announcing(uvicorn.Server):
-        async def startup(self, sockets: Any = None) -> None:
-            await super().startup(sockets)
-            if self.started:
-                port = self.servers[0].sockets[0].getsockname()[1]
-                print(f"listening on http://{args.host}:{port}", flush=True)  # the parent reads it
-
-    try:
-        _Announcing(config).run()
-    finally:
-        app.store.close()
-
-
-if __name__ == "__main__":
-    main()
