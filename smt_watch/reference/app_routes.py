@@ -34,7 +34,7 @@ import math
 import sqlite3
 import threading
 import zlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -388,27 +388,11 @@ class AppRoutes:
             summary = await run_in_threadpool(self.store.ingest, body)
             await JSONResponse({"ok": True, "sha256": body.get("sha256"), **summary})(scope, receive, send)
             return
-        status: list[int] = []
-        reply: list[bytes] = []
-        delivered = False
+        async def accepted(reply: bytes) -> None:
+            if isinstance(body, dict):
+                await self._after_accept(reply, body)
 
-        async def replay() -> Message:
-            nonlocal delivered
-            if delivered:
-                return {"type": "http.disconnect"}
-            delivered = True
-            return {"type": "http.request", "body": raw, "more_body": False}
-
-        async def capture(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                status.append(message["status"])
-            elif message["type"] == "http.response.body":
-                reply.append(message.get("body", b""))
-                if not message.get("more_body", False) and status and status[0] == 200 and isinstance(body, dict):
-                    await self._after_accept(b"".join(reply), body)
-            await send(message)
-
-        await self.inner(scope, replay, capture)
+        await self._observe(scope, raw, send, accepted)
 
     async def _pull(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The inline route, observed: an accepted ``mode: "inline"`` file is normalized as the app does."""
@@ -419,6 +403,17 @@ class AppRoutes:
             body = json.loads(raw) if raw else {}
         except ValueError:
             body = {}
+
+        async def accepted(reply: bytes) -> None:
+            if isinstance(body, dict) and body.get("mode") == "inline" and _accepted(reply):
+                await run_in_threadpool(self.store.ingest_inline, body)
+
+        await self._observe(scope, raw, send, accepted)
+
+    async def _observe(self, scope: Scope, raw: bytes, send: Send,
+                       accepted: Callable[[bytes], Awaitable[None]]) -> None:
+        """Pass the request (its body already read) to the receiver and watch its answer: a 200's whole reply
+        goes to ``accepted`` before it is sent on, so the app's store holds the file once the client sees ok."""
         status: list[int] = []
         reply: list[bytes] = []
         delivered = False
@@ -435,9 +430,8 @@ class AppRoutes:
                 status.append(message["status"])
             elif message["type"] == "http.response.body":
                 reply.append(message.get("body", b""))
-                if (not message.get("more_body", False) and status and status[0] == 200 and isinstance(body, dict)
-                        and body.get("mode") == "inline" and _accepted(b"".join(reply))):
-                    await run_in_threadpool(self.store.ingest_inline, body)
+                if not message.get("more_body", False) and status and status[0] == 200:
+                    await accepted(b"".join(reply))
             await send(message)
 
         assert self.inner is not None
