@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 from pgcluster import pg_cluster, pg_url  # noqa: F401 (fixtures: a throwaway PostgreSQL on loopback)
+from ports import free_port
+from sftp_server import SftpTestServer, running_sftp_server
 
 from smt_watch.config import Settings, load_settings
 from smt_watch.reference.receiver import running_receiver
@@ -66,6 +68,17 @@ def wait_for(condition: Callable[[], object], timeout: float = 10.0, what: str =
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(POLL_SECONDS)  # the poll interval of this deadline loop, not a synchronisation pause
+
+
+@pytest.fixture
+def sftp(tmp_path: Path) -> Iterator[SftpTestServer]:
+    """A real SFTP server (asyncssh) on loopback with its own keys and remote tree, one per test: tests stall
+    it, fault it and count its reads. A stalled one is released before it stops."""
+    with running_sftp_server(tmp_path / "remote", tmp_path / "keys") as s:
+        try:
+            yield s
+        finally:
+            s.release()
 
 
 @pytest.fixture
@@ -237,11 +250,7 @@ def write_csv(path: Path, rows: int = 10, seed: int = 0) -> Path:
 @pytest.fixture
 def unused_port() -> int:
     """A loopback port with nothing listening (bound then released)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_port()
 
 
 class IoCalls:

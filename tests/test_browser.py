@@ -17,7 +17,6 @@ import functools
 import hashlib
 import os
 import re
-import socket
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
@@ -29,6 +28,7 @@ from urllib.parse import quote
 
 import httpx
 import pytest
+from ports import free_port
 
 from conftest import SMT_WATCH, UPLOAD_TOKEN, wait_for, watching, write_csv
 
@@ -83,12 +83,6 @@ def file_sha(path: Path) -> str:
         while chunk := fh.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --- the forms' origin: a static HTTP server on another loopback port ----------------------------------

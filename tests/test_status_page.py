@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
+from ports import free_port
 
 from conftest import SMT_WATCH, UPLOAD_TOKEN, wait_for, watching, write_csv
 from smt_watch.reference.receiver import Fault
@@ -59,8 +60,6 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebDriver]:
 
 class Serve:
     def __init__(self, env: dict[str, str], log: Path) -> None:
-        from test_browser import free_port
-
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
