@@ -70,6 +70,52 @@ def wait_for(condition: Callable[[], object], timeout: float = 10.0, what: str =
         time.sleep(POLL_SECONDS)  # the poll interval of this deadline loop, not a synchronisation pause
 
 
+# --- one headless Chromium per test process ----------------------------------------------------------------
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+
+
+def chromium_missing() -> str | None:
+    """Why the browser tests cannot run here, or None."""
+    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not os.access(p, os.X_OK)]
+    return f"browser tests need Chromium and its driver; missing {' and '.join(missing)}" if missing else None
+
+
+@pytest.fixture(scope="session")
+def chromium_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One headless Chromium for the whole run (of this xdist worker): starting one costs seconds. Each
+    module takes it through ``fresh_chromium``, which gives it back without cookies, at that module's size."""
+    if why := chromium_missing():
+        pytest.skip(why)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--lang=en-US", "--window-size=1100,900",
+                 f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def fresh_chromium(driver: Any, *, width: int, height: int, page_load: float, script: float = 30.0) -> Any:
+    """The shared Chromium as a module starting on its own would have it: blank, no cookies (every serve is
+    127.0.0.1, and cookies ignore the port), this window size and these time-outs."""
+    driver.get("about:blank")
+    driver.execute_cdp_cmd("Network.clearBrowserCookies", {})
+    driver.set_window_size(width, height)
+    driver.set_page_load_timeout(page_load)
+    driver.set_script_timeout(script)
+    return driver
+
+
 @pytest.fixture
 def sftp(tmp_path: Path) -> Iterator[SftpTestServer]:
     """A real SFTP server (asyncssh) on loopback with its own keys and remote tree, one per test: tests stall
@@ -162,7 +208,7 @@ def _process_state_saved() -> Iterator[None]:
 
 
 def cli_in_process(
-    args: tuple[str, ...] | list[str], env: dict[str, str], cwd: Path
+    args: tuple[str, ...] | list[str], env: dict[str, str], cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
     """``smt-watch ARGS`` run through the console script's own ``main()`` in this process, with exactly
     ``env`` as its environment (config reads only os.environ), stdin at end of file, stdout and stderr
@@ -181,7 +227,8 @@ def cli_in_process(
             warnings.simplefilter("ignore", category)
         os.environ.clear()
         os.environ.update({"COLUMNS": "80", **env})  # 80: the width a subprocess writing to a pipe gets
-        os.chdir(cwd)
+        if cwd is not None:
+            os.chdir(cwd)
         sys.argv = ["smt-watch", *args]
         stdin, sys.stdin = sys.stdin, io.StringIO("")
         try:
