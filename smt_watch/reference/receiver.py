@@ -36,7 +36,7 @@ import threading
 import time
 import zlib
 from collections.abc import Awaitable, Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,13 +70,15 @@ class Fault:
     """What to do to the next delivery request instead of (or before) handling it normally.
 
     ``delay`` is always applied first; then ``drop`` wins over ``status``; a fault with neither only
-    delays the request, which is then handled normally."""
+    delays the request, which is then handled normally. ``release`` (in-process tests only, never from
+    JSON): the request is held until the test sets it (at most 120 s), not for a fixed time."""
 
     status: int | None = None
     delay: float = 0.0
     retry_after: str | None = None
     drop: bool = False
     body: dict[str, Any] | None = None
+    release: threading.Event | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_json(cls, obj: object) -> Fault:
@@ -313,6 +315,8 @@ def _delivery(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
                 log.info("fault for %s: %s", request.url.path, fault)
                 if fault.delay:
                     await asyncio.sleep(fault.delay)
+                if fault.release is not None:
+                    await asyncio.to_thread(fault.release.wait, 120)
                 if fault.drop:
                     async for _ in request.stream():  # drain: the client must be reading, not writing
                         pass
@@ -520,7 +524,14 @@ async def _add_faults(request: Request) -> Response:
 
 async def _list_requests(request: Request) -> Response:
     state: ReceiverState = request.app.state.receiver
-    return JSONResponse([asdict(rec) for rec in list(state.requests)])
+    return JSONResponse([asdict(_without_release(rec)) for rec in list(state.requests)])
+
+
+def _without_release(rec: RequestRecord) -> RequestRecord:
+    """The record as JSON can carry it: a fault's ``release`` event is the in-process test's, not data."""
+    if rec.fault is None or rec.fault.release is None:
+        return rec
+    return replace(rec, fault=replace(rec.fault, release=None))
 
 
 async def _list_intervals(request: Request) -> Response:
