@@ -15,7 +15,7 @@ error, a time-out) is reported as it is, so a broken mutant is never counted as 
 
     make mutants                                 # every mutant; the table goes to stdout
     .venv/bin/python scripts/mutants.py -k sync  # those whose id contains "sync"
-    .venv/bin/python scripts/mutants.py --list   # what would run
+    .venv/bin/python scripts/mutants.py --list   # where each entry resolved, and what would run
 
 Exit 0 when every mutant was killed, 1 otherwise. It refuses to run on a checkout whose mutated files
 have uncommitted changes, so an interrupted run can always be undone with ``git checkout``.
