@@ -1,20 +1,26 @@
-"""Shared fixtures: real temp dirs, a real receiver on loopback, the real CLI in a subprocess."""
+"""Shared fixtures: real temp dirs, a real receiver on loopback, the real CLI (in this process, or in a
+subprocess where the process itself is what a test proves)."""
 
 from __future__ import annotations
 
+import io
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any
 
 import pytest
 from pgcluster import pg_cluster, pg_url  # noqa: F401 (fixtures: a throwaway PostgreSQL on loopback)
+from ports import free_port
+from sftp_server import SftpTestServer, running_sftp_server
 
 from smt_watch.config import Settings, load_settings
 from smt_watch.reference.receiver import running_receiver
@@ -62,6 +68,63 @@ def wait_for(condition: Callable[[], object], timeout: float = 10.0, what: str =
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(POLL_SECONDS)  # the poll interval of this deadline loop, not a synchronisation pause
+
+
+# --- one headless Chromium per test process ----------------------------------------------------------------
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+
+
+def chromium_missing() -> str | None:
+    """Why the browser tests cannot run here, or None."""
+    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not os.access(p, os.X_OK)]
+    return f"browser tests need Chromium and its driver; missing {' and '.join(missing)}" if missing else None
+
+
+@pytest.fixture(scope="session")
+def chromium_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One headless Chromium for the whole run (of this xdist worker): starting one costs seconds. Each
+    module takes it through ``fresh_chromium``, which gives it back without cookies, at that module's size."""
+    if why := chromium_missing():
+        pytest.skip(why)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--lang=en-US", "--window-size=1100,900",
+                 f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def fresh_chromium(driver: Any, *, width: int, height: int, page_load: float, script: float = 30.0) -> Any:
+    """The shared Chromium as a module starting on its own would have it: blank, no cookies (every serve is
+    127.0.0.1, and cookies ignore the port), this window size and these time-outs."""
+    driver.get("about:blank")
+    driver.execute_cdp_cmd("Network.clearBrowserCookies", {})
+    driver.set_window_size(width, height)
+    driver.set_page_load_timeout(page_load)
+    driver.set_script_timeout(script)
+    return driver
+
+
+@pytest.fixture
+def sftp(tmp_path: Path) -> Iterator[SftpTestServer]:
+    """A real SFTP server (asyncssh) on loopback with its own keys and remote tree, one per test: tests stall
+    it, fault it and count its reads. A stalled one is released before it stops."""
+    with running_sftp_server(tmp_path / "remote", tmp_path / "keys") as s:
+        try:
+            yield s
+        finally:
+            s.release()
 
 
 @pytest.fixture
@@ -116,14 +179,102 @@ def make_settings(base_env: dict[str, str]) -> Callable[..., Settings]:
     return make
 
 
+def cli_env(base_env: dict[str, str], tmp_path: Path, env: dict[str, str] | None = None) -> dict[str, str]:
+    """The whole environment a CLI run sees: the test's settings, PATH, and a HOME of its own."""
+    return {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path / "home"), **base_env, **(env or {})}
+
+
+@contextmanager
+def _process_state_saved() -> Iterator[None]:
+    """Put back what a CLI run changes in the process it runs in: os.environ, the working directory, argv,
+    the signal handlers it may install, the loggers setup_logging configures and the secrets it redacts."""
+    from smt_watch import logs
+
+    environ, cwd, argv = dict(os.environ), os.getcwd(), sys.argv
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGIO)}
+    loggers = [(lg, list(lg.handlers), lg.propagate, lg.level) for lg in map(logging.getLogger, _CONFIGURED_LOGGERS)]
+    redactor = logs._redactor
+    secrets, pattern = set(redactor.secrets), redactor._pattern
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
+        os.chdir(cwd)
+        sys.argv = argv
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        for lg, kept, propagate, level in loggers:
+            lg.handlers[:] = kept
+            lg.propagate = propagate
+            lg.setLevel(level)
+        redactor.secrets, redactor._pattern = secrets, pattern
+
+
+def cli_in_process(
+    args: tuple[str, ...] | list[str], env: dict[str, str], cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``smt-watch ARGS`` run through the console script's own ``main()`` in this process, with exactly
+    ``env`` as its environment (config reads only os.environ), stdin at end of file, stdout and stderr
+    captured as a pipe would: what a subprocess would print and its exit status, without its ~0.5 s of
+    interpreter start and imports. Warnings are shown on stderr as a plain interpreter shows them."""
+    from smt_watch.cli import main
+
+    def stream() -> io.TextIOWrapper:
+        return io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="backslashreplace", write_through=True)
+
+    out, err = stream(), stream()
+    code: int = 0
+    with _process_state_saved(), warnings.catch_warnings():
+        warnings.resetwarnings()  # the interpreter's defaults, not pytest's
+        for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+            warnings.simplefilter("ignore", category)
+        os.environ.clear()
+        os.environ.update({"COLUMNS": "80", **env})  # 80: the width a subprocess writing to a pipe gets
+        if cwd is not None:
+            os.chdir(cwd)
+        sys.argv = ["smt-watch", *args]
+        stdin, sys.stdin = sys.stdin, io.StringIO("")
+        try:
+            with redirect_stdout(out), redirect_stderr(err):
+                try:
+                    main()
+                except SystemExit as exc:
+                    if exc.code is None or isinstance(exc.code, int):
+                        code = exc.code or 0
+                    else:  # sys.exit("message"): printed, status 1, as the interpreter does
+                        print(exc.code, file=sys.stderr)
+                        code = 1
+        finally:
+            sys.stdin = stdin
+    texts = []
+    for s in (out, err):
+        s.flush()
+        texts.append(s.buffer.getvalue().decode("utf-8", "replace"))  # type: ignore[attr-defined]
+    return subprocess.CompletedProcess(["smt-watch", *args], code, texts[0], texts[1])
+
+
 @pytest.fixture
 def run_cli(base_env: dict[str, str], tmp_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """Run the real CLI (its ``main()``) in this process with a controlled environment: for tests of what
+    it prints and exits with. ``timeout`` is accepted for the subprocess signature; pytest-timeout bounds a
+    hang here. Tests where the process is the point (signals, kill -9, a second process, start-up, module
+    imports) use ``run_cli_process``."""
+
+    def run(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return cli_in_process(args, cli_env(base_env, tmp_path, env), tmp_path)
+
+    return run
+
+
+@pytest.fixture
+def run_cli_process(base_env: dict[str, str], tmp_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
     """Run the real CLI in a subprocess with a controlled environment."""
 
     def run(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        full_env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path / "home"), **base_env, **(env or {})}
         return subprocess.run(
-            [*SMT_WATCH, *args], env=full_env, capture_output=True, text=True, timeout=timeout, cwd=tmp_path
+            [*SMT_WATCH, *args], env=cli_env(base_env, tmp_path, env), capture_output=True, text=True,
+            timeout=timeout, cwd=tmp_path,
         )
 
     return run
@@ -150,11 +301,7 @@ def write_csv(path: Path, rows: int = 10, seed: int = 0) -> Path:
 @pytest.fixture
 def unused_port() -> int:
     """A loopback port with nothing listening (bound then released)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_port()
 
 
 class IoCalls:

@@ -46,6 +46,7 @@ from cryptography.utils import CryptographyDeprecationWarning
 with warnings.catch_warnings():  # asyncssh 2.24 names cryptography's deprecated DSA classes in its annotations
     warnings.filterwarnings("ignore", category=CryptographyDeprecationWarning, module=r"asyncssh\.")
     import asyncssh
+from ports import free_port
 
 SSHD = Path("/usr/sbin/sshd")
 KEY_KINDS = ("ed25519", "rsa4096", "ecdsa")
@@ -559,12 +560,6 @@ class SshdServer:
                 self.process.wait(10)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _banner(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
@@ -593,7 +588,7 @@ def running_sshd(base: Path, *, key_kind: str = "ed25519") -> Iterator[SshdServe
     user = pwd.getpwuid(os.getuid()).pw_name
     log_path = base / "sshd.log"
     for _attempt in range(3):  # the spare port may be taken between probe and bind: try another
-        port = _free_port()
+        port = free_port()
         config = base / "sshd_config"
         config.write_text(
             "\n".join([

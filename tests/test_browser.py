@@ -17,7 +17,6 @@ import functools
 import hashlib
 import os
 import re
-import socket
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
@@ -29,22 +28,17 @@ from urllib.parse import quote
 
 import httpx
 import pytest
+from ports import free_port
 
-from conftest import SMT_WATCH, UPLOAD_TOKEN, wait_for, watching, write_csv
+from conftest import SMT_WATCH, UPLOAD_TOKEN, chromium_missing, fresh_chromium, wait_for, watching, write_csv
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
-_missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not os.access(p, os.X_OK)]
-if _missing:
-    pytest.skip(f"browser tests need Chromium and its driver; missing {' and '.join(_missing)} "
-                "(Debian: apt-get install chromium chromium-driver)", allow_module_level=True)
+if why := chromium_missing():
+    pytest.skip(f"{why} (Debian: apt-get install chromium chromium-driver)", allow_module_level=True)
 
-from selenium import webdriver  # noqa: E402  (only once the browser is known to be there)
-from selenium.common.exceptions import TimeoutException  # noqa: E402
-from selenium.webdriver.chrome.service import Service  # noqa: E402
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from selenium.common.exceptions import TimeoutException
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.support.ui import WebDriverWait
 
 pytestmark = pytest.mark.browser
 
@@ -85,12 +79,6 @@ def file_sha(path: Path) -> str:
     return h.hexdigest()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 # --- the forms' origin: a static HTTP server on another loopback port ----------------------------------
 
 
@@ -121,20 +109,9 @@ def forms_origin() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebDriver]:
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--lang=en-US", "--window-size=1100,900",
-                 f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-    driver.set_page_load_timeout(SHORT)
-    try:
-        yield driver
-    finally:
-        driver.quit()
+def browser(chromium_session: WebDriver) -> WebDriver:
+    """conftest's one Chromium, fresh for this module."""
+    return fresh_chromium(chromium_session, width=1100, height=900, page_load=SHORT)
 
 
 @pytest.fixture

@@ -1,23 +1,22 @@
-"""The real CLI in subprocesses: exit codes, one-line errors, no tracebacks, no secrets, ledger commands."""
+"""The real CLI: exit codes, one-line errors, no tracebacks, no secrets, ledger commands (in this process
+through its own main(), in subprocesses where two processes or the installed script are the point)."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import ADMIN_TOKEN, SMT_WATCH, UPLOAD_TOKEN, wait_for, write_csv
+from conftest import ADMIN_TOKEN, SMT_WATCH, UPLOAD_TOKEN, cli_in_process, wait_for, write_csv
 from smt_watch.reference.receiver import Fault
 
 Run = Callable[..., subprocess.CompletedProcess[str]]
-
-
-HELD_SECONDS = 5.0  # the receiver holds the first request this long: the window the second post starts in
 
 
 def upload_env(receiver: Any) -> dict[str, str]:
@@ -179,9 +178,11 @@ def test_two_processes_posting_the_same_file_send_once(base_env: dict[str, str],
     first one's claim: it must wait for that outcome (a duplicate), not send again. The overlap is shown,
     not assumed: the second process has announced its target (it is about to claim) before the first
     request was answered."""
-    receiver.state.faults.append(Fault(delay=HELD_SECONDS))  # keep the first delivery in flight
+    release = threading.Event()  # the first delivery is held in flight until the second process is at its claim
+    receiver.state.faults.append(Fault(release=release))
     f = write_csv(tmp_path / "same.csv")
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), **base_env, **upload_env(receiver)}
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), **base_env, **upload_env(receiver),
+           "SMT_HTTP_TIMEOUT": "120"}  # the hold lasts as long as a second start takes on a loaded machine
     logs = [tmp_path / "first.log", tmp_path / "second.log"]
 
     def start(log: Path) -> subprocess.Popen[str]:
@@ -195,12 +196,12 @@ def test_two_processes_posting_the_same_file_send_once(base_env: dict[str, str],
     wait_for(lambda: "Using droplet upload server" in logs[1].read_text() or second.poll() is not None, 30,
              "the second process to reach its claim")
     assert not receiver.state.requests, "the first request was answered before the second process started"
+    release.set()
     outs = [p.communicate(timeout=60)[0] for p in (first, second)]
     assert [p.returncode for p in (first, second)] == [0, 0], [log.read_text() for log in logs]
     assert [out.split()[0] for out in outs] == ["sent", "duplicate"]
     assert len(receiver.state.requests) == 1
-    rows = json.loads(subprocess.run([*SMT_WATCH, "ledger", "list", "--json"], env=env, capture_output=True,
-                                     text=True, check=True).stdout)
+    rows = json.loads(cli_in_process(["ledger", "list", "--json"], env, tmp_path).stdout)
     assert [r["state"] for r in rows] == ["sent"]
 
 

@@ -38,7 +38,7 @@ import psycopg
 import pytest
 from faults.support import WatchProc, assert_clean, ledger_rows_cli, sha
 from pgcluster import ADMIN, ADMIN_PASSWORD, PgCluster
-from sftp_server import SftpTestServer, running_sftp_server, sftp_env
+from sftp_server import SftpTestServer, sftp_env
 from test_server_process import Serve, free_ports
 
 from conftest import SMT_WATCH, UPLOAD_TOKEN, wait_for
@@ -253,12 +253,6 @@ def test_one_customer_quota_across_two_serve_nodes(tmp_path: Path, pg_url: str) 
 
 
 # --- 3. one sync pass across nodes -------------------------------------------------------------------------
-
-
-@pytest.fixture
-def sftp(tmp_path: Path) -> Iterator[SftpTestServer]:
-    with running_sftp_server(tmp_path / "remote", tmp_path / "keys") as s:
-        yield s
 
 
 def start_sync(env: dict[str, str], *args: str) -> subprocess.Popen[str]:

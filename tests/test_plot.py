@@ -128,15 +128,17 @@ def test_blank_readings_and_missing_rows_are_marked(tmp_path: Path) -> None:
     assert grid.totals[0] == pytest.approx(sum(s / 100 for s in range(96) if s not in (40, 50)))  # no generation
 
 
-def test_without_matplotlib_it_says_so_in_one_line(run_cli: Callable[..., Any], tmp_path: Path) -> None:
+def test_without_matplotlib_it_says_so_in_one_line(
+    run_cli: Callable[..., Any], run_cli_process: Callable[..., Any], tmp_path: Path
+) -> None:
     """A matplotlib that cannot be imported (a package on PYTHONPATH that raises ImportError, as a missing one
-    does): one line naming the extra, exit 2, nothing written."""
+    does): one line naming the extra, exit 2, nothing written. A process: PYTHONPATH is read at its start."""
     fake = tmp_path / "nomatplotlib" / "matplotlib"
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("raise ImportError('No module named matplotlib')\n")
     src = sample(run_cli, tmp_path / "a.csv", "2025-01-01", 1)
     out = tmp_path / "a.png"
-    r = run_cli("inspect", str(src), "--plot", str(out), env={"PYTHONPATH": str(fake.parent)})
+    r = run_cli_process("inspect", str(src), "--plot", str(out), env={"PYTHONPATH": str(fake.parent)})
     assert r.returncode == 2
     assert r.stderr == "smt-watch: inspect --plot needs matplotlib: pip install 'smt-watch[plot]'\n"
     assert not out.exists()

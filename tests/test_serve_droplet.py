@@ -22,11 +22,10 @@ import httpx
 import pytest
 from sftp_server import SftpTestServer
 from test_serve_fidelity import form_parts
-from test_server import (  # noqa: F401 (fixtures: sftp, stalled, ssh_key, sync_env)
+from test_server import (  # noqa: F401 (fixtures: stalled, ssh_key, sync_env)
     FORM_TYPE,
     SECRET,
     running,
-    sftp,
     sftp_settings,
     ssh_key,
     stalled,
@@ -217,7 +216,7 @@ def test_either_webhook_secret_is_accepted_at_once(make_settings: Make, sync_env
 # --- forceRepost with the payload's esiid ------------------------------------------------------------------
 
 
-def test_force_repost_resends_every_inbox_file_of_that_esiid(make_settings: Make, sftp: SftpTestServer,  # noqa: F811
+def test_force_repost_resends_every_inbox_file_of_that_esiid(make_settings: Make, sftp: SftpTestServer,
                                                              receiver: Any, tmp_path: Path) -> None:
     """As the old bridge ran its script for the payload's ESIID with SMT_FORCE_REPOST=true: every file of
     that ESIID in the inbox is sent again, delivered before or not, also an upload whose ESIID the uploader

@@ -27,7 +27,7 @@ from typing import Any
 
 import httpx
 import pytest
-from sftp_server import SftpTestServer, running_sftp_server, sftp_env
+from sftp_server import SftpTestServer, sftp_env
 
 import smt_watch.server as server_module
 from conftest import UPLOAD_TOKEN, IoCalls, wait_for, watching, write_csv
@@ -1204,15 +1204,6 @@ def test_stalled_pass_is_exactly_one_sync_thread(hooked: Running, stalled: Stall
 
 
 # --- trigger with a real SFTP server (tests/sftp_server.py): the pass really runs ----------------------
-
-
-@pytest.fixture
-def sftp(tmp_path: Path) -> Iterator[SftpTestServer]:
-    with running_sftp_server(tmp_path / "remote", tmp_path / "keys") as s:
-        try:
-            yield s
-        finally:
-            s.release()
 
 
 def sftp_settings(make_settings: Make, sftp: SftpTestServer, tmp_path: Path, **extra: str) -> Settings:

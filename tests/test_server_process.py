@@ -15,24 +15,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from ports import free_ports
 
 from conftest import SMT_WATCH, UPLOAD_TOKEN, wait_for
 
 TOKEN = UPLOAD_TOKEN
 SECRET = "webhook-secret-7c7c7c7c7c7c-SECRET"
 BOUNDARY = "smtwatchprocboundaryQ9x"
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct loopback ports with nothing listening (bound together, then released)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 class Serve:

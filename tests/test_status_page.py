@@ -18,22 +18,17 @@ from typing import Any
 
 import httpx
 import pytest
+from ports import free_port
 
-from conftest import SMT_WATCH, UPLOAD_TOKEN, wait_for, watching, write_csv
+from conftest import SMT_WATCH, UPLOAD_TOKEN, chromium_missing, fresh_chromium, wait_for, watching, write_csv
 from smt_watch.reference.receiver import Fault
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
-_missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not os.access(p, os.X_OK)]
-if _missing:
-    pytest.skip(f"browser tests need Chromium and its driver; missing {' and '.join(_missing)}",
-                allow_module_level=True)
+if why := chromium_missing():
+    pytest.skip(why, allow_module_level=True)
 
-from selenium import webdriver  # noqa: E402
-from selenium.webdriver.chrome.service import Service  # noqa: E402
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.support.ui import WebDriverWait
 
 pytestmark = pytest.mark.browser
 
@@ -42,25 +37,13 @@ SHORT = 30.0  # deadline for a page or a delivery, generous for a loaded 2-core 
 
 
 @pytest.fixture(scope="module")
-def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebDriver]:
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync", "--lang=en-US",
-                 "--window-size=1000,1100", f"--user-data-dir={tmp_path_factory.mktemp('chromium-status')}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-    driver.set_page_load_timeout(SHORT)
-    try:
-        yield driver
-    finally:
-        driver.quit()
+def browser(chromium_session: WebDriver) -> WebDriver:
+    """conftest's one Chromium, fresh for this module."""
+    return fresh_chromium(chromium_session, width=1000, height=1100, page_load=SHORT)
 
 
 class Serve:
     def __init__(self, env: dict[str, str], log: Path) -> None:
-        from test_browser import free_port
-
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log

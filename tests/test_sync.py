@@ -54,9 +54,9 @@ MiB = 1024 * 1024
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[SftpTestServer]:
-    with running_sftp_server(tmp_path / "remote", tmp_path / "keys") as s:
-        yield s
+def server(sftp: SftpTestServer) -> SftpTestServer:
+    """This module's name for conftest's ``sftp`` (a real SFTP server on loopback, one per test)."""
+    return sftp
 
 
 @pytest.fixture

@@ -13,11 +13,11 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from sftp_server import SftpTestServer, running_sftp_server, sftp_env
+from sftp_server import SftpTestServer, sftp_env
 from test_sync import sync_once, visible
 
 from conftest import IoCalls
@@ -32,9 +32,9 @@ KiB = 1024
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[SftpTestServer]:
-    with running_sftp_server(tmp_path / "remote", tmp_path / "keys") as s:
-        yield s
+def server(sftp: SftpTestServer) -> SftpTestServer:
+    """This module's name for conftest's ``sftp`` (a real SFTP server on loopback, one per test)."""
+    return sftp
 
 
 @pytest.fixture

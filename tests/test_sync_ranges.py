@@ -13,11 +13,11 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from sftp_server import SftpTestServer, running_sftp_server, sftp_env
+from sftp_server import SftpTestServer, sftp_env
 from test_sync import sync_once, visible
 
 from conftest import wait_for
@@ -32,9 +32,9 @@ PIECE = 256 * KiB
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[SftpTestServer]:
-    with running_sftp_server(tmp_path / "remote", tmp_path / "keys") as s:
-        yield s
+def server(sftp: SftpTestServer) -> SftpTestServer:
+    """This module's name for conftest's ``sftp`` (a real SFTP server on loopback, one per test)."""
+    return sftp
 
 
 @pytest.fixture

@@ -10,39 +10,18 @@ import socket
 import subprocess
 import time
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
+from faults.support import WatchProc, watch_process
 
-from conftest import SMT_WATCH, UPLOAD_TOKEN, wait_for, write_csv
+from conftest import SMT_WATCH, UPLOAD_TOKEN, cli_in_process, wait_for, write_csv
 from smt_watch.reference.receiver import Fault
 
-
-class Watch:
-    """A watch subprocess whose stderr goes to a file we can poll."""
-
-    def __init__(self, env: dict[str, str], log: Path, *args: str) -> None:
-        self.log = log
-        self._fh = log.open("ab")
-        self.proc = subprocess.Popen([*SMT_WATCH, "watch", *args], env=env, stdout=self._fh, stderr=self._fh)
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_ready(self) -> None:
-        wait_for(lambda: "Watching " in self.text() or self.proc.poll() is not None, 20, "watch to start")
-        assert self.proc.poll() is None, self.text()
-
-    def stop(self, timeout: float = 40) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        finally:
-            self._fh.close()
+# One watch-process wrapper for the suite (tests/faults/support.py); test_operator imports these names.
+Watch = WatchProc
+started = watch_process
 
 
 @pytest.fixture
@@ -54,22 +33,11 @@ def watch_env(base_env: dict[str, str], receiver: Any, tmp_path: Path) -> dict[s
     }
 
 
-@contextmanager
-def started(env: dict[str, str], log: Path, *args: str) -> Iterator[Watch]:
-    w = Watch(env, log, *args)
-    try:
-        w.wait_ready()
-        yield w
-    finally:
-        if w.proc.poll() is None:
-            w.proc.kill()
-            w.proc.wait(10)
-
-
 def ledger_rows(env: dict[str, str]) -> list[dict[str, Any]]:
-    out = subprocess.run([*SMT_WATCH, "ledger", "list", "--json"], env=env, capture_output=True, text=True,
-                         check=True).stdout
-    return list(json.loads(out))
+    """``ledger list --json`` (what it prints is the point, not its process: run in this one)."""
+    out = cli_in_process(["ledger", "list", "--json"], env)
+    assert out.returncode == 0, out.stderr
+    return list(json.loads(out.stdout))
 
 
 def test_sigterm_lets_the_in_flight_delivery_finish(watch_env: dict[str, str], receiver: Any,

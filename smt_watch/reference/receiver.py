@@ -36,7 +36,7 @@ import threading
 import time
 import zlib
 from collections.abc import Awaitable, Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -71,13 +71,15 @@ class Fault:
     """What to do to the next delivery request instead of (or before) handling it normally.
 
     ``delay`` is always applied first; then ``drop`` wins over ``status``; a fault with neither only
-    delays the request, which is then handled normally."""
+    delays the request, which is then handled normally. ``release`` (in-process tests only, never from
+    JSON): the request is held until the test sets it (at most 120 s), not for a fixed time."""
 
     status: int | None = None
     delay: float = 0.0
     retry_after: str | None = None
     drop: bool = False
     body: dict[str, Any] | None = None
+    release: threading.Event | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_json(cls, obj: object) -> Fault:
@@ -314,6 +316,8 @@ def _delivery(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
                 log.info("fault for %s: %s", request.url.path, fault)
                 if fault.delay:
                     await asyncio.sleep(fault.delay)
+                if fault.release is not None:
+                    await asyncio.to_thread(fault.release.wait, 120)
                 if fault.drop:
                     async for _ in request.stream():  # drain: the client must be reading, not writing
                         pass
@@ -521,7 +525,14 @@ async def _add_faults(request: Request) -> Response:
 
 async def _list_requests(request: Request) -> Response:
     state: ReceiverState = request.app.state.receiver
-    return JSONResponse([asdict(rec) for rec in list(state.requests)])
+    return JSONResponse([asdict(_without_release(rec)) for rec in list(state.requests)])
+
+
+def _without_release(rec: RequestRecord) -> RequestRecord:
+    """The record as JSON can carry it: a fault's ``release`` event is the in-process test's, not data."""
+    if rec.fault is None or rec.fault.release is None:
+        return rec
+    return replace(rec, fault=replace(rec.fault, release=None))
 
 
 async def _list_intervals(request: Request) -> Response:
@@ -590,11 +601,41 @@ class ReceiverHandle:
 
 
 class _ThreadedServer(uvicorn.Server):
-    """Signals ``ready`` once startup has finished or failed, so callers wait on an event, not a sleep."""
+    """Signals ``ready`` once startup has finished or failed, so callers wait on an event, not a sleep;
+    ``stop()`` wakes its main loop at once instead of at uvicorn's next 0.1 s tick (a test suite starts and
+    stops hundreds of these)."""
 
     def __init__(self, config: uvicorn.Config) -> None:
         super().__init__(config)
         self.ready = threading.Event()
+        self._wake: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
+
+    async def main_loop(self) -> None:
+        self._wake = (asyncio.get_running_loop(), asyncio.Event())
+        counter = 0
+        while not await self.on_tick(counter):
+            counter = (counter + 1) % 864000
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake[1].wait(), 0.1)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's shutdown, without its fixed 0.1 s pause for connections when there are none (the
+        lifespan is off: app_in_thread below)."""
+        if self.server_state.connections or self.server_state.tasks or sockets:
+            await super().shutdown(sockets)
+            return
+        for server in self.servers:
+            server.close()
+        for server in self.servers:
+            await server.wait_closed()
+
+    def stop(self) -> None:
+        """Ask the server to exit, from any thread."""
+        self.should_exit = True
+        if self._wake is not None:
+            loop, event = self._wake
+            with contextlib.suppress(RuntimeError):  # the loop has already closed
+                loop.call_soon_threadsafe(event.set)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         try:
@@ -645,7 +686,7 @@ def app_in_thread(app: Any, *, host: str = "127.0.0.1", port: int = 0, start_tim
             raise RuntimeError(f"server did not start on {host}:{port}")
         yield int(server.servers[0].sockets[0].getsockname()[1])
     finally:
-        server.should_exit = True
+        server.stop()
         thread.join(start_timeout)
 
 

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from conftest import SMT_WATCH, wait_for
+from conftest import SMT_WATCH, cli_in_process, wait_for
 from smt_watch.config import Settings
 from smt_watch.logs import add_secrets, setup_logging
 
@@ -124,8 +124,7 @@ def watch_process(env: dict[str, str], log: Path, *args: str) -> Iterator[WatchP
 
 def ledger_rows_cli(env: dict[str, str]) -> list[dict[str, Any]]:
     """``smt-watch ledger list --json``: the operator's view."""
-    proc = subprocess.run([*SMT_WATCH, "ledger", "list", "--json"], env=env, capture_output=True, text=True,
-                          timeout=60)
+    proc = cli_in_process(["ledger", "list", "--json"], env)  # its output is the point, not its process
     assert proc.returncode == 0, proc.stderr
     assert_clean(proc.stderr, "ledger list")
     return list(json.loads(proc.stdout))

@@ -6,8 +6,11 @@ Every run sets the tokens, the webhook secret and the key passphrase to recognis
 ``chmod 000`` does not stop root, so "unreadable" is a path inside a plain file (``ENOTDIR``), a FIFO (which
 must not hang a command), a directory, or bytes that are not UTF-8.
 
-The CLI cases run as real subprocesses; to stay within the suite's time budget they are started together,
-three at a time, by a module fixture, and each parametrized test checks its own result. The HTTP cases go
+The CLI cases run once each in a module fixture, and each parametrized test checks its own result: through
+the CLI's own ``main()`` in this process (conftest's ``cli_in_process``: exit status and output as a process
+gives them, without its start-up), except where a bug would be a command that never ends (``watch``,
+``serve``, the cases that once hung), which run as real subprocesses with a time-out, in threads that overlap
+the rest. The HTTP cases go
 to one ``serve`` process shared by the module. Cases that show a bug are strict xfails naming it.
 """
 
@@ -28,7 +31,7 @@ import paramiko
 import pytest
 from sftp_server import generate_key, public_line, running_sftp_server, write_private_key
 
-from conftest import SMT_WATCH, wait_for, write_csv
+from conftest import SMT_WATCH, cli_in_process, wait_for, write_csv
 from faults.support import SECRETS, assert_clean
 from smt_watch.reference.receiver import running_receiver
 
@@ -198,14 +201,22 @@ def _fmt(text: str, ctx: dict[str, str]) -> str:
     return text.format(**ctx)
 
 
+def _in_a_process(case: Case) -> bool:
+    """A case whose command would never end if the bug came back: it needs a process and a time-out."""
+    return case.timeout < 30 or case.args[0] in ("watch", "serve")
+
+
 def _run(case: Case, world: World) -> subprocess.CompletedProcess[str] | None:
-    """The case's command in a subprocess with its own inbox and state dir; None when it hung."""
+    """The case's command with its own inbox and state dir (in a subprocess for the cases that could hang;
+    None when one did)."""
     home = world.root / "cases" / case.id
     (home / "inbox").mkdir(parents=True)
     env = {"PATH": os.environ.get("PATH", ""), "HOME": str(home), "SMT_LOCAL_DIR": str(home / "inbox"),
            "SMT_STATE_DIR": str(home / "state"), **SECRETS,
            **{k: _fmt(v, world.ctx) for k, v in case.env.items()}}
     args = [_fmt(a, world.ctx) for a in case.args]
+    if not _in_a_process(case):
+        return cli_in_process(args, env, home)
     try:
         return subprocess.run([*SMT_WATCH, *args], env=env, capture_output=True, text=True, timeout=case.timeout,
                               cwd=home, stdin=subprocess.DEVNULL)
@@ -215,12 +226,15 @@ def _run(case: Case, world: World) -> subprocess.CompletedProcess[str] | None:
 
 @pytest.fixture(scope="module")
 def results(world: World) -> dict[str, subprocess.CompletedProcess[str] | None]:
-    """Every CLI case run once, three at a time (the cases are independent: own dirs, own env); the ones
-    known to hang get threads of their own, so their wait overlaps the rest."""
-    hangs = sum(1 for c in CASES if c.timeout < 30)
-    with ThreadPoolExecutor(max_workers=3 + hangs) as pool:
-        futures = {case.id: pool.submit(_run, case, world) for case in sorted(CASES, key=lambda c: c.timeout)}
-        return {case_id: f.result() for case_id, f in futures.items()}
+    """Every CLI case run once (the cases are independent: own dirs, own env): the subprocess ones three at
+    a time in threads, started first, so they overlap the in-process ones run here one by one (those change
+    this process's environment and streams, so never two at once). More at once would starve each other
+    past their time-outs on a loaded 2-core machine."""
+    processes = sorted((c for c in CASES if _in_a_process(c)), key=lambda c: c.timeout)
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        futures = {case.id: pool.submit(_run, case, world) for case in processes}
+        done = {case.id: _run(case, world) for case in CASES if not _in_a_process(case)}
+        return {**done, **{case_id: f.result() for case_id, f in futures.items()}}
 
 
 def test_the_table_is_big_enough() -> None:

@@ -15,7 +15,6 @@ the client reads it (RFC 9112 §9.6). Real `smt-watch serve` processes on loopba
 
 from __future__ import annotations
 
-import os
 import re
 import socket
 import struct
@@ -30,7 +29,7 @@ import pytest
 from test_server_process import TOKEN, Serve, serving
 from test_server_process import env as env  # the fixture, shared
 
-from conftest import wait_for
+from conftest import fresh_chromium, wait_for
 from faults.support import assert_clean
 
 pytestmark = pytest.mark.faults
@@ -310,31 +309,10 @@ class _Link:
             pass
 
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
-_NO_BROWSER = not all(os.access(p, os.X_OK) for p in (CHROMIUM, CHROMEDRIVER))
-
-
 @pytest.fixture(scope="module")
-def chromium(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    if _NO_BROWSER:
-        pytest.skip("needs Chromium and chromedriver (Debian: apt-get install chromium chromium-driver)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={tmp_path_factory.mktemp('chromium-linger')}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-    driver.set_page_load_timeout(60)
-    driver.set_script_timeout(90)
-    try:
-        yield driver
-    finally:
-        driver.quit()
+def chromium(chromium_session: Any) -> Any:
+    """conftest's one Chromium (skipped without it), fresh for this module."""
+    return fresh_chromium(chromium_session, width=1100, height=900, page_load=60, script=90)
 
 
 # IntelliWatt's admin page's call, with a token: fetch() of a FormData holding the file; what the page shows.

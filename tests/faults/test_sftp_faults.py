@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sftp_server import SftpTestServer, running_sftp_server, sftp_env
+from sftp_server import SftpTestServer, sftp_env
 
 from conftest import SMT_WATCH, UPLOAD_TOKEN, wait_for, watching
 from faults.support import assert_clean, sha
@@ -47,12 +47,6 @@ def hidden_parts(inbox: Path) -> list[Path]:
 def sync_cli(env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*SMT_WATCH, "sync", "--workers", "1"], env=env, capture_output=True, text=True,
                           timeout=120, cwd=cwd)
-
-
-@pytest.fixture
-def sftp(tmp_path: Path) -> Any:
-    with running_sftp_server(tmp_path / "remote", tmp_path / "keys") as s:
-        yield s
 
 
 def _env(base_env: dict[str, str], tmp_path: Path, server: SftpTestServer, receiver: Any,

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sftp_server import SftpTestServer, running_sftp_server, sftp_env
+from sftp_server import SftpTestServer, sftp_env
 
 from conftest import SMT_WATCH
 from faults.support import assert_clean
@@ -24,12 +23,6 @@ pytestmark = [pytest.mark.faults, pytest.mark.timeout(600)]  # CLI starts on a s
 
 MiB = 1024 * 1024
 TiB = 1024**4
-
-
-@pytest.fixture
-def sftp(tmp_path: Path) -> Iterator[SftpTestServer]:
-    with running_sftp_server(tmp_path / "remote", tmp_path / "keys") as s:
-        yield s
 
 
 def _env(base_env: dict[str, str], tmp_path: Path, server: SftpTestServer) -> dict[str, str]:

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from test_server import FORM_TYPE, Running, connect, read_response, running, upload
 
-from conftest import SMT_WATCH
+from conftest import SMT_WATCH, cli_in_process
 from smt_watch.config import Settings
 from smt_watch.logs import RedactFilter
 from smt_watch.tickets import TicketError, mint, verify
@@ -91,16 +91,14 @@ def test_preflight_allows_the_ticket_header(make_settings: Make) -> None:
 
 def test_the_ticket_command_mints_what_serve_accepts(base_env: dict[str, str], tmp_path: Path) -> None:
     env = {**base_env, "PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "SMT_UPLOAD_TICKET_SECRET": SECRET}
-    proc = subprocess.run([*SMT_WATCH, "ticket", "--role", "admin", "--account", "ops-1", "--ttl", "2h"], env=env,
-                          capture_output=True, text=True, timeout=30)
+    proc = cli_in_process(["ticket", "--role", "admin", "--account", "ops-1", "--ttl", "2h"], env, tmp_path)
     assert proc.returncode == 0, proc.stderr
     ticket = proc.stdout.strip().splitlines()[-1]
     claims = verify(SECRET, ticket)
     assert (claims.role, claims.account) == ("admin", "ops-1")
     assert SECRET not in proc.stdout + proc.stderr
     no_secret = {k: v for k, v in env.items() if k != "SMT_UPLOAD_TICKET_SECRET"}
-    refused = subprocess.run([*SMT_WATCH, "ticket", "--role", "admin", "--account", "x"], env=no_secret,
-                             capture_output=True, text=True, timeout=30)
+    refused = cli_in_process(["ticket", "--role", "admin", "--account", "x"], no_secret, tmp_path)
     assert refused.returncode == 2 and "SMT_UPLOAD_TICKET_SECRET" in refused.stderr
 
 
@@ -108,16 +106,18 @@ WEAK = ["x", "ds", "password", "correct-horse-battery-staple", "0123456789abcdef
         "ticket-secret-3e3e3e3e3e3e-SECRET", "ab" * 40, "a" * 100, "6f1c2b7e-3c4d-4e5f-8a9b-0c1d2e3f4a5b"]
 
 
-@pytest.mark.timeout(600)  # two CLI starts on a shared, loaded machine
+@pytest.mark.timeout(600)  # a CLI start on a shared, loaded machine
 @pytest.mark.parametrize("weak", WEAK)
 def test_a_secret_too_weak_to_sign_with_is_refused_at_start_and_by_the_ticket_command(
         base_env: dict[str, str], tmp_path: Path, weak: str) -> None:
     """A one-character secret was recovered from one customer ticket in 11 tries. serve refuses a weak
-    secret before it listens, the ticket command before it mints; one line, exit 2, the secret not in it."""
+    secret before it listens, the ticket command before it mints; one line, exit 2, the secret not in it.
+    ``serve`` runs as a process (if it did start, it would listen until killed); ``ticket`` in this one."""
     env = {**base_env, "PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "SMT_UPLOAD_TICKET_SECRET": weak,
            "SMT_UPLOAD_PORT": "0"}
     for args in (["ticket", "--role", "admin", "--account", "ops-1"], ["serve"]):
-        proc = subprocess.run([*SMT_WATCH, *args], env=env, capture_output=True, text=True, timeout=60)
+        proc = (subprocess.run([*SMT_WATCH, *args], env=env, capture_output=True, text=True, timeout=60)
+                if args[0] == "serve" else cli_in_process(args, env, tmp_path))
         out = proc.stdout + proc.stderr
         assert proc.returncode == 2, (args, out)
         assert "SMT_UPLOAD_TICKET_SECRET" in out and "too weak" in out and "openssl rand -base64 32" in out, out
@@ -131,8 +131,7 @@ def test_the_documented_ways_of_making_a_secret_are_accepted(base_env: dict[str,
     strong = {"openssl-base64": base64.b64encode(secrets.token_bytes(32)).decode(),  # what openssl prints
               "token_urlsafe": secrets.token_urlsafe(32), "hex": secrets.token_hex(32)}[make]
     env = {**base_env, "PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "SMT_UPLOAD_TICKET_SECRET": strong}
-    proc = subprocess.run([*SMT_WATCH, "ticket", "--role", "customer", "--account", "HOME-1"], env=env,
-                          capture_output=True, text=True, timeout=60)
+    proc = cli_in_process(["ticket", "--role", "customer", "--account", "HOME-1"], env, tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert verify(strong, proc.stdout.strip().splitlines()[-1]).account == "HOME-1"
 
