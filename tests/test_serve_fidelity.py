@@ -192,10 +192,10 @@ def test_success_reply_has_remaining_and_a_queue(make_settings: Make, tmp_path: 
         for i in range(3):
             sha = f"{100 + i:064x}"
             srv.ledger.claim(sha, filename=f"s{i}.csv", path=None, size=1, mode="multipart")
-            with srv.ledger.atomic() as db:  # its delivery started (and it was first seen) 2 s before it was sent
-                db.execute("UPDATE files SET first_seen = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-2 seconds'),"
-                           " started_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-2 seconds') WHERE sha256 = ?",
-                           (sha,))
+            # its delivery started (and it was first seen) 2 s before it was sent
+            srv.ledger.port.execute(
+                "UPDATE files SET first_seen = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-2 seconds'),"
+                " started_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-2 seconds') WHERE sha256 = ?", (sha,))
             srv.ledger.mark_sent(sha, status=200, destination="x", attempts=1)
         second = post_form(srv, admin_page(b"ESIID,X\nq,2\n")).json()
     assert second["queue"]["position"] == 3  # two ahead, then this one
