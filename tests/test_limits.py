@@ -27,7 +27,7 @@ import httpx
 import pytest
 from faults.support import WatchProc, ledger_rows_cli
 from pgcluster import PgCluster
-from test_multinode import restarted_at_the_end
+from test_multinode import restarted_at_the_end, smt_csv
 
 from conftest import ADMIN_TOKEN, wait_for
 from smt_watch.config import load_settings
@@ -211,17 +211,6 @@ def app() -> Iterator[CountingApp]:
         a.server.server_close()
 
 
-def smt_csv(i: int, rows: int = 8) -> bytes:
-    """A small SMT interval CSV, distinct per ``i``; with SMT_RAW_LINES_PER_CHUNK=4, two chunks."""
-    lines = ["ESIID,USAGE_DATE,REVISION_DATE,USAGE_START_TIME,USAGE_END_TIME,USAGE_KWH,ESTIMATED_ACTUAL,"
-             "CONSUMPTION_SURPLUSGENERATION"]
-    for r in range(rows):
-        h, m = divmod(r * 15, 60)
-        h2, m2 = divmod(r * 15 + 15, 60)
-        lines.append(f"'1044372{i:010d},01/01/2026,01/02/2026,{h:02d}:{m:02d},{h2:02d}:{m2:02d},"
-                     f"{r / 100:.3f},A,Consumption")
-    return ("\n".join(lines) + "\n").encode()
-
 
 def node_env(tmp_path: Path, name: str, app: CountingApp, **extra: str) -> dict[str, str]:
     root = tmp_path / name
@@ -245,8 +234,8 @@ def node_env(tmp_path: Path, name: str, app: CountingApp, **extra: str) -> dict[
 
 
 def backlog(env: dict[str, str], count: int, start: int = 0) -> None:
-    for i in range(start, start + count):
-        (Path(env["SMT_LOCAL_DIR"]) / f"f{i:04d}.csv").write_bytes(smt_csv(i))
+    for i in range(start, start + count):  # 8 rows: with SMT_RAW_LINES_PER_CHUNK=4, two chunks
+        (Path(env["SMT_LOCAL_DIR"]) / f"f{i:04d}.csv").write_bytes(smt_csv(i, rows=8))
 
 
 @contextmanager
