@@ -131,6 +131,8 @@ async def _serve_one(
     done = time.time()
     if method == "GET" and path == "/stats":
         body = stats.to_json()
+    elif method == "GET" and path == "/health":
+        body = OK_BODY  # smt-watch asks a loopback target whether it is its own serve: not a delivery
     else:
         stats.requests += 1
         stats.body_bytes += size
