@@ -238,7 +238,8 @@ def render(sizes: Sizes, quick: bool, start: Start, serve: Target, sink: Target,
     lines = [
         *header_lines(SECTION, start, quick),
         "- `smt-watch serve` in its own process: fresh inbox and state dir under /tmp (disk), `SMT_UPLOAD_TOKEN`"
-        " set, `SMT_UPLOAD_ADMIN_LIMIT`/`CUSTOMER_LIMIT` 1,000,000, `SMT_UPLOAD_MAX_BYTES` 4 GiB; anchor:"
+        " set, `SMT_UPLOAD_ADMIN_LIMIT`/`CUSTOMER_LIMIT` 1,000,000, `SMT_UPLOAD_MAX_BYTES` 4 GiB,"
+        " `SMT_UPLOAD_MAX_CONCURRENT` 64; anchor:"
         " `bench/sink.py` (reads and discards each body) in its own process; both on loopback, the same curl"
         f" command; exit status of serve on SIGTERM at the end: {stop_rc}",
         f"- big upload: one {size / MIB:,.0f} MiB CSV (warm in the page cache), {sizes.rounds} round(s) alternating"
@@ -304,7 +305,9 @@ def main(argv: list[str] | None = None) -> int:
             env.update(SMT_LOCAL_DIR=str(inbox), SMT_STATE_DIR=str(state), SMT_UPLOAD_HOST="127.0.0.1",
                        SMT_UPLOAD_PORT="0", SMT_WEBHOOK_PORT="0",  # no trigger listener on 0.0.0.0:8787
                        SMT_UPLOAD_TOKEN=TOKEN, SMT_UPLOAD_ADMIN_LIMIT="1000000",
-                       SMT_UPLOAD_CUSTOMER_LIMIT="1000000", SMT_UPLOAD_MAX_BYTES=str(4 * 1024 * MIB))
+                       SMT_UPLOAD_CUSTOMER_LIMIT="1000000", SMT_UPLOAD_MAX_BYTES=str(4 * 1024 * MIB),
+                       # the small-upload part sends 50 at a time; at the default 16 the rest are 503 by design
+                       SMT_UPLOAD_MAX_CONCURRENT="64")
             pid, port = spawn_server(procs, [str(SMT_WATCH), "serve"], env, work / "serve.log", PORT_RE)
             time.sleep(1.0)  # let start-up settle before the idle reading
             idle = memory_kib(pid)
