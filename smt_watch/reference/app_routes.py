@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from starlette.concurrency import run_in_threadpool
@@ -50,6 +50,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from smt_watch.expect import AppModel, chunk_lines, inline_points, normalize_chunk, stored_kwh
 from smt_watch.window import Window, coverage_window
 
+T = TypeVar("T")
 log = logging.getLogger("smt_watch.reference.app")
 
 RAW_UPLOAD_PATH: Final = "/api/admin/smt/raw-upload"
@@ -115,22 +116,28 @@ class AppStore:
         size = body.get("sizeBytes", body.get("size_bytes"))
         content = _loose_base64(body.get("contentBase64"))
         window = coverage_window(now)
+        summary = self._with_raw_file_row(
+            (filename, int(size) if isinstance(size, (int, float)) and math.isfinite(size) else 0, sha256,
+             _now_iso(now), str(received) if received else _now_iso(now), source, str(storage), str(content_type)),
+            lambda: self._normalize(content, esiid, meter, str(source), window, body.get("postIngest") is True, now)
+            if content else None)
+        return {"normalizedInline": summary}
+
+    def _with_raw_file_row(self, row: tuple[object, ...], then: Callable[[], T]) -> T:
+        """The ``RawSmtFile`` row (a duplicate sha256 keeps the first) and what the route then stores, in one
+        transaction."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._db.execute(
                     "INSERT OR IGNORE INTO RawSmtFile (filename, size_bytes, sha256, created_at, received_at, source,"
-                    " storage_path, content_type) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (filename, int(size) if isinstance(size, (int, float)) and math.isfinite(size) else 0, sha256,
-                     _now_iso(now), str(received) if received else _now_iso(now), source, str(storage),
-                     str(content_type)))
-                summary = self._normalize(content, esiid, meter, str(source), window, body.get("postIngest") is True,
-                                          now) if content else None
+                    " storage_path, content_type) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row)
+                result = then()
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-        return {"normalizedInline": summary}
+        return result
 
     def ingest_inline(self, body: dict[str, Any]) -> dict[str, Any]:
         """What the inline route (``mode: "inline"``, the app in development) does with an accepted file: the
@@ -148,19 +155,10 @@ class AppStore:
         meter = body["meter"].strip() if isinstance(body.get("meter"), str) and body["meter"].strip() else None
         source = str(body.get("source") or "adhocusage").strip() or "adhocusage"
         filename = str(body.get("filename") or "adhoc.csv").strip().lstrip("/\\")
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.execute(
-                    "INSERT OR IGNORE INTO RawSmtFile (filename, size_bytes, sha256, created_at, received_at, source,"
-                    " storage_path, content_type) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (filename, len(content), hashlib.sha256(content).hexdigest(), _now_iso(now), _now_iso(now),
-                     source, f"/{source}/{filename}", str(body.get("mime") or "text/csv")))
-                records = self._persist_inline(inline_points(chunk_lines(content), esiid or None, meter), source)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        records = self._with_raw_file_row(
+            (filename, len(content), hashlib.sha256(content).hexdigest(), _now_iso(now), _now_iso(now), source,
+             f"/{source}/{filename}", str(body.get("mime") or "text/csv")),
+            lambda: self._persist_inline(inline_points(chunk_lines(content), esiid or None, meter), source))
         return {"intervalNormalized": True, "records": records}
 
     def _persist_inline(self, points: dict[tuple[str, str], dict[int, Decimal]], source: str) -> int:
