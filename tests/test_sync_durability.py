@@ -47,6 +47,18 @@ def inbox(base_env: dict[str, str]) -> Path:
     return Path(base_env["SMT_LOCAL_DIR"])
 
 
+def records_in(io_calls: IoCalls, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each ledger ``record_fetch`` also lands in ``io_calls``' events, in order with the fsyncs and renames."""
+    real_record = SqliteLedger.record_fetch
+
+    def record_fetch(self: SqliteLedger, remote_path: str, size: int, mtime: int, sha256: str,
+                     local_path: str) -> None:
+        io_calls._add("record", local_path)
+        real_record(self, remote_path, size, mtime, sha256, local_path)
+
+    monkeypatch.setattr(SqliteLedger, "record_fetch", record_fetch)
+
+
 def test_part_is_fsynced_then_renamed_then_its_directory_fsynced(
     server: SftpTestServer, env: dict[str, str], make_settings: Make, inbox: Path, io_calls: IoCalls,
     monkeypatch: pytest.MonkeyPatch,
@@ -59,14 +71,7 @@ def test_part_is_fsynced_then_renamed_then_its_directory_fsynced(
              "c.csv": os.urandom(40 * KiB)}
     for rel, data in files.items():
         server.put(rel, data)
-    real_record = SqliteLedger.record_fetch
-
-    def record_fetch(self: SqliteLedger, remote_path: str, size: int, mtime: int, sha256: str,
-                     local_path: str) -> None:
-        io_calls._add("record", local_path)
-        real_record(self, remote_path, size, mtime, sha256, local_path)
-
-    monkeypatch.setattr(SqliteLedger, "record_fetch", record_fetch)
+    records_in(io_calls, monkeypatch)
     report = sync_once(make_settings, env)
     monkeypatch.undo()
     events = io_calls.events
@@ -128,14 +133,7 @@ def test_a_batch_of_files_costs_one_fsync_per_directory_then_each_is_recorded(
         final.parent.mkdir(parents=True, exist_ok=True)
         final.write_bytes(rel.encode())
         landed.add(RemoteFile("/" + rel, len(rel), 1), final, hashlib.sha256(rel.encode()).hexdigest(), str(final))
-    real_record = SqliteLedger.record_fetch
-
-    def record_fetch(self: SqliteLedger, remote_path: str, size: int, mtime: int, sha256: str,
-                     local_path: str) -> None:
-        io_calls._add("record", local_path)
-        real_record(self, remote_path, size, mtime, sha256, local_path)
-
-    monkeypatch.setattr(SqliteLedger, "record_fetch", record_fetch)
+    records_in(io_calls, monkeypatch)
     report = SyncReport()
     with open_ledger(settings) as ledger:
         landed.flush(ledger, report, lambda remote, why: pytest.fail(f"{remote.path} failed: {why}"))
