@@ -388,6 +388,7 @@ def restarted_at_the_end(cluster: PgCluster) -> Iterator[None]:
             cluster.start()
 
 
+@pytest.mark.timeout(420)  # its own waits (a fifth drained, the outage, 240 s to finish) exceed the default 120 s
 def test_postgres_restart_during_a_watch_drain(tmp_path: Path, pg_url: str, pg_cluster: PgCluster,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     """1,000 small files draining through ``watch`` when PostgreSQL stops for longer than the reconnect
