@@ -34,6 +34,7 @@ from faults.support import assert_clean
 
 pytestmark = pytest.mark.faults
 
+DRIBBLE_SECONDS = 0.25  # the dribbling client's pace: a byte this often
 IDLE = 2.0  # SMT_UPLOAD_IDLE_SECONDS: also the lingering close's idle bound (min(5 s, this))
 SECRET = "webhook-secret-7c7c7c7c7c7c-SECRET"  # test_server_process's env sets it
 BOUNDARY = "lingerboundary"
@@ -162,7 +163,9 @@ def test_the_lingering_bounds_are_settings(env: dict[str, str], tmp_path: Path) 
             while server_holds(s.port, client_port) and time.monotonic() - started < 20:
                 with suppress(OSError):
                     dribbler.send(b"x")
-                time.sleep(0.25)  # the client's pace (a byte every 0.25 s keeps the 5 s idle bound away)
+                # A fixed pause on purpose, not synchronisation: the behaviour under test is a client that
+                # dribbles one byte every 0.25 s (so the 5 s idle bound never ends it; only the 2 s total does).
+                time.sleep(DRIBBLE_SECONDS)
             assert not server_holds(s.port, client_port), "still lingering after 20 s"
             assert time.monotonic() - started < 15  # the 2 s bound, not the default 30 s
 
