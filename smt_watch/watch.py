@@ -287,7 +287,7 @@ class WatchService:
         for i in range(0, len(fresh), SCAN_BATCH):
             self._consider_batch(fresh[i:i + SCAN_BATCH], now)
         for path in again:
-            self._consider(path, now, recheck=True)
+            self._recheck(path, now)
 
     def _candidate(self, path: Path) -> Found | None:
         """``path`` with its signature when it is a candidate (docs/contract.md §3) and a regular file."""
@@ -298,24 +298,14 @@ class WatchService:
         st = regular_stat(path, self.root if len(rel.parts) > 1 else None)
         return None if st is None else Found(str(path), Signature.of(st))
 
-    def _consider(self, path: Path, now: float, recheck: bool = False) -> bool:
-        """Put a candidate in the settler unless the stat cache says it was handled already.
-
-        ``recheck``: a file a worker asked to look at again (the same bytes were in flight under another
-        name): it goes to a worker whatever the cache says, so it is counted as a duplicate and gets its
-        SMT_AFTER_SEND action.
-        """
+    def _recheck(self, path: Path, now: float) -> bool:
+        """A file a worker asked to look at again (the same bytes were in flight under another name): it goes
+        to a worker whatever the stat cache says, so it is counted as a duplicate and gets its SMT_AFTER_SEND
+        action. (New files go through :meth:`_consider_batch`, which asks the cache.)"""
         found = self._candidate(path)
         if found is None:
             return False
-        assert self._ledger is not None
-        if recheck:
-            known = None
-        elif (cached := self._asked.get(path)) is not None:
-            known = cached.seen  # another event of a file still settling: the cache was asked already
-        else:
-            known = self._ledger.seen(found.path)
-        return self._consider_known(path, found.signature, known, now, asked=not recheck)
+        return self._consider_known(path, found.signature, None, now, asked=False)
 
     def _consider_known(self, path: Path | str, sig: Signature, known: Seen | None, now: float,
                         asked: bool = True) -> bool:
