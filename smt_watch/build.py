@@ -2,7 +2,7 @@
 
 ``0.1.0`` alone reads the same before and after an upgrade, so an operator could not tell whether the
 droplet runs the new code. The commit comes from the checkout the package runs from (``pip install -e``,
-the README's install) or, for a wheel installed from a Git URL (pipx), from the ``direct_url.json`` pip
+docs/operator.md's install) or, for a wheel installed from a Git URL (pipx), from the ``direct_url.json`` pip
 records. Nothing here runs at import time; ``describe()`` is called only by ``--version``.
 """
 

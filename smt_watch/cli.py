@@ -633,11 +633,13 @@ def ledger_list(
     if not rows:
         typer.echo("(no rows)")
         return
-    typer.echo(f"{'STATE':<9} {'SHA256':<12} {'SIZE':>12} {'ATT':>3} {'HTTP':>4}  {'WHEN':<20} FILE / LAST ERROR")
-    for r in rows:
+    states = [f"{r.state}/{verdicts[r.sha256]}" if r.sha256 in verdicts else r.state for r in rows]
+    width = max(9, *map(len, states))  # "sent/outside window" is wider than a bare state
+    typer.echo(f"{'STATE':<{width}} {'SHA256':<12} {'SIZE':>12} {'ATT':>3} {'HTTP':>4}  {'WHEN':<20} "
+               "FILE / LAST ERROR")
+    for r, state_shown in zip(rows, states, strict=True):
         when = (r.sent_at or r.updated_at)[:19]
-        state_shown = f"{r.state}/{verdicts[r.sha256]}" if r.sha256 in verdicts else r.state
-        line = f"{state_shown:<9} {r.sha256[:12]} {r.size if r.size is not None else '-':>12} {r.attempts:>3} "
+        line = f"{state_shown:<{width}} {r.sha256[:12]} {r.size if r.size is not None else '-':>12} {r.attempts:>3} "
         line += f"{r.http_status or '-':>4}  {when:<20} {shown(r.filename)}"
         if r.last_error and r.state != "sent":
             line += f"  ({shown(r.last_error[:100])})"

@@ -57,7 +57,7 @@ def check_delivery(s: Settings) -> Iterator[Check]:
         return
     token = f"{mode.token.env} {'set' if secret else 'not set'}"
     yield Check(OK, "delivery", f"{mode.name} to {redact_url(mode.url(s))} ({token})")
-    yield Check(OK, "outbound limit", limits.describe(s))  # smt_watch/limits.py; README "Outbound limits"
+    yield Check(OK, "outbound limit", limits.describe(s))  # smt_watch/limits.py; docs/how-it-works.md "Outbound limits"
 
 
 _PLACEHOLDER = re.compile(r"REPLACE|REDACTED|CHANGE_?ME|YOUR_|<|>|^x+$|^\.+$|TOKEN_HERE|64_CHAR", re.IGNORECASE)

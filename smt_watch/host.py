@@ -4,7 +4,7 @@ IntelliWatt's droplet keeps its old SMT units alive on its own: ``intelliwatt-en
 and starts ``smt-ingest.timer``, ``smt-ingest.service`` and the Node ``smt-upload-server.service`` every two
 minutes when they are installed, and every deploy of the web app copies the Node unit back into
 ``/etc/systemd/system`` and starts it. A unit that is merely disabled comes back; only a masked one stays off
-(README "Migrating from fetch_and_post.sh"). The old webhook bridge (``smt-webhook.service``) listens on its
+(docs/operator.md "Migrating from fetch_and_post.sh"). The old webhook bridge (``smt-webhook.service``) listens on its
 ``PORT`` (8787 unless a drop-in moves it), the port ``serve``'s webhook listener wants.
 
 This is the only module that asks systemd (one ``systemctl show`` call, the binary found on ``PATH``) and reads
@@ -35,7 +35,7 @@ OLD_UNITS = ("smt-ingest.timer", "smt-ingest.service", "smt-upload-server.servic
 NODE_UNIT = "smt-upload-server.service"  # re-installed and started by every deploy (apply_droplet_services.sh)
 BRIDGE_UNIT = "smt-webhook.service"
 BRIDGE_DEFAULT_PORT = 8787  # webhook_server.py: int(os.environ.get("PORT", "8787")), on 0.0.0.0
-BRIDGE_MOVED_PORT = 8788  # where the README moves it
+BRIDGE_MOVED_PORT = 8788  # where docs/operator.md's migration moves it
 BRIDGE_DROPIN = f"{UNIT_DIR}/{BRIDGE_UNIT}.d/smt-watch-port.conf"  # the deploy script rewrites override.conf only
 ENSURE_TIMER = "intelliwatt-ensure-services.timer"
 SERVE_UNIT = "smt-watch-serve.service"

@@ -1,7 +1,7 @@
 """Byte counts as an operator reads them, in one unit everywhere: decimal (KB, MB, GB).
 
 Decimal, spelled so, because that is what the operator-facing text already says: ``sync``'s summary
-(``312.4 MB in 4.1 s`` in the README, ``371.2 KB`` in its tests), ``status`` and its web page, the 4.5 MB
+(``312.4 MB in 4.1 s`` in docs/how-it-works.md, ``371.2 KB`` in its tests), ``status`` and its web page, the 4.5 MB
 Vercel limit. A limit an operator set is shown with its exact figure first (``1,073,741,824 bytes
 (1.1 GB)``), so a power of two is never rounded away.
 """

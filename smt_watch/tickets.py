@@ -5,7 +5,7 @@ did: anyone can claim ``admin`` or spend another customer's quota. With a shared
 short-lived ticket server-side and its page sends it as ``x-smt-upload-ticket``; ``serve`` then takes the
 identity from the ticket only.
 
-Format (documented in the README with the TypeScript that mints one)::
+Format (documented in docs/how-it-works.md with the TypeScript that mints one)::
 
     base64url(JSON {"role": "admin"|"customer", "accountKey": str, "exp": unix seconds})
     + "." + base64url(HMAC-SHA256(secret, <the first part as ASCII>))

@@ -84,3 +84,10 @@ def test_status_and_ledger_list_show_the_verdict_and_status_alerts_on_partial_an
     assert listed == {"year_M1.csv": "stored", "gap_M1.csv": "partial"}
     table = run_cli("ledger", "list").stdout
     assert "sent/partial" in table and "sent/stored" in table, table
+    with open_ledger(settings) as ledger:  # the widest verdict still leaves every column where its header is
+        ledger.save_verdict(VerdictRow(A, Verdict.OUTSIDE_WINDOW.value))
+    lines = run_cli("ledger", "list").stdout.splitlines()
+    assert any(line.startswith("sent/outside window ") for line in lines), lines
+    header, rows = lines[0], lines[1:]
+    assert {row.index(A[:12]) if A[:12] in row else row.index(B[:12]) for row in rows} == {header.index("SHA256")}
+    assert {row.rindex(" ") + 1 for row in rows} == {header.index("FILE")}, lines

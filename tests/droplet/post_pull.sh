@@ -6,7 +6,7 @@
 #     units, "restart if it exists": a regular file of that name in a unit directory, or the name in
 #     `sudo systemctl list-unit-files` (which lists masked units) -> `sudo systemctl restart <unit>`,
 #     with no `|| true`, under `set -e`. A masked unit's restart fails (exit 1), which ends the script there:
-#     the later restarts and the health checks do not run. README "Migrating" says so and what to do.
+#     the later restarts and the health checks do not run. docs/operator.md "Migrating" says so and what to do.
 set -euo pipefail
 R="${SYSTEMCTL_STANDIN_ROOT:?}"
 here="$(cd "$(dirname "$0")" && pwd)"
