@@ -49,8 +49,11 @@ class AutoVerify:
         self._closers: list[Callable[[], None]] = []
 
     @classmethod
-    def for_watch(cls, settings: Settings, ledger: Ledger, metrics: Metrics | None = None) -> AutoVerify:
-        """With a sink of its own (``watch``'s workers keep theirs), closed by :meth:`close`."""
+    def for_watch(cls, settings: Settings, ledger: Ledger, metrics: Metrics | None = None,
+                  stop: threading.Event | None = None) -> AutoVerify:
+        """With a sink of its own (``watch``'s workers keep theirs), closed by :meth:`close`. ``stop``: watch's
+        stop event, so a re-send waiting for the outbound limit ends when watch stops (the row stays
+        ``pending``) instead of holding the verify thread until the stop grace runs out."""
         from smt_watch.delivery import delivery_mode, make_sink
         from smt_watch.pipeline import deliver_file
 
@@ -58,7 +61,8 @@ class AutoVerify:
 
         def deliver(path: Path) -> Outcome:
             if not sinks:
-                sinks.append(make_sink(settings, delivery_mode(settings), chunks=ledger, announce=False))
+                sinks.append(make_sink(settings, delivery_mode(settings), chunks=ledger, announce=False,
+                                        stop=stop))
             return deliver_file(settings, ledger, sinks[0], path)
 
         def close() -> None:

@@ -189,7 +189,7 @@ class WatchService:
             for i in range(self.settings.workers)
         ]
         # verify what was sent once the app has had time to store it, and re-send what its window dropped
-        self._auto = AutoVerify.for_watch(self.settings, ledger, self.metrics)
+        self._auto = AutoVerify.for_watch(self.settings, ledger, self.metrics, stop=self._stop)
         if self._auto.enabled:
             self._verifier = threading.Thread(target=self._auto.run, args=(self._stop,), name="smt-watch-verify",
                                               daemon=True)
