@@ -186,6 +186,11 @@ class NodeBudget:
         self._slot_fds = [os.open(directory / f"slot-{i}", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
                           for i in range(slots)]
         self._bucket_fd = os.open(directory / "bucket", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        owner = _foreign_owner(directory.parent)
+        if owner is not None:  # root in the service's state dir: what it creates stays the service's
+            os.chown(directory, *owner)
+            for fd in (*self._slot_fds, self._bucket_fd):
+                os.fchown(fd, *owner)
 
     def try_slot(self) -> int | None:
         with self._lock:
@@ -502,6 +507,16 @@ class Limiter:
             self._throttled_since, self._episode_waits, self._episode_seconds = None, 0, 0.0
         if announced:
             log.info("Outbound limit: no longer throttling; %d request(s) waited %.1f s in all", waits, seconds)
+
+
+def _foreign_owner(state_dir: Path) -> tuple[int, int] | None:
+    """The state dir's owner when root runs in another user's state dir (``sudo smt-watch post``): the lock
+    files root creates there are given to that user, or the service could not open them afterwards and would
+    limit each of its processes alone."""
+    if os.geteuid() != 0:
+        return None
+    st = state_dir.stat()
+    return None if st.st_uid == 0 else (st.st_uid, st.st_gid)
 
 
 def limits_dir(settings: Settings) -> Path:

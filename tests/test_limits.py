@@ -105,6 +105,18 @@ def test_node_budget_is_shared_by_two_budgets_on_the_same_files(tmp_path: Path) 
         b.close()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: it is about what root leaves behind")
+def test_root_leaves_the_lock_files_to_the_state_dirs_owner(tmp_path: Path) -> None:
+    """`sudo smt-watch post` in the service's state dir: the limit's files it creates are the service
+    user's, so the service can still lock them (it would otherwise limit each process alone, and warn)."""
+    state = tmp_path / "state"
+    state.mkdir()
+    os.chown(state, 65534, 65534)
+    NodeBudget(state / "limits", Rate(5.0), 2)
+    owners = {(p.stat().st_uid, p.stat().st_gid) for p in [state / "limits", *(state / "limits").iterdir()]}
+    assert owners == {(65534, 65534)}, owners
+
+
 def test_limiter_off_waits_for_nothing(tmp_path: Path) -> None:
     settings = load_settings({"SMT_LOCAL_DIR": str(tmp_path), "SMT_STATE_DIR": str(tmp_path / "s"),
                               "SMT_MAX_REQUESTS_PER_SECOND": "0", "SMT_MAX_IN_FLIGHT": "0"})
