@@ -23,6 +23,7 @@ from typing import Any
 import paramiko
 import pytest
 from sftp_server import (
+    FEW_ROUNDS_WARNING,
     KEY_KINDS,
     SftpTestServer,
     SshdServer,
@@ -33,6 +34,7 @@ from sftp_server import (
     running_sftp_server,
     running_sshd,
     sftp_env,
+    shared_key,
     write_private_key,
 )
 
@@ -462,7 +464,8 @@ def test_doctor_reads_known_hosts_as_sync_does(server: SftpTestServer, known_hos
 
 @pytest.mark.parametrize("kind", KEY_KINDS)
 def test_client_key_types(kind: str, tmp_path: Path, known_hosts: Path, make_settings: Make, inbox: Path) -> None:
-    with running_sftp_server(tmp_path / "remote", tmp_path / "keys", key_kind=kind) as s:
+    """Each client key type logs in and fetches; a key of that type shared in this test process proves it."""
+    with running_sftp_server(tmp_path / "remote", tmp_path / "keys", key_kind=kind, client=shared_key(kind)) as s:
         data = os.urandom(100_000)
         s.put("adhocusage/a.CSV", data)
         report = sync_once(make_settings, sftp_env(s, known_hosts))
@@ -503,6 +506,7 @@ def encrypted_env(server: SftpTestServer, env: dict[str, str], tmp_path: Path) -
     return {**env, "SMT_KEY": str(encrypted)}
 
 
+@pytest.mark.filterwarnings(f"ignore:{FEW_ROUNDS_WARNING}:UserWarning")  # the test key's few KDF rounds
 def test_encrypted_key_without_passphrase_names_the_variable(
     encrypted_env: dict[str, str], run_cli: RunCli, inbox: Path
 ) -> None:
@@ -512,6 +516,7 @@ def test_encrypted_key_without_passphrase_names_the_variable(
     assert list(inbox.rglob("*")) == []
 
 
+@pytest.mark.filterwarnings(f"ignore:{FEW_ROUNDS_WARNING}:UserWarning")  # the test key's few KDF rounds
 def test_encrypted_key_with_wrong_passphrase_is_one_line(
     encrypted_env: dict[str, str], run_cli: RunCli, inbox: Path
 ) -> None:
@@ -523,6 +528,7 @@ def test_encrypted_key_with_wrong_passphrase_is_one_line(
     assert list(inbox.rglob("*")) == []
 
 
+@pytest.mark.filterwarnings(f"ignore:{FEW_ROUNDS_WARNING}:UserWarning")  # the test key's few KDF rounds
 def test_encrypted_key_with_passphrase_works(
     encrypted_env: dict[str, str], run_cli: RunCli, inbox: Path
 ) -> None:
@@ -810,7 +816,8 @@ def test_against_openssh_sshd(
 @pytest.mark.parametrize("kind", ["rsa4096", "ecdsa"])
 def test_openssh_sshd_key_types(kind: str, tmp_path: Path, known_hosts: Path, make_settings: Make,
                                 inbox: Path) -> None:
-    with running_sshd(tmp_path / "sshd", key_kind=kind) as sshd:
+    """OpenSSH accepts each client key type; a key of that type shared in this test process proves it."""
+    with running_sshd(tmp_path / "sshd", key_kind=kind, client=shared_key(kind)) as sshd:
         data = os.urandom(50_000)
         sshd.put("a.csv", data)
         report = sync_once(make_settings, sftp_env(sshd, known_hosts))
