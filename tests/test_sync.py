@@ -23,7 +23,6 @@ from typing import Any
 import paramiko
 import pytest
 from sftp_server import (
-    FEW_ROUNDS_WARNING,
     KEY_KINDS,
     SftpTestServer,
     SshdServer,
@@ -506,7 +505,6 @@ def encrypted_env(server: SftpTestServer, env: dict[str, str], tmp_path: Path) -
     return {**env, "SMT_KEY": str(encrypted)}
 
 
-@pytest.mark.filterwarnings(f"ignore:{FEW_ROUNDS_WARNING}:UserWarning")  # the test key's few KDF rounds
 def test_encrypted_key_without_passphrase_names_the_variable(
     encrypted_env: dict[str, str], run_cli: RunCli, inbox: Path
 ) -> None:
@@ -516,7 +514,6 @@ def test_encrypted_key_without_passphrase_names_the_variable(
     assert list(inbox.rglob("*")) == []
 
 
-@pytest.mark.filterwarnings(f"ignore:{FEW_ROUNDS_WARNING}:UserWarning")  # the test key's few KDF rounds
 def test_encrypted_key_with_wrong_passphrase_is_one_line(
     encrypted_env: dict[str, str], run_cli: RunCli, inbox: Path
 ) -> None:
@@ -528,7 +525,6 @@ def test_encrypted_key_with_wrong_passphrase_is_one_line(
     assert list(inbox.rglob("*")) == []
 
 
-@pytest.mark.filterwarnings(f"ignore:{FEW_ROUNDS_WARNING}:UserWarning")  # the test key's few KDF rounds
 def test_encrypted_key_with_passphrase_works(
     encrypted_env: dict[str, str], run_cli: RunCli, inbox: Path
 ) -> None:
