@@ -3,6 +3,10 @@
 Keys are ed25519 (certify/sign) with a cv25519 encryption subkey and no passphrase, which gpg makes in
 well under a second. Each home gets its own gpg-agent; :meth:`GpgHome.close` stops it (by homedir, via
 ``gpgconf``), so no agent outlives the test module that made it.
+
+A passphrase-protected key is protected with the fewest S2K iterations gpg-agent allows
+(``AGENT_CONF``): by default the agent first calibrates a count worth 100 ms of its CPU, which took
+seconds on a loaded 2-core machine; the key is protected by its passphrase all the same.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 TIMEOUT = 30.0
+AGENT_CONF = "s2k-count 65536\n"  # gpg-agent.conf of a test home: the minimum count, no calibration
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,7 @@ def make_home(home: Path, uid: str, passphrase: str = "") -> GpgHome:
     """A new GNUPGHOME at ``home`` holding one key pair for ``uid``, unprotected unless ``passphrase``."""
     home.mkdir(parents=True, exist_ok=True)
     home.chmod(0o700)
+    (home / "gpg-agent.conf").write_text(AGENT_CONF)
     env = {**os.environ, "GNUPGHOME": str(home)}
 
     def gpg(*args: str) -> str:

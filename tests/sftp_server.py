@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import pwd
 import socket
@@ -53,6 +54,8 @@ KEY_KINDS = ("ed25519", "rsa4096", "ecdsa")
 START_TIMEOUT = 30.0
 
 BANNER_POLL_SECONDS = 0.05
+KDF_ROUNDS = 2  # bcrypt rounds of an encrypted test key (ssh-keygen: 16; asyncssh: 128 = seconds per load)
+FEW_ROUNDS_WARNING = r".*bcrypt\.kdf\(\) called with only"  # bcrypt's UserWarning for fewer than 50 rounds
 LAG_LIMIT = 2.0  # longest a lagging READ waits for the ones behind it (the last READs of a file have none)
 
 
@@ -67,28 +70,54 @@ def generate_key(kind: str = "ed25519") -> asyncssh.SSHKey:
     return asyncssh.generate_private_key(kind)
 
 
+# (fingerprint, encrypted, rounds) -> the comment length paramiko reads (write_private_key; per test process)
+_READABLE_COMMENT: dict[tuple[str, bool, int], int] = {}
+
+
+@functools.cache
+def shared_key(kind: str) -> asyncssh.SSHKey:
+    """One key of ``kind`` per test process, for tests whose promise is "a key of this type works" rather
+    than "a key nobody else holds": an RSA-4096 key costs seconds of CPU to generate on a busy machine.
+    (Tests that need a stranger's key call :func:`generate_key`.)"""
+    return generate_key(kind)
+
+
 def write_private_key(
-    path: Path, kind: str = "ed25519", *, passphrase: str | None = None, key: asyncssh.SSHKey | None = None
+    path: Path, kind: str = "ed25519", *, passphrase: str | None = None, key: asyncssh.SSHKey | None = None,
+    rounds: int = KDF_ROUNDS,
 ) -> asyncssh.SSHKey:
     """Write a private key in OpenSSH format with mode 0600 (encrypted when ``passphrase``); return it.
 
+    An encrypted key uses ``rounds`` bcrypt-KDF rounds (``KDF_ROUNDS``): the file format, cipher and
+    passphrase check are those of ``ssh-keygen``'s default (16 rounds), but each load (the check here, every
+    load in sync) costs milliseconds instead of seconds of CPU on a shared 2-core machine.
+
     The file is checked with ``paramiko.PKey.from_path``: paramiko (5.1) cannot unpad some OpenSSH key
     files whose padding length depends on the comment (paramiko/paramiko#2445), so the comment is varied
-    until paramiko reads the file. Tests get keys that OpenSSH and paramiko both accept.
+    until paramiko reads the file. Tests get keys that OpenSSH and paramiko both accept. Whether paramiko
+    reads it depends only on the key, the comment and the encryption (the padding of the same plaintext), so
+    the comment found for a key is remembered (``_READABLE_COMMENT``) and used without a check the next time
+    it is written (a :func:`shared_key`): checking an RSA-4096 key costs paramiko seconds of CPU.
     """
     key = key or generate_key(kind)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for n in range(64):
+    known = _READABLE_COMMENT.get((fingerprint(key), passphrase is not None, rounds))
+    for n in ([known] if known is not None else range(64)):
         key.set_comment(f"smt-watch-test{'-' * n}")
-        data = key.export_private_key("openssh", passphrase=passphrase)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(path, 0o600)
-        try:
-            paramiko.PKey.from_path(path, passphrase.encode() if passphrase else None)  # type: ignore[arg-type]
-        except paramiko.SSHException:
-            continue
+        with warnings.catch_warnings():  # bcrypt warns below 50 rounds: deliberate here (see above)
+            warnings.filterwarnings("ignore", message=FEW_ROUNDS_WARNING, category=UserWarning)
+            data = key.export_private_key("openssh", passphrase=passphrase, rounds=rounds)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.chmod(path, 0o600)
+            if known is not None:
+                return key
+            try:
+                paramiko.PKey.from_path(path, passphrase.encode() if passphrase else None)  # type: ignore[arg-type]
+            except paramiko.SSHException:
+                continue
+        _READABLE_COMMENT[(fingerprint(key), passphrase is not None, rounds)] = n
         return key
     raise AssertionError(f"paramiko cannot load any variant of the {kind} key written to {path}")
 
@@ -142,11 +171,12 @@ class SftpTestServer:
     host = "127.0.0.1"
     remote_prefix = "/"  # the served root is the client's "/"
 
-    def __init__(self, root: Path, keys_dir: Path, key_kind: str, host_key_kinds: tuple[str, ...]) -> None:
+    def __init__(self, root: Path, keys_dir: Path, key_kind: str, host_key_kinds: tuple[str, ...],
+                 client: asyncssh.SSHKey | None = None) -> None:
         self.root = root
         self.port = 0
         self.client_key = keys_dir / f"client_{key_kind}"
-        self.client_public = write_private_key(self.client_key, key_kind)
+        self.client_public = write_private_key(self.client_key, key_kind, key=client)
         self.host_keys = [generate_key(k) for k in host_key_kinds]
         self.drop_after_bytes: int | None = None
         self.drop_times = 1
@@ -501,12 +531,13 @@ def _serve_reads_concurrently_when_lagging() -> None:
 @contextmanager
 def running_sftp_server(
     root: Path, keys_dir: Path | None = None, *, key_kind: str = "ed25519",
-    host_key_kinds: tuple[str, ...] = ("ed25519",),
+    host_key_kinds: tuple[str, ...] = ("ed25519",), client: asyncssh.SSHKey | None = None,
 ) -> Iterator[SftpTestServer]:
-    """An asyncssh SFTP server serving ``root`` (created) on 127.0.0.1; stopped on exit."""
+    """An asyncssh SFTP server serving ``root`` (created) on 127.0.0.1; stopped on exit. It authorizes
+    ``client`` (e.g. a :func:`shared_key`) or a new key of ``key_kind``."""
     root.mkdir(parents=True, exist_ok=True)
     keys_dir = keys_dir or root.parent / f"{root.name}-keys"
-    server = SftpTestServer(root, keys_dir, key_kind, host_key_kinds)
+    server = SftpTestServer(root, keys_dir, key_kind, host_key_kinds, client)
     try:
         server.start()
         yield server
@@ -570,8 +601,11 @@ def _banner(port: int) -> bool:
 
 
 @contextmanager
-def running_sshd(base: Path, *, key_kind: str = "ed25519") -> Iterator[SshdServer]:
-    """OpenSSH ``sshd -D -e`` on a spare 127.0.0.1 port as the current user; ``pytest.skip`` without sshd."""
+def running_sshd(
+    base: Path, *, key_kind: str = "ed25519", client: asyncssh.SSHKey | None = None
+) -> Iterator[SshdServer]:
+    """OpenSSH ``sshd -D -e`` on a spare 127.0.0.1 port as the current user; ``pytest.skip`` without sshd.
+    It authorizes ``client`` (e.g. a :func:`shared_key`) or a new key of ``key_kind``."""
     if not SSHD.exists():
         pytest.skip(f"{SSHD} is not installed (apt-get install openssh-server): OpenSSH interop not tested")
     base.mkdir(parents=True, exist_ok=True)
@@ -580,7 +614,7 @@ def running_sshd(base: Path, *, key_kind: str = "ed25519") -> Iterator[SshdServe
     host_key_path = base / "ssh_host_ed25519_key"
     host_key = write_private_key(host_key_path, "ed25519")
     client_key = base / f"client_{key_kind}"
-    client = write_private_key(client_key, key_kind)
+    client = write_private_key(client_key, key_kind, key=client)
     authorized = base / "authorized_keys"
     authorized.write_text(public_line(client) + "\n")
     if os.geteuid() == 0:

@@ -28,6 +28,8 @@ from sftp_server import (
     public_line,
     running_sftp_server,
     sftp_env,
+    shared_key,
+    write_private_key,
 )
 
 from conftest import wait_for
@@ -93,7 +95,9 @@ def test_fingerprint_matches_ssh_keygen(server: SftpTestServer, tmp_path: Path) 
 
 @pytest.mark.parametrize("kind", KEY_KINDS)
 def test_server_client_keys_are_openssh_0600_and_load_in_paramiko(kind: str, tmp_path: Path) -> None:
-    with running_sftp_server(tmp_path / "remote", tmp_path / "keys", key_kind=kind) as s:
+    """The key file the server writes (here for a key of ``kind`` shared in this test process) is one
+    OpenSSH and paramiko read."""
+    with running_sftp_server(tmp_path / "remote", tmp_path / "keys", key_kind=kind, client=shared_key(kind)) as s:
         assert s.client_key.stat().st_mode & 0o777 == 0o600
         assert s.client_key.read_text().startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
         key = paramiko.PKey.from_path(s.client_key)
@@ -160,10 +164,14 @@ def test_server_is_read_only_and_records_attempts(server: SftpTestServer) -> Non
 
 @pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="ssh-keygen (openssh-client) not installed")
 def test_legacy_pem_rsa_key_loads(make_settings: Make, tmp_path: Path) -> None:
-    """Keys handed out years ago are often PEM ("BEGIN RSA PRIVATE KEY"), not the OpenSSH format."""
+    """Keys handed out years ago are often PEM ("BEGIN RSA PRIVATE KEY"), not the OpenSSH format.
+
+    ssh-keygen writes the PEM file (``-p -m PEM`` rewrites an RSA-4096 key shared in this test process:
+    generating a new one costs seconds of CPU and proves nothing more about loading PEM)."""
     path = tmp_path / "id_rsa"
-    subprocess.run(["ssh-keygen", "-q", "-t", "rsa", "-b", "4096", "-m", "PEM", "-N", "", "-f", str(path)],
-                   check=True, timeout=60)
+    write_private_key(path, "rsa4096", key=shared_key("rsa4096"))
+    subprocess.run(["ssh-keygen", "-q", "-p", "-m", "PEM", "-P", "", "-N", "", "-f", str(path)],
+                   check=True, timeout=60, capture_output=True)
     assert path.read_text().startswith("-----BEGIN RSA PRIVATE KEY-----")
     key = load_key(make_settings(SMT_KEY=str(path)))
     assert key.get_bits() == 4096

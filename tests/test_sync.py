@@ -33,6 +33,7 @@ from sftp_server import (
     running_sftp_server,
     running_sshd,
     sftp_env,
+    shared_key,
     write_private_key,
 )
 
@@ -462,7 +463,8 @@ def test_doctor_reads_known_hosts_as_sync_does(server: SftpTestServer, known_hos
 
 @pytest.mark.parametrize("kind", KEY_KINDS)
 def test_client_key_types(kind: str, tmp_path: Path, known_hosts: Path, make_settings: Make, inbox: Path) -> None:
-    with running_sftp_server(tmp_path / "remote", tmp_path / "keys", key_kind=kind) as s:
+    """Each client key type logs in and fetches; a key of that type shared in this test process proves it."""
+    with running_sftp_server(tmp_path / "remote", tmp_path / "keys", key_kind=kind, client=shared_key(kind)) as s:
         data = os.urandom(100_000)
         s.put("adhocusage/a.CSV", data)
         report = sync_once(make_settings, sftp_env(s, known_hosts))
@@ -810,7 +812,8 @@ def test_against_openssh_sshd(
 @pytest.mark.parametrize("kind", ["rsa4096", "ecdsa"])
 def test_openssh_sshd_key_types(kind: str, tmp_path: Path, known_hosts: Path, make_settings: Make,
                                 inbox: Path) -> None:
-    with running_sshd(tmp_path / "sshd", key_kind=kind) as sshd:
+    """OpenSSH accepts each client key type; a key of that type shared in this test process proves it."""
+    with running_sshd(tmp_path / "sshd", key_kind=kind, client=shared_key(kind)) as sshd:
         data = os.urandom(50_000)
         sshd.put("a.csv", data)
         report = sync_once(make_settings, sftp_env(sshd, known_hosts))

@@ -1,6 +1,8 @@
 """``inspect`` and ``inspect --plot`` are bounded by the file, not by the dates it names.
 
-The real CLI as a subprocess on real files, a FIFO and ``/dev/zero``. A date the calendar arithmetic cannot
+The real CLI on real files, a FIFO and ``/dev/zero``: as a subprocess where its CPU time, memory or a hang
+is what is measured, in this process (conftest's ``cli_in_process``) where only its output, exit status and
+files are. A date the calendar arithmetic cannot
 handle is a row whose date cannot be read; the plot's grid holds at most ``SMT_PLOT_MAX_DAYS`` rows (the
 file's latest days) and says what it left out; ``--plot`` refuses what is not a regular file, as ``inspect``
 does; the image is written to a temporary file and renamed into place.
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SMT_WATCH
+from conftest import SMT_WATCH, cli_in_process
 from faults.support import assert_clean
 from smt_watch.plot import heatmap
 
@@ -37,18 +39,27 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def cli(tmp_path: Path, *args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
-    full = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "SMT_STATE_DIR": str(tmp_path / "state"),
+def _env(tmp_path: Path, env: dict[str, str]) -> dict[str, str]:
+    return {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "SMT_STATE_DIR": str(tmp_path / "state"),
             "SMT_LOCAL_DIR": str(tmp_path / "inbox"), **env}
-    return subprocess.run([*SMT_WATCH, *args], env=full, capture_output=True, text=True, timeout=timeout,
-                          cwd=tmp_path)
+
+
+def cli(tmp_path: Path, *args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
+    """A subprocess: for the runs whose CPU time and memory (RUSAGE_CHILDREN) or hang is measured."""
+    return subprocess.run([*SMT_WATCH, *args], env=_env(tmp_path, env), capture_output=True, text=True,
+                          timeout=timeout, cwd=tmp_path)
+
+
+def cli_here(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """In this process: for the runs where only the output, exit status and files written are checked."""
+    return cli_in_process(args, _env(tmp_path, env), tmp_path)
 
 
 @pytest.mark.parametrize("day", ["12/31/9999", "01/01/0001", "02/29/1900", "12/31/1969"])
 def test_a_date_the_calendar_cannot_place_is_a_row_without_a_date(tmp_path: Path, day: str) -> None:
     csv = tmp_path / "odd.csv"
     csv.write_text(HEADER + row("01/05/2026") + row(day, "23:45"))
-    proc = cli(tmp_path, "inspect", str(csv), "--json")
+    proc = cli_here(tmp_path, "inspect", str(csv), "--json")
     assert_clean(proc.stdout + proc.stderr, "inspect")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
@@ -111,16 +122,16 @@ def test_the_image_is_written_to_a_temporary_file_then_renamed(tmp_path: Path) -
     out.parent.mkdir()
     out.write_bytes(b"the previous picture")
     inode = out.stat().st_ino
-    proc = cli(tmp_path, "inspect", str(csv), "--plot", str(out))
+    proc = cli_here(tmp_path, "inspect", str(csv), "--plot", str(out))
     assert proc.returncode == 0, proc.stderr
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_ino != inode
     assert oct(out.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
     assert sorted(p.name for p in out.parent.iterdir()) == ["out.png"]
     svg = out.with_suffix(".svg")
-    assert cli(tmp_path, "inspect", str(csv), "--plot", str(svg)).returncode == 0
+    assert cli_here(tmp_path, "inspect", str(csv), "--plot", str(svg)).returncode == 0
     assert svg.read_text().lstrip().startswith("<?xml")
     missing = tmp_path / "no-such-dir" / "out.png"
-    failed = cli(tmp_path, "inspect", str(csv), "--plot", str(missing))
+    failed = cli_here(tmp_path, "inspect", str(csv), "--plot", str(missing))
     assert failed.returncode == 1 and "cannot write" in failed.stderr, failed.stderr
     assert_clean(failed.stdout + failed.stderr, "inspect --plot")
     assert sorted(p.name for p in out.parent.iterdir()) == ["out.png", "out.svg"]

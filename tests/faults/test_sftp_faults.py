@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from sftp_server import SftpTestServer, sftp_env
 
-from conftest import SMT_WATCH, UPLOAD_TOKEN, wait_for, watching
+from conftest import UPLOAD_TOKEN, cli_in_process, wait_for, watching
 from faults.support import assert_clean, sha
 from smt_watch.config import Settings
 from smt_watch.sftp import RemoteFile
@@ -45,8 +45,9 @@ def hidden_parts(inbox: Path) -> list[Path]:
 
 
 def sync_cli(env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*SMT_WATCH, "sync", "--workers", "1"], env=env, capture_output=True, text=True,
-                          timeout=120, cwd=cwd)
+    """The real ``smt-watch sync`` CLI in this process (conftest's ``cli_in_process``), beside the watcher's
+    thread: what it prints and exits with, without a process start-up that these tests are not about."""
+    return cli_in_process(["sync", "--workers", "1"], env, cwd)
 
 
 def _env(base_env: dict[str, str], tmp_path: Path, server: SftpTestServer, receiver: Any,

@@ -1,9 +1,10 @@
 """SFTP sizes that lie: a server whose listing (and stat) claims one size while its reads serve another.
 
-The asyncssh test server (tests/sftp_server.py) with ``listed_sizes``; the real ``smt-watch sync`` as a
-subprocess. Nothing is allocated for a remote size before its bytes arrive: a listed size beyond the free
-space fails the file up front, a served size that does not match fails it with its part removed, and the
-next honest listing fetches it.
+The asyncssh test server (tests/sftp_server.py) with ``listed_sizes``; the real ``smt-watch sync`` CLI, run
+in this process (conftest's ``cli_in_process``: its output and exit status, without a process start-up that
+is not what these tests are about). Nothing is allocated for a remote size before its bytes arrive: a listed
+size beyond the free space fails the file up front, a served size that does not match fails it with its part
+removed, and the next honest listing fetches it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 from sftp_server import SftpTestServer, sftp_env
 
-from conftest import SMT_WATCH
+from conftest import cli_in_process
 from faults.support import assert_clean
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(600)]  # CLI starts on a shared, loaded machine
@@ -31,8 +32,7 @@ def _env(base_env: dict[str, str], tmp_path: Path, server: SftpTestServer) -> di
 
 
 def sync(env: dict[str, str], cwd: Path, workers: int = 1) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*SMT_WATCH, "sync", "--workers", str(workers)], env=env, capture_output=True,
-                          text=True, timeout=180, cwd=cwd)
+    return cli_in_process(["sync", "--workers", str(workers)], env, cwd)
 
 
 def everything(inbox: Path) -> dict[str, tuple[int, int]]:
