@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import os
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,10 +61,27 @@ def enter_worker(settings: Settings, logs: WorkerLogging, ignore: tuple[signal.S
         signal.signal(sig, signal.SIG_IGN)
     with contextlib.suppress(OSError, AttributeError):  # not Linux: a closed pipe still ends an idle worker
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    _release_fork_server()
     from smt_watch.logs import add_secrets, setup_logging
 
     setup_logging(logs.level, logs.fmt)
     add_secrets(settings.secrets())
+
+
+def _release_fork_server() -> None:
+    """Our parent is multiprocessing's fork server, which exits when every holder of its "alive" pipe has
+    closed it, and it hands that pipe to each child it forks. A worker holding it would keep the fork server
+    alive after the process that started both was killed, so PR_SET_PDEATHSIG would never fire: the worker
+    would write on (a killed sync pass's ranged part) until its reads time out. A worker starts no process
+    of its own, so it lets go of the pipe."""
+    from multiprocessing import forkserver
+
+    server = getattr(forkserver, "_forkserver", None)
+    fd = getattr(server, "_forkserver_alive_fd", None)
+    if isinstance(fd, int):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        server._forkserver_alive_fd = None  # type: ignore[union-attr]
 
 
 def stop_process(proc: BaseProcess, seconds: float) -> None:

@@ -155,7 +155,9 @@ def test_ranged_fetch_killed_with_sigkill_resumes_only_missing_pieces_and_delive
     remote = RemoteFile("/a.csv", len(data), t0)
     part = sync.ranged_part_path(inbox / "a.csv", remote)
     record = part.with_name(part.name[: -len(".part")] + ".done.part")
-    full_env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path / "home"), **base_env, **env}
+    # reads time out long after the waits below: the workers must die with the pass, not when a read gives up
+    full_env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path / "home"), **base_env, **env,
+                "SMT_SFTP_TIMEOUT": "300"}
     proc = subprocess.Popen([sys.executable, "-c", WRAPPER], env=full_env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     try:
