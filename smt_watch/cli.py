@@ -7,7 +7,6 @@ starlette, paramiko) happen inside the commands that need them, so ``--version``
 
 from __future__ import annotations
 
-import importlib.abc
 import json
 import logging
 import os
@@ -846,9 +845,12 @@ def receive(
 UNUSED_OPTIONAL_IMPORTS = (("httpx", "httpx._main"), ("httpcore", "trio"))  # (importer's package, module)
 
 
-class _SkipUnusedOptional(importlib.abc.MetaPathFinder):
+class _SkipUnusedOptional:
     """Answers "not installed" for :data:`UNUSED_OPTIONAL_IMPORTS`, to that importer only: anyone else (a
-    library checking ``"trio" in sys.modules``, code that really uses trio) sees the module as it is."""
+    library checking ``"trio" in sys.modules``, code that really uses trio) sees the module as it is.
+
+    A plain class with ``find_spec`` (all ``sys.meta_path`` asks for): subclassing ``importlib.abc``'s
+    MetaPathFinder would import ``importlib.resources`` at every start (~20 ms)."""
 
     def find_spec(self, name: str, path: object = None, target: object = None) -> None:
         for importer, module in UNUSED_OPTIONAL_IMPORTS:
@@ -871,9 +873,68 @@ def _skip_unused_optional_imports() -> None:
         sys.meta_path.insert(0, _SkipUnusedOptional())
 
 
+class _PlainCoercion:
+    """typer ≥ 0.2x turns each command-line value into its annotated type through a pydantic TypeAdapter,
+    built for every parameter of the command at each start: importing pydantic and building them cost
+    ~0.1–0.2 s of every ``post`` (issue 27). The values our commands take are mostly strings, paths, lists of
+    paths and flags; for those this gives the same result without pydantic (a path goes through typer's own
+    checks, ``coerce_cli_path``, exactly as typer's adapter would hand it). Anything else (a number, a value
+    of an unexpected shape) is handed to typer's own coercion, built on first use, so its answers and error
+    messages are typer's."""
+
+    def __init__(self, descriptor: Any, build: Callable[[Any], Any], coerce_path: Callable[..., Any]) -> None:
+        self._descriptor = descriptor
+        self._build = build
+        self._coerce_path = coerce_path
+        self._typer: Any = None
+
+    def coerce(self, value: Any, param: Any, ctx: Any) -> Any:
+        annotation = self._descriptor.annotation
+        if value is None and not (param.multiple or param.nargs == -1):
+            return None  # as typer's RuntimeParam.coerce: an absent option stays None
+        if annotation is str and isinstance(value, str):
+            return value
+        if annotation is bool and isinstance(value, bool):
+            return value
+        if annotation is Path and isinstance(value, str):
+            return self._path(value, param, ctx)
+        if annotation == list[Path] and isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+            return [self._path(v, param, ctx) for v in value]
+        if self._typer is None:
+            self._typer = self._build(self._descriptor)
+        return self._typer.coerce(value, param=param, ctx=ctx)
+
+    def _path(self, value: str, param: Any, ctx: Any) -> Any:
+        return self._coerce_path(Path(value), self._descriptor.parameter_info, path_type=Path, param=param, ctx=ctx)
+
+
+def _plain_coercion() -> None:
+    """Make typer build a :class:`_PlainCoercion` for each parameter it parses (its help option included),
+    where this typer coerces through pydantic (feature-detected: another typer version is left as it is).
+    Only :func:`main` does this: a process that embeds smt-watch (tests) keeps typer as it is."""
+    try:
+        import typer.core
+        from typer._param_types import coerce_cli_path
+    except ImportError:
+        return
+    build = getattr(typer.core, "build_runtime_param", None)
+    if build is None or getattr(build, "smt_watch_plain", False):
+        return
+
+    def plain(descriptor: Any) -> Any:
+        if getattr(descriptor, "file_annotation", None) is not None or getattr(
+                getattr(descriptor, "parameter_info", None), "parser", None) is not None:
+            return build(descriptor)
+        return _PlainCoercion(descriptor, build, coerce_cli_path)
+
+    plain.smt_watch_plain = True  # type: ignore[attr-defined]
+    typer.core.build_runtime_param = plain  # type: ignore[attr-defined]
+
+
 def main() -> None:
     """Console-script entry point: run the app and turn our errors into one line and an exit code."""
     _skip_unused_optional_imports()
+    _plain_coercion()
     try:
         # not standalone: click would print usage errors on three lines; main() makes them one
         code = app(standalone_mode=False, prog_name="smt-watch")
