@@ -81,3 +81,63 @@ def test_the_console_script_skips_only_unused_optional_imports() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out[:2] == ["False", "False"]
     assert out[2] in ("True", "absent")  # installed (test extras: selenium) or not: either way a real answer
+
+
+def _console(args: list[str], tmp_path: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``smt-watch ARGS`` through the console script's entry point, in a fresh interpreter; its last stderr
+    line lists the top-level packages it imported."""
+    code = (
+        "import atexit, sys\n"
+        "atexit.register(lambda: print(' '.join(sorted({m.split('.')[0] for m in sys.modules})), file=sys.stderr))\n"
+        f"sys.argv = ['smt-watch', *{args!r}]\n"
+        "from smt_watch.cli import main\n"
+        "main()\n"
+    )
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                          env=env, timeout=120)
+
+
+def test_post_starts_without_the_modules_it_does_not_use(receiver: Any, tmp_path: Path) -> None:
+    """A real ``post`` (issue 27: start-up is most of a small post): typer's pydantic coercion, the SFTP,
+    PGP and web-server stacks are not imported, and the file still arrives."""
+    import os
+
+    f = write_csv(tmp_path / "IntervalData.csv", rows=30)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SMT_", "INTELLIWATT_"))}
+    env.update(SMT_UPLOAD_URL=f"{receiver.url}/upload", SMT_UPLOAD_TOKEN=UPLOAD_TOKEN,
+               SMT_STATE_DIR=str(tmp_path / "state"), SMT_LOCAL_DIR=str(tmp_path))
+    done = _console(["post", str(f)], tmp_path, env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("sent ")
+    assert receiver.read(hashlib.sha256(f.read_bytes()).hexdigest()) == f.read_bytes()
+    loaded = set(done.stderr.splitlines()[-1].split())
+    assert {"typer", "httpx", "smt_watch"} <= loaded  # the list is real
+    assert not loaded & {"pydantic", "pydantic_core", "paramiko", "gnupg", "starlette", "uvicorn", "rich"}
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["sync", "--workers", "abc"], "smt-watch sync: Invalid value for '--workers': "),
+    (["sync", "--workers", "99"], "less than or equal to 16"),
+    (["--log-level", "debug", "post", "--bogus"], "smt-watch post: No such option: --bogus"),
+    (["bogus"], "No such command 'bogus'"),
+])
+def test_values_typer_does_not_take_plainly_get_typers_answer(args: list[str], expected: str, tmp_path: Path) -> None:
+    """Numbers and unknown names still go through typer's own checks, with its messages and exit 2."""
+    done = _console(args, tmp_path)
+    assert done.returncode == 2
+    assert expected in done.stderr
+
+
+def test_one_command_help_is_the_same_as_with_the_whole_app(tmp_path: Path) -> None:
+    """``main`` builds only the command it runs; its ``--help`` matches the one the whole app prints."""
+    import os
+
+    env = {**os.environ, "COLUMNS": "100"}
+    whole = subprocess.run(
+        [sys.executable, "-c", "from smt_watch.cli import app\n"
+         "app(['ledger', 'list', '--help'], prog_name='smt-watch')"],
+        capture_output=True, text=True, env=env, timeout=120)
+    done = _console(["ledger", "list", "--help"], tmp_path, env)
+    assert done.returncode == 0 and whole.returncode == 0
+    assert "--state" in whole.stdout
+    assert done.stdout == whole.stdout
