@@ -6,6 +6,7 @@ ledger, the worker's re-checks and the after-send check all compare it whole.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import stat as stat_mod
@@ -103,6 +104,9 @@ def identify(path: Path, source: Path | None = None, observe: Callable[[bytes], 
             opened = os.fstat(fh.fileno())
             if Signature.of(opened) != before:
                 raise FileChanged(f"{path}: changed while being hashed")
+            if before.size >= OVERLAP_MIN and hasattr(os, "posix_fadvise"):  # read front to back, once
+                with contextlib.suppress(OSError):  # only a hint
+                    os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
             if observe is None:
                 buf = bytearray(CHUNK)
                 view = memoryview(buf)
