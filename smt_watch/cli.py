@@ -144,6 +144,10 @@ def post(
     Exit 0 when every file was sent or is a duplicate, 1 when any failed or will be retried, 2 on a
     configuration error. Tokens are read only from the environment, never from flags.
     """
+    from smt_watch.content import hash_pass
+
+    first = _EarlyHash(hash_pass, files[0]) if files else None  # overlaps the imports and set-up below
+
     from smt_watch.pipeline import post_files
 
     settings = _settings(
@@ -153,11 +157,42 @@ def post(
     )
     outcomes = post_files(
         settings, files, force=force, progress_for=_progress_bar if sys.stderr.isatty() else None,
-        on_outcome=_print_outcome,
+        on_outcome=_print_outcome, first_hashed=first,
     )
     bad = [o for o in outcomes if not o.ok]
     if bad:
         raise typer.Exit(1)
+
+
+class _EarlyHash:
+    """The first file's hash pass, run in a helper thread from the start of ``post``.
+
+    The hash must be complete before a byte is sent (it is the Idempotency-Key), and start-up (importing
+    the delivery stack, settings, the ledger, the target's /health) used to come before it: here they run
+    meanwhile, on the other core (hashlib and file reads release the GIL). Calling it waits for the pass
+    and returns what :func:`~smt_watch.content.hash_pass` returned, or raises what it raised, in the
+    caller's thread. A daemon thread: a configuration error exits at once without waiting for a big file."""
+
+    def __init__(self, hash_pass: Callable[[Path], Any], path: Path) -> None:
+        import threading
+
+        self._result: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(hash_pass, path), name="smt-watch-hash-first",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self, hash_pass: Callable[[Path], Any], path: Path) -> None:
+        try:
+            self._result = hash_pass(path)
+        except BaseException as exc:  # handed to the caller, which raises it where the pass used to run
+            self._error = exc
+
+    def __call__(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._result
 
 
 def _print_outcome(o: Outcome) -> None:

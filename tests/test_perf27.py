@@ -141,3 +141,48 @@ def test_one_command_help_is_the_same_as_with_the_whole_app(tmp_path: Path) -> N
     assert done.returncode == 0 and whole.returncode == 0
     assert "--state" in whole.stdout
     assert done.stdout == whole.stdout
+
+
+def test_post_hashes_the_first_file_while_it_starts_up_and_still_sends_only_hashed_bytes(
+        make_settings: Make, receiver: Any, tmp_path: Path) -> None:
+    """``post`` starts the first file's hash pass before its imports; the pass's result is what the send is
+    held to: content changed after that pass is never sent (the row waits as pending), and the next file,
+    hashed as always, still goes."""
+    from smt_watch.content import hash_pass
+    from smt_watch.pipeline import post_files
+
+    settings = _settings(make_settings, receiver)
+    first = write_csv(tmp_path / "first.csv", rows=40)
+    second = write_csv(tmp_path / "second.csv", rows=41)
+    early = hash_pass(first)  # what the early pass saw
+    first.write_bytes(first.read_bytes()[:-2] + b"7\n")  # then the file changed, size kept
+    calls: list[int] = []
+
+    def hashed() -> Any:
+        calls.append(1)
+        return early
+
+    changed, sent = post_files(settings, [first, second], first_hashed=hashed)
+    assert calls == [1]
+    assert (changed.result, sent.result) == ("changed", "sent")
+    assert changed.sha256 == early[0].sha256
+    assert receiver.read(hashlib.sha256(second.read_bytes()).hexdigest()) == second.read_bytes()
+    assert [r["filename"] for r in receiver.stored()] == ["second.csv"]
+
+
+def test_an_early_hash_error_is_the_files_outcome(make_settings: Make, receiver: Any, tmp_path: Path) -> None:
+    """What the early pass raises (a missing file) is reported for that file as before, exit 1 in the CLI."""
+    from typer.testing import CliRunner
+
+    from smt_watch.cli import app
+
+    settings = _settings(make_settings, receiver)
+    ok = write_csv(tmp_path / "ok.csv", rows=20)
+    result = CliRunner().invoke(app, ["post", str(tmp_path / "missing.csv"), str(ok), "--upload-url",
+                                      settings.upload_url or "", "--state-dir", str(settings.state_dir)],
+                                env={"SMT_UPLOAD_TOKEN": UPLOAD_TOKEN, "SMT_VALIDATE": "0",
+                                     "SMT_LOCAL_DIR": str(tmp_path)})
+    assert result.exit_code == 1, result.output
+    lines = result.output.splitlines()
+    assert any(line.startswith("error") and "missing.csv: no such file" in line for line in lines)
+    assert any(line.startswith("sent") and "ok.csv" in line for line in lines)
