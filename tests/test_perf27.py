@@ -186,3 +186,36 @@ def test_an_early_hash_error_is_the_files_outcome(make_settings: Make, receiver:
     lines = result.output.splitlines()
     assert any(line.startswith("error") and "missing.csv: no such file" in line for line in lines)
     assert any(line.startswith("sent") and "ok.csv" in line for line in lines)
+
+
+@pytest.mark.parametrize("change", [None, "same size"])
+def test_a_big_inline_body_is_base64_of_exactly_the_hashed_bytes(make_settings: Make, tmp_path: Path,
+                                                                  change: str | None) -> None:
+    """Past the read-ahead size the inline body is base64-encoded chunk by chunk in the read-ahead thread:
+    the app decodes the file byte for byte (a last chunk whose length is no multiple of 3 included), progress
+    counts file bytes, and a file changed after hashing is still never sent complete."""
+    from smt_watch.delivery.stream import READ_AHEAD_MIN, READ_CHUNK
+
+    with running_receiver(tmp_path / "received", admin_token="inline-admin-token-0123456789", inline=True,
+                          max_body_bytes=None) as rx:
+        settings = make_settings(SMT_DELIVERY="inline", INTELLIWATT_BASE_URL=rx.url,
+                                 ADMIN_TOKEN="inline-admin-token-0123456789", SMT_INLINE_MAX_BYTES=str(1 << 30),
+                                 SMT_VALIDATE="0", ESIID_DEFAULT="10443720000000001")
+        f = tmp_path / "big_M1.csv"
+        row = b"'10443720000000001,01/01/2025,01/02/2025,0:00,0:15,0.208,A,Consumption\n"
+        f.write_bytes(b"ESIID,USAGE_DATE\n" + row * ((READ_AHEAD_MIN + 2 * READ_CHUNK) // len(row)) + b"9\n")
+        assert f.stat().st_size > READ_AHEAD_MIN and f.stat().st_size % READ_CHUNK % 3 != 0
+        ident = identify(f)
+        if change:
+            data = f.read_bytes()
+            f.write_bytes(data[:-2] + b"8\n")
+        counted: list[int] = []
+        with open_ledger(settings) as ledger, closing(make_sink(settings, "inline", chunks=ledger)) as sink:
+            o = deliver_identified(settings, ledger, sink, ident, progress=counted.append)
+        if change:
+            assert o.result == "changed"
+            assert rx.stored() == []
+            return
+        assert o.result == "sent", o.error
+        assert rx.read(ident.sha256) == f.read_bytes()
+        assert sum(counted) == f.stat().st_size and len(counted) > 4
