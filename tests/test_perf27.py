@@ -219,3 +219,21 @@ def test_a_big_inline_body_is_base64_of_exactly_the_hashed_bytes(make_settings: 
         assert o.result == "sent", o.error
         assert rx.read(ident.sha256) == f.read_bytes()
         assert sum(counted) == f.stat().st_size and len(counted) > 4
+
+
+def test_a_big_hash_pass_hands_over_small_blocks_and_hashes_every_byte(tmp_path: Path) -> None:
+    """Past OVERLAP_MIN the hash runs beside the sniffer in 1 MiB blocks (a few MiB in flight at most, so
+    post's peak RSS stays flat in file size); the digest is the file's."""
+    from smt_watch.hashing import CHUNK, OVERLAP_MIN
+
+    f = tmp_path / "big.csv"
+    block = bytes(range(256)) * 4096
+    with f.open("wb") as out:
+        for _ in range(OVERLAP_MIN // len(block) + 2):
+            out.write(block)
+        out.write(b"tail")
+    seen: list[int] = []
+    ident = identify(f, observe=lambda b: seen.append(len(b)))
+    assert ident.sha256 == hashlib.sha256(f.read_bytes()).hexdigest()
+    assert sum(seen) == f.stat().st_size
+    assert max(seen) <= CHUNK and len(seen) > OVERLAP_MIN // CHUNK
