@@ -20,7 +20,8 @@ adds on top of the unavoidable work is what matters, so every figure sits beside
   receiver's CPU seconds per run (``/proc/PID/stat``) are reported.
 
 Every run is checked: ``post`` exits 0 with ``sent`` and the expected chunk count; the receiver's stored,
-reassembled file has the CSV's SHA-256, or the sink counted exactly that many requests; ``inspect`` reports
+reassembled file has the SHA-256 of the CSV's lines as the Node server joins them, and its intervals table one
+row per CSV row; or the sink counted exactly that many requests; ``inspect`` reports
 every row and no gap.
 
     .venv/bin/python bench/bench_content.py [--quick] [--rounds 3] [--out bench/RESULTS.md]
@@ -29,6 +30,7 @@ every row and no gap.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import re
@@ -43,6 +45,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_post import MAX_RSS_GROWTH_MIB, ROOT, SMT_WATCH, clean_env, sink_stats, update_markdown
@@ -61,7 +64,6 @@ from benchlib import (
     header_lines,
     install_sigterm,
     note,
-    sha256_file,
     spawn_server,
     timed,
 )
@@ -72,6 +74,9 @@ ADMIN_TOKEN = "bench-admin-token-0123456789abcdef"
 MIN_INSPECT_VS_CSV = 0.5  # issue 17: inspect at half a bare csv.reader pass or better
 LINES_PER_CHUNK = 5000  # SMT_RAW_LINES_PER_CHUNK default
 SEGMENT_DAYS = 3660  # `smt-watch sample --days` maximum: ~25 MB
+# The outbound limit (issue 23, 10 requests/s by default) would pace every chunk; off, the figures are what
+# post itself costs (the limit's own bench is bench_limits.py).
+NO_OUTBOUND_LIMIT = {"SMT_MAX_REQUESTS_PER_SECOND": "0", "SMT_MAX_IN_FLIGHT": "0"}
 CSV_NAME = "SMT_M1_IntervalMeterUsage.csv"
 ASC_NAME = "SMT_M1_IntervalMeterUsage.CSV.1.asc"
 RECEIVER_PORT_RE = r"Uvicorn running on http://127\.0\.0\.1:(\d+)"
@@ -102,7 +107,8 @@ class Data:
     small: Path
     asc: Path
     rows: int  # data rows of the big CSV
-    sha256: str
+    sha256: str  # of the CSV as the receiver reassembles it from raw-upload chunks (node_whole_sha256)
+    intervals: int  # what `inspect` counts in it: rows less blank reads (the spring-forward hour)
     gnupghome: Path
     zip_bytes: int
 
@@ -225,8 +231,9 @@ class ContentBench:
         env = {**clean_env(), "GNUPGHOME": str(self.data.gnupghome)}
         return timed(["bash", "-c", script], env, "gpg -d | funzip"), {}
 
-    def post(self, path: Path, to_receiver: bool, rows: int, sha256: str) -> tuple[CpuRun, dict[str, float]]:
-        """``post --delivery raw-upload`` with a fresh state dir; to a fresh receiver or to the sink."""
+    def post(self, path: Path, to_receiver: bool, rows: int, whole_sha256: str) -> tuple[CpuRun, dict[str, float]]:
+        """``post --delivery raw-upload`` with a fresh state dir; to a fresh receiver or to the sink.
+        ``whole_sha256``: what the receiver must have reassembled (:func:`node_whole_sha256`)."""
         state = self.fresh("state")
         receiver_data = self.fresh("receiver")
         pid = 0
@@ -243,7 +250,7 @@ class ContentBench:
                 requests_before = sink_stats(port)["requests"]
             env = {**clean_env(), "ADMIN_TOKEN": ADMIN_TOKEN, "INTELLIWATT_BASE_URL": f"http://127.0.0.1:{port}",
                    "SMT_STATE_DIR": str(state), "SMT_LOCAL_DIR": str(self.work / "inbox"),
-                   "GNUPGHOME": str(self.data.gnupghome), "SMT_HTTP_TIMEOUT": "600"}
+                   "GNUPGHOME": str(self.data.gnupghome), "SMT_HTTP_TIMEOUT": "600", **NO_OUTBOUND_LIMIT}
             what = f"post {path.name} to the {'receiver' if to_receiver else 'sink'}"
             run = timed([str(SMT_WATCH), "post", "--delivery", "raw-upload", str(path)], env, what)
             want = math.ceil(rows / LINES_PER_CHUNK)
@@ -255,11 +262,7 @@ class ContentBench:
             if to_receiver:
                 extra["receiver_cpu_s"] = cpu_seconds(pid) - cpu_before
                 extra["receiver_hwm_mb"] = mb(memory_kib(pid)[1])
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_receiver/files", timeout=60) as resp:
-                    stored = json.load(resp)
-                if [r["sha256"] for r in stored] != [sha256]:
-                    raise BenchError(f"{what}: the receiver stored {[r['sha256'][:12] for r in stored]},"
-                                     f" not the CSV {sha256[:12]}")
+                check_stored(port, what, self.data.intervals, whole_sha256)
             elif sink_stats(port)["requests"] - requests_before != want:
                 raise BenchError(f"{what}: the sink saw {sink_stats(port)['requests'] - requests_before} requests,"
                                  f" not {want}")
@@ -271,6 +274,36 @@ class ContentBench:
             shutil.rmtree(receiver_data, ignore_errors=True)
 
 
+def check_stored(port: int, what: str, intervals: int, whole_sha256: str) -> None:
+    """What the receiver really stores from raw-upload chunks, as IntelliWatt's route does: the intervals
+    (``SmtInterval`` rows of one ESIID, as many as ``inspect`` counts) and the file reassembled from its chunks
+    the way the Node server joins them (tests/test_rawupload.py's ``whole_file``), not the CSV's own bytes."""
+    def get(route: str) -> Any:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/_receiver/{route}", timeout=120) as resp:
+            return json.load(resp)
+
+    stored_intervals = get("intervals")
+    if list(stored_intervals.values()) != [intervals]:
+        raise BenchError(f"{what}: the receiver stored intervals {stored_intervals}, not {intervals} of one ESIID")
+    stored = [r["sha256"] for r in get("files")]
+    if stored != [whole_sha256]:
+        raise BenchError(f"{what}: the receiver reassembled {[s[:12] for s in stored]}, not the CSV's lines"
+                         f" {whole_sha256[:12]}")
+
+
+def node_whole_sha256(path: Path) -> str:
+    """SHA-256 of the file the receiver reassembles from raw-upload chunks (tests/node_server.py's
+    ``node_whole``): the header, then every non-blank data line, joined by ``\\n``, no newline at the end."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        digest.update(fh.readline().rstrip(b"\r\n"))
+        for line in fh:
+            line = line.rstrip(b"\r\n")
+            if line.strip():
+                digest.update(b"\n" + line)
+    return digest.hexdigest()
+
+
 def build_cases(b: ContentBench, small_rows: int) -> tuple[list[Case], list[Case]]:
     d = b.data
     inspect_cases = [
@@ -278,7 +311,7 @@ def build_cases(b: ContentBench, small_rows: int) -> tuple[list[Case], list[Case
         Case("python csv.reader pass, big CSV (anchor)", run_once=b.csv_pass),
         Case("smt-watch inspect --json, 1-year CSV", run_once=lambda: b.inspect(d.small, small_rows)),
     ]
-    small_sha = sha256_file(d.small)
+    small_sha = node_whole_sha256(d.small)
     post_cases = [
         Case("gpg -d .asc | funzip > /dev/null (anchor)", run_once=b.decrypt_unzip),
         Case("post raw-upload .asc → receiver", run_once=lambda: b.post(d.asc, True, d.rows, d.sha256)),
@@ -355,10 +388,12 @@ def render(sizes: Sizes, quick: bool, start: Start, d: Data, ins: list[Case], po
         f" 1-year CSV: `sample --days {sizes.small_days}` ({d.small.stat().st_size / MB:.1f} MB). `.asc`: a ZIP"
         f" (deflate 6, {d.zip_bytes / MB:.1f} MB) holding the CSV, encrypted and armoured"
         f" ({d.asc.stat().st_size / MB:.1f} MB) to a throw-away ed25519/cv25519 key in a temp GNUPGHOME",
-        f"- {sizes.rounds} round(s), cases round-robin, median kept. Each post: fresh `SMT_STATE_DIR`; to the"
+        f"- {sizes.rounds} round(s), cases round-robin, median kept. Each post: fresh `SMT_STATE_DIR`, the outbound"
+        " limit off (`SMT_MAX_REQUESTS_PER_SECOND=0`, `SMT_MAX_IN_FLIGHT=0`: it paces chunks at 10/s); to the"
         " receiver, a fresh `smt-watch receive --port 0 --data DIR` (ADMIN_TOKEN set on both), started before"
         " and stopped after the timed run; checked: exit 0, `sent`, the chunk count in post's log, and the"
-        " receiver's reassembled file has the CSV's SHA-256 (or the sink saw exactly that many requests)",
+        " receiver stored one interval per CSV row and reassembled the CSV's lines (Node's join: SHA-256 of header +"
+        " data lines, no final newline); or the sink saw exactly that many requests",
         "- CPU: user + system seconds of the command and what it reaped (gpg and funzip under bash; gpg under"
         " post), median; the receiver's own CPU is read from `/proc/PID/stat` around the timed run",
         f"- context: {NODE}",
@@ -413,7 +448,8 @@ def main(argv: list[str] | None = None) -> int:
             note("making a key and the .asc ...")
             home = work / "g"
             home, asc, zip_bytes = make_asc(work, csv)
-            data = Data(csv, small, asc, rows, sha256_file(csv), home, zip_bytes)
+            counted = json.loads(timed([str(SMT_WATCH), "inspect", "--json", str(csv)], clean_env(), "inspect").stdout)
+            data = Data(csv, small, asc, rows, node_whole_sha256(csv), int(counted["intervals"]), home, zip_bytes)
             (work / "inbox").mkdir()
             with start_sink_process() as sink_port:
                 b = ContentBench(work, data, procs, sink_port)

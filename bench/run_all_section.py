@@ -40,8 +40,8 @@ def render(steps: list[tuple[int, str]]) -> str:
         "![latency and RSS](plot.png)",
         "",
         "`bench/plot.png`, left: land → 2xx latency of `watch` (the latency runs of the watch section, settle",
-        "subtracted). Right: peak RSS of `smt-watch post` against file size, 1 MiB … 1 GiB, per mode",
-        "(`bench/rss_sweep.py`, against `bench/sink.py`), from the same run.",
+        "subtracted). Right: peak RSS of `smt-watch post` against file size, 1 MiB … 1 GiB, per mode (raw-upload",
+        "to 64 MiB: see `bench/rss_sweep.py`), SMT interval CSVs to `bench/sink.py`, from the same run.",
         "",
     ]
     return "\n".join(lines)

@@ -93,6 +93,13 @@ def sniffing(name: str) -> Sniffer | None:
     return None if is_container(name) else Sniffer()
 
 
+def hash_pass(path: Path) -> tuple[FileIdentity, Sniffer | None]:
+    """One read of ``path`` before it is delivered: its identity and, for a CSV, what the sniffer saw of it.
+    Here, not in pipeline.py, so that ``post`` can start it before importing the delivery stack."""
+    sniffer = sniffing(path.name)
+    return identify(path, observe=sniffer.feed if sniffer else None), sniffer
+
+
 def unpack(settings: Settings, ident: FileIdentity) -> list[Part]:
     """Decrypt and/or unzip a container into the work dir; every CSV inside becomes a :class:`Part`."""
     dest = work_dir(settings) / ident.sha256

@@ -6,6 +6,7 @@ ledger, the worker's re-checks and the after-send check all compare it whole.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import stat as stat_mod
@@ -19,7 +20,7 @@ from smt_watch.errors import FileChanged, InputError
 
 CHUNK = 1024 * 1024
 OVERLAP_MIN = 16 * CHUNK  # below this a helper thread costs more than it saves
-OVERLAP_CHUNK = 4 * CHUNK  # blocks handed between the two threads: few hand-overs, memory still flat
+OVERLAP_CHUNK = CHUNK  # blocks handed between the two threads: 1 MiB keeps the transient peak low (issue 27)
 
 
 @dataclass(frozen=True, slots=True)  # slots: a scan makes one per file, 100,000 of them on a restart
@@ -103,6 +104,9 @@ def identify(path: Path, source: Path | None = None, observe: Callable[[bytes], 
             opened = os.fstat(fh.fileno())
             if Signature.of(opened) != before:
                 raise FileChanged(f"{path}: changed while being hashed")
+            if before.size >= OVERLAP_MIN and hasattr(os, "posix_fadvise"):  # read front to back, once
+                with contextlib.suppress(OSError):  # only a hint
+                    os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
             if observe is None:
                 buf = bytearray(CHUNK)
                 view = memoryview(buf)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TypeVar, assert_never
 
 from smt_watch.config import Settings
-from smt_watch.content import csv_part, is_container, sniffing, unpack, work_dir
+from smt_watch.content import csv_part, hash_pass, is_container, unpack, work_dir
 from smt_watch.delivery import Payload, Progress, Sink, delivery_mode, make_sink
 from smt_watch.delivery.base import LeftOut
 from smt_watch.delivery.http import IN_CALL_MAX_WAIT, backoff_delay
@@ -100,22 +100,27 @@ def deliver_file(
     force: bool = False,
     busy_wait: float = 0.0,
     progress: Progress | None = None,
+    hashed: Hashed | None = None,
 ) -> Outcome:
     """Deliver ``path`` once; never raises for a per-file problem (the outcome says what happened).
 
     ``busy_wait``: how long to wait for another process that is sending the same bytes right now;
-    if it finishes with ``sent`` this file is a duplicate, otherwise we take over.
+    if it finishes with ``sent`` this file is a duplicate, otherwise we take over. ``hashed``: the hash pass
+    of ``path`` already under way (``post`` starts it before its imports), returning what :func:`hash_pass`
+    returns or raising what it raises.
     """
     started = time.monotonic()
-    sniffer = sniffing(path.name)
     try:
-        ident = identify(path, observe=sniffer.feed if sniffer else None)  # one read: hash and sniff
+        ident, sniffer = hashed() if hashed is not None else hash_pass(path)
     except (InputError, FileChanged) as exc:
         return Outcome(path, Result.CHANGED if isinstance(exc, FileChanged) else Result.ERROR, error=str(exc))
     return deliver_identified(
         settings, ledger, sink, ident, force=force, busy_wait=busy_wait, progress=progress, started=started,
         sniffed=sniffer,
     )
+
+
+Hashed = Callable[[], tuple[FileIdentity, Sniffer | None]]  # a hash_pass already under way
 
 
 def deliver_identified(
@@ -347,17 +352,20 @@ def post_files(
     force: bool = False,
     progress_for: ProgressFor | None = None,
     on_outcome: Callable[[Outcome], None] | None = None,
+    first_hashed: Hashed | None = None,
 ) -> list[Outcome]:
-    """``smt-watch post``: deliver each file now; one file's problem never stops the others."""
+    """``smt-watch post``: deliver each file now; one file's problem never stops the others.
+    ``first_hashed``: the first file's hash pass, already under way (see :func:`deliver_file`)."""
     mode = delivery_mode(settings)
     outcomes: list[Outcome] = []
     with open_ledger(settings) as ledger, closing(make_sink(settings, mode, chunks=ledger)) as sink:
         # Another process may be sending the same bytes; wait as long as one delivery call can take.
         busy_wait = settings.http_timeout * settings.retry_attempts + IN_CALL_MAX_WAIT
-        for path in paths:
+        for i, path in enumerate(paths):
             with progress_for(path) if progress_for else nullcontext() as progress:
                 outcome = deliver_file(
-                    settings, ledger, sink, path, force=force, busy_wait=busy_wait, progress=progress
+                    settings, ledger, sink, path, force=force, busy_wait=busy_wait, progress=progress,
+                    hashed=first_hashed if i == 0 else None,
                 )
             outcomes.append(outcome)
             if on_outcome:

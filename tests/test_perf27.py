@@ -81,3 +81,159 @@ def test_the_console_script_skips_only_unused_optional_imports() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out[:2] == ["False", "False"]
     assert out[2] in ("True", "absent")  # installed (test extras: selenium) or not: either way a real answer
+
+
+def _console(args: list[str], tmp_path: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``smt-watch ARGS`` through the console script's entry point, in a fresh interpreter; its last stderr
+    line lists the top-level packages it imported."""
+    code = (
+        "import atexit, sys\n"
+        "atexit.register(lambda: print(' '.join(sorted({m.split('.')[0] for m in sys.modules})), file=sys.stderr))\n"
+        f"sys.argv = ['smt-watch', *{args!r}]\n"
+        "from smt_watch.cli import main\n"
+        "main()\n"
+    )
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                          env=env, timeout=120)
+
+
+def test_post_starts_without_the_modules_it_does_not_use(receiver: Any, tmp_path: Path) -> None:
+    """A real ``post`` (issue 27: start-up is most of a small post): typer's pydantic coercion, the SFTP,
+    PGP and web-server stacks are not imported, and the file still arrives."""
+    import os
+
+    f = write_csv(tmp_path / "IntervalData.csv", rows=30)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SMT_", "INTELLIWATT_"))}
+    env.update(SMT_UPLOAD_URL=f"{receiver.url}/upload", SMT_UPLOAD_TOKEN=UPLOAD_TOKEN,
+               SMT_STATE_DIR=str(tmp_path / "state"), SMT_LOCAL_DIR=str(tmp_path))
+    done = _console(["post", str(f)], tmp_path, env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("sent ")
+    assert receiver.read(hashlib.sha256(f.read_bytes()).hexdigest()) == f.read_bytes()
+    loaded = set(done.stderr.splitlines()[-1].split())
+    assert {"typer", "httpx", "smt_watch"} <= loaded  # the list is real
+    assert not loaded & {"pydantic", "pydantic_core", "paramiko", "gnupg", "starlette", "uvicorn", "rich"}
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["sync", "--workers", "abc"], "smt-watch sync: Invalid value for '--workers': "),
+    (["sync", "--workers", "99"], "less than or equal to 16"),
+    (["--log-level", "debug", "post", "--bogus"], "smt-watch post: No such option: --bogus"),
+    (["bogus"], "No such command 'bogus'"),
+])
+def test_values_typer_does_not_take_plainly_get_typers_answer(args: list[str], expected: str, tmp_path: Path) -> None:
+    """Numbers and unknown names still go through typer's own checks, with its messages and exit 2."""
+    done = _console(args, tmp_path)
+    assert done.returncode == 2
+    assert expected in done.stderr
+
+
+def test_one_command_help_is_the_same_as_with_the_whole_app(tmp_path: Path) -> None:
+    """``main`` builds only the command it runs; its ``--help`` matches the one the whole app prints."""
+    import os
+
+    env = {**os.environ, "COLUMNS": "100"}
+    whole = subprocess.run(
+        [sys.executable, "-c", "from smt_watch.cli import app\n"
+         "app(['ledger', 'list', '--help'], prog_name='smt-watch')"],
+        capture_output=True, text=True, env=env, timeout=120)
+    done = _console(["ledger", "list", "--help"], tmp_path, env)
+    assert done.returncode == 0 and whole.returncode == 0
+    assert "--state" in whole.stdout
+    assert done.stdout == whole.stdout
+
+
+def test_post_hashes_the_first_file_while_it_starts_up_and_still_sends_only_hashed_bytes(
+        make_settings: Make, receiver: Any, tmp_path: Path) -> None:
+    """``post`` starts the first file's hash pass before its imports; the pass's result is what the send is
+    held to: content changed after that pass is never sent (the row waits as pending), and the next file,
+    hashed as always, still goes."""
+    from smt_watch.content import hash_pass
+    from smt_watch.pipeline import post_files
+
+    settings = _settings(make_settings, receiver)
+    first = write_csv(tmp_path / "first.csv", rows=40)
+    second = write_csv(tmp_path / "second.csv", rows=41)
+    early = hash_pass(first)  # what the early pass saw
+    first.write_bytes(first.read_bytes()[:-2] + b"7\n")  # then the file changed, size kept
+    calls: list[int] = []
+
+    def hashed() -> Any:
+        calls.append(1)
+        return early
+
+    changed, sent = post_files(settings, [first, second], first_hashed=hashed)
+    assert calls == [1]
+    assert (changed.result, sent.result) == ("changed", "sent")
+    assert changed.sha256 == early[0].sha256
+    assert receiver.read(hashlib.sha256(second.read_bytes()).hexdigest()) == second.read_bytes()
+    assert [r["filename"] for r in receiver.stored()] == ["second.csv"]
+
+
+def test_an_early_hash_error_is_the_files_outcome(make_settings: Make, receiver: Any, tmp_path: Path) -> None:
+    """What the early pass raises (a missing file) is reported for that file as before, exit 1 in the CLI."""
+    from typer.testing import CliRunner
+
+    from smt_watch.cli import app
+
+    settings = _settings(make_settings, receiver)
+    ok = write_csv(tmp_path / "ok.csv", rows=20)
+    result = CliRunner().invoke(app, ["post", str(tmp_path / "missing.csv"), str(ok), "--upload-url",
+                                      settings.upload_url or "", "--state-dir", str(settings.state_dir)],
+                                env={"SMT_UPLOAD_TOKEN": UPLOAD_TOKEN, "SMT_VALIDATE": "0",
+                                     "SMT_LOCAL_DIR": str(tmp_path)})
+    assert result.exit_code == 1, result.output
+    lines = result.output.splitlines()
+    assert any(line.startswith("error") and "missing.csv: no such file" in line for line in lines)
+    assert any(line.startswith("sent") and "ok.csv" in line for line in lines)
+
+
+@pytest.mark.parametrize("change", [None, "same size"])
+def test_a_big_inline_body_is_base64_of_exactly_the_hashed_bytes(make_settings: Make, tmp_path: Path,
+                                                                  change: str | None) -> None:
+    """Past the read-ahead size the inline body is base64-encoded chunk by chunk in the read-ahead thread:
+    the app decodes the file byte for byte (a last chunk whose length is no multiple of 3 included), progress
+    counts file bytes, and a file changed after hashing is still never sent complete."""
+    from smt_watch.delivery.stream import READ_AHEAD_MIN, READ_CHUNK
+
+    with running_receiver(tmp_path / "received", admin_token="inline-admin-token-0123456789", inline=True,
+                          max_body_bytes=None) as rx:
+        settings = make_settings(SMT_DELIVERY="inline", INTELLIWATT_BASE_URL=rx.url,
+                                 ADMIN_TOKEN="inline-admin-token-0123456789", SMT_INLINE_MAX_BYTES=str(1 << 30),
+                                 SMT_VALIDATE="0", ESIID_DEFAULT="10443720000000001")
+        f = tmp_path / "big_M1.csv"
+        row = b"'10443720000000001,01/01/2025,01/02/2025,0:00,0:15,0.208,A,Consumption\n"
+        f.write_bytes(b"ESIID,USAGE_DATE\n" + row * ((READ_AHEAD_MIN + 2 * READ_CHUNK) // len(row)) + b"9\n")
+        assert f.stat().st_size > READ_AHEAD_MIN and f.stat().st_size % READ_CHUNK % 3 != 0
+        ident = identify(f)
+        if change:
+            data = f.read_bytes()
+            f.write_bytes(data[:-2] + b"8\n")
+        counted: list[int] = []
+        with open_ledger(settings) as ledger, closing(make_sink(settings, "inline", chunks=ledger)) as sink:
+            o = deliver_identified(settings, ledger, sink, ident, progress=counted.append)
+        if change:
+            assert o.result == "changed"
+            assert rx.stored() == []
+            return
+        assert o.result == "sent", o.error
+        assert rx.read(ident.sha256) == f.read_bytes()
+        assert sum(counted) == f.stat().st_size and len(counted) > 4
+
+
+def test_a_big_hash_pass_hands_over_small_blocks_and_hashes_every_byte(tmp_path: Path) -> None:
+    """Past OVERLAP_MIN the hash runs beside the sniffer in 1 MiB blocks (a few MiB in flight at most, so
+    post's peak RSS stays flat in file size); the digest is the file's."""
+    from smt_watch.hashing import CHUNK, OVERLAP_MIN
+
+    f = tmp_path / "big.csv"
+    block = bytes(range(256)) * 4096
+    with f.open("wb") as out:
+        for _ in range(OVERLAP_MIN // len(block) + 2):
+            out.write(block)
+        out.write(b"tail")
+    seen: list[int] = []
+    ident = identify(f, observe=lambda b: seen.append(len(b)))
+    assert ident.sha256 == hashlib.sha256(f.read_bytes()).hexdigest()
+    assert sum(seen) == f.stat().st_size
+    assert max(seen) <= CHUNK and len(seen) > OVERLAP_MIN // CHUNK

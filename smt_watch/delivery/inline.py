@@ -12,6 +12,7 @@ when the ESIID matches no house, then ``400 INLINE_DISABLED`` when ``NODE_ENV`` 
 
 from __future__ import annotations
 
+import base64
 import gzip
 import json
 import logging
@@ -111,7 +112,9 @@ class InlineSink:
                 if gz_path is not None:
                     yield from b64_stream(plain_chunks(gz_path, progress))
                 else:
-                    yield from b64_stream(verified_chunks(payload.path, payload.size, payload.sha256, progress))
+                    # base64 of each READ_CHUNK (a multiple of 3) concatenates cleanly; encoded as it is read
+                    yield from verified_chunks(payload.path, payload.size, payload.sha256, progress,
+                                               encode=base64.b64encode)
                 yield tail
 
             yield Body("application/json", length, chunks)
