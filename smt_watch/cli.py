@@ -14,11 +14,11 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from smt_watch.clistart import EarlyHash, app_for, plain_coercion, skip_unused_optional_imports
 from smt_watch.delivery.registry import choices_text as delivery_choices_text
 from smt_watch.errors import ConfigError, ContentError, SmtWatchError
 from smt_watch.logs import FORMATS, LEVELS, add_secrets, setup_logging
@@ -146,7 +146,7 @@ def post(
     """
     from smt_watch.content import hash_pass
 
-    first = _EarlyHash(hash_pass, files[0]) if files else None  # overlaps the imports and set-up below
+    first = EarlyHash(hash_pass, files[0]) if files else None  # overlaps the imports and set-up below
 
     from smt_watch.pipeline import post_files
 
@@ -162,37 +162,6 @@ def post(
     bad = [o for o in outcomes if not o.ok]
     if bad:
         raise typer.Exit(1)
-
-
-class _EarlyHash:
-    """The first file's hash pass, run in a helper thread from the start of ``post``.
-
-    The hash must be complete before a byte is sent (it is the Idempotency-Key), and start-up (importing
-    the delivery stack, settings, the ledger, the target's /health) used to come before it: here they run
-    meanwhile, on the other core (hashlib and file reads release the GIL). Calling it waits for the pass
-    and returns what :func:`~smt_watch.content.hash_pass` returned, or raises what it raised, in the
-    caller's thread. A daemon thread: a configuration error exits at once without waiting for a big file."""
-
-    def __init__(self, hash_pass: Callable[[Path], Any], path: Path) -> None:
-        import threading
-
-        self._result: Any = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(hash_pass, path), name="smt-watch-hash-first",
-                                        daemon=True)
-        self._thread.start()
-
-    def _run(self, hash_pass: Callable[[Path], Any], path: Path) -> None:
-        try:
-            self._result = hash_pass(path)
-        except BaseException as exc:  # handed to the caller, which raises it where the pass used to run
-            self._error = exc
-
-    def __call__(self) -> Any:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._result
 
 
 def _print_outcome(o: Outcome) -> None:
@@ -874,136 +843,13 @@ def receive(
     )
 
 
-# Optional modules a dependency imports only because they happen to be installed, that no smt-watch command
-# uses: httpx's own command line (click, rich, pygments; httpx
-# falls back to a stub), and trio, which httpcore imports, if present, to pick its async locks (our HTTP
-# client is synchronous; ``serve`` runs on asyncio). ~0.25 s of CPU at every ``post``/``watch`` start where
-# both are installed (a venv with the test extras has trio, through selenium).
-UNUSED_OPTIONAL_IMPORTS = (("httpx", "httpx._main"), ("httpcore", "trio"))  # (importer's package, module)
-
-
-class _SkipUnusedOptional:
-    """Answers "not installed" for :data:`UNUSED_OPTIONAL_IMPORTS`, to that importer only: anyone else (a
-    library checking ``"trio" in sys.modules``, code that really uses trio) sees the module as it is.
-
-    A plain class with ``find_spec`` (all ``sys.meta_path`` asks for): subclassing ``importlib.abc``'s
-    MetaPathFinder would import ``importlib.resources`` at every start (~20 ms)."""
-
-    def find_spec(self, name: str, path: object = None, target: object = None) -> None:
-        for importer, module in UNUSED_OPTIONAL_IMPORTS:
-            if name == module and (_importer() + ".").startswith(importer + "."):
-                raise ModuleNotFoundError(f"No module named {name!r} (skipped by smt-watch)", name=name)
-        return None
-
-
-def _importer() -> str:
-    """The module whose ``import`` statement is being served (the first frame outside importlib)."""
-    frame: FrameType | None = sys._getframe(2)
-    while frame is not None and frame.f_globals.get("__name__", "").startswith(("importlib", "_frozen_importlib")):
-        frame = frame.f_back
-    return "" if frame is None else str(frame.f_globals.get("__name__", ""))
-
-
-def _skip_unused_optional_imports() -> None:
-    """Only :func:`main` installs the finder: a process that embeds smt-watch (tests) keeps its imports."""
-    if not any(isinstance(f, _SkipUnusedOptional) for f in sys.meta_path):
-        sys.meta_path.insert(0, _SkipUnusedOptional())
-
-
-class _PlainCoercion:
-    """typer ≥ 0.2x turns each command-line value into its annotated type through a pydantic TypeAdapter,
-    built for every parameter of the command at each start: importing pydantic and building them cost
-    ~0.1–0.2 s of every ``post`` (issue 27). The values our commands take are mostly strings, paths, lists of
-    paths and flags; for those this gives the same result without pydantic (a path goes through typer's own
-    checks, ``coerce_cli_path``, exactly as typer's adapter would hand it). Anything else (a number, a value
-    of an unexpected shape) is handed to typer's own coercion, built on first use, so its answers and error
-    messages are typer's."""
-
-    def __init__(self, descriptor: Any, build: Callable[[Any], Any], coerce_path: Callable[..., Any]) -> None:
-        self._descriptor = descriptor
-        self._build = build
-        self._coerce_path = coerce_path
-        self._typer: Any = None
-
-    def coerce(self, value: Any, param: Any, ctx: Any) -> Any:
-        annotation = self._descriptor.annotation
-        if value is None and not (param.multiple or param.nargs == -1):
-            return None  # as typer's RuntimeParam.coerce: an absent option stays None
-        if annotation is str and isinstance(value, str):
-            return value
-        if annotation is bool and isinstance(value, bool):
-            return value
-        if annotation is Path and isinstance(value, str):
-            return self._path(value, param, ctx)
-        if annotation == list[Path] and isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
-            return [self._path(v, param, ctx) for v in value]
-        if self._typer is None:
-            self._typer = self._build(self._descriptor)
-        return self._typer.coerce(value, param=param, ctx=ctx)
-
-    def _path(self, value: str, param: Any, ctx: Any) -> Any:
-        return self._coerce_path(Path(value), self._descriptor.parameter_info, path_type=Path, param=param, ctx=ctx)
-
-
-def _plain_coercion() -> None:
-    """Make typer build a :class:`_PlainCoercion` for each parameter it parses (its help option included),
-    where this typer coerces through pydantic (feature-detected: another typer version is left as it is).
-    Only :func:`main` does this: a process that embeds smt-watch (tests) keeps typer as it is."""
-    try:
-        import typer.core
-        from typer._param_types import coerce_cli_path
-    except ImportError:
-        return
-    build = getattr(typer.core, "build_runtime_param", None)
-    if build is None or getattr(build, "smt_watch_plain", False):
-        return
-
-    def plain(descriptor: Any) -> Any:
-        if getattr(descriptor, "file_annotation", None) is not None or getattr(
-                getattr(descriptor, "parameter_info", None), "parser", None) is not None:
-            return build(descriptor)
-        return _PlainCoercion(descriptor, build, coerce_cli_path)
-
-    plain.smt_watch_plain = True  # type: ignore[attr-defined]
-    typer.core.build_runtime_param = plain  # type: ignore[attr-defined]
-
-
-ROOT_OPTIONS_WITH_VALUE = ("--log-level", "--log-format")
-
-
-def _app_for(args: list[str]) -> typer.Typer:
-    """:data:`app` with only the command ``args`` invoke, when that is clear from ``args``; else all of it.
-
-    typer builds the click command of every registered command at each start (reading 18 signatures and
-    their annotations: ~30–50 ms of every ``post``); one command's ``--help``, options and errors are the same
-    either way. ``smt-watch --help``, a bare ``smt-watch`` or an unknown command get the whole app, so its
-    command list and "No such command" answers do not change."""
-    name = next((a for i, a in enumerate(args) if not a.startswith("-")
-                 and (i == 0 or args[i - 1] not in ROOT_OPTIONS_WITH_VALUE)), None)
-    if name is None or any(a.startswith("-") and a.split("=", 1)[0] not in ROOT_OPTIONS_WITH_VALUE
-                           for a in args[:args.index(name)]):
-        return app  # --help, --version or an option we do not know comes first: typer answers as always
-    import copy
-
-    from typer.main import get_command_name
-
-    commands = [c for c in app.registered_commands
-                if (c.name or get_command_name(c.callback.__name__ if c.callback else "")) == name]
-    groups = [g for g in app.registered_groups if g.name == name]
-    if len(commands) + len(groups) != 1:
-        return app
-    trimmed = copy.copy(app)
-    trimmed.registered_commands, trimmed.registered_groups = commands, groups
-    return trimmed
-
-
 def main() -> None:
     """Console-script entry point: run the app and turn our errors into one line and an exit code."""
-    _skip_unused_optional_imports()
-    _plain_coercion()
+    skip_unused_optional_imports()
+    plain_coercion()
     try:
         # not standalone: click would print usage errors on three lines; main() makes them one
-        code = _app_for(sys.argv[1:])(standalone_mode=False, prog_name="smt-watch")
+        code = app_for(app, sys.argv[1:])(standalone_mode=False, prog_name="smt-watch")
     except typer.Abort:  # end of input at a prompt (typer turns Ctrl-C into exit 130 itself)
         typer.echo("smt-watch: aborted", err=True)
         sys.exit(1)

@@ -66,8 +66,8 @@ def test_the_console_script_skips_only_unused_optional_imports() -> None:
     """httpx without its CLI and httpcore without trio; trio itself stays importable for anyone else."""
     code = (
         "import sys\n"
-        "from smt_watch.cli import _skip_unused_optional_imports\n"
-        "_skip_unused_optional_imports()\n"
+        "from smt_watch.clistart import skip_unused_optional_imports\n"
+        "skip_unused_optional_imports()\n"
         "import httpx, httpcore\n"
         "print('trio' in sys.modules, 'httpx._main' in sys.modules)\n"
         "httpx.Client().close()\n"
