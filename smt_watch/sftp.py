@@ -31,6 +31,7 @@ import re
 import socket
 import stat as stat_mod
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -626,6 +627,12 @@ class _ChannelBuffer(BufferedPipe):  # type: ignore[type-arg]
     ``WAKE_BYTES``. The read timeout keeps its meaning: it fires when nothing arrived for that long.
     Installed on our channel before the SFTP subsystem starts.
     """
+
+    # BufferedPipe's own attributes, which its type stubs do not declare
+    _lock: threading.Lock
+    _cv: threading.Condition
+    _event: threading.Event | None
+    _closed: bool
 
     def __init__(self) -> None:
         super().__init__()
