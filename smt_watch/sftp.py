@@ -67,6 +67,7 @@ TRANSPORT_WINDOW = 8 * 1024 * 1024
 MAX_PACKET = 128 * 1024  # what we accept per SSH packet (OpenSSH 9.2's sshd sends 32 KiB ones regardless)
 WAKE_BYTES = 512 * 1024  # a reader waiting for more than this is woken when this much is buffered
 NOBODY_WAITS = 1 << 62
+MAX_ANSWER = 16 * 1024 * 1024  # longer SFTP answers are garbage (paramiko's own check)
 
 
 @dataclass(frozen=True)
@@ -461,7 +462,7 @@ class Connection:
             if num not in collector.data:
                 self._flush()
             while num not in collector.data:
-                self.sftp._read_response()  # type: ignore[attr-defined]  # one packet, to its collector
+                self._read_answer()  # one answer, to its collector
             data = collector.take(num, remote.path)
             if at == end:  # the probe past the listed end
                 if data:
@@ -487,13 +488,39 @@ class Connection:
             num = self._queue(collector, CMD_READ, handle, struct.pack(">QI", at, n))
             self._flush()
             while collector.data.get(num) is None:  # an answer is bytes or an exception, never None
-                self.sftp._read_response()  # type: ignore[attr-defined]
+                self._read_answer()
             data = collector.take(num, remote.path)
             if not data:
                 break
             out.append(data)
             at, n = at + len(data), n - len(data)
         return b"".join(out)
+
+    def _read_answer(self) -> None:
+        """Read one SFTP answer and hand it to the collector of its request, as paramiko's
+        ``_read_response()`` does, except that a READ's DATA goes to its :class:`_Responses` as the bytes
+        taken off the channel: paramiko copies them three times (``data[1:]``, a ``Message``,
+        ``get_string``) and parses them through a ``Message``, for every 255 KiB."""
+        sftp, channel = self.sftp, self.sftp.sock
+        try:
+            size, t, num = struct.unpack(">IBI", _receive(channel, 9))
+            if size < 5 or size > MAX_ANSWER:
+                raise paramiko.SFTPError(f"Garbage packet received (length {size})")
+            with sftp._lock:  # type: ignore[attr-defined]  # paramiko-internal, pinned <6
+                collector = sftp._expecting.pop(num, None)  # type: ignore[attr-defined]
+            if t == CMD_DATA and size >= 9 and isinstance(collector, _Responses):
+                (length,) = struct.unpack(">I", _receive(channel, 4))
+                if length != size - 9:
+                    raise paramiko.SFTPError(f"malformed DATA answer ({length} bytes in {size})")
+                collector.data[num] = _receive(channel, length) if length else b""
+                return
+            rest = _receive(channel, size - 5)
+        except EOFError as exc:
+            raise paramiko.SSHException(f"Server connection dropped: {exc}") from exc
+        if collector is None:
+            log.debug("Unexpected SFTP answer #%d", num)  # to a request whose answer nobody waits for
+        elif collector is not type(None):
+            collector._async_response(t, paramiko.Message(rest), num)
 
     # --- requests sent together -------------------------------------------------------------------------
 
@@ -542,7 +569,7 @@ class Connection:
         if opened.answer is None:
             self._flush()
         while opened.answer is None:
-            self.sftp._read_response()  # type: ignore[attr-defined]
+            self._read_answer()
         t, msg = opened.answer
         if t == CMD_STATUS:
             self.sftp._convert_status(msg)  # type: ignore[attr-defined]  # raises IOError / EOFError
@@ -555,6 +582,22 @@ class Connection:
         """Close without waiting for the answer (as paramiko does in ``__del__``): the CLOSE goes out with the
         next requests, its answer is read and dropped with theirs. Nothing was written through it."""
         self._queue(type(None), CMD_CLOSE, handle)
+
+
+def _receive(channel: paramiko.Channel, n: int) -> bytes:
+    """Exactly ``n`` bytes from the channel (our :class:`_ChannelBuffer` hands them over in one piece)."""
+    data = channel.recv(n)
+    if len(data) == n:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < n:
+        if not data:
+            raise EOFError("the SFTP channel closed")
+        data = channel.recv(n - got)
+        parts.append(data)
+        got += len(data)
+    return b"".join(parts)
 
 
 class _Opened:
