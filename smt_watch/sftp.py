@@ -500,18 +500,19 @@ class Connection:
         """Read one SFTP answer and hand it to the collector of its request, as paramiko's
         ``_read_response()`` does, except that a READ's DATA goes to its :class:`_Responses` as the bytes
         taken off the channel: paramiko copies them three times (``data[1:]``, a ``Message``,
-        ``get_string``) and parses them through a ``Message``, for every 255 KiB."""
+        ``get_string``) and parses them through a ``Message``, for every 255 KiB. An answer that cannot be
+        framed is an ``SSHException``: the transfer fails as a broken connection does (and is retried)."""
         sftp, channel = self.sftp, self.sftp.sock
         try:
             size, t, num = struct.unpack(">IBI", _receive(channel, 9))
             if size < 5 or size > MAX_ANSWER:
-                raise paramiko.SFTPError(f"Garbage packet received (length {size})")
+                raise paramiko.SSHException(f"garbage SFTP answer (length {size})")
             with sftp._lock:  # type: ignore[attr-defined]  # paramiko-internal, pinned <6
                 collector = sftp._expecting.pop(num, None)  # type: ignore[attr-defined]
             if t == CMD_DATA and size >= 9 and isinstance(collector, _Responses):
                 (length,) = struct.unpack(">I", _receive(channel, 4))
                 if length != size - 9:
-                    raise paramiko.SFTPError(f"malformed DATA answer ({length} bytes in {size})")
+                    raise paramiko.SSHException(f"malformed SFTP DATA answer ({length} bytes in {size})")
                 collector.data[num] = _receive(channel, length) if length else b""
                 return
             rest = _receive(channel, size - 5)
@@ -574,7 +575,7 @@ class Connection:
         if t == CMD_STATUS:
             self.sftp._convert_status(msg)  # type: ignore[attr-defined]  # raises IOError / EOFError
         if t != CMD_HANDLE:
-            raise paramiko.SFTPError(f"{path}: expected a handle")
+            raise paramiko.SSHException(f"{path}: the server answered OPEN without a handle")
         handle: bytes = msg.get_binary()
         return handle
 
