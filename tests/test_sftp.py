@@ -20,6 +20,7 @@ from pathlib import Path
 import asyncssh
 import paramiko
 import pytest
+from paramiko.buffered_pipe import PipeTimeout
 from sftp_server import (
     KEY_KINDS,
     SftpTestServer,
@@ -35,7 +36,7 @@ from sftp_server import (
 from conftest import wait_for
 from smt_watch.config import Settings
 from smt_watch.errors import ConfigError, SftpError
-from smt_watch.sftp import Connection, RemoteFile, _Chunks, load_key
+from smt_watch.sftp import NOBODY_WAITS, Connection, RemoteFile, _ChannelBuffer, _Chunks, load_key
 from smt_watch.sftp import fingerprint as smt_fingerprint
 
 Make = Callable[..., Settings]
@@ -376,3 +377,64 @@ def test_channel_chunks_behave_like_a_byte_buffer() -> None:
                 del chunks[key]
                 del ref[key]
             assert len(chunks) == len(ref)
+
+
+def _reading(buf: _ChannelBuffer, n: int, timeout: float | None) -> tuple[threading.Thread, list[object]]:
+    """``buf.read(n, timeout)`` in a thread; its result (bytes or the exception) lands in the list."""
+    got: list[object] = []
+
+    def read() -> None:
+        try:
+            got.append(buf.read(n, timeout))
+        except PipeTimeout as exc:
+            got.append(exc)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    return reader, got
+
+
+def test_channel_buffer_read_waits_for_the_whole_message() -> None:
+    """A read of n bytes fed as several SSH packets returns all n at once: the reader is woken once per SFTP
+    message (paramiko's pipe returns the first packet, and its SFTP client copies the message once a packet)."""
+    buf = _ChannelBuffer()
+    pieces = [bytes([i]) * 1000 for i in range(8)]
+    reader, got = _reading(buf, 8000, 30)
+    wait_for(lambda: buf._want == 8000, what="the reader waiting for 8000 bytes")
+    for piece in pieces:
+        buf.feed(piece)
+    reader.join(30)
+    assert got == [b"".join(pieces)]
+    assert buf._want == NOBODY_WAITS and len(buf) == 0
+
+
+def test_channel_buffer_read_times_out_only_without_progress() -> None:
+    """The read timeout means "nothing arrived for that long": a message trickling in slower than one
+    timeout in all still arrives whole; silence raises PipeTimeout (the caller's socket.timeout)."""
+    buf = _ChannelBuffer()
+    with pytest.raises(PipeTimeout):
+        buf.read(10, 0.2)
+    reader, got = _reading(buf, 40, 1.0)
+    for i in range(40):  # 2 s in all, one byte every 50 ms: the pace is what is under test
+        buf.feed(bytes([i]))
+        time.sleep(0.05)
+    reader.join(30)
+    assert got == [bytes(range(40))]
+
+
+def test_channel_buffer_returns_what_came_when_the_channel_closes() -> None:
+    buf = _ChannelBuffer()
+    reader, got = _reading(buf, 100, 30)
+    wait_for(lambda: buf._want == 100, what="the reader waiting")
+    buf.feed(b"x" * 10)
+    buf.close()
+    reader.join(30)
+    assert got == [b"x" * 10]
+    assert buf.read(100, 1) == b""  # closed and empty: end of stream, not a timeout
+
+
+def test_connection_forgets_the_handshake_timer(server: SftpTestServer, settings: Settings) -> None:
+    """paramiko cancels its handshake timer again after every packet; a connected transport has none."""
+    with Connection(settings) as conn:
+        assert conn.transport.packetizer._Packetizer__timer is None  # type: ignore[attr-defined]
+        assert not conn.transport.packetizer.handshake_timed_out()
