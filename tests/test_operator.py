@@ -20,6 +20,7 @@ import site
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zipfile
 from collections.abc import Callable, Iterator
@@ -332,7 +333,8 @@ def test_status_exits_1_for_a_sync_that_needs_a_person(base_env: dict[str, str],
 
 def test_first_ctrl_c_says_how_long_it_waits_and_the_second_quits(receiver: Any, tmp_path: Path,
                                                                   base_env: dict[str, str]) -> None:
-    receiver.state.faults.append(Fault(delay=25.0))
+    held = threading.Event()  # the delivery hangs until released at the end (no 25 s sleep left to wait out)
+    receiver.state.faults.append(Fault(release=held))
     env = clean_env(**base_env, HOME=str(tmp_path), SMT_UPLOAD_URL=f"{receiver.url}/upload",
                     SMT_UPLOAD_TOKEN=UPLOAD_TOKEN, SMT_SETTLE_SECONDS="0.1", SMT_STOP_GRACE_SECONDS="20")
     w = Watch(env, tmp_path / "w.log")
@@ -350,6 +352,7 @@ def test_first_ctrl_c_says_how_long_it_waits_and_the_second_quits(receiver: Any,
         assert w.proc.wait(15) == 0
         assert time.monotonic() - t0 < 10
     finally:
+        held.set()
         if w.proc.poll() is None:
             w.proc.kill()
         w.stop()
