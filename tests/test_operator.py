@@ -33,7 +33,7 @@ from test_status import row
 from test_watch_process import Watch, started
 from typer.testing import CliRunner
 
-from conftest import SMT_WATCH, UPLOAD_TOKEN, wait_for, write_csv
+from conftest import SMT_WATCH, UPLOAD_TOKEN, cli_in_process, wait_for, write_csv
 from smt_watch.cli import app
 from smt_watch.clock import parse_when, utc_stamp
 from smt_watch.config import load_settings
@@ -57,6 +57,13 @@ def clean_env(**env: str) -> dict[str, str]:
 
 
 def cli(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``smt-watch ARGS`` with exactly ``env``, run in this process (what it prints and exits with is the
+    point, not its process; ``timeout`` is kept for the signature, pytest-timeout bounds a hang)."""
+    return cli_in_process(args, env)
+
+
+def cli_process(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``smt-watch ARGS`` as a process of its own: for a second process, when the process is the point."""
     return subprocess.run([*SMT_WATCH, *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -285,7 +292,7 @@ def test_a_second_watch_on_the_inbox_is_refused_naming_the_first(receiver: Any, 
     env = clean_env(**base_env, HOME=str(tmp_path), SMT_UPLOAD_URL=f"{receiver.url}/upload",
                     SMT_UPLOAD_TOKEN=UPLOAD_TOKEN)
     with started(env, tmp_path / "first.log") as first:
-        second = cli(env, "watch", timeout=30)
+        second = cli_process(env, "watch", timeout=30)
         assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr
         assert f"another watch (pid {first.proc.pid}) is watching {base_env['SMT_LOCAL_DIR']}" in second.stderr
         assert len(second.stderr.strip().splitlines()) == 1
