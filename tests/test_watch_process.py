@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import threading
 import time
 import urllib.request
@@ -17,7 +16,7 @@ from typing import Any
 import pytest
 from faults.support import WatchProc, watch_process
 
-from conftest import SMT_WATCH, UPLOAD_TOKEN, cli_in_process, wait_for, write_csv
+from conftest import UPLOAD_TOKEN, cli_in_process, wait_for, write_csv
 from smt_watch.reference.receiver import Fault
 
 # One watch-process wrapper for the suite (tests/faults/support.py); test_operator imports these names.
@@ -152,7 +151,7 @@ def test_inbox_is_created_0750_only_when_asked(watch_env: dict[str, str], tmp_pa
     """A missing inbox (a typo in SMT_LOCAL_DIR) is exit 2 in one line, nothing created; --create-inbox (or
     SMT_CREATE_INBOX=1) creates it 0750."""
     env = {**watch_env, "SMT_LOCAL_DIR": str(tmp_path / "new" / "inbox")}
-    proc = subprocess.run([*SMT_WATCH, "watch"], env=env, capture_output=True, text=True, timeout=30)
+    proc = cli_in_process(["watch"], env)  # its exit and its one line are the point, not its process
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "does not exist" in proc.stderr
     assert "--create-inbox" in proc.stderr and not (tmp_path / "new").exists()
@@ -168,7 +167,7 @@ def test_inbox_is_created_0750_only_when_asked(watch_env: dict[str, str], tmp_pa
 def test_unusable_state_dir_exits_2(watch_env: dict[str, str], tmp_path: Path) -> None:
     (tmp_path / "plain-file").write_text("x")
     env = {**watch_env, "SMT_STATE_DIR": str(tmp_path / "plain-file" / "state")}
-    proc = subprocess.run([*SMT_WATCH, "watch"], env=env, capture_output=True, text=True, timeout=30)
+    proc = cli_in_process(["watch"], env)  # its exit and its one line are the point, not its process
     assert proc.returncode == 2
     assert "SMT_STATE_DIR" in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
@@ -176,7 +175,7 @@ def test_unusable_state_dir_exits_2(watch_env: dict[str, str], tmp_path: Path) -
 
 def test_no_target_exits_2(watch_env: dict[str, str]) -> None:
     env = {k: v for k, v in watch_env.items() if k != "SMT_UPLOAD_URL"}
-    proc = subprocess.run([*SMT_WATCH, "watch"], env=env, capture_output=True, text=True, timeout=30)
+    proc = cli_in_process(["watch"], env)  # its exit and its one line are the point, not its process
     assert proc.returncode == 2 and "no delivery target" in proc.stderr
 
 
