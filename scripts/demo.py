@@ -84,12 +84,14 @@ def smt_all(*commands: list[str], env: dict[str, str]) -> None:
             raise SystemExit(f"demo: {proc.args} exited {proc.returncode}")
 
 
-def wait_until(condition: object, what: str, timeout: float = 30.0) -> None:
+def wait_until(condition: object, what: str, timeout: float = 60.0, every: float = 0.05) -> None:
+    """Poll ``condition`` every ``every`` seconds. ``timeout`` only bounds a stuck demo: generous, because a
+    busy machine (the test suite runs the demo next to other tests) stretches every step."""
     deadline = time.monotonic() + timeout
     while not condition():  # type: ignore[operator]
         if time.monotonic() > deadline:
             raise SystemExit(f"demo: timed out waiting for {what}")
-        time.sleep(0.05)
+        time.sleep(every)
 
 
 def get_json(url: str, headers: dict[str, str] | None = None) -> object:
@@ -151,7 +153,7 @@ def main() -> int:
         "INTELLIWATT_BASE_URL", "ADMIN_TOKEN", "STATE_FILE", "NOTIFY_SOCKET", "GNUPGHOME", "LD_PRELOAD")}
     env |= {"SMT_LOCAL_DIR": str(inbox), "SMT_STATE_DIR": str(state), "ADMIN_TOKEN": ADMIN_TOKEN,
             "SMT_UPLOAD_TOKEN": "demo-upload-token", "ESIID_DEFAULT": "10443720000000001",
-            "SMT_SETTLE_SECONDS": "0.5", "GNUPGHOME": str(RUN / "gnupg"), "SMT_PATTERNS": "*.csv,*.asc,*.zip",
+            "SMT_SETTLE_SECONDS": "0.2", "GNUPGHOME": str(RUN / "gnupg"), "SMT_PATTERNS": "*.csv,*.asc,*.zip",
             # verify: a loopback app bears more than production's 2 reads a second; `watch` checks each delivery
             # a second after it (production: 300 s, time for the app to normalize)
             "SMT_VERIFY_REQUESTS_PER_SECOND": "500", "SMT_VERIFY_DELAY_SECONDS": "1"}
@@ -235,8 +237,9 @@ def main() -> int:
         def rows() -> list[dict[str, object]]:
             return list(get_json(f"{base}/_receiver/files"))  # type: ignore[call-overload]
 
-        wait_until(lambda: len(rows()) == expected and "copy_of_year.csv" in (logs / "watch.log").read_text(),
-                   f"{expected} deliveries", timeout=60)
+        # polled every 0.2 s: each look is a request to the receiver, which is busy storing the deliveries
+        wait_until(lambda: "copy_of_year.csv" in (logs / "watch.log").read_text() and len(rows()) == expected,
+                   f"{expected} deliveries", timeout=150, every=0.2)
 
         def kept(esiid: str) -> int:
             """What the app's SmtInterval table holds for ``esiid``, from its own read route."""
@@ -271,7 +274,7 @@ def main() -> int:
         step("is it in the app? `watch` verified each delivery by itself (read-only admin routes, x-admin-token)")
         names = [str(r["filename"]) for r in rows() if "Interval" in str(r["filename"])]
         wait_until(lambda: all(f"Verify {n}: " in (logs / "watch.log").read_text() for n in names),
-                   "the automatic checks", timeout=60)
+                   "the automatic checks", timeout=150)
         for line in (logs / "watch.log").read_text().splitlines():
             if "Verify " in line:
                 print("  watch:", line)
@@ -285,7 +288,7 @@ def main() -> int:
             wait_until(lambda: up(f"{base}/_receiver/files"), "the receiver")
             start("watch", "watch", extra={"INTELLIWATT_BASE_URL": base}, faked=True)
             wait_until(lambda: f"Verify {daily.name}: stored" in (logs / "watch.log").read_text()[before:],
-                       "the re-send and its check", timeout=60)
+                       "the re-send and its check", timeout=150)
             for line in (logs / "watch.log").read_text()[before:].splitlines():
                 if "Resend " in line or f"Verify {daily.name}" in line:
                     print("  watch:", line)

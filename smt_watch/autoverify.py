@@ -32,6 +32,7 @@ log = logging.getLogger("smt_watch.verify")
 
 DAY_SECONDS: Final = 86_400.0  # sync's pass looks after the deliveries of the last day
 IDLE_SECONDS: Final = 60.0  # how often run() looks for work scheduled by other processes
+SCHEDULE_LOOK_SECONDS: Final = 0.25  # how soon run() sees a check this process scheduled while it waited
 MAX_CHECKS_PER_TICK: Final = 20  # a tick returns to the loop between batches (stop requests stay prompt)
 
 
@@ -47,6 +48,9 @@ class AutoVerify:
         self.enabled = bool(settings.base_url) and settings.admin_token is not None
         self._reader: AppReader | None = None
         self._closers: list[Callable[[], None]] = []
+        # set by after_delivery: run() looks at what is due at once, not at the end of an idle wait (a check
+        # scheduled by this process is done SMT_VERIFY_DELAY_SECONDS after its delivery, not up to 60 s later)
+        self._scheduled = threading.Event()
 
     @classmethod
     def for_watch(cls, settings: Settings, ledger: Ledger, metrics: Metrics | None = None,
@@ -84,17 +88,28 @@ class AutoVerify:
         ``idle`` seconds, so checks scheduled by other processes are seen) or ``stop`` is set. A verification
         takes minutes at the default pace, so it must not run on the watcher's main loop."""
         while not stop.is_set():
+            self._scheduled.clear()  # before reading what is due: a check scheduled from here on wakes the wait
             try:
                 self.tick(time.time())
             except SmtWatchError as exc:  # a ledger outage: said, and tried again at the next turn
                 log.warning("Automatic verify paused: %s", exc)
             due = self.next_due()
-            stop.wait(idle if due is None else min(idle, max(0.05, due - time.time())))
+            self._wait(stop, idle if due is None else min(idle, max(0.05, due - time.time())))
+
+    def _wait(self, stop: threading.Event, seconds: float) -> None:
+        """Until ``stop`` (at once), a check scheduled by :meth:`after_delivery` (within
+        :data:`SCHEDULE_LOOK_SECONDS`) or ``seconds`` have passed."""
+        end = time.monotonic() + seconds
+        while not self._scheduled.is_set():
+            left = end - time.monotonic()
+            if left <= 0 or stop.wait(min(left, SCHEDULE_LOOK_SECONDS)):
+                return
 
     def after_delivery(self, sha256: str, now: float) -> None:
         """Schedule the check of a file just ``sent``."""
         if self.enabled:
             self.ledger.schedule_check(sha256, now + self.settings.verify_delay_seconds)
+            self._scheduled.set()
 
     def tick(self, now: float) -> tuple[list[ResendResult], list[Report]]:
         """Run what is due: re-sends, then up to :data:`MAX_CHECKS_PER_TICK` checks."""

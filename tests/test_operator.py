@@ -20,6 +20,7 @@ import site
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zipfile
 from collections.abc import Callable, Iterator
@@ -32,7 +33,7 @@ from test_status import row
 from test_watch_process import Watch, started
 from typer.testing import CliRunner
 
-from conftest import SMT_WATCH, UPLOAD_TOKEN, wait_for, write_csv
+from conftest import SMT_WATCH, UPLOAD_TOKEN, cli_in_process, wait_for, write_csv
 from smt_watch.cli import app
 from smt_watch.clock import parse_when, utc_stamp
 from smt_watch.config import load_settings
@@ -56,6 +57,13 @@ def clean_env(**env: str) -> dict[str, str]:
 
 
 def cli(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``smt-watch ARGS`` with exactly ``env``, run in this process (what it prints and exits with is the
+    point, not its process; ``timeout`` is kept for the signature, pytest-timeout bounds a hang)."""
+    return cli_in_process(args, env)
+
+
+def cli_process(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``smt-watch ARGS`` as a process of its own: for a second process, when the process is the point."""
     return subprocess.run([*SMT_WATCH, *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -284,7 +292,7 @@ def test_a_second_watch_on_the_inbox_is_refused_naming_the_first(receiver: Any, 
     env = clean_env(**base_env, HOME=str(tmp_path), SMT_UPLOAD_URL=f"{receiver.url}/upload",
                     SMT_UPLOAD_TOKEN=UPLOAD_TOKEN)
     with started(env, tmp_path / "first.log") as first:
-        second = cli(env, "watch", timeout=30)
+        second = cli_process(env, "watch", timeout=30)
         assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr
         assert f"another watch (pid {first.proc.pid}) is watching {base_env['SMT_LOCAL_DIR']}" in second.stderr
         assert len(second.stderr.strip().splitlines()) == 1
@@ -332,7 +340,8 @@ def test_status_exits_1_for_a_sync_that_needs_a_person(base_env: dict[str, str],
 
 def test_first_ctrl_c_says_how_long_it_waits_and_the_second_quits(receiver: Any, tmp_path: Path,
                                                                   base_env: dict[str, str]) -> None:
-    receiver.state.faults.append(Fault(delay=25.0))
+    held = threading.Event()  # the delivery hangs until released at the end (no 25 s sleep left to wait out)
+    receiver.state.faults.append(Fault(release=held))
     env = clean_env(**base_env, HOME=str(tmp_path), SMT_UPLOAD_URL=f"{receiver.url}/upload",
                     SMT_UPLOAD_TOKEN=UPLOAD_TOKEN, SMT_SETTLE_SECONDS="0.1", SMT_STOP_GRACE_SECONDS="20")
     w = Watch(env, tmp_path / "w.log")
@@ -350,6 +359,7 @@ def test_first_ctrl_c_says_how_long_it_waits_and_the_second_quits(receiver: Any,
         assert w.proc.wait(15) == 0
         assert time.monotonic() - t0 < 10
     finally:
+        held.set()
         if w.proc.poll() is None:
             w.proc.kill()
         w.stop()

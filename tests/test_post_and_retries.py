@@ -11,6 +11,7 @@ import hashlib
 import itertools
 import json
 import subprocess
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -78,10 +79,14 @@ def test_other_statuses_are_refused_at_once_and_never_sent(status: int, make_set
 def test_a_timeout_is_retried_within_the_call(make_settings: Make, receiver: Any, tmp_path: Path) -> None:
     """Timeouts are retried like connection errors: the first request is held past SMT_HTTP_TIMEOUT, the
     second lands. Checked against retry-timeouts (only network errors retried): the ReadTimeout escapes."""
-    receiver.state.faults.append(Fault(delay=3.0))
+    held = threading.Event()  # the first request is held until the call is over (not a fixed 3 s delay
+    receiver.state.faults.append(Fault(release=held))  # that the receiver's shutdown would wait out)
     settings = multipart(make_settings, receiver, SMT_HTTP_TIMEOUT="1")
     f = write_csv(tmp_path / "a.csv")
-    [o] = post_files(settings, [f])
+    try:
+        [o] = post_files(settings, [f])
+    finally:
+        held.set()
     assert (o.result, o.attempts) == ("sent", 2), o
     assert receiver.read(sha(f)) == f.read_bytes()
 

@@ -373,6 +373,39 @@ def test_the_watch_thread_resends_and_verifies_until_stopped(app: App, settings_
         assert not thread.is_alive()
 
 
+def test_a_check_scheduled_while_the_thread_waits_is_done_at_its_time(app: App, settings_for: Callable[..., Settings],
+                                                                      tmp_path: Path) -> None:
+    """The thread is already waiting (nothing due, a 600 s idle look) when a delivery schedules its check:
+    the check is done SMT_VERIFY_DELAY_SECONDS after it, not at the thread's next idle look (the demo's
+    checks came a minute late that way)."""
+    settings = settings_for(app, SMT_VERIFY_DELAY_SECONDS="0")
+    path = write(tmp_path / "inbox" / "t_M1.csv", 2, today() - timedelta(days=8))
+    [sent] = post_files(settings, [path])
+    with open_ledger(settings) as ledger:
+        auto = AutoVerify.for_watch(settings, ledger)
+        looked, next_due = threading.Event(), auto.next_due
+
+        def observed() -> float | None:  # only observed (not replaced): when the thread has decided to wait
+            due = next_due()
+            looked.set()
+            return due
+
+        auto.next_due = observed  # type: ignore[method-assign]
+        stop = threading.Event()
+        thread = threading.Thread(target=auto.run, args=(stop, 600.0), daemon=True)
+        thread.start()
+        try:
+            wait_for(looked.is_set, what="the thread to find nothing due")
+            auto.after_delivery(str(sent.sha256), datetime.now(UTC).timestamp())
+            wait_for(lambda: (v := ledger.verdict(str(sent.sha256))) is not None and v.verdict == "stored", 60,
+                     what="the check, well before the 600 s idle look")
+        finally:
+            stop.set()
+            thread.join(10)
+            auto.close()
+        assert not thread.is_alive()
+
+
 def test_a_csv_from_a_zip_is_verified_from_its_container(app: App, settings_for: Callable[..., Settings],
                                                          tmp_path: Path) -> None:
     """The CSVs inside a .zip are rows of their own (the container row is not verified); their bytes are

@@ -127,7 +127,9 @@ def test_writer_with_pauses_is_never_sent_partially(polling: bool, make_settings
     """A writer that keeps the file open and pauses longer than the settle time (like a stalled scp).
 
     A rescan every second (and, with polling, modify events) makes the open file a candidate during
-    every pause; only the open-for-writing check keeps it from being sent.
+    every pause; only the open-for-writing check keeps it from being sent. Two pauses (each past a rescan
+    and the settle time) prove what five did: the first one alone is enough to send a partial file when the
+    check is broken (mutants ``watch-writer-open``, ``watch-writer-lease``).
     """
     settings = make_settings(SMT_UPLOAD_URL=f"{receiver.url}/upload", SMT_UPLOAD_TOKEN=UPLOAD_TOKEN,
                              SMT_SETTLE_SECONDS="0.2", SMT_RESCAN_SECONDS="1", SMT_VALIDATE="0")
@@ -135,7 +137,7 @@ def test_writer_with_pauses_is_never_sent_partially(polling: bool, make_settings
     target = inbox(settings) / "slow.csv"
     with watching(settings, polling=polling) as service:
         with target.open("wb") as fh:
-            for i in range(50):
+            for i in range(20):
                 fh.write(block)
                 fh.flush()
                 if i % 10 == 9:
@@ -146,7 +148,7 @@ def test_writer_with_pauses_is_never_sent_partially(polling: bool, make_settings
                         time.sleep(POLL_SECONDS)  # checking throughout the pause under test
         wait_for(lambda: service.counts.sent == 1, 20, "slow.csv delivered")
     [row] = receiver.stored()
-    assert row["sizeBytes"] == 50 * len(block)
+    assert row["sizeBytes"] == 20 * len(block)
     assert row["sha256"] == sha(target.read_bytes())
 
 
@@ -174,9 +176,11 @@ def test_target_down_then_up_drains_without_duplicates(make_settings: Make, tmp_
         for i in range(6):
             write_csv(inbox(settings) / f"f{i}.csv", seed=i)
         wait_for(lambda: service.counts.retrying >= 6, 15, "every file to be retrying")
-        outage_end = time.monotonic() + 10
+        # a 3 s outage of the target: every file has failed calls behind it and a doubled backoff ahead of it
+        # when the target comes back (a 10 s one proved the same, and left a longer backoff to wait out)
+        outage_end = time.monotonic() + 3
         while time.monotonic() < outage_end:
-            time.sleep(SAMPLE_SECONDS)  # the behaviour under test: a 10 s outage of the target
+            time.sleep(SAMPLE_SECONDS)  # the behaviour under test: an outage of the target
         with running_receiver(tmp_path / "late", port=unused_port) as late:
             wait_for(lambda: len(late.stored()) == 6, 30, "backlog drained after the outage")
             requests = late.state.wait_for_requests(6)
@@ -225,17 +229,20 @@ def test_after_send(action: str, make_settings: Make, receiver: Any) -> None:
 def test_restart_over_sent_files_reads_none(settings: Settings, receiver: Any) -> None:
     """The second start must account for every file before the check: stopping right after READY would
     pass with the stat cache switched off (the files would not have reached a worker yet). Checked against
-    the mutant ``watch-stat-cache-scan`` (tests/mutants/headline.toml): it fails the ``cached`` assertion."""
-    for i in range(1000):
+    the mutant ``watch-stat-cache-scan`` (tests/mutants/headline.toml): it fails the ``cached`` assertion.
+    300 files, not 1000: still several times the watch's queue bound (64), and with a broken stat cache the
+    second start hashes every one of them, whatever their number."""
+    files = 300
+    for i in range(files):
         (inbox(settings) / f"f{i:04d}.csv").write_text(f"ESIID,X\n{10443720000000000 + i}\n")
     with watching(settings) as first:
-        wait_for(lambda: first.counts.sent == 1000, 60, "1000 files delivered")
-        assert first.counts.hashed == 1000
+        wait_for(lambda: first.counts.sent == files, 60, f"{files} files delivered")
+        assert first.counts.hashed == files
     with watching(settings) as second:
         c = second.counts
-        wait_for(lambda: c.cached + c.duplicate + c.sent + c.failed >= 1000, 60, "every file looked at again")
-    assert (c.cached, c.hashed, c.duplicate, c.sent) == (1000, 0, 0, 0)
-    assert len(receiver.state.requests) == 1000
+        wait_for(lambda: c.cached + c.duplicate + c.sent + c.failed >= files, 60, "every file looked at again")
+    assert (c.cached, c.hashed, c.duplicate, c.sent) == (files, 0, 0, 0)
+    assert len(receiver.state.requests) == files
 
 
 def test_retried_file_is_hashed_once(make_settings: Make, receiver: Any) -> None:

@@ -7,7 +7,7 @@ import json
 import os
 import signal
 import socket
-import subprocess
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from faults.support import WatchProc, watch_process
 
-from conftest import SMT_WATCH, UPLOAD_TOKEN, cli_in_process, wait_for, write_csv
+from conftest import UPLOAD_TOKEN, cli_in_process, wait_for, write_csv
 from smt_watch.reference.receiver import Fault
 
 # One watch-process wrapper for the suite (tests/faults/support.py); test_operator imports these names.
@@ -42,12 +42,21 @@ def ledger_rows(env: dict[str, str]) -> list[dict[str, Any]]:
 
 def test_sigterm_lets_the_in_flight_delivery_finish(watch_env: dict[str, str], receiver: Any,
                                                      tmp_path: Path) -> None:
-    receiver.state.faults.append(Fault(delay=2.0))
+    """The delivery is held by the receiver until the watch has said it waits for it: the stop is certainly
+    in progress while the delivery is in flight (no fixed delay racing the signal)."""
+    held = threading.Event()
+    receiver.state.faults.append(Fault(release=held))
     with started(watch_env, tmp_path / "w.log") as w:
         write_csv(Path(watch_env["SMT_LOCAL_DIR"]) / "a.csv")
         wait_for(lambda: [r["state"] for r in ledger_rows(watch_env)] == ["sending"], 10, "delivery in flight")
         t0 = time.monotonic()
-        assert w.stop() == 0
+        w.proc.send_signal(signal.SIGTERM)
+        try:
+            wait_for(lambda: "Stopping: waiting up to" in w.text() or w.proc.poll() is not None, 15,
+                     "the stop to wait for the delivery")
+        finally:
+            held.set()
+        assert w.proc.wait(40) == 0  # not w.stop(): a second SIGTERM would mean "quit now"
         assert time.monotonic() - t0 < 30
     assert [r["state"] for r in ledger_rows(watch_env)] == ["sent"]
     assert len(receiver.stored()) == 1
@@ -55,13 +64,17 @@ def test_sigterm_lets_the_in_flight_delivery_finish(watch_env: dict[str, str], r
 
 
 def test_grace_expiry_then_restart_resumes(watch_env: dict[str, str], receiver: Any, tmp_path: Path) -> None:
-    receiver.state.faults.append(Fault(delay=15.0))
+    held = threading.Event()  # the first delivery hangs until released after the stop (not a 15 s sleep that
+    receiver.state.faults.append(Fault(release=held))  # the receiver's shutdown would wait out at teardown)
     env = {**watch_env, "SMT_STOP_GRACE_SECONDS": "1"}
     with started(env, tmp_path / "w1.log") as w:
         f = write_csv(Path(env["SMT_LOCAL_DIR"]) / "stuck.csv")
         wait_for(lambda: [r["state"] for r in ledger_rows(env)] == ["sending"], 10, "delivery in flight")
         t0 = time.monotonic()
-        assert w.stop() == 0
+        try:
+            assert w.stop() == 0
+        finally:
+            held.set()
         assert time.monotonic() - t0 < 10
     assert "will be sent again at next start" in w.text()
     assert [r["state"] for r in ledger_rows(env)] == ["sending"]
@@ -138,7 +151,7 @@ def test_inbox_is_created_0750_only_when_asked(watch_env: dict[str, str], tmp_pa
     """A missing inbox (a typo in SMT_LOCAL_DIR) is exit 2 in one line, nothing created; --create-inbox (or
     SMT_CREATE_INBOX=1) creates it 0750."""
     env = {**watch_env, "SMT_LOCAL_DIR": str(tmp_path / "new" / "inbox")}
-    proc = subprocess.run([*SMT_WATCH, "watch"], env=env, capture_output=True, text=True, timeout=30)
+    proc = cli_in_process(["watch"], env)  # its exit and its one line are the point, not its process
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "does not exist" in proc.stderr
     assert "--create-inbox" in proc.stderr and not (tmp_path / "new").exists()
@@ -154,7 +167,7 @@ def test_inbox_is_created_0750_only_when_asked(watch_env: dict[str, str], tmp_pa
 def test_unusable_state_dir_exits_2(watch_env: dict[str, str], tmp_path: Path) -> None:
     (tmp_path / "plain-file").write_text("x")
     env = {**watch_env, "SMT_STATE_DIR": str(tmp_path / "plain-file" / "state")}
-    proc = subprocess.run([*SMT_WATCH, "watch"], env=env, capture_output=True, text=True, timeout=30)
+    proc = cli_in_process(["watch"], env)  # its exit and its one line are the point, not its process
     assert proc.returncode == 2
     assert "SMT_STATE_DIR" in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
@@ -162,7 +175,7 @@ def test_unusable_state_dir_exits_2(watch_env: dict[str, str], tmp_path: Path) -
 
 def test_no_target_exits_2(watch_env: dict[str, str]) -> None:
     env = {k: v for k, v in watch_env.items() if k != "SMT_UPLOAD_URL"}
-    proc = subprocess.run([*SMT_WATCH, "watch"], env=env, capture_output=True, text=True, timeout=30)
+    proc = cli_in_process(["watch"], env)  # its exit and its one line are the point, not its process
     assert proc.returncode == 2 and "no delivery target" in proc.stderr
 
 
@@ -214,13 +227,15 @@ def test_worker_processes_deliver_and_leave_nothing_behind(watch_env: dict[str, 
 def test_killed_worker_process_is_replaced(watch_env: dict[str, str], receiver: Any, tmp_path: Path) -> None:
     env = {**watch_env, "SMT_WORKER_MODE": "process", "SMT_WORKERS": "1"}
     box = Path(env["SMT_LOCAL_DIR"])
-    receiver.state.faults.append(Fault(delay=30.0))  # the first delivery hangs: kill its process mid-send
+    held = threading.Event()  # the first delivery hangs (until released below): kill its process mid-send
+    receiver.state.faults.append(Fault(release=held))
     with started(env, tmp_path / "w.log") as w:
         wait_for(lambda: len(worker_pids(w.proc.pid)) == 1, 20, "a worker process")
         [first] = worker_pids(w.proc.pid)
         f = write_csv(box / "a.csv")
         wait_for(lambda: [r["state"] for r in ledger_rows(env)] == ["sending"], 20, "delivery in flight")
         os.kill(first, signal.SIGKILL)
+        held.set()  # its connection died with it; the receiver's handler need not wait out a fixed delay
         wait_for(lambda: [r["state"] for r in ledger_rows(env)] == ["sent"], 30, "delivered by the new process")
         [second] = worker_pids(w.proc.pid)
         assert second != first

@@ -18,6 +18,7 @@ import os
 import re
 import resource
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -176,10 +177,14 @@ def test_disk_fills_while_a_delivery_is_in_flight(tmp_path: Path, base_env: dict
     with watch_process(env, tmp_path / "watch.log") as w:
         warm = write_csv(inbox / "warm-up.csv", seed=1)
         wait_for(lambda: states(state_dir).get(sha(warm.read_bytes())) == "sent", 20, "warm-up delivered")
-        receiver.state.faults.append(Fault(delay=1.0))  # hold the next delivery on the wire
+        held = threading.Event()  # hold the next delivery on the wire until the disk is full (not a fixed
+        receiver.state.faults.append(Fault(release=held))  # delay that a slow fill could outlast)
         digest = sha(write_csv(inbox / "in-flight.csv", seed=2).read_bytes())
         wait_for(lambda: states(state_dir).get(digest) == "sending", 20, "the delivery in flight")
-        disk.fill(leave=4096)
+        try:
+            disk.fill(leave=4096)
+        finally:
+            held.set()
         wait_for(lambda: len(receiver.state.requests) == 2, 20, "the receiver answered the held delivery")
         wait_for(lambda: FULL.search(w.text()), 20, "the failed ledger write to be reported")
         disk.free()

@@ -15,6 +15,7 @@ the client reads it (RFC 9112 §9.6). Real `smt-watch serve` processes on loopba
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import struct
@@ -104,20 +105,34 @@ def keep_sending(sock: socket.socket, n: int) -> int:
     return sent
 
 
+@pytest.fixture(scope="module")
+def refusing(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Serve, dict[str, str]]]:
+    """One serve for the five early refusals (not one each): every case is a connection of its own, refused
+    before any body is read, so none leaves state behind for the next; the log is checked clean at the end."""
+    root = tmp_path_factory.mktemp("refusing")
+    (root / "inbox").mkdir()
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(root / "home"), "SMT_LOCAL_DIR": str(root / "inbox"),
+           "SMT_STATE_DIR": str(root / "state"), "SMT_UPLOAD_TOKEN": TOKEN, "INTELLIWATT_WEBHOOK_SECRET": SECRET,
+           "SMT_WEBHOOK_PORT": "0", "SMT_MAX_REQUESTS_PER_SECOND": "0", "SMT_MAX_IN_FLIGHT": "0"}
+    with linger_serve(env, root, SMT_WEBHOOK_FORWARD_URL="http://127.0.0.1:9/") as s:
+        yield s, env
+
+
 @pytest.mark.parametrize("case", ["upload 401", "upload 403", "upload 413", "trigger 401", "bridge 413"])
-def test_an_early_refusal_is_read_whole_then_the_rest_is_discarded(env: dict[str, str], tmp_path: Path,
+def test_an_early_refusal_is_read_whole_then_the_rest_is_discarded(refusing: tuple[Serve, dict[str, str]],
                                                                     case: str) -> None:
-    with linger_serve(env, tmp_path, SMT_WEBHOOK_FORWARD_URL="http://127.0.0.1:9/") as s:
-        request, status = early_refusals(s.port)[case]
-        with socket.create_connection(("127.0.0.1", s.port), timeout=30) as sock:
-            sock.sendall(request + BLOCK)
-            reply = reply_then_fin(sock)
-            assert reply.startswith(f"HTTP/1.1 {status} ".encode()) and reply.count(b"HTTP/1.1 ") == 1, reply[:600]
-            reply_head = reply.partition(b"\r\n\r\n")[0].lower() + b"\r\n"
-            assert b"\r\nconnection: close\r\n" in reply_head and b'"message":' in reply
-            # the server still reads: 8 MB more go through without a reset
-            assert keep_sending(sock, AFTER_REPLY) >= AFTER_REPLY
-        assert Path(env["SMT_LOCAL_DIR"]).exists() and list(Path(env["SMT_LOCAL_DIR"]).glob(".upload-*")) == []
+    s, env = refusing
+    request, status = early_refusals(s.port)[case]
+    with socket.create_connection(("127.0.0.1", s.port), timeout=30) as sock:
+        sock.sendall(request + BLOCK)
+        reply = reply_then_fin(sock)
+        assert reply.startswith(f"HTTP/1.1 {status} ".encode()) and reply.count(b"HTTP/1.1 ") == 1, reply[:600]
+        reply_head = reply.partition(b"\r\n\r\n")[0].lower() + b"\r\n"
+        assert b"\r\nconnection: close\r\n" in reply_head and b'"message":' in reply
+        # the server still reads: 8 MB more go through without a reset
+        assert keep_sending(sock, AFTER_REPLY) >= AFTER_REPLY
+    assert Path(env["SMT_LOCAL_DIR"]).exists() and list(Path(env["SMT_LOCAL_DIR"]).glob(".upload-*")) == []
+    assert s.healthy(), "serve stopped answering"
 
 
 def test_a_lingering_connection_is_closed_by_its_bounds(env: dict[str, str], tmp_path: Path) -> None:
