@@ -88,10 +88,10 @@ def alternative_name(final: Path, n: int) -> Path:
     return final.with_name(f"{stem}.{n}{dot}{rest}")
 
 
-def place(part: Path, final: Path, sha256: str, clean: bool = True, sync_dir: bool = True) -> Path:
+def place(part: Path, final: Path, sha256: str, sync_dir: bool = True) -> Path:
     """Rename the finished part into place, never over different content that may not be delivered yet.
-    ``clean``: remove the parts of older versions of this file now (a pass does it once per directory,
-    with :func:`clean_stale_parts`, instead: a glob per file is quadratic in the directory's size).
+    The parts of older versions of this file are the pass's to remove, once per directory
+    (:func:`clean_stale_parts`: a glob per file would be quadratic in the directory's size).
     ``sync_dir`` off: the caller makes the rename durable (:func:`fsync_dirs`, once for a batch of files)
     before it records the file; until then a crash may undo the rename, and the next pass fetches again."""
     dest, n = final, 0
@@ -107,9 +107,6 @@ def place(part: Path, final: Path, sha256: str, clean: bool = True, sync_dir: bo
     os.replace(part, dest)
     if sync_dir:
         fsync_dirs([dest.parent])
-    if clean:
-        for stale in final.parent.glob(f".{final.name}.*.part"):
-            stale.unlink(missing_ok=True)  # parts of older versions of this file
     return dest
 
 
@@ -522,7 +519,7 @@ def _job_done(ledger: SyncMemory, report: SyncReport, ranged: dict[str, _Ranged]
     try:
         if dest is None:  # force_repost: the ledger forgets the hash before the watcher can see the file
             ledger.forget([sha])
-            dest = str(place(part_path(job.final, remote), job.final, sha, clean=False, sync_dir=False))
+            dest = str(place(part_path(job.final, remote), job.final, sha, sync_dir=False))
     except (SmtWatchError, OSError) as exc:
         fail(remote, reason(exc))
         return
@@ -533,7 +530,7 @@ def _finish_ranged(ledger: SyncMemory, report: SyncReport, r: _Ranged, force_rep
     sha = r.finish()
     if force_repost:
         ledger.forget([sha])
-    dest = place(r.part, r.final, sha, clean=False)  # the record goes with clean_stale_parts
+    dest = place(r.part, r.final, sha)  # the record goes with clean_stale_parts
     ledger.record_fetch(r.remote.path, r.remote.size, r.remote.mtime, sha, str(dest))
     log.info("Fetched %s (%s, %d ranges) -> %s", r.remote.path, human_bytes(r.remote.size), len(r.pieces), dest)
     report.placed.append(r.final)
@@ -767,7 +764,7 @@ def _fetch_with_retries(
             current.close()
             holder[0] = None
             raise
-        return (place(part, final, sha, clean=False, sync_dir=False) if place_it else None), sha
+        return (place(part, final, sha, sync_dir=False) if place_it else None), sha
 
     dest, sha = _retrying(remote)(attempt)
     assert holder[0] is not None
