@@ -52,7 +52,7 @@ from smt_watch.inbox import (
     relative,
     scan,
 )
-from smt_watch.jobs import Cached, InProcess, InThread, JobKind, JobResult, Runner
+from smt_watch.jobs import GROUP_MAX, Cached, InProcess, InThread, JobKind, JobResult, Runner
 from smt_watch.ledger import Ledger, Seen
 from smt_watch.limits import node_stats_reader
 from smt_watch.metrics import Metrics
@@ -455,28 +455,53 @@ class WatchService:
     # --- workers ------------------------------------------------------------------------------------
 
     def _worker(self, index: int) -> None:
+        """Takes the ready files waiting in the queue, up to GROUP_MAX at once (a drain: a full group; one
+        file landing alone: a group of one, no waiting), and hands them to the runner as one group: one
+        claim commit and one outcome commit for all (:func:`smt_watch.jobs.handle_jobs`)."""
         runner = self._runner(index)
         try:
-            while True:
-                job = self._queue.get()
-                if job is None:
+            stopping = False
+            while not stopping:
+                first = self._queue.get()
+                if first is None:
                     return
+                jobs = [first]
+                while len(jobs) < GROUP_MAX:
+                    try:
+                        job = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if job is None:  # the stop sequence's marker: this group, then stop
+                        stopping = True
+                        break
+                    jobs.append(job)
+                self._run_group(runner, jobs)
+        finally:
+            runner.close()
+
+    def _run_group(self, runner: Runner, jobs: list[ReadyFile]) -> None:
+        try:
+            try:
+                results = runner.run_many([(j.path, j.signature, j.cached) for j in jobs])
+            except LedgerUnavailable as exc:
+                results = [JobResult(JobKind.UNREACHABLE, message=str(exc))] * len(jobs)
+            except SmtWatchError as exc:
+                results = [JobResult(JobKind.ERROR, message=str(exc))] * len(jobs)
+            for job, result in zip(jobs, results, strict=True):
                 try:
-                    self._apply(job, runner.run(job.path, job.signature, job.cached))
-                except LedgerUnavailable as exc:
-                    self._apply(job, JobResult(JobKind.UNREACHABLE, message=str(exc)))
-                except SmtWatchError as exc:
-                    self._apply(job, JobResult(JobKind.ERROR, message=str(exc)))
+                    self._apply(job, result)
                 except Exception:
                     log.exception("Unexpected error handling %s", job.path)
                     self._look_again(job.path, DUE_CHECK_SECONDS * 5)
-                finally:
-                    with self._lock:
-                        self._busy.discard(job.path)
-                    if self._queue.qsize() <= self._queue.maxsize // 2:
-                        self._wake.set()  # room in the queue: the main loop may feed more files
+        except Exception:
+            for job in jobs:
+                log.exception("Unexpected error handling %s", job.path)
+                self._look_again(job.path, DUE_CHECK_SECONDS * 5)
         finally:
-            runner.close()
+            with self._lock:
+                self._busy.difference_update(j.path for j in jobs)
+            if self._queue.qsize() <= self._queue.maxsize // 2:
+                self._wake.set()  # room in the queue: the main loop may feed more files
 
     def _runner(self, index: int) -> Runner:
         if self.settings.worker_mode is WorkerMode.PROCESS:
