@@ -375,10 +375,16 @@ RETURNING sha256"""
                     sha=r.sha256, filename=column_text(r.filename), path=None if r.path is None else stored(r.path),
                     size=r.size, mode=r.mode, me=self._me, lease=self._lease, parent=None, force=False,
                     backoff=r.respect_backoff, dead=None, now=now, epoch=epoch)
-                if r.remember is not None:
-                    params.update(self._remember_params(r.remember))
+                remember = r.remember
+                if remember is not None:
+                    params.update(self._remember_params(remember))
+                    if self._dialect.write_with:  # both writes in one statement, one round trip (PostgreSQL)
+                        if tx.query(f"WITH done AS ({self._remember_sql}) {self._claim_sql}", params):
+                            got.append(Claim.CLAIMED)
+                            continue
+                        remember = None
                 got.append(self._decide_in(tx, r.sha256, params, force=False, respect_backoff=r.respect_backoff,
-                                           remember=r.remember))
+                                           remember=remember))
             return got
 
         decided: list[Claim] = []
