@@ -200,7 +200,7 @@ def _deliver_group(settings: Settings, ledger: WatchJobs, sink: Sink, ready: lis
         ready = [r for r in ready if r not in plain]
         plain = []
         claimed = []
-    group = _Group(ledger, {r.ident.sha256: c for r, c in zip(plain, claimed, strict=True)})
+    group = _Group(ledger, [(r.ident.sha256, c) for r, c in zip(plain, claimed, strict=True)])
     done: list[_Ready] = []
     try:
         for r in ready:
@@ -226,17 +226,19 @@ class _Group:
     from here, and outcomes are held until :meth:`flush` commits them in one transaction. Everything else
     goes to the ledger itself."""
 
-    def __init__(self, ledger: WatchJobs, claims: dict[str, Claim]) -> None:
+    def __init__(self, ledger: WatchJobs, claims: list[tuple[str, Claim]]) -> None:
         self._ledger = ledger
-        self._claims = claims
+        self._claims: dict[str, list[Claim]] = {}  # per SHA-256, in the group's order (the same bytes twice)
+        for sha, claim in claims:
+            self._claims.setdefault(sha, []).append(claim)
         self._marks: list[Mark] = []
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._ledger, name)
 
     def claim(self, sha256: str, **kwargs: Any) -> Claim:
-        claim = self._claims.pop(sha256, None)
-        return claim if claim is not None else self._ledger.claim(sha256, **kwargs)
+        waiting = self._claims.get(sha256)
+        return waiting.pop(0) if waiting else self._ledger.claim(sha256, **kwargs)
 
     def mark_sent(self, sha256: str, *, status: int | None, destination: str, attempts: int) -> None:
         self._marks.append(sent_mark(sha256, status=status, destination=destination, attempts=attempts))
@@ -254,7 +256,7 @@ class _Group:
 
     def flush(self) -> None:
         """Commit the held outcomes together; a claim taken for the group but never used is handed back."""
-        unused = [sha for sha, c in self._claims.items() if c is Claim.CLAIMED]
+        unused = [sha for sha, waiting in self._claims.items() for c in waiting if c is Claim.CLAIMED]
         self._claims = {}
         marks, self._marks = self._marks + [released_mark(s, error="interrupted", attempts=0) for s in unused], []
         self._ledger.finish_many(marks)

@@ -4,17 +4,29 @@ only in the ledger once ``finish_many`` returned."""
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
+from collections.abc import Callable, Iterator
+from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_ledger import open_at
 
+from conftest import UPLOAD_TOKEN, write_csv
+from smt_watch.config import Settings
+from smt_watch.delivery import make_sink
 from smt_watch.errors import LedgerError
 from smt_watch.hashing import Signature
+from smt_watch.jobs import Job, JobKind, handle_jobs
 from smt_watch.ledger import Claim
 from smt_watch.ledger.common import ClaimRequest
 from smt_watch.ledger.store import failed_mark, released_mark, retrying_mark, sent_mark
+from smt_watch.reference.receiver import running_receiver
+from smt_watch.statedir import open_ledger
+
+Make = Callable[..., Settings]
 
 
 def _sha(n: int) -> str:
@@ -83,3 +95,64 @@ def test_a_group_is_one_transaction(tmp_path: Path) -> None:
             ledger.finish_many([sent_mark(_sha(7), status=200, destination="d", attempts=1),
                                 sent_mark(_sha(8), status=200, destination="d", attempts=1)])
         assert ledger.get(_sha(7)).state == "sending"  # type: ignore[union-attr]
+
+
+# --- a worker's group, end to end: real files, the reference receiver on loopback, a real ledger ------------
+
+
+@pytest.fixture
+def receiver(tmp_path: Path) -> Iterator[Any]:
+    with running_receiver(tmp_path / "received", upload_token=UPLOAD_TOKEN) as r:
+        yield r
+
+
+def _jobs(paths: list[Path]) -> list[Job]:
+    return [(p, Signature.of(p.lstat()), None) for p in paths]
+
+
+@pytest.mark.both_ledgers
+def test_a_group_is_claimed_sent_and_committed_together(make_settings: Make, receiver: Any) -> None:
+    settings = make_settings(SMT_UPLOAD_URL=f"{receiver.url}/upload", SMT_UPLOAD_TOKEN=UPLOAD_TOKEN)
+    inbox = settings.local_dir
+    files = [write_csv(inbox / f"g{n}.csv", rows=20, seed=n) for n in range(5)]
+    twin = inbox / "g0-again.csv"
+    twin.write_bytes(files[0].read_bytes())  # the same bytes under another name, in the same group
+    with open_ledger(settings) as ledger, closing(make_sink(settings, "multipart", chunks=ledger)) as sink:
+        results = handle_jobs(settings, ledger, sink, _jobs([*files, twin]))
+        assert [r.kind for r in results] == [JobKind.DONE] * 6
+        assert [r.outcome.result for r in results if r.outcome] == ["sent"] * 5 + ["busy"]
+        assert all(r.hashed for r in results)
+        rows = [ledger.get(r.ident.sha256) for r in results[:5] if r.ident]
+        assert [row.state for row in rows if row] == ["sent"] * 5
+        seen = ledger.seen_many([str(p) for p in [*files, twin]])
+        assert len(seen) == 6  # every stat-cache row went in with the group's claims
+        # the twin, looked at again (as the watcher does after BUSY): a duplicate, nothing sent
+        again = handle_jobs(settings, ledger, sink, _jobs([twin]))
+        assert again[0].outcome is not None and again[0].outcome.result == "duplicate"
+    assert sorted(r.sha256 for r in receiver.state.requests) == sorted(
+        hashlib.sha256(f.read_bytes()).hexdigest() for f in files)
+
+
+def test_a_group_whose_outcomes_cannot_be_committed_is_not_acknowledged(make_settings: Make, receiver: Any
+                                                                         ) -> None:
+    """The group was sent, but its outcome commit failed: no file of it is DONE (the watcher neither counts,
+    logs nor moves them), the rows stay ``sending``, and the next attempt delivers them (same
+    Idempotency-Key) and acknowledges them."""
+    settings = make_settings(SMT_UPLOAD_URL=f"{receiver.url}/upload", SMT_UPLOAD_TOKEN=UPLOAD_TOKEN)
+    files = [write_csv(settings.local_dir / f"n{n}.csv", rows=20, seed=n) for n in range(3)]
+    with open_ledger(settings) as ledger, closing(make_sink(settings, "multipart", chunks=ledger)) as sink:
+        other = sqlite3.connect(ledger.path, isolation_level=None)
+        other.execute("CREATE TRIGGER refuse BEFORE UPDATE OF state ON files WHEN NEW.state = 'sent'"
+                      " BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+        results = handle_jobs(settings, ledger, sink, _jobs(files))
+        assert [r.kind for r in results] == [JobKind.ERROR] * 3, results
+        assert all("disk full" in r.message for r in results)
+        shas = [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
+        assert [row.state for s in shas if (row := ledger.get(s))] == ["sending"] * 3
+        assert len(receiver.state.requests) == 3
+        other.execute("DROP TRIGGER refuse")
+        other.close()
+        results = handle_jobs(settings, ledger, sink, _jobs(files))
+        assert [r.outcome.result for r in results if r.outcome] == ["sent"] * 3
+        assert [row.state for s in shas if (row := ledger.get(s))] == ["sent"] * 3
+    assert [r.sha256 for r in receiver.state.requests] == shas * 2
