@@ -1,5 +1,6 @@
-"""``watch``'s jobs: one ready file → one delivery attempt (:func:`handle_job`, :class:`JobResult`), and
-the runners that carry it out in a worker thread (:class:`InThread`) or a worker process (:class:`InProcess`).
+"""``watch``'s jobs: ready files → delivery attempts, a worker's group at a time (:func:`handle_jobs`, one
+claim commit and one outcome commit for the group; :class:`JobResult`), and the runners that carry them
+out in a worker thread (:class:`InThread`) or a worker process (:class:`InProcess`).
 
 ``SMT_WORKER_MODE=thread`` (the default): the ``SMT_WORKERS`` threads share the watcher's ledger connection
 and HTTP client. Small, but all of them share one GIL: a backlog of small files drains at about 350 files/s

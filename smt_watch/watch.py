@@ -7,8 +7,9 @@ Threads and what they own:
 - the main loop owns the :class:`Settler` (the quiet period), the full rescans, the schedule of rows due
   again (``retrying`` whose backoff expired, ``pending`` after a crash or a change), systemd notification
   and the stop sequence;
-- ``SMT_WORKERS`` delivery threads take ready files from a bounded queue, hash them (or take the hash
-  from the stat cache), claim them in the ledger, send them and apply ``SMT_AFTER_SEND``; with
+- ``SMT_WORKERS`` delivery threads take ready files from a bounded queue (up to ``GROUP_MAX`` at once),
+  hash them (or take the hash from the stat cache), claim them in the ledger (one transaction for the
+  group), send them, commit their outcomes (one more) and only then apply ``SMT_AFTER_SEND``; with
   ``SMT_WORKER_MODE=process`` each thread hands the hashing, claiming and sending to a worker process
   of its own (:mod:`smt_watch.jobs`).
 
