@@ -233,13 +233,19 @@ class _Group:
         for sha, claim in claims:
             self._claims.setdefault(sha, []).append(claim)
         self._marks: list[Mark] = []
+        self._taken: list[str] = []  # group claims handed to a delivery
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._ledger, name)
 
     def claim(self, sha256: str, **kwargs: Any) -> Claim:
         waiting = self._claims.get(sha256)
-        return waiting.pop(0) if waiting else self._ledger.claim(sha256, **kwargs)
+        if not waiting:
+            return self._ledger.claim(sha256, **kwargs)
+        claim = waiting.pop(0)
+        if claim is Claim.CLAIMED:
+            self._taken.append(sha256)
+        return claim
 
     def mark_sent(self, sha256: str, *, status: int | None, destination: str, attempts: int) -> None:
         self._marks.append(sent_mark(sha256, status=status, destination=destination, attempts=attempts))
@@ -256,9 +262,13 @@ class _Group:
         self._marks.append(released_mark(sha256, error=error, attempts=attempts))
 
     def flush(self) -> None:
-        """Commit the held outcomes together; a claim taken for the group but never used is handed back."""
+        """Commit the held outcomes together. A claim of the group that has no outcome (never used, or its
+        delivery stopped by an error after the claim, e.g. the ledger gone mid-group) is handed back
+        (``pending``), so it is not held by this process for ever."""
+        marked = {m.sha256 for m in self._marks}
         unused = [sha for sha, waiting in self._claims.items() for c in waiting if c is Claim.CLAIMED]
-        self._claims = {}
+        unused += [sha for sha in self._taken if sha not in marked]
+        self._claims, self._taken = {}, []
         marks, self._marks = self._marks + [released_mark(s, error="interrupted", attempts=0) for s in unused], []
         self._ledger.finish_many(marks)
 

@@ -156,3 +156,24 @@ def test_a_group_whose_outcomes_cannot_be_committed_is_not_acknowledged(make_set
         assert [r.outcome.result for r in results if r.outcome] == ["sent"] * 3
         assert [row.state for s in shas if (row := ledger.get(s))] == ["sent"] * 3
     assert [r.sha256 for r in receiver.state.requests] == shas * 2
+
+
+def test_a_claim_whose_delivery_stopped_mid_group_is_handed_back(make_settings: Make, receiver: Any) -> None:
+    """The ledger fails after the group's claims (here: its labels table is gone, as a PostgreSQL outage
+    fails every read): each file's result says so, nothing was sent, and its claim is handed back
+    (``pending``), not held by this process for ever; once the ledger answers, the same files go out."""
+    settings = make_settings(SMT_UPLOAD_URL=f"{receiver.url}/upload", SMT_UPLOAD_TOKEN=UPLOAD_TOKEN)
+    files = [write_csv(settings.local_dir / f"h{n}.csv", rows=20, seed=n) for n in range(3)]
+    shas = [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
+    with open_ledger(settings) as ledger, closing(make_sink(settings, "multipart", chunks=ledger)) as sink:
+        other = sqlite3.connect(ledger.path, isolation_level=None)
+        other.execute("ALTER TABLE labels RENAME TO labels_away")
+        results = handle_jobs(settings, ledger, sink, _jobs(files))
+        assert [r.kind for r in results] == [JobKind.ERROR] * 3, results
+        assert [row.state for s in shas if (row := ledger.get(s))] == ["pending"] * 3
+        assert receiver.state.requests == []
+        other.execute("ALTER TABLE labels_away RENAME TO labels")
+        other.close()
+        results = handle_jobs(settings, ledger, sink, _jobs(files))
+        assert [r.outcome.result for r in results if r.outcome] == ["sent"] * 3
+    assert [r.sha256 for r in receiver.state.requests] == shas
