@@ -22,6 +22,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -82,6 +83,7 @@ class Cached:
 
 
 GROUP_MAX = 16  # ready files a worker takes from the queue at once: one claim and one outcome commit for all
+FLUSH_RETRY_SECONDS = 5.0  # a group's outcomes wait this long between attempts while the ledger is unreachable
 
 
 Job = tuple[Path, Signature, Cached | None]
@@ -93,7 +95,8 @@ def handle_job(settings: Settings, ledger: WatchJobs, sink: Sink, path: Path, si
     return handle_jobs(settings, ledger, sink, [(path, sig, cached)])[0]
 
 
-def handle_jobs(settings: Settings, ledger: WatchJobs, sink: Sink, jobs: Sequence[Job]) -> list[JobResult]:
+def handle_jobs(settings: Settings, ledger: WatchJobs, sink: Sink, jobs: Sequence[Job],
+                stop: threading.Event | None = None) -> list[JobResult]:
     """Check each file is still what settled, identify it (stat cache or hash) and deliver it; one result
     per job, in order. ``cached``: the stat cache's answer the watcher already has (None: the job asks it).
 
@@ -105,7 +108,11 @@ def handle_jobs(settings: Settings, ledger: WatchJobs, sink: Sink, jobs: Sequenc
 
     The bytes are read through a descriptor opened beneath the inbox without following a symlink on any
     component (:func:`open_beneath`): a directory swapped for a symlink at any moment cannot make us read
-    (or send) a file outside the inbox."""
+    (or send) a file outside the inbox.
+
+    ``stop`` (the watcher's): while it is not set, a ledger that cannot be reached when the group's outcomes
+    are to be committed is waited for (every :data:`FLUSH_RETRY_SECONDS`), so a PostgreSQL outage does not
+    make the group's files go out twice; once set, the group is given up (its rows stay ``sending``)."""
     results: list[JobResult | None] = [None] * len(jobs)
     ready: list[_Ready] = []
     try:
@@ -116,7 +123,7 @@ def handle_jobs(settings: Settings, ledger: WatchJobs, sink: Sink, jobs: Sequenc
             else:
                 ready.append(_Ready(i, *got))
         if ready:
-            _deliver_group(settings, ledger, sink, ready, results)
+            _deliver_group(settings, ledger, sink, ready, results, stop)
     finally:
         for r in ready:
             os.close(r.fd)
@@ -188,7 +195,7 @@ def _prepare(settings: Settings, ledger: WatchJobs, path: Path, sig: Signature, 
 
 
 def _deliver_group(settings: Settings, ledger: WatchJobs, sink: Sink, ready: list[_Ready],
-                   results: list[JobResult | None]) -> None:
+                   results: list[JobResult | None], stop: threading.Event | None) -> None:
     """Claim the group's CSVs together, send each, commit their outcomes together; then fill ``results``."""
     first = ready[0].ident.path  # what a log line about the group's ledger work names
     plain = [r for r in ready if not is_container(r.ident.path.name)]
@@ -216,6 +223,9 @@ def _deliver_group(settings: Settings, ledger: WatchJobs, sink: Sink, ready: lis
                 done.append(r)
     finally:
         flushed = _guarded(first, group.flush)
+        while (isinstance(flushed, JobResult) and flushed.kind is JobKind.UNREACHABLE and stop is not None
+               and not stop.wait(FLUSH_RETRY_SECONDS)):
+            flushed = _guarded(first, group.flush)  # the same outcomes, once the ledger answers again
         if isinstance(flushed, JobResult):  # not durable: nothing of the group is acknowledged
             for r in done:
                 if r in plain:
@@ -262,15 +272,16 @@ class _Group:
         self._marks.append(released_mark(sha256, error=error, attempts=attempts))
 
     def flush(self) -> None:
-        """Commit the held outcomes together. A claim of the group that has no outcome (never used, or its
-        delivery stopped by an error after the claim, e.g. the ledger gone mid-group) is handed back
-        (``pending``), so it is not held by this process for ever."""
+        """Commit the held outcomes together; when that fails they are kept for another call. A claim of
+        the group that has no outcome (never used, or its delivery stopped by an error after the claim, e.g.
+        the ledger gone mid-group) is handed back (``pending``), so it is not held by this process for ever."""
         marked = {m.sha256 for m in self._marks}
         unused = [sha for sha, waiting in self._claims.items() for c in waiting if c is Claim.CLAIMED]
         unused += [sha for sha in self._taken if sha not in marked]
         self._claims, self._taken = {}, []
-        marks, self._marks = self._marks + [released_mark(s, error="interrupted", attempts=0) for s in unused], []
-        self._ledger.finish_many(marks)
+        self._marks += [released_mark(s, error="interrupted", attempts=0) for s in unused]
+        self._ledger.finish_many(self._marks)
+        self._marks = []
 
 
 class Runner(Protocol):
@@ -284,14 +295,15 @@ class Runner(Protocol):
 class InThread:
     """Runs jobs in the calling thread with the watcher's own ledger and sink."""
 
-    def __init__(self, settings: Settings, ledger: WatchJobs, sink: Sink) -> None:
-        self._settings, self._ledger, self._sink = settings, ledger, sink
+    def __init__(self, settings: Settings, ledger: WatchJobs, sink: Sink, stop: threading.Event | None = None
+                 ) -> None:
+        self._settings, self._ledger, self._sink, self._stop = settings, ledger, sink, stop
 
     def run(self, path: Path, sig: Signature, cached: Cached | None = None) -> JobResult:
         return handle_job(self._settings, self._ledger, self._sink, path, sig, cached)
 
     def run_many(self, jobs: Sequence[Job]) -> list[JobResult]:
-        return handle_jobs(self._settings, self._ledger, self._sink, jobs)
+        return handle_jobs(self._settings, self._ledger, self._sink, jobs, self._stop)
 
     def close(self) -> None:
         pass

@@ -508,7 +508,7 @@ class WatchService:
         if self.settings.worker_mode is WorkerMode.PROCESS:
             return InProcess(self.settings, self.mode, f"smt-watch-delivery-{index}")
         assert self._ledger is not None and self._sink is not None
-        return InThread(self.settings, self._ledger, self._sink)
+        return InThread(self.settings, self._ledger, self._sink, self._stop)
 
     def _apply(self, job: ReadyFile, result: JobResult) -> None:
         """What the watcher does with a job's result: its state, counts, log lines and after-send."""

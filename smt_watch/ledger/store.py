@@ -441,6 +441,7 @@ RETURNING sha256"""
         transaction for a worker's group of files). Nothing is acknowledged before this returns."""
         if not marks:
             return
+        done = False
         try:
             if len(marks) == 1:
                 update, params, esiid = self._finish_statement(marks[0])
@@ -448,6 +449,7 @@ RETURNING sha256"""
                     self._db.execute(update, params)
                 else:
                     self._write_both(NOTE_SQL, update, params)
+                done = True
                 return
             statements = [self._finish_statement(m) for m in marks]
 
@@ -458,11 +460,13 @@ RETURNING sha256"""
                     tx.execute(update, params)
 
             self._db.transaction(work)
+            done = True
         finally:
             with self._lock:
                 for m in marks:
                     self._inflight.discard(m.sha256)
-                    self._noted.pop(m.sha256, None)
+                    if done:  # (kept when not written: a later call with the same outcomes writes it)
+                        self._noted.pop(m.sha256, None)
 
     # --- operator commands ------------------------------------------------------------------------------
 
