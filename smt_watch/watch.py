@@ -456,9 +456,9 @@ class WatchService:
     # --- workers ------------------------------------------------------------------------------------
 
     def _worker(self, index: int) -> None:
-        """Takes the ready files waiting in the queue, up to GROUP_MAX at once (a drain: a full group; one
-        file landing alone: a group of one, no waiting), and hands them to the runner as one group: one
-        claim commit and one outcome commit for all (:func:`smt_watch.jobs.handle_jobs`)."""
+        """Takes its share of the ready files waiting in the queue, up to GROUP_MAX at once (a drain: a full
+        group; one file landing alone: a group of one, no waiting), and hands them to the runner as one
+        group: one claim commit and one outcome commit for all (:func:`smt_watch.jobs.handle_jobs`)."""
         runner = self._runner(index)
         try:
             stopping = False
@@ -467,7 +467,10 @@ class WatchService:
                 if first is None:
                     return
                 jobs = [first]
-                while len(jobs) < GROUP_MAX:
+                # a fair share of what waits, so a short backlog still spreads over every worker (each may
+                # be waiting on the network); a drain's full queue gives each a full group
+                share = min(GROUP_MAX, max(1, (self._queue.qsize() + 1) // max(1, self.settings.workers)))
+                while len(jobs) < share:
                     try:
                         job = self._queue.get_nowait()
                     except queue.Empty:
