@@ -234,12 +234,13 @@ def statement_counts(cluster: PgCluster, url: str, files: int) -> None:
 
 
 def run_drains(work: Path, procs: Procs, cluster: PgCluster, sizes: Sizes, res: Results,
-               statements: bool = False) -> None:
+               statements: bool = False, src: Path | None = None) -> None:
     sink_log = work / "sink-requests.tsv"
     with start_sink_process(log_path=str(sink_log)) as port:
         log = SinkLog(sink_log)
         try:
             b = Bench(work, port, log, procs)
+            b.src = src  # --src: the drains run another checkout's code (before/after comparisons)
             note(f"drain: writing {sizes.drain_files} files ...")
             pool = make_pool(b, CsvMaker(), sizes.drain_files)
             for r in range(1, sizes.rounds + 1):
@@ -374,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drain-files", type=int, help="files per drain (default 10,000)")
     parser.add_argument("--rounds", type=int, help="runs of each part per backend; medians are judged (default 2)")
     parser.add_argument("--skip-drain", action="store_true", help="claims only")
+    parser.add_argument("--src", type=Path, help="the drains run this checkout's source tree (with this venv)")
     parser.add_argument("--statements", action="store_true",
                         help="diagnosis: load pg_stat_statements and print what each PostgreSQL drain asked, per file")
     parser.add_argument("--note-file", type=Path, action="append", default=[],
@@ -398,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
             note("claims + mark_sent:")
             run_claims(work, cluster, sizes, res)
             if not args.skip_drain:
-                run_drains(work, procs, cluster, sizes, res, args.statements)
+                run_drains(work, procs, cluster, sizes, res, args.statements, args.src)
 
         try:
             with_cluster(body, args.statements)

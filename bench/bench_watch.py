@@ -881,7 +881,7 @@ def render(
 # --- main -------------------------------------------------------------------------------------------
 
 
-def drain_only(n: int, sources: list[Path | None], rounds: int) -> int:
+def drain_only(n: int, sources: list[Path | None], rounds: int, workers: int = 2) -> int:
     """``--drain-only``: the drain part alone, for before/after comparisons of the code in one run."""
     procs = Procs()
     results: dict[str, list[Drain]] = {}
@@ -900,14 +900,14 @@ def drain_only(n: int, sources: list[Path | None], rounds: int) -> int:
                             label = str(src or ROOT)
                             note(f"round {r + 1}: {label}")
                             results.setdefault(label, []).append(
-                                measure_drain(b, pool, 2, "thread", suffix=f"-{r}-{b.dirs}"))
+                                measure_drain(b, pool, workers, "thread", suffix=f"-{r}-{b.dirs}"))
                 finally:
                     procs.stop_all()
                     log.close()
         except BenchError as exc:
             print(f"bench_watch: {exc}", file=sys.stderr)
             return 2
-    print(f"drain of {n} files, 2 worker threads, {rounds} round(s); load {os.getloadavg()[0]:.1f}")
+    print(f"drain of {n} files, {workers} worker thread(s), {rounds} round(s); load {os.getloadavg()[0]:.1f}")
     print("| code | files/s per round | watch CPU ms/file per round | sent twice |")
     print("|---|---|---|---:|")
     for label, runs in results.items():
@@ -938,9 +938,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--src", type=Path, action="append", default=[],
                         help="with --drain-only: another checkout's source tree to compare (run with this venv)")
     parser.add_argument("--rounds", type=int, default=2, help="with --drain-only: rounds (default 2)")
+    parser.add_argument("--workers", type=int, default=2, help="with --drain-only: SMT_WORKERS (default 2)")
     args = parser.parse_args(argv)
     if args.drain_only:
-        return drain_only(args.drain_only, [None, *args.src], args.rounds)
+        return drain_only(args.drain_only, [None, *args.src], args.rounds, args.workers)
     if not SMT_WATCH.exists():
         raise SystemExit(f"{SMT_WATCH} not found: run `make` (pip install -e .) first")
     for tool in ("bash", "curl", "sha256sum", "grep"):

@@ -1,5 +1,6 @@
-"""``watch``'s jobs: one ready file → one delivery attempt (:func:`handle_job`, :class:`JobResult`), and
-the runners that carry it out in a worker thread (:class:`InThread`) or a worker process (:class:`InProcess`).
+"""``watch``'s jobs: ready files → delivery attempts, a worker's group at a time (:func:`handle_jobs`, one
+claim commit and one outcome commit for the group; :class:`JobResult`), and the runners that carry them
+out in a worker thread (:class:`InThread`) or a worker process (:class:`InProcess`).
 
 ``SMT_WORKER_MODE=thread`` (the default): the ``SMT_WORKERS`` threads share the watcher's ledger connection
 and HTTP client. Small, but all of them share one GIL: a backlog of small files drains at about 350 files/s
@@ -21,26 +22,33 @@ import logging
 import multiprocessing
 import os
 import signal
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
+from functools import partial
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, TypeVar, cast
 
 from smt_watch.config import Settings
-from smt_watch.content import sniffing
+from smt_watch.content import is_container, sniffing
 from smt_watch.delivery import Sink, make_sink
 from smt_watch.errors import FileChanged, InputError, LedgerUnavailable, SmtWatchError, reason
 from smt_watch.hashing import FileIdentity, Signature, identify
 from smt_watch.inbox import open_beneath, regular_stat
-from smt_watch.ledger import Remember, Seen
-from smt_watch.ledger.roles import WatchJobs
+from smt_watch.ledger import Claim, Remember, Seen
+from smt_watch.ledger.common import ClaimRequest, Mark
+from smt_watch.ledger.roles import Deliveries, WatchJobs
+from smt_watch.ledger.store import failed_mark, released_mark, retrying_mark, sent_mark
+from smt_watch.names import sent
 from smt_watch.pipeline import Outcome, deliver_identified
 from smt_watch.smtcsv import Sniffer
 from smt_watch.statedir import open_ledger
 from smt_watch.workers import WorkerLogging, enter_worker, start_worker, stop_process
 
-log = logging.getLogger("smt_watch.workers")  # the module's former name: log filters in the field use it
+log = logging.getLogger("smt_watch.workers")
+_T = TypeVar("_T")  # the module's former name: log filters in the field use it
 
 
 class JobKind(Enum):
@@ -74,15 +82,82 @@ class Cached:
     seen: Seen | None
 
 
+GROUP_MAX = 16  # ready files a worker takes from the queue at once: one claim and one outcome commit for all
+FLUSH_RETRY_SECONDS = 5.0  # a group's outcomes wait this long between attempts while the ledger is unreachable
+
+
+Job = tuple[Path, Signature, Cached | None]
+
+
 def handle_job(settings: Settings, ledger: WatchJobs, sink: Sink, path: Path, sig: Signature,
                cached: Cached | None = None) -> JobResult:
-    """Check the file is still what settled, identify it (stat cache or hash) and deliver it.
+    """One job: :func:`handle_jobs` with a group of one."""
+    return handle_jobs(settings, ledger, sink, [(path, sig, cached)])[0]
 
-    ``cached``: the stat cache's answer the watcher already has (None: the job asks it).
+
+def handle_jobs(settings: Settings, ledger: WatchJobs, sink: Sink, jobs: Sequence[Job],
+                stop: threading.Event | None = None) -> list[JobResult]:
+    """Check each file is still what settled, identify it (stat cache or hash) and deliver it; one result
+    per job, in order. ``cached``: the stat cache's answer the watcher already has (None: the job asks it).
+
+    Group commit: the group's CSVs are claimed in ONE transaction (their stat-cache rows in it), sent one
+    after another, and their outcomes committed in ONE more; a result says DONE only once its row is
+    durable, so the watcher counts, logs and moves a file only then. A crash in between leaves the rows
+    ``sending``: resumed (sent again, under the same Idempotency-Key) at the next start, as a crash between
+    a 2xx and its single commit always did. An ``.asc``/``.zip`` is delivered on its own, as before.
 
     The bytes are read through a descriptor opened beneath the inbox without following a symlink on any
     component (:func:`open_beneath`): a directory swapped for a symlink at any moment cannot make us read
-    (or send) a file outside the inbox."""
+    (or send) a file outside the inbox.
+
+    ``stop`` (the watcher's): while it is not set, a ledger that cannot be reached when the group's outcomes
+    are to be committed is waited for (every :data:`FLUSH_RETRY_SECONDS`), so a PostgreSQL outage does not
+    make the group's files go out twice; once set, the group is given up (its rows stay ``sending``)."""
+    results: list[JobResult | None] = [None] * len(jobs)
+    ready: list[_Ready] = []
+    try:
+        for i, (path, sig, cached) in enumerate(jobs):
+            got = _guarded(path, partial(_prepare, settings, ledger, path, sig, cached))
+            if isinstance(got, JobResult):
+                results[i] = got
+            else:
+                ready.append(_Ready(i, *got))
+        if ready:
+            _deliver_group(settings, ledger, sink, ready, results, stop)
+    finally:
+        for r in ready:
+            os.close(r.fd)
+    return [r if r is not None else JobResult(JobKind.ERROR, message="not handled") for r in results]
+
+
+@dataclass
+class _Ready:
+    """A job past its readiness checks and hashing, its descriptor open: what its claim and send need."""
+
+    index: int
+    fd: int
+    ident: FileIdentity
+    remember: Remember | None  # a stat-cache row to write with the claim (the file was hashed)
+    sniffer: Sniffer | None
+
+
+def _guarded(path: Path, work: Callable[[], _T]) -> _T | JobResult:
+    """``work``, with a failure of the ledger or a bug turned into this job's result (the others go on)."""
+    try:
+        return work()
+    except LedgerUnavailable as exc:
+        return JobResult(JobKind.UNREACHABLE, message=str(exc))
+    except SmtWatchError as exc:
+        return JobResult(JobKind.ERROR, message=str(exc))
+    except Exception as exc:  # a bug: logged with its traceback here, the watcher carries on
+        log.exception("Unexpected error handling %s", path)
+        return JobResult(JobKind.ERROR, message=f"internal error: {reason(exc)}")
+
+
+def _prepare(settings: Settings, ledger: WatchJobs, path: Path, sig: Signature, cached: Cached | None
+             ) -> JobResult | tuple[int, FileIdentity, Remember | None, Sniffer | None]:
+    """Readiness (still the file that settled, reached beneath the inbox) and identity (stat cache or one
+    read that hashes and sniffs). Returns the open descriptor with the identity; the caller closes it."""
     root = settings.local_dir.absolute()
     st = regular_stat(path, root)  # a parent swapped for a symlink: not ours
     if st is None:
@@ -97,38 +172,122 @@ def handle_job(settings: Settings, ledger: WatchJobs, sink: Sink, path: Path, si
         return JobResult(JobKind.GONE)
     try:
         if Signature.of(os.fstat(fd)) != sig:
+            os.close(fd)
             return JobResult(JobKind.CHANGED)  # not the file that settled (replaced, or reached another way)
-        return _deliver_open(settings, ledger, sink, path, sig, fd, cached)
-    finally:
-        os.close(fd)
-
-
-def _deliver_open(settings: Settings, ledger: WatchJobs, sink: Sink, path: Path, sig: Signature,
-                  fd: int, cached: Cached | None) -> JobResult:
-    source = Path(f"/proc/self/fd/{fd}")  # what the sink reads: the file this descriptor holds, whatever moves
-    key = str(path)
-    known = ledger.seen(key) if cached is None else cached.seen
-    remember = None
-    sniffer: Sniffer | None = None
-    if known and known.signature == sig:
-        ident = FileIdentity(path, known.sha256, sig, source)
-    else:
+        source = Path(f"/proc/self/fd/{fd}")  # what the sink reads: the file this descriptor holds, whatever moves
+        key = str(path)
+        known = ledger.seen(key) if cached is None else cached.seen
+        if known and known.signature == sig:
+            return fd, FileIdentity(path, known.sha256, sig, source), None, None
         sniffer = sniffing(path.name)
         try:
             ident = identify(path, source, observe=sniffer.feed if sniffer else None, fd=fd)  # one read: hash, sniff
         except FileChanged:
+            os.close(fd)
             return JobResult(JobKind.CHANGED)
         except InputError as exc:
+            os.close(fd)
             return JobResult(JobKind.SKIPPED, message=str(exc))
-        remember = Remember(key, ident.signature, ident.sha256)
-    # the stat-cache row goes into the claim's transaction
-    outcome = deliver_identified(settings, ledger, sink, ident, respect_backoff=True, remember=remember,
-                                 sniffed=sniffer)
-    return JobResult(JobKind.DONE, ident, outcome, hashed=remember is not None)
+        return fd, ident, Remember(key, ident.signature, ident.sha256), sniffer
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _deliver_group(settings: Settings, ledger: WatchJobs, sink: Sink, ready: list[_Ready],
+                   results: list[JobResult | None], stop: threading.Event | None) -> None:
+    """Claim the group's CSVs together, send each, commit their outcomes together; then fill ``results``."""
+    first = ready[0].ident.path  # what a log line about the group's ledger work names
+    plain = [r for r in ready if not is_container(r.ident.path.name)]
+    claimed = _guarded(first, lambda: ledger.claim_many([
+        ClaimRequest(r.ident.sha256, sent(r.ident.path.name), str(r.ident.path.absolute()), r.ident.size,
+                     sink.name, respect_backoff=True, remember=r.remember) for r in plain]) if plain else [])
+    if isinstance(claimed, JobResult):  # none of them was claimed (one transaction)
+        for r in plain:
+            results[r.index] = claimed
+        ready = [r for r in ready if r not in plain]
+        plain = []
+        claimed = []
+    group = _Group(ledger, [(r.ident.sha256, c) for r, c in zip(plain, claimed, strict=True)])
+    done: list[_Ready] = []
+    try:
+        for r in ready:
+            # an .asc/.zip: delivered with the ledger itself (its parent row reads its CSVs' rows as it goes)
+            target = cast(Deliveries, group) if r in plain else ledger
+            got = _guarded(r.ident.path, partial(deliver_identified, settings, target, sink, r.ident,
+                                                 respect_backoff=True, remember=r.remember, sniffed=r.sniffer))
+            if isinstance(got, JobResult):
+                results[r.index] = got
+            else:
+                results[r.index] = JobResult(JobKind.DONE, r.ident, got, hashed=r.remember is not None)
+                done.append(r)
+    finally:
+        flushed = _guarded(first, group.flush)
+        while (isinstance(flushed, JobResult) and flushed.kind is JobKind.UNREACHABLE and stop is not None
+               and not stop.wait(FLUSH_RETRY_SECONDS)):
+            flushed = _guarded(first, group.flush)  # the same outcomes, once the ledger answers again
+        if isinstance(flushed, JobResult):  # not durable: nothing of the group is acknowledged
+            for r in done:
+                if r in plain:
+                    results[r.index] = flushed
+
+
+class _Group:
+    """The ledger as one group's deliveries see it: claims already decided by ``claim_many`` are answered
+    from here, and outcomes are held until :meth:`flush` commits them in one transaction. Everything else
+    goes to the ledger itself."""
+
+    def __init__(self, ledger: WatchJobs, claims: list[tuple[str, Claim]]) -> None:
+        self._ledger = ledger
+        self._claims: dict[str, list[Claim]] = {}  # per SHA-256, in the group's order (the same bytes twice)
+        for sha, claim in claims:
+            self._claims.setdefault(sha, []).append(claim)
+        self._marks: list[Mark] = []
+        self._taken: list[str] = []  # group claims handed to a delivery
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ledger, name)
+
+    def claim(self, sha256: str, **kwargs: Any) -> Claim:
+        waiting = self._claims.get(sha256)
+        if not waiting:
+            return self._ledger.claim(sha256, **kwargs)
+        claim = waiting.pop(0)
+        if claim is Claim.CLAIMED:
+            self._taken.append(sha256)
+        return claim
+
+    def mark_sent(self, sha256: str, *, status: int | None, destination: str, attempts: int) -> None:
+        self._marks.append(sent_mark(sha256, status=status, destination=destination, attempts=attempts))
+
+    def mark_retrying(self, sha256: str, *, status: int | None, error: str, attempts: int,
+                      next_attempt_at: float) -> None:
+        self._marks.append(retrying_mark(sha256, status=status, error=error, attempts=attempts,
+                                         next_attempt_at=next_attempt_at))
+
+    def mark_failed(self, sha256: str, *, status: int | None, error: str, attempts: int) -> None:
+        self._marks.append(failed_mark(sha256, status=status, error=error, attempts=attempts))
+
+    def release(self, sha256: str, *, error: str, attempts: int) -> None:
+        self._marks.append(released_mark(sha256, error=error, attempts=attempts))
+
+    def flush(self) -> None:
+        """Commit the held outcomes together; when that fails they are kept for another call. A claim of
+        the group that has no outcome (never used, or its delivery stopped by an error after the claim, e.g.
+        the ledger gone mid-group) is handed back (``pending``), so it is not held by this process for ever."""
+        marked = {m.sha256 for m in self._marks}
+        unused = [sha for sha, waiting in self._claims.items() for c in waiting if c is Claim.CLAIMED]
+        unused += [sha for sha in self._taken if sha not in marked]
+        self._claims, self._taken = {}, []
+        self._marks += [released_mark(s, error="interrupted", attempts=0) for s in unused]
+        self._ledger.finish_many(self._marks)
+        self._marks = []
 
 
 class Runner(Protocol):
     def run(self, path: Path, sig: Signature, cached: Cached | None = None) -> JobResult: ...
+
+    def run_many(self, jobs: Sequence[Job]) -> list[JobResult]: ...
 
     def close(self) -> None: ...
 
@@ -136,11 +295,15 @@ class Runner(Protocol):
 class InThread:
     """Runs jobs in the calling thread with the watcher's own ledger and sink."""
 
-    def __init__(self, settings: Settings, ledger: WatchJobs, sink: Sink) -> None:
-        self._settings, self._ledger, self._sink = settings, ledger, sink
+    def __init__(self, settings: Settings, ledger: WatchJobs, sink: Sink, stop: threading.Event | None = None
+                 ) -> None:
+        self._settings, self._ledger, self._sink, self._stop = settings, ledger, sink, stop
 
     def run(self, path: Path, sig: Signature, cached: Cached | None = None) -> JobResult:
         return handle_job(self._settings, self._ledger, self._sink, path, sig, cached)
+
+    def run_many(self, jobs: Sequence[Job]) -> list[JobResult]:
+        return handle_jobs(self._settings, self._ledger, self._sink, jobs, self._stop)
 
     def close(self) -> None:
         pass
@@ -170,6 +333,10 @@ class InProcess:
             self._reap()
             self._start()
             return JobResult(JobKind.ERROR, message=f"worker process {self._name} exited ({code}); it was restarted")
+
+    def run_many(self, jobs: Sequence[Job]) -> list[JobResult]:
+        """One job at a time over the pipe (the process has its own ledger connection and GIL already)."""
+        return [self.run(*job) for job in jobs]
 
     def close(self) -> None:
         if self._conn is not None:

@@ -7,8 +7,9 @@ Threads and what they own:
 - the main loop owns the :class:`Settler` (the quiet period), the full rescans, the schedule of rows due
   again (``retrying`` whose backoff expired, ``pending`` after a crash or a change), systemd notification
   and the stop sequence;
-- ``SMT_WORKERS`` delivery threads take ready files from a bounded queue, hash them (or take the hash
-  from the stat cache), claim them in the ledger, send them and apply ``SMT_AFTER_SEND``; with
+- ``SMT_WORKERS`` delivery threads take ready files from a bounded queue (up to ``GROUP_MAX`` at once),
+  hash them (or take the hash from the stat cache), claim them in the ledger (one transaction for the
+  group), send them, commit their outcomes (one more) and only then apply ``SMT_AFTER_SEND``; with
   ``SMT_WORKER_MODE=process`` each thread hands the hashing, claiming and sending to a worker process
   of its own (:mod:`smt_watch.jobs`).
 
@@ -52,7 +53,7 @@ from smt_watch.inbox import (
     relative,
     scan,
 )
-from smt_watch.jobs import Cached, InProcess, InThread, JobKind, JobResult, Runner
+from smt_watch.jobs import GROUP_MAX, Cached, InProcess, InThread, JobKind, JobResult, Runner
 from smt_watch.ledger import Ledger, Seen
 from smt_watch.limits import node_stats_reader
 from smt_watch.metrics import Metrics
@@ -455,34 +456,62 @@ class WatchService:
     # --- workers ------------------------------------------------------------------------------------
 
     def _worker(self, index: int) -> None:
+        """Takes its share of the ready files waiting in the queue, up to GROUP_MAX at once (a drain: a full
+        group; one file landing alone: a group of one, no waiting), and hands them to the runner as one
+        group: one claim commit and one outcome commit for all (:func:`smt_watch.jobs.handle_jobs`)."""
         runner = self._runner(index)
         try:
-            while True:
-                job = self._queue.get()
-                if job is None:
+            stopping = False
+            while not stopping:
+                first = self._queue.get()
+                if first is None:
                     return
+                jobs = [first]
+                # a fair share of what waits, so a short backlog still spreads over every worker (each may
+                # be waiting on the network); a drain's full queue gives each a full group
+                share = min(GROUP_MAX, max(1, (self._queue.qsize() + 1) // max(1, self.settings.workers)))
+                while len(jobs) < share:
+                    try:
+                        job = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if job is None:  # the stop sequence's marker: this group, then stop
+                        stopping = True
+                        break
+                    jobs.append(job)
+                self._run_group(runner, jobs)
+        finally:
+            runner.close()
+
+    def _run_group(self, runner: Runner, jobs: list[ReadyFile]) -> None:
+        try:
+            try:
+                results = runner.run_many([(j.path, j.signature, j.cached) for j in jobs])
+            except LedgerUnavailable as exc:
+                results = [JobResult(JobKind.UNREACHABLE, message=str(exc))] * len(jobs)
+            except SmtWatchError as exc:
+                results = [JobResult(JobKind.ERROR, message=str(exc))] * len(jobs)
+            for job, result in zip(jobs, results, strict=True):
                 try:
-                    self._apply(job, runner.run(job.path, job.signature, job.cached))
-                except LedgerUnavailable as exc:
-                    self._apply(job, JobResult(JobKind.UNREACHABLE, message=str(exc)))
-                except SmtWatchError as exc:
-                    self._apply(job, JobResult(JobKind.ERROR, message=str(exc)))
+                    self._apply(job, result)
                 except Exception:
                     log.exception("Unexpected error handling %s", job.path)
                     self._look_again(job.path, DUE_CHECK_SECONDS * 5)
-                finally:
-                    with self._lock:
-                        self._busy.discard(job.path)
-                    if self._queue.qsize() <= self._queue.maxsize // 2:
-                        self._wake.set()  # room in the queue: the main loop may feed more files
+        except Exception:
+            for job in jobs:
+                log.exception("Unexpected error handling %s", job.path)
+                self._look_again(job.path, DUE_CHECK_SECONDS * 5)
         finally:
-            runner.close()
+            with self._lock:
+                self._busy.difference_update(j.path for j in jobs)
+            if self._queue.qsize() <= self._queue.maxsize // 2:
+                self._wake.set()  # room in the queue: the main loop may feed more files
 
     def _runner(self, index: int) -> Runner:
         if self.settings.worker_mode is WorkerMode.PROCESS:
             return InProcess(self.settings, self.mode, f"smt-watch-delivery-{index}")
         assert self._ledger is not None and self._sink is not None
-        return InThread(self.settings, self._ledger, self._sink)
+        return InThread(self.settings, self._ledger, self._sink, self._stop)
 
     def _apply(self, job: ReadyFile, result: JobResult) -> None:
         """What the watcher does with a job's result: its state, counts, log lines and after-send."""

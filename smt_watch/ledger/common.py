@@ -185,6 +185,31 @@ class Remember:
     sha256: str
 
 
+@dataclass(frozen=True)
+class ClaimRequest:
+    """One claim of a group claimed in one transaction (:meth:`SqlLedger.claim_many`): the arguments of
+    :meth:`SqlLedger.claim` (``force`` False, no parent: what ``watch`` asks for a ready CSV)."""
+
+    sha256: str
+    filename: str
+    path: str | None
+    size: int
+    mode: str
+    respect_backoff: bool = False
+    remember: Remember | None = None
+
+
+@dataclass(frozen=True)
+class Mark:
+    """A claim's outcome held back for a group commit (:meth:`SqlLedger.finish_many`): ``state`` and the
+    columns :meth:`SqlLedger.mark_sent` and its siblings would write."""
+
+    sha256: str
+    state: str
+    attempts: int
+    values: tuple[tuple[str, Any], ...]
+
+
 @dataclass(frozen=True, slots=True)  # slots: a restart's scan makes one per file already handled
 class Seen:
     """What the stat cache knows of a path: the signature it had when hashed, and what became of those bytes."""

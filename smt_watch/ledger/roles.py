@@ -7,11 +7,11 @@ signature says what it may touch and a test can hand it no more than that.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, Protocol
 
-from smt_watch.ledger.common import Claim, Labels, Remember, Row, Seen
+from smt_watch.ledger.common import Claim, ClaimRequest, Labels, Mark, Remember, Row, Seen
 
 if TYPE_CHECKING:
     from smt_watch.ledger.verdicts import VerdictRow
@@ -66,8 +66,15 @@ class StatCache(Protocol):
     def seen_many(self, paths: list[str]) -> dict[str, Seen]: ...
 
 
-class WatchJobs(Deliveries, StatCache, Protocol):
-    """What a ``watch`` job takes: it asks the stat cache, and delivers."""
+class GroupCommit(Protocol):
+    """Claims and outcomes of a group of files in one transaction each (``watch``'s workers)."""
+
+    def claim_many(self, requests: Sequence[ClaimRequest]) -> list[Claim]: ...
+    def finish_many(self, marks: Sequence[Mark]) -> None: ...
+
+
+class WatchJobs(Deliveries, StatCache, GroupCommit, Protocol):
+    """What a ``watch`` job takes: it asks the stat cache, and delivers (a group of files at a time)."""
 
 
 class Meta(Protocol):

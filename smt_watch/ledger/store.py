@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Final, Self
 
@@ -26,7 +26,9 @@ from smt_watch.ledger.common import (
     REPOST_NOTE,
     STATES,
     Claim,
+    ClaimRequest,
     Labels,
+    Mark,
     Remember,
     Row,
     Seen,
@@ -59,6 +61,26 @@ LEASE_STANDS: Final = "lease_until > now()"
 def like_prefix(prefix: str) -> str:
     """A ``LIKE … ESCAPE '\\'`` pattern for what starts with ``prefix`` (its own ``%``/``_`` taken literally)."""
     return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+def sent_mark(sha256: str, *, status: int | None, destination: str, attempts: int) -> Mark:
+    """What :meth:`SqlLedger.mark_sent` writes, as a :class:`Mark` (a group commit holds these)."""
+    return Mark(sha256, "sent", attempts, (("http_status", status), ("destination", destination),
+                                           ("sent_at", now_iso()), ("last_error", None), ("next_attempt_at", None)))
+
+
+def retrying_mark(sha256: str, *, status: int | None, error: str, attempts: int, next_attempt_at: float) -> Mark:
+    return Mark(sha256, "retrying", attempts, (("http_status", status), ("last_error", error),
+                                               ("next_attempt_at", next_attempt_at)))
+
+
+def failed_mark(sha256: str, *, status: int | None, error: str, attempts: int) -> Mark:
+    return Mark(sha256, "failed", attempts, (("http_status", status), ("last_error", error),
+                                             ("next_attempt_at", None)))
+
+
+def released_mark(sha256: str, *, error: str, attempts: int) -> Mark:
+    return Mark(sha256, "pending", attempts, (("last_error", error),))
 
 
 class SqlLedger(VerdictStore):
@@ -293,33 +315,92 @@ RETURNING sha256"""
                 return Claim.CLAIMED
             remember = None
 
-        def decide(tx: Tx) -> Claim:
-            if remember is not None:
-                tx.execute(self._remember_sql, params)
-            # (again, on PostgreSQL: so that the upsert locks the row until COMMIT)
+        return self._db.transaction(
+            lambda tx: self._decide_in(tx, sha256, params, force=force, respect_backoff=respect_backoff,
+                                       remember=remember))
+
+    def _decide_in(self, tx: Tx, sha256: str, params: dict[str, Any], *, force: bool, respect_backoff: bool,
+                   remember: Remember | None) -> Claim:
+        """The claim inside a transaction: the upsert, and when it did not take the row, why not."""
+        if remember is not None:
+            tx.execute(self._remember_sql, params)
+        # (again, on PostgreSQL: so that the upsert locks the row until COMMIT)
+        if tx.query(self._claim_sql, params):
+            return Claim.CLAIMED
+        found = tx.query("SELECT state, claimed_by, claimed_at, next_attempt_at,"
+                         f" {self._leased_column} AS leased FROM files WHERE sha256 = ?", (sha256,))
+        if not found:  # pragma: no cover - the upsert either inserted or found the row
+            return Claim.BUSY
+        row = found[0]
+        if row["state"] == "sent" and not force:
+            return Claim.DUPLICATE
+        if respect_backoff and (
+            row["state"] == "failed"
+            or (row["state"] == "retrying" and (row["next_attempt_at"] or 0) > params["epoch"])
+        ):
+            return Claim.LATER
+        # Held by a process that died (on this node: its pid is gone): take it over now.
+        if row["claimed_by"] != self._me and not claimer_alive(
+                row["claimed_by"], row["claimed_at"], self._node, leased=self._leased(row["leased"])):
+            params["dead"] = row["claimed_by"]
             if tx.query(self._claim_sql, params):
                 return Claim.CLAIMED
-            found = tx.query("SELECT state, claimed_by, claimed_at, next_attempt_at,"
-                             f" {self._leased_column} AS leased FROM files WHERE sha256 = ?", (sha256,))
-            if not found:  # pragma: no cover - the upsert either inserted or found the row
-                return Claim.BUSY
-            row = found[0]
-            if row["state"] == "sent" and not force:
-                return Claim.DUPLICATE
-            if respect_backoff and (
-                row["state"] == "failed"
-                or (row["state"] == "retrying" and (row["next_attempt_at"] or 0) > params["epoch"])
-            ):
-                return Claim.LATER
-            # Held by a process that died (on this node: its pid is gone): take it over now.
-            if row["claimed_by"] != self._me and not claimer_alive(
-                    row["claimed_by"], row["claimed_at"], self._node, leased=self._leased(row["leased"])):
-                params["dead"] = row["claimed_by"]
-                if tx.query(self._claim_sql, params):
-                    return Claim.CLAIMED
-            return Claim.BUSY
+        return Claim.BUSY
 
-        return self._db.transaction(decide)
+    def claim_many(self, requests: Sequence[ClaimRequest]) -> list[Claim]:
+        """:meth:`claim` for several files in ONE transaction (group commit), their stat-cache rows in it:
+        a worker claims the ready files it took from the queue together, and pays one commit (SQLite) or
+        one transaction's round trips (PostgreSQL) for all of them. Each answer is what :meth:`claim` would
+        have said; the same bytes twice in one group: the second is BUSY, as for a second worker."""
+        if len(requests) == 1:
+            r = requests[0]
+            return [self.claim(r.sha256, filename=r.filename, path=r.path, size=r.size, mode=r.mode,
+                               respect_backoff=r.respect_backoff, remember=r.remember)]
+        now, epoch = now_iso(), time.time()
+        answers: list[Claim | None] = []
+        with self._lock:  # reserved before the database is asked, as claim() does
+            for r in requests:
+                mine = r.sha256 in self._inflight
+                self._inflight.add(r.sha256)
+                answers.append(Claim.BUSY if mine else None)
+        asked = [(i, r) for i, r in enumerate(requests) if answers[i] is None]
+
+        def work(tx: Tx) -> list[Claim]:
+            got: list[Claim] = []
+            for i, r in enumerate(requests):  # a BUSY one's stat-cache row is written too, as claim() does
+                if r.remember is not None and answers[i] is Claim.BUSY:
+                    tx.execute(self._remember_sql, self._remember_params(r.remember))
+            for _, r in asked:
+                params = self._params(
+                    sha=r.sha256, filename=column_text(r.filename), path=None if r.path is None else stored(r.path),
+                    size=r.size, mode=r.mode, me=self._me, lease=self._lease, parent=None, force=False,
+                    backoff=r.respect_backoff, dead=None, now=now, epoch=epoch)
+                remember = r.remember
+                if remember is not None:
+                    params.update(self._remember_params(remember))
+                    if self._dialect.write_with:  # both writes in one statement, one round trip (PostgreSQL)
+                        if tx.query(f"WITH done AS ({self._remember_sql}) {self._claim_sql}", params):
+                            got.append(Claim.CLAIMED)
+                            continue
+                        remember = None
+                got.append(self._decide_in(tx, r.sha256, params, force=False, respect_backoff=r.respect_backoff,
+                                           remember=remember))
+            return got
+
+        decided: list[Claim] = []
+        try:
+            decided = self._db.transaction(work)
+        finally:
+            taken = {r.sha256 for (_, r), c in zip(asked, decided, strict=False) if c is Claim.CLAIMED}
+            with self._lock:
+                for _, r in asked:
+                    if r.sha256 not in taken:
+                        self._inflight.discard(r.sha256)
+        for (i, _), claim in zip(asked, decided, strict=True):
+            answers[i] = claim
+        if any(c is Claim.CLAIMED for c in decided):
+            self._on_claim()
+        return [Claim.BUSY if a is None else a for a in answers]
 
     def _on_claim(self) -> None:
         """What an adapter does once this process holds a claim (PostgreSQL: renew its lease)."""
@@ -329,40 +410,63 @@ RETURNING sha256"""
             return list(self._inflight)
 
     def mark_sent(self, sha256: str, *, status: int | None, destination: str, attempts: int) -> None:
-        self._finish(sha256, "sent", attempts, http_status=status, destination=destination, sent_at=now_iso(),
-                     last_error=None, next_attempt_at=None)
+        self.finish_many([sent_mark(sha256, status=status, destination=destination, attempts=attempts)])
 
     def mark_retrying(
         self, sha256: str, *, status: int | None, error: str, attempts: int, next_attempt_at: float
     ) -> None:
-        self._finish(sha256, "retrying", attempts, http_status=status, last_error=error,
-                     next_attempt_at=next_attempt_at)
+        self.finish_many([retrying_mark(sha256, status=status, error=error, attempts=attempts,
+                                        next_attempt_at=next_attempt_at)])
 
     def mark_failed(self, sha256: str, *, status: int | None, error: str, attempts: int) -> None:
-        self._finish(sha256, "failed", attempts, http_status=status, last_error=error, next_attempt_at=None)
+        self.finish_many([failed_mark(sha256, status=status, error=error, attempts=attempts)])
 
     def release(self, sha256: str, *, error: str, attempts: int) -> None:
         """Back to ``pending``: the attempt was abandoned for a reason that is not the target's fault."""
-        self._finish(sha256, "pending", attempts, last_error=error)
+        self.finish_many([released_mark(sha256, error=error, attempts=attempts)])
 
-    def _finish(self, sha256: str, state: str, attempts: int, **values: Any) -> None:
-        """A claim's outcome, with the ESIID noted for it (:meth:`note_esiid`) in the same commit."""
-        values = {k: column_text(v) if isinstance(v, str) else v for k, v in values.items()}
-        values.update(state=state, updated_at=now_iso(), claimed_by=None, claimed_at=None)
+    def _finish_statement(self, mark: Mark) -> tuple[str, dict[str, Any], str | None]:
+        """A claim's outcome as one UPDATE, and the ESIID noted for it (:meth:`note_esiid`) to write with it."""
+        values = {k: column_text(v) if isinstance(v, str) else v for k, v in mark.values}
+        values.update(state=mark.state, updated_at=now_iso(), claimed_by=None, claimed_at=None)
         assignments = ", ".join(f"{k} = :{k}" for k in values)
         update = (f"UPDATE files SET {assignments}{self._dialect.unlease}, attempts = attempts + :attempts_add"
                   " WHERE sha256 = :sha")
-        esiid = self._noted.get(sha256)
-        params = {**values, "attempts_add": attempts, "sha": sha256, "esiid": esiid, "at": time.time()}
+        esiid = self._noted.get(mark.sha256)
+        params = {**values, "attempts_add": mark.attempts, "sha": mark.sha256, "esiid": esiid, "at": time.time()}
+        return update, params, esiid
+
+    def finish_many(self, marks: Sequence[Mark]) -> None:
+        """Claims' outcomes, each with the ESIID noted for it, committed together (group commit: one
+        transaction for a worker's group of files). Nothing is acknowledged before this returns."""
+        if not marks:
+            return
+        done = False
         try:
-            if esiid is None:
-                self._db.execute(update, params)
-            else:
-                self._write_both(NOTE_SQL, update, params)
+            if len(marks) == 1:
+                update, params, esiid = self._finish_statement(marks[0])
+                if esiid is None:
+                    self._db.execute(update, params)
+                else:
+                    self._write_both(NOTE_SQL, update, params)
+                done = True
+                return
+            statements = [self._finish_statement(m) for m in marks]
+
+            def work(tx: Tx) -> None:
+                for update, params, esiid in statements:
+                    if esiid is not None:
+                        tx.execute(NOTE_SQL, params)
+                    tx.execute(update, params)
+
+            self._db.transaction(work)
+            done = True
         finally:
             with self._lock:
-                self._inflight.discard(sha256)
-                self._noted.pop(sha256, None)
+                for m in marks:
+                    self._inflight.discard(m.sha256)
+                    if done:  # (kept when not written: a later call with the same outcomes writes it)
+                        self._noted.pop(m.sha256, None)
 
     # --- operator commands ------------------------------------------------------------------------------
 

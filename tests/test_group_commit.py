@@ -1,0 +1,179 @@
+"""Group commit (issue 27): a group of claims in one transaction, a group of outcomes in another, on both
+databases (``where``). Each answer must be what one-at-a-time claims would have said, and an outcome is
+only in the ledger once ``finish_many`` returned."""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from collections.abc import Callable, Iterator
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_ledger import open_at
+
+from conftest import UPLOAD_TOKEN, write_csv
+from smt_watch.config import Settings
+from smt_watch.delivery import make_sink
+from smt_watch.errors import LedgerError
+from smt_watch.hashing import Signature
+from smt_watch.jobs import Job, JobKind, handle_jobs
+from smt_watch.ledger import Claim
+from smt_watch.ledger.common import ClaimRequest
+from smt_watch.ledger.store import failed_mark, released_mark, retrying_mark, sent_mark
+from smt_watch.reference.receiver import running_receiver
+from smt_watch.statedir import open_ledger
+
+Make = Callable[..., Settings]
+
+
+def _sha(n: int) -> str:
+    return f"{n:064x}"
+
+
+def _request(n: int, *, remember: bool = True) -> ClaimRequest:
+    from smt_watch.ledger import Remember
+
+    sig = Signature(device=1, inode=n, size=10 + n, mtime_ns=n)
+    return ClaimRequest(_sha(n), f"f{n}.csv", f"/in/f{n}.csv", 10 + n, "multipart", respect_backoff=True,
+                        remember=Remember(f"/in/f{n}.csv", sig, _sha(n)) if remember else None)
+
+
+def test_claim_many_answers_as_single_claims_would(where: str) -> None:
+    with open_at(where) as ledger:
+        ledger.claim(_sha(1), filename="f1.csv", path="/in/f1.csv", size=11, mode="multipart")
+        ledger.mark_sent(_sha(1), status=200, destination="x", attempts=1)  # sent before: a duplicate
+        ledger.claim(_sha(2), filename="f2.csv", path="/in/f2.csv", size=12, mode="multipart")
+        ledger.mark_failed(_sha(2), status=400, error="no", attempts=1)  # failed: left alone by watch
+        held = ledger.claim(_sha(3), filename="f3.csv", path="/in/f3.csv", size=13, mode="multipart")
+        assert held is Claim.CLAIMED  # in flight in this process: BUSY for the group
+        answers = ledger.claim_many([_request(n) for n in (1, 2, 3, 4, 5)] + [_request(5)])
+        assert answers == [Claim.DUPLICATE, Claim.LATER, Claim.BUSY, Claim.CLAIMED, Claim.CLAIMED, Claim.BUSY]
+        assert ledger.get(_sha(4)) is not None and ledger.get(_sha(4)).state == "sending"  # type: ignore[union-attr]
+        # every stat-cache row was written with the group, whatever its claim said
+        seen = ledger.seen_many([f"/in/f{n}.csv" for n in (1, 2, 3, 4, 5)])
+        assert {p: s.sha256 for p, s in seen.items()} == {f"/in/f{n}.csv": _sha(n) for n in (1, 2, 3, 4, 5)}
+        # a claim this process holds from the group is BUSY to another claim until it is finished
+        assert ledger.claim(_sha(4), filename="f4.csv", path=None, size=14, mode="multipart") is Claim.BUSY
+        ledger.finish_many([
+            sent_mark(_sha(4), status=200, destination="d", attempts=1),
+            retrying_mark(_sha(5), status=503, error="later", attempts=2, next_attempt_at=4e9),
+            released_mark(_sha(3), error="interrupted", attempts=0),
+        ])
+        rows = {n: ledger.get(_sha(n)) for n in (3, 4, 5)}
+        assert {n: r.state for n, r in rows.items() if r} == {3: "pending", 4: "sent", 5: "retrying"}
+        assert rows[4] and rows[4].http_status == 200 and rows[4].attempts == 1 and rows[4].sent_at
+        assert rows[5] and rows[5].attempts == 2 and rows[5].last_error == "later"
+        # finished: the bytes can be claimed again (4 is sent: a duplicate now)
+        assert ledger.claim_many([_request(4), _request(3)]) == [Claim.DUPLICATE, Claim.CLAIMED]
+        ledger.finish_many([failed_mark(_sha(3), status=None, error="bad", attempts=0)])
+        assert ledger.get(_sha(3)).state == "failed"  # type: ignore[union-attr]
+
+
+def test_a_group_is_one_transaction(tmp_path: Path) -> None:
+    """SQLite: the group's second claim fails (a trigger refuses it): the first is not written either, and
+    both are handed back, claimable once the database takes them."""
+    where = str(tmp_path / "l.sqlite3")
+    with open_at(where) as ledger:
+        other = sqlite3.connect(where, isolation_level=None)
+        other.execute(f"CREATE TRIGGER refuse BEFORE INSERT ON files WHEN NEW.sha256 = '{_sha(8)}'"
+                      " BEGIN SELECT RAISE(ABORT, 'refused'); END")
+        with pytest.raises(LedgerError):
+            ledger.claim_many([_request(7), _request(8)])
+        assert ledger.get(_sha(7)) is None and ledger.get(_sha(8)) is None
+        assert ledger.seen(f"/in/f{7}.csv") is None
+        other.execute("DROP TRIGGER refuse")
+        other.close()
+        assert ledger.claim_many([_request(7), _request(8)]) == [Claim.CLAIMED, Claim.CLAIMED]
+        with pytest.raises(LedgerError):  # outcomes likewise: all of them or none
+            other = sqlite3.connect(where, isolation_level=None)
+            other.execute(f"CREATE TRIGGER refuse BEFORE UPDATE ON files WHEN NEW.sha256 = '{_sha(8)}'"
+                          " BEGIN SELECT RAISE(ABORT, 'refused'); END")
+            other.close()
+            ledger.finish_many([sent_mark(_sha(7), status=200, destination="d", attempts=1),
+                                sent_mark(_sha(8), status=200, destination="d", attempts=1)])
+        assert ledger.get(_sha(7)).state == "sending"  # type: ignore[union-attr]
+
+
+# --- a worker's group, end to end: real files, the reference receiver on loopback, a real ledger ------------
+
+
+@pytest.fixture
+def receiver(tmp_path: Path) -> Iterator[Any]:
+    with running_receiver(tmp_path / "received", upload_token=UPLOAD_TOKEN) as r:
+        yield r
+
+
+def _jobs(paths: list[Path]) -> list[Job]:
+    return [(p, Signature.of(p.lstat()), None) for p in paths]
+
+
+@pytest.mark.both_ledgers
+def test_a_group_is_claimed_sent_and_committed_together(make_settings: Make, receiver: Any) -> None:
+    settings = make_settings(SMT_UPLOAD_URL=f"{receiver.url}/upload", SMT_UPLOAD_TOKEN=UPLOAD_TOKEN)
+    inbox = settings.local_dir
+    files = [write_csv(inbox / f"g{n}.csv", rows=20, seed=n) for n in range(5)]
+    twin = inbox / "g0-again.csv"
+    twin.write_bytes(files[0].read_bytes())  # the same bytes under another name, in the same group
+    with open_ledger(settings) as ledger, closing(make_sink(settings, "multipart", chunks=ledger)) as sink:
+        results = handle_jobs(settings, ledger, sink, _jobs([*files, twin]))
+        assert [r.kind for r in results] == [JobKind.DONE] * 6
+        assert [r.outcome.result for r in results if r.outcome] == ["sent"] * 5 + ["busy"]
+        assert all(r.hashed for r in results)
+        rows = [ledger.get(r.ident.sha256) for r in results[:5] if r.ident]
+        assert [row.state for row in rows if row] == ["sent"] * 5
+        seen = ledger.seen_many([str(p) for p in [*files, twin]])
+        assert len(seen) == 6  # every stat-cache row went in with the group's claims
+        # the twin, looked at again (as the watcher does after BUSY): a duplicate, nothing sent
+        again = handle_jobs(settings, ledger, sink, _jobs([twin]))
+        assert again[0].outcome is not None and again[0].outcome.result == "duplicate"
+    assert sorted(r.sha256 for r in receiver.state.requests) == sorted(
+        hashlib.sha256(f.read_bytes()).hexdigest() for f in files)
+
+
+def test_a_group_whose_outcomes_cannot_be_committed_is_not_acknowledged(make_settings: Make, receiver: Any
+                                                                         ) -> None:
+    """The group was sent, but its outcome commit failed: no file of it is DONE (the watcher neither counts,
+    logs nor moves them), the rows stay ``sending``, and the next attempt delivers them (same
+    Idempotency-Key) and acknowledges them."""
+    settings = make_settings(SMT_UPLOAD_URL=f"{receiver.url}/upload", SMT_UPLOAD_TOKEN=UPLOAD_TOKEN)
+    files = [write_csv(settings.local_dir / f"n{n}.csv", rows=20, seed=n) for n in range(3)]
+    with open_ledger(settings) as ledger, closing(make_sink(settings, "multipart", chunks=ledger)) as sink:
+        other = sqlite3.connect(ledger.path, isolation_level=None)
+        other.execute("CREATE TRIGGER refuse BEFORE UPDATE OF state ON files WHEN NEW.state = 'sent'"
+                      " BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+        results = handle_jobs(settings, ledger, sink, _jobs(files))
+        assert [r.kind for r in results] == [JobKind.ERROR] * 3, results
+        assert all("disk full" in r.message for r in results)
+        shas = [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
+        assert [row.state for s in shas if (row := ledger.get(s))] == ["sending"] * 3
+        assert len(receiver.state.requests) == 3
+        other.execute("DROP TRIGGER refuse")
+        other.close()
+        results = handle_jobs(settings, ledger, sink, _jobs(files))
+        assert [r.outcome.result for r in results if r.outcome] == ["sent"] * 3
+        assert [row.state for s in shas if (row := ledger.get(s))] == ["sent"] * 3
+    assert [r.sha256 for r in receiver.state.requests] == shas * 2
+
+
+def test_a_claim_whose_delivery_stopped_mid_group_is_handed_back(make_settings: Make, receiver: Any) -> None:
+    """The ledger fails after the group's claims (here: its labels table is gone, as a PostgreSQL outage
+    fails every read): each file's result says so, nothing was sent, and its claim is handed back
+    (``pending``), not held by this process for ever; once the ledger answers, the same files go out."""
+    settings = make_settings(SMT_UPLOAD_URL=f"{receiver.url}/upload", SMT_UPLOAD_TOKEN=UPLOAD_TOKEN)
+    files = [write_csv(settings.local_dir / f"h{n}.csv", rows=20, seed=n) for n in range(3)]
+    shas = [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
+    with open_ledger(settings) as ledger, closing(make_sink(settings, "multipart", chunks=ledger)) as sink:
+        other = sqlite3.connect(ledger.path, isolation_level=None)
+        other.execute("ALTER TABLE labels RENAME TO labels_away")
+        results = handle_jobs(settings, ledger, sink, _jobs(files))
+        assert [r.kind for r in results] == [JobKind.ERROR] * 3, results
+        assert [row.state for s in shas if (row := ledger.get(s))] == ["pending"] * 3
+        assert receiver.state.requests == []
+        other.execute("ALTER TABLE labels_away RENAME TO labels")
+        other.close()
+        results = handle_jobs(settings, ledger, sink, _jobs(files))
+        assert [r.outcome.result for r in results if r.outcome] == ["sent"] * 3
+    assert [r.sha256 for r in receiver.state.requests] == shas
