@@ -332,14 +332,26 @@ def test_two_sync_passes_at_once_on_two_nodes_fetch_each_file_once(
 # --- 4. a node killed mid-delivery ---------------------------------------------------------------------------
 
 
+@contextmanager
+def _released_at_the_end(event: threading.Event) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        event.set()
+
+
 def test_node_killed_mid_delivery_is_taken_over_after_the_lease(tmp_path: Path, pg_url: str) -> None:
     """Node A is sending a file to a receiver that holds the request; node B holds the same bytes. While A
     lives its lease is renewed and B waits, past the first lease's end; A is killed with SIGKILL; B delivers
     the bytes once the lease expired, not before."""
     data = smt_csv(300)
     key = sha(data)
-    with running_receiver(tmp_path / "received", upload_token=UPLOAD_TOKEN) as receiver:
-        receiver.state.faults.append(Fault(delay=120))  # A's request: held open, A never hears back
+    # A's request: held open until the end, A never hears back. Released (answered 503, not a 2xx) before the
+    # receiver stops, so its shutdown does not wait out its 5 s grace for a request held 120 s.
+    held = threading.Event()
+    with running_receiver(tmp_path / "received", upload_token=UPLOAD_TOKEN) as receiver, \
+            _released_at_the_end(held):
+        receiver.state.faults.append(Fault(status=503, release=held))
         a = node_env(tmp_path, "node-a", pg_url, **delivering_to(receiver), SMT_HTTP_TIMEOUT="300",
                      SMT_WORKERS="1")
         b = node_env(tmp_path, "node-b", pg_url, **delivering_to(receiver), SMT_WORKERS="1")
