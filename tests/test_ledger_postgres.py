@@ -23,7 +23,6 @@ from typing import Any
 import psycopg
 import pytest
 from pgcluster import ADMIN, ADMIN_PASSWORD, PASSWORD, PgCluster, wait_until_ready
-from test_server_process import serving, upload
 
 from conftest import UPLOAD_TOKEN, wait_for, watching, write_csv
 from smt_watch.config import Settings, redact_url
@@ -38,10 +37,9 @@ Run = Callable[..., subprocess.CompletedProcess[str]]
 
 A, B, C, D, E, F = (c * 64 for c in "abcdef")
 LEASE = 2.0  # seconds: short, so that an expired lease is seen within a test; renewed every 0.67 s
-OUTLIVED_LEASES = 3  # how many lease lengths node A's claim must outlive through its renewer alone
+OUTLIVED_LEASES = 2  # how many lease lengths node A's claim must outlive through its renewer alone
 RECONNECT = 1.5  # reconnect_seconds for the tests that stop the server
 SLACK = 5.0  # a loaded 2-core machine: what a deadline allows beyond the time the code promises
-SERVE_LEDGER_WAIT = 3.0  # cli.SERVE_LEDGER_WAIT: how long serve waits for the ledger before its 503
 
 
 def open_pg(url: str, node: str, **kw: Any) -> PostgresLedger:
@@ -67,9 +65,9 @@ def waiting_on_locks(cluster: PgCluster, url: str) -> int:
 
 
 def test_a_foreign_claim_is_busy_while_renewed_and_taken_over_once_its_lease_expires(pg_url: str) -> None:
-    """Node A's claim carries a 2 s lease that its renewer extends: node B is told BUSY for three lease
-    lengths (without the renewal the lease would run out after one). Once A is closed without finishing,
-    nothing renews it, and B takes the row over when the lease has expired."""
+    """Node A's claim carries a 2 s lease that its renewer extends: node B is told BUSY for two lease lengths
+    (without the renewal the lease would run out after one: outliving a second proves the renewal). Once A
+    is closed without finishing, nothing renews it, and B takes the row over when the lease has expired."""
     a = open_pg(pg_url, "node-a", lease_seconds=LEASE)
     with open_pg(pg_url, "node-b", lease_seconds=LEASE) as b:
         try:
@@ -165,41 +163,6 @@ def test_an_unreachable_server_is_reported_within_the_reconnect_window_and_the_l
         assert ledger.get(A).state == "sent"  # type: ignore[union-attr]
     finally:
         ledger.close()
-
-
-def test_serve_answers_503_while_the_ledger_is_down_and_stores_nothing(
-        pg_url: str, pg_cluster: PgCluster, base_env: dict[str, str], tmp_path: Path) -> None:
-    """``serve`` as a real process: with the ledger stopped an upload is refused with 503 and Retry-After
-    once the ledger wait (3 s) is over, and leaves nothing in the inbox (not even its hidden temp file);
-    once the ledger is back the next upload is accepted."""
-    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path / "home"), **base_env,
-           "SMT_UPLOAD_TOKEN": UPLOAD_TOKEN, "SMT_LEDGER_URL": pg_url, "SMT_NODE_NAME": "serve-node"}
-    inbox = Path(base_env["SMT_LOCAL_DIR"])
-    with serving(env, tmp_path / "serve.log") as s:
-        first = upload(s.url, b"a,b\n1,2\n", "first.csv")
-        assert first.status_code == 202, first.text
-        before = sorted(p.name for p in inbox.iterdir())
-        assert len(before) == 1
-        pg_cluster.stop()
-        try:
-            started = time.monotonic()
-            refused = upload(s.url, os.urandom(200_000), "second.csv")
-            took = time.monotonic() - started
-            assert refused.status_code == 503, refused.text
-            assert refused.headers["retry-after"] == "10"
-            assert refused.json()["error"] == "ledger_unavailable"
-            assert took < SERVE_LEDGER_WAIT + SLACK, took
-            assert sorted(p.name for p in inbox.iterdir()) == before  # hidden temp files included
-        finally:
-            pg_cluster.start()
-            wait_until_ready(pg_cluster, time.monotonic() + 30)
-        again = upload(s.url, b"a,b\n3,4\n", "third.csv")
-        assert again.status_code == 202, again.text
-        assert len(list(inbox.iterdir())) == 2
-        assert s.proc.poll() is None
-    log = s.text()
-    assert PASSWORD not in log and "Traceback" not in log
-    assert "postgresql://***@" in log  # the outage is logged, with the URL as it may be shown
 
 
 # --- doctor ----------------------------------------------------------------------------------------------------

@@ -470,7 +470,8 @@ def test_serve_answers_503_while_postgres_is_down_and_keeps_nothing(
 ) -> None:
     """With the ledger gone, an upload that names its account in headers and one that does not (the file is
     read before the ledger is asked) both get 503 with ``Retry-After``, and the inbox holds nothing, not even
-    a temp file; after PostgreSQL is back the same upload is accepted."""
+    a temp file; after PostgreSQL is back the same upload is accepted. (The one test of serve's 503: its twin
+    in test_ledger_postgres.py proved nothing this one does not.)"""
     port = free_ports(1)[0]
     env = node_env(tmp_path, "serve-down", pg_url, SMT_UPLOAD_TOKEN=UPLOAD_TOKEN)
     s = Serve(env, Path(env["SMT_STATE_DIR"]).parent / "serve.log", port, "--port", str(port))
@@ -514,3 +515,4 @@ def test_serve_answers_503_while_postgres_is_down_and_keeps_nothing(
     text = s.text()
     assert_clean(text, "serve log")
     assert PG_PASSWORD_MARK not in text
+    assert "postgresql://***@" in text  # the outage is logged, with the URL as it may be shown
