@@ -139,6 +139,13 @@ def pg_rows(pg_url: str, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
         return conn.execute(sql, params).fetchall()
 
 
+def pg_answer(conn: psycopg.Connection[Any], sql: str, params: Any = None) -> Any:
+    """The first column of the first row of ``sql`` on an open connection (a poll that reuses one)."""
+    row = conn.execute(sql, params).fetchone()
+    assert row is not None
+    return row[0]
+
+
 def pg_states(pg_url: str) -> dict[str, str]:
     """sha256 -> state of every row (empty until a node has created the schema's tables)."""
     try:
@@ -191,7 +198,10 @@ def test_same_bytes_in_two_inboxes_are_delivered_once(tmp_path: Path, pg_url: st
             for name, data in files.items():
                 drop_in(a, name, data)
                 drop_in(b, name, data)
-            wait_for(lambda: set(pg_states(pg_url).items()) == {(s, "sent") for s in expected}, 60,
+            # PostgreSQL is asked once the receiver has every content (a new connection per poll took CPU
+            # from the two nodes it waits for).
+            wait_for(lambda: expected <= set(ok_keys(receiver))
+                     and set(pg_states(pg_url).items()) == {(s, "sent") for s in expected}, 60,
                      "every content to be sent")
             # Let the other node finish looking at its copies (each gives a 'duplicate'), then no more requests.
             for p in procs:
@@ -363,8 +373,9 @@ def test_node_killed_mid_delivery_is_taken_over_after_the_lease(tmp_path: Path, 
             assert claimed_by.startswith("node-a:")
             drop_in(b, "x.csv", data)
             # Past the end of A's first lease, A still holds the row (its lease was renewed) and B sent nothing.
-            wait_for(lambda: pg_rows(pg_url, "SELECT now() > %s + interval '1 second'", (first_lease,))[0][0],
-                     30, "the first lease to be over")
+            with psycopg.connect(pg_url, connect_timeout=5, autocommit=True) as conn:  # one, not one per poll
+                over = partial(pg_answer, conn, "SELECT now() > %s + interval '1 second'", (first_lease,))
+                wait_for(over, 30, "the first lease to be over")
             assert pg_rows(pg_url, "SELECT state, claimed_by, lease_until > now() FROM smt_watch.files"
                            " WHERE sha256 = %s", (key,)) == [("sending", claimed_by, True)]
             assert "x.csv" not in proc_b.text()
