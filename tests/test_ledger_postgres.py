@@ -8,6 +8,7 @@ cluster start it again in a ``finally``: it is shared by the whole session.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import multiprocessing
@@ -16,7 +17,7 @@ import os
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from smt_watch.errors import LedgerUnavailable
 from smt_watch.hashing import Signature
 from smt_watch.ledger import Claim, SqliteLedger
 from smt_watch.ledger.common import Remember
-from smt_watch.ledger.postgres import LOCK_MIGRATE, SCHEMA_VERSION, PostgresLedger
+from smt_watch.ledger.postgres import LOCK_MIGRATE, SCHEMA_VERSION, PostgresDb, PostgresLedger
 
 Make = Callable[..., Settings]
 Run = Callable[..., subprocess.CompletedProcess[str]]
@@ -130,6 +131,34 @@ def test_processes_opening_a_fresh_database_at_once_migrate_it_once(pg_url: str,
 
 
 # --- a lost server -------------------------------------------------------------------------------------------
+
+
+def test_a_pooled_connection_that_died_with_a_restart_is_no_outage_even_without_retry(
+        pg_url: str, pg_cluster: PgCluster, caplog: pytest.LogCaptureFixture) -> None:
+    """After a restart the pool still holds the connection that died with the old server. A statement that
+    does not wait out the reconnect window (``retry=False``: the lease renewer's) drops it and runs on a fresh
+    one, and no outage is logged: once, a renewal that met it opened a second "unreachable" window."""
+    db = PostgresDb(pg_url, shown_as=redact_url(pg_url), reconnect_seconds=RECONNECT, max_connections=2)
+    try:
+        assert db.tuples("SELECT 1") == [(1,)]  # the pool's connection, idle again
+        with restarted(pg_cluster), caplog.at_level(logging.WARNING, logger="smt_watch.ledger"):
+            pg_cluster.restart()
+            assert db.execute("SELECT 1", retry=False) == 1
+        assert [r.getMessage() for r in caplog.records if "reachable" in r.getMessage()] == []
+    finally:
+        db.close()
+
+
+@contextlib.contextmanager
+def restarted(cluster: PgCluster) -> Iterator[None]:
+    """Running again at the end whatever happened (the cluster is the worker's, shared by its tests)."""
+    try:
+        yield
+    finally:
+        try:
+            cluster.admin_sql("SELECT 1")
+        except RuntimeError:  # the restart itself failed half-way
+            cluster.start()
 
 
 def test_an_unreachable_server_is_reported_within_the_reconnect_window_and_the_ledger_recovers(
