@@ -18,6 +18,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +28,13 @@ from pgcluster import ADMIN, ADMIN_PASSWORD, PASSWORD, PgCluster, wait_until_rea
 
 from conftest import UPLOAD_TOKEN, wait_for, watching, write_csv
 from smt_watch.config import Settings, redact_url
+from smt_watch.delivery import make_sink
 from smt_watch.errors import LedgerUnavailable
 from smt_watch.hashing import Signature
 from smt_watch.ledger import Claim, SqliteLedger
 from smt_watch.ledger.common import Remember
 from smt_watch.ledger.postgres import LOCK_MIGRATE, SCHEMA_VERSION, PostgresDb, PostgresLedger
+from smt_watch.pipeline import deliver_file
 
 Make = Callable[..., Settings]
 Run = Callable[..., subprocess.CompletedProcess[str]]
@@ -356,6 +359,45 @@ def test_due_returns_only_this_nodes_rows(pg_url: str) -> None:
         assert sorted(r.sha256 for r in a.due(now)) == [A, B]
         assert [r.sha256 for r in b.due(now)] == [C]
         assert a.next_due_time() is not None and b.next_due_time() is None
+
+
+class _GoneAfterTheClaim(PostgresLedger):
+    """The real ledger, with PostgreSQL stopped at one exact point: after the claim, at the label lookup
+    before the send (the only fake here is the timing; a real stop cannot be aimed between two statements)."""
+
+    def __init__(self, *args: Any, cluster: PgCluster, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.cluster = cluster
+        self.stopped = False
+
+    def labels(self, sha256s: list[str]) -> Any:
+        if not self.stopped:
+            self.stopped = True
+            self.cluster.stop()
+        return super().labels(sha256s)
+
+
+def test_a_claim_whose_ledger_went_away_before_the_send_is_not_held_forever(
+        make_settings: Make, receiver: Any, pg_url: str, pg_cluster: PgCluster) -> None:
+    """PostgreSQL stops between the claim and the send: the delivery gives up (LedgerUnavailable, as watch's
+    worker sees it) and this process holds no claim on the bytes, so once the ledger is back the next try
+    sends them. It once kept the claim in memory: every later try was BUSY and its lease renewed forever (the
+    drain test's "not all sent")."""
+    settings = make_settings(SMT_UPLOAD_URL=f"{receiver.url}/upload", SMT_UPLOAD_TOKEN=UPLOAD_TOKEN)
+    f = write_csv(settings.local_dir / "a.csv")
+    ledger = _GoneAfterTheClaim(pg_url, shown_as=redact_url(pg_url), node="node-a", lease_seconds=LEASE,
+                                reconnect_seconds=RECONNECT, cluster=pg_cluster)
+    try:
+        with closing(make_sink(settings, "multipart", chunks=ledger, announce=False)) as sink:
+            with restarted(pg_cluster):
+                with pytest.raises(LedgerUnavailable):
+                    deliver_file(settings, ledger, sink, f)
+                pg_cluster.start()
+            o = deliver_file(settings, ledger, sink, f)
+        assert o.result == "sent", o
+        assert ledger.get(o.sha256).state == "sent"  # type: ignore[union-attr]
+    finally:
+        ledger.close()
 
 
 def test_watch_on_another_node_leaves_this_nodes_pending_rows_alone(make_settings: Make, receiver: Any,
