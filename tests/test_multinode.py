@@ -430,7 +430,10 @@ def test_postgres_restart_during_a_watch_drain(tmp_path: Path, pg_url: str, pg_c
     server that refuses connections while it recovers may open), each closed by "reachable again".
 
     Until every file has a 2xx the receiver is asked (in-process), not PostgreSQL: a new authenticated
-    connection every poll (50 a second) took CPU from the drain it waits for."""
+    connection every poll (50 a second) took CPU from the drain it waits for. Its past reds were bugs: a
+    claim taken just before the stop stayed held in memory (every later try BUSY, its lease renewed forever:
+    test_ledger_postgres's ..._not_held_forever), and a lease renewal on a connection that died with the old
+    server opened a second outage (..._is_no_outage_even_without_retry)."""
     files = {f"d{i:04d}.csv": smt_csv(1000 + i, rows=1) for i in range(DRAIN_FILES)}
     expected = {sha(d) for d in files.values()}
     with running_receiver(tmp_path / "received", upload_token=UPLOAD_TOKEN) as receiver, \
