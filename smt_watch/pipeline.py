@@ -27,6 +27,7 @@ from smt_watch.errors import (
     DeliveryError,
     FileChanged,
     InputError,
+    LedgerUnavailable,
     PermanentDelivery,
     RetryableDelivery,
 )
@@ -245,8 +246,12 @@ def _one(settings: Settings, ledger: Deliveries, sink: Sink, ident: FileIdentity
         log.error("Not sending %s: %s", name, refused)
         return subject.outcome(Result.FAILED, error=refused, seconds=_since(o.started), refused=True)
     # what an uploader declared for these bytes (serve's esiid/meter), and the ESIID noted for forceRepost
-    payload = replace(labelled(ledger, payload_for(settings, ident, name, part.esiid), parent, part.esiid),
-                      resend=o.force)
+    try:
+        payload = replace(labelled(ledger, payload_for(settings, ident, name, part.esiid), parent, part.esiid),
+                          resend=o.force)
+    except BaseException:  # a ledger gone now must not leave the claim held by this live process forever
+        ledger.release(ident.sha256, error="interrupted", attempts=0)
+        raise
     return _send(settings, ledger, sink, payload, subject, o.started, o.progress)
 
 
@@ -318,7 +323,10 @@ def _send(
         return subject.outcome(Result.FAILED, status=exc.status, attempts=exc.attempts, error=str(exc),
                                seconds=_since(started), refused=isinstance(exc, LeftOut))
     except (RetryableDelivery, DeliveryError) as exc:
-        row = ledger.get(sha)
+        try:
+            row = ledger.get(sha)
+        except LedgerUnavailable:  # mark_retrying below says so, and hands the claim back whatever happens
+            row = None
         # Consecutive failed calls (each made up to SMT_RETRY_ATTEMPTS requests) drive the backoff.
         calls = ((row.attempts if row else 0) + exc.attempts) // max(1, settings.retry_attempts) + 1
         delay = backoff_delay(calls, settings.retry_backoff, exc.retry_after)

@@ -8,6 +8,7 @@ cluster start it again in a ``finally``: it is shared by the whole session.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import multiprocessing
@@ -16,32 +17,33 @@ import os
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 from pgcluster import ADMIN, ADMIN_PASSWORD, PASSWORD, PgCluster, wait_until_ready
-from test_server_process import serving, upload
 
 from conftest import UPLOAD_TOKEN, wait_for, watching, write_csv
 from smt_watch.config import Settings, redact_url
+from smt_watch.delivery import make_sink
 from smt_watch.errors import LedgerUnavailable
 from smt_watch.hashing import Signature
 from smt_watch.ledger import Claim, SqliteLedger
 from smt_watch.ledger.common import Remember
-from smt_watch.ledger.postgres import LOCK_MIGRATE, SCHEMA_VERSION, PostgresLedger
+from smt_watch.ledger.postgres import LOCK_MIGRATE, SCHEMA_VERSION, PostgresDb, PostgresLedger
+from smt_watch.pipeline import deliver_file
 
 Make = Callable[..., Settings]
 Run = Callable[..., subprocess.CompletedProcess[str]]
 
 A, B, C, D, E, F = (c * 64 for c in "abcdef")
 LEASE = 2.0  # seconds: short, so that an expired lease is seen within a test; renewed every 0.67 s
-OUTLIVED_LEASES = 3  # how many lease lengths node A's claim must outlive through its renewer alone
+OUTLIVED_LEASES = 2  # how many lease lengths node A's claim must outlive through its renewer alone
 RECONNECT = 1.5  # reconnect_seconds for the tests that stop the server
 SLACK = 5.0  # a loaded 2-core machine: what a deadline allows beyond the time the code promises
-SERVE_LEDGER_WAIT = 3.0  # cli.SERVE_LEDGER_WAIT: how long serve waits for the ledger before its 503
 
 
 def open_pg(url: str, node: str, **kw: Any) -> PostgresLedger:
@@ -67,9 +69,9 @@ def waiting_on_locks(cluster: PgCluster, url: str) -> int:
 
 
 def test_a_foreign_claim_is_busy_while_renewed_and_taken_over_once_its_lease_expires(pg_url: str) -> None:
-    """Node A's claim carries a 2 s lease that its renewer extends: node B is told BUSY for three lease
-    lengths (without the renewal the lease would run out after one). Once A is closed without finishing,
-    nothing renews it, and B takes the row over when the lease has expired."""
+    """Node A's claim carries a 2 s lease that its renewer extends: node B is told BUSY for two lease lengths
+    (without the renewal the lease would run out after one: outliving a second proves the renewal). Once A
+    is closed without finishing, nothing renews it, and B takes the row over when the lease has expired."""
     a = open_pg(pg_url, "node-a", lease_seconds=LEASE)
     with open_pg(pg_url, "node-b", lease_seconds=LEASE) as b:
         try:
@@ -134,6 +136,34 @@ def test_processes_opening_a_fresh_database_at_once_migrate_it_once(pg_url: str,
 # --- a lost server -------------------------------------------------------------------------------------------
 
 
+def test_a_pooled_connection_that_died_with_a_restart_is_no_outage_even_without_retry(
+        pg_url: str, pg_cluster: PgCluster, caplog: pytest.LogCaptureFixture) -> None:
+    """After a restart the pool still holds the connection that died with the old server. A statement that
+    does not wait out the reconnect window (``retry=False``: the lease renewer's) drops it and runs on a fresh
+    one, and no outage is logged: once, a renewal that met it opened a second "unreachable" window."""
+    db = PostgresDb(pg_url, shown_as=redact_url(pg_url), reconnect_seconds=RECONNECT, max_connections=2)
+    try:
+        assert db.tuples("SELECT 1") == [(1,)]  # the pool's connection, idle again
+        with restarted(pg_cluster), caplog.at_level(logging.WARNING, logger="smt_watch.ledger"):
+            pg_cluster.restart()
+            assert db.execute("SELECT 1", retry=False) == 1
+        assert [r.getMessage() for r in caplog.records if "reachable" in r.getMessage()] == []
+    finally:
+        db.close()
+
+
+@contextlib.contextmanager
+def restarted(cluster: PgCluster) -> Iterator[None]:
+    """Running again at the end whatever happened (the cluster is the worker's, shared by its tests)."""
+    try:
+        yield
+    finally:
+        try:
+            cluster.admin_sql("SELECT 1")
+        except RuntimeError:  # the restart itself failed half-way
+            cluster.start()
+
+
 def test_an_unreachable_server_is_reported_within_the_reconnect_window_and_the_ledger_recovers(
         pg_url: str, pg_cluster: PgCluster, caplog: pytest.LogCaptureFixture) -> None:
     """With the server stopped each operation raises LedgerUnavailable once ``reconnect_seconds`` have passed
@@ -165,41 +195,6 @@ def test_an_unreachable_server_is_reported_within_the_reconnect_window_and_the_l
         assert ledger.get(A).state == "sent"  # type: ignore[union-attr]
     finally:
         ledger.close()
-
-
-def test_serve_answers_503_while_the_ledger_is_down_and_stores_nothing(
-        pg_url: str, pg_cluster: PgCluster, base_env: dict[str, str], tmp_path: Path) -> None:
-    """``serve`` as a real process: with the ledger stopped an upload is refused with 503 and Retry-After
-    once the ledger wait (3 s) is over, and leaves nothing in the inbox (not even its hidden temp file);
-    once the ledger is back the next upload is accepted."""
-    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path / "home"), **base_env,
-           "SMT_UPLOAD_TOKEN": UPLOAD_TOKEN, "SMT_LEDGER_URL": pg_url, "SMT_NODE_NAME": "serve-node"}
-    inbox = Path(base_env["SMT_LOCAL_DIR"])
-    with serving(env, tmp_path / "serve.log") as s:
-        first = upload(s.url, b"a,b\n1,2\n", "first.csv")
-        assert first.status_code == 202, first.text
-        before = sorted(p.name for p in inbox.iterdir())
-        assert len(before) == 1
-        pg_cluster.stop()
-        try:
-            started = time.monotonic()
-            refused = upload(s.url, os.urandom(200_000), "second.csv")
-            took = time.monotonic() - started
-            assert refused.status_code == 503, refused.text
-            assert refused.headers["retry-after"] == "10"
-            assert refused.json()["error"] == "ledger_unavailable"
-            assert took < SERVE_LEDGER_WAIT + SLACK, took
-            assert sorted(p.name for p in inbox.iterdir()) == before  # hidden temp files included
-        finally:
-            pg_cluster.start()
-            wait_until_ready(pg_cluster, time.monotonic() + 30)
-        again = upload(s.url, b"a,b\n3,4\n", "third.csv")
-        assert again.status_code == 202, again.text
-        assert len(list(inbox.iterdir())) == 2
-        assert s.proc.poll() is None
-    log = s.text()
-    assert PASSWORD not in log and "Traceback" not in log
-    assert "postgresql://***@" in log  # the outage is logged, with the URL as it may be shown
 
 
 # --- doctor ----------------------------------------------------------------------------------------------------
@@ -364,6 +359,45 @@ def test_due_returns_only_this_nodes_rows(pg_url: str) -> None:
         assert sorted(r.sha256 for r in a.due(now)) == [A, B]
         assert [r.sha256 for r in b.due(now)] == [C]
         assert a.next_due_time() is not None and b.next_due_time() is None
+
+
+class _GoneAfterTheClaim(PostgresLedger):
+    """The real ledger, with PostgreSQL stopped at one exact point: after the claim, at the label lookup
+    before the send (the only fake here is the timing; a real stop cannot be aimed between two statements)."""
+
+    def __init__(self, *args: Any, cluster: PgCluster, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.cluster = cluster
+        self.stopped = False
+
+    def labels(self, sha256s: list[str]) -> Any:
+        if not self.stopped:
+            self.stopped = True
+            self.cluster.stop()
+        return super().labels(sha256s)
+
+
+def test_a_claim_whose_ledger_went_away_before_the_send_is_not_held_forever(
+        make_settings: Make, receiver: Any, pg_url: str, pg_cluster: PgCluster) -> None:
+    """PostgreSQL stops between the claim and the send: the delivery gives up (LedgerUnavailable, as watch's
+    worker sees it) and this process holds no claim on the bytes, so once the ledger is back the next try
+    sends them. It once kept the claim in memory: every later try was BUSY and its lease renewed forever (the
+    drain test's "not all sent")."""
+    settings = make_settings(SMT_UPLOAD_URL=f"{receiver.url}/upload", SMT_UPLOAD_TOKEN=UPLOAD_TOKEN)
+    f = write_csv(settings.local_dir / "a.csv")
+    ledger = _GoneAfterTheClaim(pg_url, shown_as=redact_url(pg_url), node="node-a", lease_seconds=LEASE,
+                                reconnect_seconds=RECONNECT, cluster=pg_cluster)
+    try:
+        with closing(make_sink(settings, "multipart", chunks=ledger, announce=False)) as sink:
+            with restarted(pg_cluster):
+                with pytest.raises(LedgerUnavailable):
+                    deliver_file(settings, ledger, sink, f)
+                pg_cluster.start()
+            o = deliver_file(settings, ledger, sink, f)
+        assert o.result == "sent", o
+        assert ledger.get(o.sha256).state == "sent"  # type: ignore[union-attr]
+    finally:
+        ledger.close()
 
 
 def test_watch_on_another_node_leaves_this_nodes_pending_rows_alone(make_settings: Make, receiver: Any,

@@ -368,7 +368,10 @@ def test_postgres_stopped_mid_drain_falls_back_and_loses_nothing(
     chunk of every file is delivered."""
     env = node_env(tmp_path, "a", app, SMT_MAX_REQUESTS_PER_SECOND="5", SMT_MAX_IN_FLIGHT="2",
                    SMT_LEDGER_URL=pg_url, SMT_WORKERS="2")
-    chunks = 100  # ~20 s at 5/s: requests still to go once the ledger answers again
+    # ~17 s of requests at 5/s: the fallback comes with the first request after the stop (~2 s in), the fleet
+    # is asked again 5 s after it, so ~10 s of requests are still to go then, room for two more retries if
+    # PostgreSQL is slow to start (100 chunks left 16 s idle margin, proving nothing more).
+    chunks = 75
     (Path(env["SMT_LOCAL_DIR"]) / "big.csv").write_bytes(smt_csv(1, rows=4 * chunks))
     backlog(env, 4, start=10)
     with restarted_at_the_end(pg_cluster), watching(env) as proc:

@@ -219,15 +219,16 @@ class PostgresDb:
                     result = what(conn)
             except _DISCONNECTS as exc:
                 failures += 1
+                if failures == 1 and not self.closed.is_set() and time.monotonic() < deadline:
+                    # One failure may be a pooled connection that died with a server that is back: drop every
+                    # dead idle connection and try once more before calling it an outage (else a restart read
+                    # as two outages: "reachable again", then the next stale connection, "unreachable"). Also
+                    # without retry: the lease renewer's stale connection once opened a second outage.
+                    self._drop_dead_connections()
+                    continue
                 if not retry or time.monotonic() + delay > deadline or self.closed.is_set():
                     self._went_down(exc)
                     raise LedgerUnavailable(f"ledger {self.path} is unreachable: {_reason(exc)}") from exc
-                if failures == 1:
-                    # One failure may be a pooled connection that died with a server that is back: drop every
-                    # dead idle connection and try once more before calling it an outage (else a restart read
-                    # as two outages: "reachable again", then the next stale connection, "unreachable").
-                    self._drop_dead_connections()
-                    continue
                 self._went_down(exc)
                 self.closed.wait(delay)
                 delay = min(delay * 2, 5.0)
