@@ -3,9 +3,9 @@
 The real CLI's ``main()`` in this process (conftest's ``cli_in_process``: the exit status and the output a
 process would give, without ~1 s of interpreter start per run, which under load was most of this file's 20 s);
 one case, the ``@``-signs URL that also reaches the network, runs as a real subprocess, so the output a
-process writes to its own descriptors is checked too. A token with a newline or a non-ASCII character would otherwise fail every
-request while the library's error quoted it; a URL whose password holds ``#``, ``/``, ``?`` or ``@``
-misleads every URL parser, and was printed whole.
+process writes to its own descriptors is checked too. A token with a newline or a non-ASCII character would
+otherwise fail every request while the library's error quoted it; a URL whose password holds ``#``, ``/``,
+``?`` or ``@`` misleads every URL parser, and was printed whole.
 """
 
 from __future__ import annotations
