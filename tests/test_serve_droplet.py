@@ -34,7 +34,7 @@ from test_server import (  # noqa: F401 (fixtures: stalled, ssh_key, sync_env)
 )
 from test_server_process import free_ports, serving
 
-from conftest import ADMIN_TOKEN, SMT_WATCH, UPLOAD_TOKEN, wait_for, watching, write_csv
+from conftest import ADMIN_TOKEN, UPLOAD_TOKEN, cli_in_process, wait_for, watching, write_csv
 from smt_watch.config import Settings, load_settings
 from smt_watch.content import is_container
 from smt_watch.esiids import repost_esiid
@@ -109,9 +109,10 @@ def test_webhook_port_0_leaves_the_trigger_on_the_upload_port(env: dict[str, str
 
 
 def test_webhook_port_equal_to_the_upload_port_is_a_clear_error(env: dict[str, str], tmp_path: Path) -> None:
+    """What the CLI prints and exits with, so in-process (conftest's ``cli_in_process``): a ``serve`` that
+    wrongly started would hang here until pytest-timeout, as a subprocess would until its own time-out."""
     [port] = free_ports(1)
-    proc = subprocess.run([*SMT_WATCH, "serve", "--port", str(port), "--webhook-port", str(port)], env=env,
-                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    proc = cli_in_process(["serve", "--port", str(port), "--webhook-port", str(port)], env, tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert "SMT_WEBHOOK_PORT" in proc.stderr and "SMT_WEBHOOK_PORT=0" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -1,8 +1,11 @@
 """Configuration that cannot be sent is refused at start, naming the variable and the rule, never the value.
 
-The real CLI in a subprocess. A token with a newline or a non-ASCII character would otherwise fail every
-request while the library's error quoted it; a URL whose password holds ``#``, ``/``, ``?`` or ``@``
-misleads every URL parser, and was printed whole.
+The real CLI's ``main()`` in this process (conftest's ``cli_in_process``: the exit status and the output a
+process would give, without ~1 s of interpreter start per run, which under load was most of this file's 20 s);
+one case, the ``@``-signs URL that also reaches the network, runs as a real subprocess, so the output a
+process writes to its own descriptors is checked too. A token with a newline or a non-ASCII character would
+otherwise fail every request while the library's error quoted it; a URL whose password holds ``#``, ``/``,
+``?`` or ``@`` misleads every URL parser, and was printed whole.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from conftest import SMT_WATCH, write_csv
+from conftest import SMT_WATCH, cli_in_process, write_csv
 from faults.support import logged_through_redaction, subprocess_env
 
 pytestmark = pytest.mark.faults
@@ -24,6 +27,11 @@ BAD_TOKENS = {"newline": "tok\nen-SECRETVALUE", "non-ascii": "tök-SECRETVALUE",
 
 
 def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """``smt-watch ARGS`` with exactly ``env``, in this process (what it prints and exits with)."""
+    return cli_in_process(args, env, Path(env["HOME"]).parent)
+
+
+def run_process(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*SMT_WATCH, *args], env=env, capture_output=True, text=True, timeout=60)
 
 
@@ -62,7 +70,7 @@ def test_a_password_with_at_signs_never_shows(base_env: dict[str, str], tmp_path
     env = subprocess_env(base_env, tmp_path / "home", SMT_UPLOAD_URL="http://user:p@ss@SECRETPW@127.0.0.1:9/upload",
                          SMT_RETRY_ATTEMPTS="1")
     for args in (("post", str(csv)), ("doctor",), ("ledger", "list", "--json")):
-        out = run(env, *args)
+        out = run_process(env, *args)
         text = out.stdout + out.stderr
         assert "SECRETPW" not in text and "p@ss" not in text and "Traceback" not in text, (args, text)
 
