@@ -208,6 +208,7 @@ class Mark:
     state: str
     attempts: int
     values: tuple[tuple[str, Any], ...]
+    decided_at: str  # when the outcome happened: the row's updated_at, however long the group's commit waits
 
 
 @dataclass(frozen=True, slots=True)  # slots: a restart's scan makes one per file already handled

@@ -65,22 +65,23 @@ def like_prefix(prefix: str) -> str:
 
 def sent_mark(sha256: str, *, status: int | None, destination: str, attempts: int) -> Mark:
     """What :meth:`SqlLedger.mark_sent` writes, as a :class:`Mark` (a group commit holds these)."""
+    now = now_iso()
     return Mark(sha256, "sent", attempts, (("http_status", status), ("destination", destination),
-                                           ("sent_at", now_iso()), ("last_error", None), ("next_attempt_at", None)))
+                                           ("sent_at", now), ("last_error", None), ("next_attempt_at", None)), now)
 
 
 def retrying_mark(sha256: str, *, status: int | None, error: str, attempts: int, next_attempt_at: float) -> Mark:
     return Mark(sha256, "retrying", attempts, (("http_status", status), ("last_error", error),
-                                               ("next_attempt_at", next_attempt_at)))
+                                               ("next_attempt_at", next_attempt_at)), now_iso())
 
 
 def failed_mark(sha256: str, *, status: int | None, error: str, attempts: int) -> Mark:
     return Mark(sha256, "failed", attempts, (("http_status", status), ("last_error", error),
-                                             ("next_attempt_at", None)))
+                                             ("next_attempt_at", None)), now_iso())
 
 
 def released_mark(sha256: str, *, error: str, attempts: int) -> Mark:
-    return Mark(sha256, "pending", attempts, (("last_error", error),))
+    return Mark(sha256, "pending", attempts, (("last_error", error),), now_iso())
 
 
 class SqlLedger(VerdictStore):
@@ -428,7 +429,7 @@ RETURNING sha256"""
     def _finish_statement(self, mark: Mark) -> tuple[str, dict[str, Any], str | None]:
         """A claim's outcome as one UPDATE, and the ESIID noted for it (:meth:`note_esiid`) to write with it."""
         values = {k: column_text(v) if isinstance(v, str) else v for k, v in mark.values}
-        values.update(state=mark.state, updated_at=now_iso(), claimed_by=None, claimed_at=None)
+        values.update(state=mark.state, updated_at=mark.decided_at, claimed_by=None, claimed_at=None)
         assignments = ", ".join(f"{k} = :{k}" for k in values)
         update = (f"UPDATE files SET {assignments}{self._dialect.unlease}, attempts = attempts + :attempts_add"
                   " WHERE sha256 = :sha")
