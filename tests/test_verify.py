@@ -360,17 +360,9 @@ def test_the_watch_thread_resends_and_verifies_until_stopped(app: App, settings_
     with open_ledger(settings) as ledger:
         auto = AutoVerify.for_watch(settings, ledger)
         auto.after_delivery(str(sent.sha256), datetime.now(UTC).timestamp())
-        stop = threading.Event()
-        thread = threading.Thread(target=auto.run, args=(stop,), daemon=True)
-        thread.start()
-        try:
+        with running_in_a_thread(auto):
             wait_for(lambda: (v := ledger.verdict(str(sent.sha256))) is not None and v.verdict == "stored",
                      what="the automatic check")
-        finally:
-            stop.set()
-            thread.join(10)
-            auto.close()
-        assert not thread.is_alive()
 
 
 def test_a_check_scheduled_while_the_thread_waits_is_done_at_its_time(app: App, settings_for: Callable[..., Settings],
@@ -391,19 +383,26 @@ def test_a_check_scheduled_while_the_thread_waits_is_done_at_its_time(app: App, 
             return due
 
         auto.next_due = observed  # type: ignore[method-assign]
-        stop = threading.Event()
-        thread = threading.Thread(target=auto.run, args=(stop, 600.0), daemon=True)
-        thread.start()
-        try:
+        with running_in_a_thread(auto, idle=600.0):
             wait_for(looked.is_set, what="the thread to find nothing due")
             auto.after_delivery(str(sent.sha256), datetime.now(UTC).timestamp())
             wait_for(lambda: (v := ledger.verdict(str(sent.sha256))) is not None and v.verdict == "stored", 60,
                      what="the check, well before the 600 s idle look")
-        finally:
-            stop.set()
-            thread.join(10)
-            auto.close()
-        assert not thread.is_alive()
+
+
+@contextmanager
+def running_in_a_thread(auto: AutoVerify, idle: float | None = None) -> Iterator[None]:
+    """``auto.run`` in a thread of its own, as ``watch`` runs it; on leaving, stopped, and it must end promptly."""
+    stop = threading.Event()
+    thread = threading.Thread(target=auto.run, args=(stop,) if idle is None else (stop, idle), daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(10)
+        auto.close()
+    assert not thread.is_alive()
 
 
 def test_a_csv_from_a_zip_is_verified_from_its_container(app: App, settings_for: Callable[..., Settings],
