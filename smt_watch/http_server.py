@@ -147,7 +147,8 @@ async def serve_forever(server: Server) -> None:
 def run(settings: Settings, ledger: Ledger) -> None:
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         uv = logging.getLogger(name)
-        uv.handlers = logging.getLogger("smt_watch").handlers
+        uv.handlers = list(logging.getLogger("smt_watch").handlers)  # a copy: one shared list would make any
+        # handler added to uvicorn's loggers (a library, an embedding process) a handler of smt_watch's too
         uv.setLevel(logging.INFO)
         uv.propagate = False
     asyncio.run(serve_forever(build(settings, ledger)))

@@ -29,7 +29,8 @@ from smt_watch.watch import WatchService
 # Loggers the CLI's setup_logging configures. A CLI run in this process (typer's CliRunner) leaves them
 # writing to its closed capture stream with propagate off: later tests would print "--- Logging error ---"
 # and caplog would see nothing. Each test gets them back as they were.
-_CONFIGURED_LOGGERS = ("smt_watch", "paramiko", "psycopg", "psycopg.pool", "httpx", "httpcore", "gnupg")
+_CONFIGURED_LOGGERS = ("smt_watch", "paramiko", "psycopg", "psycopg.pool", "httpx", "httpcore", "gnupg", "uvicorn",
+                      "uvicorn.error", "uvicorn.access")  # the last three: serve run in this process (http_server.run)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -47,7 +48,8 @@ def _restore_loggers() -> Iterator[None]:
              for lg in map(logging.getLogger, _CONFIGURED_LOGGERS)]
     yield
     for lg, handlers, propagate, level in saved:
-        lg.handlers[:] = handlers
+        lg.handlers = handlers  # a list of its own again (not edited in place: a list shared by two loggers
+        # would carry one test's capture handler into the other logger, and every record would be seen twice)
         lg.propagate = propagate
         lg.setLevel(level)
 
@@ -205,7 +207,7 @@ def _process_state_saved() -> Iterator[None]:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
         for lg, kept, propagate, level in loggers:
-            lg.handlers[:] = kept
+            lg.handlers = kept
             lg.propagate = propagate
             lg.setLevel(level)
         redactor.secrets, redactor._pattern = secrets, pattern
