@@ -408,6 +408,9 @@ def test_channel_buffer_read_waits_for_the_whole_message() -> None:
     assert buf._want == NOBODY_WAITS and len(buf) == 0
 
 
+TRICKLE_SECONDS = 0.05  # one byte this often: 20 times inside the read timeout, slower than it in all
+
+
 def test_channel_buffer_read_times_out_only_without_progress() -> None:
     """The read timeout means "nothing arrived for that long": a message trickling in slower than one
     timeout in all still arrives whole; silence raises PipeTimeout (the caller's socket.timeout)."""
@@ -415,9 +418,10 @@ def test_channel_buffer_read_times_out_only_without_progress() -> None:
     with pytest.raises(PipeTimeout):
         buf.read(10, 0.2)
     reader, got = _reading(buf, 40, 1.0)
-    for i in range(40):  # 2 s in all, one byte every 50 ms: the pace is what is under test
+    wait_for(lambda: buf._want == 40, what="the reader waiting for 40 bytes")
+    for i in range(40):  # 2 s in all against a 1 s timeout
         buf.feed(bytes([i]))
-        time.sleep(0.05)
+        time.sleep(TRICKLE_SECONDS)  # the behaviour under test: a server that keeps sending, slowly
     reader.join(30)
     assert got == [bytes(range(40))]
 
