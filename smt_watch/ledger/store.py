@@ -277,10 +277,8 @@ RETURNING sha256"""
         ``remember``: a stat-cache row (:meth:`remember`) written with the claim, whatever its answer; a
         transaction less per new file is about a fifth of ``watch``'s drain rate.
         """
-        params = self._params(
-            sha=sha256, filename=column_text(filename), path=None if path is None else stored(path), size=size,
-            mode=mode, me=self._me, lease=self._lease, parent=parent, force=force,
-            backoff=respect_backoff, dead=None, now=now_iso(), epoch=time.time())
+        params = self._claim_params(sha256, filename, path, size, mode, parent=parent, force=force,
+                                    respect_backoff=respect_backoff, now=now_iso(), epoch=time.time())
         # Reserved before the database is asked: another thread of this process claiming the same bytes
         # meanwhile (another worker, another name) is told BUSY, not handed the row this one is taking.
         with self._lock:
@@ -300,6 +298,15 @@ RETURNING sha256"""
         if claim is Claim.CLAIMED:
             self._on_claim()
         return claim
+
+    def _claim_params(self, sha256: str, filename: str, path: str | None, size: int, mode: str, *,
+                      parent: str | None, force: bool, respect_backoff: bool, now: str, epoch: float
+                      ) -> dict[str, Any]:
+        """The claim statement's parameters, for :meth:`claim` and each of :meth:`claim_many`'s requests."""
+        return self._params(
+            sha=sha256, filename=column_text(filename), path=None if path is None else stored(path), size=size,
+            mode=mode, me=self._me, lease=self._lease, parent=parent, force=force, backoff=respect_backoff,
+            dead=None, now=now, epoch=epoch)
 
     def _decide(self, sha256: str, params: dict[str, Any], *, force: bool, respect_backoff: bool,
                 remember: Remember | None) -> Claim:
@@ -372,10 +379,8 @@ RETURNING sha256"""
                 if r.remember is not None and answers[i] is Claim.BUSY:
                     tx.execute(self._remember_sql, self._remember_params(r.remember))
             for _, r in asked:
-                params = self._params(
-                    sha=r.sha256, filename=column_text(r.filename), path=None if r.path is None else stored(r.path),
-                    size=r.size, mode=r.mode, me=self._me, lease=self._lease, parent=None, force=False,
-                    backoff=r.respect_backoff, dead=None, now=now, epoch=epoch)
+                params = self._claim_params(r.sha256, r.filename, r.path, r.size, r.mode, parent=None, force=False,
+                                            respect_backoff=r.respect_backoff, now=now, epoch=epoch)
                 remember = r.remember
                 if remember is not None:
                     params.update(self._remember_params(remember))
