@@ -145,7 +145,9 @@ def test_status_json_with_a_real_watch_and_sync(run_cli: Callable[..., subproces
             bad = write_csv(inbox / "bad.csv", rows=20, seed=2)
             wait_for(lambda: failed_count(settings) == 1, 30, "the first file refused")
             good = write_csv(inbox / "good.csv", rows=20, seed=1)
-            wait_for(lambda: len(receiver.stored()) == 1, 30, "the second file delivered")
+            # the receiver stores the file before watch commits its row (group commit): wait for the row
+            wait_for(lambda: len(receiver.stored()) == 1 and sent_count(settings) == 1, 30,
+                     "the second file delivered and recorded")
             r = run_cli("status", "--json")
             assert r.returncode == 1, r.stderr  # a failure is listed
             s = json.loads(r.stdout)
@@ -185,7 +187,15 @@ def test_status_json_with_a_real_watch_and_sync(run_cli: Callable[..., subproces
 
 
 def failed_count(settings: Any) -> int:
+    return _count(settings, "failed")
+
+
+def sent_count(settings: Any) -> int:
+    return _count(settings, "sent")
+
+
+def _count(settings: Any, state: str) -> int:
     from smt_watch.statedir import open_ledger
 
     with open_ledger(settings) as ledger:
-        return ledger.counts()["failed"]
+        return ledger.counts()[state]
