@@ -118,8 +118,10 @@ def test_status_page_login_failures_retry_and_delivery(browser: WebDriver, serve
 
         bad_sha = identify(bad).sha256
         wait_for(lambda: ledger_state(settings, bad_sha) == "failed", SHORT, "the first file refused")
-        write_csv(inbox / "delivered.csv", rows=30, seed=5)
+        good_sha = identify(write_csv(inbox / "delivered.csv", rows=30, seed=5)).sha256
         wait_for(lambda: len(receiver.stored()) == 1, SHORT, "the second file delivered")
+        # the receiver stores before it answers, and watch records `sent` once the answer is in
+        wait_for(lambda: ledger_state(settings, good_sha) == "sent", SHORT, "the second file marked sent")
 
         # --- refused without the token (and never from a URL) ---------------------------------------------
         for path in ("/status", f"/status?token={STATUS_TOKEN}"):
