@@ -359,9 +359,11 @@ class Connection:
 
     def download(
         self, remote: RemoteFile, part: Path, progress: Callable[[int], None] | None = None,
-        ahead: RemoteFile | None = None,
+        ahead: RemoteFile | None = None, durable: bool = True,
     ) -> str:
         """Append the rest of ``remote`` to ``part`` (resuming), fsync it, and return the SHA-256.
+        ``durable`` off: not fsynced; the caller fsyncs the part before anything counts on it (a sync
+        worker does that in a thread of its own while this connection fetches the next file).
 
         The part grows only by what the server sent: nothing is allocated ahead. When the server serves a
         different number of bytes than it listed (fewer: EOF early; more: data past the listed end), the
@@ -389,7 +391,8 @@ class Connection:
                         if progress:
                             progress(len(data))
                     out.flush()
-                    os.fsync(out.fileno())
+                    if durable:
+                        os.fsync(out.fileno())
             finally:
                 self._close_handle(handle)
         except SizeMismatch:

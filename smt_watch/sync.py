@@ -18,6 +18,7 @@ import hashlib
 import logging
 import multiprocessing
 import os
+import queue
 import re
 import signal
 import threading
@@ -50,7 +51,7 @@ PROCESS_MIN_FILES = 100
 PIECE = 32 * MIB  # a big file is fetched as ranges of this size, handed out in order
 SPLIT_MIN = 2 * PIECE  # smaller files are one stream each
 DEPTH = 2  # ranged pieces queued per worker: the next one is there when the current one ends
-DEPTH_WHOLE = 3  # whole files queued per worker: the one after the next is there to be opened ahead
+DEPTH_WHOLE = 4  # whole files per worker: one being made durable, one fetched, the next opened ahead, one more
 BATCH_FILES = 64  # whole files recorded together, after one fsync of their directories
 BATCH_SECONDS = 0.25  # ... or once the oldest of them has waited this long for the next message
 PROGRESS_STEP = 4 * MIB
@@ -633,6 +634,7 @@ def _worker_loop(settings: Settings, conn: MpConnection, lock: threading.Lock) -
 
     queued: collections.deque[Job] = collections.deque()  # received, not yet run: the next one is opened ahead
     closing = False
+    finisher = _Finisher(send)
     try:
         while True:
             while not closing and (not queued or conn.poll()):
@@ -649,7 +651,7 @@ def _worker_loop(settings: Settings, conn: MpConnection, lock: threading.Lock) -
             job = queued.popleft()
             progress = _Progress(send)
             try:
-                current, dest, sha = _run_job(settings, current, job, progress, queued[0] if queued else None)
+                current, fetched = _run_job(settings, current, job, progress, queued[0] if queued else None)
             except ConfigError as exc:
                 send(("fatal", job.n, exc))
                 return
@@ -659,12 +661,79 @@ def _worker_loop(settings: Settings, conn: MpConnection, lock: threading.Lock) -
                 send(("failed", job.n, reason(exc), isinstance(exc, SizeMismatch)))
                 continue
             progress.flush()
-            send(("done", job.n, dest, sha))
+            if fetched is None:  # a range: written, the parent makes it durable and records it
+                send(("done", job.n, None, None))
+            else:
+                finisher.put(job, fetched)  # answered once durable and in place, while the next one is fetched
     except (OSError, EOFError):
         return  # the parent is gone
     finally:
+        finisher.close()  # the files in hand are made durable and answered first
         if current is not None:
             current.close()
+
+
+@dataclass(frozen=True)
+class _Fetched:
+    """A whole file written to its part (not yet fsynced) and its SHA-256, for :class:`_Finisher`."""
+
+    part: Path
+    final: Path
+    sha256: str
+    started: float  # time.monotonic() when its fetch began, for the log line
+
+
+def make_durable(path: Path) -> None:
+    """fsync ``path`` (a finished part) through a descriptor of its own: its bytes survive a crash."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)  # the part's bytes are on disk before it is renamed into place
+    finally:
+        os.close(fd)
+
+
+class _Finisher:
+    """A worker's thread that makes each fetched whole file durable (fsync), renames it into place and
+    answers the parent, while the worker's connection already fetches the next file.
+
+    Why a thread: an fsync waits for the disk (milliseconds each on a busy machine, one per file), and a
+    worker that waited for it left its connection idle; fsync and the rename release the GIL. A file still
+    counts only once durable: the parent hears "done" after the fsync and the rename, and records it only
+    after the directory's fsync (:class:`_Landed`). A worker killed meanwhile leaves the part, which the
+    next pass resumes (it is complete: only the end-of-file probe is asked for)."""
+
+    def __init__(self, send: Callable[[tuple[Any, ...]], None]) -> None:
+        self._send = send
+        self._queue: queue.SimpleQueue[tuple[Job, _Fetched] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=f"{threading.current_thread().name}-finish",
+                                        daemon=True)
+        self._thread.start()
+
+    def put(self, job: Job, fetched: _Fetched) -> None:
+        self._queue.put((job, fetched))
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            job, f = item
+            msg: tuple[Any, ...]
+            try:
+                make_durable(f.part)
+                dest = place(f.part, f.final, f.sha256, sync_dir=False) if job.place else None
+            except OSError as exc:  # a local problem fails this file; its part stays for the next pass
+                msg = ("failed", job.n, reason(exc), False)
+            else:
+                if dest is not None:
+                    log.info("Fetched %s (%s in %.1f s) -> %s", job.remote.path, human_bytes(job.remote.size),
+                             time.monotonic() - f.started, dest)
+                msg = ("done", job.n, None if dest is None else str(dest), f.sha256)
+            try:
+                self._send(msg)
+            except (OSError, EOFError):
+                return  # the parent is gone
 
 
 class _Progress:
@@ -685,12 +754,15 @@ class _Progress:
 
 
 def _run_job(settings: Settings, conn: Connection | None, job: Job, progress: Callable[[int], None],
-             after: Job | None = None) -> tuple[Connection, str | None, str | None]:
+             after: Job | None = None) -> tuple[Connection, _Fetched | None]:
+    """Fetch ``job``: a whole file into its part (to be made durable and placed by the :class:`_Finisher`),
+    or a range into the ranged part (None: the parent makes it durable)."""
     if job.end is None:
         ahead = after.remote if after is not None and after.end is None else None
-        conn, dest, sha = _fetch_with_retries(settings, conn, job.remote, progress, place_it=job.place, ahead=ahead)
-        return conn, (str(dest) if dest is not None else None), sha
-    return _fetch_range_with_retries(settings, conn, job, progress), None, None
+        started = time.monotonic()
+        conn, sha = _fetch_with_retries(settings, conn, job.remote, progress, ahead=ahead)
+        return conn, _Fetched(part_path(job.final, job.remote), job.final, sha, started)
+    return _fetch_range_with_retries(settings, conn, job, progress), None
 
 
 def _retrying(remote: RemoteFile) -> tenacity.Retrying:
@@ -742,33 +814,27 @@ def _fetch_with_retries(
     conn: Connection | None,
     remote: RemoteFile,
     on_bytes: Callable[[int], None] | None,
-    place_it: bool = True,
     ahead: RemoteFile | None = None,
-) -> tuple[Connection, Path | None, str]:
-    """Fetch one file; a dropped connection is re-opened and the transfer resumes from its part.
-    Without ``place_it`` the finished, fsynced part is left for the caller to rename (dest None). The
-    rename's directory is not fsynced here: the pass does it for a batch, before recording them.
+) -> tuple[Connection, str]:
+    """Fetch one file into its part; a dropped connection is re-opened and the transfer resumes from its
+    part. The part is not fsynced here: the worker's :class:`_Finisher` does that, then renames it into
+    place (the rename's directory is fsynced by the pass, for a batch, before recording them).
     ``ahead``: the file fetched next on this connection, opened while this one is read."""
     final = settings.local_dir / remote.relative
     part = part_path(final, remote)
     final.parent.mkdir(parents=True, exist_ok=True)
     holder = [conn]
-    started = time.monotonic()
 
-    def attempt() -> tuple[Path | None, str]:
+    def attempt() -> str:
         current = holder[0] if holder[0] is not None else Connection(settings)
         holder[0] = current
         try:
-            sha = current.download(remote, part, on_bytes, ahead=ahead)
+            return current.download(remote, part, on_bytes, ahead=ahead, durable=False)
         except SftpError:
             current.close()
             holder[0] = None
             raise
-        return (place(part, final, sha, sync_dir=False) if place_it else None), sha
 
-    dest, sha = _retrying(remote)(attempt)
+    sha = _retrying(remote)(attempt)
     assert holder[0] is not None
-    if dest is not None:
-        log.info("Fetched %s (%s in %.1f s) -> %s", remote.path, human_bytes(remote.size),
-                 time.monotonic() - started, dest)
-    return holder[0], dest, sha
+    return holder[0], sha
