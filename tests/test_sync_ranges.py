@@ -171,7 +171,8 @@ def test_ranged_fetch_killed_with_sigkill_resumes_only_missing_pieces_and_delive
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    # The workers die with it (PR_SET_PDEATHSIG through the fork server): nobody writes the part any more.
+    # The workers die with it (PR_SET_PDEATHSIG; this pass forks them, see sync._process_context): nobody
+    # writes the part any more.
     wait_for(lambda: not holders(part), timeout=30, what="worker processes gone")
     assert visible(inbox) == {}  # nothing visible for watch
     done = [tuple(map(int, line.split())) for line in record.read_text().splitlines()]
