@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import gc
 import hashlib
 import logging
 import multiprocessing
@@ -29,7 +30,7 @@ from multiprocessing.connection import Connection as MpConnection
 from multiprocessing.connection import wait as mp_wait
 from multiprocessing.context import ForkContext, ForkServerContext
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import tenacity
 
@@ -43,6 +44,7 @@ from smt_watch.statedir import open_ledger
 from smt_watch.workers import WorkerLogging, enter_worker, start_worker, stop_process
 
 log = logging.getLogger("smt_watch.sync")
+_T = TypeVar("_T")
 
 ATTEMPTS = 3
 MIB = 1024 * 1024
@@ -640,12 +642,17 @@ def _process_context() -> ForkContext | ForkServerContext:
 
 def _process_main(settings: Settings, conn: MpConnection, logs: WorkerLogging) -> None:
     enter_worker(settings, logs, (signal.SIGINT,))  # the parent decides; it ends us when it stops
+    # What the worker inherited (every module loaded, the parent's objects) lives as long as it does: out
+    # of the collector's way, a full collection looks only at what the worker made, and does not touch
+    # (and copy) the pages it shares with its parent.
+    gc.freeze()
     _worker_loop(settings, conn, threading.Lock())
 
 
 def _worker_loop(settings: Settings, conn: MpConnection, lock: threading.Lock) -> None:
-    """Fetch the jobs the pipe sends until it sends None or closes; answer each with one message, after
-    ``("bytes", n)`` progress messages."""
+    """Fetch the jobs the pipe sends until it sends None or closes; answer each with one message.
+    ``("bytes", n)`` progress messages go every ``PROGRESS_STEP`` and before this worker waits for work,
+    not once per file (a pass of small files would send two messages a file)."""
     current: Connection | None = None
 
     def send(msg: tuple[Any, ...]) -> None:
@@ -655,9 +662,12 @@ def _worker_loop(settings: Settings, conn: MpConnection, lock: threading.Lock) -
     queued: collections.deque[Job] = collections.deque()  # received, not yet run: the next one is opened ahead
     closing = False
     finisher = _Finisher(send)
+    progress = _Progress(send)
     try:
         while True:
             while not closing and (not queued or conn.poll()):
+                if not queued:
+                    progress.flush()  # about to wait for work: the bytes fetched so far are told first
                 try:
                     got: Job | None = conn.recv()
                 except (EOFError, OSError):
@@ -669,7 +679,6 @@ def _worker_loop(settings: Settings, conn: MpConnection, lock: threading.Lock) -
             if not queued:
                 return
             job = queued.popleft()
-            progress = _Progress(send)
             try:
                 current, fetched = _run_job(settings, current, job, progress, queued[0] if queued else None)
             except ConfigError as exc:
@@ -680,8 +689,8 @@ def _worker_loop(settings: Settings, conn: MpConnection, lock: threading.Lock) -
                 progress.flush()
                 send(("failed", job.n, reason(exc), isinstance(exc, SizeMismatch)))
                 continue
-            progress.flush()
             if fetched is None:  # a range: written, the parent makes it durable and records it
+                progress.flush()
                 send(("done", job.n, None, None))
             else:
                 finisher.put(job, fetched)  # answered once durable and in place, while the next one is fetched
@@ -785,6 +794,26 @@ def _run_job(settings: Settings, conn: Connection | None, job: Job, progress: Ca
     return _fetch_range_with_retries(settings, conn, job, progress), None
 
 
+def _with_retries(remote: RemoteFile, attempt: Callable[[], _T]) -> _T:
+    """``attempt()``, retried as :func:`_retrying` says. The first try runs outside tenacity: its
+    bookkeeping (a ``Retrying``, a future and an attempt object a call) was ~5 % of a worker's CPU for a
+    small file, and most files need one try. A first try that failed is handed to tenacity as its first
+    attempt, so the attempts, the waits and what is logged stay tenacity's."""
+    try:
+        return attempt()
+    except SftpError as exc:
+        if isinstance(exc, SizeMismatch):
+            raise
+        failed: list[SftpError] = [exc]
+
+    def again() -> _T:
+        if failed:
+            raise failed.pop()  # the first try, already made: tenacity counts it, says it and waits
+        return attempt()
+
+    return _retrying(remote)(again)
+
+
 def _retrying(remote: RemoteFile) -> tenacity.Retrying:
     return tenacity.Retrying(
         # A size that does not match is what the server serves: asking again in this pass gets the same.
@@ -824,7 +853,7 @@ def _fetch_range_with_retries(settings: Settings, conn: Connection | None, job: 
         finally:
             os.close(fd)
 
-    _retrying(remote)(attempt)
+    _with_retries(remote, attempt)
     assert holder[0] is not None
     return holder[0]
 
@@ -855,6 +884,6 @@ def _fetch_with_retries(
             holder[0] = None
             raise
 
-    sha = _retrying(remote)(attempt)
+    sha = _with_retries(remote, attempt)
     assert holder[0] is not None
     return holder[0], sha
