@@ -60,6 +60,7 @@ BATCH_SECONDS = 0.25  # ... or once the oldest of them has waited this long for 
 PROGRESS_STEP = 4 * MIB
 HASH_BLOCK = MIB
 JOIN_SECONDS = 10
+DRAIN = 32  # messages taken from one worker per wait, at most
 
 
 @dataclass
@@ -605,13 +606,20 @@ class _Pool:
                 self.threads.append(t)
 
     def receive(self, among: list[int]) -> list[tuple[int, tuple[Any, ...] | None]]:
-        """The next messages from the workers in ``among``; ``None`` for one whose pipe closed."""
+        """The next messages from the workers in ``among``, each worker's in order; ``None`` for one whose
+        pipe closed (its last). What a ready worker already sent is taken in the same call (up to
+        ``DRAIN``): one wait (a selector built and torn down) for several messages, not one each."""
         index = {id(self.conns[w]): w for w in among}
         out: list[tuple[int, tuple[Any, ...] | None]] = []
         for ready in mp_wait([self.conns[w] for w in among]):
             w = index[id(ready)]
+            conn = self.conns[w]
             try:
-                out.append((w, self.conns[w].recv()))
+                out.append((w, conn.recv()))
+                for _ in range(DRAIN - 1):
+                    if not conn.poll():
+                        break
+                    out.append((w, conn.recv()))
             except (EOFError, OSError):
                 out.append((w, None))
         return out
