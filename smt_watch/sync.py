@@ -782,7 +782,8 @@ class _Finisher:
             try:
                 make_durable(f.part)
                 dest = place(f.part, f.final, f.sha256, sync_dir=False) if job.place else None
-            except OSError as exc:  # a local problem fails this file; its part stays for the next pass
+            except Exception as exc:  # a local problem fails this file (its part stays for the next pass);
+                # this thread answers every file it took, or the pass would wait for it forever
                 msg = ("failed", job.n, reason(exc), False)
             else:
                 if dest is not None:
