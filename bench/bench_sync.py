@@ -97,14 +97,16 @@ class Dataset:
 @dataclass
 class Case(Timed):
     workers: int = 0  # 0: the OpenSSH sftp client
+    src: Path | None = None  # run ``python -m smt_watch`` from this source tree instead of the installed one
 
     @property
     def is_sftp(self) -> bool:
         return self.workers == 0
 
 
-def cases(with_workers_1: bool = True) -> list[Case]:
+def cases(with_workers_1: bool = True, sources: tuple[Path, ...] = ()) -> list[Case]:
     out = [Case("smt-watch sync --workers 4", workers=4)]
+    out += [Case(f"smt-watch sync --workers 4 from {src}", workers=4, src=src) for src in sources]
     if with_workers_1:
         out.append(Case("smt-watch sync --workers 1", workers=1))
     out.append(Case("OpenSSH sftp -b", workers=0))
@@ -166,7 +168,11 @@ class SyncBench:
                 env = clean_env()
                 env.update(sftp_env(self.server, self.known_hosts, remote_dirs=[data.rel], timeout=SFTP_TIMEOUT_S,
                                     SMT_LOCAL_DIR=str(out), SMT_STATE_DIR=str(state)))
-                run = timed([str(SMT_WATCH), "sync", "--workers", str(case.workers)], env, what)
+                argv = [str(SMT_WATCH), "sync", "--workers", str(case.workers)]
+                if case.src is not None:  # --src: the same venv, another checkout's code first on the path
+                    env["PYTHONPATH"] = str(case.src)
+                    argv = [sys.executable, "-P", "-m", "smt_watch", *argv[1:]]  # -P: not the cwd first
+                run = timed(argv, env, what)
                 m = SYNC_RE.search(run.stdout + run.stderr)
                 if not m or int(m.group(1)) != data.files or int(m.group(2)) != 0:
                     raise BenchError(f"{what}: expected 'sync: {data.files} new …, 0 failed', got:\n"
@@ -221,7 +227,7 @@ def figures(big: Dataset, big_cases: list[Case], many: Dataset, many_cases: list
         ratio = rate / anchor_rate
         out.append(Figure(f"{c.name}, {big.label}", f"{rate:.0f} MB/s", f"sftp get {anchor_rate:.0f} MB/s",
                           f"{ratio:.2f}×", *((f"≥ {MIN_BIG_VS_OPENSSH}×", ratio >= MIN_BIG_VS_OPENSSH)
-                                             if c.workers > 1 else ())))
+                                             if c.workers > 1 and c.src is None else ())))
     for c in big_cases:
         if not c.is_sftp:
             out.append(Figure(f"client CPU (user + sys) of {c.name}, {big.label}", f"{c.median_cpu:.1f} s",
@@ -235,7 +241,8 @@ def figures(big: Dataset, big_cases: list[Case], many: Dataset, many_cases: list
         ratio = fps / anchor_fps
         out.append(Figure(f"{c.name}, {many.label}", f"{fps:.0f} files/s ({many.total / c.median / MB:.1f} MB/s)",
                           f"sftp mget {anchor_fps:.0f} files/s", f"{ratio:.2f}×",
-                          *((f"≥ {MIN_MANY_VS_OPENSSH}×", ratio >= MIN_MANY_VS_OPENSSH) if c.workers > 1 else ())))
+                          *((f"≥ {MIN_MANY_VS_OPENSSH}×", ratio >= MIN_MANY_VS_OPENSSH)
+                            if c.workers > 1 and c.src is None else ())))
     big_rss = by_name(big_cases)["smt-watch sync --workers 4"].peak_rss_mib
     mid_rss = by_name(mid_cases)["smt-watch sync --workers 4"].peak_rss_mib
     growth = big_rss - mid_rss
@@ -291,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=("big", "many"), help="measure one data set only (no RSS figure); "
                         "prints the table, writes nothing to --out")
     parser.add_argument("--no-workers-1", action="store_true", help="skip the --workers 1 cases")
+    parser.add_argument("--src", type=Path, action="append", default=[],
+                        help="also run `--workers 4` from this checkout (same venv, its code first on the path), "
+                        "round-robin with the others: an A/B in one run; repeatable")
     args = parser.parse_args(argv)
     if not SMT_WATCH.exists():
         raise SystemExit(f"{SMT_WATCH} not found: run `make` (pip install -e .) first")
@@ -310,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
                 b = SyncBench(work, server, work / "known_hosts")
                 results: list[tuple[Dataset, list[Case]]] = []
                 w1 = not args.no_workers_1
-                plan = [(big, cases(w1)), (many, cases(w1)), (mid, cases(with_workers_1=False))]
+                srcs = tuple(p.resolve() for p in args.src)
+                plan = [(big, cases(w1, srcs)), (many, cases(w1, srcs)), (mid, cases(with_workers_1=False))]
                 if args.only:
                     plan = [plan[0] if args.only == "big" else plan[1]]
                 for data, todo in plan:

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import gc
 import hashlib
 import logging
 import multiprocessing
 import os
+import queue
 import re
 import signal
 import threading
@@ -26,8 +28,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection as MpConnection
 from multiprocessing.connection import wait as mp_wait
+from multiprocessing.context import ForkContext, ForkServerContext
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import tenacity
 
@@ -41,6 +44,7 @@ from smt_watch.statedir import open_ledger
 from smt_watch.workers import WorkerLogging, enter_worker, start_worker, stop_process
 
 log = logging.getLogger("smt_watch.sync")
+_T = TypeVar("_T")
 
 ATTEMPTS = 3
 MIB = 1024 * 1024
@@ -50,12 +54,13 @@ PROCESS_MIN_FILES = 100
 PIECE = 32 * MIB  # a big file is fetched as ranges of this size, handed out in order
 SPLIT_MIN = 2 * PIECE  # smaller files are one stream each
 DEPTH = 2  # ranged pieces queued per worker: the next one is there when the current one ends
-DEPTH_WHOLE = 3  # whole files queued per worker: the one after the next is there to be opened ahead
+DEPTH_WHOLE = 4  # whole files per worker: one being made durable, one fetched, the next opened ahead, one more
 BATCH_FILES = 64  # whole files recorded together, after one fsync of their directories
 BATCH_SECONDS = 0.25  # ... or once the oldest of them has waited this long for the next message
 PROGRESS_STEP = 4 * MIB
 HASH_BLOCK = MIB
 JOIN_SECONDS = 10
+DRAIN = 32  # messages taken from one worker per wait, at most
 
 
 @dataclass
@@ -319,10 +324,11 @@ def _plan(settings: Settings, todo: list[RemoteFile], split: bool, place_in_work
     """The jobs, biggest file first (the pass ends sooner), a ranged file's pieces in order."""
     jobs: list[Job] = []
     ranged: dict[str, _Ranged] = {}
+    parts = _PartsHere()
     for f in sorted(todo, key=lambda f: -f.size):
         final = settings.local_dir / f.relative
-        resumable_stream = part_path(final, f).exists()
-        if (split and f.size >= SPLIT_MIN and not resumable_stream) or ranged_part_path(final, f).exists():
+        resumable_stream = parts.has(part_path(final, f))
+        if (split and f.size >= SPLIT_MIN and not resumable_stream) or parts.has(ranged_part_path(final, f)):
             try:
                 r = _Ranged(f, final, PIECE)
             except OSError:
@@ -374,16 +380,37 @@ def free_bytes(directory: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
+class _PartsHere:
+    """Which hidden parts exist, from one listing of each inbox directory: planning a pass of 1,000 new
+    files asked for four stats a file (a tenth of the pass's own CPU) where a listing or two does."""
+
+    def __init__(self) -> None:
+        self._names: dict[Path, frozenset[str]] = {}
+
+    def has(self, part: Path) -> bool:
+        names = self._names.get(part.parent)
+        if names is None:
+            try:
+                names = frozenset(e.name for e in os.scandir(part.parent) if e.name.endswith(".part"))
+            except OSError:  # not there yet (nothing to resume), or unreadable (the fetch will say so)
+                names = frozenset()
+            self._names[part.parent] = names
+        return part.name in names
+
+
 def _fits_free_space(settings: Settings, report: SyncReport) -> list[RemoteFile]:
     """The files of ``report.todo`` whose listed size fits in the inbox's free space, biggest first, each
     counted against what the ones before it take. A file that does not fit fails now with its reason: a
     remote size is a claim, and nothing is allocated for it before the bytes arrive."""
     budget = free_bytes(settings.local_dir)
     fitting = []
+    parts = _PartsHere()
     for f in sorted(report.todo, key=lambda f: -f.size):
         final = settings.local_dir / f.relative
         have = 0
         for part in (part_path(final, f), ranged_part_path(final, f)):
+            if not parts.has(part):
+                continue
             with contextlib.suppress(OSError):
                 st = part.lstat()
                 have = max(have, min(st.st_size, st.st_blocks * 512))
@@ -555,17 +582,16 @@ def _job_failed(report: SyncReport, ranged: dict[str, _Ranged], job: Job, reason
 
 
 class _Pool:
-    """Workers, each on one end of a pipe: threads here, or processes (forkserver: this process may have
-    threads and open sockets, so no plain fork; one interpreter start, then a fork per worker). A worker
-    process dies with its parent (``PR_SET_PDEATHSIG`` on the fork server, which exits when we do)."""
+    """Workers, each on one end of a pipe: threads here, or processes (forked from this process when it
+    runs no other thread, else from the fork server: see :func:`_process_context`). A worker process dies
+    with its parent (``PR_SET_PDEATHSIG``; the fork server exits when we do)."""
 
     def __init__(self, settings: Settings, n: int, processes: bool) -> None:
         self.conns: list[MpConnection] = []
         self.procs: list[multiprocessing.process.BaseProcess] = []
         self.threads: list[threading.Thread] = []
         if processes:
-            ctx = multiprocessing.get_context("forkserver")
-            ctx.set_forkserver_preload(["smt_watch.sync"])
+            ctx = _process_context()
             for i in range(n):
                 parent, proc = start_worker(ctx, _process_main, (settings,), f"smt-sync-{i}")
                 self.conns.append(parent)
@@ -580,13 +606,20 @@ class _Pool:
                 self.threads.append(t)
 
     def receive(self, among: list[int]) -> list[tuple[int, tuple[Any, ...] | None]]:
-        """The next messages from the workers in ``among``; ``None`` for one whose pipe closed."""
+        """The next messages from the workers in ``among``, each worker's in order; ``None`` for one whose
+        pipe closed (its last). What a ready worker already sent is taken in the same call (up to
+        ``DRAIN``): one wait (a selector built and torn down) for several messages, not one each."""
         index = {id(self.conns[w]): w for w in among}
         out: list[tuple[int, tuple[Any, ...] | None]] = []
         for ready in mp_wait([self.conns[w] for w in among]):
             w = index[id(ready)]
+            conn = self.conns[w]
             try:
-                out.append((w, self.conns[w].recv()))
+                out.append((w, conn.recv()))
+                for _ in range(DRAIN - 1):
+                    if not conn.poll():
+                        break
+                    out.append((w, conn.recv()))
             except (EOFError, OSError):
                 out.append((w, None))
         return out
@@ -617,14 +650,39 @@ class _Pool:
                 stop()
 
 
+def _process_context() -> ForkContext | ForkServerContext:
+    """How worker processes start: a plain fork when this process runs no other thread (a ``smt-watch
+    sync`` pass once its listing connection is closed), else through the fork server.
+
+    A fork copies a process whose modules are loaded: no interpreter to start and nothing to import again
+    (the fork server costs ~0.4 s of CPU and ~0.3 s before the first worker can connect, a tenth of a pass
+    of 1,000 small files). Forking is safe only when no other thread can hold a lock at that moment
+    (logging's, a connection pool's): ``serve`` and ``watch`` run passes among their threads, and a
+    PostgreSQL ledger's pool has threads of its own, so they go through the fork server, whose one process
+    has loaded this module once and forks each worker from there. A worker never touches what it inherits
+    (the ledger's connection, the sync lock's descriptor): it ends with ``os._exit`` and dies with us."""
+    if threading.active_count() == 1:
+        log.debug("Sync workers start as forks of this process")
+        return multiprocessing.get_context("fork")
+    log.debug("Sync workers start from the fork server (this process runs %d threads)", threading.active_count())
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["smt_watch.sync"])
+    return ctx
+
+
 def _process_main(settings: Settings, conn: MpConnection, logs: WorkerLogging) -> None:
     enter_worker(settings, logs, (signal.SIGINT,))  # the parent decides; it ends us when it stops
+    # What the worker inherited (every module loaded, the parent's objects) lives as long as it does: out
+    # of the collector's way, a full collection looks only at what the worker made, and does not touch
+    # (and copy) the pages it shares with its parent.
+    gc.freeze()
     _worker_loop(settings, conn, threading.Lock())
 
 
 def _worker_loop(settings: Settings, conn: MpConnection, lock: threading.Lock) -> None:
-    """Fetch the jobs the pipe sends until it sends None or closes; answer each with one message, after
-    ``("bytes", n)`` progress messages."""
+    """Fetch the jobs the pipe sends until it sends None or closes; answer each with one message.
+    ``("bytes", n)`` progress messages go every ``PROGRESS_STEP`` and before this worker waits for work,
+    not once per file (a pass of small files would send two messages a file)."""
     current: Connection | None = None
 
     def send(msg: tuple[Any, ...]) -> None:
@@ -633,9 +691,13 @@ def _worker_loop(settings: Settings, conn: MpConnection, lock: threading.Lock) -
 
     queued: collections.deque[Job] = collections.deque()  # received, not yet run: the next one is opened ahead
     closing = False
+    finisher = _Finisher(send)
+    progress = _Progress(send)
     try:
         while True:
             while not closing and (not queued or conn.poll()):
+                if not queued:
+                    progress.flush()  # about to wait for work: the bytes fetched so far are told first
                 try:
                     got: Job | None = conn.recv()
                 except (EOFError, OSError):
@@ -647,9 +709,8 @@ def _worker_loop(settings: Settings, conn: MpConnection, lock: threading.Lock) -
             if not queued:
                 return
             job = queued.popleft()
-            progress = _Progress(send)
             try:
-                current, dest, sha = _run_job(settings, current, job, progress, queued[0] if queued else None)
+                current, fetched = _run_job(settings, current, job, progress, queued[0] if queued else None)
             except ConfigError as exc:
                 send(("fatal", job.n, exc))
                 return
@@ -658,13 +719,81 @@ def _worker_loop(settings: Settings, conn: MpConnection, lock: threading.Lock) -
                 progress.flush()
                 send(("failed", job.n, reason(exc), isinstance(exc, SizeMismatch)))
                 continue
-            progress.flush()
-            send(("done", job.n, dest, sha))
+            if fetched is None:  # a range: written, the parent makes it durable and records it
+                progress.flush()
+                send(("done", job.n, None, None))
+            else:
+                finisher.put(job, fetched)  # answered once durable and in place, while the next one is fetched
     except (OSError, EOFError):
         return  # the parent is gone
     finally:
+        finisher.close()  # the files in hand are made durable and answered first
         if current is not None:
             current.close()
+
+
+@dataclass(frozen=True)
+class _Fetched:
+    """A whole file written to its part (not yet fsynced) and its SHA-256, for :class:`_Finisher`."""
+
+    part: Path
+    final: Path
+    sha256: str
+    started: float  # time.monotonic() when its fetch began, for the log line
+
+
+def make_durable(path: Path) -> None:
+    """fsync ``path`` (a finished part) through a descriptor of its own: its bytes survive a crash."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)  # the part's bytes are on disk before it is renamed into place
+    finally:
+        os.close(fd)
+
+
+class _Finisher:
+    """A worker's thread that makes each fetched whole file durable (fsync), renames it into place and
+    answers the parent, while the worker's connection already fetches the next file.
+
+    Why a thread: an fsync waits for the disk (milliseconds each on a busy machine, one per file), and a
+    worker that waited for it left its connection idle; fsync and the rename release the GIL. A file still
+    counts only once durable: the parent hears "done" after the fsync and the rename, and records it only
+    after the directory's fsync (:class:`_Landed`). A worker killed meanwhile leaves the part, which the
+    next pass resumes (it is complete: only the end-of-file probe is asked for)."""
+
+    def __init__(self, send: Callable[[tuple[Any, ...]], None]) -> None:
+        self._send = send
+        self._queue: queue.SimpleQueue[tuple[Job, _Fetched] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=f"{threading.current_thread().name}-finish",
+                                        daemon=True)
+        self._thread.start()
+
+    def put(self, job: Job, fetched: _Fetched) -> None:
+        self._queue.put((job, fetched))
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            job, f = item
+            msg: tuple[Any, ...]
+            try:
+                make_durable(f.part)
+                dest = place(f.part, f.final, f.sha256, sync_dir=False) if job.place else None
+            except Exception as exc:  # a local problem fails this file (its part stays for the next pass);
+                # this thread answers every file it took, or the pass would wait for it forever
+                msg = ("failed", job.n, reason(exc), False)
+            else:
+                if dest is not None:
+                    log.info("Fetched %s (%s in %.1f s) -> %s", job.remote.path, human_bytes(job.remote.size),
+                             time.monotonic() - f.started, dest)
+                msg = ("done", job.n, None if dest is None else str(dest), f.sha256)
+            try:
+                self._send(msg)
+            except (OSError, EOFError):
+                return  # the parent is gone
 
 
 class _Progress:
@@ -685,12 +814,35 @@ class _Progress:
 
 
 def _run_job(settings: Settings, conn: Connection | None, job: Job, progress: Callable[[int], None],
-             after: Job | None = None) -> tuple[Connection, str | None, str | None]:
+             after: Job | None = None) -> tuple[Connection, _Fetched | None]:
+    """Fetch ``job``: a whole file into its part (to be made durable and placed by the :class:`_Finisher`),
+    or a range into the ranged part (None: the parent makes it durable)."""
     if job.end is None:
         ahead = after.remote if after is not None and after.end is None else None
-        conn, dest, sha = _fetch_with_retries(settings, conn, job.remote, progress, place_it=job.place, ahead=ahead)
-        return conn, (str(dest) if dest is not None else None), sha
-    return _fetch_range_with_retries(settings, conn, job, progress), None, None
+        started = time.monotonic()
+        conn, sha = _fetch_with_retries(settings, conn, job.remote, progress, ahead=ahead)
+        return conn, _Fetched(part_path(job.final, job.remote), job.final, sha, started)
+    return _fetch_range_with_retries(settings, conn, job, progress), None
+
+
+def _with_retries(remote: RemoteFile, attempt: Callable[[], _T]) -> _T:
+    """``attempt()``, retried as :func:`_retrying` says. The first try runs outside tenacity: its
+    bookkeeping (a ``Retrying``, a future and an attempt object a call) was ~5 % of a worker's CPU for a
+    small file, and most files need one try. A first try that failed is handed to tenacity as its first
+    attempt, so the attempts, the waits and what is logged stay tenacity's."""
+    try:
+        return attempt()
+    except SftpError as exc:
+        if isinstance(exc, SizeMismatch):
+            raise
+        failed: list[SftpError] = [exc]
+
+    def again() -> _T:
+        if failed:
+            raise failed.pop()  # the first try, already made: tenacity counts it, says it and waits
+        return attempt()
+
+    return _retrying(remote)(again)
 
 
 def _retrying(remote: RemoteFile) -> tenacity.Retrying:
@@ -732,7 +884,7 @@ def _fetch_range_with_retries(settings: Settings, conn: Connection | None, job: 
         finally:
             os.close(fd)
 
-    _retrying(remote)(attempt)
+    _with_retries(remote, attempt)
     assert holder[0] is not None
     return holder[0]
 
@@ -742,33 +894,27 @@ def _fetch_with_retries(
     conn: Connection | None,
     remote: RemoteFile,
     on_bytes: Callable[[int], None] | None,
-    place_it: bool = True,
     ahead: RemoteFile | None = None,
-) -> tuple[Connection, Path | None, str]:
-    """Fetch one file; a dropped connection is re-opened and the transfer resumes from its part.
-    Without ``place_it`` the finished, fsynced part is left for the caller to rename (dest None). The
-    rename's directory is not fsynced here: the pass does it for a batch, before recording them.
+) -> tuple[Connection, str]:
+    """Fetch one file into its part; a dropped connection is re-opened and the transfer resumes from its
+    part. The part is not fsynced here: the worker's :class:`_Finisher` does that, then renames it into
+    place (the rename's directory is fsynced by the pass, for a batch, before recording them).
     ``ahead``: the file fetched next on this connection, opened while this one is read."""
     final = settings.local_dir / remote.relative
     part = part_path(final, remote)
     final.parent.mkdir(parents=True, exist_ok=True)
     holder = [conn]
-    started = time.monotonic()
 
-    def attempt() -> tuple[Path | None, str]:
+    def attempt() -> str:
         current = holder[0] if holder[0] is not None else Connection(settings)
         holder[0] = current
         try:
-            sha = current.download(remote, part, on_bytes, ahead=ahead)
+            return current.download(remote, part, on_bytes, ahead=ahead, durable=False)
         except SftpError:
             current.close()
             holder[0] = None
             raise
-        return (place(part, final, sha, sync_dir=False) if place_it else None), sha
 
-    dest, sha = _retrying(remote)(attempt)
+    sha = _with_retries(remote, attempt)
     assert holder[0] is not None
-    if dest is not None:
-        log.info("Fetched %s (%s in %.1f s) -> %s", remote.path, human_bytes(remote.size),
-                 time.monotonic() - started, dest)
-    return holder[0], dest, sha
+    return holder[0], sha

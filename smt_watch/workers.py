@@ -17,7 +17,7 @@ import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from multiprocessing.context import ForkServerContext, SpawnContext
+from multiprocessing.context import ForkContext, ForkServerContext, SpawnContext
 from multiprocessing.process import BaseProcess
 from typing import Any
 
@@ -43,8 +43,8 @@ class WorkerLogging:
         return cls(level if level in ("debug", "info", "warning", "error") else "info", "json" if json_out else "text")
 
 
-def start_worker(ctx: SpawnContext | ForkServerContext, target: Callable[..., None], args: tuple[Any, ...],
-                 name: str) -> tuple[Connection, BaseProcess]:
+def start_worker(ctx: SpawnContext | ForkServerContext | ForkContext, target: Callable[..., None],
+                 args: tuple[Any, ...], name: str) -> tuple[Connection, BaseProcess]:
     """``target(*args, conn, logging)`` in a daemon process of ``ctx``; our end of its pipe, and the process."""
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=target, args=(*args, child, WorkerLogging.of_this_process()),

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from test_sync import sync_once, visible
 from conftest import wait_for
 from smt_watch import sync
 from smt_watch.config import Settings
-from smt_watch.sftp import RemoteFile
+from smt_watch.sftp import Connection, RemoteFile
 from smt_watch.statedir import open_ledger
 
 Make = Callable[..., Settings]
@@ -171,7 +172,8 @@ def test_ranged_fetch_killed_with_sigkill_resumes_only_missing_pieces_and_delive
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    # The workers die with it (PR_SET_PDEATHSIG through the fork server): nobody writes the part any more.
+    # The workers die with it (PR_SET_PDEATHSIG; this pass forks them, see sync._process_context): nobody
+    # writes the part any more.
     wait_for(lambda: not holders(part), timeout=30, what="worker processes gone")
     assert visible(inbox) == {}  # nothing visible for watch
     done = [tuple(map(int, line.split())) for line in record.read_text().splitlines()]
@@ -214,3 +216,32 @@ def test_ranged_part_without_record_is_fetched_whole_never_taken_as_a_prefix(
     assert visible(inbox) == {"a.csv": data}
     assert covered_once(server, "/a.csv") == [(0, len(data))]
     assert fetched_sha(make_settings, env, "/a.csv") == sha(data)
+
+
+def test_worker_processes_are_forked_only_by_a_pass_that_runs_no_other_thread() -> None:
+    """A forked worker would inherit any lock another thread holds at that moment: a pass forks its workers
+    only while it runs no other thread (`smt-watch sync` once its listing connection is closed); among
+    threads (`serve`, a PostgreSQL ledger's pool, this test process's) it goes through the fork server."""
+    code = "from smt_watch.sync import _process_context; print(_process_context().get_start_method())"
+    alone = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert alone.stdout.strip() == "fork"
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait, daemon=True)
+    other.start()
+    try:
+        assert sync._process_context().get_start_method() == "forkserver"
+    finally:
+        stop.set()
+        other.join()
+
+
+def test_a_closed_connection_leaves_no_thread_behind(server: SftpTestServer, env: dict[str, str],
+                                                     make_settings: Make) -> None:
+    """What lets the CLI pass fork its workers: once the listing connection is closed, paramiko's thread
+    has ended (Connection.close shuts its socket down and joins it). Without the join the thread usually
+    ends in time anyway (the shutdown wakes it), so this is a check of the result, not a mutant killer."""
+    settings = make_settings(**env)
+    before = set(threading.enumerate())
+    with Connection(settings):
+        assert len(set(threading.enumerate()) - before) == 1  # paramiko's transport thread
+    assert set(threading.enumerate()) - before == set()
