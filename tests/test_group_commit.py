@@ -20,7 +20,7 @@ from smt_watch.delivery import make_sink
 from smt_watch.errors import LedgerError
 from smt_watch.hashing import Signature
 from smt_watch.jobs import Job, JobKind, handle_jobs
-from smt_watch.ledger import Claim
+from smt_watch.ledger import Claim, Labels
 from smt_watch.ledger.common import ClaimRequest
 from smt_watch.ledger.store import failed_mark, released_mark, retrying_mark, sent_mark
 from smt_watch.reference.receiver import running_receiver
@@ -70,6 +70,22 @@ def test_claim_many_answers_as_single_claims_would(where: str) -> None:
         assert ledger.claim_many([_request(4), _request(3)]) == [Claim.DUPLICATE, Claim.CLAIMED]
         ledger.finish_many([failed_mark(_sha(3), status=None, error="bad", attempts=0)])
         assert ledger.get(_sha(3)).state == "failed"  # type: ignore[union-attr]
+
+
+def test_labels_read_with_a_groups_claims_are_what_the_ledger_holds(where: str) -> None:
+    """PostgreSQL reads the labels of the rows a group claim took in its statement, and answers the delivery's
+    look-up from them: the answers must be what the labels table says, before and after the outcome."""
+    with open_at(where) as ledger:
+        ledger.declare_labels(_sha(1), "10443720000000001", "M1")
+        assert ledger.claim_many([_request(1), _request(2)]) == [Claim.CLAIMED, Claim.CLAIMED]
+        assert ledger.labels([_sha(1), _sha(2)]) == {_sha(1): Labels("10443720000000001", "M1", None)}
+        assert ledger.labels([_sha(2)]) == {}
+        ledger.declare_labels(_sha(2), None, "M2")  # declared while the claim is in flight: seen at once
+        assert ledger.labels([_sha(2)]) == {_sha(2): Labels(None, "M2", None)}
+        ledger.note_esiid(_sha(1), "10443720000000009")
+        ledger.finish_many([sent_mark(_sha(n), status=200, destination="d", attempts=1) for n in (1, 2)])
+        assert ledger.labels([_sha(1)]) == {_sha(1): Labels("10443720000000001", "M1", "10443720000000009")}
+        assert ledger.with_esiid("10443720000000009", 5) == [_sha(1)]
 
 
 def test_a_group_is_one_transaction(tmp_path: Path) -> None:

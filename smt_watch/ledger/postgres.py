@@ -59,7 +59,12 @@ RECONNECT_SECONDS: Final = 15.0
 # trade as the SQLite ledger's synchronous=NORMAL: a database crash (not a restart) may forget the last
 # fraction of a second of commits, which can only mean a file delivered again (the receiver de-duplicates by
 # Idempotency-Key), never one marked sent that was not: a commit is still atomic and in order.
-SESSION_OPTIONS: Final = f"-c search_path={SCHEMA} -c synchronous_commit=off"
+# plan_cache_mode: every execution of a prepared statement is planned for its own parameters and the tables
+# as they are now. A generic plan is kept until autovacuum's next ANALYZE (a minute or more): made while a
+# new ledger was nearly empty, it read every row of `files` for each group's claims and outcomes once the
+# table had grown (a 12,000-file drain: the server's CPU a file tripled). Planning these statements costs
+# far less than that (measured: /tmp-scale drains, see bench/RESULTS.md's ledger section).
+SESSION_OPTIONS: Final = f"-c search_path={SCHEMA} -c synchronous_commit=off -c plan_cache_mode=force_custom_plan"
 
 _MIGRATIONS: Final[tuple[str, ...]] = (
     f"""

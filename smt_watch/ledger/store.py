@@ -120,7 +120,10 @@ class SqlLedger(VerdictStore):
                 f"WITH remembered AS ({self._remember_statement(group=True)}),"
                 f" claimed AS ({self._claim_statement(group=True)})"
                 " SELECT claimed.sha256, labels.declared_esiid, labels.declared_meter, labels.esiid,"
-                " labels.sha256 IS NOT NULL AS labelled FROM claimed LEFT JOIN labels USING (sha256)")
+                " labels.sha256 IS NOT NULL AS labelled FROM claimed LEFT JOIN labels"
+                # the group's hashes named again: the planner takes the JSON rows for 100, and would rather
+                # read every labels row than look 100 up (a drain slowing as the ledger grows)
+                f" ON labels.sha256 = claimed.sha256 AND {self._dialect.among('labels.sha256', [])[0]}")
 
     # --- plumbing ---------------------------------------------------------------------------------------
 
@@ -454,7 +457,8 @@ RETURNING sha256"""
                   for r in asked]
         backoff = requests[0].respect_backoff
         params = self._params(me=self._me, lease=self._lease, force=False, backoff=backoff, dead=None, now=now,
-                              epoch=epoch, claims=json.dumps(claims), seen=json.dumps(list(seen.values())))
+                              epoch=epoch, claims=json.dumps(claims), seen=json.dumps(list(seen.values())),
+                              **self._dialect.among("", [r.sha256 for r in asked])[1])
         taken = {str(r["sha256"]): Labels(r["declared_esiid"], r["declared_meter"], r["esiid"])
                  if r["labelled"] else None for r in self._db.query(self._claim_group_sql, params)}
         with self._lock:
@@ -506,8 +510,10 @@ RETURNING sha256"""
             return (f"UPDATE files SET {sets}{self._dialect.unlease}, attempts = attempts + :attempts_add"
                     " WHERE sha256 = :sha")
         sets = ", ".join(f"{k} = m.{k}" for k in columns)
+        # (the hashes named again, as a list: else the planner, taking the JSON rows for 100, reads every row)
         return (f"UPDATE files AS f SET {sets}{self._dialect.unlease}, attempts = f.attempts + m.attempts"
-                f" FROM {self._dialect.rows('files', group)} AS m WHERE f.sha256 = m.sha256")
+                f" FROM {self._dialect.rows('files', group)} AS m"
+                f" WHERE {self._dialect.among('f.sha256', [])[0]} AND f.sha256 = m.sha256")
 
     def _finish_statement(self, mark: Mark) -> tuple[str, dict[str, Any], str | None]:
         """A claim's outcome as one UPDATE, and the ESIID noted for it (:meth:`note_esiid`) to write with it."""
@@ -530,7 +536,7 @@ RETURNING sha256"""
             if esiid is not None:
                 notes.append({"sha256": m.sha256, "esiid": esiid, "at": at})
         writes: list[str] = []
-        params: dict[str, Any] = {}
+        params: dict[str, Any] = self._dialect.among("", [m.sha256 for m in marks])[1]
         if notes:
             writes.append(note_statement(f"SELECT n.sha256, n.esiid, n.at FROM {self._dialect.rows('labels', 'notes')}"
                                          " AS n"))
