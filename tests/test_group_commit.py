@@ -113,6 +113,30 @@ def test_a_group_is_one_transaction(tmp_path: Path) -> None:
         assert ledger.get(_sha(7)).state == "sending"  # type: ignore[union-attr]
 
 
+def test_a_groups_claims_and_outcomes_are_all_or_none_on_postgres(pg_url: str) -> None:
+    """PostgreSQL: a group's claims (with their stat-cache rows) are one statement and its outcomes another;
+    the database refusing one row (a trigger) writes none of the group, and the claims are handed back."""
+    import psycopg
+
+    refuse = ("CREATE TRIGGER refuse BEFORE {} ON smt_watch.files FOR EACH ROW WHEN (NEW.sha256 = '" + _sha(8)
+              + "') EXECUTE FUNCTION smt_watch.refuse()")
+    with open_at(pg_url) as ledger, psycopg.connect(pg_url, autocommit=True) as other:
+        other.execute("CREATE FUNCTION smt_watch.refuse() RETURNS trigger LANGUAGE plpgsql"
+                      " AS $$ BEGIN RAISE EXCEPTION 'refused'; END $$")
+        other.execute(refuse.format("INSERT"))
+        with pytest.raises(LedgerError, match="refused"):
+            ledger.claim_many([_request(7), _request(8)])
+        assert ledger.get(_sha(7)) is None and ledger.get(_sha(8)) is None
+        assert ledger.seen("/in/f7.csv") is None
+        other.execute("DROP TRIGGER refuse ON smt_watch.files")
+        assert ledger.claim_many([_request(7), _request(8)]) == [Claim.CLAIMED, Claim.CLAIMED]
+        other.execute(refuse.format("UPDATE"))
+        with pytest.raises(LedgerError, match="refused"):
+            ledger.finish_many([sent_mark(_sha(7), status=200, destination="d", attempts=1),
+                                sent_mark(_sha(8), status=200, destination="d", attempts=1)])
+        assert [ledger.get(_sha(n)).state for n in (7, 8)] == ["sending"] * 2  # type: ignore[union-attr]
+
+
 # --- a worker's group, end to end: real files, the reference receiver on loopback, a real ledger ------------
 
 
