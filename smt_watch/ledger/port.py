@@ -87,7 +87,8 @@ class Dialect:
     # but a batch is also one round trip's worth of rows)
     batch: int
     # a group's rows as one JSON parameter (PostgreSQL's jsonb_populate_recordset): a worker's group of claims,
-    # or of outcomes, is one statement (one round trip, one commit) instead of one per file
+    # or of outcomes, is one statement (one round trip, one commit) instead of one per file; such a statement
+    # also names the group's hashes as one array (``= ANY(:hashes)``), so the planner looks them up by key
     json_rows: bool = False
 
     def rows(self, table: str, name: str) -> str:

@@ -121,9 +121,9 @@ class SqlLedger(VerdictStore):
                 f" claimed AS ({self._claim_statement(group=True)})"
                 " SELECT claimed.sha256, labels.declared_esiid, labels.declared_meter, labels.esiid,"
                 " labels.sha256 IS NOT NULL AS labelled FROM claimed LEFT JOIN labels"
-                # the group's hashes named again: the planner takes the JSON rows for 100, and would rather
-                # read every labels row than look 100 up (a drain slowing as the ledger grows)
-                f" ON labels.sha256 = claimed.sha256 AND {self._dialect.among('labels.sha256', [])[0]}")
+                # the group's hashes named again (:hashes): the planner takes the JSON rows for 100, and would
+                # rather read every labels row than look 100 up (a drain slowing as the ledger grows)
+                " ON labels.sha256 = claimed.sha256 AND labels.sha256 = ANY(:hashes)")
 
     # --- plumbing ---------------------------------------------------------------------------------------
 
@@ -390,7 +390,7 @@ RETURNING sha256"""
     def claim_many(self, requests: Sequence[ClaimRequest]) -> list[Claim]:
         """:meth:`claim` for several files in ONE transaction (group commit), their stat-cache rows in it:
         a worker claims the ready files it took from the queue together, and pays one commit (SQLite) or
-        one transaction's round trips (PostgreSQL) for all of them. Each answer is what :meth:`claim` would
+        one statement (PostgreSQL, :meth:`_claim_group`) for all of them. Each answer is what :meth:`claim` would
         have said; the same bytes twice in one group: the second is BUSY, as for a second worker."""
         grouped = self._dialect.json_rows and len({r.respect_backoff for r in requests}) == 1
         if len(requests) == 1 and not grouped:
@@ -458,7 +458,7 @@ RETURNING sha256"""
         backoff = requests[0].respect_backoff
         params = self._params(me=self._me, lease=self._lease, force=False, backoff=backoff, dead=None, now=now,
                               epoch=epoch, claims=json.dumps(claims), seen=json.dumps(list(seen.values())),
-                              **self._dialect.among("", [r.sha256 for r in asked])[1])
+                              hashes=[r.sha256 for r in asked])
         taken = {str(r["sha256"]): Labels(r["declared_esiid"], r["declared_meter"], r["esiid"])
                  if r["labelled"] else None for r in self._db.query(self._claim_group_sql, params)}
         with self._lock:
@@ -510,10 +510,10 @@ RETURNING sha256"""
             return (f"UPDATE files SET {sets}{self._dialect.unlease}, attempts = attempts + :attempts_add"
                     " WHERE sha256 = :sha")
         sets = ", ".join(f"{k} = m.{k}" for k in columns)
-        # (the hashes named again, as a list: else the planner, taking the JSON rows for 100, reads every row)
+        # (the hashes named again, :hashes: else the planner, taking the JSON rows for 100, reads every row)
         return (f"UPDATE files AS f SET {sets}{self._dialect.unlease}, attempts = f.attempts + m.attempts"
                 f" FROM {self._dialect.rows('files', group)} AS m"
-                f" WHERE {self._dialect.among('f.sha256', [])[0]} AND f.sha256 = m.sha256")
+                " WHERE f.sha256 = ANY(:hashes) AND f.sha256 = m.sha256")
 
     def _finish_statement(self, mark: Mark) -> tuple[str, dict[str, Any], str | None]:
         """A claim's outcome as one UPDATE, and the ESIID noted for it (:meth:`note_esiid`) to write with it."""
@@ -536,7 +536,7 @@ RETURNING sha256"""
             if esiid is not None:
                 notes.append({"sha256": m.sha256, "esiid": esiid, "at": at})
         writes: list[str] = []
-        params: dict[str, Any] = self._dialect.among("", [m.sha256 for m in marks])[1]
+        params: dict[str, Any] = {"hashes": [m.sha256 for m in marks]}
         if notes:
             writes.append(note_statement(f"SELECT n.sha256, n.esiid, n.at FROM {self._dialect.rows('labels', 'notes')}"
                                          " AS n"))
