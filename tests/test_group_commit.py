@@ -20,7 +20,7 @@ from smt_watch.delivery import make_sink
 from smt_watch.errors import LedgerError
 from smt_watch.hashing import Signature
 from smt_watch.jobs import Job, JobKind, handle_jobs
-from smt_watch.ledger import Claim
+from smt_watch.ledger import Claim, Labels
 from smt_watch.ledger.common import ClaimRequest
 from smt_watch.ledger.store import failed_mark, released_mark, retrying_mark, sent_mark
 from smt_watch.reference.receiver import running_receiver
@@ -72,6 +72,22 @@ def test_claim_many_answers_as_single_claims_would(where: str) -> None:
         assert ledger.get(_sha(3)).state == "failed"  # type: ignore[union-attr]
 
 
+def test_labels_read_with_a_groups_claims_are_what_the_ledger_holds(where: str) -> None:
+    """PostgreSQL reads the labels of the rows a group claim took in its statement, and answers the delivery's
+    look-up from them: the answers must be what the labels table says, before and after the outcome."""
+    with open_at(where) as ledger:
+        ledger.declare_labels(_sha(1), "10443720000000001", "M1")
+        assert ledger.claim_many([_request(1), _request(2)]) == [Claim.CLAIMED, Claim.CLAIMED]
+        assert ledger.labels([_sha(1), _sha(2)]) == {_sha(1): Labels("10443720000000001", "M1", None)}
+        assert ledger.labels([_sha(2)]) == {}
+        ledger.declare_labels(_sha(2), None, "M2")  # declared while the claim is in flight: seen at once
+        assert ledger.labels([_sha(2)]) == {_sha(2): Labels(None, "M2", None)}
+        ledger.note_esiid(_sha(1), "10443720000000009")
+        ledger.finish_many([sent_mark(_sha(n), status=200, destination="d", attempts=1) for n in (1, 2)])
+        assert ledger.labels([_sha(1)]) == {_sha(1): Labels("10443720000000001", "M1", "10443720000000009")}
+        assert ledger.with_esiid("10443720000000009", 5) == [_sha(1)]
+
+
 def test_a_group_is_one_transaction(tmp_path: Path) -> None:
     """SQLite: the group's second claim fails (a trigger refuses it): the first is not written either, and
     both are handed back, claimable once the database takes them."""
@@ -95,6 +111,30 @@ def test_a_group_is_one_transaction(tmp_path: Path) -> None:
             ledger.finish_many([sent_mark(_sha(7), status=200, destination="d", attempts=1),
                                 sent_mark(_sha(8), status=200, destination="d", attempts=1)])
         assert ledger.get(_sha(7)).state == "sending"  # type: ignore[union-attr]
+
+
+def test_a_groups_claims_and_outcomes_are_all_or_none_on_postgres(pg_url: str) -> None:
+    """PostgreSQL: a group's claims (with their stat-cache rows) are one statement and its outcomes another;
+    the database refusing one row (a trigger) writes none of the group, and the claims are handed back."""
+    import psycopg
+
+    refuse = ("CREATE TRIGGER refuse BEFORE {} ON smt_watch.files FOR EACH ROW WHEN (NEW.sha256 = '" + _sha(8)
+              + "') EXECUTE FUNCTION smt_watch.refuse()")
+    with open_at(pg_url) as ledger, psycopg.connect(pg_url, autocommit=True) as other:
+        other.execute("CREATE FUNCTION smt_watch.refuse() RETURNS trigger LANGUAGE plpgsql"
+                      " AS $$ BEGIN RAISE EXCEPTION 'refused'; END $$")
+        other.execute(refuse.format("INSERT"))
+        with pytest.raises(LedgerError, match="refused"):
+            ledger.claim_many([_request(7), _request(8)])
+        assert ledger.get(_sha(7)) is None and ledger.get(_sha(8)) is None
+        assert ledger.seen("/in/f7.csv") is None
+        other.execute("DROP TRIGGER refuse ON smt_watch.files")
+        assert ledger.claim_many([_request(7), _request(8)]) == [Claim.CLAIMED, Claim.CLAIMED]
+        other.execute(refuse.format("UPDATE"))
+        with pytest.raises(LedgerError, match="refused"):
+            ledger.finish_many([sent_mark(_sha(7), status=200, destination="d", attempts=1),
+                                sent_mark(_sha(8), status=200, destination="d", attempts=1)])
+        assert [ledger.get(_sha(n)).state for n in (7, 8)] == ["sending"] * 2  # type: ignore[union-attr]
 
 
 # --- a worker's group, end to end: real files, the reference receiver on loopback, a real ledger ------------

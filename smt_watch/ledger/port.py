@@ -86,6 +86,17 @@ class Dialect:
     # how many items one statement takes at a time (SQLite allows 32,766 placeholders; an array, any number,
     # but a batch is also one round trip's worth of rows)
     batch: int
+    # a group's rows as one JSON parameter (PostgreSQL's jsonb_populate_recordset): a worker's group of claims,
+    # or of outcomes, is one statement (one round trip, one commit) instead of one per file; such a statement
+    # also names the group's hashes as one array (``= ANY(:hashes)``), so the planner looks them up by key
+    json_rows: bool = False
+
+    def rows(self, table: str, name: str) -> str:
+        """The rows of the JSON array parameter ``:name`` (objects keyed by column), typed as ``table``'s
+        columns (a key left out is NULL): a row source for one statement that writes a whole group."""
+        if not self.json_rows:
+            raise NotImplementedError(f"{self.name}: no JSON row parameters")
+        return f"jsonb_populate_recordset(NULL::{table}, CAST(:{name} AS jsonb))"
 
     def among(self, column: str, values: Sequence[Any]) -> tuple[str, dict[str, Any]]:
         """``column`` is one of ``values``: the clause and its (named) parameters."""
@@ -110,7 +121,7 @@ SQLITE: Dialect = Dialect(name="sqlite", write_with=False, seen_node=False, leas
                           skip_locked="", arrays=False, batch=500)
 POSTGRES: Dialect = Dialect(name="postgres", write_with=True, seen_node=True, leases=True,
                             seen_key=("node", "path"), skip_locked=" FOR UPDATE SKIP LOCKED", arrays=True,
-                            batch=1000)
+                            batch=1000, json_rows=True)
 
 
 def batches(values: Sequence[T], size: int) -> Iterator[Sequence[T]]:

@@ -10,6 +10,7 @@ migrations, transactions, reconnects, the lease renewer and ``sync``'s lock.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -50,8 +51,15 @@ KEYS: Final[dict[str, tuple[str, ...]]] = {
     "files": ("sha256",), "chunks": ("sha256", "part"), "remote_files": ("remote_path",), "meta": ("key",),
     "labels": ("sha256",), "verdicts": ("sha256",), "uploads": (),
 }
-NOTE_SQL: Final = ("INSERT INTO labels (sha256, esiid, at) VALUES (:sha, :esiid, :at)"
-                   " ON CONFLICT (sha256) DO UPDATE SET esiid = excluded.esiid")
+
+
+def note_statement(source: str) -> str:
+    """The ESIID a delivery carried, upserted from ``source`` (``VALUES`` of one, or a group's rows)."""
+    return (f"INSERT INTO labels (sha256, esiid, at) {source}"
+            " ON CONFLICT (sha256) DO UPDATE SET esiid = excluded.esiid")
+
+
+NOTE_SQL: Final = note_statement("VALUES (:sha, :esiid, :at)")
 UPLOAD_WINDOW_KEPT: Final = 31 * 86400  # nothing older matters to any quota
 # A claim's lease stands while the database's clock has not passed it (databases with leases): the one
 # judgement the claim upsert, its fallback and start-up recovery all make.
@@ -103,6 +111,19 @@ class SqlLedger(VerdictStore):
         self._noted: dict[str, str] = {}
         self._claim_sql = self._claim_statement()
         self._remember_sql = self._remember_statement()
+        # Labels of the rows a group claim took (None: no labels row), read in its statement: the delivery
+        # of each asks for them next (:meth:`labels`). Kept until the claim's outcome is written.
+        self._claim_labels: dict[str, Labels | None] = {}
+        self._claim_group_sql = ""
+        if self._dialect.json_rows:
+            self._claim_group_sql = (
+                f"WITH remembered AS ({self._remember_statement(group=True)}),"
+                f" claimed AS ({self._claim_statement(group=True)})"
+                " SELECT claimed.sha256, labels.declared_esiid, labels.declared_meter, labels.esiid,"
+                " labels.sha256 IS NOT NULL AS labelled FROM claimed LEFT JOIN labels"
+                # the group's hashes named again (:hashes): the planner takes the JSON rows for 100, and would
+                # rather read every labels row than look 100 up (a drain slowing as the ledger grows)
+                " ON labels.sha256 = claimed.sha256 AND labels.sha256 = ANY(:hashes)")
 
     # --- plumbing ---------------------------------------------------------------------------------------
 
@@ -221,22 +242,33 @@ class SqlLedger(VerdictStore):
 
     # --- the delivery state machine ---------------------------------------------------------------------
 
-    def _claim_statement(self) -> str:
+    def _claim_statement(self, group: bool = False) -> str:
         """The claim as one upsert: the row is taken unless it is ``sent`` (and not forced), backed off (for
         ``watch``), or held by a live claim. On PostgreSQL a claim of another node lives while its lease
         has not expired (the database's clock); what the statement cannot judge (whether a claimer's process
         lives) :meth:`claim` decides after it and names the dead claimer (``:dead``). A row ``sending`` under
         this process's own name is taken (its final write failed, e.g. on a full disk): a claim this process
-        is working on never reaches the statement (:meth:`claim` answers BUSY first)."""
+        is working on never reaches the statement (:meth:`claim` answers BUSY first).
+
+        ``group``: every row of the JSON parameter ``:claims`` (:meth:`claim_many` on a database with
+        :attr:`~smt_watch.ledger.port.Dialect.json_rows`), in hash order (two nodes' groups lock rows in
+        the same order), each judged as one claim would be; what each claim brings is then its row's column
+        instead of a parameter."""
         leases = self._dialect.leases
         columns = ", lease_until, node" if leases else ""
         values = ", now() + make_interval(secs => :lease), :node" if leases else ""
         sets = ", lease_until = excluded.lease_until, node = excluded.node" if leases else ""
         live = f"f.{LEASE_STANDS}" if leases else "TRUE"
+        sha, filename, path, size, mode, parent = (
+            (f"c.{k}" for k in ("sha256", "filename", "path", "size", "mode", "parent")) if group
+            else (":sha", ":filename", ":path", ":size", ":mode", ":parent"))
+        row = f"{sha}, {filename}, {path}, {size}, 'sending', :now, :now, {mode}, :me, :epoch, {parent}, :now{values}"
+        source = (f"SELECT {row} FROM {self._dialect.rows('files', 'claims')} AS c ORDER BY c.sha256" if group
+                  else f"VALUES ({row})")
         return f"""
 INSERT INTO files AS f (sha256, filename, path, size, state, first_seen, updated_at, mode,
                         claimed_by, claimed_at, parent, started_at{columns})
-VALUES (:sha, :filename, :path, :size, 'sending', :now, :now, :mode, :me, :epoch, :parent, :now{values})
+{source}
 ON CONFLICT (sha256) DO UPDATE SET
     state = 'sending', filename = excluded.filename, path = excluded.path, size = excluded.size,
     mode = excluded.mode, updated_at = excluded.updated_at, claimed_by = excluded.claimed_by,
@@ -358,9 +390,10 @@ RETURNING sha256"""
     def claim_many(self, requests: Sequence[ClaimRequest]) -> list[Claim]:
         """:meth:`claim` for several files in ONE transaction (group commit), their stat-cache rows in it:
         a worker claims the ready files it took from the queue together, and pays one commit (SQLite) or
-        one transaction's round trips (PostgreSQL) for all of them. Each answer is what :meth:`claim` would
+        one statement (PostgreSQL, :meth:`_claim_group`) for all of them. Each answer is what :meth:`claim` would
         have said; the same bytes twice in one group: the second is BUSY, as for a second worker."""
-        if len(requests) == 1:
+        grouped = self._dialect.json_rows and len({r.respect_backoff for r in requests}) == 1
+        if len(requests) == 1 and not grouped:
             r = requests[0]
             return [self.claim(r.sha256, filename=r.filename, path=r.path, size=r.size, mode=r.mode,
                                respect_backoff=r.respect_backoff, remember=r.remember)]
@@ -395,18 +428,50 @@ RETURNING sha256"""
 
         decided: list[Claim] = []
         try:
-            decided = self._db.transaction(work)
+            decided = (self._claim_group(requests, [r for _, r in asked], now, epoch) if grouped
+                       else self._db.transaction(work))
         finally:
             taken = {r.sha256 for (_, r), c in zip(asked, decided, strict=False) if c is Claim.CLAIMED}
             with self._lock:
                 for _, r in asked:
                     if r.sha256 not in taken:
                         self._inflight.discard(r.sha256)
+                        self._claim_labels.pop(r.sha256, None)
         for (i, _), claim in zip(asked, decided, strict=True):
             answers[i] = claim
         if any(c is Claim.CLAIMED for c in decided):
             self._on_claim()
         return [Claim.BUSY if a is None else a for a in answers]
+
+    def _claim_group(self, requests: Sequence[ClaimRequest], asked: list[ClaimRequest], now: str, epoch: float
+                     ) -> list[Claim]:
+        """:meth:`claim_many`'s work in ONE statement (databases with JSON row parameters): every request's
+        stat-cache row, every claim of ``asked`` (the requests not already BUSY), and the labels of the rows
+        it took, which the delivery asks for next (:meth:`labels` answers them from memory until the claim's
+        outcome). A claim the statement did not take is decided as :meth:`claim` decides it, all of them in
+        one transaction: why not, or a dead claimer's row taken over. One round trip where a transaction of
+        one statement per file took N + 2."""
+        seen = {stored(r.remember.path): self._seen_row(r.remember) for r in requests if r.remember is not None}
+        claims = [{"sha256": r.sha256, "filename": column_text(r.filename),
+                   "path": None if r.path is None else stored(r.path), "size": r.size, "mode": r.mode}
+                  for r in asked]
+        backoff = requests[0].respect_backoff
+        params = self._params(me=self._me, lease=self._lease, force=False, backoff=backoff, dead=None, now=now,
+                              epoch=epoch, claims=json.dumps(claims), seen=json.dumps(list(seen.values())),
+                              hashes=[r.sha256 for r in asked])
+        taken = {str(r["sha256"]): Labels(r["declared_esiid"], r["declared_meter"], r["esiid"])
+                 if r["labelled"] else None for r in self._db.query(self._claim_group_sql, params)}
+        with self._lock:
+            self._claim_labels.update(taken)
+        rest = [r for r in asked if r.sha256 not in taken]
+
+        def work(tx: Tx) -> list[Claim]:
+            return [self._decide_in(tx, r.sha256, self._claim_params(
+                r.sha256, r.filename, r.path, r.size, r.mode, parent=None, force=False, respect_backoff=backoff,
+                now=now, epoch=epoch), force=False, respect_backoff=backoff, remember=None) for r in rest]
+
+        later = dict(zip((r.sha256 for r in rest), self._db.transaction(work) if rest else [], strict=True))
+        return [Claim.CLAIMED if r.sha256 in taken else later[r.sha256] for r in asked]
 
     def _on_claim(self) -> None:
         """What an adapter does once this process holds a claim (PostgreSQL: renew its lease)."""
@@ -431,16 +496,58 @@ RETURNING sha256"""
         """Back to ``pending``: the attempt was abandoned for a reason that is not the target's fault."""
         self.finish_many([released_mark(sha256, error=error, attempts=attempts)])
 
-    def _finish_statement(self, mark: Mark) -> tuple[str, dict[str, Any], str | None]:
-        """A claim's outcome as one UPDATE, and the ESIID noted for it (:meth:`note_esiid`) to write with it."""
+    def _outcome_values(self, mark: Mark) -> dict[str, Any]:
+        """The columns a claim's outcome sets (attempts aside: they are added)."""
         values = {k: column_text(v) if isinstance(v, str) else v for k, v in mark.values}
         values.update(state=mark.state, updated_at=mark.decided_at, claimed_by=None, claimed_at=None)
-        assignments = ", ".join(f"{k} = :{k}" for k in values)
-        update = (f"UPDATE files SET {assignments}{self._dialect.unlease}, attempts = attempts + :attempts_add"
-                  " WHERE sha256 = :sha")
+        return values
+
+    def _finish_update(self, columns: Iterable[str], group: str | None = None) -> str:
+        """The UPDATE that writes outcomes setting ``columns``: one, from parameters; or (``group``) every row
+        of that JSON parameter, each onto its own hash."""
+        if group is None:
+            sets = ", ".join(f"{k} = :{k}" for k in columns)
+            return (f"UPDATE files SET {sets}{self._dialect.unlease}, attempts = attempts + :attempts_add"
+                    " WHERE sha256 = :sha")
+        sets = ", ".join(f"{k} = m.{k}" for k in columns)
+        # (the hashes named again, :hashes: else the planner, taking the JSON rows for 100, reads every row)
+        return (f"UPDATE files AS f SET {sets}{self._dialect.unlease}, attempts = f.attempts + m.attempts"
+                f" FROM {self._dialect.rows('files', group)} AS m"
+                " WHERE f.sha256 = ANY(:hashes) AND f.sha256 = m.sha256")
+
+    def _finish_statement(self, mark: Mark) -> tuple[str, dict[str, Any], str | None]:
+        """A claim's outcome as one UPDATE, and the ESIID noted for it (:meth:`note_esiid`) to write with it."""
+        values = self._outcome_values(mark)
         esiid = self._noted.get(mark.sha256)
         params = {**values, "attempts_add": mark.attempts, "sha": mark.sha256, "esiid": esiid, "at": time.time()}
-        return update, params, esiid
+        return self._finish_update(values), params, esiid
+
+    def _finish_group(self, marks: Sequence[Mark]) -> tuple[str, dict[str, Any]]:
+        """Outcomes of distinct hashes and their noted ESIIDs as ONE statement (databases with JSON row
+        parameters): one UPDATE per set of columns written (a drain's are all ``sent``), the ESIIDs' upsert,
+        joined by a data-modifying WITH. One round trip and one commit, all of it or none."""
+        outcomes: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        notes: list[dict[str, Any]] = []
+        at = time.time()
+        for m in marks:
+            values = self._outcome_values(m)
+            outcomes.setdefault(tuple(values), []).append({**values, "sha256": m.sha256, "attempts": m.attempts})
+            esiid = self._noted.get(m.sha256)
+            if esiid is not None:
+                notes.append({"sha256": m.sha256, "esiid": esiid, "at": at})
+        writes: list[str] = []
+        params: dict[str, Any] = {"hashes": [m.sha256 for m in marks]}
+        if notes:
+            writes.append(note_statement(f"SELECT n.sha256, n.esiid, n.at FROM {self._dialect.rows('labels', 'notes')}"
+                                         " AS n"))
+            params["notes"] = json.dumps(notes)
+        for i, (columns, rows) in enumerate(outcomes.items()):
+            writes.append(self._finish_update(columns, f"outcomes{i}"))
+            params[f"outcomes{i}"] = json.dumps(rows)
+        *first, last = writes
+        if first:
+            last = f"WITH {', '.join(f'w{i} AS ({w})' for i, w in enumerate(first))} {last}"
+        return last, params
 
     def finish_many(self, marks: Sequence[Mark]) -> None:
         """Claims' outcomes, each with the ESIID noted for it, committed together (group commit: one
@@ -457,6 +564,10 @@ RETURNING sha256"""
                     self._write_both(NOTE_SQL, update, params)
                 done = True
                 return
+            if self._dialect.json_rows and len({m.sha256 for m in marks}) == len(marks):
+                self._db.execute(*self._finish_group(marks))
+                done = True
+                return
             statements = [self._finish_statement(m) for m in marks]
 
             def work(tx: Tx) -> None:
@@ -471,6 +582,7 @@ RETURNING sha256"""
             with self._lock:
                 for m in marks:
                     self._inflight.discard(m.sha256)
+                    self._claim_labels.pop(m.sha256, None)
                     if done:  # (kept when not written: a later call with the same outcomes writes it)
                         self._noted.pop(m.sha256, None)
 
@@ -552,6 +664,8 @@ RETURNING sha256"""
 
     def declare_labels(self, sha256: str, esiid: str | None, meter: str | None) -> None:
         """What an uploader said of these bytes; a field it left out keeps what an earlier upload said."""
+        with self._lock:
+            self._claim_labels.pop(sha256, None)
         self._db.execute(
             "INSERT INTO labels (sha256, declared_esiid, declared_meter, at) VALUES (?, ?, ?, ?)"
             " ON CONFLICT (sha256) DO UPDATE SET"
@@ -569,6 +683,9 @@ RETURNING sha256"""
         self._db.execute(NOTE_SQL, {"sha": sha256, "esiid": esiid, "at": time.time()})
 
     def labels(self, sha256s: list[str]) -> dict[str, Labels]:
+        with self._lock:  # each of them claimed in a group, its labels read with the claim: no round trip
+            if sha256s and all(s in self._claim_labels for s in sha256s):
+                return {s: found for s in sha256s if (found := self._claim_labels[s]) is not None}
         out: dict[str, Labels] = {}
         for batch in batches(sha256s, self._dialect.batch):
             clause, params = self._dialect.among("sha256", batch)
@@ -584,18 +701,25 @@ RETURNING sha256"""
 
     # --- the watcher's stat cache and schedules -----------------------------------------------------------
 
-    def _remember_statement(self) -> str:
+    def _remember_statement(self, group: bool = False) -> str:
+        """A stat-cache row's upsert; ``group``: every row of the JSON parameter ``:seen`` (:meth:`claim_many`)."""
         node = ("node, ", ":node, ") if self._dialect.seen_node else ("", "")
-        return (f"INSERT INTO seen ({node[0]}path, device, inode, size, mtime_ns, sha256)"
-                f" VALUES ({node[1]}:r_path, :r_device, :r_inode, :r_size, :r_mtime_ns, :r_sha)"
+        source = (f"SELECT {node[1]}s.path, s.device, s.inode, s.size, s.mtime_ns, s.sha256"
+                  f" FROM {self._dialect.rows('seen', 'seen')} AS s" if group
+                  else f"VALUES ({node[1]}:r_path, :r_device, :r_inode, :r_size, :r_mtime_ns, :r_sha)")
+        return (f"INSERT INTO seen ({node[0]}path, device, inode, size, mtime_ns, sha256) {source}"
                 f" ON CONFLICT ({', '.join(self._dialect.seen_key)}) DO UPDATE SET device = excluded.device,"
                 " inode = excluded.inode, size = excluded.size, mtime_ns = excluded.mtime_ns,"
                 " sha256 = excluded.sha256")
 
-    def _remember_params(self, r: Remember) -> dict[str, Any]:
+    def _seen_row(self, r: Remember) -> dict[str, Any]:
+        """A stat-cache row by column (a row of :meth:`_claim_group`'s ``:seen``)."""
         sig = r.signature
-        return self._params(r_path=stored(r.path), r_device=sig.device, r_inode=sig.inode, r_size=sig.size,
-                            r_mtime_ns=sig.mtime_ns, r_sha=r.sha256)
+        return {"path": stored(r.path), "device": sig.device, "inode": sig.inode, "size": sig.size,
+                "mtime_ns": sig.mtime_ns, "sha256": r.sha256}
+
+    def _remember_params(self, r: Remember) -> dict[str, Any]:
+        return self._params(**{f"r_{'sha' if k == 'sha256' else k}": v for k, v in self._seen_row(r).items()})
 
     def remember(self, entry: Remember) -> None:
         self._db.execute(self._remember_sql, self._remember_params(entry))
