@@ -11,7 +11,7 @@ import hashlib
 import os
 import stat as stat_mod
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -131,11 +131,18 @@ def identify(path: Path, source: Path | None = None, observe: Callable[[bytes], 
 
 
 def _hash_beside(fh: BinaryIO, digest: hashlib._Hash, observe: Callable[[bytes], None]) -> None:
-    """Each block hashed in a helper thread while ``observe`` reads it here."""
+    """Each block hashed in a helper thread while ``observe`` reads it here, and the next block is read here
+    meanwhile: the pass takes about as long as the hash alone (hashlib and file reads release the GIL), with
+    at most two blocks in flight. The helper's one worker takes blocks in order, so the digest is the file's."""
     with ThreadPoolExecutor(1, thread_name_prefix="smt-watch-hash") as pool:
-        while block := fh.read(OVERLAP_CHUNK):
-            pending = pool.submit(digest.update, block)
-            try:
+        pending: Future[None] | None = None  # the previous block's hash, still running
+        try:
+            while block := fh.read(OVERLAP_CHUNK):
+                hashed = pool.submit(digest.update, block)
                 observe(block)
-            finally:
-                pending.result()
+                if pending is not None:
+                    pending.result()
+                pending = hashed
+        finally:
+            if pending is not None:
+                pending.result()  # never leave the helper updating the digest after we return or raise
