@@ -316,3 +316,18 @@ def test_no_early_guess_where_there_is_no_plain_first_file(args: list[str]) -> N
     from smt_watch.clistart import early_post_file
 
     assert early_post_file(args) is None
+
+
+def test_an_early_pass_of_another_path_is_never_used_for_posts_first_file(tmp_path: Path) -> None:
+    """The early pass answers only for the path it hashed: when typer parses another first FILE, that file
+    is hashed now (its identity, not the guess's, is what is claimed and sent)."""
+    from smt_watch import clistart
+    from smt_watch.content import hash_pass
+
+    guessed, parsed = write_csv(tmp_path / "guessed.csv", rows=20), write_csv(tmp_path / "parsed.csv", rows=21)
+    clistart._early = clistart.EarlyHash(hash_pass, guessed)
+    try:
+        ident, _ = clistart.early_hash_for(hash_pass, parsed)()
+    finally:
+        clistart._early = None
+    assert (ident.path, ident.sha256) == (parsed, hashlib.sha256(parsed.read_bytes()).hexdigest())
