@@ -16,7 +16,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
-from smt_watch.clistart import early_hash_for, start_early_hash
+from smt_watch.clistart import early_hash_for, first_pass, start_early_hash
 
 start_early_hash()  # `post`: its first file's hash pass starts now, before typer and the rest of this module load
 
@@ -148,9 +148,7 @@ def post(
     Exit 0 when every file was sent or is a duplicate, 1 when any failed or will be retried, 2 on a
     configuration error. Tokens are read only from the environment, never from flags.
     """
-    from smt_watch.content import hash_pass
-
-    first = early_hash_for(hash_pass, files[0]) if files else None  # overlaps the imports and set-up below
+    first = early_hash_for(first_pass, files[0]) if files else None  # overlaps the imports and set-up below
 
     from smt_watch.pipeline import post_files
 

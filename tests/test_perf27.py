@@ -252,12 +252,12 @@ def test_post_starts_hashing_its_first_file_before_typer_loads_and_hashes_it_onc
     code = (
         "import sys\n"
         f"sys.argv = ['smt-watch', '--log-level', 'info', 'post', {str(f)!r}]\n"
-        "import smt_watch.clistart as cs, smt_watch.content as content\n"
+        "import smt_watch.clistart as cs\n"
         "seen = []\n"
-        "init, hash_pass = cs.EarlyHash.__init__, content.hash_pass\n"
+        "init, first_pass = cs.EarlyHash.__init__, cs.first_pass\n"
         "def early(self, *a): seen.append('typer' in sys.modules); init(self, *a)\n"
-        "def counted(p): seen.append(str(p)); return hash_pass(p)\n"
-        "cs.EarlyHash.__init__, content.hash_pass = early, counted\n"
+        "def counted(p): seen.append(str(p)); return first_pass(p)\n"
+        "cs.EarlyHash.__init__, cs.first_pass = early, counted\n"
         "from smt_watch.cli import main\n"
         "try:\n"
         "    main()\n"
@@ -331,3 +331,32 @@ def test_an_early_pass_of_another_path_is_never_used_for_posts_first_file(tmp_pa
     finally:
         clistart._early = None
     assert (ident.path, ident.sha256) == (parsed, hashlib.sha256(parsed.read_bytes()).hexdigest())
+
+
+def test_posts_first_pass_in_big_blocks_sees_what_the_hash_pass_sees(tmp_path: Path) -> None:
+    """post's first pass reads a big file in EARLY_BLOCK blocks (two in flight at most): same digest, same
+    signature, same sniff as :func:`hash_pass`, which reads it in 1 MiB blocks."""
+    from smt_watch.clistart import EARLY_BLOCK, first_pass
+    from smt_watch.content import hash_pass
+    from smt_watch.hashing import OVERLAP_MIN
+
+    f = tmp_path / "big_M1.csv"
+    row = b"10443720000000001,01/01/2025,01/02/2025,0:00,0:15,0.208,A\n"
+    f.write_bytes(b"ESIID,USAGE_DATE,REVISION_DATE,USAGE_START_TIME,USAGE_END_TIME,USAGE_KWH,ESTIMATED_ACTUAL\n"
+                  + row * ((OVERLAP_MIN + 3 * EARLY_BLOCK) // len(row)) + b"tail")
+    (ident, sniffer), (ident2, sniffer2) = first_pass(f), hash_pass(f)
+    assert ident == ident2 and ident.sha256 == hashlib.sha256(f.read_bytes()).hexdigest()
+    assert sniffer is not None and sniffer2 is not None and sniffer.result() == sniffer2.result()
+    seen: list[int] = []
+    identify(f, observe=lambda b: seen.append(len(b)), read_size=EARLY_BLOCK)
+    assert max(seen) == EARLY_BLOCK and sum(seen) == f.stat().st_size
+
+
+@pytest.mark.parametrize("name", ["a.csv", "A.CSV", "b.zip", "c.ZIP", "d.csv.asc", "e.ASC", "f.txt", "noext"])
+def test_posts_first_pass_sniffs_what_the_hash_pass_sniffs(name: str, tmp_path: Path) -> None:
+    from smt_watch.clistart import first_pass
+    from smt_watch.content import sniffing
+
+    f = tmp_path / name
+    f.write_bytes(b"ESIID,USAGE_DATE\n10443720000000001,01/01/2025\n")
+    assert (first_pass(f)[1] is None) == (sniffing(name) is None)
