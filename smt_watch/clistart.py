@@ -149,7 +149,7 @@ class EarlyHash:
     While the pass runs, the interpreter's switch interval is :data:`EARLY_SWITCH_INTERVAL`: start-up is
     pure Python and holds the GIL, and the pass needs it back for a moment after every block it reads or
     hashes; at the default 5 ms each of those moments could wait 5 ms, so the pass crawled until start-up
-    was done (~40 MiB hashed in the first 0.13 s instead of ~200). The default comes back when it ends."""
+    was done. The default comes back when it ends."""
 
     def __init__(self, hash_pass: Callable[[Path], Any], path: Path) -> None:
         import threading
@@ -177,8 +177,8 @@ class EarlyHash:
         return self._result
 
 
-EARLY_SWITCH_INTERVAL = 0.0005  # seconds; Python's default is 0.005
-EARLY_BLOCK = 4 * 1024 * 1024  # the first pass's reads of a big file: 4x fewer waits for the GIL than 1 MiB
+EARLY_SWITCH_INTERVAL = 0.0002  # seconds; Python's default is 0.005
+EARLY_BLOCK = 2 * 1024 * 1024  # the first pass's reads of a big file: half the waits for the GIL of 1 MiB
 _SWITCH_INTERVAL = sys.getswitchinterval()  # as the process started, restored when a pass ends
 POST_FLAGS = ("--force",)  # post's options that take no value (tests/test_perf27.py checks this against post)
 _early: EarlyHash | None = None
@@ -216,9 +216,10 @@ def first_pass(path: Path) -> Any:
     """:func:`~smt_watch.content.hash_pass` of ``post``'s first file, in :data:`EARLY_BLOCK` reads.
 
     The pass runs beside start-up, whose Python holds the GIL; the pass needs it back after each block, so
-    fewer, bigger blocks keep it near full speed: beside 0.3 s of pure Python it hashed ~400 MiB of the ~450
-    it does alone in 4 MiB blocks, ~250 in 1 MiB blocks (at :data:`EARLY_SWITCH_INTERVAL`; 42-59 at 5 ms).
-    Two blocks in flight (8 MiB), below what the send holds later: peak RSS does not move.
+    fewer, bigger blocks keep it nearer full speed. Beside 0.3 s of pure Python (tools in the hpost report,
+    one run, boosted; noisy): 1 MiB blocks at a 5 ms switch interval 42-59 MiB hashed, at 0.5 ms ~250, at
+    0.2 ms 195-245; 2 MiB at 0.2 ms 181-263; 4 MiB at 0.5 ms 189-400; ~450 alone. 4 MiB blocks raised
+    post's peak RSS by up to 8 MiB (glibc keeps freed blocks of that size), 2 MiB by at most ~4 MiB.
 
     It needs only hashing and smtcsv, imported by :func:`start_early_hash` in the main thread before the pass
     starts (never in the pass's thread: two threads importing at once can meet in an import cycle), not
