@@ -360,3 +360,23 @@ def test_posts_first_pass_sniffs_what_the_hash_pass_sniffs(name: str, tmp_path: 
     f = tmp_path / name
     f.write_bytes(b"ESIID,USAGE_DATE\n10443720000000001,01/01/2025\n")
     assert (first_pass(f)[1] is None) == (sniffing(name) is None)
+
+
+def test_a_big_multipart_body_hashed_beside_the_send_arrives_byte_for_byte(make_settings: Make, receiver: Any,
+                                                                           tmp_path: Path) -> None:
+    """Past READ_AHEAD_MIN a multipart body is read in the sending thread and hashed beside it: the app stores
+    the file byte for byte (a short last chunk included), and progress counts every file byte, chunk by chunk."""
+    from smt_watch.delivery.stream import READ_AHEAD_MIN, READ_CHUNK
+
+    settings = _settings(make_settings, receiver)
+    f = tmp_path / "big_M1.csv"
+    row = b"10443720000000001,01/01/2025,01/02/2025,0:00,0:15,0.208,A\n"
+    f.write_bytes(b"ESIID,USAGE_DATE,REVISION_DATE,USAGE_START_TIME,USAGE_END_TIME,USAGE_KWH,ESTIMATED_ACTUAL\n"
+                  + row * ((READ_AHEAD_MIN + 2 * READ_CHUNK) // len(row)))
+    assert f.stat().st_size > READ_AHEAD_MIN and f.stat().st_size % READ_CHUNK
+    counted: list[int] = []
+    with open_ledger(settings) as ledger, closing(make_sink(settings, "multipart", chunks=ledger)) as sink:
+        o = deliver_identified(settings, ledger, sink, identify(f), progress=counted.append)
+    assert o.result == "sent", o.error
+    assert receiver.read(hashlib.sha256(f.read_bytes()).hexdigest()) == f.read_bytes()
+    assert sum(counted) == f.stat().st_size and len(counted) == -(-f.stat().st_size // READ_CHUNK)
