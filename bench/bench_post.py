@@ -180,8 +180,8 @@ def make_file(path: Path, size_mib: int, content: str) -> None:
 # --- cases ------------------------------------------------------------------------------------------
 
 
-def build_cases(path: Path, port: int, work: Path) -> list[Case]:
-    """The five measured commands for one file."""
+def build_cases(path: Path, port: int, work: Path, inline: bool = True) -> list[Case]:
+    """The six measured commands for one file (``inline=False``: without the two inline modes)."""
     upload_url = f"http://127.0.0.1:{port}/upload"
     base_url = f"http://127.0.0.1:{port}"
     curl = ["curl", "-sS", "-o", "/dev/null", "-F", f"file=@{path}", upload_url]
@@ -198,7 +198,7 @@ def build_cases(path: Path, port: int, work: Path) -> list[Case]:
         return make
 
     inline_max = str(2 * path.stat().st_size + MIB)
-    return [
+    cases = [
         Case("curl -F (anchor)", curl),
         Case("python hashlib.sha256 pass (anchor)", [sys.executable, "-c", HASH_PASS, str(path)], posts=False),
         Case(
@@ -222,6 +222,7 @@ def build_cases(path: Path, port: int, work: Path) -> list[Case]:
             smt_mode="inline base64+gzip",
         ),
     ]
+    return cases if inline else [c for c in cases if not (c.smt_mode or "").startswith("inline")]
 
 
 def measure(cases: list[Case], rounds: int, port: int, size: int, label: str) -> None:
@@ -399,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="Markdown file whose '## post (issue 2)' section to write")
     parser.add_argument("--tmp-dir", type=Path, help="where the test files go (default: the system temp dir)")
     parser.add_argument("--strict", action="store_true", help="exit 1 when any target fails")
+    parser.add_argument("--no-inline", action="store_true",
+                        help="leave out the inline modes (an A/B of multipart: base64+gzip alone takes ~45 s a round)")
     args = parser.parse_args(argv)
     if not SMT_WATCH.exists():
         raise SystemExit(f"{SMT_WATCH} not found: run `make` (pip install -e .) first")
@@ -414,9 +417,9 @@ def main(argv: list[str] | None = None) -> int:
         make_file(small_file, 1, args.content)
         with start_sink_process() as port:
             version = time_version(10)
-            small = build_cases(small_file, port, work)
+            small = build_cases(small_file, port, work, inline=not args.no_inline)
             measure(small, args.rounds, port, small_file.stat().st_size, "1 MiB")
-            big = build_cases(big_file, port, work)
+            big = build_cases(big_file, port, work, inline=not args.no_inline)
             measure(big, args.rounds, port, big_file.stat().st_size, f"{args.size_mib} MiB")
 
     checks = verdicts(big, small, statistics.median(version))

@@ -16,13 +16,17 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
-import typer
+from smt_watch.clistart import early_hash_for, first_pass, start_early_hash
 
-from smt_watch.clistart import EarlyHash, app_for, plain_coercion, skip_unused_optional_imports
-from smt_watch.delivery.registry import choices_text as delivery_choices_text
-from smt_watch.errors import ConfigError, ContentError, SmtWatchError
-from smt_watch.logs import FORMATS, LEVELS, add_secrets, setup_logging
-from smt_watch.names import shown
+start_early_hash()  # `post`: its first file's hash pass starts now, before typer and the rest of this module load
+
+import typer  # noqa: E402
+
+from smt_watch.clistart import app_for, plain_coercion, skip_unused_optional_imports  # noqa: E402
+from smt_watch.delivery.registry import choices_text as delivery_choices_text  # noqa: E402
+from smt_watch.errors import ConfigError, ContentError, SmtWatchError  # noqa: E402
+from smt_watch.logs import FORMATS, LEVELS, add_secrets, setup_logging  # noqa: E402
+from smt_watch.names import shown  # noqa: E402
 
 if TYPE_CHECKING:
     from smt_watch.config import Settings
@@ -144,9 +148,7 @@ def post(
     Exit 0 when every file was sent or is a duplicate, 1 when any failed or will be retried, 2 on a
     configuration error. Tokens are read only from the environment, never from flags.
     """
-    from smt_watch.content import hash_pass
-
-    first = EarlyHash(hash_pass, files[0]) if files else None  # overlaps the imports and set-up below
+    first = early_hash_for(first_pass, files[0]) if files else None  # overlaps the imports and set-up below
 
     from smt_watch.pipeline import post_files
 

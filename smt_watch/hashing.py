@@ -11,7 +11,7 @@ import hashlib
 import os
 import stat as stat_mod
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -82,7 +82,7 @@ def check_regular(path: Path) -> os.stat_result:
 
 
 def identify(path: Path, source: Path | None = None, observe: Callable[[bytes], None] | None = None,
-             fd: int | None = None) -> FileIdentity:
+             fd: int | None = None, read_size: int = OVERLAP_CHUNK) -> FileIdentity:
     """Hash ``path``; raise :class:`FileChanged` if it changed while being read.
 
     ``source``: read the bytes there instead (``/proc/self/fd/N`` of a descriptor opened safely beneath the
@@ -90,7 +90,9 @@ def identify(path: Path, source: Path | None = None, observe: Callable[[bytes], 
     the file is read once for both; for a big file the hash runs in a second thread meanwhile (hashlib
     releases the GIL), so the pass takes about as long as the slower of the two, not their sum. ``fd``: that
     open descriptor itself (``source`` is its ``/proc/self/fd/N``), read from its start without opening it
-    again: a watch worker saves a stat, an open and a close per file (procfs look-ups are not cheap)."""
+    again: a watch worker saves a stat, an open and a close per file (procfs look-ups are not cheap).
+    ``read_size``: the read size for a file of :data:`OVERLAP_MIN` or more (``post``'s first pass takes 4 MiB: it runs
+    beside start-up's Python, and each block costs it a wait for the GIL)."""
     if fd is not None:
         st = os.fstat(fd)
         os.lseek(fd, 0, os.SEEK_SET)
@@ -108,7 +110,7 @@ def identify(path: Path, source: Path | None = None, observe: Callable[[bytes], 
                 with contextlib.suppress(OSError):  # only a hint
                     os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
             if observe is None:
-                buf = bytearray(CHUNK)
+                buf = bytearray(CHUNK if before.size < OVERLAP_MIN else read_size)
                 view = memoryview(buf)
                 while n := fh.readinto(buf):
                     digest.update(view[:n])
@@ -119,7 +121,7 @@ def identify(path: Path, source: Path | None = None, observe: Callable[[bytes], 
                     digest.update(block)
                     observe(block)
             else:
-                _hash_beside(fh, digest, observe)
+                _hash_beside(fh, digest, observe, read_size)
             after = os.fstat(fh.fileno())
     except PermissionError as exc:
         raise InputError(f"{path}: permission denied") from exc
@@ -130,12 +132,20 @@ def identify(path: Path, source: Path | None = None, observe: Callable[[bytes], 
     return FileIdentity(path, digest.hexdigest(), before, source)
 
 
-def _hash_beside(fh: BinaryIO, digest: hashlib._Hash, observe: Callable[[bytes], None]) -> None:
-    """Each block hashed in a helper thread while ``observe`` reads it here."""
+def _hash_beside(fh: BinaryIO, digest: hashlib._Hash, observe: Callable[[bytes], None],
+                 block_size: int = OVERLAP_CHUNK) -> None:
+    """Each block hashed in a helper thread while ``observe`` reads it here, and the next block is read here
+    meanwhile: the pass takes about as long as the hash alone (hashlib and file reads release the GIL), with
+    at most two blocks in flight. The helper's one worker takes blocks in order, so the digest is the file's."""
     with ThreadPoolExecutor(1, thread_name_prefix="smt-watch-hash") as pool:
-        while block := fh.read(OVERLAP_CHUNK):
-            pending = pool.submit(digest.update, block)
-            try:
+        pending: Future[None] | None = None  # the previous block's hash, still running
+        try:
+            while block := fh.read(block_size):
+                hashed = pool.submit(digest.update, block)
                 observe(block)
-            finally:
-                pending.result()
+                if pending is not None:
+                    pending.result()
+                pending = hashed
+        finally:
+            if pending is not None:
+                pending.result()  # never leave the helper updating the digest after we return or raise

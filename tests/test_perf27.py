@@ -237,3 +237,146 @@ def test_a_big_hash_pass_hands_over_small_blocks_and_hashes_every_byte(tmp_path:
     assert ident.sha256 == hashlib.sha256(f.read_bytes()).hexdigest()
     assert sum(seen) == f.stat().st_size
     assert max(seen) <= CHUNK and len(seen) > OVERLAP_MIN // CHUNK
+
+
+def test_post_starts_hashing_its_first_file_before_typer_loads_and_hashes_it_once(receiver: Any,
+                                                                                   tmp_path: Path) -> None:
+    """The console script's ``post FILE``: the first file's hash pass starts before typer is imported (cli.py
+    starts it above its own imports), and post uses that pass: the file is read to hash it once before sending."""
+    import os
+
+    f = write_csv(tmp_path / "IntervalData.csv", rows=30)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SMT_", "INTELLIWATT_"))}
+    env.update(SMT_UPLOAD_URL=f"{receiver.url}/upload", SMT_UPLOAD_TOKEN=UPLOAD_TOKEN,
+               SMT_STATE_DIR=str(tmp_path / "state"), SMT_LOCAL_DIR=str(tmp_path))
+    code = (
+        "import sys\n"
+        f"sys.argv = ['smt-watch', '--log-level', 'info', 'post', {str(f)!r}]\n"
+        "import smt_watch.clistart as cs\n"
+        "seen = []\n"
+        "init, first_pass = cs.EarlyHash.__init__, cs.first_pass\n"
+        "def early(self, *a): seen.append('typer' in sys.modules); init(self, *a)\n"
+        "def counted(p): seen.append(str(p)); return first_pass(p)\n"
+        "cs.EarlyHash.__init__, cs.first_pass = early, counted\n"
+        "from smt_watch.cli import main\n"
+        "try:\n"
+        "    main()\n"
+        "finally:\n"
+        "    print(seen, file=sys.stderr)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("sent ")
+    assert done.stderr.splitlines()[-1] == repr([False, str(f)])
+
+
+@pytest.mark.parametrize("args", [
+    ["post", "a.csv"], ["post", "a.csv", "b.csv"], ["post", "--force", "a.csv"], ["post", "a.csv", "--force"],
+    ["post", "--delivery", "multipart", "a.csv"], ["post", "--delivery=multipart", "a.csv"],
+    ["post", "--esiid", "10443720000000001", "--force", "a.csv", "b.csv"], ["post", "--", "-a.csv"],
+    ["--log-level", "debug", "post", "a.csv"], ["--log-format=json", "post", "--state-dir", "s", "a.csv"],
+    ["post", "--env-file", "e.env", "--upload-url", "http://x/upload", "--base-url", "http://x",
+     "--inline-encoding", "base64", "--meter", "M1", "--source", "t", "a.csv"],
+])
+def test_the_early_guess_of_posts_first_file_is_what_typer_parses(args: list[str]) -> None:
+    """cli.py guesses post's first FILE from argv before typer is loaded; for these shapes the guess is the
+    path typer then parses (a guess typer does not confirm is never used, see early_hash_for)."""
+    import typer.main
+
+    from smt_watch.cli import app
+    from smt_watch.clistart import early_post_file
+
+    group = typer.main.get_command(app)
+    at = args.index("post")
+    ctx = group.make_context("smt-watch", list(args[:at]) or [], resilient_parsing=True)
+    with ctx:
+        command = group.get_command(ctx, "post")  # type: ignore[attr-defined]
+        assert command is not None
+        sub = command.make_context("post", list(args[at + 1:]), parent=ctx)
+    assert early_post_file(args) == Path(sub.params["files"][0])
+
+
+def test_post_flags_are_posts_options_without_a_value() -> None:
+    """The guess skips one word after each option of post except these: they must be exactly post's flags."""
+    import typer.main
+
+    from smt_watch.cli import app
+    from smt_watch.clistart import POST_FLAGS
+
+    group = typer.main.get_command(app)
+    post = group.get_command(group.make_context("smt-watch", [], resilient_parsing=True), "post")  # type: ignore[attr-defined]
+    flags = {o for p in post.params if getattr(p, "is_flag", False) for o in p.opts} - {"--help", "-h"}
+    assert flags == set(POST_FLAGS)
+
+
+@pytest.mark.parametrize("args", [["post", "--help", "a.csv"], ["watch"], ["post"], ["ledger", "list"],
+                                  ["--version", "post", "a.csv"], ["post", "--bogus"]])
+def test_no_early_guess_where_there_is_no_plain_first_file(args: list[str]) -> None:
+    from smt_watch.clistart import early_post_file
+
+    assert early_post_file(args) is None
+
+
+def test_an_early_pass_of_another_path_is_never_used_for_posts_first_file(tmp_path: Path) -> None:
+    """The early pass answers only for the path it hashed: when typer parses another first FILE, that file
+    is hashed now (its identity, not the guess's, is what is claimed and sent)."""
+    from smt_watch import clistart
+    from smt_watch.content import hash_pass
+
+    guessed, parsed = write_csv(tmp_path / "guessed.csv", rows=20), write_csv(tmp_path / "parsed.csv", rows=21)
+    clistart._early = clistart.EarlyHash(hash_pass, guessed)
+    try:
+        ident, _ = clistart.early_hash_for(hash_pass, parsed)()
+    finally:
+        clistart._early = None
+    assert (ident.path, ident.sha256) == (parsed, hashlib.sha256(parsed.read_bytes()).hexdigest())
+
+
+def test_posts_first_pass_in_big_blocks_sees_what_the_hash_pass_sees(tmp_path: Path) -> None:
+    """post's first pass reads a big file in EARLY_BLOCK blocks (two in flight at most): same digest, same
+    signature, same sniff as :func:`hash_pass`, which reads it in 1 MiB blocks."""
+    from smt_watch.clistart import EARLY_BLOCK, first_pass
+    from smt_watch.content import hash_pass
+    from smt_watch.hashing import OVERLAP_MIN
+
+    f = tmp_path / "big_M1.csv"
+    row = b"10443720000000001,01/01/2025,01/02/2025,0:00,0:15,0.208,A\n"
+    f.write_bytes(b"ESIID,USAGE_DATE,REVISION_DATE,USAGE_START_TIME,USAGE_END_TIME,USAGE_KWH,ESTIMATED_ACTUAL\n"
+                  + row * ((OVERLAP_MIN + 3 * EARLY_BLOCK) // len(row)) + b"tail")
+    (ident, sniffer), (ident2, sniffer2) = first_pass(f), hash_pass(f)
+    assert ident == ident2 and ident.sha256 == hashlib.sha256(f.read_bytes()).hexdigest()
+    assert sniffer is not None and sniffer2 is not None and sniffer.result() == sniffer2.result()
+    seen: list[int] = []
+    identify(f, observe=lambda b: seen.append(len(b)), read_size=EARLY_BLOCK)
+    assert max(seen) == EARLY_BLOCK and sum(seen) == f.stat().st_size
+
+
+@pytest.mark.parametrize("name", ["a.csv", "A.CSV", "b.zip", "c.ZIP", "d.csv.asc", "e.ASC", "f.txt", "noext"])
+def test_posts_first_pass_sniffs_what_the_hash_pass_sniffs(name: str, tmp_path: Path) -> None:
+    from smt_watch.clistart import first_pass
+    from smt_watch.content import sniffing
+
+    f = tmp_path / name
+    f.write_bytes(b"ESIID,USAGE_DATE\n10443720000000001,01/01/2025\n")
+    assert (first_pass(f)[1] is None) == (sniffing(name) is None)
+
+
+def test_a_big_multipart_body_hashed_beside_the_send_arrives_byte_for_byte(make_settings: Make, receiver: Any,
+                                                                           tmp_path: Path) -> None:
+    """Past READ_AHEAD_MIN a multipart body is read in the sending thread and hashed beside it: the app stores
+    the file byte for byte (a short last chunk included), and progress counts every file byte, chunk by chunk."""
+    from smt_watch.delivery.stream import READ_AHEAD_MIN, READ_CHUNK
+
+    settings = _settings(make_settings, receiver)
+    f = tmp_path / "big_M1.csv"
+    row = b"10443720000000001,01/01/2025,01/02/2025,0:00,0:15,0.208,A\n"
+    f.write_bytes(b"ESIID,USAGE_DATE,REVISION_DATE,USAGE_START_TIME,USAGE_END_TIME,USAGE_KWH,ESTIMATED_ACTUAL\n"
+                  + row * ((READ_AHEAD_MIN + 2 * READ_CHUNK) // len(row)))
+    assert f.stat().st_size > READ_AHEAD_MIN and f.stat().st_size % READ_CHUNK
+    counted: list[int] = []
+    with open_ledger(settings) as ledger, closing(make_sink(settings, "multipart", chunks=ledger)) as sink:
+        o = deliver_identified(settings, ledger, sink, identify(f), progress=counted.append)
+    assert o.result == "sent", o.error
+    assert receiver.read(hashlib.sha256(f.read_bytes()).hexdigest()) == f.read_bytes()
+    assert sum(counted) == f.stat().st_size and len(counted) == -(-f.stat().st_size // READ_CHUNK)
