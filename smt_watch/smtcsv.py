@@ -238,13 +238,14 @@ class _IntervalReader:
         self.clock = _Clock()
         self.dates: dict[str, date | None] = {}
         self.labels: dict[str, int | None] = {}  # label -> seconds after midnight
-        self.midnights: dict[str, int | None] = {}
+        self.midnights: dict[str, int | None] = {}  # date text -> its midnight, None unless a regular day
         # reading text -> float(text): a meter's readings are a few thousand distinct texts (kWh to 3 decimals)
         self.numbers: dict[str, float] = {}
         self.slots: dict[str, int] = {}  # label text (no LF) -> the 15-minute slot it starts
         # the label texts of the slots as the last proven day spelled them, days in a row: a block whose labels
         # equal a slice of it needs no look-up per row
-        self.cycle: list[str] = []  # date text -> its midnight, None unless a regular day
+        self.cycle: list[str] = []
+        self.odd_day: str | None = None  # the date text that made :meth:`_rest` fail, when one did
         self.esiids: set[str] = set()
         self.series_day: dict[tuple[str, bool], date] = {}
         self.folds: dict[tuple[str, bool], dict[int, int]] = {}
@@ -297,8 +298,21 @@ class _IntervalReader:
         """``text`` by :meth:`_rest` if it proves it, else halved at a line end and each half tried again, down
         to a few days' rows, which are read exactly: a transition day, a gap, a blank reading or the first
         rows of the file (no series yet) cost the exact reading of the rows near them, not of the block."""
+        if not text:
+            return
+        self.odd_day = None
         if len(text) <= self.limit and self._rest(text.replace("\r\n", "\n") if "\r" in text else text):
             return  # no line in it is longer than the csv field limit (exact() reads those by a csv reader)
+        if self.odd_day is not None and self.e_prev is not None:  # the rows of that date exactly, the rest again
+            head = "\n" + self.e_prev + "," + self.odd_day + ","
+            begin = 0 if text.startswith(head[1:]) else text.find(head) + 1
+            last = text.rfind(head)
+            end = text.find("\n", last + 1 if last >= 0 else begin) + 1
+            if 0 < begin < end or (begin == 0 and end > 0 and end < len(text)):
+                self._pieces(text[:begin])
+                self.exact(iter(io.StringIO(text[begin:end], newline="")))
+                self._pieces(text[end:])
+                return
         half = text.find("\n", len(text) // 2) + 1
         if len(text) < _MIN_PIECE or half in (0, len(text)):
             self.exact(iter(io.StringIO(text, newline="")))
@@ -326,14 +340,14 @@ class _IntervalReader:
         n, odd = divmod(len(cells) - 1, 7)
         if odd or n == 0 or cells[0] != e or cells[-1] != k + "\n" or cells[7:-1:7].count(k + "\n" + e) != n - 1:
             return False
-        ests = cells[6::7]
+        ests, dates = cells[6::7], cells[1::7]
         estimated = ests.count("E")
         if estimated + ests.count("A") != n or "\n" in "".join(cells[2::7]) or "\n" in "".join(cells[4::7]):
-            return False
-        labels, dates = cells[3::7], cells[1::7]
+            return self._odd(dates)
+        labels = cells[3::7]
         slot = self._slot(labels[0])
         if slot is None:
-            return False
+            return self._odd(dates)
         if labels != self.cycle[slot : slot + n]:  # other spellings than the last proven: each looked up
             try:
                 seen = list(map(self.slots.__getitem__, labels))
@@ -343,9 +357,9 @@ class _IntervalReader:
                 try:
                     seen = list(map(self.slots.__getitem__, labels))
                 except KeyError:
-                    return False
+                    return self._odd(dates)
             if seen != _SLOTS[slot : slot + n]:
-                return False
+                return self._odd(dates)
             if n >= _DAY_SLOTS:
                 day_start = _DAY_SLOTS - slot
                 self.cycle = labels[day_start : day_start + _DAY_SLOTS] * (len(_SLOTS) // _DAY_SLOTS)
@@ -358,7 +372,10 @@ class _IntervalReader:
             at = midnights.get(d_raw, -1)
             if at == -1:
                 at = midnights[d_raw] = self._midnight(d_raw)
-            if at is None or (midnight >= 0 and at != midnight + 86400):
+            if at is None:
+                self.odd_day = d_raw  # a transition day (or no date): :meth:`_pieces` reads its rows exactly
+                return False
+            if midnight >= 0 and at != midnight + 86400:
                 return False
             if end - start > 1 and dates[start:end].count(d_raw) != end - start:
                 return False
@@ -408,6 +425,18 @@ class _IntervalReader:
             self.d_prev = d_last
             self.regular, self.midnight = True, midnight
         return True
+
+    def _odd(self, dates: list[str]) -> bool:
+        """False, noting in :attr:`odd_day` a date among ``dates`` (one a half day apart) that is a transition
+        day or no date: the likely reason the labels did not follow on (a fall-back day has 100 rows)."""
+        midnights = self.midnights
+        for d_raw in dates[:: _DAY_SLOTS // 2]:
+            if d_raw not in midnights:
+                midnights[d_raw] = self._midnight(d_raw)
+            if midnights[d_raw] is None:
+                self.odd_day = d_raw
+                break
+        return False
 
     def _slot(self, t_raw: str) -> int | None:
         """The 15-minute slot (0-95) a label without LF starts, remembered; None for anything else."""
