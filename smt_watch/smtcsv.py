@@ -284,7 +284,8 @@ class _IntervalReader:
         text it opened is :attr:`pending`, read next."""
         for text in self.texts:
             self.pending = lines = iter(io.StringIO(text, newline=""))
-            yield from lines
+            for line in lines:  # noqa: UP028 (``yield from`` would close the lines left when this generator is)
+                yield line
 
     def block(self, text: str) -> None:
         """One text of whole lines, in pieces :meth:`_rest` proves or, failing that, exactly."""
