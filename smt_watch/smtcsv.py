@@ -579,7 +579,7 @@ _DAY_SLOTS: Final = 86400 // SLOT
 # labels in one list comparison: 100 days of slots, more rows than a piece no longer than the csv field
 # limit (128 KiB) can hold (a longer piece fails the comparison and is read exactly)
 _SLOTS: Final = list(range(_DAY_SLOTS)) * 100
-_MAX_NUMBERS: Final = 200_000  # distinct reading texts remembered (the cache starts again past this)
+_MAX_NUMBERS: Final = 20_000  # distinct reading texts remembered (~2 MB; the cache starts again past this)
 # The sum of a column of floats, added in order one by one as ``+=`` adds them; ``sum`` does that in C up to
 # Python 3.11 (3.12 compensates the rounding, which would change the last digits)
 _add_all: Final = sum if sys.version_info < (3, 12) else (lambda it, start: functools.reduce(operator.add, it, start))
