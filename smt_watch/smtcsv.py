@@ -266,6 +266,8 @@ class _IntervalReader:
         self.previous = -1  # the last instant of the current series (-1: none yet)
         self.pending: Iterator[str] | None = None  # lines left of a block a quoted field ran into
         self.texts: Iterator[str] = iter(())
+        # the lines after the current text, for a quoted field that runs on (one generator: it follows pending)
+        self.more: Iterator[str] = iter(())
 
     # --- the whole file, block by block --------------------------------------------------------------
 
@@ -273,6 +275,7 @@ class _IntervalReader:
         """Every text of ``texts`` (whole lines, in file order) through :meth:`block`; a quoted field that
         runs past the end of one continues into the next (:meth:`_more`), whose rest is then read exactly."""
         self.texts = texts
+        self.more = self._more()
         for text in texts:
             self.block(text)
             while self.pending is not None:
@@ -280,8 +283,9 @@ class _IntervalReader:
                 self.exact(lines)
 
     def _more(self) -> Iterator[str]:
-        """The lines after the current text, for a csv reader inside a quoted field; what it leaves of the
-        text it opened is :attr:`pending`, read next."""
+        """The lines after those being read, for a csv reader inside a quoted field: the rest of the text it
+        last opened (:attr:`pending`, which :meth:`run` reads next, so both take lines from one iterator), then
+        the texts after it."""
         for text in self.texts:
             self.pending = lines = iter(io.StringIO(text, newline=""))
             for line in lines:  # noqa: UP028 (``yield from`` would close the lines left when this generator is)
@@ -289,8 +293,7 @@ class _IntervalReader:
 
     def block(self, text: str) -> None:
         """One text of whole lines, in pieces :meth:`_rest` proves or, failing that, exactly."""
-        if '"' in text or not text.endswith("\n") or (
-                "\r" in text and text.count("\r") != text.count("\r\n")):  # a lone CR ends a line too
+        if '"' in text or not text.endswith("\n"):
             self.exact(iter(io.StringIO(text, newline="")))
             return
         self._pieces(text)
@@ -302,7 +305,13 @@ class _IntervalReader:
         if not text:
             return
         self.odd_day = None
-        if len(text) <= self.limit and self._rest(text.replace("\r\n", "\n") if "\r" in text else text):
+        plain = text
+        if "\r" in text:
+            plain = text.replace("\r\n", "\n")
+            if "\r" in plain:  # a lone CR ends a line too: the block reading knows only LF
+                self.exact(iter(io.StringIO(text, newline="")))
+                return
+        if len(text) <= self.limit and self._rest(plain):
             return  # no line in it is longer than the csv field limit (exact() reads those by a csv reader)
         if self.odd_day is not None and self.e_prev is not None:  # the rows of that date exactly, the rest again
             head = "\n" + self.e_prev + "," + self.odd_day + ","
@@ -470,9 +479,10 @@ class _IntervalReader:
         e_prev, k_prev, d_prev, e_blank = self.e_prev, self.k_prev, self.d_prev, self.e_blank
         esiid, generation, day, key = self.esiid, self.generation, self.day, self.key
         regular, midnight, previous = self.regular, self.midnight, self.previous
+        more = self.more
         for line in lines:
             if '"' in line or len(line) > limit:
-                row = next(csv.reader(itertools.chain((line,), lines, self._more())), [])
+                row = next(csv.reader(itertools.chain((line,), lines, more)), [])
             else:
                 row = line.rstrip("\r\n").split(",")
             try:  # one unpacking instead of six look-ups; SMT rows have exactly eight cells
