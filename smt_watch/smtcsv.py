@@ -249,6 +249,9 @@ class _IntervalReader:
         # equal a slice of it needs no look-up per row
         self.cycle: list[str] = []
         self.odd_day: str | None = None  # the date text that made :meth:`_rest` fail, when one did
+        self.proven = 0  # rows :meth:`_rest` read
+        self.misses = 0  # blocks in a row mostly read exactly
+        self.skip = 0  # blocks to read exactly without trying :meth:`_rest` (its attempts would be wasted)
         self.esiids: set[str] = set()
         self.series_day: dict[tuple[str, bool], date] = {}
         self.folds: dict[tuple[str, bool], dict[int, int]] = {}
@@ -296,10 +299,17 @@ class _IntervalReader:
 
     def block(self, text: str) -> None:
         """One text of whole lines, in pieces :meth:`_rest` proves or, failing that, exactly."""
-        if '"' in text or not text.endswith("\n"):
+        if '"' in text or not text.endswith("\n") or self.skip > 0:
+            self.skip -= 1
             self.exact(iter(io.StringIO(text, newline="")))
             return
+        rows, proven = self.n_rows, self.proven
         self._pieces(text)
+        if (self.proven - proven) * 2 < self.n_rows - rows:  # mostly read exactly: a file of another shape
+            self.misses += 1  # (several series interleaved, all quoted, …): try again later, less and less often
+            self.skip = min(1 << self.misses, _MAX_SKIP)
+        else:
+            self.misses = 0
 
     def _pieces(self, text: str) -> None:
         """``text`` by :meth:`_rest` if it proves it, else halved at a line end and each half tried again, down
@@ -421,6 +431,7 @@ class _IntervalReader:
         else:
             self.kwh_consumption = kwh
         self.n_rows += n
+        self.proven += n
         self.intervals += n
         self.estimated += estimated
         self.previous = previous + n * SLOT
@@ -599,6 +610,7 @@ _add_all: Final = sum if sys.version_info < (3, 12) else (lambda it, start: func
 
 
 _TEXT_BLOCK: Final = 64 * 1024  # bytes read at once: a text and its cells stay in the CPU's caches
+_MAX_SKIP: Final = 64  # blocks read exactly, at most, before the block reading is tried again
 _MIN_PIECE: Final = 16 * 1024  # bytes of a piece read exactly rather than halved again: ~2 days of rows
 
 
