@@ -249,6 +249,9 @@ class _IntervalReader:
         # equal a slice of it needs no look-up per row
         self.cycle: list[str] = []
         self.odd_day: str | None = None  # the date text that made :meth:`_rest` fail, when one did
+        self.others: set[str] | None = None  # the ``kind LF esiid`` joins of a piece of several series
+        self.joins: set[str] | None = None  # those of every such piece so far: blocks are cut by them first
+        self.in_runs = False
         self.proven = 0  # rows :meth:`_rest` read
         self.misses = 0  # blocks in a row mostly read exactly
         self.skip = 0  # blocks to read exactly without trying :meth:`_rest` (its attempts would be wasted)
@@ -304,7 +307,10 @@ class _IntervalReader:
             self.exact(iter(io.StringIO(text, newline="")))
             return
         rows, proven = self.n_rows, self.proven
-        self._pieces(text)
+        if self.joins is not None and "\r" not in text:  # several series so far: cut at their changes first
+            self._runs(text, self.joins)
+        else:
+            self._pieces(text)
         if (self.proven - proven) * 2 < self.n_rows - rows:  # mostly read exactly: a file of another shape
             self.misses += 1  # (several series interleaved, all quoted, …): try again later, less and less often
             self.skip = min(1 << self.misses, _MAX_SKIP)
@@ -317,7 +323,7 @@ class _IntervalReader:
         rows of the file (no series yet) cost the exact reading of the rows near them, not of the block."""
         if not text:
             return
-        self.odd_day = None
+        self.odd_day, self.others = None, None
         plain = text
         if "\r" in text:
             plain = text.replace("\r\n", "\n")
@@ -336,6 +342,65 @@ class _IntervalReader:
                 self.exact(iter(io.StringIO(text[begin:end], newline="")))
                 self._pieces(text[end:])
                 return
+        if self.others is not None and plain is text and not self.in_runs:  # several series: runs of one each
+            self.joins = self.others if self.joins is None else self.joins | self.others
+            if len(self.joins) > _MAX_JOINS:
+                self.joins = None
+            else:
+                self._runs(text, self.joins)
+                return
+        self._halves(text)
+
+    def _runs(self, text: str, others: set[str]) -> None:
+        """``text`` (LF only) cut where a line of another series starts, found by searching for the kinds and
+        ESIIDs of the other series in the failed piece (``others``: its ``kind LF esiid`` joins); each run by
+        :meth:`_halves`, the first line of each next run exactly (it switches the series). A few dozen runs
+        at most: rows of several series interleaved one by one are read exactly."""
+        self.in_runs = True  # the pieces it hands on are halved if they fail, never cut into runs again
+        try:
+            self._cut_runs(text, others)
+        finally:
+            self.in_runs = False
+
+    def _cut_runs(self, text: str, others: set[str]) -> None:
+        patterns: dict[str, int] = {}  # pattern -> where it next occurs (-2: not looked for yet, -1: nowhere)
+        for join in others:
+            kind, lf, esiid = join.partition("\n")
+            if lf and "\n" not in esiid:
+                patterns["," + kind + "\n"] = patterns["\n" + esiid + ","] = -2
+        pos, end = 0, len(text)
+        for _ in range(_MAX_RUNS):
+            if pos >= end:
+                return
+            e, k = self.e_prev, self.k_prev
+            cut = end
+            if e is not None and k is not None:
+                if not text.startswith(e + ",", pos):
+                    cut = pos
+                mine = ("," + k + "\n", "\n" + e + ",")
+                for pattern, at in patterns.items():
+                    if pattern in mine:
+                        continue
+                    tail = pattern[0] == ","  # a line's last cell, else a line's first
+                    if at == -2 or 0 <= at < pos:
+                        at = patterns[pattern] = text.find(pattern, pos if tail or pos == 0 else pos - 1, end)
+                    if at >= 0:
+                        cut = min(cut, text.rfind("\n", 0, at) + 1 if tail else at + 1)
+            if cut == pos:  # the first line starts another series: read exactly, it sets the series
+                first = text.find("\n", pos) + 1 or end
+                self.exact(iter((text[pos:first],)))
+                pos = first
+            elif cut < end:  # a run of one series, unless some other series was not among ``others``
+                self._pieces(text[pos:cut])
+                pos = cut
+            else:
+                break
+        self._halves(text[pos:])
+
+    def _halves(self, text: str) -> None:
+        """``text`` halved at a line end and each half through :meth:`_pieces`, or read exactly when short."""
+        if not text:
+            return
         half = text.find("\n", len(text) // 2) + 1
         if len(text) < _MIN_PIECE or half in (0, len(text)):
             self.exact(iter(io.StringIO(text, newline="")))
@@ -362,6 +427,8 @@ class _IntervalReader:
         cells = text.split(",")
         n, odd = divmod(len(cells) - 1, 7)
         if odd or n == 0 or cells[0] != e or cells[-1] != k + "\n" or cells[7:-1:7].count(k + "\n" + e) != n - 1:
+            joins = set(cells[7::7])  # a few series interleaved? :meth:`_runs` cuts the piece at their changes
+            self.others = joins if not odd and len(joins) <= _MAX_JOINS else None
             return False
         ests, dates = cells[6::7], cells[1::7]
         estimated = ests.count("E")
@@ -610,6 +677,8 @@ _add_all: Final = sum if sys.version_info < (3, 12) else (lambda it, start: func
 
 
 _TEXT_BLOCK: Final = 64 * 1024  # bytes read at once: a text and its cells stay in the CPU's caches
+_MAX_RUNS: Final = 64  # runs of one series a piece is cut into, at most (then halved)
+_MAX_JOINS: Final = 8  # distinct ``kind LF esiid`` joins a piece may hold for :meth:`_IntervalReader._runs`
 _MAX_SKIP: Final = 64  # blocks read exactly, at most, before the block reading is tried again
 _MIN_PIECE: Final = 16 * 1024  # bytes of a piece read exactly rather than halved again: ~2 days of rows
 

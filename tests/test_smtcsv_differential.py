@@ -2,8 +2,9 @@
 ``_IntervalReader._rest``, the rest read line by line) against the line-by-line reading alone (``summarize`` of
 the text as ``open(encoding="utf-8-sig", errors="replace", newline="")`` gives it, the reading
 tests/test_smtcsv_fast_path.py checks against the per-row Placer), on generated files: long runs of ordinary
-days (so the block reading engages) broken by hostile lines. Every key of the summary (the kWh totals
-unrounded) and every error must be the same; blocks and pieces are shrunk so a few KB cross many of them."""
+days (so the block reading engages), series in turn day by day or row by row, broken by hostile lines. Every
+key of the summary (the kWh totals unrounded) and every error must be the same; blocks and pieces are shrunk
+so a few KB cross many of them."""
 
 from __future__ import annotations
 
@@ -87,9 +88,23 @@ def mangle(rng: random.Random, line: str) -> list[str]:
     return [",".join(cells)]
 
 
+def interleaved(rng: random.Random) -> list[str]:
+    """Consumption and generation (or two meters) in turn: a day of each, or a row of each."""
+    esiids = ["'10443720000000001", rng.choice(["'10443720000000001", "'10443720000000002"])]
+    kinds = ["Consumption", rng.choice(["Surplus Generation", "Consumption"])]
+    start = rng.choice(STARTS)
+    days = [[day_lines(rng, start + timedelta(days=i), esiids[j], kinds[j], "%m/%d/%Y") for j in (0, 1)]
+            for i in range(rng.randint(2, 8))]
+    if rng.random() < 0.5:
+        return [line for pair in days for day in pair for line in day]
+    return [line for a, b in days for pair in zip(a, b, strict=False) for line in pair]
+
+
 def hostile_file(rng: random.Random) -> bytes:
     lines = [HEADER]
-    for _ in range(rng.randint(1, 3)):
+    if rng.random() < 0.25:
+        lines.extend(interleaved(rng))
+    for _ in range(rng.randint(0 if len(lines) > 1 else 1, 3)):
         esiid = rng.choice(["'10443720000000001", "10443720000000001", "'10443720000000002"])
         kind = rng.choice(["Consumption", "Consumption", "Surplus Generation"])
         style = rng.choice(["%m/%d/%Y", "%-m/%-d/%Y"])
