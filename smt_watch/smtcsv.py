@@ -303,7 +303,7 @@ class _IntervalReader:
     def block(self, text: str) -> None:
         """One text of whole lines, in pieces :meth:`_rest` proves or, failing that, exactly."""
         if '"' in text or not text.endswith("\n") or self.skip > 0:
-            self.skip -= 1
+            self.skip = max(self.skip - 1, 0)
             self.exact(iter(io.StringIO(text, newline="")))
             return
         rows, proven = self.n_rows, self.proven
