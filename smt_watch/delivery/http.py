@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import logging
 import random
+import ssl
 import threading
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import httpcore
 import httpx
@@ -87,6 +88,71 @@ def _as_httpx_errors() -> Iterator[None]:
         raise mapped(str(exc)) from exc
 
 
+HOLD_WRITE_BYTES: Final = 64 * 1024  # writes smaller than this wait for the next write or read (one send)
+
+
+class _HeldWrites(httpcore.NetworkStream):
+    """A connection's stream whose small writes wait for the next write or read: h11 writes a request's
+    headers on their own, then its body; held, they leave in ONE send, so a small file's request is one
+    segment on the wire and one wake-up of the server, not two. Nothing waits past the next read (the
+    response is read only after the whole request was written), and a write of ``HOLD_WRITE_BYTES`` or more
+    (a big file's chunks) is sent at once with whatever was held, so memory stays flat."""
+
+    def __init__(self, stream: httpcore.NetworkStream) -> None:
+        self._stream = stream
+        self._held = b""
+        self._timeout: float | None = None
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        if not buffer:
+            return
+        held = self._held + buffer if self._held else buffer
+        if len(held) < HOLD_WRITE_BYTES:
+            self._held, self._timeout = held, timeout
+            return
+        self._held = b""
+        self._stream.write(held, timeout)
+
+    def _flush(self) -> None:
+        if self._held:
+            held, self._held = self._held, b""
+            self._stream.write(held, self._timeout)
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        self._flush()
+        return self._stream.read(max_bytes, timeout)
+
+    def close(self) -> None:
+        self._held = b""  # a request cut short (its body raised) is never completed by a late flush
+        self._stream.close()
+
+    def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
+                  timeout: float | None = None) -> httpcore.NetworkStream:
+        self._flush()
+        return _HeldWrites(self._stream.start_tls(ssl_context, server_hostname, timeout))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._stream.get_extra_info(info)
+
+
+class _HeldWritesBackend(httpcore.NetworkBackend):
+    """httpcore's own synchronous backend, its streams wrapped in :class:`_HeldWrites`."""
+
+    def __init__(self) -> None:
+        self._backend = httpcore.SyncBackend()
+
+    def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
+                    socket_options: Iterable[Any] | None = None) -> httpcore.NetworkStream:
+        return _HeldWrites(self._backend.connect_tcp(host, port, timeout, local_address, socket_options))
+
+    def connect_unix_socket(self, path: str, timeout: float | None = None,
+                            socket_options: Iterable[Any] | None = None) -> httpcore.NetworkStream:
+        return _HeldWrites(self._backend.connect_unix_socket(path, timeout, socket_options))
+
+    def sleep(self, seconds: float) -> None:
+        self._backend.sleep(seconds)
+
+
 def direct_transport_is_enough(url: str) -> bool:
     """No credentials in the URL and no proxy variable for its scheme (``HTTP(S)_PROXY``, ``ALL_PROXY``;
     ``NO_PROXY`` is not consulted: any proxy setting takes the full path)."""
@@ -130,7 +196,7 @@ class Poster:
             self._pool = httpcore.ConnectionPool(
                 ssl_context=httpx.create_ssl_context(verify=verify) if parsed.scheme == "https" else None,
                 max_connections=limits.max_connections, max_keepalive_connections=limits.max_keepalive_connections,
-                keepalive_expiry=limits.keepalive_expiry)
+                keepalive_expiry=limits.keepalive_expiry, network_backend=_HeldWritesBackend())
             self._core_url = httpcore.URL(scheme=parsed.raw_scheme, host=parsed.raw_host, port=parsed.port,
                                           target=parsed.raw_path)
             self._timeouts = timeout.as_dict()

@@ -93,6 +93,11 @@ def _body(payload: Payload) -> Body:
     tail = f"\r\n--{boundary}--\r\n".encode()
 
     def chunks(progress: Progress | None) -> Iterator[bytes]:
+        if payload.data is not None:  # the bytes the hash pass hashed and kept: sent as they are
+            yield head + payload.data + tail
+            if progress:
+                progress(len(payload.data))
+            return
         if payload.size <= READ_CHUNK:  # the whole request body in one write (most SMT files are this small)
             data = verified_bytes(payload.path, payload.size, payload.sha256)
             yield head + data + tail
