@@ -314,11 +314,13 @@ class WatchService:
         if known and known.signature == sig and known.state in HANDLED_STATES:
             self.counts.cached += 1  # only the main loop writes this count
             return False
-        self._settler.add(Path(path), sig, now)
+        if not isinstance(path, Path):
+            path = Path(path)  # once: a drain brings thousands of files a second through here
+        self._settler.add(path, sig, now)
         if asked:
-            self._asked[Path(path)] = Cached(known)
+            self._asked[path] = Cached(known)
         else:
-            self._asked.pop(Path(path), None)
+            self._asked.pop(path, None)
         return True
 
     def _scan(self, directory: Path) -> int:
@@ -337,10 +339,12 @@ class WatchService:
     def _consider_batch(self, batch: list[Found], now: float) -> int:
         assert self._ledger is not None
         # a file still settling had the cache asked already (its first event): ask only for the others
-        asked = {f.path: c.seen for f in batch if (c := self._asked.get(Path(f.path))) is not None}
+        paths = [Path(f.path) for f in batch]  # each made once, for the settler and the asked map alike
+        asked = {f.path: c.seen for f, p in zip(batch, paths, strict=True) if (c := self._asked.get(p)) is not None}
         ask = [f.path for f in batch if f.path not in asked]
         known = {**(self._ledger.seen_many(ask) if ask else {}), **asked}
-        return sum(self._consider_known(f.path, f.signature, known.get(f.path), now) for f in batch)
+        return sum(self._consider_known(p, f.signature, known.get(f.path), now)
+                   for f, p in zip(batch, paths, strict=True))
 
     def _schedule_due(self) -> None:
         """Rows to deliver again: their backoff expired, or they were cut off (``pending``)."""
