@@ -113,5 +113,7 @@ def _body(payload: Payload) -> Body:
 
 def _quote_filename(name: str) -> str:
     """Escape a file name for a Content-Disposition parameter the way browsers do."""
+    if name.isprintable() and "\\" not in name and '"' not in name:
+        return name  # the common case (every request has one): nothing to escape, no per-character loop
     name = name.replace("\\", "\\\\").replace('"', "%22")
     return "".join(c if c.isprintable() else f"%{ord(c):02X}" for c in name)
