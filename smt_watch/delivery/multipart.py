@@ -1,7 +1,8 @@
 """The ``multipart`` sink (docs/contract.md §4): a form upload to the droplet's upload server.
 
 Text fields first, then the file, so a receiver sees ``sha256`` before the data; the file part streams
-through :func:`~smt_watch.delivery.stream.verified_chunks`, so memory stays flat in file size.
+through :func:`~smt_watch.delivery.stream.verified_chunks`, so memory stays flat in file size. A small file
+a watch worker read once (``Payload.data``: the bytes that hashed to ``sha256``) is sent from those bytes.
 
 The upload server decides what it forwards: IntelliWatt's Node server keeps only file names holding
 ``interval`` and answers any other ``202 {ok:true, message:"Upload ignored (non-interval file removed)",
