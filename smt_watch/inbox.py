@@ -93,6 +93,14 @@ def is_candidate(rel: PurePosixPath, patterns: tuple[str, ...]) -> bool:
     return not is_temporary(rel.name) and matches(rel, patterns)
 
 
+def is_candidate_name(name: str, patterns: tuple[str, ...]) -> bool:
+    """:func:`is_candidate` for a file straight in the inbox (a relative path of one part, ``name``), on the
+    string alone: the watch loop asks this for every event, and a path object per event costs more than
+    the check itself."""
+    return bool(name) and not name.startswith(".") and not is_temporary(name) and matcher(patterns).matches(
+        name, name)
+
+
 def relative(root: Path, path: Path) -> PurePosixPath | None:
     """``path`` relative to the inbox, or None when it is outside (never follow it there).
 

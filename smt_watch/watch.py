@@ -48,6 +48,7 @@ from smt_watch.inbox import (
     Settler,
     create_inbox,
     is_candidate,
+    is_candidate_name,
     parent_dir_fd,
     regular_stat,
     relative,
@@ -100,6 +101,7 @@ class WatchService:
         self.settings = settings
         self.mode = delivery_mode(settings)
         self.root = settings.local_dir.absolute()
+        self._root_prefix = str(self.root).rstrip("/") + "/"  # a path starting so lies below the inbox
         self.counts = Counts()
         self.metrics = metrics or Metrics()
         self.ready = threading.Event()  # set once watching (after the start-up scan was queued)
@@ -292,6 +294,13 @@ class WatchService:
 
     def _candidate(self, path: Path) -> Found | None:
         """``path`` with its signature when it is a candidate (docs/contract.md §3) and a regular file."""
+        text = str(path)
+        if text.startswith(self._root_prefix) and "/" not in (name := text[len(self._root_prefix):]):
+            # straight in the inbox (the common case): checked on the string, no directory on its way, one lstat
+            if not is_candidate_name(name, self.settings.patterns):
+                return None
+            st = regular_stat(path)
+            return None if st is None else Found(text, Signature.of(st))
         rel = relative(self.root, path)
         if rel is None or not is_candidate(rel, self.settings.patterns):
             return None
