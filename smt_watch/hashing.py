@@ -12,7 +12,7 @@ import os
 import stat as stat_mod
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -21,6 +21,9 @@ from smt_watch.errors import FileChanged, InputError
 CHUNK = 1024 * 1024
 OVERLAP_MIN = 16 * CHUNK  # below this a helper thread costs more than it saves
 OVERLAP_CHUNK = CHUNK  # blocks handed between the two threads: 1 MiB keeps the transient peak low (issue 27)
+# A file up to this size is read ONCE by a watch worker and its bytes kept (:func:`identify_held`): the hash,
+# the CSV check and the request body all use them. Memory stays bounded: GROUP_MAX files a worker at most.
+HOLD_MAX = 256 * 1024
 
 
 @dataclass(frozen=True, slots=True)  # slots: a scan makes one per file, 100,000 of them on a restart
@@ -46,6 +49,9 @@ class FileIdentity:
     sha256: str
     signature: Signature
     source: Path | None = None  # where the bytes are read from, when not ``path`` (an open descriptor)
+    # The very bytes that hashed to ``sha256``, when they were kept (a small file: :func:`identify_held`); a
+    # sink sends these, so what is sent is what was hashed by construction, with no second read or hash.
+    data: bytes | None = field(default=None, repr=False, compare=False)
 
     @property
     def size(self) -> int:
@@ -62,6 +68,10 @@ class FileIdentity:
     @property
     def read_path(self) -> Path:
         return self.source or self.path
+
+    def without_data(self) -> FileIdentity:
+        """The same identity without the kept bytes (what outlives the delivery: results, logs)."""
+        return self if self.data is None else FileIdentity(self.path, self.sha256, self.signature, self.source)
 
 
 def check_regular(path: Path) -> os.stat_result:
@@ -130,6 +140,30 @@ def identify(path: Path, source: Path | None = None, observe: Callable[[bytes], 
     if Signature.of(after) != before:
         raise FileChanged(f"{path}: changed while being hashed")
     return FileIdentity(path, digest.hexdigest(), before, source)
+
+
+def identify_held(path: Path, fd: int, before: Signature, source: Path | None = None,
+                  observe: Callable[[bytes], None] | None = None) -> FileIdentity:
+    """A small file (``before.size`` ≤ :data:`HOLD_MAX`) read ONCE through its open descriptor ``fd`` (whose
+    signature, taken by the caller from ``fstat(fd)``, is ``before``): hashed, handed to ``observe`` (the CSV
+    sniffer) and kept in the identity (``data``) for the request body. One ``pread`` of one byte more than
+    the size catches a file that grew; a short read or a signature that moved while reading is
+    :class:`FileChanged`, as in :func:`identify`."""
+    want = before.size + 1
+    try:
+        data = os.pread(fd, want, 0)
+        while len(data) < want and (more := os.pread(fd, want - len(data), len(data))):
+            data += more  # a short read (a network filesystem): keep reading until size + 1 or EOF
+        after = os.fstat(fd)
+    except PermissionError as exc:
+        raise InputError(f"{path}: permission denied") from exc
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read: {exc.strerror}") from exc
+    if len(data) != before.size or Signature.of(after) != before:
+        raise FileChanged(f"{path}: changed while being hashed")
+    if observe is not None:
+        observe(data)
+    return FileIdentity(path, hashlib.sha256(data).hexdigest(), before, source, data)
 
 
 def _hash_beside(fh: BinaryIO, digest: hashlib._Hash, observe: Callable[[bytes], None],

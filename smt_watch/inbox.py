@@ -93,6 +93,28 @@ def is_candidate(rel: PurePosixPath, patterns: tuple[str, ...]) -> bool:
     return not is_temporary(rel.name) and matches(rel, patterns)
 
 
+def is_candidate_name(name: str, patterns: tuple[str, ...]) -> bool:
+    """:func:`is_candidate` for a file straight in the inbox (a relative path of one part, ``name``), on the
+    string alone: the watch loop asks this for every event, and a path object per event costs more than
+    the check itself."""
+    return bool(name) and not name.startswith(".") and not is_temporary(name) and matcher(patterns).matches(
+        name, name)
+
+
+def _directories_below(root: Path, path: Path) -> tuple[str, ...] | None:
+    """The directory names from ``root`` (exclusive) down to ``path``'s parent, or None when ``path`` is not
+    below ``root``: :func:`relative`'s parts but the last, on the strings (a worker asks this twice per file,
+    and a file straight in the inbox, the common case, has none)."""
+    full, base = str(path), str(root)
+    prefix = base if base.endswith("/") else base + "/"
+    if full == base:
+        return ()
+    if not full.startswith(prefix):
+        return None
+    rest = full[len(prefix):]
+    return () if "/" not in rest else PurePosixPath(rest).parts[:-1]
+
+
 def relative(root: Path, path: Path) -> PurePosixPath | None:
     """``path`` relative to the inbox, or None when it is outside (never follow it there).
 
@@ -126,11 +148,11 @@ def regular_stat(path: Path, root: Path | None = None) -> os.stat_result | None:
 
 def parents_are_real(root: Path, path: Path) -> bool:
     """Every directory from ``root`` (exclusive) down to ``path``'s parent is a directory, not a symlink."""
-    rel = relative(root, path)
-    if rel is None:
+    parts = _directories_below(root, path)
+    if parts is None:
         return False
     current = root
-    for part in rel.parts[:-1]:
+    for part in parts:
         current = current / part
         try:
             if not stat_mod.S_ISDIR(current.lstat().st_mode):
@@ -146,13 +168,13 @@ def parent_dir_fd(root: Path, path: Path) -> Iterator[int]:
     a symlink anywhere (``O_NOFOLLOW | O_DIRECTORY``): what is done relative to it cannot land outside the
     inbox, whatever is swapped meanwhile. Raises OSError (ELOOP/ENOTDIR) when a component is not a real
     directory."""
-    rel = relative(root, path)
-    if rel is None:
+    parts = _directories_below(root, path)
+    if parts is None:
         raise OSError(errno.EXDEV, f"{path} is outside {root}")
     flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
     fd = os.open(root, flags & ~os.O_NOFOLLOW)  # the inbox itself may be a symlink the operator set
     try:
-        for part in rel.parts[:-1]:
+        for part in parts:
             child = os.open(part, flags, dir_fd=fd)
             os.close(fd)
             fd = child

@@ -35,7 +35,7 @@ from smt_watch.config import Settings
 from smt_watch.content import is_container, sniffing
 from smt_watch.delivery import Sink, make_sink
 from smt_watch.errors import FileChanged, InputError, LedgerUnavailable, SmtWatchError, reason
-from smt_watch.hashing import FileIdentity, Signature, identify
+from smt_watch.hashing import HOLD_MAX, FileIdentity, Signature, identify, identify_held
 from smt_watch.inbox import open_beneath, regular_stat
 from smt_watch.ledger import Claim, Remember, Seen
 from smt_watch.ledger.common import ClaimRequest, Mark
@@ -180,8 +180,13 @@ def _prepare(settings: Settings, ledger: WatchJobs, path: Path, sig: Signature, 
         if known and known.signature == sig:
             return fd, FileIdentity(path, known.sha256, sig, source), None, None
         sniffer = sniffing(path.name)
+        observe = sniffer.feed if sniffer else None
         try:
-            ident = identify(path, source, observe=sniffer.feed if sniffer else None, fd=fd)  # one read: hash, sniff
+            if sig.size <= HOLD_MAX and sniffer is not None:
+                # a small CSV read once: the hash, the CSV check and the request body use the same bytes
+                ident = identify_held(path, fd, sig, source, observe)
+            else:
+                ident = identify(path, source, observe=observe, fd=fd)  # one read: hash, sniff
         except FileChanged:
             os.close(fd)
             return JobResult(JobKind.CHANGED)
@@ -219,7 +224,9 @@ def _deliver_group(settings: Settings, ledger: WatchJobs, sink: Sink, ready: lis
             if isinstance(got, JobResult):
                 results[r.index] = got
             else:
-                results[r.index] = JobResult(JobKind.DONE, r.ident, got, hashed=r.remember is not None)
+                # the kept bytes go no further than the delivery (a worker process pickles its results)
+                results[r.index] = JobResult(JobKind.DONE, r.ident.without_data(), got,
+                                             hashed=r.remember is not None)
                 done.append(r)
     finally:
         flushed = _guarded(first, group.flush)

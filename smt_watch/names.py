@@ -67,4 +67,6 @@ def sent(name: str) -> str:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         text = raw.decode("cp1252", "replace")
+    if text.isprintable():  # the common case, asked several times per delivered file: no per-character loop
+        return text or "unnamed"
     return "".join(c if c.isprintable() else "_" for c in text) or "unnamed"

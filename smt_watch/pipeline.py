@@ -89,6 +89,7 @@ def payload_for(settings: Settings, ident: FileIdentity, name: str | None = None
         esiid=esiid or settings.esiid_default or "",
         meter=meter_for(name, settings.meter_default),
         source=settings.source_tag,
+        data=ident.data,
     )
 
 

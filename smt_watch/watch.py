@@ -48,6 +48,7 @@ from smt_watch.inbox import (
     Settler,
     create_inbox,
     is_candidate,
+    is_candidate_name,
     parent_dir_fd,
     regular_stat,
     relative,
@@ -100,6 +101,7 @@ class WatchService:
         self.settings = settings
         self.mode = delivery_mode(settings)
         self.root = settings.local_dir.absolute()
+        self._root_prefix = str(self.root).rstrip("/") + "/"  # a path starting so lies below the inbox
         self.counts = Counts()
         self.metrics = metrics or Metrics()
         self.ready = threading.Event()  # set once watching (after the start-up scan was queued)
@@ -292,6 +294,13 @@ class WatchService:
 
     def _candidate(self, path: Path) -> Found | None:
         """``path`` with its signature when it is a candidate (docs/contract.md §3) and a regular file."""
+        text = str(path)
+        if text.startswith(self._root_prefix) and "/" not in (name := text[len(self._root_prefix):]):
+            # straight in the inbox (the common case): checked on the string, no directory on its way, one lstat
+            if not is_candidate_name(name, self.settings.patterns):
+                return None
+            st = regular_stat(path)
+            return None if st is None else Found(text, Signature.of(st))
         rel = relative(self.root, path)
         if rel is None or not is_candidate(rel, self.settings.patterns):
             return None
@@ -314,11 +323,13 @@ class WatchService:
         if known and known.signature == sig and known.state in HANDLED_STATES:
             self.counts.cached += 1  # only the main loop writes this count
             return False
-        self._settler.add(Path(path), sig, now)
+        if not isinstance(path, Path):
+            path = Path(path)  # once: a drain brings thousands of files a second through here
+        self._settler.add(path, sig, now)
         if asked:
-            self._asked[Path(path)] = Cached(known)
+            self._asked[path] = Cached(known)
         else:
-            self._asked.pop(Path(path), None)
+            self._asked.pop(path, None)
         return True
 
     def _scan(self, directory: Path) -> int:
@@ -337,10 +348,12 @@ class WatchService:
     def _consider_batch(self, batch: list[Found], now: float) -> int:
         assert self._ledger is not None
         # a file still settling had the cache asked already (its first event): ask only for the others
-        asked = {f.path: c.seen for f in batch if (c := self._asked.get(Path(f.path))) is not None}
+        paths = [Path(f.path) for f in batch]  # each made once, for the settler and the asked map alike
+        asked = {f.path: c.seen for f, p in zip(batch, paths, strict=True) if (c := self._asked.get(p)) is not None}
         ask = [f.path for f in batch if f.path not in asked]
         known = {**(self._ledger.seen_many(ask) if ask else {}), **asked}
-        return sum(self._consider_known(f.path, f.signature, known.get(f.path), now) for f in batch)
+        return sum(self._consider_known(p, f.signature, known.get(f.path), now)
+                   for f, p in zip(batch, paths, strict=True))
 
     def _schedule_due(self) -> None:
         """Rows to deliver again: their backoff expired, or they were cut off (``pending``)."""

@@ -14,6 +14,7 @@ import threading
 import tomllib
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 import pytest
 from packaging.requirements import Requirement
@@ -76,3 +77,46 @@ def test_the_installed_watchdog_is_the_pinned_one() -> None:
     pinned = next(Requirement(d) for d in deps if Requirement(d).name == "watchdog")
     assert "7.1.0" not in pinned.specifier and "7.1.1" in pinned.specifier
     assert version("watchdog") in pinned.specifier
+
+
+
+def test_moves_inside_the_inbox_are_still_paired_and_renames_from_outside_still_seen(tmp_path: Path) -> None:
+    """The observer watch uses (its move grouping indexed by cookie, so a rename into the inbox from outside
+    skips watchdog's queue scans) still pairs a move inside the watched directory into one moved event, file
+    or directory (watchdog moves its watches on a paired directory move), and still reports each of a burst
+    of renames from outside as created."""
+    from watchdog.events import DirMovedEvent, FileCreatedEvent, FileMovedEvent, FileSystemEventHandler
+
+    from smt_watch.events import _inotify_observer
+
+    inbox, outside = tmp_path / "inbox", tmp_path / "outside"
+    inbox.mkdir()
+    outside.mkdir()
+    seen: list[tuple[type, str, str]] = []
+
+    class Record(FileSystemEventHandler):
+        def on_any_event(self, event: Any) -> None:
+            seen.append((type(event), str(event.src_path), str(getattr(event, "dest_path", ""))))
+
+    observer = _inotify_observer()
+    observer.schedule(Record(), str(inbox), recursive=True,
+                      event_filter=[FileMovedEvent, DirMovedEvent, FileCreatedEvent])
+    observer.start()
+    try:
+        (outside / "d").mkdir()
+        (inbox / "a.tmp").write_text("x")
+        (inbox / "a.tmp").rename(inbox / "a.csv")
+        (inbox / "old").mkdir()
+        (inbox / "old").rename(inbox / "new")
+        for i in range(200):  # a burst from outside: none of them has a move source to pair with
+            (outside / f"{i:03d}.csv").write_text(str(i))
+            (outside / f"{i:03d}.csv").rename(inbox / f"{i:03d}.csv")
+        wanted = {(FileCreatedEvent, str(inbox / f"{i:03d}.csv"), "") for i in range(200)}
+        wait_for(lambda: wanted <= set(seen), 20, "every file renamed in from outside, as created")
+        wait_for(lambda: (FileMovedEvent, str(inbox / "a.tmp"), str(inbox / "a.csv")) in seen, 10,
+                 "the file renamed inside the inbox, as one moved event")
+        wait_for(lambda: (DirMovedEvent, str(inbox / "old"), str(inbox / "new")) in seen, 10,
+                 "the directory renamed inside the inbox, as one moved event")
+    finally:
+        observer.stop()
+        observer.join(5)

@@ -1,9 +1,11 @@
 """Issue 27's speed-ups keep their guarantees: a small multipart body is sent in one piece but still never
-unless its bytes are the ones hashed; the console script skips only the imports nobody uses."""
+unless its bytes are the ones hashed; a small CSV a watch worker reads once is sent as the bytes it hashed;
+small writes to the app's connection leave together; the console script skips only the imports nobody uses."""
 
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -16,7 +18,9 @@ import pytest
 from conftest import UPLOAD_TOKEN, write_csv
 from smt_watch.config import Settings
 from smt_watch.delivery import make_sink
-from smt_watch.hashing import identify
+from smt_watch.errors import FileChanged
+from smt_watch.hashing import HOLD_MAX, Signature, identify, identify_held
+from smt_watch.jobs import Cached, _prepare
 from smt_watch.pipeline import deliver_identified
 from smt_watch.reference.receiver import running_receiver
 from smt_watch.statedir import open_ledger
@@ -380,3 +384,95 @@ def test_a_big_multipart_body_hashed_beside_the_send_arrives_byte_for_byte(make_
     assert o.result == "sent", o.error
     assert receiver.read(hashlib.sha256(f.read_bytes()).hexdigest()) == f.read_bytes()
     assert sum(counted) == f.stat().st_size and len(counted) == -(-f.stat().st_size // READ_CHUNK)
+
+
+def test_a_small_csv_read_once_by_a_worker_is_sent_as_the_bytes_it_hashed(make_settings: Make, receiver: Any,
+                                                                         tmp_path: Path) -> None:
+    """A watch worker reads a small CSV once (hash, CSV check and body from the same bytes): what goes out is
+    what hashed to the Idempotency-Key by construction, even when the file is rewritten after the read."""
+    settings = _settings(make_settings, receiver)
+    f = write_csv(settings.local_dir / "small.csv", rows=50)
+    original = f.read_bytes()
+    with open_ledger(settings) as ledger, closing(make_sink(settings, "multipart", chunks=ledger)) as sink:
+        got = _prepare(settings, ledger, f, Signature.of(f.lstat()), Cached(None))
+        assert isinstance(got, tuple)
+        fd, ident, _, sniffer = got
+        try:
+            assert ident.data == original and ident.sha256 == hashlib.sha256(original).hexdigest()
+            f.write_bytes(original[:-2] + b"9\n")  # rewritten in place after the read: not what is sent
+            o = deliver_identified(settings, ledger, sink, ident, sniffed=sniffer)
+        finally:
+            os.close(fd)
+    assert o.result == "sent"
+    assert receiver.read(ident.sha256) == original
+
+
+def test_a_file_over_the_bound_is_not_held_in_memory(make_settings: Make, receiver: Any, tmp_path: Path) -> None:
+    """Memory stays bounded: past HOLD_MAX a file keeps the streaming path (re-read and re-hashed as sent)."""
+    settings = _settings(make_settings, receiver)
+    f = settings.local_dir / "big.csv"
+    f.write_bytes(b"ESIID,USAGE_KWH\n" + b"10443720000000001,1.000\n" * (HOLD_MAX // 24 + 1))
+    assert f.stat().st_size > HOLD_MAX
+    with open_ledger(settings) as ledger:
+        got = _prepare(settings, ledger, f, Signature.of(f.lstat()), Cached(None))
+    assert isinstance(got, tuple)
+    os.close(got[0])
+    assert got[1].data is None and got[1].sha256 == hashlib.sha256(f.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("change", ["same size", "grew", "shrank"])
+def test_a_held_read_of_a_file_that_changed_since_its_stat_is_refused(tmp_path: Path, change: str) -> None:
+    f = write_csv(tmp_path / "moving.csv", rows=20)
+    sig = Signature.of(f.lstat())
+    data = f.read_bytes()
+    f.write_bytes({"same size": data[:-2] + b"9\n", "grew": data + b"x\n", "shrank": data[:-1]}[change])
+    os.utime(f, ns=(sig.mtime_ns + 1_000_000, sig.mtime_ns + 1_000_000))  # a coarse clock: still a new mtime
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        with pytest.raises(FileChanged):
+            identify_held(f, fd, sig)
+    finally:
+        os.close(fd)
+
+
+def test_small_writes_to_the_app_leave_in_one_send_and_big_ones_at_once() -> None:
+    """h11 writes a request's headers, then its body: held, they go out as one send; nothing is held past
+    the next read, a big write goes at once, and a connection closed mid-request sends nothing held."""
+    import socket
+
+    import httpcore
+
+    from smt_watch.delivery.http import HOLD_WRITE_BYTES, _HeldWrites
+
+    a, b = socket.socketpair()
+    sent: list[bytes] = []
+
+    class Counting(httpcore.NetworkStream):
+        def write(self, buffer: bytes, timeout: float | None = None) -> None:
+            sent.append(buffer)
+            a.sendall(buffer)
+
+        def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+            return a.recv(max_bytes)
+
+        def close(self) -> None:
+            a.close()
+
+    try:
+        stream = _HeldWrites(Counting())
+        stream.write(b"POST / HTTP/1.1\r\n\r\n")
+        stream.write(b"body")
+        assert sent == []
+        b.sendall(b"HTTP/1.1 200 OK\r\n\r\n")
+        assert stream.read(100).startswith(b"HTTP/1.1 200")
+        assert sent == [b"POST / HTTP/1.1\r\n\r\nbody"]
+        assert b.recv(100) == sent[0]
+        big = b"x" * HOLD_WRITE_BYTES
+        stream.write(b"head")
+        stream.write(big)
+        assert sent[1:] == [b"head" + big]
+        stream.write(b"cut short")
+        stream.close()
+        assert len(sent) == 2
+    finally:
+        b.close()

@@ -17,7 +17,7 @@ import email.utils
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, Protocol
@@ -51,6 +51,10 @@ class Payload:
     meter: str
     source: str
     resend: bool = False  # a forced re-send (post --force): send every part again, acknowledged or not
+    # The bytes that hashed to ``sha256``, when the hash pass kept them (a small file read once by a watch
+    # worker, FileIdentity.data): a sink that builds its body from them sends what was hashed by
+    # construction, with no re-read or re-hash. None: read ``path`` and verify as it streams.
+    data: bytes | None = field(default=None, repr=False, compare=False)
 
     @property
     def captured_at(self) -> str:

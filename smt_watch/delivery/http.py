@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import logging
 import random
+import ssl
 import threading
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import httpcore
 import httpx
@@ -87,6 +88,122 @@ def _as_httpx_errors() -> Iterator[None]:
         raise mapped(str(exc)) from exc
 
 
+HOLD_WRITE_BYTES: Final = 64 * 1024  # writes smaller than this wait for the next write or read (one send)
+
+
+class _HeldWrites(httpcore.NetworkStream):
+    """A connection's stream whose small writes wait for the next write or read: h11 writes a request's
+    headers on their own, then its body; held, they leave in ONE send, so a small file's request is one
+    segment on the wire and one wake-up of the server, not two. Nothing waits past the next read (the
+    response is read only after the whole request was written), and a write of ``HOLD_WRITE_BYTES`` or more
+    (a big file's chunks) is sent at once with whatever was held, so memory stays flat."""
+
+    def __init__(self, stream: httpcore.NetworkStream) -> None:
+        self._stream = stream
+        self._held = b""
+        self._timeout: float | None = None
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        if not buffer:
+            return
+        held = self._held + buffer if self._held else buffer
+        if len(held) < HOLD_WRITE_BYTES:
+            self._held, self._timeout = held, timeout
+            return
+        self._held = b""
+        self._stream.write(held, timeout)
+
+    def _flush(self) -> None:
+        if self._held:
+            held, self._held = self._held, b""
+            self._stream.write(held, self._timeout)
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        self._flush()
+        return self._stream.read(max_bytes, timeout)
+
+    def close(self) -> None:
+        self._held = b""  # a request cut short (its body raised) is never completed by a late flush
+        self._stream.close()
+
+    def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
+                  timeout: float | None = None) -> httpcore.NetworkStream:
+        self._flush()
+        return _HeldWrites(self._stream.start_tls(ssl_context, server_hostname, timeout))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._stream.get_extra_info(info)
+
+
+class _HeldWritesBackend(httpcore.NetworkBackend):
+    """httpcore's own synchronous backend, its streams wrapped in :class:`_HeldWrites`."""
+
+    def __init__(self) -> None:
+        self._backend = httpcore.SyncBackend()
+
+    def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
+                    socket_options: Iterable[Any] | None = None) -> httpcore.NetworkStream:
+        return _HeldWrites(self._backend.connect_tcp(host, port, timeout, local_address, socket_options))
+
+    def connect_unix_socket(self, path: str, timeout: float | None = None,
+                            socket_options: Iterable[Any] | None = None) -> httpcore.NetworkStream:
+        return _HeldWrites(self._backend.connect_unix_socket(path, timeout, socket_options))
+
+    def sleep(self, seconds: float) -> None:
+        self._backend.sleep(seconds)
+
+
+class _ThreadConnections:
+    """One keep-alive httpcore connection per sending thread (httpx's own transport layer, without the pool
+    around it). A watch worker sends one request at a time, so a pool's bookkeeping per request (a pool
+    request object, a lock, two passes assigning requests to connections, the response wrapped again) buys
+    nothing; a connection the server closed, or whose keep-alive expired, is replaced before it is used, as
+    the pool would. :meth:`close` closes every thread's connection."""
+
+    def __init__(self, origin: httpcore.Origin, ssl_context: ssl.SSLContext | None, keepalive_expiry: float | None
+                 ) -> None:
+        self._origin, self._ssl_context, self._keepalive_expiry = origin, ssl_context, keepalive_expiry
+        self._backend = _HeldWritesBackend()
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._open: set[httpcore.HTTPConnection] = set()
+
+    def handle(self, request: httpcore.Request) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """Status, headers and the whole body of the answer to ``request``; httpcore's exceptions raised."""
+        conn: httpcore.HTTPConnection | None = getattr(self._local, "conn", None)
+        if conn is not None and (conn.is_closed() or conn.has_expired()):
+            self._drop(conn)
+            conn = None
+        if conn is None:
+            conn = httpcore.HTTPConnection(self._origin, ssl_context=self._ssl_context,
+                                           keepalive_expiry=self._keepalive_expiry, network_backend=self._backend)
+            with self._lock:
+                self._open.add(conn)
+            self._local.conn = conn
+        response = conn.handle_request(request)
+        try:
+            content = response.read()
+        finally:
+            response.close()
+        return response.status, response.headers, content
+
+    def _drop(self, conn: httpcore.HTTPConnection) -> None:
+        conn.close()
+        with self._lock:
+            self._open.discard(conn)
+        self._local.conn = None
+
+    def close(self) -> None:
+        with self._lock:
+            conns, self._open = list(self._open), set()
+        for conn in conns:
+            conn.close()
+
+
+_CORE_ERRORS: Final = (httpcore.TimeoutException, httpcore.NetworkError, httpcore.ProtocolError,
+                       httpcore.ProxyError, httpcore.UnsupportedProtocol)
+
+
 def direct_transport_is_enough(url: str) -> bool:
     """No credentials in the URL and no proxy variable for its scheme (``HTTP(S)_PROXY``, ``ALL_PROXY``;
     ``NO_PROXY`` is not consulted: any proxy setting takes the full path)."""
@@ -123,14 +240,15 @@ class Poster:
         # httpcore's pool (httpx's own transport layer, :meth:`_attempt_direct`): what Client.send adds
         # (cookies, auth flows, redirects, hooks) and the request/response wrapping are unused there and cost
         # a fifth of the watcher's CPU per small file. Credentials in the URL or a proxy need Client.send.
-        self._pool: httpcore.ConnectionPool | None = None
+        self._pool: _ThreadConnections | None = None
         self._client: httpx.Client | None = None
         if direct_transport_is_enough(url):
             parsed = httpx.URL(url)
-            self._pool = httpcore.ConnectionPool(
-                ssl_context=httpx.create_ssl_context(verify=verify) if parsed.scheme == "https" else None,
-                max_connections=limits.max_connections, max_keepalive_connections=limits.max_keepalive_connections,
-                keepalive_expiry=limits.keepalive_expiry)
+            self._pool = _ThreadConnections(
+                httpcore.Origin(parsed.raw_scheme, parsed.raw_host, parsed.port or (443 if parsed.scheme == "https"
+                                                                                    else 80)),
+                httpx.create_ssl_context(verify=verify) if parsed.scheme == "https" else None,
+                limits.keepalive_expiry)
             self._core_url = httpcore.URL(scheme=parsed.raw_scheme, host=parsed.raw_host, port=parsed.port,
                                           target=parsed.raw_path)
             self._timeouts = timeout.as_dict()
@@ -232,23 +350,23 @@ class Poster:
         return self._verdict(response)
 
     def _attempt_direct(self, key: str, body: Body, progress: Progress | None) -> tuple[int, str]:
-        """One request straight to httpcore's connection pool (httpx's own transport layer) for a target
-        without credentials in its URL or a proxy: the URL is parsed and the fixed headers encoded once per
-        poster, not per request (``build_request`` and the transport's request and response wrapping cost
-        ~0.2 ms a request, a fifth of the watcher's CPU per small file). httpcore's errors become httpx's of
-        the same name, so :func:`map_transport_errors` judges both paths alike."""
+        """One request straight to this thread's httpcore connection (httpx's own transport layer,
+        :class:`_ThreadConnections`) for a target without credentials in its URL or a proxy: the URL is parsed
+        and the fixed headers encoded once per poster, not per request (``build_request`` and the transport's
+        request and response wrapping cost ~0.2 ms a request, a fifth of the watcher's CPU per small file).
+        httpcore's errors become httpx's of the same name, so :func:`map_transport_errors` judges both paths
+        alike."""
         assert self._pool is not None
         headers = [*self._fixed_headers, (b"Content-Type", body.content_type.encode("latin-1")),
                    (b"Content-Length", b"%d" % body.length), (b"Idempotency-Key", key.encode("latin-1"))]
         request = httpcore.Request(b"POST", self._core_url, headers=headers, content=body.chunks(progress),
                                    extensions={"timeout": self._timeouts})
-        with map_transport_errors(self.destination), _as_httpx_errors():
-            raw = self._pool.handle_request(request)
-            try:
-                content = raw.read()
-            finally:
-                raw.close()
-        return self._verdict(httpx.Response(raw.status, headers=raw.headers, content=content))
+        try:  # what map_transport_errors and _as_httpx_errors do together, without two context managers
+            status, response_headers, content = self._pool.handle(request)
+        except _CORE_ERRORS as core:
+            with map_transport_errors(self.destination), _as_httpx_errors():
+                raise core
+        return self._verdict(httpx.Response(status, headers=response_headers, content=content))
 
     def _verdict(self, response: httpx.Response) -> tuple[int, str]:
         text = self._scrub(response.content[:ERROR_BODY_BYTES].decode("utf-8", "replace"))

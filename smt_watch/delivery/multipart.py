@@ -1,7 +1,8 @@
 """The ``multipart`` sink (docs/contract.md §4): a form upload to the droplet's upload server.
 
 Text fields first, then the file, so a receiver sees ``sha256`` before the data; the file part streams
-through :func:`~smt_watch.delivery.stream.verified_chunks`, so memory stays flat in file size.
+through :func:`~smt_watch.delivery.stream.verified_chunks`, so memory stays flat in file size. A small file
+a watch worker read once (``Payload.data``: the bytes that hashed to ``sha256``) is sent from those bytes.
 
 The upload server decides what it forwards: IntelliWatt's Node server keeps only file names holding
 ``interval`` and answers any other ``202 {ok:true, message:"Upload ignored (non-interval file removed)",
@@ -93,6 +94,11 @@ def _body(payload: Payload) -> Body:
     tail = f"\r\n--{boundary}--\r\n".encode()
 
     def chunks(progress: Progress | None) -> Iterator[bytes]:
+        if payload.data is not None:  # the bytes the hash pass hashed and kept: sent as they are
+            yield head + payload.data + tail
+            if progress:
+                progress(len(payload.data))
+            return
         if payload.size <= READ_CHUNK:  # the whole request body in one write (most SMT files are this small)
             data = verified_bytes(payload.path, payload.size, payload.sha256)
             yield head + data + tail
@@ -108,5 +114,7 @@ def _body(payload: Payload) -> Body:
 
 def _quote_filename(name: str) -> str:
     """Escape a file name for a Content-Disposition parameter the way browsers do."""
+    if name.isprintable() and "\\" not in name and '"' not in name:
+        return name  # the common case (every request has one): nothing to escape, no per-character loop
     name = name.replace("\\", "\\\\").replace('"', "%22")
     return "".join(c if c.isprintable() else f"%{ord(c):02X}" for c in name)
