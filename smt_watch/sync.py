@@ -693,12 +693,14 @@ def _run_job(settings: Settings, conn: Connection | None, job: Job, progress: Ca
     return _fetch_range_with_retries(settings, conn, job, progress), None, None
 
 
-def _retrying(remote: RemoteFile) -> tenacity.Retrying:
+def _retrying(settings: Settings, remote: RemoteFile) -> tenacity.Retrying:
+    """Up to ATTEMPTS tries of one file or range in this pass, waiting SMT_RETRY_BACKOFF_SECONDS, then double
+    that, between them (at most 10 s): the step an operator sets for delivery's in-call retries."""
     return tenacity.Retrying(
         # A size that does not match is what the server serves: asking again in this pass gets the same.
         retry=tenacity.retry_if_exception(lambda e: isinstance(e, SftpError) and not isinstance(e, SizeMismatch)),
         stop=tenacity.stop_after_attempt(ATTEMPTS),
-        wait=tenacity.wait_exponential(multiplier=1, max=10),
+        wait=tenacity.wait_exponential(multiplier=settings.retry_backoff, max=10),
         before_sleep=lambda s: log.warning("Retrying %s after: %s", remote.path,
                                            s.outcome.exception() if s.outcome else "?"),
         reraise=True,
@@ -732,7 +734,7 @@ def _fetch_range_with_retries(settings: Settings, conn: Connection | None, job: 
         finally:
             os.close(fd)
 
-    _retrying(remote)(attempt)
+    _retrying(settings, remote)(attempt)
     assert holder[0] is not None
     return holder[0]
 
@@ -766,7 +768,7 @@ def _fetch_with_retries(
             raise
         return (place(part, final, sha, sync_dir=False) if place_it else None), sha
 
-    dest, sha = _retrying(remote)(attempt)
+    dest, sha = _retrying(settings, remote)(attempt)
     assert holder[0] is not None
     if dest is not None:
         log.info("Fetched %s (%s in %.1f s) -> %s", remote.path, human_bytes(remote.size),
