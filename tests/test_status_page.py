@@ -207,7 +207,7 @@ def test_status_page_login_failures_retry_and_delivery(browser: WebDriver, serve
     assert "wrong token from 127.0.0.1" in serve.log.read_text()
 
 
-def test_status_page_is_off_without_a_token(serve: Serve, base_env: dict[str, str], tmp_path: Path) -> None:
+def test_status_page_is_off_without_a_token(base_env: dict[str, str], tmp_path: Path) -> None:
     """serve without SMT_STATUS_TOKEN: no page, no JSON, no login (404 saying how to turn it on)."""
     env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path / "home"), **base_env}
     off = Serve(env, tmp_path / "serve-off.log")
