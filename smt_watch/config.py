@@ -157,7 +157,8 @@ SETTING_GROUPS: Final = (
         Setting("METER_DEFAULT", "M1", "the meter when the file name holds no `M<digits>`"),
         Setting("ESIID_DEFAULT", None, "the ESIID when the file holds not exactly one"),
         Setting("SMT_RETRY_ATTEMPTS", "5", "HTTP attempts within one delivery call, 1–100 (ours)"),
-        Setting("SMT_RETRY_BACKOFF_SECONDS", "1", "first in-call backoff step, doubled each attempt (ours)"),
+        Setting("SMT_RETRY_BACKOFF_SECONDS", "1", "first in-call backoff step, doubled each attempt; also the first "
+                "wait before `sync` fetches a file again (ours)"),
         Setting("SMT_HTTP_TIMEOUT", "60", "connect (at most 10 s), read and write timeout in seconds (ours)"),
         Setting("SMT_MAX_REQUESTS_PER_SECOND", "10",
                 "requests toward the target (raw-upload chunks and retries included) at most this many a second, "
@@ -425,7 +426,7 @@ class Settings:
     node_name: str  # SMT_NODE_NAME: this droplet, in shared claims
     ledger_lease_seconds: float  # SMT_LEDGER_LEASE_SECONDS: a claim another node may take over after
     retry_attempts: int  # SMT_RETRY_ATTEMPTS: HTTP attempts within one delivery call
-    retry_backoff: float  # SMT_RETRY_BACKOFF_SECONDS: first backoff step, doubled per attempt
+    retry_backoff: float  # SMT_RETRY_BACKOFF_SECONDS: first backoff step, doubled per attempt (delivery, sync)
     http_timeout: float  # SMT_HTTP_TIMEOUT: connect/read/write timeout in seconds
     max_requests_per_second: float  # SMT_MAX_REQUESTS_PER_SECOND: toward the app, per node/fleet (0: off)
     max_in_flight: int  # SMT_MAX_IN_FLIGHT: requests out at once toward the app, per node/fleet (0: off)

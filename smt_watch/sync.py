@@ -825,7 +825,7 @@ def _run_job(settings: Settings, conn: Connection | None, job: Job, progress: Ca
     return _fetch_range_with_retries(settings, conn, job, progress), None
 
 
-def _with_retries(remote: RemoteFile, attempt: Callable[[], _T]) -> _T:
+def _with_retries(settings: Settings, remote: RemoteFile, attempt: Callable[[], _T]) -> _T:
     """``attempt()``, retried as :func:`_retrying` says. The first try runs outside tenacity: its
     bookkeeping (a ``Retrying``, a future and an attempt object a call) was ~5 % of a worker's CPU for a
     small file, and most files need one try. A first try that failed is handed to tenacity as its first
@@ -842,15 +842,17 @@ def _with_retries(remote: RemoteFile, attempt: Callable[[], _T]) -> _T:
             raise failed.pop()  # the first try, already made: tenacity counts it, says it and waits
         return attempt()
 
-    return _retrying(remote)(again)
+    return _retrying(settings, remote)(again)
 
 
-def _retrying(remote: RemoteFile) -> tenacity.Retrying:
+def _retrying(settings: Settings, remote: RemoteFile) -> tenacity.Retrying:
+    """Up to ATTEMPTS tries of one file or range in this pass, waiting SMT_RETRY_BACKOFF_SECONDS, then double
+    that, between them (at most 10 s): the step an operator sets for delivery's in-call retries."""
     return tenacity.Retrying(
         # A size that does not match is what the server serves: asking again in this pass gets the same.
         retry=tenacity.retry_if_exception(lambda e: isinstance(e, SftpError) and not isinstance(e, SizeMismatch)),
         stop=tenacity.stop_after_attempt(ATTEMPTS),
-        wait=tenacity.wait_exponential(multiplier=1, max=10),
+        wait=tenacity.wait_exponential(multiplier=settings.retry_backoff, max=10),
         before_sleep=lambda s: log.warning("Retrying %s after: %s", remote.path,
                                            s.outcome.exception() if s.outcome else "?"),
         reraise=True,
@@ -884,7 +886,7 @@ def _fetch_range_with_retries(settings: Settings, conn: Connection | None, job: 
         finally:
             os.close(fd)
 
-    _with_retries(remote, attempt)
+    _with_retries(settings, remote, attempt)
     assert holder[0] is not None
     return holder[0]
 
@@ -915,6 +917,6 @@ def _fetch_with_retries(
             holder[0] = None
             raise
 
-    sha = _with_retries(remote, attempt)
+    sha = _with_retries(settings, remote, attempt)
     assert holder[0] is not None
     return holder[0], sha

@@ -7,6 +7,7 @@ import io
 import logging
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -17,6 +18,7 @@ from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from pgcluster import pg_cluster, pg_url  # noqa: F401 (fixtures: a throwaway PostgreSQL on loopback)
 from ports import free_port
@@ -58,6 +60,15 @@ UPLOAD_TOKEN = "upload-token-fedcba9876543210-SECRET"
 SMT_WATCH = [sys.executable, "-m", "smt_watch"]
 
 POLL_SECONDS = 0.02  # how often wait_for re-checks its condition
+
+# Every ``httpx.Client()``, and so every ``httpx.get``/``httpx.post``, builds an SSL context and loads the CA
+# bundle into it: ~25 ms of CPU, although the tests' own servers speak plain HTTP on loopback. A poll for a
+# starting server makes dozens of such requests while the server it waits for needs the CPU.
+TLS_CONTEXT = ssl.create_default_context()  # for a test's own httpx.Client: ``verify=TLS_CONTEXT``, made once
+LOOPBACK = httpx.Client(trust_env=False, limits=httpx.Limits(max_keepalive_connections=0))
+"""Requests to the tests' own servers in place of ``httpx.get``/``httpx.post``: one client for the test process,
+no proxy from the environment, and no connection kept between requests (each opens and closes its own, as
+``httpx.get`` does, so no idle connection holds a server's graceful stop or answers for a stopped one)."""
 
 
 def wait_for(condition: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> object:

@@ -30,7 +30,7 @@ import httpx
 import pytest
 from ports import free_port
 
-from conftest import SMT_WATCH, UPLOAD_TOKEN, chromium_missing, fresh_chromium, wait_for, watching, write_csv
+from conftest import LOOPBACK, SMT_WATCH, UPLOAD_TOKEN, chromium_missing, fresh_chromium, wait_for, watching, write_csv
 
 if why := chromium_missing():
     pytest.skip(f"{why} (Debian: apt-get install chromium chromium-driver)", allow_module_level=True)
@@ -145,7 +145,7 @@ class Serve:
 
     def health(self) -> dict[str, Any] | None:
         try:
-            r = httpx.get(f"{self.url}/health", timeout=5, trust_env=False)
+            r = LOOPBACK.get(f"{self.url}/health", timeout=5)
         except httpx.HTTPError:
             return None
         return r.json() if r.status_code == 200 else None
@@ -404,7 +404,7 @@ def test_admin_page_upload_is_accepted_after_a_no_role_upload_from_the_same_addr
     address) does not refuse it even with SMT_UPLOAD_CUSTOMER_LIMIT=1."""
     serve = serving(SMT_UPLOAD_CUSTOMER_LIMIT="1")
     curl_data = small_csv(tmp_path, "x.csv", seed=1).read_bytes()
-    r = httpx.post(serve.upload_url, files={"file": ("x.csv", curl_data, "text/csv")}, timeout=SHORT, trust_env=False)
+    r = LOOPBACK.post(serve.upload_url, files={"file": ("x.csv", curl_data, "text/csv")}, timeout=SHORT)
     assert r.status_code == 202, r.text
 
     src = small_csv(tmp_path, "admin.csv", seed=2)

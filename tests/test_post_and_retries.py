@@ -48,31 +48,36 @@ def upload_env(receiver: Any) -> dict[str, str]:
 # --- retries and refusals (in-process, against the real receiver) --------------------------------------
 
 
-@pytest.mark.parametrize("status", RETRYABLE)
-def test_every_listed_status_is_retried_within_the_call(status: int, make_settings: Make, receiver: Any,
-                                                        tmp_path: Path) -> None:
-    """Each status the README lists as retryable is tried again in the same call. Checked against
-    retry-status-408, -425, -500, -502 and -504 (and -429, -503): each makes its status a refusal."""
-    receiver.state.faults.append(Fault(status=status))
-    [o] = post_files(multipart(make_settings, receiver), [write_csv(tmp_path / "a.csv")])
-    assert (o.result, o.attempts) == ("sent", 2), o
-    assert [r.status for r in receiver.state.requests] == [status, 200]
+def test_every_listed_status_is_retried_within_the_call(make_settings: Make, receiver: Any, tmp_path: Path) -> None:
+    """Each status the README lists as retryable is tried again in the same call: one call per status, each
+    with a file of its own, against one receiver and ledger. Checked against retry-status-408, -425, -500,
+    -502 and -504 (and -429, -503): each makes its status a refusal."""
+    settings = multipart(make_settings, receiver)
+    for status in RETRYABLE:
+        receiver.state.faults.append(Fault(status=status))
+        before = len(receiver.state.requests)
+        [o] = post_files(settings, [write_csv(tmp_path / f"{status}.csv", seed=status)])
+        assert (o.result, o.attempts) == ("sent", 2), (status, o)
+        assert [r.status for r in receiver.state.requests[before:]] == [status, 200]
 
 
-@pytest.mark.parametrize("status", [302, 404, 409, 413])
-def test_other_statuses_are_refused_at_once_and_never_sent(status: int, make_settings: Make, receiver: Any,
+def test_other_statuses_are_refused_at_once_and_never_sent(make_settings: Make, receiver: Any,
                                                            tmp_path: Path) -> None:
     """A row is ``sent`` only after a 2xx: a redirect is not a delivery (none is followed), and a 4xx other
-    than 408/425/429 is ``failed`` with its status after one request. Checked against retry-sent-only-2xx
-    (the 302, whose body has no ``ok: false``, would be recorded as sent)."""
-    receiver.state.faults.append(Fault(status=status, body={"error": "not here"}))
+    than 408/425/429 is ``failed`` with its status after one request (302, 404, 409, 413: one call each, a
+    file of its own, against one receiver and ledger). Checked against retry-sent-only-2xx (the 302, whose
+    body has no ``ok: false``, would be recorded as sent)."""
     settings = multipart(make_settings, receiver)
-    f = write_csv(tmp_path / "a.csv")
-    [o] = post_files(settings, [f])
-    assert (o.result, o.status, o.attempts) == ("failed", status, 1), o
-    with open_ledger(settings) as ledger:
-        row = ledger.get(sha(f))
-    assert row is not None and (row.state, row.http_status, row.sent_at) == ("failed", status, None)
+    for status in (302, 404, 409, 413):
+        receiver.state.faults.append(Fault(status=status, body={"error": "not here"}))
+        before = len(receiver.state.requests)
+        f = write_csv(tmp_path / f"{status}.csv", seed=status)
+        [o] = post_files(settings, [f])
+        assert (o.result, o.status, o.attempts) == ("failed", status, 1), (status, o)
+        assert len(receiver.state.requests) == before + 1, status
+        with open_ledger(settings) as ledger:
+            row = ledger.get(sha(f))
+        assert row is not None and (row.state, row.http_status, row.sent_at) == ("failed", status, None), status
     assert receiver.stored() == []
 
 

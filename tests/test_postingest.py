@@ -8,9 +8,7 @@ import json
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
-import httpx
-
-from conftest import ADMIN_TOKEN
+from conftest import ADMIN_TOKEN, LOOPBACK
 from smt_watch.delivery.rawupload import iter_chunks
 from smt_watch.postingest import plan_post_ingest, post_ingest_chunks
 from smt_watch.reference.app_routes import wrap
@@ -63,8 +61,8 @@ def test_the_app_queues_post_ingest_only_when_the_marked_chunk_keeps_intervals(t
                     body = {"filename": f"recent_M1.csv.part{n}-of-{len(chunks)}", "sizeBytes": len(content),
                             "sha256": sha, "contentBase64": base64.b64encode(content).decode(), "esiid":
                             "10443720000000001", "meter": "M1", "source": "adhocusage", "postIngest": n in marked}
-                    r = httpx.post(f"http://127.0.0.1:{port}/api/admin/smt/raw-upload", content=json.dumps(body),
-                                   headers={"x-admin-token": ADMIN_TOKEN, "content-type": "application/json",
+                    r = LOOPBACK.post(f"http://127.0.0.1:{port}/api/admin/smt/raw-upload", content=json.dumps(body),
+                                      headers={"x-admin-token": ADMIN_TOKEN, "content-type": "application/json",
                                             "idempotency-key": sha})
                     assert r.status_code == 200, r.text
             return routes.store.post_ingest_tasks()

@@ -137,36 +137,42 @@ def test_a_year_goes_in_eight_chunks(settings: Settings, receiver: Any) -> None:
 
 def test_a_503_on_chunk_5_resumes_at_chunk_5(make_settings: Make, receiver: Any,
                                             run_cli: Callable[..., Any]) -> None:
-    env = raw_env(receiver, SMT_RETRY_ATTEMPTS="1")
+    """Eight chunks (80 data lines, 10 a chunk: the resume does not depend on the chunk size, and a year in
+    eight chunks of 5,000 is test_a_year_goes_in_eight_chunks' case), chunk 5 refused with a 503: the row is
+    ``retrying`` with chunks 1-4 acknowledged, and another process sends 5-8 only."""
+    name = "Resume_M77.csv"
+    env = raw_env(receiver, SMT_RETRY_ATTEMPTS="1", SMT_RAW_LINES_PER_CHUNK="10")
     settings = make_settings(**env)
-    path = drop(settings, YEAR_NAME, YEAR)
-    chunks = expected_chunks(YEAR, 5000)
+    data = HEADER + _rows(80)
+    path = drop(settings, name, data)
+    chunks = expected_chunks(data, 10)
+    assert len(chunks) == 8
     receiver.state.faults.extend([Fault(), Fault(), Fault(), Fault(), Fault(status=503)])
 
     [outcome] = post_files(settings, [path])
     assert (outcome.result, outcome.status) == ("retrying", 503)
     first = raw_requests(receiver)
     assert [(r.fields.get("filename"), r.status) for r in first] == [
-        *[(f"{YEAR_NAME}.part{n}-of-8", 200) for n in range(1, 5)], (None, 503)]
+        *[(f"{name}.part{n}-of-8", 200) for n in range(1, 5)], (None, 503)]
     assert first[4].headers["idempotency-key"] == sha(chunks[4])
     with open_ledger(settings) as ledger:
-        row = ledger.get(sha(YEAR))
+        row = ledger.get(sha(data))
         assert row is not None and (row.state, row.http_status) == ("retrying", 503)
-        assert ledger.acked_chunks(sha(YEAR), 8) == {n: sha(chunks[n - 1]) for n in range(1, 5)}
-    assert not [r for r in receiver.stored() if r["filename"] == YEAR_NAME]  # not complete yet
+        assert ledger.acked_chunks(sha(data), 8) == {n: sha(chunks[n - 1]) for n in range(1, 5)}
+    assert not [r for r in receiver.stored() if r["filename"] == name]  # not complete yet
 
     done = run_cli("post", str(path), env=env)  # another process, resuming from the ledger
     assert done.returncode == 0, done.stdout + done.stderr
     second = raw_requests(receiver, len(receiver.state.requests) - 4)
     assert len(receiver.state.requests) == 5 + 4
     assert [(r.fields["filename"], r.status) for r in second] == [
-        (f"{YEAR_NAME}.part{n}-of-8", 200) for n in range(5, 9)]
+        (f"{name}.part{n}-of-8", 200) for n in range(5, 9)]
     assert [r.headers["idempotency-key"] for r in second] == [sha(c) for c in chunks[4:]]
     assert [r.fields["postIngest"] for r in [*first[:4], *second]] == [False] * 7 + [True]
-    assert receiver.state.raw.interval_count() == 35040
-    assert whole_file(receiver, YEAR_NAME) == node_whole(YEAR)
+    assert receiver.state.raw.interval_count() == 80
+    assert whole_file(receiver, name) == node_whole(data)
     with open_ledger(settings) as ledger:
-        row = ledger.get(sha(YEAR))
+        row = ledger.get(sha(data))
         assert row is not None and row.state == "sent"
 
 

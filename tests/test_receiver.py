@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import ADMIN_TOKEN, wait_for
+from conftest import ADMIN_TOKEN, LOOPBACK, wait_for
 from smt_watch.reference.receiver import Fault, ReceiverHandle, running_receiver
 from smt_watch.reference.receiver_raw import Mismatch, node_base64
 
@@ -49,8 +49,8 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
 
 def post_file(handle: ReceiverHandle, *, content: bytes = CSV, name: str = "M1_a.csv",
               headers: dict[str, str] | None = None, fields: dict[str, str] | None = None) -> httpx.Response:
-    return httpx.post(handle.url + "/upload", files={"file": (name, content, "text/csv")}, data=fields,
-                      headers=headers)
+    return LOOPBACK.post(handle.url + "/upload", files={"file": (name, content, "text/csv")}, data=fields,
+                         headers=headers)
 
 
 def inline_body(content: bytes = CSV, encoding: str = "base64") -> dict[str, Any]:
@@ -103,7 +103,7 @@ def test_multipart_streams_large_file_through_a_hidden_temp_file(rx: ReceiverHan
 
     tracemalloc.start()
     try:
-        response = httpx.post(rx.url + "/upload", content=body(), timeout=60, headers={
+        response = LOOPBACK.post(rx.url + "/upload", content=body(), timeout=60, headers={
             "content-type": f"multipart/form-data; boundary={boundary}",
             "content-length": str(len(head) + len(chunk) * chunks + len(tail))})
         _, peak = tracemalloc.get_traced_memory()
@@ -121,7 +121,7 @@ def test_multipart_streams_large_file_through_a_hidden_temp_file(rx: ReceiverHan
 
 
 def test_missing_file_field(rx: ReceiverHandle) -> None:
-    response = httpx.post(rx.url + "/upload", files={"other": ("a.csv", CSV, "text/csv")}, data={"esiid": "1"})
+    response = LOOPBACK.post(rx.url + "/upload", files={"other": ("a.csv", CSV, "text/csv")}, data={"esiid": "1"})
     assert response.status_code == 400
     assert response.json() == {"ok": False, "error": 'Missing file field "file"'}
     assert rx.stored() == [] and part_files(rx) == []
@@ -132,11 +132,11 @@ def test_tokens_are_required_when_configured(tmp_path: Path) -> None:
         for headers in ({}, {"x-smt-upload-token": "wrong"}, {"x-admin-token": "up-secret"}):
             response = post_file(handle, headers=headers)
             assert (response.status_code, response.json()) == (401, {"ok": False, "error": "unauthorized"})
-            response = httpx.post(handle.url + PULL, json=inline_body(), headers=headers)
+            response = LOOPBACK.post(handle.url + PULL, json=inline_body(), headers=headers)
             assert (response.status_code, response.json()) == (401, {"ok": False, "error": "unauthorized"})
         assert handle.stored() == [] and part_files(handle) == []
         assert post_file(handle, headers={"x-smt-upload-token": "up-secret"}).status_code == 200
-        ok = httpx.post(handle.url + PULL, json=inline_body(b"other"), headers={"x-admin-token": "adm-secret"})
+        ok = LOOPBACK.post(handle.url + PULL, json=inline_body(b"other"), headers={"x-admin-token": "adm-secret"})
         assert ok.status_code == 200
         assert handle.state.requests[2].headers["x-smt-upload-token"] == "wrong"
         assert handle.state.requests[-1].headers["x-admin-token"] == "adm-secret"
@@ -144,7 +144,7 @@ def test_tokens_are_required_when_configured(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("encoding", ["base64", "base64+gzip"])
 def test_inline_stores_decoded_bytes(rx: ReceiverHandle, encoding: str) -> None:
-    response = httpx.post(rx.url + PULL, json=inline_body(encoding=encoding), headers={"Idempotency-Key": SHA})
+    response = LOOPBACK.post(rx.url + PULL, json=inline_body(encoding=encoding), headers={"Idempotency-Key": SHA})
     assert response.status_code == 200, response.text
     assert response.json() == {"ok": True, "id": 1, "sha256": SHA, "sizeBytes": len(CSV), "duplicate": False}
     assert rx.read(SHA) == CSV
@@ -173,7 +173,7 @@ def test_inline_stores_decoded_bytes(rx: ReceiverHandle, encoding: str) -> None:
 ])
 def test_inline_validation(rx: ReceiverHandle, encoding: str, override: dict[str, Any], code: str) -> None:
     body = {k: v for k, v in {**inline_body(encoding=encoding), **override}.items() if v is not None}
-    response = httpx.post(rx.url + PULL, json=body)
+    response = LOOPBACK.post(rx.url + PULL, json=body)
     assert response.status_code == 400
     assert response.json()["ok"] is False and response.json()["error"] == code, response.json()
     assert rx.stored() == []
@@ -181,7 +181,7 @@ def test_inline_validation(rx: ReceiverHandle, encoding: str, override: dict[str
 
 def test_inline_rejects_non_json(rx: ReceiverHandle) -> None:
     for content in (b"{nope", b"[1, 2]"):
-        response = httpx.post(rx.url + PULL, content=content, headers={"content-type": "application/json"})
+        response = LOOPBACK.post(rx.url + PULL, content=content, headers={"content-type": "application/json"})
         assert (response.status_code, response.json()["error"]) == (400, "INVALID_JSON")
 
 
@@ -190,7 +190,7 @@ def test_sha256_mismatch_stores_nothing(rx: ReceiverHandle) -> None:
     for response in (
         post_file(rx, fields={"sha256": wrong}),
         post_file(rx, headers={"Idempotency-Key": wrong}),
-        httpx.post(rx.url + PULL, json=inline_body(), headers={"Idempotency-Key": wrong}),
+        LOOPBACK.post(rx.url + PULL, json=inline_body(), headers={"Idempotency-Key": wrong}),
     ):
         assert response.status_code == 400
         assert response.json()["error"] == "SHA256_MISMATCH"
@@ -203,7 +203,7 @@ def test_fault_status_with_retry_after_then_normal(rx: ReceiverHandle) -> None:
     first = post_file(rx)
     assert (first.status_code, first.headers["retry-after"], first.json()) == (
         503, "7", {"ok": False, "error": "injected"})
-    second = httpx.post(rx.url + PULL, json=inline_body())
+    second = LOOPBACK.post(rx.url + PULL, json=inline_body())
     assert (second.status_code, second.json()) == (429, {"ok": False, "x": 1})
     assert "retry-after" not in second.headers
     assert post_file(rx).json()["duplicate"] is False  # faults consumed, nothing stored by them
@@ -229,18 +229,18 @@ def test_fault_drop_breaks_the_connection(rx: ReceiverHandle) -> None:
 
 
 def test_control_routes(rx: ReceiverHandle) -> None:
-    queued = httpx.post(rx.url + "/_receiver/faults", json=[{"status": 502}, {"delay": 0.01, "retry_after": 3}])
+    queued = LOOPBACK.post(rx.url + "/_receiver/faults", json=[{"status": 502}, {"delay": 0.01, "retry_after": 3}])
     assert queued.json() == {"ok": True, "queued": 2}
-    assert httpx.post(rx.url + "/_receiver/faults", json=[{"status": "x"}]).status_code == 400
-    assert httpx.post(rx.url + "/_receiver/faults", json=[{"sttaus": 500}]).status_code == 400
+    assert LOOPBACK.post(rx.url + "/_receiver/faults", json=[{"status": "x"}]).status_code == 400
+    assert LOOPBACK.post(rx.url + "/_receiver/faults", json=[{"sttaus": 500}]).status_code == 400
     assert post_file(rx).status_code == 502
     assert post_file(rx, headers={"x-smt-upload-token": "t"}).status_code == 200
-    records = httpx.get(rx.url + "/_receiver/requests").json()
+    records = LOOPBACK.get(rx.url + "/_receiver/requests").json()
     assert [(r["path"], r["status"], r["duplicate"]) for r in records] == [
         ("/upload", 502, None), ("/upload", 200, False)]
     assert records[0]["fault"]["status"] == 502 and records[1]["fault"]["retry_after"] == "3"
     assert records[1]["headers"]["x-smt-upload-token"] == "t"
-    files = httpx.get(rx.url + "/_receiver/files").json()
+    files = LOOPBACK.get(rx.url + "/_receiver/files").json()
     assert [(f["sha256"], f["sizeBytes"]) for f in files] == [(SHA, len(CSV))]
     assert rx.state.wait_for_requests(2, timeout=1)[1].sha256 == SHA
 
@@ -254,8 +254,8 @@ def test_too_large_upload_is_refused_and_leaves_nothing(tmp_path: Path) -> None:
         boundary = "b0undary"
         parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\n'.encode(),
                  b"y" * 60_000, b"y" * 60_000, f"\r\n--{boundary}--\r\n".encode()]
-        streamed = httpx.post(handle.url + "/upload", content=iter(parts),
-                              headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+        streamed = LOOPBACK.post(handle.url + "/upload", content=iter(parts),
+                                 headers={"content-type": f"multipart/form-data; boundary={boundary}"})
         assert streamed.status_code == 413
         assert post_file(handle, content=b"z" * 100_000).status_code == 200  # the limit itself is fine
         assert len(handle.stored()) == 1 and part_files(handle) == []
@@ -267,8 +267,8 @@ def test_too_large_upload_is_refused_and_leaves_nothing(tmp_path: Path) -> None:
     b"garbage without any boundary at all",
 ])
 def test_malformed_multipart(rx: ReceiverHandle, body: bytes) -> None:
-    response = httpx.post(rx.url + "/upload", content=body,
-                          headers={"content-type": "multipart/form-data; boundary=B"})
+    response = LOOPBACK.post(rx.url + "/upload", content=body,
+                             headers={"content-type": "multipart/form-data; boundary=B"})
     assert response.status_code == 400 and response.json()["error"] in {"MALFORMED_UPLOAD"}
     assert part_files(rx) == [] and rx.stored() == []
 
@@ -338,7 +338,7 @@ def post_raw(handle: ReceiverHandle, body: object, token: str | None = ADMIN_TOK
     sent = {"Content-Type": "application/json", **({"x-admin-token": token} if token is not None else {}),
             **(headers or {})}
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return httpx.post(handle.url + RAW, content=data, headers=sent, timeout=10)
+    return LOOPBACK.post(handle.url + RAW, content=data, headers=sent, timeout=10)
 
 
 def raw_file(handle: ReceiverHandle, name: str) -> bytes:
@@ -490,8 +490,8 @@ def test_bodies_over_4_5_mb_get_vercels_413_before_the_route(receiver: ReceiverH
     over = post_raw(receiver, _padded(raw_body(CSV + b"x"), MAX_REQUEST_BYTES + 1))
     assert over.status_code == 413 and "FUNCTION_PAYLOAD_TOO_LARGE" in over.text
     assert over.headers["x-vercel-error"] == "FUNCTION_PAYLOAD_TOO_LARGE"
-    pull = httpx.post(receiver.url + PULL, content=_padded(inline_body(), MAX_REQUEST_BYTES + 1),
-                      headers={"content-type": "application/json", "x-admin-token": ADMIN_TOKEN}, timeout=30)
+    pull = LOOPBACK.post(receiver.url + PULL, content=_padded(inline_body(), MAX_REQUEST_BYTES + 1),
+                         headers={"content-type": "application/json", "x-admin-token": ADMIN_TOKEN}, timeout=30)
     assert pull.status_code == 413
     assert len(receiver.state.raw.chunks()) == 1  # only the body at the limit reached the route
     assert [r.status for r in receiver.state.requests] == [200, 413, 413]
@@ -515,8 +515,8 @@ def test_the_upload_server_route_is_not_vercel(tmp_path: Path) -> None:
 def test_inline_is_refused_as_production_does(tmp_path: Path, homes: tuple[str, ...] | None,
                                               override: dict[str, Any], code: str) -> None:
     with running_receiver(tmp_path / "prod", admin_token=ADMIN_TOKEN, homes=homes) as handle:
-        reply = httpx.post(handle.url + PULL, json={**inline_body(), **override},
-                           headers={"x-admin-token": ADMIN_TOKEN}, timeout=10)
+        reply = LOOPBACK.post(handle.url + PULL, json={**inline_body(), **override},
+                              headers={"x-admin-token": ADMIN_TOKEN}, timeout=10)
         assert reply.status_code == 400 and reply.json()["error"] == code, reply.text
         assert reply.json()["ok"] is False and reply.json()["message"]
         assert handle.stored() == []
@@ -524,7 +524,7 @@ def test_inline_is_refused_as_production_does(tmp_path: Path, homes: tuple[str, 
 
 def test_dev_inline_stores_what_production_refuses(tmp_path: Path) -> None:
     with running_receiver(tmp_path / "dev", admin_token=ADMIN_TOKEN, inline=True) as handle:
-        reply = httpx.post(handle.url + PULL, json=inline_body(), headers={"x-admin-token": ADMIN_TOKEN}, timeout=10)
+        reply = LOOPBACK.post(handle.url + PULL, json=inline_body(), headers={"x-admin-token": ADMIN_TOKEN}, timeout=10)
         assert reply.status_code == 200, reply.text
         assert handle.read(SHA) == CSV
 
@@ -534,7 +534,7 @@ def test_raw_upload_keeps_source_storage_path_and_chunk_text(receiver: ReceiverH
     assert post_raw(receiver, body).status_code == 200
     bare = raw_body(b"ESIID,X\n1,2")
     assert post_raw(receiver, bare).status_code == 200
-    rows = httpx.get(receiver.url + "/_receiver/chunks", timeout=10).json()
+    rows = LOOPBACK.get(receiver.url + "/_receiver/chunks", timeout=10).json()
     assert [(r["filename"], r["source"], r["storagePath"], r["content"]) for r in rows] == [
         ("IntervalData_M1.csv", "droplet-upload", f"/smt/{ESIID}/IntervalData_M1.csv", content.decode()),
         ("M1_a.csv", "adhocusage", "/adhocusage/M1_a.csv", "ESIID,X\n1,2"),  # the route's defaults
@@ -554,7 +554,7 @@ def test_an_accepted_inline_file_is_normalized_as_the_inline_route_does(tmp_path
               "'10443720000000001,01/05/2026,,0:15,0:30,0.4,M7\n").encode()
     with running_receiver(tmp_path / "data", admin_token=ADMIN_TOKEN, inline=True, app_routes=True) as handle:
         for n, content in enumerate((first, second)):
-            reply = httpx.post(f"{handle.url}/api/admin/smt/pull", headers={"x-admin-token": ADMIN_TOKEN}, json={
+            reply = LOOPBACK.post(f"{handle.url}/api/admin/smt/pull", headers={"x-admin-token": ADMIN_TOKEN}, json={
                 "mode": "inline", "filename": f"f{n}.csv", "encoding": "base64", "esiid": "10443720000000001",
                 "content_b64": base64.b64encode(content).decode(), "sizeBytes": len(content)})
             assert reply.status_code == 200, reply.text

@@ -30,7 +30,7 @@ import pytest
 from sftp_server import SftpTestServer, sftp_env
 
 import smt_watch.server as server_module
-from conftest import UPLOAD_TOKEN, IoCalls, wait_for, watching, write_csv
+from conftest import TLS_CONTEXT, UPLOAD_TOKEN, IoCalls, wait_for, watching, write_csv
 from smt_watch.config import Settings
 from smt_watch.ledger import STATES, Ledger
 from smt_watch.reference.receiver import app_in_thread
@@ -70,7 +70,7 @@ class Running:
     inbox: Path
 
     def client(self, **kw: Any) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=20, trust_env=False, **kw)
+        return httpx.Client(base_url=self.url, timeout=20, trust_env=False, verify=TLS_CONTEXT, **kw)
 
     def stored(self) -> list[Path]:
         """Visible files in the inbox (what ``watch`` would pick up)."""

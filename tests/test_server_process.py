@@ -17,7 +17,7 @@ import httpx
 import pytest
 from ports import free_ports
 
-from conftest import SMT_WATCH, UPLOAD_TOKEN, wait_for
+from conftest import LOOPBACK, SMT_WATCH, UPLOAD_TOKEN, wait_for
 
 TOKEN = UPLOAD_TOKEN
 SECRET = "webhook-secret-7c7c7c7c7c7c-SECRET"
@@ -42,7 +42,7 @@ class Serve:
 
     def healthy(self, port: int | None = None) -> bool:
         try:
-            r = httpx.get(f"http://127.0.0.1:{port or self.port}/health", timeout=2, trust_env=False)
+            r = LOOPBACK.get(f"http://127.0.0.1:{port or self.port}/health", timeout=2)
         except httpx.HTTPError:
             return False
         return r.status_code == 200
@@ -97,8 +97,7 @@ def upload(url: str, data: bytes, name: str = "a.csv", token: str | None = TOKEN
            headers: dict[str, str] | None = None) -> httpx.Response:
     h = {"x-smt-upload-token": token} if token is not None else {}
     h.update(headers or {})
-    return httpx.post(f"{url}/upload", files={"file": (name, data, "text/csv")}, headers=h, timeout=20,
-                      trust_env=False)
+    return LOOPBACK.post(f"{url}/upload", files={"file": (name, data, "text/csv")}, headers=h, timeout=20)
 
 
 def inbox_files(env: dict[str, str]) -> list[str]:
@@ -161,15 +160,15 @@ def test_webhook_port_serves_trigger_and_health_only(env: dict[str, str], tmp_pa
         r = upload(hook_url, b"x\n")
         assert r.status_code == 404
         for path in ("/health", "/healthz"):
-            h = httpx.get(hook_url + path, timeout=10, trust_env=False)
+            h = LOOPBACK.get(hook_url + path, timeout=10)
             assert h.status_code == 200 and h.json()["service"] == "smt-watch"
-        t = httpx.post(f"{hook_url}/trigger/smt-now", headers={"x-smt-secret": "wrong"}, timeout=10, trust_env=False)
+        t = LOOPBACK.post(f"{hook_url}/trigger/smt-now", headers={"x-smt-secret": "wrong"}, timeout=10)
         assert t.status_code == 401
-        t = httpx.post(f"{hook_url}/trigger/smt-now", headers={"x-smt-secret": SECRET}, timeout=10, trust_env=False)
+        t = LOOPBACK.post(f"{hook_url}/trigger/smt-now", headers={"x-smt-secret": SECRET}, timeout=10)
         assert t.status_code == 503 and "SMT_HOST" in t.json()["message"]  # the route is there; sync is not set up
         assert upload(s.url, b"x\n").status_code == 202  # the upload port still takes uploads
-        assert httpx.post(f"{s.url}/trigger/smt-now", headers={"x-smt-secret": SECRET}, timeout=10,
-                          trust_env=False).status_code == 503
+        assert LOOPBACK.post(f"{s.url}/trigger/smt-now", headers={"x-smt-secret": SECRET},
+                             timeout=10).status_code == 503
         assert s.signal() == 0, s.text()
     assert len(inbox_files(env)) == 1
 
@@ -211,7 +210,7 @@ def test_port_in_use_is_a_clean_error(env: dict[str, str], tmp_path: Path, which
 
 def test_health_reports_inbox_and_ledger(env: dict[str, str], tmp_path: Path) -> None:
     with serving(env, tmp_path / "serve.log") as s:
-        body = httpx.get(f"{s.url}/healthz", timeout=10, trust_env=False).json()
+        body = LOOPBACK.get(f"{s.url}/healthz", timeout=10).json()
         assert s.signal() == 0
     assert body == {"ok": True, "service": "smt-watch", "inbox": env["SMT_LOCAL_DIR"],
                     "uploadDir": env["SMT_LOCAL_DIR"], "maxBytes": 1_073_741_824,
@@ -267,13 +266,13 @@ def test_output_has_access_lines_and_no_secrets(env: dict[str, str], tmp_path: P
         for header in ("x-intelliwatt-secret", "x-smt-secret", "x-webhook-secret", "x-proxy-secret",
                        "x-droplet-webhook-secret"):
             for value in (SECRET, wrong_secret):
-                httpx.post(f"{s.url}/trigger/smt-now", headers={header: value}, json={"reason": "admin_triggered"},
-                           timeout=10, trust_env=False)
-        httpx.options(f"{s.url}/upload", headers={"Origin": "https://intelliwatt.com",
+                LOOPBACK.post(f"{s.url}/trigger/smt-now", headers={header: value}, json={"reason": "admin_triggered"},
+                              timeout=10)
+        LOOPBACK.options(f"{s.url}/upload", headers={"Origin": "https://intelliwatt.com",
                                                   "Access-Control-Request-Method": "POST",
                                                   "Access-Control-Request-Headers": "x-smt-upload-token"},
-                      timeout=10, trust_env=False)
-        httpx.get(f"{s.url}/health", timeout=10, trust_env=False)
+                         timeout=10)
+        LOOPBACK.get(f"{s.url}/health", timeout=10)
         assert s.signal() == 0
     out = s.text()
     assert "POST /upload" in out and "202" in out and "401" in out, out  # access lines are there

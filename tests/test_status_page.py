@@ -20,7 +20,17 @@ import httpx
 import pytest
 from ports import free_port
 
-from conftest import SMT_WATCH, UPLOAD_TOKEN, chromium_missing, fresh_chromium, wait_for, watching, write_csv
+from conftest import (
+    LOOPBACK,
+    SMT_WATCH,
+    TLS_CONTEXT,
+    UPLOAD_TOKEN,
+    chromium_missing,
+    fresh_chromium,
+    wait_for,
+    watching,
+    write_csv,
+)
 from smt_watch.reference.receiver import Fault
 
 if why := chromium_missing():
@@ -54,7 +64,7 @@ class Serve:
 
     def up(self) -> bool:
         try:
-            return httpx.get(f"{self.url}/health", timeout=5, trust_env=False).status_code == 200
+            return LOOPBACK.get(f"{self.url}/health", timeout=5).status_code == 200
         except httpx.HTTPError:
             return False
 
@@ -94,7 +104,7 @@ def ledger_state(settings: Any, sha: str) -> str | None:
 
 def signed_in(serve: Serve) -> tuple[httpx.Client, str]:
     """An HTTP client holding a session cookie (from the login form), and the page's CSRF token."""
-    client = httpx.Client(base_url=serve.url, trust_env=False, timeout=SHORT)
+    client = httpx.Client(base_url=serve.url, trust_env=False, timeout=SHORT, verify=TLS_CONTEXT)
     r = client.post("/status/login", data={"token": STATUS_TOKEN})
     assert r.status_code == 303 and r.headers["location"] == "/status", r.text
     page = client.get("/status")
@@ -125,12 +135,11 @@ def test_status_page_login_failures_retry_and_delivery(browser: WebDriver, serve
 
         # --- refused without the token (and never from a URL) ---------------------------------------------
         for path in ("/status", f"/status?token={STATUS_TOKEN}"):
-            r = httpx.get(serve.url + path, trust_env=False, timeout=SHORT)
+            r = LOOPBACK.get(serve.url + path, timeout=SHORT)
             assert r.status_code == 401 and 'name="token"' in r.text and "delivered.csv" not in r.text
-        r = httpx.get(f"{serve.url}/status.json", trust_env=False, timeout=SHORT)
+        r = LOOPBACK.get(f"{serve.url}/status.json", timeout=SHORT)
         assert r.status_code == 401 and r.json()["error"] == "unauthorized"
-        r = httpx.get(f"{serve.url}/status.json", headers={"Authorization": f"Bearer {STATUS_TOKEN}"},
-                      trust_env=False, timeout=SHORT)
+        r = LOOPBACK.get(f"{serve.url}/status.json", headers={"Authorization": f"Bearer {STATUS_TOKEN}"}, timeout=SHORT)
         assert r.status_code == 200 and r.json()["counts"]["failed"] == 1
 
         browser.delete_all_cookies()
@@ -170,8 +179,8 @@ def test_status_page_login_failures_retry_and_delivery(browser: WebDriver, serve
         # --- forged requests change nothing ---------------------------------------------------------------
         client, csrf = signed_in(serve)
         try:
-            anonymous = httpx.post(f"{serve.url}/status/retry", data={"sha256": bad_sha, "csrf": csrf},
-                                   trust_env=False, timeout=SHORT)
+            anonymous = LOOPBACK.post(f"{serve.url}/status/retry", data={"sha256": bad_sha, "csrf": csrf},
+                                      timeout=SHORT)
             assert anonymous.status_code == 401
             r = client.post("/status/retry", data={"sha256": bad_sha, "csrf": "0" * 64})
             assert r.status_code == 403 and r.json()["error"] == "csrf"
@@ -209,16 +218,16 @@ def test_status_page_login_failures_retry_and_delivery(browser: WebDriver, serve
     assert "wrong token from 127.0.0.1" in serve.log.read_text()
 
 
-def test_status_page_is_off_without_a_token(serve: Serve, base_env: dict[str, str], tmp_path: Path) -> None:
+def test_status_page_is_off_without_a_token(base_env: dict[str, str], tmp_path: Path) -> None:
     """serve without SMT_STATUS_TOKEN: no page, no JSON, no login (404 saying how to turn it on)."""
     env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path / "home"), **base_env}
     off = Serve(env, tmp_path / "serve-off.log")
     try:
         wait_for(lambda: off.up() or off.proc.poll() is not None, SHORT, "serve to answer /health")
-        r = httpx.get(f"{off.url}/status", trust_env=False, timeout=SHORT)
+        r = LOOPBACK.get(f"{off.url}/status", timeout=SHORT)
         assert r.status_code == 404 and "set SMT_STATUS_TOKEN" in r.text
-        r = httpx.post(f"{off.url}/status/login", data={"token": STATUS_TOKEN}, trust_env=False, timeout=SHORT)
+        r = LOOPBACK.post(f"{off.url}/status/login", data={"token": STATUS_TOKEN}, timeout=SHORT)
         assert r.status_code == 404 and "set-cookie" not in r.headers
-        assert httpx.get(f"{off.url}/status.json", trust_env=False, timeout=SHORT).status_code == 404
+        assert LOOPBACK.get(f"{off.url}/status.json", timeout=SHORT).status_code == 404
     finally:
         off.stop()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -132,19 +133,24 @@ def test_a_duplicate_under_another_name_gets_the_after_send_action(make_settings
 def test_a_file_changed_after_delivery_is_left_for_the_next_pass(make_settings: Make, receiver: Any) -> None:
     """SMT_AFTER_SEND=delete must not delete a file that changed while its old bytes were being delivered:
     that is new content, delivered in its turn (and deleted then). The receiver holds the first request;
-    the file grows meanwhile. Checked against watch-after-send-unchanged-only: the grown file is deleted
-    with its new bytes never delivered, so the wait for them times out.
+    the file grows meanwhile (the request is held until the append is done, not for a fixed time). Checked
+    against watch-after-send-unchanged-only: the grown file is deleted with its new bytes never delivered,
+    so the wait for them times out.
 
     (Should the append reach the file before the client read it, the first send is abandoned as changed
     and only the new bytes are delivered; the assertions hold either way.)"""
     settings = settings_for(make_settings, receiver, SMT_AFTER_SEND="delete", SMT_VALIDATE="0")
-    receiver.state.faults.append(Fault(delay=2.0))
+    held = threading.Event()
+    receiver.state.faults.append(Fault(release=held))
     f = write_csv(settings.local_dir / "a.csv")
     with watching(settings):
-        wait_for(lambda: not receiver.state.faults, 10, "the first request to reach the receiver")
-        with f.open("a") as fh:
-            fh.write("one more line\n")
-        new = sha(f.read_bytes())
+        try:
+            wait_for(lambda: not receiver.state.faults, 10, "the first request to reach the receiver")
+            with f.open("a") as fh:
+                fh.write("one more line\n")
+            new = sha(f.read_bytes())
+        finally:
+            held.set()  # the first request goes on (also when the test fails: no request held at teardown)
         wait_for(lambda: new in {r["sha256"] for r in receiver.stored()}, 15, "the new bytes delivered")
         wait_for(lambda: not f.exists(), 10, "a.csv deleted once its current bytes were delivered")
 
