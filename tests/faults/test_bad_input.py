@@ -6,8 +6,8 @@ Every run sets the tokens, the webhook secret and the key passphrase to recognis
 ``chmod 000`` does not stop root, so "unreadable" is a path inside a plain file (``ENOTDIR``), a FIFO (which
 must not hang a command), a directory, or bytes that are not UTF-8.
 
-The CLI cases run once each per test session (one module fixture, shared by the xdist workers through a
-file), and each parametrized test checks its own result: through
+The CLI cases run once each in a module fixture (an xdist worker that gets to them after the other has
+run them all takes its results, through a file), and each parametrized test checks its own result: through
 the CLI's own ``main()`` in this process (conftest's ``cli_in_process``: exit status and output as a process
 gives them, without its start-up), except where a bug would be a command that never ends (``watch``,
 ``serve``, the cases that once hung), which run as real subprocesses with a time-out, in threads that overlap
@@ -247,21 +247,27 @@ def _run_all(world: World) -> Results:
 
 @pytest.fixture(scope="module")
 def results(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Results:
-    """Every CLI case's result, from one run of them all per test session. Under pytest-xdist a module fixture
-    runs once per worker, and both workers get some of these cases: the first to get here runs them (the
-    world and all) and leaves the results in the run's own temp directory for the other, which waits on the
-    lock meanwhile. What each case is checked against is the same output, exit status and all."""
+    """Every CLI case's result. Under pytest-xdist a module fixture runs once per worker, and both workers
+    may get some of these cases: a worker that gets here after the other has run them all takes the results
+    it left in the run's own temp directory. One that gets here while the other is still running them runs
+    its own (waiting would leave it idle for longer than running them takes: the run is mostly process
+    start-ups that overlap). Each case is checked against the same output and exit status either way."""
     if os.environ.get("PYTEST_XDIST_WORKER") is None:
         return _run_all(request.getfixturevalue("world"))
     shared = tmp_path_factory.getbasetemp().parent / "bad-input-cli-results.json"  # this run's, shared
     with (shared.parent / f"{shared.name}.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        if shared.exists():
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held while running them; released on close
+        except BlockingIOError:  # the other worker is running them now
+            return _run_all(request.getfixturevalue("world"))
+        if shared.exists():  # written whole (renamed into place) before the lock was released
             return {case_id: None if r is None else subprocess.CompletedProcess(*r)
                     for case_id, r in json.loads(shared.read_text()).items()}
         done = _run_all(request.getfixturevalue("world"))
-        shared.write_text(json.dumps({case_id: None if r is None else [r.args, r.returncode, r.stdout, r.stderr]
-                                      for case_id, r in done.items()}))
+        part = shared.with_name(f"{shared.name}.part")
+        part.write_text(json.dumps({case_id: None if r is None else [r.args, r.returncode, r.stdout, r.stderr]
+                                    for case_id, r in done.items()}))
+        part.replace(shared)
         return done
 
 
