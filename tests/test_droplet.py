@@ -92,8 +92,12 @@ class Droplet:
         commands = re.sub(r"(?<![\w.])/(etc|home|opt|var)/", lambda m: f"{self.root}/{m.group(1)}/", commands)
         return commands.replace("8788", str(self.moved_port))
 
-    def is_active(self, unit: str) -> bool:
-        return self.sh(f"systemctl is-active {unit}", check=False).returncode == 0
+    def active(self, *units: str) -> dict[str, bool]:
+        """Each unit's ``systemctl is-active`` answer, from one call (it prints one state a line, in order):
+        a stand-in call is a process start, which a loaded machine makes slow."""
+        states = self.sh(f"systemctl is-active {' '.join(units)}", check=False).stdout.split()
+        assert len(states) == len(units), states
+        return {unit: state == "active" for unit, state in zip(units, states, strict=True)}
 
     def journal(self) -> list[str]:
         path = self.root / "run/systemd-standin/journal"
@@ -174,8 +178,8 @@ def droplet(tmp_path: Path, receiver: Any) -> Iterator[Droplet]:
         install = re.search(r"^sudo cp systemd/.*?/etc/systemd/system/$", GUIDE.read_text(), re.M | re.S)
         assert install is not None and "smt-watch-serve.service" in install.group(0)
         d.sh(d.mapped(install.group(0)))
-        for unit in (*OLD_UNITS, "smt-webhook.service", "intelliwatt-ensure-services.timer"):
-            assert d.is_active(unit), unit
+        active = d.active(*OLD_UNITS, "smt-webhook.service", "intelliwatt-ensure-services.timer")
+        assert all(active.values()), active
         wait_for(lambda: listening(upload) and listening(webhook), START_TIMEOUT, "the old servers' ports")
         yield d
     finally:
@@ -213,15 +217,15 @@ def test_without_the_migration_the_tooling_restarts_the_old_units_and_doctor_nam
     d = droplet
     # What "stop the old timer" alone does on this droplet: undone by the watchdog's next run.
     d.sh("sudo systemctl disable --now smt-ingest.timer smt-ingest.service smt-upload-server.service")
-    assert not d.is_active("smt-ingest.service") and not d.is_active("smt-upload-server.service")
+    assert not any(d.active("smt-ingest.service", "smt-upload-server.service").values())
     stopped = d.doctor().stdout  # stopped and disabled is not enough while the watchdog timer is on
     for unit in OLD_UNITS:
         assert re.search(rf"^FAIL  old unit {re.escape(unit)}: installed and not masked: "
                          r"intelliwatt-ensure-services.timer enables and starts it within 2 minutes  -> "
                          rf".*sudo systemctl mask {re.escape(unit)}", stopped, re.M), stopped
     d.sh(f"bash {STANDINS}/ensure_services.sh")
-    for unit in OLD_UNITS:
-        assert d.is_active(unit), f"the watchdog did not bring {unit} back"
+    active = d.active(*OLD_UNITS)
+    assert all(active.values()), f"the watchdog did not bring every old unit back: {active}"
     # ...and the old ingest delivers (this harness sees an old unit deliver when one runs).
     csv = write_csv(d.inbox / "adhocusage" / "before.csv", seed=99)
     digest = hashlib.sha256(csv.read_bytes()).hexdigest()
@@ -265,8 +269,8 @@ def test_the_readme_migration_survives_the_watchdog_and_deploys(droplet: Droplet
         if round_ == 2:  # a full post_pull: documented in the README as stopping at the first masked unit
             pull = d.sh(f"bash {STANDINS}/post_pull.sh", check=False)
             assert pull.returncode == 1 and "Unit smt-ingest.service is masked." in pull.stderr, pull.stderr
-        for unit in OLD_UNITS:
-            assert not d.is_active(unit), f"{unit} runs again after round {round_}"
+        active = d.active(*OLD_UNITS)
+        assert not any(active.values()), f"an old unit runs again after round {round_}: {active}"
         assert (d.root / "etc/systemd/system/smt-upload-server.service").is_symlink()  # still the mask
         wait_for(lambda: all((s, "admin") in d.deliveries() for s in sent), START_TIMEOUT,
                  f"smt-watch to deliver round {round_}")
@@ -290,10 +294,9 @@ def test_the_readme_migration_survives_the_watchdog_and_deploys(droplet: Droplet
     # The README's rollback undoes it: the watchdog brings the old units back, smt-watch is off.
     d.sh(d.mapped(readme_block("systemctl unmask")))
     d.sh(f"bash {STANDINS}/ensure_services.sh")
-    for unit in (*OLD_UNITS, "smt-webhook.service"):
-        assert d.is_active(unit), unit
-    for unit in ("smt-watch.service", "smt-watch-serve.service"):
-        assert not d.is_active(unit), unit
+    active = d.active(*OLD_UNITS, "smt-webhook.service", "smt-watch.service", "smt-watch-serve.service")
+    assert all(active[u] for u in (*OLD_UNITS, "smt-webhook.service")), active
+    assert not active["smt-watch.service"] and not active["smt-watch-serve.service"], active
     assert "SMT_WEBHOOK_FORWARD_URL" not in d.env_file.read_text()
     wait_for(lambda: listening(d.webhook_port) and listening(d.upload_port), START_TIMEOUT,
              "the bridge and the Node server back on their ports")

@@ -6,7 +6,8 @@ Every run sets the tokens, the webhook secret and the key passphrase to recognis
 ``chmod 000`` does not stop root, so "unreadable" is a path inside a plain file (``ENOTDIR``), a FIFO (which
 must not hang a command), a directory, or bytes that are not UTF-8.
 
-The CLI cases run once each in a module fixture, and each parametrized test checks its own result: through
+The CLI cases run once each in a module fixture (an xdist worker that gets to them after the other has
+run them all takes its results, through a file), and each parametrized test checks its own result: through
 the CLI's own ``main()`` in this process (conftest's ``cli_in_process``: exit status and output as a process
 gives them, without its start-up), except where a bug would be a command that never ends (``watch``,
 ``serve``, the cases that once hung), which run as real subprocesses with a time-out, in threads that overlap
@@ -16,6 +17,8 @@ to one ``serve`` process shared by the module. Cases that show a bug are strict 
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import re
 import subprocess
@@ -227,8 +230,10 @@ def _run(case: Case, world: World) -> subprocess.CompletedProcess[str] | None:
         return None
 
 
-@pytest.fixture(scope="module")
-def results(world: World) -> dict[str, subprocess.CompletedProcess[str] | None]:
+Results = dict[str, subprocess.CompletedProcess[str] | None]
+
+
+def _run_all(world: World) -> Results:
     """Every CLI case run once (the cases are independent: own dirs, own env): the subprocess ones three at
     a time in threads, started first, so they overlap the in-process ones run here one by one (those change
     this process's environment and streams, so never two at once). More at once would starve each other
@@ -238,6 +243,32 @@ def results(world: World) -> dict[str, subprocess.CompletedProcess[str] | None]:
         futures = {case.id: pool.submit(_run, case, world) for case in processes}
         done = {case.id: _run(case, world) for case in CASES if not _in_a_process(case)}
         return {**done, **{case_id: f.result() for case_id, f in futures.items()}}
+
+
+@pytest.fixture(scope="module")
+def results(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Results:
+    """Every CLI case's result. Under pytest-xdist a module fixture runs once per worker, and both workers
+    may get some of these cases: a worker that gets here after the other has run them all takes the results
+    it left in the run's own temp directory. One that gets here while the other is still running them runs
+    its own (waiting would leave it idle for longer than running them takes: the run is mostly process
+    start-ups that overlap). Each case is checked against the same output and exit status either way."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        return _run_all(request.getfixturevalue("world"))
+    shared = tmp_path_factory.getbasetemp().parent / "bad-input-cli-results.json"  # this run's, shared
+    with (shared.parent / f"{shared.name}.lock").open("w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held while running them; released on close
+        except BlockingIOError:  # the other worker is running them now
+            return _run_all(request.getfixturevalue("world"))
+        if shared.exists():  # written whole (renamed into place) before the lock was released
+            return {case_id: None if r is None else subprocess.CompletedProcess(*r)
+                    for case_id, r in json.loads(shared.read_text()).items()}
+        done = _run_all(request.getfixturevalue("world"))
+        part = shared.with_name(f"{shared.name}.part")
+        part.write_text(json.dumps({case_id: None if r is None else [r.args, r.returncode, r.stdout, r.stderr]
+                                    for case_id, r in done.items()}))
+        part.replace(shared)
+        return done
 
 
 def test_the_table_is_big_enough() -> None:
@@ -251,7 +282,7 @@ def test_the_table_is_big_enough() -> None:
 @pytest.mark.parametrize(
     "case", [pytest.param(c, id=c.id, marks=[pytest.mark.xfail(strict=True, reason=c.bug)] if c.bug else [])
              for c in CASES])
-def test_cli_case(case: Case, results: dict[str, subprocess.CompletedProcess[str] | None]) -> None:
+def test_cli_case(case: Case, results: Results) -> None:
     result = results[case.id]
     assert result is not None, f"{case.id}: still running after {HANG_SECONDS:.0f} s (hung)"
     output = result.stdout + result.stderr
