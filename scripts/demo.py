@@ -23,7 +23,6 @@ keeps them. Finally it lists the ledger (state/verdict) and stops everything, gp
 from __future__ import annotations
 
 import glob
-import importlib
 import json
 import os
 import shutil
@@ -31,7 +30,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from datetime import UTC, date, datetime, timedelta
@@ -67,9 +65,10 @@ def step(title: str) -> None:
     print(f"\n\033[1m== {title}\033[0m" if sys.stdout.isatty() else f"\n== {title}", flush=True)
 
 
-def smt(*args: str, env: dict[str, str]) -> int:
+def smt(*args: str, env: dict[str, str], quiet: bool = False) -> int:
     print("$ smt-watch " + " ".join(args), flush=True)
-    return subprocess.run([EXE, *args], env=env).returncode
+    out = subprocess.DEVNULL if quiet else None
+    return subprocess.run([EXE, *args], env=env, stdout=out).returncode
 
 
 def smt_all(*commands: list[str], env: dict[str, str]) -> None:
@@ -182,43 +181,26 @@ def main() -> int:
     end = today - timedelta(days=2)  # the app's window ends two days before today (America/Chicago)
     landed: dict[str, tuple[str, float]] = {}  # ESIID -> (path in, when it landed)
     try:
-        # The three services start while the files are made (a few seconds of interpreter start-up each, side
-        # by side instead of one after the other); path 1 begins once all three are up.
-        step(f"start the reference receiver (stand-in for IntelliWatt, with its read routes) on {base}, `watch`"
-             " (INTELLIWATT_BASE_URL only: raw-upload, the web app's production route) and `serve`")
+        step(f"start the reference receiver (stand-in for IntelliWatt, with its read routes) on {base}")
         start("receiver", "receive", "--port", str(rport), "--data", str(data))
+        wait_until(lambda: up(f"{base}/_receiver/files"), "the receiver")
+
+        step("start `watch` (INTELLIWATT_BASE_URL only: raw-upload, the web app's production route) and `serve`")
         start("watch", "watch", extra={"INTELLIWATT_BASE_URL": base})
         start("serve", "serve", "--port", str(sport), "--webhook-port", "0")  # not 0.0.0.0:8787 in a demo
-        gpg = shutil.which("gpg") is not None
-        if gpg:  # the SFTP server's module (asyncssh) is imported meanwhile, for path 3
-            importing = threading.Thread(target=importlib.import_module, args=("sftp_server",), daemon=True)
-            importing.start()
-            keyed: list[str] = []
-            keying = threading.Thread(target=lambda: keyed.append(make_gpg_key(Path(env["GNUPGHOME"]))), daemon=True)
-            keying.start()
+        wait_until(lambda: "Watching " in (logs / "watch.log").read_text(), "watch to start")
+        wait_until(lambda: up(f"{upload_server}/health"), "serve to start")
 
-        step(f"meanwhile, make realistic SMT interval files (15-minute reads, DST days, a few estimated reads); today "
-             f"in Chicago is {today}, so the app keeps days up to {end}")
+        step(f"make realistic SMT interval files (15-minute reads, DST days, a few estimated reads); today in "
+             f"Chicago is {today}, so the app keeps days up to {end}")
         cp_file, up_file = made / "IntervalMeterUsage_M1001_year.csv", made / "IntervalMeterUsage_M2002_q.csv"
-        daily, legacy = made / "IntervalMeterUsage_M5005_daily.csv", made / "adhoc.csv"
+        daily = made / "IntervalMeterUsage_M5005_daily.csv"
         smt_all(["sample", "--days", "365", "--esiid", "10443720000000001", "--start",
                  str(end - timedelta(days=364)), "-o", str(cp_file)],
                 ["sample", "--days", "90", "--esiid", "10443720000000002", "--start", str(end - timedelta(days=89)),
                  "-o", str(up_file)],
                 ["sample", "--days", "3", "--esiid", "10443720000000005", "--start", str(today - timedelta(days=3)),
-                 "-o", str(daily)],
-                ["sample", "--days", "30", "--esiid", "10443720000000004", "--start", str(end - timedelta(days=29)),
-                 "-o", str(legacy)], env=env)  # adhoc.csv: for the legacy routes at the end
-        asc = made / "IntervalMeterUsage.CSV.1.asc"
-        if gpg:  # SMT's encrypted ZIP, to a throwaway key standing in for IntelliWatt's
-            keying.join()
-            if not keyed:
-                raise SystemExit("demo: making the throwaway gpg key failed (see above)")
-            smt("sample", "--days", "30", "--esiid", "10443720000000003", "--start", str(end - timedelta(days=29)),
-                "--encrypt-to", keyed[0], "-o", str(asc), env=env)
-        wait_until(lambda: up(f"{base}/_receiver/files"), "the receiver")
-        wait_until(lambda: "Watching " in (logs / "watch.log").read_text(), "watch to start")
-        wait_until(lambda: up(f"{upload_server}/health"), "serve to start")
+                 "-o", str(daily)], env=env)
 
         step("path 1: an operator copies CSVs into the inbox (as scp would): a year, and 3 days up to yesterday")
         for made_file, esiid in ((cp_file, "10443720000000001"), (daily, "10443720000000005")):
@@ -232,11 +214,14 @@ def main() -> int:
         print("  serve answered:", json.dumps(reply)[:150], "…")
 
         expected = 3
-        if gpg:
-            importing.join()
+        if shutil.which("gpg"):
             from sftp_server import running_sftp_server, sftp_env
 
-            step("path 3: SMT publishes the encrypted ZIP (*.CSV.1.asc) on its SFTP server; `sync` fetches it")
+            step("path 3: SMT publishes an encrypted ZIP (*.CSV.1.asc) on its SFTP server; `sync` fetches it")
+            uid = make_gpg_key(Path(env["GNUPGHOME"]))
+            asc = made / "IntervalMeterUsage.CSV.1.asc"
+            smt("sample", "--days", "30", "--esiid", "10443720000000003", "--start", str(end - timedelta(days=29)),
+                "--encrypt-to", uid, "-o", str(asc), env=env)
             with running_sftp_server(RUN / "smt-sftp" / "root", RUN / "smt-sftp" / "keys") as sftp:
                 sftp.put(f"adhocusage/{end.year}/IntervalMeterUsage.CSV.1.asc", asc.read_bytes())
                 sync_env = env | sftp_env(sftp, RUN / "smt-sftp" / "known_hosts")
@@ -275,6 +260,9 @@ def main() -> int:
                 print("  watch:", line)
 
         step("the legacy inline route, named: production refuses it (400 INLINE_DISABLED), the row says what to do")
+        legacy = made / "adhoc.csv"
+        smt("sample", "--days", "30", "--esiid", "10443720000000004", "--start", str(end - timedelta(days=29)),
+            "-o", str(legacy), env=env, quiet=True)
         smt("post", str(legacy), env={**app_env, "SMT_DELIVERY": "inline"})
 
         step("the droplet's old SMT_UPLOAD_URL pointing at `serve`: refused (exit 2), nothing sent")
