@@ -309,6 +309,10 @@ SETTING_GROUPS: Final = (
         Setting("SMT_LEDGER_LEASE_SECONDS", "60",
                 "a `sending` claim's lease, renewed every third of it while the delivery runs; another node "
                 "holding the same bytes takes over a claim whose lease expired (ours)"),
+        Setting("SMT_LEDGER_RECONNECT_SECONDS", "15",
+                "how long one ledger operation keeps trying a lost PostgreSQL on fresh connections before it gives "
+                "up (the file waits and is tried again after a rescan); longer rides out a slow fail-over "
+                "without an outage (`serve` answers 503 after 3 s whatever this says) (ours)"),
     ),
     _group(
         "Set by systemd",
@@ -425,6 +429,7 @@ class Settings:
     ledger_url: str | None  # SMT_LEDGER_URL: a PostgreSQL ledger shared by several droplets (holds a password)
     node_name: str  # SMT_NODE_NAME: this droplet, in shared claims
     ledger_lease_seconds: float  # SMT_LEDGER_LEASE_SECONDS: a claim another node may take over after
+    ledger_reconnect_seconds: float  # SMT_LEDGER_RECONNECT_SECONDS: one operation's retries on a lost PostgreSQL
     retry_attempts: int  # SMT_RETRY_ATTEMPTS: HTTP attempts within one delivery call
     retry_backoff: float  # SMT_RETRY_BACKOFF_SECONDS: first backoff step, doubled per attempt (delivery, sync)
     http_timeout: float  # SMT_HTTP_TIMEOUT: connect/read/write timeout in seconds
@@ -868,6 +873,7 @@ def load_settings(
         ledger_url=r.url("SMT_LEDGER_URL", schemes=("postgresql", "postgres")),
         node_name=r.text("SMT_NODE_NAME") or socket.gethostname(),
         ledger_lease_seconds=r.number("SMT_LEDGER_LEASE_SECONDS", minimum=1.0),
+        ledger_reconnect_seconds=r.number("SMT_LEDGER_RECONNECT_SECONDS", minimum=0.5, maximum=3600.0),
         retry_attempts=r.integer("SMT_RETRY_ATTEMPTS", minimum=1, maximum=100),
         retry_backoff=r.number("SMT_RETRY_BACKOFF_SECONDS"),
         http_timeout=r.number("SMT_HTTP_TIMEOUT", minimum=0.1),

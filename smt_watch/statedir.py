@@ -142,7 +142,7 @@ def connect(settings: Settings, max_connections: int | None = None, reconnect_se
             *, url: str | None = None) -> Ledger:
     """The PostgreSQL ledger of ``SMT_LEDGER_URL`` (or ``url``), migrated on open, without the state-file
     import."""
-    from smt_watch.ledger.postgres import RECONNECT_SECONDS, PostgresLedger  # psycopg loads only when used
+    from smt_watch.ledger.postgres import PostgresLedger  # psycopg loads only when used
 
     url = url or settings.ledger_url
     assert url is not None
@@ -152,7 +152,7 @@ def connect(settings: Settings, max_connections: int | None = None, reconnect_se
         node=settings.node_name,
         lease_seconds=settings.ledger_lease_seconds,
         max_connections=max_connections or settings.workers + 4,
-        reconnect_seconds=RECONNECT_SECONDS if reconnect_seconds is None else reconnect_seconds,
+        reconnect_seconds=settings.ledger_reconnect_seconds if reconnect_seconds is None else reconnect_seconds,
     )
 
 

@@ -83,6 +83,18 @@ def wait_for(condition: Callable[[], object], timeout: float = 10.0, what: str =
         time.sleep(POLL_SECONDS)  # the poll interval of this deadline loop, not a synchronisation pause
 
 
+# --- what this session collected --------------------------------------------------------------------------
+
+COLLECTED: set[str] = set()  # every node id this session collected, before -m/-k/--deselect leave any out
+
+
+@pytest.hookimpl(tryfirst=True)  # before the mark plugin's deselection (slow tests are named by mutants too)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Kept for tests/test_mutants_index.py: the ids the mutants name are checked against the collection
+    this run made itself, instead of a second ``pytest --collect-only`` of the whole suite."""
+    COLLECTED.update(item.nodeid for item in items)
+
+
 # --- one headless Chromium per test process ----------------------------------------------------------------
 
 CHROMIUM = Path("/usr/bin/chromium")

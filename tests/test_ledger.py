@@ -6,7 +6,7 @@ this process or a child."""
 
 from __future__ import annotations
 
-import multiprocessing
+import inspect
 import os
 import sqlite3
 import subprocess
@@ -38,6 +38,21 @@ def open_at(where: str, node: str | None = None, lease: float = 60.0) -> Ledger:
 
         return PostgresLedger(where, shown_as="test ledger", node=node, lease_seconds=lease)
     return SqliteLedger(Path(where), node=node)
+
+
+def ledger_process(where: str, body: str) -> subprocess.Popen[str]:
+    """Another process with the ledger at ``where`` open as ``ledger`` (by :func:`open_at`'s own source), then
+    running ``body``, then gone without closing it; stdin and stdout piped, the test's way to talk to it. Only
+    the ledger's imports: a spawned multiprocessing child imported this file (pytest included) first."""
+    code = ("from __future__ import annotations\nimport sys\nfrom pathlib import Path\n"
+            "from smt_watch.ledger import Ledger, SqliteLedger\n" + inspect.getsource(open_at)
+            + "ledger = open_at(sys.argv[1])\n" + body
+            + "sys.stdout.flush()\nimport os\nos._exit(0)\n")  # gone, as a multiprocessing child goes: no close
+    return subprocess.Popen([sys.executable, "-c", code, where], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+
+
+CLAIM_A = f"print(ledger.claim({A!r}, filename='f', path=None, size=1, mode='m').value, flush=True)\n"
 
 
 def test_wal_and_schema(tmp_path: Path) -> None:
@@ -110,35 +125,33 @@ def test_a_claim_writes_its_stat_cache_row_whatever_it_answers(where: str) -> No
 
 def test_claim_of_a_dead_process_is_taken_over(where: str) -> None:
     """On the claimer's own node a dead process's claim is taken over at once, lease or not."""
-    code = (
-        "import sys; sys.path.insert(0, 'tests'); from test_ledger import open_at;"
-        f"l = open_at({where!r}); print(l.claim({A!r}, filename='f', path=None, size=1, mode='m').value)"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).parent.parent).stdout
+    claimer = ledger_process(where, CLAIM_A)
+    out, _ = claimer.communicate(timeout=60)
+    assert claimer.returncode == 0
     assert out.strip() == "claimed"
     with open_at(where) as ledger:
         assert ledger.get(A).state == "sending"  # type: ignore[union-attr]
         assert claim(ledger) is Claim.CLAIMED  # the claimer exited without finishing
 
 
-def _claim_in_child(path: str, barrier: multiprocessing.synchronize.Barrier, q: multiprocessing.Queue) -> None:
-    ledger = open_at(path)
-    barrier.wait()
-    q.put(ledger.claim(A, filename="f", path=None, size=1, mode="m").value)
-    barrier.wait()  # keep the process (and its claim) alive until both have claimed
-
-
 def test_two_processes_claim_once(where: str) -> None:
-    ctx = multiprocessing.get_context("spawn")
-    barrier, q = ctx.Barrier(2), ctx.Queue()
-    procs = [ctx.Process(target=_claim_in_child, args=(where, barrier, q)) for _ in range(2)]
-    for p in procs:
-        p.start()
-    results = sorted([q.get(timeout=30), q.get(timeout=30)])
-    for p in procs:
-        p.join(30)
+    """Two processes, each with the ledger open, claim the same bytes at the same moment: one has it, the other
+    is told busy (both kept alive, holding what they got, until both have answered)."""
+    wait_then_claim = "print('ready', flush=True)\nsys.stdin.readline()\n" + CLAIM_A + "sys.stdin.readline()\n"
+    procs = [ledger_process(where, wait_then_claim) for _ in range(2)]
+    try:
+        for p in procs:
+            assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+        for p in procs:  # both opened: go
+            assert p.stdin is not None
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        results = sorted(p.stdout.readline().strip() for p in procs if p.stdout is not None)
+    finally:
+        for p in procs:
+            p.communicate(timeout=30)  # stdin closed: each exits
     assert results == ["busy", "claimed"]
+    assert [p.returncode for p in procs] == [0, 0]
 
 
 def test_a_sqlite_error_inside_a_transaction_is_a_ledger_error(tmp_path: Path) -> None:
@@ -208,30 +221,18 @@ def test_state_file_is_imported_once_per_change(tmp_path: Path, where: str) -> N
         assert ledger.meta("state_file_imported") == f"2 hashes from {legacy}"
 
 
-def _hold_claim(path: str, claimed: multiprocessing.synchronize.Event, release: multiprocessing.synchronize.Event
-                ) -> None:
-    ledger = open_at(path)
-    ledger.claim(A, filename="f", path=None, size=1, mode="m")
-    claimed.set()
-    release.wait(60)  # alive, and holding its claim, until the test has looked
-
-
 def test_start_up_recovery_leaves_a_live_claim_alone(where: str) -> None:
     """``watch`` starting beside a live ``post`` must not take back the row ``post`` is sending (that would
     send it twice); once the claimer is dead the row is recovered as ``pending``. Checked against
     ledger-recover-live-claim (every foreign claim recovered)."""
-    ctx = multiprocessing.get_context("spawn")
-    claimed, release = ctx.Event(), ctx.Event()
-    holder = ctx.Process(target=_hold_claim, args=(where, claimed, release))
-    holder.start()
+    holder = ledger_process(where, CLAIM_A + "sys.stdin.readline()\n")  # alive, holding its claim, until told
     try:
-        assert claimed.wait(30), "the child did not claim"
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "claimed", "the child did not claim"
         with open_at(where) as ledger:
             assert ledger.recover_stale() == []
             assert ledger.get(A).state == "sending"  # type: ignore[union-attr]
     finally:
-        release.set()
-        holder.join(30)
+        holder.communicate(timeout=30)  # stdin closed: it exits
     with open_at(where) as ledger:
         assert [r.sha256 for r in ledger.recover_stale()] == [A]
         assert ledger.get(A).state == "pending"  # type: ignore[union-attr]

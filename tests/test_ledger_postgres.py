@@ -11,10 +11,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import multiprocessing
-import multiprocessing.synchronize
 import os
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -99,13 +98,21 @@ def test_a_foreign_claim_is_busy_while_renewed_and_taken_over_once_its_lease_exp
 # --- schema ------------------------------------------------------------------------------------------------
 
 
-def _open_and_report(url: str, start: multiprocessing.synchronize.Barrier, q: multiprocessing.Queue) -> None:
-    start.wait()  # all started (imports done) before any connects
-    try:
-        with open_pg(url, f"node-{os.getpid()}") as ledger:
-            q.put(("ok", ledger.schema_version))
-    except Exception as exc:  # reported to the test, which fails on it
-        q.put(("error", repr(exc)))
+# A node's process, as small as one can be: this file's imports (conftest's servers, the whole of
+# smt_watch) cost a spawned multiprocessing child ~1.5 s of CPU before it did anything.
+NODE = """
+import os, sys
+from smt_watch.config import redact_url
+from smt_watch.ledger.postgres import PostgresLedger
+url = sys.argv[1]
+ledger = PostgresLedger(url, shown_as=redact_url(url), node=f"node-{os.getpid()}")
+"""
+
+
+def node_process(url: str, body: str) -> subprocess.Popen[str]:
+    """``python -c NODE + body`` for ``url``, stdin and stdout piped (the test's way to talk to it)."""
+    return subprocess.Popen([sys.executable, "-c", NODE + body, url], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
 
 
 def test_processes_opening_a_fresh_database_at_once_migrate_it_once(pg_url: str, pg_cluster: PgCluster) -> None:
@@ -113,22 +120,22 @@ def test_processes_opening_a_fresh_database_at_once_migrate_it_once(pg_url: str,
     while the test holds that lock all three are seen waiting on it (pg_locks), and once it lets go all three
     open the ledger, each migration having run once (versions 1..N, each recorded once)."""
     n = 3
-    ctx = multiprocessing.get_context("spawn")
-    start, q = ctx.Barrier(n), ctx.Queue()
-    procs = [ctx.Process(target=_open_and_report, args=(pg_url, start, q)) for _ in range(n)]
+    report = "print('ok', ledger.schema_version, flush=True)\nledger.close()\n"
     with psycopg.connect(pg_cluster.url(database(pg_url), ADMIN, ADMIN_PASSWORD), autocommit=True) as admin:
         admin.execute("SELECT pg_advisory_lock(%s)", (LOCK_MIGRATE,))
-        for p in procs:
-            p.start()
+        procs = [node_process(pg_url, report) for _ in range(n)]
         try:
             wait_for(lambda: waiting_on_locks(pg_cluster, pg_url) == n, 60, f"{n} processes waiting to migrate")
-            assert q.empty()
+            assert all(p.poll() is None for p in procs)
             admin.execute("SELECT pg_advisory_unlock(%s)", (LOCK_MIGRATE,))
-            results = [q.get(timeout=60) for _ in range(n)]
+            results = [tuple(p.communicate(timeout=60)[0].split()) for p in procs]
         finally:
             for p in procs:
-                p.join(30)
-    assert results == [("ok", SCHEMA_VERSION)] * n
+                if p.poll() is None:
+                    p.kill()
+                    p.communicate(timeout=30)
+    assert all(p.returncode == 0 for p in procs)
+    assert results == [("ok", str(SCHEMA_VERSION))] * n
     versions = pg_cluster.admin_sql("SELECT version FROM smt_watch.schema_version ORDER BY version", database(pg_url))
     assert versions.split() == [str(v) for v in range(1, SCHEMA_VERSION + 1)]
 
@@ -302,23 +309,16 @@ def test_ledger_copy_to_postgresql_and_back_is_exact_and_idempotent(run_cli: Run
 # --- sync's lock -------------------------------------------------------------------------------------------------
 
 
-def _hold_sync_lock(url: str, held: multiprocessing.synchronize.Event,
-                    release: multiprocessing.synchronize.Event) -> None:
-    with open_pg(url, "node-a") as ledger, ledger.sync_lock(False) as locked:
-        assert locked
-        held.set()
-        release.wait(60)  # holding the lock, as a sync pass would, until the test lets go
-
-
 def test_sync_lock_is_one_pass_across_nodes(pg_url: str, pg_cluster: PgCluster) -> None:
     """While node A's process holds sync's lock, node B's ``sync_lock(False)`` says no at once and
     ``sync_lock(True)`` waits (seen waiting in pg_locks) until A lets go, then has it."""
-    ctx = multiprocessing.get_context("spawn")
-    held, release = ctx.Event(), ctx.Event()
-    holder = ctx.Process(target=_hold_sync_lock, args=(pg_url, held, release))
-    holder.start()
+    holder = node_process(pg_url, "with ledger.sync_lock(False) as locked:\n"
+                                  "    print('held' if locked else 'not held', flush=True)\n"
+                                  "    sys.stdin.readline()\n"  # holding the lock, as a sync pass would, until told
+                                  "ledger.close()\n")
+    assert holder.stdin is not None and holder.stdout is not None
     try:
-        assert held.wait(60), "node A did not take the lock"
+        assert holder.stdout.readline().strip() == "held", "node A did not take the lock"
         with open_pg(pg_url, "node-b") as b:
             with b.sync_lock(False) as locked:
                 assert locked is False
@@ -333,15 +333,15 @@ def test_sync_lock_is_one_pass_across_nodes(pg_url: str, pg_cluster: PgCluster) 
             waiter.start()
             wait_for(lambda: waiting_on_locks(pg_cluster, pg_url) == 1, 30, "B waiting for the lock")
             assert not got.is_set()
-            release.set()
+            holder.stdin.write("release\n")
+            holder.stdin.flush()
             assert got.wait(30), "B did not get the lock once A released it"
             waiter.join(30)
             with b.sync_lock(False) as locked:  # and B released it in its turn
                 assert locked is True
     finally:
-        release.set()
-        holder.join(30)
-    assert holder.exitcode == 0
+        holder.communicate(timeout=30)  # stdin closed: A lets go, if it still held the lock
+    assert holder.returncode == 0
 
 
 # --- due rows are per node ---------------------------------------------------------------------------------------

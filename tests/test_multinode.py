@@ -43,7 +43,6 @@ from test_server_process import Serve, free_ports
 
 from conftest import SMT_WATCH, UPLOAD_TOKEN, wait_for
 from smt_watch.cli import SERVE_LEDGER_WAIT
-from smt_watch.ledger.postgres import RECONNECT_SECONDS
 from smt_watch.reference.receiver import Fault, ReceiverHandle, running_receiver
 
 LEASE = 3.0  # SMT_LEDGER_LEASE_SECONDS: short, so a take-over after a kill -9 comes quickly
@@ -405,9 +404,12 @@ def test_node_killed_mid_delivery_is_taken_over_after_the_lease(tmp_path: Path, 
 # proved nothing more and, at the 2-4 files/s of a loaded 2-core machine, outlasted the 240 s deadline.
 DRAIN_FILES = 200
 DRAIN_WORKERS = 2
+# The drain's ledger gives up on a lost server after this long (SMT_LEDGER_RECONNECT_SECONDS; 15 s by default):
+# what is proven is what happens past the window, not its length, and the outage below waits it out.
+DRAIN_RECONNECT_SECONDS = 3.0
 # The outage is the behaviour under test: longer than the ledger's reconnect window, so operations give up
 # with LedgerUnavailable (jobs become 'unreachable', the loop waits and rescans), not just a retried query.
-OUTAGE_SECONDS = RECONNECT_SECONDS + 3
+OUTAGE_SECONDS = DRAIN_RECONNECT_SECONDS + 3
 
 
 @contextmanager
@@ -438,7 +440,8 @@ def test_postgres_restart_during_a_watch_drain(tmp_path: Path, pg_url: str, pg_c
     expected = {sha(d) for d in files.values()}
     with running_receiver(tmp_path / "received", upload_token=UPLOAD_TOKEN) as receiver, \
             restarted_at_the_end(pg_cluster):
-        env = node_env(tmp_path, "drain", pg_url, **delivering_to(receiver), SMT_WORKERS=str(DRAIN_WORKERS))
+        env = node_env(tmp_path, "drain", pg_url, **delivering_to(receiver), SMT_WORKERS=str(DRAIN_WORKERS),
+                       SMT_LEDGER_RECONNECT_SECONDS=str(DRAIN_RECONNECT_SECONDS))
         with watch_nodes(env) as (proc,):
             for name, data in files.items():
                 drop_in(env, name, data)

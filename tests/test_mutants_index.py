@@ -13,6 +13,8 @@ from types import ModuleType
 
 import pytest
 
+from conftest import COLLECTED
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -30,18 +32,36 @@ def mutants() -> ModuleType:
 def test_every_mutant_resolves_to_exactly_one_place(mutants: ModuleType) -> None:
     entries = mutants.load()
     assert len(entries) > 200
-    problems = {m.id: why for m in entries if isinstance(why := mutants.locate(m), str)}
+    located = {m.id: mutants.locate(m) for m in entries}
+    problems = {mid: why for mid, why in located.items() if isinstance(why, str)}
     assert not problems, problems
     for m in entries:
-        at = mutants.locate(m)
+        at = located[m.id]
         text = (ROOT / at.file).read_text(encoding="utf-8")
         assert mutants.mutated(text, m, at) != text, m.id
 
 
 def test_every_named_test_id_collects(mutants: ModuleType) -> None:
-    """One ``pytest --collect-only`` over the union of the ids; an id that is gone is named. A module that
-    skips itself here (no Chromium) collects nothing, and its ids are taken as they are."""
+    """Each id is looked up in what this very run collected (conftest's ``COLLECTED``, taken before ``-m 'not
+    slow'`` leaves any out): the whole suite under ``make test``, each xdist worker collecting all of it. Ids
+    in files this run did not collect (a run of some files only) get one ``pytest --collect-only`` over
+    those; a module that skips itself there (no Chromium) collects nothing, and its ids are taken as they
+    are. An id that is gone is named."""
     ids = sorted({t for m in mutants.load() for t in m.tests})
+    files = {c.split("::")[0] for c in COLLECTED}
+    here = [i for i in ids if i.split("::")[0] in files]
+    missing = [i for i in here if not _collects(i, COLLECTED)]
+    assert not missing, missing
+    if elsewhere := [i for i in ids if i.split("::")[0] not in files]:
+        _collect_in_a_subprocess(elsewhere)
+
+
+def _collects(node_id: str, collected: set[str]) -> bool:
+    """``node_id`` is a collected test, or the parametrized function (``id[…]``) or class (``id::…``) of one."""
+    return node_id in collected or any(c.startswith((f"{node_id}[", f"{node_id}::")) for c in collected)
+
+
+def _collect_in_a_subprocess(ids: list[str]) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "--collect-only", "-q", "-rs", "-p", "no:cacheprovider", "-p", "no:xdist",
          "-m", "", *ids], cwd=ROOT, capture_output=True, text=True, timeout=300,
@@ -49,8 +69,7 @@ def test_every_named_test_id_collects(mutants: ModuleType) -> None:
     collected = {line.strip() for line in proc.stdout.splitlines()
                  if line.startswith("tests/") and "::" in line}  # a node id per line (parameters may hold spaces)
     skipped = {line.split()[2].split(":")[0] for line in proc.stdout.splitlines() if line.startswith("SKIPPED [")}
-    missing = [i for i in ids if i.split("::")[0] not in skipped
-               and not any(c == i or c.startswith((f"{i}[", f"{i}::")) for c in collected)]
+    missing = [i for i in ids if i.split("::")[0] not in skipped and not _collects(i, collected)]
     assert not missing, (missing, proc.stdout[-2000:], proc.stderr[-2000:])
     errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("ERROR")
               and not any(f"/{path}::" in line for path in skipped)]  # "found no collectors" in a skipped module
@@ -94,9 +113,10 @@ def test_a_moved_line_is_found_by_a_unique_hit_and_a_repeated_one_by_its_functio
     assert out.count("CHANGED") == 1 and out.splitlines()[6] == "        CHANGED"
 
 
-def test_list_shows_where_each_entry_resolved() -> None:
-    proc = subprocess.run([sys.executable, "scripts/mutants.py", "--list"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()
+def test_list_shows_where_each_entry_resolved(mutants: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
+    """``scripts/mutants.py --list``: its ``main`` in this process (the script is its ``main`` and nothing else)."""
+    code = mutants.main(["--list"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    lines = out.splitlines()
     assert lines and all(" [smt_watch/" in line and ".py:" in line for line in lines), lines[:3]
