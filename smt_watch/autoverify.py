@@ -93,6 +93,11 @@ class AutoVerify:
                 self.tick(time.time())
             except SmtWatchError as exc:  # a ledger outage: said, and tried again at the next turn
                 log.warning("Automatic verify paused: %s", exc)
+            except Exception as exc:  # a bug must not end verify for the rest of watch's life: said, tried again
+                log.error("Automatic verify failed: %s: %s (tried again in %g s)", type(exc).__name__, exc, idle)
+                log.debug("automatic verify failed", exc_info=True)
+                stop.wait(idle)  # not at once, nor at each delivery: what is due would fail the same way again
+                continue
             due = self.next_due()
             self._wait(stop, idle if due is None else min(idle, max(0.05, due - time.time())))
 

@@ -8,6 +8,7 @@ as JavaScript's ``toISOString()`` does. All three sort as text in time order.
 from __future__ import annotations
 
 import re
+import threading
 import time
 from datetime import UTC, datetime
 from typing import Literal
@@ -42,3 +43,14 @@ def parse_when(text: str, now: float | None = None) -> float:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return moment.timestamp()
+
+
+def pause(seconds: float) -> None:
+    """Wait ``seconds`` (a pace, a backoff, a poll period), as ``time.sleep`` but with a relative timeout.
+
+    Python 3.11's ``time.sleep`` sleeps to an absolute ``CLOCK_MONOTONIC`` deadline (``clock_nanosleep``
+    with ``TIMER_ABSTIME``), which libfaketime with ``FAKETIME_DONT_FAKE_MONOTONIC=1`` (how the demo and the
+    tests move ``watch``'s calendar days ahead) refuses with ``EINVAL`` every time; a wait with a relative
+    timeout works under both."""
+    if seconds > 0:
+        threading.Event().wait(seconds)

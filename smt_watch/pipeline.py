@@ -16,6 +16,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TypeVar, assert_never
 
+from smt_watch.clock import pause
 from smt_watch.config import Settings
 from smt_watch.content import csv_part, hash_pass, is_container, unpack, work_dir
 from smt_watch.delivery import Payload, Progress, Sink, delivery_mode, make_sink
@@ -173,7 +174,7 @@ def _claim(ledger: Deliveries, ident: FileIdentity, name: str, mode: str, parent
         )
         if claim is not Claim.BUSY or time.monotonic() >= deadline:
             return claim
-        time.sleep(0.1)
+        pause(0.1)
         force = False  # what the other sender achieved counts as our forced re-send
 
 

@@ -42,6 +42,7 @@ from typing import Any, Final, Protocol
 
 import httpx
 
+from smt_watch.clock import pause
 from smt_watch.config import Settings
 from smt_watch.errors import ConfigError, InputError, SmtWatchError
 from smt_watch.expect import DayKey, DayTotal, Expectation, expect, expect_inline
@@ -89,7 +90,7 @@ class Pacer:
     """At most ``rate`` requests a second from this process, whatever the number of threads."""
 
     def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = pause) -> None:
         self.interval = 1.0 / rate
         self._next = 0.0
         self._lock = threading.Lock()
@@ -146,7 +147,7 @@ class AppReader:
                 wait = _retry_after(response.headers.get("retry-after"))
                 if time.monotonic() + wait > self.deadline:
                     break
-                time.sleep(wait)  # the app asked us to wait
+                pause(wait)  # the app asked us to wait
                 continue
             return _answer(path, response)
         raise Unverifiable(f"{path} kept answering 429 (rate limited)")

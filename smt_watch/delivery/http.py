@@ -28,6 +28,7 @@ import httpx
 import tenacity
 from tenacity.stop import stop_base
 
+from smt_watch.clock import pause
 from smt_watch.config import redact_url
 from smt_watch.delivery.base import Body, Classify, Progress, classify
 from smt_watch.errors import DeliveryError, RetryableDelivery
@@ -312,6 +313,7 @@ class Poster:
             stop=tenacity.stop_any(tenacity.stop_after_attempt(s.retry_attempts), _StopOnLongRetryAfter()),
             wait=wait,
             before_sleep=before_sleep,
+            sleep=pause,
             reraise=True,
         )
         try:
