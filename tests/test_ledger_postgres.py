@@ -82,7 +82,7 @@ def test_a_foreign_claim_is_busy_while_renewed_and_taken_over_once_its_lease_exp
             while time.monotonic() < end:  # the passing of time is what is tested: the renewer must keep up
                 assert claim(b, A) is Claim.BUSY, f"taken over after {tries} tries while A renews its lease"
                 tries += 1
-                time.sleep(LEASE / 10)
+                time.sleep(LEASE / 10)  # the behaviour under test: time passing while A renews its lease
             assert tries >= OUTLIVED_LEASES
         finally:
             a.close()  # stops the renewer; the row stays 'sending', claimed by node-a

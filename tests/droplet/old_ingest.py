@@ -47,7 +47,7 @@ def main() -> int:
                 with state.open("a") as fh:
                     fh.write(digest + "\n")
                 print(f"posted {path.name} {digest}", flush=True)
-        time.sleep(PASS_INTERVAL)
+        time.sleep(PASS_INTERVAL)  # the stand-in bash script's own pass interval, not a synchronisation
 
 
 if __name__ == "__main__":

@@ -180,7 +180,7 @@ def test_the_lingering_bounds_are_settings(env: dict[str, str], tmp_path: Path) 
                     dribbler.send(b"x")
                 # A fixed pause on purpose, not synchronisation: the behaviour under test is a client that
                 # dribbles one byte every 0.25 s (so the 5 s idle bound never ends it; only the 2 s total does).
-                time.sleep(DRIBBLE_SECONDS)
+                time.sleep(DRIBBLE_SECONDS)  # the behaviour under test: a dribbling client
             assert not server_holds(s.port, client_port), "still lingering after 20 s"
             assert time.monotonic() - started < 15  # the 2 s bound, not the default 30 s
 
