@@ -320,11 +320,12 @@ def ranged_part_path(final: Path, remote: RemoteFile) -> Path:
 
 
 def _plan(settings: Settings, todo: list[RemoteFile], split: bool, place_in_worker: bool,
-          ) -> tuple[list[Job], dict[str, _Ranged]]:
-    """The jobs, biggest file first (the pass ends sooner), a ranged file's pieces in order."""
+          parts: _PartsHere | None = None) -> tuple[list[Job], dict[str, _Ranged]]:
+    """The jobs, biggest file first (the pass ends sooner), a ranged file's pieces in order. ``parts``: the
+    pass's listing of the inbox's parts, shared with :func:`_fits_free_space` (None: listed here)."""
     jobs: list[Job] = []
     ranged: dict[str, _Ranged] = {}
-    parts = _PartsHere()
+    parts = parts or _PartsHere()
     for f in sorted(todo, key=lambda f: -f.size):
         final = settings.local_dir / f.relative
         resumable_stream = parts.has(part_path(final, f))
@@ -356,10 +357,11 @@ def _fetch_all(
     here (no start-up cost). Either way the workers only fetch (and rename a finished whole file into
     place); this process keeps every decision and is the only one that touches the ledger.
     """
-    fitting = _fits_free_space(settings, report)
+    parts = _PartsHere()  # each inbox directory listed once for both: nothing makes a part in between
+    fitting = _fits_free_space(settings, report, parts)
     total = sum(f.size for f in fitting)
     processes = workers > 1 and (total >= PROCESS_MIN_BYTES or len(fitting) >= PROCESS_MIN_FILES)
-    jobs, ranged = _plan(settings, fitting, split=processes, place_in_worker=not force_repost)
+    jobs, ranged = _plan(settings, fitting, split=processes, place_in_worker=not force_repost, parts=parts)
     pool = _Pool(settings, max(1, min(workers, len(jobs))), processes)
     try:
         _drive(settings, ledger, report, pool, jobs, ranged, on_bytes, force_repost)
@@ -398,13 +400,13 @@ class _PartsHere:
         return part.name in names
 
 
-def _fits_free_space(settings: Settings, report: SyncReport) -> list[RemoteFile]:
+def _fits_free_space(settings: Settings, report: SyncReport, parts: _PartsHere | None = None) -> list[RemoteFile]:
     """The files of ``report.todo`` whose listed size fits in the inbox's free space, biggest first, each
     counted against what the ones before it take. A file that does not fit fails now with its reason: a
     remote size is a claim, and nothing is allocated for it before the bytes arrive."""
     budget = free_bytes(settings.local_dir)
     fitting = []
-    parts = _PartsHere()
+    parts = parts or _PartsHere()
     for f in sorted(report.todo, key=lambda f: -f.size):
         final = settings.local_dir / f.relative
         have = 0
@@ -833,7 +835,7 @@ def _with_retries(settings: Settings, remote: RemoteFile, attempt: Callable[[], 
     try:
         return attempt()
     except SftpError as exc:
-        if isinstance(exc, SizeMismatch):
+        if not _retryable(exc):
             raise
         failed: list[SftpError] = [exc]
 
@@ -845,12 +847,16 @@ def _with_retries(settings: Settings, remote: RemoteFile, attempt: Callable[[], 
     return _retrying(settings, remote)(again)
 
 
+def _retryable(exc: BaseException) -> bool:
+    """A size that does not match is what the server serves: asking again in this pass gets the same."""
+    return isinstance(exc, SftpError) and not isinstance(exc, SizeMismatch)
+
+
 def _retrying(settings: Settings, remote: RemoteFile) -> tenacity.Retrying:
     """Up to ATTEMPTS tries of one file or range in this pass, waiting SMT_RETRY_BACKOFF_SECONDS, then double
     that, between them (at most 10 s): the step an operator sets for delivery's in-call retries."""
     return tenacity.Retrying(
-        # A size that does not match is what the server serves: asking again in this pass gets the same.
-        retry=tenacity.retry_if_exception(lambda e: isinstance(e, SftpError) and not isinstance(e, SizeMismatch)),
+        retry=tenacity.retry_if_exception(_retryable),
         stop=tenacity.stop_after_attempt(ATTEMPTS),
         wait=tenacity.wait_exponential(multiplier=settings.retry_backoff, max=10),
         before_sleep=lambda s: log.warning("Retrying %s after: %s", remote.path,
