@@ -101,7 +101,7 @@ def identify(path: Path, source: Path | None = None, observe: Callable[[bytes], 
     releases the GIL), so the pass takes about as long as the slower of the two, not their sum. ``fd``: that
     open descriptor itself (``source`` is its ``/proc/self/fd/N``), read from its start without opening it
     again: a watch worker saves a stat, an open and a close per file (procfs look-ups are not cheap).
-    ``read_size``: the read size for a file of :data:`OVERLAP_MIN` or more (``post``'s first pass takes 4 MiB: it runs
+    ``read_size``: the read size for a file of :data:`OVERLAP_MIN` or more (``post``'s first pass takes 2 MiB: it runs
     beside start-up's Python, and each block costs it a wait for the GIL)."""
     if fd is not None:
         st = os.fstat(fd)

@@ -317,14 +317,12 @@ class WatchService:
             return False
         return self._consider_known(path, found.signature, None, now, asked=False)
 
-    def _consider_known(self, path: Path | str, sig: Signature, known: Seen | None, now: float,
+    def _consider_known(self, path: Path, sig: Signature, known: Seen | None, now: float,
                         asked: bool = True) -> bool:
         """Into the settler unless the stat cache says these exact bytes were handled already."""
         if known and known.signature == sig and known.state in HANDLED_STATES:
             self.counts.cached += 1  # only the main loop writes this count
             return False
-        if not isinstance(path, Path):
-            path = Path(path)  # once: a drain brings thousands of files a second through here
         self._settler.add(path, sig, now)
         if asked:
             self._asked[path] = Cached(known)

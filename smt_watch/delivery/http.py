@@ -76,13 +76,16 @@ def map_transport_errors(destination: str) -> Iterator[None]:
         raise RetryableDelivery(f"{plain or type(exc).__name__} talking to {destination}: {exc}") from exc
 
 
+_CORE_ERRORS: Final = (httpcore.TimeoutException, httpcore.NetworkError, httpcore.ProtocolError,
+                       httpcore.ProxyError, httpcore.UnsupportedProtocol)
+
+
 @contextmanager
 def _as_httpx_errors() -> Iterator[None]:
     """httpcore's exceptions as httpx's of the same name, as httpx's own transport maps them."""
     try:
         yield
-    except (httpcore.TimeoutException, httpcore.NetworkError, httpcore.ProtocolError, httpcore.ProxyError,
-            httpcore.UnsupportedProtocol) as exc:
+    except _CORE_ERRORS as exc:
         mapped = getattr(httpx, type(exc).__name__, None)
         if not (isinstance(mapped, type) and issubclass(mapped, httpx.TransportError)):
             mapped = httpx.TransportError
@@ -199,10 +202,6 @@ class _ThreadConnections:
             conns, self._open = list(self._open), set()
         for conn in conns:
             conn.close()
-
-
-_CORE_ERRORS: Final = (httpcore.TimeoutException, httpcore.NetworkError, httpcore.ProtocolError,
-                       httpcore.ProxyError, httpcore.UnsupportedProtocol)
 
 
 def direct_transport_is_enough(url: str) -> bool:

@@ -38,6 +38,7 @@ import psycopg
 import psycopg_pool
 from psycopg.rows import dict_row
 
+from smt_watch.config import SETTINGS
 from smt_watch.errors import ConfigError, LedgerError, LedgerUnavailable
 from smt_watch.ledger import verdicts
 from smt_watch.ledger.port import POSTGRES, Params, Record, pyformat
@@ -53,8 +54,8 @@ LOCK_QUOTA: Final = 0x534D5403  # two-key form with the account's hash
 
 T = TypeVar("T")
 # How long one operation waits for a lost connection to come back before it raises LedgerUnavailable: well
-# inside systemd's WatchdogSec=60 for `watch`, whose loop waits on the ledger.
-RECONNECT_SECONDS: Final = 15.0
+# inside systemd's WatchdogSec=60 for `watch`, whose loop waits on the ledger. Its default is the setting's.
+RECONNECT_SECONDS: Final = float(SETTINGS["SMT_LEDGER_RECONNECT_SECONDS"].default or "")
 # Our sessions only: the tables in our schema. synchronous_commit is left as the server has it (on by
 # default: a commit returns once its WAL is on disk). It was off here while a drain committed twice a file;
 # a drain now commits twice a group of up to 16 (one statement each), and with it on the drain measured the
