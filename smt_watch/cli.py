@@ -29,6 +29,8 @@ from smt_watch.logs import FORMATS, LEVELS, add_secrets, setup_logging  # noqa: 
 from smt_watch.names import shown  # noqa: E402
 
 if TYPE_CHECKING:
+    from rich.text import Text
+
     from smt_watch.config import Settings
     from smt_watch.delivery import Progress
     from smt_watch.pipeline import Outcome
@@ -310,7 +312,7 @@ def sync(
         return
     if dry_run:
         for f in report.todo:
-            typer.echo(f"would fetch {f.path}  ({human_bytes(f.size)})")
+            typer.echo(f"would fetch {shown(f.path)}  ({human_bytes(f.size)})")  # the SFTP server's names
     typer.echo(report.summary())
     if settings.sync_verify and not dry_run:  # the timer pass can verify the day's deliveries (issue 26)
         _verify_after_sync(settings)
@@ -501,13 +503,13 @@ def inspect(
         try:
             drawn = plot_file(settings, file, plot)
         except ContentError as exc:
-            typer.echo(f"smt-watch: {exc}", err=True)
+            typer.echo(f"smt-watch: {shown(str(exc))}", err=True)
             raise typer.Exit(1) from exc
-        typer.echo(f"plotted {drawn} to {plot}", err=as_json)
+        typer.echo(f"plotted {drawn} to {shown(str(plot))}", err=as_json)
     try:
         summaries = inspect_path(settings, file)
     except ContentError as exc:
-        typer.echo(f"smt-watch: {exc}", err=True)
+        typer.echo(f"smt-watch: {shown(str(exc))}", err=True)
         raise typer.Exit(1) from exc
     if as_json:
         objects = [s.to_json() for s in summaries]
@@ -517,19 +519,28 @@ def inspect(
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("", *[s.file for s in summaries], title=str(file), title_justify="left")
+    table = Table("", title=_cell(str(file)), title_justify="left")
+    for s in summaries:
+        table.add_column(_cell(s.file))  # a Text header, not Table's str one: a name is no markup
     for key in ("kind", "esiids", "meter", "first_date", "last_date", "rows", "intervals", "blanks", "estimated",
                 "gaps", "kwh_consumption", "kwh_generation", "first_start_utc", "last_end_utc"):
         table.add_row(key, *[_cell(s.to_json()[key]) for s in summaries])
     Console(width=max(100, 30 + 40 * len(summaries))).print(table)
 
 
-def _cell(value: object) -> str:
+def _cell(value: object) -> Text:
+    """A table cell as plain text: the file's names and cells (an ESIID, a meter) are the sender's bytes, so
+    control characters are escaped (:func:`shown`: an ESC would reach the terminal) and ``[...]`` is never
+    read as rich markup (a ``[/]`` would be an error, a ``[bold]`` would vanish)."""
+    from rich.text import Text
+
     if isinstance(value, list):
-        return ", ".join(map(str, value)) or "-"
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    return "-" if value is None else str(value)
+        text = ", ".join(map(str, value)) or "-"
+    elif isinstance(value, float):
+        text = f"{value:.3f}"
+    else:
+        text = "-" if value is None else str(value)
+    return Text(shown(text))
 
 
 @app.command()

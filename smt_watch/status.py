@@ -445,16 +445,16 @@ def console_view(status: Status, now: float | None = None) -> Any:
     head = Text()
     if status.alerts:
         head.append("needs attention:\n", style="bold red")
-        for alert in status.alerts:
-            head.append(f"  - {alert}\n", style="red")
-    head.append(watch_line(status, now) + "\n", style="green" if status.watching else "bold red")
+        for alert in status.alerts:  # shown(): an alert can name a file (the sender's bytes) or quote an error
+            head.append(f"  - {shown(alert)}\n", style="red")
+    head.append(shown(watch_line(status, now)) + "\n", style="green" if status.watching else "bold red")
     counts = ", ".join(f"{s} {n}" for s, n in status.counts.items())
     head.append(f"queue: {status.queue} not delivered yet   ledger: {counts}\n")
     if status.verdicts:
         held = ", ".join(f"{v} {n}" for v, n in sorted(status.verdicts.items()))
         head.append(f"in the app (verify): {held}\n")
     sync_alert = any(a.startswith(("sync ", "sync's")) for a in status.alerts)
-    head.append(sync_line(status, now) + "\n", style="bold red" if sync_alert else "")
+    head.append(shown(sync_line(status, now)) + "\n", style="bold red" if sync_alert else "")
     for u in status.unreadable:
         head.append(f"cannot read: {shown(u.path)} (owner {u.owner}, mode {u.mode}; watch on {u.node} runs as "
                     f"{u.user}) since {u.since}\n", style="bold red")
@@ -478,5 +478,5 @@ def console_view(status: Status, now: float | None = None) -> Any:
         parts.append(failed)
     else:
         parts.append(Text("failures: none"))
-    parts.append(Text(f"as of {status.generated_at}; ledger {status.ledger}", style="dim"))
+    parts.append(Text(f"as of {status.generated_at}; ledger {shown(status.ledger)}", style="dim"))
     return Group(*parts)
