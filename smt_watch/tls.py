@@ -4,43 +4,92 @@
 One function builds what httpx's ``verify=`` takes, so deliveries, ``verify`` and ``doctor`` trust exactly the
 same certificates; a file that is missing or not a certificate/key is a one-line :class:`ConfigError` naming
 the variable, never a traceback from the ssl module. :func:`plain_reason` turns an ssl failure into words.
+
+A context is built once per process for the same trust and shared by every client given it: loading a CA
+bundle costs ~30 ms of CPU, and httpx given ``verify=True`` loads one for each client it makes (``doctor``
+makes two, and ``watch``'s start-up probe of a local https target one per look). httpcore sets the same ALPN
+list (``http/1.1``: no client here speaks HTTP/2) on it for each connection, so sharing changes nothing else.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import ssl
+from pathlib import Path
 
 from smt_watch.config import Settings
 from smt_watch.errors import ConfigError
 
 
 def verify_for(settings: Settings, url: str) -> ssl.SSLContext | bool:
-    """``verify=`` for a client talking to ``url``: False for plain http (no CA bundle to load: ~60 ms a
-    start), the default trust for https without our settings, else a context with them."""
+    """``verify=`` for a client talking to ``url``: False for plain http (no CA bundle to load), the default
+    trust for https without our settings (:func:`default_trust`), else a context with them (:func:`context`)."""
     if not url.startswith("https://"):
         return False
     if settings.ca_bundle is None and settings.client_cert is None and settings.client_key is None:
-        return True
+        return default_trust()
     return context(settings)
 
 
-def context(settings: Settings) -> ssl.SSLContext:
+def default_trust(trust_env: bool = True) -> ssl.SSLContext:
+    """What httpx's ``verify=True`` builds (certifi's bundle; with ``trust_env``, ``SSL_CERT_FILE`` or else
+    ``SSL_CERT_DIR`` when set), built once per process for each of those sources."""
+    if trust_env and os.environ.get("SSL_CERT_FILE"):
+        return _default_trust(os.environ["SSL_CERT_FILE"], None)
+    if trust_env and os.environ.get("SSL_CERT_DIR"):
+        return _default_trust(None, os.environ["SSL_CERT_DIR"])
+    return _default_trust(None, None)
+
+
+@functools.lru_cache(maxsize=4)
+def _default_trust(cafile: str | None, capath: str | None) -> ssl.SSLContext:
     import certifi
 
+    if cafile is None and capath is None:
+        cafile = certifi.where()
+    return ssl.create_default_context(cafile=cafile, capath=capath)
+
+
+def context(settings: Settings) -> ssl.SSLContext:
+    """A context with ``SMT_CA_BUNDLE`` and ``SMT_CLIENT_CERT``/``SMT_CLIENT_KEY``: built once for the same
+    files as they are now (a file replaced or rewritten, a certificate renewed, is loaded again)."""
     if settings.client_key is not None and settings.client_cert is None:
         raise ConfigError("SMT_CLIENT_KEY is set without SMT_CLIENT_CERT (the certificate it is the key of)")
-    ca = settings.ca_bundle
+    paths = (settings.ca_bundle, settings.client_cert, settings.client_key)
+    try:
+        stamps = tuple(_stamp(p) for p in paths)
+    except OSError:
+        return _context(settings.ca_bundle, settings.client_cert, settings.client_key)  # says which, and why
+    return _context_once(*paths, stamps)
+
+
+def _stamp(path: Path | None) -> tuple[int, int, int, int] | None:
+    if path is None:
+        return None
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=4)
+def _context_once(ca: Path | None, cert: Path | None, key: Path | None,
+                  stamps: tuple[tuple[int, int, int, int] | None, ...]) -> ssl.SSLContext:
+    return _context(ca, cert, key)  # an error is raised, never cached: the next call tries again
+
+
+def _context(ca: Path | None, cert: Path | None, key: Path | None) -> ssl.SSLContext:
+    import certifi
+
     try:
         ctx = ssl.create_default_context(cafile=str(ca) if ca is not None else certifi.where())
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"SMT_CA_BUNDLE {ca}: cannot load it as PEM certificates ({_why(exc)})") from exc
-    if settings.client_cert is not None:
-        key = settings.client_key
+    if cert is not None:
         try:
-            ctx.load_cert_chain(str(settings.client_cert), str(key) if key is not None else None)
+            ctx.load_cert_chain(str(cert), str(key) if key is not None else None)
         except (OSError, ssl.SSLError) as exc:
             names = "SMT_CLIENT_CERT" + (" / SMT_CLIENT_KEY" if key is not None else "")
-            raise ConfigError(f"{names} {settings.client_cert}{f' / {key}' if key else ''}: cannot load the "
+            raise ConfigError(f"{names} {cert}{f' / {key}' if key else ''}: cannot load the "
                               f"client certificate and its key ({_why(exc)})") from exc
     return ctx
 

@@ -16,6 +16,7 @@ import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -24,8 +25,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from conftest import write_csv
+from smt_watch import tls
+from smt_watch.config import Settings
+from smt_watch.doctor import run_checks
+from smt_watch.errors import ConfigError
 
 Run = Callable[..., subprocess.CompletedProcess[str]]
+Make = Callable[..., Settings]
 
 
 def _name(cn: str) -> x509.Name:
@@ -132,3 +138,57 @@ def test_a_private_ca_and_a_client_certificate_deliver_and_doctor_checks_them(
     lone_key = run_cli("post", str(f), env={**target, "SMT_CLIENT_KEY": str(pki["client_key"])})
     assert lone_key.returncode == 2 and "SMT_CLIENT_KEY is set without SMT_CLIENT_CERT" in lone_key.stderr
     assert "Traceback" not in untrusted.stderr + no_client.stderr + bad.stderr + lone_key.stderr
+
+
+@pytest.fixture
+def ca_loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every CA bundle loaded into an SSL context from now on (the ~30 ms of CPU each), the caches emptied."""
+    loads: list[str] = []
+    real = ssl.SSLContext.load_verify_locations
+
+    def counted(self: ssl.SSLContext, cafile: Any = None, capath: Any = None, cadata: Any = None) -> None:
+        loads.append(str(cafile or capath or "cadata"))
+        real(self, cafile, capath, cadata)
+
+    monkeypatch.setattr(ssl.SSLContext, "load_verify_locations", counted)
+    tls._default_trust.cache_clear()
+    tls._context_once.cache_clear()
+    return loads
+
+
+def test_one_context_per_trust_in_a_process(make_settings: Make, pki: dict[str, Path], ca_loads: list[str],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    plain = make_settings()
+    assert tls.verify_for(plain, "http://127.0.0.1:1/upload") is False and ca_loads == []  # plain http: none
+    first = tls.verify_for(plain, "https://a.example/upload")
+    assert isinstance(first, ssl.SSLContext) and first.verify_mode == ssl.CERT_REQUIRED and first.check_hostname
+    assert tls.verify_for(plain, "https://b.example/x") is first and tls.default_trust(trust_env=False) is first
+    assert len(ca_loads) == 1
+    monkeypatch.setenv("SSL_CERT_FILE", str(pki["ca"]))  # httpx's verify=True reads it; so does the default
+    assert tls.default_trust() is not first and tls.default_trust(trust_env=False) is first
+    assert ca_loads[-1] == str(pki["ca"])
+    ours = make_settings(SMT_CA_BUNDLE=str(pki["ca"]), SMT_CLIENT_CERT=str(pki["client_cert"]),
+                         SMT_CLIENT_KEY=str(pki["client_key"]))
+    mine = tls.verify_for(ours, "https://a.example/upload")
+    assert tls.context(ours) is mine and len(ca_loads) == 3
+    pki["ca"].write_bytes(pki["ca"].read_bytes() + b"\n")  # the bundle rewritten (a CA added, say): loaded again
+    assert tls.context(ours) is not mine and len(ca_loads) == 4
+    pki["ca"].write_bytes(b"not a certificate\n")
+    for _ in range(2):  # a failure is never remembered as a context
+        with pytest.raises(ConfigError, match="SMT_CA_BUNDLE"):
+            tls.context(ours)
+
+
+def test_doctor_loads_the_ca_bundle_once(make_settings: Make, unused_port: int, ca_loads: list[str],
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """An https target on this host: the own-serve probe (once per check that resolves the mode), the
+    endpoint's HEAD and the token check each made a client that loaded the bundle (five loads in all)."""
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    settings = make_settings(INTELLIWATT_BASE_URL=f"https://127.0.0.1:{unused_port}", ADMIN_TOKEN="t0ken-" * 4,
+                             SMT_UPLOAD_PORT=str(unused_port + 1 if unused_port < 65535 else unused_port - 1))
+    checks = {c.name: c for c in run_checks(settings, env_file=None, offline=False)}
+    assert checks["endpoint"].status == "FAIL" and "cannot connect" in checks["endpoint"].detail  # it was asked
+    assert len(ca_loads) == 1, ca_loads
