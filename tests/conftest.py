@@ -44,16 +44,25 @@ def where(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return str(tmp_path / "l.sqlite3")
 
 
-@pytest.fixture(autouse=True)
-def _restore_loggers() -> Iterator[None]:
+@contextmanager
+def _loggers_kept() -> Iterator[None]:
+    """Put back the handlers, propagation and level of the loggers ``setup_logging`` configures."""
     saved = [(lg, list(lg.handlers), lg.propagate, lg.level)
              for lg in map(logging.getLogger, _CONFIGURED_LOGGERS)]
-    yield
-    for lg, handlers, propagate, level in saved:
-        lg.handlers = handlers  # a list of its own again (not edited in place: a list shared by two loggers
-        # would carry one test's capture handler into the other logger, and every record would be seen twice)
-        lg.propagate = propagate
-        lg.setLevel(level)
+    try:
+        yield
+    finally:
+        for lg, handlers, propagate, level in saved:
+            lg.handlers = handlers  # a list of its own again (not edited in place: a list shared by two loggers
+            # would carry one test's capture handler into the other logger, and every record would be seen twice)
+            lg.propagate = propagate
+            lg.setLevel(level)
+
+
+@pytest.fixture(autouse=True)
+def _restore_loggers() -> Iterator[None]:
+    with _loggers_kept():
+        yield
 
 ADMIN_TOKEN = "admin-token-0123456789abcdef-SECRET"
 UPLOAD_TOKEN = "upload-token-fedcba9876543210-SECRET"
@@ -217,11 +226,11 @@ def _process_state_saved() -> Iterator[None]:
 
     environ, cwd, argv = dict(os.environ), os.getcwd(), sys.argv
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGIO)}
-    loggers = [(lg, list(lg.handlers), lg.propagate, lg.level) for lg in map(logging.getLogger, _CONFIGURED_LOGGERS)]
     redactor = logs._redactor
     secrets, pattern = set(redactor.secrets), redactor._pattern
     try:
-        yield
+        with _loggers_kept():
+            yield
     finally:
         os.environ.clear()
         os.environ.update(environ)
@@ -229,10 +238,6 @@ def _process_state_saved() -> Iterator[None]:
         sys.argv = argv
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-        for lg, kept, propagate, level in loggers:
-            lg.handlers = kept
-            lg.propagate = propagate
-            lg.setLevel(level)
         redactor.secrets, redactor._pattern = secrets, pattern
 
 
