@@ -187,7 +187,10 @@ def draw(data: Heatmap, out: Path) -> None:
     step = max(1, n // 30)
     ax.set_yticks(range(0, n, step), [data.days[i].isoformat() for i in range(0, n, step)], fontsize=8)
     ax.set_xlabel("America/Chicago wall time, 15-minute slots (01:00*: the repeated hour of a fall-back day)")
-    ax.set_title(f"{data.file}: ESIID {data.esiid}, kWh per 15 minutes", fontsize=10, loc="left")
+    # the file's name and ESIID are the sender's: escaped (an ESC is no XML character, an SVG with one does
+    # not open) and never mathtext (a "$" in an ESIID made matplotlib raise)
+    ax.set_title(shown(f"{data.file}: ESIID {data.esiid}, kWh per 15 minutes"), fontsize=10, loc="left",
+                 parse_math=False)
     fig.colorbar(image, ax=bars, fraction=0.25, pad=0.1, label="kWh")
     bars.barh(range(n), data.totals, color="#4c72b0", height=0.8)
     bars.set_xlabel("kWh per day", fontsize=8)
@@ -256,7 +259,7 @@ def plot_file(settings: Settings, path: Path, out: Path, esiid: str | None = Non
         draw_atomically(data, out)
     except OSError as exc:
         raise ContentError(f"{shown(str(out))}: cannot write: {exc.strerror}") from exc
-    drawn = f"{len(data.days)} day(s) of ESIID {data.esiid}"
+    drawn = f"{len(data.days)} day(s) of ESIID {shown(data.esiid)}"
     if data.left_out:
         drawn += (f" (the latest {max_days} days; {data.left_out} row(s) on {data.left_out_days} earlier day(s) "
                   f"left out: SMT_PLOT_MAX_DAYS={max_days})")

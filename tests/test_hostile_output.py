@@ -16,6 +16,9 @@ from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 from typing import Any
+from xml.etree import ElementTree
+
+import pytest
 
 from conftest import SMT_WATCH, cli_env
 from smt_watch.clock import utc_stamp
@@ -94,3 +97,21 @@ def test_status_and_ledger_list_escape_names_errors_and_alerts(
     assert f"failed{SHOWN_LEDGER_NAME}" in listed.stdout and "\\x1b]0;owned\\x07" in listed.stdout
     for out in (status.stdout, listed.stdout):
         assert not any(c in out for c in ("\x1b", "\x00", "\x07", "\udcff", "\\udcff")), out
+
+
+def test_inspect_plot_takes_any_esiid_as_text(run_cli: Callable[..., subprocess.CompletedProcess[str]],
+                                              tmp_path: Path) -> None:
+    """The heatmap's title holds the name and the ESIID: a "$" there was read as mathtext (matplotlib raised,
+    an internal error) and an ESC made an SVG no XML reader opens."""
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "m.csv"
+    esiid = "$\\foo{x$\x1b[31m"
+    header, *rows = interval_csv(1, start=date(2026, 6, 5)).decode().splitlines()
+    path.write_text("\n".join([header, *(f'"{esiid}",{r.split(",", 1)[1]}' for r in rows)]) + "\n")
+    out = tmp_path / "m.svg"
+    done = run_cli("inspect", str(path), "--plot", str(out))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "plotted 1 day(s) of ESIID $\\foo{x$\\x1b[31m to" in done.stdout
+    assert "\x1b" not in done.stdout + done.stderr
+    ElementTree.parse(out)  # well-formed XML
+    assert "$\\foo{x$\\x1b[31m, kWh per 15 minutes" in out.read_text()
