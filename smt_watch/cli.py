@@ -212,7 +212,9 @@ def _bar(name: str, size: int) -> Iterator[Progress]:
         "{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(), transient=True,
         console=Console(stderr=True),
     ) as bar:
-        task = bar.add_task(name, total=size)
+        from rich.markup import escape
+
+        task = bar.add_task(escape(shown(name)), total=size)  # a name is the sender's text: no markup, no ESC
         yield lambda n: bar.advance(task, n)
 
 

@@ -9,9 +9,13 @@ bytes (what the terminal would get); ``status`` and ``ledger list`` read a real 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pty
+import struct
 import subprocess
+import termios
 from collections.abc import Callable
 from datetime import date
 from pathlib import Path
@@ -20,7 +24,7 @@ from xml.etree import ElementTree
 
 import pytest
 
-from conftest import SMT_WATCH, cli_env
+from conftest import SMT_WATCH, UPLOAD_TOKEN, cli_env, write_csv
 from smt_watch.clock import utc_stamp
 from smt_watch.ledger.verdicts import VerdictRow
 from smt_watch.reference.sample import interval_csv
@@ -115,3 +119,37 @@ def test_inspect_plot_takes_any_esiid_as_text(run_cli: Callable[..., subprocess.
     assert "\x1b" not in done.stdout + done.stderr
     ElementTree.parse(out)  # well-formed XML
     assert "$\\foo{x$\\x1b[31m, kWh per 15 minutes" in out.read_text()
+
+
+def test_posts_progress_bar_escapes_the_name(receiver: Any, base_env: dict[str, str], tmp_path: Path) -> None:
+    """``post``'s progress bar (only on a terminal: stderr is a pseudo-terminal here) names the file."""
+    name = "big\x1b[2J[bold]x[red].csv"
+    path = tmp_path / "inbox" / name
+    write_csv(path, rows=80_000)  # past the bar's 4 MiB
+    env = cli_env(base_env, tmp_path, {"SMT_UPLOAD_URL": f"{receiver.url}/upload", "SMT_UPLOAD_TOKEN": UPLOAD_TOKEN,
+                                       "SMT_PATTERNS": "*.csv"})
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 200, 0, 0))  # rows, columns: room for it
+    try:
+        proc = subprocess.Popen([*SMT_WATCH, "post", str(path)], env=env, stdout=subprocess.PIPE,
+                                stderr=follower, cwd=tmp_path)
+        os.close(follower)
+        follower = -1
+        tty = bytearray()
+        while True:  # until the child's end closes the terminal (EIO on Linux)
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            tty += chunk
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        os.close(leader)
+        if follower >= 0:
+            os.close(follower)
+    assert proc.returncode == 0, (out, bytes(tty))
+    assert path.stat().st_size >= 4 * 1024 * 1024
+    assert b"big\\x1b[2J[bold]x[red].csv" in tty, bytes(tty)  # the bar drew it, escaped and not as markup
+    assert b"\x1b[2J" not in tty and b"\x1b[2J" not in out
