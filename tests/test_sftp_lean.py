@@ -32,6 +32,7 @@ from smt_watch.sftp import (
     READ_AHEAD,
     Connection,
     RemoteFile,
+    _ChannelData,
     _LeanPacketizer,
     _ReadAheadSocket,
     keep_freed_memory,
@@ -167,6 +168,23 @@ def test_short_path_reads_what_paramiko_reads_and_keeps_its_bookkeeping(rekey_by
         assert lean.need_rekey() and 0 < lean.lean_packets < len(messages)
     else:
         assert lean.lean_packets > len(messages) * 3 // 4
+
+
+def test_channel_data_reads_as_the_message_paramiko_builds() -> None:
+    """The short path's CHANNEL_DATA answers paramiko's two calls from its fields; any other use sees the
+    message paramiko would have built, from wherever the reading stands."""
+    built = paramiko.Message()
+    built.add_int(7)
+    built.add_string(b"payload")
+    body = built.asbytes()
+    fast = _ChannelData(7, b"payload")
+    assert (fast.get_int(), fast.get_binary()) == (7, b"payload")
+    assert fast.get_remainder() == b"" and fast.asbytes() == body
+    other = _ChannelData(7, b"payload")
+    assert other.get_int() == 7 and other.get_remainder() == body[4:]
+    whole = _ChannelData(7, b"payload")
+    assert whole.asbytes() == body and whole.get_int() == 7 and whole.get_binary() == b"payload"
+    assert whole.get_int() == 0  # past the end: zeros, as paramiko's Message answers
 
 
 def test_read_ahead_socket_serves_recv_in_order_and_keeps_timeouts() -> None:
