@@ -75,8 +75,8 @@ NOBODY_WAITS = 1 << 62
 MAX_ANSWER = 16 * 1024 * 1024  # longer SFTP answers are garbage (paramiko's own check)
 CLOSE_JOIN_SECONDS = 2.0  # at most this long for paramiko's thread to end once its socket is shut down
 READ_AHEAD = 256 * 1024  # bytes taken off the TCP socket per recv (eight of sshd's 32 KiB packets)
-MALLOC_MMAP_THRESHOLD = 1024 * 1024  # glibc: blocks up to this size come from the heap, not their own mmap
-MALLOC_TRIM_THRESHOLD = 32 * 1024 * 1024  # glibc: free heap kept, not handed back, up to this much
+MALLOC_MMAP_THRESHOLD = 4 * 1024 * 1024  # glibc: blocks up to this size come from the heap, not their own mmap
+MALLOC_TRIM_THRESHOLD = 8 * 1024 * 1024  # glibc: free heap kept, not handed back, up to this much
 
 
 @dataclass(frozen=True)
@@ -273,14 +273,17 @@ _malloc_tuned = False
 def keep_freed_memory() -> None:
     """Tell glibc's allocator to reuse the memory a download frees instead of handing it back to the kernel.
 
-    A download allocates a 255 KiB ``bytes`` per READ answer and a few 32 KiB ones per SSH packet, and frees
-    them moments later. With glibc's defaults the 255 KiB blocks come from mmap at first, and the heaps of
-    paramiko's thread are trimmed (``madvise(MADV_DONTNEED)``) whenever their free top grows past a few
-    hundred KiB, so the same memory is faulted in again and zeroed by the kernel, page by page: ~100,000
-    page faults and about a quarter of the kernel CPU of a GiB fetched. Fixed thresholds keep those blocks
-    on the heap and the heap's free top up to ``MALLOC_TRIM_THRESHOLD``: RSS stays bounded by what is live
-    at once (the channel and read windows), about 2,000 page faults a GiB. Process-wide and set once;
-    where ``mallopt`` is missing (not glibc) nothing changes."""
+    A download allocates a 255 KiB ``bytes`` per READ answer and 32 KiB ones per SSH packet, and frees them
+    moments later; a ranged fetch hashes its part in 1 MiB reads (``sync.HASH_BLOCK``). With glibc's
+    defaults such blocks come from mmap at first, and the heaps are trimmed (``madvise``/``brk``) whenever
+    their free top grows past a few hundred KiB, so the same memory is faulted in again and zeroed by the
+    kernel, page by page: ~100,000 page faults and about a quarter of the kernel CPU of a GiB fetched by one
+    stream. Fixed thresholds keep blocks up to ``MALLOC_MMAP_THRESHOLD`` on the heap and up to
+    ``MALLOC_TRIM_THRESHOLD`` of free heap: RSS stays bounded by what is live at once (the channel and read
+    windows, a hash block). Measured: ~2,000 page faults a GiB for one stream; ``sync --workers 4`` of
+    512 MiB 29,000 in all (start-up included) against 70,000. A 1 MiB mmap threshold was worse than none:
+    every 1 MiB hash read became its own mmap (160,000). Process-wide and set once; where ``mallopt`` is
+    missing (not glibc) nothing changes."""
     global _malloc_tuned
     if _malloc_tuned:
         return
