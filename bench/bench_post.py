@@ -227,7 +227,8 @@ def build_cases(path: Path, port: int, work: Path, inline: bool = True, sources:
     python = str(SMT_WATCH.parent / "python")
     for label, tree in ([("this tree", ROOT)] if sources else []) + [(f"src {s}", s) for s in sources]:
         cases.append(Case(
-            f"smt-watch post, multipart ({label}, -m)", [python, "-m", "smt_watch", "post", str(path)],
+            # -P: the working directory is not put first on the path (run from a checkout, it would win)
+            f"smt-watch post, multipart ({label}, -m)", [python, "-P", "-m", "smt_watch", "post", str(path)],
             smt_env(SMT_DELIVERY="multipart", SMT_UPLOAD_URL=upload_url, PYTHONPATH=str(Path(tree).resolve())),
             smt_mode=f"multipart ({label})",
         ))
