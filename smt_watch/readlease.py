@@ -31,6 +31,7 @@ import os
 import signal
 import stat as stat_mod
 import threading
+import weakref
 from pathlib import Path
 from typing import Final
 
@@ -43,8 +44,9 @@ LEASE_MIN: Final = 16 * 1024 * 1024  # smaller files are re-hashed as they are s
 
 class ReadLease:
     """A read-only descriptor of one file and the read lease on it. ``fd`` is read with ``pread`` (no shared
-    offset); whoever holds the lease closes it (:meth:`close`) when the delivery ends. Thread-safe: the keeper
-    looks at it while the sender reads it."""
+    offset); whoever holds the lease closes it (:meth:`close`) when the delivery ends, or, failing that, the
+    garbage collector does once nothing refers to it any more (no thread can be reading it then: a reader
+    holds a reference). Thread-safe: the keeper looks at it while the sender reads it."""
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
@@ -80,6 +82,12 @@ class ReadLease:
         """Give the lease up and close the descriptor (idempotent). Only once no thread reads ``fd`` any more:
         a closed number can be reused by the next open."""
         _keeper.forget(self)
+        self._close()
+
+    def __del__(self) -> None:  # an identity dropped without close() (an embedding caller): no fd, no lease left
+        self._close()
+
+    def _close(self) -> None:
         with self._lock:
             fd, self._fd = self._fd, -1
             if fd >= 0:
@@ -124,7 +132,7 @@ class _Keeper:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._held: set[ReadLease] = set()
+        self._held: weakref.WeakSet[ReadLease] = weakref.WeakSet()  # a lease nobody holds is collected, closed
         self._thread: threading.Thread | None = None
 
     def watch(self, lease: ReadLease) -> None:
@@ -150,12 +158,13 @@ class _Keeper:
                 if not lease.intact():
                     lease.drop()
                     self.forget(lease)
+            del leases, lease  # no strong reference while waiting (nor a collection under our lock)
             idle.wait(POLL_SECONDS)
 
     def _after_fork(self) -> None:
         """A forked child has no keeper thread: it starts one of its own when it takes a lease."""
         self._lock = threading.Lock()
-        self._held = set()
+        self._held = weakref.WeakSet()
         self._thread = None
 
 
