@@ -85,7 +85,10 @@ class ReadLease:
         self._close()
 
     def __del__(self) -> None:  # an identity dropped without close() (an embedding caller): no fd, no lease left
-        self._close()
+        try:
+            self._close()
+        except Exception:  # at interpreter exit modules may be gone; the exit gives the lease up anyway
+            return
 
     def _close(self) -> None:
         with self._lock:
