@@ -89,7 +89,8 @@ def hashed_beside(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
 
 def test_a_big_file_is_sent_under_its_lease_without_a_second_hash(make_settings: Make, receiver: Any,
                                                                   tmp_path: Path, hashed_beside: list[Path]) -> None:
-    """The bytes arrive whole and exact, the send never re-hashed them, and the lease is given up after."""
+    """The bytes arrive whole and exact, the send never re-hashed them, and the lease is given up after.
+    Checked against post-hash-pass-lease (no lease: the send re-hashes)."""
     f = big_csv(tmp_path / "IntervalData_M1.csv")
     [o] = post_files(multipart(make_settings, receiver), [f])
     assert (o.result, o.sha256) == ("sent", sha(f)), o
