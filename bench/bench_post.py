@@ -180,8 +180,10 @@ def make_file(path: Path, size_mib: int, content: str) -> None:
 # --- cases ------------------------------------------------------------------------------------------
 
 
-def build_cases(path: Path, port: int, work: Path, inline: bool = True) -> list[Case]:
-    """The six measured commands for one file (``inline=False``: without the two inline modes)."""
+def build_cases(path: Path, port: int, work: Path, inline: bool = True, sources: Sequence[Path] = ()) -> list[Case]:
+    """The six measured commands for one file (``inline=False``: without the two inline modes). ``sources``
+    (``--src``): multipart post once more for each other checkout, run as ``python -m smt_watch`` with this
+    venv and that tree first on the path, and for this tree the same way (an A/B in one run, alternating)."""
     upload_url = f"http://127.0.0.1:{port}/upload"
     base_url = f"http://127.0.0.1:{port}"
     curl = ["curl", "-sS", "-o", "/dev/null", "-F", f"file=@{path}", upload_url]
@@ -222,6 +224,14 @@ def build_cases(path: Path, port: int, work: Path, inline: bool = True) -> list[
             smt_mode="inline base64+gzip",
         ),
     ]
+    python = str(SMT_WATCH.parent / "python")
+    for label, tree in ([("this tree", ROOT)] if sources else []) + [(f"src {s}", s) for s in sources]:
+        cases.append(Case(
+            # -P: the working directory is not put first on the path (run from a checkout, it would win)
+            f"smt-watch post, multipart ({label}, -m)", [python, "-P", "-m", "smt_watch", "post", str(path)],
+            smt_env(SMT_DELIVERY="multipart", SMT_UPLOAD_URL=upload_url, PYTHONPATH=str(Path(tree).resolve())),
+            smt_mode=f"multipart ({label})",
+        ))
     return cases if inline else [c for c in cases if not (c.smt_mode or "").startswith("inline")]
 
 
@@ -400,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="Markdown file whose '## post (issue 2)' section to write")
     parser.add_argument("--tmp-dir", type=Path, help="where the test files go (default: the system temp dir)")
     parser.add_argument("--strict", action="store_true", help="exit 1 when any target fails")
+    parser.add_argument("--src", type=Path, action="append", default=[],
+                        help="another checkout to A/B against: its multipart post runs too, with this venv")
     parser.add_argument("--no-inline", action="store_true",
                         help="leave out the inline modes (an A/B of multipart: base64+gzip alone takes ~45 s a round)")
     args = parser.parse_args(argv)
@@ -417,9 +429,9 @@ def main(argv: list[str] | None = None) -> int:
         make_file(small_file, 1, args.content)
         with start_sink_process() as port:
             version = time_version(10)
-            small = build_cases(small_file, port, work, inline=not args.no_inline)
+            small = build_cases(small_file, port, work, inline=not args.no_inline, sources=args.src)
             measure(small, args.rounds, port, small_file.stat().st_size, "1 MiB")
-            big = build_cases(big_file, port, work, inline=not args.no_inline)
+            big = build_cases(big_file, port, work, inline=not args.no_inline, sources=args.src)
             measure(big, args.rounds, port, big_file.stat().st_size, f"{args.size_mib} MiB")
 
     checks = verdicts(big, small, statistics.median(version))

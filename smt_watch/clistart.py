@@ -157,6 +157,8 @@ class EarlyHash:
         self.path = path
         self._result: Any = None
         self._error: BaseException | None = None
+        self._unused = False  # a guess typer did not confirm: its read lease is given up, not held till exit
+        self._lock = threading.Lock()
         sys.setswitchinterval(min(_SWITCH_INTERVAL, EARLY_SWITCH_INTERVAL))
         self._thread = threading.Thread(target=self._run, args=(hash_pass, path), name="smt-watch-hash-first",
                                         daemon=True)
@@ -169,6 +171,21 @@ class EarlyHash:
             self._error = exc
         finally:  # a second pass still running (a guess typer did not confirm) then only runs slower
             sys.setswitchinterval(_SWITCH_INTERVAL)
+            with self._lock:
+                if self._unused:
+                    self._close()
+
+    def discard(self) -> None:
+        """The pass will not be used: give up its read lease now, or when it ends (never under its reads)."""
+        with self._lock:
+            self._unused = True
+            if not self._thread.is_alive():
+                self._close()
+
+    def _close(self) -> None:
+        ident = self._result[0] if isinstance(self._result, tuple) and self._result else None
+        if ident is not None and hasattr(ident, "close"):
+            ident.close()
 
     def __call__(self) -> Any:
         self._thread.join()
@@ -221,15 +238,20 @@ def first_pass(path: Path) -> Any:
     0.2 ms 195-245; 2 MiB at 0.2 ms 181-263; 4 MiB at 0.5 ms 189-400; ~450 alone. 4 MiB blocks raised
     post's peak RSS by up to 8 MiB (glibc keeps freed blocks of that size), 2 MiB by at most ~4 MiB.
 
-    It needs only hashing and smtcsv, imported by :func:`start_early_hash` in the main thread before the pass
-    starts (never in the pass's thread: two threads importing at once can meet in an import cycle), not
-    smt_watch.content with its settings, gpg and zip modules; so its one rule is repeated here: an
-    ``.asc``/``.zip`` is not sniffed (:func:`smt_watch.content.sniffing`, a test holds the two together)."""
+    It needs only hashing (with readlease) and smtcsv, imported by :func:`start_early_hash` in the main thread
+    before the pass starts (never in the pass's thread: two threads importing at once can meet in an import
+    cycle), not smt_watch.content with its settings, gpg and zip modules; so its rules are repeated here: an
+    ``.asc``/``.zip`` is not sniffed (:func:`smt_watch.content.sniffing`, a test holds the two together), and
+    a file sent as it is (not an .asc/.zip) gets a read lease before the pass, on the descriptor it hashes
+    (:func:`smt_watch.content.hash_pass`): the send then reads it under the lease instead of hashing again."""
     from smt_watch.hashing import identify
+    from smt_watch.readlease import hold
     from smt_watch.smtcsv import Sniffer
 
-    sniffer = None if path.name.lower().endswith((".asc", ".zip")) else Sniffer()
-    return identify(path, observe=sniffer.feed if sniffer else None, read_size=EARLY_BLOCK), sniffer
+    container = path.name.lower().endswith((".asc", ".zip"))
+    sniffer = None if container else Sniffer()
+    lease = None if container else hold(path)
+    return identify(path, observe=sniffer.feed if sniffer else None, read_size=EARLY_BLOCK, lease=lease), sniffer
 
 
 def start_early_hash(argv: Sequence[str] | None = None) -> None:
@@ -254,9 +276,11 @@ def start_early_hash(argv: Sequence[str] | None = None) -> None:
 def early_hash_for(hash_pass: Callable[[Path], Any], path: Path) -> EarlyHash:
     """The hash pass of ``path`` (post's first FILE): the one :func:`start_early_hash` started, when it was
     started for this very path; else one started now. A pass started for another path (a guess typer's
-    parse did not confirm) runs on unused in its daemon thread."""
+    parse did not confirm) runs on unused in its daemon thread and gives up its read lease."""
     global _early
     early, _early = _early, None
     if early is not None and early.path == path:
         return early
+    if early is not None:
+        early.discard()
     return EarlyHash(hash_pass, path)

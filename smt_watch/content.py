@@ -30,6 +30,7 @@ from smt_watch.config import Settings
 from smt_watch.errors import ContentError, LineTooLong, SmtWatchError
 from smt_watch.hashing import FileIdentity, check_regular, identify
 from smt_watch.names import shown
+from smt_watch.readlease import hold
 from smt_watch.smtcsv import Sniff, Sniffer, Summary, sniff, summarize_file
 
 log = logging.getLogger("smt_watch.content")
@@ -97,7 +98,9 @@ def hash_pass(path: Path) -> tuple[FileIdentity, Sniffer | None]:
     """One read of ``path`` before it is delivered: its identity and, for a CSV, what the sniffer saw of it.
     Here, not in pipeline.py, so that ``post`` can start it before importing the delivery stack."""
     sniffer = sniffing(path.name)
-    return identify(path, observe=sniffer.feed if sniffer else None), sniffer
+    # A CSV sent as it is gets a read lease for its send (an .asc/.zip is unpacked, its own bytes never sent).
+    lease = None if is_container(path.name) else hold(path)
+    return identify(path, observe=sniffer.feed if sniffer else None, lease=lease), sniffer
 
 
 def unpack(settings: Settings, ident: FileIdentity) -> list[Part]:

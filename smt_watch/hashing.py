@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from smt_watch.errors import FileChanged, InputError
+from smt_watch.readlease import ReadLease
 
 CHUNK = 1024 * 1024
 OVERLAP_MIN = 16 * CHUNK  # below this a helper thread costs more than it saves
@@ -52,6 +53,9 @@ class FileIdentity:
     # The very bytes that hashed to ``sha256``, when they were kept (a small file: :func:`identify_held`); a
     # sink sends these, so what is sent is what was hashed by construction, with no second read or hash.
     data: bytes | None = field(default=None, repr=False, compare=False)
+    # The read lease taken before the hash pass (a big file ``post`` sends: :mod:`smt_watch.readlease`): while
+    # it holds, the bytes of its descriptor are the bytes hashed, and the send need not hash them again.
+    lease: ReadLease | None = field(default=None, repr=False, compare=False)
 
     @property
     def size(self) -> int:
@@ -70,8 +74,15 @@ class FileIdentity:
         return self.source or self.path
 
     def without_data(self) -> FileIdentity:
-        """The same identity without the kept bytes (what outlives the delivery: results, logs)."""
-        return self if self.data is None else FileIdentity(self.path, self.sha256, self.signature, self.source)
+        """The same identity without the kept bytes or the lease (what outlives the delivery: results, logs)."""
+        if self.data is None and self.lease is None:
+            return self
+        return FileIdentity(self.path, self.sha256, self.signature, self.source)
+
+    def close(self) -> None:
+        """Give up the read lease, if any, once the delivery is over (a writer no longer waits on us)."""
+        if self.lease is not None:
+            self.lease.close()
 
 
 def check_regular(path: Path) -> os.stat_result:
@@ -92,7 +103,7 @@ def check_regular(path: Path) -> os.stat_result:
 
 
 def identify(path: Path, source: Path | None = None, observe: Callable[[bytes], None] | None = None,
-             fd: int | None = None, read_size: int = OVERLAP_CHUNK) -> FileIdentity:
+             fd: int | None = None, read_size: int = OVERLAP_CHUNK, lease: ReadLease | None = None) -> FileIdentity:
     """Hash ``path``; raise :class:`FileChanged` if it changed while being read.
 
     ``source``: read the bytes there instead (``/proc/self/fd/N`` of a descriptor opened safely beneath the
@@ -102,7 +113,17 @@ def identify(path: Path, source: Path | None = None, observe: Callable[[bytes], 
     open descriptor itself (``source`` is its ``/proc/self/fd/N``), read from its start without opening it
     again: a watch worker saves a stat, an open and a close per file (procfs look-ups are not cheap).
     ``read_size``: the read size for a file of :data:`OVERLAP_MIN` or more (``post``'s first pass takes 2 MiB: it runs
-    beside start-up's Python, and each block costs it a wait for the GIL)."""
+    beside start-up's Python, and each block costs it a wait for the GIL). ``lease``: a read lease on ``path``
+    taken before this pass (:func:`smt_watch.readlease.hold`): its descriptor is hashed, the identity carries
+    it, and a lease broken by the end of the pass is :class:`FileChanged`; on any error it is given up here."""
+    if lease is not None:
+        try:
+            ident = identify(path, source, observe, lease.fd, read_size)
+            lease.check(str(path))  # a writer opened it during the pass: what was hashed may be torn
+        except BaseException:
+            lease.close()
+            raise
+        return FileIdentity(ident.path, ident.sha256, ident.signature, ident.source, lease=lease)
     if fd is not None:
         st = os.fstat(fd)
         os.lseek(fd, 0, os.SEEK_SET)

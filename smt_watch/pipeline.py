@@ -91,6 +91,7 @@ def payload_for(settings: Settings, ident: FileIdentity, name: str | None = None
         meter=meter_for(name, settings.meter_default),
         source=settings.source_tag,
         data=ident.data,
+        lease=ident.lease,
     )
 
 
@@ -117,10 +118,13 @@ def deliver_file(
         ident, sniffer = hashed() if hashed is not None else hash_pass(path)
     except (InputError, FileChanged) as exc:
         return Outcome(path, Result.CHANGED if isinstance(exc, FileChanged) else Result.ERROR, error=str(exc))
-    return deliver_identified(
-        settings, ledger, sink, ident, force=force, busy_wait=busy_wait, progress=progress, started=started,
-        sniffed=sniffer,
-    )
+    try:
+        return deliver_identified(
+            settings, ledger, sink, ident, force=force, busy_wait=busy_wait, progress=progress, started=started,
+            sniffed=sniffer,
+        )
+    finally:
+        ident.close()  # the read lease of a big file's hash pass, if it took one: no writer waits on us now
 
 
 Hashed = Callable[[], tuple[FileIdentity, Sniffer | None]]  # a hash_pass already under way

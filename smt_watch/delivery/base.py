@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     import httpx
 
     from smt_watch.config import Secret, Settings
+    from smt_watch.readlease import ReadLease
 
 RETRYABLE_STATUSES: Final = frozenset({408, 425, 429, 500, 502, 503, 504})
 # The web app runs on Vercel, which refuses a request body over 4.5 MB before the route runs: every body
@@ -55,6 +56,9 @@ class Payload:
     # worker, FileIdentity.data): a sink that builds its body from them sends what was hashed by
     # construction, with no re-read or re-hash. None: read ``path`` and verify as it streams.
     data: bytes | None = field(default=None, repr=False, compare=False)
+    # The read lease ``post``'s hash pass held on a big file (FileIdentity.lease): a sink that streams the file
+    # reads the lease's descriptor and, while it holds, need not hash the bytes again (stream.verified_chunks).
+    lease: ReadLease | None = field(default=None, repr=False, compare=False)
 
     @property
     def captured_at(self) -> str:

@@ -106,7 +106,7 @@ def _body(payload: Payload) -> Body:
                 progress(len(data))
             return
         yield head
-        yield from verified_chunks(payload.path, payload.size, payload.sha256, progress)
+        yield from verified_chunks(payload.path, payload.size, payload.sha256, progress, lease=payload.lease)
         yield tail
 
     return Body(f"multipart/form-data; boundary={boundary}", len(head) + payload.size + len(tail), chunks)

@@ -1,0 +1,198 @@
+"""post's big-file send under a kernel read lease (issue 27, smt_watch/readlease.py): the send reads the leased
+descriptor instead of hashing the file a second time, a writer that opens the file during the send aborts it
+(and is not kept waiting), and where no lease can be had the send re-hashes what it sends, as before.
+
+Real parts: the real receiver on loopback (a request held with ``Fault(release=...)``), the real CLI in a
+subprocess, real files, a writer in another process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import UPLOAD_TOKEN, wait_for
+from smt_watch import readlease
+from smt_watch.config import Settings
+from smt_watch.delivery import stream
+from smt_watch.errors import FileChanged
+from smt_watch.hashing import identify
+from smt_watch.pipeline import post_files
+from smt_watch.readlease import LEASE_MIN
+from smt_watch.reference.receiver import Fault
+from smt_watch.statedir import open_ledger
+
+Make = Callable[..., Settings]
+
+# The writer's own clock, from just before its open(..., "r+b") to just after: a lease not given up would hold it
+# for /proc/sys/fs/lease-break-time (45 s by default).
+WRITER = (
+    "import sys, time\n"
+    "t = time.monotonic()\n"
+    "with open(sys.argv[1], 'r+b') as f:\n"
+    "    waited = time.monotonic() - t\n"
+    "    f.seek(-2, 2)\n"
+    "    f.write(b'9')\n"
+    "print(f'{waited:.3f}')\n"
+)
+WRITER_MAX_WAIT = 5.0  # seconds: far under the 45 s a writer waits for a lease nobody gives up
+# `smt-watch post FILE` as the console script runs it (the early hash pass starts as cli.py loads), with the
+# send's re-hash replaced by an exit: the file must go by its lease, taken in the early pass's helper thread.
+CONSOLE_POST = (
+    "import sys\n"
+    "import smt_watch.delivery.stream as stream\n"
+    "stream._hashed_beside = lambda *a: sys.exit('the send re-hashed a file post had leased')\n"
+    "sys.argv = ['smt-watch', 'post', sys.argv[1]]\n"
+    "from smt_watch.cli import main\n"
+    "main()\n"
+)
+
+
+def big_csv(path: Path, size: int = LEASE_MIN + 8 * 1024 * 1024) -> Path:
+    """An SMT interval CSV of about ``size`` bytes (past LEASE_MIN, and far more than loopback's socket
+    buffers: a held request keeps the sender mid-body)."""
+    header = b"ESIID,USAGE_DATE,REVISION_DATE,USAGE_START_TIME,USAGE_END_TIME,USAGE_KWH,ESTIMATED_ACTUAL\n"
+    row = b"10443720000000001,01/01/2026,01/02/2026,00:00,00:15,0.208,A\n"
+    path.write_bytes(header + row * (size // len(row)))
+    return path
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def multipart(make: Make, receiver: Any, **env: str) -> Settings:
+    return make(SMT_UPLOAD_URL=f"{receiver.url}/upload", SMT_UPLOAD_TOKEN=UPLOAD_TOKEN, **env)
+
+
+@pytest.fixture
+def hashed_beside(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The paths the send re-hashed as it sent them (the path without a lease)."""
+    calls: list[Path] = []
+    real = stream._hashed_beside
+
+    def spy(path: Path, *a: Any) -> Iterator[bytes]:
+        calls.append(path)
+        return real(path, *a)
+
+    monkeypatch.setattr(stream, "_hashed_beside", spy)
+    return calls
+
+
+def test_a_big_file_is_sent_under_its_lease_without_a_second_hash(make_settings: Make, receiver: Any,
+                                                                  tmp_path: Path, hashed_beside: list[Path]) -> None:
+    """The bytes arrive whole and exact, the send never re-hashed them, and the lease is given up after.
+    Checked against post-hash-pass-lease (no lease: the send re-hashes)."""
+    f = big_csv(tmp_path / "IntervalData_M1.csv")
+    [o] = post_files(multipart(make_settings, receiver), [f])
+    assert (o.result, o.sha256) == ("sent", sha(f)), o
+    assert receiver.read(sha(f)) == f.read_bytes()
+    assert hashed_beside == []
+    assert len(readlease._keeper._held) == 0  # given up when the delivery ended
+    with f.open("r+b"):  # and no writer waits on it (the keeper would also have let it through)
+        pass
+
+
+def test_a_writer_during_the_send_aborts_it_and_is_not_kept_waiting(base_env: dict[str, str], make_settings: Make,
+                                                                     receiver: Any, tmp_path: Path) -> None:
+    """The console script (its first file hashed before typer loads, under a lease taken in that helper
+    thread; the send must not re-hash it): while the receiver holds the request mid-body, another process
+    opens the file for writing and changes a byte. Its open goes through within seconds (the lease is given
+    up at once, not after the lease-break time), post survives the lease-break signal, and the send is
+    aborted: never sent complete, ``changed``, the row left pending. Checked against post-lease-check-per-chunk
+    (the send carries on and delivers the changed bytes), post-lease-keeper-drops (the writer waits 45 s)
+    and post-early-pass-lease (no lease: the send re-hashes)."""
+    f = big_csv(tmp_path / "IntervalData_M1.csv")
+    digest = sha(f)
+    held = threading.Event()
+    receiver.state.faults.append(Fault(release=held))
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), **base_env,
+           "SMT_UPLOAD_URL": f"{receiver.url}/upload", "SMT_UPLOAD_TOKEN": UPLOAD_TOKEN, "SMT_HTTP_TIMEOUT": "60"}
+    post = subprocess.Popen([sys.executable, "-c", CONSOLE_POST, str(f)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: not receiver.state.faults or post.poll() is not None, 60, "the request to be held")
+        assert post.poll() is None, post.communicate()
+        writer = subprocess.run([sys.executable, "-c", WRITER, str(f)], capture_output=True, text=True,
+                                timeout=4 * WRITER_MAX_WAIT)
+        assert writer.returncode == 0, writer.stderr
+        assert float(writer.stdout) < WRITER_MAX_WAIT, writer.stdout
+    finally:
+        held.set()
+    out, err = post.communicate(timeout=60)
+    assert post.returncode == 1, (out, err)
+    assert out.startswith("changed ") and "opened for writing since it was hashed" in out, (out, err)
+    assert "Traceback" not in err
+    assert receiver.stored() == []
+    with open_ledger(make_settings()) as ledger:
+        row = ledger.get(digest)
+    assert row is not None and row.state == "pending", row
+
+
+def test_a_file_open_for_writing_before_post_is_sent_by_the_re_hashing_path(
+        make_settings: Make, receiver: Any, tmp_path: Path, hashed_beside: list[Path]) -> None:
+    """No lease while someone holds the file open for writing: the send re-hashes what it sends, as before,
+    and an untouched file is delivered whole."""
+    f = big_csv(tmp_path / "IntervalData_M1.csv")
+    with f.open("r+b"):
+        [o] = post_files(multipart(make_settings, receiver), [f])
+    assert o.result == "sent", o
+    assert receiver.read(sha(f)) == f.read_bytes()
+    assert hashed_beside == [f]
+
+
+def test_without_leases_a_change_during_the_send_is_still_caught(make_settings: Make, receiver: Any,
+                                                                 tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 hashed_beside: list[Path]) -> None:
+    """Where the kernel grants no lease (a filesystem without them, a file not ours), the send falls back to
+    hashing what it sends: a byte changed after the first chunk went out is still never sent complete."""
+    def unavailable(fd: int) -> None:
+        raise OSError(22, "leases unavailable here (the test's stand-in for a filesystem without them)")
+
+    monkeypatch.setattr(readlease, "_set_lease", unavailable)
+    f = big_csv(tmp_path / "IntervalData_M1.csv")
+    digest = sha(f)
+    calls: list[int] = []
+
+    def tamper(n: int) -> None:  # after the first chunk went out; the last chunk has not been read yet
+        calls.append(n)
+        if len(calls) == 1:
+            with f.open("r+b") as fh:
+                fh.seek(-2, 2)
+                fh.write(b"9")
+
+    settings = multipart(make_settings, receiver)
+    [o] = post_files(settings, [f], progress_for=lambda _: nullcontext(tamper))
+    assert o.result == "changed", o
+    assert hashed_beside == [f]
+    assert receiver.stored() == []
+    with open_ledger(settings) as ledger:
+        row = ledger.get(digest)
+    assert row is not None and row.state == "pending"
+
+
+def test_a_writer_during_the_hash_pass_makes_it_changed(tmp_path: Path) -> None:
+    """A lease broken while the file is being hashed (what was hashed may be torn) is ``FileChanged`` at the
+    end of the pass, and the lease is given up and its descriptor closed. Checked against
+    post-lease-hash-pass-check."""
+    f = big_csv(tmp_path / "IntervalData_M1.csv")
+    lease = readlease.hold(f)
+    assert lease is not None and lease.intact()
+    opened: list[bool] = []
+
+    def observe(block: bytes) -> None:  # a writer's open in the middle of the pass (the keeper lets it through)
+        if not opened:
+            with f.open("r+b"):
+                opened.append(True)
+
+    with pytest.raises(FileChanged):
+        identify(f, observe=observe, lease=lease)
+    assert opened and lease.fd == -1
