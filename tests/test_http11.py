@@ -90,8 +90,11 @@ def scripted() -> Iterator[Callable[..., Scripted]]:
     yield start
     for s, t in servers:
         s.answers.clear()
+        with socket.create_connection(s.sock.getsockname()):  # wakes an accept() still waiting
+            pass
+        t.join(10)
         s.sock.close()
-        t.join(5)
+        assert not t.is_alive()
 
 
 def reply(status: str, body: bytes = OK, *headers: str) -> bytes:
@@ -134,7 +137,11 @@ def test_requests_go_out_as_h11_wrote_them_on_one_kept_alive_connection(make_set
     b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n{\"ok\":false}",
     b"HTTP/1.1 200 OK\nContent-Length: 12\n\n{\"ok\":false}",  # bare LF line ends, which h11 takes too
     b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\nX-Folded: a\r\n b\r\n\r\n{\"ok\":false}",
-], ids=["chunked", "100-continue", "bare-lf", "folded-header"])
+    reply("200 OK", b'{"ok":false,"pad":"' + b"x" * (4 << 20) + b'"}'),  # many reads, grown by appends
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"".join(
+        b"%x\r\n%s\r\n" % (len(part), part) for part in [b'{"ok":false,"pad":"'] + [b"y" * 70000] * 60 + [b'"}'])
+    + b"0\r\n\r\n",
+], ids=["chunked", "100-continue", "bare-lf", "folded-header", "big", "big-chunked"])
 def test_every_framing_of_an_answer_is_read_whole(make_settings: Make, scripted: Any, answer: bytes) -> None:
     """The body decides the verdict (``ok:false`` is a refusal), so it must have been read whole."""
     s = scripted(answer, reply("200 OK"))

@@ -194,7 +194,9 @@ class _Http11:
         self._keepalive_expiry = keepalive_expiry
         self._stream: httpcore.NetworkStream | None = None
         self._expire_at: float | None = None
-        self._buf = b""  # bytes read past what a response used (kept only when empty: see _exchange)
+        # what was read and not used yet (a bytearray: a big body grows by appends, not by copies)
+        self._buf = bytearray()
+        self._answered = False  # a byte of this exchange's answer arrived (what a dropped connection is called)
 
     def usable(self) -> bool:
         """Connected, its keep-alive not expired, and not closed by the server while idle (readable then
@@ -206,7 +208,7 @@ class _Http11:
         return not self._stream.get_extra_info("is_readable")
 
     def close(self) -> None:
-        stream, self._stream, self._buf = self._stream, None, b""
+        stream, self._stream, self._buf = self._stream, None, bytearray()
         if stream is not None:
             stream.close()
 
@@ -227,9 +229,10 @@ class _Http11:
         read the whole answer: status, headers, body. Any failure closes the connection."""
         if self._stream is None:
             self._stream = self._connect(timeouts)
-            self._buf = b""
+            self._buf = bytearray()
         stream = self._stream
         self._expire_at = None
+        self._answered = False
         try:
             write_timeout = timeouts.get("write")
             stream.write(head, write_timeout)
@@ -260,7 +263,8 @@ class _Http11:
         data = stream.read(READ_BYTES, timeout)
         if not data:
             raise httpcore.RemoteProtocolError("peer closed connection without sending complete message body"
-                                               if self._buf else "Server disconnected without sending a response.")
+                                               if self._answered else "Server disconnected without sending a response.")
+        self._answered = True
         return data
 
     def _response(self, stream: httpcore.NetworkStream, timeout: float | None
@@ -272,7 +276,8 @@ class _Http11:
                 if len(self._buf) > MAX_HEAD_BYTES:
                     raise httpcore.RemoteProtocolError("response head too long")
                 self._buf += self._read(stream, timeout)
-            head, self._buf = self._buf[:end.start()], self._buf[end.end():]
+            head = bytes(self._buf[:end.start()])
+            del self._buf[:end.end()]
             lines = _LINE_END.split(head[:-1] if head.endswith(b"\r") else head)
             status_line = _STATUS_LINE.fullmatch(lines[0])
             if status_line is None:
@@ -304,14 +309,15 @@ class _Http11:
         if chunked:
             return status, headers, self._chunked(stream, timeout), keep
         if length is None:  # delimited by the end of the connection
-            parts = [self._buf]
-            self._buf = b""
             while data := stream.read(READ_BYTES, timeout):
-                parts.append(data)
-            return status, headers, b"".join(parts), False
+                self._buf += data
+            content = bytes(self._buf)
+            self._buf.clear()
+            return status, headers, content, False
         while len(self._buf) < length:
             self._buf += self._read(stream, timeout)
-        content, self._buf = self._buf[:length], self._buf[length:]
+        content = bytes(self._buf[:length])
+        del self._buf[:length]
         return status, headers, content, keep
 
     def _line(self, stream: httpcore.NetworkStream, timeout: float | None) -> bytes:
@@ -319,7 +325,8 @@ class _Http11:
             if len(self._buf) > MAX_HEAD_BYTES:
                 raise httpcore.RemoteProtocolError("chunk line too long")
             self._buf += self._read(stream, timeout)
-        line, self._buf = self._buf[:end].rstrip(b"\r"), self._buf[end + 1:]
+        line = bytes(self._buf[:end]).rstrip(b"\r")
+        del self._buf[:end + 1]
         return line
 
     def _chunked(self, stream: httpcore.NetworkStream, timeout: float | None) -> bytes:
@@ -340,8 +347,8 @@ class _Http11:
                 self._buf += self._read(stream, timeout)
             if self._buf[size:size + 2] != b"\r\n" and self._buf[size:size + 1] != b"\n":
                 raise httpcore.RemoteProtocolError("chunk not followed by CRLF")
-            parts.append(self._buf[:size])
-            self._buf = self._buf[size + (2 if self._buf[size:size + 1] == b"\r" else 1):]
+            parts.append(bytes(self._buf[:size]))
+            del self._buf[:size + (2 if self._buf[size:size + 1] == b"\r" else 1)]
 
 
 def _header_fields(lines: list[bytes]) -> list[tuple[bytes, bytes]]:
