@@ -6,6 +6,7 @@ for it; a ``None`` in the script closes the connection instead."""
 
 from __future__ import annotations
 
+import gzip
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -141,7 +142,8 @@ def test_requests_go_out_as_h11_wrote_them_on_one_kept_alive_connection(make_set
     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"".join(
         b"%x\r\n%s\r\n" % (len(part), part) for part in [b'{"ok":false,"pad":"'] + [b"y" * 70000] * 60 + [b'"}'])
     + b"0\r\n\r\n",
-], ids=["chunked", "100-continue", "bare-lf", "folded-header", "big", "big-chunked"])
+    reply("200 OK", gzip.compress(b'{"ok":false}'), "Content-Encoding: gzip"),  # decoded as httpx decodes
+], ids=["chunked", "100-continue", "bare-lf", "folded-header", "big", "big-chunked", "gzip"])
 def test_every_framing_of_an_answer_is_read_whole(make_settings: Make, scripted: Any, answer: bytes) -> None:
     """The body decides the verdict (``ok:false`` is a refusal), so it must have been read whole."""
     s = scripted(answer, reply("200 OK"))
@@ -212,6 +214,17 @@ def test_a_hostile_answer_is_one_retryable_protocol_error(make_settings: Make, s
     finally:
         p.close()
     assert "\n" not in str(info.value)
+
+
+def test_a_retry_after_is_read_from_the_answers_headers(make_settings: Make, scripted: Any) -> None:
+    s = scripted(reply("503 Service Unavailable", b"busy", "retry-after: 7"))
+    p = poster(make_settings, s.url)
+    try:
+        with pytest.raises(RetryableDelivery) as info:
+            p.post("a.csv", KEY, body(b"data"), None)
+    finally:
+        p.close()
+    assert (info.value.status, info.value.retry_after) == (503, 7.0)
 
 
 def test_a_body_shorter_than_its_length_never_completes_a_request(make_settings: Make, scripted: Any) -> None:
