@@ -138,12 +138,13 @@ def test_requests_go_out_as_h11_wrote_them_on_one_kept_alive_connection(make_set
     b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n{\"ok\":false}",
     b"HTTP/1.1 200 OK\nContent-Length: 12\n\n{\"ok\":false}",  # bare LF line ends, which h11 takes too
     b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\nX-Folded: a\r\n b\r\n\r\n{\"ok\":false}",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 12, 12\r\nContent-Length: 12\r\n\r\n{\"ok\":false}",
     reply("200 OK", b'{"ok":false,"pad":"' + b"x" * (4 << 20) + b'"}'),  # many reads, grown by appends
     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"".join(
         b"%x\r\n%s\r\n" % (len(part), part) for part in [b'{"ok":false,"pad":"'] + [b"y" * 70000] * 60 + [b'"}'])
     + b"0\r\n\r\n",
     reply("200 OK", gzip.compress(b'{"ok":false}'), "Content-Encoding: gzip"),  # decoded as httpx decodes
-], ids=["chunked", "100-continue", "bare-lf", "folded-header", "big", "big-chunked", "gzip"])
+], ids=["chunked", "100-continue", "bare-lf", "folded-header", "big", "big-chunked", "gzip", "length-list"])
 def test_every_framing_of_an_answer_is_read_whole(make_settings: Make, scripted: Any, answer: bytes) -> None:
     """The body decides the verdict (``ok:false`` is a refusal), so it must have been read whole."""
     s = scripted(answer, reply("200 OK"))

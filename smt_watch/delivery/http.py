@@ -297,10 +297,11 @@ class _Http11:
             lower = name.lower()
             if lower == b"connection" and b"close" in [t.strip() for t in value.lower().split(b",")]:
                 keep = False
-            elif lower == b"content-length":
-                if not value.isdigit() or (length is not None and int(value) != length):
+            elif lower == b"content-length":  # "5" or, as h11 takes it, "5, 5": one length however often said
+                said = {v.strip() for v in value.split(b",")} | ({b"%d" % length} if length is not None else set())
+                if len(said) != 1 or not (text := said.pop()).isdigit():
                     raise httpcore.RemoteProtocolError("bad Content-Length")
-                length = int(value)
+                length = int(text)
             elif lower == b"transfer-encoding":
                 if value.strip().lower() != b"chunked" or chunked:
                     raise httpcore.RemoteProtocolError("unsupported Transfer-Encoding")
