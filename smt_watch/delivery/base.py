@@ -16,18 +16,16 @@ from __future__ import annotations
 import email.utils
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from smt_watch.clock import utc_stamp
 from smt_watch.errors import DeliveryError, PermanentDelivery, RetryableDelivery
 
 if TYPE_CHECKING:
-    import httpx
-
     from smt_watch.config import Secret, Settings
     from smt_watch.readlease import ReadLease
 
@@ -128,10 +126,26 @@ class LeftOut(PermanentDelivery):
     interval CSV): ``failed`` like any refusal, but a container whose other CSVs landed is still ``sent``."""
 
 
-Classify = Callable[["httpx.Response", str, str], DeliveryError | None]
+class Reply(Protocol):
+    """What a verdict reads of an answer: an ``httpx.Response``, or the poster's lighter one for a request
+    it sent itself (``delivery/http.py``), which parses the body as JSON at most once."""
+
+    @property
+    def status_code(self) -> int: ...
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+    @property
+    def content(self) -> bytes: ...
+
+    def json(self) -> Any: ...
 
 
-def classify(response: httpx.Response, body: str, destination: str) -> DeliveryError | None:
+Classify = Callable[[Reply, str, str], DeliveryError | None]
+
+
+def classify(response: Reply, body: str, destination: str) -> DeliveryError | None:
     """The default verdict on a response: None when delivered, else the error to raise.
 
     ``body`` is the response's first bytes with secrets scrubbed (what an error may quote)."""
@@ -148,7 +162,7 @@ def classify(response: httpx.Response, body: str, destination: str) -> DeliveryE
     return None
 
 
-def _reports_failure(response: httpx.Response) -> bool:
+def _reports_failure(response: Reply) -> bool:
     """A 2xx whose JSON body says ``"ok": false`` is a refusal, not a success."""
     try:
         data = response.json()

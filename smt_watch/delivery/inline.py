@@ -21,15 +21,12 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
-from smt_watch.delivery.base import Body, Delivered, Payload, Progress, SinkContext, classify
+from smt_watch.delivery.base import Body, Delivered, Payload, Progress, Reply, SinkContext, classify
 from smt_watch.delivery.http import Poster
 from smt_watch.delivery.stream import b64_len, b64_stream, plain_chunks, verified_chunks
 from smt_watch.errors import DeliveryError, PermanentDelivery
-
-if TYPE_CHECKING:
-    import httpx
 
 log = logging.getLogger("smt_watch.delivery")
 
@@ -37,7 +34,7 @@ PRODUCTION_REFUSALS: Final = frozenset({"INLINE_DISABLED", "HOME_ID_REQUIRED"})
 USE_RAW_UPLOAD: Final = "use raw-upload (SMT_DELIVERY=raw-upload, or unset SMT_DELIVERY with only INTELLIWATT_BASE_URL)"
 
 
-def classify_inline(response: httpx.Response, body: str, destination: str) -> DeliveryError | None:
+def classify_inline(response: Reply, body: str, destination: str) -> DeliveryError | None:
     """The default verdict, except that the production route's refusals of inline say what to do."""
     error = classify(response, body, destination)
     if error is None or response.status_code != 400:

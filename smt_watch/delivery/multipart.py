@@ -15,15 +15,11 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
-from smt_watch.delivery.base import Body, Delivered, LeftOut, Payload, Progress, SinkContext, classify
+from smt_watch.delivery.base import Body, Delivered, LeftOut, Payload, Progress, Reply, SinkContext, classify
 from smt_watch.delivery.http import Poster
 from smt_watch.delivery.stream import READ_CHUNK, verified_bytes, verified_chunks
 from smt_watch.errors import DeliveryError
-
-if TYPE_CHECKING:
-    import httpx
 
 log = logging.getLogger("smt_watch.delivery")
 
@@ -50,7 +46,7 @@ class MultipartSink:
         self._poster.close()
 
 
-def classify_multipart(response: httpx.Response, body: str, destination: str) -> DeliveryError | None:
+def classify_multipart(response: Reply, body: str, destination: str) -> DeliveryError | None:
     """The default verdict, except that an upload server's 2xx saying it dropped the file is a refusal."""
     error = classify(response, body, destination)
     if error is not None:
