@@ -122,8 +122,8 @@ class KeptEsiids:
         dates = cells[date_cell::commas]
         distinct = set(dates)
         near = {d for d in distinct if not self._far(d)}
-        if len(near) == len(distinct):
-            return lines
+        if not near or len(near) == len(distinct):
+            return lines if near else []
         return [line for line, d in zip(lines, dates, strict=True) if d in near]
 
     def _shape(self, header: str) -> tuple[int, int, int] | None:

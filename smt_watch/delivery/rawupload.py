@@ -199,15 +199,14 @@ def _constant(data: bytes) -> Callable[[Progress | None], Iterator[bytes]]:
 
 
 _READ: Final = 1 << 20  # bytes read at once: lines are handled a block's worth at a time
-_BLANK_STARTS: Final = tuple(b"\n" + bytes([c]) for c in b"\n\t\x0b\x0c\r ")  # a line that may be blank
 
 
 def _js_line_runs(path: Path, digest: hashlib._Hash | None) -> Iterator[tuple[int, list[bytes], bool]]:
     """The file's lines as ``text.split(/\\r?\\n/)`` gives them (``\\n`` and one ``\\r`` before it removed, a last
     empty line when the file ends with ``\\n``), in runs of about a block: (the first one's line number, the
-    lines, ``clean``). A clean run is ASCII with no line that is blank or starts with a blank (its lines are
-    the chunks' bytes as they are); another is read line by line (:func:`_utf8`, :func:`_blank`). ``digest``
-    is fed every byte of the file."""
+    lines, ``clean``). A clean run is ASCII and has no line that is empty or starts with a byte up to a space,
+    so none is blank and each is the chunks' bytes as it is; another is read line by line (:func:`_utf8`,
+    :func:`_blank`). ``digest`` is fed every byte of the file."""
     number = 1
     carry = b""
     with path.open("rb") as fh:
@@ -222,9 +221,9 @@ def _js_line_runs(path: Path, digest: hashlib._Hash | None) -> Iterator[tuple[in
             text, carry = data[:cut], data[cut:]
             if b"\r" in text:
                 text = text.replace(b"\r\n", b"\n")  # one CR before each LF (a lone CR stays, as in JavaScript)
-            clean = (text.isascii() and text[:1] not in b"\t\n\x0b\x0c\r "
-                     and not any(start in text for start in _BLANK_STARTS))
             lines = text[:-1].split(b"\n")
+            # a blank line is empty or starts with a blank; the least line starts with the least byte
+            clean = text.isascii() and min(lines)[:1] > b" "
             yield number, lines, clean
             number += len(lines)
     yield number, [carry], False  # the last line, with no newline after it (b"" after a final one)
