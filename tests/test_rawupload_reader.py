@@ -168,6 +168,19 @@ def test_rows_left_out_change_no_chunks_kept_esiids(odd: float) -> None:
     assert compared > 1000
 
 
+def test_a_far_rows_end_time_still_decides_the_end_columns_role() -> None:
+    """A row without a start time takes its instant from its end time, read as a start or an end by the
+    chunk's earliest end time: a far row's. Such a chunk is parsed whole, or Y's 0:00 of 12/06 (an end, so
+    12/05 23:45 without the far row) would count as kept."""
+    window = coverage_window(datetime(2026, 12, 7, 18, tzinfo=UTC))  # to 2026-12-05
+    chunk = "\n".join([HEADER_LINES[0], "'10443720000000001,01/01/2020,,,0:00,1,A,C",
+                       "'10443720000000001,12/05/2026,,,0:15,1,A,C", "'10443720000000002,12/06/2026,,,0:00,1,A,C",
+                       ]).encode()
+    want = AppModel().ingest(chunk_lines(chunk), None, "M1", window)[0]
+    assert want == {"10443720000000001"}
+    assert KeptEsiids(esiid=None, meter="M1", window=window).kept(chunk) == want
+
+
 def test_an_instant_past_year_9999_is_outside_the_window_not_an_error(tmp_path: Path) -> None:
     """The replay dated every instant (``internal error: ValueError: year 10000 is out of range``); the
     window test compares instants."""
