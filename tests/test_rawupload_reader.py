@@ -14,7 +14,9 @@ readings it replaced, on generated hostile files and chunks.
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 import random
 import re
 import tracemalloc
@@ -212,3 +214,17 @@ def test_planning_holds_as_much_for_four_years_as_for_one(tmp_path: Path) -> Non
     peak_four, post_four = _peak_planning(four, now)
     assert post_one == {8} and post_four == {29}  # each file's last chunk: it keeps days up to 11/30
     assert peak_four - peak_one < 1 << 20, (peak_one, peak_four)
+
+
+@pytest.mark.parametrize("name", ["a.csv", 'x", "contentBase64": "', "caf\u00e9\u2028.csv", '"contentBase64": ""'])
+def test_a_chunks_json_is_json_dumps_byte_for_byte(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """The base64 is put in place without json.dumps scanning it: the bytes must be the same, whatever the
+    names hold (a quote in a JSON string is escaped, so the placeholder is found only as the key itself)."""
+    monkeypatch.setattr(rawupload, "utc_stamp", lambda: "2026-12-07T18:00:00.000Z")
+    rng = random.Random(name)
+    for esiid in ("", "10443720000000001", '"contentBase64": ""'):
+        meta = rawupload.ChunkMeta(name, esiid, "M1")
+        content = rng.randbytes(rng.randrange(0, 3000))
+        fields = meta.fields(2, 3, len(content), "ab" * 32, "2026-12-07T18:00:00.000Z", True)
+        fields["contentBase64"] = base64.b64encode(content).decode()
+        assert meta.json(2, 3, content, "ab" * 32, post=True) == json.dumps(fields).encode()
