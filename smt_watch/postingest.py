@@ -27,7 +27,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from itertools import repeat
 from typing import Final
 
-from smt_watch.expect import _LINE_RE, RowParser, js_date_utc, js_trim, normalize_chunk, split_rows
+from smt_watch.expect import _LINE_RE, RowParser, _esiid, _first, js_date_utc, js_trim, normalize_chunk, split_rows
 from smt_watch.window import CHICAGO, Window, coverage_window
 
 HOUR_MS: Final = 3_600_000
@@ -37,6 +37,7 @@ _DATE_SHAPE: Final = re.compile(r"([0-9]{1,2})/([0-9]{1,2})/([0-9]{4})")
 _LABEL_SHAPE: Final = re.compile(r"[0-9]{1,2}:[0-9]{2}")
 _EARLIEST_MS: Final = 5 * HOUR_MS
 _LATEST_MS: Final = 107 * HOUR_MS
+_FIRST_SLICE: Final = 96  # rows parsed first in a chunk inside the window: a day (then 4x as many each time)
 
 
 def post_ingest_chunks(kept_esiids: Iterable[set[str]]) -> set[int]:
@@ -81,7 +82,8 @@ class KeptEsiids:
         self.esiid, self.meter = esiid, meter
         self.lo_hour = _first_hour(window.start)
         self.hi_hour = _first_hour(window.end + timedelta(days=1))
-        self._columns: tuple[str, int, int, int] | None = None  # header text, commas, date cell, start cell
+        # header text, commas, date cell, start cell, ESIID cell (-1: not one column)
+        self._columns: tuple[str, int, int, int, int] | None = None
 
     def kept(self, chunk: bytes) -> set[str]:
         text = chunk.decode("utf-8", errors="replace")
@@ -91,7 +93,31 @@ class KeptEsiids:
         if not near:
             return set()
         header = text[: text.find("\n") + 1]
-        return self._parse(_LINE_RE.findall(header + "\n".join(near)))
+        assert self._columns is not None
+        if self._columns[4] < 0:
+            return self._parse(_LINE_RE.findall(header + "\n".join(near)))
+        return self._parse_until_kept(header, near, self._columns[4])
+
+    def _parse_until_kept(self, header: str, lines: list[str], cell: int) -> set[str]:
+        """:meth:`_parse` of ``lines`` (rows independent of each other, :meth:`_near_lines`) in growing slices,
+        each without the rows whose ESIID cell names an ESIID already kept: they could add nothing. A chunk
+        of one ESIID inside the window costs the parser a day of rows, not 5,000."""
+        kept: set[str] = set()
+        done: set[str] = set()  # ESIID cells whose ESIID is kept
+        start, step = 0, _FIRST_SLICE
+        while start < len(lines):
+            part = lines[start : start + step]
+            start, step = start + step, step * 4
+            if done:
+                part = [line for line in part if line.split(",", cell + 1)[cell] not in done]
+            if not part:
+                continue
+            found = self._parse(_LINE_RE.findall(header + "\n".join(part)))
+            if not found <= kept:
+                kept |= found
+                done.update(raw for raw in {line.split(",", cell + 1)[cell] for line in part}
+                            if _esiid(_first([raw], [0]), self.esiid) in kept)
+        return kept
 
     def _parse(self, lines: list[str]) -> set[str]:
         """The app's parser over ``lines``: the ESIIDs of the pairs with an instant in the window."""
@@ -133,10 +159,11 @@ class KeptEsiids:
             parser = RowParser(row) if row else None
             if (parser is None or len(set(parser.c_date)) != 1 or len(set(parser.c_start)) != 1
                     or header.count(",") + 1 != parser.width):
-                self._columns = (header, 0, 0, 0)
+                self._columns = (header, 0, 0, 0, -1)
             else:
-                self._columns = (header, parser.width - 1, parser.c_date[0], parser.c_start[0])
-        _, commas, date_cell, start_cell = self._columns
+                esiid_cell = parser.c_esiid[0] if len(set(parser.c_esiid)) == 1 else -1
+                self._columns = (header, parser.width - 1, parser.c_date[0], parser.c_start[0], esiid_cell)
+        _, commas, date_cell, start_cell, _ = self._columns
         if not (0 < date_cell < commas and 0 < start_cell < commas and date_cell != start_cell):
             return None
         return commas, date_cell, start_cell
