@@ -21,6 +21,7 @@ whatever its other cells say, so a file of ten years costs the parser about the 
 
 from __future__ import annotations
 
+import operator
 import re
 from collections.abc import Iterable, Iterator
 from datetime import UTC, date, datetime, time, timedelta
@@ -138,18 +139,22 @@ class KeptEsiids:
         if columns is None:
             return None
         commas, date_cell, start_cell = columns
-        lines = body.split("\n")
-        if set(map(str.count, lines, repeat(","))) != {commas}:
-            return None
-        # each line has ``commas`` commas: its cell j (0 < j < commas) is cells[line * commas + j]
+        # each line has ``commas`` commas when every n-1 line ends falls in a cell that joins two lines, so
+        # that a line's cell j (0 < j < commas) is cells[line * commas + j]
+        n = body.count("\n") + 1
         cells = body.split(",")
+        if len(cells) != commas * n + 1 or not all(map(operator.contains, cells[commas:-1:commas], repeat("\n"))):
+            return None
         if not all(_LABEL_SHAPE.fullmatch(js_trim(label)) for label in set(cells[start_cell::commas])):
             return None  # a start label without a clock time: the route's end-column rule spans rows
         dates = cells[date_cell::commas]
         distinct = set(dates)
         near = {d for d in distinct if not self._far(d)}
-        if not near or len(near) == len(distinct):
-            return lines if near else []
+        if not near:
+            return []
+        lines = body.split("\n")
+        if len(near) == len(distinct):
+            return lines
         return [line for line, d in zip(lines, dates, strict=True) if d in near]
 
     def _shape(self, header: str) -> tuple[int, int, int] | None:
