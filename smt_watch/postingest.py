@@ -76,8 +76,9 @@ class KeptEsiids:
     (only a row without one makes the parser look at the other rows: the end column's role). In such a chunk
     of plain lines (no quote, no CR, as many cells as the header, the date and start columns one each and
     inside the line), a row whose date cell is SMT's ``M/D/YYYY`` and whose every possible instant lies outside
-    the window keeps nothing, so only the other rows go through the parser (:func:`normalize_chunk`).
-    Anything else: the whole chunk goes through it."""
+    the window keeps nothing, so only the other rows go through the parser (:func:`normalize_chunk`), and of
+    those not the rows of an ESIID already found kept (:meth:`_parse_until_kept`). Anything else: the whole
+    chunk goes through it."""
 
     def __init__(self, *, esiid: str | None, meter: str | None, window: Window) -> None:
         self.esiid, self.meter = esiid, meter
