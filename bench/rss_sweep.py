@@ -5,9 +5,10 @@ writes ``{mode: [[size_mib, peak_rss_mib], ...]}`` as JSON.
 
 The files are SMT interval CSVs (``smt-watch sample``'s year of reads, its lines repeated up to the size): the
 raw-upload mode refuses any other kind of CSV before sending, as IntelliWatt's route reads interval files only.
-raw-upload goes up to ``--raw-max-mib`` (64 by default): it works out, row by row, what the app will store of
-every chunk (smt_watch/expect.py, for ``verify``), ~10,000 rows/s here, so 1 GiB (14 million rows) would take
-half an hour for one point of a curve that is flat long before.
+raw-upload goes up to ``--raw-max-mib`` (1024 by default, as the others): besides cutting the chunks it picks
+the ``postIngest`` chunks by the app's own parser on the rows dated near the app's window (smt_watch/postingest.py),
+~40 MB/s of CPU here, so 1 GiB takes about a minute with the sink (it took ~10,000 rows/s before issue 27's fix,
+when this stopped at 64 MiB).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("-o", "--output", type=Path, required=True)
     parser.add_argument("--max-mib", type=int, default=1024, help="largest file (default 1024)")
-    parser.add_argument("--raw-max-mib", type=int, default=64, help="largest file for raw-upload (default 64)")
+    parser.add_argument("--raw-max-mib", type=int, default=1024, help="largest file for raw-upload (default 1024)")
     args = parser.parse_args()
     result: dict[str, list[list[float]]] = {"multipart": [], "inline base64": [], "raw-upload": []}
     with tempfile.TemporaryDirectory(prefix="bench-rss-", dir="/tmp") as tmp, start_sink_process() as port:

@@ -41,7 +41,7 @@ def render(steps: list[tuple[int, str]]) -> str:
         "",
         "`bench/plot.png`, left: land → 2xx latency of `watch` (the latency runs of the watch section, settle",
         "subtracted). Right: peak RSS of `smt-watch post` against file size, 1 MiB … 1 GiB, per mode (raw-upload",
-        "to 64 MiB: see `bench/rss_sweep.py`), SMT interval CSVs to `bench/sink.py`, from the same run.",
+        "included: see `bench/rss_sweep.py`), SMT interval CSVs to `bench/sink.py`, from the same run.",
         "",
     ]
     return "\n".join(lines)

@@ -18,11 +18,13 @@ the window still has its post-ingest work queued; the last chunk when no chunk h
 ``source`` is ``smt-watch``, so rows smt-watch sent can be told from the Node server's (``droplet-upload``)
 and the old script's inline ones (``SOURCE_TAG``).
 
-A first pass plans the chunks (their hashes and sizes, and the whole file's hash, which must still be the one
-recorded); the sending pass re-reads each chunk and checks it against the plan, so a file that changes mid-way
-is never sent mixed. Acknowledged chunks are kept in the ledger (the :class:`ChunkStore` the sink is built
-with): after a crash or a failed chunk, delivery resumes at the first unacknowledged one; a forced re-send
-(``post --force``, :attr:`Payload.resend`) sends every chunk again. Memory is bounded by one chunk.
+A first pass plans the chunks (their hashes and sizes, the whole file's hash, which must still be the one
+recorded, and which chunks carry ``postIngest``); the sending pass re-reads each chunk and checks it against
+the plan, so a file that changes mid-way is never sent mixed. Acknowledged chunks are kept in the ledger (the
+:class:`ChunkStore` the sink is built with): after a crash or a failed chunk, delivery resumes at the first
+unacknowledged one; a forced re-send (``post --force``, :attr:`Payload.resend`) sends every chunk again.
+Memory is bounded by one chunk and one 256 KiB read, whatever the file's size (the plan keeps a hash and a
+size per chunk); the two passes read a block at a time (:func:`iter_chunks`).
 
 Only interval CSVs go this way: the route parses nothing else, so the pipeline records a daily or billing
 CSV as ``failed`` instead of sending it (:attr:`RawUploadSink.kinds`).
@@ -33,6 +35,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 from collections.abc import Callable, Iterator
@@ -48,6 +51,7 @@ from smt_watch.postingest import plan_post_ingest
 
 log = logging.getLogger("smt_watch.delivery")
 
+_EMPTY_CONTENT: Final = b'"contentBase64": ""'  # how json.dumps writes ChunkMeta.fields' placeholder
 SOURCE: Final = "smt-watch"  # the rows' ``source``: not SOURCE_TAG (the old script's) nor "droplet-upload"
 NODE_CHUNK_TIMEOUT: Final = 120.0  # the Node server's AbortSignal.timeout per chunk; the route may take 300 s
 # JavaScript's String.prototype.trim() set (WhiteSpace and LineTerminator), for the Node server's blank test
@@ -81,11 +85,17 @@ class RawUploadSink:
         store = self._store
         meta = ChunkMeta(payload.filename, payload.esiid, payload.meter)
         budget = meta.content_budget(payload.size)
-        plan = plan_chunks(payload.path, payload.size, payload.sha256, self.lines_per_chunk, budget)
+        # the chunks whose postIngest the app acts on: each ESIID's last chunk with intervals its window keeps,
+        # judged in the same pass as the plan
+        post: set[int] = set()
+
+        def judge(chunks: Iterator[bytes]) -> None:
+            post.update(plan_post_ingest(chunks, esiid=payload.esiid or None, meter=payload.meter,
+                                         now=datetime.now(UTC)))
+
+        plan = plan_chunks(payload.path, payload.size, payload.sha256, self.lines_per_chunk, budget, judge)
         total = len(plan)
-        # the chunks whose postIngest the app acts on: each ESIID's last chunk with intervals its window keeps
-        post = plan_post_ingest(iter_chunks(payload.path, self.lines_per_chunk, budget), esiid=payload.esiid or None,
-                                meter=payload.meter, now=datetime.now(UTC)) or {total}
+        post = post or {total}
         acked = store.acked_chunks(payload.sha256, total) if store and not payload.resend else {}
         attempts, status, text = 0, 200, ""
         digest = hashlib.sha256()
@@ -154,8 +164,12 @@ class ChunkMeta:
     def json(self, number: int, total: int, content: bytes, chunk_sha: str, *, post: bool) -> bytes:
         """Chunk ``number`` of ``total`` (from 1); ``post``: it asks the app for its post-ingest work."""
         fields = self.fields(number, total, len(content), chunk_sha, utc_stamp(), post)
-        fields["contentBase64"] = base64.b64encode(content).decode()
-        return json.dumps(fields).encode()
+        # json.dumps with the base64 in place, without its scan of ~0.5 MB for characters to escape: base64's
+        # alphabet has none, and the empty value's key is found once (inside a JSON string a quote is \")
+        head, empty, tail = json.dumps(fields).encode().partition(_EMPTY_CONTENT)
+        if not empty:
+            raise AssertionError("contentBase64 not in the chunk's JSON")
+        return b"".join((head, b'"contentBase64": "', base64.b64encode(content), b'"', tail))
 
     def content_budget(self, file_size: int) -> int:
         """The most content bytes a chunk may hold so that its JSON body stays within MAX_REQUEST_BYTES: the
@@ -189,18 +203,35 @@ def _constant(data: bytes) -> Callable[[Progress | None], Iterator[bytes]]:
     return chunks
 
 
-def _js_lines(path: Path, digest: hashlib._Hash | None) -> Iterator[bytes]:
-    """The file's lines as ``text.split(/\\r?\\n/)`` gives them: ``\\n`` (and one ``\\r`` before it) removed, a
-    last empty line when the file ends with ``\\n``. ``digest`` is fed every byte of the file."""
+_READ: Final = 256 * 1024  # bytes read at once: a block and its lines stay small (and in the CPU's caches)
+
+
+def _js_line_runs(path: Path, digest: hashlib._Hash | None) -> Iterator[tuple[int, list[bytes], bool]]:
+    """The file's lines as ``text.split(/\\r?\\n/)`` gives them (``\\n`` and one ``\\r`` before it removed, a last
+    empty line when the file ends with ``\\n``), in runs of about a block: (the first one's line number, the
+    lines, ``clean``). A clean run is ASCII and has no line that is empty or starts with a byte up to a space,
+    so none is blank and each is the chunks' bytes as it is; another is read line by line (:func:`_utf8`,
+    :func:`_blank`). ``digest`` is fed every byte of the file."""
+    number = 1
+    carry = b""
     with path.open("rb") as fh:
-        for raw in fh:
+        while block := fh.read(_READ):
             if digest is not None:
-                digest.update(raw)
-            if not raw.endswith(b"\n"):
-                yield raw  # the last line, with no newline after it
-                return
-            yield raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
-    yield b""
+                digest.update(block)
+            data = carry + block if carry else block
+            cut = data.rfind(b"\n") + 1
+            if cut == 0:
+                carry = data
+                continue
+            text, carry = data[:cut], data[cut:]
+            if b"\r" in text:
+                text = text.replace(b"\r\n", b"\n")  # one CR before each LF (a lone CR stays, as in JavaScript)
+            lines = text[:-1].split(b"\n")
+            # a blank line is empty or starts with a blank; the least line starts with the least byte
+            clean = text.isascii() and min(lines)[:1] > b" "
+            yield number, lines, clean
+            number += len(lines)
+    yield number, [carry], False  # the last line, with no newline after it (b"" after a final one)
 
 
 def _utf8(line: bytes) -> bytes:
@@ -222,29 +253,54 @@ def iter_chunks(path: Path, lines_per_chunk: int, budget: int = MAX_REQUEST_BYTE
     lines joined by ``\\n``, no newline at the end; also cut before a chunk passes ``budget`` bytes. A file with
     no data line is one chunk, the whole file. ``digest`` (when given) is fed every byte of the file, so a
     caller can check the whole file's hash. Raises :class:`PermanentDelivery` when the header and one line
-    alone pass ``budget``."""
-    lines = _js_lines(path, digest)
-    header = _utf8(next(lines))
+    alone pass ``budget``.
+
+    Memory: one chunk and one block. Time: a clean run (:func:`_js_line_runs`) is taken in slices of as many
+    lines as the chunk has room for, each added at once when it fits the budget; the rest line by line."""
+    runs = _js_line_runs(path, digest)
+    _, first, first_clean = next(runs)
+    header = _utf8(first[0])
     batch: list[bytes] = []
     size = len(header)
     data_lines = 0
-    for number, line in enumerate(lines, start=2):
-        if _blank(line):
-            continue
-        line = _utf8(line)
-        data_lines += 1
-        if batch and (len(batch) == lines_per_chunk or size + 1 + len(line) > budget):
-            yield b"\n".join([header, *batch])
-            batch, size = [], len(header)
-        if size + 1 + len(line) > budget:
-            raise PermanentDelivery(
-                f"{path.name}: line {number} is {len(line)} bytes; with the header it cannot fit a raw-upload request"
-                f" of at most {MAX_REQUEST_BYTES} bytes (the web app's limit)")
-        batch.append(line)
-        size += 1 + len(line)
+    for start, lines, clean in itertools.chain([(2, first[1:], first_clean)], runs):
+        i, n = 0, len(lines)
+        while i < n:
+            if clean:
+                if len(batch) == lines_per_chunk:
+                    yield b"\n".join([header, *batch])
+                    batch, size = [], len(header)
+                take = lines[i : i + lines_per_chunk - len(batch)]
+                more = sum(map(len, take)) + len(take)
+                if size + more <= budget:  # every line fits: as the loop below would take them, at once
+                    batch += take
+                    size += more
+                    data_lines += len(take)
+                    i += len(take)
+                    continue
+            else:
+                take = lines[i : i + 1]
+            for line in take:
+                i += 1
+                if _blank(line):
+                    continue
+                line = _utf8(line)
+                data_lines += 1
+                if batch and (len(batch) == lines_per_chunk or size + 1 + len(line) > budget):
+                    yield b"\n".join([header, *batch])
+                    batch, size = [], len(header)
+                if size + 1 + len(line) > budget:
+                    raise PermanentDelivery(
+                        f"{path.name}: line {start + i - 1} is {len(line)} bytes; with the header it cannot fit a"
+                        f" raw-upload request of at most {MAX_REQUEST_BYTES} bytes (the web app's limit)")
+                batch.append(line)
+                size += 1 + len(line)
     if batch:
         yield b"\n".join([header, *batch])
     elif data_lines == 0:
+        if path.stat().st_size > budget:  # UTF-8 repair never shortens: too big without being read whole
+            raise PermanentDelivery(f"{path.name}: {path.stat().st_size} bytes without a data line cannot fit a"
+                                    f" raw-upload request of at most {MAX_REQUEST_BYTES} bytes")
         whole = _utf8(path.read_bytes())
         if len(whole) > budget:
             raise PermanentDelivery(f"{path.name}: {len(whole)} bytes without a data line cannot fit a raw-upload"
@@ -252,11 +308,24 @@ def iter_chunks(path: Path, lines_per_chunk: int, budget: int = MAX_REQUEST_BYTE
         yield whole
 
 
-def plan_chunks(path: Path, size: int, sha256: str, lines_per_chunk: int, budget: int = MAX_REQUEST_BYTES
-                ) -> list[tuple[str, int]]:
-    """(chunk SHA-256, chunk size) for every chunk; raises FileChanged if the file is not the one hashed."""
+def plan_chunks(path: Path, size: int, sha256: str, lines_per_chunk: int, budget: int = MAX_REQUEST_BYTES,
+                see: Callable[[Iterator[bytes]], object] | None = None) -> list[tuple[str, int]]:
+    """(chunk SHA-256, chunk size) for every chunk; raises FileChanged if the file is not the one hashed.
+    ``see``, when given, reads the same chunks as they are planned (one pass over the file for both); it must
+    read them all."""
     digest = hashlib.sha256()
-    plan = [(hashlib.sha256(c).hexdigest(), len(c)) for c in iter_chunks(path, lines_per_chunk, budget, digest)]
+    plan: list[tuple[str, int]] = []
+
+    def planned() -> Iterator[bytes]:
+        for content in iter_chunks(path, lines_per_chunk, budget, digest):
+            plan.append((hashlib.sha256(content).hexdigest(), len(content)))
+            yield content
+
+    if see is None:
+        for _ in planned():
+            pass
+    else:
+        see(planned())
     if digest.hexdigest() != sha256:
         raise FileChanged(f"{path.name}: changed since it was hashed")
     return plan
