@@ -560,6 +560,7 @@ def test_every_connection_of_a_pass_sends_without_nagle_delay(
     files of 100 KB, one worker, 11.4 s with Nagle, 4.5 s without). Checked against mutant sync-nagle."""
     for i in range(2 * sync.DEPTH_WHOLE):  # enough for both workers: each is handed DEPTH_WHOLE files at first
         server.put(f"f{i}.csv", b"x" * (1000 + i))
+    monkeypatch.setattr(sync, "DEPTH_SMALL", sync.DEPTH_WHOLE)
     flags: list[int] = []
     real = sync.connect
 
