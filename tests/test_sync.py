@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -38,7 +39,9 @@ from sftp_server import (
 )
 
 from conftest import UPLOAD_TOKEN, wait_for, watching, write_csv
+from smt_watch import sync
 from smt_watch.config import Settings
+from smt_watch.sftp import Connection
 from smt_watch.sync import ATTEMPTS, SyncReport, run_sync
 
 Make = Callable[..., Settings]
@@ -547,6 +550,29 @@ def test_key_readable_by_others_warns(
 
 
 # --- faults: drops, stalls, resume ------------------------------------------------------------------------
+
+
+def test_every_connection_of_a_pass_sends_without_nagle_delay(
+    server: SftpTestServer, env: dict[str, str], make_settings: Make, inbox: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The listing connection and each worker's have TCP_NODELAY: a worker's small requests written just
+    after paramiko's window adjustment would otherwise wait for the server's delayed ACK (measured: 1,000
+    files of 100 KB, one worker, 11.4 s with Nagle, 4.5 s without). Checked against mutant sync-nagle."""
+    for i in range(2 * sync.DEPTH_WHOLE):  # enough for both workers: each is handed DEPTH_WHOLE files at first
+        server.put(f"f{i}.csv", b"x" * (1000 + i))
+    monkeypatch.setattr(sync, "DEPTH_SMALL", sync.DEPTH_WHOLE)
+    flags: list[int] = []
+    real = sync.connect
+
+    def connect(settings: Settings, **kw: Any) -> Connection:
+        conn = real(settings, **kw)
+        flags.append(conn.transport.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        return conn
+
+    monkeypatch.setattr(sync, "connect", connect)
+    report = sync_once(make_settings, env, workers=2)
+    assert report.failed == [] and len(report.fetched) == 2 * sync.DEPTH_WHOLE
+    assert len(flags) == 3 and all(flags), flags  # the listing, then one per worker
 
 
 def test_connection_drop_mid_transfer_is_retried_and_resumed(

@@ -11,7 +11,9 @@ same bytes already in the inbox are recognised instead of being stored again as 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +23,7 @@ from sftp_server import SftpTestServer, sftp_env
 from test_sync import sync_once, visible
 
 from conftest import IoCalls
+from smt_watch import sync
 from smt_watch.config import Settings
 from smt_watch.ledger.sqlite import SqliteLedger
 from smt_watch.sftp import RemoteFile
@@ -142,3 +145,52 @@ def test_a_batch_of_files_costs_one_fsync_per_directory_then_each_is_recorded(
     assert io_calls.events[:2] == [("fsync", str(inbox / "x")), ("fsync", str(inbox / "y"))], io_calls.events
     assert kinds[2:] == ["record"] * 3, io_calls.events
     assert report.fetched == [inbox / "x/a.csv", inbox / "x/b.csv", inbox / "y/c.csv"] and landed.files == []
+
+
+def test_fetched_files_are_fsynced_several_at_once(
+    server: SftpTestServer, env: dict[str, str], make_settings: Make, inbox: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One worker (threads here) fetches four files; its finisher threads fsync them, several at once: the
+    first two fsyncs meet at a barrier, which only two fsyncs in flight together can pass (one thread doing
+    them in series would wait there until the barrier's deadline breaks it, and those files fail).
+    Checked against mutant sync-fsyncs-in-series (one finisher thread a worker)."""
+    files = {f"f{i}.csv": os.urandom(30 * KiB) for i in range(4)}
+    for rel, data in files.items():
+        server.put(rel, data)
+    meet = threading.Barrier(2, timeout=30)  # a deadline, not a pause: passed as soon as two fsyncs are in flight
+    calls = itertools.count()
+    real = sync.make_durable
+
+    def make_durable(path: Path) -> None:
+        if next(calls) < 2:
+            meet.wait()
+        real(path)
+
+    monkeypatch.setattr(sync, "make_durable", make_durable)
+    report = sync_once(make_settings, env, workers=1)
+    assert report.failed == [] and visible(inbox) == files
+
+
+def test_a_download_starts_the_disk_writing_as_it_goes(
+    server: SftpTestServer, env: dict[str, str], make_settings: Make, inbox: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A file bigger than WRITEBACK_STEP has its part's bytes handed to the disk while it downloads
+    (sync_file_range), so the fsync before its rename has little left to write. Checked against mutant
+    sync-no-writeback."""
+    step = 64 * KiB
+    monkeypatch.setattr(sync, "WRITEBACK_STEP", step)
+    data = os.urandom(16 * step + 5)
+    remote = server.put("big.csv", data)
+    server.put("small.csv", b"x" * (step // 2))
+    kicked: list[str] = []
+    real = sync.start_writeback
+
+    def start_writeback(fd: int, offset: int = 0, nbytes: int = 0) -> None:
+        kicked.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd, offset, nbytes)
+
+    monkeypatch.setattr(sync, "start_writeback", start_writeback)
+    report = sync_once(make_settings, env, workers=1)
+    assert report.failed == [] and visible(inbox) == {"big.csv": data, "small.csv": b"x" * (step // 2)}
+    part = part_path(inbox / "big.csv", RemoteFile("/big.csv", len(data), int(remote.stat().st_mtime)))
+    assert len(kicked) >= 3 and set(kicked) == {str(part.resolve())}, kicked  # the big part only, as it grew
