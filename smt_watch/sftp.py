@@ -492,6 +492,10 @@ class Connection:
             sock = socket.create_connection((settings.smt_host, settings.smt_port), timeout=settings.sftp_timeout)
         except OSError as exc:
             raise SftpError(f"cannot connect to {where}: {exc.strerror or exc}") from exc
+        # SFTP is request and answer: Nagle would hold our next requests (a few hundred bytes, already written
+        # together by _flush) behind an ACK the server delays because it waits for those very requests
+        # (1,000 files of 100 KB, --workers 1: 11.4 s with Nagle, 4.5 s without)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         keep_freed_memory()
         self.transport = paramiko.Transport(_ReadAheadSocket(sock),  # type: ignore[arg-type]  # socket-like
                                             default_window_size=TRANSPORT_WINDOW,

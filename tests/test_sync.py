@@ -562,14 +562,14 @@ def test_every_connection_of_a_pass_sends_without_nagle_delay(
         server.put(f"f{i}.csv", b"x" * (1000 + i))
     monkeypatch.setattr(sync, "DEPTH_SMALL", sync.DEPTH_WHOLE)
     flags: list[int] = []
-    real = sync.connect
+    real = sync.Connection
 
     def connect(settings: Settings, **kw: Any) -> Connection:
         conn = real(settings, **kw)
         flags.append(conn.transport.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
         return conn
 
-    monkeypatch.setattr(sync, "connect", connect)
+    monkeypatch.setattr(sync, "Connection", connect)
     report = sync_once(make_settings, env, workers=2)
     assert report.failed == [] and len(report.fetched) == 2 * sync.DEPTH_WHOLE
     assert len(flags) == 3 and all(flags), flags  # the listing, then one per worker
