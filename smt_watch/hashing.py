@@ -14,10 +14,12 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from smt_watch.errors import FileChanged, InputError
-from smt_watch.readlease import ReadLease
+
+if TYPE_CHECKING:  # only annotations here: a process that never leases need not load readlease
+    from smt_watch.readlease import ReadLease
 
 CHUNK = 1024 * 1024
 OVERLAP_MIN = 16 * CHUNK  # below this a helper thread costs more than it saves
@@ -119,7 +121,7 @@ def identify(path: Path, source: Path | None = None, observe: Callable[[bytes], 
     if lease is not None:
         try:
             ident = identify(path, source, observe, lease.fd, read_size)
-            lease.check(str(path))  # a writer opened it during the pass: what was hashed may be torn
+            lease.check(str(path), "while being hashed")  # a writer opened it during the pass: maybe torn
         except BaseException:
             lease.close()
             raise
@@ -131,6 +133,7 @@ def identify(path: Path, source: Path | None = None, observe: Callable[[bytes], 
         st = check_regular(path) if source is None else os.stat(source)
     before = Signature.of(st)
     digest = hashlib.sha256()
+    hashed = 0  # bytes hashed: a read that ended early (EAGAIN, a short file) must not pass as the whole file
     try:
         with open(fd, "rb", buffering=0, closefd=False) if fd is not None else open(source or path, "rb",
                                                                                      buffering=0) as fh:
@@ -145,20 +148,22 @@ def identify(path: Path, source: Path | None = None, observe: Callable[[bytes], 
                 view = memoryview(buf)
                 while n := fh.readinto(buf):
                     digest.update(view[:n])
+                    hashed += n
             elif before.size < OVERLAP_MIN:
                 # reads sized to the file: a 20 KB file must not cost a 1 MiB buffer (an mmap) per read
                 size = min(CHUNK, before.size + 1)
                 while block := fh.read(size):
                     digest.update(block)
+                    hashed += len(block)
                     observe(block)
             else:
-                _hash_beside(fh, digest, observe, read_size)
+                hashed = _hash_beside(fh, digest, observe, read_size)
             after = os.fstat(fh.fileno())
     except PermissionError as exc:
         raise InputError(f"{path}: permission denied") from exc
     except OSError as exc:
         raise InputError(f"{path}: cannot read: {exc.strerror}") from exc
-    if Signature.of(after) != before:
+    if Signature.of(after) != before or hashed != before.size:
         raise FileChanged(f"{path}: changed while being hashed")
     return FileIdentity(path, digest.hexdigest(), before, source)
 
@@ -188,19 +193,23 @@ def identify_held(path: Path, fd: int, before: Signature, source: Path | None = 
 
 
 def _hash_beside(fh: BinaryIO, digest: hashlib._Hash, observe: Callable[[bytes], None],
-                 block_size: int = OVERLAP_CHUNK) -> None:
+                 block_size: int = OVERLAP_CHUNK) -> int:
     """Each block hashed in a helper thread while ``observe`` reads it here, and the next block is read here
     meanwhile: the pass takes about as long as the hash alone (hashlib and file reads release the GIL), with
-    at most two blocks in flight. The helper's one worker takes blocks in order, so the digest is the file's."""
+    at most two blocks in flight. The helper's one worker takes blocks in order, so the digest is the file's.
+    Returns the number of bytes hashed."""
+    hashed = 0
     with ThreadPoolExecutor(1, thread_name_prefix="smt-watch-hash") as pool:
         pending: Future[None] | None = None  # the previous block's hash, still running
         try:
             while block := fh.read(block_size):
-                hashed = pool.submit(digest.update, block)
+                submitted = pool.submit(digest.update, block)
+                hashed += len(block)
                 observe(block)
                 if pending is not None:
                     pending.result()
-                pending = hashed
+                pending = submitted
         finally:
             if pending is not None:
                 pending.result()  # never leave the helper updating the digest after we return or raise
+    return hashed

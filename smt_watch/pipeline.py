@@ -118,6 +118,8 @@ def deliver_file(
         ident, sniffer = hashed() if hashed is not None else hash_pass(path)
     except (InputError, FileChanged) as exc:
         return Outcome(path, Result.CHANGED if isinstance(exc, FileChanged) else Result.ERROR, error=str(exc))
+    if not getattr(sink, "reads_lease", False):
+        ident.close()  # only a sink that reads the lease's descriptor (multipart) needs it: the others re-hash
     try:
         return deliver_identified(
             settings, ledger, sink, ident, force=force, busy_wait=busy_wait, progress=progress, started=started,
@@ -178,6 +180,7 @@ def _claim(ledger: Deliveries, ident: FileIdentity, name: str, mode: str, parent
         )
         if claim is not Claim.BUSY or time.monotonic() >= deadline:
             return claim
+        ident.close()  # no writer waits on our read lease meanwhile (the send then re-hashes: stream.py)
         pause(0.1)
         force = False  # what the other sender achieved counts as our forced re-send
 

@@ -9,6 +9,8 @@ subprocess, real files, a writer in another process.
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -20,7 +22,7 @@ from typing import Any
 import pytest
 
 from conftest import UPLOAD_TOKEN, wait_for
-from smt_watch import readlease
+from smt_watch import content, pipeline, readlease
 from smt_watch.config import Settings
 from smt_watch.delivery import stream
 from smt_watch.errors import FileChanged
@@ -196,3 +198,117 @@ def test_a_writer_during_the_hash_pass_makes_it_changed(tmp_path: Path) -> None:
     with pytest.raises(FileChanged):
         identify(f, observe=observe, lease=lease)
     assert opened and lease.fd == -1
+
+
+@pytest.fixture
+def leases(monkeypatch: pytest.MonkeyPatch) -> list[readlease.ReadLease]:
+    """Every lease post's later hash passes take, kept alive here: a lease not closed by the delivery would
+    otherwise be closed by the garbage collector, and no test would see the difference."""
+    taken: list[readlease.ReadLease] = []
+    real = content.hold
+
+    def spy(path: Path, *a: Any) -> readlease.ReadLease | None:
+        lease = real(path, *a)
+        if lease is not None:
+            taken.append(lease)
+        return lease
+
+    monkeypatch.setattr(content, "hold", spy)
+    return taken
+
+
+def test_a_lease_broken_before_the_send_falls_back_to_the_re_hash(
+        make_settings: Make, receiver: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        hashed_beside: list[Path], leases: list[readlease.ReadLease]) -> None:
+    """An open for writing between the hash pass and the send that changes nothing (a writability test, a tool
+    locking the file, while post waits for the ledger) breaks the lease: the send re-hashes what it sends, as
+    without a lease, and the untouched file is sent, not ``changed``. The lease is closed when the delivery
+    ends. Checked against post-lease-broken-before-send-rehashes and post-lease-closed-after-delivery."""
+    f = big_csv(tmp_path / "IntervalData_M1.csv")
+    real = pipeline.hash_pass
+
+    def then_opened_for_writing(path: Path) -> Any:
+        hashed = real(path)
+        with path.open("r+b"):  # the keeper gives the lease up: this open goes through, nothing is written
+            pass
+        return hashed
+
+    monkeypatch.setattr(pipeline, "hash_pass", then_opened_for_writing)
+    [o] = post_files(multipart(make_settings, receiver), [f])
+    assert (o.result, o.sha256) == ("sent", sha(f)), o
+    assert receiver.read(sha(f)) == f.read_bytes()
+    assert hashed_beside == [f]
+    assert len(leases) == 1 and leases[0].fd == -1
+
+
+def test_no_lease_on_a_fuse_filesystem_the_send_re_hashes(make_settings: Make, receiver: Any, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          hashed_beside: list[Path]) -> None:
+    """On a FUSE-type filesystem the kernel's generic lease is granted but a write from the host or another
+    client never breaks it: no lease is taken there, and the send re-hashes what it sends. Checked against
+    post-lease-local-fs-only."""
+    f = big_csv(tmp_path / "IntervalData_M1.csv")
+    lease = readlease.hold(f)
+    assert lease is not None  # this test's own filesystem is a local one
+    lease.close()
+    monkeypatch.setattr(readlease, "_fs_type", lambda fd: 0x65735546)  # FUSE_SUPER_MAGIC
+    assert readlease.hold(f) is None
+    [o] = post_files(multipart(make_settings, receiver), [f])
+    assert o.result == "sent", o
+    assert hashed_beside == [f]
+
+
+def test_the_leased_descriptor_reads_blocking(tmp_path: Path) -> None:
+    """The lease's descriptor is opened O_NONBLOCK (never to wait on an open) but read blocking: a read
+    answering EAGAIN (FUSE, mandatory locks) would end the hash loop early. Checked against
+    post-lease-blocking-reads."""
+    lease = readlease.hold(big_csv(tmp_path / "IntervalData_M1.csv"))
+    assert lease is not None
+    try:
+        assert os.get_blocking(lease.fd)
+    finally:
+        lease.close()
+
+
+def test_no_lease_where_the_process_handles_sigurg_nor_for_what_is_not_a_big_regular_file(tmp_path: Path) -> None:
+    """A lease break signals SIGURG: a process with its own SIGURG handler gets no lease (the handler is never
+    called by us). Nor does a small file, a FIFO (never opened: a blocked writer would be released) or a
+    symlink."""
+    f = big_csv(tmp_path / "IntervalData_M1.csv")
+    previous = signal.signal(readlease.BREAK_SIGNAL, lambda *_: None)
+    try:
+        assert readlease.hold(f) is None
+    finally:
+        signal.signal(readlease.BREAK_SIGNAL, previous)
+    small = tmp_path / "small.csv"
+    small.write_bytes(b"x")
+    fifo = tmp_path / "fifo.csv"
+    os.mkfifo(fifo)
+    link = tmp_path / "link.csv"
+    link.symlink_to(f)
+    assert [readlease.hold(p) for p in (small, fifo, link)] == [None, None, None]
+    lease = readlease.hold(f)
+    assert lease is not None
+    lease.close()
+
+
+def test_a_forked_child_closing_the_lease_leaves_the_parents(tmp_path: Path) -> None:
+    """A child shares the descriptor's open file description: its close of the inherited lease must not unlock
+    the parent's (nor take a lock that may have been held at the fork). Checked against post-lease-fork-child."""
+    lease = readlease.hold(big_csv(tmp_path / "IntervalData_M1.csv"))
+    assert lease is not None
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: close the inherited lease, report whether it was seen as ours
+            code = 0
+            try:
+                code = 3 if lease.intact() else 0
+                lease.close()
+            except BaseException:
+                code = 2
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert lease.intact()
+    finally:
+        lease.close()

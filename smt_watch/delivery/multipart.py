@@ -28,6 +28,7 @@ class MultipartSink:
     """POSTs ``multipart/form-data`` with ``x-smt-upload-token``."""
 
     name = "multipart"
+    reads_lease = True  # sends a big file from FileIdentity.lease's descriptor (pipeline.deliver_file keeps it)
 
     def __init__(self, cx: SinkContext) -> None:
         self.url = cx.url

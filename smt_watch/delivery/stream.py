@@ -8,7 +8,10 @@ encoded ahead in one (the inline body's base64). Memory stays flat in file size.
 A big file whose hash pass held a kernel read lease (:mod:`smt_watch.readlease`) is not hashed again: it is
 read from the leased descriptor, and the lease is looked at after every read, the last one included, before
 that chunk is handed on. A lease still held proves no one could open the file for writing since before it
-was hashed; a broken one aborts the request with :class:`FileChanged`, as a changed hash does.
+was hashed; one broken during the send aborts the request with :class:`FileChanged`, as a changed hash does.
+A lease already broken before the send's first read (an open for writing that may have changed nothing: a
+writability test, a tool locking the file, while post waited for the ledger) is not an abort: the file is
+re-hashed as it is sent, exactly as without a lease.
 """
 
 from __future__ import annotations
@@ -22,13 +25,20 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Final, TypeVar
+from typing import TYPE_CHECKING, Final, TypeVar
 
 from smt_watch.delivery.base import Progress
 from smt_watch.errors import FileChanged
-from smt_watch.readlease import ReadLease
+
+if TYPE_CHECKING:  # only annotations here
+    from smt_watch.readlease import ReadLease
 
 T = TypeVar("T")
+
+
+def _resized(path: Path, grew: bool) -> FileChanged:
+    """The one error of a file whose size moved while it was sent (it is read to its hashed size, then one more)."""
+    return FileChanged(f"{path.name}: {'grew' if grew else 'shrank'} while being sent")
 
 # A multiple of 3, so base64 of each chunk concatenates cleanly. 1.5 MiB, not 768 KiB: half the socket writes,
 # h11 events and queue hand-overs a GiB, and the receiver reads fuller buffers (issue 27: the send phase's CPU,
@@ -48,12 +58,12 @@ def _read_verified(path: Path, size: int, sha256: str, chunk: int) -> Iterator[b
         while remaining > 0:
             data = fh.read(min(chunk, remaining))
             if not data:
-                raise FileChanged(f"{path.name}: shrank while being sent")
+                raise _resized(path, grew=False)
             digest.update(data)
             remaining -= len(data)
             yield data
         if fh.read(1):
-            raise FileChanged(f"{path.name}: grew while being sent")
+            raise _resized(path, grew=True)
     if digest.hexdigest() != sha256:
         raise FileChanged(f"{path.name}: content changed since it was hashed")
 
@@ -115,8 +125,9 @@ def verified_chunks(
     read-ahead thread, so encoding overlaps the socket writes (the inline body's base64, ~1 s of CPU a GiB;
     ``chunk`` must then be a multiple of 3). ``progress`` counts the file's bytes either way. ``lease``: the
     read lease taken before ``sha256`` was computed (:class:`~smt_watch.hashing.FileIdentity`'s): a file sent
-    as it is is then read from its descriptor under the lease, not hashed again (:func:`_leased`)."""
-    if lease is not None and encode is None:
+    as it is is then read from its descriptor under the lease, not hashed again (:func:`_leased`), unless the
+    lease is already broken (module docstring: then re-hashed, as without one)."""
+    if lease is not None and encode is None and lease.intact():
         yield from _leased(lease, path, size, progress, chunk)
         return
     if size > READ_AHEAD_MIN and encode is None:
@@ -158,7 +169,7 @@ def _hashed_beside(path: Path, size: int, sha256: str, progress: Progress | None
         while remaining > 0:
             data = fh.read(min(chunk, remaining))
             if not data:
-                raise FileChanged(f"{path.name}: shrank while being sent")
+                raise _resized(path, grew=False)
             remaining -= len(data)
             hashed, hashing = hashing, pool.submit(digest.update, data)
             if held is not None:
@@ -169,7 +180,7 @@ def _hashed_beside(path: Path, size: int, sha256: str, progress: Progress | None
                 hashed.result()
             held = data
         if fh.read(1):
-            raise FileChanged(f"{path.name}: grew while being sent")
+            raise _resized(path, grew=True)
         if hashing is not None:
             hashing.result()
     if digest.hexdigest() != sha256:
@@ -185,18 +196,17 @@ def _leased(lease: ReadLease, path: Path, size: int, progress: Progress | None, 
     lease's descriptor, each chunk handed on only after the lease is seen intact AFTER it was read (so no
     writer could have opened the file before or while it was read), the last one too, after the check that
     the file did not grow. One pass at read speed instead of a second SHA-256 (issue 27: the send of 1 GiB was
-    bounded by that hash, ~0.7 s). A lease broken at any point (the keeper has already given it up, so the
-    writer is not kept waiting) aborts the request with :class:`FileChanged`: never sent complete."""
+    bounded by that hash, ~0.7 s). A lease broken after the caller saw it intact (the keeper has already given
+    it up, so the writer is not kept waiting) aborts the request with :class:`FileChanged`: never sent complete."""
     fd = lease.fd
     offset = 0
-    lease.check(path.name)  # an attempt after a break (a retry) starts nothing
     while offset < size:
         data = os.pread(fd, min(chunk, size - offset), offset)
         if not data:
-            raise FileChanged(f"{path.name}: shrank while being sent")
+            raise _resized(path, grew=False)
         offset += len(data)
         if offset == size and os.pread(fd, 1, offset):
-            raise FileChanged(f"{path.name}: grew while being sent")
+            raise _resized(path, grew=True)
         lease.check(path.name)  # after the read: these bytes are the hashed ones
         yield data
         if progress:
@@ -214,9 +224,9 @@ def verified_bytes(path: Path, size: int, sha256: str) -> bytes:
         while len(data) < size + 1 and (more := fh.read(size + 1 - len(data))):
             data += more  # a short read (a network filesystem): keep reading until size + 1 or EOF
     if len(data) < size:
-        raise FileChanged(f"{path.name}: shrank while being sent")
+        raise _resized(path, grew=False)
     if len(data) > size:
-        raise FileChanged(f"{path.name}: grew while being sent")
+        raise _resized(path, grew=True)
     if hashlib.sha256(data).hexdigest() != sha256:
         raise FileChanged(f"{path.name}: content changed since it was hashed")
     return data
