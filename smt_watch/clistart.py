@@ -158,6 +158,7 @@ class EarlyHash:
         self._result: Any = None
         self._error: BaseException | None = None
         self._unused = False  # a guess typer did not confirm: its read lease is given up, not held till exit
+        self._done = False  # the pass has ended (under the lock: is_alive() is still True while _run returns)
         self._lock = threading.Lock()
         sys.setswitchinterval(min(_SWITCH_INTERVAL, EARLY_SWITCH_INTERVAL))
         self._thread = threading.Thread(target=self._run, args=(hash_pass, path), name="smt-watch-hash-first",
@@ -172,6 +173,7 @@ class EarlyHash:
         finally:  # a second pass still running (a guess typer did not confirm) then only runs slower
             sys.setswitchinterval(_SWITCH_INTERVAL)
             with self._lock:
+                self._done = True
                 if self._unused:
                     self._close()
 
@@ -179,7 +181,7 @@ class EarlyHash:
         """The pass will not be used: give up its read lease now, or when it ends (never under its reads)."""
         with self._lock:
             self._unused = True
-            if not self._thread.is_alive():
+            if self._done:  # else _run closes it as it ends: exactly one of the two sees the other's flag
                 self._close()
 
     def _close(self) -> None:
@@ -268,6 +270,7 @@ def start_early_hash(argv: Sequence[str] | None = None) -> None:
     if path is None:
         return
     import smt_watch.hashing
+    import smt_watch.readlease
     import smt_watch.smtcsv  # noqa: F401  (what first_pass imports, loaded here, in the main thread)
 
     _early = EarlyHash(first_pass, path)

@@ -54,8 +54,9 @@ class Payload:
     # worker, FileIdentity.data): a sink that builds its body from them sends what was hashed by
     # construction, with no re-read or re-hash. None: read ``path`` and verify as it streams.
     data: bytes | None = field(default=None, repr=False, compare=False)
-    # The read lease ``post``'s hash pass held on a big file (FileIdentity.lease): a sink that streams the file
-    # reads the lease's descriptor and, while it holds, need not hash the bytes again (stream.verified_chunks).
+    # The read lease ``post``'s hash pass held on a big file (FileIdentity.lease): the multipart sink (the one
+    # with ``reads_lease``) reads its descriptor and, while it holds, need not hash the bytes again
+    # (stream.verified_chunks); for any other sink it is closed before the send (it re-hashes).
     lease: ReadLease | None = field(default=None, repr=False, compare=False)
 
     @property
