@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from conftest import UPLOAD_TOKEN, wait_for
+from conftest import ADMIN_TOKEN, UPLOAD_TOKEN, wait_for, write_csv
 from smt_watch import content, pipeline, readlease
 from smt_watch.config import Settings
 from smt_watch.delivery import stream
@@ -29,7 +29,7 @@ from smt_watch.errors import FileChanged
 from smt_watch.hashing import identify
 from smt_watch.pipeline import post_files
 from smt_watch.readlease import LEASE_MIN
-from smt_watch.reference.receiver import Fault
+from smt_watch.reference.receiver import Fault, running_receiver
 from smt_watch.statedir import open_ledger
 
 Make = Callable[..., Settings]
@@ -312,3 +312,19 @@ def test_a_forked_child_closing_the_lease_leaves_the_parents(tmp_path: Path) -> 
         assert lease.intact()
     finally:
         lease.close()
+
+
+def test_a_sink_that_does_not_read_the_lease_gives_it_up_before_the_send(
+        make_settings: Make, tmp_path: Path, leases: list[readlease.ReadLease]) -> None:
+    """Only multipart sends from the lease's descriptor; raw-upload (as inline) re-hashes what it sends, so the lease is given
+    up before its send (a writer is never kept waiting on a lease nothing uses). Checked against
+    post-lease-unused-sink-closes."""
+    f = write_csv(tmp_path / "IntervalData_M1.csv", rows=LEASE_MIN // 64)  # the columns raw-upload reads
+    assert f.stat().st_size >= LEASE_MIN
+    during: list[int] = []
+    with running_receiver(tmp_path / "received", admin_token=ADMIN_TOKEN, upload_token=UPLOAD_TOKEN,
+                          inline=True) as r:
+        settings = make_settings(SMT_DELIVERY="raw-upload", INTELLIWATT_BASE_URL=r.url, ADMIN_TOKEN=ADMIN_TOKEN)
+        [o] = post_files(settings, [f], progress_for=lambda _: nullcontext(lambda n: during.append(leases[0].fd)))
+    assert o.result == "sent", o
+    assert len(leases) == 1 and during and set(during) == {-1}
