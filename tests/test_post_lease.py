@@ -316,8 +316,8 @@ def test_a_forked_child_closing_the_lease_leaves_the_parents(tmp_path: Path) -> 
 
 def test_a_sink_that_does_not_read_the_lease_gives_it_up_before_the_send(
         make_settings: Make, tmp_path: Path, leases: list[readlease.ReadLease]) -> None:
-    """Only multipart sends from the lease's descriptor; raw-upload (as inline) re-hashes what it sends, so the lease is given
-    up before its send (a writer is never kept waiting on a lease nothing uses). Checked against
+    """Only multipart sends from the lease's descriptor; raw-upload (as inline) re-hashes what it sends, so the
+    lease is given up before its send (a writer is never kept waiting on a lease nothing uses). Checked against
     post-lease-unused-sink-closes."""
     f = write_csv(tmp_path / "IntervalData_M1.csv", rows=LEASE_MIN // 64)  # the columns raw-upload reads
     assert f.stat().st_size >= LEASE_MIN
