@@ -240,19 +240,16 @@ def first_pass(path: Path) -> Any:
     0.2 ms 195-245; 2 MiB at 0.2 ms 181-263; 4 MiB at 0.5 ms 189-400; ~450 alone. 4 MiB blocks raised
     post's peak RSS by up to 8 MiB (glibc keeps freed blocks of that size), 2 MiB by at most ~4 MiB.
 
-    It needs only hashing (with readlease) and smtcsv, imported by :func:`start_early_hash` in the main thread
-    before the pass starts (never in the pass's thread: two threads importing at once can meet in an import
-    cycle), not smt_watch.content with its settings, gpg and zip modules; so its rules are repeated here: an
-    ``.asc``/``.zip`` is not sniffed (:func:`smt_watch.content.sniffing`, a test holds the two together), and
-    a file sent as it is (not an .asc/.zip) gets a read lease before the pass, on the descriptor it hashes
-    (:func:`smt_watch.content.hash_pass`): the send then reads it under the lease instead of hashing again."""
+    It needs only hashing and passrules (with readlease and smtcsv), imported by :func:`start_early_hash` in
+    the main thread before the pass starts (never in the pass's thread: two threads importing at once can meet
+    in an import cycle), not smt_watch.content with its settings, gpg and zip modules; passrules holds the
+    rules both passes apply (:func:`~smt_watch.passrules.pass_parts`: an ``.asc``/``.zip`` is not sniffed, a
+    file sent as it is gets a read lease before the pass, on the descriptor it hashes, so the send can read
+    it under the lease instead of hashing again)."""
     from smt_watch.hashing import identify
-    from smt_watch.readlease import hold
-    from smt_watch.smtcsv import Sniffer
+    from smt_watch.passrules import pass_parts
 
-    container = path.name.lower().endswith((".asc", ".zip"))
-    sniffer = None if container else Sniffer()
-    lease = None if container else hold(path)
+    sniffer, lease = pass_parts(path)
     return identify(path, observe=sniffer.feed if sniffer else None, read_size=EARLY_BLOCK, lease=lease), sniffer
 
 
@@ -270,8 +267,7 @@ def start_early_hash(argv: Sequence[str] | None = None) -> None:
     if path is None:
         return
     import smt_watch.hashing
-    import smt_watch.readlease
-    import smt_watch.smtcsv  # noqa: F401  (what first_pass imports, loaded here, in the main thread)
+    import smt_watch.passrules  # noqa: F401  (what first_pass imports, loaded here, in the main thread)
 
     _early = EarlyHash(first_pass, path)
 

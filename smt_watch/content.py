@@ -30,7 +30,9 @@ from smt_watch.config import Settings
 from smt_watch.errors import ContentError, LineTooLong, SmtWatchError
 from smt_watch.hashing import FileIdentity, check_regular, identify
 from smt_watch.names import shown
-from smt_watch.readlease import hold
+from smt_watch.passrules import is_container as is_container  # re-exported: the callers of content keep it
+from smt_watch.passrules import pass_parts
+from smt_watch.passrules import sniffing as sniffing
 from smt_watch.smtcsv import Sniff, Sniffer, Summary, sniff, summarize_file
 
 log = logging.getLogger("smt_watch.content")
@@ -53,10 +55,6 @@ class Part:
 
 def work_dir(settings: Settings) -> Path:
     return settings.state_dir / "work"
-
-
-def is_container(name: str) -> bool:
-    return name.lower().endswith((".asc", ".zip"))
 
 
 def csv_part(settings: Settings, ident: FileIdentity, name: str, parent: str | None = None,
@@ -88,18 +86,10 @@ def csv_part(settings: Settings, ident: FileIdentity, name: str, parent: str | N
     return Part(ident, name, esiid, found.kind, parent)
 
 
-def sniffing(name: str) -> Sniffer | None:
-    """A sniffer for the hash pass to feed, or None for an ``.asc``/``.zip`` (its CSVs are sniffed when
-    unpacked)."""
-    return None if is_container(name) else Sniffer()
-
-
 def hash_pass(path: Path) -> tuple[FileIdentity, Sniffer | None]:
     """One read of ``path`` before it is delivered: its identity and, for a CSV, what the sniffer saw of it.
     Here, not in pipeline.py, so that ``post`` can start it before importing the delivery stack."""
-    sniffer = sniffing(path.name)
-    # A CSV sent as it is gets a read lease for its send (an .asc/.zip is unpacked, its own bytes never sent).
-    lease = None if is_container(path.name) else hold(path)
+    sniffer, lease = pass_parts(path)  # a CSV sent as it is: a sniffer, and a read lease for its send
     return identify(path, observe=sniffer.feed if sniffer else None, lease=lease), sniffer
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from conftest import ADMIN_TOKEN, UPLOAD_TOKEN, wait_for, write_csv
-from smt_watch import content, pipeline, readlease
+from smt_watch import passrules, pipeline, readlease
 from smt_watch.config import Settings
 from smt_watch.delivery import stream
 from smt_watch.errors import FileChanged
@@ -111,7 +111,7 @@ def test_a_writer_during_the_send_aborts_it_and_is_not_kept_waiting(base_env: di
     up at once, not after the lease-break time), post survives the lease-break signal, and the send is
     aborted: never sent complete, ``changed``, the row left pending. Checked against post-lease-check-per-chunk
     (the send carries on and delivers the changed bytes), post-lease-keeper-drops (the writer waits 45 s)
-    and post-early-pass-lease (no lease: the send re-hashes)."""
+    and post-hash-pass-lease (no lease: the send re-hashes)."""
     f = big_csv(tmp_path / "IntervalData_M1.csv")
     digest = sha(f)
     held = threading.Event()
@@ -205,7 +205,7 @@ def leases(monkeypatch: pytest.MonkeyPatch) -> list[readlease.ReadLease]:
     """Every lease post's later hash passes take, kept alive here: a lease not closed by the delivery would
     otherwise be closed by the garbage collector, and no test would see the difference."""
     taken: list[readlease.ReadLease] = []
-    real = content.hold
+    real = passrules.hold
 
     def spy(path: Path, *a: Any) -> readlease.ReadLease | None:
         lease = real(path, *a)
@@ -213,7 +213,7 @@ def leases(monkeypatch: pytest.MonkeyPatch) -> list[readlease.ReadLease]:
             taken.append(lease)
         return lease
 
-    monkeypatch.setattr(content, "hold", spy)
+    monkeypatch.setattr(passrules, "hold", spy)
     return taken
 
 
