@@ -328,3 +328,12 @@ def test_a_sink_that_does_not_read_the_lease_gives_it_up_before_the_send(
         [o] = post_files(settings, [f], progress_for=lambda _: nullcontext(lambda n: during.append(leases[0].fd)))
     assert o.result == "sent", o
     assert len(leases) == 1 and during and set(during) == {-1}
+
+
+def test_a_hash_pass_whose_bytes_are_not_the_stat_size_is_changed() -> None:
+    """The hash pass counts the bytes it hashed: a read that ended early (EAGAIN on a descriptor left
+    non-blocking, a FUSE read) must not pass a prefix off as the file. A real file whose reads disagree with
+    its stat size: procfs reports 0 bytes for /proc/version and reads out more. Checked against
+    post-hash-pass-counts-bytes."""
+    with pytest.raises(FileChanged):
+        identify(Path("/proc/version"))
