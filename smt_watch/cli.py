@@ -272,6 +272,7 @@ def watch(
     signal.signal(signal.SIGINT, lambda *_: service.request_stop())
     # The readiness probe takes a read lease for an instant; a lease break would send SIGIO.
     signal.signal(signal.SIGIO, signal.SIG_IGN)
+    service.keep_on_one_cpu()
     raise typer.Exit(service.run())
 
 

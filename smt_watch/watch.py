@@ -39,6 +39,7 @@ from typing import NamedTuple, assert_never
 from smt_watch.autoverify import AutoVerify
 from smt_watch.clock import utc_stamp
 from smt_watch.config import AfterSend, Settings, WorkerMode
+from smt_watch.cpus import keep_on_one_cpu
 from smt_watch.delivery import Sink, delivery_mode, make_sink
 from smt_watch.errors import ConfigError, LedgerUnavailable, SmtWatchError
 from smt_watch.events import InboxWatcher
@@ -163,6 +164,15 @@ class WatchService:
         self._wake.set()
 
     # --- the main loop ------------------------------------------------------------------------------
+
+    def keep_on_one_cpu(self) -> None:
+        """For the process that runs nothing but this service (the CLI's ``watch``): its threads on one CPU
+        when ``SMT_ONE_CPU`` and thread mode say so (:mod:`smt_watch.cpus` says why). Not part of
+        :meth:`run`: binding is process-wide, and a service embedded in another process must not bind it."""
+        if self.settings.one_cpu and self.settings.worker_mode is WorkerMode.THREAD:
+            cpu = keep_on_one_cpu()
+            if cpu is not None:
+                log.info("Keeping watch's threads on CPU %d (SMT_ONE_CPU=0: the kernel places them)", cpu)
 
     def run(self) -> int:
         if self.settings.create_inbox:

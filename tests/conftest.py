@@ -3,6 +3,7 @@ subprocess where the process itself is what a test proves)."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -221,10 +222,12 @@ def cli_env(base_env: dict[str, str], tmp_path: Path, env: dict[str, str] | None
 @contextmanager
 def _process_state_saved() -> Iterator[None]:
     """Put back what a CLI run changes in the process it runs in: os.environ, the working directory, argv,
-    the signal handlers it may install, the loggers setup_logging configures and the secrets it redacts."""
+    the signal handlers it may install, the CPUs its threads may use, the loggers setup_logging configures
+    and the secrets it redacts."""
     from smt_watch import logs
 
     environ, cwd, argv = dict(os.environ), os.getcwd(), sys.argv
+    cpus = os.sched_getaffinity(0)  # watch binds its process's threads to one CPU (SMT_ONE_CPU)
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGIO)}
     redactor = logs._redactor
     secrets, pattern = set(redactor.secrets), redactor._pattern
@@ -239,6 +242,9 @@ def _process_state_saved() -> Iterator[None]:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
         redactor.secrets, redactor._pattern = secrets, pattern
+        for tid in os.listdir("/proc/self/task"):
+            with contextlib.suppress(OSError, ValueError):  # a thread that ended meanwhile
+                os.sched_setaffinity(int(tid), cpus)
 
 
 def cli_in_process(

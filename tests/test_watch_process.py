@@ -256,3 +256,39 @@ def test_worker_processes_die_with_a_killed_watcher(watch_env: dict[str, str], t
         w.proc.kill()
         w.proc.wait(10)
     wait_for(lambda: not [p for p in pids if alive(p)], 10, "worker processes to die with the watcher")
+
+
+def _thread_cpus(pid: int) -> dict[int, set[int]]:
+    """Each thread's allowed CPUs, read from /proc (what the kernel enforces, not what the process thinks)."""
+    found: dict[int, set[int]] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            found[int(tid)] = os.sched_getaffinity(int(tid))
+        except OSError:  # a thread that ended meanwhile
+            continue
+    return found
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to choose from")
+@pytest.mark.parametrize(("extra", "one"), [({}, True), ({"SMT_ONE_CPU": "0"}, False),
+                                             ({"SMT_WORKER_MODE": "process"}, False)],
+                         ids=["default", "off", "process-mode"])
+def test_watch_keeps_its_threads_on_one_cpu_in_thread_mode(watch_env: dict[str, str], tmp_path: Path,
+                                                           extra: dict[str, str], one: bool) -> None:
+    """SMT_ONE_CPU (on by default): in thread mode every thread of the watcher, those started before the
+    binding (none should be) and after it (watchdog's, the workers'), may run on the same single CPU; off,
+    or in process mode, they keep every CPU the process was given. smt_watch/cpus.py says why."""
+    given = os.sched_getaffinity(0)
+    with started({**watch_env, **extra}, tmp_path / "w.log") as w:
+        write_csv(Path(watch_env["SMT_LOCAL_DIR"]) / "a.csv")  # the workers have run
+        wait_for(lambda: "Droplet upload success" in w.text() or "upload success" in w.text(), 20, "a delivery")
+        threads = _thread_cpus(w.proc.pid)
+        assert len(threads) >= 4, threads  # the intake loop, watchdog's, the workers
+        if one:
+            [cpu] = {frozenset(c) for c in threads.values()}
+            assert len(cpu) == 1 and cpu <= given, threads
+            assert f"Keeping watch's threads on CPU {next(iter(cpu))}" in w.text()
+        else:
+            assert all(c == given for c in threads.values()), threads
+            assert "Keeping watch's threads" not in w.text()
+        assert w.stop() == 0

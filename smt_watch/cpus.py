@@ -1,0 +1,64 @@
+"""Keeping ``watch``'s threads on one CPU (``SMT_ONE_CPU``, on by default with ``SMT_WORKER_MODE=thread``).
+
+Why: in thread mode the watcher's threads (watchdog's three, the intake loop, the delivery workers) hand
+each file along from one to the next, and only one of them runs Python at a time (the interpreter lock).
+Left to the kernel, on an idle machine each hand-over wakes the next thread on the OTHER CPU: a cross-CPU
+wake-up, the lock handed between CPUs, and every object the file touched pulled into the other CPU's cache.
+On the 2-core bench machine a drain of 10,000 small files cost 1.1-1.2 ms of watch CPU a file that way
+when nothing else ran, 0.6-0.7 ms on one CPU (bench/RESULTS.md, issue 27). What one CPU costs: the few
+things that do run beside Python (a big file's SHA-256 in a helper thread beside its send, a second
+worker's socket or SQLite wait) share that CPU; the other CPUs stay free for the rest of the droplet.
+Process mode is left alone (its point is several CPUs), and so is a process already limited to one CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def current_cpu() -> int | None:
+    """The CPU the calling thread last ran on (``/proc/thread-self/stat``, field 39), or None."""
+    try:
+        text = Path("/proc/thread-self/stat").read_text()
+    except OSError:
+        return None
+    fields = text.rpartition(")")[2].split()  # after the name, which may hold spaces and parentheses
+    try:
+        return int(fields[36])  # field 3 (state) is fields[0]; field 39 (processor) is fields[36]
+    except (IndexError, ValueError):
+        return None
+
+
+def keep_on_one_cpu() -> int | None:
+    """Bind every thread of this process to one of the CPUs it may use (the one it runs on now), and
+    return that CPU; None when it may use one CPU only, or the kernel refuses (nothing changes then).
+
+    Every thread: affinity is per thread on Linux and a new thread inherits its creator's, so threads
+    started before this call are bound one by one and those started after inherit the binding."""
+    try:
+        allowed = os.sched_getaffinity(0)
+    except (AttributeError, OSError):
+        return None
+    if len(allowed) < 2:
+        return None
+    here = current_cpu()
+    cpu = here if here in allowed else min(allowed)
+    try:
+        os.sched_setaffinity(0, {cpu})
+    except OSError as exc:  # a seccomp filter or a cpuset that moved under us: leave the kernel's choice
+        log.debug("Could not keep watch on one CPU: %s", exc)
+        return None
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        tids = []
+    for tid in tids:
+        try:
+            os.sched_setaffinity(int(tid), {cpu})
+        except (OSError, ValueError):  # a thread that ended meanwhile
+            continue
+    return cpu
