@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -47,18 +48,17 @@ def keep_on_one_cpu() -> int | None:
         return None
     here = current_cpu()
     cpu = here if here in allowed else min(allowed)
+    me = threading.get_native_id()
     try:
-        os.sched_setaffinity(0, {cpu})
-    except OSError as exc:  # a seccomp filter or a cpuset that moved under us: leave the kernel's choice
-        log.debug("Could not keep watch on one CPU: %s", exc)
-        return None
-    try:
-        tids = os.listdir("/proc/self/task")
-    except OSError:
-        tids = []
-    for tid in tids:
+        tids = [int(tid) for tid in os.listdir("/proc/self/task")]
+    except (OSError, ValueError):
+        tids = [me]
+    for tid in sorted(tids, key=lambda t: t != me):  # this thread first: if the kernel refuses it, stop there
         try:
-            os.sched_setaffinity(int(tid), {cpu})
-        except (OSError, ValueError):  # a thread that ended meanwhile
-            continue
+            os.sched_setaffinity(tid, {cpu})
+        except OSError as exc:
+            if tid == me:  # a seccomp filter, or a cpuset that moved under us: the kernel's choice stays
+                log.debug("Could not keep watch on one CPU: %s", exc)
+                return None
+            continue  # a thread that ended meanwhile
     return cpu
