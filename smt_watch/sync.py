@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
+import errno
 import gc
 import hashlib
 import logging
@@ -100,13 +101,13 @@ def alternative_name(final: Path, n: int) -> Path:
 
 
 def place(part: Path, final: Path, sha256: str, sync_dir: bool = True) -> Path:
-    """Rename the finished part into place, never over different content that may not be delivered yet.
+    """Move the finished part into place, never over different content that may not be delivered yet.
     The parts of older versions of this file are the pass's to remove, once per directory
     (:func:`clean_stale_parts`: a glob per file would be quadratic in the directory's size).
-    ``sync_dir`` off: the caller makes the rename durable (:func:`fsync_dirs`, once for a batch of files)
-    before it records the file; until then a crash may undo the rename, and the next pass fetches again."""
+    ``sync_dir`` off: the caller makes the move durable (:func:`fsync_dirs`, once for a batch of files)
+    before it records the file; until then a crash may undo it, and the next pass fetches again."""
     dest, n = final, 0
-    while dest.exists() or dest.is_symlink():
+    while not _move_unless_taken(part, dest):
         try:
             if not dest.is_symlink() and identify(dest).sha256 == sha256:
                 part.unlink()
@@ -115,10 +116,37 @@ def place(part: Path, final: Path, sha256: str, sync_dir: bool = True) -> Path:
             pass
         n += 1
         dest = alternative_name(final, n)
-    os.replace(part, dest)
     if sync_dir:
         fsync_dirs([dest.parent])
     return dest
+
+
+def _move_unless_taken(part: Path, dest: Path) -> bool:
+    """Move ``part`` to ``dest`` unless something (a file, a symlink) is there: False then, nothing moved.
+
+    Why a hard link and not "exists? then rename": a worker's finishers place at once, and two files of the
+    same name (``a.CSV`` from two remote directories) could both see ``a.1.CSV`` free, then the second
+    rename would replace the first, whose bytes were never delivered though the ledger records them.
+    ``link(2)`` fails with EEXIST instead. A crash between the link and the unlink leaves the part beside
+    its final file, unrecorded: the next pass fetches nothing more into it (it is complete), finds the same
+    bytes at the final path and removes the part. Where the file system has no hard links: check, then
+    rename (racy, as before)."""
+    try:
+        os.link(part, dest, follow_symlinks=False)
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        if exc.errno not in _NO_HARD_LINKS:
+            raise
+        if dest.exists() or dest.is_symlink():
+            return False
+        os.replace(part, dest)
+        return True
+    part.unlink()
+    return True
+
+
+_NO_HARD_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS})
 
 
 def fsync_dirs(directories: Iterable[Path]) -> None:

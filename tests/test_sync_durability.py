@@ -83,7 +83,8 @@ def test_part_is_fsynced_then_renamed_then_its_directory_fsynced(
 
     for rel in files:
         final = (inbox / rel).resolve()
-        renames = [i for i, e in enumerate(events) if e[0] == "replace" and Path(e[2]).resolve() == final]
+        renames = [i for i, e in enumerate(events)  # place() moves a part by a hard link (then unlinks it)
+                   if e[0] in ("link", "replace") and Path(e[2]).resolve() == final]
         assert len(renames) == 1, events
         at = renames[0]
         part = Path(events[at][1]).resolve()
@@ -157,7 +158,7 @@ def test_fetched_files_are_fsynced_several_at_once(
     files = {f"f{i}.csv": os.urandom(30 * KiB) for i in range(4)}
     for rel, data in files.items():
         server.put(rel, data)
-    meet = threading.Barrier(2, timeout=30)  # a deadline, not a pause: passed as soon as two fsyncs are in flight
+    meet = threading.Barrier(2, timeout=5)  # a deadline, not a pause: passed as soon as two fsyncs are in flight
     calls = itertools.count()
     real = sync.make_durable
 
@@ -194,3 +195,52 @@ def test_a_download_starts_the_disk_writing_as_it_goes(
     assert report.failed == [] and visible(inbox) == {"big.csv": data, "small.csv": b"x" * (step // 2)}
     part = part_path(inbox / "big.csv", RemoteFile("/big.csv", len(data), int(remote.stat().st_mtime)))
     assert len(kicked) >= 3 and set(kicked) == {str(part.resolve())}, kicked  # the big part only, as it grew
+
+
+def test_two_placers_never_take_the_same_free_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two finishers place different files of the same name at once (``a.CSV`` from two remote directories
+    into one inbox directory): each must land at a name of its own. Both placers meet at a barrier just
+    before they move their part to ``a.CSV``, so both have already looked and found it free; a check then a
+    rename would let the second replace the first, whose bytes would never be delivered.
+    Checked against mutant sync-place-check-then-rename."""
+    final = tmp_path / "a.CSV"
+    meet = threading.Barrier(2, timeout=5)  # a deadline, not a pause: both placers arrive at once
+    real_link, real_replace = os.link, os.replace
+
+    def link(src: str | Path, dst: str | Path, **kw: bool) -> None:
+        if Path(dst) == final:
+            meet.wait()
+        real_link(src, dst, **kw)
+
+    def replace(src: str | Path, dst: str | Path) -> None:
+        if Path(dst) == final:
+            meet.wait()
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "link", link)
+    monkeypatch.setattr(os, "replace", replace)
+    contents = [b"first " * 100, b"second " * 100]
+    parts = []
+    for i, data in enumerate(contents):
+        part = part_path(final, RemoteFile(f"/d{i}/a.CSV", len(data), i))
+        part.write_bytes(data)
+        parts.append(part)
+    placed: list[Path | BaseException] = [OSError("not placed")] * 2
+
+    def placer(i: int) -> None:
+        try:
+            placed[i] = sync.place(parts[i], final, hashlib.sha256(contents[i]).hexdigest(), sync_dir=False)
+        except BaseException as exc:  # surfaced below
+            placed[i] = exc
+
+    threads = [threading.Thread(target=placer, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    monkeypatch.undo()
+    assert all(isinstance(p, Path) for p in placed), placed
+    assert {p.name for p in placed if isinstance(p, Path)} == {"a.CSV", "a.1.CSV"}
+    for dest, data in zip(placed, contents, strict=True):
+        assert isinstance(dest, Path) and dest.read_bytes() == data
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.1.CSV", "a.CSV"]  # no part left
