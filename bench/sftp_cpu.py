@@ -13,8 +13,9 @@ the two versions taking turns (order swapped every round), the median kept. It m
 Prints, per version, the median and minimum CPU seconds (user + system, both threads) a GiB and the
 median wall seconds a GiB; each download's SHA-256 is checked against the file's.
 
-Not measured here: process-wide settings. ``keep_freed_memory`` (glibc's allocator thresholds, set by this
-tree's ``Connection``) then holds for both versions; compare it with whole commands (``bench_sync.py --src``).
+Not measured here: process-wide settings. ``keep_freed_memory`` (glibc's allocator thresholds, set by
+``smt-watch sync`` and sync's worker processes, not by ``Connection``) is not set here, for either version;
+compare it with whole commands (``bench_sync.py --src``).
 """
 
 from __future__ import annotations

@@ -23,6 +23,8 @@ from __future__ import annotations
 import base64
 import collections
 import contextlib
+import ctypes
+import functools
 import hashlib
 import io
 import itertools
@@ -75,6 +77,7 @@ NOBODY_WAITS = 1 << 62
 MAX_ANSWER = 16 * 1024 * 1024  # longer SFTP answers are garbage (paramiko's own check)
 CLOSE_JOIN_SECONDS = 2.0  # at most this long for paramiko's thread to end once its socket is shut down
 READ_AHEAD = 256 * 1024  # bytes taken off the TCP socket per recv (eight of sshd's 32 KiB packets)
+MAX_PACKET_LENGTH = READ_AHEAD + 64 * 1024  # longer encrypted packets are refused (OpenSSH's limit: 256 KiB)
 MALLOC_MMAP_THRESHOLD = 4 * 1024 * 1024  # glibc: blocks up to this size come from the heap, not their own mmap
 MALLOC_TRIM_THRESHOLD = 8 * 1024 * 1024  # glibc: free heap kept, not handed back, up to this much
 
@@ -267,9 +270,17 @@ def drop_handshake_timer(transport: paramiko.Transport) -> None:
         packetizer._Packetizer__timer = None  # type: ignore[attr-defined]  # paramiko-internal, pinned <6
 
 
-_malloc_tuned = False
+@functools.cache
+def libc() -> ctypes.CDLL | None:
+    """The C library this process runs on, loaded once on first use (never at import), or None where it
+    cannot be loaded: for what Python's ``os`` lacks (``mallopt``, ``sync_file_range``)."""
+    try:
+        return ctypes.CDLL(None)
+    except OSError:
+        return None
 
 
+@functools.cache
 def keep_freed_memory() -> None:
     """Tell glibc's allocator to reuse the memory a download frees instead of handing it back to the kernel.
 
@@ -281,18 +292,13 @@ def keep_freed_memory() -> None:
     stream. Fixed thresholds keep blocks up to ``MALLOC_MMAP_THRESHOLD`` on the heap and up to
     ``MALLOC_TRIM_THRESHOLD`` of free heap: RSS stays bounded by what is live at once (the channel and read
     windows, a hash block). Measured: ~2,000 page faults a GiB for one stream; ``sync --workers 4`` of
-    512 MiB 29,000 in all (start-up included) against 70,000. A 1 MiB mmap threshold was worse than none:
-    every 1 MiB hash read became its own mmap (160,000). Process-wide and set once; where ``mallopt`` is
-    missing (not glibc) nothing changes."""
-    global _malloc_tuned
-    if _malloc_tuned:
-        return
-    _malloc_tuned = True
-    import ctypes
-
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+    1 GiB, A/B in one run, 29,000 in all (start-up included) against 127,000–148,000. A 1 MiB mmap threshold
+    was worse than none: every 1 MiB hash read became its own mmap (512 MiB: 160,000 against 70,000).
+    Process-wide and set once (cached), so only the processes that sync call it (a sync worker process,
+    ``smt-watch sync``), not ``serve`` or ``doctor``, whose allocations it would change too; where
+    ``mallopt`` is missing (not glibc) nothing changes."""
+    mallopt = getattr(libc(), "mallopt", None)
+    if mallopt is None:
         return
     mallopt(-3, MALLOC_MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
     mallopt(-1, MALLOC_TRIM_THRESHOLD)  # M_TRIM_THRESHOLD
@@ -316,14 +322,17 @@ class _ReadAheadSocket:
         self._view = memoryview(self._buffer)
         self._start = 0
         self._end = 0
+        self._error: OSError | None = None  # what gather met, raised by recv once the buffer is empty
 
     def gather(self, n: int) -> bool:
         """Whether ``n`` bytes are buffered in one piece, receiving what is missing if the socket has it
         now: False (nothing lost, all stays buffered for ``recv``) on a timeout, an error or end of stream,
-        which paramiko's own reading then meets and handles."""
+        which paramiko's own reading then meets and handles. An error other than a timeout (ECONNRESET) is
+        kept and raised by ``recv`` after the bytes before it: paramiko then reports that error, not just
+        "EOF in transport thread"."""
         if self._end - self._start >= n:
             return True
-        if n > len(self._buffer):
+        if n > len(self._buffer) or self._error is not None:
             return False
         if self._start:
             kept = self._end - self._start
@@ -335,12 +344,18 @@ class _ReadAheadSocket:
                 if not got:
                     return False
                 self._end += got
-        except OSError:  # socket.timeout included
+        except (TimeoutError, BlockingIOError):  # nothing more yet: paramiko's own read waits for it
+            return False
+        except OSError as exc:
+            self._error = exc
             return False
         return True
 
     def recv(self, n: int) -> bytes:
         if self._start == self._end:
+            if self._error is not None:
+                error, self._error = self._error, None
+                raise error
             got = self._sock.recv_into(self._buffer)
             if not got:
                 return b""
@@ -376,7 +391,10 @@ class _LeanPacketizer(Packetizer):
     Everything else goes to paramiko's own ``read_message``, unchanged: before and during a key exchange
     (``need_rekey``), the packet that reaches a rekey limit, ciphers other than AES-GCM, compression,
     packet dumps, a packet not yet fully received (paramiko waits for it, with its timeouts and keepalives),
-    a packet longer than the buffer. The short path keeps paramiko's bookkeeping exactly: the sequence
+    a packet longer than the buffer. An AES-GCM packet whose (plain) length field claims more than
+    ``MAX_PACKET_LENGTH`` is refused here, whichever path then reads it, when its length field is already
+    buffered (nearly always: a read takes whatever the kernel has): paramiko reads and holds whatever length
+    a peer claims before the tag can be checked. The short path keeps paramiko's bookkeeping exactly: the sequence
     number, the nonce, the received bytes and packets that trigger a rekey. It depends on paramiko's private
     attributes (``_PACKETIZER_STATE``, pinned <6 in pyproject.toml); if one is missing it is never taken, and
     ``tests/test_sftp_lean.py`` fails. ``Transport(packetizer_class=...)`` is paramiko's public hook
@@ -394,18 +412,20 @@ class _LeanPacketizer(Packetizer):
         if not self.lean:
             return super().read_message()
         state = self.__dict__
-        if not state["_Packetizer__aead_in"] or state["_Packetizer__need_rekey"] or \
-                state["_Packetizer__dump_packets"] or state["_Packetizer__etm_in"] or \
-                state["_Packetizer__compress_engine_in"] is not None or \
-                state["_Packetizer__remainder"] or state["_Packetizer__closed"] or \
-                state["_Packetizer__block_size_in"] != 16:
+        if not state["_Packetizer__aead_in"] or state["_Packetizer__remainder"] or state["_Packetizer__closed"]:
             return super().read_message()
         sock: _ReadAheadSocket = state["_Packetizer__socket"]
-        tag = state["_Packetizer__mac_size_in"]
         if not sock.gather(4):
             return super().read_message()
         view, at = sock._view, sock._start
         size = int.from_bytes(view[at:at + 4], "big")
+        if size > MAX_PACKET_LENGTH:  # paramiko would read (and hold) whatever length the peer claims
+            raise paramiko.SSHException(f"Invalid packet length {size}")
+        if state["_Packetizer__need_rekey"] or state["_Packetizer__dump_packets"] or \
+                state["_Packetizer__etm_in"] or state["_Packetizer__compress_engine_in"] is not None or \
+                state["_Packetizer__block_size_in"] != 16:
+            return super().read_message()
+        tag = state["_Packetizer__mac_size_in"]
         raw = 4 + size + tag
         received_bytes = state["_Packetizer__received_bytes"] + raw
         received_packets = state["_Packetizer__received_packets"] + 1
@@ -492,18 +512,25 @@ class Connection:
             sock = socket.create_connection((settings.smt_host, settings.smt_port), timeout=settings.sftp_timeout)
         except OSError as exc:
             raise SftpError(f"cannot connect to {where}: {exc.strerror or exc}") from exc
-        # SFTP is request and answer: Nagle would hold our next requests (a few hundred bytes, already written
-        # together by _flush) behind an ACK the server delays because it waits for those very requests
-        # (1,000 files of 100 KB, --workers 1: 11.4 s with Nagle, 4.5 s without)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        keep_freed_memory()
-        self.transport = paramiko.Transport(_ReadAheadSocket(sock),  # type: ignore[arg-type]  # socket-like
-                                            default_window_size=TRANSPORT_WINDOW,
-                                            default_max_packet_size=MAX_PACKET,
-                                            packetizer_class=_LeanPacketizer)
-        prefer_known_key_types(self.transport, settings)
-        prefer_aead_ciphers(self.transport)
         try:
+            # SFTP is request and answer: with Nagle, requests written (by _flush) just after paramiko's window
+            # adjustment wait for the server's ACK of that adjustment, which it delays because it has nothing
+            # to send until those very requests arrive (1,000 files of 100 KB, --workers 1: 11.4 s with
+            # Nagle, 4.5 s without)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.transport = paramiko.Transport(_ReadAheadSocket(sock),  # type: ignore[arg-type]  # socket-like
+                                                default_window_size=TRANSPORT_WINDOW,
+                                                default_max_packet_size=MAX_PACKET,
+                                                packetizer_class=_LeanPacketizer)
+        except (paramiko.SSHException, OSError) as exc:
+            sock.close()
+            raise SftpError(f"SSH to {where} failed: {exc}") from exc
+        except BaseException:
+            sock.close()
+            raise
+        try:
+            prefer_known_key_types(self.transport, settings)
+            prefer_aead_ciphers(self.transport)
             self.transport.start_client(timeout=settings.sftp_timeout)
             check_host_key(settings, self.transport.get_remote_server_key(), accept_new_host_key)
             self.transport.auth_publickey(settings.smt_user, key)
@@ -598,7 +625,7 @@ class Connection:
     ) -> str:
         """Append the rest of ``remote`` to ``part`` (resuming), fsync it, and return the SHA-256.
         ``durable`` off: not fsynced; the caller fsyncs the part before anything counts on it (a sync
-        worker does that in a thread of its own while this connection fetches the next file).
+        worker does that in threads of its own, four, while this connection fetches the next file).
 
         The part grows only by what the server sent: nothing is allocated ahead. When the server serves a
         different number of bytes than it listed (fewer: EOF early; more: data past the listed end), the

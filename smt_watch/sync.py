@@ -16,6 +16,7 @@ import collections
 import contextlib
 import ctypes
 import errno
+import functools
 import gc
 import hashlib
 import logging
@@ -40,7 +41,7 @@ from smt_watch.config import Settings
 from smt_watch.errors import ConfigError, SftpError, SizeMismatch, SmtWatchError, reason
 from smt_watch.hashing import identify
 from smt_watch.ledger.roles import SyncMemory
-from smt_watch.sftp import Connection, RemoteFile
+from smt_watch.sftp import Connection, RemoteFile, keep_freed_memory, libc
 from smt_watch.sizes import human_bytes
 from smt_watch.statedir import open_ledger
 from smt_watch.workers import WorkerLogging, enter_worker, start_worker, stop_process
@@ -722,6 +723,7 @@ def _process_context() -> ForkContext | ForkServerContext:
 
 def _process_main(settings: Settings, conn: MpConnection, logs: WorkerLogging) -> None:
     enter_worker(settings, logs, (signal.SIGINT,))  # the parent decides; it ends us when it stops
+    keep_freed_memory()  # this process only downloads (the fork server's worker: not serve's own allocator)
     # What the worker inherited (every module loaded, the parent's objects) lives as long as it does: out
     # of the collector's way, a full collection looks only at what the worker made, and does not touch
     # (and copy) the pages it shares with its parent.
@@ -801,18 +803,16 @@ def make_durable(path: Path) -> None:
         os.close(fd)
 
 
-def _libc_sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    """``sync_file_range(2)`` from the C library (Python's ``os`` has none), or None where there is none."""
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
+@functools.cache
+def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """``sync_file_range(2)`` from the C library (Python's ``os`` has none), or None where there is none.
+    Looked up on first use, not when this module is imported (``serve`` imports it and may never sync)."""
+    fn = getattr(libc(), "sync_file_range", None)
+    if fn is None:
         return None
     fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
     fn.restype = ctypes.c_int
-    return fn
-
-
-_SYNC_FILE_RANGE = _libc_sync_file_range()
+    return fn  # type: ignore[no-any-return]
 
 
 def start_writeback(fd: int, offset: int = 0, nbytes: int = 0) -> None:
@@ -826,8 +826,9 @@ def start_writeback(fd: int, offset: int = 0, nbytes: int = 0) -> None:
     the same with this every 8 MiB 0.8–1.1 s; a 1 GiB `--workers 1` pass's final fsync 0.38–0.70 s without
     it, 0.00–0.01 s with it (wall 5.7/5.8/7.4 s against 4.6/5.5/6.7 s, alternating). Failures are left to
     the fsync, which reports them."""
-    if _SYNC_FILE_RANGE is not None:
-        _SYNC_FILE_RANGE(fd, offset, nbytes, SYNC_FILE_RANGE_WRITE)
+    fn = _sync_file_range()
+    if fn is not None:
+        fn(fd, offset, nbytes, SYNC_FILE_RANGE_WRITE)
 
 
 class _Writeback:

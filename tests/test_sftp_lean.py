@@ -14,13 +14,16 @@ import hashlib
 import os
 import random
 import socket
+import struct
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 import paramiko
 import pytest
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from paramiko.common import MSG_CHANNEL_DATA, MSG_CHANNEL_WINDOW_ADJUST, MSG_IGNORE
 from paramiko.packet import Packetizer
@@ -29,6 +32,7 @@ from sftp_server import running_sshd, sftp_env
 from smt_watch.config import load_settings
 from smt_watch.sftp import (
     _PACKETIZER_STATE,
+    MAX_PACKET_LENGTH,
     READ_AHEAD,
     Connection,
     RemoteFile,
@@ -208,6 +212,121 @@ def test_read_ahead_socket_serves_recv_in_order_and_keeps_timeouts() -> None:
     finally:
         a.close()
         b.close()
+
+
+def test_a_reset_connection_is_raised_after_the_bytes_before_it() -> None:
+    """The peer sends, then resets the connection: ``gather`` meets ECONNRESET while buffering. The bytes
+    before it are still served, then ``recv`` raises that error (paramiko then reports it, not a bare
+    "EOF in transport thread"). Checked against mutant sync-read-ahead-error-lost."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    a = socket.create_connection(listener.getsockname())
+    b, _ = listener.accept()
+    listener.close()
+    try:
+        a.settimeout(5)
+        ahead = _ReadAheadSocket(a)
+        b.sendall(b"abc")
+        b.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a reset
+        b.close()
+        assert not ahead.gather(10)
+        assert ahead.recv(10) == b"abc"
+        with pytest.raises(ConnectionResetError):
+            ahead.recv(1)
+    finally:
+        a.close()
+        b.close()
+
+
+def _encrypted(messages: list[paramiko.Message], key: bytes, iv: bytes) -> bytes:
+    sender = Packetizer(_Recorder())  # type: ignore[arg-type]
+    _gcm(sender, key, iv, inbound=False)
+    for m in messages:
+        sender.send_message(m)
+    return bytes(sender._Packetizer__socket.data)  # type: ignore[attr-defined]
+
+
+def _gcm_packet(plain: bytes, key: bytes, iv: bytes) -> bytes:
+    """One aes128-gcm packet of ``plain`` (padding length, payload, padding) as a peer could send it."""
+    size = len(plain).to_bytes(4, "big")
+    return size + AESGCM(key).encrypt(iv, plain, size)
+
+
+@contextmanager
+def _reading(make: type[Packetizer], stream: bytes, key: bytes, iv: bytes) -> Iterator[Packetizer]:
+    """A reader of ``make`` switched to aes128-gcm, ``stream`` fed to its socket by a thread, then its end."""
+    ours, theirs = socket.socketpair()
+    ours.settimeout(0.1)  # as paramiko's transport sets it
+    reader = make(_ReadAheadSocket(ours) if make is _LeanPacketizer else ours)  # type: ignore[arg-type]
+    _gcm(reader, key, iv, inbound=True)
+
+    def feed() -> None:
+        with suppress(OSError):  # a reader that stopped early closed its end
+            theirs.sendall(stream)
+            theirs.shutdown(socket.SHUT_WR)  # then end of stream: a reader never waits for more
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
+    try:
+        yield reader
+    finally:
+        ours.close()
+        feeder.join(10)
+        theirs.close()
+
+
+def _data(n: int) -> paramiko.Message:
+    m = paramiko.Message()
+    m.add_byte(bytes([MSG_CHANNEL_DATA]))
+    m.add_int(0)
+    m.add_string(os.urandom(n))
+    return m
+
+
+@pytest.mark.parametrize("where", ["ciphertext", "tag"])
+def test_a_tampered_packet_is_refused_by_both_readers(where: str) -> None:
+    """A flipped bit in a packet's ciphertext or its GCM tag: the short path refuses it as paramiko's own
+    reader does, with the tag check's error, and returns nothing of it."""
+    key, iv = os.urandom(16), os.urandom(12)
+    stream = bytearray(_encrypted([_data(1000)], key, iv))
+    stream[20 if where == "ciphertext" else len(stream) - 3] ^= 0x40
+    for make in (Packetizer, _LeanPacketizer):
+        with _reading(make, bytes(stream), key, iv) as reader, pytest.raises(InvalidTag):
+            reader.read_message()
+
+
+def test_a_packet_with_more_padding_than_bytes_is_refused() -> None:
+    """A packet whose padding length leaves no message type: an error, never a message read from the wrong
+    bytes. Checked against mutant sync-lean-padding-unchecked."""
+    key, iv = os.urandom(16), os.urandom(12)
+    plain = bytes([15, MSG_CHANNEL_DATA]) + bytes(14)  # 16 bytes, 15 of them padding
+    with _reading(_LeanPacketizer, _gcm_packet(plain, key, iv), key, iv) as reader:
+        with pytest.raises(paramiko.SSHException, match="padding"):
+            reader.read_message()
+        assert isinstance(reader, _LeanPacketizer) and reader.lean_packets == 1  # the short path saw it
+
+
+def test_a_packet_longer_than_the_buffer_takes_paramikos_path() -> None:
+    """~300 KB of channel data in one packet (more than READ_AHEAD, within MAX_PACKET_LENGTH): paramiko's
+    reader takes it, from the bytes already buffered, and the packets around it still take the short path."""
+    key, iv = os.urandom(16), os.urandom(12)
+    messages = [_data(1000), _data(300_000), _data(2000)]
+    assert READ_AHEAD < 300_000 < MAX_PACKET_LENGTH
+    stream = _encrypted(messages, key, iv)
+    with _reading(_LeanPacketizer, stream, key, iv) as lean, _reading(Packetizer, stream, key, iv) as plain:
+        for i in range(len(messages)):
+            assert _read(lean) == _read(plain), f"message {i}"
+            assert _state(lean) == _state(plain), f"after message {i}"
+        assert isinstance(lean, _LeanPacketizer) and lean.lean_packets == 2
+
+
+def test_a_packet_length_over_the_limit_is_refused() -> None:
+    """A length field claiming more than MAX_PACKET_LENGTH: refused at once, before anything is read for it
+    (paramiko's reader would wait for, and hold, whatever length is claimed).
+    Checked against mutant sync-lean-packet-length-unchecked."""
+    key, iv = os.urandom(16), os.urandom(12)
+    stream = (MAX_PACKET_LENGTH + 16).to_bytes(4, "big") + os.urandom(64)
+    with _reading(_LeanPacketizer, stream, key, iv) as reader, pytest.raises(paramiko.SSHException, match="length"):
+        reader.read_message()
 
 
 def test_download_over_openssh_through_rekeys_takes_the_short_path(tmp_path: Path) -> None:
