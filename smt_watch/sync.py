@@ -832,29 +832,49 @@ def start_writeback(fd: int, offset: int = 0, nbytes: int = 0) -> None:
 
 
 class _Writeback:
-    """A download's progress callback that also starts the disk writing the part every ``WRITEBACK_STEP``
-    bytes (:func:`start_writeback`, through a descriptor of its own: the download writes through its own
-    file object). A file smaller than the step never opens one."""
+    """A download's progress callback that also starts the disk writing what it wrote, every
+    ``WRITEBACK_STEP`` bytes (:func:`start_writeback`).
 
-    def __init__(self, part: Path, progress: Callable[[int], None] | None) -> None:
-        self.part, self.progress = part, progress
-        self.pending = 0
-        self.fd: int | None = None
+    A whole file (``part``): its download writes through a file object of its own, so this opens the part
+    (once it has a step's worth: a small file never does) and starts the writeback of all of it. A byte
+    range (no ``part``): the caller gives the descriptor it writes through with ``pwrite`` (``fd``) and
+    where it writes (``at``), and only the bytes written since the last step are handed over. Writeback is
+    a hint: a part that cannot be opened for it is fetched without it (the fsync before the rename still
+    makes it durable, and reports a real disk error)."""
+
+    def __init__(self, progress: Callable[[int], None] | None, part: Path | None = None, at: int = 0) -> None:
+        self.progress, self.part = progress, part
+        self.fd = -1
+        self.at = self.kicked = at  # bytes before ``kicked`` were handed to start_writeback
 
     def __call__(self, n: int) -> None:
         if self.progress is not None:
             self.progress(n)
-        self.pending += n
-        if self.pending >= WRITEBACK_STEP:
-            self.pending = 0
-            if self.fd is None:
-                self.fd = os.open(self.part, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            start_writeback(self.fd)  # pages already being written are left alone
+        self.at += n
+        if self.at - self.kicked < WRITEBACK_STEP:
+            return
+        if self.part is None:
+            if self.fd >= 0:
+                start_writeback(self.fd, self.kicked, self.at - self.kicked)
+        else:
+            if self.fd < 0:
+                try:
+                    self.fd = os.open(self.part, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                except OSError as exc:
+                    log.debug("No writeback for %s: %s", self.part, exc)
+                    self.part = None  # and fd stays -1: no more tries for this file
+            if self.fd >= 0:
+                start_writeback(self.fd)  # pages already being written are left alone
+        self.kicked = self.at
+
+    def restart(self, fd: int) -> None:
+        """A range's new attempt: it writes through ``fd`` from where the bytes so far end."""
+        self.fd, self.kicked = fd, self.at
 
     def close(self) -> None:
-        if self.fd is not None:
+        if self.part is not None and self.fd >= 0:
             os.close(self.fd)
-            self.fd = None
+        self.fd = -1
 
 
 class _Finisher:
@@ -875,14 +895,19 @@ class _Finisher:
     records it only after the directory's fsync (:class:`_Landed`). A worker killed meanwhile leaves the
     part, which the next pass resumes (it is complete: only the end-of-file probe is asked for)."""
 
-    def __init__(self, send: Callable[[tuple[Any, ...]], None], threads: int = 0) -> None:
+    def __init__(self, send: Callable[[tuple[Any, ...]], None]) -> None:
         self._send = send
         self._queue: queue.SimpleQueue[tuple[Job, _Fetched] | None] = queue.SimpleQueue()
         name = threading.current_thread().name
-        self._threads = [threading.Thread(target=self._run, name=f"{name}-finish-{i}", daemon=True)
-                         for i in range(threads or FINISHERS)]
-        for t in self._threads:
-            t.start()
+        self._threads: list[threading.Thread] = []
+        try:
+            for i in range(FINISHERS):
+                t = threading.Thread(target=self._run, name=f"{name}-finish-{i}", daemon=True)
+                t.start()
+                self._threads.append(t)
+        except BaseException:  # a thread that could not start (RuntimeError): end the ones that did
+            self.close()
+            raise
 
     def put(self, job: Job, fetched: _Fetched) -> None:
         self._queue.put((job, fetched))
@@ -989,29 +1014,21 @@ def _fetch_range_with_retries(settings: Settings, conn: Connection | None, job: 
     remote, end = job.remote, job.end
     part = ranged_part_path(job.final, remote)
     holder = [conn]
-    at = [job.start]
-    kicked = [job.start]  # bytes before this were handed to start_writeback
-    fds = [-1]
-
-    def counted(n: int) -> None:
-        at[0] += n
-        progress(n)
-        if at[0] - kicked[0] >= WRITEBACK_STEP:
-            start_writeback(fds[0], kicked[0], at[0] - kicked[0])
-            kicked[0] = at[0]
+    written = _Writeback(progress, at=job.start)  # its ``at``: where the bytes written so far end
 
     def attempt() -> None:
         current = holder[0] if holder[0] is not None else Connection(settings)
         holder[0] = current
-        fd = fds[0] = os.open(part, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)  # made by the parent, not here
-        kicked[0] = at[0]
+        fd = os.open(part, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)  # made by the parent, not here
+        written.restart(fd)
         try:
-            current.fetch_range(remote, fd, at[0], end, counted)
+            current.fetch_range(remote, fd, written.at, end, written)
         except SftpError:
             current.close()
             holder[0] = None
             raise
         finally:
+            written.close()
             os.close(fd)
 
     _with_retries(settings, remote, attempt)
@@ -1038,7 +1055,7 @@ def _fetch_with_retries(
     def attempt() -> str:
         current = holder[0] if holder[0] is not None else Connection(settings)
         holder[0] = current
-        written = _Writeback(part, on_bytes)
+        written = _Writeback(on_bytes, part)
         try:
             return current.download(remote, part, written, ahead=ahead, durable=False)
         except SftpError:

@@ -10,6 +10,7 @@ same bytes already in the inbox are recognised instead of being stored again as 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import itertools
 import os
@@ -17,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sftp_server import SftpTestServer, sftp_env
@@ -244,3 +246,86 @@ def test_two_placers_never_take_the_same_free_name(tmp_path: Path, monkeypatch: 
     for dest, data in zip(placed, contents, strict=True):
         assert isinstance(dest, Path) and dest.read_bytes() == data
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.1.CSV", "a.CSV"]  # no part left
+
+
+def test_a_range_starts_the_disk_writing_what_it_wrote(
+    server: SftpTestServer, env: dict[str, str], make_settings: Make, inbox: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A byte range of a big file (what a worker process fetches, run here in this process) hands the disk
+    each step it wrote, through the descriptor it writes with: consecutive pieces of its own range, nothing
+    outside it. Checked against mutant sync-no-range-writeback."""
+    step = 64 * KiB
+    monkeypatch.setattr(sync, "WRITEBACK_STEP", step)
+    data = os.urandom(40 * step)
+    remote_path = server.put("big.csv", data)
+    remote = RemoteFile("/big.csv", len(data), int(remote_path.stat().st_mtime))
+    final = inbox / "big.csv"
+    part = sync.ranged_part_path(final, remote)
+    part.write_bytes(bytes(len(data)))  # the parent makes the ranged part, at its full size
+    start, end = 8 * step, 30 * step + 123
+    kicked: list[tuple[str, int, int]] = []
+    real = sync.start_writeback
+
+    def start_writeback(fd: int, offset: int = 0, nbytes: int = 0) -> None:
+        kicked.append((os.readlink(f"/proc/self/fd/{fd}"), offset, nbytes))
+        real(fd, offset, nbytes)
+
+    monkeypatch.setattr(sync, "start_writeback", start_writeback)
+    conn = sync._fetch_range_with_retries(make_settings(**env), None, sync.Job(0, remote, final, start, end),
+                                          lambda n: None)
+    conn.close()
+    assert part.read_bytes()[start:end] == data[start:end]
+    assert len(kicked) >= 3 and {k[0] for k in kicked} == {str(part.resolve())}, kicked
+    assert kicked[0][1] == start and all(nbytes >= step for _, _, nbytes in kicked), kicked
+    assert all(a[1] + a[2] == b[1] for a, b in itertools.pairwise(kicked)), kicked  # consecutive pieces
+    assert kicked[-1][1] + kicked[-1][2] <= end, kicked
+
+
+def test_a_part_that_cannot_be_opened_for_writeback_is_still_fetched(
+    server: SftpTestServer, env: dict[str, str], make_settings: Make, inbox: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Writeback is a hint: when the descriptor it opens on the part cannot be had (EMFILE here), the file
+    is fetched without it, at the first try, not failed and retried. Checked against mutant
+    sync-writeback-open-fails-the-file."""
+    step = 64 * KiB
+    monkeypatch.setattr(sync, "WRITEBACK_STEP", step)
+    data = os.urandom(16 * step)
+    server.put("big.csv", data)
+    refused: list[str] = []
+    real_open = os.open
+
+    def open_(path: Any, flags: int, *a: Any, **kw: Any) -> int:
+        if str(path).endswith(".part") and not flags & (os.O_WRONLY | os.O_RDWR):
+            refused.append(str(path))
+            if len(refused) == 1:  # the first: writeback's, during the download (the fsync's comes after)
+                raise OSError(errno.EMFILE, "Too many open files")
+        return real_open(path, flags, *a, **kw)
+
+    monkeypatch.setattr(os, "open", open_)
+    report = sync_once(make_settings, env, workers=1)
+    monkeypatch.undo()
+    assert report.failed == [] and visible(inbox) == {"big.csv": data}
+    assert len(refused) == 2  # writeback tried once (not at every step), then the fsync's
+    assert len({r.session for r in server.reads if r.path == "/big.csv"}) == 1  # one try, not retried
+
+
+def test_a_finisher_whose_thread_cannot_start_ends_the_ones_that_did(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The third of a worker's finisher threads cannot start (the process is out of threads): the error is
+    the worker's, and the two that started end instead of waiting for work forever.
+    Checked against mutant sync-finisher-threads-left-waiting."""
+    real_start = threading.Thread.start
+    started: list[threading.Thread] = []
+
+    def start(self: threading.Thread) -> None:
+        if self.name.endswith("-finish-2"):
+            raise RuntimeError("can't start new thread")
+        real_start(self)
+        started.append(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    with pytest.raises(RuntimeError):
+        sync._Finisher(lambda msg: None)
+    monkeypatch.undo()
+    for t in started:
+        t.join(timeout=10)  # a deadline, not a pause
+    assert len(started) == 2 and not any(t.is_alive() for t in started)
