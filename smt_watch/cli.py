@@ -302,8 +302,8 @@ def sync(
     server changed. Remote files are never modified. Host keys come from SMT_KNOWN_HOSTS; an unknown or
     changed key exits 2 without fetching. Exit 0 when all went well, 1 when a file failed.
     """
-    from smt_watch.sftp import keep_freed_memory
     from smt_watch.sizes import human_bytes
+    from smt_watch.sshfast import keep_freed_memory
     from smt_watch.sync import run_sync
 
     keep_freed_memory()  # for this process and the workers it forks: they download (serve keeps glibc defaults)

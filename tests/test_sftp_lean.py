@@ -1,7 +1,7 @@
 """The download's receive path below SFTP: the read-ahead socket, the short path through paramiko's packet
-reader (``_LeanPacketizer``) and the allocator setting (issue 27).
+reader (``LeanPacketizer``) and the allocator setting (issue 27).
 
-``_LeanPacketizer`` reads and updates paramiko's private packetizer state; these tests fail loudly when a
+``LeanPacketizer`` reads and updates paramiko's private packetizer state; these tests fail loudly when a
 paramiko release changes it: the state must be where it is looked for, and on the same encrypted byte stream
 the short path must return what paramiko's own reader returns and leave paramiko's bookkeeping (nonce,
 sequence number, rekey counters) exactly as paramiko leaves it. Then a real OpenSSH sshd: a download through
@@ -30,15 +30,14 @@ from paramiko.packet import Packetizer
 from sftp_server import running_sshd, sftp_env
 
 from smt_watch.config import load_settings
-from smt_watch.sftp import (
-    _PACKETIZER_STATE,
+from smt_watch.sftp import Connection, RemoteFile
+from smt_watch.sshfast import (
     MAX_PACKET_LENGTH,
+    PACKETIZER_STATE,
     READ_AHEAD,
-    Connection,
-    RemoteFile,
-    _ChannelData,
-    _LeanPacketizer,
-    _ReadAheadSocket,
+    ChannelData,
+    LeanPacketizer,
+    ReadAheadSocket,
     keep_freed_memory,
 )
 
@@ -108,12 +107,12 @@ def _state(packetizer: Packetizer) -> dict[str, object]:
 
 
 def test_paramikos_private_packetizer_state_is_where_the_short_path_looks() -> None:
-    """If this fails, paramiko changed its Packetizer: ``_LeanPacketizer`` would silently stop taking its
+    """If this fails, paramiko changed its Packetizer: ``LeanPacketizer`` would silently stop taking its
     short path (it checks at start-up), and sync would lose the CPU it saves. Re-check read_message."""
     a, b = socket.socketpair()
     try:
-        packetizer = _LeanPacketizer(_ReadAheadSocket(a))
-        missing = [name for name in _PACKETIZER_STATE if not hasattr(packetizer, "_Packetizer" + name)]
+        packetizer = LeanPacketizer(ReadAheadSocket(a))
+        missing = [name for name in PACKETIZER_STATE if not hasattr(packetizer, "_Packetizer" + name)]
         assert not missing, f"paramiko {paramiko.__version__} has no Packetizer {missing}"
         assert packetizer.lean
         assert Packetizer.REKEY_BYTES == 2**29 and Packetizer.REKEY_PACKETS == 2**29  # checked per packet
@@ -138,14 +137,14 @@ def test_short_path_reads_what_paramiko_reads_and_keeps_its_bookkeeping(rekey_by
 
     pairs = [socket.socketpair() for _ in range(2)]
     readers: list[Packetizer] = []
-    for (ours, _), make in zip(pairs, (Packetizer, _LeanPacketizer), strict=True):
+    for (ours, _), make in zip(pairs, (Packetizer, LeanPacketizer), strict=True):
         ours.settimeout(0.1)  # as paramiko's transport sets it
-        reader = make(_ReadAheadSocket(ours) if make is _LeanPacketizer else ours)
+        reader = make(ReadAheadSocket(ours) if make is LeanPacketizer else ours)
         reader.REKEY_BYTES = rekey_bytes
         _gcm(reader, key, iv, inbound=True)
         readers.append(reader)
     plain, lean = readers
-    assert isinstance(lean, _LeanPacketizer)
+    assert isinstance(lean, LeanPacketizer)
 
     def feed(sock: socket.socket) -> None:
         at = 0
@@ -181,12 +180,12 @@ def test_channel_data_reads_as_the_message_paramiko_builds() -> None:
     built.add_int(7)
     built.add_string(b"payload")
     body = built.asbytes()
-    fast = _ChannelData(7, b"payload")
+    fast = ChannelData(7, b"payload")
     assert (fast.get_int(), fast.get_binary()) == (7, b"payload")
     assert fast.get_remainder() == b"" and fast.asbytes() == body
-    other = _ChannelData(7, b"payload")
+    other = ChannelData(7, b"payload")
     assert other.get_int() == 7 and other.get_remainder() == body[4:]
-    whole = _ChannelData(7, b"payload")
+    whole = ChannelData(7, b"payload")
     assert whole.asbytes() == body and whole.get_int() == 7 and whole.get_binary() == b"payload"
     assert whole.get_int() == 0  # past the end: zeros, as paramiko's Message answers
 
@@ -195,7 +194,7 @@ def test_read_ahead_socket_serves_recv_in_order_and_keeps_timeouts() -> None:
     a, b = socket.socketpair()
     try:
         a.settimeout(0.05)
-        ahead = _ReadAheadSocket(a)
+        ahead = ReadAheadSocket(a)
         b.sendall(b"0123456789")
         assert ahead.recv(4) == b"0123"
         assert ahead.gather(6) and not ahead.gather(7)  # 7 would wait: the timeout answers False, keeps all
@@ -224,7 +223,7 @@ def test_a_reset_connection_is_raised_after_the_bytes_before_it() -> None:
     listener.close()
     try:
         a.settimeout(5)
-        ahead = _ReadAheadSocket(a)
+        ahead = ReadAheadSocket(a)
         b.sendall(b"abc")
         b.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a reset
         b.close()
@@ -256,7 +255,7 @@ def _reading(make: type[Packetizer], stream: bytes, key: bytes, iv: bytes) -> It
     """A reader of ``make`` switched to aes128-gcm, ``stream`` fed to its socket by a thread, then its end."""
     ours, theirs = socket.socketpair()
     ours.settimeout(0.1)  # as paramiko's transport sets it
-    reader = make(_ReadAheadSocket(ours) if make is _LeanPacketizer else ours)  # type: ignore[arg-type]
+    reader = make(ReadAheadSocket(ours) if make is LeanPacketizer else ours)  # type: ignore[arg-type]
     _gcm(reader, key, iv, inbound=True)
 
     def feed() -> None:
@@ -289,7 +288,7 @@ def test_a_tampered_packet_is_refused_by_both_readers(where: str) -> None:
     key, iv = os.urandom(16), os.urandom(12)
     stream = bytearray(_encrypted([_data(1000)], key, iv))
     stream[20 if where == "ciphertext" else len(stream) - 3] ^= 0x40
-    for make in (Packetizer, _LeanPacketizer):
+    for make in (Packetizer, LeanPacketizer):
         with _reading(make, bytes(stream), key, iv) as reader, pytest.raises(InvalidTag):
             reader.read_message()
 
@@ -299,10 +298,10 @@ def test_a_packet_with_more_padding_than_bytes_is_refused() -> None:
     bytes. Checked against mutant sync-lean-padding-unchecked."""
     key, iv = os.urandom(16), os.urandom(12)
     plain = bytes([15, MSG_CHANNEL_DATA]) + bytes(14)  # 16 bytes, 15 of them padding
-    with _reading(_LeanPacketizer, _gcm_packet(plain, key, iv), key, iv) as reader:
+    with _reading(LeanPacketizer, _gcm_packet(plain, key, iv), key, iv) as reader:
         with pytest.raises(paramiko.SSHException, match="padding"):
             reader.read_message()
-        assert isinstance(reader, _LeanPacketizer) and reader.lean_packets == 1  # the short path saw it
+        assert isinstance(reader, LeanPacketizer) and reader.lean_packets == 1  # the short path saw it
 
 
 def test_a_packet_longer_than_the_buffer_takes_paramikos_path() -> None:
@@ -312,11 +311,11 @@ def test_a_packet_longer_than_the_buffer_takes_paramikos_path() -> None:
     messages = [_data(1000), _data(300_000), _data(2000)]
     assert READ_AHEAD < 300_000 < MAX_PACKET_LENGTH
     stream = _encrypted(messages, key, iv)
-    with _reading(_LeanPacketizer, stream, key, iv) as lean, _reading(Packetizer, stream, key, iv) as plain:
+    with _reading(LeanPacketizer, stream, key, iv) as lean, _reading(Packetizer, stream, key, iv) as plain:
         for i in range(len(messages)):
             assert _read(lean) == _read(plain), f"message {i}"
             assert _state(lean) == _state(plain), f"after message {i}"
-        assert isinstance(lean, _LeanPacketizer) and lean.lean_packets == 2
+        assert isinstance(lean, LeanPacketizer) and lean.lean_packets == 2
 
 
 def test_a_packet_length_over_the_limit_is_refused() -> None:
@@ -325,7 +324,7 @@ def test_a_packet_length_over_the_limit_is_refused() -> None:
     Checked against mutant sync-lean-packet-length-unchecked."""
     key, iv = os.urandom(16), os.urandom(12)
     stream = (MAX_PACKET_LENGTH + 16).to_bytes(4, "big") + os.urandom(64)
-    with _reading(_LeanPacketizer, stream, key, iv) as reader, pytest.raises(paramiko.SSHException, match="length"):
+    with _reading(LeanPacketizer, stream, key, iv) as reader, pytest.raises(paramiko.SSHException, match="length"):
         reader.read_message()
 
 
@@ -342,7 +341,7 @@ def test_download_over_openssh_through_rekeys_takes_the_short_path(tmp_path: Pat
                                           SMT_STATE_DIR=str(tmp_path / "state")))
         with Connection(settings) as conn:
             packetizer = conn.transport.packetizer
-            assert isinstance(packetizer, _LeanPacketizer) and packetizer.lean
+            assert isinstance(packetizer, LeanPacketizer) and packetizer.lean
             assert conn.transport.remote_cipher == "aes128-gcm@openssh.com"  # type: ignore[attr-defined]
             keys = []
             original = packetizer.set_inbound_cipher

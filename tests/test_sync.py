@@ -39,7 +39,7 @@ from sftp_server import (
 )
 
 from conftest import UPLOAD_TOKEN, wait_for, watching, write_csv
-from smt_watch import sftp, sync
+from smt_watch import sftp, sshfast, sync
 from smt_watch.config import Settings
 from smt_watch.errors import SftpError
 from smt_watch.sftp import Connection
@@ -583,8 +583,8 @@ def test_a_pass_in_threads_leaves_the_processs_allocator_alone(
     command and by sync's worker processes, never by a Connection, so ``serve`` (which runs a small pass's
     workers as threads of its own) and ``doctor`` keep glibc's defaults."""
     called: list[str] = []
-    monkeypatch.setattr(sftp, "keep_freed_memory", lambda: called.append("sftp"))
-    monkeypatch.setattr(sync, "keep_freed_memory", lambda: called.append("sync"))
+    sshfast.keep_freed_memory.cache_clear()  # set once a process: forget an earlier test's call
+    monkeypatch.setattr(sshfast, "libc", lambda: called.append("mallopt looked up"))  # what a call would do
     server.put("a.csv", b"x" * 1000)
     report = sync_once(make_settings, env, workers=2)  # one small file: threads, in this process
     assert report.failed == [] and len(report.fetched) == 1
