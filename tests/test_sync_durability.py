@@ -2,7 +2,7 @@
 
 README: downloads go to a hidden ``.part``, "are fsynced and renamed into place", and the next pass resumes an
 unchanged file's part. Whether a byte reached the disk cannot be seen without pulling the power, so the first
-test records the real ``os.fsync``/``os.replace`` calls (passing them through) while a real pass runs, and
+test records the real ``os.fsync``/``os.link``/``os.replace`` calls (passing them through) while a real pass runs, and
 checks their order: the part is fsynced, then renamed, then its directory is fsynced. The second test checks
 that a resumed download is identified by the SHA-256 of all its bytes, the part read back included: the
 same bytes already in the inbox are recognised instead of being stored again as ``a.1.csv``.
