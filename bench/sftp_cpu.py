@@ -10,11 +10,15 @@ the two versions taking turns (order swapped every round), the median kept. It m
     git show origin/main:smt_watch/sftp.py > /tmp/old_sftp.py
     .venv/bin/python bench/sftp_cpu.py --other /tmp/old_sftp.py [--mib 256] [--rounds 10]
 
+The SSH packet path lives in ``smt_watch/sshfast.py`` (split from sftp.py): to compare a version of it, also
+give ``--other-sshfast <its sshfast.py>`` (the other sftp.py then imports that one, not this checkout's).
+
 Prints, per version, the median and minimum CPU seconds (user + system, both threads) a GiB and the
 median wall seconds a GiB; each download's SHA-256 is checked against the file's.
 
-Not measured here: process-wide settings. ``keep_freed_memory`` (glibc's allocator thresholds, set by this
-tree's ``Connection``) then holds for both versions; compare it with whole commands (``bench_sync.py --src``).
+Not measured here: process-wide settings. ``keep_freed_memory`` (glibc's allocator thresholds, set by
+``smt-watch sync`` and sync's worker processes, not by ``Connection``) is not set here, for either version;
+compare it with whole commands (``bench_sync.py --src``).
 """
 
 from __future__ import annotations
@@ -40,14 +44,26 @@ from smt_watch.config import load_settings
 MIB = 1024 * 1024
 
 
-def load_other(path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location("other_sftp", path)
+def load_module(name: str, path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise SystemExit(f"{path}: not a Python module")
     module = importlib.util.module_from_spec(spec)
-    sys.modules["other_sftp"] = module  # dataclasses look their module up by name
+    sys.modules[name] = module  # dataclasses look their module up by name
     spec.loader.exec_module(module)
     return module
+
+
+def load_other(path: Path, sshfast: Path | None = None) -> ModuleType:
+    """The other sftp.py; with ``sshfast``, its ``from smt_watch.sshfast import ...`` gets that file's."""
+    if sshfast is None:
+        return load_module("other_sftp", path)
+    this_sshfast = sys.modules["smt_watch.sshfast"]
+    sys.modules["smt_watch.sshfast"] = load_module("other_sshfast", sshfast)
+    try:
+        return load_module("other_sftp", path)
+    finally:
+        sys.modules["smt_watch.sshfast"] = this_sshfast
 
 
 def cpu_seconds() -> float:
@@ -58,12 +74,13 @@ def cpu_seconds() -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0] if __doc__ else None)
     parser.add_argument("--other", type=Path, required=True, help="the other sftp.py to compare against")
+    parser.add_argument("--other-sshfast", type=Path, help="the other sshfast.py (its packet path), if it has one")
     parser.add_argument("--mib", type=int, default=256, help="size of the file downloaded (default 256)")
     parser.add_argument("--rounds", type=int, default=6, help="downloads per version (default 6)")
     args = parser.parse_args(argv)
     if not args.other.is_file():
         raise SystemExit(f"{args.other}: no such file")
-    versions = {"this": this_sftp, "other": load_other(args.other)}
+    versions = {"this": this_sftp, "other": load_other(args.other, args.other_sshfast)}
     cpu: dict[str, list[float]] = {name: [] for name in versions}
     wall: dict[str, list[float]] = {name: [] for name in versions}
     with tempfile.TemporaryDirectory(prefix="sftp-cpu-", dir="/tmp") as tmp:

@@ -304,8 +304,10 @@ def sync(
     changed key exits 2 without fetching. Exit 0 when all went well, 1 when a file failed.
     """
     from smt_watch.sizes import human_bytes
+    from smt_watch.sshfast import keep_freed_memory
     from smt_watch.sync import run_sync
 
+    keep_freed_memory()  # for this process and the workers it forks: they download (serve keeps glibc defaults)
     settings = _settings(env_file, SMT_LOCAL_DIR=inbox, SMT_STATE_DIR=state_dir)
     with _sync_progress() as (on_plan, on_bytes):
         report = run_sync(settings, workers=workers, dry_run=dry_run, wait=wait,

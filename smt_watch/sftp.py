@@ -24,7 +24,6 @@ import base64
 import collections
 import contextlib
 import hashlib
-import io
 import itertools
 import logging
 import os
@@ -37,13 +36,9 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 import paramiko
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from paramiko.buffered_pipe import BufferedPipe, PipeTimeout
-from paramiko.common import MSG_CHANNEL_DATA
-from paramiko.packet import Packetizer
 from paramiko.sftp import (
     CMD_CLOSE,
     CMD_DATA,
@@ -62,6 +57,7 @@ from smt_watch.config import Settings
 from smt_watch.errors import ConfigError, HostKeyError, SftpError, SizeMismatch
 from smt_watch.inbox import is_candidate
 from smt_watch.names import shown
+from smt_watch.sshfast import LeanPacketizer, ReadAheadSocket
 
 log = logging.getLogger("smt_watch.sftp")
 
@@ -74,9 +70,6 @@ WAKE_BYTES = 512 * 1024  # a reader waiting for more than this is woken when thi
 NOBODY_WAITS = 1 << 62
 MAX_ANSWER = 16 * 1024 * 1024  # longer SFTP answers are garbage (paramiko's own check)
 CLOSE_JOIN_SECONDS = 2.0  # at most this long for paramiko's thread to end once its socket is shut down
-READ_AHEAD = 256 * 1024  # bytes taken off the TCP socket per recv (eight of sshd's 32 KiB packets)
-MALLOC_MMAP_THRESHOLD = 4 * 1024 * 1024  # glibc: blocks up to this size come from the heap, not their own mmap
-MALLOC_TRIM_THRESHOLD = 8 * 1024 * 1024  # glibc: free heap kept, not handed back, up to this much
 
 
 @dataclass(frozen=True)
@@ -267,218 +260,6 @@ def drop_handshake_timer(transport: paramiko.Transport) -> None:
         packetizer._Packetizer__timer = None  # type: ignore[attr-defined]  # paramiko-internal, pinned <6
 
 
-_malloc_tuned = False
-
-
-def keep_freed_memory() -> None:
-    """Tell glibc's allocator to reuse the memory a download frees instead of handing it back to the kernel.
-
-    A download allocates a 255 KiB ``bytes`` per READ answer and 32 KiB ones per SSH packet, and frees them
-    moments later; a ranged fetch hashes its part in 1 MiB reads (``sync.HASH_BLOCK``). With glibc's
-    defaults such blocks come from mmap at first, and the heaps are trimmed (``madvise``/``brk``) whenever
-    their free top grows past a few hundred KiB, so the same memory is faulted in again and zeroed by the
-    kernel, page by page: ~100,000 page faults and about a quarter of the kernel CPU of a GiB fetched by one
-    stream. Fixed thresholds keep blocks up to ``MALLOC_MMAP_THRESHOLD`` on the heap and up to
-    ``MALLOC_TRIM_THRESHOLD`` of free heap: RSS stays bounded by what is live at once (the channel and read
-    windows, a hash block). Measured: ~2,000 page faults a GiB for one stream; ``sync --workers 4`` of
-    512 MiB 29,000 in all (start-up included) against 70,000. A 1 MiB mmap threshold was worse than none:
-    every 1 MiB hash read became its own mmap (160,000). Process-wide and set once; where ``mallopt`` is
-    missing (not glibc) nothing changes."""
-    global _malloc_tuned
-    if _malloc_tuned:
-        return
-    _malloc_tuned = True
-    import ctypes
-
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt(-3, MALLOC_MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
-    mallopt(-1, MALLOC_TRIM_THRESHOLD)  # M_TRIM_THRESHOLD
-
-
-class _ReadAheadSocket:
-    """The TCP socket handed to paramiko's transport, whose ``recv`` is served from one ``recv_into`` of up
-    to ``READ_AHEAD`` bytes.
-
-    paramiko reads each SSH packet with two or three ``recv`` calls (its first block, then the rest, in
-    pieces when the kernel has less), and with a socket timeout set CPython polls before each: at sshd's
-    32 KiB packets that is ~100,000 syscalls a GiB. Here one ``recv_into`` takes whatever the kernel has
-    (typically several packets) and paramiko's reads are copied out of it. A socket-like object is what
-    ``paramiko.Transport`` accepts; everything but ``recv`` goes to the socket itself (timeouts, send,
-    shutdown, close), and ``recv`` keeps the socket's semantics: it waits only when nothing is buffered,
-    raises what the socket raises (``socket.timeout`` included), and returns ``b""`` at end of stream."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
-        self._buffer = bytearray(READ_AHEAD)
-        self._view = memoryview(self._buffer)
-        self._start = 0
-        self._end = 0
-
-    def gather(self, n: int) -> bool:
-        """Whether ``n`` bytes are buffered in one piece, receiving what is missing if the socket has it
-        now: False (nothing lost, all stays buffered for ``recv``) on a timeout, an error or end of stream,
-        which paramiko's own reading then meets and handles."""
-        if self._end - self._start >= n:
-            return True
-        if n > len(self._buffer):
-            return False
-        if self._start:
-            kept = self._end - self._start
-            self._buffer[:kept] = self._view[self._start:self._end]
-            self._start, self._end = 0, kept
-        try:
-            while self._end < n:
-                got = self._sock.recv_into(self._view[self._end:])
-                if not got:
-                    return False
-                self._end += got
-        except OSError:  # socket.timeout included
-            return False
-        return True
-
-    def recv(self, n: int) -> bytes:
-        if self._start == self._end:
-            got = self._sock.recv_into(self._buffer)
-            if not got:
-                return b""
-            self._start, self._end = 0, got
-        at = self._start
-        self._start = stop = min(self._end, at + n)
-        return bytes(self._view[at:stop])
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._sock, name)
-
-
-_PACKETIZER_STATE = (  # paramiko-internal attributes _LeanPacketizer reads and keeps up to date
-    "__socket", "__remainder", "__closed", "__need_rekey", "__dump_packets",
-    "__aead_in", "__etm_in", "__compress_engine_in", "__block_engine_in", "__block_size_in", "__mac_size_in",
-    "__iv_in", "__sequence_number_in", "__received_bytes", "__received_packets",
-)
-
-
-class _LeanPacketizer(Packetizer):
-    """paramiko's packet reader with a short path for the steady state of an AES-GCM connection.
-
-    paramiko reads a packet as its first block and then the rest, joins the two (a copy), decrypts, slices
-    out the payload (a copy) and the message body (a copy), and walks through its rekey, logging and naming
-    code: per 32 KiB packet of sshd's, ~32,768 a GiB, that Python and those three copies were the largest
-    share of a download's CPU after SHA-256 itself. When the whole packet already sits in the read-ahead
-    buffer of :class:`_ReadAheadSocket`, :meth:`read_message` decrypts it straight from that buffer into
-    another one, reused (``decrypt_into``: no new, zeroed 32 KiB object a packet), and hands paramiko's
-    transport a CHANNEL_DATA message already taken apart (:class:`_ChannelData`): one copy of the data.
-    In instructions (callgrind, 32 KiB packets through read_message and the channel's feed): ~237,000 a
-    packet against paramiko's ~328,000.
-
-    Everything else goes to paramiko's own ``read_message``, unchanged: before and during a key exchange
-    (``need_rekey``), the packet that reaches a rekey limit, ciphers other than AES-GCM, compression,
-    packet dumps, a packet not yet fully received (paramiko waits for it, with its timeouts and keepalives),
-    a packet longer than the buffer. The short path keeps paramiko's bookkeeping exactly: the sequence
-    number, the nonce, the received bytes and packets that trigger a rekey. It depends on paramiko's private
-    attributes (``_PACKETIZER_STATE``, pinned <6 in pyproject.toml); if one is missing it is never taken, and
-    ``tests/test_sftp_lean.py`` fails. ``Transport(packetizer_class=...)`` is paramiko's public hook
-    (since 3.4)."""
-
-    def __init__(self, sock: _ReadAheadSocket) -> None:
-        super().__init__(sock)  # type: ignore[arg-type]  # socket-like, as Transport's
-        self.lean = all(hasattr(self, "_Packetizer" + name) for name in _PACKETIZER_STATE) and \
-            isinstance(sock, _ReadAheadSocket)
-        self.lean_packets = 0  # packets read by the short path (tests check it is taken)
-        self._plain = memoryview(bytearray(READ_AHEAD))
-        self._into = hasattr(AESGCM, "decrypt_into")  # cryptography >= 45: no new bytes (zeroed first) a packet
-
-    def read_message(self) -> tuple[int, paramiko.Message]:
-        if not self.lean:
-            return super().read_message()
-        state = self.__dict__
-        if not state["_Packetizer__aead_in"] or state["_Packetizer__need_rekey"] or \
-                state["_Packetizer__dump_packets"] or state["_Packetizer__etm_in"] or \
-                state["_Packetizer__compress_engine_in"] is not None or \
-                state["_Packetizer__remainder"] or state["_Packetizer__closed"] or \
-                state["_Packetizer__block_size_in"] != 16:
-            return super().read_message()
-        sock: _ReadAheadSocket = state["_Packetizer__socket"]
-        tag = state["_Packetizer__mac_size_in"]
-        if not sock.gather(4):
-            return super().read_message()
-        view, at = sock._view, sock._start
-        size = int.from_bytes(view[at:at + 4], "big")
-        raw = 4 + size + tag
-        received_bytes = state["_Packetizer__received_bytes"] + raw
-        received_packets = state["_Packetizer__received_packets"] + 1
-        if raw > READ_AHEAD or size < 16 or size % 16 or received_bytes >= self.REKEY_BYTES or \
-                received_packets >= self.REKEY_PACKETS or not sock.gather(raw):
-            return super().read_message()
-        view, at = sock._view, sock._start
-        iv = state["_Packetizer__iv_in"]
-        engine = state["_Packetizer__block_engine_in"]
-        if self._into:
-            plain = self._plain[:size]  # a view of one buffer, reused: the message takes copies of its parts
-            engine.decrypt_into(iv, view[at + 4:at + raw], view[at:at + 4], plain)
-        else:
-            plain = memoryview(engine.decrypt(iv, view[at + 4:at + raw], view[at:at + 4]))
-        sock._start = at + raw
-        state["_Packetizer__iv_in"] = iv[:4] + (int.from_bytes(iv[4:], "big") + 1).to_bytes(8, "big")  # RFC 5647
-        seqno = state["_Packetizer__sequence_number_in"]
-        state["_Packetizer__sequence_number_in"] = (seqno + 1) & 0xFFFFFFFF
-        state["_Packetizer__received_bytes"] = received_bytes
-        state["_Packetizer__received_packets"] = received_packets
-        self.lean_packets += 1
-        end = size - plain[0]  # the payload is plain[1:end]: type byte, then the message body
-        if end < 2:
-            raise paramiko.SSHException("Invalid packet padding")
-        ptype = plain[1]
-        msg: paramiko.Message
-        if ptype == MSG_CHANNEL_DATA and end >= 10 and int.from_bytes(plain[6:10], "big") == end - 10:
-            msg = _ChannelData(int.from_bytes(plain[2:6], "big"), bytes(plain[10:end]))
-        else:
-            msg = paramiko.Message(bytes(plain[2:end]))
-        msg.seqno = seqno  # as paramiko sets it
-        return ptype, msg
-
-
-class _ChannelData(paramiko.Message):
-    """A CHANNEL_DATA message already taken apart, for :class:`_LeanPacketizer`.
-
-    paramiko's transport reads its channel number (``get_int``), then the channel its data
-    (``get_binary``): those two calls answer from the fields, without a ``BytesIO`` per packet or another
-    copy of the data. Anything else (another order, ``asbytes``, ``get_remainder``...) reads the message
-    as paramiko would have built it, rebuilt on first use."""
-
-    def __init__(self, channel: int, data: bytes) -> None:  # not Message's: its BytesIO is made on demand
-        self._channel = channel
-        self._data = data
-        self._step = 0  # 0: nothing read; 1: the channel number read; 2: the data read too
-        self._io: io.BytesIO | None = None
-
-    @property  # Message's plain attribute, made on demand here
-    def packet(self) -> io.BytesIO:
-        if self._io is None:
-            body = struct.pack(">II", self._channel, len(self._data)) + self._data
-            self._io = io.BytesIO(body)
-            self._io.seek((0, 4, len(body))[self._step])
-        return self._io
-
-    @packet.setter
-    def packet(self, value: io.BytesIO) -> None:
-        self._io = value
-
-    def get_int(self) -> int:
-        if self._step == 0 and self._io is None:
-            self._step = 1
-            return self._channel
-        return super().get_int()
-
-    def get_binary(self) -> bytes:
-        if self._step == 1 and self._io is None:
-            self._step = 2
-            return self._data
-        return super().get_binary()
-
-
 class Connection:
     """One SSH connection with one SFTP channel; each sync worker owns one."""
 
@@ -492,18 +273,25 @@ class Connection:
             sock = socket.create_connection((settings.smt_host, settings.smt_port), timeout=settings.sftp_timeout)
         except OSError as exc:
             raise SftpError(f"cannot connect to {where}: {exc.strerror or exc}") from exc
-        # SFTP is request and answer: Nagle would hold our next requests (a few hundred bytes, already written
-        # together by _flush) behind an ACK the server delays because it waits for those very requests
-        # (1,000 files of 100 KB, --workers 1: 11.4 s with Nagle, 4.5 s without)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        keep_freed_memory()
-        self.transport = paramiko.Transport(_ReadAheadSocket(sock),  # type: ignore[arg-type]  # socket-like
-                                            default_window_size=TRANSPORT_WINDOW,
-                                            default_max_packet_size=MAX_PACKET,
-                                            packetizer_class=_LeanPacketizer)
-        prefer_known_key_types(self.transport, settings)
-        prefer_aead_ciphers(self.transport)
         try:
+            # SFTP is request and answer: with Nagle, requests written (by _flush) just after paramiko's window
+            # adjustment wait for the server's ACK of that adjustment, which it delays because it has nothing
+            # to send until those very requests arrive (1,000 files of 100 KB, --workers 1: 11.4 s with
+            # Nagle, 4.5 s without)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.transport = paramiko.Transport(ReadAheadSocket(sock),  # type: ignore[arg-type]  # socket-like
+                                                default_window_size=TRANSPORT_WINDOW,
+                                                default_max_packet_size=MAX_PACKET,
+                                                packetizer_class=LeanPacketizer)
+        except (paramiko.SSHException, OSError) as exc:
+            sock.close()
+            raise SftpError(f"SSH to {where} failed: {exc}") from exc
+        except BaseException:
+            sock.close()
+            raise
+        try:
+            prefer_known_key_types(self.transport, settings)
+            prefer_aead_ciphers(self.transport)
             self.transport.start_client(timeout=settings.sftp_timeout)
             check_host_key(settings, self.transport.get_remote_server_key(), accept_new_host_key)
             self.transport.auth_publickey(settings.smt_user, key)
@@ -598,7 +386,7 @@ class Connection:
     ) -> str:
         """Append the rest of ``remote`` to ``part`` (resuming), fsync it, and return the SHA-256.
         ``durable`` off: not fsynced; the caller fsyncs the part before anything counts on it (a sync
-        worker does that in a thread of its own while this connection fetches the next file).
+        worker does that in threads of its own, four, while this connection fetches the next file).
 
         The part grows only by what the server sent: nothing is allocated ahead. When the server serves a
         different number of bytes than it listed (fewer: EOF early; more: data past the listed end), the

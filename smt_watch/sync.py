@@ -15,6 +15,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
+import errno
+import functools
 import gc
 import hashlib
 import logging
@@ -41,6 +43,7 @@ from smt_watch.hashing import identify
 from smt_watch.ledger.roles import SyncMemory
 from smt_watch.sftp import Connection, RemoteFile
 from smt_watch.sizes import human_bytes
+from smt_watch.sshfast import keep_freed_memory, libc
 from smt_watch.statedir import open_ledger
 from smt_watch.workers import WorkerLogging, enter_worker, start_worker, stop_process
 
@@ -100,13 +103,13 @@ def alternative_name(final: Path, n: int) -> Path:
 
 
 def place(part: Path, final: Path, sha256: str, sync_dir: bool = True) -> Path:
-    """Rename the finished part into place, never over different content that may not be delivered yet.
+    """Move the finished part into place, never over different content that may not be delivered yet.
     The parts of older versions of this file are the pass's to remove, once per directory
     (:func:`clean_stale_parts`: a glob per file would be quadratic in the directory's size).
-    ``sync_dir`` off: the caller makes the rename durable (:func:`fsync_dirs`, once for a batch of files)
-    before it records the file; until then a crash may undo the rename, and the next pass fetches again."""
+    ``sync_dir`` off: the caller makes the move durable (:func:`fsync_dirs`, once for a batch of files)
+    before it records the file; until then a crash may undo it, and the next pass fetches again."""
     dest, n = final, 0
-    while dest.exists() or dest.is_symlink():
+    while not _move_unless_taken(part, dest):
         try:
             if not dest.is_symlink() and identify(dest).sha256 == sha256:
                 part.unlink()
@@ -115,10 +118,37 @@ def place(part: Path, final: Path, sha256: str, sync_dir: bool = True) -> Path:
             pass
         n += 1
         dest = alternative_name(final, n)
-    os.replace(part, dest)
     if sync_dir:
         fsync_dirs([dest.parent])
     return dest
+
+
+def _move_unless_taken(part: Path, dest: Path) -> bool:
+    """Move ``part`` to ``dest`` unless something (a file, a symlink) is there: False then, nothing moved.
+
+    Why a hard link and not "exists? then rename": a worker's finishers place at once, and two files of the
+    same name (``a.CSV`` from two remote directories) could both see ``a.1.CSV`` free, then the second
+    rename would replace the first, whose bytes were never delivered though the ledger records them.
+    ``link(2)`` fails with EEXIST instead. A crash between the link and the unlink leaves the part beside
+    its final file, unrecorded: the next pass fetches nothing more into it (it is complete), finds the same
+    bytes at the final path and removes the part. Where the file system has no hard links: check, then
+    rename (racy, as before)."""
+    try:
+        os.link(part, dest, follow_symlinks=False)
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        if exc.errno not in _NO_HARD_LINKS:
+            raise
+        if dest.exists() or dest.is_symlink():
+            return False
+        os.replace(part, dest)
+        return True
+    part.unlink()
+    return True
+
+
+_NO_HARD_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS})
 
 
 def fsync_dirs(directories: Iterable[Path]) -> None:
@@ -694,6 +724,7 @@ def _process_context() -> ForkContext | ForkServerContext:
 
 def _process_main(settings: Settings, conn: MpConnection, logs: WorkerLogging) -> None:
     enter_worker(settings, logs, (signal.SIGINT,))  # the parent decides; it ends us when it stops
+    keep_freed_memory()  # this process only downloads (the fork server's worker: not serve's own allocator)
     # What the worker inherited (every module loaded, the parent's objects) lives as long as it does: out
     # of the collector's way, a full collection looks only at what the worker made, and does not touch
     # (and copy) the pages it shares with its parent.
@@ -773,18 +804,16 @@ def make_durable(path: Path) -> None:
         os.close(fd)
 
 
-def _libc_sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    """``sync_file_range(2)`` from the C library (Python's ``os`` has none), or None where there is none."""
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
+@functools.cache
+def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """``sync_file_range(2)`` from the C library (Python's ``os`` has none), or None where there is none.
+    Looked up on first use, not when this module is imported (``serve`` imports it and may never sync)."""
+    fn = getattr(libc(), "sync_file_range", None)
+    if fn is None:
         return None
     fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
     fn.restype = ctypes.c_int
-    return fn
-
-
-_SYNC_FILE_RANGE = _libc_sync_file_range()
+    return fn  # type: ignore[no-any-return]
 
 
 def start_writeback(fd: int, offset: int = 0, nbytes: int = 0) -> None:
@@ -798,34 +827,55 @@ def start_writeback(fd: int, offset: int = 0, nbytes: int = 0) -> None:
     the same with this every 8 MiB 0.8–1.1 s; a 1 GiB `--workers 1` pass's final fsync 0.38–0.70 s without
     it, 0.00–0.01 s with it (wall 5.7/5.8/7.4 s against 4.6/5.5/6.7 s, alternating). Failures are left to
     the fsync, which reports them."""
-    if _SYNC_FILE_RANGE is not None:
-        _SYNC_FILE_RANGE(fd, offset, nbytes, SYNC_FILE_RANGE_WRITE)
+    fn = _sync_file_range()
+    if fn is not None:
+        fn(fd, offset, nbytes, SYNC_FILE_RANGE_WRITE)
 
 
 class _Writeback:
-    """A download's progress callback that also starts the disk writing the part every ``WRITEBACK_STEP``
-    bytes (:func:`start_writeback`, through a descriptor of its own: the download writes through its own
-    file object). A file smaller than the step never opens one."""
+    """A download's progress callback that also starts the disk writing what it wrote, every
+    ``WRITEBACK_STEP`` bytes (:func:`start_writeback`).
 
-    def __init__(self, part: Path, progress: Callable[[int], None] | None) -> None:
-        self.part, self.progress = part, progress
-        self.pending = 0
-        self.fd: int | None = None
+    A whole file (``part``): its download writes through a file object of its own, so this opens the part
+    (once it has a step's worth: a small file never does) and starts the writeback of all of it. A byte
+    range (no ``part``): the caller gives the descriptor it writes through with ``pwrite`` (``fd``) and
+    where it writes (``at``), and only the bytes written since the last step are handed over. Writeback is
+    a hint: a part that cannot be opened for it is fetched without it (the fsync before the rename still
+    makes it durable, and reports a real disk error)."""
+
+    def __init__(self, progress: Callable[[int], None] | None, part: Path | None = None, at: int = 0) -> None:
+        self.progress, self.part = progress, part
+        self.fd = -1
+        self.at = self.kicked = at  # bytes before ``kicked`` were handed to start_writeback
 
     def __call__(self, n: int) -> None:
         if self.progress is not None:
             self.progress(n)
-        self.pending += n
-        if self.pending >= WRITEBACK_STEP:
-            self.pending = 0
-            if self.fd is None:
-                self.fd = os.open(self.part, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            start_writeback(self.fd)  # pages already being written are left alone
+        self.at += n
+        if self.at - self.kicked < WRITEBACK_STEP:
+            return
+        if self.part is None:
+            if self.fd >= 0:
+                start_writeback(self.fd, self.kicked, self.at - self.kicked)
+        else:
+            if self.fd < 0:
+                try:
+                    self.fd = os.open(self.part, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                except OSError as exc:
+                    log.debug("No writeback for %s: %s", self.part, exc)
+                    self.part = None  # and fd stays -1: no more tries for this file
+            if self.fd >= 0:
+                start_writeback(self.fd)  # pages already being written are left alone
+        self.kicked = self.at
+
+    def restart(self, fd: int) -> None:
+        """A range's new attempt: it writes through ``fd`` from where the bytes so far end."""
+        self.fd, self.kicked = fd, self.at
 
     def close(self) -> None:
-        if self.fd is not None:
+        if self.part is not None and self.fd >= 0:
             os.close(self.fd)
-            self.fd = None
+        self.fd = -1
 
 
 class _Finisher:
@@ -846,14 +896,19 @@ class _Finisher:
     records it only after the directory's fsync (:class:`_Landed`). A worker killed meanwhile leaves the
     part, which the next pass resumes (it is complete: only the end-of-file probe is asked for)."""
 
-    def __init__(self, send: Callable[[tuple[Any, ...]], None], threads: int = 0) -> None:
+    def __init__(self, send: Callable[[tuple[Any, ...]], None]) -> None:
         self._send = send
         self._queue: queue.SimpleQueue[tuple[Job, _Fetched] | None] = queue.SimpleQueue()
         name = threading.current_thread().name
-        self._threads = [threading.Thread(target=self._run, name=f"{name}-finish-{i}", daemon=True)
-                         for i in range(threads or FINISHERS)]
-        for t in self._threads:
-            t.start()
+        self._threads: list[threading.Thread] = []
+        try:
+            for i in range(FINISHERS):
+                t = threading.Thread(target=self._run, name=f"{name}-finish-{i}", daemon=True)
+                t.start()
+                self._threads.append(t)
+        except BaseException:  # a thread that could not start (RuntimeError): end the ones that did
+            self.close()
+            raise
 
     def put(self, job: Job, fetched: _Fetched) -> None:
         self._queue.put((job, fetched))
@@ -960,29 +1015,21 @@ def _fetch_range_with_retries(settings: Settings, conn: Connection | None, job: 
     remote, end = job.remote, job.end
     part = ranged_part_path(job.final, remote)
     holder = [conn]
-    at = [job.start]
-    kicked = [job.start]  # bytes before this were handed to start_writeback
-    fds = [-1]
-
-    def counted(n: int) -> None:
-        at[0] += n
-        progress(n)
-        if at[0] - kicked[0] >= WRITEBACK_STEP:
-            start_writeback(fds[0], kicked[0], at[0] - kicked[0])
-            kicked[0] = at[0]
+    written = _Writeback(progress, at=job.start)  # its ``at``: where the bytes written so far end
 
     def attempt() -> None:
         current = holder[0] if holder[0] is not None else Connection(settings)
         holder[0] = current
-        fd = fds[0] = os.open(part, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)  # made by the parent, not here
-        kicked[0] = at[0]
+        fd = os.open(part, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)  # made by the parent, not here
+        written.restart(fd)
         try:
-            current.fetch_range(remote, fd, at[0], end, counted)
+            current.fetch_range(remote, fd, written.at, end, written)
         except SftpError:
             current.close()
             holder[0] = None
             raise
         finally:
+            written.close()
             os.close(fd)
 
     _with_retries(settings, remote, attempt)
@@ -1009,7 +1056,7 @@ def _fetch_with_retries(
     def attempt() -> str:
         current = holder[0] if holder[0] is not None else Connection(settings)
         holder[0] = current
-        written = _Writeback(part, on_bytes)
+        written = _Writeback(on_bytes, part)
         try:
             return current.download(remote, part, written, ahead=ahead, durable=False)
         except SftpError:

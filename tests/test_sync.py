@@ -39,8 +39,9 @@ from sftp_server import (
 )
 
 from conftest import UPLOAD_TOKEN, wait_for, watching, write_csv
-from smt_watch import sync
+from smt_watch import sftp, sshfast, sync
 from smt_watch.config import Settings
+from smt_watch.errors import SftpError
 from smt_watch.sftp import Connection
 from smt_watch.sync import ATTEMPTS, SyncReport, run_sync
 
@@ -573,6 +574,38 @@ def test_every_connection_of_a_pass_sends_without_nagle_delay(
     report = sync_once(make_settings, env, workers=2)
     assert report.failed == [] and len(report.fetched) == 2 * sync.DEPTH_WHOLE
     assert len(flags) == 3 and all(flags), flags  # the listing, then one per worker
+
+
+def test_a_pass_in_threads_leaves_the_processs_allocator_alone(
+    server: SftpTestServer, env: dict[str, str], make_settings: Make, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """glibc's allocator setting (``keep_freed_memory``) holds for a whole process: it is set by the sync
+    command and by sync's worker processes, never by a Connection, so ``serve`` (which runs a small pass's
+    workers as threads of its own) and ``doctor`` keep glibc's defaults."""
+    called: list[str] = []
+    sshfast.keep_freed_memory.cache_clear()  # set once a process: forget an earlier test's call
+    monkeypatch.setattr(sshfast, "libc", lambda: called.append("mallopt looked up"))  # what a call would do
+    server.put("a.csv", b"x" * 1000)
+    report = sync_once(make_settings, env, workers=2)  # one small file: threads, in this process
+    assert report.failed == [] and len(report.fetched) == 1
+    assert called == []
+
+
+def test_a_transport_that_cannot_start_closes_its_socket(
+    server: SftpTestServer, env: dict[str, str], make_settings: Make, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """paramiko refusing to make its transport is the connection's failure (SftpError, one line), and the
+    TCP socket already connected is closed, not left open. Checked against mutant sync-connect-socket-leaks."""
+    socks: list[Any] = []
+
+    def transport(sock: Any, **kw: Any) -> paramiko.Transport:
+        socks.append(sock)
+        raise paramiko.SSHException("no transport today")
+
+    monkeypatch.setattr(sftp.paramiko, "Transport", transport)
+    with pytest.raises(SftpError, match="no transport today"):
+        Connection(make_settings(**env))
+    assert len(socks) == 1 and socks[0].fileno() == -1  # closed
 
 
 def test_connection_drop_mid_transfer_is_retried_and_resumed(

@@ -2,7 +2,7 @@
 
 README: downloads go to a hidden ``.part``, "are fsynced and renamed into place", and the next pass resumes an
 unchanged file's part. Whether a byte reached the disk cannot be seen without pulling the power, so the first
-test records the real ``os.fsync``/``os.replace`` calls (passing them through) while a real pass runs, and
+test records the real ``os.fsync``/``os.link``/``os.replace`` calls (passing them through) while a real pass runs, and
 checks their order: the part is fsynced, then renamed, then its directory is fsynced. The second test checks
 that a resumed download is identified by the SHA-256 of all its bytes, the part read back included: the
 same bytes already in the inbox are recognised instead of being stored again as ``a.1.csv``.
@@ -10,6 +10,7 @@ same bytes already in the inbox are recognised instead of being stored again as 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import itertools
 import os
@@ -17,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sftp_server import SftpTestServer, sftp_env
@@ -83,7 +85,8 @@ def test_part_is_fsynced_then_renamed_then_its_directory_fsynced(
 
     for rel in files:
         final = (inbox / rel).resolve()
-        renames = [i for i, e in enumerate(events) if e[0] == "replace" and Path(e[2]).resolve() == final]
+        renames = [i for i, e in enumerate(events)  # place() moves a part by a hard link (then unlinks it)
+                   if e[0] in ("link", "replace") and Path(e[2]).resolve() == final]
         assert len(renames) == 1, events
         at = renames[0]
         part = Path(events[at][1]).resolve()
@@ -157,7 +160,7 @@ def test_fetched_files_are_fsynced_several_at_once(
     files = {f"f{i}.csv": os.urandom(30 * KiB) for i in range(4)}
     for rel, data in files.items():
         server.put(rel, data)
-    meet = threading.Barrier(2, timeout=30)  # a deadline, not a pause: passed as soon as two fsyncs are in flight
+    meet = threading.Barrier(2, timeout=5)  # a deadline, not a pause: passed as soon as two fsyncs are in flight
     calls = itertools.count()
     real = sync.make_durable
 
@@ -194,3 +197,135 @@ def test_a_download_starts_the_disk_writing_as_it_goes(
     assert report.failed == [] and visible(inbox) == {"big.csv": data, "small.csv": b"x" * (step // 2)}
     part = part_path(inbox / "big.csv", RemoteFile("/big.csv", len(data), int(remote.stat().st_mtime)))
     assert len(kicked) >= 3 and set(kicked) == {str(part.resolve())}, kicked  # the big part only, as it grew
+
+
+def test_two_placers_never_take_the_same_free_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two finishers place different files of the same name at once (``a.CSV`` from two remote directories
+    into one inbox directory): each must land at a name of its own. Both placers meet at a barrier just
+    before they move their part to ``a.CSV``, so both have already looked and found it free; a check then a
+    rename would let the second replace the first, whose bytes would never be delivered.
+    Checked against mutant sync-place-check-then-rename."""
+    final = tmp_path / "a.CSV"
+    meet = threading.Barrier(2, timeout=5)  # a deadline, not a pause: both placers arrive at once
+    real_link, real_replace = os.link, os.replace
+
+    def link(src: str | Path, dst: str | Path, **kw: bool) -> None:
+        if Path(dst) == final:
+            meet.wait()
+        real_link(src, dst, **kw)
+
+    def replace(src: str | Path, dst: str | Path) -> None:
+        if Path(dst) == final:
+            meet.wait()
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "link", link)
+    monkeypatch.setattr(os, "replace", replace)
+    contents = [b"first " * 100, b"second " * 100]
+    parts = []
+    for i, data in enumerate(contents):
+        part = part_path(final, RemoteFile(f"/d{i}/a.CSV", len(data), i))
+        part.write_bytes(data)
+        parts.append(part)
+    placed: list[Path | BaseException] = [OSError("not placed")] * 2
+
+    def placer(i: int) -> None:
+        try:
+            placed[i] = sync.place(parts[i], final, hashlib.sha256(contents[i]).hexdigest(), sync_dir=False)
+        except BaseException as exc:  # surfaced below
+            placed[i] = exc
+
+    threads = [threading.Thread(target=placer, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    monkeypatch.undo()
+    assert all(isinstance(p, Path) for p in placed), placed
+    assert {p.name for p in placed if isinstance(p, Path)} == {"a.CSV", "a.1.CSV"}
+    for dest, data in zip(placed, contents, strict=True):
+        assert isinstance(dest, Path) and dest.read_bytes() == data
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.1.CSV", "a.CSV"]  # no part left
+
+
+def test_a_range_starts_the_disk_writing_what_it_wrote(
+    server: SftpTestServer, env: dict[str, str], make_settings: Make, inbox: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A byte range of a big file (what a worker process fetches, run here in this process) hands the disk
+    each step it wrote, through the descriptor it writes with: consecutive pieces of its own range, nothing
+    outside it. Checked against mutant sync-no-range-writeback."""
+    step = 64 * KiB
+    monkeypatch.setattr(sync, "WRITEBACK_STEP", step)
+    data = os.urandom(40 * step)
+    remote_path = server.put("big.csv", data)
+    remote = RemoteFile("/big.csv", len(data), int(remote_path.stat().st_mtime))
+    final = inbox / "big.csv"
+    part = sync.ranged_part_path(final, remote)
+    part.write_bytes(bytes(len(data)))  # the parent makes the ranged part, at its full size
+    start, end = 8 * step, 30 * step + 123
+    kicked: list[tuple[str, int, int]] = []
+    real = sync.start_writeback
+
+    def start_writeback(fd: int, offset: int = 0, nbytes: int = 0) -> None:
+        kicked.append((os.readlink(f"/proc/self/fd/{fd}"), offset, nbytes))
+        real(fd, offset, nbytes)
+
+    monkeypatch.setattr(sync, "start_writeback", start_writeback)
+    conn = sync._fetch_range_with_retries(make_settings(**env), None, sync.Job(0, remote, final, start, end),
+                                          lambda n: None)
+    conn.close()
+    assert part.read_bytes()[start:end] == data[start:end]
+    assert len(kicked) >= 3 and {k[0] for k in kicked} == {str(part.resolve())}, kicked
+    assert kicked[0][1] == start and all(nbytes >= step for _, _, nbytes in kicked), kicked
+    assert all(a[1] + a[2] == b[1] for a, b in itertools.pairwise(kicked)), kicked  # consecutive pieces
+    assert kicked[-1][1] + kicked[-1][2] <= end, kicked
+
+
+def test_a_part_that_cannot_be_opened_for_writeback_is_still_fetched(
+    server: SftpTestServer, env: dict[str, str], make_settings: Make, inbox: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Writeback is a hint: when the descriptor it opens on the part cannot be had (EMFILE here), the file
+    is fetched without it, at the first try, not failed and retried. Checked against mutant
+    sync-writeback-open-fails-the-file."""
+    step = 64 * KiB
+    monkeypatch.setattr(sync, "WRITEBACK_STEP", step)
+    data = os.urandom(16 * step)
+    server.put("big.csv", data)
+    refused: list[str] = []
+    real_open = os.open
+
+    def open_(path: Any, flags: int, *a: Any, **kw: Any) -> int:
+        if str(path).endswith(".part") and not flags & (os.O_WRONLY | os.O_RDWR):
+            refused.append(str(path))
+            if len(refused) == 1:  # the first: writeback's, during the download (the fsync's comes after)
+                raise OSError(errno.EMFILE, "Too many open files")
+        return real_open(path, flags, *a, **kw)
+
+    monkeypatch.setattr(os, "open", open_)
+    report = sync_once(make_settings, env, workers=1)
+    monkeypatch.undo()
+    assert report.failed == [] and visible(inbox) == {"big.csv": data}
+    assert len(refused) == 2  # writeback tried once (not at every step), then the fsync's
+    assert len({r.session for r in server.reads if r.path == "/big.csv"}) == 1  # one try, not retried
+
+
+def test_a_finisher_whose_thread_cannot_start_ends_the_ones_that_did(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The third of a worker's finisher threads cannot start (the process is out of threads): the error is
+    the worker's, and the two that started end instead of waiting for work forever.
+    Checked against mutant sync-finisher-threads-left-waiting."""
+    real_start = threading.Thread.start
+    started: list[threading.Thread] = []
+
+    def start(self: threading.Thread) -> None:
+        if self.name.endswith("-finish-2"):
+            raise RuntimeError("can't start new thread")
+        real_start(self)
+        started.append(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    with pytest.raises(RuntimeError):
+        sync._Finisher(lambda msg: None)
+    monkeypatch.undo()
+    for t in started:
+        t.join(timeout=10)  # a deadline, not a pause
+    assert len(started) == 2 and not any(t.is_alive() for t in started)

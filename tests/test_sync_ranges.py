@@ -175,6 +175,11 @@ def test_ranged_fetch_killed_with_sigkill_resumes_only_missing_pieces_and_delive
     # The workers die with it (PR_SET_PDEATHSIG; this pass forks them, see sync._process_context): nobody
     # writes the part any more.
     wait_for(lambda: not holders(part), timeout=30, what="worker processes gone")
+    # A worker that was not writing the part at that moment holds the sync lock it inherited until it is
+    # gone too: the next pass would find the lock taken (seen once on a loaded machine).
+    locks = list(tmp_path.rglob("sync.lock"))
+    assert locks, "the killed pass took no sync lock"
+    wait_for(lambda: not any(holders(lock.resolve()) for lock in locks), timeout=30, what="the sync lock free")
     assert visible(inbox) == {}  # nothing visible for watch
     done = [tuple(map(int, line.split())) for line in record.read_text().splitlines()]
     assert len(done) >= 2
