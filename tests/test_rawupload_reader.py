@@ -20,6 +20,7 @@ import json
 import random
 import re
 import tracemalloc
+from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
@@ -98,7 +99,12 @@ def test_block_reading_cuts_the_chunks_the_line_loop_cut(tmp_path: Path, monkeyp
         try:
             got: list[bytes] | str = list(iter_chunks(path, lines_per_chunk, budget, digest))
         except PermanentDelivery as exc:
-            assert isinstance(want, str) and want in str(exc), (data, lines_per_chunk, budget, str(exc))
+            assert isinstance(want, str), (data, lines_per_chunk, budget, str(exc))
+            over = re.search(r"line (\d+) is over (\d+) bytes", str(exc))
+            if over:  # stopped once past the budget: the per-line loop failed on that line, for its length
+                assert want.startswith(f"line {over[1]} is ") and int(want.split()[3]) > budget, (want, str(exc))
+            else:
+                assert want in str(exc), (data, lines_per_chunk, budget, str(exc))
             continue
         assert got == want, (data, lines_per_chunk, budget)
         assert digest.hexdigest() == hashlib.sha256(data).hexdigest()
@@ -113,6 +119,56 @@ def test_a_year_in_small_reads_is_the_node_servers_chunks(tmp_path: Path, monkey
         monkeypatch.setattr(rawupload, "_READ", size)
         assert list(iter_chunks(path, 96)) == node_chunks(data, 96)
         assert list(iter_chunks(path, 5000, 50_000)) == per_line_chunks(data, 5000, 50_000)
+
+
+def _write(path: Path, *parts: bytes | tuple[bytes, int]) -> None:
+    """``path`` made of ``parts``: bytes, or (bytes, n) for the bytes n times, written a MiB at a time."""
+    with path.open("wb") as fh:
+        for part in parts:
+            data, times = part if isinstance(part, tuple) else (part, 1)
+            for _ in range(times):
+                fh.write(data)
+
+
+def _peak(run: Callable[[], object]) -> tuple[int, object]:
+    tracemalloc.start()
+    try:
+        result = run()
+        return tracemalloc.get_traced_memory()[1], result
+    finally:
+        tracemalloc.stop()
+
+
+def _failure(path: Path) -> str:
+    try:
+        list(iter_chunks(path, 5000))
+    except PermanentDelivery as exc:
+        return str(exc)
+    raise AssertionError("no failure")
+
+
+def test_a_64_mib_line_without_a_newline_fails_once_past_the_budget(tmp_path: Path) -> None:
+    """The line was held whole and copied with every read (quadratic; 2 GiB for a 1 GiB line): it now
+    fails as soon as it is past the request budget, holding about the budget."""
+    path = tmp_path / "long.csv"
+    _write(path, b"ESIID,USAGE_DATE\n", ROW + b"\n", (b"x" * (1 << 20), 64))
+    peak, message = _peak(lambda: _failure(path))
+    assert re.search(r"long\.csv: line 3 is over \d+ bytes; it cannot fit a raw-upload request", str(message))
+    assert peak < 12 << 20, peak
+
+
+def test_a_64_mib_blank_line_is_counted_not_kept(tmp_path: Path) -> None:
+    """A whitespace-only line (the Node server drops it) may be any length: it is read to its end but not
+    kept, and the chunks are those of the file without it; a non-blank byte at its very end fails the file."""
+    path, without = tmp_path / "blank.csv", tmp_path / "without.csv"
+    head = interval_csv(1, start=date(2026, 12, 3))
+    _write(path, head, (b" \t\xc2\xa0" * (1 << 18), 64), b"\r\n", ROW + b"\n")
+    _write(without, head, ROW + b"\n")
+    peak, got = _peak(lambda: list(iter_chunks(path, 5000)))
+    assert got == list(iter_chunks(without, 5000))
+    assert peak < 12 << 20, peak
+    _write(path, head, (b" " * (1 << 20), 64), b"\xff\n", ROW + b"\n")
+    assert "blank.csv: line 98 is over" in _failure(path)
 
 
 HEADER_LINES = [
