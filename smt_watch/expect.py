@@ -329,8 +329,40 @@ def _has_clock(value: str) -> bool:
     return bool(_CLOCK_RE.search(value))
 
 
+_CYCLE_MS: Final = 146_097 * 86_400_000  # 400 Gregorian years: the calendar, the weekdays and the US DST rule repeat
+_LOW_MS: Final = _days_from_civil(1, 1, 2) * 86_400_000  # instants datetime dates in Chicago (a day's margin)
+_HIGH_MS: Final = _days_from_civil(9999, 12, 30) * 86_400_000
+
+
+def chicago_local(ms: int) -> tuple[datetime, int]:
+    """The Chicago wall time of an instant, and the years to add to its year: an instant outside datetime's
+    years 1-9999 (a hostile ``12/31/9999 99:00`` is in year 10000) is moved by whole 400-year cycles into
+    them, where its wall time is the same, instead of raising ValueError (an internal error)."""
+    cycles = 0
+    if ms < _LOW_MS:
+        cycles = -(-(_LOW_MS - ms) // _CYCLE_MS)
+        ms += cycles * _CYCLE_MS
+        cycles = -cycles
+    elif ms > _HIGH_MS:
+        cycles = -(-(ms - _HIGH_MS) // _CYCLE_MS)
+        ms -= cycles * _CYCLE_MS
+    return datetime.fromtimestamp(ms / 1000, UTC).astimezone(CHICAGO), 400 * cycles
+
+
+def chicago_date(ms: int) -> date:
+    """``smtCoverageDateKey``: the Chicago date of an instant; past datetime's years, ``date.max`` (or
+    ``date.min``), which no window holds."""
+    local, years = chicago_local(ms)
+    year = local.year + years
+    if year > 9999:
+        return date.max
+    if year < 1:
+        return date.min
+    return local.date().replace(year=year)
+
+
 def _chicago_hm(ms: int) -> tuple[int, int]:
-    local = datetime.fromtimestamp(ms / 1000, UTC).astimezone(CHICAGO)
+    local, _ = chicago_local(ms)
     return local.hour, local.minute
 
 
@@ -471,7 +503,7 @@ class AppModel:
         hour = ms // 3_600_000
         d = self._day_cache.get(hour)
         if d is None:
-            d = datetime.fromtimestamp(hour * 3600, UTC).astimezone(CHICAGO).date()
+            d = chicago_date(hour * 3_600_000)
             self._day_cache[hour] = d
         return d
 

@@ -24,11 +24,21 @@ from __future__ import annotations
 import operator
 import re
 from collections.abc import Iterable, Iterator
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import date, datetime, time, timedelta
 from itertools import repeat
 from typing import Final
 
-from smt_watch.expect import _LINE_RE, RowParser, _esiid, _first, js_date_utc, js_trim, normalize_chunk, split_rows
+from smt_watch.expect import (
+    _LINE_RE,
+    RowParser,
+    _esiid,
+    _first,
+    chicago_date,
+    js_date_utc,
+    js_trim,
+    normalize_chunk,
+    split_rows,
+)
 from smt_watch.window import CHICAGO, Window, coverage_window
 
 HOUR_MS: Final = 3_600_000
@@ -59,7 +69,7 @@ def _first_hour(day: date) -> int:
     """The first whole UTC hour (epoch hours) whose Chicago date is ``day`` or later, as ``AppModel.day_of``
     dates an instant (by its hour): the window test on an instant is then two comparisons."""
     def day_of(hour: int) -> date:
-        return datetime.fromtimestamp(hour * 3600, UTC).astimezone(CHICAGO).date()
+        return chicago_date(hour * HOUR_MS)
 
     hour = int(datetime.combine(day, time(0), tzinfo=CHICAGO).timestamp()) // 3600
     while day_of(hour - 1) >= day:

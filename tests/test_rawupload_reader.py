@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 from node_server import JS_TRIM, node_chunks
 
-from smt_watch import postingest
+from smt_watch import expect, postingest
 from smt_watch.delivery import rawupload
 from smt_watch.delivery.rawupload import iter_chunks, plan_chunks
 from smt_watch.errors import PermanentDelivery
@@ -177,7 +177,7 @@ HEADER_LINES = [
     "ESIID,USAGE_DATE,USAGE_START_TIME,USAGE_KWH", "USAGE_DATE,ESIID,USAGE_START_TIME,USAGE_KWH",
     "ESIID,USAGE_END_TIME,USAGE_KWH,X", "ESIID,DATE,START,END,KWH,Y", ",,,",
 ]
-ODD_DATES = ["", " 12/05/2026 ", "13/45/2025", "1/1/0001", "00/00/2026", "2026-12-05", "99/99/2026"]
+ODD_DATES = ["", " 12/05/2026 ", "12/31/9999", "13/45/2025", "1/1/0001", "00/00/2026", "2026-12-05", "99/99/2026"]
 ODD_LABELS = [" 0:15", "99:99", "", "x", "12:00 PM", "0:00:00", "23:45"]
 ESIIDS = ["'10443720000000001", "'10443720000000001", "10443720000000002"]  # two, rows mixed
 ODD_ESIIDS = ["10443720000000002", "", "  ", "'", "'1044 "]
@@ -220,10 +220,7 @@ def test_rows_left_out_change_no_chunks_kept_esiids(monkeypatch: pytest.MonkeyPa
                            date(2026, 3, 8), date(2026, 11, 1)])
         chunk = hostile_chunk(rng, edge, odd)
         esiid, meter = rng.choice([None, "'10443720000000009"]), rng.choice(["M1", None, " "])
-        try:
-            want = AppModel().ingest(chunk_lines(chunk), esiid, meter, window)[0]
-        except (ValueError, OverflowError, OSError):  # an instant past year 9999: the replay cannot date it
-            continue
+        want = AppModel().ingest(chunk_lines(chunk), esiid, meter, window)[0]
         assert KeptEsiids(esiid=esiid, meter=meter, window=window).kept(chunk) == want, chunk
         compared += 1
     assert compared > 1000
@@ -249,6 +246,25 @@ def test_an_instant_past_year_9999_is_outside_the_window_not_an_error(tmp_path: 
     path.write_bytes(interval_csv(2, start=date(2026, 12, 3)) + b"'10443720000000001,12/31/9999,,99:00,,1,A,C\n")
     now = datetime(2026, 12, 7, 18, tzinfo=UTC)
     assert plan_post_ingest(iter_chunks(path, 96), esiid=None, meter="M1", now=now) == {2}
+
+
+def test_an_end_time_past_year_9999_in_a_chunk_without_start_times_is_not_an_error(tmp_path: Path) -> None:
+    """Rows without a start time take their instant from the end time, read as a start or an end by the
+    chunk's earliest end time's Chicago clock: one in year 10000 raised ValueError (an internal error). It is
+    read 400 years earlier (same calendar, same DST rule); the replay dates it ``date.max``, out of any window."""
+    path = tmp_path / "far_M1.csv"
+    path.write_bytes(b"ESIID,USAGE_DATE,USAGE_END_TIME,USAGE_KWH\n'10443720000000001,12/31/9999,99:00,1\n"
+                     b"'10443720000000001,12/05/2026,0:15,1\n")
+    now = datetime(2026, 12, 7, 18, tzinfo=UTC)
+    assert plan_post_ingest(iter_chunks(path, 96), esiid=None, meter="M1", now=now) == {1}
+    window = coverage_window(now)
+    assert AppModel().ingest(chunk_lines(path.read_bytes()), None, "M1", window)[0] == {"10443720000000001"}
+    far = expect.js_date_utc(9999, 11, 31, 99)
+    assert expect.chicago_local(far)[0].strftime("%m-%d %H:%M") == "01-03 21:00"  # 01-04 03:00 UTC, CST
+    assert expect.chicago_local(far)[1] == 400
+    assert AppModel().day_of(far) == date.max
+    assert expect.chicago_date(expect.js_date_utc(10400, 6, 4, 12)) == date.max
+    assert expect._chicago_hm(expect.js_date_utc(10400, 6, 4, 12)) == (7, 0)  # CDT, as on 2000-07-04
 
 
 def _peak_planning(path: Path, now: datetime) -> tuple[int, set[int]]:
