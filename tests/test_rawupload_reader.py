@@ -30,7 +30,7 @@ from node_server import JS_TRIM, node_chunks
 from smt_watch import expect, postingest
 from smt_watch.delivery import rawupload
 from smt_watch.delivery.rawupload import iter_chunks, plan_chunks
-from smt_watch.errors import PermanentDelivery
+from smt_watch.errors import FileChanged, PermanentDelivery
 from smt_watch.expect import AppModel, chunk_lines
 from smt_watch.postingest import KeptEsiids, plan_post_ingest
 from smt_watch.reference.sample import interval_csv
@@ -169,6 +169,46 @@ def test_a_64_mib_blank_line_is_counted_not_kept(tmp_path: Path) -> None:
     assert peak < 12 << 20, peak
     _write(path, head, (b" " * (1 << 20), 64), b"\xff\n", ROW + b"\n")
     assert "blank.csv: line 98 is over" in _failure(path)
+
+
+class _RewrittenOnceRead:
+    """A digest that rewrites ``path`` as soon as it has been fed its first block: the file changes between
+    the pass that hashes it and what comes after."""
+
+    def __init__(self, path: Path, new: bytes) -> None:
+        self.path, self.new, self.sha = path, new, hashlib.sha256()
+
+    def update(self, data: bytes) -> None:
+        self.sha.update(data)
+        if self.new:
+            self.path.write_bytes(self.new)
+            self.new = b""
+
+    def hexdigest(self) -> str:
+        return self.sha.hexdigest()
+
+
+def test_a_file_without_data_lines_is_sent_only_as_the_bytes_hashed(tmp_path: Path) -> None:
+    """Such a file goes whole, read a second time: a change in between was sent (and acknowledged) under the
+    old file's hash. The second read is checked against the first's hash."""
+    path = tmp_path / "empty.csv"
+    path.write_bytes(b"ESIID,USAGE_DATE\n  \n")
+    assert list(iter_chunks(path, 5000, digest=hashlib.sha256())) == [b"ESIID,USAGE_DATE\n  \n"]
+    digest = _RewrittenOnceRead(path, b"ESIID,USAGE_DATX\n  \n")
+    with pytest.raises(FileChanged, match=r"empty\.csv: changed while its chunks were being read"):
+        list(iter_chunks(path, 5000, digest=digest))  # type: ignore[arg-type]
+
+
+def test_planning_reads_every_chunk_whatever_see_reads(tmp_path: Path) -> None:
+    """``see`` (the post-ingest judge) may stop early: the plan still has every chunk, and the file's hash
+    is still checked on all of its bytes."""
+    path = tmp_path / "year.csv"
+    data = interval_csv(20)
+    path.write_bytes(data)
+    size, sha256 = len(data), hashlib.sha256(data).hexdigest()
+    whole = plan_chunks(path, size, sha256, 96)
+    assert len(whole) == 20  # 20 days of 96 rows
+    assert plan_chunks(path, size, sha256, 96, see=lambda chunks: next(iter(chunks))) == whole
 
 
 HEADER_LINES = [

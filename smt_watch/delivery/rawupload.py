@@ -344,10 +344,17 @@ def iter_chunks(path: Path, lines_per_chunk: int, budget: int = MAX_REQUEST_BYTE
     if batch:
         yield b"\n".join([header, *batch])
     elif data_lines == 0:
-        if path.stat().st_size > budget:  # UTF-8 repair never shortens: too big without being read whole
-            raise PermanentDelivery(f"{path.name}: {path.stat().st_size} bytes without a data line cannot fit a"
+        # the file goes whole: read once more (at most budget + 1 bytes: UTF-8 repair never shortens, so more
+        # cannot fit), and only as the bytes just hashed, or a change in between would go under the old hash
+        with path.open("rb") as fh:
+            raw = fh.read(budget + 1)
+        if len(raw) > budget:
+            size = max(len(raw), path.stat().st_size)
+            raise PermanentDelivery(f"{path.name}: {size} bytes without a data line cannot fit a"
                                     f" raw-upload request of at most {MAX_REQUEST_BYTES} bytes")
-        whole = _utf8(path.read_bytes())
+        if digest is not None and hashlib.sha256(raw).hexdigest() != digest.hexdigest():
+            raise FileChanged(f"{path.name}: changed while its chunks were being read")
+        whole = _utf8(raw)
         if len(whole) > budget:
             raise PermanentDelivery(f"{path.name}: {len(whole)} bytes without a data line cannot fit a raw-upload"
                                     f" request of at most {MAX_REQUEST_BYTES} bytes")
@@ -357,8 +364,8 @@ def iter_chunks(path: Path, lines_per_chunk: int, budget: int = MAX_REQUEST_BYTE
 def plan_chunks(path: Path, size: int, sha256: str, lines_per_chunk: int, budget: int = MAX_REQUEST_BYTES,
                 see: Callable[[Iterator[bytes]], object] | None = None) -> list[tuple[str, int]]:
     """(chunk SHA-256, chunk size) for every chunk; raises FileChanged if the file is not the one hashed.
-    ``see``, when given, reads the same chunks as they are planned (one pass over the file for both); it must
-    read them all."""
+    ``see``, when given, reads the same chunks as they are planned (one pass over the file for both); the ones
+    it leaves are read after it."""
     digest = hashlib.sha256()
     plan: list[tuple[str, int]] = []
 
@@ -367,11 +374,11 @@ def plan_chunks(path: Path, size: int, sha256: str, lines_per_chunk: int, budget
             plan.append((hashlib.sha256(content).hexdigest(), len(content)))
             yield content
 
-    if see is None:
-        for _ in planned():
-            pass
-    else:
-        see(planned())
+    chunks = planned()
+    if see is not None:
+        see(chunks)
+    for _ in chunks:  # what ``see`` left unread: the plan and the file's hash need every chunk
+        pass
     if digest.hexdigest() != sha256:
         raise FileChanged(f"{path.name}: changed since it was hashed")
     return plan
