@@ -1,7 +1,7 @@
 """raw-upload's block reading (issue 27: memory flat in file size, a fraction of the CPU) against the line-by-line
 readings it replaced, on generated hostile files and chunks.
 
-- ``iter_chunks`` reads 1 MiB blocks and takes a clean run's lines in slices; its chunks and its errors must
+- ``iter_chunks`` reads 256 KiB blocks and takes a clean run's lines in slices; its chunks and its errors must
   be those of the Node server's transcription (``node_chunks``) and of the per-line cut by bytes
   (:func:`per_line_chunks`, the loop it replaced), with reads shrunk to a few bytes so lines, CR LFs and
   UTF-8 sequences straddle them.
@@ -205,10 +205,10 @@ def test_planning_reads_every_chunk_whatever_see_reads(tmp_path: Path) -> None:
     path = tmp_path / "year.csv"
     data = interval_csv(20)
     path.write_bytes(data)
-    size, sha256 = len(data), hashlib.sha256(data).hexdigest()
-    whole = plan_chunks(path, size, sha256, 96)
+    sha256 = hashlib.sha256(data).hexdigest()
+    whole = plan_chunks(path, sha256, 96)
     assert len(whole) == 20  # 20 days of 96 rows
-    assert plan_chunks(path, size, sha256, 96, see=lambda chunks: next(iter(chunks))) == whole
+    assert plan_chunks(path, sha256, 96, see=lambda chunks: next(iter(chunks))) == whole
 
 
 HEADER_LINES = [
@@ -310,10 +310,10 @@ def test_an_end_time_past_year_9999_in_a_chunk_without_start_times_is_not_an_err
 def _peak_planning(path: Path, now: datetime) -> tuple[int, set[int]]:
     """tracemalloc's peak while one pass plans ``path``'s chunks and their post-ingest chunk."""
     post: set[int] = set()
-    size, sha256 = path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest()
+    sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
     tracemalloc.start()
     try:
-        plan_chunks(path, size, sha256, 5000,
+        plan_chunks(path, sha256, 5000,
                     see=lambda chunks: post.update(plan_post_ingest(chunks, esiid=None, meter="M1", now=now)))
         return tracemalloc.get_traced_memory()[1], post
     finally:

@@ -94,9 +94,8 @@ class RawUploadSink:
             post.update(plan_post_ingest(chunks, esiid=payload.esiid or None, meter=payload.meter,
                                          now=datetime.now(UTC)))
 
-        plan = plan_chunks(payload.path, payload.size, payload.sha256, self.lines_per_chunk, budget, judge)
+        plan = plan_chunks(payload.path, payload.sha256, self.lines_per_chunk, budget, judge)
         total = len(plan)
-        post = post or {total}
         acked = store.acked_chunks(payload.sha256, total) if store and not payload.resend else {}
         attempts, status, text = 0, 200, ""
         digest = hashlib.sha256()
@@ -361,7 +360,7 @@ def iter_chunks(path: Path, lines_per_chunk: int, budget: int = MAX_REQUEST_BYTE
         yield whole
 
 
-def plan_chunks(path: Path, size: int, sha256: str, lines_per_chunk: int, budget: int = MAX_REQUEST_BYTES,
+def plan_chunks(path: Path, sha256: str, lines_per_chunk: int, budget: int = MAX_REQUEST_BYTES,
                 see: Callable[[Iterator[bytes]], object] | None = None) -> list[tuple[str, int]]:
     """(chunk SHA-256, chunk size) for every chunk; raises FileChanged if the file is not the one hashed.
     ``see``, when given, reads the same chunks as they are planned (one pass over the file for both); the ones
