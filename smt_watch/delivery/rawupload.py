@@ -298,7 +298,8 @@ def iter_chunks(path: Path, lines_per_chunk: int, budget: int = MAX_REQUEST_BYTE
     lines joined by ``\\n``, no newline at the end; also cut before a chunk passes ``budget`` bytes. A file with
     no data line is one chunk, the whole file. ``digest`` (when given) is fed every byte of the file, so a
     caller can check the whole file's hash. Raises :class:`PermanentDelivery` when the header and one line
-    alone pass ``budget``.
+    alone pass ``budget`` (a line past it as soon as it is read that far: :func:`_js_line_runs`), and
+    :class:`FileChanged` when a file sent whole is no longer the bytes hashed.
 
     Memory: one chunk and one block. Time: a clean run (:func:`_js_line_runs`) is taken in slices of as many
     lines as the chunk has room for, each added at once when it fits the budget; the rest line by line."""
