@@ -29,7 +29,6 @@ from smt_watch.logs import FORMATS, LEVELS, add_secrets, setup_logging  # noqa: 
 from smt_watch.names import shown  # noqa: E402
 
 if TYPE_CHECKING:
-    from rich.text import Text
 
     from smt_watch.config import Settings
     from smt_watch.delivery import Progress
@@ -206,15 +205,14 @@ def _progress_bar(path: Path) -> AbstractContextManager[Progress | None]:
 @contextmanager
 def _bar(name: str, size: int) -> Iterator[Progress]:
     from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
     with Progress(
-        "{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(), transient=True,
-        console=Console(stderr=True),
+        TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+        transient=True, console=Console(stderr=True),
     ) as bar:
-        from rich.markup import escape
-
-        task = bar.add_task(escape(shown(name)), total=size)  # a name is the sender's text: no markup, no ESC
+        # a name is the sender's text: no ESC (shown), read as no markup and no emoji shortcode (markup=False)
+        task = bar.add_task(shown(name), total=size)
         yield lambda n: bar.advance(task, n)
 
 
@@ -346,10 +344,10 @@ def _sync_progress() -> Iterator[tuple[Callable[[SyncReport], None] | None, Prog
         yield None, None
         return
     from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-    with Progress("{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                  console=Console(stderr=True), transient=True) as bar:
+    with Progress(TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(),
+                  TransferSpeedColumn(), console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task("sync", total=None)
 
         def on_plan(report: SyncReport) -> None:
@@ -524,6 +522,8 @@ def inspect(
     from rich.console import Console
     from rich.table import Table
 
+    from smt_watch.status import plain as _cell
+
     table = Table("", title=_cell(str(file)), title_justify="left")
     for s in summaries:
         table.add_column(_cell(s.file))  # a Text header, not Table's str one: a name is no markup
@@ -531,21 +531,6 @@ def inspect(
                 "gaps", "kwh_consumption", "kwh_generation", "first_start_utc", "last_end_utc"):
         table.add_row(key, *[_cell(s.to_json()[key]) for s in summaries])
     Console(width=max(100, 30 + 40 * len(summaries))).print(table)
-
-
-def _cell(value: object) -> Text:
-    """A table cell as plain text: the file's names and cells (an ESIID, a meter) are the sender's bytes, so
-    control characters are escaped (:func:`shown`: an ESC would reach the terminal) and ``[...]`` is never
-    read as rich markup (a ``[/]`` would be an error, a ``[bold]`` would vanish)."""
-    from rich.text import Text
-
-    if isinstance(value, list):
-        text = ", ".join(map(str, value)) or "-"
-    elif isinstance(value, float):
-        text = f"{value:.3f}"
-    else:
-        text = "-" if value is None else str(value)
-    return Text(shown(text))
 
 
 @app.command()
@@ -654,7 +639,8 @@ def ledger_list(
     if not rows:
         typer.echo("(no rows)")
         return
-    states = [f"{r.state}/{verdicts[r.sha256]}" if r.sha256 in verdicts else r.state for r in rows]
+    # a state and a verdict are ledger text (another version's ledger may hold anything): shown() as the name
+    states = [shown(f"{r.state}/{verdicts[r.sha256]}" if r.sha256 in verdicts else r.state) for r in rows]
     width = max(9, *map(len, states))  # "sent/outside window" is wider than a bare state
     typer.echo(f"{'STATE':<{width}} {'SHA256':<12} {'SIZE':>12} {'ATT':>3} {'HTTP':>4}  {'WHEN':<20} "
                "FILE / LAST ERROR")

@@ -67,6 +67,12 @@ _KWH_FRAGMENTS: Final = ("usagekwh", "consumptionkwh", "kwh", "kwhusage", "usage
 
 _JS_WS_SET: Final = frozenset(_JS_WS)
 _SMT_STAMP_RE: Final = re.compile(r"^([0-9]{1,2})/([0-9]{1,2})/([0-9]{4}) ([0-9]{1,2}):([0-9]{2})$")
+# its two halves, a row's date cell and its time label (trimmed) as SMT writes them
+SMT_DATE_RE: Final = re.compile(r"([0-9]{1,2})/([0-9]{1,2})/([0-9]{4})")
+SMT_LABEL_RE: Final = re.compile(r"[0-9]{1,2}:[0-9]{2}")
+_HOUR_MS: Final = 3_600_000
+_EARLIEST_MS: Final = 5 * _HOUR_MS
+_LATEST_MS: Final = 107 * _HOUR_MS
 
 
 def js_trim(text: str) -> str:
@@ -325,12 +331,68 @@ def parse_central(raw: str | None) -> int | None:
     return None
 
 
+def smt_instant_bounds(date_cell: str) -> tuple[int, int] | None:
+    """[earliest, latest) epoch ms of any instant :func:`parse_central` gives a row dated ``date_cell`` with an
+    ``H:MM`` label (:data:`SMT_LABEL_RE`), or None when the cell is not SMT's ``M/D/YYYY``. Its fast path
+    (``_SMT_STAMP_RE``): the date's Date.UTC midnight + H h + MM min (each at most 99) + 5 or 6 h, so within
+    [midnight + 5 h, midnight + 107 h)."""
+    m = SMT_DATE_RE.fullmatch(js_trim(date_cell))
+    if m is None:
+        return None
+    midnight = js_date_utc(int(m.group(3)), int(m.group(1)) - 1, int(m.group(2)))
+    return midnight + _EARLIEST_MS, midnight + _LATEST_MS
+
+
+def text_lines(text: str) -> list[str]:
+    """``text`` cut at JavaScript's row ends (``\\r\\n``, ``\\r``, ``\\n``), each line with its end, as the
+    route's parser reads a chunk."""
+    return _LINE_RE.findall(text)
+
+
+def esiid_of_cell(raw: str, fallback: str | None) -> str | None:
+    """The ESIID the route files a row under whose ESIID cell is ``raw`` (trimmed, leading quotes dropped;
+    an empty cell: ``fallback``)."""
+    return _esiid(_first([raw], [0]), fallback)
+
+
 def _has_clock(value: str) -> bool:
     return bool(_CLOCK_RE.search(value))
 
 
+_CYCLE_MS: Final = 146_097 * 86_400_000  # 400 Gregorian years: the calendar, the weekdays and the US DST rule repeat
+_LOW_MS: Final = _days_from_civil(1, 1, 2) * 86_400_000  # instants datetime dates in Chicago (a day's margin)
+_HIGH_MS: Final = _days_from_civil(9999, 12, 30) * 86_400_000
+
+
+def chicago_local(ms: int) -> tuple[datetime, int]:
+    """The Chicago wall time of an instant, and the years to add to its year: an instant outside datetime's
+    years 1-9999 (a hostile ``12/31/9999 99:00`` is in year 10000) is moved by whole 400-year cycles into
+    them, where its wall time is the same, instead of raising ValueError (an internal error)."""
+    cycles = 0
+    if ms < _LOW_MS:
+        cycles = -(-(_LOW_MS - ms) // _CYCLE_MS)
+        ms += cycles * _CYCLE_MS
+        cycles = -cycles
+    elif ms > _HIGH_MS:
+        cycles = -(-(ms - _HIGH_MS) // _CYCLE_MS)
+        ms -= cycles * _CYCLE_MS
+    return datetime.fromtimestamp(ms / 1000, UTC).astimezone(CHICAGO), 400 * cycles
+
+
+def chicago_date(ms: int) -> date:
+    """``smtCoverageDateKey``: the Chicago date of an instant; past datetime's years, ``date.max`` (or
+    ``date.min``), which no window holds."""
+    local, years = chicago_local(ms)
+    year = local.year + years
+    if year > 9999:
+        return date.max
+    if year < 1:
+        return date.min
+    return local.date().replace(year=year)
+
+
 def _chicago_hm(ms: int) -> tuple[int, int]:
-    local = datetime.fromtimestamp(ms / 1000, UTC).astimezone(CHICAGO)
+    local, _ = chicago_local(ms)
     return local.hour, local.minute
 
 
@@ -471,7 +533,7 @@ class AppModel:
         hour = ms // 3_600_000
         d = self._day_cache.get(hour)
         if d is None:
-            d = datetime.fromtimestamp(hour * 3600, UTC).astimezone(CHICAGO).date()
+            d = chicago_date(hour * 3_600_000)
             self._day_cache[hour] = d
         return d
 
@@ -510,7 +572,7 @@ class AppModel:
 
 def chunk_lines(chunk: bytes) -> list[str]:
     """A chunk's text as the route decodes it (UTF-8, bad bytes replaced), split keeping line ends."""
-    return _LINE_RE.findall(chunk.decode("utf-8", errors="replace"))
+    return text_lines(chunk.decode("utf-8", errors="replace"))
 
 
 def expect(chunks: Iterable[bytes], *, esiid: str | None, meter: str | None, window: Window) -> Expectation:

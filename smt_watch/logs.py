@@ -12,6 +12,7 @@ import json
 import logging
 import re
 import sys
+import traceback
 from collections.abc import Iterable
 
 from smt_watch.clock import utc_stamp
@@ -22,7 +23,8 @@ FORMATS = ("text", "json")
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line with stable keys: ``ts``, ``level``, ``logger``, ``msg`` (+ ``exc``)."""
+    """One JSON object per line with stable keys: ``ts``, ``level``, ``logger``, ``msg`` (+ ``exc``, for a record
+    that did not pass :class:`RedactFilter`: it puts the traceback in ``msg``, escaped)."""
 
     def format(self, record: logging.LogRecord) -> str:
         obj = {
@@ -57,7 +59,8 @@ def redact_text(text: str, pattern: re.Pattern[str] | None) -> str:
 class RedactFilter(logging.Filter):
     """The last line of defence on every record: secrets become ``***``, and the message is one printable
     line (names are bytes: a newline or ESC in a file name must not forge or split a log line, and an
-    undecodable byte must not break the stream). A traceback, when there is one, follows on its own lines."""
+    undecodable byte must not break the stream). A traceback, when there is one, follows on its own lines,
+    each as printable as the message."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -74,14 +77,30 @@ class RedactFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         clean = shown(self._redact(message))
-        if self.secrets and record.exc_info and record.exc_info[1] is not None:
-            # Formatted tracebacks carry exception text; render it here so it is redacted too.
-            clean += "\n" + self._redact(logging.Formatter().formatException(record.exc_info))
+        if record.exc_info and record.exc_info[1] is not None:
+            # A traceback quotes exception text (a file name, a server's answer): rendered here, redacted and
+            # made printable line by line as the message is (an ESC in it must not reach the journal or the
+            # terminal), an exception's own text one line (its newline must not forge a log line).
+            clean += "".join("\n" + shown(self._redact(line)) for line in traceback_lines(record.exc_info[1]))
             record.exc_info = None
             record.exc_text = None
         if clean != message or record.args:
             record.msg, record.args = clean, ()
         return True
+
+
+def traceback_lines(exc: BaseException) -> list[str]:
+    """``exc``'s traceback (its chain too) as lines: a frame's text (file, line, source: the program's own)
+    split on its line ends, any other part (an exception's type and text, a note: what the sender or a
+    server chose) kept whole, its inner line ends left for :func:`shown` to escape."""
+    out: list[str] = []
+    for part in traceback.TracebackException.from_exception(exc).format():
+        body = part.removesuffix("\n")
+        if part.startswith(("  File ", "\n", "Traceback (most recent call last):", "  [Previous line repeated")):
+            out.extend(body.split("\n"))
+        else:
+            out.append(body)
+    return out
 
 
 _redactor = RedactFilter()

@@ -190,7 +190,7 @@ def draw(data: Heatmap, out: Path) -> None:
     # the file's name and ESIID are the sender's: escaped (an ESC is no XML character, an SVG with one does
     # not open) and never mathtext (a "$" in an ESIID made matplotlib raise)
     ax.set_title(shown(f"{data.file}: ESIID {data.esiid}, kWh per 15 minutes"), fontsize=10, loc="left",
-                 parse_math=False)
+                 parse_math=False, usetex=False)
     fig.colorbar(image, ax=bars, fraction=0.25, pad=0.1, label="kWh")
     bars.barh(range(n), data.totals, color="#4c72b0", height=0.8)
     bars.set_xlabel("kWh per day", fontsize=8)

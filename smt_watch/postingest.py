@@ -22,22 +22,25 @@ whatever its other cells say, so a file of ten years costs the parser about the 
 from __future__ import annotations
 
 import operator
-import re
 from collections.abc import Iterable, Iterator
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import date, datetime, time, timedelta
 from itertools import repeat
 from typing import Final
 
-from smt_watch.expect import _LINE_RE, RowParser, _esiid, _first, js_date_utc, js_trim, normalize_chunk, split_rows
+from smt_watch.expect import (
+    SMT_LABEL_RE,
+    RowParser,
+    chicago_date,
+    esiid_of_cell,
+    js_trim,
+    normalize_chunk,
+    smt_instant_bounds,
+    split_rows,
+    text_lines,
+)
 from smt_watch.window import CHICAGO, Window, coverage_window
 
 HOUR_MS: Final = 3_600_000
-# ``parseCentralIso``'s SMT shape (``M/D/YYYY`` + ``H:MM``, expect._SMT_STAMP_RE): the instant is the date's
-# Date.UTC midnight + H h + MM min (each at most 99) + 5 or 6 h, so within [midnight + 5 h, midnight + 107 h)
-_DATE_SHAPE: Final = re.compile(r"([0-9]{1,2})/([0-9]{1,2})/([0-9]{4})")
-_LABEL_SHAPE: Final = re.compile(r"[0-9]{1,2}:[0-9]{2}")
-_EARLIEST_MS: Final = 5 * HOUR_MS
-_LATEST_MS: Final = 107 * HOUR_MS
 _FIRST_SLICE: Final = 96  # rows parsed first in a chunk inside the window: a day (then 4x as many each time)
 
 
@@ -59,7 +62,7 @@ def _first_hour(day: date) -> int:
     """The first whole UTC hour (epoch hours) whose Chicago date is ``day`` or later, as ``AppModel.day_of``
     dates an instant (by its hour): the window test on an instant is then two comparisons."""
     def day_of(hour: int) -> date:
-        return datetime.fromtimestamp(hour * 3600, UTC).astimezone(CHICAGO).date()
+        return chicago_date(hour * HOUR_MS)
 
     hour = int(datetime.combine(day, time(0), tzinfo=CHICAGO).timestamp()) // 3600
     while day_of(hour - 1) >= day:
@@ -91,13 +94,13 @@ class KeptEsiids:
         text = chunk.decode("utf-8", errors="replace")
         near = self._near_lines(text)
         if near is None:
-            return self._parse(_LINE_RE.findall(text))
+            return self._parse(text_lines(text))
         if not near:
             return set()
         header = text[: text.find("\n") + 1]
         assert self._columns is not None
         if self._columns[4] < 0:
-            return self._parse(_LINE_RE.findall(header + "\n".join(near)))
+            return self._parse(text_lines(header + "\n".join(near)))
         return self._parse_until_kept(header, near, self._columns[4])
 
     def _parse_until_kept(self, header: str, lines: list[str], cell: int) -> set[str]:
@@ -108,17 +111,16 @@ class KeptEsiids:
         done: set[str] = set()  # ESIID cells whose ESIID is kept
         start, step = 0, _FIRST_SLICE
         while start < len(lines):
-            part = lines[start : start + step]
+            part = [(line, line.split(",", cell + 1)[cell]) for line in lines[start : start + step]]
             start, step = start + step, step * 4
             if done:
-                part = [line for line in part if line.split(",", cell + 1)[cell] not in done]
+                part = [(line, raw) for line, raw in part if raw not in done]
             if not part:
                 continue
-            found = self._parse(_LINE_RE.findall(header + "\n".join(part)))
+            found = self._parse(text_lines(header + "\n".join(line for line, _ in part)))
             if not found <= kept:
                 kept |= found
-                done.update(raw for raw in {line.split(",", cell + 1)[cell] for line in part}
-                            if _esiid(_first([raw], [0]), self.esiid) in kept)
+                done.update(raw for raw in {raw for _, raw in part} if esiid_of_cell(raw, self.esiid) in kept)
         return kept
 
     def _parse(self, lines: list[str]) -> set[str]:
@@ -146,7 +148,7 @@ class KeptEsiids:
         cells = body.split(",")
         if len(cells) != commas * n + 1 or not all(map(operator.contains, cells[commas:-1:commas], repeat("\n"))):
             return None
-        if not all(_LABEL_SHAPE.fullmatch(js_trim(label)) for label in set(cells[start_cell::commas])):
+        if not all(SMT_LABEL_RE.fullmatch(js_trim(label)) for label in set(cells[start_cell::commas])):
             return None  # a start label without a clock time: the route's end-column rule spans rows
         dates = cells[date_cell::commas]
         distinct = set(dates)
@@ -176,11 +178,11 @@ class KeptEsiids:
 
     def _far(self, cell: str) -> bool:
         """Whether every instant a row dated ``cell`` can have (with an ``H:MM`` label) is outside the window."""
-        m = _DATE_SHAPE.fullmatch(js_trim(cell))
-        if m is None:
+        bounds = smt_instant_bounds(cell)
+        if bounds is None:
             return False
-        midnight = js_date_utc(int(m.group(3)), int(m.group(1)) - 1, int(m.group(2)))
-        return (midnight + _EARLIEST_MS) // HOUR_MS >= self.hi_hour or (midnight + _LATEST_MS) // HOUR_MS < self.lo_hour
+        earliest, latest = bounds
+        return earliest // HOUR_MS >= self.hi_hour or latest // HOUR_MS < self.lo_hour
 
 
 def kept_esiids_per_chunk(chunks: Iterable[bytes], *, esiid: str | None, meter: str | None,

@@ -38,6 +38,8 @@ from smt_watch.names import shown
 from smt_watch.sizes import human_bytes
 
 if TYPE_CHECKING:
+    from rich.text import Text
+
     from smt_watch.config import Settings
 
 HEARTBEAT_PREFIX: Final = "watch.heartbeat."
@@ -434,10 +436,25 @@ def sync_line(status: Status, now: float) -> str:
     return text
 
 
+def plain(value: object) -> Text:
+    """A table cell or title as plain text: names, cells and errors are the sender's (or a server's) text, so
+    control characters are escaped (:func:`shown`: an ESC would reach the terminal) and rich reads nothing in
+    it: a ``[/]`` is no markup (an error), a ``:smile:`` no emoji shortcode (a str cell gets both). A list is
+    joined by commas (``-`` when empty), a float has 3 decimals, None is ``-``."""
+    from rich.text import Text
+
+    if isinstance(value, list):
+        text = ", ".join(map(str, value)) or "-"
+    elif isinstance(value, float):
+        text = f"{value:.3f}"
+    else:
+        text = "-" if value is None else str(value)
+    return Text(shown(text))
+
+
 def console_view(status: Status, now: float | None = None) -> Any:
     """``smt-watch status`` as a rich renderable (one screen)."""
     from rich.console import Group
-    from rich.markup import escape
     from rich.table import Table
     from rich.text import Text
 
@@ -452,29 +469,28 @@ def console_view(status: Status, now: float | None = None) -> Any:
     head.append(f"queue: {status.queue} not delivered yet   ledger: {counts}\n")
     if status.verdicts:
         held = ", ".join(f"{v} {n}" for v, n in sorted(status.verdicts.items()))
-        head.append(f"in the app (verify): {held}\n")
+        head.append(shown(f"in the app (verify): {held}") + "\n")  # a verdict is ledger text too
     sync_alert = any(a.startswith(("sync ", "sync's")) for a in status.alerts)
     head.append(shown(sync_line(status, now)) + "\n", style="bold red" if sync_alert else "")
     for u in status.unreadable:
-        head.append(f"cannot read: {shown(u.path)} (owner {u.owner}, mode {u.mode}; watch on {u.node} runs as "
-                    f"{u.user}) since {u.since}\n", style="bold red")
+        # every field is a ledger row's text (another version's, or hand-edited): shown() as the path is
+        head.append(shown(f"cannot read: {u.path} (owner {u.owner}, mode {u.mode}; watch on {u.node} runs as "
+                          f"{u.user}) since {u.since}") + "\n", style="bold red")
     quotas = "; ".join(f"{q.role} {q.uploads} upload(s) from {q.accounts} account(s), {q.at_limit} at the limit "
                        f"of {q.limit}" for q in status.quotas)
     head.append(f"uploads: {quotas}\n")
     recent = Table("sent", "file", "size", "latency", "HTTP", title=f"last {RECENT} deliveries", title_justify="left",
                    expand=False)
     for d in status.recent:
-        recent.add_row(age(d.sent_at, now), escape(shown(d.filename)), human_size(d.size), seconds_text(d.seconds),
+        recent.add_row(age(d.sent_at, now), plain(d.filename), human_size(d.size), seconds_text(d.seconds),
                        str(d.http_status or "-"))
     parts: list[Any] = [head, recent]
     if status.failures:
         failed = Table("state", "file", "att", "HTTP", "reason", title="failures", title_justify="left",
                        title_style="bold red")
         for f in status.failures:
-            reason = escape(shown(f.error[:200]))
-            if f.next_attempt_at:
-                reason += f" (next attempt {f.next_attempt_at})"
-            failed.add_row(f.state, escape(shown(f.filename)), str(f.attempts), str(f.http_status or "-"), reason)
+            reason = f.error[:200] + (f" (next attempt {f.next_attempt_at})" if f.next_attempt_at else "")
+            failed.add_row(plain(f.state), plain(f.filename), str(f.attempts), str(f.http_status or "-"), plain(reason))
         parts.append(failed)
     else:
         parts.append(Text("failures: none"))

@@ -21,6 +21,8 @@ from pathlib import Path
 from smt_watch.config import Settings
 from smt_watch.errors import ConfigError
 
+Stamp = tuple[int, int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns
+
 
 def verify_for(settings: Settings, url: str) -> ssl.SSLContext | bool:
     """``verify=`` for a client talking to ``url``: False for plain http (no CA bundle to load), the default
@@ -34,16 +36,21 @@ def verify_for(settings: Settings, url: str) -> ssl.SSLContext | bool:
 
 def default_trust(trust_env: bool = True) -> ssl.SSLContext:
     """What httpx's ``verify=True`` builds (certifi's bundle; with ``trust_env``, ``SSL_CERT_FILE`` or else
-    ``SSL_CERT_DIR`` when set), built once per process for each of those sources."""
-    if trust_env and os.environ.get("SSL_CERT_FILE"):
-        return _default_trust(os.environ["SSL_CERT_FILE"], None)
-    if trust_env and os.environ.get("SSL_CERT_DIR"):
-        return _default_trust(None, os.environ["SSL_CERT_DIR"])
-    return _default_trust(None, None)
+    ``SSL_CERT_DIR`` when set), built once per process for each of those sources as they are now (a file
+    rewritten is loaded again, as :func:`context` does). One that cannot be loaded is a :class:`ConfigError`
+    naming the variable."""
+    for name, as_dir in (("SSL_CERT_FILE", False), ("SSL_CERT_DIR", True)):
+        where = os.environ.get(name) if trust_env else None
+        if where:
+            try:
+                return _default_trust(None if as_dir else where, where if as_dir else None, _stamp(Path(where)))
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(f"{name} {where}: cannot load certificates from it ({_why(exc)})") from exc
+    return _default_trust(None, None, None)
 
 
 @functools.lru_cache(maxsize=4)
-def _default_trust(cafile: str | None, capath: str | None) -> ssl.SSLContext:
+def _default_trust(cafile: str | None, capath: str | None, _stamp: Stamp | None) -> ssl.SSLContext:
     import certifi
 
     if cafile is None and capath is None:
@@ -64,16 +71,18 @@ def context(settings: Settings) -> ssl.SSLContext:
     return _context_once(*paths, stamps)
 
 
-def _stamp(path: Path | None) -> tuple[int, int, int, int] | None:
+def _stamp(path: Path | None) -> Stamp | None:
+    """What tells a file as it is now: the ctime too, as a key rewritten in place with its mtime put back
+    (``cp -p``, ``touch -r``, a config tool) keeps the others."""
     if path is None:
         return None
     st = os.stat(path)
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 @functools.lru_cache(maxsize=4)
 def _context_once(ca: Path | None, cert: Path | None, key: Path | None,
-                  stamps: tuple[tuple[int, int, int, int] | None, ...]) -> ssl.SSLContext:
+                  stamps: tuple[Stamp | None, ...]) -> ssl.SSLContext:
     return _context(ca, cert, key)  # an error is raised, never cached: the next call tries again
 
 

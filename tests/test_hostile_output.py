@@ -10,7 +10,9 @@ bytes (what the terminal would get); ``status`` and ``ledger list`` read a real 
 from __future__ import annotations
 
 import fcntl
+import io
 import json
+import logging
 import os
 import pty
 import struct
@@ -27,6 +29,7 @@ import pytest
 from conftest import SMT_WATCH, UPLOAD_TOKEN, cli_env, write_csv
 from smt_watch.clock import utc_stamp
 from smt_watch.ledger.verdicts import VerdictRow
+from smt_watch.logs import setup_logging
 from smt_watch.reference.sample import interval_csv
 from smt_watch.statedir import open_ledger
 from smt_watch.status import SYNC_KEY
@@ -36,6 +39,7 @@ SHOWN_ESIIDS = ["\\x1b[31m", "10\\x0044", "10\\n44", "[bold]x[/]"]
 NAME = os.fsdecode(b"bad\xff\x1b[2Jname.csv")  # not UTF-8, and an ESC that clears the screen
 SHOWN_NAME = "bad\\xff\\x1b[2Jname.csv"
 RAW = (b"\x1b", b"\x00", b"\xff")
+EMOJI = ":smile:"  # rich's shortcode for U+1F604: a str cell or a markup bar description would show the emoji
 LEDGER_NAME = "\x1b[2J\n\x00.csv"  # a name in the ledger is valid UTF-8 (names.stored), but may hold these
 SHOWN_LEDGER_NAME = "\\x1b[2J\\n\\x00.csv"
 
@@ -86,21 +90,31 @@ def test_status_and_ledger_list_escape_names_errors_and_alerts(
     writes them: another version's ledger may hold control characters (valid UTF-8) in any text column."""
     with open_ledger(make_settings()) as ledger:
         ledger.import_rows([_files_row("a" * 64, "sent", f"sent{LEDGER_NAME}", None),
-                            _files_row("b" * 64, "failed", f"failed{LEDGER_NAME}", "HTTP 400: \x1b]0;owned\x07")])
+                            _files_row("b" * 64, "failed", f"failed{LEDGER_NAME}", "HTTP 400: \x1b]0;owned\x07"),
+                            _files_row("c" * 64, "sent", f"{EMOJI}.csv", None),
+                            _files_row("d" * 64, "failed", f"{EMOJI}.csv", f"HTTP 400: {EMOJI}")])
         ledger.save_verdict(VerdictRow(sha256="a" * 64, verdict="partial"))
+        ledger.save_verdict(VerdictRow(sha256="c" * 64, verdict="\x1b[2J"))  # another version's verdict text
+        ledger.set_meta("watch.unreadable.n\x1b[1m", json.dumps([{
+            "node": "n\x1b[1m", "path": "/in/x.csv", "owner": "o\x1b[2J", "mode": "0600", "user": "u\x00",
+            "since": "s\x07"}]))
         ledger.set_meta(SYNC_KEY, json.dumps({
             "node": "n1", "started_at": utc_stamp(1_800_000_000.0), "finished_at": utc_stamp(1_800_000_001.0),
             "listed": 1, "new": 0, "bytes": 0, "already": 0, "failed": [], "error": "server said \x1b[2J\nfake"}))
     status = run_cli("status")
     assert status.returncode == 1, status.stderr  # the failed row and the partial file need a person
-    for line in (f"sent{SHOWN_LEDGER_NAME}", "server said \\x1b[2J\\nfake"):  # an alert each, on one line
+    for line in (f"sent{SHOWN_LEDGER_NAME}", "server said \\x1b[2J\\nfake",  # an alert each, on one line
+                 "cannot read: /in/x.csv (owner o\\x1b[2J, mode 0600; watch on n\\x1b[1m runs as u\\x00) since s\\x07"):
         assert any(line in row for row in status.stdout.splitlines()), (line, status.stdout)
     assert "\\x1b]0;owned\\x07" in "".join(status.stdout.replace("\u2502", "").split())
     listed = run_cli("ledger", "list")
     assert listed.returncode == 0, listed.stderr
     assert f"failed{SHOWN_LEDGER_NAME}" in listed.stdout and "\\x1b]0;owned\\x07" in listed.stdout
+    assert "sent/\\x1b[2J" in listed.stdout
     for out in (status.stdout, listed.stdout):
-        assert not any(c in out for c in ("\x1b", "\x00", "\x07", "\udcff", "\\udcff")), out
+        assert not any(c in out for c in ("\x1b", "\x00", "\x07", "\udcff", "\\udcff", "\U0001f604")), out
+    flat = "".join(status.stdout.replace("\u2502", "").split())  # table cells may wrap
+    assert flat.count(EMOJI) >= 3, status.stdout  # the recent and failed rows' names, the failure's reason
 
 
 def test_inspect_plot_takes_any_esiid_as_text(run_cli: Callable[..., subprocess.CompletedProcess[str]],
@@ -123,7 +137,7 @@ def test_inspect_plot_takes_any_esiid_as_text(run_cli: Callable[..., subprocess.
 
 def test_posts_progress_bar_escapes_the_name(receiver: Any, base_env: dict[str, str], tmp_path: Path) -> None:
     """``post``'s progress bar (only on a terminal: stderr is a pseudo-terminal here) names the file."""
-    name = "big\x1b[2J[bold]x[red].csv"
+    name = f"big\x1b[2J[bold]x[red]{EMOJI}.csv"
     path = tmp_path / "inbox" / name
     write_csv(path, rows=80_000)  # past the bar's 4 MiB
     env = cli_env(base_env, tmp_path, {"SMT_UPLOAD_URL": f"{receiver.url}/upload", "SMT_UPLOAD_TOKEN": UPLOAD_TOKEN,
@@ -151,5 +165,24 @@ def test_posts_progress_bar_escapes_the_name(receiver: Any, base_env: dict[str, 
             os.close(follower)
     assert proc.returncode == 0, (out, bytes(tty))
     assert path.stat().st_size >= 4 * 1024 * 1024
-    assert b"big\\x1b[2J[bold]x[red].csv" in tty, bytes(tty)  # the bar drew it, escaped and not as markup
+    assert b"big\\x1b[2J[bold]x[red]:smile:.csv" in tty, bytes(tty)  # the bar drew it, escaped, no markup
     assert b"\x1b[2J" not in tty and b"\x1b[2J" not in out
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_a_traceback_is_logged_escaped_line_by_line(fmt: str) -> None:
+    """``log.exception`` (jobs, watch, serve) prints the exception's traceback, whose text quotes a file name
+    or a server's answer: an ESC there reached the journal or the terminal raw (only the message was
+    escaped). Each of its lines is escaped now, and the lines stay lines."""
+    out = io.StringIO()
+    setup_logging("info", fmt, stream=out)
+    try:
+        raise OSError(f"cannot open {LEDGER_NAME}\rforged line")
+    except OSError:
+        logging.getLogger("smt_watch.watch").exception("Job failed for %s", LEDGER_NAME)
+    text = out.getvalue()
+    assert "\x1b" not in text and "\x00" not in text and "\r" not in text, text
+    lines = text.splitlines() if fmt == "text" else json.loads(text)["msg"].split("\n")
+    assert lines[0].endswith(f"Job failed for {SHOWN_LEDGER_NAME}"), lines
+    assert lines[1] == "Traceback (most recent call last):", lines
+    assert lines[-1] == f"OSError: cannot open {SHOWN_LEDGER_NAME}\\rforged line", lines

@@ -1,7 +1,7 @@
 """raw-upload's block reading (issue 27: memory flat in file size, a fraction of the CPU) against the line-by-line
 readings it replaced, on generated hostile files and chunks.
 
-- ``iter_chunks`` reads 1 MiB blocks and takes a clean run's lines in slices; its chunks and its errors must
+- ``iter_chunks`` reads 256 KiB blocks and takes a clean run's lines in slices; its chunks and its errors must
   be those of the Node server's transcription (``node_chunks``) and of the per-line cut by bytes
   (:func:`per_line_chunks`, the loop it replaced), with reads shrunk to a few bytes so lines, CR LFs and
   UTF-8 sequences straddle them.
@@ -20,16 +20,17 @@ import json
 import random
 import re
 import tracemalloc
+from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from node_server import JS_TRIM, node_chunks
 
-from smt_watch import postingest
+from smt_watch import expect, postingest
 from smt_watch.delivery import rawupload
 from smt_watch.delivery.rawupload import iter_chunks, plan_chunks
-from smt_watch.errors import PermanentDelivery
+from smt_watch.errors import FileChanged, PermanentDelivery
 from smt_watch.expect import AppModel, chunk_lines
 from smt_watch.postingest import KeptEsiids, plan_post_ingest
 from smt_watch.reference.sample import interval_csv
@@ -98,7 +99,12 @@ def test_block_reading_cuts_the_chunks_the_line_loop_cut(tmp_path: Path, monkeyp
         try:
             got: list[bytes] | str = list(iter_chunks(path, lines_per_chunk, budget, digest))
         except PermanentDelivery as exc:
-            assert isinstance(want, str) and want in str(exc), (data, lines_per_chunk, budget, str(exc))
+            assert isinstance(want, str), (data, lines_per_chunk, budget, str(exc))
+            over = re.search(r"line (\d+) is over (\d+) bytes", str(exc))
+            if over:  # stopped once past the budget: the per-line loop failed on that line, for its length
+                assert want.startswith(f"line {over[1]} is ") and int(want.split()[3]) > budget, (want, str(exc))
+            else:
+                assert want in str(exc), (data, lines_per_chunk, budget, str(exc))
             continue
         assert got == want, (data, lines_per_chunk, budget)
         assert digest.hexdigest() == hashlib.sha256(data).hexdigest()
@@ -115,13 +121,103 @@ def test_a_year_in_small_reads_is_the_node_servers_chunks(tmp_path: Path, monkey
         assert list(iter_chunks(path, 5000, 50_000)) == per_line_chunks(data, 5000, 50_000)
 
 
+def _write(path: Path, *parts: bytes | tuple[bytes, int]) -> None:
+    """``path`` made of ``parts``: bytes, or (bytes, n) for the bytes n times, written a MiB at a time."""
+    with path.open("wb") as fh:
+        for part in parts:
+            data, times = part if isinstance(part, tuple) else (part, 1)
+            for _ in range(times):
+                fh.write(data)
+
+
+def _peak(run: Callable[[], object]) -> tuple[int, object]:
+    tracemalloc.start()
+    try:
+        result = run()
+        return tracemalloc.get_traced_memory()[1], result
+    finally:
+        tracemalloc.stop()
+
+
+def _failure(path: Path) -> str:
+    try:
+        list(iter_chunks(path, 5000))
+    except PermanentDelivery as exc:
+        return str(exc)
+    raise AssertionError("no failure")
+
+
+def test_a_64_mib_line_without_a_newline_fails_once_past_the_budget(tmp_path: Path) -> None:
+    """The line was held whole and copied with every read (quadratic; 2 GiB for a 1 GiB line): it now
+    fails as soon as it is past the request budget, holding about the budget."""
+    path = tmp_path / "long.csv"
+    _write(path, b"ESIID,USAGE_DATE\n", ROW + b"\n", (b"x" * (1 << 20), 64))
+    peak, message = _peak(lambda: _failure(path))
+    assert re.search(r"long\.csv: line 3 is over \d+ bytes; it cannot fit a raw-upload request", str(message))
+    assert peak < 12 << 20, peak
+
+
+def test_a_64_mib_blank_line_is_counted_not_kept(tmp_path: Path) -> None:
+    """A whitespace-only line (the Node server drops it) may be any length: it is read to its end but not
+    kept, and the chunks are those of the file without it; a non-blank byte at its very end fails the file."""
+    path, without = tmp_path / "blank.csv", tmp_path / "without.csv"
+    head = interval_csv(1, start=date(2026, 12, 3))
+    _write(path, head, (b" \t\xc2\xa0" * (1 << 18), 64), b"\r\n", ROW + b"\n")
+    _write(without, head, ROW + b"\n")
+    peak, got = _peak(lambda: list(iter_chunks(path, 5000)))
+    assert got == list(iter_chunks(without, 5000))
+    assert peak < 12 << 20, peak
+    _write(path, head, (b" " * (1 << 20), 64), b"\xff\n", ROW + b"\n")
+    assert "blank.csv: line 98 is over" in _failure(path)
+
+
+class _RewrittenOnceRead:
+    """A digest that rewrites ``path`` as soon as it has been fed its first block: the file changes between
+    the pass that hashes it and what comes after."""
+
+    def __init__(self, path: Path, new: bytes) -> None:
+        self.path, self.new, self.sha = path, new, hashlib.sha256()
+
+    def update(self, data: bytes) -> None:
+        self.sha.update(data)
+        if self.new:
+            self.path.write_bytes(self.new)
+            self.new = b""
+
+    def hexdigest(self) -> str:
+        return self.sha.hexdigest()
+
+
+def test_a_file_without_data_lines_is_sent_only_as_the_bytes_hashed(tmp_path: Path) -> None:
+    """Such a file goes whole, read a second time: a change in between was sent (and acknowledged) under the
+    old file's hash. The second read is checked against the first's hash."""
+    path = tmp_path / "empty.csv"
+    path.write_bytes(b"ESIID,USAGE_DATE\n  \n")
+    assert list(iter_chunks(path, 5000, digest=hashlib.sha256())) == [b"ESIID,USAGE_DATE\n  \n"]
+    digest = _RewrittenOnceRead(path, b"ESIID,USAGE_DATX\n  \n")
+    with pytest.raises(FileChanged, match=r"empty\.csv: changed while its chunks were being read"):
+        list(iter_chunks(path, 5000, digest=digest))  # type: ignore[arg-type]
+
+
+def test_planning_reads_every_chunk_whatever_see_reads(tmp_path: Path) -> None:
+    """``see`` (the post-ingest judge) may stop early: the plan still has every chunk, and the file's hash
+    is still checked on all of its bytes."""
+    path = tmp_path / "year.csv"
+    data = interval_csv(20)
+    path.write_bytes(data)
+    sha256 = hashlib.sha256(data).hexdigest()
+    whole = plan_chunks(path, sha256, 96)
+    assert len(whole) == 20  # 20 days of 96 rows
+    assert plan_chunks(path, sha256, 96, see=lambda chunks: next(iter(chunks))) == whole
+
+
 HEADER_LINES = [
     "ESIID,USAGE_DATE,REVISION_DATE,USAGE_START_TIME,USAGE_END_TIME,USAGE_KWH,ESTIMATED_ACTUAL,"
     "CONSUMPTION_SURPLUSGENERATION",
     "ESIID,USAGE_DATE,USAGE_START_TIME,USAGE_KWH", "USAGE_DATE,ESIID,USAGE_START_TIME,USAGE_KWH",
     "ESIID,USAGE_END_TIME,USAGE_KWH,X", "ESIID,DATE,START,END,KWH,Y", ",,,",
 ]
-ODD_DATES = ["", " 12/05/2026 ", "13/45/2025", "1/1/0001", "00/00/2026", "2026-12-05", "99/99/2026"]
+ODD_DATES = ["", " 12/05/2026 ", "12/31/9999", "13/45/2025", "1/1/0001", "00/00/2026", "2026-12-05", "99/99/2026"]
 ODD_LABELS = [" 0:15", "99:99", "", "x", "12:00 PM", "0:00:00", "23:45"]
 ESIIDS = ["'10443720000000001", "'10443720000000001", "10443720000000002"]  # two, rows mixed
 ODD_ESIIDS = ["10443720000000002", "", "  ", "'", "'1044 "]
@@ -164,10 +260,7 @@ def test_rows_left_out_change_no_chunks_kept_esiids(monkeypatch: pytest.MonkeyPa
                            date(2026, 3, 8), date(2026, 11, 1)])
         chunk = hostile_chunk(rng, edge, odd)
         esiid, meter = rng.choice([None, "'10443720000000009"]), rng.choice(["M1", None, " "])
-        try:
-            want = AppModel().ingest(chunk_lines(chunk), esiid, meter, window)[0]
-        except (ValueError, OverflowError, OSError):  # an instant past year 9999: the replay cannot date it
-            continue
+        want = AppModel().ingest(chunk_lines(chunk), esiid, meter, window)[0]
         assert KeptEsiids(esiid=esiid, meter=meter, window=window).kept(chunk) == want, chunk
         compared += 1
     assert compared > 1000
@@ -195,13 +288,32 @@ def test_an_instant_past_year_9999_is_outside_the_window_not_an_error(tmp_path: 
     assert plan_post_ingest(iter_chunks(path, 96), esiid=None, meter="M1", now=now) == {2}
 
 
+def test_an_end_time_past_year_9999_in_a_chunk_without_start_times_is_not_an_error(tmp_path: Path) -> None:
+    """Rows without a start time take their instant from the end time, read as a start or an end by the
+    chunk's earliest end time's Chicago clock: one in year 10000 raised ValueError (an internal error). It is
+    read 400 years earlier (same calendar, same DST rule); the replay dates it ``date.max``, out of any window."""
+    path = tmp_path / "far_M1.csv"
+    path.write_bytes(b"ESIID,USAGE_DATE,USAGE_END_TIME,USAGE_KWH\n'10443720000000001,12/31/9999,99:00,1\n"
+                     b"'10443720000000001,12/05/2026,0:15,1\n")
+    now = datetime(2026, 12, 7, 18, tzinfo=UTC)
+    assert plan_post_ingest(iter_chunks(path, 96), esiid=None, meter="M1", now=now) == {1}
+    window = coverage_window(now)
+    assert AppModel().ingest(chunk_lines(path.read_bytes()), None, "M1", window)[0] == {"10443720000000001"}
+    far = expect.js_date_utc(9999, 11, 31, 99)
+    assert expect.chicago_local(far)[0].strftime("%m-%d %H:%M") == "01-03 21:00"  # 01-04 03:00 UTC, CST
+    assert expect.chicago_local(far)[1] == 400
+    assert AppModel().day_of(far) == date.max
+    assert expect.chicago_date(expect.js_date_utc(10400, 6, 4, 12)) == date.max
+    assert expect._chicago_hm(expect.js_date_utc(10400, 6, 4, 12)) == (7, 0)  # CDT, as on 2000-07-04
+
+
 def _peak_planning(path: Path, now: datetime) -> tuple[int, set[int]]:
     """tracemalloc's peak while one pass plans ``path``'s chunks and their post-ingest chunk."""
     post: set[int] = set()
-    size, sha256 = path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest()
+    sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
     tracemalloc.start()
     try:
-        plan_chunks(path, size, sha256, 5000,
+        plan_chunks(path, sha256, 5000,
                     see=lambda chunks: post.update(plan_post_ingest(chunks, esiid=None, meter="M1", now=now)))
         return tracemalloc.get_traced_memory()[1], post
     finally:

@@ -11,9 +11,12 @@ import datetime
 import http.server
 import ipaddress
 import json
+import os
+import re
 import ssl
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -184,7 +187,8 @@ def test_one_context_per_trust_in_a_process(make_settings: Make, pki: dict[str, 
 def test_doctor_loads_the_ca_bundle_once(make_settings: Make, unused_port: int, ca_loads: list[str],
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """An https target on this host: the own-serve probe (once per check that resolves the mode), the
-    endpoint's HEAD and the token check each made a client that loaded the bundle (five loads in all)."""
+    endpoint's HEAD and the token check each made a client, and each loaded the bundle (five loads in all);
+    they share one context now, so the bundle is loaded once."""
     monkeypatch.delenv("SSL_CERT_FILE", raising=False)
     monkeypatch.delenv("SSL_CERT_DIR", raising=False)
     settings = make_settings(INTELLIWATT_BASE_URL=f"https://127.0.0.1:{unused_port}", ADMIN_TOKEN="t0ken-" * 4,
@@ -192,3 +196,54 @@ def test_doctor_loads_the_ca_bundle_once(make_settings: Make, unused_port: int, 
     checks = {c.name: c for c in run_checks(settings, env_file=None, offline=False)}
     assert checks["endpoint"].status == "FAIL" and "cannot connect" in checks["endpoint"].detail  # it was asked
     assert len(ca_loads) == 1, ca_loads
+
+
+def test_the_default_trust_follows_ssl_cert_file_and_names_it_when_it_cannot_load(
+        pki: dict[str, Path], ca_loads: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        run_cli: Run) -> None:
+    """``SSL_CERT_FILE`` was cached by its path alone (a bundle rewritten kept the old trust), and a missing
+    one was a bare FileNotFoundError: an internal error, not a line naming the variable."""
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(pki["ca"].read_bytes())
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    first = tls.default_trust()
+    assert tls.default_trust() is first and ca_loads == [str(bundle)]
+    bundle.write_bytes(pki["ca"].read_bytes() + b"\n")
+    assert tls.default_trust() is not first and len(ca_loads) == 2
+    for missing in (tmp_path / "gone.pem", pki["client_key"]):  # missing; not a certificate
+        monkeypatch.setenv("SSL_CERT_FILE", str(missing))
+        with pytest.raises(ConfigError, match=f"^SSL_CERT_FILE {re.escape(str(missing))}: cannot load certificates"):
+            tls.default_trust()
+    monkeypatch.setenv("SSL_CERT_DIR", str(tmp_path / "no-dir"))
+    monkeypatch.delenv("SSL_CERT_FILE")
+    with pytest.raises(ConfigError, match=r"^SSL_CERT_DIR "):
+        tls.default_trust()
+    f = write_csv(tmp_path / "tls_M1.csv")
+    done = run_cli("post", str(f), env={"SMT_UPLOAD_URL": "https://127.0.0.1:1/upload", "SMT_PATTERNS": "*.csv",
+                                        "SSL_CERT_FILE": str(tmp_path / "gone.pem")})
+    assert done.returncode != 0 and "SSL_CERT_FILE" in done.stdout + done.stderr, done.stdout + done.stderr
+    assert "Traceback" not in done.stdout + done.stderr and "internal error" not in done.stdout + done.stderr
+
+
+def test_a_key_rewritten_with_its_mtime_put_back_is_loaded_again(
+        make_settings: Make, pki: dict[str, Path], ca_loads: list[str], tmp_path: Path) -> None:
+    """``cp -p`` or ``touch -r`` over a key keeps its size and mtime (and a rewrite in place its inode): only
+    the ctime tells, so it is in the key of the cached context."""
+    key = tmp_path / "client.key"
+    key.write_bytes(pki["client_key"].read_bytes())
+    ours = make_settings(SMT_CA_BUNDLE=str(pki["ca"]), SMT_CLIENT_CERT=str(pki["client_cert"]),
+                         SMT_CLIENT_KEY=str(key))
+    mine = tls.context(ours)
+    before, data = key.stat(), key.read_bytes()
+    deadline = time.monotonic() + 10
+    while True:  # the same bytes written again in place, the mtime put back, until the (coarse) ctime moves
+        with key.open("r+b") as fh:
+            fh.write(data)
+        os.utime(key, ns=(before.st_atime_ns, before.st_mtime_ns))
+        after = key.stat()
+        if after.st_ctime_ns != before.st_ctime_ns or time.monotonic() > deadline:
+            break
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
+    assert after.st_ctime_ns != before.st_ctime_ns
+    assert tls.context(ours) is not mine

@@ -33,6 +33,7 @@ CSV as ``failed`` instead of sending it (:attr:`RawUploadSink.kinds`).
 from __future__ import annotations
 
 import base64
+import codecs
 import dataclasses
 import hashlib
 import itertools
@@ -93,9 +94,8 @@ class RawUploadSink:
             post.update(plan_post_ingest(chunks, esiid=payload.esiid or None, meter=payload.meter,
                                          now=datetime.now(UTC)))
 
-        plan = plan_chunks(payload.path, payload.size, payload.sha256, self.lines_per_chunk, budget, judge)
+        plan = plan_chunks(payload.path, payload.sha256, self.lines_per_chunk, budget, judge)
         total = len(plan)
-        post = post or {total}
         acked = store.acked_chunks(payload.sha256, total) if store and not payload.resend else {}
         attempts, status, text = 0, 200, ""
         digest = hashlib.sha256()
@@ -206,24 +206,66 @@ def _constant(data: bytes) -> Callable[[Progress | None], Iterator[bytes]]:
 _READ: Final = 256 * 1024  # bytes read at once: a block and its lines stay small (and in the CPU's caches)
 
 
-def _js_line_runs(path: Path, digest: hashlib._Hash | None) -> Iterator[tuple[int, list[bytes], bool]]:
+class _BlankTail:
+    """The bytes of line ``number``, past ``limit`` (no chunk can hold it): read only to see that it is blank
+    (``trim()`` empties it, so the Node server drops it), never kept. :meth:`feed` raises
+    :class:`PermanentDelivery` at its first non-blank character, so a hostile line of gigabytes fails after
+    ``limit`` bytes, not after all of them are held."""
+
+    def __init__(self, path: Path, number: int, limit: int) -> None:
+        self._path, self._number, self._limit = path, number, limit
+        self._decode = codecs.getincrementaldecoder("utf-8")("replace").decode  # a sequence may straddle reads
+
+    def feed(self, data: bytes, final: bool = False) -> None:
+        if self._number == 1 or self._decode(data, final).strip(JS_WHITESPACE):
+            raise PermanentDelivery(
+                f"{self._path.name}: line {self._number} is over {self._limit} bytes; it cannot fit a raw-upload"
+                f" request of at most {MAX_REQUEST_BYTES} bytes (the web app's limit)")
+
+
+def _js_line_runs(path: Path, digest: hashlib._Hash | None,
+                  limit: int | None = None) -> Iterator[tuple[int, list[bytes], bool]]:
     """The file's lines as ``text.split(/\\r?\\n/)`` gives them (``\\n`` and one ``\\r`` before it removed, a last
     empty line when the file ends with ``\\n``), in runs of about a block: (the first one's line number, the
     lines, ``clean``). A clean run is ASCII and has no line that is empty or starts with a byte up to a space,
     so none is blank and each is the chunks' bytes as it is; another is read line by line (:func:`_utf8`,
-    :func:`_blank`). ``digest`` is fed every byte of the file."""
+    :func:`_blank`). ``digest`` is fed every byte of the file.
+
+    A line still open is kept as the blocks' parts, joined once when its ``\\n`` comes (not copied again with
+    every block). Past ``limit`` (+1 for a CR) bytes no chunk can hold it: its bytes are no longer kept but
+    checked (:class:`_BlankTail`): a non-blank one fails the file at once; a blank one, which the Node server
+    drops, is yielded as ``b""`` once its end comes. Memory: ``limit`` and a block, whatever the line."""
     number = 1
-    carry = b""
+    parts: list[bytes] = []  # the line still open (no \n yet)
+    pending = 0  # its length
+    tail: _BlankTail | None = None  # that line is past the limit: only its blankness is checked
     with path.open("rb") as fh:
         while block := fh.read(_READ):
             if digest is not None:
                 digest.update(block)
-            data = carry + block if carry else block
-            cut = data.rfind(b"\n") + 1
+            if tail is not None:
+                end = block.find(b"\n")
+                tail.feed(block if end < 0 else block[:end], final=end >= 0)
+                if end < 0:
+                    continue
+                tail = None
+                yield number, [b""], False  # blank: b"" stands for it (dropped as the Node server drops it)
+                number += 1
+                block = block[end + 1 :]
+            cut = block.rfind(b"\n") + 1
             if cut == 0:
-                carry = data
+                if block:
+                    parts.append(block)
+                    pending += len(block)
+                if limit is not None and pending > limit + 1:
+                    tail = _BlankTail(path, number, limit)
+                    for part in parts:
+                        tail.feed(part)
+                    parts, pending = [], 0
                 continue
-            text, carry = data[:cut], data[cut:]
+            text = b"".join([*parts, block[:cut]]) if parts else block[:cut]
+            carry = block[cut:]
+            parts, pending = ([carry], len(carry)) if carry else ([], 0)
             if b"\r" in text:
                 text = text.replace(b"\r\n", b"\n")  # one CR before each LF (a lone CR stays, as in JavaScript)
             lines = text[:-1].split(b"\n")
@@ -231,7 +273,10 @@ def _js_line_runs(path: Path, digest: hashlib._Hash | None) -> Iterator[tuple[in
             clean = text.isascii() and min(lines)[:1] > b" "
             yield number, lines, clean
             number += len(lines)
-    yield number, [carry], False  # the last line, with no newline after it (b"" after a final one)
+    if tail is not None:
+        tail.feed(b"", final=True)
+        parts = []
+    yield number, [b"".join(parts)], False  # the last line, with no newline after it (b"" after a final one)
 
 
 def _utf8(line: bytes) -> bytes:
@@ -253,11 +298,12 @@ def iter_chunks(path: Path, lines_per_chunk: int, budget: int = MAX_REQUEST_BYTE
     lines joined by ``\\n``, no newline at the end; also cut before a chunk passes ``budget`` bytes. A file with
     no data line is one chunk, the whole file. ``digest`` (when given) is fed every byte of the file, so a
     caller can check the whole file's hash. Raises :class:`PermanentDelivery` when the header and one line
-    alone pass ``budget``.
+    alone pass ``budget`` (a line past it as soon as it is read that far: :func:`_js_line_runs`), and
+    :class:`FileChanged` when a file sent whole is no longer the bytes hashed.
 
     Memory: one chunk and one block. Time: a clean run (:func:`_js_line_runs`) is taken in slices of as many
     lines as the chunk has room for, each added at once when it fits the budget; the rest line by line."""
-    runs = _js_line_runs(path, digest)
+    runs = _js_line_runs(path, digest, budget)
     _, first, first_clean = next(runs)
     header = _utf8(first[0])
     batch: list[bytes] = []
@@ -298,21 +344,28 @@ def iter_chunks(path: Path, lines_per_chunk: int, budget: int = MAX_REQUEST_BYTE
     if batch:
         yield b"\n".join([header, *batch])
     elif data_lines == 0:
-        if path.stat().st_size > budget:  # UTF-8 repair never shortens: too big without being read whole
-            raise PermanentDelivery(f"{path.name}: {path.stat().st_size} bytes without a data line cannot fit a"
+        # the file goes whole: read once more (at most budget + 1 bytes: UTF-8 repair never shortens, so more
+        # cannot fit), and only as the bytes just hashed, or a change in between would go under the old hash
+        with path.open("rb") as fh:
+            raw = fh.read(budget + 1)
+        if len(raw) > budget:
+            size = max(len(raw), path.stat().st_size)
+            raise PermanentDelivery(f"{path.name}: {size} bytes without a data line cannot fit a"
                                     f" raw-upload request of at most {MAX_REQUEST_BYTES} bytes")
-        whole = _utf8(path.read_bytes())
+        if digest is not None and hashlib.sha256(raw).hexdigest() != digest.hexdigest():
+            raise FileChanged(f"{path.name}: changed while its chunks were being read")
+        whole = _utf8(raw)
         if len(whole) > budget:
             raise PermanentDelivery(f"{path.name}: {len(whole)} bytes without a data line cannot fit a raw-upload"
                                     f" request of at most {MAX_REQUEST_BYTES} bytes")
         yield whole
 
 
-def plan_chunks(path: Path, size: int, sha256: str, lines_per_chunk: int, budget: int = MAX_REQUEST_BYTES,
+def plan_chunks(path: Path, sha256: str, lines_per_chunk: int, budget: int = MAX_REQUEST_BYTES,
                 see: Callable[[Iterator[bytes]], object] | None = None) -> list[tuple[str, int]]:
     """(chunk SHA-256, chunk size) for every chunk; raises FileChanged if the file is not the one hashed.
-    ``see``, when given, reads the same chunks as they are planned (one pass over the file for both); it must
-    read them all."""
+    ``see``, when given, reads the same chunks as they are planned (one pass over the file for both); the ones
+    it leaves are read after it."""
     digest = hashlib.sha256()
     plan: list[tuple[str, int]] = []
 
@@ -321,11 +374,11 @@ def plan_chunks(path: Path, size: int, sha256: str, lines_per_chunk: int, budget
             plan.append((hashlib.sha256(content).hexdigest(), len(content)))
             yield content
 
-    if see is None:
-        for _ in planned():
-            pass
-    else:
-        see(planned())
+    chunks = planned()
+    if see is not None:
+        see(chunks)
+    for _ in chunks:  # what ``see`` left unread: the plan and the file's hash need every chunk
+        pass
     if digest.hexdigest() != sha256:
         raise FileChanged(f"{path.name}: changed since it was hashed")
     return plan
