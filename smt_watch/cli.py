@@ -265,12 +265,11 @@ def watch(
         SMT_DELIVERY=delivery, SMT_LOCAL_DIR=inbox, SMT_STATE_DIR=state_dir,
         SMT_CREATE_INBOX="1" if create_inbox else None,
     )
-    service = WatchService(settings, polling=polling)
+    service = WatchService(settings, polling=polling, own_process=True)
     signal.signal(signal.SIGTERM, lambda *_: service.request_stop())
     signal.signal(signal.SIGINT, lambda *_: service.request_stop())
     # The readiness probe takes a read lease for an instant; a lease break would send SIGIO.
     signal.signal(signal.SIGIO, signal.SIG_IGN)
-    service.keep_on_one_cpu()
     raise typer.Exit(service.run())
 
 

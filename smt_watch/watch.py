@@ -99,8 +99,10 @@ class Counts:
 class WatchService:
     """The long-running watcher. ``run()`` blocks until :meth:`request_stop`; tests run it in a thread."""
 
-    def __init__(self, settings: Settings, *, polling: bool = False, metrics: Metrics | None = None) -> None:
+    def __init__(self, settings: Settings, *, polling: bool = False, metrics: Metrics | None = None,
+                 own_process: bool = False) -> None:
         self.settings = settings
+        self._own_process = own_process  # the process runs nothing else: it may be bound to one CPU
         self.mode = delivery_mode(settings)
         self.root = settings.local_dir.absolute()
         self._root_prefix = str(self.root).rstrip("/") + "/"  # a path starting so lies below the inbox
@@ -165,11 +167,11 @@ class WatchService:
 
     # --- the main loop ------------------------------------------------------------------------------
 
-    def keep_on_one_cpu(self) -> None:
-        """For the process that runs nothing but this service (the CLI's ``watch``): its threads on one CPU
-        when ``SMT_ONE_CPU`` and thread mode say so (:mod:`smt_watch.cpus` says why). Not part of
-        :meth:`run`: binding is process-wide, and a service embedded in another process must not bind it."""
-        if self.settings.one_cpu and self.settings.worker_mode is WorkerMode.THREAD:
+    def _keep_on_one_cpu(self) -> None:
+        """The process's threads on one CPU when ``SMT_ONE_CPU`` and thread mode say so (:mod:`smt_watch.cpus`
+        says why); only in a process that runs nothing but this service (``own_process``, the CLI's
+        ``watch``): binding is process-wide, and a service embedded in another process must not bind it."""
+        if self._own_process and self.settings.one_cpu and self.settings.worker_mode is WorkerMode.THREAD:
             cpu = keep_on_one_cpu()
             if cpu is not None:
                 log.info("Keeping watch's threads on CPU %d (SMT_ONE_CPU=0: the kernel places them)", cpu)
@@ -198,6 +200,7 @@ class WatchService:
             self._unlock_inbox()
             ledger.close()
             raise
+        self._keep_on_one_cpu()  # once the start-up checks passed (a refused start says only why)
         workers = [
             threading.Thread(target=self._worker, args=(i,), name=f"smt-watch-worker-{i}", daemon=True)
             for i in range(self.settings.workers)
