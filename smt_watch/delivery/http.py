@@ -164,10 +164,16 @@ class _HeldWritesBackend(httpcore.NetworkBackend):
 
 _TOKEN: Final = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")  # a header name (RFC 9110 token), as h11 checks
 _FIELD_VALUE: Final = re.compile(rb"[^\x00\s]+(?:[ \t]+[^\x00\s]+)*")  # a header value, as h11 checks
-_STATUS_LINE: Final = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: [^\r\n]*)?")
+_STATUS_LINE: Final = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: (?:[ \t]|[^\x00\s])*)?")  # h11's reason phrase
+_CHUNK_LINE: Final = re.compile(rb"[0-9A-Fa-f]{1,20}(?:;.*)?[ \t]*")  # h11's chunk header, its CRLF cut off
 _LINE_END: Final = re.compile(rb"\r?\n")
+_CRLF: Final = re.compile(rb"\r\n")  # a chunk line's end (h11 takes no bare LF there)
 _BLANK_LINE: Final = re.compile(rb"\n\r?\n")  # the end of a response head (h11 also takes bare LF endings)
-MAX_HEAD_BYTES: Final = 64 * 1024  # a response head longer than this is a protocol error (a hostile server)
+MAX_HEAD_BYTES: Final = 64 * 1024  # heads (1xx ones included) and trailers longer in all: a protocol error
+MAX_LENGTH_DIGITS: Final = 20  # a longer Content-Length is refused (h11's CONTENT_LENGTH_MAX_DIGITS)
+# An answer (its body, or a chunked body's lines and data) longer than this is a protocol error: only its first
+# ERROR_BODY_BYTES and its JSON verdict are used, and a server streaming without end would hold a worker forever.
+MAX_ANSWER_BYTES: Final = 16 * 1024 * 1024
 READ_BYTES: Final = 64 * 1024
 
 
@@ -198,6 +204,11 @@ class _Http11:
         # what was read and not used yet (a bytearray: a big body grows by appends, not by copies)
         self._buf = bytearray()
         self._answered = False  # a byte of this exchange's answer arrived (what a dropped connection is called)
+        self._head_left = MAX_HEAD_BYTES  # what this answer's heads and trailers may still take
+
+    @property
+    def connected(self) -> bool:
+        return self._stream is not None
 
     def usable(self) -> bool:
         """Connected, its keep-alive not expired, and not closed by the server while idle (readable then
@@ -268,22 +279,49 @@ class _Http11:
         self._answered = True
         return data
 
+    def _fill(self, stream: httpcore.NetworkStream, timeout: float | None, size: int) -> None:
+        """Read until at least ``size`` bytes are buffered."""
+        while len(self._buf) < size:
+            self._buf += self._read(stream, timeout)
+
+    def _until(self, stream: httpcore.NetworkStream, timeout: float | None, end: re.Pattern[bytes], limit: int,
+               what: str) -> re.Match[bytes]:
+        """Read until ``end`` is found in what is buffered; more than ``limit`` bytes without it: ``what``."""
+        while (found := end.search(self._buf)) is None:
+            if len(self._buf) > limit:
+                raise httpcore.RemoteProtocolError(what)
+            self._buf += self._read(stream, timeout)
+        return found
+
+    def _lines(self, stream: httpcore.NetworkStream, timeout: float | None) -> list[bytes]:
+        """The lines up to the next blank line (a head, or a chunked body's trailers; none when the blank line
+        comes first), as h11 splits them; every head and trailer of one answer counts against
+        :data:`MAX_HEAD_BYTES` in all (``self._head_left``)."""
+        if self._buf[:1] == b"\n" or self._buf[:2] == b"\r\n":
+            used, lines = (1 if self._buf[:1] == b"\n" else 2), []
+        else:
+            end = self._until(stream, timeout, _BLANK_LINE, self._head_left, "response head too long")
+            head = bytes(self._buf[:end.start()])
+            used, lines = end.end(), _LINE_END.split(head[:-1] if head.endswith(b"\r") else head)
+        self._head_left -= used
+        if self._head_left < 0:
+            raise httpcore.RemoteProtocolError("response head too long")
+        del self._buf[:used]
+        return lines
+
     def _response(self, stream: httpcore.NetworkStream, timeout: float | None
                   ) -> tuple[int, list[tuple[bytes, bytes]], bytes, bool]:
         """The final response (1xx ones skipped): status, headers, body, and whether the connection may
         carry another request."""
+        self._head_left = MAX_HEAD_BYTES
         while True:
-            while (end := _BLANK_LINE.search(self._buf)) is None:
-                if len(self._buf) > MAX_HEAD_BYTES:
-                    raise httpcore.RemoteProtocolError("response head too long")
-                self._buf += self._read(stream, timeout)
-            head = bytes(self._buf[:end.start()])
-            del self._buf[:end.end()]
-            lines = _LINE_END.split(head[:-1] if head.endswith(b"\r") else head)
-            status_line = _STATUS_LINE.fullmatch(lines[0])
+            lines = self._lines(stream, timeout)
+            status_line = _STATUS_LINE.fullmatch(lines[0]) if lines else None
             if status_line is None:
-                raise httpcore.RemoteProtocolError(f"illegal status line: {lines[0][:100]!r}")
+                raise httpcore.RemoteProtocolError(f"illegal status line: {lines[0][:100] if lines else b''!r}")
             status = int(status_line.group(2))
+            if status < 100:
+                raise httpcore.RemoteProtocolError(f"illegal status code {status}")
             headers = _header_fields(lines[1:])
             if status < 200 and status != 101:
                 continue  # 100 Continue, 103 Early Hints: the answer follows
@@ -292,80 +330,83 @@ class _Http11:
             raise httpcore.RemoteProtocolError("unexpected 101 Switching Protocols")
         keep = status_line.group(1) == b"1"
         length: int | None = None
+        seen: bytes | None = None  # the Content-Length as said, compared as h11 does (not as a number)
         chunked = False
         for name, value in headers:
             lower = name.lower()
             if lower == b"connection" and b"close" in [t.strip() for t in value.lower().split(b",")]:
                 keep = False
             elif lower == b"content-length":  # "5" or, as h11 takes it, "5, 5": one length however often said
-                said = {v.strip() for v in value.split(b",")} | ({b"%d" % length} if length is not None else set())
-                if len(said) != 1 or not (text := said.pop()).isdigit():
+                said = {v.strip() for v in value.split(b",")}
+                if (len(said) != 1 or not (text := said.pop()).isdigit() or len(text) > MAX_LENGTH_DIGITS
+                        or seen not in (None, text)):
                     raise httpcore.RemoteProtocolError("bad Content-Length")
-                length = int(text)
+                seen, length = text, int(text)
             elif lower == b"transfer-encoding":
                 if value.strip().lower() != b"chunked" or chunked:
                     raise httpcore.RemoteProtocolError("unsupported Transfer-Encoding")
                 chunked = True
         if status in (204, 304):
             return status, headers, b"", keep
-        if chunked:
-            return status, headers, self._chunked(stream, timeout), keep
+        if chunked:  # a length beside it is ignored, as h11 does; the connection is not reused (RFC 9112 §6.3)
+            return status, headers, self._chunked(stream, timeout), keep and length is None
         if length is None:  # delimited by the end of the connection
             while data := stream.read(READ_BYTES, timeout):
                 self._buf += data
+                if len(self._buf) > MAX_ANSWER_BYTES:
+                    raise httpcore.RemoteProtocolError("answer too long")
             content = bytes(self._buf)
             self._buf.clear()
             return status, headers, content, False
-        while len(self._buf) < length:
-            self._buf += self._read(stream, timeout)
+        if length > MAX_ANSWER_BYTES:
+            raise httpcore.RemoteProtocolError("answer too long")
+        self._fill(stream, timeout, length)
         content = bytes(self._buf[:length])
         del self._buf[:length]
         return status, headers, content, keep
 
-    def _line(self, stream: httpcore.NetworkStream, timeout: float | None) -> bytes:
-        while (end := self._buf.find(b"\n")) < 0:
-            if len(self._buf) > MAX_HEAD_BYTES:
-                raise httpcore.RemoteProtocolError("chunk line too long")
-            self._buf += self._read(stream, timeout)
-        line = bytes(self._buf[:end]).rstrip(b"\r")
-        del self._buf[:end + 1]
-        return line
-
     def _chunked(self, stream: httpcore.NetworkStream, timeout: float | None) -> bytes:
+        """A chunked body, framed as h11 takes it: each size line hex (at most 20 digits, an extension after
+        ``;``) ended by CRLF, each chunk's data by CRLF, then trailer fields up to a blank line. Its lines and
+        data count against :data:`MAX_ANSWER_BYTES`."""
         parts: list[bytes] = []
+        left = MAX_ANSWER_BYTES
         while True:
-            size_text = self._line(stream, timeout).split(b";", 1)[0].strip()
-            try:
-                size = int(size_text, 16)
-            except ValueError:
-                raise httpcore.RemoteProtocolError("illegal chunk size") from None
-            if size_text.startswith((b"-", b"+", b"0x", b"0X")) or size < 0:
-                raise httpcore.RemoteProtocolError("illegal chunk size")
+            end = self._until(stream, timeout, _CRLF, MAX_HEAD_BYTES, "chunk line too long")
+            line = bytes(self._buf[:end.start()])
+            del self._buf[:end.end()]
+            if _CHUNK_LINE.fullmatch(line) is None:
+                raise httpcore.RemoteProtocolError(f"illegal chunk header: {line[:100]!r}")
+            size = int(line.split(b";", 1)[0].rstrip(b" \t"), 16)
+            left -= end.end() + size + 2
+            if left < 0:
+                raise httpcore.RemoteProtocolError("answer too long")
             if size == 0:
-                while self._line(stream, timeout):  # trailer fields, up to the blank line
-                    pass
+                _header_fields(self._lines(stream, timeout))  # trailer fields: checked, not used
                 return b"".join(parts)
-            while len(self._buf) < size + 2:
-                self._buf += self._read(stream, timeout)
-            if self._buf[size:size + 2] != b"\r\n" and self._buf[size:size + 1] != b"\n":
+            self._fill(stream, timeout, size + 2)
+            if self._buf[size:size + 2] != b"\r\n":
                 raise httpcore.RemoteProtocolError("chunk not followed by CRLF")
             parts.append(bytes(self._buf[:size]))
-            del self._buf[:size + (2 if self._buf[size:size + 1] == b"\r" else 1)]
+            del self._buf[:size + 2]
 
 
 def _header_fields(lines: list[bytes]) -> list[tuple[bytes, bytes]]:
-    """A response head's header lines as (name, value) pairs; an obsolete folded line joins the one before."""
-    fields: list[tuple[bytes, bytes]] = []
+    """A head's header lines as (name, value) pairs, checked as h11 checks them: an obsolete folded line
+    joins the one before with a space, and the joined line is checked whole."""
+    folded: list[bytes] = []
     for line in lines:
         if line[:1] in (b" ", b"\t"):
-            if not fields:
+            if not folded:
                 raise httpcore.RemoteProtocolError("folded header line first")
-            name, value = fields[-1]
-            fields[-1] = (name, (value + b" " + line.strip()).strip())
-            continue
+            folded[-1] += b" " + line.lstrip(b" \t")
+        else:
+            folded.append(line)
+    fields: list[tuple[bytes, bytes]] = []
+    for line in folded:
         name, colon, value = line.partition(b":")
         value = value.strip(b" \t")
-        if not colon or _TOKEN.fullmatch(name) is None or (value and _FIELD_VALUE.fullmatch(value) is None):
+        if not colon or not valid_header(name, value):
             raise httpcore.RemoteProtocolError(f"illegal header line: {line[:100]!r}")
         fields.append((name, value))
     return fields
@@ -379,7 +420,7 @@ class _Answer:
     (~16 µs a request to build, its body read again through its stream machinery); the body is parsed as JSON
     at most once, where the verdict and a sink's own reading each asked for it."""
 
-    __slots__ = ("_json", "content", "headers", "status_code")
+    __slots__ = ("_error", "_json", "content", "headers", "status_code")
 
     def __init__(self, status: int, headers: list[tuple[bytes, bytes]], content: bytes) -> None:
         self.status_code = status
@@ -390,19 +431,54 @@ class _Answer:
         self.headers: Mapping[str, str] = fields
         self.content = content
         self._json: Any = _UNPARSED
+        self._error: Exception | None = None  # a body that is not JSON fails once, not once per reader
 
     def json(self) -> Any:
+        if self._error is not None:
+            raise self._error
         if self._json is _UNPARSED:
-            self._json = json.loads(self.content)
+            try:
+                self._json = json.loads(self.content)
+            except (ValueError, RecursionError) as exc:
+                self._error = exc
+                raise
         return self._json
 
 
+class _Pieces(httpx.SyncByteStream):
+    """A body already read, handed to httpx's decoders in pieces (so a gzip bomb is caught a piece at a time)."""
+
+    def __init__(self, content: bytes) -> None:
+        self._content = content
+
+    def __iter__(self) -> Iterator[bytes]:
+        for start in range(0, len(self._content), READ_BYTES):
+            yield self._content[start:start + READ_BYTES]
+
+
+def _decoded(response: httpx.Response) -> _Answer:
+    """The whole answer, its body decoded as httpx decodes it (gzip, …): more than :data:`MAX_ANSWER_BYTES`
+    decoded, or a body its ``Content-Encoding`` cannot decode, is a protocol error (retried), not an
+    internal error (httpx's DecodingError is no transport error)."""
+    parts: list[bytes] = []
+    size = 0
+    try:
+        for part in response.iter_bytes():
+            size += len(part)
+            if size > MAX_ANSWER_BYTES:
+                raise httpx.RemoteProtocolError("answer too long")
+            parts.append(part)
+    except httpx.DecodingError as exc:
+        raise httpx.RemoteProtocolError(f"undecodable answer: {exc}") from exc
+    return _Answer(response.status_code, response.headers.raw, b"".join(parts))
+
+
 def _answer(status: int, headers: list[tuple[bytes, bytes]], content: bytes) -> Reply:
-    """The answer for the verdict; one whose body is content-encoded (gzip, …) goes through httpx, which
-    decodes it, as the answers of httpx's own client are."""
+    """The answer for the verdict; one whose body is content-encoded (gzip, …) is decoded as httpx decodes
+    the answers of its own client (:func:`_decoded`)."""
     if any(name.lower() == b"content-encoding" and value.strip().lower() not in (b"", b"identity")
            for name, value in headers):
-        return httpx.Response(status, headers=headers, content=content)
+        return _decoded(httpx.Response(status, headers=headers, stream=_Pieces(content)))
     return _Answer(status, headers, content)
 
 
@@ -428,12 +504,12 @@ class _ThreadConnections:
         """Status, headers and the whole body of the answer to the request; httpcore's exceptions raised."""
         conn: _Http11 | None = getattr(self._local, "conn", None)
         if conn is None:
-            conn = _Http11(self._origin, self._ssl_context, self._backend, self._keepalive_expiry)
-            with self._lock:
-                self._open.add(conn)
-            self._local.conn = conn
+            conn = self._local.conn = _Http11(self._origin, self._ssl_context, self._backend, self._keepalive_expiry)
         elif not conn.usable():
             conn.close()
+        if not conn.connected:  # (re)connects: tracked again, so close() reaches it even after an earlier close()
+            with self._lock:
+                self._open.add(conn)
         return conn.exchange(head, length, chunks, timeouts)
 
     def close(self) -> None:
@@ -586,10 +662,10 @@ class Poster:
         with map_transport_errors(self.destination):
             response = self._client.send(request, stream=True)
             try:
-                response.read()
+                reply = _decoded(response)
             finally:
                 response.close()
-        return self._verdict(response)
+        return self._verdict(reply)
 
     def _attempt_direct(self, key: str, body: Body, progress: Progress | None) -> tuple[int, str]:
         """One request straight to this thread's connection (:class:`_ThreadConnections`, :class:`_Http11`) for
@@ -601,16 +677,24 @@ class Poster:
         content_type, raw_key = body.content_type.encode("latin-1"), key.encode("latin-1")
         head = b"%sContent-Type: %s\r\nContent-Length: %d\r\nIdempotency-Key: %s\r\n\r\n" % (
             self._head_start, content_type, body.length, raw_key)
+        chunks = body.chunks(progress)
         try:  # what map_transport_errors and _as_httpx_errors do together, without two context managers
             if not (self._fixed_ok and valid_header(b"Content-Type", content_type)
                     and valid_header(b"Idempotency-Key", raw_key)):
                 raise httpcore.LocalProtocolError("Illegal header value")
-            status, response_headers, content = self._pool.handle(head, body.length, body.chunks(progress),
-                                                                  self._timeouts)
+            status, response_headers, content = self._pool.handle(head, body.length, chunks, self._timeouts)
+            reply = _answer(status, response_headers, content)
         except _CORE_ERRORS as core:
             with map_transport_errors(self.destination), _as_httpx_errors():
                 raise core
-        return self._verdict(_answer(status, response_headers, content))
+        except httpx.RemoteProtocolError as exc:  # an encoded body _decoded refused
+            with map_transport_errors(self.destination):
+                raise exc
+        finally:  # a request cut short: the body's generator (an open file, a hash pool) is let go now, not
+            close = getattr(chunks, "close", None)  # when a traceback kept through the backoff is dropped
+            if close is not None:
+                close()
+        return self._verdict(reply)
 
     def _verdict(self, response: Reply) -> tuple[int, str]:
         text = self._scrub(response.content[:ERROR_BODY_BYTES].decode("utf-8", "replace"))
