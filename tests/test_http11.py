@@ -1,5 +1,6 @@
-"""The poster's own HTTP/1.1 exchange (``delivery/http.py``'s ``_Http11``) against a scripted server on
-loopback: what goes on the wire, keep-alive, and every way of framing an answer, hostile ones included.
+"""The poster's own HTTP/1.1 exchange (``delivery/http11.py``'s ``_Http11``, driven by ``delivery/http.py``'s
+poster) against a scripted server on loopback: what goes on the wire, keep-alive, and every way of framing
+an answer, hostile ones included.
 
 The server reads each request whole (head, then ``Content-Length`` bytes) and writes the scripted answer
 for it; a ``None`` in the script closes the connection instead."""
@@ -19,7 +20,8 @@ import pytest
 
 from smt_watch.config import Secret, Settings
 from smt_watch.delivery.base import Body, classify
-from smt_watch.delivery.http import MAX_ANSWER_BYTES, MAX_HEAD_BYTES, Poster, _Answer
+from smt_watch.delivery.http import Poster
+from smt_watch.delivery.http11 import MAX_ANSWER_BYTES, MAX_HEAD_BYTES, _Answer
 from smt_watch.delivery.inline import classify_inline
 from smt_watch.delivery.multipart import classify_multipart
 from smt_watch.errors import PermanentDelivery, RetryableDelivery

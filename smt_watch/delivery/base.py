@@ -128,7 +128,7 @@ class LeftOut(PermanentDelivery):
 
 class Reply(Protocol):
     """What a verdict reads of an answer: an ``httpx.Response``, or the poster's lighter one for a request
-    it sent itself (``delivery/http.py``), which parses the body as JSON at most once."""
+    it sent itself (``delivery/http11.py``), which parses the body as JSON at most once."""
 
     @property
     def status_code(self) -> int: ...
