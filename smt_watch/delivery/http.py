@@ -34,7 +34,7 @@ from smt_watch.clock import pause
 from smt_watch.config import redact_url
 from smt_watch.delivery.base import Body, Classify, Progress, Reply, classify
 from smt_watch.delivery.http11 import _answer, _decoded, _Http11, valid_header
-from smt_watch.errors import DeliveryError, RetryableDelivery
+from smt_watch.errors import ConfigError, DeliveryError, RetryableDelivery
 from smt_watch.limits import limiter_for
 from smt_watch.logs import redact_text, redaction_pattern
 from smt_watch.tls import plain_reason, verify_for
@@ -235,6 +235,12 @@ class Poster:
         # cost over a third of the watcher's CPU per small file. Credentials in the URL or a proxy need Client.send.
         self._pool: _ThreadConnections | None = None
         self._client: httpx.Client | None = None
+        header, token = auth
+        raw_token = token.reveal().encode("latin-1", "replace") if token else b""
+        if token and not valid_header(header.encode("latin-1", "replace"), raw_token):
+            # refused once, here (never quoted): sent, it would fail every attempt, as h11 refused it at each
+            raise ConfigError(f"the {header} token for {self.destination} cannot travel in an HTTP header "
+                              f"(a CR, LF or NUL in it, or spaces around it)")
         if direct_transport_is_enough(url):
             parsed = httpx.URL(url)
             self._pool = _ThreadConnections(
@@ -243,13 +249,10 @@ class Poster:
                 httpx.create_ssl_context(verify=verify) if parsed.scheme == "https" else None,
                 limits.keepalive_expiry)
             self._timeouts = timeout.as_dict()
-            header, token = auth
             fixed: list[tuple[bytes, bytes]] = [
                 (b"Host", parsed.netloc), (b"User-Agent", b"smt-watch"),
-                *([(header.encode("latin-1"), token.reveal().encode("latin-1"))] if token else []),
+                *([(header.encode("latin-1"), raw_token)] if token else []),
             ]
-            # h11 refused such a header at each request (a protocol error, retried): so is it here
-            self._fixed_ok = all(valid_header(name, value) for name, value in fixed)
             self._head_start = b"POST %s HTTP/1.1\r\n" % parsed.raw_path + b"".join(
                 b"%s: %s\r\n" % field for field in fixed)
         else:
@@ -357,8 +360,7 @@ class Poster:
             self._head_start, content_type, body.length, raw_key)
         chunks = body.chunks(progress)
         try:  # what map_transport_errors and _as_httpx_errors do together, without two context managers
-            if not (self._fixed_ok and valid_header(b"Content-Type", content_type)
-                    and valid_header(b"Idempotency-Key", raw_key)):
+            if not (valid_header(b"Content-Type", content_type) and valid_header(b"Idempotency-Key", raw_key)):
                 raise httpcore.LocalProtocolError("Illegal header value")
             status, response_headers, content = self._pool.handle(head, body.length, chunks, self._timeouts)
             reply = _answer(status, response_headers, content)
