@@ -55,7 +55,14 @@ def _default_trust(cafile: str | None, capath: str | None, _stamp: Stamp | None)
 
     if cafile is None and capath is None:
         cafile = certifi.where()
-    return ssl.create_default_context(cafile=cafile, capath=capath)
+    return _http11(ssl.create_default_context(cafile=cafile, capath=capath))
+
+
+def _http11(ctx: ssl.SSLContext) -> ssl.SSLContext:
+    """ALPN offers HTTP/1.1, the only protocol every client here speaks (as httpcore offers it without HTTP/2),
+    set where the (cached, shared) context is built, not by each user of it."""
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
 
 
 def context(settings: Settings) -> ssl.SSLContext:
@@ -100,7 +107,7 @@ def _context(ca: Path | None, cert: Path | None, key: Path | None) -> ssl.SSLCon
             names = "SMT_CLIENT_CERT" + (" / SMT_CLIENT_KEY" if key is not None else "")
             raise ConfigError(f"{names} {cert}{f' / {key}' if key else ''}: cannot load the "
                               f"client certificate and its key ({_why(exc)})") from exc
-    return ctx
+    return _http11(ctx)
 
 
 def _why(exc: BaseException) -> str:

@@ -1,5 +1,6 @@
-"""The poster's own HTTP/1.1 exchange (``delivery/http.py``'s ``_Http11``) against a scripted server on
-loopback: what goes on the wire, keep-alive, and every way of framing an answer, hostile ones included.
+"""The poster's own HTTP/1.1 exchange (``delivery/http11.py``'s ``_Http11``, driven by ``delivery/http.py``'s
+poster) against a scripted server on loopback: what goes on the wire, keep-alive, and every way of framing
+an answer, hostile ones included.
 
 The server reads each request whole (head, then ``Content-Length`` bytes) and writes the scripted answer
 for it; a ``None`` in the script closes the connection instead."""
@@ -9,16 +10,21 @@ from __future__ import annotations
 import gzip
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
+import h11
 import pytest
 
 from smt_watch.config import Secret, Settings
 from smt_watch.delivery.base import Body, classify
-from smt_watch.delivery.http import MAX_HEAD_BYTES, Poster
-from smt_watch.errors import PermanentDelivery, RetryableDelivery
+from smt_watch.delivery.http import Poster
+from smt_watch.delivery.http11 import MAX_ANSWER_BYTES, MAX_HEAD_BYTES, _Answer
+from smt_watch.delivery.inline import classify_inline
+from smt_watch.delivery.multipart import classify_multipart
+from smt_watch.errors import ConfigError, PermanentDelivery, RetryableDelivery
 
 Make = Callable[..., Settings]
 KEY = "ab" * 32
@@ -72,7 +78,10 @@ class Scripted:
             answer = self.answers.pop(0)
             if answer is None:
                 return
-            conn.sendall(answer)
+            try:
+                conn.sendall(answer)
+            except OSError:  # a client that stopped reading a hostile answer closed first
+                return
             if len(self.requests) - 1 in self.close_after:
                 return
 
@@ -144,7 +153,7 @@ def test_requests_go_out_as_h11_wrote_them_on_one_kept_alive_connection(make_set
         b"%x\r\n%s\r\n" % (len(part), part) for part in [b'{"ok":false,"pad":"'] + [b"y" * 70000] * 60 + [b'"}'])
     + b"0\r\n\r\n",
     reply("200 OK", gzip.compress(b'{"ok":false}'), "Content-Encoding: gzip"),  # decoded as httpx decodes
-], ids=["chunked", "100-continue", "bare-lf", "folded-header", "big", "big-chunked", "gzip", "length-list"])
+], ids=["chunked", "100-continue", "bare-lf", "folded-header", "length-list", "big", "big-chunked", "gzip"])
 def test_every_framing_of_an_answer_is_read_whole(make_settings: Make, scripted: Any, answer: bytes) -> None:
     """The body decides the verdict (``ok:false`` is a refusal), so it must have been read whole."""
     s = scripted(answer, reply("200 OK"))
@@ -240,21 +249,19 @@ def test_a_body_shorter_than_its_length_never_completes_a_request(make_settings:
     assert s.requests == []
 
 
-def test_a_token_that_would_split_the_head_is_never_sent(make_settings: Make, scripted: Any) -> None:
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "httpx-client"])
+def test_a_token_that_would_split_the_head_is_never_sent(make_settings: Make, scripted: Any, direct: bool) -> None:
+    """Refused once, when the poster is made (a configuration matter, the token never quoted), on both paths."""
     s = scripted(reply("200 OK"))
-    p = poster(make_settings, s.url, token="tok\r\nX-Evil: 1")
-    try:
-        with pytest.raises(RetryableDelivery, match="Illegal header value"):
-            p.post("a.csv", KEY, body(b"data"), None)
-    finally:
-        p.close()
+    url = s.url if direct else s.url.replace("http://", "http://user:pw@")
+    with pytest.raises(ConfigError, match=r"x-smt-upload-token token for .* cannot travel") as info:
+        poster(make_settings, url, token="tok\r\nX-Evil: 1")
+    assert "X-Evil" not in str(info.value)
     assert s.connections == 0
 
 
 def _until(check: Callable[[], Any], timeout: float = 10.0) -> bool:
     """Poll ``check`` until it is true or ``timeout`` passes (a condition with a deadline, not a sleep)."""
-    import time
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if check():
@@ -262,3 +269,194 @@ def _until(check: Callable[[], Any], timeout: float = 10.0) -> bool:
         threading.Event().wait(0.01)  # the poll interval of a condition with a deadline
     return bool(check())
 
+
+
+def _chunked(*lines: bytes) -> bytes:
+    return b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"".join(lines)
+
+
+# Each answer's verdict is h11's (the parser httpcore used before); see test_h11_takes_or_refuses_each_answer.
+H11_CASES: Final = {
+    "length-5000-digits": (b"HTTP/1.1 200 OK\r\nContent-Length: " + b"1" * 5000 + b"\r\n\r\n" + OK, False),
+    "length-21-digits": (b"HTTP/1.1 200 OK\r\nContent-Length: " + b"11".zfill(21) + b"\r\n\r\n" + OK, False),
+    "length-20-digits": (b"HTTP/1.1 200 OK\r\nContent-Length: " + b"11".zfill(20) + b"\r\n\r\n" + OK, True),
+    "length-02-twice": (b"HTTP/1.1 200 OK\r\nContent-Length: 02\r\nContent-Length: 02\r\n\r\n{}", True),
+    "length-02-and-2": (b"HTTP/1.1 200 OK\r\nContent-Length: 02\r\nContent-Length: 2\r\n\r\n{}", False),
+    "chunk-underscore": (_chunked(b"0_b\r\n", OK, b"\r\n0\r\n\r\n"), False),
+    "chunk-21-digits": (_chunked(b"b".rjust(21, b"0") + b"\r\n", OK, b"\r\n0\r\n\r\n"), False),
+    "chunk-20-digits": (_chunked(b"b".rjust(20, b"0") + b"\r\n", OK, b"\r\n0\r\n\r\n"), True),
+    "chunk-space-before": (_chunked(b" b\r\n", OK, b"\r\n0\r\n\r\n"), False),
+    "chunk-space-after": (_chunked(b"b \t\r\n", OK, b"\r\n0\r\n\r\n"), True),
+    "chunk-space-before-ext": (_chunked(b"b ;x=1\r\n", OK, b"\r\n0\r\n\r\n"), False),
+    "chunk-plus": (_chunked(b"+b\r\n", OK, b"\r\n0\r\n\r\n"), False),
+    "chunk-line-bare-lf": (_chunked(b"b\n", OK, b"\r\n0\r\n\r\n"), False),
+    "chunk-data-bare-lf": (_chunked(b"b\r\n", OK, b"\n0\r\n\r\n"), False),
+    "trailer-ok": (_chunked(b"b\r\n", OK, b"\r\n0\r\nX-T: 1\r\n\r\n"), True),
+    "trailer-bare-lf": (_chunked(b"b\r\n", OK, b"\r\n0\r\nX-T: 1\n\n"), True),
+    "trailer-bad-line": (_chunked(b"b\r\n", OK, b"\r\n0\r\nBad Trailer\r\n\r\n"), False),
+    "trailer-nul": (_chunked(b"b\r\n", OK, b"\r\n0\r\nX-T: a\x00b\r\n\r\n"), False),
+    "chunked-and-length": (b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\nTransfer-Encoding: chunked\r\n\r\n"
+                           b"b\r\n" + OK + b"\r\n0\r\n\r\n", True),
+    "fold-nul": (b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\nX: a\r\n \x00b\r\n\r\n" + OK, False),
+    "fold-vt": (b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\nX: a\r\n \x0bb\r\n\r\n" + OK, False),
+    "fold-ff": (b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\nX: a\r\n\t\x0cb\r\n\r\n" + OK, False),
+    "fold-ok": (b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\nX: a\r\n \t b \r\n\r\n" + OK, True),
+    "status-042": (b"HTTP/1.1 042 Odd\r\n\r\n" + reply("200 OK"), False),
+    "status-099": (b"HTTP/1.1 099 Odd\r\n\r\n" + reply("200 OK"), False),
+    "status-103": (b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" + reply("200 OK"), True),
+    "reason-nul": (reply("200 O\x00K"), False),
+    "reason-vt": (reply("200 O\x0bK"), False),
+    "reason-ff": (reply("200 O\x0cK"), False),
+    "reason-tab-obs-text": (reply("200 O\tK \xe9"), True),
+    "reason-empty": (reply("200 "), True),
+    "no-reason": (reply("200"), True),
+}
+
+
+def _h11_takes(answer: bytes) -> bool:
+    """Whether h11, as httpcore drove it, reads ``answer`` (then the end of the connection) as a whole answer."""
+    conn = h11.Connection(h11.CLIENT)
+    conn.send(h11.Request(method="POST", target="/", headers=[("Host", "x"), ("Content-Length", "4")]))
+    conn.send(h11.Data(data=b"data"))
+    conn.send(h11.EndOfMessage())
+    conn.receive_data(answer)
+    conn.receive_data(b"")
+    try:
+        while (event := conn.next_event()) is not h11.NEED_DATA:
+            if isinstance(event, h11.EndOfMessage):
+                return True
+            if isinstance(event, h11.ConnectionClosed):
+                return False
+    except h11.RemoteProtocolError:
+        return False
+    return False
+
+
+@pytest.mark.parametrize("case", list(H11_CASES))
+def test_h11_takes_or_refuses_each_answer(case: str) -> None:
+    """The table's verdicts are h11's own (so the next test holds the parser to h11)."""
+    answer, taken = H11_CASES[case]
+    assert _h11_takes(answer) is taken
+
+
+@pytest.mark.parametrize("case", list(H11_CASES))
+def test_an_answer_is_taken_or_refused_as_h11_did(make_settings: Make, scripted: Any, case: str) -> None:
+    answer, taken = H11_CASES[case]
+    s = scripted(answer, close_after=(0,))
+    p = poster(make_settings, s.url)
+    try:
+        if taken:
+            assert p.post("a.csv", KEY, body(b"data"), None)[0] == 200
+        else:
+            with pytest.raises(RetryableDelivery, match="ProtocolError") as info:
+                p.post("a.csv", KEY, body(b"data"), None)
+            assert "\n" not in str(info.value)
+    finally:
+        p.close()
+
+
+def test_chunked_and_a_length_together_never_reuse_the_connection(make_settings: Make, scripted: Any) -> None:
+    """RFC 9112 §6.3: such an answer may be a smuggling attempt; what follows it on the connection is not read."""
+    s = scripted(H11_CASES["chunked-and-length"][0], reply("200 OK"))
+    p = poster(make_settings, s.url)
+    try:
+        assert p.post("a.csv", KEY, body(b"data"), None)[0] == 200
+        assert p.post("b.csv", KEY, body(b"data"), None)[0] == 200
+    finally:
+        p.close()
+    assert s.connections == 2
+
+
+READ: Final = 60000
+
+
+def _big_chunked() -> bytes:
+    piece = b"%x\r\n%s\r\n" % (READ, b"y" * READ)
+    return _chunked(b'b\r\n{"ok":true,\r\n', piece * (MAX_ANSWER_BYTES // READ + 1), b"0\r\n\r\n")
+
+
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (MAX_ANSWER_BYTES + 1),  # refused before reading
+    _big_chunked(),
+    _chunked((b"1;" + b"e" * READ + b"\r\nx\r\n") * (MAX_ANSWER_BYTES // READ + 1)),  # long extensions
+    b"HTTP/1.0 200 OK\r\n\r\n" + b" " * (MAX_ANSWER_BYTES + 1),  # until the connection ends
+    b"HTTP/1.1 100 Continue\r\n\r\n" * (MAX_HEAD_BYTES // 25 + 1) + reply("200 OK"),
+    _chunked(b"0\r\n", b"X-T: 1\r\n" * (MAX_HEAD_BYTES // 8 + 1), b"\r\n"),
+    reply("200 OK", gzip.compress(b" " * (MAX_ANSWER_BYTES + 1)), "Content-Encoding: gzip"),  # a gzip bomb
+], ids=["length", "chunked", "chunk-extensions", "until-close", "endless-1xx", "endless-trailers", "gzip-bomb"])
+def test_an_answer_too_long_is_refused_before_it_is_all_read(make_settings: Make, scripted: Any,
+                                                              answer: bytes) -> None:
+    """Only the first 500 bytes and the JSON verdict are used; a server streaming without end would hold a
+    worker forever (each read gets data, so the read timeout never fires)."""
+    s = scripted(answer, close_after=(0,))
+    p = poster(make_settings, s.url)
+    try:
+        with pytest.raises(RetryableDelivery, match=r"answer too long|response head too long"):
+            p.post("a.csv", KEY, body(b"data"), None)
+    finally:
+        p.close()
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "httpx-client"])
+def test_a_body_its_content_encoding_cannot_decode_is_a_retryable_error(make_settings: Make, scripted: Any,
+                                                                        direct: bool) -> None:
+    s = scripted(reply("200 OK", b"not gzip at all", "Content-Encoding: gzip"), close_after=(0,))
+    url = s.url if direct else s.url.replace("http://", "http://user:pw@")  # credentials: httpx's client
+    p = poster(make_settings, url)
+    try:
+        assert (p._pool is not None) is direct
+        with pytest.raises(RetryableDelivery, match=r"talking to http://.*undecodable answer"):
+            p.post("a.csv", KEY, body(b"data"), None)
+    finally:
+        p.close()
+
+
+@pytest.mark.parametrize("verdict", [classify, classify_multipart, classify_inline])
+@pytest.mark.parametrize("status", [200, 400])
+def test_json_nested_too_deep_is_not_an_object(verdict: Any, status: int) -> None:
+    """``[`` * 100000 makes json.loads raise RecursionError: the verdict reads it as a body that is no JSON
+    object (a 2xx lands, a 400 is the plain refusal), not as an internal error."""
+    answer = _Answer(status, [(b"Content-Type", b"application/json")], b"[" * 100000)
+    error = verdict(answer, "[[[", "http://target")
+    assert (error is None) is (status == 200)
+    with pytest.raises(RecursionError) as first:
+        answer.json()
+    with pytest.raises(RecursionError) as again:
+        answer.json()
+    assert again.value is first.value  # parsed once: the failure is kept, as a success is
+
+
+def test_a_request_cut_short_lets_its_body_go_at_once(make_settings: Make, scripted: Any) -> None:
+    """The body's generator (a big file's: an open file, a hash pool) is closed when the exchange fails, not
+    when the traceback that the retry's backoff keeps is dropped."""
+    closed = threading.Event()
+
+    def chunks(progress: object) -> Iterator[bytes]:
+        try:
+            yield b"data"
+            yield b"more"
+        finally:
+            closed.set()
+
+    s = scripted(reply("200 OK"))
+    p = poster(make_settings, s.url)
+    try:
+        with pytest.raises(RetryableDelivery, match="Too much data") as info:
+            p.post("a.csv", KEY, Body("text/csv", 2, chunks), None)
+        assert closed.is_set()  # while the error (its traceback through the attempt's frames) is still held
+        assert info.value.attempts == 1
+    finally:
+        p.close()
+
+
+def test_a_connection_opened_after_close_is_closed_by_the_next_close(make_settings: Make, scripted: Any) -> None:
+    s = scripted(reply("200 OK"), reply("200 OK"))
+    p = poster(make_settings, s.url)
+    try:
+        assert p.post("a.csv", KEY, body(b"data"), None)[0] == 200
+        assert p._pool is not None
+        p._pool.close()
+        assert p.post("b.csv", KEY, body(b"data"), None)[0] == 200  # a new connection on the same _Http11
+    finally:
+        p.close()
+    assert p._pool._local.conn._stream is None

@@ -129,13 +129,15 @@ class LeftOut(PermanentDelivery):
 
 class Reply(Protocol):
     """What a verdict reads of an answer: an ``httpx.Response``, or the poster's lighter one for a request
-    it sent itself (``delivery/http.py``), which parses the body as JSON at most once."""
+    it sent itself (``delivery/http11.py``), which parses the body as JSON at most once."""
 
     @property
     def status_code(self) -> int: ...
 
     @property
-    def headers(self) -> Mapping[str, str]: ...
+    def headers(self) -> Mapping[str, str]:
+        """Look names up in lower case: the poster's own answer keys them so (httpx's are case-insensitive)."""
+        ...
 
     @property
     def content(self) -> bytes: ...
@@ -163,13 +165,21 @@ def classify(response: Reply, body: str, destination: str) -> DeliveryError | No
     return None
 
 
-def _reports_failure(response: Reply) -> bool:
-    """A 2xx whose JSON body says ``"ok": false`` is a refusal, not a success."""
+def json_object(response: Reply) -> dict[str, Any] | None:
+    """The answer's body as a JSON object, or None when it is not one. A body nested deeper than Python's
+    recursion limit (``[`` * 100000) raises RecursionError, not ValueError: it is not an object either, not
+    an internal error."""
     try:
         data = response.json()
-    except (ValueError, UnicodeDecodeError):
-        return False
-    return isinstance(data, dict) and data.get("ok") is False
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _reports_failure(response: Reply) -> bool:
+    """A 2xx whose JSON body says ``"ok": false`` is a refusal, not a success."""
+    data = json_object(response)
+    return data is not None and data.get("ok") is False
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:

@@ -16,15 +16,12 @@ only once the limiter let it through, and the backoff between attempts holds no 
 
 from __future__ import annotations
 
-import json
 import logging
 import random
-import re
 import ssl
 import threading
-import time
 import urllib.request
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Final
 
@@ -36,7 +33,8 @@ from tenacity.stop import stop_base
 from smt_watch.clock import pause
 from smt_watch.config import redact_url
 from smt_watch.delivery.base import Body, Classify, Progress, Reply, classify
-from smt_watch.errors import DeliveryError, RetryableDelivery
+from smt_watch.delivery.http11 import _answer, _decoded, _Http11, valid_header
+from smt_watch.errors import ConfigError, DeliveryError, RetryableDelivery
 from smt_watch.limits import limiter_for
 from smt_watch.logs import redact_text, redaction_pattern
 from smt_watch.tls import plain_reason, verify_for
@@ -162,250 +160,6 @@ class _HeldWritesBackend(httpcore.NetworkBackend):
         self._backend.sleep(seconds)
 
 
-_TOKEN: Final = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")  # a header name (RFC 9110 token), as h11 checks
-_FIELD_VALUE: Final = re.compile(rb"[^\x00\s]+(?:[ \t]+[^\x00\s]+)*")  # a header value, as h11 checks
-_STATUS_LINE: Final = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: [^\r\n]*)?")
-_LINE_END: Final = re.compile(rb"\r?\n")
-_BLANK_LINE: Final = re.compile(rb"\n\r?\n")  # the end of a response head (h11 also takes bare LF endings)
-MAX_HEAD_BYTES: Final = 64 * 1024  # a response head longer than this is a protocol error (a hostile server)
-READ_BYTES: Final = 64 * 1024
-
-
-def valid_header(name: bytes, value: bytes) -> bool:
-    """What h11 would send: a token for a name, no CR, LF or NUL in a value, no surrounding whitespace."""
-    return _TOKEN.fullmatch(name) is not None and (not value or _FIELD_VALUE.fullmatch(value) is not None)
-
-
-class _Http11:
-    """One keep-alive HTTP/1.1 client connection over an httpcore network stream (its TCP, TLS, timeouts
-    and errors): the request written straight from the fixed header bytes, the response read with a small
-    parser (status line, headers, ``Content-Length``, ``chunked``, or to the end of the connection).
-
-    Why not httpcore's ``HTTP11Connection`` and h11: their per-request machinery (h11's state machine and
-    event objects, header normalising, httpcore's trace and lock context managers) cost ~0.2 ms of CPU a
-    request against ~0.07 ms for the same exchange here, a quarter of the watcher's CPU per small file
-    (bench/RESULTS.md). What a request here sends is what h11 sent (the same headers, in order, and a body of
-    exactly ``Content-Length`` bytes); a response h11 would refuse raises :class:`httpcore.RemoteProtocolError`
-    (retried like a dropped connection), as h11's refusal did. As httpcore does, a write error while the body
-    goes out does not end the exchange: the server may have answered early (a 413) and closed."""
-
-    def __init__(self, origin: httpcore.Origin, ssl_context: ssl.SSLContext | None,
-                 backend: httpcore.NetworkBackend, keepalive_expiry: float | None) -> None:
-        self._origin, self._ssl_context, self._backend = origin, ssl_context, backend
-        self._keepalive_expiry = keepalive_expiry
-        self._stream: httpcore.NetworkStream | None = None
-        self._expire_at: float | None = None
-        # what was read and not used yet (a bytearray: a big body grows by appends, not by copies)
-        self._buf = bytearray()
-        self._answered = False  # a byte of this exchange's answer arrived (what a dropped connection is called)
-
-    def usable(self) -> bool:
-        """Connected, its keep-alive not expired, and not closed by the server while idle (readable then
-        means the next read gives EOF: httpcore's check before it reuses a connection)."""
-        if self._stream is None:
-            return False
-        if self._expire_at is not None and time.monotonic() > self._expire_at:
-            return False
-        return not self._stream.get_extra_info("is_readable")
-
-    def close(self) -> None:
-        stream, self._stream, self._buf = self._stream, None, bytearray()
-        if stream is not None:
-            stream.close()
-
-    def _connect(self, timeouts: dict[str, float | None]) -> httpcore.NetworkStream:
-        host = self._origin.host.decode("ascii")
-        stream = self._backend.connect_tcp(host, self._origin.port, timeout=timeouts.get("connect"))
-        if self._ssl_context is not None:
-            try:
-                stream = stream.start_tls(self._ssl_context, server_hostname=host, timeout=timeouts.get("connect"))
-            except BaseException:
-                stream.close()
-                raise
-        return stream
-
-    def exchange(self, head: bytes, length: int, chunks: Iterable[bytes], timeouts: dict[str, float | None]
-                 ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-        """Send a request (``head``: its request line and headers; then exactly ``length`` bytes of body) and
-        read the whole answer: status, headers, body. Any failure closes the connection."""
-        if self._stream is None:
-            self._stream = self._connect(timeouts)
-            self._buf = bytearray()
-        stream = self._stream
-        self._expire_at = None
-        self._answered = False
-        try:
-            write_timeout = timeouts.get("write")
-            stream.write(head, write_timeout)
-            sent = 0
-            try:
-                for chunk in chunks:
-                    sent += len(chunk)
-                    if sent > length:
-                        raise httpcore.LocalProtocolError("Too much data for declared Content-Length")
-                    stream.write(chunk, write_timeout)
-                if sent != length:
-                    raise httpcore.LocalProtocolError("Too little data for declared Content-Length")
-                reusable = True
-            except httpcore.WriteError:
-                reusable = False  # httpcore's way: the server may have answered already; read it
-            status, headers, content, keep = self._response(stream, timeouts.get("read"))
-        except BaseException:
-            self.close()
-            raise
-        if reusable and keep and not self._buf:
-            if self._keepalive_expiry is not None:
-                self._expire_at = time.monotonic() + self._keepalive_expiry
-        else:
-            self.close()
-        return status, headers, content
-
-    def _read(self, stream: httpcore.NetworkStream, timeout: float | None) -> bytes:
-        data = stream.read(READ_BYTES, timeout)
-        if not data:
-            raise httpcore.RemoteProtocolError("peer closed connection without sending complete message body"
-                                               if self._answered else "Server disconnected without sending a response.")
-        self._answered = True
-        return data
-
-    def _response(self, stream: httpcore.NetworkStream, timeout: float | None
-                  ) -> tuple[int, list[tuple[bytes, bytes]], bytes, bool]:
-        """The final response (1xx ones skipped): status, headers, body, and whether the connection may
-        carry another request."""
-        while True:
-            while (end := _BLANK_LINE.search(self._buf)) is None:
-                if len(self._buf) > MAX_HEAD_BYTES:
-                    raise httpcore.RemoteProtocolError("response head too long")
-                self._buf += self._read(stream, timeout)
-            head = bytes(self._buf[:end.start()])
-            del self._buf[:end.end()]
-            lines = _LINE_END.split(head[:-1] if head.endswith(b"\r") else head)
-            status_line = _STATUS_LINE.fullmatch(lines[0])
-            if status_line is None:
-                raise httpcore.RemoteProtocolError(f"illegal status line: {lines[0][:100]!r}")
-            status = int(status_line.group(2))
-            headers = _header_fields(lines[1:])
-            if status < 200 and status != 101:
-                continue  # 100 Continue, 103 Early Hints: the answer follows
-            break
-        if status == 101:
-            raise httpcore.RemoteProtocolError("unexpected 101 Switching Protocols")
-        keep = status_line.group(1) == b"1"
-        length: int | None = None
-        chunked = False
-        for name, value in headers:
-            lower = name.lower()
-            if lower == b"connection" and b"close" in [t.strip() for t in value.lower().split(b",")]:
-                keep = False
-            elif lower == b"content-length":  # "5" or, as h11 takes it, "5, 5": one length however often said
-                said = {v.strip() for v in value.split(b",")} | ({b"%d" % length} if length is not None else set())
-                if len(said) != 1 or not (text := said.pop()).isdigit():
-                    raise httpcore.RemoteProtocolError("bad Content-Length")
-                length = int(text)
-            elif lower == b"transfer-encoding":
-                if value.strip().lower() != b"chunked" or chunked:
-                    raise httpcore.RemoteProtocolError("unsupported Transfer-Encoding")
-                chunked = True
-        if status in (204, 304):
-            return status, headers, b"", keep
-        if chunked:
-            return status, headers, self._chunked(stream, timeout), keep
-        if length is None:  # delimited by the end of the connection
-            while data := stream.read(READ_BYTES, timeout):
-                self._buf += data
-            content = bytes(self._buf)
-            self._buf.clear()
-            return status, headers, content, False
-        while len(self._buf) < length:
-            self._buf += self._read(stream, timeout)
-        content = bytes(self._buf[:length])
-        del self._buf[:length]
-        return status, headers, content, keep
-
-    def _line(self, stream: httpcore.NetworkStream, timeout: float | None) -> bytes:
-        while (end := self._buf.find(b"\n")) < 0:
-            if len(self._buf) > MAX_HEAD_BYTES:
-                raise httpcore.RemoteProtocolError("chunk line too long")
-            self._buf += self._read(stream, timeout)
-        line = bytes(self._buf[:end]).rstrip(b"\r")
-        del self._buf[:end + 1]
-        return line
-
-    def _chunked(self, stream: httpcore.NetworkStream, timeout: float | None) -> bytes:
-        parts: list[bytes] = []
-        while True:
-            size_text = self._line(stream, timeout).split(b";", 1)[0].strip()
-            try:
-                size = int(size_text, 16)
-            except ValueError:
-                raise httpcore.RemoteProtocolError("illegal chunk size") from None
-            if size_text.startswith((b"-", b"+", b"0x", b"0X")) or size < 0:
-                raise httpcore.RemoteProtocolError("illegal chunk size")
-            if size == 0:
-                while self._line(stream, timeout):  # trailer fields, up to the blank line
-                    pass
-                return b"".join(parts)
-            while len(self._buf) < size + 2:
-                self._buf += self._read(stream, timeout)
-            if self._buf[size:size + 2] != b"\r\n" and self._buf[size:size + 1] != b"\n":
-                raise httpcore.RemoteProtocolError("chunk not followed by CRLF")
-            parts.append(bytes(self._buf[:size]))
-            del self._buf[:size + (2 if self._buf[size:size + 1] == b"\r" else 1)]
-
-
-def _header_fields(lines: list[bytes]) -> list[tuple[bytes, bytes]]:
-    """A response head's header lines as (name, value) pairs; an obsolete folded line joins the one before."""
-    fields: list[tuple[bytes, bytes]] = []
-    for line in lines:
-        if line[:1] in (b" ", b"\t"):
-            if not fields:
-                raise httpcore.RemoteProtocolError("folded header line first")
-            name, value = fields[-1]
-            fields[-1] = (name, (value + b" " + line.strip()).strip())
-            continue
-        name, colon, value = line.partition(b":")
-        value = value.strip(b" \t")
-        if not colon or _TOKEN.fullmatch(name) is None or (value and _FIELD_VALUE.fullmatch(value) is None):
-            raise httpcore.RemoteProtocolError(f"illegal header line: {line[:100]!r}")
-        fields.append((name, value))
-    return fields
-
-
-_UNPARSED: Final = object()
-
-
-class _Answer:
-    """An answer as a verdict reads it (:class:`~smt_watch.delivery.base.Reply`), without an ``httpx.Response``
-    (~16 µs a request to build, its body read again through its stream machinery); the body is parsed as JSON
-    at most once, where the verdict and a sink's own reading each asked for it."""
-
-    __slots__ = ("_json", "content", "headers", "status_code")
-
-    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], content: bytes) -> None:
-        self.status_code = status
-        fields: dict[str, str] = {}  # by lower-case name; a repeated header's values joined, as httpx does
-        for name, value in headers:
-            key, text = name.decode("latin-1").lower(), value.decode("latin-1")
-            fields[key] = f"{fields[key]}, {text}" if key in fields else text
-        self.headers: Mapping[str, str] = fields
-        self.content = content
-        self._json: Any = _UNPARSED
-
-    def json(self) -> Any:
-        if self._json is _UNPARSED:
-            self._json = json.loads(self.content)
-        return self._json
-
-
-def _answer(status: int, headers: list[tuple[bytes, bytes]], content: bytes) -> Reply:
-    """The answer for the verdict; one whose body is content-encoded (gzip, …) goes through httpx, which
-    decodes it, as the answers of httpx's own client are."""
-    if any(name.lower() == b"content-encoding" and value.strip().lower() not in (b"", b"identity")
-           for name, value in headers):
-        return httpx.Response(status, headers=headers, content=content)
-    return _Answer(status, headers, content)
-
-
 class _ThreadConnections:
     """One keep-alive connection per sending thread (:class:`_Http11`, no pool around it). A watch worker
     sends one request at a time, so a pool's bookkeeping per request (a pool request object, a lock, two
@@ -415,8 +169,6 @@ class _ThreadConnections:
 
     def __init__(self, origin: httpcore.Origin, ssl_context: ssl.SSLContext | None, keepalive_expiry: float | None
                  ) -> None:
-        if ssl_context is not None:
-            ssl_context.set_alpn_protocols(["http/1.1"])  # as httpcore offers it without HTTP/2
         self._origin, self._ssl_context, self._keepalive_expiry = origin, ssl_context, keepalive_expiry
         self._backend = _HeldWritesBackend()
         self._local = threading.local()
@@ -428,12 +180,12 @@ class _ThreadConnections:
         """Status, headers and the whole body of the answer to the request; httpcore's exceptions raised."""
         conn: _Http11 | None = getattr(self._local, "conn", None)
         if conn is None:
-            conn = _Http11(self._origin, self._ssl_context, self._backend, self._keepalive_expiry)
-            with self._lock:
-                self._open.add(conn)
-            self._local.conn = conn
+            conn = self._local.conn = _Http11(self._origin, self._ssl_context, self._backend, self._keepalive_expiry)
         elif not conn.usable():
             conn.close()
+        if not conn.connected:  # (re)connects: tracked again, so close() reaches it even after an earlier close()
+            with self._lock:
+                self._open.add(conn)
         return conn.exchange(head, length, chunks, timeouts)
 
     def close(self) -> None:
@@ -452,7 +204,9 @@ def direct_transport_is_enough(url: str) -> bool:
 
 
 class Poster:
-    """POSTs bodies to one URL over one keep-alive ``httpx.Client``, with in-call retries.
+    """POSTs bodies to one URL, with in-call retries: over each sending thread's own keep-alive connection
+    (:class:`_ThreadConnections`) for a plain target, over one ``httpx.Client`` behind a proxy or with
+    credentials in the URL.
 
     ``auth`` is the header a sink authenticates with and its token (sent only when set); ``classify``
     reads each response (the default: :func:`~smt_watch.delivery.base.classify`); ``stop``, once set, ends
@@ -481,6 +235,12 @@ class Poster:
         # cost over a third of the watcher's CPU per small file. Credentials in the URL or a proxy need Client.send.
         self._pool: _ThreadConnections | None = None
         self._client: httpx.Client | None = None
+        header, token = auth
+        raw_token = token.reveal().encode("latin-1", "replace") if token else b""
+        if token and not valid_header(header.encode("latin-1", "replace"), raw_token):
+            # refused once, here (never quoted): sent, it would fail every attempt, as h11 refused it at each
+            raise ConfigError(f"the {header} token for {self.destination} cannot travel in an HTTP header "
+                              f"(a CR, LF or NUL in it, or spaces around it)")
         if direct_transport_is_enough(url):
             parsed = httpx.URL(url)
             self._pool = _ThreadConnections(
@@ -489,13 +249,10 @@ class Poster:
                 httpx.create_ssl_context(verify=verify) if parsed.scheme == "https" else None,
                 limits.keepalive_expiry)
             self._timeouts = timeout.as_dict()
-            header, token = auth
             fixed: list[tuple[bytes, bytes]] = [
                 (b"Host", parsed.netloc), (b"User-Agent", b"smt-watch"),
-                *([(header.encode("latin-1"), token.reveal().encode("latin-1"))] if token else []),
+                *([(header.encode("latin-1"), raw_token)] if token else []),
             ]
-            # h11 refused such a header at each request (a protocol error, retried): so is it here
-            self._fixed_ok = all(valid_header(name, value) for name, value in fixed)
             self._head_start = b"POST %s HTTP/1.1\r\n" % parsed.raw_path + b"".join(
                 b"%s: %s\r\n" % field for field in fixed)
         else:
@@ -586,31 +343,38 @@ class Poster:
         with map_transport_errors(self.destination):
             response = self._client.send(request, stream=True)
             try:
-                response.read()
+                reply = _decoded(response)
             finally:
                 response.close()
-        return self._verdict(response)
+        return self._verdict(reply)
 
     def _attempt_direct(self, key: str, body: Body, progress: Progress | None) -> tuple[int, str]:
         """One request straight to this thread's connection (:class:`_ThreadConnections`, :class:`_Http11`) for
         a target without credentials in its URL or a proxy: the request line and the fixed headers are encoded
-        once per poster, not per request. The headers h11 would refuse (CR, LF or NUL in a token) are refused
+        once per poster, not per request. The headers h11 would refuse (CR, LF or NUL in a value) are refused
         here the same way, before a byte is sent. httpcore's errors become httpx's of the same name, so
         :func:`map_transport_errors` judges both paths alike."""
         assert self._pool is not None
         content_type, raw_key = body.content_type.encode("latin-1"), key.encode("latin-1")
         head = b"%sContent-Type: %s\r\nContent-Length: %d\r\nIdempotency-Key: %s\r\n\r\n" % (
             self._head_start, content_type, body.length, raw_key)
+        chunks = body.chunks(progress)
         try:  # what map_transport_errors and _as_httpx_errors do together, without two context managers
-            if not (self._fixed_ok and valid_header(b"Content-Type", content_type)
-                    and valid_header(b"Idempotency-Key", raw_key)):
+            if not (valid_header(b"Content-Type", content_type) and valid_header(b"Idempotency-Key", raw_key)):
                 raise httpcore.LocalProtocolError("Illegal header value")
-            status, response_headers, content = self._pool.handle(head, body.length, body.chunks(progress),
-                                                                  self._timeouts)
+            status, response_headers, content = self._pool.handle(head, body.length, chunks, self._timeouts)
+            reply = _answer(status, response_headers, content)
         except _CORE_ERRORS as core:
             with map_transport_errors(self.destination), _as_httpx_errors():
                 raise core
-        return self._verdict(_answer(status, response_headers, content))
+        except httpx.RemoteProtocolError as exc:  # an encoded body _decoded refused
+            with map_transport_errors(self.destination):
+                raise exc
+        finally:  # a request cut short: the body's generator (an open file, a hash pool) is let go now, not
+            close = getattr(chunks, "close", None)  # when a traceback kept through the backoff is dropped
+            if close is not None:
+                close()
+        return self._verdict(reply)
 
     def _verdict(self, response: Reply) -> tuple[int, str]:
         text = self._scrub(response.content[:ERROR_BODY_BYTES].decode("utf-8", "replace"))

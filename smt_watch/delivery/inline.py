@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Final
 
-from smt_watch.delivery.base import Body, Delivered, Payload, Progress, Reply, SinkContext, classify
+from smt_watch.delivery.base import Body, Delivered, Payload, Progress, Reply, SinkContext, classify, json_object
 from smt_watch.delivery.http import Poster
 from smt_watch.delivery.stream import b64_len, b64_stream, plain_chunks, verified_chunks
 from smt_watch.errors import DeliveryError, PermanentDelivery
@@ -39,10 +39,7 @@ def classify_inline(response: Reply, body: str, destination: str) -> DeliveryErr
     error = classify(response, body, destination)
     if error is None or response.status_code != 400:
         return error
-    try:
-        code = response.json().get("error")
-    except (ValueError, AttributeError):
-        return error
+    code = (json_object(response) or {}).get("error")
     if code not in PRODUCTION_REFUSALS:
         return error
     return PermanentDelivery(f"HTTP 400 {code} from {destination}: the web app refuses inline delivery; "

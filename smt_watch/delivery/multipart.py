@@ -16,7 +16,17 @@ import logging
 import uuid
 from collections.abc import Iterator
 
-from smt_watch.delivery.base import Body, Delivered, LeftOut, Payload, Progress, Reply, SinkContext, classify
+from smt_watch.delivery.base import (
+    Body,
+    Delivered,
+    LeftOut,
+    Payload,
+    Progress,
+    Reply,
+    SinkContext,
+    classify,
+    json_object,
+)
 from smt_watch.delivery.http import Poster
 from smt_watch.delivery.stream import READ_CHUNK, verified_bytes, verified_chunks
 from smt_watch.errors import DeliveryError
@@ -52,11 +62,8 @@ def classify_multipart(response: Reply, body: str, destination: str) -> Delivery
     error = classify(response, body, destination)
     if error is not None:
         return error
-    try:
-        data = response.json()
-    except (ValueError, UnicodeDecodeError):
-        return None
-    if not isinstance(data, dict):
+    data = json_object(response)
+    if data is None:
         return None
     file = data.get("file")
     ignored = (isinstance(file, dict) and file.get("interval") is False) or str(

@@ -151,7 +151,7 @@ def _health_service(url: str) -> str | None:
         verify = False if url.lower().startswith("http://") else default_trust(trust_env=False)
         response = httpx.get(url, timeout=PROBE_TIMEOUT, trust_env=False, follow_redirects=False, verify=verify)
         data = response.json()
-    except (httpx.HTTPError, ValueError):
+    except (httpx.HTTPError, ValueError, RecursionError):  # RecursionError: JSON nested too deep
         return None
     service = data.get("service") if isinstance(data, dict) else None
     return service if isinstance(service, str) and service else None

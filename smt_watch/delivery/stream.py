@@ -41,7 +41,7 @@ def _resized(path: Path, grew: bool) -> FileChanged:
     return FileChanged(f"{path.name}: {'grew' if grew else 'shrank'} while being sent")
 
 # A multiple of 3, so base64 of each chunk concatenates cleanly. 1.5 MiB, not 768 KiB: half the socket writes,
-# h11 events and queue hand-overs a GiB, and the receiver reads fuller buffers (issue 27: the send phase's CPU,
+# HTTP writes and queue hand-overs a GiB, and the receiver reads fuller buffers (issue 27: the send phase's CPU,
 # ours and the sink's, fell ~10-20 % in A/B runs; 3 MiB gained little more for twice the memory).
 READ_CHUNK: Final = 2 * 3 * 256 * 1024
 READ_AHEAD_MIN: Final = 4 * READ_CHUNK  # smaller files are read inline: a thread costs more than it saves
