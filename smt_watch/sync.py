@@ -37,13 +37,14 @@ from typing import Any, TypeVar
 
 import tenacity
 
+from smt_watch.clib import libc
 from smt_watch.config import Settings
 from smt_watch.errors import ConfigError, SftpError, SizeMismatch, SmtWatchError, reason
 from smt_watch.hashing import identify
 from smt_watch.ledger.roles import SyncMemory
 from smt_watch.sftp import Connection, RemoteFile
 from smt_watch.sizes import human_bytes
-from smt_watch.sshfast import keep_freed_memory, libc
+from smt_watch.sshfast import keep_freed_memory
 from smt_watch.statedir import open_ledger
 from smt_watch.workers import WorkerLogging, enter_worker, start_worker, stop_process
 
