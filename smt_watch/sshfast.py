@@ -163,7 +163,7 @@ class LeanPacketizer(Packetizer):
         its rest here, and paramiko would otherwise wait for, and hold, whatever length a peer claims."""
         if n > MAX_PACKET_LENGTH + 64:  # + the tag or MAC and the length field
             raise paramiko.SSHException(f"Invalid packet length {n}")
-        return super().read_all(n, check_rekey)  # type: ignore[no-any-return]
+        return super().read_all(n, check_rekey)
 
     def read_message(self) -> tuple[int, paramiko.Message]:
         if not self.lean:
