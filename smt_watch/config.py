@@ -183,9 +183,10 @@ SETTING_GROUPS: Final = (
                 "worker process of its own: a backlog of small files drains about 1.3× faster on 2 cores, for "
                 "~40–45 MB per worker; ours)"),
         Setting("SMT_ONE_CPU", "1",
-                "`1`: with `SMT_WORKER_MODE=thread`, `watch` keeps its threads on one CPU (the one it starts "
-                "on): they run Python one at a time anyway, and files handed between threads across CPUs cost "
-                "~1.7× the CPU on an idle 2-core machine; `0`: the kernel places them (ours)"),
+                "`1`: with `SMT_WORKER_MODE=thread`, `watch` keeps its threads on one CPU (the one it runs on "
+                "when it starts watching): they run Python one at a time anyway, and files handed between "
+                "threads across CPUs cost ~1.8× the CPU on an idle 2-core machine; `0`: the kernel places "
+                "them (ours)"),
         Setting("SMT_AFTER_SEND", "keep",
                 "`keep` (what the bash script did), `move` (to `SMT_ARCHIVE_DIR`), `delete`"),
         Setting("SMT_ARCHIVE_DIR", None,

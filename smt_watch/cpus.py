@@ -9,6 +9,9 @@ when nothing else ran, 0.6-0.7 ms on one CPU (bench/RESULTS.md, issue 27). What 
 things that do run beside Python (a big file's SHA-256 in a helper thread beside its send, a second
 worker's socket or SQLite wait) share that CPU; the other CPUs stay free for the rest of the droplet.
 Process mode is left alone (its point is several CPUs), and so is a process already limited to one CPU.
+What else follows from it: a process watch starts (gpg decrypting an ``.asc``) inherits the one CPU; two
+``watch`` processes started on the same CPU stay on it together (one watcher per inbox is the rule, so two
+are rare; ``SMT_ONE_CPU=0`` for them).
 """
 
 from __future__ import annotations

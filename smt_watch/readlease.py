@@ -175,12 +175,11 @@ def _fs_type(fd: int) -> int | None:
     read matches no local filesystem and no lease is taken (safe: the send re-hashes)."""
     import ctypes
 
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on x86-64 and aarch64
-        if libc.fstatfs(fd, buf) != 0:
-            return None
-    except (OSError, AttributeError):
+    from smt_watch.clib import libc
+
+    fstatfs = getattr(libc(), "fstatfs", None)
+    buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on x86-64 and aarch64
+    if fstatfs is None or fstatfs(fd, buf) != 0:
         return None
     return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
 

@@ -11,7 +11,6 @@ from the SFTP client: this is SSH packet framing and process tuning, with parami
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import io
 import socket
@@ -23,20 +22,12 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from paramiko.common import MSG_CHANNEL_DATA
 from paramiko.packet import Packetizer
 
+from smt_watch.clib import libc
+
 READ_AHEAD = 256 * 1024  # bytes taken off the TCP socket per recv (eight of sshd's 32 KiB packets)
 MAX_PACKET_LENGTH = READ_AHEAD + 64 * 1024  # longer encrypted packets are refused (OpenSSH's limit: 256 KiB)
 MALLOC_MMAP_THRESHOLD = 4 * 1024 * 1024  # glibc: blocks up to this size come from the heap, not their own mmap
 MALLOC_TRIM_THRESHOLD = 8 * 1024 * 1024  # glibc: free heap kept, not handed back, up to this much
-
-
-@functools.cache
-def libc() -> ctypes.CDLL | None:
-    """The C library this process runs on, loaded once on first use (never at import), or None where it
-    cannot be loaded: for what Python's ``os`` lacks (``mallopt``, ``sync_file_range``)."""
-    try:
-        return ctypes.CDLL(None)
-    except OSError:
-        return None
 
 
 @functools.cache
@@ -150,14 +141,13 @@ class LeanPacketizer(Packetizer):
     Everything else goes to paramiko's own ``read_message``, unchanged: before and during a key exchange
     (``need_rekey``), the packet that reaches a rekey limit, ciphers other than AES-GCM, compression,
     packet dumps, a packet not yet fully received (paramiko waits for it, with its timeouts and keepalives),
-    a packet longer than the buffer. An AES-GCM packet whose (plain) length field claims more than
-    ``MAX_PACKET_LENGTH`` is refused here, whichever path then reads it, when its length field is already
-    buffered (nearly always: a read takes whatever the kernel has): paramiko reads and holds whatever length
-    a peer claims before the tag can be checked. The short path keeps paramiko's bookkeeping exactly: the sequence
-    number, the nonce, the received bytes and packets that trigger a rekey. It depends on paramiko's private
-    attributes (``PACKETIZER_STATE``, pinned <6 in pyproject.toml); if one is missing it is never taken, and
-    ``tests/test_sftp_lean.py`` fails. ``Transport(packetizer_class=...)`` is paramiko's public hook
-    (since 3.4)."""
+    a packet longer than the buffer. A packet claiming more than ``MAX_PACKET_LENGTH`` is refused
+    (:meth:`read_all`, which every path reads a packet's rest through): paramiko would wait for and hold
+    whatever length a peer claims before its tag or MAC can be checked. The short path keeps paramiko's
+    bookkeeping exactly: the sequence number, the nonce, the received bytes and packets that trigger a
+    rekey. It depends on paramiko's private attributes (``PACKETIZER_STATE``, pinned <6 in pyproject.toml);
+    if one is missing it is never taken, and ``tests/test_sftp_lean.py`` fails.
+    ``Transport(packetizer_class=...)`` is paramiko's public hook (since 3.4)."""
 
     def __init__(self, sock: ReadAheadSocket) -> None:
         super().__init__(sock)  # type: ignore[arg-type]  # socket-like, as Transport's
@@ -166,6 +156,14 @@ class LeanPacketizer(Packetizer):
         self.lean_packets = 0  # packets read by the short path (tests check it is taken)
         self._plain = memoryview(bytearray(READ_AHEAD))
         self._into = hasattr(AESGCM, "decrypt_into")  # cryptography >= 45: no new bytes (zeroed first) a packet
+
+    def read_all(self, n: int, check_rekey: bool = False) -> bytes:
+        """paramiko's read of ``n`` bytes, refused past :data:`MAX_PACKET_LENGTH`: every packet it reads
+        (whatever the cipher, and a length that arrived in pieces the short path did not wait for) asks for
+        its rest here, and paramiko would otherwise wait for, and hold, whatever length a peer claims."""
+        if n > MAX_PACKET_LENGTH + 64:  # + the tag or MAC and the length field
+            raise paramiko.SSHException(f"Invalid packet length {n}")
+        return super().read_all(n, check_rekey)
 
     def read_message(self) -> tuple[int, paramiko.Message]:
         if not self.lean:
@@ -178,8 +176,6 @@ class LeanPacketizer(Packetizer):
             return super().read_message()
         view, at = sock._view, sock._start
         size = int.from_bytes(view[at:at + 4], "big")
-        if size > MAX_PACKET_LENGTH:  # paramiko would read (and hold) whatever length the peer claims
-            raise paramiko.SSHException(f"Invalid packet length {size}")
         if state["_Packetizer__need_rekey"] or state["_Packetizer__dump_packets"] or \
                 state["_Packetizer__etm_in"] or state["_Packetizer__compress_engine_in"] is not None or \
                 state["_Packetizer__block_size_in"] != 16:

@@ -37,13 +37,14 @@ from typing import Any, TypeVar
 
 import tenacity
 
+from smt_watch.clib import libc
 from smt_watch.config import Settings
 from smt_watch.errors import ConfigError, SftpError, SizeMismatch, SmtWatchError, reason
 from smt_watch.hashing import identify
 from smt_watch.ledger.roles import SyncMemory
 from smt_watch.sftp import Connection, RemoteFile
 from smt_watch.sizes import human_bytes
-from smt_watch.sshfast import keep_freed_memory, libc
+from smt_watch.sshfast import keep_freed_memory
 from smt_watch.statedir import open_ledger
 from smt_watch.workers import WorkerLogging, enter_worker, start_worker, stop_process
 
@@ -126,13 +127,17 @@ def place(part: Path, final: Path, sha256: str, sync_dir: bool = True) -> Path:
 def _move_unless_taken(part: Path, dest: Path) -> bool:
     """Move ``part`` to ``dest`` unless something (a file, a symlink) is there: False then, nothing moved.
 
-    Why a hard link and not "exists? then rename": a worker's finishers place at once, and two files of the
-    same name (``a.CSV`` from two remote directories) could both see ``a.1.CSV`` free, then the second
-    rename would replace the first, whose bytes were never delivered though the ledger records them.
-    ``link(2)`` fails with EEXIST instead. A crash between the link and the unlink leaves the part beside
-    its final file, unrecorded: the next pass fetches nothing more into it (it is complete), finds the same
-    bytes at the final path and removes the part. Where the file system has no hard links: check, then
-    rename (racy, as before)."""
+    Why not "exists? then rename": a worker's finishers place at once, and a file whose name is taken goes
+    to the next free one (``a.CSV``'s new version to ``a.1.CSV``) while the remote may hold an ``a.1.CSV``
+    of its own: both could see the name free, and the second rename would replace the first, whose bytes
+    were never delivered though the ledger records them. ``renameat2(RENAME_NOREPLACE)`` moves atomically
+    or fails with EEXIST. Where the kernel or file system lacks it: a hard link (EEXIST too) then the part's
+    unlink; a crash between them leaves the part and the final name one file, so a resumed fetch must never
+    write into a part with a second name (:func:`_fresh_if_linked`). Without hard links: check, then rename
+    (racy, as before)."""
+    moved = _rename_noreplace(part, dest)
+    if moved is not None:
+        return moved
     try:
         os.link(part, dest, follow_symlinks=False)
     except FileExistsError:
@@ -148,7 +153,35 @@ def _move_unless_taken(part: Path, dest: Path) -> bool:
     return True
 
 
-_NO_HARD_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS})
+_NO_HARD_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS})
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+
+
+def _fresh_if_linked(part: Path) -> None:
+    """A part that is also a placed file (a crash between :func:`_move_unless_taken`'s link and unlink) loses
+    its name, so the fetch starts a new part: resuming into it would write into the placed file."""
+    try:
+        if os.lstat(part).st_nlink > 1:
+            part.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _rename_noreplace(part: Path, dest: Path) -> bool | None:
+    """``renameat2(part, dest, RENAME_NOREPLACE)``: True moved, False ``dest`` taken, None not available here
+    (an old C library or kernel, a file system without it)."""
+    fn = getattr(libc(), "renameat2", None)
+    if fn is None:
+        return None
+    if fn(_AT_FDCWD, os.fsencode(part), _AT_FDCWD, os.fsencode(dest), _RENAME_NOREPLACE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err == errno.EEXIST:
+        return False
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return None
+    raise OSError(err, os.strerror(err), str(part), None, str(dest))
 
 
 def fsync_dirs(directories: Iterable[Path]) -> None:
@@ -273,6 +306,7 @@ class _Ranged:
         self.part = ranged_part_path(final, remote)
         self.record = self.part.with_name(self.part.name[: -len(".part")] + ".done.part")
         final.parent.mkdir(parents=True, exist_ok=True)
+        _fresh_if_linked(self.part)
         if not self.part.exists():
             self.record.unlink(missing_ok=True)  # a record without its part says nothing
         self.fd = os.open(self.part, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
@@ -1051,6 +1085,7 @@ def _fetch_with_retries(
     final = settings.local_dir / remote.relative
     part = part_path(final, remote)
     final.parent.mkdir(parents=True, exist_ok=True)
+    _fresh_if_linked(part)
     holder = [conn]
 
     def attempt() -> str:

@@ -44,6 +44,7 @@ import httpx
 
 from smt_watch.clock import pause
 from smt_watch.config import Settings
+from smt_watch.delivery.base import json_object
 from smt_watch.errors import ConfigError, InputError, SmtWatchError
 from smt_watch.expect import DayKey, DayTotal, Expectation, expect, expect_inline
 from smt_watch.ledger.common import Labels, Row, epoch_of
@@ -193,7 +194,7 @@ def _answer(path: str, response: httpx.Response) -> dict[str, Any]:
         raise Unverifiable(f"{path} answered {status}: {_error_of(response) or response.text[:200]}", status)
     try:
         body = response.json()
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than Python follows
         raise Unverifiable(f"{path} answered 200 without JSON") from exc
     if not isinstance(body, dict) or body.get("ok") is False:
         raise Unverifiable(f"{path} answered ok:false: {_error_of(response)}")
@@ -201,11 +202,8 @@ def _answer(path: str, response: httpx.Response) -> dict[str, Any]:
 
 
 def _error_of(response: httpx.Response) -> str:
-    try:
-        body = response.json()
-    except ValueError:
-        return ""
-    return str(body.get("error") or "") if isinstance(body, dict) else ""
+    body = json_object(response)
+    return str(body.get("error") or "") if body is not None else ""
 
 
 @dataclass(frozen=True)

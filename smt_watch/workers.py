@@ -10,7 +10,6 @@ that a fix to any of that reaches both pools.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -21,6 +20,7 @@ from multiprocessing.context import ForkContext, ForkServerContext, SpawnContext
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from smt_watch.clib import libc
 from smt_watch.config import Settings
 
 PR_SET_PDEATHSIG = 1
@@ -59,8 +59,9 @@ def enter_worker(settings: Settings, logs: WorkerLogging, ignore: tuple[signal.S
     with the parent, and log as it does with its secrets masked."""
     for sig in ignore:
         signal.signal(sig, signal.SIG_IGN)
-    with contextlib.suppress(OSError, AttributeError):  # not Linux: a closed pipe still ends an idle worker
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    prctl = getattr(libc(), "prctl", None)
+    if prctl is not None:  # not Linux: a closed pipe still ends an idle worker
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     _release_fork_server()
     from smt_watch.logs import add_secrets, setup_logging
 

@@ -16,12 +16,13 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 import h11
+import httpcore
 import pytest
 
 from smt_watch.config import Secret, Settings
 from smt_watch.delivery.base import Body, classify
 from smt_watch.delivery.http import Poster
-from smt_watch.delivery.http11 import MAX_ANSWER_BYTES, MAX_HEAD_BYTES, _Answer
+from smt_watch.delivery.http11 import MAX_ANSWER_BYTES, MAX_HEAD_BYTES, _Answer, _Http11
 from smt_watch.delivery.inline import classify_inline
 from smt_watch.delivery.multipart import classify_multipart
 from smt_watch.errors import ConfigError, PermanentDelivery, RetryableDelivery
@@ -460,3 +461,28 @@ def test_a_connection_opened_after_close_is_closed_by_the_next_close(make_settin
     finally:
         p.close()
     assert p._pool._local.conn._stream is None
+
+
+class _Pieces:
+    """A network stream that hands out ``pieces`` one read at a time, then times out (nothing more comes:
+    a keep-alive server waiting for the next request)."""
+
+    def __init__(self, *pieces: bytes) -> None:
+        self.pieces = list(pieces)
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        if not self.pieces:
+            raise httpcore.ReadTimeout("nothing more came")
+        return self.pieces.pop(0)
+
+
+@pytest.mark.parametrize("last", [[b"0\r\n", b"\r\n"], [b"0\r\n\r", b"\n"], [b"0\r\n", b"\r", b"\n"],
+                                  [b"0\r\n\r\n"]], ids=["crlf-later", "lf-later", "byte-by-byte", "together"])
+def test_a_chunked_answers_last_blank_line_may_arrive_in_pieces(last: list[bytes]) -> None:
+    """The empty trailer section's CRLF in a later read than the last chunk (two TLS records, a slow
+    writer) ends the answer; waiting for a second line end instead would time out and send it again."""
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n"
+    stream = _Pieces(head, *last)
+    http = _Http11(httpcore.Origin(b"http", b"127.0.0.1", 80), None, httpcore.SyncBackend(), None)
+    status, _, content, keep = http._response(stream, 1.0)  # type: ignore[arg-type]
+    assert (status, content, keep, stream.pieces) == (200, b"ok", True, [])

@@ -361,3 +361,14 @@ def test_download_over_openssh_through_rekeys_takes_the_short_path(tmp_path: Pat
         # received goes paramiko's way too, which on a loaded machine is many more (a half failed under -n 2
         # beside other work): an eighth still proves the short path is taken for a real download
         assert packetizer.lean_packets >= 16 * MiB // 32768 // 8
+
+
+def test_every_path_refuses_a_packet_length_over_the_limit() -> None:
+    """paramiko's own reader (taken for any cipher, or when a length arrived in pieces) asks for a packet's
+    rest through read_all: a claim over MAX_PACKET_LENGTH is refused there, before a byte of it is read.
+    Checked against mutant sync-lean-packet-length-unchecked."""
+    key, iv = os.urandom(16), os.urandom(12)
+    with _reading(LeanPacketizer, b"", key, iv) as reader:
+        with pytest.raises(paramiko.SSHException, match="length"):
+            reader.read_all(1 << 32)
+        assert reader.read_all(0) == b""  # within the limit: paramiko's read as it is

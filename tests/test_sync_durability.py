@@ -199,15 +199,25 @@ def test_a_download_starts_the_disk_writing_as_it_goes(
     assert len(kicked) >= 3 and set(kicked) == {str(part.resolve())}, kicked  # the big part only, as it grew
 
 
-def test_two_placers_never_take_the_same_free_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Two finishers place different files of the same name at once (``a.CSV`` from two remote directories
-    into one inbox directory): each must land at a name of its own. Both placers meet at a barrier just
-    before they move their part to ``a.CSV``, so both have already looked and found it free; a check then a
-    rename would let the second replace the first, whose bytes would never be delivered.
-    Checked against mutant sync-place-check-then-rename."""
+@pytest.mark.parametrize("how", ["renameat2", "link"])
+def test_two_placers_never_take_the_same_free_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   how: str) -> None:
+    """Two finishers place different files under one name at once (a remote file whose name another one's
+    fallback also took): each must land at a name of its own. Both placers meet at a barrier just before
+    they move their part to ``a.CSV``, so both have already looked and found it free; a check then a rename
+    would let the second replace the first, whose bytes would never be delivered. ``renameat2`` with
+    RENAME_NOREPLACE where the kernel has it, else a hard link: both refuse a taken name.
+    Checked against mutants sync-place-check-then-rename (link) and sync-place-replaces (renameat2)."""
     final = tmp_path / "a.CSV"
     meet = threading.Barrier(2, timeout=5)  # a deadline, not a pause: both placers arrive at once
-    real_link, real_replace = os.link, os.replace
+    real_link, real_replace, real_noreplace = os.link, os.replace, sync._rename_noreplace
+
+    def noreplace(src: Path, dst: Path) -> bool | None:
+        if how == "link":
+            return None  # as where the kernel or file system lacks renameat2
+        if Path(dst) == final:
+            meet.wait()
+        return real_noreplace(src, dst)
 
     def link(src: str | Path, dst: str | Path, **kw: bool) -> None:
         if Path(dst) == final:
@@ -221,6 +231,7 @@ def test_two_placers_never_take_the_same_free_name(tmp_path: Path, monkeypatch: 
 
     monkeypatch.setattr(os, "link", link)
     monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(sync, "_rename_noreplace", noreplace)
     contents = [b"first " * 100, b"second " * 100]
     parts = []
     for i, data in enumerate(contents):
@@ -329,3 +340,18 @@ def test_a_finisher_whose_thread_cannot_start_ends_the_ones_that_did(monkeypatch
     for t in started:
         t.join(timeout=10)  # a deadline, not a pause
     assert len(started) == 2 and not any(t.is_alive() for t in started)
+
+
+def test_a_part_that_is_also_the_placed_file_is_never_resumed_into(tmp_path: Path) -> None:
+    """A crash between a placing link and the part's unlink leaves one file under two names: the fetch drops
+    the part's name and starts a new one, so the placed (maybe delivered) file is never written into.
+    Checked against mutant sync-resume-into-placed-file."""
+    final = tmp_path / "a.CSV"
+    final.write_bytes(b"placed and delivered")
+    part = part_path(final, RemoteFile("/a.CSV", 20, 0))
+    os.link(final, part)
+    sync._fresh_if_linked(part)
+    assert not part.exists() and final.read_bytes() == b"placed and delivered"
+    part.write_bytes(b"a part of its own")
+    sync._fresh_if_linked(part)  # one name: a resumable part, kept
+    assert part.read_bytes() == b"a part of its own"

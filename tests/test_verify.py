@@ -550,3 +550,15 @@ def test_a_file_whose_last_chunk_holds_only_newer_days_still_queues_post_ingest(
     assert [r.fields.get("postIngest") for r in requests] == [False, False, True, False]
     assert app.routes.store.post_ingest_tasks() == ["10443720000000001"]
     assert report.verdict is Verdict.OUTSIDE_WINDOW and report.days_stored == 3
+
+
+@pytest.mark.parametrize(("status", "text"), [(200, "[" * 100_000), (500, "[" * 100_000)], ids=["ok", "error"])
+def test_an_answer_nested_deeper_than_python_follows_is_unverifiable_not_an_internal_error(
+        status: int, text: str) -> None:
+    """A hostile app's body of 100,000 ``[``: json raises RecursionError (no ValueError); verify says the
+    route answered without usable JSON, one line, as for any body that is no JSON."""
+    from smt_watch.verify import Unverifiable, _answer
+
+    response = httpx.Response(status, text=text, request=httpx.Request("GET", "http://app.invalid/x"))
+    with pytest.raises(Unverifiable, match=f"answered {status}"):
+        _answer("/x", response)

@@ -203,6 +203,14 @@ def direct_transport_is_enough(url: str) -> bool:
     return not parsed.userinfo and not (proxies.get(parsed.scheme) or proxies.get("all"))
 
 
+def _let_go(chunks: object) -> None:
+    """Close a request body's generator at once: one cut short holds an open file and a hash thread, which
+    would otherwise live as long as the traceback tenacity keeps through its backoff."""
+    close = getattr(chunks, "close", None)
+    if close is not None:
+        close()
+
+
 class Poster:
     """POSTs bodies to one URL, with in-call retries: over each sending thread's own keep-alive connection
     (:class:`_ThreadConnections`) for a plain target, over one ``httpx.Client`` behind a proxy or with
@@ -220,7 +228,6 @@ class Poster:
         self._auth = auth
         self._classify = classify
         self._settings = settings
-        self._limiter = limiter_for(settings, stop)
         self._secrets = redaction_pattern(settings.secrets())
         t = settings.http_timeout
         limits = httpx.Limits(max_connections=16, max_keepalive_connections=8)
@@ -241,6 +248,7 @@ class Poster:
             # refused once, here (never quoted): sent, it would fail every attempt, as h11 refused it at each
             raise ConfigError(f"the {header} token for {self.destination} cannot travel in an HTTP header "
                               f"(a CR, LF or NUL in it, or spaces around it)")
+        self._limiter = limiter_for(settings, stop)  # after the refusal: nothing of it is left open then
         if direct_transport_is_enough(url):
             parsed = httpx.URL(url)
             self._pool = _ThreadConnections(
@@ -339,13 +347,17 @@ class Poster:
             **({header: token.reveal()} if token else {}),
         }
         assert self._client is not None
-        request = self._client.build_request("POST", self.url, headers=headers, content=body.chunks(progress))
-        with map_transport_errors(self.destination):
-            response = self._client.send(request, stream=True)
-            try:
-                reply = _decoded(response)
-            finally:
-                response.close()
+        chunks = body.chunks(progress)
+        try:
+            request = self._client.build_request("POST", self.url, headers=headers, content=chunks)
+            with map_transport_errors(self.destination):
+                response = self._client.send(request, stream=True)
+                try:
+                    reply = _decoded(response)
+                finally:
+                    response.close()
+        finally:
+            _let_go(chunks)
         return self._verdict(reply)
 
     def _attempt_direct(self, key: str, body: Body, progress: Progress | None) -> tuple[int, str]:
@@ -370,10 +382,8 @@ class Poster:
         except httpx.RemoteProtocolError as exc:  # an encoded body _decoded refused
             with map_transport_errors(self.destination):
                 raise exc
-        finally:  # a request cut short: the body's generator (an open file, a hash pool) is let go now, not
-            close = getattr(chunks, "close", None)  # when a traceback kept through the backoff is dropped
-            if close is not None:
-                close()
+        finally:
+            _let_go(chunks)
         return self._verdict(reply)
 
     def _verdict(self, response: Reply) -> tuple[int, str]:

@@ -33,6 +33,7 @@ MAX_LENGTH_DIGITS: Final = 20  # a longer Content-Length is refused (h11's CONTE
 # would hold a worker forever (each read gets data, so the read timeout never fires).
 MAX_ANSWER_BYTES: Final = 16 * 1024 * 1024
 READ_BYTES: Final = 64 * 1024
+DECODE_PIECE: Final = 16 * 1024  # deflate expands ~1000:1 at most: one piece decodes to ~16 MiB, not ~64
 
 
 def valid_header(name: bytes, value: bytes) -> bool:
@@ -155,6 +156,9 @@ class _Http11:
         """The lines up to the next blank line (a head, or a chunked body's trailers; none when the blank line
         comes first), as h11 splits them; every head and trailer of one answer counts against
         :data:`MAX_HEAD_BYTES` in all (``self._head_left``)."""
+        self._fill(stream, timeout, 1)  # a blank line first may arrive in pieces: "\r", then "\n"
+        if self._buf[:1] == b"\r":
+            self._fill(stream, timeout, 2)
         if self._buf[:1] == b"\n" or self._buf[:2] == b"\r\n":
             used, lines = (1 if self._buf[:1] == b"\n" else 2), []
         else:
@@ -227,7 +231,7 @@ class _Http11:
         """A chunked body, framed as h11 takes it: each size line hex (at most 20 digits, an extension after
         ``;``) ended by CRLF, each chunk's data by CRLF, then trailer fields up to a blank line. Its lines and
         data count against :data:`MAX_ANSWER_BYTES`."""
-        parts: list[bytes] = []
+        body = bytearray()  # one buffer: 16 MiB said in 2-byte chunks is not millions of small objects
         left = MAX_ANSWER_BYTES
         while True:
             end = self._until(stream, timeout, _CRLF, MAX_HEAD_BYTES, "chunk line too long")
@@ -241,11 +245,11 @@ class _Http11:
                 raise httpcore.RemoteProtocolError("answer too long")
             if size == 0:
                 _header_fields(self._lines(stream, timeout))  # trailer fields: checked, not used
-                return b"".join(parts)
+                return bytes(body)
             self._fill(stream, timeout, size + 2)
             if self._buf[size:size + 2] != b"\r\n":
                 raise httpcore.RemoteProtocolError("chunk not followed by CRLF")
-            parts.append(bytes(self._buf[:size]))
+            body += self._buf[:size]
             del self._buf[:size + 2]
 
 
@@ -310,8 +314,8 @@ class _Pieces(httpx.SyncByteStream):
         self._content = content
 
     def __iter__(self) -> Iterator[bytes]:
-        for start in range(0, len(self._content), READ_BYTES):
-            yield self._content[start:start + READ_BYTES]
+        for start in range(0, len(self._content), DECODE_PIECE):
+            yield self._content[start:start + DECODE_PIECE]
 
 
 def _decoded(response: httpx.Response) -> _Answer:
