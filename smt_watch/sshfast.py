@@ -161,7 +161,7 @@ class LeanPacketizer(Packetizer):
         """paramiko's read of ``n`` bytes, refused past :data:`MAX_PACKET_LENGTH`: every packet it reads
         (whatever the cipher, and a length that arrived in pieces the short path did not wait for) asks for
         its rest here, and paramiko would otherwise wait for, and hold, whatever length a peer claims."""
-        if n > MAX_PACKET_LENGTH + 64:  # + the tag or MAC and the length field
+        if n > MAX_PACKET_LENGTH + 4:  # a packet's rest: its length less the block read, + the tag or MAC
             raise paramiko.SSHException(f"Invalid packet length {n}")
         return super().read_all(n, check_rekey)
 

@@ -341,8 +341,9 @@ def unused_port() -> int:
 
 
 class IoCalls:
-    """``os.fsync`` (with the path of the fd), ``os.link`` and ``os.replace`` calls in order, recorded on their
-    way to the real functions: durability is asserted from the order of real calls, not from a crash."""
+    """``os.fsync`` (with the path of the fd), ``os.link``, ``os.replace`` and sync's ``renameat2`` (as a
+    "replace") calls in order, recorded on their way to the real functions: durability is asserted from the
+    order of real calls, not from a crash."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.events: list[tuple[str, ...]] = []
@@ -365,9 +366,20 @@ class IoCalls:
             self._add("replace", os.fspath(src), os.fspath(dst))
             real_replace(src, dst, *a, **kw)
 
+        from smt_watch import sync
+
+        real_noreplace = sync._rename_noreplace
+
+        def noreplace(src: Path, dst: Path) -> bool | None:  # sync places a part by renameat2 (ctypes)
+            moved = real_noreplace(src, dst)
+            if moved:
+                self._add("replace", os.fspath(src), os.fspath(dst))
+            return moved
+
         monkeypatch.setattr(os, "fsync", fsync)
         monkeypatch.setattr(os, "link", link)
         monkeypatch.setattr(os, "replace", replace)
+        monkeypatch.setattr(sync, "_rename_noreplace", noreplace)
 
     def _add(self, *event: str) -> None:
         with self._lock:
