@@ -757,7 +757,9 @@ def test_second_sync_while_one_runs_exits_0(
     with sync_in_background(make_settings(**env)) as first:
         wait_for(server.read_blocked.is_set, 30, "the first sync to be transferring")
         logins = server.logins
-        result = run_cli("sync", env=env)
+        # its own timeout short: with the lock it never connects; a pass that wrongly ran (mutant sync-no-lock)
+        # meets the stall and gives up in seconds instead of after the first pass's 60 s, several times over
+        result = run_cli("sync", env={**env, "SMT_SFTP_TIMEOUT": "2"})
         assert result.returncode == 0, result.stderr
         assert "another sync is running" in result.stdout + result.stderr
         assert server.logins == logins  # the second one did not even connect
