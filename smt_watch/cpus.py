@@ -51,6 +51,12 @@ def keep_on_one_cpu() -> int | None:
         return None
     here = current_cpu()
     cpu = here if here in allowed else min(allowed)
+    return cpu if bind_threads({cpu}) else None
+
+
+def bind_threads(cpus: set[int]) -> bool:
+    """Let every thread of this process run on ``cpus`` only (the calling thread first); False when the
+    kernel refuses the calling thread (a seccomp filter, a cpuset that moved under us): then nothing changed."""
     me = threading.get_native_id()
     try:
         tids = [int(tid) for tid in os.listdir("/proc/self/task")]
@@ -58,10 +64,10 @@ def keep_on_one_cpu() -> int | None:
         tids = [me]
     for tid in sorted(tids, key=lambda t: t != me):  # this thread first: if the kernel refuses it, stop there
         try:
-            os.sched_setaffinity(tid, {cpu})
+            os.sched_setaffinity(tid, cpus)
         except OSError as exc:
-            if tid == me:  # a seccomp filter, or a cpuset that moved under us: the kernel's choice stays
-                log.debug("Could not keep watch on one CPU: %s", exc)
-                return None
+            if tid == me:
+                log.debug("Could not bind this process's threads to CPUs %s: %s", sorted(cpus), exc)
+                return False
             continue  # a thread that ended meanwhile
-    return cpu
+    return True

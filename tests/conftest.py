@@ -3,7 +3,6 @@ subprocess where the process itself is what a test proves)."""
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
 import os
@@ -26,6 +25,7 @@ from ports import free_port
 from sftp_server import SftpTestServer, running_sftp_server
 
 from smt_watch.config import Settings, load_settings
+from smt_watch.cpus import bind_threads
 from smt_watch.reference.receiver import running_receiver
 from smt_watch.watch import WatchService
 
@@ -242,9 +242,7 @@ def _process_state_saved() -> Iterator[None]:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
         redactor.secrets, redactor._pattern = secrets, pattern
-        for tid in os.listdir("/proc/self/task"):
-            with contextlib.suppress(OSError, ValueError):  # a thread that ended meanwhile
-                os.sched_setaffinity(int(tid), cpus)
+        bind_threads(cpus)
 
 
 def cli_in_process(
