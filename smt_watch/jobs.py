@@ -1,6 +1,8 @@
 """``watch``'s jobs: ready files → delivery attempts, a worker's group at a time (:func:`handle_jobs`, one
 claim commit and one outcome commit for the group; :class:`JobResult`), and the runners that carry them
-out in a worker thread (:class:`InThread`) or a worker process (:class:`InProcess`).
+out in a worker thread (:class:`InThread`) or a worker process (:class:`InProcess`). In thread mode the
+outcome commit is the watcher's committer thread's (:func:`deliver_jobs`, then :func:`commit` of several
+workers' groups at once), so a worker goes on to its next group instead of waiting for the database.
 
 ``SMT_WORKER_MODE=thread`` (the default): the ``SMT_WORKERS`` threads share the watcher's ledger connection
 and HTTP client. Small, but all of them share one GIL: a backlog of small files drains at about 350 files/s
@@ -98,7 +100,8 @@ def handle_job(settings: Settings, ledger: WatchJobs, sink: Sink, path: Path, si
 def handle_jobs(settings: Settings, ledger: WatchJobs, sink: Sink, jobs: Sequence[Job],
                 stop: threading.Event | None = None) -> list[JobResult]:
     """Check each file is still what settled, identify it (stat cache or hash) and deliver it; one result
-    per job, in order. ``cached``: the stat cache's answer the watcher already has (None: the job asks it).
+    per job, in order: :func:`deliver_jobs`, then :func:`commit` of its outcomes. ``cached``: the stat
+    cache's answer the watcher already has (None: the job asks it).
 
     Group commit: the group's CSVs are claimed in ONE transaction (their stat-cache rows in it), sent one
     after another, and their outcomes committed in ONE more; a result says DONE only once its row is
@@ -110,11 +113,29 @@ def handle_jobs(settings: Settings, ledger: WatchJobs, sink: Sink, jobs: Sequenc
     component (:func:`open_beneath`): a directory swapped for a symlink at any moment cannot make us read
     (or send) a file outside the inbox.
 
-    ``stop`` (the watcher's): while it is not set, a ledger that cannot be reached when the group's outcomes
-    are to be committed is waited for (every :data:`FLUSH_RETRY_SECONDS`), so a PostgreSQL outage does not
-    make the group's files go out twice; once set, the group is given up (its rows stay ``sending``)."""
+    ``stop``: see :func:`commit`."""
+    return commit(ledger, [deliver_jobs(settings, ledger, sink, jobs)], stop)[0]
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """A group whose files were delivered but whose outcomes are not durable yet (:func:`commit` makes them
+    so): each job's result as it stands once they are, the outcomes held, and which results wait on them."""
+
+    results: list[JobResult]
+    marks: list[Mark]  # the group's outcomes, claims it did not use handed back among them
+    held: list[int]  # indexes of the DONE results of claimed CSVs: acknowledged only once ``marks`` commit
+    first: Path | None  # what a log line about the group's ledger work names
+
+
+def deliver_jobs(settings: Settings, ledger: WatchJobs, sink: Sink, jobs: Sequence[Job]) -> Delivered:
+    """:func:`handle_jobs` up to the commit of its outcomes: readiness, identity, the group's claims in one
+    transaction, and the sends. ``watch``'s workers hand what this returns to the committer thread and go on
+    to their next group while it is committed."""
     results: list[JobResult | None] = [None] * len(jobs)
     ready: list[_Ready] = []
+    marks: list[Mark] = []
+    held: list[int] = []
     try:
         for i, (path, sig, cached) in enumerate(jobs):
             got = _guarded(path, partial(_prepare, settings, ledger, path, sig, cached))
@@ -123,11 +144,35 @@ def handle_jobs(settings: Settings, ledger: WatchJobs, sink: Sink, jobs: Sequenc
             else:
                 ready.append(_Ready(i, *got))
         if ready:
-            _deliver_group(settings, ledger, sink, ready, results, stop)
+            marks, held = _deliver_group(settings, ledger, sink, ready, results)
     finally:
         for r in ready:
             os.close(r.fd)
-    return [r if r is not None else JobResult(JobKind.ERROR, message="not handled") for r in results]
+    return Delivered([r if r is not None else JobResult(JobKind.ERROR, message="not handled") for r in results],
+                     marks, held, ready[0].ident.path if ready else None)
+
+
+def commit(ledger: WatchJobs, groups: Sequence[Delivered], stop: threading.Event | None = None
+           ) -> list[list[JobResult]]:
+    """The outcomes of several delivered groups committed in ONE transaction (``watch``'s committer takes
+    every group its workers finished meanwhile: a drain pays one commit for several groups); the results of
+    each group, in order. When the commit fails, no result that waited on it is acknowledged: each says why
+    (all the groups' rows stay ``sending`` and are delivered again, under the same Idempotency-Key).
+
+    ``stop`` (the watcher's): while it is not set, a ledger that cannot be reached is waited for (every
+    :data:`FLUSH_RETRY_SECONDS`), so a PostgreSQL outage does not make the files go out twice; once set,
+    the commit is given up (the rows stay ``sending``)."""
+    marks = [m for g in groups for m in g.marks]
+    first = next((g.first for g in groups if g.marks and g.first is not None), None)
+    flushed: JobResult | None = None
+    if marks and first is not None:
+        flushed = _guarded(first, partial(ledger.finish_many, marks))
+        while (isinstance(flushed, JobResult) and flushed.kind is JobKind.UNREACHABLE and stop is not None
+               and not stop.wait(FLUSH_RETRY_SECONDS)):
+            flushed = _guarded(first, partial(ledger.finish_many, marks))  # the same outcomes, once it answers
+    if flushed is None:
+        return [g.results for g in groups]
+    return [[flushed if i in g.held else r for i, r in enumerate(g.results)] for g in groups]
 
 
 @dataclass
@@ -200,8 +245,9 @@ def _prepare(settings: Settings, ledger: WatchJobs, path: Path, sig: Signature, 
 
 
 def _deliver_group(settings: Settings, ledger: WatchJobs, sink: Sink, ready: list[_Ready],
-                   results: list[JobResult | None], stop: threading.Event | None) -> None:
-    """Claim the group's CSVs together, send each, commit their outcomes together; then fill ``results``."""
+                   results: list[JobResult | None]) -> tuple[list[Mark], list[int]]:
+    """Claim the group's CSVs together and send each; fill ``results`` as they will stand once the group's
+    outcomes are committed. Returns those outcomes and the indexes of the results that wait on them."""
     first = ready[0].ident.path  # what a log line about the group's ledger work names
     plain = [r for r in ready if not is_container(r.ident.path.name)]
     claimed = _guarded(first, lambda: ledger.claim_many([
@@ -214,7 +260,7 @@ def _deliver_group(settings: Settings, ledger: WatchJobs, sink: Sink, ready: lis
         plain = []
         claimed = []
     group = _Group(ledger, [(r.ident.sha256, c) for r, c in zip(plain, claimed, strict=True)])
-    done: list[_Ready] = []
+    held: list[int] = []
     try:
         for r in ready:
             # an .asc/.zip: delivered with the ledger itself (its parent row reads its CSVs' rows as it goes)
@@ -227,21 +273,17 @@ def _deliver_group(settings: Settings, ledger: WatchJobs, sink: Sink, ready: lis
                 # the kept bytes go no further than the delivery (a worker process pickles its results)
                 results[r.index] = JobResult(JobKind.DONE, r.ident.without_data(), got,
                                              hashed=r.remember is not None)
-                done.append(r)
-    finally:
-        flushed = _guarded(first, group.flush)
-        while (isinstance(flushed, JobResult) and flushed.kind is JobKind.UNREACHABLE and stop is not None
-               and not stop.wait(FLUSH_RETRY_SECONDS)):
-            flushed = _guarded(first, group.flush)  # the same outcomes, once the ledger answers again
-        if isinstance(flushed, JobResult):  # not durable: nothing of the group is acknowledged
-            for r in done:
                 if r in plain:
-                    results[r.index] = flushed
+                    held.append(r.index)
+    except BaseException:  # stopped mid-group (not by an error, which _guarded turned into a result)
+        _guarded(first, partial(ledger.finish_many, group.take()))
+        raise
+    return group.take(), held
 
 
 class _Group:
     """The ledger as one group's deliveries see it: claims already decided by ``claim_many`` are answered
-    from here, and outcomes are held until :meth:`flush` commits them in one transaction. Everything else
+    from here, and outcomes are held until :meth:`take` hands them to :func:`commit`. Everything else
     goes to the ledger itself."""
 
     def __init__(self, ledger: WatchJobs, claims: list[tuple[str, Claim]]) -> None:
@@ -278,17 +320,16 @@ class _Group:
     def release(self, sha256: str, *, error: str, attempts: int) -> None:
         self._marks.append(released_mark(sha256, error=error, attempts=attempts))
 
-    def flush(self) -> None:
-        """Commit the held outcomes together; when that fails they are kept for another call. A claim of
-        the group that has no outcome (never used, or its delivery stopped by an error after the claim, e.g.
-        the ledger gone mid-group) is handed back (``pending``), so it is not held by this process for ever."""
+    def take(self) -> list[Mark]:
+        """The held outcomes, to be committed together; a claim of the group that has no outcome (never used,
+        or its delivery stopped by an error after the claim, e.g. the ledger gone mid-group) is handed back
+        (``pending``) among them, so it is not held by this process for ever."""
         marked = {m.sha256 for m in self._marks}
         unused = [sha for sha, waiting in self._claims.items() for c in waiting if c is Claim.CLAIMED]
         unused += [sha for sha in self._taken if sha not in marked]
-        self._claims, self._taken = {}, []
-        self._marks += [released_mark(s, error="interrupted", attempts=0) for s in unused]
-        self._ledger.finish_many(self._marks)
-        self._marks = []
+        marks = self._marks + [released_mark(s, error="interrupted", attempts=0) for s in unused]
+        self._claims, self._taken, self._marks = {}, [], []
+        return marks
 
 
 class Runner(Protocol):
@@ -311,6 +352,10 @@ class InThread:
 
     def run_many(self, jobs: Sequence[Job]) -> list[JobResult]:
         return handle_jobs(self._settings, self._ledger, self._sink, jobs, self._stop)
+
+    def deliver_many(self, jobs: Sequence[Job]) -> Delivered:
+        """:meth:`run_many` but for the commit of the outcomes (:func:`commit`), left to the caller."""
+        return deliver_jobs(self._settings, self._ledger, self._sink, jobs)
 
     def close(self) -> None:
         pass

@@ -9,9 +9,11 @@ Threads and what they own:
   and the stop sequence;
 - ``SMT_WORKERS`` delivery threads take ready files from a bounded queue (up to ``GROUP_MAX`` at once),
   hash them (or take the hash from the stat cache), claim them in the ledger (one transaction for the
-  group), send them, commit their outcomes (one more) and only then apply ``SMT_AFTER_SEND``; with
-  ``SMT_WORKER_MODE=process`` each thread hands the hashing, claiming and sending to a worker process
-  of its own (:mod:`smt_watch.jobs`).
+  group), send them, and hand the group to the committer; with ``SMT_WORKER_MODE=process`` each thread
+  hands the hashing, claiming, sending and committing to a worker process of its own (:mod:`smt_watch.jobs`);
+- in thread mode, the committer thread commits the outcomes of every group the workers handed it meanwhile
+  (one transaction for all) and only then counts them and applies ``SMT_AFTER_SEND``: a worker goes on to
+  its next group instead of waiting for the database (with PostgreSQL, a round trip to another process).
 
 A path is in the queue or in flight at most once (``_busy``); the same bytes under two names are sent once
 because the ledger claim is by SHA-256. Nothing is lost on a crash: a row is ``sent`` only after a 2xx,
@@ -55,7 +57,7 @@ from smt_watch.inbox import (
     relative,
     scan,
 )
-from smt_watch.jobs import GROUP_MAX, Cached, InProcess, InThread, JobKind, JobResult, Runner
+from smt_watch.jobs import GROUP_MAX, Cached, Delivered, InProcess, InThread, JobKind, JobResult, Runner, commit
 from smt_watch.ledger import Ledger, Seen
 from smt_watch.limits import node_stats_reader
 from smt_watch.metrics import Metrics
@@ -120,6 +122,11 @@ class WatchService:
         self._later: list[tuple[float, str]] = []  # heap of (monotonic due, path) to look at again
         self._busy: set[Path] = set()
         self._queue: queue.Queue[ReadyFile | None] = queue.Queue(maxsize=max(64, settings.workers * 32))
+        # groups delivered by the worker threads whose outcomes the committer has yet to commit (thread mode);
+        # bounded: a worker that runs this far ahead of the commits waits
+        self._commits: queue.Queue[tuple[list[ReadyFile], Delivered] | None] = queue.Queue(
+            maxsize=max(1, settings.workers))
+        self._committer: threading.Thread | None = None
         self._settler = Settler(settings.settle_seconds)
         # What the stat cache answered for each settling file, handed to its job: the cache is asked once
         # per new file, not again by the worker. (Dropped when the job is made; pruned if a file vanishes.)
@@ -211,6 +218,9 @@ class WatchService:
             self._verifier = threading.Thread(target=self._auto.run, args=(self._stop,), name="smt-watch-verify",
                                               daemon=True)
             self._verifier.start()
+        if self.settings.worker_mode is WorkerMode.THREAD:
+            self._committer = threading.Thread(target=self._commit_groups, name="smt-watch-commit", daemon=True)
+            self._committer.start()
         for w in workers:
             w.start()
         watcher = InboxWatcher(self.root, self._intake, self._intake_dir, on_overflow=self._overflowed,
@@ -453,6 +463,11 @@ class WatchService:
             while w.is_alive() and not self._force.is_set() and time.monotonic() < deadline:
                 w.join(0.1)
         alive = sum(w.is_alive() for w in workers)
+        if self._committer is not None and not alive:
+            self._commits.put(None)  # after every group the workers handed over: commit those, then stop
+            while self._committer.is_alive() and not self._force.is_set() and time.monotonic() < deadline:
+                self._committer.join(0.1)
+            alive += self._committer.is_alive()
         verifying = self._verifier is not None and self._verifier.is_alive()
         if verifying and not self._force.is_set():
             assert self._verifier is not None
@@ -509,28 +524,74 @@ class WatchService:
             runner.close()
 
     def _run_group(self, runner: Runner, jobs: list[ReadyFile]) -> None:
+        handed = False
         try:
             try:
+                if isinstance(runner, InThread):  # the committer commits its outcomes; the worker goes on
+                    delivered = runner.deliver_many([(j.path, j.signature, j.cached) for j in jobs])
+                    self._commits.put((jobs, delivered))
+                    handed = True
+                    return
                 results = runner.run_many([(j.path, j.signature, j.cached) for j in jobs])
             except LedgerUnavailable as exc:
                 results = [JobResult(JobKind.UNREACHABLE, message=str(exc))] * len(jobs)
             except SmtWatchError as exc:
                 results = [JobResult(JobKind.ERROR, message=str(exc))] * len(jobs)
-            for job, result in zip(jobs, results, strict=True):
-                try:
-                    self._apply(job, result)
-                except Exception:
-                    log.exception("Unexpected error handling %s", job.path)
-                    self._look_again(job.path, DUE_CHECK_SECONDS * 5)
+            self._finish(jobs, results)
         except Exception:
             for job in jobs:
                 log.exception("Unexpected error handling %s", job.path)
                 self._look_again(job.path, DUE_CHECK_SECONDS * 5)
         finally:
-            with self._lock:
-                self._busy.difference_update(j.path for j in jobs)
-            if self._queue.qsize() <= self._queue.maxsize // 2:
-                self._wake.set()  # room in the queue: the main loop may feed more files
+            if not handed:
+                self._done_with(jobs)
+
+    def _commit_groups(self) -> None:
+        """The committer (thread mode): commits the outcomes of every group waiting (one transaction for all
+        of them), then applies each file's result; until the stop sequence's marker."""
+        assert self._ledger is not None
+        while True:
+            first = self._commits.get()
+            if first is None:
+                return
+            batch, last = [first], False
+            while True:
+                try:
+                    item = self._commits.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:  # the stop sequence's marker: these groups, then stop
+                    last = True
+                    break
+                batch.append(item)
+            try:
+                results = commit(self._ledger, [d for _, d in batch], self._stop)
+                for (jobs, _), got in zip(batch, results, strict=True):
+                    self._finish(jobs, got)
+            except Exception:
+                for jobs, _ in batch:
+                    for job in jobs:
+                        log.exception("Unexpected error handling %s", job.path)
+                        self._look_again(job.path, DUE_CHECK_SECONDS * 5)
+            finally:
+                for jobs, _ in batch:
+                    self._done_with(jobs)
+            if last:
+                return
+
+    def _finish(self, jobs: list[ReadyFile], results: list[JobResult]) -> None:
+        for job, result in zip(jobs, results, strict=True):
+            try:
+                self._apply(job, result)
+            except Exception:
+                log.exception("Unexpected error handling %s", job.path)
+                self._look_again(job.path, DUE_CHECK_SECONDS * 5)
+
+    def _done_with(self, jobs: list[ReadyFile]) -> None:
+        with self._lock:
+            self._busy.difference_update(j.path for j in jobs)
+        if self._queue.qsize() <= self._queue.maxsize // 2:
+            self._wake.set()  # room in the queue: the main loop may feed more files
 
     def _runner(self, index: int) -> Runner:
         if self.settings.worker_mode is WorkerMode.PROCESS:

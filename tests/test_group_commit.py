@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import closing
 from pathlib import Path
@@ -14,15 +15,15 @@ from typing import Any
 import pytest
 from test_ledger import open_at
 
-from conftest import UPLOAD_TOKEN, write_csv
+from conftest import UPLOAD_TOKEN, wait_for, watching, write_csv
 from smt_watch.config import Settings
 from smt_watch.delivery import make_sink
 from smt_watch.errors import LedgerError
 from smt_watch.hashing import Signature
-from smt_watch.jobs import Job, JobKind, handle_jobs
+from smt_watch.jobs import Job, JobKind, commit, deliver_jobs, handle_jobs
 from smt_watch.ledger import Claim, Labels
 from smt_watch.ledger.common import ClaimRequest
-from smt_watch.ledger.store import failed_mark, released_mark, retrying_mark, sent_mark
+from smt_watch.ledger.store import SqlLedger, failed_mark, released_mark, retrying_mark, sent_mark
 from smt_watch.reference.receiver import running_receiver
 from smt_watch.statedir import open_ledger
 
@@ -217,3 +218,73 @@ def test_a_claim_whose_delivery_stopped_mid_group_is_handed_back(make_settings: 
         results = handle_jobs(settings, ledger, sink, _jobs(files))
         assert [r.outcome.result for r in results if r.outcome] == ["sent"] * 3
     assert [r.sha256 for r in receiver.state.requests] == shas
+
+
+# --- the committer: several workers' groups in one commit, a worker not waiting for it (issue 27) ------------
+
+
+def test_groups_delivered_apart_are_committed_in_one_transaction(make_settings: Make, receiver: Any,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two groups delivered one after the other are committed by ONE ``finish_many``; until then their rows
+    are ``sending``, and nothing of either is acknowledged when that one commit fails."""
+    settings = make_settings(SMT_UPLOAD_URL=f"{receiver.url}/upload", SMT_UPLOAD_TOKEN=UPLOAD_TOKEN)
+    files = [write_csv(settings.local_dir / f"c{n}.csv", rows=20, seed=n) for n in range(4)]
+    shas = [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
+    with open_ledger(settings) as ledger, closing(make_sink(settings, "multipart", chunks=ledger)) as sink:
+        calls: list[int] = []
+        finish = ledger.finish_many
+
+        def counted(marks: Any) -> None:  # the real commit, counted
+            calls.append(len(marks))
+            finish(marks)
+
+        monkeypatch.setattr(ledger, "finish_many", counted)
+        first, second = (deliver_jobs(settings, ledger, sink, _jobs(files[:2])),
+                         deliver_jobs(settings, ledger, sink, _jobs(files[2:])))
+        assert [row.state for s in shas if (row := ledger.get(s))] == ["sending"] * 4  # sent, not committed
+        assert len(receiver.state.requests) == 4 and calls == []
+        results = commit(ledger, [first, second])
+        assert calls == [4]
+        assert [[r.outcome.result for r in rs if r.outcome] for rs in results] == [["sent"] * 2] * 2
+        assert [row.state for s in shas if (row := ledger.get(s))] == ["sent"] * 4
+
+        more = [write_csv(settings.local_dir / f"d{n}.csv", rows=20, seed=10 + n) for n in range(2)]
+        groups = [deliver_jobs(settings, ledger, sink, _jobs([f])) for f in more]
+        other = sqlite3.connect(ledger.path, isolation_level=None)
+        other.execute("CREATE TRIGGER refuse BEFORE UPDATE OF state ON files WHEN NEW.state = 'sent'"
+                      " BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+        refused = commit(ledger, groups)
+        other.close()
+        assert [r.kind for rs in refused for r in rs] == [JobKind.ERROR] * 2
+        assert all("disk full" in r.message for rs in refused for r in rs)
+
+
+def test_a_worker_goes_on_while_its_last_group_is_committed(make_settings: Make, receiver: Any,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """One worker, its group's commit held back: the worker still sends the next file that lands, and the
+    first file is neither counted nor moved until its commit is done."""
+    settings = make_settings(SMT_UPLOAD_URL=f"{receiver.url}/upload", SMT_UPLOAD_TOKEN=UPLOAD_TOKEN,
+                             SMT_SETTLE_SECONDS="0.1", SMT_WORKERS="1", SMT_AFTER_SEND="move")
+    gate, waiting = threading.Event(), threading.Event()
+    finish = SqlLedger.finish_many
+
+    def held(self: SqlLedger, marks: Any) -> None:  # the real commit, once the test lets it go
+        waiting.set()
+        assert gate.wait(30), "the test never let the commit go"
+        finish(self, marks)
+
+    monkeypatch.setattr(SqlLedger, "finish_many", held)
+    try:
+        with watching(settings) as service:
+            a = write_csv(settings.local_dir / "a.csv", seed=1)
+            wait_for(waiting.is_set, 10, "a.csv's commit to start")
+            b = write_csv(settings.local_dir / "b.csv", seed=2)
+            wait_for(lambda: len(receiver.state.requests) == 2, 10, "b.csv sent while a.csv's commit waits")
+            assert a.exists() and service.counts.sent == 0  # a.csv: not acknowledged before its commit
+            gate.set()
+            wait_for(lambda: service.counts.sent == 2, 10, "both committed")
+            wait_for(lambda: not a.exists() and not b.exists(), 10, "both moved")
+    finally:
+        gate.set()
+    with open_ledger(settings) as ledger:
+        assert sorted(r.filename for r in ledger.rows("sent")) == ["a.csv", "b.csv"]
