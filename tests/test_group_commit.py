@@ -274,17 +274,16 @@ def test_a_worker_goes_on_while_its_last_group_is_committed(make_settings: Make,
         finish(self, marks)
 
     monkeypatch.setattr(SqlLedger, "finish_many", held)
-    try:
-        with watching(settings) as service:
+    with watching(settings) as service:
+        try:
             a = write_csv(settings.local_dir / "a.csv", seed=1)
             wait_for(waiting.is_set, 10, "a.csv's commit to start")
             b = write_csv(settings.local_dir / "b.csv", seed=2)
             wait_for(lambda: len(receiver.state.requests) == 2, 10, "b.csv sent while a.csv's commit waits")
             assert a.exists() and service.counts.sent == 0  # a.csv: not acknowledged before its commit
-            gate.set()
-            wait_for(lambda: service.counts.sent == 2, 10, "both committed")
-            wait_for(lambda: not a.exists() and not b.exists(), 10, "both moved")
-    finally:
-        gate.set()
+        finally:
+            gate.set()  # (before the watcher stops: it waits for the commit)
+        wait_for(lambda: service.counts.sent == 2, 10, "both committed")
+        wait_for(lambda: not a.exists() and not b.exists(), 10, "both moved")
     with open_ledger(settings) as ledger:
         assert sorted(r.filename for r in ledger.rows("sent")) == ["a.csv", "b.csv"]
