@@ -467,7 +467,9 @@ class WatchService:
             self._commits.put(None)  # after every group the workers handed over: commit those, then stop
             while self._committer.is_alive() and not self._force.is_set() and time.monotonic() < deadline:
                 self._committer.join(0.1)
-            alive += self._committer.is_alive()
+            if self._committer.is_alive():  # its groups' files are still busy: they are what is in flight
+                with self._lock:
+                    alive = max(1, len(self._busy))
         verifying = self._verifier is not None and self._verifier.is_alive()
         if verifying and not self._force.is_set():
             assert self._verifier is not None
