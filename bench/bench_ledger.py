@@ -11,7 +11,7 @@ database instead of a write to a local file. The issue's target is that ``watch`
 - **drain**: ``bench_watch.py``'s drain, imported (10,000 distinct 1–50 KB CSVs renamed from a staging dir
   into the inbox of a running ``smt-watch watch``, ``NOTIFY_SOCKET`` readiness, ``bench/sink.py`` on
   loopback; first rename → last request complete), with the SQLite ledger and with ``SMT_LEDGER_URL`` set
-  to a fresh database, alternately, ``--rounds`` times each. Default settings otherwise (2 workers, threads);
+  to a fresh database, alternately, ``--drain-rounds`` times each. Default settings otherwise (2 workers, threads);
   ``SMT_SETTLE_SECONDS=0`` as in bench_watch.py.
 
 PostgreSQL is a throwaway cluster made by the test suite's ``tests/pgcluster.PgCluster`` (initdb + pg_ctl on
@@ -21,7 +21,8 @@ server's defaults, so every commit waits for its WAL flush (SQLite's ``synchrono
 does not). The PostgreSQL server's CPU (postmaster and every backend, reaped or live) is counted beside
 the client's: on 2 cores they compete.
 
-    .venv/bin/python bench/bench_ledger.py [--quick] [--hashes 5000] [--rounds 2] [--out bench/RESULTS.md]
+    .venv/bin/python bench/bench_ledger.py [--quick] [--hashes 5000] [--rounds 2] [--drain-rounds 5]
+        [--out bench/RESULTS.md]
 """
 
 from __future__ import annotations
@@ -75,10 +76,11 @@ class Sizes:
     hashes: int
     drain_files: int
     rounds: int
+    drain_rounds: int  # more than the claims': one drain is ~7 s, and one round's ratio moved 0.78-1.14x
 
 
-FULL = Sizes(5_000, 10_000, 2)
-QUICK = Sizes(500, 300, 1)
+FULL = Sizes(5_000, 10_000, 2, 5)
+QUICK = Sizes(500, 300, 1, 1)
 
 
 # --- PostgreSQL server CPU ---------------------------------------------------------------------------
@@ -253,7 +255,7 @@ def run_drains(work: Path, procs: Procs, cluster: PgCluster, sizes: Sizes, res: 
             b = Bench(work, port, log, procs)
             note(f"drain: writing {sizes.drain_files} files ...")
             pool = make_pool(b, CsvMaker(), sizes.drain_files)
-            for r in range(1, sizes.rounds + 1):
+            for r in range(1, sizes.drain_rounds + 1):
                 for k, src in enumerate(sources):
                     b.src = src  # --src: the drains run another checkout's code (before/after comparisons)
                     code = "this tree" if src is None else str(src)
@@ -346,7 +348,8 @@ def render(sizes: Sizes, quick: bool, start: Start, res: Results, checks: list[F
         f"**Drain** — `bench_watch.py`'s drain ({res.drains[0].drain.files:,} distinct CSVs of 1–50 KB renamed into"
         f" the inbox of a running `smt-watch watch`, `SMT_SETTLE_SECONDS=0`, {WORKERS} workers in threads; first"
         " rename → last request complete at `bench/sink.py`), SQLite and PostgreSQL (`SMT_LEDGER_URL`, a fresh"
-        " database each time) alternately; the verdict compares medians. watch CPU includes its threads;"
+        f" database each time) alternately, {sizes.drain_rounds} round(s); the verdict compares medians. watch CPU"
+        " includes its threads;"
         " server CPU is the PostgreSQL cluster's over the same drain.",
         "",
         "| code | backend | files | wall (s) | files/s | watch CPU (s) | server CPU (s) | CPU ms/file (both) "
@@ -361,6 +364,11 @@ def render(sizes: Sizes, quick: bool, start: Start, res: Results, checks: list[F
             f"| {'' if run.statements is None else f'{run.statements:.2f}'} "
             f"| {d.hwm_kib * 1024 / 1e6:.1f} | {d.repeats} |"
         )
+    for code in res.codes():
+        lite = [r.drain.rate for r in res.drains if r.code == code and r.backend == "SQLite"]
+        pg = [r.drain.rate for r in res.drains if r.code == code and r.backend == "PostgreSQL"]
+        lines += ["", f"Each round's ratio ({code}; PostgreSQL / the SQLite drain just before it): "
+                  + ", ".join(f"{p / q:.2f}×" for p, q in zip(pg, lite, strict=False))]
     if len(res.codes()) > 1:
         lines += ["", "Medians per source tree (the same run, alternating):", ""]
         for code in res.codes():
@@ -398,7 +406,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="reduced sizes, for a smoke test")
     parser.add_argument("--hashes", type=int, help="distinct hashes per claims run (default 5,000)")
     parser.add_argument("--drain-files", type=int, help="files per drain (default 10,000)")
-    parser.add_argument("--rounds", type=int, help="runs of each part per backend; medians are judged (default 2)")
+    parser.add_argument("--rounds", type=int, help="claims runs per backend (default 2)")
+    parser.add_argument("--drain-rounds", type=int,
+                        help="drains per backend, alternating; medians are judged (default 5)")
     parser.add_argument("--skip-drain", action="store_true", help="claims only")
     parser.add_argument("--skip-claims", action="store_true", help="drains only")
     parser.add_argument("--src", type=Path, action="append", default=[],
@@ -416,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     if reason:
         raise SystemExit(f"bench_ledger: PostgreSQL cannot run here: {reason}")
     sizes = QUICK if args.quick else FULL
-    sizes = Sizes(args.hashes or sizes.hashes, args.drain_files or sizes.drain_files, args.rounds or sizes.rounds)
+    sizes = Sizes(args.hashes or sizes.hashes, args.drain_files or sizes.drain_files, args.rounds or sizes.rounds,
+                  args.drain_rounds or sizes.drain_rounds)
     install_sigterm()
     start = begin()
     res = Results()
