@@ -75,6 +75,7 @@ BUSY_RECHECK_SECONDS = 0.5
 OVERFLOW_RESCAN_DELAY = 1.0  # seconds from an inotify overflow to the rescan it triggers
 HANDLED_STATES = frozenset({"sent", "failed", "retrying"})
 UNREADABLE_RECHECK_SECONDS = 30.0  # a file this user cannot open is tried again this often (a chmod ends it)
+COMMIT_QUEUE_CHECK_SECONDS = 0.1  # how often a wait on the committer's queue looks whether it should go on waiting
 
 
 class ReadyFile(NamedTuple):
@@ -463,13 +464,8 @@ class WatchService:
             while w.is_alive() and not self._force.is_set() and time.monotonic() < deadline:
                 w.join(0.1)
         alive = sum(w.is_alive() for w in workers)
-        if self._committer is not None and not alive:
-            self._commits.put(None)  # after every group the workers handed over: commit those, then stop
-            while self._committer.is_alive() and not self._force.is_set() and time.monotonic() < deadline:
-                self._committer.join(0.1)
-            if self._committer.is_alive():  # its groups' files are still busy: they are what is in flight
-                with self._lock:
-                    alive = max(1, len(self._busy))
+        if self._committer is not None and not alive:  # (else a live worker may still hand it a group)
+            alive = self._stop_committer(self._committer, deadline)
         verifying = self._verifier is not None and self._verifier.is_alive()
         if verifying and not self._force.is_set():
             assert self._verifier is not None
@@ -500,7 +496,9 @@ class WatchService:
     def _worker(self, index: int) -> None:
         """Takes its share of the ready files waiting in the queue, up to GROUP_MAX at once (a drain: a full
         group; one file landing alone: a group of one, no waiting), and hands them to the runner as one
-        group: one claim commit and one outcome commit for all (:func:`smt_watch.jobs.handle_jobs`)."""
+        group: one claim commit for all; in thread mode the committer then commits their outcomes with
+        those of the other groups waiting (:func:`smt_watch.jobs.deliver_jobs`, :func:`smt_watch.jobs.commit`),
+        in process mode the worker process does (:func:`smt_watch.jobs.handle_jobs`)."""
         runner = self._runner(index)
         try:
             stopping = False
@@ -526,37 +524,54 @@ class WatchService:
             runner.close()
 
     def _run_group(self, runner: Runner, jobs: list[ReadyFile]) -> None:
+        work = [(j.path, j.signature, j.cached) for j in jobs]
         handed = False
         try:
             try:
                 if isinstance(runner, InThread):  # the committer commits its outcomes; the worker goes on
-                    delivered = runner.deliver_many([(j.path, j.signature, j.cached) for j in jobs])
-                    self._commits.put((jobs, delivered))
-                    handed = True
-                    return
-                results = runner.run_many([(j.path, j.signature, j.cached) for j in jobs])
+                    delivered = runner.deliver_many(work)
+                    handed = self._hand_over(jobs, delivered)
+                    results = [] if handed else self._commit_here(delivered)
+                else:
+                    results = runner.run_many(work)
             except LedgerUnavailable as exc:
                 results = [JobResult(JobKind.UNREACHABLE, message=str(exc))] * len(jobs)
             except SmtWatchError as exc:
                 results = [JobResult(JobKind.ERROR, message=str(exc))] * len(jobs)
-            self._finish(jobs, results)
+            if not handed:
+                self._finish(jobs, results)
         except Exception:
-            for job in jobs:
-                log.exception("Unexpected error handling %s", job.path)
-                self._look_again(job.path, DUE_CHECK_SECONDS * 5)
+            self._retry_later(jobs)
         finally:
             if not handed:
                 self._done_with(jobs)
+
+    def _hand_over(self, jobs: list[ReadyFile], delivered: Delivered) -> bool:
+        """Queue a delivered group for the committer (waiting while ``SMT_WORKERS`` groups already wait);
+        False if the committer is gone (it ends only after the stop sequence's marker, but a worker must
+        never wait on a queue nobody reads)."""
+        while True:
+            try:
+                self._commits.put((jobs, delivered), timeout=COMMIT_QUEUE_CHECK_SECONDS)
+                return True
+            except queue.Full:
+                if self._committer is None or not self._committer.is_alive():
+                    return False
+
+    def _commit_here(self, delivered: Delivered) -> list[JobResult]:
+        assert self._ledger is not None
+        return commit(self._ledger, [delivered], self._stop)[0]
 
     def _commit_groups(self) -> None:
         """The committer (thread mode): commits the outcomes of every group waiting (one transaction for all
         of them), then applies each file's result; until the stop sequence's marker."""
         assert self._ledger is not None
-        while True:
+        last = False
+        while not last:
             first = self._commits.get()
             if first is None:
                 return
-            batch, last = [first], False
+            batch = [first]
             while True:
                 try:
                     item = self._commits.get_nowait()
@@ -568,26 +583,47 @@ class WatchService:
                 batch.append(item)
             try:
                 results = commit(self._ledger, [d for _, d in batch], self._stop)
+            except Exception:  # a bug: commit turns every failure of the ledger into the files' results
+                for jobs, _ in batch:
+                    self._retry_later(jobs)
+            else:
                 for (jobs, _), got in zip(batch, results, strict=True):
                     self._finish(jobs, got)
-            except Exception:
-                for jobs, _ in batch:
-                    for job in jobs:
-                        log.exception("Unexpected error handling %s", job.path)
-                        self._look_again(job.path, DUE_CHECK_SECONDS * 5)
             finally:
                 for jobs, _ in batch:
                     self._done_with(jobs)
-            if last:
-                return
+
+    def _stop_committer(self, committer: threading.Thread, deadline: float) -> int:
+        """The stop sequence, once every worker ended: the committer commits the groups handed over, then
+        stops. Returns the deliveries still in flight when it could not finish (the grace period ran out,
+        or a second signal): the files of the groups it holds, which stay ``sending`` for the next start."""
+        def waiting() -> bool:
+            return committer.is_alive() and not self._force.is_set() and time.monotonic() < deadline
+
+        while waiting():
+            try:
+                self._commits.put(None, timeout=COMMIT_QUEUE_CHECK_SECONDS)  # after the groups handed over
+                break
+            except queue.Full:
+                continue
+        while waiting():
+            committer.join(COMMIT_QUEUE_CHECK_SECONDS)
+        if not committer.is_alive():
+            return 0
+        with self._lock:
+            return max(1, len(self._busy))
+
+    def _retry_later(self, jobs: list[ReadyFile]) -> None:
+        for job in jobs:
+            log.exception("Unexpected error handling %s", job.path)
+            self._look_again(job.path, DUE_CHECK_SECONDS * 5)
 
     def _finish(self, jobs: list[ReadyFile], results: list[JobResult]) -> None:
         for job, result in zip(jobs, results, strict=True):
             try:
                 self._apply(job, result)
             except Exception:
-                log.exception("Unexpected error handling %s", job.path)
-                self._look_again(job.path, DUE_CHECK_SECONDS * 5)
+                self._retry_later([job])
 
     def _done_with(self, jobs: list[ReadyFile]) -> None:
         with self._lock:

@@ -26,6 +26,7 @@ from smt_watch.ledger.common import ClaimRequest
 from smt_watch.ledger.store import SqlLedger, failed_mark, released_mark, retrying_mark, sent_mark
 from smt_watch.reference.receiver import running_receiver
 from smt_watch.statedir import open_ledger
+from smt_watch.watch import WatchService
 
 Make = Callable[..., Settings]
 
@@ -223,10 +224,11 @@ def test_a_claim_whose_delivery_stopped_mid_group_is_handed_back(make_settings: 
 # --- the committer: several workers' groups in one commit, a worker not waiting for it (issue 27) ------------
 
 
+@pytest.mark.both_ledgers
 def test_groups_delivered_apart_are_committed_in_one_transaction(make_settings: Make, receiver: Any,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """Two groups delivered one after the other are committed by ONE ``finish_many``; until then their rows
-    are ``sending``, and nothing of either is acknowledged when that one commit fails."""
+    """Two groups delivered one after the other are committed by ONE ``finish_many`` (on PostgreSQL, one
+    statement); until then their rows are ``sending``."""
     settings = make_settings(SMT_UPLOAD_URL=f"{receiver.url}/upload", SMT_UPLOAD_TOKEN=UPLOAD_TOKEN)
     files = [write_csv(settings.local_dir / f"c{n}.csv", rows=20, seed=n) for n in range(4)]
     shas = [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
@@ -248,8 +250,14 @@ def test_groups_delivered_apart_are_committed_in_one_transaction(make_settings: 
         assert [[r.outcome.result for r in rs if r.outcome] for rs in results] == [["sent"] * 2] * 2
         assert [row.state for s in shas if (row := ledger.get(s))] == ["sent"] * 4
 
-        more = [write_csv(settings.local_dir / f"d{n}.csv", rows=20, seed=10 + n) for n in range(2)]
-        groups = [deliver_jobs(settings, ledger, sink, _jobs([f])) for f in more]
+
+def test_groups_committed_together_are_refused_together(make_settings: Make, receiver: Any) -> None:
+    """One commit for two groups that the ledger refuses: nothing of either group is acknowledged, each
+    file says why, and their rows stay ``sending`` (delivered again, same Idempotency-Key)."""
+    settings = make_settings(SMT_UPLOAD_URL=f"{receiver.url}/upload", SMT_UPLOAD_TOKEN=UPLOAD_TOKEN)
+    files = [write_csv(settings.local_dir / f"d{n}.csv", rows=20, seed=10 + n) for n in range(2)]
+    with open_ledger(settings) as ledger, closing(make_sink(settings, "multipart", chunks=ledger)) as sink:
+        groups = [deliver_jobs(settings, ledger, sink, _jobs([f])) for f in files]
         other = sqlite3.connect(ledger.path, isolation_level=None)
         other.execute("CREATE TRIGGER refuse BEFORE UPDATE OF state ON files WHEN NEW.state = 'sent'"
                       " BEGIN SELECT RAISE(ABORT, 'disk full'); END")
@@ -257,6 +265,8 @@ def test_groups_delivered_apart_are_committed_in_one_transaction(make_settings: 
         other.close()
         assert [r.kind for rs in refused for r in rs] == [JobKind.ERROR] * 2
         assert all("disk full" in r.message for rs in refused for r in rs)
+        assert [row.state for f in files if (row := ledger.get(hashlib.sha256(f.read_bytes()).hexdigest()))
+                ] == ["sending"] * 2
 
 
 def test_a_worker_goes_on_while_its_last_group_is_committed(make_settings: Make, receiver: Any,
@@ -287,3 +297,46 @@ def test_a_worker_goes_on_while_its_last_group_is_committed(make_settings: Make,
         wait_for(lambda: not a.exists() and not b.exists(), 10, "both moved")
     with open_ledger(settings) as ledger:
         assert sorted(r.filename for r in ledger.rows("sent")) == ["a.csv", "b.csv"]
+
+
+def test_a_second_signal_stops_watch_while_a_commit_hangs(make_settings: Make, receiver: Any,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The committer stuck in a commit (a database that does not answer) with another group waiting for it:
+    a second stop request ends ``watch`` at once, not after the grace period, and both groups' files are
+    in flight (their rows ``sending``, the files not moved), resumed at the next start."""
+    settings = make_settings(SMT_UPLOAD_URL=f"{receiver.url}/upload", SMT_UPLOAD_TOKEN=UPLOAD_TOKEN,
+                             SMT_SETTLE_SECONDS="0.1", SMT_WORKERS="1", SMT_AFTER_SEND="move",
+                             SMT_STOP_GRACE_SECONDS="600")
+    gate, waiting = threading.Event(), threading.Event()
+    finish = SqlLedger.finish_many
+
+    def held(self: SqlLedger, marks: Any) -> None:  # the real commit, once the test lets it go
+        waiting.set()
+        assert gate.wait(60), "the test never let the commit go"
+        finish(self, marks)
+
+    monkeypatch.setattr(SqlLedger, "finish_many", held)
+    service = WatchService(settings)
+    earlier = set(threading.enumerate())  # another test's threads, if any, are not this watcher's
+    returned: list[int] = []
+    ran = threading.Thread(target=lambda: returned.append(service.run()), daemon=True)
+    ran.start()
+    try:
+        wait_for(service.ready.is_set, 30, "watch to be ready")
+        a = write_csv(settings.local_dir / "a.csv", seed=1)
+        wait_for(waiting.is_set, 10, "a.csv's commit to start")
+        b = write_csv(settings.local_dir / "b.csv", seed=2)
+        wait_for(lambda: len(receiver.state.requests) == 2, 10, "b.csv sent while a.csv's commit hangs")
+        service.request_stop()  # the first: the worker ends; the stop sequence waits for the commit
+        wait_for(lambda: not any(t.name.startswith("smt-watch-worker") and t not in earlier
+                                 for t in threading.enumerate()), 10, "the worker to end")
+        service.request_stop()  # the second: quit now
+        ran.join(10)
+        assert not ran.is_alive(), "watch waited for the hung commit despite the second stop request"
+        assert returned == [0]  # it stopped (an exception would have ended the thread too)
+        assert a.exists() and b.exists() and service.counts.sent == 0
+    finally:
+        gate.set()
+    with open_ledger(settings) as ledger:
+        assert {r.filename for r in ledger.rows("sending")} | {r.filename for r in ledger.rows("sent")} == {
+            "a.csv", "b.csv"}
