@@ -156,8 +156,9 @@ def commit(ledger: WatchJobs, groups: Sequence[Delivered], stop: threading.Event
            ) -> list[list[JobResult]]:
     """The outcomes of several delivered groups committed in ONE transaction (``watch``'s committer takes
     every group its workers finished meanwhile: a drain pays one commit for several groups); the results of
-    each group, in order. When the commit fails, no result that waited on it is acknowledged: each says why
-    (all the groups' rows stay ``sending`` and are delivered again, under the same Idempotency-Key).
+    each group, in order. When the commit is refused, each group is committed on its own, once, so one group's
+    refused outcomes do not hold the others back; a result whose commit failed is not acknowledged: it says
+    why (its row stays ``sending`` and is delivered again, under the same Idempotency-Key).
 
     ``stop`` (the watcher's): while it is not set, a ledger that cannot be reached is waited for (every
     :data:`FLUSH_RETRY_SECONDS`), so a PostgreSQL outage does not make the files go out twice; once set,
@@ -172,6 +173,9 @@ def commit(ledger: WatchJobs, groups: Sequence[Delivered], stop: threading.Event
             flushed = _guarded(first, partial(ledger.finish_many, marks))  # the same outcomes, once it answers
     if flushed is None:
         return [g.results for g in groups]
+    if flushed.kind is JobKind.ERROR and len(groups) > 1:
+        # refused (not an outage): one group's outcomes need not cost the others theirs; each on its own, once
+        return [commit(ledger, [g], stop)[0] for g in groups]
     return [[flushed if i in g.held else r for i, r in enumerate(g.results)] for g in groups]
 
 
