@@ -36,7 +36,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, assert_never
+from typing import NamedTuple, TypeVar, assert_never
 
 from smt_watch.autoverify import AutoVerify
 from smt_watch.clock import utc_stamp
@@ -67,6 +67,7 @@ from smt_watch.statedir import open_ledger, owner_name, whoami
 from smt_watch.status import HEARTBEAT_SECONDS, Beat, Unreadable, beat, record_unreadable
 
 log = logging.getLogger("smt_watch.watch")
+_T = TypeVar("_T")
 
 DUE_CHECK_SECONDS = 1.0
 LEDGER_RETRY_SECONDS = 5.0  # a shared ledger that cannot be reached is asked again after this
@@ -76,6 +77,21 @@ OVERFLOW_RESCAN_DELAY = 1.0  # seconds from an inotify overflow to the rescan it
 HANDLED_STATES = frozenset({"sent", "failed", "retrying"})
 UNREADABLE_RECHECK_SECONDS = 30.0  # a file this user cannot open is tried again this often (a chmod ends it)
 COMMIT_QUEUE_CHECK_SECONDS = 0.1  # how often a wait on the committer's queue looks whether it should go on waiting
+
+
+def _with_waiting(q: queue.Queue[_T | None], first: _T, limit: int = 0) -> tuple[list[_T], bool]:
+    """``first`` and what else waits in ``q`` now, up to ``limit`` items in all (0: no limit); True when the
+    stop sequence's marker (None) was among them."""
+    items = [first]
+    while not limit or len(items) < limit:
+        try:
+            item = q.get_nowait()
+        except queue.Empty:
+            break
+        if item is None:
+            return items, True
+        items.append(item)
+    return items, False
 
 
 class ReadyFile(NamedTuple):
@@ -506,19 +522,10 @@ class WatchService:
                 first = self._queue.get()
                 if first is None:
                     return
-                jobs = [first]
                 # a fair share of what waits, so a short backlog still spreads over every worker (each may
                 # be waiting on the network); a drain's full queue gives each a full group
                 share = min(GROUP_MAX, max(1, (self._queue.qsize() + 1) // max(1, self.settings.workers)))
-                while len(jobs) < share:
-                    try:
-                        job = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if job is None:  # the stop sequence's marker: this group, then stop
-                        stopping = True
-                        break
-                    jobs.append(job)
+                jobs, stopping = _with_waiting(self._queue, first, share)  # the marker: this group, then stop
                 self._run_group(runner, jobs)
         finally:
             runner.close()
@@ -571,16 +578,7 @@ class WatchService:
             first = self._commits.get()
             if first is None:
                 return
-            batch = [first]
-            while True:
-                try:
-                    item = self._commits.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:  # the stop sequence's marker: these groups, then stop
-                    last = True
-                    break
-                batch.append(item)
+            batch, last = _with_waiting(self._commits, first)  # the marker: these groups, then stop
             try:
                 results = commit(self._ledger, [d for _, d in batch], self._stop)
             except Exception:  # a bug: commit turns every failure of the ledger into the files' results

@@ -271,21 +271,28 @@ def test_a_group_whose_outcomes_are_refused_does_not_hold_back_the_others(make_s
         assert [row.state for s in shas if (row := ledger.get(s))] == ["sending", "sent"]
 
 
+def _commits_held(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    """Every ledger's outcome commits wait for the first event (the gate); the second is set once one waits.
+    The commit itself is the real one."""
+    gate, waiting = threading.Event(), threading.Event()
+    finish = SqlLedger.finish_many
+
+    def held(self: SqlLedger, marks: Any) -> None:
+        waiting.set()
+        assert gate.wait(60), "the test never let the commit go"
+        finish(self, marks)
+
+    monkeypatch.setattr(SqlLedger, "finish_many", held)
+    return gate, waiting
+
+
 def test_a_worker_goes_on_while_its_last_group_is_committed(make_settings: Make, receiver: Any,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """One worker, its group's commit held back: the worker still sends the next file that lands, and the
     first file is neither counted nor moved until its commit is done."""
     settings = make_settings(SMT_UPLOAD_URL=f"{receiver.url}/upload", SMT_UPLOAD_TOKEN=UPLOAD_TOKEN,
                              SMT_SETTLE_SECONDS="0.1", SMT_WORKERS="1", SMT_AFTER_SEND="move")
-    gate, waiting = threading.Event(), threading.Event()
-    finish = SqlLedger.finish_many
-
-    def held(self: SqlLedger, marks: Any) -> None:  # the real commit, once the test lets it go
-        waiting.set()
-        assert gate.wait(30), "the test never let the commit go"
-        finish(self, marks)
-
-    monkeypatch.setattr(SqlLedger, "finish_many", held)
+    gate, waiting = _commits_held(monkeypatch)
     with watching(settings) as service:
         try:
             a = write_csv(settings.local_dir / "a.csv", seed=1)
@@ -309,15 +316,7 @@ def test_a_second_signal_stops_watch_while_a_commit_hangs(make_settings: Make, r
     settings = make_settings(SMT_UPLOAD_URL=f"{receiver.url}/upload", SMT_UPLOAD_TOKEN=UPLOAD_TOKEN,
                              SMT_SETTLE_SECONDS="0.1", SMT_WORKERS="1", SMT_AFTER_SEND="move",
                              SMT_STOP_GRACE_SECONDS="600")
-    gate, waiting = threading.Event(), threading.Event()
-    finish = SqlLedger.finish_many
-
-    def held(self: SqlLedger, marks: Any) -> None:  # the real commit, once the test lets it go
-        waiting.set()
-        assert gate.wait(60), "the test never let the commit go"
-        finish(self, marks)
-
-    monkeypatch.setattr(SqlLedger, "finish_many", held)
+    gate, waiting = _commits_held(monkeypatch)
     service = WatchService(settings)
     earlier = set(threading.enumerate())  # another test's threads, if any, are not this watcher's
     returned: list[int] = []
