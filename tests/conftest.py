@@ -68,6 +68,9 @@ def _restore_loggers() -> Iterator[None]:
 ADMIN_TOKEN = "admin-token-0123456789abcdef-SECRET"
 UPLOAD_TOKEN = "upload-token-fedcba9876543210-SECRET"
 SMT_WATCH = [sys.executable, "-m", "smt_watch"]
+SUBPROCESS_PYTHONPATH = str(Path(__file__).resolve().parent / "startup")
+"""``PYTHONPATH`` of the processes the tests start (base_env carries it): its sitecustomize.py keeps them from
+importing selenium's trio, as a product install would (~0.1 s of CPU a process start; see that file)."""
 
 POLL_SECONDS = 0.02  # how often wait_for re-checks its condition
 
@@ -200,6 +203,7 @@ def base_env(tmp_path: Path, ledger_backend: str, request: pytest.FixtureRequest
         # the drains of backlogs that other tests are about
         "SMT_MAX_REQUESTS_PER_SECOND": "0",
         "SMT_MAX_IN_FLIGHT": "0",
+        "PYTHONPATH": SUBPROCESS_PYTHONPATH,  # for the processes a test starts; read by nothing in this one
     }
     if ledger_backend == "postgres":
         env.update(SMT_LEDGER_URL=str(request.getfixturevalue("pg_url")), SMT_NODE_NAME=TEST_NODE)

@@ -29,7 +29,7 @@ from faults.support import WatchProc, ledger_rows_cli
 from pgcluster import PgCluster
 from test_multinode import restarted_at_the_end, smt_csv
 
-from conftest import ADMIN_TOKEN, wait_for
+from conftest import ADMIN_TOKEN, SUBPROCESS_PYTHONPATH, wait_for
 from smt_watch.config import load_settings
 from smt_watch.errors import LedgerUnavailable
 from smt_watch.ledger.fleet import FleetBudget
@@ -229,6 +229,7 @@ def node_env(tmp_path: Path, name: str, app: CountingApp, **extra: str) -> dict[
     (root / "inbox").mkdir(parents=True, exist_ok=True)
     return {
         "PATH": os.environ.get("PATH", ""),
+        "PYTHONPATH": SUBPROCESS_PYTHONPATH,
         "HOME": str(root / "home"),
         "SMT_LOCAL_DIR": str(root / "inbox"),
         "SMT_STATE_DIR": str(root / "state"),

@@ -41,7 +41,7 @@ from pgcluster import ADMIN, ADMIN_PASSWORD, PgCluster
 from sftp_server import SftpTestServer, sftp_env
 from test_server_process import Serve, free_ports
 
-from conftest import SMT_WATCH, UPLOAD_TOKEN, wait_for
+from conftest import SMT_WATCH, SUBPROCESS_PYTHONPATH, UPLOAD_TOKEN, wait_for
 from smt_watch.cli import SERVE_LEDGER_WAIT
 from smt_watch.reference.receiver import Fault, ReceiverHandle, running_receiver
 
@@ -62,6 +62,7 @@ def node_env(tmp_path: Path, name: str, pg_url: str, **extra: str) -> dict[str, 
     inbox.mkdir(parents=True, exist_ok=True)
     return {
         "PATH": os.environ.get("PATH", ""),
+        "PYTHONPATH": SUBPROCESS_PYTHONPATH,
         "HOME": str(root / "home"),
         "SMT_LOCAL_DIR": str(inbox),
         "SMT_STATE_DIR": str(root / "state"),

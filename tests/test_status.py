@@ -26,6 +26,9 @@ from smt_watch.status import HEARTBEAT_PREFIX, STALE_SECONDS, Beat, beat, gather
 
 A, B, C, D, P = ("a" * 64, "b" * 64, "c" * 64, "d" * 64, "e" * 64)
 NOW = time.time()
+# B is delivered "a minute ago", in this clock hour (test_gather_reads_a_known_state's last hourly bucket): in
+# a run that imported this module less than a minute after an hour began, a minute ago was the hour before.
+B_AGO = 60.0 if NOW % 3600 >= 60 else NOW % 3600
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -51,7 +54,7 @@ def row(sha: str, state: str, *, first: float, sent: float | None = None, origin
 def known_state(ledger: Ledger) -> None:
     ledger.import_rows([
         row(A, "sent", first=NOW - 7200, sent=NOW - 7200 + 3.5),  # two hours ago, 3.5 s
-        row(B, "sent", first=NOW - 60, sent=NOW - 59),  # a minute ago, 1 s
+        row(B, "sent", first=NOW - B_AGO, sent=NOW - B_AGO + 1),  # a minute ago (B_AGO), 1 s
         row(C, "sent", first=NOW - 40 * 3600, sent=NOW - 40 * 3600 + 2),  # older than a day
         row(D, "sent", first=NOW - 30, sent=NOW - 30, origin="import", status=None),  # not a delivery
         row(P, "failed", first=NOW - 600, attempts=3, status=400, error="HTTP 400: bad ESIID"),

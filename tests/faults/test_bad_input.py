@@ -34,7 +34,7 @@ import paramiko
 import pytest
 from sftp_server import generate_key, public_line, running_sftp_server, write_private_key
 
-from conftest import SMT_WATCH, cli_in_process, wait_for, write_csv
+from conftest import SMT_WATCH, SUBPROCESS_PYTHONPATH, cli_in_process, wait_for, write_csv
 from faults.support import SECRETS, assert_clean
 from smt_watch.reference.receiver import running_receiver
 
@@ -217,8 +217,8 @@ def _run(case: Case, world: World) -> subprocess.CompletedProcess[str] | None:
     None when one did)."""
     home = world.root / "cases" / case.id
     (home / "inbox").mkdir(parents=True)
-    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(home), "SMT_LOCAL_DIR": str(home / "inbox"),
-           "SMT_STATE_DIR": str(home / "state"), **SECRETS,
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": SUBPROCESS_PYTHONPATH, "HOME": str(home),
+           "SMT_LOCAL_DIR": str(home / "inbox"), "SMT_STATE_DIR": str(home / "state"), **SECRETS,
            **{k: _fmt(v, world.ctx) for k, v in case.env.items()}}
     args = [_fmt(a, world.ctx) for a in case.args]
     if not _in_a_process(case):
