@@ -29,6 +29,7 @@ from smt_watch.logs import FORMATS, LEVELS, add_secrets, setup_logging  # noqa: 
 from smt_watch.names import shown  # noqa: E402
 
 if TYPE_CHECKING:
+    from rich.progress import Progress as TransferBar
 
     from smt_watch.config import Settings
     from smt_watch.delivery import Progress
@@ -202,15 +203,18 @@ def _progress_bar(path: Path) -> AbstractContextManager[Progress | None]:
     return _bar(path.name, size) if size >= PROGRESS_MIN_BYTES else nullcontext()
 
 
-@contextmanager
-def _bar(name: str, size: int) -> Iterator[Progress]:
+def _transfer_bar() -> TransferBar:
+    """A byte progress bar on stderr; its description is shown as text (no markup, no emoji shortcode)."""
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-    with Progress(
-        TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-        transient=True, console=Console(stderr=True),
-    ) as bar:
+    return Progress(TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(),
+                    TransferSpeedColumn(), console=Console(stderr=True), transient=True)
+
+
+@contextmanager
+def _bar(name: str, size: int) -> Iterator[Progress]:
+    with _transfer_bar() as bar:
         # a name is the sender's text: no ESC (shown), read as no markup and no emoji shortcode (markup=False)
         task = bar.add_task(shown(name), total=size)
         yield lambda n: bar.advance(task, n)
@@ -342,11 +346,7 @@ def _sync_progress() -> Iterator[tuple[Callable[[SyncReport], None] | None, Prog
     if not sys.stderr.isatty():
         yield None, None
         return
-    from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
-
-    with Progress(TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(),
-                  TransferSpeedColumn(), console=Console(stderr=True), transient=True) as bar:
+    with _transfer_bar() as bar:
         task = bar.add_task("sync", total=None)
 
         def on_plan(report: SyncReport) -> None:

@@ -232,7 +232,7 @@ def early_post_file(argv: Sequence[str]) -> Path | None:
 
 
 def first_pass(path: Path) -> Any:
-    """:func:`~smt_watch.content.hash_pass` of ``post``'s first file, in :data:`EARLY_BLOCK` reads.
+    """:func:`~smt_watch.passrules.hash_pass` of ``post``'s first file, in :data:`EARLY_BLOCK` reads.
 
     The pass runs beside start-up, whose Python holds the GIL; the pass needs it back after each block, so
     fewer, bigger blocks keep it nearer full speed. Beside 0.3 s of pure Python (tools in the hpost report,
@@ -246,11 +246,9 @@ def first_pass(path: Path) -> Any:
     rules both passes apply (:func:`~smt_watch.passrules.pass_parts`: an ``.asc``/``.zip`` is not sniffed, a
     file sent as it is gets a read lease before the pass, on the descriptor it hashes, so the send can read
     it under the lease instead of hashing again)."""
-    from smt_watch.hashing import identify
-    from smt_watch.passrules import pass_parts
+    from smt_watch.passrules import hash_pass
 
-    sniffer, lease = pass_parts(path)
-    return identify(path, observe=sniffer.feed if sniffer else None, read_size=EARLY_BLOCK, lease=lease), sniffer
+    return hash_pass(path, EARLY_BLOCK)
 
 
 def start_early_hash(argv: Sequence[str] | None = None) -> None:

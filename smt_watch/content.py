@@ -30,8 +30,8 @@ from smt_watch.config import Settings
 from smt_watch.errors import ContentError, LineTooLong, SmtWatchError
 from smt_watch.hashing import FileIdentity, check_regular, identify
 from smt_watch.names import shown
+from smt_watch.passrules import hash_pass as hash_pass  # re-exported: pipeline.py's pass (passrules says why)
 from smt_watch.passrules import is_container as is_container  # re-exported: the callers of content keep it
-from smt_watch.passrules import pass_parts
 from smt_watch.passrules import sniffing as sniffing
 from smt_watch.smtcsv import Sniff, Sniffer, Summary, sniff, summarize_file
 
@@ -84,13 +84,6 @@ def csv_part(settings: Settings, ident: FileIdentity, name: str, parent: str | N
     elif invalid:
         log.warning("%s: invalid ESIID %r; sending it with ESIID_DEFAULT", name, shown(invalid[0][:40]))
     return Part(ident, name, esiid, found.kind, parent)
-
-
-def hash_pass(path: Path) -> tuple[FileIdentity, Sniffer | None]:
-    """One read of ``path`` before it is delivered: its identity and, for a CSV, what the sniffer saw of it.
-    Here, not in pipeline.py, so that ``post`` can start it before importing the delivery stack."""
-    sniffer, lease = pass_parts(path)  # a CSV sent as it is: a sniffer, and a read lease for its send
-    return identify(path, observe=sniffer.feed if sniffer else None, lease=lease), sniffer
 
 
 def unpack(settings: Settings, ident: FileIdentity) -> list[Part]:

@@ -19,22 +19,17 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from pathlib import Path
+
+from smt_watch.clib import libc
 
 log = logging.getLogger(__name__)
 
 
 def current_cpu() -> int | None:
-    """The CPU the calling thread last ran on (``/proc/thread-self/stat``, field 39), or None."""
-    try:
-        text = Path("/proc/thread-self/stat").read_text()
-    except OSError:
-        return None
-    fields = text.rpartition(")")[2].split()  # after the name, which may hold spaces and parentheses
-    try:
-        return int(fields[36])  # field 3 (state) is fields[0]; field 39 (processor) is fields[36]
-    except (IndexError, ValueError):
-        return None
+    """The CPU the calling thread runs on (the C library's ``sched_getcpu``), or None."""
+    getcpu = getattr(libc(), "sched_getcpu", None)
+    cpu = getcpu() if getcpu is not None else -1
+    return cpu if cpu >= 0 else None
 
 
 def keep_on_one_cpu() -> int | None:

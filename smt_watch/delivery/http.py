@@ -376,11 +376,8 @@ class Poster:
                 raise httpcore.LocalProtocolError("Illegal header value")
             status, response_headers, content = self._pool.handle(head, body.length, chunks, self._timeouts)
             reply = _answer(status, response_headers, content)
-        except _CORE_ERRORS as core:
+        except (*_CORE_ERRORS, httpx.RemoteProtocolError) as exc:  # (httpx's: an encoded body _decoded refused)
             with map_transport_errors(self.destination), _as_httpx_errors():
-                raise core
-        except httpx.RemoteProtocolError as exc:  # an encoded body _decoded refused
-            with map_transport_errors(self.destination):
                 raise exc
         finally:
             _let_go(chunks)

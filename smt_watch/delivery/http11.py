@@ -99,8 +99,7 @@ class _Http11:
         """Send a request (``head``: its request line and headers; then exactly ``length`` bytes of body) and
         read the whole answer: status, headers, body. Any failure closes the connection."""
         if self._stream is None:
-            self._stream = self._connect(timeouts)
-            self._buf = bytearray()
+            self._stream = self._connect(timeouts)  # (its buffer is empty: new, or emptied by close())
         stream = self._stream
         self._expire_at = None
         self._answered = False
